@@ -1,0 +1,208 @@
+//! The launch contract between generated kernel launchers and a device runtime.
+//!
+//! `#[kernel]` generates, per kernel, a typed launcher that checks its arguments against a
+//! [`Variant`]'s requirements, computes the grid and turns the arguments into
+//! [`KernelParam`]s. The launcher then hands everything to a [`Launcher`], which the runtime
+//! implements with cudarc (module cache, stream, argument pushing). This crate knows nothing
+//! about CUDA: it only describes what to launch.
+
+use crate::dtype::Storage;
+use thiserror::Error;
+
+/// A GPU architecture a variant has PTX for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Arch {
+    /// Ampere baseline (A100); also runs on Hopper.
+    Sm80,
+    /// Hopper (H100/H200).
+    Sm90,
+}
+
+impl Arch {
+    /// Picks the best PTX target for a device of compute capability `major.minor`.
+    pub fn for_compute_capability(major: u32, minor: u32) -> Option<Arch> {
+        match (major, minor) {
+            (9, _) | (10..=12, _) => Some(Arch::Sm90),
+            (8, _) => Some(Arch::Sm80),
+            _ => None,
+        }
+    }
+}
+
+/// One compiled instantiation of a kernel: fixed dtypes, compile-time constants and alignment
+/// class, with its PTX for each architecture.
+#[derive(Debug)]
+pub struct Variant {
+    /// Kernel name (the Rust function name).
+    pub kernel: &'static str,
+    /// Unique symbol of this variant, also the PTX entry name (`softmax_bf16_b1024_a16`).
+    pub symbol: &'static str,
+    /// Compile-time parameters as `(name, value)`, e.g. `("T", "bf16")`, `("BLOCK", "1024")`.
+    pub params: &'static [(&'static str, &'static str)],
+    /// Alignment class in bytes: 16 means every tensor base pointer is 16-byte aligned and every
+    /// row stride and contiguous extent is a multiple of 16 bytes; 0 means no assumption
+    /// beyond element alignment.
+    pub align: usize,
+    /// Threads per program (CTA).
+    pub threads: u32,
+    /// Static shared memory of the kernel in bytes (for reporting; declared in the PTX).
+    pub smem_bytes: u32,
+    /// Final tile IR text of this variant (after all passes).
+    pub ir: &'static str,
+    /// PTX for sm_80.
+    pub ptx_sm80: &'static str,
+    /// PTX for sm_90.
+    pub ptx_sm90: &'static str,
+}
+
+impl Variant {
+    /// The PTX for `arch`.
+    pub fn ptx(&self, arch: Arch) -> &'static str {
+        match arch {
+            Arch::Sm80 => self.ptx_sm80,
+            Arch::Sm90 => self.ptx_sm90,
+        }
+    }
+
+    /// Value of a compile-time parameter by name.
+    pub fn param(&self, name: &str) -> Option<&'static str> {
+        self.params
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+    }
+}
+
+/// A device tensor as a kernel sees it: a base address, its element type, and dims/strides in
+/// elements (row-major: last dim fastest).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorArg {
+    /// Device address of element `[0, .., 0]`.
+    pub ptr: u64,
+    /// Element type in memory.
+    pub dtype: Storage,
+    /// Extent of each dimension.
+    pub dims: Vec<usize>,
+    /// Stride of each dimension in elements.
+    pub strides: Vec<usize>,
+}
+
+impl TensorArg {
+    /// A contiguous row-major tensor.
+    pub fn contiguous(ptr: u64, dtype: Storage, dims: &[usize]) -> TensorArg {
+        let mut strides = vec![1usize; dims.len()];
+        for i in (0..dims.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * dims[i + 1];
+        }
+        TensorArg {
+            ptr,
+            dtype,
+            dims: dims.to_vec(),
+            strides,
+        }
+    }
+
+    /// Extent of dimension `i` (0 when out of range, so grid formulas never panic).
+    pub fn dim(&self, i: usize) -> usize {
+        self.dims.get(i).copied().unwrap_or(0)
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+/// One kernel parameter as pushed to the driver, in PTX parameter order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KernelParam {
+    /// A `.u64` global address.
+    Ptr(u64),
+    /// A `.s64` integer (sizes, strides, `usize` scalars).
+    I64(i64),
+    /// A `.s32` integer.
+    I32(i32),
+    /// A `.f32` scalar.
+    F32(f32),
+}
+
+/// Everything a runtime needs to launch one variant.
+#[derive(Debug)]
+pub struct LaunchSpec<'a> {
+    /// The variant (its symbol names the PTX entry).
+    pub variant: &'static Variant,
+    /// Programs along x, y, z.
+    pub grid: [u32; 3],
+    /// Parameters in order.
+    pub params: &'a [KernelParam],
+}
+
+/// Implemented by a device runtime: loads (and caches) the variant's module and launches it.
+pub trait Launcher {
+    /// The architecture whose PTX this launcher loads.
+    fn arch(&self) -> Arch;
+    /// Launches asynchronously on the launcher's stream.
+    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<(), LaunchError>;
+}
+
+/// Why a launch did not happen. Every variant names the kernel and, where one is at fault,
+/// the argument.
+#[derive(Debug, Error, PartialEq)]
+pub enum LaunchError {
+    /// An argument's shape, stride, dtype or alignment does not suit any compiled variant.
+    #[error("kernel `{kernel}`: argument `{arg}`: {reason}")]
+    BadArgument {
+        kernel: &'static str,
+        arg: &'static str,
+        reason: String,
+    },
+    /// A requirement between arguments (declared in the kernel's `require`) does not hold.
+    #[error("kernel `{kernel}`: requirement `{requirement}` does not hold ({detail})")]
+    Requirement {
+        kernel: &'static str,
+        requirement: &'static str,
+        detail: String,
+    },
+    /// No variant was compiled for the requested compile-time parameters.
+    #[error("kernel `{kernel}`: no variant for {wanted}")]
+    NoVariant {
+        kernel: &'static str,
+        wanted: String,
+    },
+    /// The grid computed from the arguments exceeds the hardware limits.
+    #[error("kernel `{kernel}`: grid {grid:?} exceeds the launch limits")]
+    Grid {
+        kernel: &'static str,
+        grid: [u64; 3],
+    },
+    /// The driver refused the module or the launch.
+    #[error("kernel `{kernel}`: driver error: {message}")]
+    Driver {
+        kernel: &'static str,
+        message: String,
+    },
+}
+
+/// Hardware grid limits (x up to 2^31-1, y and z up to 65535).
+pub fn check_grid(kernel: &'static str, grid: [u64; 3]) -> Result<[u32; 3], LaunchError> {
+    if grid[0] > (i32::MAX as u64) || grid[1] > 65535 || grid[2] > 65535 {
+        return Err(LaunchError::Grid { kernel, grid });
+    }
+    Ok([grid[0] as u32, grid[1] as u32, grid[2] as u32])
+}
+
+/// Ceiling division, for grid formulas.
+pub fn cdiv(a: usize, b: usize) -> usize {
+    a.div_ceil(b.max(1))
+}
+
+/// A kernel as listed by `lexp kernels`: its name, one-line doc and compiled variants.
+#[derive(Debug)]
+pub struct KernelInfo {
+    /// Kernel name.
+    pub name: &'static str,
+    /// First line of the kernel's doc comment.
+    pub doc: &'static str,
+    /// Every compiled variant.
+    pub variants: &'static [Variant],
+}

@@ -1,0 +1,364 @@
+//! The layout pass (the coalescing pass of COMPILER.md §1.6).
+//!
+//! 1. Every value's dimensions are mapped to the dimensions of the kernel's *root* tile (the
+//!    widest tile of the highest rank), by propagating through expand/broadcast/reduce and
+//!    element-wise ops.
+//! 2. The root gets a blocked layout whose per-thread vector along the contiguous (last)
+//!    dimension is as wide as every global access allows: 16 bytes of the narrowest element
+//!    type, cut down to what the axis analysis proves contiguous, aligned and uniformly masked.
+//! 3. Each value's layout is the root's projection ([`Layout::project`]); each global access
+//!    gets its own vector width (it may be narrower than the root's, e.g. f32 next to bf16).
+
+use super::axis_info::{self, AxisInfo};
+use crate::dtype::DType;
+use crate::ir::{printer, Block, IrError, Kernel, Op, ValueId};
+use crate::layout::Layout;
+use std::collections::HashMap;
+
+/// The layouts chosen for one kernel.
+#[derive(Clone, Debug)]
+pub struct LayoutPlan {
+    /// The root blocked layout.
+    pub root: Layout,
+    /// Layout of every value.
+    pub layouts: HashMap<ValueId, Layout>,
+    /// Vector width (elements per access) of each global load/store/atomic, keyed by its pointer.
+    pub vec: HashMap<ValueId, usize>,
+}
+
+impl LayoutPlan {
+    /// The layout of `v`.
+    pub fn of(&self, v: ValueId) -> &Layout {
+        &self.layouts[&v]
+    }
+
+    /// The kernel's IR with every tile value annotated with its layout, the layouts listed once
+    /// at the top (`#L0 = ...`), and pointer tiles with their access width.
+    pub fn print(&self, k: &Kernel) -> String {
+        let mut distinct: Vec<&Layout> = vec![];
+        let mut ids: HashMap<ValueId, usize> = HashMap::new();
+        let mut order = vec![];
+        k.walk(&mut |i| order.extend(i.results.iter().copied()));
+        for v in order {
+            let Some(l) = self.layouts.get(&v) else {
+                continue;
+            };
+            if l.rank() == 0 {
+                continue;
+            }
+            let idx = match distinct.iter().position(|d| *d == l) {
+                Some(i) => i,
+                None => {
+                    distinct.push(l);
+                    distinct.len() - 1
+                }
+            };
+            ids.insert(v, idx);
+        }
+        let mut out = String::new();
+        for (i, l) in distinct.iter().enumerate() {
+            out.push_str(&format!("// #L{i} = {l}\n"));
+        }
+        let note = |v: ValueId| -> Option<String> {
+            let id = ids.get(&v)?;
+            Some(match self.vec.get(&v) {
+                Some(w) => format!("#L{id} vec {w}"),
+                None => format!("#L{id}"),
+            })
+        };
+        out.push_str(&printer::print_annotated(k, &note));
+        out
+    }
+}
+
+/// Chooses layouts for `k`.
+pub fn assign_layouts(k: &Kernel) -> Result<LayoutPlan, IrError> {
+    let maps = dim_maps(k)?;
+    let root_rank = k.types.iter().map(|t| t.rank()).max().unwrap_or(0);
+    if root_rank > 2 {
+        crate::ir_bail!(
+            "kernel `{}`: tiles of rank {root_rank} are not supported (at most 2)",
+            k.name
+        );
+    }
+    let mut root_shape = vec![1usize; root_rank];
+    for (i, t) in k.types.iter().enumerate() {
+        if let Some(m) = maps.get(&ValueId(i as u32)) {
+            for (d, &rd) in m.iter().enumerate() {
+                root_shape[rd] = root_shape[rd].max(t.shape[d]);
+            }
+        }
+    }
+    if let Some(bad) = root_shape.iter().find(|d| !d.is_power_of_two()) {
+        crate::ir_bail!(
+            "kernel `{}`: tile extent {bad} is not a power of two",
+            k.name
+        );
+    }
+    let info = axis_info::analyze(k);
+    let accesses = memory_accesses(k);
+    let mut root_vec = 0usize;
+    let mut widths = HashMap::new();
+    for (ptr, mask, elem) in &accesses {
+        let w = access_width(k, &maps, &info, root_rank, *ptr, *mask, *elem);
+        widths.insert(*ptr, w);
+        if let Some(w) = w {
+            root_vec = if root_vec == 0 {
+                w.1
+            } else {
+                root_vec.min(w.1)
+            };
+        }
+    }
+    let root_vec = root_vec.max(1);
+    let root = Layout::blocked(&root_shape, root_vec, k.num_warps);
+    let mut layouts = HashMap::new();
+    for (i, t) in k.types.iter().enumerate() {
+        let v = ValueId(i as u32);
+        let dims = maps
+            .get(&v)
+            .cloned()
+            .unwrap_or_else(|| default_map(t.rank(), root_rank));
+        layouts.insert(v, root.project(&dims, &t.shape));
+    }
+    let mut vec = HashMap::new();
+    for (ptr, _, _) in &accesses {
+        let own = widths.get(ptr).copied().flatten().map(|w| w.0).unwrap_or(1);
+        let l: &Layout = &layouts[ptr];
+        vec.insert(*ptr, own.min(l.contiguous_regs()).max(1));
+    }
+    Ok(LayoutPlan { root, layouts, vec })
+}
+
+fn default_map(rank: usize, root_rank: usize) -> Vec<usize> {
+    (root_rank - rank..root_rank).collect()
+}
+
+/// `(pointer, mask, element bytes)` of every global access.
+fn memory_accesses(k: &Kernel) -> Vec<(ValueId, Option<ValueId>, usize)> {
+    let mut out = vec![];
+    k.walk(&mut |i| {
+        let (ptr, mask) = match &i.op {
+            Op::Load { ptr, mask, .. }
+            | Op::Store { ptr, mask, .. }
+            | Op::AtomicAdd { ptr, mask, .. } => (*ptr, *mask),
+            _ => return,
+        };
+        if let DType::Ptr(s) = k.ty(ptr).dtype {
+            if k.ty(ptr).rank() > 0 {
+                out.push((ptr, mask, s.bytes()));
+            }
+        }
+    });
+    out
+}
+
+/// `(own width, width in elements of the narrowest type)` for an access along the root's
+/// contiguous dimension; `None` when the access's last dim is not the root's last dim.
+#[allow(clippy::too_many_arguments)]
+fn access_width(
+    k: &Kernel,
+    maps: &HashMap<ValueId, Vec<usize>>,
+    info: &HashMap<ValueId, AxisInfo>,
+    root_rank: usize,
+    ptr: ValueId,
+    mask: Option<ValueId>,
+    elem: usize,
+) -> Option<(usize, usize)> {
+    let rank = k.ty(ptr).rank();
+    let dims = maps
+        .get(&ptr)
+        .cloned()
+        .unwrap_or_else(|| default_map(rank, root_rank));
+    if dims.last() != Some(&(root_rank - 1)) {
+        return None;
+    }
+    let last = rank - 1;
+    let pi = info.get(&ptr)?;
+    let mut limit = pi.contig[last]
+        .min(pi.div[last] / elem as u64)
+        .min(k.ty(ptr).shape[last] as u64);
+    if let Some(m) = mask {
+        limit = limit.min(info.get(&m).map(|i| i.cst[last]).unwrap_or(1));
+    }
+    let limit = prev_pow2(limit.max(1) as usize);
+    let own = limit.min(16 / elem);
+    // The root vector is counted in elements of the narrowest type (16 bytes of bf16 = 8),
+    // limited by what this access proves.
+    let narrow = limit.min(8);
+    Some((own, narrow))
+}
+
+fn prev_pow2(x: usize) -> usize {
+    1 << (usize::BITS - 1 - x.leading_zeros())
+}
+
+/// Maps every value's dimensions to root dimensions.
+fn dim_maps(k: &Kernel) -> Result<HashMap<ValueId, Vec<usize>>, IrError> {
+    let root_rank = k.types.iter().map(|t| t.rank()).max().unwrap_or(0);
+    let mut maps: HashMap<ValueId, Vec<usize>> = HashMap::new();
+    for (i, t) in k.types.iter().enumerate() {
+        if t.rank() == root_rank || t.rank() == 0 {
+            maps.insert(ValueId(i as u32), (0..t.rank()).collect());
+        }
+    }
+    for _ in 0..64 {
+        let mut changed = false;
+        let mut err = None;
+        propagate(k, &k.body, &mut maps, &mut changed, &mut err, root_rank);
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if !changed {
+            break;
+        }
+    }
+    Ok(maps)
+}
+
+fn propagate(
+    k: &Kernel,
+    b: &Block,
+    maps: &mut HashMap<ValueId, Vec<usize>>,
+    changed: &mut bool,
+    err: &mut Option<IrError>,
+    root_rank: usize,
+) {
+    let mut unify = |maps: &mut HashMap<ValueId, Vec<usize>>, group: &[ValueId]| match unify_group(
+        k, maps, group,
+    ) {
+        Ok(c) => *changed |= c,
+        Err(e) => *err = Some(e),
+    };
+    let mut local = false;
+    let mut nested: Vec<&Block> = vec![];
+    for inst in &b.insts {
+        let res = inst.results.first().copied();
+        match &inst.op {
+            Op::Binary { lhs, rhs, .. } | Op::Cmp { lhs, rhs, .. } => {
+                unify(maps, &[*lhs, *rhs, res.unwrap_or(*lhs)])
+            }
+            Op::Unary { src, .. } | Op::Cast { src } | Op::Broadcast { src } => {
+                unify(maps, &[*src, res.unwrap_or(*src)])
+            }
+            Op::Select { cond, a, b: bb } => unify(maps, &[*cond, *a, *bb, res.unwrap_or(*a)]),
+            Op::AddPtr { ptr, offset } => unify(maps, &[*ptr, *offset, res.unwrap_or(*ptr)]),
+            Op::Load { ptr, mask, other } => {
+                let mut g = vec![*ptr];
+                g.extend(mask.iter().chain(other.iter()).copied());
+                g.extend(res);
+                unify(maps, &g);
+            }
+            Op::Store { ptr, value, mask } | Op::AtomicAdd { ptr, value, mask } => {
+                let mut g = vec![*ptr, *value];
+                g.extend(mask.iter().copied());
+                unify(maps, &g);
+            }
+            Op::ExpandDims { src, axis } => {
+                let Some(r) = res else { continue };
+                if let Some(rm) = maps.get(&r).cloned() {
+                    let mut sm = rm.clone();
+                    sm.remove(*axis);
+                    if k.ty(*src).rank() > 0 && !maps.contains_key(src) {
+                        maps.insert(*src, sm);
+                        local = true;
+                    }
+                } else if let Some(sm) = maps.get(src).cloned() {
+                    let free: Vec<usize> = (0..root_rank).filter(|d| !sm.contains(d)).collect();
+                    if free.len() == 1 {
+                        let mut rm = sm.clone();
+                        rm.insert(*axis, free[0]);
+                        maps.insert(r, rm);
+                        local = true;
+                    }
+                }
+            }
+            Op::Reduce { src, axis, .. } => {
+                let Some(r) = res else { continue };
+                if let Some(sm) = maps.get(src).cloned() {
+                    let mut rm = sm.clone();
+                    rm.remove(*axis);
+                    if k.ty(r).rank() > 0 && !maps.contains_key(&r) {
+                        maps.insert(r, rm);
+                        local = true;
+                    }
+                } else if let Some(rm) = maps.get(&r).cloned() {
+                    let free: Vec<usize> = (0..root_rank).filter(|d| !rm.contains(d)).collect();
+                    if free.len() == 1 {
+                        let mut sm = rm.clone();
+                        sm.insert(*axis, free[0]);
+                        maps.insert(*src, sm);
+                        local = true;
+                    }
+                }
+            }
+            Op::For { inits, body, .. } => {
+                for (j, init) in inits.iter().enumerate() {
+                    let mut g = vec![*init, body.args[j + 1], inst.results[j]];
+                    if let Some(Op::Yield { values }) = body.insts.last().map(|i| &i.op) {
+                        g.push(values[j]);
+                    }
+                    unify(maps, &g);
+                }
+                nested.push(body);
+            }
+            Op::If {
+                then_block,
+                else_block,
+                ..
+            } => {
+                for (j, r) in inst.results.iter().enumerate() {
+                    let mut g = vec![*r];
+                    for blk in [then_block, else_block] {
+                        if let Some(Op::Yield { values }) = blk.insts.last().map(|i| &i.op) {
+                            g.push(values[j]);
+                        }
+                    }
+                    unify(maps, &g);
+                }
+                nested.push(then_block);
+                nested.push(else_block);
+            }
+            _ => {}
+        }
+    }
+    drop(unify);
+    *changed |= local;
+    for nb in nested {
+        propagate(k, nb, maps, changed, err, root_rank);
+    }
+}
+
+/// Gives every member of `group` (ignoring scalars) the dimension map of the first member that
+/// has one. Returns whether anything changed.
+fn unify_group(
+    k: &Kernel,
+    maps: &mut HashMap<ValueId, Vec<usize>>,
+    group: &[ValueId],
+) -> Result<bool, IrError> {
+    let group: Vec<ValueId> = group
+        .iter()
+        .copied()
+        .filter(|v| k.ty(*v).rank() > 0)
+        .collect();
+    let Some(m) = group.iter().find_map(|v| maps.get(v).cloned()) else {
+        return Ok(false);
+    };
+    let mut changed = false;
+    for v in &group {
+        match maps.get(v) {
+            Some(x) if *x != m => crate::ir_bail!(
+                "kernel `{}`: a tile is used along two different dimensions ({:?} and {:?}); build it twice",
+                k.name,
+                x,
+                m
+            ),
+            Some(_) => {}
+            None => {
+                maps.insert(*v, m.clone());
+                changed = true;
+            }
+        }
+    }
+    Ok(changed)
+}

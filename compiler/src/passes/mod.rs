@@ -1,0 +1,37 @@
+//! Compiler passes, in pipeline order: [`canonicalize`], [`layouts`] (with [`axis_info`]),
+//! [`smem`]. [`compile`] runs them and keeps the text of every stage for snapshots and dumps.
+
+pub mod axis_info;
+pub mod canonicalize;
+pub mod layouts;
+pub mod smem;
+
+use crate::ir::{printer, IrError, Kernel};
+use crate::target::Target;
+
+/// A kernel after all target-independent passes, with the text of each stage.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub kernel: Kernel,
+    pub layouts: layouts::LayoutPlan,
+    pub smem: smem::SmemPlan,
+    /// `(stage name, text)` in order: `parsed`, `canonical`, `layouts`, `smem`.
+    pub stages: Vec<(&'static str, String)>,
+}
+
+/// Runs the pass pipeline on `kernel` for `target`.
+pub fn compile(mut kernel: Kernel, target: &Target) -> Result<Compiled, IrError> {
+    let mut stages = vec![("parsed", printer::print(&kernel))];
+    canonicalize::canonicalize(&mut kernel);
+    stages.push(("canonical", printer::print(&kernel)));
+    let layouts = layouts::assign_layouts(&kernel)?;
+    stages.push(("layouts", layouts.print(&kernel)));
+    let smem = smem::plan(&kernel, &layouts, target)?;
+    stages.push(("smem", smem.print()));
+    Ok(Compiled {
+        kernel,
+        layouts,
+        smem,
+        stages,
+    })
+}

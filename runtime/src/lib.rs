@@ -1,0 +1,29 @@
+//! lexp's runtime: runs compiled tile kernels on a GPU.
+//!
+//! This is the device layer: [`CudaDevice`] (context and the one stream all work is ordered
+//! on), its [`ModuleCache`] of loaded PTX, the [`Launcher`](lexp_compiler::launch::Launcher)
+//! implementation that generated kernel launchers call, [`DeviceTensor`] (device buffers with
+//! f32 host I/O and NaN poisoning for tests), and event-based [`timing`].
+//!
+//! CUDA is reached through cudarc with dynamic loading: the crate builds and links without a
+//! CUDA installation, and [`CudaDevice::new`] reports a missing driver or GPU as an error, so
+//! callers can fall back to the CPU.
+
+pub mod buffer;
+pub mod device;
+pub mod encode;
+pub mod error;
+mod launch;
+pub mod module_cache;
+pub mod timing;
+
+pub use buffer::DeviceTensor;
+pub use device::CudaDevice;
+pub use encode::{decode, encode, poison_bits};
+pub use error::{DeviceError, Result};
+pub use module_cache::ModuleCache;
+pub use timing::{copy_bandwidth, time_ms, Timing};
+
+/// The cudarc version this crate is built against, for callers that need more of the driver
+/// (cuBLAS, NCCL) on the same context and stream.
+pub use cudarc;
