@@ -634,3 +634,87 @@ fn cmp(p: CmpPred, x: f64, y: f64) -> bool {
         CmpPred::Ne => x != y,
     }
 }
+
+/// A contiguous host tensor, the interpreter's stand-in for a device tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub dtype: Storage,
+    pub dims: Vec<usize>,
+    /// Values (rounded to `dtype`), row-major.
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// A tensor of `dims` holding `data` rounded to `dtype`.
+    pub fn new(dtype: Storage, dims: &[usize], data: &[f32]) -> HostTensor {
+        assert_eq!(
+            dims.iter().product::<usize>(),
+            data.len(),
+            "HostTensor: data does not match dims"
+        );
+        HostTensor {
+            dtype,
+            dims: dims.to_vec(),
+            data: data.iter().map(|x| round_to(dtype.dtype(), *x)).collect(),
+        }
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(dtype: Storage, dims: &[usize]) -> HostTensor {
+        HostTensor {
+            dtype,
+            dims: dims.to_vec(),
+            data: vec![0.0; dims.iter().product()],
+        }
+    }
+
+    /// Its description as a (16-byte aligned, contiguous) kernel argument.
+    pub fn as_arg(&self) -> crate::launch::TensorArg {
+        crate::launch::TensorArg::contiguous(0, self.dtype, &self.dims)
+    }
+}
+
+impl crate::launch::Dims for HostTensor {
+    fn dim(&self, i: usize) -> usize {
+        self.dims.get(i).copied().unwrap_or(0)
+    }
+}
+
+/// Runs a compiled variant's IR on host tensors. `params` follow the kernel's parameter order
+/// ([`crate::launch::push_tensor`]) with each tensor's pointer replaced by its index in `tensors`.
+pub fn run_variant(
+    variant: &crate::launch::Variant,
+    grid: [u32; 3],
+    params: &[crate::launch::KernelParam],
+    tensors: &mut [&mut HostTensor],
+) -> Result<(), crate::launch::LaunchError> {
+    use crate::launch::{KernelParam, LaunchError};
+    let fail = |message: String| LaunchError::Interpreter {
+        kernel: variant.kernel,
+        message,
+    };
+    let mut k = crate::ir::parser::parse(variant.ir).map_err(|e| fail(e.0))?;
+    crate::passes::canonicalize::canonicalize(&mut k);
+    let args: Vec<InterpArg> = params
+        .iter()
+        .map(|p| match p {
+            KernelParam::Ptr(i) => InterpArg::Ptr(*i as usize),
+            KernelParam::I64(x) => InterpArg::I64(*x),
+            KernelParam::I32(x) => InterpArg::I32(*x),
+            KernelParam::F32(x) => InterpArg::F32(*x),
+        })
+        .collect();
+    let mut bufs: Vec<Buffer> = tensors
+        .iter_mut()
+        .map(|t| Buffer {
+            dtype: t.dtype,
+            data: std::mem::take(&mut t.data),
+        })
+        .collect();
+    let grid = [grid[0] as usize, grid[1] as usize, grid[2] as usize];
+    let r = run(&k, grid, &args, &mut bufs);
+    for (t, b) in tensors.iter_mut().zip(bufs) {
+        t.data = b.data;
+    }
+    r.map_err(|e| fail(e.to_string()))
+}

@@ -181,6 +181,12 @@ pub enum LaunchError {
         kernel: &'static str,
         message: String,
     },
+    /// The interpreter failed (a kernel bug: out-of-bounds access, division by zero).
+    #[error("kernel `{kernel}`: interpreter: {message}")]
+    Interpreter {
+        kernel: &'static str,
+        message: String,
+    },
 }
 
 /// Hardware grid limits (x up to 2^31-1, y and z up to 65535).
@@ -205,4 +211,166 @@ pub struct KernelInfo {
     pub doc: &'static str,
     /// Every compiled variant.
     pub variants: &'static [Variant],
+}
+
+/// Anything with dimensions, so that grid formulas and requirements work on device tensors
+/// and host tensors alike.
+pub trait Dims {
+    /// Extent of dimension `i` (0 when out of range).
+    fn dim(&self, i: usize) -> usize;
+}
+
+impl Dims for TensorArg {
+    fn dim(&self, i: usize) -> usize {
+        TensorArg::dim(self, i)
+    }
+}
+
+/// What a kernel expects of one tensor argument.
+#[derive(Debug)]
+pub struct TensorSpec {
+    /// Parameter name.
+    pub name: &'static str,
+    /// Number of dimensions.
+    pub rank: usize,
+    /// Element type; `None` for the kernel's type parameter.
+    pub elem: Option<Storage>,
+    /// Whether the kernel writes it.
+    pub mutable: bool,
+}
+
+fn bad(kernel: &'static str, arg: &'static str, reason: String) -> LaunchError {
+    LaunchError::BadArgument {
+        kernel,
+        arg,
+        reason,
+    }
+}
+
+/// Checks tensor arguments against `specs`, resolves compile-time constants (given values, else
+/// each one's first listed value) and picks the variant: the element type of the type
+/// parameter, the constants, and the widest alignment class every tensor satisfies
+/// (`force_align` overrides, e.g. 0 for the interpreter). Returns the variant and the constants'
+/// values in `consts` order.
+pub fn select_variant(
+    kernel: &'static str,
+    variants: &'static [Variant],
+    specs: &[TensorSpec],
+    tensors: &[&TensorArg],
+    consts: &[(&'static str, &'static [usize])],
+    given: &[(&str, usize)],
+    force_align: Option<usize>,
+) -> Result<(&'static Variant, Vec<usize>), LaunchError> {
+    let mut elem: Option<Storage> = None;
+    let mut aligned = true;
+    for (spec, t) in specs.iter().zip(tensors) {
+        if t.dims.len() != spec.rank || t.strides.len() != spec.rank {
+            return Err(bad(
+                kernel,
+                spec.name,
+                format!(
+                    "expected {} dimensions, got dims {:?} strides {:?}",
+                    spec.rank, t.dims, t.strides
+                ),
+            ));
+        }
+        let want = match spec.elem {
+            Some(e) => e,
+            None => *elem.get_or_insert(t.dtype),
+        };
+        if t.dtype != want {
+            return Err(bad(
+                kernel,
+                spec.name,
+                format!(
+                    "element type {} does not match {} of the other tensors",
+                    t.dtype.name(),
+                    want.name()
+                ),
+            ));
+        }
+        let last = spec.rank - 1;
+        if t.strides[last] != 1 && t.dims[last] > 1 {
+            return Err(bad(
+                kernel,
+                spec.name,
+                format!(
+                    "the last dimension must be contiguous (stride 1), got stride {}",
+                    t.strides[last]
+                ),
+            ));
+        }
+        let eb = t.dtype.bytes();
+        if t.ptr % eb as u64 != 0 {
+            return Err(bad(
+                kernel,
+                spec.name,
+                format!(
+                    "address {:#x} is not aligned to its {}-byte elements",
+                    t.ptr, eb
+                ),
+            ));
+        }
+        if spec.rank == 2 && t.dims[0] > 1 && t.strides[0] < t.dims[1] {
+            return Err(bad(
+                kernel,
+                spec.name,
+                format!(
+                    "rows overlap: stride {} < row length {}",
+                    t.strides[0], t.dims[1]
+                ),
+            ));
+        }
+        let per16 = 16 / eb;
+        aligned &= t.ptr % 16 == 0
+            && t.dims[last] % per16 == 0
+            && t.strides[..last].iter().all(|s| s % per16 == 0);
+    }
+    let mut values = vec![];
+    for (name, allowed) in consts {
+        let v = given
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .or(allowed.first().copied());
+        let v = v.ok_or_else(|| LaunchError::NoVariant {
+            kernel,
+            wanted: format!("{name} has no value"),
+        })?;
+        if !allowed.contains(&v) {
+            return Err(LaunchError::NoVariant {
+                kernel,
+                wanted: format!("{name} = {v} (compiled: {allowed:?})"),
+            });
+        }
+        values.push(v);
+    }
+    let align = force_align.unwrap_or(if aligned { 16 } else { 0 });
+    let found = variants.iter().find(|v| {
+        v.align == align
+            && elem.map(|e| v.param("T") == Some(e.name())).unwrap_or(true)
+            && consts
+                .iter()
+                .zip(&values)
+                .all(|((n, _), val)| v.param(n) == Some(val.to_string().as_str()))
+    });
+    match found {
+        Some(v) => Ok((v, values)),
+        None => Err(LaunchError::NoVariant {
+            kernel,
+            wanted: format!(
+                "T = {}, constants {values:?}, alignment {align}",
+                elem.map(|e| e.name()).unwrap_or("-")
+            ),
+        }),
+    }
+}
+
+/// Appends a tensor's parameters in kernel order: pointer, dims, strides of all but the last
+/// dimension (the last has stride 1 by contract).
+pub fn push_tensor(params: &mut Vec<KernelParam>, t: &TensorArg) {
+    params.push(KernelParam::Ptr(t.ptr));
+    params.extend(t.dims.iter().map(|d| KernelParam::I64(*d as i64)));
+    let n = t.strides.len().saturating_sub(1);
+    params.extend(t.strides[..n].iter().map(|s| KernelParam::I64(*s as i64)));
 }

@@ -1,0 +1,40 @@
+//! Every GPU kernel of lexp, written in the `#[kernel]` tile DSL (`lexp-macros`), and the
+//! plain-Rust CPU references they are tested against ([`reference`]).
+//!
+//! Each kernel is a module (`lexp_kernels::softmax`) holding its compiled variants, a typed
+//! launcher (`launch`) and an interpreter entry (`interpret`); [`ALL`] lists them.
+
+pub mod elementwise;
+pub mod layernorm;
+pub mod reduce;
+pub mod reference;
+pub mod residual;
+pub mod row_softmax;
+
+pub use elementwise::{axpby, gelu, gelu_bwd, relu, relu_bwd};
+pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
+pub use reduce::colsum;
+pub use residual::bias_residual;
+pub use row_softmax::softmax;
+
+use lexp_compiler::launch::KernelInfo;
+
+/// Every kernel, in the order `lexp kernels` lists them.
+pub static ALL: [&KernelInfo; 11] = [
+    &axpby::INFO,
+    &relu::INFO,
+    &relu_bwd::INFO,
+    &gelu::INFO,
+    &gelu_bwd::INFO,
+    &softmax::INFO,
+    &layernorm_fwd::INFO,
+    &layernorm_bwd_dx::INFO,
+    &layernorm_bwd_params::INFO,
+    &bias_residual::INFO,
+    &colsum::INFO,
+];
+
+/// Looks a kernel up by name.
+pub fn find(name: &str) -> Option<&'static KernelInfo> {
+    ALL.iter().copied().find(|k| k.name == name)
+}

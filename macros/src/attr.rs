@@ -1,0 +1,251 @@
+//! The arguments of `#[kernel(...)]` and the kernel's signature.
+//!
+//! ```text
+//! #[kernel(
+//!     variants(T = [bf16, f16, f32], BLOCK = [1024]),   // instantiated compile-time parameters
+//!     warps = 4,                                         // warps per program
+//!     grid = [cdiv(y.dim(0), BLOCK)],                    // programs along x (, y, z)
+//!     require = [x.dim(0) == y.dim(0)],                  // checked by the launcher
+//! )]
+//! pub fn axpby<T, const BLOCK: usize>(a: f32, x: Tensor<T, 1>, b: f32, y: TensorMut<T, 1>) { .. }
+//! ```
+
+use lexp_compiler::dtype::Storage;
+use syn::parse::{Parse, ParseStream};
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Error, Expr, FnArg, GenericParam, ItemFn, Meta, Pat, Token, Type};
+
+/// Parsed `#[kernel(...)]` arguments.
+pub struct KernelAttr {
+    /// `(parameter name, values)`: `T` values are dtype names, const values integers.
+    pub variants: Vec<(syn::Ident, Vec<Expr>)>,
+    pub warps: usize,
+    pub grid: Vec<Expr>,
+    pub require: Vec<Expr>,
+}
+
+impl Parse for KernelAttr {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        let metas = Punctuated::<Meta, Token![,]>::parse_terminated(input)?;
+        let mut attr = KernelAttr {
+            variants: vec![],
+            warps: 4,
+            grid: vec![],
+            require: vec![],
+        };
+        let mut have_grid = false;
+        for m in metas {
+            match &m {
+                Meta::List(l) if l.path.is_ident("variants") => {
+                    let items = l.parse_args_with(Punctuated::<syn::MetaNameValue, Token![,]>::parse_terminated)?;
+                    for nv in items {
+                        let name = nv.path.get_ident().cloned().ok_or_else(|| Error::new_spanned(&nv.path, "expected a parameter name"))?;
+                        let values = match &nv.value {
+                            Expr::Array(a) => a.elems.iter().cloned().collect(),
+                            other => vec![other.clone()],
+                        };
+                        if values.is_empty() {
+                            return Err(Error::new_spanned(&nv.value, "a parameter needs at least one value"));
+                        }
+                        attr.variants.push((name, values));
+                    }
+                }
+                Meta::NameValue(nv) if nv.path.is_ident("warps") => {
+                    attr.warps = match &nv.value {
+                        Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(i), .. }) => i.base10_parse()?,
+                        other => return Err(Error::new_spanned(other, "`warps` must be an integer literal")),
+                    };
+                    if !attr.warps.is_power_of_two() || attr.warps > 32 {
+                        return Err(Error::new_spanned(&nv.value, "`warps` must be a power of two, at most 32"));
+                    }
+                }
+                Meta::NameValue(nv) if nv.path.is_ident("grid") || nv.path.is_ident("require") => {
+                    let Expr::Array(a) = &nv.value else {
+                        return Err(Error::new_spanned(&nv.value, "expected `[expr, ...]`"));
+                    };
+                    let exprs: Vec<Expr> = a.elems.iter().cloned().collect();
+                    if nv.path.is_ident("grid") {
+                        if exprs.is_empty() || exprs.len() > 3 {
+                            return Err(Error::new_spanned(&nv.value, "`grid` takes 1 to 3 expressions"));
+                        }
+                        attr.grid = exprs;
+                        have_grid = true;
+                    } else {
+                        attr.require = exprs;
+                    }
+                }
+                other => {
+                    return Err(Error::new_spanned(
+                        other,
+                        "unknown #[kernel] argument; expected `variants(..)`, `warps = N`, `grid = [..]` or `require = [..]`",
+                    ))
+                }
+            }
+        }
+        if !have_grid {
+            return Err(Error::new(
+                input.span(),
+                "#[kernel] needs `grid = [..]`: how many programs to launch",
+            ));
+        }
+        Ok(attr)
+    }
+}
+
+/// What a kernel parameter is.
+#[derive(Clone, Debug)]
+pub enum ParamKind {
+    /// `f32`, `i32` or `usize` (passed as i64).
+    Scalar(lexp_compiler::dtype::DType),
+    /// `Tensor<E, RANK>` or `TensorMut<E, RANK>`; `elem` is `None` for the type parameter.
+    Tensor {
+        elem: Option<Storage>,
+        rank: usize,
+        mutable: bool,
+    },
+}
+
+/// One kernel parameter.
+#[derive(Clone, Debug)]
+pub struct Param {
+    pub name: syn::Ident,
+    pub kind: ParamKind,
+}
+
+/// The kernel's signature: its type parameter (at most one), const parameters and parameters.
+pub struct Signature {
+    pub type_param: Option<syn::Ident>,
+    pub consts: Vec<syn::Ident>,
+    pub params: Vec<Param>,
+}
+
+/// Reads the function's generics and parameters.
+pub fn signature(f: &ItemFn) -> syn::Result<Signature> {
+    let mut type_param = None;
+    let mut consts = vec![];
+    for g in &f.sig.generics.params {
+        match g {
+            GenericParam::Type(t) => {
+                if type_param.is_some() {
+                    return Err(Error::new_spanned(
+                        t,
+                        "a kernel takes at most one element-type parameter",
+                    ));
+                }
+                type_param = Some(t.ident.clone());
+            }
+            GenericParam::Const(c) => {
+                if !matches!(&c.ty, Type::Path(p) if p.path.is_ident("usize")) {
+                    return Err(Error::new_spanned(
+                        &c.ty,
+                        "const parameters of a kernel must be `usize`",
+                    ));
+                }
+                consts.push(c.ident.clone());
+            }
+            GenericParam::Lifetime(l) => {
+                return Err(Error::new_spanned(l, "kernels take no lifetimes"))
+            }
+        }
+    }
+    if f.sig.output != syn::ReturnType::Default {
+        return Err(Error::new_spanned(
+            &f.sig.output,
+            "a kernel returns nothing: it writes its outputs through TensorMut",
+        ));
+    }
+    let mut params = vec![];
+    for a in &f.sig.inputs {
+        let FnArg::Typed(pt) = a else {
+            return Err(Error::new_spanned(a, "kernels take no `self`"));
+        };
+        let Pat::Ident(pi) = &*pt.pat else {
+            return Err(Error::new_spanned(&pt.pat, "expected a parameter name"));
+        };
+        let kind = param_kind(&pt.ty, type_param.as_ref())?;
+        params.push(Param {
+            name: pi.ident.clone(),
+            kind,
+        });
+    }
+    Ok(Signature {
+        type_param,
+        consts,
+        params,
+    })
+}
+
+/// Parses a dtype name used as a storage type (`bf16`, `f16`, `f32`, `i32`).
+pub fn storage_of(ty: &Type) -> Option<Storage> {
+    match ty {
+        Type::Path(p) => p
+            .path
+            .get_ident()
+            .and_then(|i| Storage::from_name(&i.to_string())),
+        _ => None,
+    }
+}
+
+fn param_kind(ty: &Type, type_param: Option<&syn::Ident>) -> syn::Result<ParamKind> {
+    use lexp_compiler::dtype::DType;
+    let Type::Path(p) = ty else {
+        return Err(Error::new_spanned(ty, "unsupported parameter type"));
+    };
+    let seg = p
+        .path
+        .segments
+        .last()
+        .ok_or_else(|| Error::new_spanned(ty, "unsupported parameter type"))?;
+    let name = seg.ident.to_string();
+    match name.as_str() {
+        "f32" => return Ok(ParamKind::Scalar(DType::F32)),
+        "i32" => return Ok(ParamKind::Scalar(DType::I32)),
+        "usize" | "i64" => return Ok(ParamKind::Scalar(DType::I64)),
+        "Tensor" | "TensorMut" => {}
+        _ => {
+            return Err(Error::new_spanned(
+                ty,
+                "unsupported parameter type: use f32, i32, usize, Tensor<E, RANK> or TensorMut<E, RANK>",
+            ))
+        }
+    }
+    let syn::PathArguments::AngleBracketed(args) = &seg.arguments else {
+        return Err(Error::new_spanned(ty, "expected `Tensor<E, RANK>`"));
+    };
+    let args: Vec<_> = args.args.iter().collect();
+    if args.len() != 2 {
+        return Err(Error::new_spanned(ty, "expected `Tensor<E, RANK>`"));
+    }
+    let elem = match args[0] {
+        syn::GenericArgument::Type(t) => {
+            if matches!(t, Type::Path(tp) if Some(&tp.path.segments[0].ident) == type_param && tp.path.segments.len() == 1)
+            {
+                None
+            } else {
+                Some(storage_of(t).ok_or_else(|| {
+                    Error::new_spanned(
+                        t,
+                        "element type must be bf16, f16, f32, i32 or the type parameter",
+                    )
+                })?)
+            }
+        }
+        other => return Err(Error::new_spanned(other, "expected an element type")),
+    };
+    let rank = match args[1] {
+        syn::GenericArgument::Const(Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Int(i),
+            ..
+        })) => i.base10_parse::<usize>()?,
+        other => return Err(Error::new(other.span(), "expected a literal rank (1 or 2)")),
+    };
+    if !(1..=2).contains(&rank) {
+        return Err(Error::new_spanned(args[1], "tensor rank must be 1 or 2"));
+    }
+    Ok(ParamKind::Tensor {
+        elem,
+        rank,
+        mutable: name == "TensorMut",
+    })
+}
