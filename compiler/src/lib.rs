@@ -17,5 +17,10 @@ pub mod target;
 #[cfg(feature = "llvm")]
 pub mod codegen;
 
-/// Version of the compiler, part of every PTX cache key.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Version of the compiler and a hash of its sources: part of every PTX cache key, so that any
+/// change to the compiler regenerates every kernel.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "+",
+    env!("LEXP_COMPILER_SOURCE_HASH")
+);

@@ -712,7 +712,10 @@ impl<'c> Gen<'c, '_> {
         let mut out = vec![];
         for g in (0..n).step_by(w) {
             let p = ptrs[g].into_pointer_value();
-            let cond = masks.as_ref().map(|m| m[g].into_int_value());
+            let cond = match masks.as_ref() {
+                Some(m) => Some(m[g].into_int_value()),
+                None => None,
+            };
             let (vals, end, before) = self.guarded(cond, |s| s.load_vector(p, elem, dt, w))?;
             if cond.is_none() {
                 out.extend(vals);
@@ -778,7 +781,11 @@ impl<'c> Gen<'c, '_> {
             None => None,
         };
         for g in (0..n).step_by(w) {
-            let cond = match (masks.as_ref().map(|m| m[g].into_int_value()), owner) {
+            let m = match masks.as_ref() {
+                Some(m) => Some(m[g].into_int_value()),
+                None => None,
+            };
+            let cond = match (m, owner) {
                 (Some(m), Some(o)) => Some(self.b.build_and(m, o, "").map_err(be)?),
                 (Some(m), None) => Some(m),
                 (None, o) => o,

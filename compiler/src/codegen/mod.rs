@@ -94,7 +94,13 @@ fn annotate<'c>(
 ) -> Result<(), IrError> {
     let fptr: BasicMetadataValueEnum = func.as_global_value().as_pointer_value().into();
     let i32t = ctx.i32_type();
-    for (key, value) in [("kernel", 1u64), ("maxntidx", threads as u64)] {
+    // `minctasm 1` stops ptxas from squeezing registers for full occupancy (it spilled at 32
+    // registers on sm_80 without it); the CTA size bounds registers at 255 anyway.
+    for (key, value) in [
+        ("kernel", 1u64),
+        ("maxntidx", threads as u64),
+        ("minctasm", 1),
+    ] {
         let node = ctx.metadata_node(&[
             fptr,
             ctx.metadata_string(key).into(),
