@@ -1,0 +1,242 @@
+//! The `lexp` command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use lexp_compiler::dtype::Storage;
+use lexp_runtime::kernel_check;
+use lexp_runtime::CudaDevice;
+use std::io::Write;
+
+#[derive(Parser)]
+#[command(
+    name = "lexp",
+    version,
+    about = "Long Exposure: sparse parameter-efficient fine-tuning on NVIDIA GPUs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the DSL kernels, or dump one variant's IR stages or PTX.
+    Kernels {
+        /// Kernel to show (omit to list all).
+        name: Option<String>,
+        /// Variant symbol (default: the first, bf16 aligned).
+        #[arg(long)]
+        variant: Option<String>,
+        /// What to dump: parsed, canonical, layouts, smem, ptx.
+        #[arg(long, default_value = "canonical")]
+        stage: String,
+        /// PTX target for `--stage ptx`: sm_80 or sm_90.
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
+    },
+    /// Run every kernel on the GPU against the CPU reference (random data, poisoned outputs).
+    Check {
+        /// Only this kernel.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Write the table as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Achieved bandwidth of every kernel against a device-to-device copy in the same run.
+    Kernels {
+        /// Element types, comma-separated.
+        #[arg(long, default_value = "bf16")]
+        dtypes: String,
+        /// Timed iterations (median reported).
+        #[arg(long, default_value_t = 50)]
+        iters: usize,
+        /// Only this kernel.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Write the table as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Kernels { name: None, .. } => list_kernels(),
+        Cmd::Kernels {
+            name: Some(n),
+            variant,
+            stage,
+            arch,
+        } => show_kernel(&n, variant.as_deref(), &stage, &arch),
+        Cmd::Check { kernel, json } => check(kernel.as_deref(), json),
+        Cmd::Bench {
+            what:
+                BenchCmd::Kernels {
+                    dtypes,
+                    iters,
+                    kernel,
+                    json,
+                },
+        } => bench(&dtypes, iters, kernel.as_deref(), json),
+    }
+}
+
+fn list_kernels() -> Result<()> {
+    println!("{:<22} {:>8}  {}", "kernel", "variants", "what");
+    for k in lexp_kernels::ALL {
+        println!("{:<22} {:>8}  {}", k.name, k.variants.len(), k.doc);
+    }
+    println!("\n`lexp kernels NAME --stage parsed|canonical|layouts|smem|ptx [--variant SYMBOL] [--arch sm_80|sm_90]` dumps one.");
+    Ok(())
+}
+
+fn show_kernel(name: &str, variant: Option<&str>, stage: &str, arch: &str) -> Result<()> {
+    let Some(k) = lexp_kernels::find(name) else {
+        let names: Vec<&str> = lexp_kernels::ALL.iter().map(|k| k.name).collect();
+        bail!("no kernel `{name}`; kernels: {}", names.join(", "));
+    };
+    let v = match variant {
+        Some(s) => k.variants.iter().find(|v| v.symbol == s).with_context(|| {
+            let syms: Vec<&str> = k.variants.iter().map(|v| v.symbol).collect();
+            format!(
+                "kernel `{name}` has no variant `{s}`; variants: {}",
+                syms.join(", ")
+            )
+        })?,
+        None => k.variants.first().context("kernel without variants")?,
+    };
+    let out = match stage {
+        "ptx" => match arch {
+            "sm_80" => v.ptx_sm80.to_string(),
+            "sm_90" => v.ptx_sm90.to_string(),
+            other => bail!("unknown arch `{other}` (sm_80 or sm_90)"),
+        },
+        "parsed" | "canonical" | "layouts" | "smem" => {
+            let k = lexp_compiler::ir::parser::parse(v.ir).map_err(|e| anyhow::anyhow!("{}: {e}", v.symbol))?;
+            let c = lexp_compiler::passes::compile(k, &lexp_compiler::target::SM90).map_err(|e| anyhow::anyhow!("{}: {e}", v.symbol))?;
+            c.stages.iter().find(|(n, _)| *n == stage).map(|(_, s)| s.clone()).unwrap_or_default()
+        }
+        other => bail!("unknown stage `{other}`: parsed, canonical, layouts, smem or ptx (LLVM IR is in the snapshots under tests/)"),
+    };
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(())
+}
+
+fn device() -> Result<CudaDevice> {
+    CudaDevice::new(0).context("no usable CUDA GPU (the kernel checks and benchmarks need one)")
+}
+
+fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>) -> Result<()> {
+    let dev = device()?;
+    eprintln!(
+        "device: {} (sm_{}{})",
+        dev.name(),
+        dev.compute_capability().0,
+        dev.compute_capability().1
+    );
+    let rows = kernel_check::check_all(&dev, kernel)?;
+    println!(
+        "{:<22} {:<5} {:<22} {:<40} {:<5} {:>10} {:>10} {:>8} {}",
+        "kernel", "dtype", "shape", "variant", "out", "rel_l2", "max_abs", "tol", "ok"
+    );
+    let mut failed = 0;
+    for r in &rows {
+        println!(
+            "{:<22} {:<5} {:<22} {:<40} {:<5} {:>10.2e} {:>10.2e} {:>8.0e} {}",
+            r.kernel,
+            r.dtype,
+            r.shape,
+            r.variant,
+            r.output,
+            r.rel_l2,
+            r.max_abs,
+            r.tolerance,
+            if r.pass { "ok" } else { "FAIL" }
+        );
+        failed += (!r.pass) as usize;
+    }
+    if let Some(p) = json {
+        let items: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"kernel\":\"{}\",\"dtype\":\"{}\",\"shape\":\"{}\",\"variant\":\"{}\",\"output\":\"{}\",\"rel_l2\":{:e},\"max_abs\":{:e},\"tolerance\":{:e},\"pass\":{}}}",
+                    r.kernel, r.dtype, r.shape, r.variant, r.output, r.rel_l2, r.max_abs, r.tolerance, r.pass
+                )
+            })
+            .collect();
+        std::fs::write(
+            &p,
+            format!(
+                "{{\"device\":\"{}\",\"checks\":[\n{}\n]}}\n",
+                dev.name(),
+                items.join(",\n")
+            ),
+        )
+        .with_context(|| format!("writing {}", p.display()))?;
+    }
+    println!("{} passed, {} failed", rows.len() - failed, failed);
+    if failed > 0 {
+        bail!("{failed} kernel checks failed");
+    }
+    Ok(())
+}
+
+fn bench(
+    dtypes: &str,
+    iters: usize,
+    kernel: Option<&str>,
+    json: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let dtypes: Vec<Storage> = dtypes
+        .split(',')
+        .map(|d| Storage::from_name(d.trim()).with_context(|| format!("unknown dtype `{d}`")))
+        .collect::<Result<_>>()?;
+    let dev = device()?;
+    let (copy, rows) = kernel_check::bench_all(&dev, &dtypes, iters, kernel)?;
+    println!(
+        "device: {}; device-to-device copy: {:.0} GB/s (read + write)",
+        dev.name(),
+        copy
+    );
+    println!(
+        "{:<22} {:<5} {:<16} {:>10} {:>10} {:>9}",
+        "kernel", "dtype", "shape", "median ms", "GB/s", "of copy"
+    );
+    for r in &rows {
+        println!(
+            "{:<22} {:<5} {:<16} {:>10.4} {:>10.0} {:>8.1}%",
+            r.kernel,
+            r.dtype,
+            r.shape,
+            r.median_ms,
+            r.gbps,
+            100.0 * r.of_copy
+        );
+    }
+    if let Some(p) = json {
+        let items: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"kernel\":\"{}\",\"dtype\":\"{}\",\"shape\":\"{}\",\"variant\":\"{}\",\"bytes\":{},\"median_ms\":{:.6},\"gbps\":{:.1},\"of_copy\":{:.4}}}",
+                    r.kernel, r.dtype, r.shape, r.variant, r.bytes, r.median_ms, r.gbps, r.of_copy
+                )
+            })
+            .collect();
+        std::fs::write(&p, format!("{{\"device\":\"{}\",\"copy_gbps\":{:.1},\"iters\":{iters},\"kernels\":[\n{}\n]}}\n", dev.name(), copy, items.join(",\n")))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,596 @@
+//! Runs every DSL kernel on the GPU against the CPU reference, and measures achieved memory
+//! bandwidth against a device-to-device copy timed in the same run.
+//!
+//! Correctness: random inputs (uniform in [-3, 3], never zeros), outputs poisoned with NaN
+//! before each launch (accumulating outputs zeroed instead), shapes that are not multiples of
+//! the tile sizes, every dtype, and both alignment classes (a pointer offset by one element
+//! forces the unaligned variant). Speed: minimal bytes moved (each input read once, each output
+//! written once) over the median of timed launches after warm-up.
+
+use crate::{time_ms, CudaDevice, DeviceError, DeviceTensor};
+use lexp_compiler::dtype::Storage;
+use lexp_compiler::launch::{Arch, LaunchError, LaunchSpec, Launcher, TensorArg};
+use lexp_kernels as k;
+use lexp_kernels::reference as refr;
+use std::cell::RefCell;
+
+/// One correctness check.
+#[derive(Clone, Debug)]
+pub struct CheckRow {
+    pub kernel: &'static str,
+    pub dtype: &'static str,
+    pub shape: String,
+    /// The variant the launcher picked.
+    pub variant: String,
+    /// Output name, relative L2 error, max abs error, tolerance.
+    pub output: &'static str,
+    pub rel_l2: f64,
+    pub max_abs: f64,
+    pub tolerance: f64,
+    pub non_finite: usize,
+    pub pass: bool,
+}
+
+/// One bandwidth measurement.
+#[derive(Clone, Debug)]
+pub struct BenchRow {
+    pub kernel: &'static str,
+    pub dtype: &'static str,
+    pub shape: String,
+    pub variant: String,
+    /// Minimal bytes moved per launch.
+    pub bytes: usize,
+    pub median_ms: f64,
+    pub gbps: f64,
+    /// Fraction of the copy bandwidth measured in the same run.
+    pub of_copy: f64,
+}
+
+/// A launcher that remembers which variant ran last.
+struct Recording<'a> {
+    dev: &'a CudaDevice,
+    last: RefCell<String>,
+}
+
+impl Launcher for Recording<'_> {
+    fn arch(&self) -> Arch {
+        Launcher::arch(self.dev)
+    }
+    fn launch(&self, spec: &LaunchSpec<'_>) -> Result<(), LaunchError> {
+        *self.last.borrow_mut() = spec.variant.symbol.to_string();
+        self.dev.launch(spec)
+    }
+}
+
+struct Output {
+    name: &'static str,
+    t: DeviceTensor,
+    want: Vec<f32>,
+    /// Zero before each run (atomic accumulation) instead of poisoning.
+    accumulate: bool,
+}
+
+/// A kernel ready to run: its tensors and a launch closure.
+struct Prepared {
+    _inputs: Vec<DeviceTensor>,
+    outputs: Vec<Output>,
+    launch: Box<dyn Fn(&dyn Launcher) -> Result<(), LaunchError>>,
+    bytes: usize,
+}
+
+/// A small deterministic generator (xorshift) so runs are reproducible without extra crates.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// `n` values uniform in `[lo, hi)`.
+    pub fn uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| lo + (hi - lo) * self.next()).collect()
+    }
+}
+
+fn round(dtype: Storage, v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|x| lexp_compiler::dtype::round_to(dtype.dtype(), *x))
+        .collect()
+}
+
+/// Elementwise kernels take `(n, _)`; row kernels `(rows, cols)`.
+const ELEMENTWISE: [&str; 5] = ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd"];
+
+/// Every kernel the checker knows, in `lexp_kernels::ALL` order.
+pub const KERNELS: [&str; 11] = [
+    "axpby",
+    "relu",
+    "relu_bwd",
+    "gelu",
+    "gelu_bwd",
+    "softmax",
+    "layernorm_fwd",
+    "layernorm_bwd_dx",
+    "layernorm_bwd_params",
+    "bias_residual",
+    "colsum",
+];
+
+struct Ctx<'a> {
+    dev: &'a CudaDevice,
+    dtype: Storage,
+    rng: Rng,
+    with_ref: bool,
+    /// Offset tensor pointers by one element (forces the unaligned variant).
+    misalign: bool,
+    inputs: Vec<DeviceTensor>,
+}
+
+impl Ctx<'_> {
+    /// Uploads an input; returns its host values (rounded) and its kernel argument.
+    fn input(
+        &mut self,
+        dims: &[usize],
+        lo: f32,
+        hi: f32,
+        dtype: Option<Storage>,
+    ) -> Result<(Vec<f32>, TensorArg), DeviceError> {
+        let dtype = dtype.unwrap_or(self.dtype);
+        let n: usize = dims.iter().product();
+        let host = round(dtype, &self.rng.uniform(n, lo, hi));
+        let (t, arg) = self.place(dtype, dims, &host)?;
+        self.inputs.push(t);
+        Ok((host, arg))
+    }
+
+    /// A device tensor for `host`, at an offset of one element when misaligning.
+    fn place(
+        &self,
+        dtype: Storage,
+        dims: &[usize],
+        host: &[f32],
+    ) -> Result<(DeviceTensor, TensorArg), DeviceError> {
+        if self.misalign {
+            let mut padded = vec![0.0; host.len() + 1];
+            padded[1..].copy_from_slice(host);
+            let t = DeviceTensor::from_f32(self.dev, dtype, &[host.len() + 1], &padded)?;
+            let arg = t.offset_arg(1, dims)?;
+            Ok((t, arg))
+        } else {
+            let t = DeviceTensor::from_f32(self.dev, dtype, dims, host)?;
+            let arg = t.as_arg();
+            Ok((t, arg))
+        }
+    }
+
+    fn output(
+        &self,
+        name: &'static str,
+        dims: &[usize],
+        dtype: Option<Storage>,
+        want: Vec<f32>,
+        accumulate: bool,
+    ) -> Result<(Output, TensorArg), DeviceError> {
+        let dtype = dtype.unwrap_or(self.dtype);
+        let n: usize = dims.iter().product();
+        let (t, arg) = self.place(dtype, dims, &vec![0.0; n])?;
+        Ok((
+            Output {
+                name,
+                t,
+                want,
+                accumulate,
+            },
+            arg,
+        ))
+    }
+
+    fn want<F: FnOnce() -> Vec<f32>>(&self, f: F) -> Vec<f32> {
+        if self.with_ref {
+            f()
+        } else {
+            vec![]
+        }
+    }
+}
+
+fn elem_bytes(s: Storage) -> usize {
+    s.bytes()
+}
+
+fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepared, DeviceError> {
+    let e = elem_bytes(cx.dtype);
+    let (r, c) = dims;
+    let f32s = Some(Storage::F32);
+    let p = match kernel {
+        "axpby" => {
+            let n = r;
+            let (x, xa) = cx.input(&[n], -3.0, 3.0, None)?;
+            let (y, ya) = cx.input(&[n], -3.0, 3.0, None)?;
+            let (a, b) = (1.5f32, -0.75f32);
+            // y is read and written: its output is the input tensor itself.
+            let want = cx.want(|| refr::axpby(a, &x, b, &y));
+            let t = cx
+                .inputs
+                .pop()
+                .ok_or_else(|| DeviceError::InvalidArgument("no y".into()))?;
+            let (x2, y2) = (xa.clone(), ya.clone());
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![Output {
+                    name: "y",
+                    t,
+                    want,
+                    accumulate: false,
+                }],
+                launch: Box::new(move |l| {
+                    k::axpby::launch(
+                        l,
+                        &k::axpby::Args {
+                            a,
+                            x: &x2,
+                            b,
+                            y: &y2,
+                        },
+                    )
+                }),
+                bytes: 3 * n * e,
+            }
+        }
+        "relu" | "gelu" => {
+            let n = r;
+            let (x, xa) = cx.input(&[n], -3.0, 3.0, None)?;
+            let gelu = kernel == "gelu";
+            let want = cx.want(|| if gelu { refr::gelu(&x) } else { refr::relu(&x) });
+            let (out, ya) = cx.output("y", &[n], None, want, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out],
+                launch: Box::new(move |l| {
+                    if gelu {
+                        k::gelu::launch(l, &k::gelu::Args { x: &xa, y: &ya })
+                    } else {
+                        k::relu::launch(l, &k::relu::Args { x: &xa, y: &ya })
+                    }
+                }),
+                bytes: 2 * n * e,
+            }
+        }
+        "relu_bwd" | "gelu_bwd" => {
+            let n = r;
+            let (x, xa) = cx.input(&[n], -3.0, 3.0, None)?;
+            let (dy, dya) = cx.input(&[n], -3.0, 3.0, None)?;
+            let gelu = kernel == "gelu_bwd";
+            let want = cx.want(|| {
+                if gelu {
+                    refr::gelu_bwd(&x, &dy)
+                } else {
+                    refr::relu_bwd(&x, &dy)
+                }
+            });
+            let (out, dxa) = cx.output("dx", &[n], None, want, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out],
+                launch: Box::new(move |l| {
+                    if gelu {
+                        k::gelu_bwd::launch(
+                            l,
+                            &k::gelu_bwd::Args {
+                                x: &xa,
+                                dy: &dya,
+                                dx: &dxa,
+                            },
+                        )
+                    } else {
+                        k::relu_bwd::launch(
+                            l,
+                            &k::relu_bwd::Args {
+                                y: &xa,
+                                dy: &dya,
+                                dx: &dxa,
+                            },
+                        )
+                    }
+                }),
+                bytes: 3 * n * e,
+            }
+        }
+        "softmax" => {
+            let (x, xa) = cx.input(&[r, c], -8.0, 8.0, None)?;
+            let want = cx.want(|| refr::softmax(&x, r, c));
+            let (out, ya) = cx.output("y", &[r, c], None, want, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out],
+                launch: Box::new(move |l| {
+                    k::softmax::launch(l, &k::softmax::Args { x: &xa, y: &ya })
+                }),
+                bytes: 2 * r * c * e,
+            }
+        }
+        "layernorm_fwd" => {
+            let (x, xa) = cx.input(&[r, c], -3.0, 3.0, None)?;
+            let (w, wa) = cx.input(&[c], 0.5, 1.5, None)?;
+            let (b, ba) = cx.input(&[c], -1.0, 1.0, None)?;
+            let eps = 1e-5f32;
+            let (y, m, s) = if cx.with_ref {
+                refr::layernorm_fwd(&x, r, c, &w, &b, eps)
+            } else {
+                (vec![], vec![], vec![])
+            };
+            let (oy, ya) = cx.output("y", &[r, c], None, y, false)?;
+            let (om, ma) = cx.output("mean", &[r], f32s, m, false)?;
+            let (os, sa) = cx.output("rstd", &[r], f32s, s, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![oy, om, os],
+                launch: Box::new(move |l| {
+                    k::layernorm_fwd::launch(
+                        l,
+                        &k::layernorm_fwd::Args {
+                            x: &xa,
+                            w: &wa,
+                            b: &ba,
+                            y: &ya,
+                            mean: &ma,
+                            rstd: &sa,
+                            eps,
+                        },
+                    )
+                }),
+                bytes: 2 * r * c * e + 8 * r,
+            }
+        }
+        "layernorm_bwd_dx" => {
+            let (x, xa) = cx.input(&[r, c], -3.0, 3.0, None)?;
+            let (w, wa) = cx.input(&[c], 0.5, 1.5, None)?;
+            let (dy, dya) = cx.input(&[r, c], -3.0, 3.0, None)?;
+            let (m, ma) = cx.input(&[r], -0.5, 0.5, f32s)?;
+            let (s, sa) = cx.input(&[r], 0.5, 2.0, f32s)?;
+            let want = cx.want(|| refr::layernorm_bwd_dx(&x, r, c, &w, &dy, &m, &s));
+            let (out, dxa) = cx.output("dx", &[r, c], None, want, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out],
+                launch: Box::new(move |l| {
+                    k::layernorm_bwd_dx::launch(
+                        l,
+                        &k::layernorm_bwd_dx::Args {
+                            x: &xa,
+                            w: &wa,
+                            dy: &dya,
+                            mean: &ma,
+                            rstd: &sa,
+                            dx: &dxa,
+                        },
+                    )
+                }),
+                bytes: 3 * r * c * e + 8 * r,
+            }
+        }
+        "layernorm_bwd_params" => {
+            let (x, xa) = cx.input(&[r, c], -3.0, 3.0, None)?;
+            let (dy, dya) = cx.input(&[r, c], -3.0, 3.0, None)?;
+            let (m, ma) = cx.input(&[r], -0.5, 0.5, f32s)?;
+            let (s, sa) = cx.input(&[r], 0.5, 2.0, f32s)?;
+            let (dw, db) = if cx.with_ref {
+                refr::layernorm_bwd_params(&x, r, c, &dy, &m, &s)
+            } else {
+                (vec![], vec![])
+            };
+            let (ow, dwa) = cx.output("dw", &[c], f32s, dw, true)?;
+            let (ob, dba) = cx.output("db", &[c], f32s, db, true)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![ow, ob],
+                launch: Box::new(move |l| {
+                    k::layernorm_bwd_params::launch(
+                        l,
+                        &k::layernorm_bwd_params::Args {
+                            x: &xa,
+                            dy: &dya,
+                            mean: &ma,
+                            rstd: &sa,
+                            dw: &dwa,
+                            db: &dba,
+                        },
+                    )
+                }),
+                bytes: 2 * r * c * e + 8 * r,
+            }
+        }
+        "bias_residual" => {
+            let (x, xa) = cx.input(&[r, c], -3.0, 3.0, None)?;
+            let (b, ba) = cx.input(&[c], -1.0, 1.0, None)?;
+            let (res, ra) = cx.input(&[r, c], -3.0, 3.0, None)?;
+            let want = cx.want(|| refr::bias_residual(&x, r, c, &b, &res));
+            let (out, ya) = cx.output("y", &[r, c], None, want, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out],
+                launch: Box::new(move |l| {
+                    k::bias_residual::launch(
+                        l,
+                        &k::bias_residual::Args {
+                            x: &xa,
+                            bias: &ba,
+                            res: &ra,
+                            y: &ya,
+                        },
+                    )
+                }),
+                bytes: 3 * r * c * e,
+            }
+        }
+        "colsum" => {
+            let (x, xa) = cx.input(&[r, c], -3.0, 3.0, None)?;
+            let want = cx.want(|| refr::colsum(&x, r, c));
+            let (out, oa) = cx.output("out", &[c], f32s, want, true)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out],
+                launch: Box::new(move |l| {
+                    k::colsum::launch(l, &k::colsum::Args { x: &xa, out: &oa })
+                }),
+                bytes: r * c * e,
+            }
+        }
+        other => {
+            return Err(DeviceError::InvalidArgument(format!(
+                "unknown kernel `{other}`"
+            )))
+        }
+    };
+    Ok(p)
+}
+
+fn dtype_name(s: Storage) -> &'static str {
+    s.name()
+}
+
+fn shape_text(kernel: &str, dims: (usize, usize)) -> String {
+    if ELEMENTWISE.contains(&kernel) {
+        format!("[{}]", dims.0)
+    } else {
+        format!("[{}, {}]", dims.0, dims.1)
+    }
+}
+
+/// Shapes for correctness: edges, non-multiples of the tiles, rows longer than a block.
+fn check_shapes(kernel: &str) -> Vec<(usize, usize)> {
+    if ELEMENTWISE.contains(&kernel) {
+        vec![(1, 0), (1000, 0), (1_000_003, 0), (4_194_304, 0)]
+    } else if matches!(kernel, "softmax" | "layernorm_fwd" | "layernorm_bwd_dx") {
+        vec![(1, 1), (37, 1000), (64, 4096), (5, 10007)]
+    } else {
+        vec![(1, 1), (1000, 1000), (333, 4100), (4096, 1024)]
+    }
+}
+
+/// Runs every kernel, dtype and check shape once, aligned and (for the largest shape)
+/// misaligned, and compares with the CPU reference.
+pub fn check_all(dev: &CudaDevice, only: Option<&str>) -> Result<Vec<CheckRow>, DeviceError> {
+    let rec = Recording {
+        dev,
+        last: RefCell::new(String::new()),
+    };
+    let mut rows = vec![];
+    for kernel in KERNELS {
+        if only.map(|o| o != kernel).unwrap_or(false) {
+            continue;
+        }
+        for dtype in [Storage::BF16, Storage::F16, Storage::F32] {
+            let shapes = check_shapes(kernel);
+            let mut runs: Vec<((usize, usize), bool)> =
+                shapes.iter().map(|s| (*s, false)).collect();
+            runs.push((shapes[2], true));
+            for (seed, (dims, misalign)) in runs.into_iter().enumerate() {
+                let mut cx = Ctx {
+                    dev,
+                    dtype,
+                    rng: Rng::new(seed as u64 + 7),
+                    with_ref: true,
+                    misalign,
+                    inputs: vec![],
+                };
+                let mut p = prepare(&mut cx, kernel, dims)?;
+                for o in &mut p.outputs {
+                    if o.accumulate {
+                        o.t.fill_zero()?;
+                    } else if o.name != "y" || kernel != "axpby" {
+                        o.t.poison()?;
+                    }
+                }
+                (p.launch)(&rec)?;
+                dev.synchronize()?;
+                for o in &p.outputs {
+                    let mut got = o.t.to_f32_vec()?;
+                    if misalign {
+                        got.remove(0);
+                    }
+                    let d = refr::compare(&got, &o.want);
+                    let tol = refr::tolerance(o.t.dtype());
+                    rows.push(CheckRow {
+                        kernel,
+                        dtype: dtype_name(dtype),
+                        shape: format!(
+                            "{}{}",
+                            shape_text(kernel, dims),
+                            if misalign { " +1 elem" } else { "" }
+                        ),
+                        variant: rec.last.borrow().clone(),
+                        output: o.name,
+                        rel_l2: d.rel_l2,
+                        max_abs: d.max_abs,
+                        tolerance: tol,
+                        non_finite: d.non_finite,
+                        pass: d.within(tol),
+                    });
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Shapes for bandwidth: a few hundred MB per tensor in bf16.
+fn bench_shape(kernel: &str) -> (usize, usize) {
+    if ELEMENTWISE.contains(&kernel) {
+        (128 << 20, 0)
+    } else {
+        (32768, 4096)
+    }
+}
+
+/// Times every kernel (warm-up 5, median of `iters`) and the copy bandwidth.
+pub fn bench_all(
+    dev: &CudaDevice,
+    dtypes: &[Storage],
+    iters: usize,
+    only: Option<&str>,
+) -> Result<(f64, Vec<BenchRow>), DeviceError> {
+    let copy = crate::copy_bandwidth(dev, 1 << 30)?;
+    let rec = Recording {
+        dev,
+        last: RefCell::new(String::new()),
+    };
+    let mut rows = vec![];
+    for kernel in KERNELS {
+        if only.map(|o| o != kernel).unwrap_or(false) {
+            continue;
+        }
+        for &dtype in dtypes {
+            let dims = bench_shape(kernel);
+            let mut cx = Ctx {
+                dev,
+                dtype,
+                rng: Rng::new(99),
+                with_ref: false,
+                misalign: false,
+                inputs: vec![],
+            };
+            let p = prepare(&mut cx, kernel, dims)?;
+            let t = time_ms(dev, 5, iters, || (p.launch)(&rec))?;
+            let ms = t.median();
+            let gbps = p.bytes as f64 / (ms * 1e-3) / 1e9;
+            rows.push(BenchRow {
+                kernel,
+                dtype: dtype_name(dtype),
+                shape: shape_text(kernel, dims),
+                variant: rec.last.borrow().clone(),
+                bytes: p.bytes,
+                median_ms: ms,
+                gbps,
+                of_copy: gbps / copy,
+            });
+            drop(p);
+        }
+    }
+    Ok((copy, rows))
+}
