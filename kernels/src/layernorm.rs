@@ -1,14 +1,17 @@
 //! LayerNorm forward and backward over the last dimension, for any row length.
 //!
 //! Forward saves the per-row mean and reciprocal standard deviation (f32) for the backward.
-//! The mean and the variance are computed in two passes (`sum(x)`, then `sum((x - mean)^2)`),
-//! which stays accurate when |mean| >> std; the repeated reads of a row normally hit L2.
+//!
+//! Statistics use shifted data, `x - x[row, 0]`: both moments from one pass, with no
+//! cancellation when |mean| >> std. A row of at most `BLOCK` elements is read once into
+//! registers (one read and one write of memory). Longer rows loop in `CHUNK`-wide tiles: one
+//! pass for the moments, a second that normalises (its read normally hits L2).
 
 use lexp_macros::kernel;
 
 /// `y = (x - mean) * rstd * w + b` per row; writes `mean` and `rstd = 1/sqrt(var + eps)`.
 #[kernel(
-    variants(T = [bf16, f16, f32], BLOCK = [1024]),
+    variants(T = [bf16, f16, f32], BLOCK = [4096], CHUNK = [1024]),
     warps = 4,
     grid = [x.dim(0)],
     require = [
@@ -16,7 +19,7 @@ use lexp_macros::kernel;
         mean.dim(0) == x.dim(0), rstd.dim(0) == x.dim(0)
     ]
 )]
-pub fn layernorm_fwd<T, const BLOCK: usize>(
+pub fn layernorm_fwd<T, const BLOCK: usize, const CHUNK: usize>(
     x: Tensor<T, 2>,
     w: Tensor<T, 1>,
     b: Tensor<T, 1>,
@@ -28,23 +31,45 @@ pub fn layernorm_fwd<T, const BLOCK: usize>(
     let row = program_id(0);
     let n = x.dim(1);
     let nf = n.cast::<f32>();
-    let mut acc = zeros::<f32, BLOCK>();
-    for c in (0..n).step_by(BLOCK) {
-        let cols = c + range::<BLOCK>();
-        acc += x.load([row, cols]).cast::<f32>();
+    if n <= BLOCK {
+        let cols = range::<BLOCK>();
+        // Shifted moments: the two sums do not depend on each other. Lanes past the row's end
+        // read `shift` itself, so their `d` is exactly 0 without a per-element select.
+        let shift = x.load([row, 0]);
+        let d = x.load_or([row, cols], shift).cast::<f32>() - shift.cast::<f32>();
+        let m1 = d.sum(0) / nf;
+        let var = max((d * d).sum(0) / nf - m1 * m1, 0.0);
+        let mu = shift + m1;
+        let rs = rsqrt(var + eps);
+        mean.store([row], mu);
+        rstd.store([row], rs);
+        // `x - mean = d - m1`: only `d` stays live through the reductions (few registers,
+        // many rows in flight per multiprocessor).
+        y.store(
+            [row, cols],
+            (d - m1) * rs * w.load([cols]).cast::<f32>() + b.load([cols]).cast::<f32>(),
+        );
+        return;
     }
-    let mu = acc.sum(0) / nf;
-    let mut acc2 = zeros::<f32, BLOCK>();
-    for c in (0..n).step_by(BLOCK) {
-        let cols = c + range::<BLOCK>();
-        let d = select(cols < n, x.load([row, cols]).cast::<f32>() - mu, 0.0);
-        acc2 += d * d;
+    // Statistics of `x - shift` with `shift` = the row's first element: one pass for both
+    // moments, without the cancellation of raw sums when |mean| >> std.
+    let shift = x.load([row, 0]).cast::<f32>();
+    let mut s1 = zeros::<f32, CHUNK>();
+    let mut s2 = zeros::<f32, CHUNK>();
+    for c in (0..n).step_by(CHUNK) {
+        let cols = c + range::<CHUNK>();
+        let d = select(cols < n, x.load([row, cols]).cast::<f32>() - shift, 0.0);
+        s1 += d;
+        s2 += d * d;
     }
-    let rs = rsqrt(acc2.sum(0) / nf + eps);
+    let m1 = s1.sum(0) / nf;
+    let mu = shift + m1;
+    let var = max(s2.sum(0) / nf - m1 * m1, 0.0);
+    let rs = rsqrt(var + eps);
     mean.store([row], mu);
     rstd.store([row], rs);
-    for c in (0..n).step_by(BLOCK) {
-        let cols = c + range::<BLOCK>();
+    for c in (0..n).step_by(CHUNK) {
+        let cols = c + range::<CHUNK>();
         let xhat = (x.load([row, cols]).cast::<f32>() - mu) * rs;
         y.store(
             [row, cols],
@@ -55,7 +80,7 @@ pub fn layernorm_fwd<T, const BLOCK: usize>(
 
 /// Input gradient: `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))` with `g = dy * w`.
 #[kernel(
-    variants(T = [bf16, f16, f32], BLOCK = [1024]),
+    variants(T = [bf16, f16, f32], BLOCK = [4096], CHUNK = [1024]),
     warps = 4,
     grid = [x.dim(0)],
     require = [
@@ -63,7 +88,7 @@ pub fn layernorm_fwd<T, const BLOCK: usize>(
         w.dim(0) == x.dim(1), mean.dim(0) == x.dim(0), rstd.dim(0) == x.dim(0)
     ]
 )]
-pub fn layernorm_bwd_dx<T, const BLOCK: usize>(
+pub fn layernorm_bwd_dx<T, const BLOCK: usize, const CHUNK: usize>(
     x: Tensor<T, 2>,
     w: Tensor<T, 1>,
     dy: Tensor<T, 2>,
@@ -76,10 +101,19 @@ pub fn layernorm_bwd_dx<T, const BLOCK: usize>(
     let nf = n.cast::<f32>();
     let mu = mean.load([row]);
     let rs = rstd.load([row]);
-    let mut a1 = zeros::<f32, BLOCK>();
-    let mut a2 = zeros::<f32, BLOCK>();
-    for c in (0..n).step_by(BLOCK) {
-        let cols = c + range::<BLOCK>();
+    if n <= BLOCK {
+        let cols = range::<BLOCK>();
+        let xhat = (x.load([row, cols]).cast::<f32>() - mu) * rs;
+        let g = dy.load([row, cols]).cast::<f32>() * w.load([cols]).cast::<f32>();
+        let c1 = g.sum(0) / nf;
+        let c2 = (g * xhat).sum(0) / nf;
+        dx.store([row, cols], rs * (g - c1 - xhat * c2));
+        return;
+    }
+    let mut a1 = zeros::<f32, CHUNK>();
+    let mut a2 = zeros::<f32, CHUNK>();
+    for c in (0..n).step_by(CHUNK) {
+        let cols = c + range::<CHUNK>();
         let xhat = (x.load([row, cols]).cast::<f32>() - mu) * rs;
         let g = dy.load([row, cols]).cast::<f32>() * w.load([cols]).cast::<f32>();
         a1 += g;
@@ -87,8 +121,8 @@ pub fn layernorm_bwd_dx<T, const BLOCK: usize>(
     }
     let c1 = a1.sum(0) / nf;
     let c2 = a2.sum(0) / nf;
-    for c in (0..n).step_by(BLOCK) {
-        let cols = c + range::<BLOCK>();
+    for c in (0..n).step_by(CHUNK) {
+        let cols = c + range::<CHUNK>();
         let xhat = (x.load([row, cols]).cast::<f32>() - mu) * rs;
         let g = dy.load([row, cols]).cast::<f32>() * w.load([cols]).cast::<f32>();
         dx.store([row, cols], rs * (g - c1 - xhat * c2));

@@ -284,6 +284,14 @@ impl fmt::Display for Diff {
 
 /// Compares a kernel's output `got` with its reference `want` ([`Diff`]).
 pub fn compare(got: &[f32], want: &[f32]) -> Diff {
+    compare_scaled(got, want, 0.0)
+}
+
+/// [`compare`] with the relative error taken against `max(||want||_2, scale)`: for outputs
+/// whose values can cancel to near zero (a mean of random data), `scale` is the L2 norm of
+/// their natural size (e.g. each row's standard deviation), so that rounding in the sum is
+/// judged against the size of what was summed.
+pub fn compare_scaled(got: &[f32], want: &[f32], scale: f64) -> Diff {
     let mut d = Diff {
         unwritten: got.len().abs_diff(want.len()),
         ..Diff::default()
@@ -304,7 +312,7 @@ pub fn compare(got: &[f32], want: &[f32]) -> Diff {
             }
         }
     }
-    d.rel_l2 = err2.sqrt() / ref2.sqrt().max(1e-30);
+    d.rel_l2 = err2.sqrt() / ref2.sqrt().max(scale).max(1e-30);
     d
 }
 

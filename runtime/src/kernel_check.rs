@@ -68,13 +68,15 @@ struct Output {
     want: Vec<f32>,
     /// Zero before each run (atomic accumulation) instead of poisoning.
     accumulate: bool,
+    /// Natural size of the values (see `reference::compare_scaled`); 0 for plain relative error.
+    scale: f64,
 }
 
 /// A kernel ready to run: its tensors and a launch closure.
 struct Prepared {
     _inputs: Vec<DeviceTensor>,
     outputs: Vec<Output>,
-    launch: Box<dyn Fn(&dyn Launcher) -> Result<(), LaunchError>>,
+    launch: Box<dyn Fn(&dyn Launcher, &[(&str, usize)]) -> Result<(), LaunchError>>,
     bytes: usize,
 }
 
@@ -185,6 +187,7 @@ impl Ctx<'_> {
                 t,
                 want,
                 accumulate,
+                scale: 0.0,
             },
             arg,
         ))
@@ -227,10 +230,12 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
                     t,
                     want,
                     accumulate: false,
+                    scale: 0.0,
                 }],
-                launch: Box::new(move |l| {
-                    k::axpby::launch(
+                launch: Box::new(move |l, c| {
+                    k::axpby::launch_with(
                         l,
+                        c,
                         &k::axpby::Args {
                             a,
                             x: &x2,
@@ -251,11 +256,11 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
             Prepared {
                 _inputs: std::mem::take(&mut cx.inputs),
                 outputs: vec![out],
-                launch: Box::new(move |l| {
+                launch: Box::new(move |l, c| {
                     if gelu {
-                        k::gelu::launch(l, &k::gelu::Args { x: &xa, y: &ya })
+                        k::gelu::launch_with(l, c, &k::gelu::Args { x: &xa, y: &ya })
                     } else {
-                        k::relu::launch(l, &k::relu::Args { x: &xa, y: &ya })
+                        k::relu::launch_with(l, c, &k::relu::Args { x: &xa, y: &ya })
                     }
                 }),
                 bytes: 2 * n * e,
@@ -277,10 +282,11 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
             Prepared {
                 _inputs: std::mem::take(&mut cx.inputs),
                 outputs: vec![out],
-                launch: Box::new(move |l| {
+                launch: Box::new(move |l, c| {
                     if gelu {
-                        k::gelu_bwd::launch(
+                        k::gelu_bwd::launch_with(
                             l,
+                            c,
                             &k::gelu_bwd::Args {
                                 x: &xa,
                                 dy: &dya,
@@ -288,8 +294,9 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
                             },
                         )
                     } else {
-                        k::relu_bwd::launch(
+                        k::relu_bwd::launch_with(
                             l,
+                            c,
                             &k::relu_bwd::Args {
                                 y: &xa,
                                 dy: &dya,
@@ -308,8 +315,8 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
             Prepared {
                 _inputs: std::mem::take(&mut cx.inputs),
                 outputs: vec![out],
-                launch: Box::new(move |l| {
-                    k::softmax::launch(l, &k::softmax::Args { x: &xa, y: &ya })
+                launch: Box::new(move |l, c| {
+                    k::softmax::launch_with(l, c, &k::softmax::Args { x: &xa, y: &ya })
                 }),
                 bytes: 2 * r * c * e,
             }
@@ -325,14 +332,23 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
                 (vec![], vec![], vec![])
             };
             let (oy, ya) = cx.output("y", &[r, c], None, y, false)?;
-            let (om, ma) = cx.output("mean", &[r], f32s, m, false)?;
+            // The mean of random data can cancel to ~0: judge its error against each row's
+            // standard deviation (1 / rstd), the scale that matters for `y`.
+            let row_std: f64 = s
+                .iter()
+                .map(|v| 1.0 / (*v as f64 * *v as f64))
+                .sum::<f64>()
+                .sqrt();
+            let (mut om, ma) = cx.output("mean", &[r], f32s, m, false)?;
+            om.scale = row_std;
             let (os, sa) = cx.output("rstd", &[r], f32s, s, false)?;
             Prepared {
                 _inputs: std::mem::take(&mut cx.inputs),
                 outputs: vec![oy, om, os],
-                launch: Box::new(move |l| {
-                    k::layernorm_fwd::launch(
+                launch: Box::new(move |l, c| {
+                    k::layernorm_fwd::launch_with(
                         l,
+                        c,
                         &k::layernorm_fwd::Args {
                             x: &xa,
                             w: &wa,
@@ -358,9 +374,10 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
             Prepared {
                 _inputs: std::mem::take(&mut cx.inputs),
                 outputs: vec![out],
-                launch: Box::new(move |l| {
-                    k::layernorm_bwd_dx::launch(
+                launch: Box::new(move |l, c| {
+                    k::layernorm_bwd_dx::launch_with(
                         l,
+                        c,
                         &k::layernorm_bwd_dx::Args {
                             x: &xa,
                             w: &wa,
@@ -389,9 +406,10 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
             Prepared {
                 _inputs: std::mem::take(&mut cx.inputs),
                 outputs: vec![ow, ob],
-                launch: Box::new(move |l| {
-                    k::layernorm_bwd_params::launch(
+                launch: Box::new(move |l, c| {
+                    k::layernorm_bwd_params::launch_with(
                         l,
+                        c,
                         &k::layernorm_bwd_params::Args {
                             x: &xa,
                             dy: &dya,
@@ -414,9 +432,10 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
             Prepared {
                 _inputs: std::mem::take(&mut cx.inputs),
                 outputs: vec![out],
-                launch: Box::new(move |l| {
-                    k::bias_residual::launch(
+                launch: Box::new(move |l, c| {
+                    k::bias_residual::launch_with(
                         l,
+                        c,
                         &k::bias_residual::Args {
                             x: &xa,
                             bias: &ba,
@@ -435,8 +454,8 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
             Prepared {
                 _inputs: std::mem::take(&mut cx.inputs),
                 outputs: vec![out],
-                launch: Box::new(move |l| {
-                    k::colsum::launch(l, &k::colsum::Args { x: &xa, out: &oa })
+                launch: Box::new(move |l, c| {
+                    k::colsum::launch_with(l, c, &k::colsum::Args { x: &xa, out: &oa })
                 }),
                 bytes: r * c * e,
             }
@@ -500,43 +519,69 @@ pub fn check_all(dev: &CudaDevice, only: Option<&str>) -> Result<Vec<CheckRow>, 
                     inputs: vec![],
                 };
                 let mut p = prepare(&mut cx, kernel, dims)?;
-                for o in &mut p.outputs {
-                    if o.accumulate {
-                        o.t.fill_zero()?;
-                    } else if o.name != "y" || kernel != "axpby" {
-                        o.t.poison()?;
+                // Every compiled tile configuration (axpby, whose output is also an input, has one).
+                for consts in const_combinations(kernel) {
+                    for o in &mut p.outputs {
+                        if o.accumulate {
+                            o.t.fill_zero()?;
+                        } else if o.name != "y" || kernel != "axpby" {
+                            o.t.poison()?;
+                        }
                     }
-                }
-                (p.launch)(&rec)?;
-                dev.synchronize()?;
-                for o in &p.outputs {
-                    let mut got = o.t.to_f32_vec()?;
-                    if misalign {
-                        got.remove(0);
+                    (p.launch)(&rec, &consts)?;
+                    dev.synchronize()?;
+                    for o in &p.outputs {
+                        let mut got = o.t.to_f32_vec()?;
+                        if misalign {
+                            got.remove(0);
+                        }
+                        let d = refr::compare_scaled(&got, &o.want, o.scale);
+                        let tol = refr::tolerance(o.t.dtype());
+                        rows.push(CheckRow {
+                            kernel,
+                            dtype: dtype_name(dtype),
+                            shape: format!(
+                                "{}{}",
+                                shape_text(kernel, dims),
+                                if misalign { " +1 elem" } else { "" }
+                            ),
+                            variant: rec.last.borrow().clone(),
+                            output: o.name,
+                            rel_l2: d.rel_l2,
+                            max_abs: d.max_abs,
+                            tolerance: tol,
+                            non_finite: d.non_finite,
+                            pass: d.within(tol),
+                        });
                     }
-                    let d = refr::compare(&got, &o.want);
-                    let tol = refr::tolerance(o.t.dtype());
-                    rows.push(CheckRow {
-                        kernel,
-                        dtype: dtype_name(dtype),
-                        shape: format!(
-                            "{}{}",
-                            shape_text(kernel, dims),
-                            if misalign { " +1 elem" } else { "" }
-                        ),
-                        variant: rec.last.borrow().clone(),
-                        output: o.name,
-                        rel_l2: d.rel_l2,
-                        max_abs: d.max_abs,
-                        tolerance: tol,
-                        non_finite: d.non_finite,
-                        pass: d.within(tol),
-                    });
                 }
             }
         }
     }
     Ok(rows)
+}
+
+/// Every combination of compile-time constants the kernel was compiled with (the element type
+/// aside), so that the bench measures each tile configuration.
+fn const_combinations(kernel: &str) -> Vec<Vec<(&'static str, usize)>> {
+    let mut out: Vec<Vec<(&'static str, usize)>> = vec![];
+    if let Some(info) = lexp_kernels::find(kernel) {
+        for v in info.variants {
+            let combo: Vec<(&'static str, usize)> = v
+                .params
+                .iter()
+                .filter(|(n, _)| *n != "T")
+                .filter_map(|(n, val)| val.parse().ok().map(|x| (*n, x)))
+                .collect();
+            if !out.contains(&combo) {
+                out.push(combo);
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(vec![]);
+    }
+    out
 }
 
 /// Shapes for bandwidth: a few hundred MB per tensor in bf16.
@@ -576,19 +621,21 @@ pub fn bench_all(
                 inputs: vec![],
             };
             let p = prepare(&mut cx, kernel, dims)?;
-            let t = time_ms(dev, 5, iters, || (p.launch)(&rec))?;
-            let ms = t.median();
-            let gbps = p.bytes as f64 / (ms * 1e-3) / 1e9;
-            rows.push(BenchRow {
-                kernel,
-                dtype: dtype_name(dtype),
-                shape: shape_text(kernel, dims),
-                variant: rec.last.borrow().clone(),
-                bytes: p.bytes,
-                median_ms: ms,
-                gbps,
-                of_copy: gbps / copy,
-            });
+            for consts in const_combinations(kernel) {
+                let t = time_ms(dev, 5, iters, || (p.launch)(&rec, &consts))?;
+                let ms = t.median();
+                let gbps = p.bytes as f64 / (ms * 1e-3) / 1e9;
+                rows.push(BenchRow {
+                    kernel,
+                    dtype: dtype_name(dtype),
+                    shape: shape_text(kernel, dims),
+                    variant: rec.last.borrow().clone(),
+                    bytes: p.bytes,
+                    median_ms: ms,
+                    gbps,
+                    of_copy: gbps / copy,
+                });
+            }
             drop(p);
         }
     }

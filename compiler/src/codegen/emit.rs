@@ -716,21 +716,65 @@ impl<'c> Gen<'c, '_> {
                 Some(m) => Some(m[g].into_int_value()),
                 None => None,
             };
-            let (vals, end, before) = self.guarded(cond, |s| s.load_vector(p, elem, dt, w))?;
-            if cond.is_none() {
-                out.extend(vals);
+            let Some(cond) = cond else {
+                out.extend(self.load_vector(p, elem, dt, w)?);
                 continue;
-            }
-            for (i, v) in vals.into_iter().enumerate() {
-                let phi = self.b.build_phi(elem, "").map_err(be)?;
-                phi.add_incoming(&[
-                    (&v as &dyn BasicValue, end),
-                    (&others[g + i] as &dyn BasicValue, before),
-                ]);
-                out.push(phi.as_basic_value());
-            }
+            };
+            // Masked: the merge takes the whole vector (loaded, or `other`), and elements are
+            // extracted after it, so 16-bit pairs stay packed in 32-bit registers until used.
+            let fill = self.pack(elem, &others[g..g + w])?;
+            let (raw, end, before) = self.guarded(Some(cond), |s| s.load_raw(p, elem, dt, w))?;
+            let phi = self.b.build_phi(raw.get_type(), "").map_err(be)?;
+            phi.add_incoming(&[
+                (&raw as &dyn BasicValue, end),
+                (&fill as &dyn BasicValue, before),
+            ]);
+            out.extend(self.unpack(phi.as_basic_value(), w)?);
         }
         Ok(out)
+    }
+
+    /// One load of `w` elements (a vector when `w > 1`), aligned to its size.
+    fn load_raw(
+        &self,
+        p: PointerValue<'c>,
+        elem: BasicTypeEnum<'c>,
+        dt: DType,
+        w: usize,
+    ) -> R<V<'c>> {
+        let ty = if w == 1 { elem } else { vector_of(elem, w) };
+        let v = self.b.build_load(ty, p, "").map_err(be)?;
+        set_align(v, dt.bytes() * w)?;
+        Ok(v)
+    }
+
+    /// Packs registers into a vector (or passes a single one through).
+    fn pack(&self, elem: BasicTypeEnum<'c>, vals: &[V<'c>]) -> R<V<'c>> {
+        if vals.len() == 1 {
+            return Ok(vals[0]);
+        }
+        let mut v = vector_of(elem, vals.len()).into_vector_type().get_undef();
+        for (i, x) in vals.iter().enumerate() {
+            v = self
+                .b
+                .build_insert_element(v, *x, self.i32(i as i64), "")
+                .map_err(be)?;
+        }
+        Ok(v.into())
+    }
+
+    /// Splits a vector into registers (or passes a single one through).
+    fn unpack(&self, v: V<'c>, w: usize) -> R<Vec<V<'c>>> {
+        if w == 1 {
+            return Ok(vec![v]);
+        }
+        (0..w)
+            .map(|i| {
+                self.b
+                    .build_extract_element(v.into_vector_value(), self.i32(i as i64), "")
+                    .map_err(be)
+            })
+            .collect()
     }
 
     fn load_vector(
@@ -740,21 +784,8 @@ impl<'c> Gen<'c, '_> {
         dt: DType,
         w: usize,
     ) -> R<Vec<V<'c>>> {
-        if w == 1 {
-            let v = self.b.build_load(elem, p, "").map_err(be)?;
-            set_align(v, dt.bytes())?;
-            return Ok(vec![v]);
-        }
-        let vt = vector_of(elem, w);
-        let v = self.b.build_load(vt, p, "").map_err(be)?;
-        set_align(v, dt.bytes() * w)?;
-        (0..w)
-            .map(|i| {
-                self.b
-                    .build_extract_element(v.into_vector_value(), self.i32(i as i64), "")
-                    .map_err(be)
-            })
-            .collect()
+        let raw = self.load_raw(p, elem, dt, w)?;
+        self.unpack(raw, w)
     }
 
     fn store(
@@ -810,21 +841,9 @@ impl<'c> Gen<'c, '_> {
         dt: DType,
         vals: &[V<'c>],
     ) -> R<()> {
-        let w = vals.len();
-        let st = if w == 1 {
-            self.b.build_store(p, vals[0]).map_err(be)?
-        } else {
-            let vt = vector_of(elem, w);
-            let mut v = vt.into_vector_type().get_undef();
-            for (i, x) in vals.iter().enumerate() {
-                v = self
-                    .b
-                    .build_insert_element(v, *x, self.i32(i as i64), "")
-                    .map_err(be)?;
-            }
-            self.b.build_store(p, v).map_err(be)?
-        };
-        st.set_alignment((dt.bytes() * w) as u32)
+        let v = self.pack(elem, vals)?;
+        let st = self.b.build_store(p, v).map_err(be)?;
+        st.set_alignment((dt.bytes() * vals.len()) as u32)
             .map_err(|e| IrError(format!("LLVM: alignment: {e}")))?;
         Ok(())
     }
