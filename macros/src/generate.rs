@@ -334,9 +334,24 @@ fn emit(
     let req_strs: Vec<String> = attr
         .require
         .iter()
-        .map(|e| quote!(#e).to_string())
+        .map(|e| tidy(&quote!(#e).to_string()))
         .collect();
     let n_tensors = tensor_names.len();
+    // "x: [4, 8], y: [4, 9]": the shapes a failed requirement is about.
+    let mut detail_parts = vec![];
+    let mut detail_args = vec![];
+    for p in &sig.params {
+        if let ParamKind::Tensor { rank, .. } = &p.kind {
+            let pn = &p.name;
+            detail_parts.push(format!("{pn}: [{}]", vec!["{}"; *rank].join(", ")));
+            for d in 0..*rank {
+                detail_args.push(quote!(#pn.dim(#d)));
+            }
+        }
+    }
+    let detail_fmt = detail_parts.join(", ");
+    let detail = quote!(format!(#detail_fmt #(, #detail_args)*));
+    let details = vec![detail; attr.require.len()];
     let tidx = 0..n_tensors;
     let const_entries = const_names
         .iter()
@@ -388,7 +403,7 @@ fn emit(
                         return Err(::lexp_compiler::launch::LaunchError::Requirement {
                             kernel: NAME,
                             requirement: #req_strs,
-                            detail: "the arguments do not satisfy it".to_string(),
+                            detail: #details,
                         });
                     }
                 )*
@@ -439,4 +454,13 @@ fn storage_variant(s: Storage) -> &'static str {
         Storage::F32 => "F32",
         Storage::I32 => "I32",
     }
+}
+
+/// `x . dim (0)` (tokens printed by `quote`) to `x.dim(0)`, for messages.
+fn tidy(s: &str) -> String {
+    s.replace(" . ", ".")
+        .replace(" (", "(")
+        .replace("( ", "(")
+        .replace(" )", ")")
+        .replace(" ,", ",")
 }

@@ -384,7 +384,10 @@ impl Lower<'_> {
                 .map(|n| self.val(n))
                 .collect::<Option<_>>()
                 .unwrap_or_default();
-            self.b.yield_(ys);
+            // A branch that ends in `return` yields nothing: control never reaches its end.
+            if !self.b.ends_with_return() {
+                self.b.yield_(ys);
+            }
             self.scopes.pop();
             for (n, v) in carried.iter().zip(&before) {
                 self.assign(n, *v, i)?;

@@ -1,1 +1,72 @@
+//! Snapshots of what `#[kernel]` generates for real kernels (PTX and IR text elided: they have
+//! their own snapshots in `tests/`), and checks that misuse becomes a spanned error.
 
+use crate::generate::Options;
+use quote::ToTokens;
+
+/// Expands every `#[kernel]` function of a source file, pretty-printed.
+fn expand_file(src: &str, only: &str) -> String {
+    let file: syn::File = syn::parse_str(src).expect("kernel source parses");
+    for item in file.items {
+        let syn::Item::Fn(mut f) = item else { continue };
+        if f.sig.ident != only {
+            continue;
+        }
+        let pos = f
+            .attrs
+            .iter()
+            .position(|a| a.path().is_ident("kernel"))
+            .expect("has #[kernel]");
+        let attr = f.attrs.remove(pos);
+        let args = match attr.meta {
+            syn::Meta::List(l) => l.tokens,
+            _ => proc_macro2::TokenStream::new(),
+        };
+        let out = crate::expand(
+            args,
+            f.into_token_stream(),
+            Options {
+                elide_artifacts: true,
+            },
+        );
+        let file: syn::File = syn::parse2(out).expect("expansion parses as a file");
+        return prettyplease::unparse(&file);
+    }
+    panic!("no kernel `{only}`");
+}
+
+#[test]
+fn expansion_of_axpby() {
+    insta::assert_snapshot!(expand_file(
+        include_str!("../../kernels/src/elementwise.rs"),
+        "axpby"
+    ));
+}
+
+#[test]
+fn expansion_of_softmax() {
+    insta::assert_snapshot!(expand_file(
+        include_str!("../../kernels/src/row_softmax.rs"),
+        "softmax"
+    ));
+}
+
+#[test]
+fn unsupported_syntax_is_a_spanned_error_not_a_panic() {
+    let attr: proc_macro2::TokenStream = syn::parse_quote!(variants(BLOCK = [64]), grid = [1]);
+    let item: proc_macro2::TokenStream = syn::parse_quote! {
+        fn k<const BLOCK: usize>(x: TensorMut<f32, 1>) {
+            while true {}
+        }
+    };
+    let out = crate::expand(
+        attr,
+        item,
+        Options {
+            elide_artifacts: true,
+        },
+    )
+    .to_string();
+    assert!(out.contains("compile_error"), "{out}");
+    assert!(out.contains("unsupported statement"), "{out}");
+}

@@ -13,6 +13,7 @@ pub mod buffer;
 pub mod device;
 pub mod encode;
 pub mod error;
+pub mod host_check;
 pub mod kernel_check;
 mod launch;
 pub mod module_cache;

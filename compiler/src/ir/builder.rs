@@ -440,6 +440,17 @@ impl Builder {
         self.store_like(ptr, value, mask, true)
     }
 
+    /// Whether the block being built ends in `return` (nothing after it can run).
+    pub fn ends_with_return(&self) -> bool {
+        matches!(
+            self.stack
+                .last()
+                .and_then(|b| b.insts.last())
+                .map(|i| &i.op),
+            Some(Op::Return)
+        )
+    }
+
     /// Ends the current block with a `yield`.
     pub fn yield_(&mut self, values: Vec<ValueId>) {
         self.push(Op::Yield { values }, vec![]);

@@ -34,11 +34,15 @@ enum Cmd {
         #[arg(long, default_value = "sm_90")]
         arch: String,
     },
-    /// Run every kernel on the GPU against the CPU reference (random data, poisoned outputs).
+    /// Run every kernel against the CPU reference (random data, poisoned outputs): on the GPU
+    /// if one is present, else in the interpreter on the CPU.
     Check {
         /// Only this kernel.
         #[arg(long)]
         kernel: Option<String>,
+        /// Use the interpreter even if a GPU is present.
+        #[arg(long)]
+        cpu: bool,
         /// Write the table as JSON here.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
@@ -79,7 +83,7 @@ fn main() -> Result<()> {
             stage,
             arch,
         } => show_kernel(&n, variant.as_deref(), &stage, &arch),
-        Cmd::Check { kernel, json } => check(kernel.as_deref(), json),
+        Cmd::Check { kernel, json, cpu } => check(kernel.as_deref(), json, cpu),
         Cmd::Bench {
             what:
                 BenchCmd::Kernels {
@@ -137,15 +141,28 @@ fn device() -> Result<CudaDevice> {
     CudaDevice::new(0).context("no usable CUDA GPU (the kernel checks and benchmarks need one)")
 }
 
-fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>) -> Result<()> {
-    let dev = device()?;
-    eprintln!(
-        "device: {} (sm_{}{})",
-        dev.name(),
-        dev.compute_capability().0,
-        dev.compute_capability().1
-    );
-    let rows = kernel_check::check_all(&dev, kernel)?;
+fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> Result<()> {
+    let gpu = if cpu {
+        None
+    } else {
+        CudaDevice::new(0)
+            .map_err(|e| eprintln!("no usable GPU ({e}); checking in the interpreter on the CPU"))
+            .ok()
+    };
+    let (device, rows) = match &gpu {
+        Some(dev) => {
+            let (major, minor) = dev.compute_capability();
+            eprintln!("device: {} (sm_{major}{minor})", dev.name());
+            (
+                dev.name().to_string(),
+                kernel_check::check_all(dev, kernel)?,
+            )
+        }
+        None => (
+            "cpu (interpreter)".to_string(),
+            lexp_runtime::host_check::check_all_host(kernel)?,
+        ),
+    };
     println!(
         "{:<22} {:<5} {:<22} {:<40} {:<5} {:>10} {:>10} {:>8} {}",
         "kernel", "dtype", "shape", "variant", "out", "rel_l2", "max_abs", "tol", "ok"
@@ -180,7 +197,7 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>) -> Result<()> {
             &p,
             format!(
                 "{{\"device\":\"{}\",\"checks\":[\n{}\n]}}\n",
-                dev.name(),
+                device,
                 items.join(",\n")
             ),
         )

@@ -1,0 +1,73 @@
+//! Codegen snapshots for every kernel (its bf16, 16-byte-aligned variant for sm_90): the tile
+//! IR after each compiler stage, the LLVM IR after optimisation and the PTX. Regenerating from
+//! the embedded IR must also give exactly the embedded PTX (the build is deterministic and the
+//! PTX cache returns what the compiler would produce).
+
+use lexp_compiler::{codegen, ir::parser, passes, target};
+
+fn bf16_aligned(k: &lexp_compiler::launch::KernelInfo) -> &'static lexp_compiler::launch::Variant {
+    k.variants
+        .iter()
+        .find(|v| v.param("T") == Some("bf16") && v.align == 16)
+        .unwrap_or_else(|| panic!("{} has no bf16 aligned variant", k.name))
+}
+
+#[test]
+fn stages_llvm_ir_and_ptx_of_every_kernel() {
+    for k in lexp_kernels::ALL {
+        let v = bf16_aligned(k);
+        let kernel = parser::parse(v.ir).unwrap_or_else(|e| panic!("{}: {e}", v.symbol));
+        let c =
+            passes::compile(kernel, &target::SM90).unwrap_or_else(|e| panic!("{}: {e}", v.symbol));
+        let stages: String = c
+            .stages
+            .iter()
+            .map(|(name, text)| format!("===== {name}\n{text}\n"))
+            .collect();
+        insta::assert_snapshot!(format!("{}__stages", k.name), stages);
+        let lowered = codegen::lower(&c, &target::SM90, v.symbol)
+            .unwrap_or_else(|e| panic!("{}: {e}", v.symbol));
+        insta::assert_snapshot!(format!("{}__llvm_ir", k.name), lowered.llvm_ir);
+        insta::assert_snapshot!(format!("{}__ptx_sm90", k.name), lowered.ptx);
+        assert_eq!(
+            lowered.ptx, v.ptx_sm90,
+            "{}: regenerated PTX differs from the embedded PTX",
+            v.symbol
+        );
+    }
+}
+
+/// Structural facts of the PTX that snapshots would only show implicitly.
+#[test]
+fn ptx_structure() {
+    for k in lexp_kernels::ALL {
+        for v in k.variants {
+            for ptx in [v.ptx_sm80, v.ptx_sm90] {
+                assert!(
+                    ptx.contains(&format!(".entry {}(", v.symbol)),
+                    "{}: no entry",
+                    v.symbol
+                );
+                assert!(!ptx.contains(".local"), "{}: uses local memory", v.symbol);
+                assert!(
+                    !ptx.contains(".extern .func"),
+                    "{}: calls an external function",
+                    v.symbol
+                );
+                assert!(
+                    ptx.contains(&format!(".maxntid {}, 1, 1", v.threads)),
+                    "{}: no .maxntid",
+                    v.symbol
+                );
+            }
+            // Aligned variants move 16 bytes per thread per access on their main tensors.
+            if v.align == 16 {
+                assert!(
+                    v.ptx_sm90.contains(".v4."),
+                    "{}: aligned variant without 16-byte accesses",
+                    v.symbol
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+use lexp_macros::kernel;
+
+#[kernel(grid = [1])]
+fn k(x: Tensor<f32, 1>, y: TensorMut<f32, 1>) {
+    let (i, j) = (range::<128>(), range::<128>());
+    y.store([i], x.load([j]));
+}
+
+fn main() {}

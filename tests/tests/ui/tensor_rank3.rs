@@ -1,0 +1,8 @@
+use lexp_macros::kernel;
+
+#[kernel(grid = [1])]
+fn k(x: Tensor<f32, 3>, y: TensorMut<f32, 1>) {
+    y.store([range::<128>()], 0.0);
+}
+
+fn main() {}

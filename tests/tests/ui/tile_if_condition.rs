@@ -1,0 +1,12 @@
+use lexp_macros::kernel;
+
+#[kernel(grid = [1])]
+fn k(x: Tensor<f32, 1>, y: TensorMut<f32, 1>) {
+    let i = range::<128>();
+    let v = x.load([i]);
+    if v > 0.0 {
+        y.store([i], v);
+    }
+}
+
+fn main() {}
