@@ -365,9 +365,9 @@ impl Ctx<'_> {
                         a.i()
                             .iter()
                             .map(|x| match op {
-                                UnOp::Neg => wrap(dt, -x),
+                                UnOp::Neg => wrap(dt, x.wrapping_neg()),
                                 UnOp::Not => (*x == 0) as i64,
-                                _ => wrap(dt, x.abs()),
+                                _ => wrap(dt, x.wrapping_abs()),
                             })
                             .collect(),
                     )
@@ -600,8 +600,20 @@ fn ibin(op: BinOp, x: i64, y: i64) -> Result<i64, String> {
         BinOp::Add => x.wrapping_add(y),
         BinOp::Sub => x.wrapping_sub(y),
         BinOp::Mul => x.wrapping_mul(y),
-        BinOp::Div => x.checked_div(y).ok_or("integer division by zero")?,
-        BinOp::Rem => x.checked_rem(y).ok_or("integer remainder by zero")?,
+        BinOp::Div => {
+            if y == 0 {
+                return Err("integer division by zero".into());
+            } else {
+                x.wrapping_div(y)
+            }
+        }
+        BinOp::Rem => {
+            if y == 0 {
+                return Err("integer remainder by zero".into());
+            } else {
+                x.wrapping_rem(y)
+            }
+        }
         BinOp::Max => x.max(y),
         BinOp::Min => x.min(y),
         BinOp::And => x & y,

@@ -35,7 +35,7 @@ impl Arch {
 pub struct Variant {
     /// Kernel name (the Rust function name).
     pub kernel: &'static str,
-    /// Unique symbol of this variant, also the PTX entry name (`softmax_bf16_b1024_a16`).
+    /// Unique symbol of this variant, also the PTX entry name (`softmax_bf16_4096_1024_a16`).
     pub symbol: &'static str,
     /// Compile-time parameters as `(name, value)`, e.g. `("T", "bf16")`, `("BLOCK", "1024")`.
     pub params: &'static [(&'static str, &'static str)],
@@ -325,6 +325,18 @@ pub fn select_variant(
         aligned &= t.ptr % 16 == 0
             && t.dims[last] % per16 == 0
             && t.strides[..last].iter().all(|s| s % per16 == 0);
+    }
+    for (name, _) in given {
+        if !consts.iter().any(|(n, _)| n == name) {
+            let known: Vec<&str> = consts.iter().map(|(n, _)| *n).collect();
+            return Err(LaunchError::NoVariant {
+                kernel,
+                wanted: format!(
+                    "unknown constant `{name}` (the kernel's constants: {})",
+                    known.join(", ")
+                ),
+            });
+        }
     }
     let mut values = vec![];
     for (name, allowed) in consts {

@@ -31,7 +31,7 @@ struct Built {
 pub fn expand(attr: KernelAttr, f: ItemFn, opts: Options) -> syn::Result<TokenStream> {
     let sig = crate::attr::signature(&f)?;
     let name = f.sig.ident.to_string();
-    let variants = enumerate_variants(&attr, &sig, &f)?;
+    let variants = enumerate_variants(&attr, &sig)?;
     let mut built = vec![];
     for v in &variants {
         built.push(build_variant(&name, &sig, &f, &attr, v)?);
@@ -40,11 +40,7 @@ pub fn expand(attr: KernelAttr, f: ItemFn, opts: Options) -> syn::Result<TokenSt
 }
 
 /// Every combination of the listed values, times the two alignment classes.
-fn enumerate_variants(
-    attr: &KernelAttr,
-    sig: &Signature,
-    f: &ItemFn,
-) -> syn::Result<Vec<VariantParams>> {
+fn enumerate_variants(attr: &KernelAttr, sig: &Signature) -> syn::Result<Vec<VariantParams>> {
     let mut elems: Vec<Option<Storage>> = vec![None];
     if let Some(tp) = &sig.type_param {
         let (_, vals) = attr.variants.iter().find(|(n, _)| n == tp).ok_or_else(|| {
@@ -55,19 +51,18 @@ fn enumerate_variants(
         })?;
         elems = vals
             .iter()
-            .map(|e| match e {
-                Expr::Path(p) => p
-                    .path
-                    .get_ident()
-                    .and_then(|i| Storage::from_name(&i.to_string()))
-                    .map(Some),
-                _ => None,
-            })
-            .map(|o| {
-                o.ok_or_else(|| {
+            .map(|e| {
+                let name = match e {
+                    Expr::Path(p) => p.path.get_ident().map(|i| i.to_string()),
+                    _ => None,
+                };
+                name.as_deref().and_then(Storage::from_name).map(Some).ok_or_else(|| {
                     Error::new_spanned(
-                        &f.sig.generics,
-                        "element types must be bf16, f16, f32 or i32",
+                        e,
+                        format!(
+                            "unsupported element type `{}`: element types are bf16, f16, f32 or i32",
+                            quote!(#e)
+                        ),
                     )
                 })
             })
@@ -105,7 +100,10 @@ fn enumerate_variants(
                     }
                 };
                 if !val.is_power_of_two() {
-                    return Err(Error::new_spanned(v, "tile sizes must be powers of two"));
+                    return Err(Error::new_spanned(
+                        v,
+                        format!("`{c} = {val}`: tile sizes must be powers of two"),
+                    ));
                 }
                 let mut c2 = combo.clone();
                 c2.push((c.to_string(), val));

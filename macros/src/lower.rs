@@ -165,15 +165,12 @@ impl Lower<'_> {
             Stmt::Local(local) => {
                 let name = match &local.pat {
                     syn::Pat::Ident(pi) => pi.ident.to_string(),
-                    syn::Pat::Type(pt) => match &*pt.pat {
-                        syn::Pat::Ident(pi) => pi.ident.to_string(),
-                        other => {
-                            return Err(Error::new_spanned(
-                                other,
-                                "only `let name = ...` is supported",
-                            ))
-                        }
-                    },
+                    syn::Pat::Type(pt) => {
+                        return Err(Error::new_spanned(
+                            &pt.ty,
+                            "type annotations are not supported in a #[kernel]: types are inferred; convert with `.cast::<T>()`",
+                        ))
+                    }
                     other => {
                         return Err(Error::new_spanned(
                             other,
@@ -243,7 +240,7 @@ impl Lower<'_> {
             }
             other => Err(Error::new_spanned(
                 other,
-                "unsupported statement in a #[kernel]",
+                "unsupported statement in a #[kernel] (loops are `for i in lo..hi`; `while` and `loop` are not supported)",
             )),
         }
     }
@@ -284,7 +281,14 @@ impl Lower<'_> {
         let lo = self.scalar_int(lo)?;
         let hi = self.scalar_int(hi)?;
         let step = match step {
-            Some(s) => self.scalar_int(s)?,
+            Some(s) => {
+                if let Ok(v) = self.static_int(s) {
+                    if v == 0 {
+                        return Err(Error::new_spanned(s, "`step_by(0)` never advances"));
+                    }
+                }
+                self.scalar_int(s)?
+            }
             None => self.b.const_int(1, DType::I32),
         };
         // All three bounds in one integer type (i64 if any is i64).
@@ -384,6 +388,14 @@ impl Lower<'_> {
                 .map(|n| self.val(n))
                 .collect::<Option<_>>()
                 .unwrap_or_default();
+            for ((n, y), b) in carried.iter().zip(&ys).zip(&before) {
+                if self.b.ty(*y) != self.b.ty(*b) {
+                    return Err(Error::new_spanned(
+                        branch.map(|b| b as &dyn ToTokens).unwrap_or(i as &dyn ToTokens),
+                        format!("`{n}` changes type in this branch ({} -> {}); cast it to keep one type", self.b.ty(*b), self.b.ty(*y)),
+                    ));
+                }
+            }
             // A branch that ends in `return` yields nothing: control never reaches its end.
             if !self.b.ends_with_return() {
                 self.b.yield_(ys);
@@ -650,7 +662,7 @@ impl Lower<'_> {
             "program_id" => {
                 self.nargs(c, args.len(), 1, "program_id")?;
                 let axis = self.static_int(args[0])?;
-                ir(self.b.program_id(axis as u8), c)?
+                ir(self.b.program_id(axis), c)?
             }
             "range" => {
                 self.nargs(c, args.len(), 0, "range")?;
@@ -935,7 +947,7 @@ impl Lower<'_> {
             return Err(Error::new_spanned(
                 a,
                 format!(
-                    "`{}` has {} dimensions but {} indices were given",
+                    "`{}` has {} dimension(s) but {} index(es) were given",
                     t.name,
                     t.dims.len(),
                     a.elems.len()

@@ -70,3 +70,57 @@ fn unsupported_syntax_is_a_spanned_error_not_a_panic() {
     assert!(out.contains("compile_error"), "{out}");
     assert!(out.contains("unsupported statement"), "{out}");
 }
+
+#[test]
+fn a_branch_that_returns_needs_no_yield() {
+    // The `else` returns early; the `if` still produces `v` from the other branch.
+    let attr: proc_macro2::TokenStream = syn::parse_quote!(grid = [1]);
+    let item: proc_macro2::TokenStream = syn::parse_quote! {
+        fn k(n: i32, y: TensorMut<f32, 1>) {
+            let mut v = 0.0;
+            if n > 4 {
+                v = 1.0;
+            } else {
+                return;
+            }
+            y.store([range::<128>()], v);
+        }
+    };
+    let out = crate::expand(
+        attr,
+        item,
+        Options {
+            elide_artifacts: true,
+        },
+    )
+    .to_string();
+    assert!(!out.contains("compile_error"), "{out}");
+}
+
+#[test]
+fn constant_folding_of_overflowing_integers_does_not_panic() {
+    // i64::MIN / -1, % -1, negation and abs wrap as the GPU does instead of panicking.
+    let attr: proc_macro2::TokenStream = syn::parse_quote!(grid = [1]);
+    for e in [
+        quote::quote!((-9223372036854775807 - 1) / -1),
+        quote::quote!((-9223372036854775807 - 1) % -1),
+        quote::quote!(-(-9223372036854775807 - 1)),
+        quote::quote!(abs(-9223372036854775807 - 1)),
+    ] {
+        let item: proc_macro2::TokenStream = syn::parse_quote! {
+            fn k(y: TensorMut<i32, 1>) {
+                let a = #e;
+                y.store([range::<128>()], a.cast::<i32>());
+            }
+        };
+        let out = crate::expand(
+            attr.clone(),
+            item,
+            Options {
+                elide_artifacts: true,
+            },
+        )
+        .to_string();
+        assert!(!out.contains("compile_error"), "{e}: {out}");
+    }
+}

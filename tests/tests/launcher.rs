@@ -414,10 +414,8 @@ fn uncompiled_constant_value_is_rejected() {
     l.assert_nothing_launched();
 }
 
-/// A misspelt constant name is silently ignored today (the default is used): `select_variant`
-/// only looks up the kernel's own constants in `given`. Expected: a `NoVariant` naming it.
+/// A misspelt constant name is an error naming it, not a silent fallback to the default.
 #[test]
-#[ignore = "launch_with ignores constants the kernel does not have (reported)"]
 fn unknown_constant_name_is_rejected() {
     let x = t2(X, Storage::BF16, 4, 1024);
     let y = t2(Y, Storage::BF16, 4, 1024);

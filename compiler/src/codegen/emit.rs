@@ -277,6 +277,10 @@ impl<'c> Gen<'c, '_> {
             for (r, v) in inst.results.iter().zip(results) {
                 self.vals.insert(*r, v);
             }
+            if matches!(inst.op, Op::Return) {
+                // The block is terminated (a branch to the exit): what follows is dead.
+                return Ok(None);
+            }
         }
         Ok(None)
     }
@@ -431,8 +435,6 @@ impl<'c> Gen<'c, '_> {
             } => self.if_(*cond, then_block, else_block, results),
             Op::Return => {
                 self.b.build_unconditional_branch(self.exit).map_err(be)?;
-                let dead = self.ctx.append_basic_block(self.func, "after_return");
-                self.b.position_at_end(dead);
                 Ok(vec![])
             }
             Op::Yield { .. } => Err(IrError("codegen: yield outside a block end".into())),

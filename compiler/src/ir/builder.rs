@@ -19,6 +19,11 @@ pub struct Builder {
 
 type R<T> = Result<T, IrError>;
 
+/// Largest tile rank the layouts support.
+pub const MAX_RANK: usize = 2;
+/// Largest number of elements in one tile (a program's registers hold it).
+pub const MAX_TILE_ELEMENTS: usize = 1 << 16;
+
 impl Builder {
     /// Starts a kernel with `num_warps` warps per program.
     pub fn new(name: &str, num_warps: usize) -> Builder {
@@ -96,11 +101,11 @@ impl Builder {
     }
 
     /// `program_id(axis)`.
-    pub fn program_id(&mut self, axis: u8) -> R<ValueId> {
+    pub fn program_id(&mut self, axis: usize) -> R<ValueId> {
         if axis > 2 {
             ir_bail!("program_id axis must be 0, 1 or 2, got {axis}");
         }
-        Ok(self.push1(Op::ProgramId { axis }, Type::scalar(DType::I32)))
+        Ok(self.push1(Op::ProgramId { axis: axis as u8 }, Type::scalar(DType::I32)))
     }
 
     /// A scalar integer constant.
@@ -132,6 +137,9 @@ impl Builder {
     pub fn range(&mut self, n: usize) -> R<ValueId> {
         if !n.is_power_of_two() {
             ir_bail!("range::<{n}>(): tile extents must be powers of two");
+        }
+        if n > MAX_TILE_ELEMENTS {
+            ir_bail!("range::<{n}>(): tiles have at most {MAX_TILE_ELEMENTS} elements");
         }
         Ok(self.push1(Op::Range { n }, Type::tile(DType::I32, &[n])))
     }
@@ -311,6 +319,13 @@ impl Builder {
         let ty = self.ty(v).clone();
         if axis > ty.rank() {
             ir_bail!("expand_dims axis {axis} out of range for {}", ty);
+        }
+        if ty.rank() >= MAX_RANK {
+            ir_bail!(
+                "tiles have at most {MAX_RANK} dimensions; expanding {} would make {}",
+                ty,
+                ty.rank() + 1
+            );
         }
         let mut shape = ty.shape.clone();
         shape.insert(axis, 1);

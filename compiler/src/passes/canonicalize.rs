@@ -126,10 +126,10 @@ fn cast_const(v: ConstValue, to: DType) -> ConstValue {
 
 fn fold_unary(op: UnOp, v: ConstValue, dtype: DType) -> Option<ConstValue> {
     match (op, v) {
-        (UnOp::Neg, ConstValue::Int(i)) => Some(ConstValue::Int(-i)),
+        (UnOp::Neg, ConstValue::Int(i)) => Some(ConstValue::Int(i.wrapping_neg())),
         (UnOp::Neg, ConstValue::Float(x)) => Some(ConstValue::Float(-x)),
         (UnOp::Not, ConstValue::Int(i)) => Some(ConstValue::Int((i == 0) as i64)),
-        (UnOp::Abs, ConstValue::Int(i)) => Some(ConstValue::Int(i.abs())),
+        (UnOp::Abs, ConstValue::Int(i)) => Some(ConstValue::Int(i.wrapping_abs())),
         (UnOp::Abs, ConstValue::Float(x)) => Some(ConstValue::Float(x.abs())),
         // Transcendentals are left to the target: the GPU's approximations and the
         // interpreter's must see the same inputs.
@@ -147,8 +147,8 @@ fn fold_binary(op: BinOp, a: ConstValue, b: ConstValue, dtype: DType) -> Option<
             BinOp::Add => x.wrapping_add(y),
             BinOp::Sub => x.wrapping_sub(y),
             BinOp::Mul => x.wrapping_mul(y),
-            BinOp::Div if y != 0 => x / y,
-            BinOp::Rem if y != 0 => x % y,
+            BinOp::Div if y != 0 => x.wrapping_div(y),
+            BinOp::Rem if y != 0 => x.wrapping_rem(y),
             BinOp::Max => x.max(y),
             BinOp::Min => x.min(y),
             BinOp::And => x & y,
