@@ -80,3 +80,34 @@ fn passes_run_and_lower() {
         }
     }
 }
+
+#[test]
+fn shared_memory_over_the_target_limit_is_a_compile_error() {
+    // The row sum's 256-wide tile spans 2 warps (the other 2 duplicate them), so its reduction
+    // needs 2 x 4 bytes of scratch; a target allowing 4 bytes must refuse it at compile time,
+    // naming the kernel.
+    let k = parser::parse(ROWSUM).unwrap();
+    let tiny = target::Target {
+        max_static_smem: 4,
+        ..target::SM90
+    };
+    let err = passes::compile(k, &tiny)
+        .map(|_| ())
+        .expect_err("over the limit");
+    assert!(
+        err.0.contains("rowsum") && err.0.contains("8 bytes of shared memory"),
+        "{err}"
+    );
+    let k = parser::parse(ROWSUM).unwrap();
+    assert_eq!(passes::compile(k, &target::SM90).unwrap().smem.total, 8);
+}
+
+#[test]
+fn parser_errors_name_the_line() {
+    let bad = AXPBY.replace("%8 = mul %6, %7 : i32", "%8 = mul %6, %99 : i32");
+    let err = parser::parse(&bad).expect_err("undefined value");
+    assert!(
+        err.0.contains("IR line 4") && err.0.contains("%99"),
+        "{err}"
+    );
+}
