@@ -455,11 +455,7 @@ impl Lower<'_> {
                 lit: syn::Lit::Int(i),
                 ..
             }) => i.base10_parse(),
-            Expr::Path(p) => p
-                .path
-                .get_ident()
-                .and_then(|i| self.const_param(&i.to_string()))
-                .ok_or_else(|| Error::new_spanned(e, "expected a literal or a const parameter")),
+            Expr::Path(p) => self.const_of_path(&p.path, e),
             other => Err(Error::new_spanned(
                 other,
                 "expected a literal or a const parameter",
@@ -467,19 +463,23 @@ impl Lower<'_> {
         }
     }
 
+    /// A compile-time integer in generic position (`range::<BLOCK>()`, `zeros::<f32, 64>()`).
     fn static_generic(&self, g: &syn::GenericArgument) -> R<usize> {
         match g {
             syn::GenericArgument::Const(e) => self.static_int(e),
-            syn::GenericArgument::Type(syn::Type::Path(p)) => p
-                .path
-                .get_ident()
-                .and_then(|i| self.const_param(&i.to_string()))
-                .ok_or_else(|| Error::new_spanned(g, "expected a literal or a const parameter")),
+            syn::GenericArgument::Type(syn::Type::Path(p)) => self.const_of_path(&p.path, g),
             other => Err(Error::new_spanned(
                 other,
                 "expected a literal or a const parameter",
             )),
         }
+    }
+
+    /// The value of the const parameter a path names.
+    fn const_of_path(&self, path: &syn::Path, span: &impl ToTokens) -> R<usize> {
+        path.get_ident()
+            .and_then(|i| self.const_param(&i.to_string()))
+            .ok_or_else(|| Error::new_spanned(span, "expected a literal or a const parameter"))
     }
 
     fn dtype_of(&self, t: &syn::Type) -> R<DType> {

@@ -427,7 +427,7 @@ impl<'c> Gen<'c, '_> {
                 step,
                 inits,
                 body,
-            } => self.for_loop(*lo, *hi, *step, inits, body, results),
+            } => self.for_loop(*lo, *hi, *step, inits, body),
             Op::If {
                 cond,
                 then_block,
@@ -1046,7 +1046,6 @@ impl<'c> Gen<'c, '_> {
         step: ValueId,
         inits: &[ValueId],
         body: &Block,
-        results: &[ValueId],
     ) -> R<Vec<Vec<V<'c>>>> {
         let ivt = self.dtype(lo);
         let lo_v = self.get(lo)?[0];
@@ -1113,7 +1112,6 @@ impl<'c> Gen<'c, '_> {
             self.b.build_unconditional_branch(header).map_err(be)?;
         }
         self.b.position_at_end(exit);
-        let _ = results;
         Ok(carried
             .iter()
             .map(|ps| ps.iter().map(|p| p.as_basic_value()).collect())
