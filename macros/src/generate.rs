@@ -193,7 +193,13 @@ fn emit(
     let name = &f.sig.ident;
     let name_str = name.to_string();
     let docs = doc_of(f);
-    let first_doc = docs.first().cloned().unwrap_or_default();
+    // The first paragraph of the doc comment, on one line.
+    let first_doc = docs
+        .iter()
+        .take_while(|l| !l.is_empty())
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ");
     let warps = attr.warps as u32 * 32;
     let variants = built.iter().map(|b| {
         let symbol = &b.symbol;

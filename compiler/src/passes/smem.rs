@@ -38,10 +38,10 @@ impl SmemPlan {
     /// Text form for snapshots.
     pub fn print(&self) -> String {
         let mut s = format!("smem total {} bytes\n", self.total);
-        for a in &self.allocations {
+        for (i, a) in self.allocations.iter().enumerate() {
             s.push_str(&format!(
-                "  value #{}: offset {} size {}\n",
-                a.value.0, a.offset, a.size
+                "  reduction {i}: offset {} size {}\n",
+                a.offset, a.size
             ));
         }
         s
