@@ -636,7 +636,6 @@ pub fn bench_all(
                     of_copy: gbps / copy,
                 });
             }
-            drop(p);
         }
     }
     Ok((copy, rows))
