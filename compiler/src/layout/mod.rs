@@ -13,6 +13,9 @@
 
 use std::fmt;
 
+pub mod mma;
+pub mod shared;
+
 /// A linear layout of a tile of static `shape` over `1 << lane.len()` lanes and
 /// `1 << warp.len()` warps.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -29,11 +32,11 @@ pub struct Layout {
     pub reg_ids: Vec<usize>,
 }
 
-fn log2(x: usize) -> usize {
+pub(crate) fn log2(x: usize) -> usize {
     x.trailing_zeros() as usize
 }
 
-fn unit(rank: usize, d: usize, v: usize) -> Vec<usize> {
+pub(crate) fn unit(rank: usize, d: usize, v: usize) -> Vec<usize> {
     let mut b = vec![0; rank];
     b[d] = v;
     b

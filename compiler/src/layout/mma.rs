@@ -1,0 +1,314 @@
+//! Tensor-core fragment layouts for `mma.sync.aligned.m16n8k16` (COMPILER.md §1.3, §1.4, §2):
+//! the f32 accumulator (`Mma`) and the 16-bit A and B operands (`DotA`, `DotB`), tiled over a
+//! CTA tile of `wm x wn` warps. They are linear layouts like the blocked ones, so the same
+//! machinery (coordinates, register maps, duplicate detection) applies; the tests check them
+//! against a literal transcription of the PTX ISA fragment tables for every lane.
+//!
+//! Conventions: `g = lane >> 2`, `t = lane & 3`; warp placement `warp_m = warp % wm`,
+//! `warp_n = warp / wm` (M fastest); warp tile `WM = BM / wm`, `WN = BN / wn`.
+
+use super::{log2, unit, Layout};
+
+/// Why a fragment layout cannot be built for the given tile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("tensor-core tile {what}: {why}")]
+pub struct MmaShapeError {
+    pub what: String,
+    pub why: String,
+}
+
+fn check(what: &str, ok: bool, why: &str) -> Result<(), MmaShapeError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(MmaShapeError {
+            what: what.to_string(),
+            why: why.to_string(),
+        })
+    }
+}
+
+fn warp_bases(
+    wm: usize,
+    wn: usize,
+    m_step: Option<usize>,
+    n_step: Option<usize>,
+) -> Vec<Vec<usize>> {
+    let mut w = vec![];
+    for b in 0..log2(wm) {
+        w.push(match m_step {
+            Some(s) => unit(2, 0, s << b),
+            None => vec![0, 0],
+        });
+    }
+    for b in 0..log2(wn) {
+        w.push(match n_step {
+            Some(s) => unit(2, 1, s << b),
+            None => vec![0, 0],
+        });
+    }
+    w
+}
+
+fn finish(
+    shape: [usize; 2],
+    reg: Vec<Vec<usize>>,
+    lane: Vec<Vec<usize>>,
+    warp: Vec<Vec<usize>>,
+) -> Layout {
+    let n = reg.len();
+    Layout {
+        shape: shape.to_vec(),
+        reg,
+        lane,
+        warp,
+        reg_ids: (0..n).collect(),
+    }
+}
+
+fn powers(x: &[usize]) -> bool {
+    x.iter().all(|v| v.is_power_of_two())
+}
+
+impl Layout {
+    /// The f32 accumulator of a `bm x bn` CTA tile over `wm x wn` warps:
+    /// `reg = (im*Nr + in)*4 + j`, `row = warp_m*WM + 16*im + g + 8*(j>>1)`,
+    /// `col = warp_n*WN + 8*in + 2t + (j&1)`.
+    pub fn mma_acc(bm: usize, bn: usize, wm: usize, wn: usize) -> Result<Layout, MmaShapeError> {
+        let what = format!("acc [{bm}, {bn}] on {wm}x{wn} warps");
+        check(
+            &what,
+            powers(&[bm, bn, wm, wn]),
+            "extents and warp counts must be powers of two",
+        )?;
+        let (wtm, wtn) = (bm / wm, bn / wn);
+        check(
+            &what,
+            wtm >= 16 && wtn >= 8,
+            "each warp needs at least a 16x8 tile",
+        )?;
+        let mut reg = vec![unit(2, 1, 1), unit(2, 0, 8)];
+        for b in 0..log2(wtn / 8) {
+            reg.push(unit(2, 1, 8 << b));
+        }
+        for b in 0..log2(wtm / 16) {
+            reg.push(unit(2, 0, 16 << b));
+        }
+        let lane = vec![
+            unit(2, 1, 2),
+            unit(2, 1, 4),
+            unit(2, 0, 1),
+            unit(2, 0, 2),
+            unit(2, 0, 4),
+        ];
+        Ok(finish(
+            [bm, bn],
+            reg,
+            lane,
+            warp_bases(wm, wn, Some(wtm), Some(wtn)),
+        ))
+    }
+
+    /// The A operand `[bm, bk]` (16-bit, two values per 32-bit register), replicated over the
+    /// `wn` warps of a warp row: `reg = (im*(BK/16) + ik)*8 + j`,
+    /// `row = warp_m*WM + 16*im + g + 8*((j>>1)&1)`, `col = 16*ik + 2t + (j&1) + 8*(j>>2)`.
+    pub fn dot_a(bm: usize, bk: usize, wm: usize, wn: usize) -> Result<Layout, MmaShapeError> {
+        let what = format!("A [{bm}, {bk}] on {wm}x{wn} warps");
+        check(
+            &what,
+            powers(&[bm, bk, wm, wn]),
+            "extents and warp counts must be powers of two",
+        )?;
+        let wtm = bm / wm;
+        check(
+            &what,
+            wtm >= 16 && bk >= 16,
+            "A needs at least 16 rows per warp and k >= 16",
+        )?;
+        let mut reg = vec![unit(2, 1, 1), unit(2, 0, 8), unit(2, 1, 8)];
+        for b in 0..log2(bk / 16) {
+            reg.push(unit(2, 1, 16 << b));
+        }
+        for b in 0..log2(wtm / 16) {
+            reg.push(unit(2, 0, 16 << b));
+        }
+        let lane = vec![
+            unit(2, 1, 2),
+            unit(2, 1, 4),
+            unit(2, 0, 1),
+            unit(2, 0, 2),
+            unit(2, 0, 4),
+        ];
+        Ok(finish(
+            [bm, bk],
+            reg,
+            lane,
+            warp_bases(wm, wn, Some(wtm), None),
+        ))
+    }
+
+    /// The B operand `[bk, bn]` (k = row, n = col), replicated over the `wm` warps of a warp
+    /// column: `reg = (in*(BK/16) + ik)*4 + j`, `k = 16*ik + 2t + (j&1) + 8*(j>>1)`,
+    /// `n = warp_n*WN + 8*in + g`.
+    pub fn dot_b(bk: usize, bn: usize, wm: usize, wn: usize) -> Result<Layout, MmaShapeError> {
+        let what = format!("B [{bk}, {bn}] on {wm}x{wn} warps");
+        check(
+            &what,
+            powers(&[bk, bn, wm, wn]),
+            "extents and warp counts must be powers of two",
+        )?;
+        let wtn = bn / wn;
+        check(
+            &what,
+            wtn >= 8 && bk >= 16,
+            "B needs at least 8 columns per warp and k >= 16",
+        )?;
+        let mut reg = vec![unit(2, 0, 1), unit(2, 0, 8)];
+        for b in 0..log2(bk / 16) {
+            reg.push(unit(2, 0, 16 << b));
+        }
+        for b in 0..log2(wtn / 8) {
+            reg.push(unit(2, 1, 8 << b));
+        }
+        let lane = vec![
+            unit(2, 0, 2),
+            unit(2, 0, 4),
+            unit(2, 1, 1),
+            unit(2, 1, 2),
+            unit(2, 1, 4),
+        ];
+        Ok(finish(
+            [bk, bn],
+            reg,
+            lane,
+            warp_bases(wm, wn, None, Some(wtn)),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Literal transcriptions of PTX ISA 9.7.14.5.8 (m16n8k16, 16-bit A/B, f32 C/D), element `i`
+    // of the fragment held by lane (g, t).
+    fn isa_a(lane: usize, i: usize) -> (usize, usize) {
+        let (g, t) = (lane >> 2, lane & 3);
+        (g + 8 * ((i >> 1) & 1), 2 * t + (i & 1) + 8 * (i >> 2))
+    }
+    fn isa_b(lane: usize, i: usize) -> (usize, usize) {
+        let (g, t) = (lane >> 2, lane & 3);
+        (2 * t + (i & 1) + 8 * (i >> 1), g)
+    }
+    fn isa_c(lane: usize, i: usize) -> (usize, usize) {
+        let (g, t) = (lane >> 2, lane & 3);
+        (g + 8 * (i >> 1), 2 * t + (i & 1))
+    }
+
+    #[test]
+    fn single_mma_fragments_match_the_isa_tables() {
+        let (a, b, c) = (
+            Layout::dot_a(16, 16, 1, 1).unwrap(),
+            Layout::dot_b(16, 8, 1, 1).unwrap(),
+            Layout::mma_acc(16, 8, 1, 1).unwrap(),
+        );
+        assert_eq!((a.num_regs(), b.num_regs(), c.num_regs()), (8, 4, 4));
+        for lane in 0..32 {
+            for i in 0..8 {
+                let (r, k) = isa_a(lane, i);
+                assert_eq!(a.coord(lane, i), vec![r, k], "A lane {lane} element {i}");
+            }
+            for i in 0..4 {
+                let (k, n) = isa_b(lane, i);
+                assert_eq!(b.coord(lane, i), vec![k, n], "B lane {lane} element {i}");
+                let (r, n) = isa_c(lane, i);
+                assert_eq!(c.coord(lane, i), vec![r, n], "C lane {lane} element {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_fragments_follow_the_compiler_md_formulas() {
+        // 128x128 CTA tile, 2x2 warps (64x64 warp tiles), BK = 32.
+        let (bm, bn, bk, wm, wn) = (128, 128, 32, 2, 2);
+        let (wtm, wtn) = (bm / wm, bn / wn);
+        let (mr, nr, kr) = (wtm / 16, wtn / 8, bk / 16);
+        let acc = Layout::mma_acc(bm, bn, wm, wn).unwrap();
+        let a = Layout::dot_a(bm, bk, wm, wn).unwrap();
+        let b = Layout::dot_b(bk, bn, wm, wn).unwrap();
+        assert_eq!(acc.num_regs(), 4 * mr * nr);
+        for tid in 0..wm * wn * 32 {
+            let (warp, lane) = (tid / 32, tid % 32);
+            let (warp_m, warp_n) = (warp % wm, warp / wm);
+            for im in 0..mr {
+                for inn in 0..nr {
+                    for j in 0..4 {
+                        let (r, c) = isa_c(lane, j);
+                        let want = vec![warp_m * wtm + 16 * im + r, warp_n * wtn + 8 * inn + c];
+                        assert_eq!(acc.coord(tid, (im * nr + inn) * 4 + j), want);
+                    }
+                }
+                for ik in 0..kr {
+                    for j in 0..8 {
+                        let (r, k) = isa_a(lane, j);
+                        assert_eq!(
+                            a.coord(tid, (im * kr + ik) * 8 + j),
+                            vec![warp_m * wtm + 16 * im + r, 16 * ik + k]
+                        );
+                    }
+                }
+            }
+            for inn in 0..nr {
+                for ik in 0..kr {
+                    for j in 0..4 {
+                        let (k, n) = isa_b(lane, j);
+                        assert_eq!(
+                            b.coord(tid, (inn * kr + ik) * 4 + j),
+                            vec![16 * ik + k, warp_n * wtn + 8 * inn + n]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn accumulators_are_bijective_and_operands_replicated() {
+        for (bm, bn, wm, wn) in [
+            (128, 128, 2, 2),
+            (128, 128, 2, 4),
+            (64, 128, 4, 1),
+            (16, 8, 1, 1),
+        ] {
+            let count = |l: &Layout| {
+                let mut m = std::collections::HashMap::new();
+                for tid in 0..wm * wn * 32 {
+                    for r in 0..l.num_regs() {
+                        *m.entry(l.coord(tid, r)).or_insert(0usize) += 1;
+                    }
+                }
+                m
+            };
+            let acc = count(&Layout::mma_acc(bm, bn, wm, wn).unwrap());
+            assert_eq!(acc.len(), bm * bn);
+            assert!(acc.values().all(|c| *c == 1), "acc {bm}x{bn} {wm}x{wn}");
+            let a = count(&Layout::dot_a(bm, 32, wm, wn).unwrap());
+            assert!(
+                a.len() == bm * 32 && a.values().all(|c| *c == wn),
+                "A is replicated over wn warps"
+            );
+            let b = count(&Layout::dot_b(32, bn, wm, wn).unwrap());
+            assert!(
+                b.len() == 32 * bn && b.values().all(|c| *c == wm),
+                "B is replicated over wm warps"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_tiles_are_errors() {
+        assert!(Layout::mma_acc(16, 8, 2, 1).is_err(), "8-row warp tile");
+        assert!(Layout::dot_a(48, 16, 1, 1).is_err(), "not a power of two");
+        assert!(Layout::dot_b(8, 8, 1, 1).is_err(), "k < 16");
+    }
+}
