@@ -12,6 +12,7 @@ pub mod ir;
 pub mod launch;
 pub mod layout;
 pub mod passes;
+pub mod sim;
 pub mod target;
 
 #[cfg(feature = "llvm")]

@@ -1,0 +1,7 @@
+//! Emulators of the warp-level hardware the tensor-core lowering targets, for tests without a
+//! GPU (COMPILER.md §9.1): shared-memory banks ([`banks`]), `ldmatrix` ([`ldmatrix`]) and
+//! `mma.sync.m16n8k16` ([`mma`]), each written from the PTX ISA text.
+
+pub mod banks;
+pub mod ldmatrix;
+pub mod mma;
