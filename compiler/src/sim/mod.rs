@@ -1,7 +1,9 @@
 //! Emulators of the warp-level hardware the tensor-core lowering targets, for tests without a
 //! GPU (COMPILER.md §9.1): shared-memory banks ([`banks`]), `ldmatrix` ([`ldmatrix`]) and
-//! `mma.sync.m16n8k16` ([`mma`]), each written from the PTX ISA text.
+//! `mma.sync.m16n8k16` ([`mma`]), each written from the PTX ISA text, and the bookkeeping of
+//! the multi-stage `cp.async` main loop ([`pipeline`]).
 
 pub mod banks;
 pub mod ldmatrix;
 pub mod mma;
+pub mod pipeline;

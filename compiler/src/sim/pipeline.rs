@@ -1,0 +1,173 @@
+//! The multi-stage `cp.async` main loop of COMPILER.md §4.1 as an event schedule, and a
+//! symbolic checker of its bookkeeping: the codegen emits exactly [`schedule`]'s events, and
+//! [`check`] proves (for given `S` stages and `KT` k-tiles) that every tile is complete and
+//! published by a barrier before it is computed on, that no slot is overwritten before every
+//! read of its previous tile, and that the drain leaves nothing pending.
+//!
+//! Semantics modelled (PTX ISA 9.7.9.25.3): `commit_group` closes a group per thread (possibly
+//! empty); `wait_group(n)` waits until at most the `n` most recent groups are pending; data is
+//! visible to other threads only after a barrier that follows the wait. All threads run the same
+//! schedule, so one thread's view with barriers as publication points is exact.
+
+/// One step of the main loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Issue the copies of k-tile `tile` into stage slot `slot`.
+    Copy { tile: usize, slot: usize },
+    /// `cp.async.commit_group`.
+    Commit,
+    /// `cp.async.wait_group(n)`.
+    Wait(usize),
+    /// `bar.sync`.
+    Barrier,
+    /// ldmatrix + mma over slot `slot`, which must hold tile `tile`.
+    Compute { tile: usize, slot: usize },
+}
+
+/// The schedule of §4.1 for `stages` slots and `kt` k-tiles.
+pub fn schedule(stages: usize, kt: usize) -> Vec<Event> {
+    let mut ev = vec![];
+    for s in 0..stages.saturating_sub(1) {
+        if s < kt {
+            ev.push(Event::Copy { tile: s, slot: s });
+        }
+        ev.push(Event::Commit);
+    }
+    for t in 0..kt {
+        ev.push(Event::Wait(stages.saturating_sub(2)));
+        ev.push(Event::Barrier);
+        let next = t + stages - 1;
+        if next < kt {
+            ev.push(Event::Copy {
+                tile: next,
+                slot: next % stages,
+            });
+        }
+        ev.push(Event::Commit);
+        ev.push(Event::Compute {
+            tile: t,
+            slot: t % stages,
+        });
+    }
+    ev.push(Event::Wait(0));
+    ev.push(Event::Barrier);
+    ev
+}
+
+/// Checks a schedule; returns the first violation.
+pub fn check(stages: usize, kt: usize, events: &[Event]) -> Result<(), String> {
+    // groups[i] = tiles copied in group i; open = copies not yet committed.
+    let mut groups: Vec<Vec<usize>> = vec![];
+    let mut open: Vec<(usize, usize)> = vec![];
+    let mut landed: Vec<bool> = vec![false; kt];
+    let mut published: Vec<bool> = vec![false; kt];
+    let mut slot_tile: Vec<Option<usize>> = vec![None; stages];
+    // Tiles whose reads of a slot are not yet ordered before later writes by a barrier.
+    let mut unfenced_reads: Vec<usize> = vec![];
+    let mut computed = vec![false; kt];
+    let mut completed_groups = 0usize;
+    for (i, e) in events.iter().enumerate() {
+        match *e {
+            Event::Copy { tile, slot } => {
+                if unfenced_reads.contains(&slot) {
+                    return Err(format!(
+                        "event {i}: slot {slot} overwritten before a barrier after its last read"
+                    ));
+                }
+                slot_tile[slot] = Some(tile);
+                open.push((tile, slot));
+            }
+            Event::Commit => groups.push(open.drain(..).map(|(t, _)| t).collect()),
+            Event::Wait(n) => {
+                let keep = n.min(groups.len());
+                completed_groups = completed_groups.max(groups.len() - keep);
+                for g in &groups[..completed_groups] {
+                    for t in g {
+                        landed[*t] = true;
+                    }
+                }
+            }
+            Event::Barrier => {
+                for t in 0..kt {
+                    published[t] |= landed[t];
+                }
+                unfenced_reads.clear();
+            }
+            Event::Compute { tile, slot } => {
+                if !published[tile] {
+                    return Err(format!(
+                        "event {i}: tile {tile} computed before it landed and was published"
+                    ));
+                }
+                if slot_tile[slot] != Some(tile) {
+                    return Err(format!(
+                        "event {i}: slot {slot} holds {:?}, not tile {tile}",
+                        slot_tile[slot]
+                    ));
+                }
+                computed[tile] = true;
+                unfenced_reads.push(slot);
+            }
+        }
+    }
+    if !open.is_empty() {
+        return Err("copies left uncommitted".into());
+    }
+    if completed_groups != groups.len() {
+        return Err(format!(
+            "{} groups still pending after the drain",
+            groups.len() - completed_groups
+        ));
+    }
+    if let Some(t) = computed.iter().position(|c| !c) {
+        return Err(format!("tile {t} never computed"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_is_correct_for_every_depth_and_length() {
+        for stages in 2..=5 {
+            for kt in 0..=12 {
+                let ev = schedule(stages, kt);
+                check(stages, kt, &ev).unwrap_or_else(|e| panic!("S={stages} KT={kt}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn the_checker_catches_broken_schedules() {
+        // Waiting for one group too few: tile t may still be in flight when computed.
+        let mut ev = schedule(3, 6);
+        for e in ev.iter_mut() {
+            if *e == Event::Wait(1) {
+                *e = Event::Wait(2);
+            }
+        }
+        assert!(check(3, 6, &ev).is_err());
+        // Skipping the commit of the iterations that have nothing left to copy breaks the
+        // group count: the last tiles' waits then wait for too little.
+        let full = schedule(3, 6);
+        let ev: Vec<Event> = full
+            .iter()
+            .enumerate()
+            .filter(|(i, e)| {
+                !(**e == Event::Commit && *i > 0 && !matches!(full[i - 1], Event::Copy { .. }))
+            })
+            .map(|(_, e)| *e)
+            .collect();
+        assert!(check(3, 6, &ev).is_err());
+        // Copying before the barrier overwrites a slot another warp may still read.
+        let mut ev = schedule(2, 4);
+        let j = ev
+            .iter()
+            .position(|e| matches!(e, Event::Copy { tile: 2, .. }))
+            .expect("tile 2 is copied");
+        ev.swap(j, j - 1);
+        assert!(check(2, 4, &ev).is_err());
+    }
+}
