@@ -290,6 +290,7 @@ impl Ctx<'_> {
                 mk(dtype, shape, data)
             }
             Op::Range { n } => mk(DType::I32, vec![*n], Data::I((0..*n as i64).collect())),
+            Op::ConvertLayout { src } => Some(self.get(*src)?.clone()),
             Op::Splat { src } | Op::Broadcast { src } | Op::ExpandDims { src, .. } => {
                 let (dtype, shape) = self.result_ty(r)?;
                 let s = self.get(*src)?.clone();

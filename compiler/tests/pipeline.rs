@@ -111,3 +111,10 @@ fn parser_errors_name_the_line() {
         "{err}"
     );
 }
+
+#[test]
+fn convert_round_trips_through_text() {
+    let text = "kernel @c(%0: ptr<f32> \"x\") warps 1 {\n  %1 = range 32 : i32[32]\n  %2 = convert %1 : i32[32]\n  %3 = cast %2 : i64[32]\n  %4 = splat %0 : ptr<f32>[32]\n  %5 = addptr %4, %3 : ptr<f32>[32]\n  %6 = load %5 : f32[32]\n  store %5, %6\n}\n";
+    let k = parser::parse(text).unwrap();
+    assert_eq!(printer::print(&k), text);
+}

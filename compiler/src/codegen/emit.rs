@@ -322,6 +322,10 @@ impl<'c> Gen<'c, '_> {
                 let v = self.get(*src)?[0];
                 one(vec![v; self.layout(r).num_regs()])
             }
+            Op::ConvertLayout { src } => {
+                let r = res.ok_or_else(|| IrError("convert without result".into()))?;
+                one(self.convert_layout(r, *src)?)
+            }
             Op::ExpandDims { src, .. } | Op::Broadcast { src } => {
                 let r = res.ok_or_else(|| IrError("broadcast without result".into()))?;
                 let map = self.layout(r).reg_map(self.layout(*src)).ok_or_else(|| {
@@ -956,25 +960,10 @@ impl<'c> Gen<'c, '_> {
                     k += 1;
                 }
             }
-            let tc = self.thread_coord(&rl)?;
             let shape = self.c.kernel.ty(r).shape.clone();
             let mut flats = vec![];
             for q in 0..rl.num_regs() {
-                let rc = rl.reg_coord(q);
-                let mut flat = self.i32(0);
-                for d in 0..shape.len() {
-                    let stride: usize = shape[d + 1..].iter().product();
-                    let c = self
-                        .b
-                        .build_or(tc[d], self.i32(rc[d] as i64), "")
-                        .map_err(be)?;
-                    let t = self
-                        .b
-                        .build_int_mul(c, self.i32(stride as i64), "")
-                        .map_err(be)?;
-                    flat = self.b.build_int_add(flat, t, "").map_err(be)?;
-                }
-                flats.push(flat);
+                flats.push(self.flat_index(&rl, &shape, q)?);
             }
             let base = self
                 .b
@@ -1015,7 +1004,21 @@ impl<'c> Gen<'c, '_> {
         offset: usize,
         idx: IntValue<'c>,
     ) -> R<PointerValue<'c>> {
-        let byte = self.b.build_int_mul(idx, self.i32(4), "").map_err(be)?;
+        self.smem_ptr(gv, offset, 4, idx)
+    }
+
+    /// Address of element `idx` of `elem_bytes`-byte elements in the scratch at `offset`.
+    fn smem_ptr(
+        &self,
+        gv: GlobalValue<'c>,
+        offset: usize,
+        elem_bytes: usize,
+        idx: IntValue<'c>,
+    ) -> R<PointerValue<'c>> {
+        let byte = self
+            .b
+            .build_int_mul(idx, self.i32(elem_bytes as i64), "")
+            .map_err(be)?;
         let byte = self
             .b
             .build_int_add(byte, self.i32(offset as i64), "")
@@ -1026,6 +1029,84 @@ impl<'c> Gen<'c, '_> {
                 .build_gep(self.ctx.i8_type(), gv.as_pointer_value(), &[byte], "")
         }
         .map_err(be)
+    }
+
+    /// Row-major flat index of register `reg` of layout `l` (tile `shape`) for this thread.
+    fn flat_index(&mut self, l: &Layout, shape: &[usize], reg: usize) -> R<IntValue<'c>> {
+        let tc = self.thread_coord(l)?;
+        let rc = l.reg_coord(reg);
+        let mut flat = self.i32(0);
+        for d in 0..shape.len() {
+            let stride: usize = shape[d + 1..].iter().product();
+            let c = self
+                .b
+                .build_or(tc[d], self.i32(rc[d] as i64), "")
+                .map_err(be)?;
+            let t = self
+                .b
+                .build_int_mul(c, self.i32(stride as i64), "")
+                .map_err(be)?;
+            flat = self.b.build_int_add(flat, t, "").map_err(be)?;
+        }
+        Ok(flat)
+    }
+
+    /// Moves a tile between two layouts through shared memory: every thread writes the
+    /// elements it holds (duplicate owners write equal values), a barrier, every thread reads
+    /// the elements its destination layout gives it, and a barrier before the scratch is reused.
+    fn convert_layout(&mut self, r: ValueId, src: ValueId) -> R<Vec<V<'c>>> {
+        let (sl, dl) = (self.layout(src).clone(), self.layout(r).clone());
+        let vals = self.get(src)?.clone();
+        if sl == dl {
+            return Ok(vals);
+        }
+        let dt = self.dtype(src);
+        let shape = self.c.kernel.ty(r).shape.clone();
+        let alloc = self
+            .c
+            .smem
+            .of(r)
+            .cloned()
+            .ok_or_else(|| IrError("codegen: convert without scratch".into()))?;
+        let gv = self
+            .smem
+            .ok_or_else(|| IrError("codegen: no shared memory".into()))?;
+        // Masks travel as bytes.
+        let (mem_ty, bytes): (BasicTypeEnum, usize) = if dt == DType::I1 {
+            (self.ctx.i8_type().into(), 1)
+        } else {
+            (llvm_ty(self.ctx, dt), dt.bytes())
+        };
+        for (reg, v) in vals.iter().enumerate() {
+            let idx = self.flat_index(&sl, &shape, reg)?;
+            let p = self.smem_ptr(gv, alloc.offset, bytes, idx)?;
+            let v = if dt == DType::I1 {
+                self.b
+                    .build_int_z_extend(v.into_int_value(), self.ctx.i8_type(), "")
+                    .map_err(be)?
+                    .into()
+            } else {
+                *v
+            };
+            self.b.build_store(p, v).map_err(be)?;
+        }
+        self.call_void("llvm.nvvm.barrier0")?;
+        let mut out = vec![];
+        for reg in 0..dl.num_regs() {
+            let idx = self.flat_index(&dl, &shape, reg)?;
+            let p = self.smem_ptr(gv, alloc.offset, bytes, idx)?;
+            let v = self.b.build_load(mem_ty, p, "").map_err(be)?;
+            out.push(if dt == DType::I1 {
+                self.b
+                    .build_int_truncate(v.into_int_value(), self.ctx.bool_type(), "")
+                    .map_err(be)?
+                    .into()
+            } else {
+                v
+            });
+        }
+        self.call_void("llvm.nvvm.barrier0")?;
+        Ok(out)
     }
 
     fn phis(&self, template: &[Vec<V<'c>>]) -> R<Vec<Vec<inkwell::values::PhiValue<'c>>>> {

@@ -175,6 +175,11 @@ pub enum Op {
         src: ValueId,
         axis: usize,
     },
+    /// The same tile in another distributed layout (inserted by the layout pass; the data moves
+    /// through shared memory). A no-op for the interpreter.
+    ConvertLayout {
+        src: ValueId,
+    },
     /// Repeats dimensions of extent 1 to the result shape.
     Broadcast {
         src: ValueId,
@@ -264,6 +269,7 @@ impl Op {
             Op::Splat { src }
             | Op::ExpandDims { src, .. }
             | Op::Broadcast { src }
+            | Op::ConvertLayout { src }
             | Op::Unary { src, .. }
             | Op::Cast { src }
             | Op::Reduce { src, .. } => vec![*src],
@@ -303,6 +309,7 @@ impl Op {
             Op::Splat { src }
             | Op::ExpandDims { src, .. }
             | Op::Broadcast { src }
+            | Op::ConvertLayout { src }
             | Op::Unary { src, .. }
             | Op::Cast { src }
             | Op::Reduce { src, .. } => *src = f(*src),

@@ -377,6 +377,7 @@ impl Parser {
                         axis: l.int()?,
                     }
                 }
+                "convert" => Op::ConvertLayout { src: v(&mut l)? },
                 "broadcast" => Op::Broadcast { src: v(&mut l)? },
                 "cmp" => {
                     let w = l.word()?;

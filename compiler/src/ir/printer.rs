@@ -166,6 +166,7 @@ impl Printer<'_> {
                 Op::ExpandDims { src, axis } => {
                     format!("{lhs}expand_dims {}, {axis} : {ty}", self.v(*src))
                 }
+                Op::ConvertLayout { src } => format!("{lhs}convert {} : {ty}", self.v(*src)),
                 Op::Broadcast { src } => format!("{lhs}broadcast {} : {ty}", self.v(*src)),
                 Op::Binary { op, lhs: a, rhs: b } => {
                     format!(

@@ -121,6 +121,8 @@ fn block(k: &Kernel, b: &Block, info: &mut HashMap<ValueId, AxisInfo>) {
             }
             Op::ProgramId { .. } => AxisInfo::uniform(&[], 1),
             Op::Splat { src } => AxisInfo::uniform(&ty.shape, get(src).div[0]),
+            // The same values, elsewhere.
+            Op::ConvertLayout { src } => get(src),
             Op::ExpandDims { src, axis } => {
                 let mut s = get(src);
                 if k.ty(*src).rank() == 0 {

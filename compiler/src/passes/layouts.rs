@@ -72,8 +72,19 @@ impl LayoutPlan {
 }
 
 /// Chooses layouts for `k`.
-pub fn assign_layouts(k: &Kernel) -> Result<LayoutPlan, IrError> {
-    let maps = dim_maps(k)?;
+pub fn assign_layouts(k: &mut Kernel) -> Result<LayoutPlan, IrError> {
+    // A tile used along two dimensions (a range that indexes both rows and columns) gets a
+    // conversion through shared memory before its second use.
+    let mut maps = HashMap::new();
+    for _ in 0..8 {
+        let (m, conflicts) = dim_maps(k)?;
+        maps = m;
+        if conflicts.is_empty() {
+            break;
+        }
+        insert_converts(k, &conflicts);
+    }
+    let k: &Kernel = k;
     let root_rank = k.types.iter().map(|t| t.rank()).max().unwrap_or(0);
     if root_rank > 2 {
         crate::ir_bail!(
@@ -194,7 +205,9 @@ fn prev_pow2(x: usize) -> usize {
 }
 
 /// Maps every value's dimensions to root dimensions.
-fn dim_maps(k: &Kernel) -> Result<HashMap<ValueId, Vec<usize>>, IrError> {
+/// Dimension maps of every value, and the `expand_dims` results whose operand is already used
+/// along another root dimension (each needs a layout conversion of its operand).
+fn dim_maps(k: &Kernel) -> Result<(HashMap<ValueId, Vec<usize>>, Vec<ValueId>), IrError> {
     let root_rank = k.types.iter().map(|t| t.rank()).max().unwrap_or(0);
     let mut maps: HashMap<ValueId, Vec<usize>> = HashMap::new();
     for (i, t) in k.types.iter().enumerate() {
@@ -202,10 +215,19 @@ fn dim_maps(k: &Kernel) -> Result<HashMap<ValueId, Vec<usize>>, IrError> {
             maps.insert(ValueId(i as u32), (0..t.rank()).collect());
         }
     }
+    let mut conflicts = vec![];
     for _ in 0..64 {
         let mut changed = false;
         let mut err = None;
-        propagate(k, &k.body, &mut maps, &mut changed, &mut err, root_rank);
+        propagate(
+            k,
+            &k.body,
+            &mut maps,
+            &mut changed,
+            &mut err,
+            &mut conflicts,
+            root_rank,
+        );
         if let Some(e) = err {
             return Err(e);
         }
@@ -213,7 +235,35 @@ fn dim_maps(k: &Kernel) -> Result<HashMap<ValueId, Vec<usize>>, IrError> {
             break;
         }
     }
-    Ok(maps)
+    Ok((maps, conflicts))
+}
+
+/// Inserts `convert` before each listed `expand_dims`, which then expands the converted copy.
+fn insert_converts(k: &mut Kernel, at: &[ValueId]) {
+    fn walk(b: &mut Block, at: &[ValueId], types: &mut Vec<crate::ir::Type>) {
+        let mut out = Vec::with_capacity(b.insts.len());
+        for mut inst in std::mem::take(&mut b.insts) {
+            for nb in inst.op.blocks_mut() {
+                walk(nb, at, types);
+            }
+            if let (Op::ExpandDims { src, .. }, Some(r)) = (&mut inst.op, inst.results.first()) {
+                if at.contains(r) {
+                    types.push(types[src.0 as usize].clone());
+                    let c = ValueId(types.len() as u32 - 1);
+                    out.push(crate::ir::Inst {
+                        results: vec![c],
+                        op: Op::ConvertLayout { src: *src },
+                    });
+                    *src = c;
+                }
+            }
+            out.push(inst);
+        }
+        b.insts = out;
+    }
+    let mut types = std::mem::take(&mut k.types);
+    walk(&mut k.body, at, &mut types);
+    k.types = types;
 }
 
 fn propagate(
@@ -222,6 +272,7 @@ fn propagate(
     maps: &mut HashMap<ValueId, Vec<usize>>,
     changed: &mut bool,
     err: &mut Option<IrError>,
+    conflicts: &mut Vec<ValueId>,
     root_rank: usize,
 ) {
     let mut unify = |maps: &mut HashMap<ValueId, Vec<usize>>, group: &[ValueId]| match unify_group(
@@ -259,9 +310,18 @@ fn propagate(
                 if let Some(rm) = maps.get(&r).cloned() {
                     let mut sm = rm.clone();
                     sm.remove(*axis);
-                    if k.ty(*src).rank() > 0 && !maps.contains_key(src) {
-                        maps.insert(*src, sm);
-                        local = true;
+                    if k.ty(*src).rank() > 0 {
+                        match maps.get(src) {
+                            None => {
+                                maps.insert(*src, sm);
+                                local = true;
+                            }
+                            // The operand already lives along another dimension: convert it.
+                            Some(have) if *have != sm && !conflicts.contains(&r) => {
+                                conflicts.push(r)
+                            }
+                            Some(_) => {}
+                        }
                     }
                 } else if let Some(sm) = maps.get(src).cloned() {
                     let free: Vec<usize> = (0..root_rank).filter(|d| !sm.contains(d)).collect();
@@ -325,7 +385,7 @@ fn propagate(
     drop(unify);
     *changed |= local;
     for nb in nested {
-        propagate(k, nb, maps, changed, err, root_rank);
+        propagate(k, nb, maps, changed, err, conflicts, root_rank);
     }
 }
 

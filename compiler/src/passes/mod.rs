@@ -24,7 +24,7 @@ pub fn compile(mut kernel: Kernel, target: &Target) -> Result<Compiled, IrError>
     let mut stages = vec![("parsed", printer::print(&kernel))];
     canonicalize::canonicalize(&mut kernel);
     stages.push(("canonical", printer::print(&kernel)));
-    let layouts = layouts::assign_layouts(&kernel)?;
+    let layouts = layouts::assign_layouts(&mut kernel)?;
     stages.push(("layouts", layouts.print(&kernel)));
     let smem = smem::plan(&kernel, &layouts, target)?;
     stages.push(("smem", smem.print()));

@@ -40,7 +40,7 @@ impl SmemPlan {
         let mut s = format!("smem total {} bytes\n", self.total);
         for (i, a) in self.allocations.iter().enumerate() {
             s.push_str(&format!(
-                "  reduction {i}: offset {} size {}\n",
+                "  scratch {i}: offset {} size {}\n",
                 a.offset, a.size
             ));
         }
@@ -57,6 +57,18 @@ pub fn warps_along(l: &crate::layout::Layout, axis: usize) -> usize {
 pub fn plan(k: &Kernel, layouts: &LayoutPlan, target: &Target) -> Result<SmemPlan, IrError> {
     let mut plan = SmemPlan::default();
     k.walk(&mut |inst| {
+        if let Op::ConvertLayout { src } = &inst.op {
+            let (from, to) = (layouts.of(*src), layouts.of(inst.results[0]));
+            if from != to {
+                let t = k.ty(*src);
+                let size = (t.numel().max(1) * t.dtype.bytes()).next_multiple_of(16);
+                plan.allocations.push(Allocation {
+                    value: inst.results[0],
+                    offset: 0,
+                    size,
+                });
+            }
+        }
         if let Op::Reduce { src, axis, .. } = &inst.op {
             let w = warps_along(layouts.of(*src), *axis);
             if w > 1 {
