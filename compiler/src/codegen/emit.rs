@@ -467,7 +467,7 @@ impl<'c> Gen<'c, '_> {
         }
     }
 
-    fn to_f32(&self, v: V<'c>, dt: DType) -> R<FloatValue<'c>> {
+    fn widen(&self, v: V<'c>, dt: DType) -> R<FloatValue<'c>> {
         let f = v.into_float_value();
         if dt == DType::F32 {
             Ok(f)
@@ -478,7 +478,7 @@ impl<'c> Gen<'c, '_> {
         }
     }
 
-    fn from_f32(&self, v: FloatValue<'c>, dt: DType) -> R<V<'c>> {
+    fn narrow(&self, v: FloatValue<'c>, dt: DType) -> R<V<'c>> {
         if dt == DType::F32 {
             Ok(v.into())
         } else {
@@ -493,7 +493,7 @@ impl<'c> Gen<'c, '_> {
     fn binary(&self, op: BinOp, dt: DType, x: V<'c>, y: V<'c>) -> R<V<'c>> {
         let b = &self.b;
         if dt.is_float() {
-            let (a, c) = (self.to_f32(x, dt)?, self.to_f32(y, dt)?);
+            let (a, c) = (self.widen(x, dt)?, self.widen(y, dt)?);
             let r = match op {
                 BinOp::Add => b.build_float_add(a, c, "").map_err(be)?,
                 BinOp::Sub => b.build_float_sub(a, c, "").map_err(be)?,
@@ -505,7 +505,7 @@ impl<'c> Gen<'c, '_> {
                     return Err(IrError(format!("{op:?} on floats")))
                 }
             };
-            return self.from_f32(r, dt);
+            return self.narrow(r, dt);
         }
         let (a, c) = (x.into_int_value(), y.into_int_value());
         Ok(match op {
@@ -531,7 +531,7 @@ impl<'c> Gen<'c, '_> {
 
     fn cmp(&self, pred: CmpPred, dt: DType, x: V<'c>, y: V<'c>) -> R<V<'c>> {
         if dt.is_float() {
-            let (a, c) = (self.to_f32(x, dt)?, self.to_f32(y, dt)?);
+            let (a, c) = (self.widen(x, dt)?, self.widen(y, dt)?);
             let p = match pred {
                 CmpPred::Lt => FloatPredicate::OLT,
                 CmpPred::Le => FloatPredicate::OLE,
@@ -575,7 +575,7 @@ impl<'c> Gen<'c, '_> {
             }
             .into());
         }
-        let a = self.to_f32(x, dt)?;
+        let a = self.widen(x, dt)?;
         let log2e = std::f64::consts::LOG2_E;
         let ln2 = std::f64::consts::LN_2;
         let r = match op {
@@ -607,7 +607,7 @@ impl<'c> Gen<'c, '_> {
             }
             UnOp::Not => return Err(IrError("`not` on floats".into())),
         };
-        self.from_f32(r, dt)
+        self.narrow(r, dt)
     }
 
     fn cast(&self, x: V<'c>, from: DType, to: DType) -> R<V<'c>> {
@@ -618,8 +618,8 @@ impl<'c> Gen<'c, '_> {
         let tt = llvm_ty(self.ctx, to);
         Ok(match (from.is_float(), to.is_float()) {
             (true, true) => {
-                let f = self.to_f32(x, from)?;
-                self.from_f32(f, to)?
+                let f = self.widen(x, from)?;
+                self.narrow(f, to)?
             }
             (false, false) => {
                 let i = x.into_int_value();
@@ -645,10 +645,10 @@ impl<'c> Gen<'c, '_> {
                     b.build_signed_int_to_float(i, self.ctx.f32_type(), "")
                         .map_err(be)?
                 };
-                self.from_f32(f, to)?
+                self.narrow(f, to)?
             }
             (true, false) => {
-                let f = self.to_f32(x, from)?;
+                let f = self.widen(x, from)?;
                 if to == DType::I1 {
                     b.build_float_compare(FloatPredicate::UNE, f, self.f32(0.0), "")
                         .map_err(be)?
@@ -718,10 +718,7 @@ impl<'c> Gen<'c, '_> {
         let mut out = vec![];
         for g in (0..n).step_by(w) {
             let p = ptrs[g].into_pointer_value();
-            let cond = match masks.as_ref() {
-                Some(m) => Some(m[g].into_int_value()),
-                None => None,
-            };
+            let cond = masks.as_ref().map(|m| m[g].into_int_value());
             let Some(cond) = cond else {
                 out.extend(self.load_vector(p, elem, dt, w)?);
                 continue;
@@ -818,10 +815,7 @@ impl<'c> Gen<'c, '_> {
             None => None,
         };
         for g in (0..n).step_by(w) {
-            let m = match masks.as_ref() {
-                Some(m) => Some(m[g].into_int_value()),
-                None => None,
-            };
+            let m = masks.as_ref().map(|m| m[g].into_int_value());
             let cond = match (m, owner) {
                 (Some(m), Some(o)) => Some(self.b.build_and(m, o, "").map_err(be)?),
                 (Some(m), None) => Some(m),

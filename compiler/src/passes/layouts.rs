@@ -382,7 +382,6 @@ fn propagate(
             _ => {}
         }
     }
-    drop(unify);
     *changed |= local;
     for nb in nested {
         propagate(k, nb, maps, changed, err, conflicts, root_rank);

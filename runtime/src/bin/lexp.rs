@@ -97,7 +97,7 @@ fn main() -> Result<()> {
 }
 
 fn list_kernels() -> Result<()> {
-    println!("{:<22} {:>8}  {}", "kernel", "variants", "what");
+    println!("{:<22} {:>8}  what", "kernel", "variants");
     for k in lexp_kernels::ALL {
         println!("{:<22} {:>8}  {}", k.name, k.variants.len(), k.doc);
     }
@@ -164,8 +164,8 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
         ),
     };
     println!(
-        "{:<22} {:<5} {:<22} {:<40} {:<5} {:>10} {:>10} {:>8} {}",
-        "kernel", "dtype", "shape", "variant", "out", "rel_l2", "max_abs", "tol", "ok"
+        "{:<22} {:<5} {:<22} {:<40} {:<5} {:>10} {:>10} {:>8} ok",
+        "kernel", "dtype", "shape", "variant", "out", "rel_l2", "max_abs", "tol"
     );
     let mut failed = 0;
     for r in &rows {
