@@ -133,7 +133,7 @@ impl Builder {
         self.push1(Op::Const { value }, ty)
     }
 
-    /// `range::<n>()`: i32[n] with values 0..n. `n` must be a power of two.
+    /// `range::<n>()`: `i32[n]` with values 0..n. `n` must be a power of two.
     pub fn range(&mut self, n: usize) -> R<ValueId> {
         if !n.is_power_of_two() {
             ir_bail!("range::<{n}>(): tile extents must be powers of two");

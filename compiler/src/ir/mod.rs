@@ -162,7 +162,7 @@ pub enum Op {
     Const {
         value: ConstValue,
     },
-    /// `[0, 1, .., n-1]` as i32[n].
+    /// `[0, 1, .., n-1]` as `i32[n]`.
     Range {
         n: usize,
     },
