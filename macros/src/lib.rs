@@ -4,8 +4,8 @@
 //! tile; values are tiles with compile-time shapes; tensors are indexed with `.load([..])` and
 //! `.store([..], v)`, bounds-masked automatically. At expansion time the macro builds the tile
 //! IR of every variant listed in `variants(..)`, runs the compiler (`lexp-compiler`, with LLVM)
-//! and embeds the PTX; see [`attr`] for the arguments, [`lower`] for the accepted subset and
-//! [`generate`] for what is generated.
+//! and embeds the PTX; see `attr.rs` for the arguments, `lower.rs` for the accepted subset and
+//! `generate.rs` for what is generated.
 
 mod attr;
 mod generate;

@@ -5,7 +5,7 @@
 //! changes that involve no data movement (broadcast, expand, reduce results) are static
 //! register maps, reductions combine in registers, then across lanes with butterfly shuffles,
 //! then across warps through the shared-memory plan. Global accesses move one vector of the
-//! width the layout pass chose per predicate. See [`emit`] for the per-op rules.
+//! width the layout pass chose per predicate. See `emit.rs` for the per-op rules.
 
 mod emit;
 
