@@ -1,5 +1,5 @@
 //! Every GPU kernel of lexp, written in the `#[kernel]` tile DSL (`lexp-macros`), and the
-//! plain-Rust CPU references they are tested against ([`reference`]).
+//! plain-Rust CPU references they are tested against ([`reference`](mod@reference)).
 //!
 //! Each kernel is a module (`lexp_kernels::softmax`) holding its compiled variants, a typed
 //! launcher (`launch`) and an interpreter entry (`interpret`); [`ALL`] lists them.
