@@ -147,8 +147,15 @@ fn build_variant(
     symbol.push_str(&format!("_a{}", v.align));
     let kernel = lower::lower(&symbol, sig, &f.block, attr.warps, v)?;
     let ir = printer::print(&kernel);
+    // Errors of the later stages have no source spans: point at the kernel's name, and name
+    // the variant unless the message already does.
     let at = |e: lexp_compiler::ir::IrError| {
-        Error::new_spanned(&f.sig.ident, format!("variant {symbol}: {}", e.0))
+        let msg = if e.0.contains(&symbol) {
+            e.0
+        } else {
+            format!("variant {symbol}: {}", e.0)
+        };
+        Error::new_spanned(&f.sig.ident, msg)
     };
     let compiled = passes::compile(kernel, &target::SM90).map_err(at)?;
     let smem = compiled.smem.total;

@@ -812,6 +812,13 @@ impl Lower<'_> {
                 "tile shapes are 1 or 2 power-of-two extents",
             ));
         }
+        let max = lexp_compiler::ir::builder::MAX_TILE_ELEMENTS;
+        if shape.iter().product::<usize>() > max {
+            return Err(Error::new_spanned(
+                c,
+                format!("tiles have at most {max} elements"),
+            ));
+        }
         Ok((dt, shape))
     }
 

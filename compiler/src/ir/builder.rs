@@ -195,6 +195,9 @@ impl Builder {
                 _ => ir_bail!("shapes {:?} and {:?} do not broadcast", a, b),
             };
         }
+        if out.iter().product::<usize>() > MAX_TILE_ELEMENTS {
+            ir_bail!("broadcasting {:?} with {:?} makes a tile of more than {MAX_TILE_ELEMENTS} elements", a, b);
+        }
         Ok(out)
     }
 

@@ -28,6 +28,9 @@ use crate::ir::{printer, Block, IrError, Kernel, Op, ValueId};
 use crate::layout::Layout;
 use std::collections::HashMap;
 
+/// Most values of one tile a thread may hold.
+pub const MAX_VALUES_PER_THREAD: usize = 256;
+
 /// The layouts chosen for one kernel.
 #[derive(Clone, Debug)]
 pub struct LayoutPlan {
@@ -144,6 +147,21 @@ pub fn assign_layouts(k: &mut Kernel) -> Result<LayoutPlan, IrError> {
             .cloned()
             .unwrap_or_else(|| default_map(t.rank(), root_rank));
         layouts.insert(v, root.project(&dims, &t.shape));
+    }
+    // A thread has 255 registers; a tile that needs more values per thread than that cannot
+    // stay in registers (the compile would crawl and ptxas would spill).
+    // (The first such value in definition order, so the message is deterministic.)
+    let widest = (0..k.types.len())
+        .map(|i| ValueId(i as u32))
+        .find(|v| layouts[v].num_regs() > MAX_VALUES_PER_THREAD);
+    if let Some(v) = widest {
+        crate::ir_bail!(
+            "kernel `{}`: the tile {} needs {} values per thread with {} warps (at most {MAX_VALUES_PER_THREAD}); use a smaller tile or more warps",
+            k.name,
+            k.ty(v),
+            layouts[&v].num_regs(),
+            k.num_warps
+        );
     }
     let mut vec = HashMap::new();
     for (ptr, _, _) in &accesses {
