@@ -386,3 +386,27 @@ pub fn push_tensor(params: &mut Vec<KernelParam>, t: &TensorArg) {
     let n = t.strides.len().saturating_sub(1);
     params.extend(t.strides[..n].iter().map(|s| KernelParam::I64(*s as i64)));
 }
+
+impl KernelInfo {
+    /// Every combination of compile-time constants (the element type aside) the kernel was
+    /// compiled with, in compilation order (the first is the launcher's default): the tile
+    /// configurations a benchmark or the autotuner chooses among.
+    pub fn configurations(&self) -> Vec<Vec<(&'static str, usize)>> {
+        let mut out: Vec<Vec<(&'static str, usize)>> = vec![];
+        for v in self.variants {
+            let combo: Vec<(&'static str, usize)> = v
+                .params
+                .iter()
+                .filter(|(n, _)| *n != "T")
+                .filter_map(|(n, val)| val.parse().ok().map(|x| (*n, x)))
+                .collect();
+            if !out.contains(&combo) {
+                out.push(combo);
+            }
+        }
+        if out.is_empty() {
+            out.push(vec![]);
+        }
+        out
+    }
+}

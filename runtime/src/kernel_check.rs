@@ -561,27 +561,11 @@ pub fn check_all(dev: &CudaDevice, only: Option<&str>) -> Result<Vec<CheckRow>, 
     Ok(rows)
 }
 
-/// Every combination of compile-time constants the kernel was compiled with (the element type
-/// aside), so that the bench measures each tile configuration.
+/// Every tile configuration the kernel was compiled with (see `KernelInfo::configurations`).
 fn const_combinations(kernel: &str) -> Vec<Vec<(&'static str, usize)>> {
-    let mut out: Vec<Vec<(&'static str, usize)>> = vec![];
-    if let Some(info) = lexp_kernels::find(kernel) {
-        for v in info.variants {
-            let combo: Vec<(&'static str, usize)> = v
-                .params
-                .iter()
-                .filter(|(n, _)| *n != "T")
-                .filter_map(|(n, val)| val.parse().ok().map(|x| (*n, x)))
-                .collect();
-            if !out.contains(&combo) {
-                out.push(combo);
-            }
-        }
-    }
-    if out.is_empty() {
-        out.push(vec![]);
-    }
-    out
+    lexp_kernels::find(kernel)
+        .map(|k| k.configurations())
+        .unwrap_or_else(|| vec![vec![]])
 }
 
 /// Shapes for bandwidth: a few hundred MB per tensor in bf16.

@@ -9,6 +9,7 @@
 //! CUDA installation, and [`CudaDevice::new`] reports a missing driver or GPU as an error, so
 //! callers can fall back to the CPU.
 
+pub mod autotune;
 pub mod buffer;
 pub mod device;
 pub mod encode;
