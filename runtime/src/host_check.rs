@@ -9,8 +9,9 @@ use lexp_compiler::launch::LaunchError;
 use lexp_kernels as k;
 use lexp_kernels::reference as refr;
 
-/// Interpreter outputs and references of one kernel run.
-type Outputs = Vec<(&'static str, HostTensor, Vec<f32>)>;
+/// Interpreter outputs of one kernel run: name, result, reference, and the natural size of the
+/// values for `reference::compare_scaled` (0: plain relative error).
+type Outputs = Vec<(&'static str, HostTensor, Vec<f32>, f64)>;
 
 fn t(rng: &mut Rng, dtype: Storage, dims: &[usize], lo: f32, hi: f32) -> HostTensor {
     let n = dims.iter().product();
@@ -44,7 +45,7 @@ fn run(
                     y: &mut y,
                 },
             )?;
-            vec![("y", y, want)]
+            vec![("y", y, want, 0.0)]
         }
         "relu" | "gelu" => {
             let mut x = t(rng, dtype, &[r], -3.0, 3.0);
@@ -71,7 +72,7 @@ fn run(
                     },
                 )?;
             }
-            vec![("y", y, want)]
+            vec![("y", y, want, 0.0)]
         }
         "relu_bwd" | "gelu_bwd" => {
             let mut x = t(rng, dtype, &[r], -3.0, 3.0);
@@ -87,7 +88,7 @@ fn run(
                         dx: &mut dx,
                     },
                 )?;
-                vec![("dx", dx, want)]
+                vec![("dx", dx, want, 0.0)]
             } else {
                 let want = refr::relu_bwd(&x.data, &dy.data);
                 k::relu_bwd::interpret(
@@ -98,7 +99,7 @@ fn run(
                         dx: &mut dx,
                     },
                 )?;
-                vec![("dx", dx, want)]
+                vec![("dx", dx, want, 0.0)]
             }
         }
         "softmax" => {
@@ -112,7 +113,7 @@ fn run(
                     y: &mut y,
                 },
             )?;
-            vec![("y", y, want)]
+            vec![("y", y, want, 0.0)]
         }
         "layernorm_fwd" => {
             let mut x = t(rng, dtype, &[r, c], -3.0, 3.0);
@@ -134,7 +135,18 @@ fn run(
                 eps: 1e-5,
             };
             k::layernorm_fwd::interpret(&[], args)?;
-            vec![("y", y, wy), ("rstd", s, ws), ("mean", m, wm)]
+            // The mean of random data cancels towards 0: judge it against each row's standard
+            // deviation (1 / rstd), the scale that matters for `y`, as the GPU check does.
+            let row_std = ws
+                .iter()
+                .map(|v| 1.0 / (*v as f64 * *v as f64))
+                .sum::<f64>()
+                .sqrt();
+            vec![
+                ("y", y, wy, 0.0),
+                ("rstd", s, ws, 0.0),
+                ("mean", m, wm, row_std),
+            ]
         }
         "layernorm_bwd_dx" => {
             let mut x = t(rng, dtype, &[r, c], -3.0, 3.0);
@@ -153,7 +165,7 @@ fn run(
                 dx: &mut dx,
             };
             k::layernorm_bwd_dx::interpret(&[], args)?;
-            vec![("dx", dx, want)]
+            vec![("dx", dx, want, 0.0)]
         }
         "layernorm_bwd_params" => {
             let mut x = t(rng, dtype, &[r, c], -3.0, 3.0);
@@ -171,7 +183,7 @@ fn run(
                 db: &mut db,
             };
             k::layernorm_bwd_params::interpret(&[], args)?;
-            vec![("dw", dw, ww), ("db", db, wb)]
+            vec![("dw", dw, ww, 0.0), ("db", db, wb, 0.0)]
         }
         "bias_residual" => {
             let mut x = t(rng, dtype, &[r, c], -3.0, 3.0);
@@ -188,7 +200,7 @@ fn run(
                     y: &mut y,
                 },
             )?;
-            vec![("y", y, want)]
+            vec![("y", y, want, 0.0)]
         }
         "colsum" => {
             let mut x = t(rng, dtype, &[r, c], -3.0, 3.0);
@@ -201,7 +213,7 @@ fn run(
                     out: &mut out,
                 },
             )?;
-            vec![("out", out, want)]
+            vec![("out", out, want, 0.0)]
         }
         other => {
             return Err(LaunchError::NoVariant {
@@ -227,14 +239,8 @@ pub fn check_all_host(only: Option<&str>) -> Result<Vec<CheckRow>, LaunchError> 
         };
         for dtype in [Storage::BF16, Storage::F16, Storage::F32] {
             let mut rng = Rng::new(11);
-            for (name, got, want) in run(kernel, dtype, dims, &mut rng)? {
-                let d = refr::compare(&got.data, &want);
-                // Means of random data cancel towards 0: judge them against the values' spread.
-                let d = if name == "mean" {
-                    refr::compare_scaled(&got.data, &want, (dims.0 as f64).sqrt())
-                } else {
-                    d
-                };
+            for (name, got, want, scale) in run(kernel, dtype, dims, &mut rng)? {
+                let d = refr::compare_scaled(&got.data, &want, scale);
                 let tol = refr::tolerance(got.dtype);
                 rows.push(CheckRow {
                     kernel,

@@ -66,6 +66,14 @@ fn finish(
     }
 }
 
+/// Register bases repeating a `step`-sized fragment `count` times along `dim` (count a power of
+/// two): `step, 2*step, 4*step, ..`.
+fn repeats(reg: &mut Vec<Vec<usize>>, dim: usize, step: usize, count: usize) {
+    for b in 0..log2(count) {
+        reg.push(unit(2, dim, step << b));
+    }
+}
+
 fn powers(x: &[usize]) -> bool {
     x.iter().all(|v| v.is_power_of_two())
 }
@@ -88,12 +96,8 @@ impl Layout {
             "each warp needs at least a 16x8 tile",
         )?;
         let mut reg = vec![unit(2, 1, 1), unit(2, 0, 8)];
-        for b in 0..log2(wtn / 8) {
-            reg.push(unit(2, 1, 8 << b));
-        }
-        for b in 0..log2(wtm / 16) {
-            reg.push(unit(2, 0, 16 << b));
-        }
+        repeats(&mut reg, 1, 8, wtn / 8);
+        repeats(&mut reg, 0, 16, wtm / 16);
         let lane = vec![
             unit(2, 1, 2),
             unit(2, 1, 4),
@@ -126,12 +130,8 @@ impl Layout {
             "A needs at least 16 rows per warp and k >= 16",
         )?;
         let mut reg = vec![unit(2, 1, 1), unit(2, 0, 8), unit(2, 1, 8)];
-        for b in 0..log2(bk / 16) {
-            reg.push(unit(2, 1, 16 << b));
-        }
-        for b in 0..log2(wtm / 16) {
-            reg.push(unit(2, 0, 16 << b));
-        }
+        repeats(&mut reg, 1, 16, bk / 16);
+        repeats(&mut reg, 0, 16, wtm / 16);
         let lane = vec![
             unit(2, 1, 2),
             unit(2, 1, 4),
@@ -164,12 +164,8 @@ impl Layout {
             "B needs at least 8 columns per warp and k >= 16",
         )?;
         let mut reg = vec![unit(2, 0, 1), unit(2, 0, 8)];
-        for b in 0..log2(bk / 16) {
-            reg.push(unit(2, 0, 16 << b));
-        }
-        for b in 0..log2(wtn / 8) {
-            reg.push(unit(2, 1, 8 << b));
-        }
+        repeats(&mut reg, 0, 16, bk / 16);
+        repeats(&mut reg, 1, 8, wtn / 8);
         let lane = vec![
             unit(2, 0, 2),
             unit(2, 0, 4),
