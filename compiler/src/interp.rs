@@ -512,6 +512,40 @@ impl Ctx<'_> {
                 }
                 None
             }
+            Op::Trans { src } => {
+                let (dtype, shape) = self.result_ty(r)?;
+                let a = self.get(*src)?;
+                let (rows, cols) = (a.shape[0], a.shape[1]);
+                let at = |i: usize| (i % rows) * cols + i / rows;
+                let data = match &a.data {
+                    Data::F(v) => Data::F((0..rows * cols).map(|i| v[at(i)]).collect()),
+                    Data::I(v) => Data::I((0..rows * cols).map(|i| v[at(i)]).collect()),
+                    _ => return Err("transposing a pointer tile".into()),
+                };
+                mk(dtype, shape, data)
+            }
+            Op::Dot { a, b, acc } => {
+                // Products of 16-bit values are exact in f32; the tensor core sums them in f32
+                // (in an order of its own), which the f64-free emulation here matches to within
+                // the tolerance the tests use.
+                let (dtype, shape) = self.result_ty(r)?;
+                let (x, y, c) = (self.get(*a)?, self.get(*b)?, self.get(*acc)?);
+                let (m, k, n) = (x.shape[0], x.shape[1], y.shape[1]);
+                let (Data::F(x), Data::F(y), Data::F(c)) = (&x.data, &y.data, &c.data) else {
+                    return Err("dot needs float operands".into());
+                };
+                let mut out = c.clone();
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut s = 0f32;
+                        for l in 0..k {
+                            s += x[i * k + l] * y[l * n + j];
+                        }
+                        out[i * n + j] += s;
+                    }
+                }
+                mk(dtype, shape, Data::F(out))
+            }
             Op::Reduce { src, axis, kind } => {
                 let (dtype, shape) = self.result_ty(r)?;
                 let a = self.get(*src)?;

@@ -45,8 +45,12 @@ pub struct Variant {
     pub align: usize,
     /// Threads per program (CTA).
     pub threads: u32,
-    /// Static shared memory of the kernel in bytes (for reporting; declared in the PTX).
+    /// Shared memory of the kernel in bytes.
     pub smem_bytes: u32,
+    /// Whether that memory is dynamic (above the 48 KB static limit): the launcher passes
+    /// `smem_bytes` at launch and opts the function into it. Otherwise it is declared
+    /// statically in the PTX.
+    pub dynamic_smem: bool,
     /// Final tile IR text of this variant (after all passes).
     pub ir: &'static str,
     /// PTX for sm_80.

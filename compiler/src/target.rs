@@ -15,6 +15,9 @@ pub struct Target {
     pub features: &'static str,
     /// Largest static shared memory per CTA (bytes); more needs the dynamic opt-in.
     pub max_static_smem: usize,
+    /// Largest dynamic shared memory per CTA after the opt-in
+    /// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+    pub max_dynamic_smem: usize,
     /// Largest CTA size.
     pub max_threads: usize,
     /// Registers per thread ptxas may use at most.
@@ -41,6 +44,7 @@ pub const SM80: Target = Target {
     cpu: "sm_80",
     features: "+ptx78",
     max_static_smem: 48 * 1024,
+    max_dynamic_smem: 163 * 1024,
     max_threads: 1024,
     max_regs: 255,
 };
@@ -52,6 +56,7 @@ pub const SM90: Target = Target {
     cpu: "sm_90",
     features: "+ptx80",
     max_static_smem: 48 * 1024,
+    max_dynamic_smem: 227 * 1024,
     max_threads: 1024,
     max_regs: 255,
 };

@@ -5,13 +5,16 @@
 //! launcher (`launch`) and an interpreter entry (`interpret`); [`ALL`] lists them.
 
 pub mod elementwise;
+pub mod gemm;
 pub mod layernorm;
 pub mod reduce;
 pub mod reference;
+pub mod reference_matmul;
 pub mod residual;
 pub mod row_softmax;
 
 pub use elementwise::{axpby, gelu, gelu_bwd, relu, relu_bwd};
+pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use reduce::colsum;
 pub use residual::bias_residual;
@@ -20,7 +23,7 @@ pub use row_softmax::softmax;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 11] = [
+pub static ALL: [&KernelInfo; 14] = [
     &axpby::INFO,
     &relu::INFO,
     &relu_bwd::INFO,
@@ -32,6 +35,9 @@ pub static ALL: [&KernelInfo; 11] = [
     &layernorm_bwd_params::INFO,
     &bias_residual::INFO,
     &colsum::INFO,
+    &gemm_nn::INFO,
+    &gemm_nt::INFO,
+    &gemm_tn::INFO,
 ];
 
 /// Looks a kernel up by name.

@@ -3,7 +3,8 @@
 //! ```text
 //! #[kernel(
 //!     variants(T = [bf16, f16, f32], BLOCK = [1024]),   // instantiated compile-time parameters
-//!     warps = 4,                                         // warps per program
+//!     warps = 4,                                         // warps per program (or a const parameter)
+//!     stages = 3,                                        // cp.async pipeline depth of `dot` loops
 //!     grid = [cdiv(y.dim(0), BLOCK)],                    // programs along x (, y, z)
 //!     require = [x.dim(0) == y.dim(0)],                  // checked by the launcher
 //! )]
@@ -20,7 +21,9 @@ use syn::{Error, Expr, FnArg, GenericParam, ItemFn, Meta, Pat, Token, Type};
 pub struct KernelAttr {
     /// `(parameter name, values)`: `T` values are dtype names, const values integers.
     pub variants: Vec<(syn::Ident, Vec<Expr>)>,
-    pub warps: usize,
+    pub warps: Count,
+    /// Pipeline depth for `dot` operands streamed in loops (1: off).
+    pub stages: Count,
     pub grid: Vec<Expr>,
     pub require: Vec<Expr>,
 }
@@ -30,7 +33,8 @@ impl Parse for KernelAttr {
         let metas = Punctuated::<Meta, Token![,]>::parse_terminated(input)?;
         let mut attr = KernelAttr {
             variants: vec![],
-            warps: 4,
+            warps: Count::Lit(4),
+            stages: Count::Lit(1),
             grid: vec![],
             require: vec![],
         };
@@ -52,12 +56,19 @@ impl Parse for KernelAttr {
                     }
                 }
                 Meta::NameValue(nv) if nv.path.is_ident("warps") => {
-                    attr.warps = match &nv.value {
-                        Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(i), .. }) => i.base10_parse()?,
-                        other => return Err(Error::new_spanned(other, "`warps` must be an integer literal")),
-                    };
-                    if !attr.warps.is_power_of_two() || attr.warps > 32 {
-                        return Err(Error::new_spanned(&nv.value, "`warps` must be a power of two, at most 32"));
+                    attr.warps = Count::parse(&nv.value, "warps")?;
+                    if let Count::Lit(w) = attr.warps {
+                        if !w.is_power_of_two() || w > 32 {
+                            return Err(Error::new_spanned(&nv.value, "`warps` must be a power of two, at most 32"));
+                        }
+                    }
+                }
+                Meta::NameValue(nv) if nv.path.is_ident("stages") => {
+                    attr.stages = Count::parse(&nv.value, "stages")?;
+                    if let Count::Lit(s) = attr.stages {
+                        if !(1..=8).contains(&s) {
+                            return Err(Error::new_spanned(&nv.value, "`stages` must be 1 to 8"));
+                        }
                     }
                 }
                 Meta::NameValue(nv) if nv.path.is_ident("grid") || nv.path.is_ident("require") => {
@@ -78,7 +89,7 @@ impl Parse for KernelAttr {
                 other => {
                     return Err(Error::new_spanned(
                         other,
-                        "unknown #[kernel] argument; expected `variants(..)`, `warps = N`, `grid = [..]` or `require = [..]`",
+                        "unknown #[kernel] argument; expected `variants(..)`, `warps = N`, `stages = N`, `grid = [..]` or `require = [..]`",
                     ))
                 }
             }
@@ -90,6 +101,36 @@ impl Parse for KernelAttr {
             ));
         }
         Ok(attr)
+    }
+}
+
+/// A count given as a literal or as the name of a const variant parameter (so autotuning
+/// configurations can vary it).
+#[derive(Clone, Debug)]
+pub enum Count {
+    Lit(usize),
+    Param(syn::Ident),
+}
+
+impl Count {
+    fn parse(e: &Expr, what: &str) -> syn::Result<Count> {
+        match e {
+            Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(i), .. }) => Ok(Count::Lit(i.base10_parse()?)),
+            Expr::Path(p) if p.path.get_ident().is_some() => Ok(Count::Param(p.path.get_ident().cloned().ok_or_else(|| Error::new_spanned(p, "expected a name"))?)),
+            other => Err(Error::new_spanned(other, format!("`{what}` must be an integer literal or a const parameter"))),
+        }
+    }
+
+    /// The value in a variant with const parameters `consts`.
+    pub fn resolve(&self, consts: &[(String, usize)]) -> syn::Result<usize> {
+        match self {
+            Count::Lit(v) => Ok(*v),
+            Count::Param(id) => consts
+                .iter()
+                .find(|(n, _)| *n == id.to_string())
+                .map(|(_, v)| *v)
+                .ok_or_else(|| Error::new_spanned(id, format!("`{id}` is not a const parameter listed in `variants(..)`"))),
+        }
     }
 }
 

@@ -25,6 +25,8 @@ struct Built {
     ptx80: String,
     ptx90: String,
     smem: usize,
+    dynamic_smem: bool,
+    threads: usize,
 }
 
 /// Expands one kernel.
@@ -145,7 +147,16 @@ fn build_variant(
         symbol.push_str(&format!("_{val}"));
     }
     symbol.push_str(&format!("_a{}", v.align));
-    let kernel = lower::lower(&symbol, sig, &f.block, attr.warps, v)?;
+    let warps = attr.warps.resolve(&v.consts)?;
+    if !warps.is_power_of_two() || warps > 32 {
+        return Err(Error::new_spanned(
+            &f.sig.ident,
+            format!("variant {symbol}: warps = {warps} must be a power of two, at most 32"),
+        ));
+    }
+    let stages = attr.stages.resolve(&v.consts)?.max(1);
+    let mut kernel = lower::lower(&symbol, sig, &f.block, warps, v)?;
+    kernel.num_stages = stages;
     let ir = printer::print(&kernel);
     // Errors of the later stages have no source spans: point at the kernel's name, and name
     // the variant unless the message already does.
@@ -159,6 +170,7 @@ fn build_variant(
     };
     let compiled = passes::compile(kernel, &target::SM90).map_err(at)?;
     let smem = compiled.smem.total;
+    let dynamic_smem = compiled.smem.dynamic;
     let ptx80 = ptx_cache::ptx(&compiled, &target::SM80, &symbol).map_err(at)?;
     let ptx90 = ptx_cache::ptx(&compiled, &target::SM90, &symbol).map_err(at)?;
     Ok(Built {
@@ -169,6 +181,8 @@ fn build_variant(
         ptx80,
         ptx90,
         smem,
+        dynamic_smem,
+        threads: warps * 32,
     })
 }
 
@@ -207,8 +221,9 @@ fn emit(
         .cloned()
         .collect::<Vec<_>>()
         .join(" ");
-    let warps = attr.warps as u32 * 32;
     let variants = built.iter().map(|b| {
+        let warps = b.threads as u32;
+        let dynamic_smem = b.dynamic_smem;
         let symbol = &b.symbol;
         let pn = b.params.iter().map(|p| &p.0);
         let pv = b.params.iter().map(|p| &p.1);
@@ -231,6 +246,7 @@ fn emit(
                 align: #align,
                 threads: #warps,
                 smem_bytes: #smem,
+                dynamic_smem: #dynamic_smem,
                 ir: #ir,
                 ptx_sm80: #p80,
                 ptx_sm90: #p90,

@@ -19,8 +19,8 @@ impl Launcher for CudaDevice {
     /// Queues the variant on the device's stream (asynchronously: a fault in the kernel shows
     /// up at the next synchronisation).
     ///
-    /// The block is `(variant.threads, 1, 1)` and the dynamic shared memory 0: a kernel's
-    /// shared memory is declared statically in its PTX. An empty grid (a dimension of 0, i.e.
+    /// The block is `(variant.threads, 1, 1)`; the dynamic shared memory is the variant's
+    /// `smem_bytes` when it is dynamic, else 0 (declared statically in its PTX). An empty grid (a dimension of 0, i.e.
     /// an empty tensor) launches nothing and succeeds.
     fn launch(&self, spec: &LaunchSpec<'_>) -> Result<(), LaunchError> {
         let variant = spec.variant;
@@ -51,7 +51,11 @@ impl Launcher for CudaDevice {
         let cfg = LaunchConfig {
             grid_dim: (spec.grid[0], spec.grid[1], spec.grid[2]),
             block_dim: (variant.threads, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: if variant.dynamic_smem {
+                variant.smem_bytes
+            } else {
+                0
+            },
         };
         let stream = self.stream();
         let mut builder = stream.launch_builder(&func);

@@ -95,9 +95,24 @@ impl ModuleCache {
                 return Err(err(message));
             }
         };
-        module
+        let f = module
             .load_function(symbol)
-            .map_err(|e| err(format!("no entry `{symbol}` in its PTX: {}", describe(&e))))
+            .map_err(|e| err(format!("no entry `{symbol}` in its PTX: {}", describe(&e))))?;
+        if variant.dynamic_smem {
+            // Above 48 KB a function must opt into its dynamic shared memory.
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                variant.smem_bytes as i32,
+            )
+            .map_err(|e| {
+                err(format!(
+                    "cannot allow {} bytes of dynamic shared memory: {}",
+                    variant.smem_bytes,
+                    describe(&e)
+                ))
+            })?;
+        }
+        Ok(f)
     }
 }
 

@@ -33,6 +33,11 @@ impl Builder {
         }
     }
 
+    /// Sets the pipeline depth for `dot` operands streamed in loops (1: no pipelining).
+    pub fn set_stages(&mut self, stages: usize) {
+        self.kernel.num_stages = stages.max(1);
+    }
+
     /// Finishes the kernel. Fails if a nested block is still open.
     pub fn finish(mut self) -> R<Kernel> {
         if self.stack.len() != 1 {
@@ -336,6 +341,52 @@ impl Builder {
             Op::ExpandDims { src: v, axis },
             Type::tile(ty.dtype, &shape),
         ))
+    }
+
+    /// Swaps the dimensions of a rank-2 tile.
+    pub fn trans(&mut self, v: ValueId) -> R<ValueId> {
+        let ty = self.ty(v).clone();
+        if ty.rank() != 2 {
+            ir_bail!("trans needs a rank-2 tile, got {}", ty);
+        }
+        let shape = [ty.shape[1], ty.shape[0]];
+        Ok(self.push1(Op::Trans { src: v }, Type::tile(ty.dtype, &shape)))
+    }
+
+    /// `acc + a · b` on tensor cores: `a: [M, K]` and `b: [K, N]` of one 16-bit float type,
+    /// `acc: [M, N]` f32 (an f32 scalar is splatted). `M` must be a multiple of 16, `N` of 8 and
+    /// `K` of 16 (the `m16n8k16` instruction shape).
+    pub fn dot(&mut self, a: ValueId, b: ValueId, acc: ValueId) -> R<ValueId> {
+        let (ta, tb) = (self.ty(a).clone(), self.ty(b).clone());
+        if ta.rank() != 2 || tb.rank() != 2 {
+            ir_bail!("dot needs rank-2 operands, got {} and {}", ta, tb);
+        }
+        if ta.dtype != tb.dtype || !matches!(ta.dtype, DType::BF16 | DType::F16) {
+            ir_bail!(
+                "dot needs bf16 or f16 operands of one type, got {} and {}",
+                ta,
+                tb
+            );
+        }
+        let (m, k, n) = (ta.shape[0], ta.shape[1], tb.shape[1]);
+        if tb.shape[0] != k {
+            ir_bail!(
+                "dot: inner dimensions differ ({} · {}); transpose one operand with `.t()`",
+                ta,
+                tb
+            );
+        }
+        if m % 16 != 0 || n % 8 != 0 || k % 16 != 0 {
+            ir_bail!(
+                "dot [{m}, {k}] · [{k}, {n}]: M must be a multiple of 16, N of 8 and K of 16 (the tensor-core instruction is m16n8k16)"
+            );
+        }
+        let acc = self.broadcast_to(acc, &[m, n])?;
+        let tacc = self.ty(acc).clone();
+        if tacc.dtype != DType::F32 {
+            ir_bail!("dot accumulates in f32, got an accumulator {}", tacc);
+        }
+        Ok(self.push1(Op::Dot { a, b, acc }, Type::tile(DType::F32, &[m, n])))
     }
 
     /// Reduces along `axis` (sum in the input dtype; 16-bit floats are reduced in f32).

@@ -259,6 +259,20 @@ pub enum Op {
     },
     /// Ends the program early.
     Return,
+    /// Swaps the two dimensions of a rank-2 tile. Free: the result's layout is the operand's
+    /// with its dimensions swapped, so no data moves.
+    Trans {
+        src: ValueId,
+    },
+    /// `acc + a · b` with `a: [M, K]`, `b: [K, N]` (bf16 or f16) and `acc`, result: `[M, N]`
+    /// f32. Lowered to tensor-core `mma.sync` (COMPILER.md §2): operands are staged in shared
+    /// memory (by `cp.async` when the pipeliner can stream them, else from registers) and read
+    /// with `ldmatrix`; the accumulator lives in the MMA fragment layout.
+    Dot {
+        a: ValueId,
+        b: ValueId,
+        acc: ValueId,
+    },
 }
 
 impl Op {
@@ -272,7 +286,9 @@ impl Op {
             | Op::ConvertLayout { src }
             | Op::Unary { src, .. }
             | Op::Cast { src }
+            | Op::Trans { src }
             | Op::Reduce { src, .. } => vec![*src],
+            Op::Dot { a, b, acc } => vec![*a, *b, *acc],
             Op::Binary { lhs, rhs, .. } | Op::Cmp { lhs, rhs, .. } => vec![*lhs, *rhs],
             Op::Select { cond, a, b } => vec![*cond, *a, *b],
             Op::AddPtr { ptr, offset } => vec![*ptr, *offset],
@@ -312,7 +328,13 @@ impl Op {
             | Op::ConvertLayout { src }
             | Op::Unary { src, .. }
             | Op::Cast { src }
+            | Op::Trans { src }
             | Op::Reduce { src, .. } => *src = f(*src),
+            Op::Dot { a, b, acc } => {
+                *a = f(*a);
+                *b = f(*b);
+                *acc = f(*acc);
+            }
             Op::Binary { lhs, rhs, .. } | Op::Cmp { lhs, rhs, .. } => {
                 *lhs = f(*lhs);
                 *rhs = f(*rhs);
@@ -441,6 +463,9 @@ pub struct Kernel {
     pub body: Block,
     /// Warps per program.
     pub num_warps: usize,
+    /// Depth of the `cp.async` pipeline that streams `dot` operands through shared memory in
+    /// loops (COMPILER.md §4.1); 1 turns pipelining off.
+    pub num_stages: usize,
     /// Type of every value, indexed by `ValueId.0`.
     pub types: Vec<Type>,
 }
@@ -453,6 +478,7 @@ impl Kernel {
             args: vec![],
             body: Block::default(),
             num_warps,
+            num_stages: 1,
             types: vec![],
         }
     }

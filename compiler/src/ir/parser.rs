@@ -302,9 +302,11 @@ impl Parser {
                 return Err("expected `warps N`".into());
             }
             let warps = l.int()?;
+            let stages = if l.eat_word("stages") { l.int()? } else { 1 };
             l.punct('{')?;
             l.done()?;
             self.b = Builder::new(&name, warps);
+            self.b.set_stages(stages);
             for (v, ty, aname, div) in args {
                 if !ty.shape.is_empty() {
                     return Err(format!("argument {aname} must be a scalar"));
@@ -402,6 +404,18 @@ impl Parser {
                     }
                 }
                 "cast" => Op::Cast { src: v(&mut l)? },
+                "trans" => Op::Trans { src: v(&mut l)? },
+                "dot" => {
+                    let a = v(&mut l)?;
+                    l.punct(',')?;
+                    let b = v(&mut l)?;
+                    l.punct(',')?;
+                    Op::Dot {
+                        a,
+                        b,
+                        acc: v(&mut l)?,
+                    }
+                }
                 "addptr" => {
                     let ptr = v(&mut l)?;
                     l.punct(',')?;

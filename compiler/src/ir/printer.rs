@@ -129,9 +129,14 @@ impl Printer<'_> {
             };
             args.push(format!("{name}: {ty} \"{}\"{div}", a.name));
         }
+        let stages = if self.kernel.num_stages > 1 {
+            format!(" stages {}", self.kernel.num_stages)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             self.out,
-            "kernel @{}({}) warps {} {{",
+            "kernel @{}({}) warps {}{stages} {{",
             self.kernel.name,
             args.join(", "),
             self.kernel.num_warps
@@ -198,6 +203,13 @@ impl Printer<'_> {
                     )
                 }
                 Op::Cast { src } => format!("{lhs}cast {} : {ty}", self.v(*src)),
+                Op::Trans { src } => format!("{lhs}trans {} : {ty}", self.v(*src)),
+                Op::Dot { a, b, acc } => format!(
+                    "{lhs}dot {}, {}, {} : {ty}",
+                    self.v(*a),
+                    self.v(*b),
+                    self.v(*acc)
+                ),
                 Op::AddPtr { ptr, offset } => {
                     format!("{lhs}addptr {}, {} : {ty}", self.v(*ptr), self.v(*offset))
                 }

@@ -66,6 +66,33 @@ fn finish(
     }
 }
 
+/// The warp grid `wm x wn` for a `bm x bn` accumulator tile on `num_warps` warps: warp tiles as
+/// square as possible (ties: taller), each at least 16 x 8. When the tile is too small for all
+/// warps, the grid uses fewer (the rest duplicate work).
+pub fn warp_grid(bm: usize, bn: usize, num_warps: usize) -> (usize, usize) {
+    let mut best: Option<(usize, usize, i64)> = None;
+    let mut w = num_warps.max(1);
+    while best.is_none() && w >= 1 {
+        let mut wm = 1;
+        while wm <= w {
+            let wn = w / wm;
+            if bm / wm >= 16 && bn / wn >= 8 && bm % (16 * wm) == 0 && bn % (8 * wn) == 0 {
+                let skew = (log2(bm / wm) as i64 - log2(bn / wn) as i64).abs();
+                let better = match best {
+                    None => true,
+                    Some((bwm, _, bs)) => skew < bs || (skew == bs && wm < bwm),
+                };
+                if better {
+                    best = Some((wm, wn, skew));
+                }
+            }
+            wm *= 2;
+        }
+        w /= 2;
+    }
+    best.map(|(m, n, _)| (m, n)).unwrap_or((1, 1))
+}
+
 /// Register bases repeating a `step`-sized fragment `count` times along `dim` (count a power of
 /// two): `step, 2*step, 4*step, ..`.
 fn repeats(reg: &mut Vec<Vec<usize>>, dim: usize, step: usize, count: usize) {
@@ -111,6 +138,23 @@ impl Layout {
             lane,
             warp_bases(wm, wn, Some(wtm), Some(wtn)),
         ))
+    }
+
+    /// The accumulator layout of a `bm x bn` tile on `num_warps` warps, with the warp grid
+    /// chosen by [`warp_grid`]. Warps beyond what the tile can use hold copies.
+    pub fn mma_acc_for(bm: usize, bn: usize, num_warps: usize) -> Result<Layout, MmaShapeError> {
+        let (wm, wn) = warp_grid(bm, bn, num_warps);
+        let mut l = Layout::mma_acc(bm, bn, wm, wn)?;
+        while (1usize << l.warp.len()) < num_warps {
+            l.warp.push(vec![0, 0]);
+        }
+        Ok(l)
+    }
+
+    /// `(wm, wn)` of an accumulator layout made by [`Layout::mma_acc_for`].
+    pub fn mma_warp_grid(&self) -> (usize, usize) {
+        let along = |d: usize| 1usize << self.warp.iter().filter(|b| b[d] != 0).count();
+        (along(0), along(1))
     }
 
     /// The A operand `[bm, bk]` (16-bit, two values per 32-bit register), replicated over the

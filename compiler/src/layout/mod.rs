@@ -142,6 +142,25 @@ impl Layout {
         }
     }
 
+    /// The same distribution of a rank-2 tile with its two dimensions swapped (what `trans`
+    /// needs to be a pure renaming of registers).
+    pub fn transpose(&self) -> Layout {
+        let sw = |b: &Vec<usize>| -> Vec<usize> {
+            if b.len() == 2 {
+                vec![b[1], b[0]]
+            } else {
+                b.clone()
+            }
+        };
+        Layout {
+            shape: sw(&self.shape),
+            reg: self.reg.iter().map(sw).collect(),
+            lane: self.lane.iter().map(sw).collect(),
+            warp: self.warp.iter().map(sw).collect(),
+            reg_ids: self.reg_ids.clone(),
+        }
+    }
+
     /// Registers per thread.
     pub fn num_regs(&self) -> usize {
         1 << self.reg.len()

@@ -23,6 +23,7 @@
 //! an optimisation of that one op, and `crate::sim` already checks its address arithmetic.
 
 use super::axis_info::{self, AxisInfo};
+use super::spaces;
 use crate::dtype::DType;
 use crate::ir::{printer, Block, IrError, Kernel, Op, ValueId};
 use crate::layout::Layout;
@@ -89,11 +90,18 @@ impl LayoutPlan {
 
 /// Chooses layouts for `k`.
 pub fn assign_layouts(k: &mut Kernel) -> Result<LayoutPlan, IrError> {
+    let dot = spaces::has_dot(k);
+    if dot {
+        spaces::split_index_chains(k);
+        spaces::convert_dot_stores(k);
+    }
     // A tile used along two dimensions (a range that indexes both rows and columns) gets a
     // conversion through shared memory before its second use.
     let mut maps = HashMap::new();
+    let mut sp = Spaces::of(k, dot);
     for _ in 0..8 {
-        let (m, conflicts) = dim_maps(k)?;
+        sp = Spaces::of(k, dot);
+        let (m, conflicts) = dim_maps(k, &sp)?;
         maps = m;
         if conflicts.is_empty() {
             break;
@@ -101,52 +109,68 @@ pub fn assign_layouts(k: &mut Kernel) -> Result<LayoutPlan, IrError> {
         insert_converts(k, &conflicts);
     }
     let k: &Kernel = k;
-    let root_rank = k.types.iter().map(|t| t.rank()).max().unwrap_or(0);
-    if root_rank > 2 {
-        crate::ir_bail!(
-            "kernel `{}`: tiles of rank {root_rank} are not supported (at most 2)",
-            k.name
-        );
+    if std::env::var("LEXP_DEBUG_SPACES").is_ok() {
+        let note = |v: ValueId| sp.space.get(&v).map(|s| format!("space {s}"));
+        eprintln!("{}", printer::print_annotated(k, &note));
     }
-    let mut root_shape = vec![1usize; root_rank];
-    for (i, t) in k.types.iter().enumerate() {
-        if let Some(m) = maps.get(&ValueId(i as u32)) {
-            for (d, &rd) in m.iter().enumerate() {
-                root_shape[rd] = root_shape[rd].max(t.shape[d]);
-            }
-        }
-    }
-    if let Some(bad) = root_shape.iter().find(|d| !d.is_power_of_two()) {
+    if let Some(r) = sp.rank.values().find(|r| **r > 2) {
         crate::ir_bail!(
-            "kernel `{}`: tile extent {bad} is not a power of two",
+            "kernel `{}`: tiles of rank {r} are not supported (at most 2)",
             k.name
         );
     }
     let info = axis_info::analyze(k);
     let accesses = memory_accesses(k);
-    let mut root_vec = 0usize;
-    let mut widths = HashMap::new();
-    for (ptr, mask, elem) in &accesses {
-        let w = access_width(k, &maps, &info, root_rank, *ptr, *mask, *elem);
-        widths.insert(*ptr, w);
-        if let Some(w) = w {
-            root_vec = if root_vec == 0 {
-                w.1
-            } else {
-                root_vec.min(w.1)
-            };
+    // Per space: the root shape (largest extent along each root dimension) and vector width.
+    let mut shapes: HashMap<u32, Vec<usize>> = HashMap::new();
+    for (i, t) in k.types.iter().enumerate() {
+        let v = ValueId(i as u32);
+        if let (Some(m), Some(s)) = (maps.get(&v), sp.space.get(&v)) {
+            let shape = shapes.entry(*s).or_insert_with(|| vec![1; sp.rank[s]]);
+            for (d, &rd) in m.iter().enumerate() {
+                shape[rd] = shape[rd].max(t.shape[d]);
+            }
         }
     }
-    let root_vec = root_vec.max(1);
-    let root = Layout::blocked(&root_shape, root_vec, k.num_warps);
+    for shape in shapes.values() {
+        if let Some(bad) = shape.iter().find(|d| !d.is_power_of_two()) {
+            crate::ir_bail!(
+                "kernel `{}`: tile extent {bad} is not a power of two",
+                k.name
+            );
+        }
+    }
+    let mut vecs: HashMap<u32, usize> = HashMap::new();
+    let mut widths = HashMap::new();
+    for (ptr, mask, elem) in &accesses {
+        let Some(s) = sp.space.get(ptr) else { continue };
+        let w = access_width(k, &maps, &info, sp.rank[s], *ptr, *mask, *elem);
+        widths.insert(*ptr, w);
+        if let Some(w) = w {
+            let e = vecs.entry(*s).or_insert(w.1);
+            *e = (*e).min(w.1);
+        }
+    }
+    let roots = choose_roots(k, &sp, &shapes, &vecs)?;
+    let root = roots
+        .get(&0)
+        .or_else(|| roots.values().next())
+        .cloned()
+        .unwrap_or_else(|| Layout::blocked(&[], 1, k.num_warps));
     let mut layouts = HashMap::new();
     for (i, t) in k.types.iter().enumerate() {
         let v = ValueId(i as u32);
-        let dims = maps
-            .get(&v)
-            .cloned()
-            .unwrap_or_else(|| default_map(t.rank(), root_rank));
-        layouts.insert(v, root.project(&dims, &t.shape));
+        let l = match sp.space.get(&v) {
+            Some(s) => {
+                let dims = maps
+                    .get(&v)
+                    .cloned()
+                    .unwrap_or_else(|| default_map(t.rank(), sp.rank[s]));
+                roots[s].project(&dims, &t.shape)
+            }
+            None => root.project(&[], &[]),
+        };
+        layouts.insert(v, l);
     }
     // A thread has 255 registers; a tile that needs more values per thread than that cannot
     // stay in registers (the compile would crawl and ptxas would spill).
@@ -169,7 +193,110 @@ pub fn assign_layouts(k: &mut Kernel) -> Result<LayoutPlan, IrError> {
         let l: &Layout = &layouts[ptr];
         vec.insert(*ptr, own.min(l.contiguous_regs()).max(1));
     }
-    Ok(LayoutPlan { root, layouts, vec })
+    Ok(LayoutPlan {
+        root,
+        layouts,
+        vec,
+    })
+}
+
+/// The spaces of a kernel: each tile's space id and each space's rank. Without `dot` every tile
+/// is in space 0, as the single-root design always had it.
+struct Spaces {
+    space: HashMap<ValueId, u32>,
+    rank: HashMap<u32, usize>,
+    /// Spaces that hold a `dot` accumulator (their root is the MMA fragment layout).
+    acc: Vec<u32>,
+    /// `trans` results' spaces, with the space of the transposed operand.
+    trans: Vec<(u32, ValueId, ValueId)>,
+}
+
+impl Spaces {
+    fn of(k: &Kernel, dot: bool) -> Spaces {
+        let mut c = spaces::components(k, true);
+        let accs = if dot {
+            spaces::accumulator_components(k, &mut c)
+        } else {
+            Default::default()
+        };
+        let mut space = HashMap::new();
+        let mut rank: HashMap<u32, usize> = HashMap::new();
+        for (i, t) in k.types.iter().enumerate() {
+            if t.rank() == 0 {
+                continue;
+            }
+            let v = ValueId(i as u32);
+            let s = if dot { c.find(v) } else { 0 };
+            space.insert(v, s);
+            let r = rank.entry(s).or_insert(0);
+            *r = (*r).max(t.rank());
+        }
+        let mut trans = vec![];
+        k.walk(&mut |i| {
+            if let Op::Trans { src } = &i.op {
+                trans.push((space[&i.results[0]], i.results[0], *src));
+            }
+        });
+        let mut acc: Vec<u32> = accs.into_iter().collect();
+        acc.sort_unstable();
+        Spaces {
+            space,
+            rank,
+            acc,
+            trans,
+        }
+    }
+}
+
+/// The root layout of every space: the MMA accumulator layout for accumulator spaces, the
+/// operand's layout with dimensions swapped for the space of a `trans` result, a blocked
+/// layout otherwise.
+fn choose_roots(
+    k: &Kernel,
+    sp: &Spaces,
+    shapes: &HashMap<u32, Vec<usize>>,
+    vecs: &HashMap<u32, usize>,
+) -> Result<HashMap<u32, Layout>, IrError> {
+    let mut roots: HashMap<u32, Layout> = HashMap::new();
+    for (s, shape) in shapes {
+        if sp.acc.contains(s) {
+            let l = Layout::mma_acc_for(shape[0], shape[1], k.num_warps)
+                .map_err(|e| IrError(format!("kernel `{}`: {e}", k.name)))?;
+            roots.insert(*s, l);
+        } else if !sp.trans.iter().any(|(ts, _, _)| ts == s) {
+            let v = vecs.get(s).copied().unwrap_or(1).max(1);
+            roots.insert(*s, Layout::blocked(shape, v, k.num_warps));
+        }
+    }
+    // `trans` spaces, in dependency order (a transposed tile may itself be transposed).
+    for _ in 0..sp.trans.len() + 1 {
+        for (ts, r, src) in &sp.trans {
+            if roots.contains_key(ts) {
+                continue;
+            }
+            let Some(ss) = sp.space.get(src) else { continue };
+            let Some(root) = roots.get(ss) else { continue };
+            let src_shape = &k.ty(*src).shape;
+            if root.shape != *src_shape || shapes.get(ts) != Some(&k.ty(*r).shape) {
+                crate::ir_bail!(
+                    "kernel `{}`: `trans` of {} needs the tile to be the largest of its space (root {:?}, result space {:?})",
+                    k.name,
+                    k.ty(*src),
+                    root.shape,
+                    shapes.get(ts)
+                );
+            }
+            roots.insert(*ts, root.transpose());
+        }
+    }
+    if let Some((_, r, _)) = sp.trans.iter().find(|(ts, _, _)| !roots.contains_key(ts)) {
+        crate::ir_bail!(
+            "kernel `{}`: cannot place the transposed tile {}",
+            k.name,
+            k.ty(*r)
+        );
+    }
+    Ok(roots)
 }
 
 fn default_map(rank: usize, root_rank: usize) -> Vec<usize> {
@@ -238,12 +365,16 @@ fn prev_pow2(x: usize) -> usize {
 /// Maps every value's dimensions to root dimensions.
 /// Dimension maps of every value, and the `expand_dims` results whose operand is already used
 /// along another root dimension (each needs a layout conversion of its operand).
-fn dim_maps(k: &Kernel) -> Result<(HashMap<ValueId, Vec<usize>>, Vec<ValueId>), IrError> {
-    let root_rank = k.types.iter().map(|t| t.rank()).max().unwrap_or(0);
+fn dim_maps(
+    k: &Kernel,
+    sp: &Spaces,
+) -> Result<(HashMap<ValueId, Vec<usize>>, Vec<ValueId>), IrError> {
+    let root_rank = |v: ValueId| sp.space.get(&v).map(|s| sp.rank[s]).unwrap_or(0);
     let mut maps: HashMap<ValueId, Vec<usize>> = HashMap::new();
     for (i, t) in k.types.iter().enumerate() {
-        if t.rank() == root_rank || t.rank() == 0 {
-            maps.insert(ValueId(i as u32), (0..t.rank()).collect());
+        let v = ValueId(i as u32);
+        if t.rank() == root_rank(v) || t.rank() == 0 {
+            maps.insert(v, (0..t.rank()).collect());
         }
     }
     let mut conflicts = vec![];
@@ -257,7 +388,7 @@ fn dim_maps(k: &Kernel) -> Result<(HashMap<ValueId, Vec<usize>>, Vec<ValueId>), 
             &mut changed,
             &mut err,
             &mut conflicts,
-            root_rank,
+            &root_rank,
         );
         if let Some(e) = err {
             return Err(e);
@@ -304,7 +435,7 @@ fn propagate(
     changed: &mut bool,
     err: &mut Option<IrError>,
     conflicts: &mut Vec<ValueId>,
-    root_rank: usize,
+    root_rank: &dyn Fn(ValueId) -> usize,
 ) {
     let mut unify = |maps: &mut HashMap<ValueId, Vec<usize>>, group: &[ValueId]| match unify_group(
         k, maps, group,
@@ -355,7 +486,8 @@ fn propagate(
                         }
                     }
                 } else if let Some(sm) = maps.get(src).cloned() {
-                    let free: Vec<usize> = (0..root_rank).filter(|d| !sm.contains(d)).collect();
+                    let free: Vec<usize> =
+                        (0..root_rank(r)).filter(|d| !sm.contains(d)).collect();
                     if free.len() == 1 {
                         let mut rm = sm.clone();
                         rm.insert(*axis, free[0]);
@@ -374,7 +506,8 @@ fn propagate(
                         local = true;
                     }
                 } else if let Some(rm) = maps.get(&r).cloned() {
-                    let free: Vec<usize> = (0..root_rank).filter(|d| !rm.contains(d)).collect();
+                    let free: Vec<usize> =
+                        (0..root_rank(r)).filter(|d| !rm.contains(d)).collect();
                     if free.len() == 1 {
                         let mut sm = rm.clone();
                         sm.insert(*axis, free[0]);

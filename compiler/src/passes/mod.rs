@@ -4,7 +4,9 @@
 pub mod axis_info;
 pub mod canonicalize;
 pub mod layouts;
+pub mod pipeline;
 pub mod smem;
+pub mod spaces;
 
 use crate::ir::{printer, IrError, Kernel};
 use crate::target::Target;
@@ -15,6 +17,8 @@ pub struct Compiled {
     pub kernel: Kernel,
     pub layouts: layouts::LayoutPlan,
     pub smem: smem::SmemPlan,
+    /// Loops whose `dot` operands are streamed through shared memory.
+    pub pipeline: pipeline::PipelinePlan,
     /// `(stage name, text)` in order: `parsed`, `canonical`, `layouts`, `smem`.
     pub stages: Vec<(&'static str, String)>,
 }
@@ -26,12 +30,16 @@ pub fn compile(mut kernel: Kernel, target: &Target) -> Result<Compiled, IrError>
     stages.push(("canonical", printer::print(&kernel)));
     let layouts = layouts::assign_layouts(&mut kernel)?;
     stages.push(("layouts", layouts.print(&kernel)));
-    let smem = smem::plan(&kernel, &layouts, target)?;
-    stages.push(("smem", smem.print()));
+    let mut pipeline = pipeline::plan(&kernel, &layouts);
+    let smem = smem::plan(&kernel, &layouts, &mut pipeline, target)?;
+    let mut text = smem.print();
+    text.push_str(&pipeline.print());
+    stages.push(("smem", text));
     Ok(Compiled {
         kernel,
         layouts,
         smem,
+        pipeline,
         stages,
     })
 }

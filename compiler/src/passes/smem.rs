@@ -1,12 +1,21 @@
 //! The shared-memory plan: which ops need scratch, at which offset, and the kernel's total,
 //! checked against the target's static limit at compile time.
 //!
-//! Today's users are cross-warp reductions: each warp that holds part of a reduced dimension
-//! writes its partial results to scratch, and after a barrier every thread combines them.
-//! Such ops run one after another with a barrier at the end of each, so they all reuse one
-//! region at offset 0: the total is the largest single need, not the sum.
+//! *Scratch* users: cross-warp reductions (each warp that holds part of a reduced dimension
+//! writes its partial results, and after a barrier every thread combines them), layout
+//! conversions, and `dot` operands staged from registers. Such ops run one after another with
+//! a barrier at the end of each, so they all reuse one region at offset 0: its size is the
+//! largest single need, not the sum.
+//!
+//! *Pipeline* buffers (the slots of streamed `dot` operands, [`super::pipeline`]) live for a
+//! whole loop, next to scratch users inside it, so they follow the scratch region.
+//!
+//! Up to the target's static limit (48 KB) the memory is a static array; above it, dynamic
+//! shared memory that the launcher opts into.
 
 use super::layouts::LayoutPlan;
+use super::pipeline::PipelinePlan;
+use crate::layout::shared::SharedLayout;
 use crate::ir::{IrError, Kernel, Op, ValueId};
 use crate::target::Target;
 
@@ -25,8 +34,11 @@ pub struct Allocation {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct SmemPlan {
     pub allocations: Vec<Allocation>,
-    /// Static shared memory of the kernel in bytes.
+    /// Shared memory of the kernel in bytes.
     pub total: usize,
+    /// Whether `total` exceeds the static limit, so the memory is dynamic (declared `extern`,
+    /// sized at launch).
+    pub dynamic: bool,
 }
 
 impl SmemPlan {
@@ -37,7 +49,8 @@ impl SmemPlan {
 
     /// Text form for snapshots.
     pub fn print(&self) -> String {
-        let mut s = format!("smem total {} bytes\n", self.total);
+        let kind = if self.dynamic { " (dynamic)" } else { "" };
+        let mut s = format!("smem total {} bytes{kind}\n", self.total);
         for (i, a) in self.allocations.iter().enumerate() {
             s.push_str(&format!(
                 "  scratch {i}: offset {} size {}\n",
@@ -53,10 +66,59 @@ pub fn warps_along(l: &crate::layout::Layout, axis: usize) -> usize {
     1 << l.warp.iter().filter(|b| b[axis] != 0).count()
 }
 
-/// Plans scratch for every reduction that crosses warps.
-pub fn plan(k: &Kernel, layouts: &LayoutPlan, target: &Target) -> Result<SmemPlan, IrError> {
+/// Bytes of the scratch a `dot` needs to stage its operands from registers: the A tile then the
+/// B tile, each in its swizzled shared layout ([`dot_operand_layouts`]).
+pub fn dot_scratch(k: &Kernel, a: ValueId, b: ValueId) -> (SharedLayout, SharedLayout, usize) {
+    let (la, lb) = dot_operand_layouts(k, a, b);
+    let b_off = la.bytes().next_multiple_of(1024);
+    (la, lb, b_off)
+}
+
+/// The value a `dot` operand is stored from (looking through `trans`) and whether it was
+/// transposed.
+pub fn dot_source(k: &Kernel, v: ValueId) -> (ValueId, bool) {
+    let mut found = (v, false);
+    k.walk(&mut |i| {
+        if let (Op::Trans { src }, Some(r)) = (&i.op, i.results.first()) {
+            if *r == v {
+                found = (*src, true);
+            }
+        }
+    });
+    found
+}
+
+/// Shared layouts of the stored forms of a `dot`'s operands: each operand's source tile as it is
+/// (before `trans`), contiguous along its last dimension.
+pub fn dot_operand_layouts(k: &Kernel, a: ValueId, b: ValueId) -> (SharedLayout, SharedLayout) {
+    let lay = |v: ValueId| {
+        let (s, _) = dot_source(k, v);
+        let t = k.ty(s);
+        SharedLayout::choose(t.shape[0], t.shape[1], t.dtype.bytes())
+    };
+    (lay(a), lay(b))
+}
+
+/// Plans scratch for every op that needs it, then the pipeline buffers.
+pub fn plan(
+    k: &Kernel,
+    layouts: &LayoutPlan,
+    pipeline: &mut PipelinePlan,
+    target: &Target,
+) -> Result<SmemPlan, IrError> {
     let mut plan = SmemPlan::default();
     k.walk(&mut |inst| {
+        if let Op::Dot { a, b, .. } = &inst.op {
+            let staged = |v: ValueId| pipeline.staged(dot_source(k, v).0).is_some();
+            if !(staged(*a) && staged(*b)) {
+                let (_, lb, b_off) = dot_scratch(k, *a, *b);
+                plan.allocations.push(Allocation {
+                    value: inst.results[0],
+                    offset: 0,
+                    size: b_off + lb.bytes(),
+                });
+            }
+        }
         if let Op::ConvertLayout { src } = &inst.op {
             let (from, to) = (layouts.of(*src), layouts.of(inst.results[0]));
             if from != to {
@@ -88,13 +150,21 @@ pub fn plan(k: &Kernel, layouts: &LayoutPlan, target: &Target) -> Result<SmemPla
         .map(|a| a.offset + a.size)
         .max()
         .unwrap_or(0);
-    if plan.total > target.max_static_smem {
+    for l in &mut pipeline.loops {
+        for ld in &mut l.loads {
+            plan.total = plan.total.next_multiple_of(1024);
+            ld.offset = plan.total;
+            plan.total += l.stages * ld.shared.bytes();
+        }
+    }
+    plan.dynamic = plan.total > target.max_static_smem;
+    if plan.total > target.max_dynamic_smem {
         crate::ir_bail!(
-            "kernel `{}` needs {} bytes of shared memory; {} allows {} bytes of static shared memory",
+            "kernel `{}` needs {} bytes of shared memory; {} allows {} bytes per CTA (use fewer pipeline stages or smaller tiles)",
             k.name,
             plan.total,
             target.name,
-            target.max_static_smem
+            target.max_dynamic_smem
         );
     }
     Ok(plan)

@@ -124,6 +124,15 @@ impl Lower<'_> {
                     c,
                 )?
             }
+            "dot" => {
+                self.nargs(c, args.len(), 3, "dot")?;
+                let (a, b, acc) = (
+                    self.expr(args[0])?,
+                    self.expr(args[1])?,
+                    self.expr(args[2])?,
+                );
+                ir(self.b.dot(a, b, acc), c)?
+            }
             "select" => {
                 self.nargs(c, args.len(), 3, "select")?;
                 let (m, x, y) = (
@@ -271,6 +280,10 @@ impl Lower<'_> {
                     _ => ReduceKind::Min,
                 };
                 ir(self.b.reduce(x, axis, kind), m)?
+            }
+            "t" => {
+                self.nargs(m, args.len(), 0, "t")?;
+                ir(self.b.trans(x), m)?
             }
             "expand" => {
                 self.nargs(m, args.len(), 1, "expand")?;

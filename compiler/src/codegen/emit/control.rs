@@ -37,6 +37,16 @@ impl<'c> Gen<'c, '_> {
             .iter()
             .map(|v| self.get(*v).cloned())
             .collect::<R<_>>()?;
+        let pl = self.c.pipeline.for_iv(body.args[0]).cloned();
+        if let Some(pl) = &pl {
+            // Prologue: tiles 0 .. S-2 into slots 0 .. S-2, one commit group each (empty
+            // past the end, which keeps the group count uniform).
+            for s in 0..pl.stages - 1 {
+                let off = self.b.build_int_mul(step_v, self.iv_const(ivt, s), "").map_err(be)?;
+                let iv_s = self.b.build_int_add(lo_v.into_int_value(), off, "").map_err(be)?;
+                self.prefetch(body, pl, iv_s, hi_v, self.i32(s as i64))?;
+            }
+        }
         let pre = self
             .b
             .get_insert_block()
@@ -54,6 +64,18 @@ impl<'c> Gen<'c, '_> {
                 p.add_incoming(&[(v as &dyn BasicValue, pre)]);
             }
         }
+        // Ring positions: the slot read this iteration and the slot written by its prefetch.
+        let slots = match &pl {
+            Some(pl) => {
+                let i32t = self.ctx.i32_type();
+                let rd = self.b.build_phi(i32t, "slot.read").map_err(be)?;
+                let wr = self.b.build_phi(i32t, "slot.write").map_err(be)?;
+                rd.add_incoming(&[(&self.i32(0) as &dyn BasicValue, pre)]);
+                wr.add_incoming(&[(&self.i32(pl.stages as i64 - 1) as &dyn BasicValue, pre)]);
+                Some((rd, wr))
+            }
+            None => None,
+        };
         let ivv = iv.as_basic_value().into_int_value();
         let cond = self
             .b
@@ -63,6 +85,35 @@ impl<'c> Gen<'c, '_> {
             .build_conditional_branch(cond, body_bb, exit)
             .map_err(be)?;
         self.b.position_at_end(body_bb);
+        if let (Some(pl), Some((rd, wr))) = (&pl, &slots) {
+            // Tile `kt` has landed (mine, then everyone's), and every warp is done reading the
+            // slot the prefetch below overwrites (it was read in the previous iteration).
+            self.call_void_with(
+                "llvm.nvvm.cp.async.wait.group",
+                &[self.ctx.i32_type().into()],
+                &[self.i32(pl.stages as i64 - 2).into()],
+            )?;
+            self.call_void("llvm.nvvm.barrier0")?;
+            let ahead = self
+                .b
+                .build_int_mul(step_v, self.iv_const(ivt, pl.stages - 1), "")
+                .map_err(be)?;
+            let nxt = self.b.build_int_add(ivv, ahead, "").map_err(be)?;
+            let wr_v = wr.as_basic_value().into_int_value();
+            self.prefetch(body, pl, nxt, hi_v, wr_v)?;
+            let rd_v = rd.as_basic_value().into_int_value();
+            for ld in &pl.loads {
+                let base = self
+                    .b
+                    .build_int_mul(rd_v, self.i32(ld.shared.bytes() as i64), "")
+                    .map_err(be)?;
+                let base = self
+                    .b
+                    .build_int_add(base, self.i32(ld.offset as i64), "")
+                    .map_err(be)?;
+                self.slots.insert(ld.load, base);
+            }
+        }
         self.vals.insert(body.args[0], vec![ivv.into()]);
         for (a, ps) in body.args[1..].iter().zip(&carried) {
             self.vals
@@ -76,6 +127,21 @@ impl<'c> Gen<'c, '_> {
                 .ok_or_else(|| IrError("builder not positioned".into()))?;
             let next = self.b.build_int_add(ivv, step_v, "").map_err(be)?;
             iv.add_incoming(&[(&next as &dyn BasicValue, latch)]);
+            if let (Some(pl), Some((rd, wr))) = (&pl, &slots) {
+                for phi in [rd, wr] {
+                    let v = phi.as_basic_value().into_int_value();
+                    let inc = self.b.build_int_add(v, self.i32(1), "").map_err(be)?;
+                    let wrap = self
+                        .b
+                        .build_int_compare(IntPredicate::EQ, inc, self.i32(pl.stages as i64), "")
+                        .map_err(be)?;
+                    let nv = self
+                        .b
+                        .build_select(wrap, self.i32(0), inc, "")
+                        .map_err(be)?;
+                    phi.add_incoming(&[(&nv as &dyn BasicValue, latch)]);
+                }
+            }
             let y = yielded.unwrap_or_default();
             if y.len() != carried.len() {
                 return Err(IrError(
@@ -90,10 +156,71 @@ impl<'c> Gen<'c, '_> {
             self.b.build_unconditional_branch(header).map_err(be)?;
         }
         self.b.position_at_end(exit);
+        if let Some(pl) = &pl {
+            for ld in &pl.loads {
+                self.slots.remove(&ld.load);
+            }
+            // Drain: nothing in flight before the shared memory is reused.
+            self.call_void_with(
+                "llvm.nvvm.cp.async.wait.group",
+                &[self.ctx.i32_type().into()],
+                &[self.i32(0).into()],
+            )?;
+            self.call_void("llvm.nvvm.barrier0")?;
+        }
         Ok(carried
             .iter()
             .map(|ps| ps.iter().map(|p| p.as_basic_value()).collect())
             .collect())
+    }
+
+    fn iv_const(&self, ivt: DType, c: usize) -> IntValue<'c> {
+        self.constant(ConstValue::Int(c as i64), ivt).into_int_value()
+    }
+
+    /// Issues the copies of iteration `iv` (if `iv < hi`) into ring slot `slot`, then commits
+    /// a group (always). The body's address computations are emitted again for `iv`, inside
+    /// the guard, and forgotten afterwards so the body's own emission recomputes them.
+    fn prefetch(
+        &mut self,
+        body: &Block,
+        pl: &crate::passes::pipeline::PipelinedLoop,
+        iv: IntValue<'c>,
+        hi: IntValue<'c>,
+        slot: IntValue<'c>,
+    ) -> R<()> {
+        let cond = self
+            .b
+            .build_int_compare(IntPredicate::SLT, iv, hi, "")
+            .map_err(be)?;
+        let saved_iv = self.vals.insert(body.args[0], vec![iv.into()]);
+        self.guarded(Some(cond), |g| {
+            for inst in &body.insts {
+                if inst.results.first().is_some_and(|r| pl.slice.contains(r)) {
+                    let res = g.op(&inst.op, &inst.results)?;
+                    for (r, v) in inst.results.iter().zip(res) {
+                        g.vals.insert(*r, v);
+                    }
+                }
+            }
+            for ld in &pl.loads {
+                let off = g
+                    .b
+                    .build_int_mul(slot, g.i32(ld.shared.bytes() as i64), "")
+                    .map_err(be)?;
+                let off = g.b.build_int_add(off, g.i32(ld.offset as i64), "").map_err(be)?;
+                g.copy_async(ld.ptr, ld.mask, &ld.shared, off)?;
+            }
+            Ok(())
+        })?;
+        for v in &pl.slice {
+            self.vals.remove(v);
+        }
+        match saved_iv {
+            Some(old) => self.vals.insert(body.args[0], old),
+            None => self.vals.remove(&body.args[0]),
+        };
+        self.call_void("llvm.nvvm.cp.async.commit.group")
     }
 
     pub(super) fn if_(

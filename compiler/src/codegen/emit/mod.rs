@@ -5,6 +5,7 @@
 mod arith;
 mod control;
 mod memory;
+mod mma;
 mod scratch;
 
 use super::shared;
@@ -64,6 +65,7 @@ pub(super) fn emit_kernel<'c>(
         coords: HashMap::new(),
         owners: HashMap::new(),
         smem: None,
+        slots: HashMap::new(),
         exit,
     };
     let tid = g
@@ -80,12 +82,20 @@ pub(super) fn emit_kernel<'c>(
     g.warp =
         g.b.build_right_shift(tid, g.i32(5), false, "warp")
             .map_err(be)?;
-    if c.smem.total > 0 {
+    if c.smem.dynamic {
+        // Dynamic shared memory: sized by the launcher (`KernelInfo::smem_bytes`).
+        let ty = ctx.i8_type().array_type(0);
+        let gv = module.add_global(ty, Some(shared()), "lexp_dyn_smem");
+        gv.set_linkage(Linkage::External);
+        gv.set_alignment(1024);
+        g.smem = Some(gv);
+    } else if c.smem.total > 0 {
         let ty = ctx.i8_type().array_type(c.smem.total as u32);
         let gv = module.add_global(ty, Some(shared()), "lexp_smem");
         gv.set_linkage(Linkage::Internal);
         gv.set_initializer(&ty.get_undef());
-        gv.set_alignment(16);
+        // Swizzled tiles repeat every 1024 bytes (COMPILER.md §1.5).
+        gv.set_alignment(if c.pipeline.loops.is_empty() && !has_dot(c) { 16 } else { 1024 });
         g.smem = Some(gv);
     }
     for (i, a) in k.args.iter().enumerate() {
@@ -109,6 +119,10 @@ pub(super) fn emit_kernel<'c>(
     g.b.position_at_end(exit);
     g.b.build_return(None).map_err(be)?;
     Ok(func)
+}
+
+fn has_dot(c: &Compiled) -> bool {
+    crate::passes::spaces::has_dot(&c.kernel)
 }
 
 /// The LLVM type of one register of `dtype`.
@@ -138,6 +152,8 @@ struct Gen<'c, 'a> {
     coords: HashMap<Layout, Vec<IntValue<'c>>>,
     owners: HashMap<Layout, Option<IntValue<'c>>>,
     smem: Option<GlobalValue<'c>>,
+    /// Byte offset of the current slot of each streamed load (set inside pipelined loops).
+    slots: HashMap<ValueId, IntValue<'c>>,
     exit: BasicBlock<'c>,
 }
 
@@ -180,6 +196,22 @@ impl<'c> Gen<'c, '_> {
         cs.try_as_basic_value()
             .basic()
             .ok_or_else(|| IrError(format!("intrinsic {name} returned nothing")))
+    }
+
+    /// Calls a function returning nothing, declaring it on first use.
+    pub(super) fn call_void_with(
+        &self,
+        name: &str,
+        arg_tys: &[BasicMetadataTypeEnum<'c>],
+        args: &[V<'c>],
+    ) -> R<()> {
+        let f = self.module.get_function(name).unwrap_or_else(|| {
+            self.module
+                .add_function(name, self.ctx.void_type().fn_type(arg_tys, false), None)
+        });
+        let args: Vec<_> = args.iter().map(|a| (*a).into()).collect();
+        self.b.build_call(f, &args, "").map_err(be)?;
+        Ok(())
     }
 
     pub(super) fn call_void(&self, name: &str) -> R<()> {
@@ -418,7 +450,27 @@ impl<'c> Gen<'c, '_> {
             }
             Op::Load { ptr, mask, other } => {
                 let r = res.ok_or_else(|| IrError("load without result".into()))?;
+                if self.c.pipeline.staged(r).is_some() {
+                    // Streamed by `cp.async`; only `dot` reads it, from its shared slot.
+                    return one(vec![]);
+                }
                 one(self.load(r, *ptr, *mask, *other)?)
+            }
+            Op::Trans { src } => {
+                let r = res.ok_or_else(|| IrError("trans without result".into()))?;
+                if self.c.pipeline.staged(*src).is_some() {
+                    return one(vec![]);
+                }
+                if *self.layout(r) != self.layout(*src).transpose() {
+                    return Err(IrError(
+                        "codegen: trans result is not the transposed layout".into(),
+                    ));
+                }
+                one(self.get(*src)?.clone())
+            }
+            Op::Dot { a, b, acc } => {
+                let r = res.ok_or_else(|| IrError("dot without result".into()))?;
+                one(self.dot(r, *a, *b, *acc)?)
             }
             Op::Store { ptr, value, mask } => {
                 self.store(*ptr, *value, *mask, false)?;

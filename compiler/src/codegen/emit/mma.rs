@@ -1,0 +1,339 @@
+//! Tensor cores: `dot` as `ldmatrix` + `mma.sync.aligned.m16n8k16` (COMPILER.md §2–3), the
+//! swizzled shared-memory addressing both share, the staging of register operands into shared
+//! memory, and the `cp.async` copies of streamed operands (§4).
+//!
+//! Each warp owns a `WM x WN` piece of the accumulator (the `Mma` layout, [`Layout::mma_acc`]):
+//! per k16 step it loads `WM/16` A fragments and `WN/8` B fragments with `ldmatrix` from the
+//! operands' shared tiles and issues `(WM/16) * (WN/8)` MMAs.
+
+use super::*;
+use crate::layout::shared::SharedLayout;
+use crate::passes::smem::{dot_scratch, dot_source};
+
+/// Pointer to byte `off` of the kernel's shared memory.
+fn byte_ptr<'c>(g: &Gen<'c, '_>, off: IntValue<'c>) -> R<PointerValue<'c>> {
+    let gv = g
+        .smem
+        .ok_or_else(|| IrError("codegen: dot without shared memory".into()))?;
+    // SAFETY: offsets come from the shared-memory plan's layouts, inside the allocation.
+    unsafe {
+        g.b.build_gep(g.ctx.i8_type(), gv.as_pointer_value(), &[off], "")
+    }
+    .map_err(be)
+}
+
+impl<'c> Gen<'c, '_> {
+    fn add(&self, a: IntValue<'c>, b: IntValue<'c>) -> R<IntValue<'c>> {
+        self.b.build_int_add(a, b, "").map_err(be)
+    }
+
+    fn addc(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
+        if c == 0 {
+            return Ok(a);
+        }
+        self.add(a, self.i32(c as i64))
+    }
+
+    fn and_c(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
+        self.b.build_and(a, self.i32(c as i64), "").map_err(be)
+    }
+
+    fn shr_c(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
+        if c == 0 {
+            return Ok(a);
+        }
+        self.b
+            .build_right_shift(a, self.i32(c as i64), false, "")
+            .map_err(be)
+    }
+
+    fn shl_c(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
+        if c == 0 {
+            return Ok(a);
+        }
+        self.b.build_left_shift(a, self.i32(c as i64), "").map_err(be)
+    }
+
+    fn mul_c(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
+        if c.is_power_of_two() {
+            return self.shl_c(a, c.trailing_zeros() as usize);
+        }
+        self.b.build_int_mul(a, self.i32(c as i64), "").map_err(be)
+    }
+
+    /// Byte offset of element `(row, col)` of a tile in `sl` ([`SharedLayout::offset`], at run
+    /// time).
+    pub(super) fn shared_offset(
+        &self,
+        sl: &SharedLayout,
+        row: IntValue<'c>,
+        col: IntValue<'c>,
+    ) -> R<IntValue<'c>> {
+        if sl.swz == 0 {
+            let r = self.mul_c(row, sl.cols * sl.elem + 16)?;
+            let c = self.mul_c(col, sl.elem)?;
+            return self.add(r, c);
+        }
+        let pc = sl.panel_cols();
+        let lp = pc.trailing_zeros() as usize;
+        let panel = self.shr_c(col, lp)?;
+        let cc = self.and_c(col, pc - 1)?;
+        let byte = self.mul_c(cc, sl.elem)?;
+        let chunk = self.shr_c(byte, 4)?;
+        let within = self.and_c(byte, 15)?;
+        let phase = match sl.swz {
+            128 => self.and_c(row, 7)?,
+            64 => self.and_c(self.shr_c(row, 1)?, 3)?,
+            _ => self.and_c(self.shr_c(row, 2)?, 1)?,
+        };
+        let sw = self.b.build_xor(chunk, phase, "").map_err(be)?;
+        let mut off = self.mul_c(panel, sl.rows * sl.swz)?;
+        off = self.add(off, self.mul_c(row, sl.swz)?)?;
+        off = self.add(off, self.shl_c(sw, 4)?)?;
+        self.add(off, within)
+    }
+
+    /// Register `reg`'s coordinate `(row, col)` of a rank-2 layout, for this thread.
+    fn coord2(&mut self, l: &Layout, reg: usize) -> R<(IntValue<'c>, IntValue<'c>)> {
+        let tc = self.thread_coord(l)?;
+        let rc = l.reg_coord(reg);
+        let row = self.b.build_or(tc[0], self.i32(rc[0] as i64), "").map_err(be)?;
+        let col = self.b.build_or(tc[1], self.i32(rc[1] as i64), "").map_err(be)?;
+        Ok((row, col))
+    }
+
+    /// Writes the register tile `v` into shared memory at byte `base` in layout `sl`, one store
+    /// per run of contiguous registers (at most 16 bytes).
+    fn stage_registers(&mut self, v: ValueId, sl: &SharedLayout, base: usize) -> R<()> {
+        let l = self.layout(v).clone();
+        let vals = self.get(v)?.clone();
+        let dt = self.dtype(v);
+        let elem = llvm_ty(self.ctx, dt);
+        let w = l.contiguous_regs().min(16 / dt.bytes()).max(1);
+        for g in (0..vals.len()).step_by(w) {
+            let (row, col) = self.coord2(&l, g)?;
+            let off = self.shared_offset(sl, row, col)?;
+            let off = self.addc(off, base)?;
+            let p = byte_ptr(self, off)?;
+            let packed = self.pack(elem, &vals[g..g + w])?;
+            let st = self.b.build_store(p, packed).map_err(be)?;
+            st.set_alignment((w * dt.bytes()) as u32)
+                .map_err(|e| IrError(format!("LLVM alignment: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// `ldmatrix.sync.aligned.m8n8.{x2,x4}[.trans].shared.b16` at byte offset `off`.
+    fn ldmatrix(&self, off: IntValue<'c>, x4: bool, trans: bool) -> R<Vec<IntValue<'c>>> {
+        let n = if x4 { 4 } else { 2 };
+        let name = format!(
+            "llvm.nvvm.ldmatrix.sync.aligned.m8n8.x{n}{}.b16.p3",
+            if trans { ".trans" } else { "" }
+        );
+        let i32t = self.ctx.i32_type();
+        let fields: Vec<BasicTypeEnum> = vec![i32t.into(); n];
+        let ret = self.ctx.struct_type(&fields, false);
+        let p = byte_ptr(self, off)?;
+        let s = self.call(&name, ret.into(), &[p.get_type().into()], &[p.into()])?;
+        (0..n as u32)
+            .map(|i| {
+                self.b
+                    .build_extract_value(s.into_struct_value(), i, "")
+                    .map_err(be)
+                    .map(|v| v.into_int_value())
+            })
+            .collect()
+    }
+
+    /// One `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32`: `c += a · b`.
+    fn mma(
+        &self,
+        dt: DType,
+        a: &[IntValue<'c>],
+        b: &[IntValue<'c>],
+        c: &[V<'c>],
+    ) -> R<Vec<V<'c>>> {
+        let f32t = self.ctx.f32_type();
+        let ret = self.ctx.struct_type(&[f32t.into(); 4], false);
+        let (name, op_ty): (&str, BasicTypeEnum) = match dt {
+            DType::BF16 => (
+                "llvm.nvvm.mma.m16n8k16.row.col.bf16",
+                self.ctx.i32_type().into(),
+            ),
+            _ => (
+                "llvm.nvvm.mma.m16n8k16.row.col.f32.f32",
+                self.ctx.f16_type().vec_type(2).into(),
+            ),
+        };
+        let mut args: Vec<V> = vec![];
+        let mut tys: Vec<BasicMetadataTypeEnum> = vec![];
+        for x in a.iter().chain(b) {
+            let v: V = if dt == DType::BF16 {
+                (*x).into()
+            } else {
+                self.b.build_bit_cast(*x, op_ty, "").map_err(be)?
+            };
+            args.push(v);
+            tys.push(op_ty.into());
+        }
+        for x in c {
+            args.push(*x);
+            tys.push(f32t.into());
+        }
+        let s = self.call(name, ret.into(), &tys, &args)?;
+        (0..4)
+            .map(|i| {
+                self.b
+                    .build_extract_value(s.into_struct_value(), i, "")
+                    .map_err(be)
+            })
+            .collect()
+    }
+
+    /// `acc + a · b` (see the module doc).
+    pub(super) fn dot(
+        &mut self,
+        r: ValueId,
+        a: ValueId,
+        b: ValueId,
+        acc: ValueId,
+    ) -> R<Vec<V<'c>>> {
+        let k = &self.c.kernel;
+        let lc = self.layout(r).clone();
+        let (m, n) = (k.ty(r).shape[0], k.ty(r).shape[1]);
+        let kk = k.ty(a).shape[1];
+        let dt = k.ty(a).dtype;
+        let expect = Layout::mma_acc_for(m, n, k.num_warps)
+            .map_err(|e| IrError(format!("codegen: {e}")))?;
+        if lc != expect || *self.layout(acc) != lc {
+            return Err(IrError(format!(
+                "codegen: dot result [{m}, {n}] is not in the MMA accumulator layout"
+            )));
+        }
+        let (wm, wn) = lc.mma_warp_grid();
+        let (wtm, wtn) = (m / wm, n / wn);
+        let (mr, nr) = (wtm / 16, wtn / 8);
+        let (sa, ta) = dot_source(k, a);
+        let (sb, tb) = dot_source(k, b);
+        let (la_s, lb_s, b_off) = dot_scratch(k, a, b);
+        // Where each operand's tile is: a streamed slot, or scratch written from registers.
+        let mut staged_any = false;
+        let mut place = |g: &mut Self, src: ValueId, sl: SharedLayout, scratch: usize| {
+            if let Some(off) = g.slots.get(&src) {
+                return Ok::<_, IrError>((*off, sl));
+            }
+            g.stage_registers(src, &sl, scratch)?;
+            staged_any = true;
+            Ok((g.i32(scratch as i64), sl))
+        };
+        let (base_a, la) = place(self, sa, la_s, 0)?;
+        let (base_b, lb) = place(self, sb, lb_s, b_off)?;
+        if staged_any {
+            self.call_void("llvm.nvvm.barrier0")?;
+        }
+        let lw = wm.trailing_zeros() as usize;
+        let warp_m = self.and_c(self.warp, wm - 1)?;
+        let warp_n = self.and_c(self.shr_c(self.warp, lw)?, wn - 1)?;
+        let m_base = self.mul_c(warp_m, wtm)?;
+        let n_base = self.mul_c(warp_n, wtn)?;
+        let q = self.shr_c(self.lane, 3)?;
+        let r8 = self.and_c(self.lane, 7)?;
+        let q_lo8 = self.shl_c(self.and_c(q, 1)?, 3)?; // 8 * (q & 1)
+        let q_hi8 = self.shl_c(self.shr_c(q, 1)?, 3)?; // 8 * (q >> 1)
+        let mut c = self.get(acc)?.clone();
+        for ik in 0..kk / 16 {
+            let k0 = 16 * ik;
+            let mut af = vec![];
+            for im in 0..mr {
+                let m0 = self.addc(m_base, 16 * im)?;
+                let (row, col) = if !ta {
+                    (self.add(self.add(m0, r8)?, q_lo8)?, self.addc(q_hi8, k0)?)
+                } else {
+                    (self.add(self.addc(r8, k0)?, q_hi8)?, self.add(m0, q_lo8)?)
+                };
+                let off = self.add(base_a, self.shared_offset(&la, row, col)?)?;
+                af.push(self.ldmatrix(off, true, ta)?);
+            }
+            let mut bf: Vec<Vec<IntValue>> = vec![];
+            for p in 0..nr.div_ceil(2) {
+                let n0 = self.addc(n_base, 16 * p)?;
+                let x4 = nr - 2 * p >= 2;
+                // x2 loads use only lanes 0-15: matrix q & 1.
+                let (row, col) = match (tb, x4) {
+                    (true, true) => (self.add(self.add(n0, r8)?, q_hi8)?, self.addc(q_lo8, k0)?),
+                    (true, false) => (self.add(n0, r8)?, self.addc(q_lo8, k0)?),
+                    (false, true) => (self.add(self.addc(r8, k0)?, q_lo8)?, self.add(n0, q_hi8)?),
+                    (false, false) => (self.add(self.addc(r8, k0)?, q_lo8)?, n0),
+                };
+                let off = self.add(base_b, self.shared_offset(&lb, row, col)?)?;
+                let regs = self.ldmatrix(off, x4, !tb)?;
+                bf.push(regs[0..2].to_vec());
+                if x4 {
+                    bf.push(regs[2..4].to_vec());
+                }
+            }
+            for im in 0..mr {
+                for jn in 0..nr {
+                    // Serpentine order: consecutive MMAs share a fragment.
+                    let inn = if im % 2 == 0 { jn } else { nr - 1 - jn };
+                    let at = (im * nr + inn) * 4;
+                    let out = self.mma(dt, &af[im], &bf[inn], &c[at..at + 4])?;
+                    c[at..at + 4].copy_from_slice(&out);
+                }
+            }
+        }
+        if staged_any {
+            // The scratch is reused by the next op that needs it.
+            self.call_void("llvm.nvvm.barrier0")?;
+        }
+        Ok(c)
+    }
+
+    /// `cp.async.cg.shared.global` of every 16-byte chunk of a streamed load's tile into the
+    /// slot at byte `slot_off` (zero-filled where the mask is off). Duplicate owners skip.
+    pub(super) fn copy_async(
+        &mut self,
+        ptr: ValueId,
+        mask: Option<ValueId>,
+        sl: &SharedLayout,
+        slot_off: IntValue<'c>,
+    ) -> R<()> {
+        let l = self.layout(ptr).clone();
+        let ptrs = self.get(ptr)?.clone();
+        let masks = match mask {
+            Some(m) => Some(self.get(m)?.clone()),
+            None => None,
+        };
+        let w = 16 / sl.elem;
+        if l.contiguous_regs() < w {
+            return Err(IrError(
+                "codegen: a streamed load needs 16-byte vectors".into(),
+            ));
+        }
+        let owner = self.owner(&l)?;
+        let i32t = self.ctx.i32_type();
+        self.guarded(owner, |g| {
+            for i in (0..ptrs.len()).step_by(w) {
+                let (row, col) = g.coord2(&l, i)?;
+                let off = g.shared_offset(sl, row, col)?;
+                let off = g.add(off, slot_off)?;
+                let dst = byte_ptr(g, off)?;
+                let size = match &masks {
+                    Some(ms) => g
+                        .b
+                        .build_select(ms[i].into_int_value(), g.i32(16), g.i32(0), "")
+                        .map_err(be)?,
+                    None => g.i32(16).into(),
+                };
+                let src = ptrs[i].into_pointer_value();
+                g.call_void_with(
+                    "llvm.nvvm.cp.async.cg.shared.global.16.s",
+                    &[dst.get_type().into(), src.get_type().into(), i32t.into()],
+                    &[dst.into(), src.into(), size],
+                )?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,231 @@
+//! The software pipeliner (COMPILER.md §4.1): finds the loads of a loop that only feed `dot`
+//! operands and whose addresses do not depend on the loop-carried values, and marks them for
+//! streaming: codegen copies them with `cp.async` into a ring of `num_stages` shared-memory
+//! slots, `num_stages - 1` iterations ahead, and the `dot` reads the current slot with
+//! `ldmatrix`. The loads themselves are never executed into registers.
+//!
+//! A load qualifies when
+//! - it sits directly in a `for` body and its value is used only as a `dot` operand (directly or
+//!   through `trans`);
+//! - its elements are 16-bit and its pointer tile moves 16 bytes per access (the aligned
+//!   variant: `cp.async` copies 16-byte chunks; a partial chunk would need the register path);
+//! - its fill value is 0 (`cp.async` can only zero-fill);
+//! - the pointer and mask are computed in the body from the induction variable, loop-invariant
+//!   values and scalar loads (a block list's index) only: no loop-carried value, no tile load.
+//!
+//! Everything else keeps the register path: load, then stage through shared memory in `dot`.
+
+use super::layouts::LayoutPlan;
+use crate::ir::{Block, ConstValue, Kernel, Op, ValueId};
+use crate::layout::shared::SharedLayout;
+use std::collections::{HashMap, HashSet};
+
+/// One streamed load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedLoad {
+    /// The load's result (the tile as stored: before any `trans`).
+    pub load: ValueId,
+    pub ptr: ValueId,
+    pub mask: Option<ValueId>,
+    /// Layout of one slot.
+    pub shared: SharedLayout,
+    /// Byte offset of slot 0 (set by the shared-memory plan); slot `s` is at
+    /// `offset + s * shared.bytes()`.
+    pub offset: usize,
+}
+
+/// One pipelined loop, identified by its induction variable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelinedLoop {
+    pub iv: ValueId,
+    pub stages: usize,
+    pub loads: Vec<StagedLoad>,
+    /// Values of the body that the copies need (re-emitted for the prefetched iteration).
+    pub slice: HashSet<ValueId>,
+}
+
+/// Every pipelined loop of a kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PipelinePlan {
+    pub loops: Vec<PipelinedLoop>,
+}
+
+impl PipelinePlan {
+    /// The loop whose induction variable is `iv`.
+    pub fn for_iv(&self, iv: ValueId) -> Option<&PipelinedLoop> {
+        self.loops.iter().find(|l| l.iv == iv)
+    }
+
+    /// The streamed load producing `v`, with its loop.
+    pub fn staged(&self, v: ValueId) -> Option<(&PipelinedLoop, &StagedLoad)> {
+        self.loops
+            .iter()
+            .find_map(|l| l.loads.iter().find(|s| s.load == v).map(|s| (l, s)))
+    }
+
+    /// Text form for snapshots.
+    pub fn print(&self) -> String {
+        let mut s = String::new();
+        for l in &self.loops {
+            s.push_str(&format!(
+                "pipeline loop %{} stages {}\n",
+                l.iv.0, l.stages
+            ));
+            for ld in &l.loads {
+                s.push_str(&format!(
+                    "  stream %{} [{}x{}] swizzle {} slot {} bytes at {}\n",
+                    ld.load.0,
+                    ld.shared.rows,
+                    ld.shared.cols,
+                    ld.shared.swz,
+                    ld.shared.bytes(),
+                    ld.offset
+                ));
+            }
+        }
+        s
+    }
+}
+
+/// Finds the pipelined loops of `k` (offsets are filled in by the shared-memory plan).
+pub fn plan(k: &Kernel, layouts: &LayoutPlan) -> PipelinePlan {
+    let mut plan = PipelinePlan::default();
+    if k.num_stages < 2 {
+        return plan;
+    }
+    // Users of every value: (user's first result, user op).
+    let mut uses: HashMap<ValueId, Vec<(Option<ValueId>, Op)>> = HashMap::new();
+    let mut defs: HashMap<ValueId, Op> = HashMap::new();
+    k.walk(&mut |i| {
+        for o in i.op.operands() {
+            uses.entry(o)
+                .or_default()
+                .push((i.results.first().copied(), i.op.clone()));
+        }
+        for r in &i.results {
+            defs.insert(*r, i.op.clone());
+        }
+    });
+    // `v` is used only as a dot operand, directly or through `trans`.
+    fn feeds_dot(v: ValueId, uses: &HashMap<ValueId, Vec<(Option<ValueId>, Op)>>) -> bool {
+        let us = uses.get(&v).map(Vec::as_slice).unwrap_or(&[]);
+        !us.is_empty()
+            && us.iter().all(|(r, op)| match op {
+                Op::Dot { a, b, acc } => (*a == v || *b == v) && *acc != v,
+                Op::Trans { .. } => r.is_some_and(|t| {
+                    uses.get(&t).is_some_and(|u| {
+                        !u.is_empty()
+                            && u.iter().all(|(_, o)| {
+                                matches!(o, Op::Dot { a, b, acc } if (*a == t || *b == t) && *acc != t)
+                            })
+                    })
+                }),
+                _ => false,
+            })
+    }
+    walk_loops(&k.body, &mut |body| {
+        let iv = body.args[0];
+        let carried: HashSet<ValueId> = body.args[1..].iter().copied().collect();
+        let local: HashMap<ValueId, &Op> = body
+            .insts
+            .iter()
+            .flat_map(|i| i.results.iter().map(move |r| (*r, &i.op)))
+            .collect();
+        let mut loads = vec![];
+        let mut slice = HashSet::new();
+        for inst in &body.insts {
+            let Op::Load { ptr, mask, other } = &inst.op else {
+                continue;
+            };
+            let r = inst.results[0];
+            let t = k.ty(r);
+            if t.rank() != 2 || t.dtype.bytes() != 2 || !feeds_dot(r, &uses) {
+                continue;
+            }
+            if layouts.vec.get(ptr).copied().unwrap_or(1) * 2 != 16 {
+                continue;
+            }
+            let zero_fill = match other {
+                None => true,
+                Some(o) => matches!(
+                    defs.get(o),
+                    Some(Op::Const { value }) if value.as_f64() == 0.0
+                ) || matches!(defs.get(o), Some(Op::Const { value: ConstValue::Int(0) })),
+            };
+            if !zero_fill {
+                continue;
+            }
+            let mut s = HashSet::new();
+            let roots: Vec<ValueId> = std::iter::once(*ptr).chain(*mask).collect();
+            if !address_slice(k, &roots, &local, &carried, iv, &mut s) {
+                continue;
+            }
+            slice.extend(s);
+            loads.push(StagedLoad {
+                load: r,
+                ptr: *ptr,
+                mask: *mask,
+                shared: SharedLayout::choose(t.shape[0], t.shape[1], 2),
+                offset: 0,
+            });
+        }
+        if !loads.is_empty() {
+            plan.loops.push(PipelinedLoop {
+                iv,
+                stages: k.num_stages,
+                loads,
+                slice,
+            });
+        }
+    });
+    plan
+}
+
+/// Collects the body-local values `roots` depend on; false if any is loop-carried, a tile load
+/// or another op that cannot be re-run ahead of time.
+fn address_slice(
+    k: &Kernel,
+    roots: &[ValueId],
+    local: &HashMap<ValueId, &Op>,
+    carried: &HashSet<ValueId>,
+    iv: ValueId,
+    out: &mut HashSet<ValueId>,
+) -> bool {
+    let mut stack: Vec<ValueId> = roots.to_vec();
+    while let Some(v) = stack.pop() {
+        if carried.contains(&v) {
+            return false;
+        }
+        if v == iv || out.contains(&v) {
+            continue;
+        }
+        let Some(op) = local.get(&v) else {
+            continue; // defined outside the loop: invariant
+        };
+        match op {
+            Op::Load { .. } if k.ty(v).rank() > 0 => return false,
+            Op::Dot { .. }
+            | Op::For { .. }
+            | Op::If { .. }
+            | Op::Store { .. }
+            | Op::AtomicAdd { .. }
+            | Op::ConvertLayout { .. }
+            | Op::Reduce { .. } => return false,
+            _ => {}
+        }
+        out.insert(v);
+        stack.extend(op.operands());
+    }
+    true
+}
+
+fn walk_loops(b: &Block, f: &mut impl FnMut(&Block)) {
+    for inst in &b.insts {
+        if let Op::For { body, .. } = &inst.op {
+            f(body);
+        }
+        for nb in inst.op.blocks() {
+            walk_loops(nb, f);
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Dense GEMMs on tensor cores: `c = op(a) · op(b)` with f32 accumulation, in the three operand
+//! layouts training needs (NN, NT, TN; row-major storage). Each program computes one
+//! `BM x BN` tile of `c`; programs are ordered in groups of `G` tile rows so that consecutive
+//! programs reuse operand panels from L2 (COMPILER.md §4.4). The K loop's operand loads are
+//! streamed by the compiler's `cp.async` pipeline (`stages = S`).
+
+use lexp_macros::kernel;
+
+/// `c[M, N] = a[M, K] · b[K, N]`.
+#[kernel(
+    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32], S = [4], W = [8], G = [8]),
+    warps = W,
+    stages = S,
+    grid = [cdiv(a.dim(0), BM) * cdiv(b.dim(1), BN)],
+    require = [b.dim(0) == a.dim(1), c.dim(0) == a.dim(0), c.dim(1) == b.dim(1)]
+)]
+pub fn gemm_nn<
+    T,
+    const BM: usize,
+    const BN: usize,
+    const BK: usize,
+    const S: usize,
+    const W: usize,
+    const G: usize,
+>(
+    a: Tensor<T, 2>,
+    b: Tensor<T, 2>,
+    c: TensorMut<T, 2>,
+) {
+    let pid = program_id(0);
+    let np_m = cdiv(a.dim(0), BM);
+    let np_n = cdiv(b.dim(1), BN);
+    let per_group = np_n * G;
+    let first_m = (pid / per_group) * G;
+    let gsz = min(np_m - first_m, G);
+    let pid_m = first_m + (pid % per_group) % gsz;
+    let pid_n = (pid % per_group) / gsz;
+    let rows = pid_m * BM + range::<BM>();
+    let cols = pid_n * BN + range::<BN>();
+    let mut acc = zeros::<f32, BM, BN>();
+    for k in (0..a.dim(1)).step_by(BK) {
+        let ks = k + range::<BK>();
+        acc = dot(a.load([rows, ks]), b.load([ks, cols]), acc);
+    }
+    c.store([rows, cols], acc.cast::<T>());
+}
+
+/// `c[M, N] = a[M, K] · b[N, K]ᵀ` (`x · Wᵀ` with a PyTorch `Linear` weight).
+#[kernel(
+    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32], S = [4], W = [8], G = [8]),
+    warps = W,
+    stages = S,
+    grid = [cdiv(a.dim(0), BM) * cdiv(b.dim(0), BN)],
+    require = [b.dim(1) == a.dim(1), c.dim(0) == a.dim(0), c.dim(1) == b.dim(0)]
+)]
+pub fn gemm_nt<
+    T,
+    const BM: usize,
+    const BN: usize,
+    const BK: usize,
+    const S: usize,
+    const W: usize,
+    const G: usize,
+>(
+    a: Tensor<T, 2>,
+    b: Tensor<T, 2>,
+    c: TensorMut<T, 2>,
+) {
+    let pid = program_id(0);
+    let np_m = cdiv(a.dim(0), BM);
+    let np_n = cdiv(b.dim(0), BN);
+    let per_group = np_n * G;
+    let first_m = (pid / per_group) * G;
+    let gsz = min(np_m - first_m, G);
+    let pid_m = first_m + (pid % per_group) % gsz;
+    let pid_n = (pid % per_group) / gsz;
+    let rows = pid_m * BM + range::<BM>();
+    let cols = pid_n * BN + range::<BN>();
+    let mut acc = zeros::<f32, BM, BN>();
+    for k in (0..a.dim(1)).step_by(BK) {
+        let ks = k + range::<BK>();
+        acc = dot(a.load([rows, ks]), b.load([cols, ks]).t(), acc);
+    }
+    c.store([rows, cols], acc.cast::<T>());
+}
+
+/// `c[M, N] = a[K, M]ᵀ · b[K, N]` (weight-style gradients: a reduction over tokens).
+#[kernel(
+    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32], S = [4], W = [8], G = [8]),
+    warps = W,
+    stages = S,
+    grid = [cdiv(a.dim(1), BM) * cdiv(b.dim(1), BN)],
+    require = [b.dim(0) == a.dim(0), c.dim(0) == a.dim(1), c.dim(1) == b.dim(1)]
+)]
+pub fn gemm_tn<
+    T,
+    const BM: usize,
+    const BN: usize,
+    const BK: usize,
+    const S: usize,
+    const W: usize,
+    const G: usize,
+>(
+    a: Tensor<T, 2>,
+    b: Tensor<T, 2>,
+    c: TensorMut<T, 2>,
+) {
+    let pid = program_id(0);
+    let np_m = cdiv(a.dim(1), BM);
+    let np_n = cdiv(b.dim(1), BN);
+    let per_group = np_n * G;
+    let first_m = (pid / per_group) * G;
+    let gsz = min(np_m - first_m, G);
+    let pid_m = first_m + (pid % per_group) % gsz;
+    let pid_n = (pid % per_group) / gsz;
+    let rows = pid_m * BM + range::<BM>();
+    let cols = pid_n * BN + range::<BN>();
+    let mut acc = zeros::<f32, BM, BN>();
+    for k in (0..a.dim(0)).step_by(BK) {
+        let ks = k + range::<BK>();
+        acc = dot(a.load([ks, rows]).t(), b.load([ks, cols]), acc);
+    }
+    c.store([rows, cols], acc.cast::<T>());
+}
