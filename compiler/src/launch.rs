@@ -361,7 +361,30 @@ pub fn select_variant(
         }
         values.push(v);
     }
-    let align = force_align.unwrap_or(if aligned { 16 } else { 0 });
+    let mut align = force_align.unwrap_or(if aligned { 16 } else { 0 });
+    if !variants.iter().any(|v| v.align == 0) {
+        // Only the 16-byte class was compiled (tensor-core kernels).
+        if !aligned && force_align.is_none() {
+            let culprit = specs
+                .iter()
+                .zip(tensors)
+                .find(|(_, t)| {
+                    let per16 = 16 / t.dtype.bytes();
+                    let last = t.dims.len() - 1;
+                    !(t.ptr % 16 == 0
+                        && t.dims[last] % per16 == 0
+                        && t.strides[..last].iter().all(|s| s % per16 == 0))
+                })
+                .map(|(s, _)| s.name)
+                .unwrap_or("?");
+            return Err(bad(
+                kernel,
+                culprit,
+                "this kernel needs 16-byte aligned tensors: base address a multiple of 16 bytes and the row length and row stride multiples of 16 bytes (pad the tensor)".into(),
+            ));
+        }
+        align = 16;
+    }
     let found = variants.iter().find(|v| {
         v.align == align
             && elem.map(|e| v.param("T") == Some(e.name())).unwrap_or(true)

@@ -7,14 +7,18 @@
 pub mod elementwise;
 pub mod gemm;
 pub mod layernorm;
+pub mod lora;
 pub mod reduce;
 pub mod reference;
 pub mod reference_matmul;
 pub mod residual;
 pub mod row_softmax;
+pub mod sparse;
 
 pub use elementwise::{axpby, gelu, gelu_bwd, relu, relu_bwd};
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
+pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
+pub use sparse::{sparse_both, sparse_out, sparse_red};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use reduce::colsum;
 pub use residual::bias_residual;
@@ -23,7 +27,7 @@ pub use row_softmax::softmax;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 14] = [
+pub static ALL: [&KernelInfo; 20] = [
     &axpby::INFO,
     &relu::INFO,
     &relu_bwd::INFO,
@@ -38,6 +42,12 @@ pub static ALL: [&KernelInfo; 14] = [
     &gemm_nn::INFO,
     &gemm_nt::INFO,
     &gemm_tn::INFO,
+    &sparse_out::INFO,
+    &sparse_red::INFO,
+    &sparse_both::INFO,
+    &lora_fwd::INFO,
+    &lora_bwd_dx::INFO,
+    &lora_grad::INFO,
 ];
 
 /// Looks a kernel up by name.

@@ -27,6 +27,7 @@ struct Built {
     smem: usize,
     dynamic_smem: bool,
     threads: usize,
+    has_dot: bool,
 }
 
 /// Expands one kernel.
@@ -36,6 +37,11 @@ pub fn expand(attr: KernelAttr, f: ItemFn, opts: Options) -> syn::Result<TokenSt
     let variants = enumerate_variants(&attr, &sig)?;
     let mut built = vec![];
     for v in &variants {
+        // Tensor-core kernels stream their operands with 16-byte `cp.async` copies: they are
+        // compiled for 16-byte aligned tensors only, and the launcher says so for others.
+        if v.align == 0 && built.iter().any(|b: &Built| b.has_dot) {
+            continue;
+        }
         built.push(build_variant(&name, &sig, &f, &attr, v)?);
     }
     Ok(emit(&attr, &sig, &f, &built, opts))
@@ -101,7 +107,9 @@ fn enumerate_variants(attr: &KernelAttr, sig: &Signature) -> syn::Result<Vec<Var
                         ))
                     }
                 };
-                if !val.is_power_of_two() {
+                // Pipeline depths are counts, not tile sizes.
+                let is_stages = matches!(&attr.stages, crate::attr::Count::Param(p) if p == c);
+                if !val.is_power_of_two() && !is_stages {
                     return Err(Error::new_spanned(
                         v,
                         format!("`{c} = {val}`: tile sizes must be powers of two"),
@@ -168,6 +176,7 @@ fn build_variant(
         };
         Error::new_spanned(&f.sig.ident, msg)
     };
+    let has_dot = passes::spaces::has_dot(&kernel);
     let compiled = passes::compile(kernel, &target::SM90).map_err(at)?;
     let smem = compiled.smem.total;
     let dynamic_smem = compiled.smem.dynamic;
@@ -183,6 +192,7 @@ fn build_variant(
         smem,
         dynamic_smem,
         threads: warps * 32,
+        has_dot,
     })
 }
 

@@ -3,23 +3,28 @@
 //! This is the device layer: [`CudaDevice`] (context and the one stream all work is ordered
 //! on), its [`ModuleCache`] of loaded PTX, the [`Launcher`](lexp_compiler::launch::Launcher)
 //! implementation that generated kernel launchers call, [`DeviceTensor`] (device buffers with
-//! f32 host I/O and NaN poisoning for tests), and event-based [`timing`].
+//! f32 host I/O and NaN poisoning for tests), and event-based [`timing`]. [`cublas`] runs
+//! cuBLAS baselines (row-major GEMM, PEFT-style LoRA) on the same context and stream.
 //!
 //! CUDA is reached through cudarc with dynamic loading: the crate builds and links without a
 //! CUDA installation, and [`CudaDevice::new`] reports a missing driver or GPU as an error, so
 //! callers can fall back to the CPU.
 
 pub mod autotune;
+pub mod block_list;
 pub mod buffer;
+pub mod cublas;
 pub mod device;
 pub mod encode;
 pub mod error;
 pub mod host_check;
 pub mod kernel_check;
+pub mod matmul_check;
 mod launch;
 pub mod module_cache;
 pub mod timing;
 
+pub use block_list::{BlockList, BlockListError};
 pub use buffer::DeviceTensor;
 pub use device::CudaDevice;
 pub use encode::{decode, encode, poison_bits};

@@ -107,6 +107,24 @@ pub fn plan(
     target: &Target,
 ) -> Result<SmemPlan, IrError> {
     let mut plan = SmemPlan::default();
+    // Scratch users inside pipelined loops: their region must not overlap the loop's slots.
+    let mut inside: Vec<ValueId> = vec![];
+    fn mark(b: &crate::ir::Block, pipeline: &PipelinePlan, on: bool, out: &mut Vec<ValueId>) {
+        for inst in &b.insts {
+            if on {
+                out.extend(inst.results.iter().copied());
+            }
+            if let Op::For { body, .. } = &inst.op {
+                let on = on || pipeline.for_iv(body.args[0]).is_some();
+                mark(body, pipeline, on, out);
+            } else {
+                for nb in inst.op.blocks() {
+                    mark(nb, pipeline, on, out);
+                }
+            }
+        }
+    }
+    mark(&k.body, pipeline, false, &mut inside);
     k.walk(&mut |inst| {
         if let Op::Dot { a, b, .. } = &inst.op {
             let staged = |v: ValueId| pipeline.staged(dot_source(k, v).0).is_some();
@@ -144,19 +162,26 @@ pub fn plan(
             }
         }
     });
-    plan.total = plan
-        .allocations
-        .iter()
-        .map(|a| a.offset + a.size)
-        .max()
-        .unwrap_or(0);
+    let need = |f: &dyn Fn(&Allocation) -> bool| {
+        plan.allocations
+            .iter()
+            .filter(|a| f(a))
+            .map(|a| a.offset + a.size)
+            .max()
+            .unwrap_or(0)
+    };
+    // Scratch outside the pipelined loops may reuse the slots (the loop drains and
+    // synchronises before it ends, and every scratch user ends with a barrier).
+    let outside = need(&|a| !inside.contains(&a.value));
+    let mut end = need(&|a| inside.contains(&a.value));
     for l in &mut pipeline.loops {
         for ld in &mut l.loads {
-            plan.total = plan.total.next_multiple_of(1024);
-            ld.offset = plan.total;
-            plan.total += l.stages * ld.shared.bytes();
+            end = end.next_multiple_of(1024);
+            ld.offset = end;
+            end += l.stages * ld.shared.bytes();
         }
     }
+    plan.total = outside.max(end);
     plan.dynamic = plan.total > target.max_static_smem;
     if plan.total > target.max_dynamic_smem {
         crate::ir_bail!(

@@ -7,6 +7,9 @@ use lexp_runtime::kernel_check;
 use lexp_runtime::CudaDevice;
 use std::io::Write;
 
+#[path = "lexp/matmul.rs"]
+mod matmul;
+
 #[derive(Parser)]
 #[command(
     name = "lexp",
@@ -56,6 +59,19 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Tensor-core kernels: correctness against the CPU reference, then speed against cuBLAS
+    /// measured in the same run (dense GEMM, block-sparse GEMM vs density, fused LoRA).
+    Matmul {
+        /// Timed iterations (median reported).
+        #[arg(long, default_value_t = 50)]
+        iters: usize,
+        /// Skip the correctness checks.
+        #[arg(long)]
+        no_check: bool,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
     /// Achieved bandwidth of every kernel against a device-to-device copy in the same run.
     Kernels {
         /// Element types, comma-separated.
@@ -93,6 +109,14 @@ fn main() -> Result<()> {
                     json,
                 },
         } => bench(&dtypes, iters, kernel.as_deref(), json),
+        Cmd::Bench {
+            what:
+                BenchCmd::Matmul {
+                    iters,
+                    no_check,
+                    json,
+                },
+        } => matmul::run(&device()?, iters, !no_check, json),
     }
 }
 

@@ -1,0 +1,153 @@
+//! Block-sparse GEMMs over a device-side *block list*: the three products a sparse MLP needs
+//! (DESIGN.md §"Compute", COMPILER.md §6). Tokens are cut into row groups of `BM` rows; for
+//! each group the list names the neuron blocks (of `BS` neurons) that matter:
+//!
+//! - `counts[g]`: how many blocks group `g` keeps (at most `indices.dim(1)`, the grid bound);
+//! - `indices[g, j]` for `j < counts[g]`: the block ids (entries past the count are ignored).
+//!
+//! A list is ordinary run-time data: no recompilation per pattern or count. Grids are sized by
+//! the bound `indices.dim(1)`; a program with no work returns at once. The runtime's
+//! `BlockList` validates lists before they reach a launch (ids in range, counts within the
+//! bound).
+
+use lexp_macros::kernel;
+
+/// Output blocks selected (fc1 forward): for each group `g` and slot `j < counts[g]` with block
+/// `b = indices[g, j]`, `h[rows(g), j*BS ..][.. BS] = x[rows(g), :] · w[b*BS .. +BS, :]ᵀ`
+/// (a compact output: one `BS`-wide slot per kept block). Slots past the count are untouched.
+#[kernel(
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32], S = [4], W = [4]),
+    warps = W,
+    stages = S,
+    grid = [indices.dim(1), cdiv(x.dim(0), BM)],
+    require = [
+        w.dim(1) == x.dim(1), h.dim(0) == x.dim(0), h.dim(1) == indices.dim(1) * BS,
+        counts.dim(0) == indices.dim(0), indices.dim(0) == cdiv(x.dim(0), BM)
+    ]
+)]
+pub fn sparse_out<
+    T,
+    const BM: usize,
+    const BS: usize,
+    const BK: usize,
+    const S: usize,
+    const W: usize,
+>(
+    x: Tensor<T, 2>,
+    w: Tensor<T, 2>,
+    counts: Tensor<i32, 1>,
+    indices: Tensor<i32, 2>,
+    h: TensorMut<T, 2>,
+) {
+    let j = program_id(0);
+    let g = program_id(1);
+    if j >= counts.load([g]) {
+        return;
+    }
+    let blk = indices.load([g, j]);
+    let rows = g * BM + range::<BM>();
+    let cols = blk * BS + range::<BS>();
+    let mut acc = zeros::<f32, BM, BS>();
+    for k in (0..x.dim(1)).step_by(BK) {
+        let ks = k + range::<BK>();
+        acc = dot(x.load([rows, ks]), w.load([cols, ks]).t(), acc);
+    }
+    h.store([rows, j * BS + range::<BS>()], acc.cast::<T>());
+}
+
+/// Reduction blocks selected (fc2 forward): `y[rows(g), n] = Σ_{j < counts[g]}
+/// h[rows(g), j*BS .. +BS] · w2[n, indices[g, j]*BS .. +BS]ᵀ`, with `h` compact as
+/// `sparse_out` writes it and `w2` a `Linear` weight `[out, ffn]`. A group with count 0 gets 0.
+#[kernel(
+    variants(T = [bf16, f16], BM = [128], BN = [128], BS = [64, 128], BK = [32], S = [4], W = [4]),
+    warps = W,
+    stages = S,
+    grid = [cdiv(w2.dim(0), BN), cdiv(h.dim(0), BM)],
+    require = [
+        h.dim(1) == indices.dim(1) * BS, y.dim(0) == h.dim(0), y.dim(1) == w2.dim(0),
+        counts.dim(0) == indices.dim(0), indices.dim(0) == cdiv(h.dim(0), BM)
+    ]
+)]
+pub fn sparse_red<
+    T,
+    const BM: usize,
+    const BN: usize,
+    const BS: usize,
+    const BK: usize,
+    const S: usize,
+    const W: usize,
+>(
+    h: Tensor<T, 2>,
+    w2: Tensor<T, 2>,
+    counts: Tensor<i32, 1>,
+    indices: Tensor<i32, 2>,
+    y: TensorMut<T, 2>,
+) {
+    let g = program_id(1);
+    let rows = g * BM + range::<BM>();
+    let cols = program_id(0) * BN + range::<BN>();
+    let steps = counts.load([g]) * (BS / BK);
+    let mut acc = zeros::<f32, BM, BN>();
+    for i in 0..steps {
+        let e = i / (BS / BK);
+        let u = (i % (BS / BK)) * BK;
+        let blk = indices.load([g, e]);
+        let kh = e * BS + u + range::<BK>();
+        let kw = blk * BS + u + range::<BK>();
+        acc = dot(h.load([rows, kh]), w2.load([cols, kw]).t(), acc);
+    }
+    y.store([rows, cols], acc.cast::<T>());
+}
+
+/// Both selected: output blocks from one list and reduction blocks from another, per group:
+/// `out[rows(g), j*BS ..][.. BS] = Σ_{e < counts_i[g]} h[rows(g), e*BS .. +BS] ·
+/// w[indices_o[g, j]*BS .. +BS, indices_i[g, e]*BS .. +BS]ᵀ` for `j < counts_o[g]` (compact in,
+/// compact out; slots past the count untouched).
+#[kernel(
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32], S = [4], W = [4]),
+    warps = W,
+    stages = S,
+    grid = [indices_o.dim(1), cdiv(h.dim(0), BM)],
+    require = [
+        h.dim(1) == indices_i.dim(1) * BS, out.dim(0) == h.dim(0),
+        out.dim(1) == indices_o.dim(1) * BS,
+        counts_o.dim(0) == indices_o.dim(0), counts_i.dim(0) == indices_i.dim(0),
+        indices_o.dim(0) == cdiv(h.dim(0), BM), indices_i.dim(0) == indices_o.dim(0)
+    ]
+)]
+pub fn sparse_both<
+    T,
+    const BM: usize,
+    const BS: usize,
+    const BK: usize,
+    const S: usize,
+    const W: usize,
+>(
+    h: Tensor<T, 2>,
+    w: Tensor<T, 2>,
+    counts_o: Tensor<i32, 1>,
+    indices_o: Tensor<i32, 2>,
+    counts_i: Tensor<i32, 1>,
+    indices_i: Tensor<i32, 2>,
+    out: TensorMut<T, 2>,
+) {
+    let j = program_id(0);
+    let g = program_id(1);
+    if j >= counts_o.load([g]) {
+        return;
+    }
+    let ob = indices_o.load([g, j]);
+    let rows = g * BM + range::<BM>();
+    let cols = ob * BS + range::<BS>();
+    let steps = counts_i.load([g]) * (BS / BK);
+    let mut acc = zeros::<f32, BM, BS>();
+    for i in 0..steps {
+        let e = i / (BS / BK);
+        let u = (i % (BS / BK)) * BK;
+        let blk = indices_i.load([g, e]);
+        let kh = e * BS + u + range::<BK>();
+        let kw = blk * BS + u + range::<BK>();
+        acc = dot(h.load([rows, kh]), w.load([cols, kw]).t(), acc);
+    }
+    out.store([rows, j * BS + range::<BS>()], acc.cast::<T>());
+}
