@@ -326,7 +326,9 @@ pub fn select_variant(
             ));
         }
         let per16 = 16 / eb;
-        aligned &= t.ptr % 16 == 0
+        // Index tensors (i32) are never assumed aligned (see the macro's parameters).
+        aligned &= t.dtype == Storage::I32
+            || t.ptr % 16 == 0
             && t.dims[last] % per16 == 0
             && t.strides[..last].iter().all(|s| s % per16 == 0);
     }
@@ -369,6 +371,9 @@ pub fn select_variant(
                 .iter()
                 .zip(tensors)
                 .find(|(_, t)| {
+                    if t.dtype == Storage::I32 {
+                        return false;
+                    }
                     let per16 = 16 / t.dtype.bytes();
                     let last = t.dims.len() - 1;
                     !(t.ptr % 16 == 0

@@ -22,6 +22,7 @@ pub mod kernel_check;
 pub mod matmul_check;
 mod launch;
 pub mod module_cache;
+pub mod sparse_ops;
 pub mod timing;
 
 pub use block_list::{BlockList, BlockListError};

@@ -6,7 +6,13 @@
 //! launch (or pre-filled with a sentinel where the kernel must leave elements untouched),
 //! shapes that are not tile multiples, every compiled configuration.
 
+use crate::block_list::{self, BlockList};
+use crate::cublas::{
+    lora_backward_baseline, lora_forward_baseline, Blas, LoraGrads, LoraShape, LoraWeights,
+    LoraWorkspace,
+};
 use crate::kernel_check::Rng;
+use crate::sparse_ops;
 use crate::{time_ms, CudaDevice, DeviceError, DeviceTensor};
 use lexp_compiler::dtype::{round_to, Storage};
 use lexp_compiler::launch::{LaunchError, Launcher, TensorArg};
@@ -151,7 +157,7 @@ pub(crate) fn record(
 /// Dense GEMM checks: every layout, bf16 and f16, shapes with edges.
 pub fn check_gemm(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
     let mut rows = vec![];
-    let shapes = [(1, 8, 16), (200, 136, 72), (333, 264, 520), (1024, 512, 256)];
+    let shapes = [(8, 8, 16), (200, 136, 72), (328, 264, 520), (1024, 512, 256)];
     for layout in Layout::ALL {
         for dtype in [Storage::BF16, Storage::F16] {
             if !has_dtype(layout.kernel(), dtype) {
@@ -230,4 +236,397 @@ pub fn bench_gemm(
         });
     }
     Ok(out)
+}
+
+/// A device tensor filled with `v` everywhere (the sentinel of outputs a kernel must leave
+/// partly untouched).
+fn filled(
+    dev: &CudaDevice,
+    dtype: Storage,
+    dims: &[usize],
+    v: f32,
+) -> Result<(DeviceTensor, Vec<f32>), DeviceError> {
+    let host = vec![v; dims.iter().product()];
+    Ok((DeviceTensor::from_f32(dev, dtype, dims, &host)?, host))
+}
+
+/// A random block list with one empty group (the early-exit path) and the rest at `density`.
+fn list(
+    dev: &CudaDevice,
+    groups: usize,
+    num_blocks: usize,
+    density: f64,
+    seed: u64,
+) -> Result<(BlockList, Vec<i32>, Vec<i32>, usize), DeviceError> {
+    let (mut counts, idx, max) = block_list::random_host(groups, num_blocks, density, seed);
+    // Pad to one more slot than used, so the bound is not the count; group 1 keeps nothing.
+    let max2 = max + 1;
+    let mut padded = vec![-1i32; groups * max2];
+    for g in 0..groups {
+        padded[g * max2..g * max2 + max].copy_from_slice(&idx[g * max..g * max + max]);
+    }
+    if groups > 1 {
+        counts[1] = 0;
+    }
+    let bl = BlockList::from_host(dev, &counts, &padded, max2, num_blocks)
+        .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
+    Ok((bl, counts, padded, max2))
+}
+
+/// Block-sparse GEMM checks: the three modes, both block sizes, edge row counts.
+pub fn check_sparse(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
+    let mut rows = vec![];
+    let bm = sparse_ops::GROUP_ROWS;
+    for dtype in [Storage::BF16, Storage::F16] {
+        for bs in [64usize, 128] {
+            for (seed, &(m, kk, nb)) in [(300usize, 264usize, 5usize), (512, 128, 8)]
+                .iter()
+                .enumerate()
+            {
+                let mut rng = Rng::new(seed as u64 + 31);
+                let groups = m.div_ceil(bm);
+                let f = nb * bs;
+                let (bl, counts, idx, max) = list(dev, groups, nb, 0.6, seed as u64)?;
+                // sparse_out: x [m, kk] · w [f, kk]ᵀ.
+                let (x, hx) = random(dev, &mut rng, dtype, &[m, kk])?;
+                let (w, hw) = random(dev, &mut rng, dtype, &[f, kk])?;
+                let (h, init) = filled(dev, dtype, &[m, max * bs], 7.0)?;
+                sparse_ops::sparse_out(dev, &x.as_arg(), &w.as_arg(), &bl, &h.as_arg(), bs)
+                    .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
+                dev.synchronize()?;
+                let want = rm::sparse_out(&hx, &hw, m, kk, f, &counts, &idx, max, bm, bs, &init);
+                let shape = format!("{m}x{kk} -> {nb}x{bs}");
+                record(&mut rows, "sparse_out", dtype, shape.clone(), format!("BS={bs}"), "h", &h.to_f32_vec()?, &want);
+                // sparse_red: h [m, max*bs] (compact, random) · w2 [n, f]ᵀ.
+                let n = 136;
+                let (hc, hh) = random(dev, &mut rng, dtype, &[m, max * bs])?;
+                let (w2, hw2) = random(dev, &mut rng, dtype, &[n, f])?;
+                let mut y = DeviceTensor::poisoned(dev, dtype, &[m, n])?;
+                y.poison()?;
+                sparse_ops::sparse_red(dev, &hc.as_arg(), &w2.as_arg(), &bl, &y.as_arg(), bs)
+                    .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
+                dev.synchronize()?;
+                let want = rm::sparse_red(&hh, &hw2, m, n, f, &counts, &idx, max, bm, bs);
+                record(&mut rows, "sparse_red", dtype, shape.clone(), format!("BS={bs}"), "y", &y.to_f32_vec()?, &want);
+                // sparse_both: out list over w's rows, in list = bl over its columns.
+                let nbo = 3;
+                let (blo, co, io, maxo) = list(dev, groups, nbo, 0.7, seed as u64 + 100)?;
+                let (wb, hwb) = random(dev, &mut rng, dtype, &[nbo * bs, f])?;
+                let (o, init_o) = filled(dev, dtype, &[m, maxo * bs], 7.0)?;
+                sparse_ops::sparse_both(dev, &hc.as_arg(), &wb.as_arg(), &blo, &bl, &o.as_arg(), bs)
+                    .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
+                dev.synchronize()?;
+                let want = rm::sparse_both(
+                    &hh, &hwb, m, nbo * bs, f, &co, &io, maxo, &counts, &idx, max, bm, bs, &init_o,
+                );
+                record(&mut rows, "sparse_both", dtype, shape, format!("BS={bs}"), "out", &o.to_f32_vec()?, &want);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Fused LoRA checks (forward, backward to the input, weight gradients).
+pub fn check_lora(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
+    let mut rows = vec![];
+    let r = 16;
+    let s = 2.0f32;
+    for dtype in [Storage::BF16, Storage::F16] {
+        let round = |v: f64| round_to(dtype.dtype(), v as f32);
+        for (seed, &(m, kk, n)) in [(200usize, 136usize, 264usize), (1024, 512, 256)]
+            .iter()
+            .enumerate()
+        {
+            let mut rng = Rng::new(seed as u64 + 77);
+            let shape = format!("{m}x{kk} -> {n}, r {r}");
+            let (x, hx) = random(dev, &mut rng, dtype, &[m, kk])?;
+            let (w, hw) = random(dev, &mut rng, dtype, &[n, kk])?;
+            let (bias, hbias) = random(dev, &mut rng, dtype, &[n])?;
+            let (a, ha) = random(dev, &mut rng, dtype, &[r, kk])?;
+            let (b, hb) = random(dev, &mut rng, dtype, &[n, r])?;
+            let y = DeviceTensor::poisoned(dev, dtype, &[m, n])?;
+            let xa = DeviceTensor::poisoned(dev, dtype, &[m, r])?;
+            k::lora_fwd::launch(
+                dev,
+                &k::lora_fwd::Args {
+                    x: &x.as_arg(),
+                    w: &w.as_arg(),
+                    bias: &bias.as_arg(),
+                    a: &a.as_arg(),
+                    b: &b.as_arg(),
+                    s,
+                    y: &y.as_arg(),
+                    xa: &xa.as_arg(),
+                },
+            )?;
+            dev.synchronize()?;
+            let (wy, wxa) = rm::lora_fwd(&hx, &hw, Some(&hbias), &ha, &hb, s, m, kk, n, r, round);
+            let got_xa = xa.to_f32_vec()?;
+            record(&mut rows, "lora_fwd", dtype, shape.clone(), String::new(), "xa", &got_xa, &wxa);
+            record(&mut rows, "lora_fwd", dtype, shape.clone(), String::new(), "y", &y.to_f32_vec()?, &wy);
+            // Backward to the input.
+            let (dy, hdy) = random(dev, &mut rng, dtype, &[m, n])?;
+            let dx = DeviceTensor::poisoned(dev, dtype, &[m, kk])?;
+            let u = DeviceTensor::poisoned(dev, dtype, &[m, r])?;
+            k::lora_bwd_dx::launch(
+                dev,
+                &k::lora_bwd_dx::Args {
+                    dy: &dy.as_arg(),
+                    w: &w.as_arg(),
+                    a: &a.as_arg(),
+                    b: &b.as_arg(),
+                    s,
+                    dx: &dx.as_arg(),
+                    u: &u.as_arg(),
+                },
+            )?;
+            dev.synchronize()?;
+            let (wdx, wu) = rm::lora_bwd_dx(&hdy, &hw, &ha, &hb, s, m, kk, n, r, round);
+            let got_u = u.to_f32_vec()?;
+            record(&mut rows, "lora_bwd_dx", dtype, shape.clone(), String::new(), "u", &got_u, &wu);
+            record(&mut rows, "lora_bwd_dx", dtype, shape.clone(), String::new(), "dx", &dx.to_f32_vec()?, &wdx);
+            // Weight gradients from the kernel's own u and xa.
+            let mut da = DeviceTensor::zeros(dev, Storage::F32, &[r, kk])?;
+            let mut db = DeviceTensor::zeros(dev, Storage::F32, &[n, r])?;
+            for cfg in configs("lora_grad") {
+                da.fill_zero()?;
+                db.fill_zero()?;
+                let (bp, bq) = (cfg_value(&cfg, "BP"), cfg_value(&cfg, "BQ"));
+                // dA = uᵀ x: P = r; dB = dyᵀ xa: Q = r. Each config runs where it fits.
+                if bp == 16 {
+                    k::lora_grad::launch_with(
+                        dev,
+                        &cfg,
+                        &k::lora_grad::Args { a: &u.as_arg(), b: &x.as_arg(), c: &da.as_arg() },
+                    )?;
+                    dev.synchronize()?;
+                    let want = rm::lora_grad_a(&got_u, &hx, m, kk, r);
+                    record(&mut rows, "lora_grad", dtype, shape.clone(), config_text(&cfg), "dA", &da.to_f32_vec()?, &want);
+                }
+                if bq == 16 {
+                    k::lora_grad::launch_with(
+                        dev,
+                        &cfg,
+                        &k::lora_grad::Args { a: &dy.as_arg(), b: &xa.as_arg(), c: &db.as_arg() },
+                    )?;
+                    dev.synchronize()?;
+                    let want = rm::lora_grad_b(&hdy, &got_xa, m, n, r);
+                    record(&mut rows, "lora_grad", dtype, shape.clone(), config_text(&cfg), "dB", &db.to_f32_vec()?, &want);
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
+fn cfg_value(cfg: &[(&str, usize)], name: &str) -> usize {
+    cfg.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).unwrap_or(0)
+}
+
+/// One sparse timing next to the dense cuBLAS product it replaces.
+#[derive(Clone, Debug)]
+pub struct SparseBench {
+    pub mode: &'static str,
+    /// `(tokens, reduction, output)` of the dense product.
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub bs: usize,
+    pub density: f64,
+    pub ms: f64,
+    pub cublas_dense_ms: f64,
+}
+
+/// Median ms of a cuBLAS GEMM `c[m, n] = a[m, k] · b[n, k]ᵀ` (the `x · Wᵀ` form).
+pub fn cublas_nt_ms(
+    dev: &CudaDevice,
+    blas: &Blas,
+    m: usize,
+    n: usize,
+    kk: usize,
+    iters: usize,
+) -> Result<f64, DeviceError> {
+    let mut rng = Rng::new(3);
+    let (a, _) = random(dev, &mut rng, Storage::BF16, &[m, kk])?;
+    let (b, _) = random(dev, &mut rng, Storage::BF16, &[n, kk])?;
+    let mut c = DeviceTensor::zeros(dev, Storage::BF16, &[m, n])?;
+    Ok(time_ms(dev, 10, iters, || blas.gemm(&a, &b, &mut c, false, true, 1.0, 0.0))?.median())
+}
+
+/// Median ms of cuBLAS for a dense layout (`gemm` with the matching transposes).
+pub fn cublas_ms(
+    dev: &CudaDevice,
+    blas: &Blas,
+    layout: Layout,
+    m: usize,
+    n: usize,
+    kk: usize,
+    iters: usize,
+) -> Result<f64, DeviceError> {
+    let mut rng = Rng::new(3);
+    let (da, db) = layout.dims(m, n, kk);
+    let (a, _) = random(dev, &mut rng, Storage::BF16, &da)?;
+    let (b, _) = random(dev, &mut rng, Storage::BF16, &db)?;
+    let mut c = DeviceTensor::zeros(dev, Storage::BF16, &[m, n])?;
+    let (ta, tb) = layout.trans();
+    Ok(time_ms(dev, 10, iters, || blas.gemm(&a, &b, &mut c, ta, tb, 1.0, 0.0))?.median())
+}
+
+/// The OPT-1.3B MLP (16384 tokens, d 2048, ffn 8192) as block-sparse GEMMs at several
+/// densities, per 128-token group, blocks of 64 and 128 neurons; dense cuBLAS of the same
+/// products in the same run.
+pub fn bench_sparse(
+    dev: &CudaDevice,
+    blas: &Blas,
+    iters: usize,
+) -> Result<Vec<SparseBench>, DeviceError> {
+    let (m, d, ffn) = (16384usize, 2048usize, 8192usize);
+    let dense_fc1 = cublas_nt_ms(dev, blas, m, ffn, d, iters)?;
+    let dense_fc2 = cublas_nt_ms(dev, blas, m, d, ffn, iters)?;
+    let mut rng = Rng::new(8);
+    let (x, _) = random(dev, &mut rng, Storage::BF16, &[m, d])?;
+    let (w1, _) = random(dev, &mut rng, Storage::BF16, &[ffn, d])?;
+    let (w2, _) = random(dev, &mut rng, Storage::BF16, &[d, ffn])?;
+    let y = DeviceTensor::zeros(dev, Storage::BF16, &[m, d])?;
+    let groups = m / sparse_ops::GROUP_ROWS;
+    let mut out = vec![];
+    for bs in [64usize, 128] {
+        let nb = ffn / bs;
+        for density in [0.125, 0.25, 0.5, 0.75, 1.0] {
+            let (counts, idx, max) = block_list::random_host(groups, nb, density, 42);
+            let bl = BlockList::from_host(dev, &counts, &idx, max, nb)
+                .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
+            let h = DeviceTensor::zeros(dev, Storage::BF16, &[m, max * bs])?;
+            let t1 = time_ms(dev, 5, iters, || {
+                sparse_ops::sparse_out(dev, &x.as_arg(), &w1.as_arg(), &bl, &h.as_arg(), bs)
+                    .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
+            })?;
+            let t2 = time_ms(dev, 5, iters, || {
+                sparse_ops::sparse_red(dev, &h.as_arg(), &w2.as_arg(), &bl, &y.as_arg(), bs)
+                    .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
+            })?;
+            out.push(SparseBench {
+                mode: "sparse_out",
+                m,
+                k: d,
+                n: ffn,
+                bs,
+                density: max as f64 / nb as f64,
+                ms: t1.median(),
+                cublas_dense_ms: dense_fc1,
+            });
+            out.push(SparseBench {
+                mode: "sparse_red",
+                m,
+                k: ffn,
+                n: d,
+                bs,
+                density: max as f64 / nb as f64,
+                ms: t2.median(),
+                cublas_dense_ms: dense_fc2,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Fused LoRA against the PEFT-style cuBLAS sequence, same run.
+#[derive(Clone, Debug)]
+pub struct LoraBench {
+    pub pass: &'static str,
+    pub m: usize,
+    pub d: usize,
+    pub r: usize,
+    pub fused_ms: f64,
+    pub peft_ms: f64,
+}
+
+/// LoRA rank 16 on a `d x d` layer over 16384 tokens: forward and backward.
+pub fn bench_lora(dev: &CudaDevice, blas: &Blas, iters: usize) -> Result<Vec<LoraBench>, DeviceError> {
+    let (m, d, r) = (16384usize, 2048usize, 16usize);
+    let bf = Storage::BF16;
+    let mut rng = Rng::new(21);
+    let (x, _) = random(dev, &mut rng, bf, &[m, d])?;
+    let (w, _) = random(dev, &mut rng, bf, &[d, d])?;
+    let (bias, _) = random(dev, &mut rng, bf, &[d])?;
+    let (a, _) = random(dev, &mut rng, bf, &[r, d])?;
+    let (b, _) = random(dev, &mut rng, bf, &[d, r])?;
+    let (dy, _) = random(dev, &mut rng, bf, &[m, d])?;
+    let s = 2.0f32;
+    let mut y = DeviceTensor::zeros(dev, bf, &[m, d])?;
+    let xa = DeviceTensor::zeros(dev, bf, &[m, r])?;
+    let dx = DeviceTensor::zeros(dev, bf, &[m, d])?;
+    let u = DeviceTensor::zeros(dev, bf, &[m, r])?;
+    let mut da = DeviceTensor::zeros(dev, Storage::F32, &[r, d])?;
+    let mut db = DeviceTensor::zeros(dev, Storage::F32, &[d, r])?;
+    let fwd = time_ms(dev, 5, iters, || {
+        k::lora_fwd::launch(
+            dev,
+            &k::lora_fwd::Args {
+                x: &x.as_arg(),
+                w: &w.as_arg(),
+                bias: &bias.as_arg(),
+                a: &a.as_arg(),
+                b: &b.as_arg(),
+                s,
+                y: &y.as_arg(),
+                xa: &xa.as_arg(),
+            },
+        )
+    })?
+    .median();
+    let grad = |da: &mut DeviceTensor, db: &mut DeviceTensor| -> Result<(), DeviceError> {
+        k::lora_bwd_dx::launch(
+            dev,
+            &k::lora_bwd_dx::Args {
+                dy: &dy.as_arg(),
+                w: &w.as_arg(),
+                a: &a.as_arg(),
+                b: &b.as_arg(),
+                s,
+                dx: &dx.as_arg(),
+                u: &u.as_arg(),
+            },
+        )?;
+        da.fill_zero()?;
+        db.fill_zero()?;
+        k::lora_grad::launch_with(
+            dev,
+            &[("BP", 16), ("BQ", 128)],
+            &k::lora_grad::Args { a: &u.as_arg(), b: &x.as_arg(), c: &da.as_arg() },
+        )?;
+        k::lora_grad::launch_with(
+            dev,
+            &[("BP", 128), ("BQ", 16)],
+            &k::lora_grad::Args { a: &dy.as_arg(), b: &xa.as_arg(), c: &db.as_arg() },
+        )?;
+        Ok(())
+    };
+    let bwd = time_ms(dev, 5, iters, || grad(&mut da, &mut db))?.median();
+    let shape = LoraShape { m, in_features: d, out_features: d, rank: r };
+    let mut ws = LoraWorkspace::new(dev, bf, shape)?;
+    let weights = LoraWeights { w: &w, lora_a: &a, lora_b: &b, scale: s };
+    let pf = time_ms(dev, 5, iters, || lora_forward_baseline(dev, blas, &mut ws, &weights, &x, &mut y))?
+        .median();
+    let (mut gdx, mut gda, mut gdb) = (
+        DeviceTensor::zeros(dev, bf, &[m, d])?,
+        DeviceTensor::zeros(dev, bf, &[r, d])?,
+        DeviceTensor::zeros(dev, bf, &[d, r])?,
+    );
+    let pb = time_ms(dev, 5, iters, || {
+        lora_backward_baseline(
+            dev,
+            blas,
+            &mut ws,
+            &weights,
+            &x,
+            &dy,
+            LoraGrads { dx: &mut gdx, d_lora_a: &mut gda, d_lora_b: &mut gdb },
+        )
+    })?
+    .median();
+    Ok(vec![
+        LoraBench { pass: "forward", m, d, r, fused_ms: fwd, peft_ms: pf },
+        LoraBench { pass: "backward", m, d, r, fused_ms: bwd, peft_ms: pb },
+    ])
 }

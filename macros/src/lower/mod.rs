@@ -95,7 +95,9 @@ impl Lower<'_> {
             }
             ParamKind::Tensor { rank, mutable, .. } => {
                 let st = elem_of(&p.kind, self.v).unwrap_or(Storage::F32);
-                let aligned = self.v.align >= 16;
+                // Index tensors (i32: block lists) are read by scalar loads only; they never carry
+                // the 16-byte assumption, in any variant.
+                let aligned = self.v.align >= 16 && st != Storage::I32;
                 let per16 = (16 / st.bytes()) as u64;
                 let ptr = self.b.arg(
                     &name,

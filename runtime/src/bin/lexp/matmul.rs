@@ -1,9 +1,36 @@
 //! `lexp bench matmul`: tensor-core kernels checked against the CPU reference, then timed
-//! against cuBLAS in the same run.
+//! against cuBLAS in the same run: dense GEMMs, block-sparse GEMMs vs density (OPT-1.3B MLP
+//! shapes), fused LoRA vs the PEFT-style cuBLAS sequence.
 
 use anyhow::{bail, Context, Result};
-use lexp_runtime::matmul_check::{self as mc, Layout};
+use lexp_runtime::cublas::Blas;
+use lexp_runtime::matmul_check::{self as mc, Layout, MatCheck};
 use lexp_runtime::CudaDevice;
+
+fn print_checks(rows: &[MatCheck]) -> usize {
+    println!(
+        "{:<12} {:<5} {:<22} {:<34} {:<4} {:>10} {:>10} {:>8} ok",
+        "kernel", "dtype", "shape", "config", "out", "rel_l2", "max_abs", "tol"
+    );
+    let mut failed = 0;
+    for r in rows {
+        println!(
+            "{:<12} {:<5} {:<22} {:<34} {:<4} {:>10.2e} {:>10.2e} {:>8.0e} {}",
+            r.kernel,
+            r.dtype,
+            r.shape,
+            r.config,
+            r.output,
+            r.rel_l2,
+            r.max_abs,
+            r.tolerance,
+            if r.pass { "ok" } else { "FAIL" }
+        );
+        failed += (!r.pass) as usize;
+    }
+    println!("{} passed, {} failed", rows.len() - failed, failed);
+    failed
+}
 
 pub fn run(
     dev: &CudaDevice,
@@ -13,49 +40,78 @@ pub fn run(
 ) -> Result<()> {
     let (major, minor) = dev.compute_capability();
     eprintln!("device: {} (sm_{major}{minor})", dev.name());
-    let mut failed = 0;
+    let blas = Blas::new(dev).context("cuBLAS (the baseline) is not available")?;
     let mut checks = vec![];
+    let mut failed = 0;
     if check {
-        checks = mc::check_gemm(dev)?;
-        println!(
-            "{:<14} {:<5} {:<22} {:<34} {:<5} {:>10} {:>10} {:>8} ok",
-            "kernel", "dtype", "shape", "config", "out", "rel_l2", "max_abs", "tol"
-        );
-        for r in &checks {
-            println!(
-                "{:<14} {:<5} {:<22} {:<34} {:<5} {:>10.2e} {:>10.2e} {:>8.0e} {}",
-                r.kernel,
-                r.dtype,
-                r.shape,
-                r.config,
-                r.output,
-                r.rel_l2,
-                r.max_abs,
-                r.tolerance,
-                if r.pass { "ok" } else { "FAIL" }
-            );
-            failed += (!r.pass) as usize;
-        }
-        println!("{} passed, {} failed", checks.len() - failed, failed);
+        checks.extend(mc::check_gemm(dev)?);
+        checks.extend(mc::check_sparse(dev)?);
+        checks.extend(mc::check_lora(dev)?);
+        failed = print_checks(&checks);
     }
-    let mut benches = vec![];
+    // Dense GEMMs: every compiled configuration, and cuBLAS.
+    let mut gemm = vec![];
+    println!(
+        "\n{:<10} {:>18} {:<36} {:>9} {:>9} {:>8} {:>8}",
+        "kernel", "MxNxK", "config", "ms", "cuBLAS", "TFLOP/s", "of cuBLAS"
+    );
     for layout in Layout::ALL {
         for (m, n, k) in [(4096, 4096, 4096), (16384, 8192, 2048)] {
-            benches.extend(mc::bench_gemm(dev, layout, m, n, k, iters)?);
+            let base = mc::cublas_ms(dev, &blas, layout, m, n, k, iters)?;
+            for b in mc::bench_gemm(dev, layout, m, n, k, iters)? {
+                println!(
+                    "{:<10} {:>18} {:<36} {:>9.4} {:>9.4} {:>8.1} {:>8.1}%",
+                    b.kernel,
+                    format!("{m}x{n}x{k}"),
+                    b.config,
+                    b.ms,
+                    base,
+                    b.tflops,
+                    100.0 * base / b.ms
+                );
+                gemm.push((b, base));
+            }
         }
     }
-    println!("{:<10} {:>20} {:<34} {:>10} {:>8}", "kernel", "MxNxK", "config", "ms", "TFLOP/s");
-    for b in &benches {
+    // Block-sparse vs density.
+    let sparse = mc::bench_sparse(dev, &blas, iters)?;
+    println!(
+        "\n{:<11} {:>4} {:>8} {:>9} {:>12} {:>9}",
+        "mode", "BS", "density", "ms", "cuBLAS dense", "ratio"
+    );
+    for s in &sparse {
         println!(
-            "{:<10} {:>20} {:<34} {:>10.4} {:>8.1}",
-            b.kernel,
-            format!("{}x{}x{}", b.m, b.n, b.k),
-            b.config,
-            b.ms,
-            b.tflops
+            "{:<11} {:>4} {:>8.3} {:>9.4} {:>12.4} {:>8.3}x",
+            s.mode,
+            s.bs,
+            s.density,
+            s.ms,
+            s.cublas_dense_ms,
+            s.ms / s.cublas_dense_ms
+        );
+    }
+    // Fused LoRA vs PEFT.
+    let lora = mc::bench_lora(dev, &blas, iters)?;
+    println!("\n{:<9} {:>10} {:>10} {:>8}", "LoRA", "fused ms", "PEFT ms", "speedup");
+    for l in &lora {
+        println!(
+            "{:<9} {:>10.4} {:>10.4} {:>7.2}x",
+            l.pass,
+            l.fused_ms,
+            l.peft_ms,
+            l.peft_ms / l.fused_ms
         );
     }
     if let Some(p) = json {
+        let date = std::process::Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .unwrap_or_default();
+        let date = date.trim();
+        let gpu = dev.name();
         let c: Vec<String> = checks
             .iter()
             .map(|r| {
@@ -65,22 +121,42 @@ pub fn run(
                 )
             })
             .collect();
-        let b: Vec<String> = benches
+        let g: Vec<String> = gemm
+            .iter()
+            .map(|(r, base)| {
+                format!(
+                    "{{\"kernel\":\"{}\",\"m\":{},\"n\":{},\"k\":{},\"config\":\"{}\",\"ms\":{:.6},\"tflops\":{:.2},\"cublas_ms\":{:.6},\"of_cublas\":{:.4}}}",
+                    r.kernel, r.m, r.n, r.k, r.config, r.ms, r.tflops, base, base / r.ms
+                )
+            })
+            .collect();
+        let s: Vec<String> = sparse
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"kernel\":\"{}\",\"m\":{},\"n\":{},\"k\":{},\"config\":\"{}\",\"ms\":{:.6},\"tflops\":{:.2}}}",
-                    r.kernel, r.m, r.n, r.k, r.config, r.ms, r.tflops
+                    "{{\"gpu\":\"{gpu}\",\"date\":\"{date}\",\"shape\":{{\"m\":{},\"k\":{},\"n\":{}}},\"block\":{},\"mode\":\"{}\",\"density\":{:.4},\"ms\":{:.6},\"cublas_dense_ms\":{:.6}}}",
+                    r.m, r.k, r.n, r.bs, r.mode, r.density, r.ms, r.cublas_dense_ms
+                )
+            })
+            .collect();
+        let l: Vec<String> = lora
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"pass\":\"{}\",\"m\":{},\"d\":{},\"r\":{},\"fused_ms\":{:.6},\"peft_ms\":{:.6},\"speedup\":{:.3}}}",
+                    r.pass, r.m, r.d, r.r, r.fused_ms, r.peft_ms, r.peft_ms / r.fused_ms
                 )
             })
             .collect();
         std::fs::write(
             &p,
             format!(
-                "{{\"device\":\"{}\",\"iters\":{iters},\"checks\":[\n{}\n],\"gemm\":[\n{}\n]}}\n",
-                dev.name(),
+                "{{\"device\":\"{gpu}\",\"date\":\"{date}\",\"cublas_version\":{},\"iters\":{iters},\n\"checks\":[\n{}\n],\n\"gemm\":[\n{}\n],\n\"sparse\":[\n{}\n],\n\"lora\":[\n{}\n]}}\n",
+                blas.version(),
                 c.join(",\n"),
-                b.join(",\n")
+                g.join(",\n"),
+                s.join(",\n"),
+                l.join(",\n")
             ),
         )
         .with_context(|| format!("writing {}", p.display()))?;
