@@ -49,11 +49,12 @@ pub const SM80: Target = Target {
     max_regs: 255,
 };
 
-/// Hopper (H100/H200).
+/// Hopper (H100/H200). The arch-specific `sm_90a` features (`wgmma`, COMPILER.md §8) are
+/// used, so this PTX runs on sm_90 devices only (which is what `Arch::Sm90` selects).
 pub const SM90: Target = Target {
-    name: "sm_90",
+    name: "sm_90a",
     arch: Arch::Sm90,
-    cpu: "sm_90",
+    cpu: "sm_90a",
     features: "+ptx80",
     max_static_smem: 48 * 1024,
     max_dynamic_smem: 227 * 1024,

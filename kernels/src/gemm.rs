@@ -8,7 +8,7 @@ use lexp_macros::kernel;
 
 /// `c[M, N] = a[M, K] · b[K, N]`.
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32, 64], S = [3, 4], W = [4], G = [8]),
+    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32, 64], S = [3, 4], W = [4, 8], G = [8]),
     warps = W,
     stages = S,
     grid = [cdiv(a.dim(0), BM) * cdiv(b.dim(1), BN)],
@@ -47,7 +47,7 @@ pub fn gemm_nn<
 
 /// `c[M, N] = a[M, K] · b[N, K]ᵀ` (`x · Wᵀ` with a PyTorch `Linear` weight).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32, 64], S = [3, 4], W = [4], G = [8]),
+    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32, 64], S = [3, 4], W = [4, 8], G = [8]),
     warps = W,
     stages = S,
     grid = [cdiv(a.dim(0), BM) * cdiv(b.dim(0), BN)],
@@ -86,7 +86,7 @@ pub fn gemm_nt<
 
 /// `c[M, N] = a[K, M]ᵀ · b[K, N]` (weight-style gradients: a reduction over tokens).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32, 64], S = [3, 4], W = [4], G = [8]),
+    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32, 64], S = [3, 4], W = [4, 8], G = [8]),
     warps = W,
     stages = S,
     grid = [cdiv(a.dim(1), BM) * cdiv(b.dim(1), BN)],

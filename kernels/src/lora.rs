@@ -12,7 +12,7 @@ use lexp_macros::kernel;
 /// Forward: `y = x·Wᵀ + bias + xa·Bᵀ` with `xa = T(s · x·Aᵀ)`, also stored (programs of the
 /// first column tile write it).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32], R = [16], S = [4], W = [4], G = [8]),
+    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32], R = [16], S = [4], W = [4, 8], G = [8]),
     warps = W,
     stages = S,
     grid = [cdiv(x.dim(0), BM) * cdiv(w.dim(0), BN)],
@@ -71,7 +71,7 @@ pub fn lora_fwd<
 
 /// Backward to the input: `dx = dy·W + u·A` with `u = T(s · dy·B)`, also stored (for `dA`).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32], R = [16], S = [4], W = [4], G = [8]),
+    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32], R = [16], S = [4], W = [4, 8], G = [8]),
     warps = W,
     stages = S,
     grid = [cdiv(dy.dim(0), BM) * cdiv(w.dim(1), BN)],
@@ -130,7 +130,7 @@ pub fn lora_bwd_dx<
 /// each program reducing `CHUNK` tokens. `dA = uᵀ·x` is `(a, b) = (u, x)` with `P = R`;
 /// `dB = dyᵀ·xa` is `(a, b) = (dy, xa)` with `Q = R`. Zero `c` first.
 #[kernel(
-    variants(T = [bf16, f16], BP = [16, 128], BQ = [16, 128], BK = [32], CHUNK = [1024], S = [4], W = [4]),
+    variants(T = [bf16, f16], BP = [16, 128], BQ = [16, 128], BK = [32], CHUNK = [1024], S = [4], W = [4, 8]),
     warps = W,
     stages = S,
     grid = [cdiv(a.dim(1), BP) * cdiv(b.dim(1), BQ), cdiv(a.dim(0), CHUNK)],

@@ -16,7 +16,7 @@ use lexp_macros::kernel;
 /// `b = indices[g, j]`, `h[rows(g), j*BS ..][.. BS] = x[rows(g), :] · w[b*BS .. +BS, :]ᵀ`
 /// (a compact output: one `BS`-wide slot per kept block). Slots past the count are untouched.
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32], S = [4], W = [4]),
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32], S = [4], W = [4, 8]),
     warps = W,
     stages = S,
     grid = [indices.dim(1), cdiv(x.dim(0), BM)],
@@ -59,7 +59,7 @@ pub fn sparse_out<
 /// h[rows(g), j*BS .. +BS] · w2[n, indices[g, j]*BS .. +BS]ᵀ`, with `h` compact as
 /// `sparse_out` writes it and `w2` a `Linear` weight `[out, ffn]`. A group with count 0 gets 0.
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BS = [64, 128], BK = [32], S = [4], W = [4]),
+    variants(T = [bf16, f16], BM = [128], BN = [128], BS = [64, 128], BK = [32], S = [4], W = [4, 8]),
     warps = W,
     stages = S,
     grid = [cdiv(w2.dim(0), BN), cdiv(h.dim(0), BM)],
@@ -104,7 +104,7 @@ pub fn sparse_red<
 /// w[indices_o[g, j]*BS .. +BS, indices_i[g, e]*BS .. +BS]ᵀ` for `j < counts_o[g]` (compact in,
 /// compact out; slots past the count untouched).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32], S = [4], W = [4]),
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32], S = [4], W = [4, 8]),
     warps = W,
     stages = S,
     grid = [indices_o.dim(1), cdiv(h.dim(0), BM)],

@@ -283,6 +283,8 @@ pub fn check_sparse(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
                 .iter()
                 .enumerate()
             {
+              for warps in [4usize, 8] {
+                let cfg = vec![("W", warps)];
                 let mut rng = Rng::new(seed as u64 + 31);
                 let groups = m.div_ceil(bm);
                 let f = nb * bs;
@@ -291,35 +293,36 @@ pub fn check_sparse(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
                 let (x, hx) = random(dev, &mut rng, dtype, &[m, kk])?;
                 let (w, hw) = random(dev, &mut rng, dtype, &[f, kk])?;
                 let (h, init) = filled(dev, dtype, &[m, max * bs], 7.0)?;
-                sparse_ops::sparse_out(dev, &x.as_arg(), &w.as_arg(), &bl, &h.as_arg(), bs)
+                sparse_ops::sparse_out(dev, &x.as_arg(), &w.as_arg(), &bl, &h.as_arg(), bs, &cfg)
                     .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
                 dev.synchronize()?;
                 let want = rm::sparse_out(&hx, &hw, m, kk, f, &counts, &idx, max, bm, bs, &init);
                 let shape = format!("{m}x{kk} -> {nb}x{bs}");
-                record(&mut rows, "sparse_out", dtype, shape.clone(), format!("BS={bs}"), "h", &h.to_f32_vec()?, &want);
+                record(&mut rows, "sparse_out", dtype, shape.clone(), format!("BS={bs},W={warps}"), "h", &h.to_f32_vec()?, &want);
                 // sparse_red: h [m, max*bs] (compact, random) · w2 [n, f]ᵀ.
                 let n = 136;
                 let (hc, hh) = random(dev, &mut rng, dtype, &[m, max * bs])?;
                 let (w2, hw2) = random(dev, &mut rng, dtype, &[n, f])?;
                 let mut y = DeviceTensor::poisoned(dev, dtype, &[m, n])?;
                 y.poison()?;
-                sparse_ops::sparse_red(dev, &hc.as_arg(), &w2.as_arg(), &bl, &y.as_arg(), bs)
+                sparse_ops::sparse_red(dev, &hc.as_arg(), &w2.as_arg(), &bl, &y.as_arg(), bs, &cfg)
                     .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
                 dev.synchronize()?;
                 let want = rm::sparse_red(&hh, &hw2, m, n, f, &counts, &idx, max, bm, bs);
-                record(&mut rows, "sparse_red", dtype, shape.clone(), format!("BS={bs}"), "y", &y.to_f32_vec()?, &want);
+                record(&mut rows, "sparse_red", dtype, shape.clone(), format!("BS={bs},W={warps}"), "y", &y.to_f32_vec()?, &want);
                 // sparse_both: out list over w's rows, in list = bl over its columns.
                 let nbo = 3;
                 let (blo, co, io, maxo) = list(dev, groups, nbo, 0.7, seed as u64 + 100)?;
                 let (wb, hwb) = random(dev, &mut rng, dtype, &[nbo * bs, f])?;
                 let (o, init_o) = filled(dev, dtype, &[m, maxo * bs], 7.0)?;
-                sparse_ops::sparse_both(dev, &hc.as_arg(), &wb.as_arg(), &blo, &bl, &o.as_arg(), bs)
+                sparse_ops::sparse_both(dev, &hc.as_arg(), &wb.as_arg(), &blo, &bl, &o.as_arg(), bs, &cfg)
                     .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
                 dev.synchronize()?;
                 let want = rm::sparse_both(
                     &hh, &hwb, m, nbo * bs, f, &co, &io, maxo, &counts, &idx, max, bm, bs, &init_o,
                 );
-                record(&mut rows, "sparse_both", dtype, shape, format!("BS={bs}"), "out", &o.to_f32_vec()?, &want);
+                record(&mut rows, "sparse_both", dtype, shape, format!("BS={bs},W={warps}"), "out", &o.to_f32_vec()?, &want);
+              }
             }
         }
     }
@@ -337,6 +340,9 @@ pub fn check_lora(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
             .iter()
             .enumerate()
         {
+          for warps in [4usize, 8] {
+            let tile = [("W", warps)];
+            let tname = format!("W={warps}");
             let mut rng = Rng::new(seed as u64 + 77);
             let shape = format!("{m}x{kk} -> {n}, r {r}");
             let (x, hx) = random(dev, &mut rng, dtype, &[m, kk])?;
@@ -346,8 +352,9 @@ pub fn check_lora(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
             let (b, hb) = random(dev, &mut rng, dtype, &[n, r])?;
             let y = DeviceTensor::poisoned(dev, dtype, &[m, n])?;
             let xa = DeviceTensor::poisoned(dev, dtype, &[m, r])?;
-            k::lora_fwd::launch(
+            k::lora_fwd::launch_with(
                 dev,
+                &tile,
                 &k::lora_fwd::Args {
                     x: &x.as_arg(),
                     w: &w.as_arg(),
@@ -362,14 +369,15 @@ pub fn check_lora(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
             dev.synchronize()?;
             let (wy, wxa) = rm::lora_fwd(&hx, &hw, Some(&hbias), &ha, &hb, s, m, kk, n, r, round);
             let got_xa = xa.to_f32_vec()?;
-            record(&mut rows, "lora_fwd", dtype, shape.clone(), String::new(), "xa", &got_xa, &wxa);
-            record(&mut rows, "lora_fwd", dtype, shape.clone(), String::new(), "y", &y.to_f32_vec()?, &wy);
+            record(&mut rows, "lora_fwd", dtype, shape.clone(), tname.clone(), "xa", &got_xa, &wxa);
+            record(&mut rows, "lora_fwd", dtype, shape.clone(), tname.clone(), "y", &y.to_f32_vec()?, &wy);
             // Backward to the input.
             let (dy, hdy) = random(dev, &mut rng, dtype, &[m, n])?;
             let dx = DeviceTensor::poisoned(dev, dtype, &[m, kk])?;
             let u = DeviceTensor::poisoned(dev, dtype, &[m, r])?;
-            k::lora_bwd_dx::launch(
+            k::lora_bwd_dx::launch_with(
                 dev,
+                &tile,
                 &k::lora_bwd_dx::Args {
                     dy: &dy.as_arg(),
                     w: &w.as_arg(),
@@ -383,12 +391,12 @@ pub fn check_lora(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
             dev.synchronize()?;
             let (wdx, wu) = rm::lora_bwd_dx(&hdy, &hw, &ha, &hb, s, m, kk, n, r, round);
             let got_u = u.to_f32_vec()?;
-            record(&mut rows, "lora_bwd_dx", dtype, shape.clone(), String::new(), "u", &got_u, &wu);
-            record(&mut rows, "lora_bwd_dx", dtype, shape.clone(), String::new(), "dx", &dx.to_f32_vec()?, &wdx);
+            record(&mut rows, "lora_bwd_dx", dtype, shape.clone(), tname.clone(), "u", &got_u, &wu);
+            record(&mut rows, "lora_bwd_dx", dtype, shape.clone(), tname.clone(), "dx", &dx.to_f32_vec()?, &wdx);
             // Weight gradients from the kernel's own u and xa.
             let mut da = DeviceTensor::zeros(dev, Storage::F32, &[r, kk])?;
             let mut db = DeviceTensor::zeros(dev, Storage::F32, &[n, r])?;
-            for cfg in configs("lora_grad") {
+            for cfg in configs("lora_grad").into_iter().filter(|c| cfg_value(c, "W") == warps) {
                 da.fill_zero()?;
                 db.fill_zero()?;
                 let (bp, bq) = (cfg_value(&cfg, "BP"), cfg_value(&cfg, "BQ"));
@@ -414,6 +422,7 @@ pub fn check_lora(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
                     record(&mut rows, "lora_grad", dtype, shape.clone(), config_text(&cfg), "dB", &db.to_f32_vec()?, &want);
                 }
             }
+          }
         }
     }
     Ok(rows)
@@ -427,6 +436,8 @@ fn cfg_value(cfg: &[(&str, usize)], name: &str) -> usize {
 #[derive(Clone, Debug)]
 pub struct SparseBench {
     pub mode: &'static str,
+    /// The autotuner's tile choice.
+    pub config: String,
     /// `(tokens, reduction, output)` of the dense product.
     pub m: usize,
     pub k: usize,
@@ -492,21 +503,62 @@ pub fn bench_sparse(
     let mut out = vec![];
     for bs in [64usize, 128] {
         let nb = ffn / bs;
+        // Tile choice per (mode, block size), by the autotuner at full density.
+        let (counts, idx, max) = block_list::random_host(groups, nb, 1.0, 42);
+        let full = BlockList::from_host(dev, &counts, &idx, max, nb)
+            .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
+        let hf = DeviceTensor::zeros(dev, Storage::BF16, &[m, max * bs])?;
+        let cands = |kernel: &str| -> Vec<Vec<(&'static str, usize)>> {
+            configs(kernel)
+                .into_iter()
+                .filter(|c| cfg_value(c, "BS") == bs)
+                .collect()
+        };
+        let tuner = crate::autotune::Autotuner::new();
+        let name = dev.name().to_string();
+        let c1 = tuner
+            .choose(
+                &crate::autotune::key(&name, "sparse_out", "bf16", &[m, d, ffn, bs]),
+                &cands("sparse_out"),
+                |c| -> Result<f64, DeviceError> {
+                    Ok(time_ms(dev, 3, 10, || {
+                        sparse_ops::sparse_out(dev, &x.as_arg(), &w1.as_arg(), &full, &hf.as_arg(), bs, c)
+                            .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
+                    })?
+                    .median())
+                },
+            )
+            .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
+        let c2 = tuner
+            .choose(
+                &crate::autotune::key(&name, "sparse_red", "bf16", &[m, ffn, d, bs]),
+                &cands("sparse_red"),
+                |c| -> Result<f64, DeviceError> {
+                    Ok(time_ms(dev, 3, 10, || {
+                        sparse_ops::sparse_red(dev, &hf.as_arg(), &w2.as_arg(), &full, &y.as_arg(), bs, c)
+                            .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
+                    })?
+                    .median())
+                },
+            )
+            .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
+        tracing::info!(?c1, ?c2, bs, "sparse tile choice");
         for density in [0.125, 0.25, 0.5, 0.75, 1.0] {
             let (counts, idx, max) = block_list::random_host(groups, nb, density, 42);
             let bl = BlockList::from_host(dev, &counts, &idx, max, nb)
                 .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
             let h = DeviceTensor::zeros(dev, Storage::BF16, &[m, max * bs])?;
             let t1 = time_ms(dev, 5, iters, || {
-                sparse_ops::sparse_out(dev, &x.as_arg(), &w1.as_arg(), &bl, &h.as_arg(), bs)
+                sparse_ops::sparse_out(dev, &x.as_arg(), &w1.as_arg(), &bl, &h.as_arg(), bs, &c1)
                     .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
             })?;
             let t2 = time_ms(dev, 5, iters, || {
-                sparse_ops::sparse_red(dev, &h.as_arg(), &w2.as_arg(), &bl, &y.as_arg(), bs)
+                sparse_ops::sparse_red(dev, &h.as_arg(), &w2.as_arg(), &bl, &y.as_arg(), bs, &c2)
                     .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
             })?;
             out.push(SparseBench {
                 mode: "sparse_out",
+                config: config_text(&c1),
                 m,
                 k: d,
                 n: ffn,
@@ -517,6 +569,7 @@ pub fn bench_sparse(
             });
             out.push(SparseBench {
                 mode: "sparse_red",
+                config: config_text(&c2),
                 m,
                 k: ffn,
                 n: d,
@@ -559,50 +612,69 @@ pub fn bench_lora(dev: &CudaDevice, blas: &Blas, iters: usize) -> Result<Vec<Lor
     let u = DeviceTensor::zeros(dev, bf, &[m, r])?;
     let mut da = DeviceTensor::zeros(dev, Storage::F32, &[r, d])?;
     let mut db = DeviceTensor::zeros(dev, Storage::F32, &[d, r])?;
-    let fwd = time_ms(dev, 5, iters, || {
-        k::lora_fwd::launch(
-            dev,
-            &k::lora_fwd::Args {
-                x: &x.as_arg(),
-                w: &w.as_arg(),
-                bias: &bias.as_arg(),
-                a: &a.as_arg(),
-                b: &b.as_arg(),
-                s,
-                y: &y.as_arg(),
-                xa: &xa.as_arg(),
-            },
-        )
-    })?
-    .median();
+    let tuner = crate::autotune::Autotuner::new();
+    let name = dev.name().to_string();
+    let pick = |kernel: &str,
+                dims: &[usize],
+                keep: &dyn Fn(&[(&str, usize)]) -> bool,
+                f: &dyn Fn(&[(&str, usize)]) -> Result<(), LaunchError>|
+     -> Result<Vec<(&'static str, usize)>, DeviceError> {
+        let cands: Vec<_> = configs(kernel).into_iter().filter(|c| keep(c)).collect();
+        tuner
+            .choose(
+                &crate::autotune::key(&name, kernel, "bf16", dims),
+                &cands,
+                |c| -> Result<f64, DeviceError> {
+                    Ok(time_ms(dev, 3, 10, || f(c))?.median())
+                },
+            )
+            .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
+    };
+    let fwd_args = k::lora_fwd::Args {
+        x: &x.as_arg(),
+        w: &w.as_arg(),
+        bias: &bias.as_arg(),
+        a: &a.as_arg(),
+        b: &b.as_arg(),
+        s,
+        y: &y.as_arg(),
+        xa: &xa.as_arg(),
+    };
+    let fwd_cfg = pick("lora_fwd", &[m, d, d, r], &|_| true, &|c| {
+        k::lora_fwd::launch_with(dev, c, &fwd_args)
+    })?;
+    let fwd = time_ms(dev, 5, iters, || k::lora_fwd::launch_with(dev, &fwd_cfg, &fwd_args))?
+        .median();
+    let dx_args = k::lora_bwd_dx::Args {
+        dy: &dy.as_arg(),
+        w: &w.as_arg(),
+        a: &a.as_arg(),
+        b: &b.as_arg(),
+        s,
+        dx: &dx.as_arg(),
+        u: &u.as_arg(),
+    };
+    let dx_cfg = pick("lora_bwd_dx", &[m, d, d, r], &|_| true, &|c| {
+        k::lora_bwd_dx::launch_with(dev, c, &dx_args)
+    })?;
+    let da_args = k::lora_grad::Args { a: &u.as_arg(), b: &x.as_arg(), c: &da.as_arg() };
+    let db_args = k::lora_grad::Args { a: &dy.as_arg(), b: &xa.as_arg(), c: &db.as_arg() };
+    let da_cfg = pick("lora_grad", &[m, r, d], &|c| cfg_value(c, "BP") == 16, &|c| {
+        k::lora_grad::launch_with(dev, c, &da_args)
+    })?;
+    let db_cfg = pick("lora_grad", &[m, d, r], &|c| cfg_value(c, "BQ") == 16, &|c| {
+        k::lora_grad::launch_with(dev, c, &db_args)
+    })?;
     let grad = |da: &mut DeviceTensor, db: &mut DeviceTensor| -> Result<(), DeviceError> {
-        k::lora_bwd_dx::launch(
-            dev,
-            &k::lora_bwd_dx::Args {
-                dy: &dy.as_arg(),
-                w: &w.as_arg(),
-                a: &a.as_arg(),
-                b: &b.as_arg(),
-                s,
-                dx: &dx.as_arg(),
-                u: &u.as_arg(),
-            },
-        )?;
+        k::lora_bwd_dx::launch_with(dev, &dx_cfg, &dx_args)?;
         da.fill_zero()?;
         db.fill_zero()?;
-        k::lora_grad::launch_with(
-            dev,
-            &[("BP", 16), ("BQ", 128)],
-            &k::lora_grad::Args { a: &u.as_arg(), b: &x.as_arg(), c: &da.as_arg() },
-        )?;
-        k::lora_grad::launch_with(
-            dev,
-            &[("BP", 128), ("BQ", 16)],
-            &k::lora_grad::Args { a: &dy.as_arg(), b: &xa.as_arg(), c: &db.as_arg() },
-        )?;
+        k::lora_grad::launch_with(dev, &da_cfg, &da_args)?;
+        k::lora_grad::launch_with(dev, &db_cfg, &db_args)?;
         Ok(())
     };
     let bwd = time_ms(dev, 5, iters, || grad(&mut da, &mut db))?.median();
+    tracing::info!(?fwd_cfg, ?dx_cfg, ?da_cfg, ?db_cfg, "LoRA tile choice");
     let shape = LoraShape { m, in_features: d, out_features: d, rank: r };
     let mut ws = LoraWorkspace::new(dev, bf, shape)?;
     let weights = LoraWeights { w: &w, lora_a: &a, lora_b: &b, scale: s };

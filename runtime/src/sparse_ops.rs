@@ -30,11 +30,19 @@ fn need(op: &'static str, ok: bool, what: impl FnOnce() -> String) -> Result<(),
     }
 }
 
+/// The tile configuration `tile` (other constants, e.g. from the autotuner) with `BS = bs`.
+fn with_bs<'a>(bs: usize, tile: &[(&'a str, usize)]) -> Vec<(&'a str, usize)> {
+    let mut c: Vec<(&str, usize)> = tile.iter().copied().filter(|(n, _)| *n != "BS").collect();
+    c.push(("BS", bs));
+    c
+}
+
 fn groups(rows: usize) -> usize {
     rows.div_ceil(GROUP_ROWS)
 }
 
-/// `h = x · w[kept blocks]ᵀ`, compact (see `lexp_kernels::sparse_out`). `w` is `[F, K]` with
+/// `h = x · w[kept blocks]ᵀ`, compact. `tile` picks a compiled configuration (empty: the
+/// default) (see `lexp_kernels::sparse_out`). `w` is `[F, K]` with
 /// `F = num_blocks * bs`; `h` is `[M, max_blocks * bs]`.
 pub fn sparse_out(
     l: &dyn Launcher,
@@ -43,6 +51,7 @@ pub fn sparse_out(
     list: &BlockList,
     h: &TensorArg,
     bs: usize,
+    tile: &[(&str, usize)],
 ) -> Result<(), SparseOpError> {
     need("sparse_out", w.dims[0] % bs == 0, || {
         format!("weight rows {} are not a multiple of the block size {bs}", w.dims[0])
@@ -59,7 +68,7 @@ pub fn sparse_out(
     let (c, i) = (list.counts().as_arg(), list.indices().as_arg());
     k::sparse_out::launch_with(
         l,
-        &[("BS", bs)],
+        &with_bs(bs, tile),
         &k::sparse_out::Args {
             x,
             w,
@@ -79,6 +88,7 @@ pub fn sparse_red(
     list: &BlockList,
     y: &TensorArg,
     bs: usize,
+    tile: &[(&str, usize)],
 ) -> Result<(), SparseOpError> {
     need("sparse_red", w2.dims[1] % bs == 0, || {
         format!("weight columns {} are not a multiple of the block size {bs}", w2.dims[1])
@@ -87,7 +97,7 @@ pub fn sparse_red(
     let (c, i) = (list.counts().as_arg(), list.indices().as_arg());
     k::sparse_red::launch_with(
         l,
-        &[("BS", bs)],
+        &with_bs(bs, tile),
         &k::sparse_red::Args {
             h,
             w2,
@@ -109,6 +119,7 @@ pub fn sparse_both(
     in_list: &BlockList,
     out: &TensorArg,
     bs: usize,
+    tile: &[(&str, usize)],
 ) -> Result<(), SparseOpError> {
     need("sparse_both", w.dims[0] % bs == 0 && w.dims[1] % bs == 0, || {
         format!("weight {:?} is not a multiple of the block size {bs}", w.dims)
@@ -119,7 +130,7 @@ pub fn sparse_both(
     let (ci, ii) = (in_list.counts().as_arg(), in_list.indices().as_arg());
     k::sparse_both::launch_with(
         l,
-        &[("BS", bs)],
+        &with_bs(bs, tile),
         &k::sparse_both::Args {
             h,
             w,

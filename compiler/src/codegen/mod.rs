@@ -61,7 +61,8 @@ pub fn lower(c: &Compiled, target: &Target, symbol: &str) -> Result<Lowered, IrE
     module.set_triple(&TargetTriple::create(TRIPLE));
     module.set_data_layout(&tm.get_target_data().get_data_layout());
 
-    let func = emit::emit_kernel(&ctx, &module, c, symbol)?;
+    let wgmma = target.arch == crate::launch::Arch::Sm90;
+    let func = emit::emit_kernel(&ctx, &module, c, symbol, wgmma)?;
     func.set_call_conventions(PTX_KERNEL_CC);
     annotate(&ctx, &module, func, c.kernel.num_threads())?;
     module

@@ -66,6 +66,24 @@ fn finish(
     }
 }
 
+/// The warp grid of a *warpgroup-shaped* accumulator, when the tile allows one: every warp owns
+/// 16 full rows of its warpgroup's `64 x (bn / wn)` piece, which is exactly the register layout
+/// of Hopper's `wgmma.m64nNk16` (COMPILER.md §8.1), so sm_90 can use `wgmma` and sm_80 the same
+/// layout with `mma.sync`. Needs warps in groups of 4, `bm` a multiple of 64 with `bm / 16`
+/// warps along M, and `8 <= bn / wn <= 256`.
+pub fn wgmma_grid(bm: usize, bn: usize, num_warps: usize) -> Option<(usize, usize)> {
+    if num_warps % 4 != 0 || bm % 64 != 0 {
+        return None;
+    }
+    let wm = bm / 16;
+    if wm > num_warps || num_warps % wm != 0 {
+        return None;
+    }
+    let wn = num_warps / wm;
+    let wtn = bn / wn;
+    (bn % wn == 0 && wtn % 8 == 0 && (8..=256).contains(&wtn)).then_some((wm, wn))
+}
+
 /// The warp grid `wm x wn` for a `bm x bn` accumulator tile on `num_warps` warps: warp tiles as
 /// square as possible (ties: taller), each at least 16 x 8. When the tile is too small for all
 /// warps, the grid uses fewer (the rest duplicate work).
@@ -143,7 +161,7 @@ impl Layout {
     /// The accumulator layout of a `bm x bn` tile on `num_warps` warps, with the warp grid
     /// chosen by [`warp_grid`]. Warps beyond what the tile can use hold copies.
     pub fn mma_acc_for(bm: usize, bn: usize, num_warps: usize) -> Result<Layout, MmaShapeError> {
-        let (wm, wn) = warp_grid(bm, bn, num_warps);
+        let (wm, wn) = wgmma_grid(bm, bn, num_warps).unwrap_or_else(|| warp_grid(bm, bn, num_warps));
         let mut l = Layout::mma_acc(bm, bn, wm, wn)?;
         while (1usize << l.warp.len()) < num_warps {
             l.warp.push(vec![0, 0]);

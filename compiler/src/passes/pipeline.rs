@@ -42,6 +42,12 @@ pub struct PipelinedLoop {
     pub loads: Vec<StagedLoad>,
     /// Values of the body that the copies need (re-emitted for the prefetched iteration).
     pub slice: HashSet<ValueId>,
+    /// `dot`s of the body whose result is only carried to the next iteration's `dot` (the
+    /// plain K-loop accumulation). With asynchronous MMAs (`wgmma`) these stay in flight across
+    /// the iteration boundary: codegen then waits for all but the last group at the end of
+    /// each iteration, prefetches one tile less far ahead so that no slot is overwritten while
+    /// an MMA may still read it, and waits for everything after the loop.
+    pub async_dots: Vec<ValueId>,
 }
 
 /// Every pipelined loop of a kernel.
@@ -170,15 +176,46 @@ pub fn plan(k: &Kernel, layouts: &LayoutPlan) -> PipelinePlan {
             });
         }
         if !loads.is_empty() {
+            let async_dots = accumulating_dots(body, &uses);
             plan.loops.push(PipelinedLoop {
                 iv,
                 stages: k.num_stages,
                 loads,
                 slice,
+                async_dots,
             });
         }
     });
     plan
+}
+
+/// The `dot`s of `body` whose result is used only by the final `yield`, as a carried value used
+/// only as that same `dot`'s accumulator.
+fn accumulating_dots(
+    body: &Block,
+    uses: &HashMap<ValueId, Vec<(Option<ValueId>, Op)>>,
+) -> Vec<ValueId> {
+    let Some(Op::Yield { values }) = body.insts.last().map(|i| &i.op) else {
+        return vec![];
+    };
+    let mut out = vec![];
+    for inst in &body.insts {
+        let Op::Dot { acc, .. } = &inst.op else { continue };
+        let r = inst.results[0];
+        let Some(j) = values.iter().position(|v| *v == r) else { continue };
+        let only_yield = uses.get(&r).is_some_and(|u| {
+            u.len() == 1 && matches!(u[0].1, Op::Yield { .. })
+        });
+        let carried = body.args.get(j + 1).copied();
+        let acc_only = carried == Some(*acc)
+            && uses.get(acc).is_some_and(|u| {
+                u.len() == 1 && matches!(u[0].1, Op::Dot { .. }) && u[0].0 == Some(r)
+            });
+        if only_yield && acc_only && values.iter().filter(|v| **v == r).count() == 1 {
+            out.push(r);
+        }
+    }
+    out
 }
 
 /// Collects the body-local values `roots` depend on; false if any is loop-carried, a tile load

@@ -2,6 +2,17 @@
 
 use super::*;
 
+/// `dot` result -> `(a, b)` for the `dot`s directly in `body`.
+fn dot_operands(body: &Block) -> std::collections::HashMap<ValueId, (ValueId, ValueId)> {
+    body.insts
+        .iter()
+        .filter_map(|i| match &i.op {
+            Op::Dot { a, b, .. } => Some((i.results[0], (*a, *b))),
+            _ => None,
+        })
+        .collect()
+}
+
 impl<'c> Gen<'c, '_> {
     pub(super) fn phis(
         &self,
@@ -38,10 +49,31 @@ impl<'c> Gen<'c, '_> {
             .map(|v| self.get(*v).cloned())
             .collect::<R<_>>()?;
         let pl = self.c.pipeline.for_iv(body.args[0]).cloned();
+        // With MMAs in flight across iterations, prefetch one tile less far ahead (`ahead`
+        // tiles instead of S-1) so that the slot a prefetch overwrites was read two
+        // iterations ago, by MMAs that have completed.
+        let in_flight = pl.as_ref().is_some_and(|pl| {
+            pl.stages >= 3 && !pl.async_dots.is_empty() && {
+                let dots = dot_operands(body);
+                pl.async_dots.iter().all(|d| {
+                    dots.get(d)
+                        .is_some_and(|(a, b)| self.dot_is_wgmma(*d, *a, *b))
+                })
+            }
+        });
+        let ahead = pl
+            .as_ref()
+            .map(|pl| pl.stages - 1 - in_flight as usize)
+            .unwrap_or(0);
+        if in_flight {
+            if let Some(pl) = &pl {
+                self.async_dots = pl.async_dots.iter().copied().collect();
+            }
+        }
         if let Some(pl) = &pl {
-            // Prologue: tiles 0 .. S-2 into slots 0 .. S-2, one commit group each (empty
-            // past the end, which keeps the group count uniform).
-            for s in 0..pl.stages - 1 {
+            // Prologue: tiles 0 .. ahead-1 into slots 0 .. ahead-1, one commit group each
+            // (empty past the end, which keeps the group count uniform).
+            for s in 0..ahead {
                 let off = self.b.build_int_mul(step_v, self.iv_const(ivt, s), "").map_err(be)?;
                 let iv_s = self.b.build_int_add(lo_v.into_int_value(), off, "").map_err(be)?;
                 self.prefetch(body, pl, iv_s, hi_v, self.i32(s as i64))?;
@@ -66,12 +98,12 @@ impl<'c> Gen<'c, '_> {
         }
         // Ring positions: the slot read this iteration and the slot written by its prefetch.
         let slots = match &pl {
-            Some(pl) => {
+            Some(_) => {
                 let i32t = self.ctx.i32_type();
                 let rd = self.b.build_phi(i32t, "slot.read").map_err(be)?;
                 let wr = self.b.build_phi(i32t, "slot.write").map_err(be)?;
                 rd.add_incoming(&[(&self.i32(0) as &dyn BasicValue, pre)]);
-                wr.add_incoming(&[(&self.i32(pl.stages as i64 - 1) as &dyn BasicValue, pre)]);
+                wr.add_incoming(&[(&self.i32(ahead as i64) as &dyn BasicValue, pre)]);
                 Some((rd, wr))
             }
             None => None,
@@ -91,12 +123,16 @@ impl<'c> Gen<'c, '_> {
             self.call_void_with(
                 "llvm.nvvm.cp.async.wait.group",
                 &[self.ctx.i32_type().into()],
-                &[self.i32(pl.stages as i64 - 2).into()],
+                &[self.i32(ahead as i64 - 1).into()],
             )?;
+            if self.wgmma {
+                // `wgmma` reads the slots through the async proxy.
+                self.fence_proxy_async()?;
+            }
             self.call_void("llvm.nvvm.barrier0")?;
             let ahead = self
                 .b
-                .build_int_mul(step_v, self.iv_const(ivt, pl.stages - 1), "")
+                .build_int_mul(step_v, self.iv_const(ivt, ahead), "")
                 .map_err(be)?;
             let nxt = self.b.build_int_add(ivv, ahead, "").map_err(be)?;
             let wr_v = wr.as_basic_value().into_int_value();
@@ -120,6 +156,11 @@ impl<'c> Gen<'c, '_> {
                 .insert(*a, ps.iter().map(|p| p.as_basic_value()).collect());
         }
         let yielded = self.block(body)?;
+        if in_flight && !self.terminated() {
+            // This iteration's MMAs stay in flight; the previous iteration's must be done
+            // before the next prefetch reuses their slots.
+            self.wgmma_commit_wait(1)?;
+        }
         if !self.terminated() {
             let latch = self
                 .b
@@ -156,6 +197,30 @@ impl<'c> Gen<'c, '_> {
             self.b.build_unconditional_branch(header).map_err(be)?;
         }
         self.b.position_at_end(exit);
+        let mut results: Vec<Vec<V<'c>>> = carried
+            .iter()
+            .map(|ps| ps.iter().map(|p| p.as_basic_value()).collect())
+            .collect();
+        if in_flight {
+            // The results of in-flight MMAs are usable only after they complete.
+            let yields = match body.insts.last().map(|i| &i.op) {
+                Some(Op::Yield { values }) => values.clone(),
+                _ => vec![],
+            };
+            let mut all: Vec<V<'c>> = vec![];
+            let mut which = vec![];
+            for (j, y) in yields.iter().enumerate() {
+                if self.async_dots.contains(y) {
+                    which.push((j, all.len(), results[j].len()));
+                    all.extend(results[j].iter().copied());
+                }
+            }
+            let fenced = self.wgmma_drain(&all)?;
+            for (j, at, n) in which {
+                results[j] = fenced[at..at + n].to_vec();
+            }
+            self.async_dots.clear();
+        }
         if let Some(pl) = &pl {
             for ld in &pl.loads {
                 self.slots.remove(&ld.load);
@@ -168,10 +233,7 @@ impl<'c> Gen<'c, '_> {
             )?;
             self.call_void("llvm.nvvm.barrier0")?;
         }
-        Ok(carried
-            .iter()
-            .map(|ps| ps.iter().map(|p| p.as_basic_value()).collect())
-            .collect())
+        Ok(results)
     }
 
     fn iv_const(&self, ivt: DType, c: usize) -> IntValue<'c> {

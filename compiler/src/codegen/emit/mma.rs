@@ -190,6 +190,18 @@ impl<'c> Gen<'c, '_> {
             .collect()
     }
 
+    /// Whether the `dot` producing `r` from operands `a`, `b` runs as `wgmma` on this target.
+    pub(super) fn dot_is_wgmma(&self, r: ValueId, a: ValueId, b: ValueId) -> bool {
+        let k = &self.c.kernel;
+        let (m, n) = (k.ty(r).shape[0], k.ty(r).shape[1]);
+        let (la, lb, _) = dot_scratch(k, a, b);
+        self.wgmma
+            && crate::layout::mma::wgmma_grid(m, n, k.num_warps)
+                == Some(self.layout(r).mma_warp_grid())
+            && la.swz != 0
+            && lb.swz != 0
+    }
+
     /// `acc + a · b` (see the module doc).
     pub(super) fn dot(
         &mut self,
@@ -228,8 +240,39 @@ impl<'c> Gen<'c, '_> {
         };
         let (base_a, la) = place(self, sa, la_s, 0)?;
         let (base_b, lb) = place(self, sb, lb_s, b_off)?;
+        let use_wgmma = self.dot_is_wgmma(r, a, b);
         if staged_any {
+            if use_wgmma {
+                self.fence_proxy_async()?;
+            }
             self.call_void("llvm.nvvm.barrier0")?;
+        }
+        if use_wgmma {
+            // Warpgroup g = warps 4g..4g+3 (all in one warp column, since wm % 4 == 0).
+            let warp_m = self.and_c(self.warp, wm - 1)?;
+            let warp_n = self.shr_c(self.warp, wm.trailing_zeros() as usize)?;
+            let warp_n = self.and_c(warp_n, wn - 1)?;
+            let m_first = self.mul_c(self.shr_c(warp_m, 2)?, 64)?;
+            let n_first = self.mul_c(warp_n, wtn)?;
+            let opa = super::wgmma::WgOperand {
+                sl: la,
+                base: base_a,
+                mn_major: ta,
+                first: m_first,
+            };
+            let opb = super::wgmma::WgOperand {
+                sl: lb,
+                base: base_b,
+                mn_major: !tb,
+                first: n_first,
+            };
+            let c = self.get(acc)?.clone();
+            let in_flight = self.async_dots.contains(&r);
+            let out = self.wgmma(dt, &opa, &opb, wtn, kk, &c, !in_flight)?;
+            if staged_any {
+                self.call_void("llvm.nvvm.barrier0")?;
+            }
+            return Ok(out);
         }
         let lw = wm.trailing_zeros() as usize;
         let warp_m = self.and_c(self.warp, wm - 1)?;

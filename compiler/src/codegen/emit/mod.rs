@@ -7,6 +7,7 @@ mod control;
 mod memory;
 mod mma;
 mod scratch;
+mod wgmma;
 
 use super::shared;
 use crate::dtype::DType;
@@ -39,6 +40,7 @@ pub(super) fn emit_kernel<'c>(
     module: &Module<'c>,
     c: &Compiled,
     symbol: &str,
+    wgmma: bool,
 ) -> R<FunctionValue<'c>> {
     let k = &c.kernel;
     let mut params: Vec<BasicMetadataTypeEnum> = vec![];
@@ -66,6 +68,8 @@ pub(super) fn emit_kernel<'c>(
         owners: HashMap::new(),
         smem: None,
         slots: HashMap::new(),
+        wgmma,
+        async_dots: Default::default(),
         exit,
     };
     let tid = g
@@ -154,6 +158,11 @@ struct Gen<'c, 'a> {
     smem: Option<GlobalValue<'c>>,
     /// Byte offset of the current slot of each streamed load (set inside pipelined loops).
     slots: HashMap<ValueId, IntValue<'c>>,
+    /// Whether the target has Hopper's warpgroup MMA (`wgmma`, sm_90a).
+    wgmma: bool,
+    /// `dot`s (by result) of the pipelined loop being emitted whose MMAs stay in flight
+    /// across iterations (see `PipelinedLoop::async_dots`).
+    async_dots: std::collections::HashSet<ValueId>,
     exit: BasicBlock<'c>,
 }
 
