@@ -344,24 +344,18 @@ pub fn select_variant(
             });
         }
     }
-    let mut values = vec![];
-    for (name, allowed) in consts {
-        let v = given
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| *v)
-            .or(allowed.first().copied());
-        let v = v.ok_or_else(|| LaunchError::NoVariant {
-            kernel,
-            wanted: format!("{name} has no value"),
-        })?;
-        if !allowed.contains(&v) {
-            return Err(LaunchError::NoVariant {
-                kernel,
-                wanted: format!("{name} = {v} (compiled: {allowed:?})"),
-            });
+    // Constants not given take their value from the first compiled variant (in compilation
+    // order) that matches the given ones, the element type and the alignment class: `only`
+    // filters may leave out the first listed value of a constant.
+    for (name, v) in given {
+        if let Some((_, allowed)) = consts.iter().find(|(n, _)| n == name) {
+            if !allowed.contains(v) {
+                return Err(LaunchError::NoVariant {
+                    kernel,
+                    wanted: format!("{name} = {v} (compiled: {allowed:?})"),
+                });
+            }
         }
-        values.push(v);
     }
     let mut align = force_align.unwrap_or(if aligned { 16 } else { 0 });
     if !variants.iter().any(|v| v.align == 0) {
@@ -393,17 +387,22 @@ pub fn select_variant(
     let found = variants.iter().find(|v| {
         v.align == align
             && elem.map(|e| v.param("T") == Some(e.name())).unwrap_or(true)
-            && consts
+            && given
                 .iter()
-                .zip(&values)
-                .all(|((n, _), val)| v.param(n) == Some(val.to_string().as_str()))
+                .all(|(n, val)| v.param(n) == Some(val.to_string().as_str()))
     });
     match found {
-        Some(v) => Ok((v, values)),
+        Some(v) => {
+            let values = consts
+                .iter()
+                .map(|(n, _)| v.param(n).and_then(|x| x.parse().ok()).unwrap_or(0))
+                .collect();
+            Ok((v, values))
+        }
         None => Err(LaunchError::NoVariant {
             kernel,
             wanted: format!(
-                "T = {}, constants {values:?}, alignment {align}",
+                "T = {}, constants {given:?}, alignment {align}",
                 elem.map(|e| e.name()).unwrap_or("-")
             ),
         }),

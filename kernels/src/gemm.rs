@@ -3,12 +3,19 @@
 //! `BM x BN` tile of `c`; programs are ordered in groups of `G` tile rows so that consecutive
 //! programs reuse operand panels from L2 (COMPILER.md §4.4). The K loop's operand loads are
 //! streamed by the compiler's `cp.async` pipeline (`stages = S`).
+//!
+//! Tile configurations (the autotuner picks per device and shape): 4 warps with 64 x 64 warp
+//! tiles (`mma.sync`, the sm_80 shape), and 8 warps in two warpgroups of `64 x BN` (`wgmma` on
+//! sm_90; `mma.sync` with the same layout on sm_80). Wide tiles and deep pipelines only with 8
+//! warps. Configurations above sm_80's 163 KB of shared memory fail to launch there (the
+//! autotuner skips them); the default (first) configuration runs everywhere.
 
 use lexp_macros::kernel;
 
 /// `c[M, N] = a[M, K] · b[K, N]`.
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32, 64], S = [3, 4], W = [4, 8], G = [8]),
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], S = [3, 4, 6, 8], W = [4, 8], G = [8]),
+    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024],
     warps = W,
     stages = S,
     grid = [cdiv(a.dim(0), BM) * cdiv(b.dim(1), BN)],
@@ -47,7 +54,8 @@ pub fn gemm_nn<
 
 /// `c[M, N] = a[M, K] · b[N, K]ᵀ` (`x · Wᵀ` with a PyTorch `Linear` weight).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32, 64], S = [3, 4], W = [4, 8], G = [8]),
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], S = [3, 4, 6, 8], W = [4, 8], G = [8]),
+    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024],
     warps = W,
     stages = S,
     grid = [cdiv(a.dim(0), BM) * cdiv(b.dim(0), BN)],
@@ -86,7 +94,8 @@ pub fn gemm_nt<
 
 /// `c[M, N] = a[K, M]ᵀ · b[K, N]` (weight-style gradients: a reduction over tokens).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32, 64], S = [3, 4], W = [4, 8], G = [8]),
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], S = [3, 4, 6, 8], W = [4, 8], G = [8]),
+    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024],
     warps = W,
     stages = S,
     grid = [cdiv(a.dim(1), BM) * cdiv(b.dim(1), BN)],

@@ -12,7 +12,8 @@ use lexp_macros::kernel;
 /// Forward: `y = x·Wᵀ + bias + xa·Bᵀ` with `xa = T(s · x·Aᵀ)`, also stored (programs of the
 /// first column tile write it).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32], R = [16], S = [4], W = [4, 8], G = [8]),
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], R = [16], S = [4], W = [4, 8], G = [8]),
+    only = [W == 8 || BN == 128],
     warps = W,
     stages = S,
     grid = [cdiv(x.dim(0), BM) * cdiv(w.dim(0), BN)],
@@ -71,7 +72,8 @@ pub fn lora_fwd<
 
 /// Backward to the input: `dx = dy·W + u·A` with `u = T(s · dy·B)`, also stored (for `dA`).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BK = [32], R = [16], S = [4], W = [4, 8], G = [8]),
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], R = [16], S = [4], W = [4, 8], G = [8]),
+    only = [BN == 128, W == 8 || BK == 32],
     warps = W,
     stages = S,
     grid = [cdiv(dy.dim(0), BM) * cdiv(w.dim(1), BN)],

@@ -15,11 +15,16 @@ use lexp_macros::kernel;
 /// Output blocks selected (fc1 forward): for each group `g` and slot `j < counts[g]` with block
 /// `b = indices[g, j]`, `h[rows(g), j*BS ..][.. BS] = x[rows(g), :] · w[b*BS .. +BS, :]ᵀ`
 /// (a compact output: one `BS`-wide slot per kept block). Slots past the count are untouched.
+///
+/// Each program computes two consecutive slots, so that one `x` tile feeds two blocks (a
+/// `BM x 2·BS` tile, as wide as the dense GEMM's); with an odd count the last program
+/// computes its second block twice and stores it once.
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32], S = [4], W = [4, 8]),
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
+    only = [S <= 4 || W == 8, (BM + 2 * BS) * BK * 2 * S <= 200 * 1024, W == 8 || BS == 64],
     warps = W,
     stages = S,
-    grid = [indices.dim(1), cdiv(x.dim(0), BM)],
+    grid = [cdiv(indices.dim(1), 2), cdiv(x.dim(0), BM)],
     require = [
         w.dim(1) == x.dim(1), h.dim(0) == x.dim(0), h.dim(1) == indices.dim(1) * BS,
         counts.dim(0) == indices.dim(0), indices.dim(0) == cdiv(x.dim(0), BM)
@@ -39,27 +44,36 @@ pub fn sparse_out<
     indices: Tensor<i32, 2>,
     h: TensorMut<T, 2>,
 ) {
-    let j = program_id(0);
+    let j = program_id(0) * 2;
     let g = program_id(1);
-    if j >= counts.load([g]) {
+    let count = counts.load([g]);
+    if j >= count {
         return;
     }
-    let blk = indices.load([g, j]);
+    let j1 = min(j + 1, count - 1);
+    let cols0 = indices.load([g, j]) * BS + range::<BS>();
+    let cols1 = indices.load([g, j1]) * BS + range::<BS>();
     let rows = g * BM + range::<BM>();
-    let cols = blk * BS + range::<BS>();
-    let mut acc = zeros::<f32, BM, BS>();
+    let mut acc0 = zeros::<f32, BM, BS>();
+    let mut acc1 = zeros::<f32, BM, BS>();
     for k in (0..x.dim(1)).step_by(BK) {
         let ks = k + range::<BK>();
-        acc = dot(x.load([rows, ks]), w.load([cols, ks]).t(), acc);
+        let xt = x.load([rows, ks]);
+        acc0 = dot(xt, w.load([cols0, ks]).t(), acc0);
+        acc1 = dot(xt, w.load([cols1, ks]).t(), acc1);
     }
-    h.store([rows, j * BS + range::<BS>()], acc.cast::<T>());
+    h.store([rows, j * BS + range::<BS>()], acc0.cast::<T>());
+    if j + 1 < count {
+        h.store([rows, (j + 1) * BS + range::<BS>()], acc1.cast::<T>());
+    }
 }
 
 /// Reduction blocks selected (fc2 forward): `y[rows(g), n] = Σ_{j < counts[g]}
 /// h[rows(g), j*BS .. +BS] · w2[n, indices[g, j]*BS .. +BS]ᵀ`, with `h` compact as
 /// `sparse_out` writes it and `w2` a `Linear` weight `[out, ffn]`. A group with count 0 gets 0.
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128], BS = [64, 128], BK = [32], S = [4], W = [4, 8]),
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
+    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024],
     warps = W,
     stages = S,
     grid = [cdiv(w2.dim(0), BN), cdiv(h.dim(0), BM)],
@@ -104,7 +118,8 @@ pub fn sparse_red<
 /// w[indices_o[g, j]*BS .. +BS, indices_i[g, e]*BS .. +BS]ᵀ` for `j < counts_o[g]` (compact in,
 /// compact out; slots past the count untouched).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32], S = [4], W = [4, 8]),
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
+    only = [S <= 4 || W == 8, (BM + BS) * BK * 2 * S <= 200 * 1024],
     warps = W,
     stages = S,
     grid = [indices_o.dim(1), cdiv(h.dim(0), BM)],

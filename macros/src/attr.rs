@@ -5,6 +5,7 @@
 //!     variants(T = [bf16, f16, f32], BLOCK = [1024]),   // instantiated compile-time parameters
 //!     warps = 4,                                         // warps per program (or a const parameter)
 //!     stages = 3,                                        // cp.async pipeline depth of `dot` loops
+//!     only = [W == 8 || BN == 128],                      // keep only variants where all hold
 //!     grid = [cdiv(y.dim(0), BLOCK)],                    // programs along x (, y, z)
 //!     require = [x.dim(0) == y.dim(0)],                  // checked by the launcher
 //! )]
@@ -26,6 +27,9 @@ pub struct KernelAttr {
     pub stages: Count,
     pub grid: Vec<Expr>,
     pub require: Vec<Expr>,
+    /// Compile-time filters on the const parameters: a combination is compiled only if every
+    /// one holds (so a cartesian `variants(..)` can leave out tile shapes that do not fit).
+    pub only: Vec<Expr>,
 }
 
 impl Parse for KernelAttr {
@@ -37,6 +41,7 @@ impl Parse for KernelAttr {
             stages: Count::Lit(1),
             grid: vec![],
             require: vec![],
+            only: vec![],
         };
         let mut have_grid = false;
         for m in metas {
@@ -71,6 +76,12 @@ impl Parse for KernelAttr {
                         }
                     }
                 }
+                Meta::NameValue(nv) if nv.path.is_ident("only") => {
+                    let Expr::Array(a) = &nv.value else {
+                        return Err(Error::new_spanned(&nv.value, "expected `[condition, ...]`"));
+                    };
+                    attr.only = a.elems.iter().cloned().collect();
+                }
                 Meta::NameValue(nv) if nv.path.is_ident("grid") || nv.path.is_ident("require") => {
                     let Expr::Array(a) = &nv.value else {
                         return Err(Error::new_spanned(&nv.value, "expected `[expr, ...]`"));
@@ -89,7 +100,7 @@ impl Parse for KernelAttr {
                 other => {
                     return Err(Error::new_spanned(
                         other,
-                        "unknown #[kernel] argument; expected `variants(..)`, `warps = N`, `stages = N`, `grid = [..]` or `require = [..]`",
+                        "unknown #[kernel] argument; expected `variants(..)`, `warps = N`, `stages = N`, `only = [..]`, `grid = [..]` or `require = [..]`",
                     ))
                 }
             }
@@ -132,6 +143,47 @@ impl Count {
                 .ok_or_else(|| Error::new_spanned(id, format!("`{id}` is not a const parameter listed in `variants(..)`"))),
         }
     }
+}
+
+/// Evaluates an `only` condition (integer literals, const parameters, `+ - * / %`,
+/// comparisons, `&& || !`, parentheses) for one combination of const values.
+pub fn eval_const(e: &Expr, consts: &[(String, usize)]) -> syn::Result<i64> {
+    use syn::BinOp as B;
+    Ok(match e {
+        Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(i), .. }) => i.base10_parse()?,
+        Expr::Lit(syn::ExprLit { lit: syn::Lit::Bool(b), .. }) => b.value as i64,
+        Expr::Paren(p) => eval_const(&p.expr, consts)?,
+        Expr::Path(p) => {
+            let id = p.path.get_ident().ok_or_else(|| Error::new_spanned(p, "expected a const parameter"))?;
+            consts
+                .iter()
+                .find(|(n, _)| id == n)
+                .map(|(_, v)| *v as i64)
+                .ok_or_else(|| Error::new_spanned(p, format!("`{id}` is not a const parameter")))?
+        }
+        Expr::Unary(u) if matches!(u.op, syn::UnOp::Not(_)) => (eval_const(&u.expr, consts)? == 0) as i64,
+        Expr::Binary(b) => {
+            let (x, y) = (eval_const(&b.left, consts)?, eval_const(&b.right, consts)?);
+            match b.op {
+                B::Add(_) => x + y,
+                B::Sub(_) => x - y,
+                B::Mul(_) => x * y,
+                B::Div(_) | B::Rem(_) if y == 0 => return Err(Error::new_spanned(b, "division by zero")),
+                B::Div(_) => x / y,
+                B::Rem(_) => x % y,
+                B::Eq(_) => (x == y) as i64,
+                B::Ne(_) => (x != y) as i64,
+                B::Lt(_) => (x < y) as i64,
+                B::Le(_) => (x <= y) as i64,
+                B::Gt(_) => (x > y) as i64,
+                B::Ge(_) => (x >= y) as i64,
+                B::And(_) => (x != 0 && y != 0) as i64,
+                B::Or(_) => (x != 0 || y != 0) as i64,
+                _ => return Err(Error::new_spanned(b, "unsupported operator in `only`")),
+            }
+        }
+        other => return Err(Error::new_spanned(other, "unsupported expression in `only`")),
+    })
 }
 
 /// What a kernel parameter is.

@@ -122,6 +122,23 @@ fn enumerate_variants(attr: &KernelAttr, sig: &Signature) -> syn::Result<Vec<Var
         }
         combos = next;
     }
+    let mut kept = vec![];
+    for consts in combos {
+        let mut keep = true;
+        for cond in &attr.only {
+            keep &= crate::attr::eval_const(cond, &consts)? != 0;
+        }
+        if keep {
+            kept.push(consts);
+        }
+    }
+    if kept.is_empty() {
+        return Err(Error::new(
+            proc_macro2::Span::call_site(),
+            "`only` leaves no variant to compile",
+        ));
+    }
+    let combos = kept;
     let mut out = vec![];
     for elem in &elems {
         for consts in &combos {

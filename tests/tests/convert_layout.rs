@@ -50,7 +50,7 @@ fn the_ptx_assembles() {
         panic!("ptxas not found (see README)")
     };
     for v in &outer::VARIANTS {
-        for (arch, ptx) in [("sm_80", v.ptx_sm80), ("sm_90", v.ptx_sm90)] {
+        for (arch, ptx) in [("sm_80", v.ptx_sm80), ("sm_90a", v.ptx_sm90)] {
             let r =
                 lexp_tests::ptxas(&bin, ptx, arch).unwrap_or_else(|e| panic!("{}: {e}", v.symbol));
             assert_eq!(

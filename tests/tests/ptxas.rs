@@ -1,5 +1,9 @@
 //! Every kernel variant's PTX assembles with `ptxas` for sm_80 and sm_90, with no spills and
 //! registers within the target's budget. Prints the resource table.
+//!
+//! A variant whose shared memory exceeds sm_80's opt-in limit can never launch there (the
+//! launcher reports it and the autotuner skips it), so only its sm_90 code is held to the
+//! budget; its sm_80 PTX must still assemble.
 
 use lexp_compiler::target;
 use lexp_tests::{find_ptxas, ptxas};
@@ -20,7 +24,8 @@ fn every_variant_assembles_without_spills() {
     );
     for k in lexp_kernels::ALL {
         for v in k.variants {
-            for (arch, ptx) in [("sm_80", v.ptx_sm80), ("sm_90", v.ptx_sm90)] {
+            let sm80_launchable = v.smem_bytes as usize <= target::SM80.max_dynamic_smem;
+            for (arch, ptx) in [("sm_80", v.ptx_sm80), ("sm_90a", v.ptx_sm90)] {
                 match ptxas(&bin, ptx, arch) {
                     Ok(r) => {
                         rows += 1;
@@ -33,7 +38,8 @@ fn every_variant_assembles_without_spills() {
                             r.spill_loads,
                             r.smem_bytes
                         );
-                        if r.spill_stores > 0 || r.spill_loads > 0 || r.stack_bytes > 0 {
+                        let budgeted = arch != "sm_80" || sm80_launchable;
+                        if budgeted && (r.spill_stores > 0 || r.spill_loads > 0 || r.stack_bytes > 0) {
                             failures.push(format!("{} {arch}: spills ({r:?})", v.symbol));
                         }
                         if r.registers as usize > target::SM90.max_regs {

@@ -297,7 +297,8 @@ impl<'c> Gen<'c, '_> {
                 let off = self.add(base_a, self.shared_offset(&la, row, col)?)?;
                 af.push(self.ldmatrix(off, true, ta)?);
             }
-            let mut bf: Vec<Vec<IntValue>> = vec![];
+            // B fragments one pair of n8 tiles at a time, each used by every A fragment at
+            // once: few live fragment registers even for wide warp tiles.
             for p in 0..nr.div_ceil(2) {
                 let n0 = self.addc(n_base, 16 * p)?;
                 let x4 = nr - 2 * p >= 2;
@@ -310,18 +311,17 @@ impl<'c> Gen<'c, '_> {
                 };
                 let off = self.add(base_b, self.shared_offset(&lb, row, col)?)?;
                 let regs = self.ldmatrix(off, x4, !tb)?;
-                bf.push(regs[0..2].to_vec());
-                if x4 {
-                    bf.push(regs[2..4].to_vec());
-                }
-            }
-            for im in 0..mr {
-                for jn in 0..nr {
-                    // Serpentine order: consecutive MMAs share a fragment.
-                    let inn = if im % 2 == 0 { jn } else { nr - 1 - jn };
-                    let at = (im * nr + inn) * 4;
-                    let out = self.mma(dt, &af[im], &bf[inn], &c[at..at + 4])?;
-                    c[at..at + 4].copy_from_slice(&out);
+                let pair: Vec<(usize, &[IntValue])> = if x4 {
+                    vec![(2 * p, &regs[0..2]), (2 * p + 1, &regs[2..4])]
+                } else {
+                    vec![(2 * p, &regs[0..2])]
+                };
+                for (im, a_regs) in af.iter().enumerate() {
+                    for (inn, b_regs) in &pair {
+                        let at = (im * nr + inn) * 4;
+                        let out = self.mma(dt, a_regs, b_regs, &c[at..at + 4])?;
+                        c[at..at + 4].copy_from_slice(&out);
+                    }
                 }
             }
         }
