@@ -89,6 +89,7 @@ fn shared_memory_over_the_target_limit_is_a_compile_error() {
     let k = parser::parse(ROWSUM).unwrap();
     let tiny = target::Target {
         max_static_smem: 4,
+        max_dynamic_smem: 4,
         ..target::SM90
     };
     let err = passes::compile(k, &tiny)

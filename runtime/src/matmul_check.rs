@@ -113,6 +113,13 @@ fn configs(kernel: &str) -> Vec<Vec<(&'static str, usize)>> {
         .unwrap_or_else(|| vec![vec![]])
 }
 
+/// Whether `kernel` has a compiled configuration with all of `consts`.
+pub(crate) fn has_config(kernel: &str, consts: &[(&str, usize)]) -> bool {
+    configs(kernel)
+        .iter()
+        .any(|c| consts.iter().all(|(n, v)| cfg_value(c, n) == *v))
+}
+
 /// Whether `kernel` was compiled for element type `dtype`.
 pub(crate) fn has_dtype(kernel: &str, dtype: Storage) -> bool {
     lexp_kernels::find(kernel)
@@ -293,35 +300,42 @@ pub fn check_sparse(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
                 let (x, hx) = random(dev, &mut rng, dtype, &[m, kk])?;
                 let (w, hw) = random(dev, &mut rng, dtype, &[f, kk])?;
                 let (h, init) = filled(dev, dtype, &[m, max * bs], 7.0)?;
+                let has = |kernel: &str| has_config(kernel, &[("W", warps), ("BS", bs)]);
+                let shape = format!("{m}x{kk} -> {nb}x{bs}");
+                if has("sparse_out") {
                 sparse_ops::sparse_out(dev, &x.as_arg(), &w.as_arg(), &bl, &h.as_arg(), bs, &cfg)
                     .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
                 dev.synchronize()?;
                 let want = rm::sparse_out(&hx, &hw, m, kk, f, &counts, &idx, max, bm, bs, &init);
-                let shape = format!("{m}x{kk} -> {nb}x{bs}");
                 record(&mut rows, "sparse_out", dtype, shape.clone(), format!("BS={bs},W={warps}"), "h", &h.to_f32_vec()?, &want);
+                }
                 // sparse_red: h [m, max*bs] (compact, random) · w2 [n, f]ᵀ.
                 let n = 136;
                 let (hc, hh) = random(dev, &mut rng, dtype, &[m, max * bs])?;
                 let (w2, hw2) = random(dev, &mut rng, dtype, &[n, f])?;
                 let mut y = DeviceTensor::poisoned(dev, dtype, &[m, n])?;
                 y.poison()?;
+                if has("sparse_red") {
                 sparse_ops::sparse_red(dev, &hc.as_arg(), &w2.as_arg(), &bl, &y.as_arg(), bs, &cfg)
                     .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
                 dev.synchronize()?;
                 let want = rm::sparse_red(&hh, &hw2, m, n, f, &counts, &idx, max, bm, bs);
                 record(&mut rows, "sparse_red", dtype, shape.clone(), format!("BS={bs},W={warps}"), "y", &y.to_f32_vec()?, &want);
+                }
                 // sparse_both: out list over w's rows, in list = bl over its columns.
                 let nbo = 3;
                 let (blo, co, io, maxo) = list(dev, groups, nbo, 0.7, seed as u64 + 100)?;
                 let (wb, hwb) = random(dev, &mut rng, dtype, &[nbo * bs, f])?;
                 let (o, init_o) = filled(dev, dtype, &[m, maxo * bs], 7.0)?;
+                if has("sparse_both") {
                 sparse_ops::sparse_both(dev, &hc.as_arg(), &wb.as_arg(), &blo, &bl, &o.as_arg(), bs, &cfg)
                     .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
                 dev.synchronize()?;
                 let want = rm::sparse_both(
                     &hh, &hwb, m, nbo * bs, f, &co, &io, maxo, &counts, &idx, max, bm, bs, &init_o,
                 );
-                record(&mut rows, "sparse_both", dtype, shape, format!("BS={bs},W={warps}"), "out", &o.to_f32_vec()?, &want);
+                record(&mut rows, "sparse_both", dtype, shape.clone(), format!("BS={bs},W={warps}"), "out", &o.to_f32_vec()?, &want);
+                }
               }
             }
         }
@@ -352,6 +366,9 @@ pub fn check_lora(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
             let (b, hb) = random(dev, &mut rng, dtype, &[n, r])?;
             let y = DeviceTensor::poisoned(dev, dtype, &[m, n])?;
             let xa = DeviceTensor::poisoned(dev, dtype, &[m, r])?;
+            if !has_config("lora_fwd", &tile) || !has_config("lora_bwd_dx", &tile) {
+                continue;
+            }
             k::lora_fwd::launch_with(
                 dev,
                 &tile,

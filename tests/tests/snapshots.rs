@@ -37,6 +37,35 @@ fn stages_llvm_ir_and_ptx_of_every_kernel() {
     }
 }
 
+/// Tensor-core kernels use the tensor-core instructions: on sm_80 `mma.sync` fed by `ldmatrix`
+/// and `cp.async`; on sm_90 `wgmma` where the accumulator is warpgroup-shaped (8 warps), else
+/// `mma.sync`. (The SASS test checks what ptxas makes of them.)
+#[test]
+fn tensor_core_instructions() {
+    let dot_kernels = [
+        "gemm_nn", "gemm_nt", "gemm_tn", "sparse_out", "sparse_red", "sparse_both", "lora_fwd",
+        "lora_bwd_dx", "lora_grad",
+    ];
+    for name in dot_kernels {
+        let k = lexp_kernels::find(name).unwrap_or_else(|| panic!("no kernel {name}"));
+        for v in k.variants {
+            assert!(
+                v.ptx_sm80.contains("mma.sync.aligned.m16n8k16.row.col.f32")
+                    && v.ptx_sm80.contains("ldmatrix.sync.aligned")
+                    && v.ptx_sm80.contains("cp.async.cg.shared.global"),
+                "{}: sm_80 PTX without mma.sync/ldmatrix/cp.async",
+                v.symbol
+            );
+            let wgmma = v.ptx_sm90.contains("wgmma.mma_async.sync.aligned");
+            let mma = v.ptx_sm90.contains("mma.sync.aligned.m16n8k16");
+            assert!(wgmma || mma, "{}: sm_90 PTX without tensor-core MMA", v.symbol);
+            if v.param("W") == Some("8") && name.starts_with("gemm") {
+                assert!(wgmma, "{}: 8-warp GEMM without wgmma on sm_90", v.symbol);
+            }
+        }
+    }
+}
+
 /// Structural facts of the PTX that snapshots would only show implicitly.
 #[test]
 fn ptx_structure() {
@@ -60,10 +89,11 @@ fn ptx_structure() {
                     v.symbol
                 );
             }
-            // Aligned variants move 16 bytes per thread per access on their main tensors.
+            // Aligned variants move 16 bytes per thread per access on their main tensors
+            // (vector loads and stores, or 16-byte `cp.async` copies into shared memory).
             if v.align == 16 {
                 assert!(
-                    v.ptx_sm90.contains(".v4."),
+                    v.ptx_sm90.contains(".v4.") || v.ptx_sm90.contains("cp.async.cg.shared.global"),
                     "{}: aligned variant without 16-byte accesses",
                     v.symbol
                 );
