@@ -3,6 +3,7 @@
 # it may (root, or passwordless sudo), else stopping with the exact line to run.
 #   - LLVM 19 (llvm-sys, through inkwell, links it into the #[kernel] proc macro)
 #   - ptxas (NVIDIA's PTX assembler from PyPI, used by the tests to validate every kernel)
+#   - nvdisasm (NVIDIA's SASS disassembler from PyPI: the tests check tensor-core instructions)
 set -euo pipefail
 
 need_llvm=0
@@ -36,6 +37,21 @@ if [ "${1:-}" = "--with-ptxas" ]; then
     if ! python3 -m pip install -q nvidia-cuda-nvcc-cu12 2>/dev/null && ! python3 -m pip install -q --user nvidia-cuda-nvcc-cu12; then
       echo "Could not install ptxas. Run:" >&2
       echo "  python3 -m pip install nvidia-cuda-nvcc-cu12" >&2
+      exit 1
+    fi
+  fi
+fi
+
+if [ "${1:-}" = "--with-ptxas" ]; then
+  nvdisasm_ok=0
+  if [ -n "${NVDISASM:-}" ] && [ -x "$NVDISASM" ]; then nvdisasm_ok=1; fi
+  command -v nvdisasm >/dev/null 2>&1 && nvdisasm_ok=1
+  python3 -c "import nvidia, glob, sys; sys.exit(0 if any(glob.glob(p + '/**/bin/nvdisasm', recursive=True) for p in nvidia.__path__) else 1)" >/dev/null 2>&1 && nvdisasm_ok=1
+  if [ "$nvdisasm_ok" = 0 ]; then
+    echo "setup: installing nvdisasm (pip nvidia-cuda-nvdisasm)" >&2
+    if ! python3 -m pip install -q nvidia-cuda-nvdisasm 2>/dev/null && ! python3 -m pip install -q --user nvidia-cuda-nvdisasm; then
+      echo "Could not install nvdisasm. Run:" >&2
+      echo "  python3 -m pip install nvidia-cuda-nvdisasm" >&2
       exit 1
     fi
   fi

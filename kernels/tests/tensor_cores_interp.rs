@@ -1,0 +1,277 @@
+//! The tensor-core kernels (dense GEMMs, block-sparse GEMMs, fused LoRA), run in the
+//! interpreter, against their f64 CPU references in `lexp_kernels::reference_matmul`.
+//!
+//! Shapes are random multiples of 8 (these kernels take 16-byte aligned tensors only) that are
+//! mostly not multiples of the 128 x 128 x 32 tiles; block lists are random, with one empty
+//! group; outputs are poisoned (or, where a kernel must leave slots untouched, filled with a
+//! sentinel that the reference keeps). Every compiled tile configuration of a kernel computes
+//! the same function; the properties draw one per case.
+//!
+//! Each property runs 6 cases (the interpreter runs whole 128 x 128 tiles); set
+//! `PROPTEST_CASES` to run more.
+
+use lexp_compiler::dtype::{round_to, Storage};
+use lexp_compiler::interp::HostTensor;
+use lexp_compiler::launch::LaunchError;
+use lexp_kernels as k;
+use lexp_kernels::reference::{compare, POISON};
+use lexp_kernels::reference_matmul as rm;
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const DTYPES: [Storage; 2] = [Storage::BF16, Storage::F16];
+
+fn config() -> ProptestConfig {
+    let cases = match std::env::var("PROPTEST_CASES") {
+        Ok(_) => ProptestConfig::default().cases,
+        Err(_) => 6,
+    };
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// A multiple of 8 in `8..=max` (one time in four an exact tile multiple or a neighbour).
+fn dim(max: usize) -> impl Strategy<Value = usize> {
+    prop_oneof![3 => (1..=max / 8).prop_map(|x| x * 8), 1 => prop::sample::select(&[120usize, 128, 136][..])]
+}
+
+struct Data(StdRng);
+
+impl Data {
+    fn tensor(&mut self, dtype: Storage, dims: &[usize]) -> HostTensor {
+        let v: Vec<f32> = (0..dims.iter().product())
+            .map(|_| self.0.gen_range(-1.0f32..=1.0))
+            .collect();
+        HostTensor::new(dtype, dims, &v)
+    }
+}
+
+fn filled(dtype: Storage, dims: &[usize], v: f32) -> HostTensor {
+    HostTensor::new(dtype, dims, &vec![v; dims.iter().product()])
+}
+
+/// Relative L2 tolerance of a `dtype` output of an f32-accumulated product: the final rounding
+/// (2^-8 / 2^-11) plus f32 summation.
+fn tol(dtype: Storage) -> f64 {
+    match dtype {
+        Storage::BF16 => 2f64.powi(-8) + 1e-5,
+        Storage::F16 => 2f64.powi(-11) + 1e-5,
+        _ => 1e-5,
+    }
+}
+
+fn run(what: &str, r: Result<(), LaunchError>) -> Result<(), TestCaseError> {
+    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
+}
+
+fn check(what: &str, got: &HostTensor, want: &[f32], rtol: f64) -> Result<(), TestCaseError> {
+    let d = compare(&got.data, want);
+    if d.non_finite == 0 && d.unwritten == 0 && d.rel_l2 <= rtol {
+        Ok(())
+    } else {
+        Err(TestCaseError::fail(format!("{what}: {d} (tolerance {rtol:.1e})")))
+    }
+}
+
+/// The `pick`-th compiled configuration of `kernel` (modulo their number).
+fn config_of(kernel: &str, pick: usize) -> Vec<(&'static str, usize)> {
+    let all = k::find(kernel).map(|k| k.configurations()).unwrap_or_default();
+    all.get(pick % all.len().max(1)).cloned().unwrap_or_default()
+}
+
+/// The `pick`-th compiled configuration of `kernel` that has `fixed`.
+fn config_with(kernel: &str, pick: usize, fixed: (&str, usize)) -> Vec<(&'static str, usize)> {
+    let all: Vec<_> = k::find(kernel)
+        .map(|k| k.configurations())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.iter().any(|(n, v)| *n == fixed.0 && *v == fixed.1))
+        .collect();
+    all.get(pick % all.len().max(1)).cloned().unwrap_or_default()
+}
+
+/// A random block list: `counts` per group (group 1 empty when there are two or more) and
+/// sorted distinct ids padded with -1 to `max` per group.
+fn block_list(rng: &mut StdRng, groups: usize, nb: usize) -> (Vec<i32>, Vec<i32>, usize) {
+    let max = nb.min(3) + 1;
+    let mut counts = vec![];
+    let mut idx = vec![-1i32; groups * max];
+    for g in 0..groups {
+        let c = if g == 1 { 0 } else { rng.gen_range(1..=nb.min(max)) };
+        let mut ids: Vec<i32> = (0..nb as i32).collect();
+        for i in 0..c {
+            let j = rng.gen_range(i..nb);
+            ids.swap(i, j);
+        }
+        let mut chosen = ids[..c].to_vec();
+        chosen.sort_unstable();
+        idx[g * max..g * max + c].copy_from_slice(&chosen);
+        counts.push(c as i32);
+    }
+    (counts, idx, max)
+}
+
+fn i32_tensor(dims: &[usize], v: &[i32]) -> HostTensor {
+    let f: Vec<f32> = v.iter().map(|x| *x as f32).collect();
+    HostTensor::new(Storage::I32, dims, &f)
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn gemm(seed: u64, m in dim(200), n in dim(200), kk in dim(96), pick in 0usize..64) {
+        let mut data = Data(StdRng::seed_from_u64(seed));
+        for dtype in DTYPES {
+            for (name, ta, tb) in [("gemm_nn", false, false), ("gemm_nt", false, true), ("gemm_tn", true, false)] {
+                let a = data.tensor(dtype, &if ta { [kk, m] } else { [m, kk] });
+                let b = data.tensor(dtype, &if tb { [n, kk] } else { [kk, n] });
+                let mut a = a;
+                let mut b = b;
+                let mut c = filled(dtype, &[m, n], POISON);
+                let want = rm::matmul(&a.data, &b.data, m, kk, n, ta, tb);
+                let cfg = config_of(name, pick);
+                let what = format!("{name} {dtype:?} {m}x{n}x{kk} {cfg:?}");
+                let r = match name {
+                    "gemm_nn" => k::gemm_nn::interpret(&cfg, k::gemm_nn::HostArgs { a: &mut a, b: &mut b, c: &mut c }),
+                    "gemm_nt" => k::gemm_nt::interpret(&cfg, k::gemm_nt::HostArgs { a: &mut a, b: &mut b, c: &mut c }),
+                    _ => k::gemm_tn::interpret(&cfg, k::gemm_tn::HostArgs { a: &mut a, b: &mut b, c: &mut c }),
+                };
+                run(&what, r)?;
+                check(&what, &c, &want, tol(dtype))?;
+            }
+        }
+    }
+
+    #[test]
+    fn block_sparse(seed: u64, m in dim(300), kk in dim(96), nb in 1usize..5, pick in 0usize..64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let groups = m.div_ceil(128);
+        let (counts, idx, max) = block_list(&mut rng, groups, nb);
+        let mut data = Data(rng);
+        let dtype = if seed % 2 == 0 { Storage::BF16 } else { Storage::F16 };
+        for bs in [64usize, 128] {
+            let f = nb * bs;
+            let mut tc = i32_tensor(&[groups], &counts);
+            let mut ti = i32_tensor(&[groups, max], &idx);
+            // Output blocks selected.
+            let mut x = data.tensor(dtype, &[m, kk]);
+            let mut w = data.tensor(dtype, &[f, kk]);
+            let mut h = filled(dtype, &[m, max * bs], 7.0);
+            let init = h.data.clone();
+            let cfg = config_with("sparse_out", pick, ("BS", bs));
+            let want = rm::sparse_out(&x.data, &w.data, m, kk, f, &counts, &idx, max, 128, bs, &init);
+            let what = format!("sparse_out {dtype:?} m={m} k={kk} blocks={nb}x{bs}");
+            run(&what, k::sparse_out::interpret(&cfg, k::sparse_out::HostArgs {
+                x: &mut x, w: &mut w, counts: &mut tc, indices: &mut ti, h: &mut h,
+            }))?;
+            check(&what, &h, &want, tol(dtype))?;
+            // Reduction blocks selected.
+            let n = 136;
+            let mut hc = data.tensor(dtype, &[m, max * bs]);
+            let mut w2 = data.tensor(dtype, &[n, f]);
+            let mut y = filled(dtype, &[m, n], POISON);
+            let want = rm::sparse_red(&hc.data, &w2.data, m, n, f, &counts, &idx, max, 128, bs);
+            let what = format!("sparse_red {dtype:?} m={m} blocks={nb}x{bs}");
+            run(&what, k::sparse_red::interpret(&config_with("sparse_red", pick, ("BS", bs)), k::sparse_red::HostArgs {
+                h: &mut hc, w2: &mut w2, counts: &mut tc, indices: &mut ti, y: &mut y,
+            }))?;
+            check(&what, &y, &want, tol(dtype))?;
+            // Both selected (the output list over a 2-block weight).
+            let (co, io, maxo) = block_list(&mut data.0, groups, 2);
+            let mut tco = i32_tensor(&[groups], &co);
+            let mut tio = i32_tensor(&[groups, maxo], &io);
+            let mut wb = data.tensor(dtype, &[2 * bs, f]);
+            let mut o = filled(dtype, &[m, maxo * bs], 7.0);
+            let init_o = o.data.clone();
+            let want = rm::sparse_both(
+                &hc.data, &wb.data, m, 2 * bs, f, &co, &io, maxo, &counts, &idx, max, 128, bs, &init_o,
+            );
+            let what = format!("sparse_both {dtype:?} m={m} blocks={nb}x{bs}");
+            run(&what, k::sparse_both::interpret(&config_with("sparse_both", pick, ("BS", bs)), k::sparse_both::HostArgs {
+                h: &mut hc, w: &mut wb, counts_o: &mut tco, indices_o: &mut tio,
+                counts_i: &mut tc, indices_i: &mut ti, out: &mut o,
+            }))?;
+            check(&what, &o, &want, tol(dtype))?;
+        }
+    }
+
+    #[test]
+    fn lora(seed: u64, m in dim(200), kk in dim(96), n in dim(160), pick in 0usize..64) {
+        let mut data = Data(StdRng::seed_from_u64(seed));
+        let r = 16;
+        let s = 2.0f32;
+        for dtype in DTYPES {
+            let round = |v: f64| round_to(dtype.dtype(), v as f32);
+            let mut x = data.tensor(dtype, &[m, kk]);
+            let mut w = data.tensor(dtype, &[n, kk]);
+            let mut bias = data.tensor(dtype, &[n]);
+            let mut a = data.tensor(dtype, &[r, kk]);
+            let mut b = data.tensor(dtype, &[n, r]);
+            let mut y = filled(dtype, &[m, n], POISON);
+            let mut xa = filled(dtype, &[m, r], POISON);
+            let what = format!("lora_fwd {dtype:?} {m}x{kk} -> {n}");
+            run(&what, k::lora_fwd::interpret(&config_of("lora_fwd", pick), k::lora_fwd::HostArgs {
+                x: &mut x, w: &mut w, bias: &mut bias, a: &mut a, b: &mut b, s, y: &mut y, xa: &mut xa,
+            }))?;
+            let (wy, wxa) = rm::lora_fwd(&x.data, &w.data, Some(&bias.data), &a.data, &b.data, s, m, kk, n, r, round);
+            check(&format!("{what}: xa"), &xa, &wxa, tol(dtype))?;
+            check(&format!("{what}: y"), &y, &wy, tol(dtype))?;
+            let mut dy = data.tensor(dtype, &[m, n]);
+            let mut dx = filled(dtype, &[m, kk], POISON);
+            let mut u = filled(dtype, &[m, r], POISON);
+            let what = format!("lora_bwd_dx {dtype:?} {m}x{n} -> {kk}");
+            run(&what, k::lora_bwd_dx::interpret(&config_of("lora_bwd_dx", pick), k::lora_bwd_dx::HostArgs {
+                dy: &mut dy, w: &mut w, a: &mut a, b: &mut b, s, dx: &mut dx, u: &mut u,
+            }))?;
+            let (wdx, wu) = rm::lora_bwd_dx(&dy.data, &w.data, &a.data, &b.data, s, m, kk, n, r, round);
+            check(&format!("{what}: u"), &u, &wu, tol(dtype))?;
+            check(&format!("{what}: dx"), &dx, &wdx, tol(dtype))?;
+            // Weight gradients from the kernels' own u and xa (f32 outputs, zeroed first).
+            let mut da = filled(Storage::F32, &[r, kk], 0.0);
+            let what = format!("lora_grad dA {dtype:?}");
+            run(&what, k::lora_grad::interpret(&[("BP", 16)], k::lora_grad::HostArgs {
+                a: &mut u, b: &mut x, c: &mut da,
+            }))?;
+            check(&what, &da, &rm::lora_grad_a(&u.data, &x.data, m, kk, r), 1e-5)?;
+            let mut db = filled(Storage::F32, &[n, r], 0.0);
+            let what = format!("lora_grad dB {dtype:?}");
+            run(&what, k::lora_grad::interpret(&[("BQ", 16)], k::lora_grad::HostArgs {
+                a: &mut dy, b: &mut xa, c: &mut db,
+            }))?;
+            check(&what, &db, &rm::lora_grad_b(&dy.data, &xa.data, m, n, r), 1e-5)?;
+        }
+    }
+}
+
+/// A tensor whose rows are not a multiple of 16 bytes cannot use these kernels: the launcher
+/// says which one and why, before anything runs.
+#[test]
+fn unaligned_tensors_are_rejected_with_the_reason() {
+    let mut a = HostTensor::new(Storage::BF16, &[16, 12], &[0.5; 16 * 12]);
+    let mut b = HostTensor::new(Storage::BF16, &[12, 16], &[0.5; 12 * 16]);
+    let mut c = HostTensor::new(Storage::BF16, &[16, 16], &[0.0; 256]);
+    // The interpreter accepts any alignment (it has no vector accesses); the GPU launcher
+    // checks the pointers, dims and strides.
+    k::gemm_nn::interpret(&[], k::gemm_nn::HostArgs { a: &mut a, b: &mut b, c: &mut c })
+        .expect("interpreter");
+    let args = [a.as_arg(), b.as_arg(), c.as_arg()];
+    let refs: Vec<&lexp_compiler::launch::TensorArg> = args.iter().collect();
+    let err = lexp_compiler::launch::select_variant(
+        "gemm_nn",
+        &k::gemm_nn::VARIANTS,
+        k::gemm_nn::TENSORS,
+        &refs,
+        k::gemm_nn::CONSTS,
+        &[],
+        None,
+    )
+    .map(|_| ())
+    .expect_err("rows of 12 bf16 are 24 bytes");
+    let msg = err.to_string();
+    assert!(msg.contains("argument `a`") && msg.contains("16-byte aligned"), "{msg}");
+}
