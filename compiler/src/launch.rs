@@ -329,8 +329,8 @@ pub fn select_variant(
         // Index tensors (i32) are never assumed aligned (see the macro's parameters).
         aligned &= t.dtype == Storage::I32
             || t.ptr % 16 == 0
-            && t.dims[last] % per16 == 0
-            && t.strides[..last].iter().all(|s| s % per16 == 0);
+                && t.dims[last] % per16 == 0
+                && t.strides[..last].iter().all(|s| s % per16 == 0);
     }
     for (name, _) in given {
         if !consts.iter().any(|(n, _)| n == name) {

@@ -17,12 +17,12 @@ pub mod sparse;
 
 pub use elementwise::{axpby, gelu, gelu_bwd, relu, relu_bwd};
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
-pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
-pub use sparse::{sparse_both, sparse_out, sparse_red};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
+pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
 pub use reduce::colsum;
 pub use residual::bias_residual;
 pub use row_softmax::softmax;
+pub use sparse::{sparse_both, sparse_out, sparse_red};
 
 use lexp_compiler::launch::KernelInfo;
 

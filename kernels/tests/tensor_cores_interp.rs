@@ -73,14 +73,20 @@ fn check(what: &str, got: &HostTensor, want: &[f32], rtol: f64) -> Result<(), Te
     if d.non_finite == 0 && d.unwritten == 0 && d.rel_l2 <= rtol {
         Ok(())
     } else {
-        Err(TestCaseError::fail(format!("{what}: {d} (tolerance {rtol:.1e})")))
+        Err(TestCaseError::fail(format!(
+            "{what}: {d} (tolerance {rtol:.1e})"
+        )))
     }
 }
 
 /// The `pick`-th compiled configuration of `kernel` (modulo their number).
 fn config_of(kernel: &str, pick: usize) -> Vec<(&'static str, usize)> {
-    let all = k::find(kernel).map(|k| k.configurations()).unwrap_or_default();
-    all.get(pick % all.len().max(1)).cloned().unwrap_or_default()
+    let all = k::find(kernel)
+        .map(|k| k.configurations())
+        .unwrap_or_default();
+    all.get(pick % all.len().max(1))
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// The `pick`-th compiled configuration of `kernel` that has `fixed`.
@@ -91,7 +97,9 @@ fn config_with(kernel: &str, pick: usize, fixed: (&str, usize)) -> Vec<(&'static
         .into_iter()
         .filter(|c| c.iter().any(|(n, v)| *n == fixed.0 && *v == fixed.1))
         .collect();
-    all.get(pick % all.len().max(1)).cloned().unwrap_or_default()
+    all.get(pick % all.len().max(1))
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// A random block list: `counts` per group (group 1 empty when there are two or more) and
@@ -101,7 +109,11 @@ fn block_list(rng: &mut StdRng, groups: usize, nb: usize) -> (Vec<i32>, Vec<i32>
     let mut counts = vec![];
     let mut idx = vec![-1i32; groups * max];
     for g in 0..groups {
-        let c = if g == 1 { 0 } else { rng.gen_range(1..=nb.min(max)) };
+        let c = if g == 1 {
+            0
+        } else {
+            rng.gen_range(1..=nb.min(max))
+        };
         let mut ids: Vec<i32> = (0..nb as i32).collect();
         for i in 0..c {
             let j = rng.gen_range(i..nb);
@@ -257,8 +269,15 @@ fn unaligned_tensors_are_rejected_with_the_reason() {
     let mut c = HostTensor::new(Storage::BF16, &[16, 16], &[0.0; 256]);
     // The interpreter accepts any alignment (it has no vector accesses); the GPU launcher
     // checks the pointers, dims and strides.
-    k::gemm_nn::interpret(&[], k::gemm_nn::HostArgs { a: &mut a, b: &mut b, c: &mut c })
-        .expect("interpreter");
+    k::gemm_nn::interpret(
+        &[],
+        k::gemm_nn::HostArgs {
+            a: &mut a,
+            b: &mut b,
+            c: &mut c,
+        },
+    )
+    .expect("interpreter");
     let args = [a.as_arg(), b.as_arg(), c.as_arg()];
     let refs: Vec<&lexp_compiler::launch::TensorArg> = args.iter().collect();
     let err = lexp_compiler::launch::select_variant(
@@ -273,5 +292,8 @@ fn unaligned_tensors_are_rejected_with_the_reason() {
     .map(|_| ())
     .expect_err("rows of 12 bf16 are 24 bytes");
     let msg = err.to_string();
-    assert!(msg.contains("argument `a`") && msg.contains("16-byte aligned"), "{msg}");
+    assert!(
+        msg.contains("argument `a`") && msg.contains("16-byte aligned"),
+        "{msg}"
+    );
 }

@@ -126,9 +126,20 @@ pub enum Count {
 impl Count {
     fn parse(e: &Expr, what: &str) -> syn::Result<Count> {
         match e {
-            Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(i), .. }) => Ok(Count::Lit(i.base10_parse()?)),
-            Expr::Path(p) if p.path.get_ident().is_some() => Ok(Count::Param(p.path.get_ident().cloned().ok_or_else(|| Error::new_spanned(p, "expected a name"))?)),
-            other => Err(Error::new_spanned(other, format!("`{what}` must be an integer literal or a const parameter"))),
+            Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Int(i),
+                ..
+            }) => Ok(Count::Lit(i.base10_parse()?)),
+            Expr::Path(p) if p.path.get_ident().is_some() => Ok(Count::Param(
+                p.path
+                    .get_ident()
+                    .cloned()
+                    .ok_or_else(|| Error::new_spanned(p, "expected a name"))?,
+            )),
+            other => Err(Error::new_spanned(
+                other,
+                format!("`{what}` must be an integer literal or a const parameter"),
+            )),
         }
     }
 
@@ -138,9 +149,14 @@ impl Count {
             Count::Lit(v) => Ok(*v),
             Count::Param(id) => consts
                 .iter()
-                .find(|(n, _)| *n == id.to_string())
+                .find(|(n, _)| id == n)
                 .map(|(_, v)| *v)
-                .ok_or_else(|| Error::new_spanned(id, format!("`{id}` is not a const parameter listed in `variants(..)`"))),
+                .ok_or_else(|| {
+                    Error::new_spanned(
+                        id,
+                        format!("`{id}` is not a const parameter listed in `variants(..)`"),
+                    )
+                }),
         }
     }
 }
@@ -150,25 +166,38 @@ impl Count {
 pub fn eval_const(e: &Expr, consts: &[(String, usize)]) -> syn::Result<i64> {
     use syn::BinOp as B;
     Ok(match e {
-        Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(i), .. }) => i.base10_parse()?,
-        Expr::Lit(syn::ExprLit { lit: syn::Lit::Bool(b), .. }) => b.value as i64,
+        Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Int(i),
+            ..
+        }) => i.base10_parse()?,
+        Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Bool(b),
+            ..
+        }) => b.value as i64,
         Expr::Paren(p) => eval_const(&p.expr, consts)?,
         Expr::Path(p) => {
-            let id = p.path.get_ident().ok_or_else(|| Error::new_spanned(p, "expected a const parameter"))?;
+            let id = p
+                .path
+                .get_ident()
+                .ok_or_else(|| Error::new_spanned(p, "expected a const parameter"))?;
             consts
                 .iter()
                 .find(|(n, _)| id == n)
                 .map(|(_, v)| *v as i64)
                 .ok_or_else(|| Error::new_spanned(p, format!("`{id}` is not a const parameter")))?
         }
-        Expr::Unary(u) if matches!(u.op, syn::UnOp::Not(_)) => (eval_const(&u.expr, consts)? == 0) as i64,
+        Expr::Unary(u) if matches!(u.op, syn::UnOp::Not(_)) => {
+            (eval_const(&u.expr, consts)? == 0) as i64
+        }
         Expr::Binary(b) => {
             let (x, y) = (eval_const(&b.left, consts)?, eval_const(&b.right, consts)?);
             match b.op {
                 B::Add(_) => x + y,
                 B::Sub(_) => x - y,
                 B::Mul(_) => x * y,
-                B::Div(_) | B::Rem(_) if y == 0 => return Err(Error::new_spanned(b, "division by zero")),
+                B::Div(_) | B::Rem(_) if y == 0 => {
+                    return Err(Error::new_spanned(b, "division by zero"))
+                }
                 B::Div(_) => x / y,
                 B::Rem(_) => x % y,
                 B::Eq(_) => (x == y) as i64,
@@ -182,7 +211,12 @@ pub fn eval_const(e: &Expr, consts: &[(String, usize)]) -> syn::Result<i64> {
                 _ => return Err(Error::new_spanned(b, "unsupported operator in `only`")),
             }
         }
-        other => return Err(Error::new_spanned(other, "unsupported expression in `only`")),
+        other => {
+            return Err(Error::new_spanned(
+                other,
+                "unsupported expression in `only`",
+            ))
+        }
     })
 }
 

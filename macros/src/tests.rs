@@ -124,3 +124,16 @@ fn constant_folding_of_overflowing_integers_does_not_panic() {
         assert!(!out.contains("compile_error"), "{e}: {out}");
     }
 }
+
+#[test]
+fn only_conditions_evaluate_over_the_constants() {
+    let consts = vec![("W".to_string(), 8usize), ("BN".to_string(), 256usize)];
+    let eval = |t: &str| crate::attr::eval_const(&syn::parse_str(t).unwrap(), &consts).unwrap();
+    assert_eq!(eval("W == 8 || BN == 128"), 1);
+    assert_eq!(eval("W == 4 && BN == 256"), 0);
+    assert_eq!(eval("(128 + BN) * 64 * 2 * 4 <= 200 * 1024"), 1);
+    assert_eq!(eval("!(BN % 128 == 0)"), 0);
+    let err = crate::attr::eval_const(&syn::parse_str("X == 1").unwrap(), &consts)
+        .expect_err("unknown name");
+    assert!(err.to_string().contains("`X` is not a const parameter"));
+}

@@ -74,9 +74,7 @@ impl Layout {
 }
 
 pub(crate) fn rounded(dtype: Storage, v: Vec<f32>) -> Vec<f32> {
-    v.into_iter()
-        .map(|x| round_to(dtype.dtype(), x))
-        .collect()
+    v.into_iter().map(|x| round_to(dtype.dtype(), x)).collect()
 }
 
 /// A random device tensor and its (rounded) host values.
@@ -122,8 +120,11 @@ pub(crate) fn has_config(kernel: &str, consts: &[(&str, usize)]) -> bool {
 
 /// Whether `kernel` was compiled for element type `dtype`.
 pub(crate) fn has_dtype(kernel: &str, dtype: Storage) -> bool {
-    lexp_kernels::find(kernel)
-        .is_some_and(|k| k.variants.iter().any(|v| v.param("T") == Some(dtype.name())))
+    lexp_kernels::find(kernel).is_some_and(|k| {
+        k.variants
+            .iter()
+            .any(|v| v.param("T") == Some(dtype.name()))
+    })
 }
 
 fn config_text(c: &[(&str, usize)]) -> String {
@@ -164,7 +165,12 @@ pub(crate) fn record(
 /// Dense GEMM checks: every layout, bf16 and f16, shapes with edges.
 pub fn check_gemm(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
     let mut rows = vec![];
-    let shapes = [(8, 8, 16), (200, 136, 72), (328, 264, 520), (1024, 512, 256)];
+    let shapes = [
+        (8, 8, 16),
+        (200, 136, 72),
+        (328, 264, 520),
+        (1024, 512, 256),
+    ];
     for layout in Layout::ALL {
         for dtype in [Storage::BF16, Storage::F16] {
             if !has_dtype(layout.kernel(), dtype) {
@@ -290,53 +296,119 @@ pub fn check_sparse(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
                 .iter()
                 .enumerate()
             {
-              for warps in [4usize, 8] {
-                let cfg = vec![("W", warps)];
-                let mut rng = Rng::new(seed as u64 + 31);
-                let groups = m.div_ceil(bm);
-                let f = nb * bs;
-                let (bl, counts, idx, max) = list(dev, groups, nb, 0.6, seed as u64)?;
-                // sparse_out: x [m, kk] · w [f, kk]ᵀ.
-                let (x, hx) = random(dev, &mut rng, dtype, &[m, kk])?;
-                let (w, hw) = random(dev, &mut rng, dtype, &[f, kk])?;
-                let (h, init) = filled(dev, dtype, &[m, max * bs], 7.0)?;
-                let has = |kernel: &str| has_config(kernel, &[("W", warps), ("BS", bs)]);
-                let shape = format!("{m}x{kk} -> {nb}x{bs}");
-                if has("sparse_out") {
-                sparse_ops::sparse_out(dev, &x.as_arg(), &w.as_arg(), &bl, &h.as_arg(), bs, &cfg)
-                    .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
-                dev.synchronize()?;
-                let want = rm::sparse_out(&hx, &hw, m, kk, f, &counts, &idx, max, bm, bs, &init);
-                record(&mut rows, "sparse_out", dtype, shape.clone(), format!("BS={bs},W={warps}"), "h", &h.to_f32_vec()?, &want);
+                for warps in [4usize, 8] {
+                    let cfg = vec![("W", warps)];
+                    let mut rng = Rng::new(seed as u64 + 31);
+                    let groups = m.div_ceil(bm);
+                    let f = nb * bs;
+                    let (bl, counts, idx, max) = list(dev, groups, nb, 0.6, seed as u64)?;
+                    // sparse_out: x [m, kk] · w [f, kk]ᵀ.
+                    let (x, hx) = random(dev, &mut rng, dtype, &[m, kk])?;
+                    let (w, hw) = random(dev, &mut rng, dtype, &[f, kk])?;
+                    let (h, init) = filled(dev, dtype, &[m, max * bs], 7.0)?;
+                    let has = |kernel: &str| has_config(kernel, &[("W", warps), ("BS", bs)]);
+                    let shape = format!("{m}x{kk} -> {nb}x{bs}");
+                    if has("sparse_out") {
+                        sparse_ops::sparse_out(
+                            dev,
+                            &x.as_arg(),
+                            &w.as_arg(),
+                            &bl,
+                            &h.as_arg(),
+                            bs,
+                            &cfg,
+                        )
+                        .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
+                        dev.synchronize()?;
+                        let want =
+                            rm::sparse_out(&hx, &hw, m, kk, f, &counts, &idx, max, bm, bs, &init);
+                        record(
+                            &mut rows,
+                            "sparse_out",
+                            dtype,
+                            shape.clone(),
+                            format!("BS={bs},W={warps}"),
+                            "h",
+                            &h.to_f32_vec()?,
+                            &want,
+                        );
+                    }
+                    // sparse_red: h [m, max*bs] (compact, random) · w2 [n, f]ᵀ.
+                    let n = 136;
+                    let (hc, hh) = random(dev, &mut rng, dtype, &[m, max * bs])?;
+                    let (w2, hw2) = random(dev, &mut rng, dtype, &[n, f])?;
+                    let mut y = DeviceTensor::poisoned(dev, dtype, &[m, n])?;
+                    y.poison()?;
+                    if has("sparse_red") {
+                        sparse_ops::sparse_red(
+                            dev,
+                            &hc.as_arg(),
+                            &w2.as_arg(),
+                            &bl,
+                            &y.as_arg(),
+                            bs,
+                            &cfg,
+                        )
+                        .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
+                        dev.synchronize()?;
+                        let want = rm::sparse_red(&hh, &hw2, m, n, f, &counts, &idx, max, bm, bs);
+                        record(
+                            &mut rows,
+                            "sparse_red",
+                            dtype,
+                            shape.clone(),
+                            format!("BS={bs},W={warps}"),
+                            "y",
+                            &y.to_f32_vec()?,
+                            &want,
+                        );
+                    }
+                    // sparse_both: out list over w's rows, in list = bl over its columns.
+                    let nbo = 3;
+                    let (blo, co, io, maxo) = list(dev, groups, nbo, 0.7, seed as u64 + 100)?;
+                    let (wb, hwb) = random(dev, &mut rng, dtype, &[nbo * bs, f])?;
+                    let (o, init_o) = filled(dev, dtype, &[m, maxo * bs], 7.0)?;
+                    if has("sparse_both") {
+                        sparse_ops::sparse_both(
+                            dev,
+                            &hc.as_arg(),
+                            &wb.as_arg(),
+                            &blo,
+                            &bl,
+                            &o.as_arg(),
+                            bs,
+                            &cfg,
+                        )
+                        .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
+                        dev.synchronize()?;
+                        let want = rm::sparse_both(
+                            &hh,
+                            &hwb,
+                            m,
+                            nbo * bs,
+                            f,
+                            &co,
+                            &io,
+                            maxo,
+                            &counts,
+                            &idx,
+                            max,
+                            bm,
+                            bs,
+                            &init_o,
+                        );
+                        record(
+                            &mut rows,
+                            "sparse_both",
+                            dtype,
+                            shape.clone(),
+                            format!("BS={bs},W={warps}"),
+                            "out",
+                            &o.to_f32_vec()?,
+                            &want,
+                        );
+                    }
                 }
-                // sparse_red: h [m, max*bs] (compact, random) · w2 [n, f]ᵀ.
-                let n = 136;
-                let (hc, hh) = random(dev, &mut rng, dtype, &[m, max * bs])?;
-                let (w2, hw2) = random(dev, &mut rng, dtype, &[n, f])?;
-                let mut y = DeviceTensor::poisoned(dev, dtype, &[m, n])?;
-                y.poison()?;
-                if has("sparse_red") {
-                sparse_ops::sparse_red(dev, &hc.as_arg(), &w2.as_arg(), &bl, &y.as_arg(), bs, &cfg)
-                    .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
-                dev.synchronize()?;
-                let want = rm::sparse_red(&hh, &hw2, m, n, f, &counts, &idx, max, bm, bs);
-                record(&mut rows, "sparse_red", dtype, shape.clone(), format!("BS={bs},W={warps}"), "y", &y.to_f32_vec()?, &want);
-                }
-                // sparse_both: out list over w's rows, in list = bl over its columns.
-                let nbo = 3;
-                let (blo, co, io, maxo) = list(dev, groups, nbo, 0.7, seed as u64 + 100)?;
-                let (wb, hwb) = random(dev, &mut rng, dtype, &[nbo * bs, f])?;
-                let (o, init_o) = filled(dev, dtype, &[m, maxo * bs], 7.0)?;
-                if has("sparse_both") {
-                sparse_ops::sparse_both(dev, &hc.as_arg(), &wb.as_arg(), &blo, &bl, &o.as_arg(), bs, &cfg)
-                    .map_err(|e| DeviceError::InvalidArgument(e.to_string()))?;
-                dev.synchronize()?;
-                let want = rm::sparse_both(
-                    &hh, &hwb, m, nbo * bs, f, &co, &io, maxo, &counts, &idx, max, bm, bs, &init_o,
-                );
-                record(&mut rows, "sparse_both", dtype, shape.clone(), format!("BS={bs},W={warps}"), "out", &o.to_f32_vec()?, &want);
-                }
-              }
             }
         }
     }
@@ -354,99 +426,168 @@ pub fn check_lora(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
             .iter()
             .enumerate()
         {
-          for warps in [4usize, 8] {
-            let tile = [("W", warps)];
-            let tname = format!("W={warps}");
-            let mut rng = Rng::new(seed as u64 + 77);
-            let shape = format!("{m}x{kk} -> {n}, r {r}");
-            let (x, hx) = random(dev, &mut rng, dtype, &[m, kk])?;
-            let (w, hw) = random(dev, &mut rng, dtype, &[n, kk])?;
-            let (bias, hbias) = random(dev, &mut rng, dtype, &[n])?;
-            let (a, ha) = random(dev, &mut rng, dtype, &[r, kk])?;
-            let (b, hb) = random(dev, &mut rng, dtype, &[n, r])?;
-            let y = DeviceTensor::poisoned(dev, dtype, &[m, n])?;
-            let xa = DeviceTensor::poisoned(dev, dtype, &[m, r])?;
-            if !has_config("lora_fwd", &tile) || !has_config("lora_bwd_dx", &tile) {
-                continue;
-            }
-            k::lora_fwd::launch_with(
-                dev,
-                &tile,
-                &k::lora_fwd::Args {
-                    x: &x.as_arg(),
-                    w: &w.as_arg(),
-                    bias: &bias.as_arg(),
-                    a: &a.as_arg(),
-                    b: &b.as_arg(),
-                    s,
-                    y: &y.as_arg(),
-                    xa: &xa.as_arg(),
-                },
-            )?;
-            dev.synchronize()?;
-            let (wy, wxa) = rm::lora_fwd(&hx, &hw, Some(&hbias), &ha, &hb, s, m, kk, n, r, round);
-            let got_xa = xa.to_f32_vec()?;
-            record(&mut rows, "lora_fwd", dtype, shape.clone(), tname.clone(), "xa", &got_xa, &wxa);
-            record(&mut rows, "lora_fwd", dtype, shape.clone(), tname.clone(), "y", &y.to_f32_vec()?, &wy);
-            // Backward to the input.
-            let (dy, hdy) = random(dev, &mut rng, dtype, &[m, n])?;
-            let dx = DeviceTensor::poisoned(dev, dtype, &[m, kk])?;
-            let u = DeviceTensor::poisoned(dev, dtype, &[m, r])?;
-            k::lora_bwd_dx::launch_with(
-                dev,
-                &tile,
-                &k::lora_bwd_dx::Args {
-                    dy: &dy.as_arg(),
-                    w: &w.as_arg(),
-                    a: &a.as_arg(),
-                    b: &b.as_arg(),
-                    s,
-                    dx: &dx.as_arg(),
-                    u: &u.as_arg(),
-                },
-            )?;
-            dev.synchronize()?;
-            let (wdx, wu) = rm::lora_bwd_dx(&hdy, &hw, &ha, &hb, s, m, kk, n, r, round);
-            let got_u = u.to_f32_vec()?;
-            record(&mut rows, "lora_bwd_dx", dtype, shape.clone(), tname.clone(), "u", &got_u, &wu);
-            record(&mut rows, "lora_bwd_dx", dtype, shape.clone(), tname.clone(), "dx", &dx.to_f32_vec()?, &wdx);
-            // Weight gradients from the kernel's own u and xa.
-            let mut da = DeviceTensor::zeros(dev, Storage::F32, &[r, kk])?;
-            let mut db = DeviceTensor::zeros(dev, Storage::F32, &[n, r])?;
-            for cfg in configs("lora_grad").into_iter().filter(|c| cfg_value(c, "W") == warps) {
-                da.fill_zero()?;
-                db.fill_zero()?;
-                let (bp, bq) = (cfg_value(&cfg, "BP"), cfg_value(&cfg, "BQ"));
-                // dA = uᵀ x: P = r; dB = dyᵀ xa: Q = r. Each config runs where it fits.
-                if bp == 16 {
-                    k::lora_grad::launch_with(
-                        dev,
-                        &cfg,
-                        &k::lora_grad::Args { a: &u.as_arg(), b: &x.as_arg(), c: &da.as_arg() },
-                    )?;
-                    dev.synchronize()?;
-                    let want = rm::lora_grad_a(&got_u, &hx, m, kk, r);
-                    record(&mut rows, "lora_grad", dtype, shape.clone(), config_text(&cfg), "dA", &da.to_f32_vec()?, &want);
+            for warps in [4usize, 8] {
+                let tile = [("W", warps)];
+                let tname = format!("W={warps}");
+                let mut rng = Rng::new(seed as u64 + 77);
+                let shape = format!("{m}x{kk} -> {n}, r {r}");
+                let (x, hx) = random(dev, &mut rng, dtype, &[m, kk])?;
+                let (w, hw) = random(dev, &mut rng, dtype, &[n, kk])?;
+                let (bias, hbias) = random(dev, &mut rng, dtype, &[n])?;
+                let (a, ha) = random(dev, &mut rng, dtype, &[r, kk])?;
+                let (b, hb) = random(dev, &mut rng, dtype, &[n, r])?;
+                let y = DeviceTensor::poisoned(dev, dtype, &[m, n])?;
+                let xa = DeviceTensor::poisoned(dev, dtype, &[m, r])?;
+                if !has_config("lora_fwd", &tile) || !has_config("lora_bwd_dx", &tile) {
+                    continue;
                 }
-                if bq == 16 {
-                    k::lora_grad::launch_with(
-                        dev,
-                        &cfg,
-                        &k::lora_grad::Args { a: &dy.as_arg(), b: &xa.as_arg(), c: &db.as_arg() },
-                    )?;
-                    dev.synchronize()?;
-                    let want = rm::lora_grad_b(&hdy, &got_xa, m, n, r);
-                    record(&mut rows, "lora_grad", dtype, shape.clone(), config_text(&cfg), "dB", &db.to_f32_vec()?, &want);
+                k::lora_fwd::launch_with(
+                    dev,
+                    &tile,
+                    &k::lora_fwd::Args {
+                        x: &x.as_arg(),
+                        w: &w.as_arg(),
+                        bias: &bias.as_arg(),
+                        a: &a.as_arg(),
+                        b: &b.as_arg(),
+                        s,
+                        y: &y.as_arg(),
+                        xa: &xa.as_arg(),
+                    },
+                )?;
+                dev.synchronize()?;
+                let (wy, wxa) =
+                    rm::lora_fwd(&hx, &hw, Some(&hbias), &ha, &hb, s, m, kk, n, r, round);
+                let got_xa = xa.to_f32_vec()?;
+                record(
+                    &mut rows,
+                    "lora_fwd",
+                    dtype,
+                    shape.clone(),
+                    tname.clone(),
+                    "xa",
+                    &got_xa,
+                    &wxa,
+                );
+                record(
+                    &mut rows,
+                    "lora_fwd",
+                    dtype,
+                    shape.clone(),
+                    tname.clone(),
+                    "y",
+                    &y.to_f32_vec()?,
+                    &wy,
+                );
+                // Backward to the input.
+                let (dy, hdy) = random(dev, &mut rng, dtype, &[m, n])?;
+                let dx = DeviceTensor::poisoned(dev, dtype, &[m, kk])?;
+                let u = DeviceTensor::poisoned(dev, dtype, &[m, r])?;
+                k::lora_bwd_dx::launch_with(
+                    dev,
+                    &tile,
+                    &k::lora_bwd_dx::Args {
+                        dy: &dy.as_arg(),
+                        w: &w.as_arg(),
+                        a: &a.as_arg(),
+                        b: &b.as_arg(),
+                        s,
+                        dx: &dx.as_arg(),
+                        u: &u.as_arg(),
+                    },
+                )?;
+                dev.synchronize()?;
+                let (wdx, wu) = rm::lora_bwd_dx(&hdy, &hw, &ha, &hb, s, m, kk, n, r, round);
+                let got_u = u.to_f32_vec()?;
+                record(
+                    &mut rows,
+                    "lora_bwd_dx",
+                    dtype,
+                    shape.clone(),
+                    tname.clone(),
+                    "u",
+                    &got_u,
+                    &wu,
+                );
+                record(
+                    &mut rows,
+                    "lora_bwd_dx",
+                    dtype,
+                    shape.clone(),
+                    tname.clone(),
+                    "dx",
+                    &dx.to_f32_vec()?,
+                    &wdx,
+                );
+                // Weight gradients from the kernel's own u and xa.
+                let mut da = DeviceTensor::zeros(dev, Storage::F32, &[r, kk])?;
+                let mut db = DeviceTensor::zeros(dev, Storage::F32, &[n, r])?;
+                for cfg in configs("lora_grad")
+                    .into_iter()
+                    .filter(|c| cfg_value(c, "W") == warps)
+                {
+                    da.fill_zero()?;
+                    db.fill_zero()?;
+                    let (bp, bq) = (cfg_value(&cfg, "BP"), cfg_value(&cfg, "BQ"));
+                    // dA = uᵀ x: P = r; dB = dyᵀ xa: Q = r. Each config runs where it fits.
+                    if bp == 16 {
+                        k::lora_grad::launch_with(
+                            dev,
+                            &cfg,
+                            &k::lora_grad::Args {
+                                a: &u.as_arg(),
+                                b: &x.as_arg(),
+                                c: &da.as_arg(),
+                            },
+                        )?;
+                        dev.synchronize()?;
+                        let want = rm::lora_grad_a(&got_u, &hx, m, kk, r);
+                        record(
+                            &mut rows,
+                            "lora_grad",
+                            dtype,
+                            shape.clone(),
+                            config_text(&cfg),
+                            "dA",
+                            &da.to_f32_vec()?,
+                            &want,
+                        );
+                    }
+                    if bq == 16 {
+                        k::lora_grad::launch_with(
+                            dev,
+                            &cfg,
+                            &k::lora_grad::Args {
+                                a: &dy.as_arg(),
+                                b: &xa.as_arg(),
+                                c: &db.as_arg(),
+                            },
+                        )?;
+                        dev.synchronize()?;
+                        let want = rm::lora_grad_b(&hdy, &got_xa, m, n, r);
+                        record(
+                            &mut rows,
+                            "lora_grad",
+                            dtype,
+                            shape.clone(),
+                            config_text(&cfg),
+                            "dB",
+                            &db.to_f32_vec()?,
+                            &want,
+                        );
+                    }
                 }
             }
-          }
         }
     }
     Ok(rows)
 }
 
 fn cfg_value(cfg: &[(&str, usize)], name: &str) -> usize {
-    cfg.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).unwrap_or(0)
+    cfg.iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| *v)
+        .unwrap_or(0)
 }
 
 /// One sparse timing next to the dense cuBLAS product it replaces.
@@ -478,7 +619,10 @@ pub fn cublas_nt_ms(
     let (a, _) = random(dev, &mut rng, Storage::BF16, &[m, kk])?;
     let (b, _) = random(dev, &mut rng, Storage::BF16, &[n, kk])?;
     let mut c = DeviceTensor::zeros(dev, Storage::BF16, &[m, n])?;
-    Ok(time_ms(dev, 10, iters, || blas.gemm(&a, &b, &mut c, false, true, 1.0, 0.0))?.median())
+    Ok(time_ms(dev, 10, iters, || {
+        blas.gemm(&a, &b, &mut c, false, true, 1.0, 0.0)
+    })?
+    .median())
 }
 
 /// Median ms of cuBLAS for a dense layout (`gemm` with the matching transposes).
@@ -497,7 +641,10 @@ pub fn cublas_ms(
     let (b, _) = random(dev, &mut rng, Storage::BF16, &db)?;
     let mut c = DeviceTensor::zeros(dev, Storage::BF16, &[m, n])?;
     let (ta, tb) = layout.trans();
-    Ok(time_ms(dev, 10, iters, || blas.gemm(&a, &b, &mut c, ta, tb, 1.0, 0.0))?.median())
+    Ok(time_ms(dev, 10, iters, || {
+        blas.gemm(&a, &b, &mut c, ta, tb, 1.0, 0.0)
+    })?
+    .median())
 }
 
 /// The OPT-1.3B MLP (16384 tokens, d 2048, ffn 8192) as block-sparse GEMMs at several
@@ -539,8 +686,16 @@ pub fn bench_sparse(
                 &cands("sparse_out"),
                 |c| -> Result<f64, DeviceError> {
                     Ok(time_ms(dev, 3, 10, || {
-                        sparse_ops::sparse_out(dev, &x.as_arg(), &w1.as_arg(), &full, &hf.as_arg(), bs, c)
-                            .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
+                        sparse_ops::sparse_out(
+                            dev,
+                            &x.as_arg(),
+                            &w1.as_arg(),
+                            &full,
+                            &hf.as_arg(),
+                            bs,
+                            c,
+                        )
+                        .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
                     })?
                     .median())
                 },
@@ -552,8 +707,16 @@ pub fn bench_sparse(
                 &cands("sparse_red"),
                 |c| -> Result<f64, DeviceError> {
                     Ok(time_ms(dev, 3, 10, || {
-                        sparse_ops::sparse_red(dev, &hf.as_arg(), &w2.as_arg(), &full, &y.as_arg(), bs, c)
-                            .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
+                        sparse_ops::sparse_red(
+                            dev,
+                            &hf.as_arg(),
+                            &w2.as_arg(),
+                            &full,
+                            &y.as_arg(),
+                            bs,
+                            c,
+                        )
+                        .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
                     })?
                     .median())
                 },
@@ -612,7 +775,11 @@ pub struct LoraBench {
 }
 
 /// LoRA rank 16 on a `d x d` layer over 16384 tokens: forward and backward.
-pub fn bench_lora(dev: &CudaDevice, blas: &Blas, iters: usize) -> Result<Vec<LoraBench>, DeviceError> {
+pub fn bench_lora(
+    dev: &CudaDevice,
+    blas: &Blas,
+    iters: usize,
+) -> Result<Vec<LoraBench>, DeviceError> {
     let (m, d, r) = (16384usize, 2048usize, 16usize);
     let bf = Storage::BF16;
     let mut rng = Rng::new(21);
@@ -641,9 +808,7 @@ pub fn bench_lora(dev: &CudaDevice, blas: &Blas, iters: usize) -> Result<Vec<Lor
             .choose(
                 &crate::autotune::key(&name, kernel, "bf16", dims),
                 &cands,
-                |c| -> Result<f64, DeviceError> {
-                    Ok(time_ms(dev, 3, 10, || f(c))?.median())
-                },
+                |c| -> Result<f64, DeviceError> { Ok(time_ms(dev, 3, 10, || f(c))?.median()) },
             )
             .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
     };
@@ -660,8 +825,10 @@ pub fn bench_lora(dev: &CudaDevice, blas: &Blas, iters: usize) -> Result<Vec<Lor
     let fwd_cfg = pick("lora_fwd", &[m, d, d, r], &|_| true, &|c| {
         k::lora_fwd::launch_with(dev, c, &fwd_args)
     })?;
-    let fwd = time_ms(dev, 5, iters, || k::lora_fwd::launch_with(dev, &fwd_cfg, &fwd_args))?
-        .median();
+    let fwd = time_ms(dev, 5, iters, || {
+        k::lora_fwd::launch_with(dev, &fwd_cfg, &fwd_args)
+    })?
+    .median();
     let dx_args = k::lora_bwd_dx::Args {
         dy: &dy.as_arg(),
         w: &w.as_arg(),
@@ -674,14 +841,28 @@ pub fn bench_lora(dev: &CudaDevice, blas: &Blas, iters: usize) -> Result<Vec<Lor
     let dx_cfg = pick("lora_bwd_dx", &[m, d, d, r], &|_| true, &|c| {
         k::lora_bwd_dx::launch_with(dev, c, &dx_args)
     })?;
-    let da_args = k::lora_grad::Args { a: &u.as_arg(), b: &x.as_arg(), c: &da.as_arg() };
-    let db_args = k::lora_grad::Args { a: &dy.as_arg(), b: &xa.as_arg(), c: &db.as_arg() };
-    let da_cfg = pick("lora_grad", &[m, r, d], &|c| cfg_value(c, "BP") == 16, &|c| {
-        k::lora_grad::launch_with(dev, c, &da_args)
-    })?;
-    let db_cfg = pick("lora_grad", &[m, d, r], &|c| cfg_value(c, "BQ") == 16, &|c| {
-        k::lora_grad::launch_with(dev, c, &db_args)
-    })?;
+    let da_args = k::lora_grad::Args {
+        a: &u.as_arg(),
+        b: &x.as_arg(),
+        c: &da.as_arg(),
+    };
+    let db_args = k::lora_grad::Args {
+        a: &dy.as_arg(),
+        b: &xa.as_arg(),
+        c: &db.as_arg(),
+    };
+    let da_cfg = pick(
+        "lora_grad",
+        &[m, r, d],
+        &|c| cfg_value(c, "BP") == 16,
+        &|c| k::lora_grad::launch_with(dev, c, &da_args),
+    )?;
+    let db_cfg = pick(
+        "lora_grad",
+        &[m, d, r],
+        &|c| cfg_value(c, "BQ") == 16,
+        &|c| k::lora_grad::launch_with(dev, c, &db_args),
+    )?;
     let grad = |da: &mut DeviceTensor, db: &mut DeviceTensor| -> Result<(), DeviceError> {
         k::lora_bwd_dx::launch_with(dev, &dx_cfg, &dx_args)?;
         da.fill_zero()?;
@@ -692,11 +873,23 @@ pub fn bench_lora(dev: &CudaDevice, blas: &Blas, iters: usize) -> Result<Vec<Lor
     };
     let bwd = time_ms(dev, 5, iters, || grad(&mut da, &mut db))?.median();
     tracing::info!(?fwd_cfg, ?dx_cfg, ?da_cfg, ?db_cfg, "LoRA tile choice");
-    let shape = LoraShape { m, in_features: d, out_features: d, rank: r };
+    let shape = LoraShape {
+        m,
+        in_features: d,
+        out_features: d,
+        rank: r,
+    };
     let mut ws = LoraWorkspace::new(dev, bf, shape)?;
-    let weights = LoraWeights { w: &w, lora_a: &a, lora_b: &b, scale: s };
-    let pf = time_ms(dev, 5, iters, || lora_forward_baseline(dev, blas, &mut ws, &weights, &x, &mut y))?
-        .median();
+    let weights = LoraWeights {
+        w: &w,
+        lora_a: &a,
+        lora_b: &b,
+        scale: s,
+    };
+    let pf = time_ms(dev, 5, iters, || {
+        lora_forward_baseline(dev, blas, &mut ws, &weights, &x, &mut y)
+    })?
+    .median();
     let (mut gdx, mut gda, mut gdb) = (
         DeviceTensor::zeros(dev, bf, &[m, d])?,
         DeviceTensor::zeros(dev, bf, &[r, d])?,
@@ -710,12 +903,30 @@ pub fn bench_lora(dev: &CudaDevice, blas: &Blas, iters: usize) -> Result<Vec<Lor
             &weights,
             &x,
             &dy,
-            LoraGrads { dx: &mut gdx, d_lora_a: &mut gda, d_lora_b: &mut gdb },
+            LoraGrads {
+                dx: &mut gdx,
+                d_lora_a: &mut gda,
+                d_lora_b: &mut gdb,
+            },
         )
     })?
     .median();
     Ok(vec![
-        LoraBench { pass: "forward", m, d, r, fused_ms: fwd, peft_ms: pf },
-        LoraBench { pass: "backward", m, d, r, fused_ms: bwd, peft_ms: pb },
+        LoraBench {
+            pass: "forward",
+            m,
+            d,
+            r,
+            fused_ms: fwd,
+            peft_ms: pf,
+        },
+        LoraBench {
+            pass: "backward",
+            m,
+            d,
+            r,
+            fused_ms: bwd,
+            peft_ms: pb,
+        },
     ])
 }

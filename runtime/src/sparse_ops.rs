@@ -54,7 +54,10 @@ pub fn sparse_out(
     tile: &[(&str, usize)],
 ) -> Result<(), SparseOpError> {
     need("sparse_out", w.dims[0] % bs == 0, || {
-        format!("weight rows {} are not a multiple of the block size {bs}", w.dims[0])
+        format!(
+            "weight rows {} are not a multiple of the block size {bs}",
+            w.dims[0]
+        )
     })?;
     list.check_against(groups(x.dims[0]), w.dims[0] / bs)?;
     need("sparse_out", h.dims[1] == list.max_blocks() * bs, || {
@@ -91,7 +94,10 @@ pub fn sparse_red(
     tile: &[(&str, usize)],
 ) -> Result<(), SparseOpError> {
     need("sparse_red", w2.dims[1] % bs == 0, || {
-        format!("weight columns {} are not a multiple of the block size {bs}", w2.dims[1])
+        format!(
+            "weight columns {} are not a multiple of the block size {bs}",
+            w2.dims[1]
+        )
     })?;
     list.check_against(groups(h.dims[0]), w2.dims[1] / bs)?;
     let (c, i) = (list.counts().as_arg(), list.indices().as_arg());
@@ -121,9 +127,16 @@ pub fn sparse_both(
     bs: usize,
     tile: &[(&str, usize)],
 ) -> Result<(), SparseOpError> {
-    need("sparse_both", w.dims[0] % bs == 0 && w.dims[1] % bs == 0, || {
-        format!("weight {:?} is not a multiple of the block size {bs}", w.dims)
-    })?;
+    need(
+        "sparse_both",
+        w.dims[0] % bs == 0 && w.dims[1] % bs == 0,
+        || {
+            format!(
+                "weight {:?} is not a multiple of the block size {bs}",
+                w.dims
+            )
+        },
+    )?;
     out_list.check_against(groups(h.dims[0]), w.dims[0] / bs)?;
     in_list.check_against(groups(h.dims[0]), w.dims[1] / bs)?;
     let (co, io) = (out_list.counts().as_arg(), out_list.indices().as_arg());

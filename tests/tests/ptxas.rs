@@ -39,7 +39,9 @@ fn every_variant_assembles_without_spills() {
                             r.smem_bytes
                         );
                         let budgeted = arch != "sm_80" || sm80_launchable;
-                        if budgeted && (r.spill_stores > 0 || r.spill_loads > 0 || r.stack_bytes > 0) {
+                        if budgeted
+                            && (r.spill_stores > 0 || r.spill_loads > 0 || r.stack_bytes > 0)
+                        {
                             failures.push(format!("{} {arch}: spills ({r:?})", v.symbol));
                         }
                         if r.registers as usize > target::SM90.max_regs {

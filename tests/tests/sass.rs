@@ -23,7 +23,9 @@ fn tensor_core_kernels_use_tensor_core_instructions() {
         panic!("ptxas not found: python3 -m pip install nvidia-cuda-nvcc-cu12 (.ci/run does this)")
     });
     let nvdisasm = find_nvdisasm().unwrap_or_else(|| {
-        panic!("nvdisasm not found: python3 -m pip install nvidia-cuda-nvdisasm (.ci/run does this)")
+        panic!(
+            "nvdisasm not found: python3 -m pip install nvidia-cuda-nvdisasm (.ci/run does this)"
+        )
     });
     let mut failures = vec![];
     let mut checked = 0;
@@ -56,6 +58,9 @@ fn tensor_core_kernels_use_tensor_core_instructions() {
             checked += 1;
         }
     }
-    assert!(checked >= TENSOR_CORE_KERNELS.len(), "only {checked} variants checked");
+    assert!(
+        checked >= TENSOR_CORE_KERNELS.len(),
+        "only {checked} variants checked"
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -43,8 +43,15 @@ fn stages_llvm_ir_and_ptx_of_every_kernel() {
 #[test]
 fn tensor_core_instructions() {
     let dot_kernels = [
-        "gemm_nn", "gemm_nt", "gemm_tn", "sparse_out", "sparse_red", "sparse_both", "lora_fwd",
-        "lora_bwd_dx", "lora_grad",
+        "gemm_nn",
+        "gemm_nt",
+        "gemm_tn",
+        "sparse_out",
+        "sparse_red",
+        "sparse_both",
+        "lora_fwd",
+        "lora_bwd_dx",
+        "lora_grad",
     ];
     for name in dot_kernels {
         let k = lexp_kernels::find(name).unwrap_or_else(|| panic!("no kernel {name}"));
@@ -58,7 +65,11 @@ fn tensor_core_instructions() {
             );
             let wgmma = v.ptx_sm90.contains("wgmma.mma_async.sync.aligned");
             let mma = v.ptx_sm90.contains("mma.sync.aligned.m16n8k16");
-            assert!(wgmma || mma, "{}: sm_90 PTX without tensor-core MMA", v.symbol);
+            assert!(
+                wgmma || mma,
+                "{}: sm_90 PTX without tensor-core MMA",
+                v.symbol
+            );
             if v.param("W") == Some("8") && name.starts_with("gemm") {
                 assert!(wgmma, "{}: 8-warp GEMM without wgmma on sm_90", v.symbol);
             }

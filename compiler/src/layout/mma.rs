@@ -72,16 +72,16 @@ fn finish(
 /// layout with `mma.sync`. Needs warps in groups of 4, `bm` a multiple of 64 with `bm / 16`
 /// warps along M, and `8 <= bn / wn <= 256`.
 pub fn wgmma_grid(bm: usize, bn: usize, num_warps: usize) -> Option<(usize, usize)> {
-    if num_warps % 4 != 0 || bm % 64 != 0 {
+    if !num_warps.is_multiple_of(4) || !bm.is_multiple_of(64) {
         return None;
     }
     let wm = bm / 16;
-    if wm > num_warps || num_warps % wm != 0 {
+    if wm > num_warps || !num_warps.is_multiple_of(wm) {
         return None;
     }
     let wn = num_warps / wm;
     let wtn = bn / wn;
-    (bn % wn == 0 && wtn % 8 == 0 && (8..=256).contains(&wtn)).then_some((wm, wn))
+    (bn.is_multiple_of(wn) && wtn.is_multiple_of(8) && (8..=256).contains(&wtn)).then_some((wm, wn))
 }
 
 /// The warp grid `wm x wn` for a `bm x bn` accumulator tile on `num_warps` warps: warp tiles as
@@ -94,7 +94,11 @@ pub fn warp_grid(bm: usize, bn: usize, num_warps: usize) -> (usize, usize) {
         let mut wm = 1;
         while wm <= w {
             let wn = w / wm;
-            if bm / wm >= 16 && bn / wn >= 8 && bm % (16 * wm) == 0 && bn % (8 * wn) == 0 {
+            if bm / wm >= 16
+                && bn / wn >= 8
+                && bm.is_multiple_of(16 * wm)
+                && bn.is_multiple_of(8 * wn)
+            {
                 let skew = (log2(bm / wm) as i64 - log2(bn / wn) as i64).abs();
                 let better = match best {
                     None => true,
@@ -161,7 +165,8 @@ impl Layout {
     /// The accumulator layout of a `bm x bn` tile on `num_warps` warps, with the warp grid
     /// chosen by [`warp_grid`]. Warps beyond what the tile can use hold copies.
     pub fn mma_acc_for(bm: usize, bn: usize, num_warps: usize) -> Result<Layout, MmaShapeError> {
-        let (wm, wn) = wgmma_grid(bm, bn, num_warps).unwrap_or_else(|| warp_grid(bm, bn, num_warps));
+        let (wm, wn) =
+            wgmma_grid(bm, bn, num_warps).unwrap_or_else(|| warp_grid(bm, bn, num_warps));
         let mut l = Layout::mma_acc(bm, bn, wm, wn)?;
         while (1usize << l.warp.len()) < num_warps {
             l.warp.push(vec![0, 0]);
@@ -247,6 +252,42 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warpgroup_shaped_grids() {
+        // 8 warps on 128 rows: 16 rows each, two warpgroups of 64 x BN.
+        assert_eq!(wgmma_grid(128, 128, 8), Some((8, 1)));
+        assert_eq!(wgmma_grid(128, 256, 8), Some((8, 1)));
+        assert_eq!(wgmma_grid(64, 256, 8), Some((4, 2)));
+        assert_eq!(wgmma_grid(128, 16, 8), Some((8, 1)));
+        // Not possible: 4 warps cannot cover 128 rows in 16-row slices; a 16-row tile has no
+        // warpgroup; 512 columns exceed wgmma's N.
+        assert_eq!(wgmma_grid(128, 128, 4), None);
+        assert_eq!(wgmma_grid(16, 128, 4), None);
+        assert_eq!(wgmma_grid(64, 512, 4), None);
+        // Such layouts are the m16n8 fragment repeated over N per warp: wgmma's register order.
+        let l = Layout::mma_acc_for(128, 128, 8).unwrap();
+        assert_eq!(l.mma_warp_grid(), (8, 1));
+        for lane in 0..32 {
+            for v in 0..64 {
+                let (g, t) = (lane >> 2, lane & 3);
+                let want = vec![
+                    g + 8 * ((v >> 1) & 1) + 16 * 3,
+                    8 * (v >> 2) + 2 * t + (v & 1),
+                ];
+                assert_eq!(
+                    l.coord(3 * 32 + lane, v),
+                    want,
+                    "warp 3 lane {lane} reg {v}"
+                );
+            }
+        }
+        // Without a warpgroup shape, the squarest warp tiles (the sm_80 choice).
+        assert_eq!(
+            Layout::mma_acc_for(128, 128, 4).unwrap().mma_warp_grid(),
+            (2, 2)
+        );
+    }
 
     // Literal transcriptions of PTX ISA 9.7.14.5.8 (m16n8k16, 16-bit A/B, f32 C/D), element `i`
     // of the fragment held by lane (g, t).

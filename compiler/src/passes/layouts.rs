@@ -29,6 +29,9 @@ use crate::ir::{printer, Block, IrError, Kernel, Op, ValueId};
 use crate::layout::Layout;
 use std::collections::HashMap;
 
+/// Each value's dimensions as dimensions of its space's root.
+type DimMaps = HashMap<ValueId, Vec<usize>>;
+
 /// Most values of one tile a thread may hold.
 pub const MAX_VALUES_PER_THREAD: usize = 256;
 
@@ -193,11 +196,7 @@ pub fn assign_layouts(k: &mut Kernel) -> Result<LayoutPlan, IrError> {
         let l: &Layout = &layouts[ptr];
         vec.insert(*ptr, own.min(l.contiguous_regs()).max(1));
     }
-    Ok(LayoutPlan {
-        root,
-        layouts,
-        vec,
-    })
+    Ok(LayoutPlan { root, layouts, vec })
 }
 
 /// The spaces of a kernel: each tile's space id and each space's rank. Without `dot` every tile
@@ -274,7 +273,9 @@ fn choose_roots(
             if roots.contains_key(ts) {
                 continue;
             }
-            let Some(ss) = sp.space.get(src) else { continue };
+            let Some(ss) = sp.space.get(src) else {
+                continue;
+            };
             let Some(root) = roots.get(ss) else { continue };
             let src_shape = &k.ty(*src).shape;
             if root.shape != *src_shape || shapes.get(ts) != Some(&k.ty(*r).shape) {
@@ -365,10 +366,7 @@ fn prev_pow2(x: usize) -> usize {
 /// Maps every value's dimensions to root dimensions.
 /// Dimension maps of every value, and the `expand_dims` results whose operand is already used
 /// along another root dimension (each needs a layout conversion of its operand).
-fn dim_maps(
-    k: &Kernel,
-    sp: &Spaces,
-) -> Result<(HashMap<ValueId, Vec<usize>>, Vec<ValueId>), IrError> {
+fn dim_maps(k: &Kernel, sp: &Spaces) -> Result<(DimMaps, Vec<ValueId>), IrError> {
     let root_rank = |v: ValueId| sp.space.get(&v).map(|s| sp.rank[s]).unwrap_or(0);
     let mut maps: HashMap<ValueId, Vec<usize>> = HashMap::new();
     for (i, t) in k.types.iter().enumerate() {
@@ -486,8 +484,7 @@ fn propagate(
                         }
                     }
                 } else if let Some(sm) = maps.get(src).cloned() {
-                    let free: Vec<usize> =
-                        (0..root_rank(r)).filter(|d| !sm.contains(d)).collect();
+                    let free: Vec<usize> = (0..root_rank(r)).filter(|d| !sm.contains(d)).collect();
                     if free.len() == 1 {
                         let mut rm = sm.clone();
                         rm.insert(*axis, free[0]);
@@ -506,8 +503,7 @@ fn propagate(
                         local = true;
                     }
                 } else if let Some(rm) = maps.get(&r).cloned() {
-                    let free: Vec<usize> =
-                        (0..root_rank(r)).filter(|d| !rm.contains(d)).collect();
+                    let free: Vec<usize> = (0..root_rank(r)).filter(|d| !rm.contains(d)).collect();
                     if free.len() == 1 {
                         let mut sm = rm.clone();
                         sm.insert(*axis, free[0]);

@@ -73,10 +73,7 @@ impl PipelinePlan {
     pub fn print(&self) -> String {
         let mut s = String::new();
         for l in &self.loops {
-            s.push_str(&format!(
-                "pipeline loop %{} stages {}\n",
-                l.iv.0, l.stages
-            ));
+            s.push_str(&format!("pipeline loop %{} stages {}\n", l.iv.0, l.stages));
             for ld in &l.loads {
                 s.push_str(&format!(
                     "  stream %{} [{}x{}] swizzle {} slot {} bytes at {}\n",
@@ -153,10 +150,17 @@ pub fn plan(k: &Kernel, layouts: &LayoutPlan) -> PipelinePlan {
             }
             let zero_fill = match other {
                 None => true,
-                Some(o) => matches!(
-                    defs.get(o),
-                    Some(Op::Const { value }) if value.as_f64() == 0.0
-                ) || matches!(defs.get(o), Some(Op::Const { value: ConstValue::Int(0) })),
+                Some(o) => {
+                    matches!(
+                        defs.get(o),
+                        Some(Op::Const { value }) if value.as_f64() == 0.0
+                    ) || matches!(
+                        defs.get(o),
+                        Some(Op::Const {
+                            value: ConstValue::Int(0)
+                        })
+                    )
+                }
             };
             if !zero_fill {
                 continue;
@@ -200,12 +204,16 @@ fn accumulating_dots(
     };
     let mut out = vec![];
     for inst in &body.insts {
-        let Op::Dot { acc, .. } = &inst.op else { continue };
+        let Op::Dot { acc, .. } = &inst.op else {
+            continue;
+        };
         let r = inst.results[0];
-        let Some(j) = values.iter().position(|v| *v == r) else { continue };
-        let only_yield = uses.get(&r).is_some_and(|u| {
-            u.len() == 1 && matches!(u[0].1, Op::Yield { .. })
-        });
+        let Some(j) = values.iter().position(|v| *v == r) else {
+            continue;
+        };
+        let only_yield = uses
+            .get(&r)
+            .is_some_and(|u| u.len() == 1 && matches!(u[0].1, Op::Yield { .. }));
         let carried = body.args.get(j + 1).copied();
         let acc_only = carried == Some(*acc)
             && uses.get(acc).is_some_and(|u| {

@@ -15,8 +15,8 @@
 
 use super::layouts::LayoutPlan;
 use super::pipeline::PipelinePlan;
-use crate::layout::shared::SharedLayout;
 use crate::ir::{IrError, Kernel, Op, ValueId};
+use crate::layout::shared::SharedLayout;
 use crate::target::Target;
 
 /// One scratch allocation.

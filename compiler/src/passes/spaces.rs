@@ -284,7 +284,8 @@ fn split_block(b: &mut Block, defs: &HashMap<ValueId, Op>, types: &mut Vec<Type>
                     sub.insert(o, c);
                 }
             }
-            inst.op.map_operands(&mut |o| sub.get(&o).copied().unwrap_or(o));
+            inst.op
+                .map_operands(&mut |o| sub.get(&o).copied().unwrap_or(o));
         }
         out.push(inst);
     }

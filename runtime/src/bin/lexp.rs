@@ -177,10 +177,32 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
         Some(dev) => {
             let (major, minor) = dev.compute_capability();
             eprintln!("device: {} (sm_{major}{minor})", dev.name());
-            (
-                dev.name().to_string(),
-                kernel_check::check_all(dev, kernel)?,
-            )
+            let mut rows = kernel_check::check_all(dev, kernel)?;
+            // The tensor-core kernels (GEMM, block-sparse, LoRA) have their own checker.
+            let tc = |k: &str| kernel.is_none_or(|only| only == k || (only == "matmul"));
+            let mut mat = vec![];
+            if tc("gemm_nn") || tc("gemm_nt") || tc("gemm_tn") {
+                mat.extend(lexp_runtime::matmul_check::check_gemm(dev)?);
+            }
+            if tc("sparse_out") || tc("sparse_red") || tc("sparse_both") {
+                mat.extend(lexp_runtime::matmul_check::check_sparse(dev)?);
+            }
+            if tc("lora_fwd") || tc("lora_bwd_dx") || tc("lora_grad") {
+                mat.extend(lexp_runtime::matmul_check::check_lora(dev)?);
+            }
+            rows.extend(mat.into_iter().map(|m| kernel_check::CheckRow {
+                kernel: m.kernel,
+                dtype: m.dtype,
+                shape: m.shape,
+                variant: m.config,
+                output: m.output,
+                rel_l2: m.rel_l2,
+                max_abs: m.max_abs,
+                tolerance: m.tolerance,
+                non_finite: m.non_finite,
+                pass: m.pass,
+            }));
+            (dev.name().to_string(), rows)
         }
         None => (
             "cpu (interpreter)".to_string(),

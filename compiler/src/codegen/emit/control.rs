@@ -74,8 +74,14 @@ impl<'c> Gen<'c, '_> {
             // Prologue: tiles 0 .. ahead-1 into slots 0 .. ahead-1, one commit group each
             // (empty past the end, which keeps the group count uniform).
             for s in 0..ahead {
-                let off = self.b.build_int_mul(step_v, self.iv_const(ivt, s), "").map_err(be)?;
-                let iv_s = self.b.build_int_add(lo_v.into_int_value(), off, "").map_err(be)?;
+                let off = self
+                    .b
+                    .build_int_mul(step_v, self.iv_const(ivt, s), "")
+                    .map_err(be)?;
+                let iv_s = self
+                    .b
+                    .build_int_add(lo_v.into_int_value(), off, "")
+                    .map_err(be)?;
                 self.prefetch(body, pl, iv_s, hi_v, self.i32(s as i64))?;
             }
         }
@@ -237,7 +243,8 @@ impl<'c> Gen<'c, '_> {
     }
 
     fn iv_const(&self, ivt: DType, c: usize) -> IntValue<'c> {
-        self.constant(ConstValue::Int(c as i64), ivt).into_int_value()
+        self.constant(ConstValue::Int(c as i64), ivt)
+            .into_int_value()
     }
 
     /// Issues the copies of iteration `iv` (if `iv < hi`) into ring slot `slot`, then commits
@@ -266,11 +273,12 @@ impl<'c> Gen<'c, '_> {
                 }
             }
             for ld in &pl.loads {
-                let off = g
-                    .b
-                    .build_int_mul(slot, g.i32(ld.shared.bytes() as i64), "")
-                    .map_err(be)?;
-                let off = g.b.build_int_add(off, g.i32(ld.offset as i64), "").map_err(be)?;
+                let off =
+                    g.b.build_int_mul(slot, g.i32(ld.shared.bytes() as i64), "")
+                        .map_err(be)?;
+                let off =
+                    g.b.build_int_add(off, g.i32(ld.offset as i64), "")
+                        .map_err(be)?;
                 g.copy_async(ld.ptr, ld.mask, &ld.shared, off)?;
             }
             Ok(())

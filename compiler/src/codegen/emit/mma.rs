@@ -51,7 +51,9 @@ impl<'c> Gen<'c, '_> {
         if c == 0 {
             return Ok(a);
         }
-        self.b.build_left_shift(a, self.i32(c as i64), "").map_err(be)
+        self.b
+            .build_left_shift(a, self.i32(c as i64), "")
+            .map_err(be)
     }
 
     fn mul_c(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
@@ -97,8 +99,14 @@ impl<'c> Gen<'c, '_> {
     fn coord2(&mut self, l: &Layout, reg: usize) -> R<(IntValue<'c>, IntValue<'c>)> {
         let tc = self.thread_coord(l)?;
         let rc = l.reg_coord(reg);
-        let row = self.b.build_or(tc[0], self.i32(rc[0] as i64), "").map_err(be)?;
-        let col = self.b.build_or(tc[1], self.i32(rc[1] as i64), "").map_err(be)?;
+        let row = self
+            .b
+            .build_or(tc[0], self.i32(rc[0] as i64), "")
+            .map_err(be)?;
+        let col = self
+            .b
+            .build_or(tc[1], self.i32(rc[1] as i64), "")
+            .map_err(be)?;
         Ok((row, col))
     }
 
@@ -146,13 +154,7 @@ impl<'c> Gen<'c, '_> {
     }
 
     /// One `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32`: `c += a · b`.
-    fn mma(
-        &self,
-        dt: DType,
-        a: &[IntValue<'c>],
-        b: &[IntValue<'c>],
-        c: &[V<'c>],
-    ) -> R<Vec<V<'c>>> {
+    fn mma(&self, dt: DType, a: &[IntValue<'c>], b: &[IntValue<'c>], c: &[V<'c>]) -> R<Vec<V<'c>>> {
         let f32t = self.ctx.f32_type();
         let ret = self.ctx.struct_type(&[f32t.into(); 4], false);
         let (name, op_ty): (&str, BasicTypeEnum) = match dt {
@@ -215,8 +217,8 @@ impl<'c> Gen<'c, '_> {
         let (m, n) = (k.ty(r).shape[0], k.ty(r).shape[1]);
         let kk = k.ty(a).shape[1];
         let dt = k.ty(a).dtype;
-        let expect = Layout::mma_acc_for(m, n, k.num_warps)
-            .map_err(|e| IrError(format!("codegen: {e}")))?;
+        let expect =
+            Layout::mma_acc_for(m, n, k.num_warps).map_err(|e| IrError(format!("codegen: {e}")))?;
         if lc != expect || *self.layout(acc) != lc {
             return Err(IrError(format!(
                 "codegen: dot result [{m}, {n}] is not in the MMA accumulator layout"
@@ -362,10 +364,10 @@ impl<'c> Gen<'c, '_> {
                 let off = g.add(off, slot_off)?;
                 let dst = byte_ptr(g, off)?;
                 let size = match &masks {
-                    Some(ms) => g
-                        .b
-                        .build_select(ms[i].into_int_value(), g.i32(16), g.i32(0), "")
-                        .map_err(be)?,
+                    Some(ms) => {
+                        g.b.build_select(ms[i].into_int_value(), g.i32(16), g.i32(0), "")
+                            .map_err(be)?
+                    }
                     None => g.i32(16).into(),
                 };
                 let src = ptrs[i].into_pointer_value();

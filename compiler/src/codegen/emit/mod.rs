@@ -99,7 +99,11 @@ pub(super) fn emit_kernel<'c>(
         gv.set_linkage(Linkage::Internal);
         gv.set_initializer(&ty.get_undef());
         // Swizzled tiles repeat every 1024 bytes (COMPILER.md §1.5).
-        gv.set_alignment(if c.pipeline.loops.is_empty() && !has_dot(c) { 16 } else { 1024 });
+        gv.set_alignment(if c.pipeline.loops.is_empty() && !has_dot(c) {
+            16
+        } else {
+            1024
+        });
         g.smem = Some(gv);
     }
     for (i, a) in k.args.iter().enumerate() {

@@ -92,7 +92,10 @@ pub fn run(
     }
     // Fused LoRA vs PEFT.
     let lora = mc::bench_lora(dev, &blas, iters)?;
-    println!("\n{:<9} {:>10} {:>10} {:>8}", "LoRA", "fused ms", "PEFT ms", "speedup");
+    println!(
+        "\n{:<9} {:>10} {:>10} {:>8}",
+        "LoRA", "fused ms", "PEFT ms", "speedup"
+    );
     for l in &lora {
         println!(
             "{:<9} {:>10.4} {:>10.4} {:>7.2}x",

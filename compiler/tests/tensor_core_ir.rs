@@ -1,0 +1,111 @@
+//! The tensor-core path of the compiler on a small textual kernel (`ir/matmul.ir`: a 64 x 64
+//! tile of `a · bᵀ` with a K loop): dimension spaces, the accumulator layout, the pipeliner's
+//! plan and the shared-memory plan, and (with LLVM) `mma.sync` for sm_80 and `wgmma` for sm_90.
+
+use lexp_compiler::ir::{parser, printer, Op, ValueId};
+use lexp_compiler::layout::Layout;
+use lexp_compiler::{passes, target};
+
+const MATMUL: &str = include_str!("ir/matmul.ir");
+
+fn dot_result(k: &lexp_compiler::ir::Kernel) -> ValueId {
+    let mut r = None;
+    k.walk(&mut |i| {
+        if matches!(i.op, Op::Dot { .. }) {
+            r = Some(i.results[0]);
+        }
+    });
+    r.expect("a dot")
+}
+
+#[test]
+fn dot_and_trans_print_and_parse_back() {
+    let k = parser::parse(MATMUL).unwrap();
+    let text = printer::print(&k);
+    assert!(text.contains("dot %23, %27, %14 : f32[64,64]"), "{text}");
+    assert!(text.contains("trans %26 : bf16[32,64]"), "{text}");
+    assert!(text.contains("warps 4 stages 3"), "{text}");
+    assert_eq!(printer::print(&parser::parse(&text).unwrap()), text);
+}
+
+#[test]
+fn spaces_layouts_and_the_pipeline_plan() {
+    let c = passes::compile(parser::parse(MATMUL).unwrap(), &target::SM90).unwrap();
+    let d = dot_result(&c.kernel);
+    // The accumulator is warpgroup-shaped: 4 warps x 16 rows, each the full 64 columns.
+    let acc = Layout::mma_acc_for(64, 64, 4).unwrap();
+    assert_eq!(c.layouts.of(d), &acc);
+    assert_eq!(acc.mma_warp_grid(), (4, 1));
+    // Both operand loads are streamed through 3 slots, and the dot stays in flight.
+    assert_eq!(c.pipeline.loops.len(), 1);
+    let l = &c.pipeline.loops[0];
+    assert_eq!((l.stages, l.loads.len()), (3, 2));
+    assert_eq!(l.async_dots, vec![d]);
+    for ld in &l.loads {
+        assert_eq!(
+            (ld.shared.rows, ld.shared.cols, ld.shared.swz),
+            (64, 32, 64)
+        );
+        assert_eq!(ld.offset % 1024, 0, "slots start on the swizzle period");
+    }
+    // The store of the accumulator goes through a layout conversion to a coalesced layout,
+    // whose scratch may reuse the slots (it runs after the loop): total = the slots.
+    let mut converts = vec![];
+    let mut stored = vec![];
+    c.kernel.walk(&mut |i| match &i.op {
+        Op::ConvertLayout { .. } => converts.push(i.results[0]),
+        Op::Store { value, .. } => stored.push(*value),
+        _ => {}
+    });
+    assert_eq!(stored.len(), 1);
+    assert!(
+        converts.contains(&stored[0]),
+        "the stored value is not converted"
+    );
+    assert_ne!(c.layouts.of(stored[0]), &acc);
+    assert_eq!(c.smem.total, 2 * 3 * 64 * 32 * 2);
+    // The shared index chain `%20` was copied for each operand: the two loads are in
+    // different spaces (their pointers have their own layouts, both 16-byte vectors).
+    for ld in &l.loads {
+        assert_eq!(c.layouts.vec[&ld.ptr], 8);
+    }
+}
+
+#[test]
+fn dot_shapes_are_checked() {
+    let bad = MATMUL.replace("range 64", "range 48").replace("64", "48");
+    let err = parser::parse(&bad)
+        .and_then(|k| passes::compile(k, &target::SM90).map(|_| ()))
+        .expect_err("48 rows");
+    assert!(
+        err.0.contains("power of two") || err.0.contains("multiple of 16"),
+        "{err}"
+    );
+}
+
+#[cfg(feature = "llvm")]
+#[test]
+fn mma_sync_on_sm80_and_wgmma_on_sm90() {
+    use lexp_compiler::codegen;
+    let c = passes::compile(parser::parse(MATMUL).unwrap(), &target::SM90).unwrap();
+    let p80 = codegen::lower(&c, &target::SM80, "matmul").unwrap().ptx;
+    for want in [
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+        "cp.async.cg.shared.global",
+        "cp.async.wait_group 1",
+    ] {
+        assert!(p80.contains(want), "sm_80 PTX lacks `{want}`");
+    }
+    assert!(!p80.contains("wgmma"));
+    let p90 = codegen::lower(&c, &target::SM90, "matmul").unwrap().ptx;
+    for want in [
+        ".target sm_90a",
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16",
+        "wgmma.fence.sync.aligned",
+        "wgmma.wait_group.sync.aligned 1",
+        "fence.proxy.async.shared::cta",
+    ] {
+        assert!(p90.contains(want), "sm_90 PTX lacks `{want}`");
+    }
+}
