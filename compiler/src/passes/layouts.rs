@@ -112,10 +112,6 @@ pub fn assign_layouts(k: &mut Kernel) -> Result<LayoutPlan, IrError> {
         insert_converts(k, &conflicts);
     }
     let k: &Kernel = k;
-    if std::env::var("LEXP_DEBUG_SPACES").is_ok() {
-        let note = |v: ValueId| sp.space.get(&v).map(|s| format!("space {s}"));
-        eprintln!("{}", printer::print_annotated(k, &note));
-    }
     if let Some(r) = sp.rank.values().find(|r| **r > 2) {
         crate::ir_bail!(
             "kernel `{}`: tiles of rank {r} are not supported (at most 2)",
