@@ -6,7 +6,9 @@
 //! - `indices[g, j]` for `j < counts[g]`: the block ids (entries past the count are ignored).
 //!
 //! A list is ordinary run-time data: no recompilation per pattern or count. Grids are sized by
-//! the bound `indices.dim(1)`; a program with no work returns at once. The runtime's
+//! the bound `indices.dim(1)`; a program with no work returns at once. Reduction loops iterate
+//! the list with the DSL's block-list loop, `for (e, part, block) in blocks(counts, indices, g,
+//! BS / BK)`. The runtime's
 //! `BlockList` validates lists before they reach a launch (ids in range, counts within the
 //! bound).
 
@@ -100,14 +102,11 @@ pub fn sparse_red<
     let g = program_id(1);
     let rows = g * BM + range::<BM>();
     let cols = program_id(0) * BN + range::<BN>();
-    let steps = counts.load([g]) * (BS / BK);
     let mut acc = zeros::<f32, BM, BN>();
-    for i in 0..steps {
-        let e = i / (BS / BK);
-        let u = (i % (BS / BK)) * BK;
-        let blk = indices.load([g, e]);
-        let kh = e * BS + u + range::<BK>();
-        let kw = blk * BS + u + range::<BK>();
+    // Every kept block of the group, in BS / BK slices of BK.
+    for (e, part, blk) in blocks(counts, indices, g, BS / BK) {
+        let kh = e * BS + part * BK + range::<BK>();
+        let kw = blk * BS + part * BK + range::<BK>();
         acc = dot(h.load([rows, kh]), w2.load([cols, kw]).t(), acc);
     }
     y.store([rows, cols], acc.cast::<T>());
@@ -154,14 +153,10 @@ pub fn sparse_both<
     let ob = indices_o.load([g, j]);
     let rows = g * BM + range::<BM>();
     let cols = ob * BS + range::<BS>();
-    let steps = counts_i.load([g]) * (BS / BK);
     let mut acc = zeros::<f32, BM, BS>();
-    for i in 0..steps {
-        let e = i / (BS / BK);
-        let u = (i % (BS / BK)) * BK;
-        let blk = indices_i.load([g, e]);
-        let kh = e * BS + u + range::<BK>();
-        let kw = blk * BS + u + range::<BK>();
+    for (e, part, blk) in blocks(counts_i, indices_i, g, BS / BK) {
+        let kh = e * BS + part * BK + range::<BK>();
+        let kw = blk * BS + part * BK + range::<BK>();
         acc = dot(h.load([rows, kh]), w.load([cols, kw]).t(), acc);
     }
     out.store([rows, j * BS + range::<BS>()], acc.cast::<T>());

@@ -266,6 +266,9 @@ impl Lower<'_> {
     }
 
     pub(super) fn for_loop(&mut self, f: &syn::ExprForLoop) -> R<()> {
+        if let Some(rewritten) = block_list_loop(f)? {
+            return self.for_loop(&rewritten);
+        }
         let var = match &*f.pat {
             syn::Pat::Ident(pi) => pi.ident.to_string(),
             other => return Err(Error::new_spanned(other, "loop variable must be a name")),
@@ -509,4 +512,68 @@ fn collect_assigned(stmts: &[Stmt], out: &mut Vec<String>) {
             expr(e, out);
         }
     }
+}
+
+/// Block-list iteration: `for (j, b) in blocks(counts, indices, g) { .. }` visits the entries
+/// `j < counts[g]` of row `g` of a device-side block list with `b = indices[g, j]`, and is
+/// written as the plain loop `for j in 0..counts.load([g]) { let b = indices.load([g, j]); .. }`.
+/// With a fourth argument, `for (j, part, b) in blocks(counts, indices, g, PARTS)` visits each
+/// block in `PARTS` consecutive parts (`part` in `0..PARTS`), as one flat loop of
+/// `counts[g] * PARTS` iterations, which the pipeliner streams without a break between blocks.
+/// The trip count is run-time data (no recompilation per pattern), and the pipeliner
+/// prefetches `indices[g, j]` with the tiles it addresses. `None` for any other loop.
+fn block_list_loop(f: &syn::ExprForLoop) -> R<Option<syn::ExprForLoop>> {
+    let Expr::Call(c) = strip_paren(&f.expr) else {
+        return Ok(None);
+    };
+    let Expr::Path(p) = &*c.func else {
+        return Ok(None);
+    };
+    if !p.path.is_ident("blocks") {
+        return Ok(None);
+    }
+    let args: Vec<&Expr> = c.args.iter().collect();
+    if args.len() != 3 && args.len() != 4 {
+        return Err(Error::new_spanned(
+            c,
+            "write `for (j, block) in blocks(counts, indices, group)` or `for (j, part, block) in blocks(counts, indices, group, PARTS)`",
+        ));
+    }
+    let want = args.len() - 1;
+    let names: Vec<&syn::Pat> = match &*f.pat {
+        syn::Pat::Tuple(t) if t.elems.len() == want => t.elems.iter().collect(),
+        other => {
+            return Err(Error::new_spanned(
+                other,
+                if want == 2 {
+                    "this block-list loop binds `(entry, block)`"
+                } else {
+                    "this block-list loop binds `(entry, part, block)`"
+                },
+            ))
+        }
+    };
+    let (counts, indices, group) = (args[0], args[1], args[2]);
+    let stmts = &f.body.stmts;
+    let rewritten: syn::ExprForLoop = if want == 2 {
+        let (j, b) = (names[0], names[1]);
+        syn::parse_quote! {
+            for #j in 0..#counts.load([#group]) {
+                let #b = #indices.load([#group, #j]);
+                #(#stmts)*
+            }
+        }
+    } else {
+        let (j, part, b) = (names[0], names[1], names[2]);
+        let parts = args[3];
+        syn::parse_quote! {
+            for __lexp_step in 0..#counts.load([#group]) * (#parts) {
+                let #j = __lexp_step / (#parts);
+                let #part = __lexp_step % (#parts);
+                let #b = #indices.load([#group, #j]);
+                #(#stmts)*
+            }
+        }
+    };
+    Ok(Some(rewritten))
 }
