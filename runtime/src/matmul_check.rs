@@ -774,13 +774,29 @@ pub struct LoraBench {
     pub peft_ms: f64,
 }
 
-/// LoRA rank 16 on a `d x d` layer over 16384 tokens: forward and backward.
+/// LoRA rank 16 on a 2048 x 2048 layer over 2048, 4096 and 16384 tokens: forward and backward.
 pub fn bench_lora(
     dev: &CudaDevice,
     blas: &Blas,
     iters: usize,
 ) -> Result<Vec<LoraBench>, DeviceError> {
-    let (m, d, r) = (16384usize, 2048usize, 16usize);
+    let mut out = vec![];
+    // 2048 and 4096 tokens are the training batches of DESIGN.md (4 x 512, 4 x 1024); 16384
+    // the sparse-MLP benchmark's.
+    for m in [2048usize, 4096, 16384] {
+        out.extend(bench_lora_at(dev, blas, iters, m)?);
+    }
+    Ok(out)
+}
+
+/// [`bench_lora`] for `m` tokens.
+fn bench_lora_at(
+    dev: &CudaDevice,
+    blas: &Blas,
+    iters: usize,
+    m: usize,
+) -> Result<Vec<LoraBench>, DeviceError> {
+    let (d, r) = (2048usize, 16usize);
     let bf = Storage::BF16;
     let mut rng = Rng::new(21);
     let (x, _) = random(dev, &mut rng, bf, &[m, d])?;

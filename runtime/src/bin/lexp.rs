@@ -68,6 +68,9 @@ enum BenchCmd {
         /// Skip the correctness checks.
         #[arg(long)]
         no_check: bool,
+        /// Only these parts, comma-separated: gemm, sparse, lora (default: all).
+        #[arg(long, default_value = "gemm,sparse,lora")]
+        only: String,
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
@@ -114,9 +117,10 @@ fn main() -> Result<()> {
                 BenchCmd::Matmul {
                     iters,
                     no_check,
+                    only,
                     json,
                 },
-        } => matmul::run(&device()?, iters, !no_check, json),
+        } => matmul::run(&device()?, iters, !no_check, &only, json),
     }
 }
 

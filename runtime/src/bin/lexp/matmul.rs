@@ -36,17 +36,32 @@ pub fn run(
     dev: &CudaDevice,
     iters: usize,
     check: bool,
+    only: &str,
     json: Option<std::path::PathBuf>,
 ) -> Result<()> {
+    let parts: Vec<&str> = only.split(',').map(str::trim).collect();
+    if let Some(bad) = parts
+        .iter()
+        .find(|p| !["gemm", "sparse", "lora"].contains(p))
+    {
+        bail!("unknown part `{bad}` in --only (gemm, sparse, lora)");
+    }
+    let want = |p: &str| parts.contains(&p);
     let (major, minor) = dev.compute_capability();
     eprintln!("device: {} (sm_{major}{minor})", dev.name());
     let blas = Blas::new(dev).context("cuBLAS (the baseline) is not available")?;
     let mut checks = vec![];
     let mut failed = 0;
     if check {
-        checks.extend(mc::check_gemm(dev)?);
-        checks.extend(mc::check_sparse(dev)?);
-        checks.extend(mc::check_lora(dev)?);
+        if want("gemm") {
+            checks.extend(mc::check_gemm(dev)?);
+        }
+        if want("sparse") {
+            checks.extend(mc::check_sparse(dev)?);
+        }
+        if want("lora") {
+            checks.extend(mc::check_lora(dev)?);
+        }
         failed = print_checks(&checks);
     }
     // Dense GEMMs: every compiled configuration, and cuBLAS.
@@ -55,7 +70,7 @@ pub fn run(
         "\n{:<10} {:>18} {:<36} {:>9} {:>9} {:>8} {:>8}",
         "kernel", "MxNxK", "config", "ms", "cuBLAS", "TFLOP/s", "of cuBLAS"
     );
-    for layout in Layout::ALL {
+    for layout in Layout::ALL.into_iter().filter(|_| want("gemm")) {
         for (m, n, k) in [(4096, 4096, 4096), (16384, 8192, 2048)] {
             let base = mc::cublas_ms(dev, &blas, layout, m, n, k, iters)?;
             for b in mc::bench_gemm(dev, layout, m, n, k, iters)? {
@@ -74,7 +89,11 @@ pub fn run(
         }
     }
     // Block-sparse vs density.
-    let sparse = mc::bench_sparse(dev, &blas, iters)?;
+    let sparse = if want("sparse") {
+        mc::bench_sparse(dev, &blas, iters)?
+    } else {
+        vec![]
+    };
     println!(
         "\n{:<11} {:>4} {:>8} {:>9} {:>12} {:>9}",
         "mode", "BS", "density", "ms", "cuBLAS dense", "ratio"
