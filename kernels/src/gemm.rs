@@ -34,14 +34,7 @@ pub fn gemm_nn<
     b: Tensor<T, 2>,
     c: TensorMut<T, 2>,
 ) {
-    let pid = program_id(0);
-    let np_m = cdiv(a.dim(0), BM);
-    let np_n = cdiv(b.dim(1), BN);
-    let per_group = np_n * G;
-    let first_m = (pid / per_group) * G;
-    let gsz = min(np_m - first_m, G);
-    let pid_m = first_m + (pid % per_group) % gsz;
-    let pid_n = (pid % per_group) / gsz;
+    let (pid_m, pid_n) = grouped(program_id(0), cdiv(a.dim(0), BM), cdiv(b.dim(1), BN), G);
     let rows = pid_m * BM + range::<BM>();
     let cols = pid_n * BN + range::<BN>();
     let mut acc = zeros::<f32, BM, BN>();
@@ -74,14 +67,7 @@ pub fn gemm_nt<
     b: Tensor<T, 2>,
     c: TensorMut<T, 2>,
 ) {
-    let pid = program_id(0);
-    let np_m = cdiv(a.dim(0), BM);
-    let np_n = cdiv(b.dim(0), BN);
-    let per_group = np_n * G;
-    let first_m = (pid / per_group) * G;
-    let gsz = min(np_m - first_m, G);
-    let pid_m = first_m + (pid % per_group) % gsz;
-    let pid_n = (pid % per_group) / gsz;
+    let (pid_m, pid_n) = grouped(program_id(0), cdiv(a.dim(0), BM), cdiv(b.dim(0), BN), G);
     let rows = pid_m * BM + range::<BM>();
     let cols = pid_n * BN + range::<BN>();
     let mut acc = zeros::<f32, BM, BN>();
@@ -114,14 +100,7 @@ pub fn gemm_tn<
     b: Tensor<T, 2>,
     c: TensorMut<T, 2>,
 ) {
-    let pid = program_id(0);
-    let np_m = cdiv(a.dim(1), BM);
-    let np_n = cdiv(b.dim(1), BN);
-    let per_group = np_n * G;
-    let first_m = (pid / per_group) * G;
-    let gsz = min(np_m - first_m, G);
-    let pid_m = first_m + (pid % per_group) % gsz;
-    let pid_n = (pid % per_group) / gsz;
+    let (pid_m, pid_n) = grouped(program_id(0), cdiv(a.dim(1), BM), cdiv(b.dim(1), BN), G);
     let rows = pid_m * BM + range::<BM>();
     let cols = pid_n * BN + range::<BN>();
     let mut acc = zeros::<f32, BM, BN>();

@@ -42,14 +42,7 @@ pub fn lora_fwd<
     y: TensorMut<T, 2>,
     xa: TensorMut<T, 2>,
 ) {
-    let pid = program_id(0);
-    let np_m = cdiv(x.dim(0), BM);
-    let np_n = cdiv(w.dim(0), BN);
-    let per_group = np_n * G;
-    let first_m = (pid / per_group) * G;
-    let gsz = min(np_m - first_m, G);
-    let pid_m = first_m + (pid % per_group) % gsz;
-    let pid_n = (pid % per_group) / gsz;
+    let (pid_m, pid_n) = grouped(program_id(0), cdiv(x.dim(0), BM), cdiv(w.dim(0), BN), G);
     let rows = pid_m * BM + range::<BM>();
     let cols = pid_n * BN + range::<BN>();
     let ranks = range::<R>();
@@ -101,14 +94,7 @@ pub fn lora_bwd_dx<
     dx: TensorMut<T, 2>,
     u: TensorMut<T, 2>,
 ) {
-    let pid = program_id(0);
-    let np_m = cdiv(dy.dim(0), BM);
-    let np_n = cdiv(w.dim(1), BN);
-    let per_group = np_n * G;
-    let first_m = (pid / per_group) * G;
-    let gsz = min(np_m - first_m, G);
-    let pid_m = first_m + (pid % per_group) % gsz;
-    let pid_n = (pid % per_group) / gsz;
+    let (pid_m, pid_n) = grouped(program_id(0), cdiv(dy.dim(0), BM), cdiv(w.dim(1), BN), G);
     let rows = pid_m * BM + range::<BM>();
     let cols = pid_n * BN + range::<BN>();
     let ranks = range::<R>();

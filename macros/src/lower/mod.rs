@@ -173,6 +173,12 @@ impl Lower<'_> {
     pub(super) fn stmt(&mut self, s: &Stmt) -> R<()> {
         match s {
             Stmt::Local(local) => {
+                if let Some(stmts) = grouped_ids(local)? {
+                    for st in &stmts {
+                        self.stmt(st)?;
+                    }
+                    return Ok(());
+                }
                 let name = match &local.pat {
                     syn::Pat::Ident(pi) => pi.ident.to_string(),
                     syn::Pat::Type(pt) => {
@@ -576,4 +582,46 @@ fn block_list_loop(f: &syn::ExprForLoop) -> R<Option<syn::ExprForLoop>> {
         }
     };
     Ok(Some(rewritten))
+}
+
+/// Program-id swizzling for L2 reuse (COMPILER.md §4.4, Triton's grouped ordering):
+/// `let (pid_m, pid_n) = grouped(pid, tiles_m, tiles_n, G);` maps a linear program id so that
+/// consecutive programs sweep a `G x tiles_n` panel of the output (operand panels are re-read
+/// from L2), written as the plain integer statements. `None` for any other `let`.
+fn grouped_ids(local: &syn::Local) -> R<Option<Vec<Stmt>>> {
+    let Some(init) = &local.init else {
+        return Ok(None);
+    };
+    let Expr::Call(c) = strip_paren(&init.expr) else {
+        return Ok(None);
+    };
+    let Expr::Path(p) = &*c.func else {
+        return Ok(None);
+    };
+    if !p.path.is_ident("grouped") {
+        return Ok(None);
+    }
+    let args: Vec<&Expr> = c.args.iter().collect();
+    let syn::Pat::Tuple(t) = &local.pat else {
+        return Err(Error::new_spanned(
+            &local.pat,
+            "write `let (pid_m, pid_n) = grouped(pid, tiles_m, tiles_n, G);`",
+        ));
+    };
+    if args.len() != 4 || t.elems.len() != 2 {
+        return Err(Error::new_spanned(
+            local,
+            "write `let (pid_m, pid_n) = grouped(pid, tiles_m, tiles_n, G);`",
+        ));
+    }
+    let (pid, tiles_m, tiles_n, g) = (args[0], args[1], args[2], args[3]);
+    let (pm, pn) = (&t.elems[0], &t.elems[1]);
+    let block: syn::Block = syn::parse_quote! {{
+        let __lexp_per_group = (#tiles_n) * (#g);
+        let __lexp_first_m = ((#pid) / __lexp_per_group) * (#g);
+        let __lexp_group_size = min((#tiles_m) - __lexp_first_m, #g);
+        let #pm = __lexp_first_m + ((#pid) % __lexp_per_group) % __lexp_group_size;
+        let #pn = ((#pid) % __lexp_per_group) / __lexp_group_size;
+    }};
+    Ok(Some(block.stmts))
 }
