@@ -13,7 +13,9 @@
 pub mod autotune;
 pub mod block_list;
 pub mod buffer;
+pub mod checkpoint;
 pub mod cublas;
+pub mod data;
 pub mod device;
 pub mod encode;
 pub mod error;

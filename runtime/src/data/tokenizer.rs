@@ -1,0 +1,202 @@
+//! Hugging Face `tokenizer.json` through the `tokenizers` crate (RUNTIME §5.1).
+//!
+//! Encoding goes through the same crate HF's Python tokenizers wrap, so ids match HF exactly,
+//! including the post-processor: for OPT (and the fixture tokenizer) `encode(text, true)` is
+//! `[2] ++ encode(text, false)`, `</s>` serving as the BOS.
+
+use std::path::{Path, PathBuf};
+
+use super::{DataError, Result};
+
+/// A loaded `tokenizer.json`, with the facts the data pipeline needs about it: the ids the
+/// post-processor adds around a single sequence, the EOS id, and the texts of special tokens
+/// (which HF matches inside raw text, see [`Tokenizer::find_special_text`]).
+#[derive(Clone)]
+pub struct Tokenizer {
+    /// HF behaviour: special-token texts inside the input become their special ids.
+    inner: tokenizers::Tokenizer,
+    /// Same tokenizer with `encode_special_tokens` on: special-token texts are plain text.
+    literal: tokenizers::Tokenizer,
+    path: PathBuf,
+    special_prefix: Vec<u32>,
+    special_suffix: Vec<u32>,
+    eos_id: u32,
+    special_texts: Vec<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("path", &self.path)
+            .field("vocab_size", &self.vocab_size())
+            .field("special_prefix", &self.special_prefix)
+            .field("special_suffix", &self.special_suffix)
+            .field("eos_id", &self.eos_id)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Loads `path` (a `tokenizer.json`) with `</s>` as the EOS token, OPT's convention (also
+    /// the fixture models'). Errors name the file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_file_with_eos(path, "</s>")
+    }
+
+    /// Loads `path` with `eos_token` (a token's text, e.g. `"<|endoftext|>"` for GPT-2) as the
+    /// EOS appended after every completion.
+    pub fn from_file_with_eos(path: impl AsRef<Path>, eos_token: &str) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let load_err = |message: String| DataError::TokenizerLoad {
+            path: path.clone(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(load_err("no such file".into()));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| load_err(e.to_string()))?;
+        let eos_id = inner
+            .token_to_id(eos_token)
+            .ok_or_else(|| load_err(format!("no EOS token `{eos_token}` in the vocabulary")))?;
+        let mut literal = inner.clone();
+        literal.set_encode_special_tokens(true);
+        let mut special_texts: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content)
+            .collect();
+        // Longest first, so that `find_special_text` reports `</s>` rather than a shorter one.
+        special_texts.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        let mut tok = Tokenizer {
+            inner,
+            literal,
+            path,
+            special_prefix: Vec::new(),
+            special_suffix: Vec::new(),
+            eos_id,
+            special_texts,
+        };
+        tok.probe_post_processor()?;
+        tracing::debug!(
+            path = %tok.path.display(),
+            vocab = tok.vocab_size(),
+            prefix = ?tok.special_prefix,
+            suffix = ?tok.special_suffix,
+            eos = tok.eos_id,
+            "loaded tokenizer"
+        );
+        Ok(tok)
+    }
+
+    /// Finds what the post-processor adds to a single sequence by encoding a probe text with
+    /// and without special tokens.
+    fn probe_post_processor(&mut self) -> Result<()> {
+        let probe = "a";
+        let with = self.encode(probe, true)?;
+        let without = self.encode(probe, false)?;
+        let at = (0..=with.len().saturating_sub(without.len()))
+            .find(|&i| with.get(i..i + without.len()) == Some(without.as_slice()));
+        match at {
+            Some(i) if !without.is_empty() => {
+                self.special_prefix = with[..i].to_vec();
+                self.special_suffix = with[i + without.len()..].to_vec();
+            }
+            _ => tracing::warn!(
+                path = %self.path.display(),
+                "cannot tell what the post-processor adds (probe {with:?} vs {without:?})"
+            ),
+        }
+        if !self.special_suffix.is_empty() {
+            tracing::warn!(
+                path = %self.path.display(),
+                suffix = ?self.special_suffix,
+                "the post-processor appends special tokens to a single sequence: prompts \
+                 encoded with special tokens will carry them before the completion"
+            );
+        }
+        Ok(())
+    }
+
+    /// The file this tokenizer was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Vocabulary size including added tokens (8192 for the fixture tokenizer). Models may
+    /// have more embedding rows than this (OPT pads 50265 to 50272).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Ids the post-processor puts before a single sequence (`[2]` for OPT: `</s>` as BOS).
+    pub fn special_prefix(&self) -> &[u32] {
+        &self.special_prefix
+    }
+
+    /// Ids the post-processor puts after a single sequence (none for OPT).
+    pub fn special_suffix(&self) -> &[u32] {
+        &self.special_suffix
+    }
+
+    /// The EOS id appended after completions (2 for OPT).
+    pub fn eos_id(&self) -> u32 {
+        self.eos_id
+    }
+
+    /// Encodes `text` exactly as HF's `tokenizer(text, add_special_tokens=...)`: special-token
+    /// texts inside `text` (a literal `</s>`) become their special ids.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.encode_with(&self.inner, text, add_special_tokens)
+    }
+
+    /// Like [`encode`](Self::encode) but special-token texts inside `text` are tokenized as
+    /// ordinary text (`</s>` becomes `<`, `/`, `s`, `>` pieces), so user text can never
+    /// inject an EOS. The post-processor's own special ids are still added.
+    pub fn encode_literal(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.encode_with(&self.literal, text, add_special_tokens)
+    }
+
+    fn encode_with(
+        &self,
+        tok: &tokenizers::Tokenizer,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>> {
+        tok.encode(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| DataError::Tokenize {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    /// The first special-token text (e.g. `</s>`) that occurs inside `text`, if any: HF would
+    /// turn it into a special id, which is rarely what a dataset means.
+    pub fn find_special_text(&self, text: &str) -> Option<&str> {
+        self.special_texts
+            .iter()
+            .find(|s| text.contains(s.as_str()))
+            .map(String::as_str)
+    }
+
+    /// Decodes ids back to text (byte-level decoder), for debugging and generation output.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| DataError::Tokenize {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    /// The id of a token's text (`"</s>"` → 2, `"Ġworld"` → its id), if in the vocabulary.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The text of a token id (byte-level symbols, e.g. `Ġ` for a leading space).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}
