@@ -110,15 +110,20 @@ pub fn run(
         );
     }
     // Fused LoRA vs PEFT.
-    let lora = mc::bench_lora(dev, &blas, iters)?;
+    let lora = if want("lora") {
+        mc::bench_lora(dev, &blas, iters)?
+    } else {
+        vec![]
+    };
     println!(
-        "\n{:<9} {:>10} {:>10} {:>8}",
-        "LoRA", "fused ms", "PEFT ms", "speedup"
+        "\n{:<9} {:>7} {:>10} {:>10} {:>8}",
+        "LoRA", "tokens", "fused ms", "PEFT ms", "speedup"
     );
     for l in &lora {
         println!(
-            "{:<9} {:>10.4} {:>10.4} {:>7.2}x",
+            "{:<9} {:>7} {:>10.4} {:>10.4} {:>7.2}x",
             l.pass,
+            l.m,
             l.fused_ms,
             l.peft_ms,
             l.peft_ms / l.fused_ms
