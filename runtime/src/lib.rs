@@ -20,6 +20,7 @@ pub mod device;
 pub mod encode;
 pub mod error;
 pub mod host_check;
+pub mod host_matmul_check;
 pub mod kernel_check;
 mod launch;
 pub mod matmul_check;

@@ -208,10 +208,14 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
             }));
             (dev.name().to_string(), rows)
         }
-        None => (
-            "cpu (interpreter)".to_string(),
-            lexp_runtime::host_check::check_all_host(kernel)?,
-        ),
+        None => {
+            let mut rows = lexp_runtime::host_check::check_all_host(kernel)?;
+            // The tensor-core kernels, one small shape each.
+            if kernel.is_none() || kernel == Some("matmul") {
+                rows.extend(lexp_runtime::host_matmul_check::check_matmul_host()?);
+            }
+            ("cpu (interpreter)".to_string(), rows)
+        }
     };
     println!(
         "{:<22} {:<5} {:<22} {:<40} {:<5} {:>10} {:>10} {:>8} ok",

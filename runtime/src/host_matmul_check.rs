@@ -1,0 +1,279 @@
+//! The CPU side of `lexp check` for the tensor-core kernels: dense GEMMs, the block-sparse
+//! modes and fused LoRA run in the interpreter (the IR the GPU runs) against
+//! `lexp_kernels::reference_matmul`, at one small shape each that crosses tile edges.
+
+use crate::kernel_check::{CheckRow, Rng};
+use lexp_compiler::dtype::{round_to, Storage};
+use lexp_compiler::interp::HostTensor;
+use lexp_compiler::launch::LaunchError;
+use lexp_kernels as k;
+use lexp_kernels::reference as refr;
+use lexp_kernels::reference_matmul as rm;
+
+fn t(rng: &mut Rng, dtype: Storage, dims: &[usize]) -> HostTensor {
+    HostTensor::new(dtype, dims, &rng.uniform(dims.iter().product(), -1.0, 1.0))
+}
+
+fn filled(dtype: Storage, dims: &[usize], v: f32) -> HostTensor {
+    HostTensor::new(dtype, dims, &vec![v; dims.iter().product()])
+}
+
+fn ints(dims: &[usize], v: &[i32]) -> HostTensor {
+    let f: Vec<f32> = v.iter().map(|x| *x as f32).collect();
+    HostTensor::new(Storage::I32, dims, &f)
+}
+
+fn row(
+    kernel: &'static str,
+    shape: &str,
+    output: &'static str,
+    got: &HostTensor,
+    want: &[f32],
+) -> CheckRow {
+    let d = refr::compare(&got.data, want);
+    let tol = refr::tolerance(got.dtype);
+    CheckRow {
+        kernel,
+        dtype: got.dtype.name(),
+        shape: shape.to_string(),
+        variant: "interpreter".into(),
+        output,
+        rel_l2: d.rel_l2,
+        max_abs: d.max_abs,
+        tolerance: tol,
+        non_finite: d.non_finite,
+        pass: d.within(tol),
+    }
+}
+
+/// Every tensor-core kernel in the interpreter, bf16 and f16.
+pub fn check_matmul_host() -> Result<Vec<CheckRow>, LaunchError> {
+    let mut rows = vec![];
+    let (m, kk, n) = (200usize, 72usize, 136usize);
+    for dtype in [Storage::BF16, Storage::F16] {
+        let mut rng = Rng::new(5);
+        let shape = format!("{m}x{n}x{kk}");
+        for (name, ta, tb) in [
+            ("gemm_nn", false, false),
+            ("gemm_nt", false, true),
+            ("gemm_tn", true, false),
+        ] {
+            let mut a = t(&mut rng, dtype, &if ta { [kk, m] } else { [m, kk] });
+            let mut b = t(&mut rng, dtype, &if tb { [n, kk] } else { [kk, n] });
+            let mut c = filled(dtype, &[m, n], f32::NAN);
+            let want = rm::matmul(&a.data, &b.data, m, kk, n, ta, tb);
+            let args = (&mut a, &mut b, &mut c);
+            match name {
+                "gemm_nn" => k::gemm_nn::interpret(
+                    &[],
+                    k::gemm_nn::HostArgs {
+                        a: args.0,
+                        b: args.1,
+                        c: args.2,
+                    },
+                )?,
+                "gemm_nt" => k::gemm_nt::interpret(
+                    &[],
+                    k::gemm_nt::HostArgs {
+                        a: args.0,
+                        b: args.1,
+                        c: args.2,
+                    },
+                )?,
+                _ => k::gemm_tn::interpret(
+                    &[],
+                    k::gemm_tn::HostArgs {
+                        a: args.0,
+                        b: args.1,
+                        c: args.2,
+                    },
+                )?,
+            }
+            rows.push(row(name, &shape, "c", &c, &want));
+        }
+        // Block-sparse: 2 groups (the second empty), 3 blocks of 64, list bound 2.
+        let (bs, nb, max) = (64usize, 3usize, 2usize);
+        let (counts, idx) = (vec![2, 0], vec![0, 2, -1, -1]);
+        let groups = m.div_ceil(128);
+        let shape = format!("{m}x{kk} -> {nb}x{bs}");
+        let mut x = t(&mut rng, dtype, &[m, kk]);
+        let mut w = t(&mut rng, dtype, &[nb * bs, kk]);
+        let mut h = filled(dtype, &[m, max * bs], 7.0);
+        let want = rm::sparse_out(
+            &x.data,
+            &w.data,
+            m,
+            kk,
+            nb * bs,
+            &counts,
+            &idx,
+            max,
+            128,
+            bs,
+            &h.data,
+        );
+        let (mut c, mut i) = (ints(&[groups], &counts), ints(&[groups, max], &idx));
+        k::sparse_out::interpret(
+            &[("BS", bs)],
+            k::sparse_out::HostArgs {
+                x: &mut x,
+                w: &mut w,
+                counts: &mut c,
+                indices: &mut i,
+                h: &mut h,
+            },
+        )?;
+        rows.push(row("sparse_out", &shape, "h", &h, &want));
+        let mut hc = t(&mut rng, dtype, &[m, max * bs]);
+        let mut w2 = t(&mut rng, dtype, &[n, nb * bs]);
+        let mut y = filled(dtype, &[m, n], f32::NAN);
+        let want = rm::sparse_red(
+            &hc.data,
+            &w2.data,
+            m,
+            n,
+            nb * bs,
+            &counts,
+            &idx,
+            max,
+            128,
+            bs,
+        );
+        k::sparse_red::interpret(
+            &[("BS", bs)],
+            k::sparse_red::HostArgs {
+                h: &mut hc,
+                w2: &mut w2,
+                counts: &mut c,
+                indices: &mut i,
+                y: &mut y,
+            },
+        )?;
+        rows.push(row("sparse_red", &shape, "y", &y, &want));
+        let mut wb = t(&mut rng, dtype, &[nb * bs, nb * bs]);
+        let mut o = filled(dtype, &[m, max * bs], 7.0);
+        let want = rm::sparse_both(
+            &hc.data,
+            &wb.data,
+            m,
+            nb * bs,
+            nb * bs,
+            &counts,
+            &idx,
+            max,
+            &counts,
+            &idx,
+            max,
+            128,
+            bs,
+            &o.data,
+        );
+        let (mut c2, mut i2) = (ints(&[groups], &counts), ints(&[groups, max], &idx));
+        k::sparse_both::interpret(
+            &[("BS", bs)],
+            k::sparse_both::HostArgs {
+                h: &mut hc,
+                w: &mut wb,
+                counts_o: &mut c2,
+                indices_o: &mut i2,
+                counts_i: &mut c,
+                indices_i: &mut i,
+                out: &mut o,
+            },
+        )?;
+        rows.push(row("sparse_both", &shape, "out", &o, &want));
+        // Fused LoRA, rank 16.
+        let (r, s) = (16usize, 2.0f32);
+        let round = |v: f64| round_to(dtype.dtype(), v as f32);
+        let shape = format!("{m}x{kk} -> {n}, r {r}");
+        let mut w = t(&mut rng, dtype, &[n, kk]);
+        let mut bias = t(&mut rng, dtype, &[n]);
+        let mut a = t(&mut rng, dtype, &[r, kk]);
+        let mut b = t(&mut rng, dtype, &[n, r]);
+        let (mut y, mut xa) = (
+            filled(dtype, &[m, n], f32::NAN),
+            filled(dtype, &[m, r], f32::NAN),
+        );
+        k::lora_fwd::interpret(
+            &[],
+            k::lora_fwd::HostArgs {
+                x: &mut x,
+                w: &mut w,
+                bias: &mut bias,
+                a: &mut a,
+                b: &mut b,
+                s,
+                y: &mut y,
+                xa: &mut xa,
+            },
+        )?;
+        let (wy, wxa) = rm::lora_fwd(
+            &x.data,
+            &w.data,
+            Some(&bias.data),
+            &a.data,
+            &b.data,
+            s,
+            m,
+            kk,
+            n,
+            r,
+            round,
+        );
+        rows.push(row("lora_fwd", &shape, "xa", &xa, &wxa));
+        rows.push(row("lora_fwd", &shape, "y", &y, &wy));
+        let mut dy = t(&mut rng, dtype, &[m, n]);
+        let (mut dx, mut u) = (
+            filled(dtype, &[m, kk], f32::NAN),
+            filled(dtype, &[m, r], f32::NAN),
+        );
+        k::lora_bwd_dx::interpret(
+            &[],
+            k::lora_bwd_dx::HostArgs {
+                dy: &mut dy,
+                w: &mut w,
+                a: &mut a,
+                b: &mut b,
+                s,
+                dx: &mut dx,
+                u: &mut u,
+            },
+        )?;
+        let (wdx, wu) = rm::lora_bwd_dx(&dy.data, &w.data, &a.data, &b.data, s, m, kk, n, r, round);
+        rows.push(row("lora_bwd_dx", &shape, "u", &u, &wu));
+        rows.push(row("lora_bwd_dx", &shape, "dx", &dx, &wdx));
+        let mut da = filled(Storage::F32, &[r, kk], 0.0);
+        k::lora_grad::interpret(
+            &[("BP", 16)],
+            k::lora_grad::HostArgs {
+                a: &mut u,
+                b: &mut x,
+                c: &mut da,
+            },
+        )?;
+        rows.push(row(
+            "lora_grad",
+            &shape,
+            "dA",
+            &da,
+            &rm::lora_grad_a(&u.data, &x.data, m, kk, r),
+        ));
+        let mut db = filled(Storage::F32, &[n, r], 0.0);
+        k::lora_grad::interpret(
+            &[("BQ", 16)],
+            k::lora_grad::HostArgs {
+                a: &mut dy,
+                b: &mut xa,
+                c: &mut db,
+            },
+        )?;
+        rows.push(row(
+            "lora_grad",
+            &shape,
+            "dB",
+            &db,
+            &rm::lora_grad_b(&dy.data, &xa.data, m, n, r),
+        ));
+    }
+    Ok(rows)
+}
