@@ -12,9 +12,10 @@ use thiserror::Error;
 /// A GPU architecture a variant has PTX for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Arch {
-    /// Ampere baseline (A100); also runs on Hopper.
+    /// Ampere baseline (A100); its PTX also runs on every later GPU.
     Sm80,
-    /// Hopper (H100/H200).
+    /// Hopper (H100/H200): PTX for `sm_90a` (`wgmma`), which runs on compute capability 9.0
+    /// only.
     Sm90,
 }
 
@@ -22,8 +23,9 @@ impl Arch {
     /// Picks the best PTX target for a device of compute capability `major.minor`.
     pub fn for_compute_capability(major: u32, minor: u32) -> Option<Arch> {
         match (major, minor) {
-            (9, _) | (10..=12, _) => Some(Arch::Sm90),
-            (8, _) => Some(Arch::Sm80),
+            (9, 0) => Some(Arch::Sm90),
+            // Arch-specific (`a`) PTX does not carry forward: newer GPUs JIT the sm_80 PTX.
+            (8, _) | (9, _) | (10..=12, _) => Some(Arch::Sm80),
             _ => None,
         }
     }

@@ -109,3 +109,14 @@ fn mma_sync_on_sm80_and_wgmma_on_sm90() {
         assert!(p90.contains(want), "sm_90 PTX lacks `{want}`");
     }
 }
+
+#[test]
+fn sm90a_ptx_only_on_compute_capability_9_0() {
+    use lexp_compiler::launch::Arch;
+    assert_eq!(Arch::for_compute_capability(9, 0), Some(Arch::Sm90));
+    // `sm_90a` code does not run on later GPUs; they JIT the sm_80 PTX.
+    assert_eq!(Arch::for_compute_capability(10, 0), Some(Arch::Sm80));
+    assert_eq!(Arch::for_compute_capability(12, 0), Some(Arch::Sm80));
+    assert_eq!(Arch::for_compute_capability(8, 6), Some(Arch::Sm80));
+    assert_eq!(Arch::for_compute_capability(7, 5), None);
+}
