@@ -50,6 +50,20 @@ pub static ALL: [&KernelInfo; 20] = [
     &lora_grad::INFO,
 ];
 
+/// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and
+/// checked by the tensor-core tests (SASS, interpreter vs `reference_matmul`).
+pub const TENSOR_CORE: [&str; 9] = [
+    "gemm_nn",
+    "gemm_nt",
+    "gemm_tn",
+    "sparse_out",
+    "sparse_red",
+    "sparse_both",
+    "lora_fwd",
+    "lora_bwd_dx",
+    "lora_grad",
+];
+
 /// Looks a kernel up by name.
 pub fn find(name: &str) -> Option<&'static KernelInfo> {
     ALL.iter().copied().find(|k| k.name == name)

@@ -5,17 +5,7 @@
 
 use lexp_tests::{find_nvdisasm, find_ptxas, sass};
 
-const TENSOR_CORE_KERNELS: [&str; 9] = [
-    "gemm_nn",
-    "gemm_nt",
-    "gemm_tn",
-    "sparse_out",
-    "sparse_red",
-    "sparse_both",
-    "lora_fwd",
-    "lora_bwd_dx",
-    "lora_grad",
-];
+use lexp_kernels::TENSOR_CORE as TENSOR_CORE_KERNELS;
 
 #[test]
 fn tensor_core_kernels_use_tensor_core_instructions() {

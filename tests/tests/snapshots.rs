@@ -42,17 +42,7 @@ fn stages_llvm_ir_and_ptx_of_every_kernel() {
 /// `mma.sync`. (The SASS test checks what ptxas makes of them.)
 #[test]
 fn tensor_core_instructions() {
-    let dot_kernels = [
-        "gemm_nn",
-        "gemm_nt",
-        "gemm_tn",
-        "sparse_out",
-        "sparse_red",
-        "sparse_both",
-        "lora_fwd",
-        "lora_bwd_dx",
-        "lora_grad",
-    ];
+    let dot_kernels = lexp_kernels::TENSOR_CORE;
     for name in dot_kernels {
         let k = lexp_kernels::find(name).unwrap_or_else(|| panic!("no kernel {name}"));
         for v in k.variants {
