@@ -11,16 +11,15 @@
 //! 4. Where a 1-D tile is expanded along a different root dimension than it already lives on,
 //!    a `convert` (through shared memory) is inserted before the expand and step 1 reruns.
 //!
-//! Extending this to `dot` (the tensor-core issue): one root is no longer enough, because a GEMM
-//! has three dimension spaces (the `[M, N]` accumulator, the `[M, K]` and `[K, N]` operand
-//! loads) and rank-2 tiles of different spaces must not be identified. The plan: group values
-//! into *spaces* with a union-find over the same constraints step 1 propagates (a `dot` does not
-//! unify its operands with its result, a `convert` splits spaces); give the accumulator's space
-//! the `Mma` root ([`Layout::mma_acc`]) and every other space a blocked root as today; insert
-//! `convert`s before `dot` operands whose destination layouts are fixed ([`Layout::dot_a`],
-//! [`Layout::dot_b`]). The generic `convert` is already correct for any pair of layouts; the
-//! fast path (swizzled `st.shared` + `ldmatrix`, then `cp.async` staging, COMPILER.md §3–4) is
-//! an optimisation of that one op, and `crate::sim` already checks its address arithmetic.
+//! With `dot`, one root is not enough: a GEMM has three dimension spaces (the `[M, N]`
+//! accumulator, the `[M, K]` and `[K, N]` operand loads), and rank-2 tiles of different spaces
+//! must not be identified. [`super::spaces`] groups tiles into spaces (a `dot` does not join its
+//! operands with its result, `trans` and `convert` split spaces, cheap index chains are copied
+//! per use); each space gets its own root: the MMA accumulator layout
+//! ([`Layout::mma_acc_for`]) for accumulator spaces, the operand's layout transposed for a
+//! `trans` result's space, a blocked layout otherwise. Kernels without `dot` keep the single
+//! root. `dot` operands need no particular register layout: codegen stages them in swizzled
+//! shared memory (from registers, or by `cp.async` when [`super::pipeline`] streams them).
 
 use super::axis_info::{self, AxisInfo};
 use super::spaces;
