@@ -120,3 +120,29 @@ fn sm90a_ptx_only_on_compute_capability_9_0() {
     assert_eq!(Arch::for_compute_capability(8, 6), Some(Arch::Sm80));
     assert_eq!(Arch::for_compute_capability(7, 5), None);
 }
+
+/// A `dot` operand computed in registers (here the square of a loaded tile) is staged through
+/// scratch each iteration, so its MMAs must complete within the iteration: no MMA stays in
+/// flight across the loop's back edge.
+#[cfg(feature = "llvm")]
+#[test]
+fn register_staged_operands_keep_mmas_within_the_iteration() {
+    use lexp_compiler::codegen;
+    let text = MATMUL.replace(
+        "%27 = trans %26 : bf16[32,64]",
+        "%40 = mul %26, %26 : bf16[64,32]\n    %27 = trans %40 : bf16[32,64]",
+    );
+    let c = passes::compile(parser::parse(&text).unwrap(), &target::SM90).unwrap();
+    let l = &c.pipeline.loops[0];
+    assert_eq!(l.loads.len(), 1, "only `a` is streamed");
+    let p90 = codegen::lower(&c, &target::SM90, "matmul").unwrap().ptx;
+    assert!(p90.contains("wgmma.wait_group.sync.aligned 0"));
+    assert!(
+        !p90.contains("wgmma.wait_group.sync.aligned 1"),
+        "an MMA stays in flight"
+    );
+    // With both operands streamed, they do.
+    let c = passes::compile(parser::parse(MATMUL).unwrap(), &target::SM90).unwrap();
+    let p90 = codegen::lower(&c, &target::SM90, "matmul").unwrap().ptx;
+    assert!(p90.contains("wgmma.wait_group.sync.aligned 1"));
+}
