@@ -135,6 +135,10 @@ fn register_staged_operands_keep_mmas_within_the_iteration() {
     let c = passes::compile(parser::parse(&text).unwrap(), &target::SM90).unwrap();
     let l = &c.pipeline.loops[0];
     assert_eq!(l.loads.len(), 1, "only `a` is streamed");
+    assert!(
+        l.async_dots.is_empty(),
+        "the dot reads register-staged scratch"
+    );
     let p90 = codegen::lower(&c, &target::SM90, "matmul").unwrap().ptx;
     assert!(p90.contains("wgmma.wait_group.sync.aligned 0"));
     assert!(

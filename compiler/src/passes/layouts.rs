@@ -37,8 +37,6 @@ pub const MAX_VALUES_PER_THREAD: usize = 256;
 /// The layouts chosen for one kernel.
 #[derive(Clone, Debug)]
 pub struct LayoutPlan {
-    /// The root blocked layout.
-    pub root: Layout,
     /// Layout of every value.
     pub layouts: HashMap<ValueId, Layout>,
     /// Vector width (elements per access) of each global load/store/atomic, keyed by its pointer.
@@ -191,7 +189,7 @@ pub fn assign_layouts(k: &mut Kernel) -> Result<LayoutPlan, IrError> {
         let l: &Layout = &layouts[ptr];
         vec.insert(*ptr, own.min(l.contiguous_regs()).max(1));
     }
-    Ok(LayoutPlan { root, layouts, vec })
+    Ok(LayoutPlan { layouts, vec })
 }
 
 /// The spaces of a kernel: each tile's space id and each space's rank. Without `dot` every tile

@@ -43,7 +43,7 @@ pub struct PipelinedLoop {
     /// Values of the body that the copies need (re-emitted for the prefetched iteration).
     pub slice: HashSet<ValueId>,
     /// `dot`s of the body whose result is only carried to the next iteration's `dot` (the
-    /// plain K-loop accumulation). With asynchronous MMAs (`wgmma`) these stay in flight across
+    /// plain K-loop accumulation) and whose operands are both streamed slots. With asynchronous MMAs (`wgmma`) these stay in flight across
     /// the iteration boundary: codegen then waits for all but the last group at the end of
     /// each iteration, prefetches one tile less far ahead so that no slot is overwritten while
     /// an MMA may still read it, and waits for everything after the loop.
@@ -180,7 +180,21 @@ pub fn plan(k: &Kernel, layouts: &LayoutPlan) -> PipelinePlan {
             });
         }
         if !loads.is_empty() {
-            let async_dots = accumulating_dots(body, &uses);
+            // Only MMAs that read streamed slots may stay in flight: an operand staged from
+            // registers goes through scratch that the next iteration overwrites.
+            let streamed = |v: ValueId| {
+                let src = crate::passes::smem::dot_source(k, v).0;
+                loads.iter().any(|l: &StagedLoad| l.load == src)
+            };
+            let async_dots = accumulating_dots(body, &uses)
+                .into_iter()
+                .filter(|d| {
+                    body.insts.iter().any(|i| {
+                        matches!(&i.op, Op::Dot { a, b, .. }
+                            if i.results[0] == *d && streamed(*a) && streamed(*b))
+                    })
+                })
+                .collect();
             plan.loops.push(PipelinedLoop {
                 iv,
                 stages: k.num_stages,

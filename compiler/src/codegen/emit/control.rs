@@ -52,19 +52,14 @@ impl<'c> Gen<'c, '_> {
         // With MMAs in flight across iterations, prefetch one tile less far ahead (`ahead`
         // tiles instead of S-1) so that the slot a prefetch overwrites was read two
         // iterations ago, by MMAs that have completed.
-        // Only when every such MMA reads streamed slots: an operand staged from registers goes
-        // through scratch that the next iteration overwrites while the MMA may still read it.
+        // When the target runs those MMAs asynchronously (`wgmma`); the pipeliner only lists
+        // MMAs whose operands are streamed slots.
         let in_flight = pl.as_ref().is_some_and(|pl| {
             pl.stages >= 3 && !pl.async_dots.is_empty() && {
                 let dots = dot_operands(body);
-                let streamed = |v: ValueId| {
-                    let src = crate::passes::smem::dot_source(&self.c.kernel, v).0;
-                    pl.loads.iter().any(|l| l.load == src)
-                };
                 pl.async_dots.iter().all(|d| {
-                    dots.get(d).is_some_and(|(a, b)| {
-                        self.dot_is_wgmma(*d, *a, *b) && streamed(*a) && streamed(*b)
-                    })
+                    dots.get(d)
+                        .is_some_and(|(a, b)| self.dot_is_wgmma(*d, *a, *b))
                 })
             }
         });
