@@ -1,0 +1,2 @@
+//! The fine-tuning loop: batches, optimizer steps, periodic eval, metrics, checkpoints and
+//! resumption.
