@@ -1,5 +1,5 @@
 //! ReLU and the element-wise helpers of a training step (RUNTIME.md §2.4). Slices of at least
-//! [`PAR_MIN_LEN`] elements are processed on the rayon pool, shorter ones serially.
+//! 32 768 (`PAR_MIN_LEN`) elements are processed on the rayon pool, shorter ones serially.
 
 use rayon::prelude::*;
 

@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use super::error::check_len;
+use super::fastmath;
 use super::matmul::{linear, matmul};
 use super::CpuError;
 use crate::data::IGNORE_INDEX;
@@ -98,18 +99,19 @@ pub fn lm_head_xent(
 }
 
 /// Cross-entropy of one logit row `z` against target `y`: returns `logsumexp(z) − z[y]`; with
-/// `grad_scale = Some(s)` overwrites `z` with `s·(softmax(z) − onehot(y))`.
+/// `grad_scale = Some(s)` overwrites `z` with `s·(softmax(z) − onehot(y))` (otherwise `z` is
+/// left holding `exp(z − max z)`).
 fn row_xent(z: &mut [f32], y: usize, grad_scale: Option<f32>) -> f64 {
-    let mx = z.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-    let sum: f64 = z.iter().map(|&x| (x - mx).exp() as f64).sum();
+    let zy = z[y];
+    let mx = fastmath::max(z);
+    let sum = fastmath::exp_shift_sum(z, mx);
     let lse = mx as f64 + sum.ln();
-    let loss = (lse - z[y] as f64) as f32;
     if let Some(s) = grad_scale {
-        let lse = lse as f32;
-        z.iter_mut().for_each(|x| *x = s * (*x - lse).exp());
+        let k = (s as f64 / sum) as f32;
+        z.iter_mut().for_each(|x| *x *= k);
         z[y] -= s;
     }
-    loss as f64
+    (lse - zy as f64) as f32 as f64
 }
 
 /// Full logits `h [rows, e]·embᵀ → [rows, vocab]`, for parity tests and evals of small

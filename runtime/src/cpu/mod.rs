@@ -12,6 +12,8 @@
 //! - [`loss`]: the tied LM head fused with cross-entropy in token chunks (§2.5), and full
 //!   [`logits`] for small batches.
 //! - [`activation`]: ReLU and element-wise helpers (§2.4).
+//! - private: `fastmath` (a vectorisable `exp` and softmax row reductions) and `shared`
+//!   (per-thread scratch buffers, outputs written by parallel tasks in disjoint pieces).
 //! - [`embedding`]: row gathers from lookup tables.
 //!
 //! Ops whose inputs can come from user data (token ids, targets, `cu_seqlens`) return
@@ -22,9 +24,11 @@ pub mod activation;
 pub mod attention;
 pub mod embedding;
 mod error;
+mod fastmath;
 pub mod loss;
 pub mod matmul;
 pub mod norm;
+mod shared;
 
 pub use activation::{add_bias_inplace, add_inplace, relu, relu_bwd_inplace, scale_inplace};
 pub use attention::{attention_bwd, attention_fwd, AttentionSaved};

@@ -1,4 +1,4 @@
-//! `matmul`, `linear`, `col_sum` against naive f64 loops; the ignored GEMM micro benchmark.
+//! `matmul`, `linear`, `col_sum` against naive f64 loops.
 
 use super::{assert_close, naive_matmul, rand_vec};
 use crate::cpu::{col_sum, linear, matmul};
@@ -119,32 +119,4 @@ fn col_sum_matches_naive() {
     }
     assert!(col_sum(&[], 5, 0).is_empty());
     assert_eq!(col_sum(&[], 0, 3), vec![0.0; 3]);
-}
-
-/// Micro benchmark of the GEMM behind every linear layer (an OPT-125m-like FFN shape):
-/// `cargo test -p lexp-runtime --release --lib cpu:: -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn bench_matmul() {
-    let (m, k, n) = (2048, 384, 1536);
-    let mut rng = SplitMix64::new(6);
-    let a = rand_vec(&mut rng, m * k);
-    let b = rand_vec(&mut rng, k * n);
-    let mut out = vec![0.0f32; m * n];
-    let flops = 2.0 * (m * k * n) as f64;
-    for (ta, tb) in [(false, false), (false, true), (true, false)] {
-        matmul(&mut out, &a, &b, m, k, n, ta, tb, 1.0, 0.0);
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            let t0 = std::time::Instant::now();
-            matmul(&mut out, &a, &b, m, k, n, ta, tb, 1.0, 0.0);
-            best = best.min(t0.elapsed().as_secs_f64());
-        }
-        println!(
-            "matmul {m}x{k}x{n} ta={ta} tb={tb}: {:.2} ms, {:.1} GFLOP/s ({} rayon threads)",
-            best * 1e3,
-            flops / best / 1e9,
-            rayon::current_num_threads()
-        );
-    }
 }

@@ -2,7 +2,9 @@
 //! `gemm`, no rayon) and against central finite differences of those f64 references.
 
 mod attention;
+mod bench;
 mod elementwise;
+mod fastmath;
 mod loss;
 mod matmul;
 mod norm;
