@@ -1,11 +1,15 @@
 //! Micro benchmarks of the CPU ops at OPT-125m-like shapes, ignored by default; run with
 //! `cargo test -p lexp-runtime --release --lib cpu:: -- --ignored --nocapture`.
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use super::rand_vec;
 use crate::cpu::{attention_bwd, attention_fwd, lm_head_xent, matmul};
 use crate::data::SplitMix64;
+
+/// Held by each benchmark, so that the test harness's threads do not run them concurrently.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Best wall time of `reps` runs of `f` after one warm-up run, in seconds.
 fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -23,6 +27,7 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
 #[test]
 #[ignore]
 fn bench_matmul() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (m, k, n) = (2048, 384, 1536);
     let mut rng = SplitMix64::new(6);
     let a = rand_vec(&mut rng, m * k);
@@ -45,6 +50,7 @@ fn bench_matmul() {
 #[test]
 #[ignore]
 fn bench_attention() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (nh, hd) = (12, 64);
     let cu = [0, 1024, 1536, 2048];
     let t = 2048;
@@ -77,6 +83,7 @@ fn bench_attention() {
 #[test]
 #[ignore]
 fn bench_lm_head_xent() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (rows, e, vocab) = (512, 768, 50272);
     let mut rng = SplitMix64::new(8);
     let h = rand_vec(&mut rng, rows * e);
