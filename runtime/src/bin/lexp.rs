@@ -7,6 +7,8 @@ use lexp_runtime::kernel_check;
 use lexp_runtime::CudaDevice;
 use std::io::Write;
 
+#[path = "lexp/finetune.rs"]
+mod finetune;
 #[path = "lexp/matmul.rs"]
 mod matmul;
 
@@ -23,6 +25,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// LoRA fine-tuning of a Hugging Face OPT checkpoint on JSONL data. With no arguments:
+    /// the bundled opt-tiny model on the bundled E2E slice.
+    Finetune(finetune::FinetuneArgs),
+    /// Loss and perplexity of a model (+ a PEFT LoRA adapter) on a JSONL file.
+    Eval(finetune::EvalArgs),
     /// List the DSL kernels, or dump one variant's IR stages or PTX.
     Kernels {
         /// Kernel to show (omit to list all).
@@ -94,7 +101,18 @@ enum BenchCmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Library warnings and errors on stderr; RUST_LOG=debug (etc.) shows more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
     match cli.cmd {
+        Cmd::Finetune(args) => finetune::finetune(args),
+        Cmd::Eval(args) => finetune::eval(args),
         Cmd::Kernels { name: None, .. } => list_kernels(),
         Cmd::Kernels {
             name: Some(n),

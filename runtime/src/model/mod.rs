@@ -1,2 +1,22 @@
 //! The OPT causal LM as a training model: forward, hand-written backward with frozen base
 //! weights, LoRA adapters on a subset of the projections (RUNTIME.md §1.3, §2).
+//!
+//! - [`opt`]: the whole model (embeddings, layers, final LayerNorm, fused LM-head loss).
+//! - [`layer`]: one decoder layer, pre-LN or post-LN, forward and backward.
+//! - [`lora_branch`]: the LoRA branch of one projection.
+//! - [`dropout`]: residual and LoRA dropout masks, reproducible per `(seed, layer, site)`.
+//!
+//! Everything runs on the CPU backend ([`crate::cpu`]) in f32: the reference the GPU path is
+//! tested against, and the fallback when there is no GPU.
+
+pub mod dropout;
+mod error;
+pub mod layer;
+pub mod lora_branch;
+pub mod opt;
+
+pub use dropout::DropoutRng;
+pub use error::{ModelError, Result};
+pub use opt::{
+    backward, eval_loss, forward, logits, loss_and_grads, Forward, LoraGrads, StepOutput,
+};

@@ -1,2 +1,22 @@
 //! The fine-tuning loop: batches, optimizer steps, periodic eval, metrics, checkpoints and
 //! resumption.
+//!
+//! - [`config`]: the settings of a run ([`TrainConfig`]).
+//! - [`plan`]: which examples each optimizer step trains on.
+//! - [`trainer`]: the loop itself ([`run`]).
+//! - [`state`]: atomic, checksummed checkpoints and resumption.
+//! - [`metrics`] and [`plot`]: `metrics.jsonl` and the loss-curve PNG.
+//! - [`embedded`]: the bundled default model and data.
+
+pub mod config;
+pub mod embedded;
+mod error;
+pub mod metrics;
+pub mod plan;
+pub mod plot;
+pub mod state;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use error::TrainError;
+pub use trainer::{evaluate, run, Observer, RunInfo, RunSummary, Silent};

@@ -1,0 +1,341 @@
+//! `lexp finetune` and `lexp eval`: LoRA fine-tuning of an OPT checkpoint on JSONL data, and
+//! the loss of a model (+ adapter) on a data file.
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use lexp_runtime::checkpoint::OptModel;
+use lexp_runtime::data::{load_jsonl, JsonlOptions, Tokenizer};
+use lexp_runtime::peft;
+use lexp_runtime::train::metrics::Record;
+use lexp_runtime::train::{self, embedded, Observer, RunInfo, TrainConfig};
+use std::path::{Path, PathBuf};
+
+/// Where the step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// The GPU if one is usable, else the CPU.
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// The GPU; fail if there is none.
+    Cuda,
+}
+
+/// Options of `lexp finetune`.
+#[derive(clap::Args, Debug)]
+pub struct FinetuneArgs {
+    /// Hugging Face OPT checkpoint directory (config.json, safetensors, tokenizer.json).
+    /// Default: the bundled opt-tiny model with the bundled E2E slice.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training JSONL file (repeat for several): prompt/completion, Alpaca, text or
+    /// pre-tokenized context/completion lines.
+    #[arg(long = "data")]
+    data: Vec<PathBuf>,
+    /// Evaluation JSONL file (default: hold out --eval-fraction of the training prompts).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Share of training prompts held out when there is no --eval-data.
+    #[arg(long, default_value_t = 0.1)]
+    eval_fraction: f64,
+    /// Evaluate on at most this many eval examples (0: all).
+    #[arg(long, default_value_t = 0)]
+    eval_max_examples: usize,
+    /// Output directory (default: lexp-runs/run-<unix time>).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Continue the run in --output from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    /// LoRA alpha (scale alpha/r).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f32,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f32,
+    /// Adapted projections, comma-separated: q_proj,k_proj,v_proj,out_proj,fc1,fc2.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    lora_targets: Vec<String>,
+    /// Examples per optimizer step.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Most tokens per packed micro-batch.
+    #[arg(long, default_value_t = 4096)]
+    micro_batch_tokens: usize,
+    /// Longest sequence kept (longer ones are truncated with a warning).
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+    /// Epochs (default 2).
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// Stop after this many optimizer steps (0: all epochs).
+    #[arg(long, default_value_t = 0)]
+    max_steps: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f32,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Schedule after warm-up: linear, cosine or constant.
+    #[arg(long, default_value = "linear")]
+    schedule: String,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Gradient clipping norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    /// Evaluate every this many steps (0: at the start and the end only).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Checkpoint every this many steps (0: at the end only).
+    #[arg(long, default_value_t = 50)]
+    save_every: usize,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 2)]
+    keep_checkpoints: usize,
+    /// Seed of data order, LoRA init and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceChoice,
+}
+
+/// The backend a run uses, after looking at the machine.
+fn pick_device(choice: DeviceChoice) -> Result<&'static str> {
+    let gpu = || lexp_runtime::CudaDevice::new(0);
+    match choice {
+        DeviceChoice::Cpu => Ok("cpu"),
+        DeviceChoice::Cuda => {
+            let dev = gpu().context("--device cuda: no usable CUDA GPU")?;
+            bail!(
+                "--device cuda: found {}, but the GPU training step is not implemented yet; \
+                 run with --device cpu (or auto)",
+                dev.name()
+            )
+        }
+        DeviceChoice::Auto => {
+            match gpu() {
+                Ok(dev) => eprintln!(
+                    "note: found {} but the GPU training step is not implemented yet; training on the CPU",
+                    dev.name()
+                ),
+                Err(e) => eprintln!("no usable GPU ({e}); training on the CPU"),
+            }
+            Ok("cpu")
+        }
+    }
+}
+
+/// Progress bar and messages of a run.
+struct Progress {
+    bar: Option<ProgressBar>,
+    last_eval: Option<f64>,
+    first_eval: Option<f64>,
+}
+
+impl Observer for Progress {
+    fn start(&mut self, info: &RunInfo) {
+        eprintln!(
+            "training {} examples ({} held out for eval), {} trainable parameters, {} steps",
+            info.train_examples, info.eval_examples, info.trainable, info.total_steps
+        );
+        if let Some(dir) = &info.resumed_from {
+            eprintln!("resumed from {} (step {})", dir.display(), info.done_steps);
+        }
+        let bar = ProgressBar::new(info.total_steps as u64);
+        bar.set_position(info.done_steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        self.bar = Some(bar);
+    }
+
+    fn step(&mut self, record: &Record, done: usize, _total: usize, tokens_per_s: f64) {
+        if let (Some(bar), Record::Train { loss, .. }) = (&self.bar, record) {
+            let eval = self
+                .last_eval
+                .map(|e| format!("  eval {e:.4}"))
+                .unwrap_or_default();
+            bar.set_message(format!("loss {loss:.4}{eval}  {tokens_per_s:.0} tok/s"));
+            bar.set_position(done as u64);
+        }
+    }
+
+    fn eval(&mut self, record: &Record) {
+        if let Record::Eval {
+            step,
+            loss,
+            targets,
+        } = record
+        {
+            self.first_eval.get_or_insert(*loss);
+            self.last_eval = Some(*loss);
+            let line =
+                format!("eval after step {step}: loss {loss:.4} over {targets} target tokens");
+            match &self.bar {
+                Some(bar) => bar.println(line),
+                None => eprintln!("{line}"),
+            }
+        }
+    }
+}
+
+/// `lexp finetune`.
+pub fn finetune(args: FinetuneArgs) -> Result<()> {
+    let backend = pick_device(args.device)?;
+    let default_run = args.model.is_none() && args.data.is_empty();
+    let (model_dir, train_files, eval_file) = match (&args.model, args.data.is_empty()) {
+        (None, true) => {
+            let root = embedded::cache_root();
+            let a = embedded::unpack(&root).with_context(|| {
+                format!("cannot unpack the bundled model into {}", root.display())
+            })?;
+            eprintln!(
+                "no model or data given: fine-tuning the bundled opt-tiny on the bundled E2E slice ({})",
+                a.model_dir.parent().unwrap_or(&a.model_dir).display()
+            );
+            (a.model_dir, vec![a.train], Some(a.eval))
+        }
+        (Some(m), false) => (m.clone(), args.data.clone(), args.eval_data.clone()),
+        (Some(_), true) => {
+            bail!("--model given without --data: name the training JSONL with --data FILE")
+        }
+        (None, false) => bail!(
+            "--data given without --model: name the OPT checkpoint directory with --model DIR"
+        ),
+    };
+    let output = args.output.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        PathBuf::from("lexp-runs").join(format!("run-{secs}"))
+    });
+    let config = TrainConfig {
+        model_dir,
+        train_files,
+        eval_file,
+        eval_fraction: args.eval_fraction,
+        eval_max_examples: args.eval_max_examples,
+        lora_r: args.lora_r,
+        lora_alpha: args.lora_alpha,
+        lora_dropout: args.lora_dropout,
+        lora_targets: args.lora_targets.clone(),
+        examples_per_step: args.batch,
+        micro_batch_tokens: args.micro_batch_tokens,
+        max_seq_len: args.max_seq_len,
+        epochs: args.epochs,
+        max_steps: args.max_steps,
+        lr: args.lr,
+        warmup_steps: args.warmup,
+        schedule: args.schedule.clone(),
+        weight_decay: args.weight_decay,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+        max_grad_norm: args.max_grad_norm,
+        eval_every: args.eval_every.unwrap_or(if default_run { 20 } else { 0 }),
+        save_every: args.save_every,
+        keep_checkpoints: args.keep_checkpoints,
+        seed: args.seed,
+    };
+    eprintln!("device: {backend}; output: {}", output.display());
+    let mut progress = Progress {
+        bar: None,
+        last_eval: None,
+        first_eval: None,
+    };
+    let summary = train::run(&config, &output, args.resume, &mut progress)
+        .with_context(|| format!("fine-tuning run in {}", output.display()))?;
+    if let Some(bar) = &progress.bar {
+        bar.finish();
+    }
+    match summary.eval_loss_start {
+        Some(start) => eprintln!(
+            "eval loss {start:.4} -> {:.4} after {} steps ({:.1} s of training, {:.0} tokens/s)",
+            summary.eval_loss_end,
+            summary.steps,
+            summary.train_seconds,
+            summary.tokens as f64 / summary.train_seconds.max(1e-9)
+        ),
+        None => eprintln!(
+            "eval loss {:.4} after {} steps",
+            summary.eval_loss_end, summary.steps
+        ),
+    }
+    eprintln!(
+        "adapter (PEFT format): {}\nmetrics: {}\nloss curve: {}",
+        summary.adapter_dir.display(),
+        output.join(train::trainer::METRICS).display(),
+        output.join(train::trainer::LOSS_PNG).display()
+    );
+    Ok(())
+}
+
+/// Options of `lexp eval`.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// OPT checkpoint directory (default: the bundled opt-tiny).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// LoRA adapter directory in PEFT format (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// JSONL data file (default with the bundled model: the bundled E2E eval slice).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Most tokens per packed batch.
+    #[arg(long, default_value_t = 4096)]
+    micro_batch_tokens: usize,
+    /// Longest sequence kept.
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+}
+
+/// `lexp eval`: mean loss (and perplexity) over the loss targets of a data file.
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let (model_dir, data) = match (&args.model, &args.data) {
+        (Some(m), Some(d)) => (m.clone(), d.clone()),
+        (None, d) => {
+            let a = embedded::unpack(&embedded::cache_root())
+                .context("cannot unpack the bundled model")?;
+            (a.model_dir, d.clone().unwrap_or(a.eval))
+        }
+        (Some(_), None) => {
+            bail!("--model given without --data: name the JSONL file with --data FILE")
+        }
+    };
+    let model = OptModel::load(&model_dir)?;
+    let tok = Tokenizer::from_file(model_dir.join("tokenizer.json"))?;
+    let options = JsonlOptions {
+        max_len: args.max_seq_len.min(model.config.max_position_embeddings),
+        vocab_size: Some(model.config.vocab_size),
+        ..JsonlOptions::default()
+    };
+    let ds = load_jsonl(&data, Some(&tok), &options)?;
+    let lora = match &args.adapter {
+        Some(dir) => Some(peft::load_adapter(dir, &model.config)?),
+        None => None,
+    };
+    let (loss, targets) =
+        train::evaluate(&model, lora.as_ref(), &ds.examples, args.micro_batch_tokens)?;
+    println!(
+        "{}: {} examples, {targets} target tokens: loss {loss:.4}, perplexity {:.2}",
+        display(&data),
+        ds.examples.len(),
+        loss.exp()
+    );
+    Ok(())
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}

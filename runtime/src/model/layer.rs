@@ -1,0 +1,476 @@
+//! One OPT decoder layer, forward and backward (RUNTIME.md §1.3, §2.9), pre-LN or post-LN,
+//! with LoRA branches on any of its six projections and OPT's residual dropout.
+//!
+//! Base weights are frozen: the backward returns the layer's input gradient and the
+//! gradients of the LoRA branches only.
+
+use super::dropout::{self, DropoutRng, Site};
+use super::lora_branch::{self, BranchGrads, BranchSaved};
+use super::Result;
+use crate::checkpoint::opt::{LayerNorm, Linear, OptLayer};
+use crate::checkpoint::OptConfig;
+use crate::cpu::activation::{add_inplace, relu, relu_bwd_inplace, scale_inplace};
+use crate::cpu::attention::{attention_bwd, attention_fwd, AttentionSaved};
+use crate::cpu::matmul::{linear, matmul};
+use crate::cpu::norm::{layernorm_bwd, layernorm_fwd, LayerNormSaved};
+use crate::peft::{LoraModule, LoraParams, LoraTarget};
+
+/// The LoRA branches of one layer, indexed like [`LoraTarget::ALL`].
+pub type LayerBranches<'a> = [Option<&'a LoraModule>; 6];
+
+/// The adapters of one layer, with their scale `s = α/r` and dropout probability.
+#[derive(Clone, Copy)]
+pub struct LayerAdapters<'a> {
+    /// Branch per target (`None`: not adapted).
+    pub branches: LayerBranches<'a>,
+    /// LoRA scaling.
+    pub scale: f32,
+    /// LoRA dropout probability (applied in training only).
+    pub dropout: f32,
+}
+
+impl<'a> LayerAdapters<'a> {
+    /// No adapters.
+    pub const NONE: LayerAdapters<'static> = LayerAdapters {
+        branches: [None; 6],
+        scale: 0.0,
+        dropout: 0.0,
+    };
+
+    /// The branches of `layer` in `params` (or none).
+    pub fn of(params: Option<&'a LoraParams>, layer: usize) -> LayerAdapters<'a> {
+        let Some(p) = params else {
+            return LayerAdapters {
+                branches: [None; 6],
+                scale: 0.0,
+                dropout: 0.0,
+            };
+        };
+        let mut branches = [None; 6];
+        for (i, t) in LoraTarget::ALL.into_iter().enumerate() {
+            branches[i] = p.get(layer, t);
+        }
+        LayerAdapters {
+            branches,
+            scale: p.config.scaling(),
+            dropout: p.config.dropout,
+        }
+    }
+}
+
+/// Index of `target` in [`LoraTarget::ALL`].
+pub fn target_index(target: LoraTarget) -> usize {
+    LoraTarget::ALL
+        .iter()
+        .position(|&t| t == target)
+        .unwrap_or_default()
+}
+
+/// What one layer's forward keeps for its backward.
+#[derive(Debug)]
+pub struct LayerSaved {
+    /// Input of the attention LayerNorm: the layer input (pre-LN) or `x + attn` (post-LN).
+    ln1_in: Vec<f32>,
+    ln1: LayerNormSaved,
+    /// Input of the q/k/v projections: `LN1(x)` (pre-LN) or `x` (post-LN).
+    attn_in: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    o: Vec<f32>,
+    attn: AttentionSaved,
+    /// Input of the MLP LayerNorm: `x + attn` (pre-LN) or `x1 + mlp` (post-LN).
+    ln2_in: Vec<f32>,
+    ln2: LayerNormSaved,
+    /// Input of `fc1`: `LN2(x + attn)` (pre-LN) or `LN1(x + attn)` (post-LN).
+    ffn_in: Vec<f32>,
+    /// ReLU output (its zero pattern is the ReLU mask).
+    act: Vec<f32>,
+    res_mask_attn: Option<Vec<f32>>,
+    res_mask_mlp: Option<Vec<f32>>,
+    branches: [Option<BranchSaved>; 6],
+}
+
+/// Per-branch gradients of one layer, indexed like [`LoraTarget::ALL`].
+pub type LayerGrads = [Option<BranchGrads>; 6];
+
+/// Shapes and switches of a layer computation.
+#[derive(Clone, Copy)]
+pub struct LayerCtx<'a> {
+    /// The model config.
+    pub config: &'a OptConfig,
+    /// The packed batch's sequence offsets.
+    pub cu_seqlens: &'a [i32],
+    /// Tokens in the batch.
+    pub rows: usize,
+    /// Dropout randomness (`None`: evaluation).
+    pub rng: Option<DropoutRng>,
+}
+
+fn ln_params(ln: &Option<LayerNorm>) -> (Option<&[f32]>, Option<&[f32]>) {
+    match ln {
+        Some(l) => (Some(&l.weight), Some(&l.bias)),
+        None => (None, None),
+    }
+}
+
+/// `x·Wᵀ + b` plus the LoRA branch of `target`, if adapted.
+fn project(
+    ctx: &LayerCtx,
+    layer: usize,
+    lin: &Linear,
+    target: LoraTarget,
+    adapters: &LayerAdapters,
+    x: &[f32],
+    saved: &mut [Option<BranchSaved>; 6],
+) -> Vec<f32> {
+    let (out_f, in_f) = (lin.weight.rows, lin.weight.cols);
+    let mut y = linear(
+        x,
+        ctx.rows,
+        &lin.weight.data,
+        out_f,
+        in_f,
+        lin.bias.as_deref(),
+    );
+    let i = target_index(target);
+    if let Some(module) = adapters.branches[i] {
+        let mask = match ctx.rng {
+            Some(rng) if adapters.dropout > 0.0 => {
+                Some(rng.mask(layer, Site::Lora(i), x.len(), adapters.dropout))
+            }
+            _ => None,
+        };
+        saved[i] = Some(lora_branch::forward(
+            module,
+            adapters.scale,
+            x,
+            ctx.rows,
+            mask,
+            &mut y,
+        ));
+    }
+    y
+}
+
+/// Adds `dy·W` and the LoRA branch's input gradient to `dx`, and records the branch's
+/// parameter gradients.
+#[allow(clippy::too_many_arguments)]
+fn project_bwd(
+    ctx: &LayerCtx,
+    lin: &Linear,
+    target: LoraTarget,
+    adapters: &LayerAdapters,
+    x: &[f32],
+    saved: &[Option<BranchSaved>; 6],
+    dy: &[f32],
+    dx: &mut [f32],
+    grads: &mut LayerGrads,
+) {
+    let (out_f, in_f) = (lin.weight.rows, lin.weight.cols);
+    matmul(
+        dx,
+        dy,
+        &lin.weight.data,
+        ctx.rows,
+        out_f,
+        in_f,
+        false,
+        false,
+        1.0,
+        1.0,
+    );
+    let i = target_index(target);
+    if let (Some(module), Some(s)) = (adapters.branches[i], &saved[i]) {
+        grads[i] = Some(lora_branch::backward(
+            module,
+            adapters.scale,
+            x,
+            ctx.rows,
+            s,
+            dy,
+            dx,
+        ));
+    }
+}
+
+fn residual_mask(ctx: &LayerCtx, layer: usize, site: Site, len: usize) -> Option<Vec<f32>> {
+    let p = ctx.config.dropout;
+    match ctx.rng {
+        Some(rng) if p > 0.0 => Some(rng.mask(layer, site, len, p)),
+        _ => None,
+    }
+}
+
+/// Runs layer `index` on `x` (`[rows, H]`), returning its output and what the backward needs.
+pub fn forward(
+    ctx: &LayerCtx,
+    index: usize,
+    w: &OptLayer,
+    adapters: &LayerAdapters,
+    x: Vec<f32>,
+) -> Result<(Vec<f32>, LayerSaved)> {
+    let c = ctx.config;
+    let (rows, h) = (ctx.rows, c.hidden_size);
+    let (nh, hd) = (c.num_attention_heads, c.head_dim());
+    let eps = OptConfig::LAYER_NORM_EPS;
+    let mut branches: [Option<BranchSaved>; 6] = Default::default();
+    let (g1, b1) = ln_params(&w.self_attn_layer_norm);
+    let (g2, b2) = ln_params(&w.final_layer_norm);
+
+    // Attention block.
+    let (attn_in, ln1_pre) = if c.do_layer_norm_before {
+        let (a, s) = layernorm_fwd(&x, rows, h, g1, b1, eps);
+        (a, Some(s))
+    } else {
+        (x.clone(), None)
+    };
+    let mut q = project(
+        ctx,
+        index,
+        &w.q_proj,
+        LoraTarget::Q,
+        adapters,
+        &attn_in,
+        &mut branches,
+    );
+    scale_inplace(&mut q, (hd as f32).powf(-0.5));
+    let k = project(
+        ctx,
+        index,
+        &w.k_proj,
+        LoraTarget::K,
+        adapters,
+        &attn_in,
+        &mut branches,
+    );
+    let v = project(
+        ctx,
+        index,
+        &w.v_proj,
+        LoraTarget::V,
+        adapters,
+        &attn_in,
+        &mut branches,
+    );
+    let (o, attn) = attention_fwd(&q, &k, &v, ctx.cu_seqlens, nh, hd)?;
+    let mut ao = project(
+        ctx,
+        index,
+        &w.out_proj,
+        LoraTarget::Out,
+        adapters,
+        &o,
+        &mut branches,
+    );
+    let res_mask_attn = residual_mask(ctx, index, Site::AttnResidual, ao.len());
+    if let Some(m) = &res_mask_attn {
+        dropout::apply(&mut ao, m);
+    }
+    let mut h1 = x.clone();
+    add_inplace(&mut h1, &ao);
+    drop(ao);
+
+    // MLP block.
+    let (ln1_in, ln1, ffn_in, ln2_pre) = match ln1_pre {
+        // Pre-LN: LN1 normalised the layer input; LN2 normalises `x + attn`.
+        Some(ln1) => {
+            let (b, s2) = layernorm_fwd(&h1, rows, h, g2, b2, eps);
+            (x, ln1, b, Some(s2))
+        }
+        // Post-LN: LN1 normalises `x + attn`, and its output feeds the MLP.
+        None => {
+            drop(x);
+            let (x1, s1) = layernorm_fwd(&h1, rows, h, g1, b1, eps);
+            (h1.clone(), s1, x1, None)
+        }
+    };
+    let z = project(
+        ctx,
+        index,
+        &w.fc1,
+        LoraTarget::Fc1,
+        adapters,
+        &ffn_in,
+        &mut branches,
+    );
+    let act = relu(&z);
+    drop(z);
+    let mut f = project(
+        ctx,
+        index,
+        &w.fc2,
+        LoraTarget::Fc2,
+        adapters,
+        &act,
+        &mut branches,
+    );
+    let res_mask_mlp = residual_mask(ctx, index, Site::MlpResidual, f.len());
+    if let Some(m) = &res_mask_mlp {
+        dropout::apply(&mut f, m);
+    }
+    let (y, ln2_in, ln2) = match ln2_pre {
+        Some(ln2) => {
+            let mut y = h1.clone();
+            add_inplace(&mut y, &f);
+            (y, h1, ln2)
+        }
+        None => {
+            let mut h2 = ffn_in.clone();
+            add_inplace(&mut h2, &f);
+            let (y, s2) = layernorm_fwd(&h2, rows, h, g2, b2, eps);
+            (y, h2, s2)
+        }
+    };
+    let saved = LayerSaved {
+        ln1_in,
+        ln1,
+        attn_in,
+        q,
+        k,
+        v,
+        o,
+        attn,
+        ln2_in,
+        ln2,
+        ffn_in,
+        act,
+        res_mask_attn,
+        res_mask_mlp,
+        branches,
+    };
+    Ok((y, saved))
+}
+
+/// Backward of layer `index`: given `dy` (`[rows, H]`), returns the input gradient and the
+/// gradients of the layer's LoRA branches.
+pub fn backward(
+    ctx: &LayerCtx,
+    w: &OptLayer,
+    adapters: &LayerAdapters,
+    s: &LayerSaved,
+    dy: Vec<f32>,
+) -> Result<(Vec<f32>, LayerGrads)> {
+    let c = ctx.config;
+    let (rows, h, f) = (ctx.rows, c.hidden_size, c.ffn_dim);
+    let (nh, hd) = (c.num_attention_heads, c.head_dim());
+    let pre = c.do_layer_norm_before;
+    let mut grads: LayerGrads = Default::default();
+    let (g1, _) = ln_params(&w.self_attn_layer_norm);
+    let (g2, _) = ln_params(&w.final_layer_norm);
+
+    // MLP block.
+    let dh2 = if pre {
+        dy
+    } else {
+        layernorm_bwd(&dy, &s.ln2_in, &s.ln2, g2, rows, h)
+    };
+    let mut df = dh2.clone();
+    if let Some(m) = &s.res_mask_mlp {
+        dropout::apply(&mut df, m);
+    }
+    let mut dact = vec![0.0; rows * f];
+    let fc2 = (&w.fc2, LoraTarget::Fc2);
+    project_bwd(
+        ctx,
+        fc2.0,
+        fc2.1,
+        adapters,
+        &s.act,
+        &s.branches,
+        &df,
+        &mut dact,
+        &mut grads,
+    );
+    drop(df);
+    relu_bwd_inplace(&mut dact, &s.act);
+    let mut dffn_in = vec![0.0; rows * h];
+    let fc1 = (&w.fc1, LoraTarget::Fc1);
+    project_bwd(
+        ctx,
+        fc1.0,
+        fc1.1,
+        adapters,
+        &s.ffn_in,
+        &s.branches,
+        &dact,
+        &mut dffn_in,
+        &mut grads,
+    );
+    drop(dact);
+    let dh1 = if pre {
+        let mut dh1 = dh2;
+        add_inplace(
+            &mut dh1,
+            &layernorm_bwd(&dffn_in, &s.ln2_in, &s.ln2, g2, rows, h),
+        );
+        dh1
+    } else {
+        let mut dx1 = dh2;
+        add_inplace(&mut dx1, &dffn_in);
+        layernorm_bwd(&dx1, &s.ln1_in, &s.ln1, g1, rows, h)
+    };
+
+    // Attention block.
+    let mut dao = dh1.clone();
+    if let Some(m) = &s.res_mask_attn {
+        dropout::apply(&mut dao, m);
+    }
+    let mut d_o = vec![0.0; rows * h];
+    let out = (&w.out_proj, LoraTarget::Out);
+    project_bwd(
+        ctx,
+        out.0,
+        out.1,
+        adapters,
+        &s.o,
+        &s.branches,
+        &dao,
+        &mut d_o,
+        &mut grads,
+    );
+    drop(dao);
+    let (mut dq, dk, dv) = attention_bwd(
+        &s.q,
+        &s.k,
+        &s.v,
+        &s.o,
+        &d_o,
+        &s.attn,
+        ctx.cu_seqlens,
+        nh,
+        hd,
+    )?;
+    scale_inplace(&mut dq, (hd as f32).powf(-0.5));
+    let mut dattn_in = vec![0.0; rows * h];
+    for (lin, t, d) in [
+        (&w.q_proj, LoraTarget::Q, &dq),
+        (&w.k_proj, LoraTarget::K, &dk),
+        (&w.v_proj, LoraTarget::V, &dv),
+    ] {
+        project_bwd(
+            ctx,
+            lin,
+            t,
+            adapters,
+            &s.attn_in,
+            &s.branches,
+            d,
+            &mut dattn_in,
+            &mut grads,
+        );
+    }
+    let dx = if pre {
+        let mut dx = dh1;
+        add_inplace(
+            &mut dx,
+            &layernorm_bwd(&dattn_in, &s.ln1_in, &s.ln1, g1, rows, h),
+        );
+        dx
+    } else {
+        let mut dx = dh1;
+        add_inplace(&mut dx, &dattn_in);
+        dx
+    };
+    Ok((dx, grads))
+}

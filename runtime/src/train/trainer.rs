@@ -1,0 +1,470 @@
+//! The fine-tuning loop: load model and data, plan the steps, train with AdamW, evaluate,
+//! checkpoint, and resume a killed run exactly where its last checkpoint left it.
+
+use super::config::TrainConfig;
+use super::metrics::{MetricsLog, Record};
+use super::plan::StepPlan;
+use super::state::{self, TrainerState};
+use super::TrainError;
+use crate::checkpoint::OptModel;
+use crate::data::{
+    load_jsonl, pack, split_eval_grouped, EvalSize, Example, JsonlOptions, PackedBatch, SplitMix64,
+    Tokenizer,
+};
+use crate::model::{self, DropoutRng};
+use crate::optim::{clip_grad_norm, AdamW, LrSchedule};
+use crate::peft::{self, LoraParams};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// File names in the output directory.
+pub const RUN_CONFIG: &str = "run_config.json";
+/// The metrics log.
+pub const METRICS: &str = "metrics.jsonl";
+/// The loss-curve plot.
+pub const LOSS_PNG: &str = "loss_curve.png";
+/// Checkpoints live here.
+pub const CHECKPOINTS: &str = "checkpoints";
+/// The final adapter (PEFT format).
+pub const ADAPTER: &str = "adapter";
+/// The run summary.
+pub const SUMMARY: &str = "summary.json";
+
+/// What the loop reports as it goes (the CLI draws a progress bar from it).
+pub trait Observer {
+    /// The run is about to train `total_steps` (starting after `done_steps`).
+    fn start(&mut self, _info: &RunInfo) {}
+    /// An optimizer step finished.
+    fn step(&mut self, _record: &Record, _done: usize, _total: usize, _tokens_per_s: f64) {}
+    /// An evaluation finished.
+    fn eval(&mut self, _record: &Record) {}
+    /// A checkpoint was written.
+    fn checkpoint(&mut self, _dir: &Path) {}
+}
+
+/// An observer that reports nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// Facts about a run, for its start message.
+#[derive(Clone, Debug)]
+pub struct RunInfo {
+    /// Training examples.
+    pub train_examples: usize,
+    /// Eval examples.
+    pub eval_examples: usize,
+    /// Trainable parameters.
+    pub trainable: usize,
+    /// Steps in the run.
+    pub total_steps: usize,
+    /// Steps already done (resume).
+    pub done_steps: usize,
+    /// Where the run resumed from, if it did.
+    pub resumed_from: Option<PathBuf>,
+}
+
+/// The outcome of a run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RunSummary {
+    /// Eval loss before the first step (or at the resumed step), if measured.
+    pub eval_loss_start: Option<f64>,
+    /// Eval loss after the last step.
+    pub eval_loss_end: f64,
+    /// Eval targets.
+    pub eval_targets: usize,
+    /// Steps done in all.
+    pub steps: usize,
+    /// Tokens trained on in this process.
+    pub tokens: u64,
+    /// Seconds of training in this process (evaluation excluded).
+    pub train_seconds: f64,
+    /// The final adapter.
+    pub adapter_dir: PathBuf,
+}
+
+/// Training and eval examples of a run.
+pub struct RunData {
+    /// Training examples (all files, in order).
+    pub train: Vec<Example>,
+    /// Eval examples.
+    pub eval: Vec<Example>,
+}
+
+/// Loads the data of `config` with the model's tokenizer.
+pub fn load_data(config: &TrainConfig, model: &OptModel) -> Result<RunData, TrainError> {
+    let tok = Tokenizer::from_file(config.model_dir.join("tokenizer.json"))?;
+    let options = JsonlOptions {
+        max_len: config.max_seq_len.min(model.config.max_position_embeddings),
+        vocab_size: Some(model.config.vocab_size),
+        ..JsonlOptions::default()
+    };
+    let mut train = Vec::new();
+    for f in &config.train_files {
+        let ds = load_jsonl(f, Some(&tok), &options)?;
+        if ds.stats.truncated > 0 {
+            tracing::warn!(
+                "{}: {} sequences longer than {} tokens were truncated",
+                f.display(),
+                ds.stats.truncated,
+                options.max_len
+            );
+        }
+        train.extend(ds.examples);
+    }
+    let mut eval = match &config.eval_file {
+        Some(f) => load_jsonl(f, Some(&tok), &options)?.examples,
+        None => {
+            let groups: Vec<u64> = train.iter().map(|e| e.group).collect();
+            let split = split_eval_grouped(
+                &groups,
+                EvalSize::Fraction(config.eval_fraction),
+                config.seed,
+            )?;
+            let pick = |idx: &[usize]| idx.iter().map(|&i| train[i].clone()).collect::<Vec<_>>();
+            let (t, e) = (pick(&split.train), pick(&split.eval));
+            train = t;
+            e
+        }
+    };
+    if config.eval_max_examples > 0 {
+        eval.truncate(config.eval_max_examples);
+    }
+    if train.is_empty() {
+        return Err(TrainError::Config(
+            "the training data has no examples".into(),
+        ));
+    }
+    Ok(RunData { train, eval })
+}
+
+/// FNV-1a over every example's ids and mask: a resume refuses different data.
+fn data_fingerprint(data: &RunData) -> String {
+    let mut bytes = Vec::new();
+    for (tag, set) in [(0u8, &data.train), (1u8, &data.eval)] {
+        bytes.push(tag);
+        for e in set {
+            for (&id, &m) in e.ids.iter().zip(&e.loss_mask) {
+                bytes.extend_from_slice(&id.to_le_bytes());
+                bytes.push(u8::from(m));
+            }
+            bytes.push(0xff);
+        }
+    }
+    format!("{:016x}", state::fnv1a64(&bytes))
+}
+
+/// Mean loss of `examples` (packed in file order) under `lora`.
+pub fn evaluate(
+    model: &OptModel,
+    lora: Option<&LoraParams>,
+    examples: &[Example],
+    token_budget: usize,
+) -> Result<(f64, usize), TrainError> {
+    let order: Vec<usize> = (0..examples.len()).collect();
+    let batches = pack(examples, &order, token_budget)?;
+    let (mut sum, mut count) = (0.0, 0usize);
+    for b in &batches {
+        let (s, c) = model::eval_loss(model, lora, b)?;
+        sum += s;
+        count += c;
+    }
+    if count == 0 {
+        return Err(TrainError::Config(
+            "the eval data has no loss targets".into(),
+        ));
+    }
+    Ok((sum / count as f64, count))
+}
+
+/// Dropout seed of micro-batch `micro` of step `step`.
+fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
+    SplitMix64::for_stream(seed ^ 0x0d70_0a7e, (step as u64) << 16 | micro as u64).next_u64()
+}
+
+/// One optimizer step over `batches`: gradients of the mean loss of the step, clipping,
+/// AdamW. Returns the step's mean loss, gradient norm and targets.
+fn train_step(
+    config: &TrainConfig,
+    model: &OptModel,
+    lora: &mut LoraParams,
+    adamw: &mut AdamW,
+    batches: &[PackedBatch],
+    step: usize,
+    lr: f32,
+) -> Result<(f64, f32, usize), TrainError> {
+    let n: usize = batches.iter().map(PackedBatch::num_targets).sum();
+    if n == 0 {
+        return Err(TrainError::Config(format!(
+            "step {} has no loss targets",
+            step + 1
+        )));
+    }
+    let scale = 1.0 / n as f32;
+    let mut total: Option<model::LoraGrads> = None;
+    let mut loss_sum = 0.0;
+    for (micro, b) in batches.iter().enumerate() {
+        let rng = (lora.config.dropout > 0.0 || model.config.dropout > 0.0).then(|| DropoutRng {
+            seed: dropout_seed(config.seed, step, micro),
+        });
+        let out = model::loss_and_grads(model, lora, b, scale, rng)?;
+        loss_sum += out.loss_sum;
+        match &mut total {
+            Some(t) => t.accumulate(&out.grads),
+            None => total = Some(out.grads),
+        }
+    }
+    let mut grads =
+        total.ok_or_else(|| TrainError::Config(format!("step {} has no batches", step + 1)))?;
+    let loss = loss_sum / n as f64;
+    let mut flat = grads.flat_mut();
+    let norm = clip_grad_norm(&mut flat, config.max_grad_norm);
+    if !loss.is_finite() || !norm.is_finite() {
+        return Err(TrainError::NonFinite {
+            step: step + 1,
+            loss,
+            grad_norm: norm,
+        });
+    }
+    let grads_ro: Vec<&[f32]> = flat.iter().map(|g| &**g).collect();
+    let mut params: Vec<&mut [f32]> = lora
+        .tensors_mut()
+        .into_iter()
+        .map(|(_, m)| m.data.as_mut_slice())
+        .collect();
+    adamw.step(&mut params, &grads_ro, lr);
+    Ok((loss, norm, n))
+}
+
+/// Names of the optimizer's tensors: the adapter's PEFT keys.
+fn param_names(lora: &LoraParams) -> Vec<String> {
+    lora.tensors().into_iter().map(|(k, _)| k).collect()
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Runs (or, with `resume`, continues) the fine-tuning run `config` in `out_dir`.
+pub fn run(
+    config: &TrainConfig,
+    out_dir: &Path,
+    resume: bool,
+    observer: &mut dyn Observer,
+) -> Result<RunSummary, TrainError> {
+    config.validate().map_err(TrainError::Config)?;
+    let lora_config = config.lora().map_err(TrainError::Config)?;
+    let model = OptModel::load(&config.model_dir)?;
+    let data = load_data(config, &model)?;
+    let fingerprint = data_fingerprint(&data);
+    let plan = StepPlan::new(
+        (0..data.train.len()).collect(),
+        config.seed,
+        config.examples_per_step,
+        config.micro_batch_tokens,
+        config.epochs,
+        config.max_steps,
+    );
+    let schedule = LrSchedule {
+        base_lr: config.lr,
+        warmup_steps: config.warmup_steps,
+        total_steps: plan.total_steps() as u64,
+        kind: config.schedule_kind().map_err(TrainError::Config)?,
+        min_lr_ratio: 0.0,
+    };
+
+    // The output directory: a new run, or the continuation of the run it holds.
+    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    let config_path = out_dir.join(RUN_CONFIG);
+    let ckpt_root = out_dir.join(CHECKPOINTS);
+    if config_path.exists() {
+        let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+        let saved: TrainConfig = serde_json::from_str(&text).map_err(|e| {
+            TrainError::Resume(format!(
+                "{} is not a run config: {e}",
+                config_path.display()
+            ))
+        })?;
+        if !resume {
+            return Err(TrainError::Resume(format!(
+                "{} already holds a run; pass --resume to continue it, or choose another output directory",
+                out_dir.display()
+            )));
+        }
+        if saved.trajectory() != config.trajectory() {
+            return Err(TrainError::Resume(format!(
+                "{} holds a run with different settings; resume it with the same settings \
+                 (saved:\n{})",
+                out_dir.display(),
+                serde_json::to_string_pretty(&saved).unwrap_or_default()
+            )));
+        }
+    }
+    let json = serde_json::to_vec_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?;
+    state::write_file_atomic(&config_path, &json).map_err(io_err(&config_path))?;
+
+    let names_for = |l: &LoraParams| param_names(l);
+    let (mut lora, mut adamw, done, mut tokens_seen, resumed_from) =
+        match resume.then(|| state::latest_valid(&ckpt_root)).flatten() {
+            Some((dir, st)) => {
+                if st.data_fingerprint != fingerprint {
+                    return Err(TrainError::Resume(format!(
+                        "{} was written for different data (fingerprint {} vs {})",
+                        dir.display(),
+                        st.data_fingerprint,
+                        fingerprint
+                    )));
+                }
+                let lora = peft::load_adapter(&dir, &model.config)?;
+                if lora.config != lora_config {
+                    return Err(TrainError::Resume(format!(
+                        "{} holds an adapter with other LoRA settings",
+                        dir.display()
+                    )));
+                }
+                let names = names_for(&lora);
+                let sizes: Vec<usize> = lora.tensors().iter().map(|(_, m)| m.data.len()).collect();
+                let adamw = AdamW::load(&dir.join(state::OPTIMIZER_FILE), &names, &sizes)?;
+                (lora, adamw, st.step, st.tokens_seen, Some(dir))
+            }
+            None => {
+                let lora = LoraParams::init(&lora_config, &model.config, config.seed);
+                let sizes: Vec<usize> = lora.tensors().iter().map(|(_, m)| m.data.len()).collect();
+                (lora, AdamW::new(config.adamw(), &sizes), 0, 0, None)
+            }
+        };
+    let done = done.min(plan.total_steps());
+    observer.start(&RunInfo {
+        train_examples: data.train.len(),
+        eval_examples: data.eval.len(),
+        trainable: lora.num_parameters(),
+        total_steps: plan.total_steps(),
+        done_steps: done,
+        resumed_from: resumed_from.clone(),
+    });
+    let metrics_path = out_dir.join(METRICS);
+    let mut metrics = MetricsLog::open(&metrics_path, done).map_err(io_err(&metrics_path))?;
+    let has_eval = !data.eval.is_empty();
+    let eval_now = |lora: &LoraParams,
+                    step: usize,
+                    metrics: &mut MetricsLog,
+                    obs: &mut dyn Observer|
+     -> Result<Option<f64>, TrainError> {
+        if !has_eval {
+            return Ok(None);
+        }
+        let (loss, targets) = evaluate(&model, Some(lora), &data.eval, config.micro_batch_tokens)?;
+        let rec = Record::Eval {
+            step,
+            loss,
+            targets,
+        };
+        obs.eval(&rec);
+        metrics.push(rec).map_err(io_err(&metrics_path))?;
+        Ok(Some(loss))
+    };
+    let eval_start = if done == 0 {
+        eval_now(&lora, 0, &mut metrics, observer)?
+    } else {
+        None
+    };
+
+    let save = |lora: &LoraParams,
+                adamw: &AdamW,
+                step: usize,
+                tokens_seen: u64|
+     -> Result<PathBuf, TrainError> {
+        let st = TrainerState {
+            step,
+            total_steps: plan.total_steps(),
+            tokens_seen,
+            data_fingerprint: fingerprint.clone(),
+            lexp_version: env!("CARGO_PKG_VERSION").into(),
+            files: Default::default(),
+        };
+        let base = config.model_dir.display().to_string();
+        let dir = state::commit_checkpoint(&ckpt_root, st, |tmp| {
+            peft::save_adapter(tmp, lora, &base).map_err(|e| e.to_string())?;
+            adamw
+                .save(&tmp.join(state::OPTIMIZER_FILE), &param_names(lora))
+                .map_err(|e| e.to_string())
+        })
+        .map_err(TrainError::Checkpoint)?;
+        state::prune(&ckpt_root, config.keep_checkpoints);
+        Ok(dir)
+    };
+
+    let mut last_eval = eval_start;
+    let mut last_eval_step = if done == 0 { Some(0) } else { None };
+    let mut last_saved = resumed_from.as_ref().map(|_| done);
+    let (mut tokens_here, mut train_seconds) = (0u64, 0.0f64);
+    for step in done..plan.total_steps() {
+        let batches = plan.step_batches(&data.train, step)?;
+        let tokens: usize = batches.iter().map(PackedBatch::num_tokens).sum();
+        let lr = schedule.lr_at(step as u64);
+        let t0 = Instant::now();
+        let (loss, grad_norm, targets) =
+            train_step(config, &model, &mut lora, &mut adamw, &batches, step, lr)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        train_seconds += seconds;
+        tokens_here += tokens as u64;
+        tokens_seen += tokens as u64;
+        let rec = Record::Train {
+            step: step + 1,
+            epoch: plan.position(step).epoch,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            targets,
+            seconds,
+        };
+        observer.step(
+            &rec,
+            step + 1,
+            plan.total_steps(),
+            tokens_here as f64 / train_seconds.max(1e-9),
+        );
+        metrics.push(rec).map_err(io_err(&metrics_path))?;
+        let s = step + 1;
+        if config.eval_every > 0 && s % config.eval_every == 0 && s < plan.total_steps() {
+            last_eval = eval_now(&lora, s, &mut metrics, observer)?;
+            last_eval_step = Some(s);
+        }
+        if config.save_every > 0 && s % config.save_every == 0 && s < plan.total_steps() {
+            let dir = save(&lora, &adamw, s, tokens_seen)?;
+            observer.checkpoint(&dir);
+            last_saved = Some(s);
+        }
+    }
+    let total = plan.total_steps();
+    if last_eval_step != Some(total) {
+        last_eval = eval_now(&lora, total, &mut metrics, observer)?;
+    }
+    if last_saved != Some(total) {
+        let dir = save(&lora, &adamw, total, tokens_seen)?;
+        observer.checkpoint(&dir);
+    }
+    let adapter_dir = out_dir.join(ADAPTER);
+    peft::save_adapter(&adapter_dir, &lora, &config.model_dir.display().to_string())?;
+    let png = out_dir.join(LOSS_PNG);
+    if let Err(e) = super::plot::loss_curve(metrics.records(), "lexp finetune: loss", &png) {
+        tracing::warn!("could not draw {}: {e}", png.display());
+    }
+    let summary = RunSummary {
+        eval_loss_start: eval_start,
+        eval_loss_end: last_eval.unwrap_or(f64::NAN),
+        eval_targets: 0,
+        steps: total,
+        tokens: tokens_here,
+        train_seconds,
+        adapter_dir,
+    };
+    let summary_path = out_dir.join(SUMMARY);
+    let json =
+        serde_json::to_vec_pretty(&summary).map_err(|e| TrainError::Config(e.to_string()))?;
+    state::write_file_atomic(&summary_path, &json).map_err(io_err(&summary_path))?;
+    Ok(summary)
+}
