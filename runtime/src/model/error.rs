@@ -39,6 +39,9 @@ pub enum ModelError {
     /// The model uses something this runtime does not implement.
     #[error("not supported: {0}")]
     Unsupported(String),
+    /// The GPU failed (a driver, cuBLAS or kernel-launch error), or is out of memory.
+    #[error("GPU: {0}")]
+    Device(String),
     /// A CPU op rejected its inputs.
     #[error(transparent)]
     Cpu(#[from] CpuError),

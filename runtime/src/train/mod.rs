@@ -6,10 +6,12 @@
 //! - [`trainer`]: the loop itself ([`run`]).
 //! - [`state`]: atomic, checksummed checkpoints and resumption.
 //! - [`metrics`] and [`plot`]: `metrics.jsonl` and the loss-curve PNG.
+//! - [`engine`]: the device a run uses (the CPU reference, or the GPU).
 //! - [`embedded`]: the bundled default model and data.
 
 pub mod config;
 pub mod embedded;
+pub mod engine;
 mod error;
 pub mod metrics;
 pub mod plan;
@@ -18,5 +20,6 @@ pub mod state;
 pub mod trainer;
 
 pub use config::TrainConfig;
+pub use engine::{CpuEngine, Engine};
 pub use error::TrainError;
 pub use trainer::{evaluate, run, Observer, RunInfo, RunSummary, Silent};

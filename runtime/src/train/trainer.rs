@@ -2,6 +2,7 @@
 //! checkpoint, and resume a killed run exactly where its last checkpoint left it.
 
 use super::config::TrainConfig;
+use super::engine::Engine;
 use super::metrics::{MetricsLog, Record};
 use super::plan::StepPlan;
 use super::state::{self, TrainerState};
@@ -153,9 +154,9 @@ fn data_fingerprint(data: &RunData) -> String {
     format!("{:016x}", state::fnv1a64(&bytes))
 }
 
-/// Mean loss of `examples` (packed in file order) under `lora`.
+/// Mean loss of `examples` (packed in file order) under `lora`, on `engine`.
 pub fn evaluate(
-    model: &OptModel,
+    engine: &mut dyn Engine,
     lora: Option<&LoraParams>,
     examples: &[Example],
     token_budget: usize,
@@ -164,7 +165,7 @@ pub fn evaluate(
     let batches = pack(examples, &order, token_budget)?;
     let (mut sum, mut count) = (0.0, 0usize);
     for b in &batches {
-        let (s, c) = model::eval_loss(model, lora, b)?;
+        let (s, c) = engine.eval_loss(lora, b)?;
         sum += s;
         count += c;
     }
@@ -185,7 +186,7 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
 /// AdamW. Returns the step's mean loss, gradient norm and targets.
 fn train_step(
     config: &TrainConfig,
-    model: &OptModel,
+    engine: &mut dyn Engine,
     lora: &mut LoraParams,
     adamw: &mut AdamW,
     batches: &[PackedBatch],
@@ -203,10 +204,11 @@ fn train_step(
     let mut total: Option<model::LoraGrads> = None;
     let mut loss_sum = 0.0;
     for (micro, b) in batches.iter().enumerate() {
-        let rng = (lora.config.dropout > 0.0 || model.config.dropout > 0.0).then(|| DropoutRng {
+        let dropout = lora.config.dropout > 0.0 || engine.model().config.dropout > 0.0;
+        let rng = dropout.then(|| DropoutRng {
             seed: dropout_seed(config.seed, step, micro),
         });
-        let out = model::loss_and_grads(model, lora, b, scale, rng)?;
+        let out = engine.loss_and_grads(lora, b, scale, rng)?;
         loss_sum += out.loss_sum;
         match &mut total {
             Some(t) => t.accumulate(&out.grads),
@@ -247,17 +249,45 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     }
 }
 
-/// Runs (or, with `resume`, continues) the fine-tuning run `config` in `out_dir`.
+/// The settings in which `saved` and `requested` differ, as `name: saved X, requested Y`
+/// (so that a refused resume says which flag to change back).
+fn settings_diff(saved: &TrainConfig, requested: &TrainConfig) -> String {
+    // Through text, so that f32 settings print as written (`0.0005`, not their f64 widening).
+    let value = |c: &TrainConfig| {
+        serde_json::to_string(c).and_then(|t| serde_json::from_str::<serde_json::Value>(&t))
+    };
+    let (a, b) = (value(saved), value(requested));
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (a, b) else {
+        return "the saved settings cannot be compared".into();
+    };
+    let diffs: Vec<String> = a
+        .iter()
+        .filter_map(|(k, va)| {
+            let vb = b.get(k).unwrap_or(&serde_json::Value::Null);
+            (va != vb).then(|| format!("{k}: saved {va}, requested {vb}"))
+        })
+        .collect();
+    diffs.join("; ")
+}
+
+/// Loads the model of `config` and makes the CPU engine for it ([`run`] takes any engine).
+pub fn cpu_engine(config: &TrainConfig) -> Result<super::CpuEngine, TrainError> {
+    Ok(super::CpuEngine::new(OptModel::load(&config.model_dir)?))
+}
+
+/// Runs (or, with `resume`, continues) the fine-tuning run `config` in `out_dir` on `engine`
+/// (which holds the model of `config.model_dir`).
 pub fn run(
     config: &TrainConfig,
     out_dir: &Path,
     resume: bool,
+    engine: &mut dyn Engine,
     observer: &mut dyn Observer,
 ) -> Result<RunSummary, TrainError> {
     config.validate().map_err(TrainError::Config)?;
     let lora_config = config.lora().map_err(TrainError::Config)?;
-    let model = OptModel::load(&config.model_dir)?;
-    let data = load_data(config, &model)?;
+    let model_config = engine.model().config.clone();
+    let data = load_data(config, engine.model())?;
     let fingerprint = data_fingerprint(&data);
     let plan = StepPlan::new(
         (0..data.train.len()).collect(),
@@ -296,9 +326,9 @@ pub fn run(
         if saved.trajectory() != config.trajectory() {
             return Err(TrainError::Resume(format!(
                 "{} holds a run with different settings; resume it with the same settings \
-                 (saved:\n{})",
+                 ({})",
                 out_dir.display(),
-                serde_json::to_string_pretty(&saved).unwrap_or_default()
+                settings_diff(&saved.trajectory(), &config.trajectory())
             )));
         }
     }
@@ -317,7 +347,7 @@ pub fn run(
                         fingerprint
                     )));
                 }
-                let lora = peft::load_adapter(&dir, &model.config)?;
+                let lora = peft::load_adapter(&dir, &model_config)?;
                 if lora.config != lora_config {
                     return Err(TrainError::Resume(format!(
                         "{} holds an adapter with other LoRA settings",
@@ -330,7 +360,7 @@ pub fn run(
                 (lora, adamw, st.step, st.tokens_seen, Some(dir))
             }
             None => {
-                let lora = LoraParams::init(&lora_config, &model.config, config.seed);
+                let lora = LoraParams::init(&lora_config, &model_config, config.seed);
                 let sizes: Vec<usize> = lora.tensors().iter().map(|(_, m)| m.data.len()).collect();
                 (lora, AdamW::new(config.adamw(), &sizes), 0, 0, None)
             }
@@ -347,7 +377,8 @@ pub fn run(
     let metrics_path = out_dir.join(METRICS);
     let mut metrics = MetricsLog::open(&metrics_path, done).map_err(io_err(&metrics_path))?;
     let has_eval = !data.eval.is_empty();
-    let eval_now = |lora: &LoraParams,
+    let eval_now = |engine: &mut dyn Engine,
+                    lora: &LoraParams,
                     step: usize,
                     metrics: &mut MetricsLog,
                     obs: &mut dyn Observer|
@@ -355,7 +386,7 @@ pub fn run(
         if !has_eval {
             return Ok(None);
         }
-        let (loss, targets) = evaluate(&model, Some(lora), &data.eval, config.micro_batch_tokens)?;
+        let (loss, targets) = evaluate(engine, Some(lora), &data.eval, config.micro_batch_tokens)?;
         let rec = Record::Eval {
             step,
             loss,
@@ -365,10 +396,18 @@ pub fn run(
         metrics.push(rec).map_err(io_err(&metrics_path))?;
         Ok(Some(loss))
     };
-    let eval_start = if done == 0 {
-        eval_now(&lora, 0, &mut metrics, observer)?
+    // The eval logged at the step a resume continues from (kept in the metrics) is not
+    // repeated: a resumed finished run would otherwise log its final eval twice.
+    let kept_eval = |step: usize| {
+        metrics.records().iter().rev().find_map(|r| match r {
+            Record::Eval { step: s, loss, .. } if *s == step => Some(*loss),
+            _ => None,
+        })
+    };
+    let (eval_start, kept_at_done) = if done == 0 {
+        (eval_now(engine, &lora, 0, &mut metrics, observer)?, None)
     } else {
-        None
+        (kept_eval(0), kept_eval(done))
     };
 
     let save = |lora: &LoraParams,
@@ -396,8 +435,12 @@ pub fn run(
         Ok(dir)
     };
 
-    let mut last_eval = eval_start;
-    let mut last_eval_step = if done == 0 { Some(0) } else { None };
+    let mut last_eval = if done == 0 { eval_start } else { kept_at_done };
+    let mut last_eval_step = if done == 0 || kept_at_done.is_some() {
+        Some(done)
+    } else {
+        None
+    };
     let mut last_saved = resumed_from.as_ref().map(|_| done);
     let (mut tokens_here, mut train_seconds) = (0u64, 0.0f64);
     for step in done..plan.total_steps() {
@@ -406,7 +449,7 @@ pub fn run(
         let lr = schedule.lr_at(step as u64);
         let t0 = Instant::now();
         let (loss, grad_norm, targets) =
-            train_step(config, &model, &mut lora, &mut adamw, &batches, step, lr)?;
+            train_step(config, engine, &mut lora, &mut adamw, &batches, step, lr)?;
         let seconds = t0.elapsed().as_secs_f64();
         train_seconds += seconds;
         tokens_here += tokens as u64;
@@ -430,7 +473,7 @@ pub fn run(
         metrics.push(rec).map_err(io_err(&metrics_path))?;
         let s = step + 1;
         if config.eval_every > 0 && s % config.eval_every == 0 && s < plan.total_steps() {
-            last_eval = eval_now(&lora, s, &mut metrics, observer)?;
+            last_eval = eval_now(engine, &lora, s, &mut metrics, observer)?;
             last_eval_step = Some(s);
         }
         if config.save_every > 0 && s % config.save_every == 0 && s < plan.total_steps() {
@@ -441,7 +484,7 @@ pub fn run(
     }
     let total = plan.total_steps();
     if last_eval_step != Some(total) {
-        last_eval = eval_now(&lora, total, &mut metrics, observer)?;
+        last_eval = eval_now(engine, &lora, total, &mut metrics, observer)?;
     }
     if last_saved != Some(total) {
         let dir = save(&lora, &adamw, total, tokens_seen)?;
@@ -456,7 +499,15 @@ pub fn run(
     let summary = RunSummary {
         eval_loss_start: eval_start,
         eval_loss_end: last_eval.unwrap_or(f64::NAN),
-        eval_targets: 0,
+        eval_targets: metrics
+            .records()
+            .iter()
+            .rev()
+            .find_map(|r| match r {
+                Record::Eval { targets, .. } => Some(*targets),
+                _ => None,
+            })
+            .unwrap_or(0),
         steps: total,
         tokens: tokens_here,
         train_seconds,

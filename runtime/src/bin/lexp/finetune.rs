@@ -133,10 +133,26 @@ fn pick_device(choice: DeviceChoice) -> Result<&'static str> {
 }
 
 /// Progress bar and messages of a run.
+///
+/// When stderr is not a terminal (CI logs, redirected output) indicatif hides the bar and
+/// drops its `println`s, so eval lines are printed directly and a plain progress line is
+/// printed every ~10% of the steps instead.
 struct Progress {
     bar: Option<ProgressBar>,
     last_eval: Option<f64>,
     first_eval: Option<f64>,
+    /// Steps between plain progress lines when the bar is hidden.
+    plain_every: usize,
+}
+
+impl Progress {
+    /// Prints `line` above the bar, or plainly when the bar is hidden (or absent).
+    fn println(&self, line: String) {
+        match &self.bar {
+            Some(bar) if !bar.is_hidden() => bar.println(line),
+            _ => eprintln!("{line}"),
+        }
+    }
 }
 
 impl Observer for Progress {
@@ -157,16 +173,24 @@ impl Observer for Progress {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         self.bar = Some(bar);
+        self.plain_every = info.total_steps.div_ceil(10).max(1);
     }
 
-    fn step(&mut self, record: &Record, done: usize, _total: usize, tokens_per_s: f64) {
+    fn step(&mut self, record: &Record, done: usize, total: usize, tokens_per_s: f64) {
         if let (Some(bar), Record::Train { loss, .. }) = (&self.bar, record) {
             let eval = self
                 .last_eval
                 .map(|e| format!("  eval {e:.4}"))
                 .unwrap_or_default();
-            bar.set_message(format!("loss {loss:.4}{eval}  {tokens_per_s:.0} tok/s"));
-            bar.set_position(done as u64);
+            let msg = format!("loss {loss:.4}{eval}  {tokens_per_s:.0} tok/s");
+            if bar.is_hidden() {
+                if done % self.plain_every == 0 || done == total {
+                    eprintln!("step {done}/{total}: {msg}");
+                }
+            } else {
+                bar.set_message(msg);
+                bar.set_position(done as u64);
+            }
         }
     }
 
@@ -179,12 +203,9 @@ impl Observer for Progress {
         {
             self.first_eval.get_or_insert(*loss);
             self.last_eval = Some(*loss);
-            let line =
-                format!("eval after step {step}: loss {loss:.4} over {targets} target tokens");
-            match &self.bar {
-                Some(bar) => bar.println(line),
-                None => eprintln!("{line}"),
-            }
+            self.println(format!(
+                "eval after step {step}: loss {loss:.4} over {targets} target tokens"
+            ));
         }
     }
 }
@@ -247,13 +268,20 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         keep_checkpoints: args.keep_checkpoints,
         seed: args.seed,
     };
-    eprintln!("device: {backend}; output: {}", output.display());
+    let mut engine = train::trainer::cpu_engine(&config)
+        .with_context(|| format!("loading the model {}", config.model_dir.display()))?;
+    eprintln!(
+        "device: {backend} ({}); output: {}",
+        train::Engine::name(&engine),
+        output.display()
+    );
     let mut progress = Progress {
         bar: None,
         last_eval: None,
         first_eval: None,
+        plain_every: 1,
     };
-    let summary = train::run(&config, &output, args.resume, &mut progress)
+    let summary = train::run(&config, &output, args.resume, &mut engine, &mut progress)
         .with_context(|| format!("fine-tuning run in {}", output.display()))?;
     if let Some(bar) = &progress.bar {
         bar.finish();
@@ -313,7 +341,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             bail!("--model given without --data: name the JSONL file with --data FILE")
         }
     };
-    let model = OptModel::load(&model_dir)?;
+    let model = OptModel::load(&model_dir)
+        .with_context(|| format!("loading the model {}", model_dir.display()))?;
     let tok = Tokenizer::from_file(model_dir.join("tokenizer.json"))?;
     let options = JsonlOptions {
         max_len: args.max_seq_len.min(model.config.max_position_embeddings),
@@ -325,8 +354,12 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         Some(dir) => Some(peft::load_adapter(dir, &model.config)?),
         None => None,
     };
-    let (loss, targets) =
-        train::evaluate(&model, lora.as_ref(), &ds.examples, args.micro_batch_tokens)?;
+    let (loss, targets) = train::evaluate(
+        &mut train::CpuEngine::new(model),
+        lora.as_ref(),
+        &ds.examples,
+        args.micro_batch_tokens,
+    )?;
     println!(
         "{}: {} examples, {targets} target tokens: loss {loss:.4}, perplexity {:.2}",
         display(&data),
