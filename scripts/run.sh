@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: builds `lexp` and runs every DSL kernel against its CPU
-# reference, on the GPU if one is present (then also the bandwidth table), else in the
-# interpreter on the CPU.
+# The main job on the embedded default: builds `lexp` and fine-tunes the bundled opt-tiny model
+# with LoRA on the bundled E2E slice (`lexp finetune` with no arguments), showing the eval loss
+# falling; on the GPU if one is usable, else on the CPU. Extra arguments go to `lexp finetune`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release -p lexp-runtime --bin lexp
-exec target/release/lexp check "$@"
+exec target/release/lexp finetune "$@"
