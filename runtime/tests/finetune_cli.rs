@@ -1,0 +1,809 @@
+//! `lexp finetune` / `lexp eval` driven as a user drives them: the real binary on the bundled
+//! opt-tiny model and E2E slice, with small settings so that the file runs in seconds.
+//!
+//! - A run killed (SIGKILL) at pseudo-random moments and resumed each time ends with exactly
+//!   the loss curve, adapter and optimizer state of an uninterrupted run; a corrupted newest
+//!   checkpoint is skipped with a warning and the run still ends the same.
+//! - Bad inputs (missing or corrupt safetensors, a config that does not fit the weights, a
+//!   malformed JSONL line, over-long sequences, impossible settings, no GPU, an existing run
+//!   directory, a resume with other settings, a missing adapter) fail with a non-zero exit and
+//!   a message naming the file, line, tensor or setting at fault, and leave existing files
+//!   untouched.
+
+use lexp_runtime::checkpoint::SafeTensors;
+use lexp_runtime::data::SplitMix64;
+use serde_json::Value;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const LEXP: &str = env!("CARGO_BIN_EXE_lexp");
+/// Optimizer steps of the test runs.
+const STEPS: usize = 10;
+
+fn assets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/default")
+}
+
+fn model_dir() -> PathBuf {
+    assets().join("opt-tiny")
+}
+
+fn train_data() -> PathBuf {
+    assets().join("e2e/train.jsonl")
+}
+
+/// A directory of one test, removed when the test ends (also when it fails).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("lexp-finetune-cli-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+
+    /// The first 10 lines of the bundled eval slice, as a small eval file.
+    fn eval_file(&self) -> PathBuf {
+        let text = fs::read_to_string(assets().join("e2e/eval.jsonl")).unwrap();
+        let small: String = text.lines().take(10).map(|l| format!("{l}\n")).collect();
+        let path = self.join("eval.jsonl");
+        fs::write(&path, small).unwrap();
+        path
+    }
+
+    /// A copy of the bundled model directory.
+    fn model_copy(&self, name: &str) -> PathBuf {
+        let dir = self.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        for e in fs::read_dir(model_dir()).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        dir
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `lexp ARGS` with a private cache and no backtraces or colours in its messages.
+fn lexp(tmp: &TempDir, args: &[String]) -> Command {
+    let mut cmd = Command::new(LEXP);
+    cmd.args(args)
+        .env("LEXP_CACHE", tmp.join("cache"))
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// The small fine-tuning run of these tests ([`STEPS`] steps), into `out`, with `extra`
+/// arguments.
+fn finetune_args(
+    model: &Path,
+    train: &Path,
+    eval: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    finetune_steps(model, train, eval, out, STEPS, extra)
+}
+
+/// [`finetune_args`] with `steps` optimizer steps.
+fn finetune_steps(
+    model: &Path,
+    train: &Path,
+    eval: &Path,
+    out: &Path,
+    steps: usize,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "finetune",
+        "--model",
+        &model.display().to_string(),
+        "--data",
+        &train.display().to_string(),
+        "--eval-data",
+        &eval.display().to_string(),
+        "--batch",
+        "4",
+        "--max-steps",
+        &steps.to_string(),
+        "--save-every",
+        "2",
+        "--device",
+        "cpu",
+        "--output",
+        &out.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Removes ANSI colour sequences (in case the log formatter colours despite `NO_COLOR`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn stderr_of(out: &Output) -> String {
+    strip_ansi(&String::from_utf8_lossy(&out.stderr))
+}
+
+/// Runs `cmd` and asserts that it fails cleanly: exit code 1 (an error, not a panic or a
+/// signal), no panic message, and every one of `needles` in stderr. Returns stderr.
+fn expect_failure(mut cmd: Command, needles: &[&str]) -> String {
+    let out = cmd.output().unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected a clean failure:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "panic:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr does not mention {n:?}:\n{err}");
+    }
+    err
+}
+
+fn expect_success(mut cmd: Command) -> String {
+    let out = cmd.output().unwrap();
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "run failed:\n{err}");
+    assert!(!err.contains("panicked"), "panic:\n{err}");
+    err
+}
+
+/// The records of `metrics.jsonl`, without the wall times of the steps.
+fn metrics(run: &Path) -> Vec<Value> {
+    fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        })
+        .collect()
+}
+
+/// Asserts that two runs logged the same curve: train steps 1..=STEPS with bitwise equal
+/// losses (and learning rates, gradient norms, token counts), and the same evals.
+fn assert_same_metrics(reference: &Path, run: &Path) {
+    let (want, got) = (metrics(reference), metrics(run));
+    let train = |m: &[Value]| -> Vec<(u64, f64)> {
+        m.iter()
+            .filter(|r| r["kind"] == "train")
+            .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    let (tw, tg) = (train(&want), train(&got));
+    assert_eq!(
+        tw.iter().map(|t| t.0).collect::<Vec<_>>(),
+        (1..=STEPS as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        tg.iter().map(|t| t.0).collect::<Vec<_>>(),
+        tw.iter().map(|t| t.0).collect::<Vec<_>>()
+    );
+    for ((step, a), (_, b)) in tw.iter().zip(&tg) {
+        assert!(
+            a.to_bits() == b.to_bits(),
+            "step {step}: loss {b:e} of the resumed run differs from {a:e} (uninterrupted)"
+        );
+    }
+    assert_eq!(got, want, "metrics.jsonl records differ");
+}
+
+/// Asserts that two safetensors files hold the same tensors, bit for bit.
+fn assert_same_tensors(a: &Path, b: &Path) {
+    let (a, b) = (SafeTensors::read(a).unwrap(), SafeTensors::read(b).unwrap());
+    let names = |s: &SafeTensors| s.names().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(names(&a), names(&b));
+    assert!(!a.is_empty());
+    for ta in a.tensors() {
+        let tb = b.get(ta.name()).unwrap();
+        assert_eq!(
+            (ta.dtype(), ta.shape()),
+            (tb.dtype(), tb.shape()),
+            "{}",
+            ta.name()
+        );
+        assert!(ta.bytes() == tb.bytes(), "tensor {} differs", ta.name());
+    }
+}
+
+/// Asserts that `run` ended with the adapter and optimizer state of `reference`.
+fn assert_same_result(reference: &Path, run: &Path) {
+    assert_same_metrics(reference, run);
+    let adapter = "adapter/adapter_model.safetensors";
+    assert_same_tensors(&reference.join(adapter), &run.join(adapter));
+    let last = format!("checkpoints/step-{STEPS:08}/optimizer.safetensors");
+    assert_same_tensors(&reference.join(&last), &run.join(&last));
+}
+
+/// Steps of the checkpoints in `run` (complete ones only: they are renamed into place).
+fn checkpoint_steps(run: &Path) -> Vec<usize> {
+    let mut steps: Vec<usize> = fs::read_dir(run.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
+/// An uninterrupted run into `tmp/name`; returns its directory and wall time.
+fn reference_run(tmp: &TempDir, eval: &Path, name: &str) -> (PathBuf, Duration) {
+    let dir = tmp.join(name);
+    let t0 = Instant::now();
+    let err = expect_success(lexp(
+        tmp,
+        &finetune_args(&model_dir(), &train_data(), eval, &dir, &[]),
+    ));
+    let took = t0.elapsed();
+    assert!(!err.contains("resumed from"), "{err}");
+    // The bar is hidden (stderr is not a terminal): evals and progress print as plain lines.
+    assert!(err.contains("eval after step 0: loss"), "{err}");
+    assert!(
+        err.contains(&format!("eval after step {STEPS}: loss")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("step {STEPS}/{STEPS}: loss")),
+        "{err}"
+    );
+    (dir, took)
+}
+
+/// What one start of the interrupted run did.
+struct Start {
+    killed: bool,
+    /// The checkpoint step it should have resumed from.
+    resume_step: Option<usize>,
+}
+
+/// Starts the run in `dir` (with `--resume` unless `first`), SIGKILLs it after `delay` if it
+/// is still running, and checks that it said where it resumed from.
+fn start_and_maybe_kill(
+    tmp: &TempDir,
+    eval: &Path,
+    dir: &Path,
+    first: bool,
+    delay: Duration,
+    log: &Path,
+) -> Start {
+    let resume_step = checkpoint_steps(dir).last().copied();
+    let extra: &[&str] = if first { &[] } else { &["--resume"] };
+    let mut child = lexp(
+        tmp,
+        &finetune_args(&model_dir(), &train_data(), eval, dir, extra),
+    )
+    .stdout(Stdio::null())
+    .stderr(fs::File::create(log).unwrap())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + delay;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let killed = status.is_none();
+    if killed {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let err = strip_ansi(&fs::read_to_string(log).unwrap());
+    if let Some(status) = status {
+        assert!(status.success(), "a resumed run failed:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    // The line after the start message says whether (and from where) the run resumed.
+    let lines: Vec<&str> = err.lines().collect();
+    if let Some(i) = lines.iter().position(|l| l.starts_with("training ")) {
+        if let Some(next) = lines.get(i + 1) {
+            match resume_step {
+                Some(k) => {
+                    let want = format!("step-{k:08} (step {k})");
+                    assert!(
+                        next.starts_with("resumed from ") && next.ends_with(&want),
+                        "expected a resume from step {k}:\n{err}"
+                    );
+                }
+                None => assert!(!next.starts_with("resumed"), "{err}"),
+            }
+        }
+    }
+    if !killed && resume_step.is_some() {
+        assert!(err.contains("resumed from"), "{err}");
+    }
+    Start {
+        killed,
+        resume_step,
+    }
+}
+
+/// Kills a run at pseudo-random moments (0.2 s to the duration of an uninterrupted run after
+/// each start), resuming it each time, until it finishes by itself; then compares it with the
+/// uninterrupted run. Runs are repeated in fresh directories until, over all of them, at
+/// least 3 starts were killed mid-run and 2 resumed from a checkpoint strictly inside the run
+/// (a start whose delay outlasts it finishes early); every finished run must match.
+#[test]
+fn killed_and_resumed_run_gives_the_same_loss_curve() {
+    let tmp = TempDir::new("kill");
+    let eval = tmp.eval_file();
+    let (reference, took) = reference_run(&tmp, &eval, "reference");
+    let mut rng = SplitMix64::new(0x6b69_6c6c);
+    let (lo, hi) = (0.2, took.as_secs_f64().max(0.3));
+    let (mut kills, mut resumes_mid_run, mut history) = (0, 0, Vec::new());
+    for attempt in 0..8 {
+        if kills >= 3 && resumes_mid_run >= 2 {
+            break;
+        }
+        let dir = tmp.join(&format!("killed-{attempt}"));
+        let mut finished = false;
+        for start in 0..40 {
+            let delay = lo + (rng.next_u64() as f64 / 2f64.powi(64)) * (hi - lo);
+            let log = tmp.join(&format!("attempt-{attempt}-start-{start}.log"));
+            let first = start == 0;
+            let s = start_and_maybe_kill(
+                &tmp,
+                &eval,
+                &dir,
+                first,
+                Duration::from_secs_f64(delay),
+                &log,
+            );
+            history.push(format!(
+                "attempt {attempt} start {start}: delay {delay:.2} s, resume from {:?}, {}",
+                s.resume_step,
+                if s.killed { "killed" } else { "finished" }
+            ));
+            resumes_mid_run += usize::from(s.resume_step.is_some_and(|k| k > 0 && k < STEPS));
+            if !s.killed {
+                finished = true;
+                break;
+            }
+            kills += 1;
+        }
+        let text = history.join("\n");
+        assert!(finished, "the run never finished:\n{text}");
+        assert_same_result(&reference, &dir);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+    eprintln!("{}", history.join("\n"));
+    assert!(
+        kills >= 3 && resumes_mid_run >= 2,
+        "{kills} kills, {resumes_mid_run} resumes mid-run:\n{}",
+        history.join("\n")
+    );
+}
+
+#[test]
+fn corrupt_newest_checkpoint_is_skipped() {
+    let tmp = TempDir::new("corrupt");
+    let eval = tmp.eval_file();
+    let (reference, _) = reference_run(&tmp, &eval, "reference");
+    let run = tmp.join("run");
+    expect_success(lexp(
+        &tmp,
+        &finetune_args(&model_dir(), &train_data(), &eval, &run, &[]),
+    ));
+    assert_eq!(checkpoint_steps(&run), vec![STEPS - 2, STEPS]);
+    let newest = run.join(format!(
+        "checkpoints/step-{STEPS:08}/adapter_model.safetensors"
+    ));
+    let mut bytes = fs::read(&newest).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n - 64..n - 32] {
+        *b ^= 0x5a;
+    }
+    fs::write(&newest, bytes).unwrap();
+    let err = expect_success(lexp(
+        &tmp,
+        &finetune_args(&model_dir(), &train_data(), &eval, &run, &["--resume"]),
+    ));
+    assert!(
+        err.contains("skipping checkpoint")
+            && err.contains(&format!("step-{STEPS:08}"))
+            && err.contains("adapter_model.safetensors does not match its checksum"),
+        "{err}"
+    );
+    let k = STEPS - 2;
+    assert!(err.contains(&format!("step-{k:08} (step {k})")), "{err}");
+    // Steps 9 and 10 were trained again, to the same result.
+    assert!(
+        err.contains(&format!("step {STEPS}/{STEPS}: loss")),
+        "{err}"
+    );
+    assert_same_result(&reference, &run);
+}
+
+/// Every file under `dir` with its bytes (to show that a refused command changed nothing).
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                files.push((p.clone(), fs::read(&p).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// A failing `lexp finetune` of the model in `model` (2 steps) into `tmp/out`; asserts that
+/// stderr holds `needles` and that no output directory was created.
+fn expect_model_error(tmp: &TempDir, model: &Path, needles: &[&str]) -> String {
+    let eval = tmp.eval_file();
+    let out = tmp.join("out");
+    let args = finetune_steps(model, &eval, &eval, &out, 2, &[]);
+    let err = expect_failure(lexp(tmp, &args), needles);
+    assert!(!out.exists(), "a failed start created {}", out.display());
+    err
+}
+
+#[test]
+fn missing_model_safetensors_is_named() {
+    let tmp = TempDir::new("missing-weights");
+    let model = tmp.model_copy("model");
+    fs::remove_file(model.join("model.safetensors")).unwrap();
+    expect_model_error(
+        &tmp,
+        &model,
+        &[&format!(
+            "{}: no model.safetensors.index.json or model.safetensors",
+            model.display()
+        )],
+    );
+}
+
+#[test]
+fn truncated_model_safetensors_names_file_and_tensor() {
+    let tmp = TempDir::new("truncated-weights");
+    let model = tmp.model_copy("model");
+    let file = model.join("model.safetensors");
+    let len = fs::metadata(&file).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = expect_model_error(
+        &tmp,
+        &model,
+        &[&format!("{}: tensor `model.decoder.", file.display())],
+    );
+    assert!(err.contains("exceed the file's data section"), "{err}");
+    // Shorter than the header length itself.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(4)
+        .unwrap();
+    expect_model_error(
+        &tmp,
+        &model,
+        &[&format!("{}: file is 4 bytes", file.display())],
+    );
+}
+
+#[test]
+fn huge_safetensors_header_length_is_refused() {
+    let tmp = TempDir::new("huge-header");
+    let model = tmp.model_copy("model");
+    let file = model.join("model.safetensors");
+    let mut bytes = fs::read(&file).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 47).to_le_bytes());
+    fs::write(&file, bytes).unwrap();
+    expect_model_error(
+        &tmp,
+        &model,
+        &[&format!(
+            "{}: header length {} exceeds",
+            file.display(),
+            1u64 << 47
+        )],
+    );
+}
+
+#[test]
+fn config_that_does_not_fit_the_weights_names_a_tensor() {
+    let tmp = TempDir::new("config-mismatch");
+    let model = tmp.model_copy("model");
+    let config = fs::read_to_string(model.join("config.json")).unwrap();
+    let weights = model.join("model.safetensors").display().to_string();
+    let cases = [
+        (
+            "\"hidden_size\": 192",
+            "\"hidden_size\": 195",
+            "tensor `model.decoder.embed_positions.weight`: shape [1026, 192] does not match the config (expected [1026, 195])",
+        ),
+        (
+            "\"ffn_dim\": 768",
+            "\"ffn_dim\": 700",
+            "tensor `model.decoder.layers.0.fc1.weight`: shape [768, 192] does not match the config (expected [700, 192])",
+        ),
+        (
+            "\"num_hidden_layers\": 4",
+            "\"num_hidden_layers\": 5",
+            "missing tensor `model.decoder.layers.4.",
+        ),
+        (
+            "\"num_hidden_layers\": 4",
+            "\"num_hidden_layers\": 3",
+            "tensor `model.decoder.layers.3.",
+        ),
+    ];
+    for (from, to, needle) in cases {
+        assert!(config.contains(from));
+        fs::write(model.join("config.json"), config.replace(from, to)).unwrap();
+        expect_model_error(&tmp, &model, &[&format!("{weights}: {needle}")]);
+    }
+}
+
+/// The first `n` lines of the bundled training data with line 3 replaced by `line3`.
+fn train_with_line3(tmp: &TempDir, n: usize, line3: &str) -> PathBuf {
+    let text = fs::read_to_string(train_data()).unwrap();
+    let mut lines: Vec<&str> = text.lines().take(n).collect();
+    lines[2] = line3;
+    let path = tmp.join("train.jsonl");
+    fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+#[test]
+fn malformed_jsonl_line_is_named() {
+    let tmp = TempDir::new("bad-jsonl");
+    let eval = tmp.eval_file();
+    let out = tmp.join("out");
+    for (line, why) in [
+        (
+            r#"{"prompt": 5}"#,
+            "field `prompt` must be a string, found a number",
+        ),
+        (r#"{"prompt": "a", "completion": "#, "not valid JSON"),
+        ("name[Alimentum] is not JSON", "not valid JSON"),
+        (r#"{"foo": "bar"}"#, "no known fields"),
+    ] {
+        let train = train_with_line3(&tmp, 20, line);
+        let args = finetune_steps(&model_dir(), &train, &eval, &out, 2, &[]);
+        expect_failure(lexp(&tmp, &args), &[&format!("train.jsonl:3: {why}")]);
+        assert!(!out.exists());
+    }
+    let missing = tmp.join("missing.jsonl");
+    let args = finetune_steps(&model_dir(), &missing, &eval, &out, 2, &[]);
+    expect_failure(
+        lexp(&tmp, &args),
+        &[&format!("cannot read {}", missing.display())],
+    );
+}
+
+#[test]
+fn overlong_sequences_are_truncated_with_a_warning() {
+    let tmp = TempDir::new("long");
+    let eval = tmp.eval_file();
+    let long = serde_json::json!({
+        "prompt": "name[Alimentum], area[city centre]\n",
+        "completion": "Alimentum is a restaurant near the river in the city centre. ".repeat(150),
+    });
+    let train = train_with_line3(&tmp, 20, &long.to_string());
+    // Longer than the model's 1024 positions (--max-seq-len above them is capped there).
+    let out = tmp.join("out");
+    let args = finetune_steps(
+        &model_dir(),
+        &train,
+        &eval,
+        &out,
+        2,
+        &["--max-seq-len", "2048"],
+    );
+    let err = expect_success(lexp(&tmp, &args));
+    assert!(err.contains("train.jsonl:3: truncated from "), "{err}");
+    assert!(err.contains(" to 1024 tokens"), "{err}");
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+    // Longer than --max-seq-len.
+    let out = tmp.join("out-64");
+    let args = finetune_steps(
+        &model_dir(),
+        &train,
+        &eval,
+        &out,
+        2,
+        &["--max-seq-len", "64", "--micro-batch-tokens", "512"],
+    );
+    let err = expect_success(lexp(&tmp, &args));
+    assert!(err.contains("train.jsonl:3: truncated from "), "{err}");
+    assert!(err.contains(" to 64 tokens"), "{err}");
+    // A sequence length that no micro-batch can hold.
+    let out = tmp.join("out-bad");
+    let args = finetune_steps(
+        &model_dir(),
+        &train,
+        &eval,
+        &out,
+        2,
+        &["--max-seq-len", "2048", "--micro-batch-tokens", "1024"],
+    );
+    expect_failure(
+        lexp(&tmp, &args),
+        &["invalid settings: the micro-batch token budget (1024) must hold the longest sequence (2048 tokens)"],
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn device_choice_without_gpu() {
+    let tmp = TempDir::new("device");
+    let eval = tmp.eval_file();
+    let gpu = lexp_runtime::CudaDevice::new(0).is_ok();
+    let out = tmp.join("out");
+    let mut args = finetune_steps(&model_dir(), &eval, &eval, &out, 1, &[]);
+    let device = args.iter().position(|a| a == "--device").unwrap() + 1;
+    args[device] = "cuda".into();
+    if gpu {
+        expect_failure(
+            lexp(&tmp, &args),
+            &["--device cuda: found", "not implemented yet"],
+        );
+    } else {
+        expect_failure(lexp(&tmp, &args), &["--device cuda: no usable CUDA GPU"]);
+    }
+    assert!(!out.exists());
+    args[device] = "auto".into();
+    let err = expect_success(lexp(&tmp, &args));
+    assert!(err.contains("device: cpu"), "{err}");
+    if gpu {
+        assert!(err.contains("training on the CPU"), "{err}");
+    } else {
+        assert!(
+            err.contains("no usable GPU (") && err.contains("); training on the CPU"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn existing_run_is_refused_without_loss() {
+    let tmp = TempDir::new("existing");
+    let eval = tmp.eval_file();
+    let out = tmp.join("run");
+    let args = |extra: &[&str]| finetune_steps(&model_dir(), &train_data(), &eval, &out, 2, extra);
+    expect_success(lexp(&tmp, &args(&[])));
+    let before = snapshot(&out);
+    assert!(before
+        .iter()
+        .any(|(p, b)| p.ends_with("metrics.jsonl") && !b.is_empty()));
+    expect_failure(
+        lexp(&tmp, &args(&[])),
+        &[&format!(
+            "{} already holds a run; pass --resume",
+            out.display()
+        )],
+    );
+    assert!(
+        snapshot(&out) == before,
+        "a refused start changed the run directory"
+    );
+    expect_failure(
+        lexp(&tmp, &args(&["--resume", "--lr", "0.001"])),
+        &[
+            &format!("{} holds a run with different settings", out.display()),
+            "lr: saved 0.0005, requested 0.001",
+        ],
+    );
+    assert!(
+        snapshot(&out) == before,
+        "a refused resume changed the run directory"
+    );
+    // Resuming the finished run (eval cadence may differ) redoes nothing: same metrics (the
+    // final eval is not logged twice), same adapter.
+    let err = expect_success(lexp(&tmp, &args(&["--resume", "--eval-every", "1"])));
+    assert!(err.contains("step-00000002 (step 2)"), "{err}");
+    let after = snapshot(&out);
+    for name in ["metrics.jsonl", "adapter/adapter_model.safetensors"] {
+        let file = |s: &[(PathBuf, Vec<u8>)]| s.iter().find(|(p, _)| p.ends_with(name)).cloned();
+        assert!(file(&after) == file(&before), "{name} changed");
+    }
+}
+
+#[test]
+fn eval_names_a_missing_adapter_file() {
+    let tmp = TempDir::new("eval-adapter");
+    let eval = tmp.eval_file();
+    let model = model_dir().display().to_string();
+    let eval_args = |adapter: &Path| -> Vec<String> {
+        [
+            "eval",
+            "--model",
+            &model,
+            "--data",
+            &eval.display().to_string(),
+            "--adapter",
+            &adapter.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let missing = tmp.join("no-such-adapter");
+    expect_failure(
+        lexp(&tmp, &eval_args(&missing)),
+        &[&format!(
+            "{}: no such file",
+            missing.join("adapter_config.json").display()
+        )],
+    );
+    // A directory with the config but not the weights.
+    let half = tmp.join("half-adapter");
+    fs::create_dir_all(&half).unwrap();
+    let run = tmp.join("run");
+    expect_success(lexp(
+        &tmp,
+        &finetune_steps(&model_dir(), &eval, &eval, &run, 1, &[]),
+    ));
+    fs::copy(
+        run.join("adapter/adapter_config.json"),
+        half.join("adapter_config.json"),
+    )
+    .unwrap();
+    expect_failure(
+        lexp(&tmp, &eval_args(&half)),
+        &[&format!(
+            "{}: no such file",
+            half.join("adapter_model.safetensors").display()
+        )],
+    );
+    // The whole adapter evaluates.
+    let out = lexp(&tmp, &eval_args(&run.join("adapter")))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("eval.jsonl: 10 examples") && stdout.contains("perplexity"),
+        "{stdout}"
+    );
+}
