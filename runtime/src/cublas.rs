@@ -386,6 +386,216 @@ fn op(t: bool) -> cublasOperation_t {
     }
 }
 
+/// Where a matrix lies inside a [`DeviceTensor`] (in elements): `rows × cols`, row `i` starting
+/// at `offset + i·ld`, and in a batched GEMM matrix `b` of the batch `b·batch_stride` further.
+///
+/// This is how [`Blas::gemm_strided_batched`] reads sub-matrices in place: one head of a
+/// packed `[T, 3H]` q/k/v buffer is `rows = L, cols = hd, ld = 3H` at column offset `h·hd`,
+/// and the heads of a batch are `batch_stride = hd` apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatLayout {
+    /// Element index of `[0, 0]` of the first matrix.
+    pub offset: usize,
+    /// Rows of each matrix as stored.
+    pub rows: usize,
+    /// Columns of each matrix as stored.
+    pub cols: usize,
+    /// Elements between the starts of consecutive rows (at least `cols`).
+    pub ld: usize,
+    /// Elements between the starts of consecutive matrices of a batch.
+    pub batch_stride: usize,
+}
+
+impl MatLayout {
+    /// A contiguous `rows × cols` matrix at element 0 (batches back to back).
+    pub fn dense(rows: usize, cols: usize) -> MatLayout {
+        MatLayout {
+            offset: 0,
+            rows,
+            cols,
+            ld: cols,
+            batch_stride: rows * cols,
+        }
+    }
+
+    /// A `rows × cols` matrix at `offset` with row stride `ld` (no batch stride).
+    pub fn at(offset: usize, rows: usize, cols: usize, ld: usize) -> MatLayout {
+        MatLayout {
+            offset,
+            rows,
+            cols,
+            ld,
+            batch_stride: 0,
+        }
+    }
+
+    /// The same layout with matrices `stride` elements apart in a batch.
+    pub fn batched(self, stride: usize) -> MatLayout {
+        MatLayout {
+            batch_stride: stride,
+            ..self
+        }
+    }
+
+    /// One past the last element any of `batch` matrices touches (0 when they are empty), or
+    /// `None` on overflow.
+    fn end(&self, batch: usize) -> Option<usize> {
+        if self.rows == 0 || self.cols == 0 || batch == 0 {
+            return Some(0);
+        }
+        let last_batch = (batch - 1).checked_mul(self.batch_stride)?;
+        let last_row = (self.rows - 1).checked_mul(self.ld)?;
+        self.offset
+            .checked_add(last_batch)?
+            .checked_add(last_row)?
+            .checked_add(self.cols)
+    }
+
+    /// True when the `batch` matrices share no element: stacked blocks, or blocks side by side
+    /// inside one row stride (the heads of a `[T, H]` buffer).
+    fn batches_disjoint(&self, batch: usize) -> bool {
+        if batch <= 1 || self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let block = (self.rows - 1)
+            .saturating_mul(self.ld)
+            .saturating_add(self.cols);
+        let stacked = self.batch_stride >= block;
+        let side_by_side = self.batch_stride >= self.cols
+            && (batch - 1)
+                .saturating_mul(self.batch_stride)
+                .saturating_add(self.cols)
+                <= self.ld;
+        stacked || side_by_side
+    }
+}
+
+/// A matrix (or a batch of them) inside a tensor, read by a GEMM.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<'a> {
+    /// The tensor holding it.
+    pub tensor: &'a DeviceTensor,
+    /// Where it lies in the tensor.
+    pub layout: MatLayout,
+}
+
+impl<'a> Mat<'a> {
+    /// `layout` inside `tensor`.
+    pub fn new(tensor: &'a DeviceTensor, layout: MatLayout) -> Mat<'a> {
+        Mat { tensor, layout }
+    }
+}
+
+/// A matrix (or a batch of them) inside a tensor, written by a GEMM.
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    /// The tensor holding it.
+    pub tensor: &'a mut DeviceTensor,
+    /// Where it lies in the tensor.
+    pub layout: MatLayout,
+}
+
+impl<'a> MatMut<'a> {
+    /// `layout` inside `tensor`.
+    pub fn new(tensor: &'a mut DeviceTensor, layout: MatLayout) -> MatMut<'a> {
+        MatMut { tensor, layout }
+    }
+}
+
+/// The checked arguments of one column-major strided-batched GEMM (see [`ColMajorGemm`] for
+/// the row-major to column-major mapping; here every leading dimension is the layout's `ld`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StridedGemm {
+    transa: bool,
+    transb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    /// Leading dimension and batch stride of B's buffer (cuBLAS's first operand).
+    lda: usize,
+    stride_a: usize,
+    /// Leading dimension and batch stride of A's buffer (cuBLAS's second operand).
+    ldb: usize,
+    stride_b: usize,
+    ldc: usize,
+    stride_c: usize,
+}
+
+/// Checks the layouts of a row-major batched GEMM `c_i = op(a_i)·op(b_i)` against the element
+/// counts of their tensors and maps it to cuBLAS's column-major call.
+///
+/// `a` is stored `M×K` (`K×M` when `trans_a`), `b` `K×N` (`N×K` when `trans_b`), `c` `M×N`;
+/// every `ld` is at least its `cols`; every element of every batch lies inside its tensor; the
+/// batches of `c` do not overlap (they would race); extents fit cuBLAS's 32-bit `int`.
+#[allow(clippy::too_many_arguments)]
+fn strided_args(
+    la: &MatLayout,
+    a_numel: usize,
+    lb: &MatLayout,
+    b_numel: usize,
+    lc: &MatLayout,
+    c_numel: usize,
+    batch: usize,
+    trans_a: bool,
+    trans_b: bool,
+) -> BlasResult<StridedGemm> {
+    let dims = |l: &MatLayout| vec![l.rows, l.cols];
+    let (m, n, k) = gemm_dims(&dims(la), &dims(lb), &dims(lc), trans_a, trans_b)?;
+    for (name, l, numel) in [("a", la, a_numel), ("b", lb, b_numel), ("c", lc, c_numel)] {
+        if l.ld < l.cols.max(1) {
+            return Err(BlasError::Shape(format!(
+                "`{name}`: row stride {} is less than its {} columns",
+                l.ld, l.cols
+            )));
+        }
+        if l.ld > i32::MAX as usize {
+            return Err(BlasError::Shape(format!(
+                "`{name}`: row stride {} exceeds cuBLAS's 32-bit limit",
+                l.ld
+            )));
+        }
+        match l.end(batch) {
+            Some(end) if end <= numel => {}
+            end => {
+                return Err(BlasError::Shape(format!(
+                    "`{name}`: {batch} matrices of {}x{} (offset {}, row stride {}, batch stride \
+                     {}) reach element {} of a tensor of {numel}",
+                    l.rows,
+                    l.cols,
+                    l.offset,
+                    l.ld,
+                    l.batch_stride,
+                    end.map_or_else(|| "beyond usize".to_string(), |e| e.to_string())
+                )))
+            }
+        }
+    }
+    if !lc.batches_disjoint(batch) {
+        return Err(BlasError::Shape(format!(
+            "`c`: the {batch} output matrices of {}x{} (row stride {}, batch stride {}) overlap",
+            lc.rows, lc.cols, lc.ld, lc.batch_stride
+        )));
+    }
+    if batch > i32::MAX as usize {
+        return Err(BlasError::Shape(format!(
+            "batch {batch} exceeds cuBLAS's 32-bit limit"
+        )));
+    }
+    Ok(StridedGemm {
+        transa: trans_b,
+        transb: trans_a,
+        m: n,
+        n: m,
+        k,
+        lda: lb.ld.max(1),
+        stride_a: lb.batch_stride,
+        ldb: la.ld.max(1),
+        stride_b: la.batch_stride,
+        ldc: lc.ld.max(1),
+        stride_c: lc.batch_stride,
+    })
+}
+
 /// A cuBLAS handle on a [`CudaDevice`]'s context and stream.
 ///
 /// Every call is queued on [`CudaDevice::stream`], so it is ordered with the device's kernels,
@@ -546,6 +756,127 @@ impl Blas {
                 flag(trans_b),
                 a.dtype().name(),
                 c.dtype().name()
+            )
+        })
+    }
+
+    /// Row-major `c_i = alpha·op(a_i)·op(b_i) + beta·c_i` for `i < batch`, f32 accumulation
+    /// (`cublasGemmStridedBatchedEx`, or `cublasGemmEx` for one matrix), on matrices that lie
+    /// anywhere inside their tensors ([`MatLayout`]: offset, row stride, batch stride).
+    ///
+    /// Same conventions as [`Blas::gemm`]: `a` is stored `M×K` (`K×M` when `trans_a`), `b`
+    /// `K×N` (`N×K` when `trans_b`), `c` `M×N`; `a` and `b` bf16, f16 or f32 (one type), `c`
+    /// that type or f32; with `beta == 0` the old `c` is not read. Checked before anything is
+    /// queued: every element of every batch inside its tensor, row strides at least the
+    /// column counts, output batches that do not overlap, 32-bit extents. A batch stride of 0
+    /// reuses one matrix for every batch (only for inputs: output batches would overlap).
+    /// Queues one launch (none when a dimension or `batch` is 0) and returns without waiting.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_strided_batched(
+        &self,
+        a: Mat<'_>,
+        b: Mat<'_>,
+        c: MatMut<'_>,
+        batch: usize,
+        trans_a: bool,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> BlasResult<()> {
+        let (ab_type, c_type) = gemm_types(a.tensor.dtype(), b.tensor.dtype(), c.tensor.dtype())?;
+        let g = strided_args(
+            &a.layout,
+            a.tensor.numel(),
+            &b.layout,
+            b.tensor.numel(),
+            &c.layout,
+            c.tensor.numel(),
+            batch,
+            trans_a,
+            trans_b,
+        )?;
+        self.same_stream("a", a.tensor)?;
+        self.same_stream("b", b.tensor)?;
+        self.same_stream("c", c.tensor)?;
+        if g.m == 0 || g.n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let ptr = |t: &DeviceTensor, l: &MatLayout| {
+            t.device_ptr() + (l.offset * t.dtype().bytes()) as u64
+        };
+        let (pa, pb) = (ptr(a.tensor, &a.layout), ptr(b.tensor, &b.layout));
+        let pc = ptr(c.tensor, &c.layout);
+        trace!(?g, batch, alpha, beta, "cuBLAS strided-batched GEMM");
+        self.bind()?;
+        let handle = *self.blas.handle();
+        let alpha_p = (&alpha as *const f32).cast::<c_void>();
+        let beta_p = (&beta as *const f32).cast::<c_void>();
+        // SAFETY: `strided_args` checked that every matrix of every batch lies inside its
+        // tensor with these leading dimensions and strides, that the output batches do not
+        // overlap and that all extents fit an i32; the types are a combination cuBLAS supports
+        // with CUBLAS_COMPUTE_32F; alpha and beta are f32 host values; `c` is borrowed mutably,
+        // so it aliases neither input.
+        let status = unsafe {
+            if batch == 1 {
+                cusys::cublasGemmEx(
+                    handle,
+                    op(g.transa),
+                    op(g.transb),
+                    g.m as i32,
+                    g.n as i32,
+                    g.k as i32,
+                    alpha_p,
+                    pb as *const c_void,
+                    ab_type,
+                    g.lda as i32,
+                    pa as *const c_void,
+                    ab_type,
+                    g.ldb as i32,
+                    beta_p,
+                    pc as *mut c_void,
+                    c_type,
+                    g.ldc as i32,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            } else {
+                cusys::cublasGemmStridedBatchedEx(
+                    handle,
+                    op(g.transa),
+                    op(g.transb),
+                    g.m as i32,
+                    g.n as i32,
+                    g.k as i32,
+                    alpha_p,
+                    pb as *const c_void,
+                    ab_type,
+                    g.lda as i32,
+                    g.stride_a as i64,
+                    pa as *const c_void,
+                    ab_type,
+                    g.ldb as i32,
+                    g.stride_b as i64,
+                    beta_p,
+                    pc as *mut c_void,
+                    c_type,
+                    g.ldc as i32,
+                    g.stride_c as i64,
+                    batch as i32,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+        };
+        check(status, || {
+            format!(
+                "batched GEMM {}x{}x{} x{batch} ({}{}) of {} into {}",
+                g.n,
+                g.m,
+                g.k,
+                if trans_a { 'T' } else { 'N' },
+                if trans_b { 'T' } else { 'N' },
+                a.tensor.dtype().name(),
+                c.tensor.dtype().name()
             )
         })
     }
@@ -1038,6 +1369,137 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// BLAS's column-major strided-batched GEMM semantics on host slices (`beta = 0`), with
+    /// the buffers' base offsets applied.
+    fn colmajor_strided(
+        g: &StridedGemm,
+        batch: usize,
+        a: (&[f64], usize),
+        b: (&[f64], usize),
+        c: (&mut [f64], usize),
+    ) {
+        for bi in 0..batch {
+            let (ao, bo, co) = (
+                a.1 + bi * g.stride_a,
+                b.1 + bi * g.stride_b,
+                c.1 + bi * g.stride_c,
+            );
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    let mut acc = 0.0;
+                    for l in 0..g.k {
+                        let av = if g.transa {
+                            a.0[ao + l + i * g.lda]
+                        } else {
+                            a.0[ao + i + l * g.lda]
+                        };
+                        let bv = if g.transb {
+                            b.0[bo + j + l * g.ldb]
+                        } else {
+                            b.0[bo + l + j * g.ldb]
+                        };
+                        acc += av * bv;
+                    }
+                    c.0[co + i + j * g.ldc] = acc;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strided_mapping_computes_per_head_attention_products() {
+        // A packed [T, 3H] q/k/v buffer, a segment at row c0 of L rows, nh heads of hd:
+        // S_h = Q_h·K_hᵀ into a dense [nh, L, L] buffer, then O_h = S_h·V_h into a [T, H]
+        // buffer at the heads' column offsets: both against a per-head naive product.
+        let (t, nh, hd, c0, len) = (11usize, 3usize, 4usize, 3usize, 5usize);
+        let h = nh * hd;
+        let mut seed = 3;
+        let qkv = random(t * 3 * h, &mut seed);
+        let head = |h0: usize, part: usize| -> Vec<f64> {
+            (0..len)
+                .flat_map(|i| {
+                    let row = (c0 + i) * 3 * h + part * h + h0 * hd;
+                    qkv[row..row + hd].to_vec()
+                })
+                .collect()
+        };
+        let q = MatLayout::at(c0 * 3 * h, len, hd, 3 * h).batched(hd);
+        let k = MatLayout::at(c0 * 3 * h + h, len, hd, 3 * h).batched(hd);
+        let v = MatLayout::at(c0 * 3 * h + 2 * h, len, hd, 3 * h).batched(hd);
+        let s = MatLayout::dense(len, len);
+        let n = qkv.len();
+        let g = strided_args(&q, n, &k, n, &s, nh * len * len, nh, false, true).unwrap();
+        let mut sbuf = vec![f64::NAN; nh * len * len];
+        colmajor_strided(&g, nh, (&qkv, k.offset), (&qkv, q.offset), (&mut sbuf, 0));
+        let o = MatLayout::at(c0 * h, len, hd, h).batched(hd);
+        let g = strided_args(&s, sbuf.len(), &v, n, &o, t * h, nh, false, false).unwrap();
+        let mut obuf = vec![0.0; t * h];
+        colmajor_strided(&g, nh, (&qkv, v.offset), (&sbuf, 0), (&mut obuf, o.offset));
+        for hh in 0..nh {
+            let want_s = matmul_ref(&head(hh, 0), &head(hh, 1), len, len, hd, false, true);
+            let got_s = &sbuf[hh * len * len..(hh + 1) * len * len];
+            for (x, y) in got_s.iter().zip(&want_s) {
+                assert!((x - y).abs() < 1e-12, "S head {hh}");
+            }
+            let want_o = matmul_ref(&want_s, &head(hh, 2), len, hd, len, false, false);
+            for i in 0..len {
+                for j in 0..hd {
+                    let got = obuf[(c0 + i) * h + hh * hd + j];
+                    assert!((got - want_o[i * hd + j]).abs() < 1e-12, "O head {hh}");
+                }
+            }
+        }
+        // Rows outside the segment are untouched.
+        assert!(obuf[..c0 * h].iter().all(|&x| x == 0.0));
+        // The transposed products of the backward (dK = dSᵀ·Q) map too.
+        let g = strided_args(&s, sbuf.len(), &q, n, &o, t * h, nh, true, false).unwrap();
+        colmajor_strided(&g, nh, (&qkv, q.offset), (&sbuf, 0), (&mut obuf, o.offset));
+        for hh in 0..nh {
+            let st = &sbuf[hh * len * len..(hh + 1) * len * len];
+            let want = matmul_ref(st, &head(hh, 0), len, hd, len, true, false);
+            for i in 0..len {
+                for j in 0..hd {
+                    let got = obuf[(c0 + i) * h + hh * hd + j];
+                    assert!((got - want[i * hd + j]).abs() < 1e-12, "dK head {hh}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strided_args_refuse_what_does_not_fit() {
+        let dense = MatLayout::dense(4, 5);
+        let other = MatLayout::dense(5, 3);
+        let out = MatLayout::dense(4, 3);
+        // Fits exactly, batch 2 back to back.
+        assert!(strided_args(&dense, 40, &other, 30, &out, 24, 2, false, false).is_ok());
+        // One element short for the second batch of `b`.
+        let e = strided_args(&dense, 40, &other, 29, &out, 24, 2, false, false).unwrap_err();
+        assert!(
+            e.to_string().contains("`b`") && e.to_string().contains("element 30"),
+            "{e}"
+        );
+        // Row stride below the column count.
+        let bad = MatLayout::at(0, 4, 5, 4);
+        let e = strided_args(&bad, 40, &other, 30, &out, 24, 1, false, false).unwrap_err();
+        assert!(e.to_string().contains("row stride"), "{e}");
+        // Output batches that overlap (stride 1 between 3-wide matrices).
+        let overlap = MatLayout::dense(4, 3).batched(1);
+        let e = strided_args(&dense, 40, &other, 30, &overlap, 24, 2, false, false).unwrap_err();
+        assert!(e.to_string().contains("overlap"), "{e}");
+        // Side by side inside one row stride is fine; one column too many is not.
+        let heads = MatLayout::at(0, 4, 3, 6).batched(3);
+        assert!(strided_args(&dense, 40, &other, 30, &heads, 24, 2, false, false).is_ok());
+        let heads = MatLayout::at(0, 4, 3, 5).batched(3);
+        assert!(strided_args(&dense, 40, &other, 30, &heads, 24, 2, false, false).is_err());
+        // Shared input (batch stride 0) is allowed.
+        let shared = MatLayout::dense(5, 3).batched(0);
+        assert!(strided_args(&dense, 40, &shared, 15, &out, 24, 2, false, false).is_ok());
+        // Inner dims still checked.
+        let e = strided_args(&dense, 40, &out, 24, &out, 24, 1, false, false).unwrap_err();
+        assert!(e.to_string().contains("inner dims"), "{e}");
     }
 
     #[test]
