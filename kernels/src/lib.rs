@@ -4,6 +4,7 @@
 //! Each kernel is a module (`lexp_kernels::softmax`) holding its compiled variants, a typed
 //! launcher (`launch`) and an interpreter entry (`interpret`); [`ALL`] lists them.
 
+pub mod bias;
 pub mod elementwise;
 pub mod gemm;
 pub mod layernorm;
@@ -15,6 +16,7 @@ pub mod residual;
 pub mod row_softmax;
 pub mod sparse;
 
+pub use bias::{bias_add, bias_relu};
 pub use elementwise::{axpby, gelu, gelu_bwd, relu, relu_bwd};
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
@@ -27,7 +29,7 @@ pub use sparse::{sparse_both, sparse_out, sparse_red};
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 20] = [
+pub static ALL: [&KernelInfo; 22] = [
     &axpby::INFO,
     &relu::INFO,
     &relu_bwd::INFO,
@@ -39,6 +41,8 @@ pub static ALL: [&KernelInfo; 20] = [
     &layernorm_bwd_params::INFO,
     &bias_residual::INFO,
     &colsum::INFO,
+    &bias_add::INFO,
+    &bias_relu::INFO,
     &gemm_nn::INFO,
     &gemm_nt::INFO,
     &gemm_tn::INFO,

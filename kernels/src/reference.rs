@@ -19,6 +19,12 @@
 use lexp_compiler::dtype::Storage;
 use std::fmt;
 
+#[path = "reference_train.rs"]
+mod train;
+pub use train::{
+    adamw, bias_add, bias_relu, causal_softmax, embedding_fwd, softmax_bwd, xent_fwd_bwd, AdamwStep,
+};
+
 /// `sqrt(2 / pi)`, the GELU tanh-approximation constant (the kernel's literal).
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 /// Cubic coefficient of the GELU tanh approximation.

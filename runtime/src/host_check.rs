@@ -9,6 +9,8 @@ use lexp_compiler::launch::LaunchError;
 use lexp_kernels as k;
 use lexp_kernels::reference as refr;
 
+mod train;
+
 /// Interpreter outputs of one kernel run: name, result, reference, and the natural size of the
 /// values for `reference::compare_scaled` (0: plain relative error).
 type Outputs = Vec<(&'static str, HostTensor, Vec<f32>, f64)>;
@@ -215,12 +217,7 @@ fn run(
             )?;
             vec![("out", out, want, 0.0)]
         }
-        other => {
-            return Err(LaunchError::NoVariant {
-                kernel: "check",
-                wanted: format!("unknown kernel `{other}`"),
-            });
-        }
+        other => return train::run(other, dtype, (r, c), rng),
     })
 }
 
@@ -232,7 +229,9 @@ pub fn check_all_host(only: Option<&str>) -> Result<Vec<CheckRow>, LaunchError> 
         if only.map(|o| o != kernel).unwrap_or(false) {
             continue;
         }
-        let dims = if ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd"].contains(&kernel) {
+        let dims = if let Some(d) = train::dims(kernel) {
+            d
+        } else if ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd"].contains(&kernel) {
             (5000, 0)
         } else {
             (9, 1100)
@@ -245,7 +244,9 @@ pub fn check_all_host(only: Option<&str>) -> Result<Vec<CheckRow>, LaunchError> 
                 rows.push(CheckRow {
                     kernel,
                     dtype: dtype.name(),
-                    shape: if dims.1 == 0 {
+                    shape: if let Some(s) = train::shape_text(kernel, dims) {
+                        s
+                    } else if dims.1 == 0 {
                         format!("[{}]", dims.0)
                     } else {
                         format!("[{}, {}]", dims.0, dims.1)

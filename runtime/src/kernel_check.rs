@@ -14,6 +14,8 @@ use lexp_kernels as k;
 use lexp_kernels::reference as refr;
 use std::cell::RefCell;
 
+mod train;
+
 /// One correctness check.
 #[derive(Clone, Debug)]
 pub struct CheckRow {
@@ -70,6 +72,10 @@ struct Output {
     accumulate: bool,
     /// Natural size of the values (see `reference::compare_scaled`); 0 for plain relative error.
     scale: f64,
+    /// For a tensor the kernel updates in place: its initial contents (padding included),
+    /// written back before each launch instead of poisoning, so that every launch sees the
+    /// same input.
+    init: Option<Vec<f32>>,
 }
 
 /// A kernel ready to run: its tensors and a launch closure.
@@ -106,10 +112,10 @@ fn round(dtype: Storage, v: &[f32]) -> Vec<f32> {
 }
 
 /// Elementwise kernels take `(n, _)`; row kernels `(rows, cols)`.
-const ELEMENTWISE: [&str; 5] = ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd"];
+const ELEMENTWISE: [&str; 6] = ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd", "adamw"];
 
 /// Every kernel the checker knows, in `lexp_kernels::ALL` order.
-pub const KERNELS: [&str; 11] = [
+pub const KERNELS: [&str; 13] = [
     "axpby",
     "relu",
     "relu_bwd",
@@ -121,6 +127,8 @@ pub const KERNELS: [&str; 11] = [
     "layernorm_bwd_params",
     "bias_residual",
     "colsum",
+    "bias_add",
+    "bias_relu",
 ];
 
 struct Ctx<'a> {
@@ -188,6 +196,7 @@ impl Ctx<'_> {
                 want,
                 accumulate,
                 scale: 0.0,
+                init: None,
             },
             arg,
         ))
@@ -231,6 +240,7 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
                     want,
                     accumulate: false,
                     scale: 0.0,
+                    init: None,
                 }],
                 launch: Box::new(move |l, c| {
                     k::axpby::launch_with(
@@ -460,11 +470,7 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
                 bytes: r * c * e,
             }
         }
-        other => {
-            return Err(DeviceError::InvalidArgument(format!(
-                "unknown kernel `{other}`"
-            )))
-        }
+        other => return train::prepare(cx, other, dims),
     };
     Ok(p)
 }
@@ -474,7 +480,9 @@ fn dtype_name(s: Storage) -> &'static str {
 }
 
 fn shape_text(kernel: &str, dims: (usize, usize)) -> String {
-    if ELEMENTWISE.contains(&kernel) {
+    if let Some(s) = train::shape_text(kernel, dims) {
+        s
+    } else if ELEMENTWISE.contains(&kernel) {
         format!("[{}]", dims.0)
     } else {
         format!("[{}, {}]", dims.0, dims.1)
@@ -483,7 +491,9 @@ fn shape_text(kernel: &str, dims: (usize, usize)) -> String {
 
 /// Shapes for correctness: edges, non-multiples of the tiles, rows longer than a block.
 fn check_shapes(kernel: &str) -> Vec<(usize, usize)> {
-    if ELEMENTWISE.contains(&kernel) {
+    if let Some(shapes) = train::check_shapes(kernel) {
+        shapes
+    } else if ELEMENTWISE.contains(&kernel) {
         vec![(1, 0), (1000, 0), (1_000_003, 0), (4_194_304, 0)]
     } else if matches!(kernel, "softmax" | "layernorm_fwd" | "layernorm_bwd_dx") {
         vec![(1, 1), (37, 1000), (64, 4096), (5, 10007)]
@@ -524,6 +534,8 @@ pub fn check_all(dev: &CudaDevice, only: Option<&str>) -> Result<Vec<CheckRow>, 
                     for o in &mut p.outputs {
                         if o.accumulate {
                             o.t.fill_zero()?;
+                        } else if let Some(init) = &o.init {
+                            o.t.write_f32(init)?;
                         } else if o.name != "y" || kernel != "axpby" {
                             o.t.poison()?;
                         }
@@ -570,7 +582,9 @@ fn const_combinations(kernel: &str) -> Vec<Vec<(&'static str, usize)>> {
 
 /// Shapes for bandwidth: a few hundred MB per tensor in bf16.
 fn bench_shape(kernel: &str) -> (usize, usize) {
-    if ELEMENTWISE.contains(&kernel) {
+    if let Some(dims) = train::bench_shape(kernel) {
+        dims
+    } else if ELEMENTWISE.contains(&kernel) {
         (128 << 20, 0)
     } else {
         (32768, 4096)

@@ -1,0 +1,195 @@
+//! The kernels of the GPU fine-tuning step (bias epilogues, embedding, causal softmax and its
+//! backward, cross-entropy, AdamW), run in the interpreter (the GPU's numerics) against their
+//! f64 CPU references in `lexp_kernels::reference`.
+//!
+//! As in `interp_vs_reference.rs`: the properties draw a seed and a shape, shapes are mostly
+//! not multiples of the tiles (with the tile edges drawn one time in four), every storage type
+//! runs for every case, and outputs are poisoned with [`POISON`] before the run (in-place
+//! outputs start from their input data, which the kernel must overwrite everywhere it is
+//! defined). Kernels with long-row loops are also run with their small tile configuration so
+//! that the loops are exercised at shapes the interpreter runs quickly.
+//!
+//! Each property runs 12 cases; set `PROPTEST_CASES` to run more.
+
+use lexp_compiler::dtype::Storage;
+use lexp_compiler::interp::HostTensor;
+use lexp_compiler::launch::LaunchError;
+use lexp_kernels as kernels;
+use lexp_kernels::reference::{self, compare, tolerance, POISON};
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::ops::Range;
+
+const DTYPES: [Storage; 3] = [Storage::BF16, Storage::F16, Storage::F32];
+
+/// Magnitude of the random data: uniform in `[-SCALE, SCALE]`.
+const SCALE: f32 = 3.0;
+
+fn config() -> ProptestConfig {
+    let cases = match std::env::var("PROPTEST_CASES") {
+        Ok(_) => ProptestConfig::default().cases,
+        Err(_) => 12,
+    };
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// A size from `range`, or (one time in four) one of `edges`.
+fn size(range: Range<usize>, edges: &'static [usize]) -> impl Strategy<Value = usize> {
+    prop_oneof![3 => range, 1 => prop::sample::select(edges)]
+}
+
+/// Seeded random data for one test case.
+struct Data(StdRng);
+
+impl Data {
+    fn new(seed: u64) -> Data {
+        Data(StdRng::seed_from_u64(seed))
+    }
+
+    /// `n` values uniform in `[lo, hi]`.
+    fn values(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.0.gen_range(lo..=hi)).collect()
+    }
+
+    /// A `dims` tensor of uniform values in `[-SCALE, SCALE]`, rounded to `dtype`.
+    fn tensor(&mut self, dtype: Storage, dims: &[usize]) -> HostTensor {
+        let v = self.values(dims.iter().product(), -SCALE, SCALE);
+        HostTensor::new(dtype, dims, &v)
+    }
+
+    /// `n` indices in `lo..hi`.
+    fn ints(&mut self, n: usize, lo: i32, hi: i32) -> Vec<i32> {
+        (0..n).map(|_| self.0.gen_range(lo..hi)).collect()
+    }
+}
+
+/// An i32 tensor holding `v`.
+fn int_tensor(v: &[i32]) -> HostTensor {
+    let f: Vec<f32> = v.iter().map(|x| *x as f32).collect();
+    HostTensor::new(Storage::I32, &[v.len()], &f)
+}
+
+/// An output tensor filled with [`POISON`].
+fn poisoned(dtype: Storage, dims: &[usize]) -> HostTensor {
+    HostTensor::new(dtype, dims, &vec![POISON; dims.iter().product()])
+}
+
+/// Relative L2 tolerance for an output stored as `dtype` (see `interp_vs_reference.rs`): its
+/// unit roundoff plus what f32 arithmetic costs.
+fn out_tol(dtype: Storage) -> f64 {
+    let f32_tol = tolerance(Storage::F32);
+    match dtype {
+        Storage::BF16 => 2f64.powi(-8) + f32_tol,
+        Storage::F16 => 2f64.powi(-11) + f32_tol,
+        _ => f32_tol,
+    }
+}
+
+/// Runs a kernel's `interpret`, turning a launch error into a test failure.
+fn run(what: &str, r: Result<(), LaunchError>) -> Result<(), TestCaseError> {
+    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
+}
+
+/// Every element written, finiteness agreeing everywhere, and a relative L2 error of at most
+/// `rtol`, or else every error at most `rtol * floor` (for outputs that may all be near 0).
+fn check_with(
+    what: &str,
+    got: &HostTensor,
+    want: &[f32],
+    rtol: f64,
+    floor: f64,
+) -> Result<(), TestCaseError> {
+    let d = compare(&got.data, want);
+    let close = d.rel_l2 <= rtol || d.max_abs <= rtol * floor;
+    if d.non_finite == 0 && d.unwritten == 0 && close {
+        return Ok(());
+    }
+    let first = got
+        .data
+        .iter()
+        .zip(want)
+        .position(|(g, w)| {
+            g.is_finite() != w.is_finite()
+                || g.to_bits() == POISON.to_bits()
+                || (f64::from(*g) - f64::from(*w)).abs() > d.max_abs / 2.0
+        })
+        .map(|i| format!("; e.g. [{i}]: got {} want {}", got.data[i], want[i]))
+        .unwrap_or_default();
+    Err(TestCaseError::fail(format!(
+        "{what}: {d} (tolerance {rtol:.1e}){first}"
+    )))
+}
+
+/// [`check_with`] for an output stored as `got.dtype`, at its [`out_tol`].
+fn check(what: &str, got: &HostTensor, want: &[f32]) -> Result<(), TestCaseError> {
+    check_with(what, got, want, out_tol(got.dtype), 0.0)
+}
+
+const BR_EDGES: &[usize] = &[16, 17, 32];
+const BC256_EDGES: &[usize] = &[255, 256, 257, 512];
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn bias_add_and_relu(
+        seed: u64,
+        rows in size(1..40, BR_EDGES),
+        cols in size(1..600, BC256_EDGES),
+    ) {
+        let mut data = Data::new(seed);
+        for dtype in DTYPES {
+            let x0 = data.tensor(dtype, &[rows, cols]);
+            let mut bias = data.tensor(dtype, &[cols]);
+            for relu in [false, true] {
+                let what = format!("bias_{} {dtype:?} {rows}x{cols}", if relu { "relu" } else { "add" });
+                let mut x = x0.clone();
+                let r = if relu {
+                    kernels::bias_relu::interpret(&[], kernels::bias_relu::HostArgs {
+                        x: &mut x, bias: &mut bias,
+                    })
+                } else {
+                    kernels::bias_add::interpret(&[], kernels::bias_add::HostArgs {
+                        x: &mut x, bias: &mut bias,
+                    })
+                };
+                run(&what, r)?;
+                let want = if relu {
+                    reference::bias_relu(&x0.data, rows, cols, &bias.data)
+                } else {
+                    reference::bias_add(&x0.data, rows, cols, &bias.data)
+                };
+                check(&what, &x, &want)?;
+            }
+        }
+    }
+}
+
+/// In place means every element is rewritten: an input that already holds the answer's
+/// complement (`-bias`) must come out exactly 0 everywhere, including the tile edges.
+#[test]
+fn bias_add_rewrites_every_element() {
+    let (rows, cols) = (17, 257);
+    let mut data = Data::new(1);
+    for dtype in DTYPES {
+        let mut bias = data.tensor(dtype, &[cols]);
+        let neg: Vec<f32> = (0..rows * cols).map(|i| -bias.data[i % cols]).collect();
+        let mut x = HostTensor::new(dtype, &[rows, cols], &neg);
+        let r = kernels::bias_add::interpret(
+            &[],
+            kernels::bias_add::HostArgs {
+                x: &mut x,
+                bias: &mut bias,
+            },
+        );
+        if let Err(e) = r {
+            panic!("bias_add {dtype:?}: {e}");
+        }
+        assert!(x.data.iter().all(|v| *v == 0.0), "{dtype:?}");
+    }
+}

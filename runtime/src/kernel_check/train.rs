@@ -1,0 +1,117 @@
+//! GPU checks of the fine-tuning kernels (bias epilogues, embedding, causal softmax and its
+//! backward, cross-entropy, AdamW): inputs, outputs, launch closures, shapes.
+//!
+//! Kernels that update a tensor in place get that tensor as an output whose initial contents
+//! are written back before each launch ([`Output::init`]), so that every configuration and
+//! every timed launch sees the same input.
+
+use super::{round, Ctx, Output, Prepared};
+use crate::DeviceError;
+use lexp_compiler::dtype::Storage;
+use lexp_compiler::launch::TensorArg;
+use lexp_kernels as k;
+use lexp_kernels::reference as refr;
+
+impl Ctx<'_> {
+    /// A tensor the kernel reads and overwrites: random values in `[lo, hi)` (rounded to
+    /// `dtype`, default the run's), uploaded; returns the values, the argument and the output
+    /// (whose reference the caller sets).
+    fn in_place(
+        &mut self,
+        name: &'static str,
+        dims: &[usize],
+        lo: f32,
+        hi: f32,
+        dtype: Option<Storage>,
+    ) -> Result<(Vec<f32>, TensorArg, Output), DeviceError> {
+        let dtype = dtype.unwrap_or(self.dtype);
+        let n: usize = dims.iter().product();
+        let host = round(dtype, &self.rng.uniform(n, lo, hi));
+        let (t, arg) = self.place(dtype, dims, &host)?;
+        let init = if self.misalign {
+            std::iter::once(0.0).chain(host.iter().copied()).collect()
+        } else {
+            host.clone()
+        };
+        let out = Output {
+            name,
+            t,
+            want: vec![],
+            accumulate: false,
+            scale: 0.0,
+            init: Some(init),
+        };
+        Ok((host, arg, out))
+    }
+}
+
+/// Prepares one of this module's kernels (`dims` as [`check_shapes`] gives them).
+pub(super) fn prepare(
+    cx: &mut Ctx<'_>,
+    kernel: &str,
+    dims: (usize, usize),
+) -> Result<Prepared, DeviceError> {
+    let e = cx.dtype.bytes();
+    let (r, c) = dims;
+    Ok(match kernel {
+        "bias_add" | "bias_relu" => {
+            let relu = kernel == "bias_relu";
+            let (b, ba) = cx.input(&[c], -1.0, 1.0, None)?;
+            let (x, xa, mut out) = cx.in_place("x", &[r, c], -3.0, 3.0, None)?;
+            out.want = cx.want(|| {
+                if relu {
+                    refr::bias_relu(&x, r, c, &b)
+                } else {
+                    refr::bias_add(&x, r, c, &b)
+                }
+            });
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out],
+                launch: Box::new(move |l, consts| {
+                    if relu {
+                        k::bias_relu::launch_with(
+                            l,
+                            consts,
+                            &k::bias_relu::Args { x: &xa, bias: &ba },
+                        )
+                    } else {
+                        k::bias_add::launch_with(
+                            l,
+                            consts,
+                            &k::bias_add::Args { x: &xa, bias: &ba },
+                        )
+                    }
+                }),
+                bytes: 2 * r * c * e,
+            }
+        }
+        other => {
+            return Err(DeviceError::InvalidArgument(format!(
+                "unknown kernel `{other}`"
+            )))
+        }
+    })
+}
+
+/// Correctness shapes of this module's kernels (`None` for other kernels).
+pub(super) fn check_shapes(kernel: &str) -> Option<Vec<(usize, usize)>> {
+    Some(match kernel {
+        "bias_add" | "bias_relu" => vec![(1, 1), (1000, 1000), (333, 4100), (4096, 1024)],
+        _ => return None,
+    })
+}
+
+/// Bandwidth shapes of this module's kernels (`None` for other kernels).
+pub(super) fn bench_shape(kernel: &str) -> Option<(usize, usize)> {
+    Some(match kernel {
+        "bias_add" | "bias_relu" => (32768, 4096),
+        _ => return None,
+    })
+}
+
+/// How a shape of this module's kernels prints (`None` for other kernels and plain shapes).
+pub(super) fn shape_text(kernel: &str, dims: (usize, usize)) -> Option<String> {
+    let _ = (kernel, dims);
+    None
+}
