@@ -13,12 +13,15 @@
 //! 4. [`pack`] concatenates examples into token-budgeted [`PackedBatch`]es with `cu_seqlens`,
 //!    per-sequence positions and shifted targets, ready for varlen attention and the fused loss.
 //!
+//! 5. [`text_windows`] cuts plain text into fixed evaluation windows (the fixtures' valid loss).
+//!
 //! Everything here is plain host code: no GPU, no CUDA.
 
 mod jsonl;
 mod packing;
 mod split;
 mod tokenizer;
+mod windows;
 
 use std::path::PathBuf;
 
@@ -29,6 +32,7 @@ pub use jsonl::{
 pub use packing::{pack, packing_efficiency, PackedBatch, IGNORE_INDEX};
 pub use split::{epoch_order, split_eval, split_eval_grouped, EvalSize, Split, SplitMix64};
 pub use tokenizer::Tokenizer;
+pub use windows::text_windows;
 
 /// Errors of the data pipeline. Messages are meant for the person who wrote the data file:
 /// line errors read `path:line: what is wrong`.

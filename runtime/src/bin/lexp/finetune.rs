@@ -1,13 +1,15 @@
 //! `lexp finetune` and `lexp eval`: LoRA fine-tuning of an OPT checkpoint on JSONL data, and
 //! the loss of a model (+ adapter) on a data file.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use lexp_runtime::checkpoint::OptModel;
-use lexp_runtime::data::{load_jsonl, JsonlOptions, Tokenizer};
+use lexp_runtime::data::{load_jsonl, text_windows, JsonlOptions, Tokenizer};
+use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::peft;
 use lexp_runtime::train::metrics::Record;
-use lexp_runtime::train::{self, embedded, Observer, RunInfo, TrainConfig};
+use lexp_runtime::train::{self, embedded, Engine, Observer, RunInfo, TrainConfig};
+use lexp_runtime::CudaDevice;
 use std::path::{Path, PathBuf};
 
 /// Where the step runs.
@@ -106,28 +108,49 @@ pub struct FinetuneArgs {
     device: DeviceChoice,
 }
 
-/// The backend a run uses, after looking at the machine.
-fn pick_device(choice: DeviceChoice) -> Result<&'static str> {
-    let gpu = || lexp_runtime::CudaDevice::new(0);
+/// The engine a run uses, after looking at the machine and the model.
+///
+/// `cpu`: the CPU engine. `cuda`: the GPU engine, or an error saying why not (no GPU, a model
+/// the GPU path does not implement, cuBLAS missing, too little memory). `auto`: the GPU
+/// engine when it can run the model, else the CPU engine with a message saying why.
+fn make_engine(choice: DeviceChoice, model_dir: &Path) -> Result<(&'static str, Box<dyn Engine>)> {
+    let load = || {
+        OptModel::load(model_dir)
+            .with_context(|| format!("loading the model {}", model_dir.display()))
+    };
+    let cpu = |model: OptModel| -> (&'static str, Box<dyn Engine>) {
+        ("cpu", Box::new(train::CpuEngine::new(model)))
+    };
     match choice {
-        DeviceChoice::Cpu => Ok("cpu"),
+        DeviceChoice::Cpu => Ok(cpu(load()?)),
         DeviceChoice::Cuda => {
-            let dev = gpu().context("--device cuda: no usable CUDA GPU")?;
-            bail!(
-                "--device cuda: found {}, but the GPU training step is not implemented yet; \
-                 run with --device cpu (or auto)",
-                dev.name()
-            )
+            let dev = CudaDevice::new(0).context("--device cuda: no usable CUDA GPU")?;
+            let name = dev.name().to_string();
+            let engine = GpuEngine::new(load()?, dev)
+                .map_err(|e| anyhow!("--device cuda: found {name}, but {e}"))?;
+            Ok(("cuda", Box::new(engine)))
         }
         DeviceChoice::Auto => {
-            match gpu() {
-                Ok(dev) => eprintln!(
-                    "note: found {} but the GPU training step is not implemented yet; training on the CPU",
-                    dev.name()
-                ),
-                Err(e) => eprintln!("no usable GPU ({e}); training on the CPU"),
+            let dev = match CudaDevice::new(0) {
+                Ok(dev) => dev,
+                Err(e) => {
+                    eprintln!("no usable GPU ({e}); training on the CPU");
+                    return Ok(cpu(load()?));
+                }
+            };
+            let name = dev.name().to_string();
+            let model = load()?;
+            if let Err(e) = lexp_runtime::gpu::weights::check_supported(&model) {
+                eprintln!("found {name}, but {e}; training on the CPU");
+                return Ok(cpu(model));
             }
-            Ok("cpu")
+            match GpuEngine::new(model, dev) {
+                Ok(engine) => Ok(("cuda", Box::new(engine))),
+                Err(e) => {
+                    eprintln!("found {name}, but {e}; training on the CPU");
+                    Ok(cpu(load()?))
+                }
+            }
         }
     }
 }
@@ -212,7 +235,6 @@ impl Observer for Progress {
 
 /// `lexp finetune`.
 pub fn finetune(args: FinetuneArgs) -> Result<()> {
-    let backend = pick_device(args.device)?;
     let default_run = args.model.is_none() && args.data.is_empty();
     let (model_dir, train_files, eval_file) = match (&args.model, args.data.is_empty()) {
         (None, true) => {
@@ -268,11 +290,10 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         keep_checkpoints: args.keep_checkpoints,
         seed: args.seed,
     };
-    let mut engine = train::trainer::cpu_engine(&config)
-        .with_context(|| format!("loading the model {}", config.model_dir.display()))?;
+    let (backend, mut engine) = make_engine(args.device, &config.model_dir)?;
     eprintln!(
         "device: {backend} ({}); output: {}",
-        train::Engine::name(&engine),
+        engine.name(),
         output.display()
     );
     let mut progress = Progress {
@@ -281,8 +302,14 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         first_eval: None,
         plain_every: 1,
     };
-    let summary = train::run(&config, &output, args.resume, &mut engine, &mut progress)
-        .with_context(|| format!("fine-tuning run in {}", output.display()))?;
+    let summary = train::run(
+        &config,
+        &output,
+        args.resume,
+        engine.as_mut(),
+        &mut progress,
+    )
+    .with_context(|| format!("fine-tuning run in {}", output.display()))?;
     if let Some(bar) = &progress.bar {
         bar.finish();
     }
@@ -326,6 +353,10 @@ pub struct EvalArgs {
     /// Longest sequence kept.
     #[arg(long, default_value_t = 1024)]
     max_seq_len: usize,
+    /// Treat --data as plain text (documents separated by blank lines) cut into windows of this
+    /// many tokens, every token a target: language-model loss, as the fixtures' valid loss.
+    #[arg(long)]
+    text_windows: Option<usize>,
 }
 
 /// `lexp eval`: mean loss (and perplexity) over the loss targets of a data file.
@@ -349,7 +380,15 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         vocab_size: Some(model.config.vocab_size),
         ..JsonlOptions::default()
     };
-    let ds = load_jsonl(&data, Some(&tok), &options)?;
+    let examples = match args.text_windows {
+        Some(w) => {
+            let text = std::fs::read_to_string(&data)
+                .with_context(|| format!("cannot read {}", data.display()))?;
+            let w = w.min(model.config.max_position_embeddings);
+            text_windows(&tok, &text, w)?
+        }
+        None => load_jsonl(&data, Some(&tok), &options)?.examples,
+    };
     let lora = match &args.adapter {
         Some(dir) => Some(peft::load_adapter(dir, &model.config)?),
         None => None,
@@ -357,13 +396,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let (loss, targets) = train::evaluate(
         &mut train::CpuEngine::new(model),
         lora.as_ref(),
-        &ds.examples,
-        args.micro_batch_tokens,
+        &examples,
+        args.micro_batch_tokens.max(args.text_windows.unwrap_or(0)),
     )?;
     println!(
         "{}: {} examples, {targets} target tokens: loss {loss:.4}, perplexity {:.2}",
         display(&data),
-        ds.examples.len(),
+        examples.len(),
         loss.exp()
     );
     Ok(())
