@@ -6,6 +6,7 @@
 
 pub mod bias;
 pub mod elementwise;
+pub mod embedding;
 pub mod gemm;
 pub mod layernorm;
 pub mod lora;
@@ -18,6 +19,7 @@ pub mod sparse;
 
 pub use bias::{bias_add, bias_relu};
 pub use elementwise::{axpby, gelu, gelu_bwd, relu, relu_bwd};
+pub use embedding::embedding_fwd;
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
@@ -29,7 +31,7 @@ pub use sparse::{sparse_both, sparse_out, sparse_red};
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 22] = [
+pub static ALL: [&KernelInfo; 23] = [
     &axpby::INFO,
     &relu::INFO,
     &relu_bwd::INFO,
@@ -43,6 +45,7 @@ pub static ALL: [&KernelInfo; 22] = [
     &colsum::INFO,
     &bias_add::INFO,
     &bias_relu::INFO,
+    &embedding_fwd::INFO,
     &gemm_nn::INFO,
     &gemm_nt::INFO,
     &gemm_tn::INFO,

@@ -193,3 +193,33 @@ fn bias_add_rewrites_every_element() {
         assert!(x.data.iter().all(|v| *v == 0.0), "{dtype:?}");
     }
 }
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn embedding_fwd(
+        seed: u64,
+        rows in 1usize..40,
+        hidden in size(1..2200, &[1023, 1024, 1025, 2048]),
+        vocab in 1usize..50,
+        positions in 1usize..30,
+    ) {
+        let mut data = Data::new(seed);
+        for dtype in DTYPES {
+            let mut tok = data.tensor(dtype, &[vocab, hidden]);
+            let mut pos = data.tensor(dtype, &[positions + 2, hidden]);
+            // Every valid id, including the last row and OPT's padding position -1 (row 1).
+            let id = data.ints(rows, 0, vocab as i32);
+            let pid = data.ints(rows, -1, positions as i32);
+            let (mut ids, mut pos_ids) = (int_tensor(&id), int_tensor(&pid));
+            let mut y = poisoned(dtype, &[rows, hidden]);
+            let want = reference::embedding_fwd(&tok.data, &pos.data, hidden, &id, &pid);
+            let what = format!("embedding_fwd {dtype:?} {rows}x{hidden} V={vocab} P={positions}");
+            run(&what, kernels::embedding_fwd::interpret(&[], kernels::embedding_fwd::HostArgs {
+                tok: &mut tok, pos: &mut pos, ids: &mut ids, pos_ids: &mut pos_ids, y: &mut y,
+            }))?;
+            check(&what, &y, &want)?;
+        }
+    }
+}

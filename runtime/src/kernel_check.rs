@@ -115,7 +115,7 @@ fn round(dtype: Storage, v: &[f32]) -> Vec<f32> {
 const ELEMENTWISE: [&str; 6] = ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd", "adamw"];
 
 /// Every kernel the checker knows, in `lexp_kernels::ALL` order.
-pub const KERNELS: [&str; 13] = [
+pub const KERNELS: [&str; 14] = [
     "axpby",
     "relu",
     "relu_bwd",
@@ -129,6 +129,7 @@ pub const KERNELS: [&str; 13] = [
     "colsum",
     "bias_add",
     "bias_relu",
+    "embedding_fwd",
 ];
 
 struct Ctx<'a> {

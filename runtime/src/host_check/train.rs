@@ -5,14 +5,30 @@
 use super::{poisoned, t, Outputs};
 use crate::kernel_check::Rng;
 use lexp_compiler::dtype::Storage;
+use lexp_compiler::interp::HostTensor;
 use lexp_compiler::launch::LaunchError;
 use lexp_kernels as k;
 use lexp_kernels::reference as refr;
+
+/// `n` integers uniform in `lo..hi`.
+fn ints(rng: &mut Rng, n: usize, lo: i32, hi: i32) -> Vec<i32> {
+    rng.uniform(n, lo as f32, hi as f32)
+        .iter()
+        .map(|x| (x.floor() as i32).clamp(lo, hi - 1))
+        .collect()
+}
+
+/// An i32 tensor holding `v`.
+fn int_tensor(v: &[i32]) -> HostTensor {
+    let f: Vec<f32> = v.iter().map(|x| *x as f32).collect();
+    HostTensor::new(Storage::I32, &[v.len()], &f)
+}
 
 /// The interpreter shape of one of this module's kernels (`None` for other kernels).
 pub(super) fn dims(kernel: &str) -> Option<(usize, usize)> {
     Some(match kernel {
         "bias_add" | "bias_relu" => (33, 300),
+        "embedding_fwd" => (37, 1100),
         _ => return None,
     })
 }
@@ -30,7 +46,6 @@ pub(super) fn run(
     (r, c): (usize, usize),
     rng: &mut Rng,
 ) -> Result<Outputs, LaunchError> {
-    let _ = poisoned;
     Ok(match kernel {
         "bias_add" | "bias_relu" => {
             let mut x = t(rng, dtype, &[r, c], -3.0, 3.0);
@@ -54,6 +69,25 @@ pub(super) fn run(
                 k::bias_add::interpret(&[], args)?;
             }
             vec![("x", x, want, 0.0)]
+        }
+        "embedding_fwd" => {
+            let (vocab, positions) = (50usize, 30usize);
+            let mut tok = t(rng, dtype, &[vocab, c], -3.0, 3.0);
+            let mut pos = t(rng, dtype, &[positions + 2, c], -1.0, 1.0);
+            let id = ints(rng, r, 0, vocab as i32);
+            let pid = ints(rng, r, -1, positions as i32);
+            let want = refr::embedding_fwd(&tok.data, &pos.data, c, &id, &pid);
+            let (mut ids, mut pos_ids) = (int_tensor(&id), int_tensor(&pid));
+            let mut y = poisoned(dtype, &[r, c]);
+            let args = k::embedding_fwd::HostArgs {
+                tok: &mut tok,
+                pos: &mut pos,
+                ids: &mut ids,
+                pos_ids: &mut pos_ids,
+                y: &mut y,
+            };
+            k::embedding_fwd::interpret(&[], args)?;
+            vec![("y", y, want, 0.0)]
         }
         other => {
             return Err(LaunchError::NoVariant {

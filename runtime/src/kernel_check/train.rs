@@ -43,7 +43,25 @@ impl Ctx<'_> {
         };
         Ok((host, arg, out))
     }
+
+    /// An i32 input of `n` integers uniform in `lo..hi`; returns them and the argument.
+    fn ints(&mut self, n: usize, lo: i32, hi: i32) -> Result<(Vec<i32>, TensorArg), DeviceError> {
+        let v: Vec<i32> = self
+            .rng
+            .uniform(n, lo as f32, hi as f32)
+            .iter()
+            .map(|x| (x.floor() as i32).clamp(lo, hi - 1))
+            .collect();
+        let f: Vec<f32> = v.iter().map(|x| *x as f32).collect();
+        let (t, arg) = self.place(Storage::I32, &[n], &f)?;
+        self.inputs.push(t);
+        Ok((v, arg))
+    }
 }
+
+/// Vocabulary and position-table rows of the embedding checks (OPT: 2048 positions + 2).
+const EMB_VOCAB: usize = 517;
+const EMB_POSITIONS: usize = 2048;
 
 /// Prepares one of this module's kernels (`dims` as [`check_shapes`] gives them).
 pub(super) fn prepare(
@@ -86,6 +104,33 @@ pub(super) fn prepare(
                 bytes: 2 * r * c * e,
             }
         }
+        "embedding_fwd" => {
+            let (tok, ta) = cx.input(&[EMB_VOCAB, c], -3.0, 3.0, None)?;
+            let (pos, pa) = cx.input(&[EMB_POSITIONS + 2, c], -1.0, 1.0, None)?;
+            let (ids, ia) = cx.ints(r, 0, EMB_VOCAB as i32)?;
+            // -1 is OPT's padding position (row 1 of the table).
+            let (pids, pia) = cx.ints(r, -1, EMB_POSITIONS as i32)?;
+            let want = cx.want(|| refr::embedding_fwd(&tok, &pos, c, &ids, &pids));
+            let (out, ya) = cx.output("y", &[r, c], None, want, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out],
+                launch: Box::new(move |l, consts| {
+                    k::embedding_fwd::launch_with(
+                        l,
+                        consts,
+                        &k::embedding_fwd::Args {
+                            tok: &ta,
+                            pos: &pa,
+                            ids: &ia,
+                            pos_ids: &pia,
+                            y: &ya,
+                        },
+                    )
+                }),
+                bytes: 3 * r * c * e + 8 * r,
+            }
+        }
         other => {
             return Err(DeviceError::InvalidArgument(format!(
                 "unknown kernel `{other}`"
@@ -98,6 +143,7 @@ pub(super) fn prepare(
 pub(super) fn check_shapes(kernel: &str) -> Option<Vec<(usize, usize)>> {
     Some(match kernel {
         "bias_add" | "bias_relu" => vec![(1, 1), (1000, 1000), (333, 4100), (4096, 1024)],
+        "embedding_fwd" => vec![(1, 1), (1000, 768), (333, 4100), (4096, 1024)],
         _ => return None,
     })
 }
@@ -105,7 +151,7 @@ pub(super) fn check_shapes(kernel: &str) -> Option<Vec<(usize, usize)>> {
 /// Bandwidth shapes of this module's kernels (`None` for other kernels).
 pub(super) fn bench_shape(kernel: &str) -> Option<(usize, usize)> {
     Some(match kernel {
-        "bias_add" | "bias_relu" => (32768, 4096),
+        "bias_add" | "bias_relu" | "embedding_fwd" => (32768, 4096),
         _ => return None,
     })
 }
