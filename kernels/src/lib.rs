@@ -4,6 +4,7 @@
 //! Each kernel is a module (`lexp_kernels::softmax`) holding its compiled variants, a typed
 //! launcher (`launch`) and an interpreter entry (`interpret`); [`ALL`] lists them.
 
+pub mod attention_softmax;
 pub mod bias;
 pub mod elementwise;
 pub mod embedding;
@@ -17,6 +18,7 @@ pub mod residual;
 pub mod row_softmax;
 pub mod sparse;
 
+pub use attention_softmax::causal_softmax;
 pub use bias::{bias_add, bias_relu};
 pub use elementwise::{axpby, gelu, gelu_bwd, relu, relu_bwd};
 pub use embedding::embedding_fwd;
@@ -31,7 +33,7 @@ pub use sparse::{sparse_both, sparse_out, sparse_red};
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 23] = [
+pub static ALL: [&KernelInfo; 24] = [
     &axpby::INFO,
     &relu::INFO,
     &relu_bwd::INFO,
@@ -46,6 +48,7 @@ pub static ALL: [&KernelInfo; 23] = [
     &bias_add::INFO,
     &bias_relu::INFO,
     &embedding_fwd::INFO,
+    &causal_softmax::INFO,
     &gemm_nn::INFO,
     &gemm_nt::INFO,
     &gemm_tn::INFO,

@@ -223,3 +223,124 @@ proptest! {
         }
     }
 }
+
+/// Runs `causal_softmax` with tile configuration `consts` on `heads` heads of length `len`
+/// and checks `p` and `lse` against the reference. Scores past the diagonal are NaN: the
+/// kernel must never let them through.
+fn causal_softmax_case(
+    data: &mut Data,
+    dtype: Storage,
+    heads: usize,
+    len: usize,
+    consts: &[(&str, usize)],
+) -> Result<(), TestCaseError> {
+    let rows = heads * len;
+    let mut v = data.values(rows * len, -8.0, 8.0);
+    for (idx, x) in v.iter_mut().enumerate() {
+        if idx % len > (idx / len) % len {
+            *x = f32::NAN;
+        }
+    }
+    let mut s = HostTensor::new(Storage::F32, &[rows, len], &v);
+    let mut p = poisoned(dtype, &[rows, len]);
+    let mut lse = poisoned(Storage::F32, &[rows]);
+    let (want_p, want_lse) = reference::causal_softmax(&s.data, rows, len);
+    let what = format!("causal_softmax {dtype:?} {heads}x{len} {consts:?}");
+    run(
+        &what,
+        kernels::causal_softmax::interpret(
+            consts,
+            kernels::causal_softmax::HostArgs {
+                s: &mut s,
+                p: &mut p,
+                lse: &mut lse,
+            },
+        ),
+    )?;
+    check(&format!("{what} p"), &p, &want_p)?;
+    check_with(
+        &format!("{what} lse"),
+        &lse,
+        &want_lse,
+        out_tol(Storage::F32),
+        8.0,
+    )?;
+    for (idx, x) in p.data.iter().enumerate() {
+        if idx % len > (idx / len) % len && *x != 0.0 {
+            return Err(TestCaseError::fail(format!(
+                "{what}: p[{idx}] = {x} past the diagonal"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The small tile configuration of the row kernels: long-row loops at interpreter-sized rows.
+const SMALL_ROWS: &[(&str, usize)] = &[("BLOCK", 256), ("CHUNK", 128)];
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// The default configuration: every row in one `BLOCK`.
+    #[test]
+    fn causal_softmax(seed: u64, heads in 1usize..3, len in size(1..100, &[1, 2, 64])) {
+        let mut data = Data::new(seed);
+        for dtype in DTYPES {
+            causal_softmax_case(&mut data, dtype, heads, len, &[])?;
+        }
+    }
+
+    /// The small configuration: rows longer than 256 loop in 128-wide chunks, with queries
+    /// whose visible part ends inside, at and just past a chunk.
+    #[test]
+    fn causal_softmax_chunked(
+        seed: u64,
+        heads in 1usize..3,
+        len in size(1..420, &[127, 128, 129, 255, 256, 257, 384, 385]),
+    ) {
+        let mut data = Data::new(seed);
+        for dtype in DTYPES {
+            causal_softmax_case(&mut data, dtype, heads, len, SMALL_ROWS)?;
+        }
+    }
+}
+
+/// Scores of magnitude 1e4 (where `exp` without the shift overflows) and rows whose maximum
+/// lies in a later chunk than most of the visible part, in both configurations.
+#[test]
+fn causal_softmax_large_magnitudes() {
+    let len = 300;
+    let mut data = Data::new(5);
+    let mut v = data.values(len * len, -3.0, 3.0);
+    for (idx, x) in v.iter_mut().enumerate() {
+        let (i, j) = (idx / len, idx % len);
+        *x += match i % 3 {
+            0 => 1e4,
+            1 => -1e4,
+            _ if j >= 200 => 1e4,
+            _ => -1e4,
+        };
+    }
+    for dtype in DTYPES {
+        for consts in [&[][..], SMALL_ROWS] {
+            let mut s = HostTensor::new(Storage::F32, &[len, len], &v);
+            let mut p = poisoned(dtype, &[len, len]);
+            let mut lse = poisoned(Storage::F32, &[len]);
+            let (want_p, want_lse) = reference::causal_softmax(&s.data, len, len);
+            let args = kernels::causal_softmax::HostArgs {
+                s: &mut s,
+                p: &mut p,
+                lse: &mut lse,
+            };
+            if let Err(e) = kernels::causal_softmax::interpret(consts, args) {
+                panic!("{dtype:?} {consts:?}: {e}");
+            }
+            let what = format!("causal_softmax ±1e4 {dtype:?} {consts:?}");
+            if let Err(e) = check(&what, &p, &want_p)
+                .and_then(|_| check(&format!("{what} lse"), &lse, &want_lse))
+            {
+                panic!("{e}");
+            }
+        }
+    }
+}

@@ -115,7 +115,7 @@ fn round(dtype: Storage, v: &[f32]) -> Vec<f32> {
 const ELEMENTWISE: [&str; 6] = ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd", "adamw"];
 
 /// Every kernel the checker knows, in `lexp_kernels::ALL` order.
-pub const KERNELS: [&str; 14] = [
+pub const KERNELS: [&str; 15] = [
     "axpby",
     "relu",
     "relu_bwd",
@@ -130,6 +130,7 @@ pub const KERNELS: [&str; 14] = [
     "bias_add",
     "bias_relu",
     "embedding_fwd",
+    "causal_softmax",
 ];
 
 struct Ctx<'a> {

@@ -29,14 +29,18 @@ pub(super) fn dims(kernel: &str) -> Option<(usize, usize)> {
     Some(match kernel {
         "bias_add" | "bias_relu" => (33, 300),
         "embedding_fwd" => (37, 1100),
+        // (heads, length).
+        "causal_softmax" => (2, 300),
         _ => return None,
     })
 }
 
 /// How a shape of this module's kernels prints (`None` for other kernels and plain shapes).
 pub(super) fn shape_text(kernel: &str, dims: (usize, usize)) -> Option<String> {
-    let _ = (kernel, dims);
-    None
+    match kernel {
+        "causal_softmax" => Some(format!("[{}x{}, {}]", dims.0, dims.1, dims.1)),
+        _ => None,
+    }
 }
 
 /// Runs one of this module's kernels in the interpreter; returns its outputs and references.
@@ -88,6 +92,32 @@ pub(super) fn run(
             };
             k::embedding_fwd::interpret(&[], args)?;
             vec![("y", y, want, 0.0)]
+        }
+        "causal_softmax" => {
+            let (heads, len) = (r, c);
+            let rows = heads * len;
+            let s = t(rng, Storage::F32, &[rows, len], -8.0, 8.0);
+            let (wp, wl) = refr::causal_softmax(&s.data, rows, len);
+            let mut out = vec![];
+            // Both tile configurations: the default runs these rows in one block, the small
+            // one loops over 128-wide chunks.
+            for (consts, names) in [
+                (&[][..], ["p", "lse"]),
+                (&[("BLOCK", 256), ("CHUNK", 128)][..], ["p@256", "lse@256"]),
+            ] {
+                let mut s = s.clone();
+                let mut p = poisoned(dtype, &[rows, len]);
+                let mut lse = poisoned(Storage::F32, &[rows]);
+                let args = k::causal_softmax::HostArgs {
+                    s: &mut s,
+                    p: &mut p,
+                    lse: &mut lse,
+                };
+                k::causal_softmax::interpret(consts, args)?;
+                out.push((names[0], p, wp.clone(), 0.0));
+                out.push((names[1], lse, wl.clone(), 0.0));
+            }
+            out
         }
         other => {
             return Err(LaunchError::NoVariant {

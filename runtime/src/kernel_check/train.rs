@@ -131,6 +131,36 @@ pub(super) fn prepare(
                 bytes: 3 * r * c * e + 8 * r,
             }
         }
+        "causal_softmax" => {
+            // dims: (heads, sequence length); `s` is `[heads * len, len]`.
+            let (heads, len) = dims;
+            let rows = heads * len;
+            let (s, sa) = cx.input(&[rows, len], -8.0, 8.0, Some(Storage::F32))?;
+            let (p, l) = if cx.with_ref {
+                refr::causal_softmax(&s, rows, len)
+            } else {
+                (vec![], vec![])
+            };
+            let (op, pa) = cx.output("p", &[rows, len], None, p, false)?;
+            let (ol, la) = cx.output("lse", &[rows], Some(Storage::F32), l, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![op, ol],
+                launch: Box::new(move |l, consts| {
+                    k::causal_softmax::launch_with(
+                        l,
+                        consts,
+                        &k::causal_softmax::Args {
+                            s: &sa,
+                            p: &pa,
+                            lse: &la,
+                        },
+                    )
+                }),
+                // The visible half of the scores, all of `p`, `lse`.
+                bytes: heads * len * (len + 1) / 2 * 4 + rows * len * e + rows * 4,
+            }
+        }
         other => {
             return Err(DeviceError::InvalidArgument(format!(
                 "unknown kernel `{other}`"
@@ -144,6 +174,8 @@ pub(super) fn check_shapes(kernel: &str) -> Option<Vec<(usize, usize)>> {
     Some(match kernel {
         "bias_add" | "bias_relu" => vec![(1, 1), (1000, 1000), (333, 4100), (4096, 1024)],
         "embedding_fwd" => vec![(1, 1), (1000, 768), (333, 4100), (4096, 1024)],
+        // (heads, length): one block, both configurations' loops, the small one's single pass.
+        "causal_softmax" => vec![(1, 1), (3, 100), (2, 2048), (1, 2100), (4, 300)],
         _ => return None,
     })
 }
@@ -152,12 +184,15 @@ pub(super) fn check_shapes(kernel: &str) -> Option<Vec<(usize, usize)>> {
 pub(super) fn bench_shape(kernel: &str) -> Option<(usize, usize)> {
     Some(match kernel {
         "bias_add" | "bias_relu" | "embedding_fwd" => (32768, 4096),
+        "causal_softmax" => (12, 2048),
         _ => return None,
     })
 }
 
 /// How a shape of this module's kernels prints (`None` for other kernels and plain shapes).
 pub(super) fn shape_text(kernel: &str, dims: (usize, usize)) -> Option<String> {
-    let _ = (kernel, dims);
-    None
+    match kernel {
+        "causal_softmax" => Some(format!("[{}x{}, {}]", dims.0, dims.1, dims.1)),
+        _ => None,
+    }
 }

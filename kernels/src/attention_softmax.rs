@@ -1,0 +1,89 @@
+//! The softmax of materialised attention scores, forward (causal, with the log-sum-exp kept
+//! for the backward) and backward.
+//!
+//! One program per row. A row of at most `BLOCK` elements is read once into registers; longer
+//! rows loop in `CHUNK`-wide tiles (see `row_softmax.rs`). Two tile configurations are
+//! compiled: `BLOCK = 2048` (the default, one pass up to OPT's 2048 positions) and
+//! `BLOCK = 256` for short rows, where the wide tile would mostly compute masked lanes.
+
+use lexp_macros::kernel;
+
+/// Causal softmax of one sequence's attention scores, all heads: `s` is `[nh*L, L]` (head
+/// `h` in rows `h*L .. (h+1)*L`, row `r` is query `i = r % L`); `p[r, j] = exp(s[r, j] -
+/// lse[r])` for `j <= i` and 0 for `j > i`, `lse[r] = ln(sum_{j <= i} exp(s[r, j]))` (f32).
+/// Scores past the diagonal are ignored (they may hold anything, NaN included).
+#[kernel(
+    variants(T = [bf16, f16, f32], BLOCK = [2048, 256], CHUNK = [1024, 128]),
+    only = [BLOCK == 2 * CHUNK],
+    warps = 4,
+    grid = [s.dim(0)],
+    require = [
+        p.dim(0) == s.dim(0), p.dim(1) == s.dim(1), lse.dim(0) == s.dim(0),
+        s.dim(0) == 0 || (s.dim(1) > 0 && s.dim(0) % s.dim(1) == 0)
+    ]
+)]
+pub fn causal_softmax<T, const BLOCK: usize, const CHUNK: usize>(
+    s: Tensor<f32, 2>,
+    p: TensorMut<T, 2>,
+    lse: TensorMut<f32, 1>,
+) {
+    let row = program_id(0);
+    let n = s.dim(1);
+    let i = row % n;
+    if n <= BLOCK {
+        let cols = range::<BLOCK>();
+        let v = select(
+            cols <= i,
+            s.load_or([row, cols], NEG_INFINITY),
+            NEG_INFINITY,
+        );
+        let mx = v.reduce_max(0);
+        // A row of only -inf has no finite maximum: shift by 0 instead (-inf - -inf is NaN).
+        let shift = select(mx == NEG_INFINITY, 0.0, mx);
+        let e = exp(v - shift);
+        let total = e.sum(0);
+        p.store([row, cols], e * (1.0 / total));
+        lse.store([row], shift + ln(total));
+        return;
+    }
+    // Long rows: maximum and sum over the visible part `0..=i` only, then one pass over the
+    // whole row that writes the probabilities and the zeros past the diagonal.
+    let mut m = full::<f32, CHUNK>(NEG_INFINITY);
+    for c in (0..i + 1).step_by(CHUNK) {
+        let cols = c + range::<CHUNK>();
+        let v = select(
+            cols <= i,
+            s.load_or([row, cols], NEG_INFINITY),
+            NEG_INFINITY,
+        );
+        m = max(m, v);
+    }
+    let mx = m.reduce_max(0);
+    let shift = select(mx == NEG_INFINITY, 0.0, mx);
+    let mut acc = zeros::<f32, CHUNK>();
+    for c in (0..i + 1).step_by(CHUNK) {
+        let cols = c + range::<CHUNK>();
+        let v = select(
+            cols <= i,
+            s.load_or([row, cols], NEG_INFINITY),
+            NEG_INFINITY,
+        );
+        acc += exp(v - shift);
+    }
+    let total = acc.sum(0);
+    let inv = 1.0 / total;
+    lse.store([row], shift + ln(total));
+    for c in (0..n).step_by(CHUNK) {
+        let cols = c + range::<CHUNK>();
+        if c > i {
+            p.store([row, cols], zeros::<f32, CHUNK>());
+        } else {
+            let v = select(
+                cols <= i,
+                s.load_or([row, cols], NEG_INFINITY),
+                NEG_INFINITY,
+            );
+            p.store([row, cols], exp(v - shift) * inv);
+        }
+    }
+}
