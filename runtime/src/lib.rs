@@ -20,6 +20,7 @@ pub mod data;
 pub mod device;
 pub mod encode;
 pub mod error;
+pub mod gpu;
 pub mod host_check;
 pub mod host_matmul_check;
 pub mod kernel_check;

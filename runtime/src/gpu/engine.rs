@@ -1,0 +1,532 @@
+//! [`GpuEngine`]: the training model of [`crate::model`] on one CUDA GPU, behind the
+//! [`Engine`] trait the training loop drives.
+//!
+//! One call (`loss_and_grads` or `eval_loss`) uploads the batch (ids, positions, the targets
+//! of the rows that have one) and the LoRA parameters, queues the whole forward, loss and
+//! backward on the device's stream, and ends with one download of the per-row losses and the
+//! f32 LoRA gradients: no host synchronisation in between.
+//!
+//! The LM head works on the rows with a target only (gathered by contiguous runs, which a
+//! completion-only batch has one of per sequence), `LOSS_CHUNK` rows at a time: f32 logits
+//! `h·Eᵀ`, the cross-entropy kernel turns them into `dz` in place, `dz` is rounded to bf16
+//! (cuBLAS takes both inputs of one type, and an f32 copy of `E` would cost more memory and
+//! a slower f32 GEMM), and `dh = dz·E` is scattered back into the rows' gradient.
+
+use super::cast::CastKernel;
+use super::layer::{self, segments, Ctx, Segment};
+use super::lora::{self, DeviceLora};
+use super::ops::{
+    arg, arg_at, copy_rows, dense, dense_mut, dev_err, download_f32, embedding, layernorm,
+    layernorm_bwd, mm, upload_prefix, xent, R,
+};
+use super::weights::{self, DeviceWeights};
+use super::workspace::{Caps, Dims, Workspace, LOSS_CHUNK};
+use crate::checkpoint::{OptConfig, OptModel};
+use crate::cublas::{Blas, Mat, MatLayout, MatMut};
+use crate::data::{PackedBatch, IGNORE_INDEX};
+use crate::device::CudaDevice;
+use crate::model::opt::check_adapters;
+use crate::model::{DropoutRng, ModelError, Result, StepOutput};
+use crate::peft::LoraParams;
+use crate::train::Engine;
+
+/// Token capacities grow in steps of this many tokens (fewer re-allocations as batch sizes
+/// vary).
+const TOKEN_STEP: usize = 256;
+
+/// The OPT + LoRA training model on one GPU (see the [module docs](super)).
+pub struct GpuEngine {
+    model: OptModel,
+    dev: CudaDevice,
+    blas: Blas,
+    cast: CastKernel,
+    weights: DeviceWeights,
+    dims: Dims,
+    ws: Option<Workspace>,
+    lora: Option<DeviceLora>,
+}
+
+/// A batch checked and uploaded.
+struct Prepared {
+    t: usize,
+    segs: Vec<Segment>,
+    /// Contiguous runs `(first row, rows)` of rows with a target.
+    runs: Vec<(usize, usize)>,
+    /// Rows with a target.
+    n: usize,
+}
+
+/// Checks `batch` against `c` like the CPU model does, plus the shape of `cu_seqlens`.
+fn check_batch(c: &OptConfig, batch: &PackedBatch) -> R {
+    let t = batch.num_tokens();
+    if batch.position_ids.len() != t || batch.targets.len() != t {
+        return Err(ModelError::Batch(format!(
+            "{t} tokens but {} positions and {} targets",
+            batch.position_ids.len(),
+            batch.targets.len()
+        )));
+    }
+    if t == 0 {
+        return Err(ModelError::Batch("the batch has no tokens".into()));
+    }
+    if batch.cu_seqlens.last().map(|&e| e as i64) != Some(t as i64) {
+        return Err(ModelError::Batch(format!(
+            "cu_seqlens ends at {:?} but the batch has {t} tokens",
+            batch.cu_seqlens.last()
+        )));
+    }
+    if t > i32::MAX as usize {
+        return Err(ModelError::Batch(format!("{t} tokens exceed i32 indexing")));
+    }
+    for (i, &p) in batch.position_ids.iter().enumerate() {
+        if p as usize >= c.max_position_embeddings {
+            return Err(ModelError::PositionOutOfRange {
+                position: i,
+                pos: p as usize,
+                max: c.max_position_embeddings,
+            });
+        }
+    }
+    for (i, &id) in batch.input_ids.iter().enumerate() {
+        if id as usize >= c.vocab_size {
+            return Err(ModelError::TokenOutOfRange {
+                position: i,
+                id,
+                vocab: c.vocab_size,
+            });
+        }
+    }
+    for (i, &y) in batch.targets.iter().enumerate() {
+        if y != IGNORE_INDEX && (y < 0 || y as usize >= c.vocab_size) {
+            return Err(ModelError::Batch(format!(
+                "target {i} is {y}: not a token of the {}-entry vocabulary nor {IGNORE_INDEX}",
+                c.vocab_size
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Contiguous runs of rows whose target is not ignored.
+fn target_runs(targets: &[i32]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, &y) in targets.iter().enumerate() {
+        if y == IGNORE_INDEX {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((s, n)) if *s + *n == i => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    runs
+}
+
+fn i32_bytes(v: impl Iterator<Item = i32>) -> Vec<u8> {
+    v.flat_map(i32::to_le_bytes).collect()
+}
+
+impl GpuEngine {
+    /// Uploads `model`'s frozen weights to `device` in bf16.
+    ///
+    /// Refuses with [`ModelError::Unsupported`] what the GPU path does not implement
+    /// (post-LN, `project_in`/`project_out`, non-ReLU, a GPU before compute capability 8.0);
+    /// reports a missing cuBLAS or too little memory as [`ModelError::Device`] with the
+    /// numbers.
+    pub fn new(model: OptModel, device: CudaDevice) -> Result<GpuEngine> {
+        weights::check_supported(&model)?;
+        if device.arch().is_none() {
+            let (major, minor) = device.compute_capability();
+            return Err(ModelError::Unsupported(format!(
+                "{} has compute capability {major}.{minor}; the GPU engine needs 8.0 or newer",
+                device.name()
+            )));
+        }
+        let blas = Blas::new(&device).map_err(dev_err("cuBLAS"))?;
+        let cast = CastKernel::load(&device).map_err(dev_err("loading kernels"))?;
+        let need = weights::device_bytes(&model);
+        let (free, total) = device.mem_info().map_err(dev_err("querying GPU memory"))?;
+        if need > free {
+            return Err(ModelError::Device(format!(
+                "out of GPU memory: the model's weights need {} MiB in bf16, but only {} MiB \
+                 of {} MiB are free on {}",
+                need >> 20,
+                free >> 20,
+                total >> 20,
+                device.name()
+            )));
+        }
+        let weights = DeviceWeights::upload(&device, &model)?;
+        let dims = Dims::of(&model.config);
+        tracing::info!(
+            device = device.name(),
+            weights_mib = need >> 20,
+            "GPU engine ready"
+        );
+        Ok(GpuEngine {
+            model,
+            dev: device,
+            blas,
+            cast,
+            weights,
+            dims,
+            ws: None,
+            lora: None,
+        })
+    }
+
+    /// The device the engine runs on.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    /// Device bytes of the activation workspace allocated so far (0 before the first batch).
+    pub fn workspace_bytes(&self) -> usize {
+        self.ws.as_ref().map_or(0, |w| w.caps.bytes(&self.dims))
+    }
+
+    /// Checks `batch`, sizes the workspace, uploads the batch and the adapters.
+    fn prepare(&mut self, lora: Option<&LoraParams>, batch: &PackedBatch) -> R<Prepared> {
+        let c = &self.model.config;
+        check_batch(c, batch)?;
+        if let Some(l) = lora {
+            check_adapters(c, l)?;
+        }
+        let t = batch.num_tokens();
+        let (segs, probs) = segments(&batch.cu_seqlens, self.dims.nh)?;
+        let need = Caps {
+            tokens: t,
+            probs,
+            max_len: segs.iter().map(|s| s.len).max().unwrap_or(0),
+            rank: lora.map_or(0, |l| l.config.r),
+        };
+        if !self.ws.as_ref().is_some_and(|w| w.caps.covers(&need)) {
+            let old = self.ws.take().map(|w| w.caps);
+            // The freed buffers return to the driver's pool; a synchronisation hands them
+            // back, so that the free-memory check below sees them.
+            self.dev
+                .synchronize()
+                .map_err(dev_err("releasing the old workspace"))?;
+            let mut caps = old.map_or(need, |o| o.max(&need));
+            caps.tokens = caps.tokens.div_ceil(TOKEN_STEP) * TOKEN_STEP;
+            self.ws = Some(Workspace::new(&self.dev, &self.dims, caps)?);
+        }
+        if let Some(l) = lora {
+            match &mut self.lora {
+                Some(d) if d.fits(l) => d.upload(l)?,
+                slot => *slot = Some(DeviceLora::new(&self.dev, l, self.dims.layers)?),
+            }
+        }
+        let runs = target_runs(&batch.targets);
+        let n = runs.iter().map(|r| r.1).sum();
+        let head = match self.ws.as_mut() {
+            Some(ws) => &mut ws.head,
+            None => return Err(ModelError::Device("internal: no workspace".into())),
+        };
+        let ids = i32_bytes(batch.input_ids.iter().map(|&i| i as i32));
+        upload_prefix(&self.dev, &mut head.ids, &ids)?;
+        let pos = i32_bytes(batch.position_ids.iter().map(|&p| p as i32));
+        upload_prefix(&self.dev, &mut head.pos_ids, &pos)?;
+        let targets = i32_bytes(batch.targets.iter().copied().filter(|&y| y != IGNORE_INDEX));
+        upload_prefix(&self.dev, &mut head.targets, &targets)?;
+        Ok(Prepared { t, segs, runs, n })
+    }
+
+    /// Forward, loss and (with `grad_scale`) backward of a prepared batch; returns the sum of
+    /// the per-target losses and, in training, the flat f32 gradients.
+    fn run(
+        &mut self,
+        p: &Prepared,
+        with_lora: bool,
+        grad_scale: Option<f32>,
+    ) -> R<(f64, Vec<f32>)> {
+        let GpuEngine {
+            dev,
+            blas,
+            cast,
+            weights,
+            dims,
+            ws,
+            lora,
+            ..
+        } = self;
+        let ws = ws
+            .as_mut()
+            .ok_or_else(|| ModelError::Device("internal: no workspace".into()))?;
+        let (t, h) = (p.t, dims.h);
+        let (adapters, grads) = match lora.as_mut().filter(|_| with_lora) {
+            Some(l) => {
+                let (a, g) = l.split();
+                (Some(a), Some(g))
+            }
+            None => (None, None),
+        };
+        let cx = Ctx {
+            dev,
+            blas,
+            d: *dims,
+            t,
+            segs: &p.segs,
+            lora: adapters,
+        };
+
+        // Embeddings, then the layers; each layer's output is the next one's saved input.
+        let x0 = arg(&ws.layers[0].x, &[t, h])?;
+        embedding(
+            dev,
+            &weights.tok.as_arg(),
+            &weights.pos.as_arg(),
+            &arg(&ws.head.ids, &[t])?,
+            &arg(&ws.head.pos_ids, &[t])?,
+            &x0,
+        )?;
+        let layers = ws.layers.len();
+        for li in 0..layers {
+            let (cur, rest) = ws.layers.split_at_mut(li + 1);
+            let out = match rest.first_mut() {
+                Some(next) => &mut next.x,
+                None => &mut ws.head.x_out,
+            };
+            layer::forward(
+                &cx,
+                li,
+                &weights.layers[li],
+                &mut cur[li],
+                &mut ws.scratch,
+                out,
+            )?;
+        }
+
+        // Final LayerNorm and the LM head on the rows with a target.
+        let hb = &mut ws.head;
+        if let Some(ln) = &weights.final_ln {
+            layernorm(
+                dev,
+                &hb.x_out,
+                (&ln.0, &ln.1),
+                &hb.hf,
+                &hb.meanf,
+                &hb.rstdf,
+                t,
+                h,
+            )?;
+        }
+        let src = if weights.final_ln.is_some() {
+            &hb.hf
+        } else {
+            &hb.x_out
+        };
+        let mut row = 0;
+        for &(r0, len) in &p.runs {
+            copy_rows(dev, src, r0, &mut hb.hsel, row, len, h)?;
+            row += len;
+        }
+        let (e, v) = (weights.head(), dims.v);
+        for c0 in (0..p.n).step_by(LOSS_CHUNK) {
+            let c = LOSS_CHUNK.min(p.n - c0);
+            let rows = MatLayout::at(c0 * h, c, h, h);
+            mm(
+                blas,
+                Mat::new(&hb.hsel, rows),
+                dense(e, v, h),
+                dense_mut(&mut hb.z, c, v),
+                false,
+                true,
+                1.0,
+                0.0,
+            )?;
+            xent(
+                dev,
+                &arg(&hb.z, &[c, v])?,
+                &arg_at(&hb.targets, c0, &[c])?,
+                &arg_at(&hb.loss, c0, &[c])?,
+                grad_scale.unwrap_or(0.0),
+            )?;
+            if grad_scale.is_some() {
+                cast.f32_to_bf16(dev, &hb.z, &mut hb.dz, c * v)
+                    .map_err(dev_err("rounding dz"))?;
+                let out = MatMut::new(&mut hb.dhsel, rows);
+                mm(
+                    blas,
+                    dense(&hb.dz, c, v),
+                    dense(e, v, h),
+                    out,
+                    false,
+                    false,
+                    1.0,
+                    0.0,
+                )?;
+            }
+        }
+
+        let mut flat = Vec::new();
+        if let (Some(_), Some(grads)) = (grad_scale, grads) {
+            // d(hidden) of the rows with a target, zero elsewhere; through the final LN.
+            let dh = if weights.final_ln.is_some() {
+                &mut ws.scratch.tmp2
+            } else {
+                &mut hb.g
+            };
+            dh.fill_zero()
+                .map_err(dev_err("zeroing the head gradient"))?;
+            let mut row = 0;
+            for &(r0, len) in &p.runs {
+                copy_rows(dev, &hb.dhsel, row, dh, r0, len, h)?;
+                row += len;
+            }
+            if let Some(ln) = &weights.final_ln {
+                let dy = &ws.scratch.tmp2;
+                layernorm_bwd(dev, &hb.x_out, &ln.0, dy, &hb.meanf, &hb.rstdf, &hb.g, t, h)?;
+            }
+            grads
+                .fill_zero()
+                .map_err(dev_err("zeroing LoRA gradients"))?;
+            for li in (0..layers).rev() {
+                let w = &weights.layers[li];
+                layer::backward(
+                    &cx,
+                    li,
+                    w,
+                    &ws.layers[li],
+                    &mut ws.scratch,
+                    &ws.head.g,
+                    grads,
+                )?;
+            }
+            download_f32(dev, grads, grads.numel(), &mut flat)?;
+        }
+        let mut losses = Vec::new();
+        download_f32(dev, &ws.head.loss, p.n, &mut losses)?;
+        let loss_sum = losses.iter().map(|&l| l as f64).sum();
+        Ok((loss_sum, flat))
+    }
+}
+
+impl Engine for GpuEngine {
+    fn name(&self) -> String {
+        self.dev.name().to_string()
+    }
+
+    fn model(&self) -> &OptModel {
+        &self.model
+    }
+
+    fn loss_and_grads(
+        &mut self,
+        lora: &LoraParams,
+        batch: &PackedBatch,
+        grad_scale: f32,
+        rng: Option<DropoutRng>,
+    ) -> Result<StepOutput> {
+        if rng.is_some() && (lora.config.dropout > 0.0 || self.model.config.dropout > 0.0) {
+            return Err(ModelError::Unsupported(
+                "dropout on the GPU (LoRA or residual dropout > 0); use --device cpu or \
+                 dropout 0"
+                    .into(),
+            ));
+        }
+        let p = self.prepare(Some(lora), batch)?;
+        if p.n == 0 {
+            let (slots, len) = lora::layout(lora, self.dims.layers);
+            return Ok(StepOutput {
+                loss_sum: 0.0,
+                count: 0,
+                grads: lora::grads_from(&slots, lora.config.r, &vec![0.0; len]),
+            });
+        }
+        let (loss_sum, flat) = self.run(&p, true, Some(grad_scale))?;
+        let grads = match &self.lora {
+            Some(d) => d.grads_from(&flat),
+            None => return Err(ModelError::Device("internal: no LoRA on the device".into())),
+        };
+        Ok(StepOutput {
+            loss_sum,
+            count: p.n,
+            grads,
+        })
+    }
+
+    fn eval_loss(
+        &mut self,
+        lora: Option<&LoraParams>,
+        batch: &PackedBatch,
+    ) -> Result<(f64, usize)> {
+        let p = self.prepare(lora, batch)?;
+        if p.n == 0 {
+            return Ok((0.0, 0));
+        }
+        let (loss_sum, _) = self.run(&p, lora.is_some(), None)?;
+        Ok((loss_sum, p.n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_runs_are_maximal_and_skip_ignored_rows() {
+        let i = IGNORE_INDEX;
+        assert_eq!(
+            target_runs(&[i, 5, 6, i, 7, i, i, 1, 2, 3]),
+            vec![(1, 2), (4, 1), (7, 3)]
+        );
+        assert_eq!(target_runs(&[i, i]), vec![]);
+        assert_eq!(target_runs(&[4]), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn batch_checks_name_the_problem() {
+        let c = OptConfig::from_json(
+            r#"{"model_type":"opt","vocab_size":10,"hidden_size":8,"ffn_dim":16,
+                "num_hidden_layers":1,"num_attention_heads":2,"max_position_embeddings":4}"#,
+            std::path::Path::new("t/config.json"),
+        )
+        .unwrap();
+        let ok = PackedBatch {
+            input_ids: vec![1, 2, 3],
+            position_ids: vec![0, 1, 0],
+            targets: vec![2, IGNORE_INDEX, IGNORE_INDEX],
+            cu_seqlens: vec![0, 2, 3],
+            examples: vec![0, 1],
+        };
+        assert!(check_batch(&c, &ok).is_ok());
+        let bad = PackedBatch {
+            targets: vec![10, IGNORE_INDEX, IGNORE_INDEX],
+            ..ok.clone()
+        };
+        assert!(check_batch(&c, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("target 0 is 10"));
+        let bad = PackedBatch {
+            targets: vec![-3, IGNORE_INDEX, IGNORE_INDEX],
+            ..ok.clone()
+        };
+        assert!(check_batch(&c, &bad).is_err());
+        let bad = PackedBatch {
+            cu_seqlens: vec![0, 2],
+            ..ok.clone()
+        };
+        assert!(check_batch(&c, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("cu_seqlens"));
+        let bad = PackedBatch {
+            position_ids: vec![0, 1, 4],
+            ..ok.clone()
+        };
+        assert!(matches!(
+            check_batch(&c, &bad),
+            Err(ModelError::PositionOutOfRange { position: 2, .. })
+        ));
+        let bad = PackedBatch {
+            input_ids: vec![1, 12, 3],
+            ..ok
+        };
+        assert!(matches!(
+            check_batch(&c, &bad),
+            Err(ModelError::TokenOutOfRange { position: 1, .. })
+        ));
+    }
+}

@@ -1,0 +1,568 @@
+//! One pre-LN OPT decoder layer on the GPU, forward and backward, mirroring
+//! [`crate::model::layer`] (RUNTIME.md §1.3, §2.3, §2.9).
+//!
+//! Attention runs per packed sequence `[c0, c0 + L)`: strided-batched cuBLAS GEMMs over the
+//! `nh` heads read q, k and v in place in the `[T, 3H]` projection output (head `h` at
+//! column `h·hd`, row stride `3H`). The `hd^-0.5` scale of q is folded into the score GEMM's
+//! `alpha` (`S = s·q·kᵀ`), and likewise into the backward's `dq = s·dS·k` and `dk = s·dSᵀ·q`:
+//! the same math as scaling the projected q (bias and LoRA delta included), without a pass
+//! over q. Scores are f32; the probabilities are saved in bf16 for the backward.
+
+use super::lora::Adapters;
+use super::ops::{
+    add, arg, arg_at, bias_add, bias_residual, causal_softmax, dense, dense_mut, layernorm,
+    layernorm_bwd, mm, mm_batched, relu_bwd, softmax_bwd, R,
+};
+use super::weights::LayerWeights;
+use super::workspace::{Dims, LayerActs, Scratch};
+use crate::buffer::DeviceTensor;
+use crate::cublas::{Blas, Mat, MatLayout, MatMut};
+use crate::device::CudaDevice;
+use crate::model::ModelError;
+use crate::peft::LoraTarget;
+
+/// One packed sequence of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// First token.
+    pub start: usize,
+    /// Tokens.
+    pub len: usize,
+    /// Element offset of its `[nh, L, L]` probabilities in [`LayerActs::p`].
+    pub probs: usize,
+}
+
+/// The sequences of `cu_seqlens` with their probability offsets (8-element aligned), and
+/// the elements all of them need. `cu_seqlens` must start at 0 and increase strictly.
+pub fn segments(cu_seqlens: &[i32], nh: usize) -> R<(Vec<Segment>, usize)> {
+    let mut segs = Vec::with_capacity(cu_seqlens.len().saturating_sub(1));
+    let mut off = 0usize;
+    if cu_seqlens.first() != Some(&0) {
+        return Err(ModelError::Batch(format!(
+            "cu_seqlens must start at 0, got {:?}",
+            cu_seqlens.first()
+        )));
+    }
+    for w in cu_seqlens.windows(2) {
+        if w[1] <= w[0] {
+            return Err(ModelError::Batch(format!(
+                "cu_seqlens must increase strictly, got {} then {}",
+                w[0], w[1]
+            )));
+        }
+        let (start, len) = (w[0] as usize, (w[1] - w[0]) as usize);
+        segs.push(Segment {
+            start,
+            len,
+            probs: off,
+        });
+        off += (nh * len * len).div_ceil(8) * 8;
+    }
+    Ok((segs, off))
+}
+
+/// What every layer of one call shares.
+pub struct Ctx<'a> {
+    /// The device (kernel launches).
+    pub dev: &'a CudaDevice,
+    /// cuBLAS on the device's stream.
+    pub blas: &'a Blas,
+    /// The model's extents.
+    pub d: Dims,
+    /// Tokens in the batch.
+    pub t: usize,
+    /// Its packed sequences.
+    pub segs: &'a [Segment],
+    /// The adapters, if any.
+    pub lora: Option<Adapters<'a>>,
+}
+
+const QKV: [LoraTarget; 3] = [LoraTarget::Q, LoraTarget::K, LoraTarget::V];
+
+impl Ctx<'_> {
+    /// Element offset of `target`'s saved `u` in [`LayerActs::u`].
+    fn u_off(&self, target: LoraTarget) -> usize {
+        target.index() * self.t * self.lora.map_or(0, |a| a.r)
+    }
+
+    /// The q/k/v column block `i` (0, 1, 2) of a `[T, 3H]` buffer.
+    fn qkv_block(&self, i: usize) -> MatLayout {
+        let h = self.d.h;
+        MatLayout::at(i * h, self.t, h, 3 * h)
+    }
+
+    /// Head `h` layouts of the sequence `seg` inside a `[T, width]` buffer at column `col`,
+    /// batched over heads.
+    fn heads(&self, seg: &Segment, col: usize, width: usize) -> MatLayout {
+        MatLayout::at(seg.start * width + col, seg.len, self.d.hd, width).batched(self.d.hd)
+    }
+
+    fn scale(&self) -> f32 {
+        (self.d.hd as f32).powf(-0.5)
+    }
+}
+
+/// Runs layer `li` on `acts.x`, writing its output to `out` and keeping what the backward
+/// needs in `acts`.
+pub fn forward(
+    cx: &Ctx,
+    li: usize,
+    w: &LayerWeights,
+    acts: &mut LayerActs,
+    sc: &mut Scratch,
+    out: &mut DeviceTensor,
+) -> R {
+    let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
+    let (dev, blas) = (cx.dev, cx.blas);
+    layernorm(
+        dev,
+        &acts.x,
+        (&w.ln1.0, &w.ln1.1),
+        &acts.a,
+        &acts.mean1,
+        &acts.rstd1,
+        t,
+        h,
+    )?;
+    let qkv_out = dense_mut(&mut acts.qkv, t, 3 * h);
+    mm(
+        blas,
+        dense(&acts.a, t, h),
+        dense(&w.wqkv, 3 * h, h),
+        qkv_out,
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    if let Some(ad) = cx.lora {
+        for (i, target) in QKV.into_iter().enumerate() {
+            if let Some(s) = ad.slot(li, target) {
+                let y = MatMut::new(&mut acts.qkv, cx.qkv_block(i));
+                let x = dense(&acts.a, t, h);
+                ad.forward(blas, &s, t, x, y, &mut acts.u, cx.u_off(target))?;
+            }
+        }
+    }
+    bias_add(dev, &acts.qkv, &w.bqkv, t, 3 * h, false)?;
+    attention_forward(cx, acts, sc)?;
+
+    // out_proj, its bias and the residual: h1 = x + (o·Woᵀ + bo).
+    mm(
+        blas,
+        dense(&acts.o, t, h),
+        dense(&w.wo, h, h),
+        dense_mut(&mut sc.tmp, t, h),
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    branch_forward(
+        cx,
+        li,
+        LoraTarget::Out,
+        &acts.o,
+        h,
+        &mut sc.tmp,
+        h,
+        &mut acts.u,
+    )?;
+    bias_residual(dev, &sc.tmp, &w.bo, &acts.x, &acts.h1, t, h)?;
+
+    // MLP: out = h1 + relu(LN2(h1)·W1ᵀ + b1)·W2ᵀ + b2.
+    layernorm(
+        dev,
+        &acts.h1,
+        (&w.ln2.0, &w.ln2.1),
+        &acts.b,
+        &acts.mean2,
+        &acts.rstd2,
+        t,
+        h,
+    )?;
+    mm(
+        blas,
+        dense(&acts.b, t, h),
+        dense(&w.w1, f, h),
+        dense_mut(&mut acts.act, t, f),
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    branch_forward(
+        cx,
+        li,
+        LoraTarget::Fc1,
+        &acts.b,
+        h,
+        &mut acts.act,
+        f,
+        &mut acts.u,
+    )?;
+    bias_add(dev, &acts.act, &w.b1, t, f, true)?;
+    mm(
+        blas,
+        dense(&acts.act, t, f),
+        dense(&w.w2, h, f),
+        dense_mut(&mut sc.tmp, t, h),
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    branch_forward(
+        cx,
+        li,
+        LoraTarget::Fc2,
+        &acts.act,
+        f,
+        &mut sc.tmp,
+        h,
+        &mut acts.u,
+    )?;
+    bias_residual(dev, &sc.tmp, &w.b2, &acts.h1, out, t, h)
+}
+
+/// The LoRA branch of `target` (if adapted) on input `x [T, in_f]` into `y [T, out_f]`.
+#[allow(clippy::too_many_arguments)]
+fn branch_forward(
+    cx: &Ctx,
+    li: usize,
+    target: LoraTarget,
+    x: &DeviceTensor,
+    in_f: usize,
+    y: &mut DeviceTensor,
+    out_f: usize,
+    u: &mut DeviceTensor,
+) -> R {
+    let Some(ad) = cx.lora else { return Ok(()) };
+    let Some(s) = ad.slot(li, target) else {
+        return Ok(());
+    };
+    let t = cx.t;
+    ad.forward(
+        cx.blas,
+        &s,
+        t,
+        dense(x, t, in_f),
+        dense_mut(y, t, out_f),
+        u,
+        cx.u_off(target),
+    )
+}
+
+/// `o = softmax(s·q·kᵀ + causal mask)·v` per sequence and head.
+fn attention_forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
+    let (h, nh) = (cx.d.h, cx.d.nh);
+    for seg in cx.segs {
+        let l = seg.len;
+        let (q, k, v) = (
+            cx.heads(seg, 0, 3 * h),
+            cx.heads(seg, h, 3 * h),
+            cx.heads(seg, 2 * h, 3 * h),
+        );
+        let s = MatMut::new(&mut sc.s, MatLayout::dense(l, l));
+        mm_batched(
+            cx.blas,
+            Mat::new(&acts.qkv, q),
+            Mat::new(&acts.qkv, k),
+            s,
+            nh,
+            false,
+            true,
+            cx.scale(),
+        )?;
+        causal_softmax(
+            cx.dev,
+            &arg(&sc.s, &[nh * l, l])?,
+            &arg_at(&acts.p, seg.probs, &[nh * l, l])?,
+            &arg(&sc.lse, &[nh * l])?,
+        )?;
+        let p = MatLayout::at(seg.probs, l, l, l).batched(l * l);
+        let o = MatMut::new(&mut acts.o, cx.heads(seg, 0, h));
+        mm_batched(
+            cx.blas,
+            Mat::new(&acts.p, p),
+            Mat::new(&acts.qkv, v),
+            o,
+            nh,
+            false,
+            false,
+            1.0,
+        )?;
+    }
+    Ok(())
+}
+
+/// Backward of layer `li`: `g` holds the gradient of the layer's output and is turned, in
+/// place, into the gradient of its input; the adapters' gradients go to `grads`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    cx: &Ctx,
+    li: usize,
+    w: &LayerWeights,
+    acts: &LayerActs,
+    sc: &mut Scratch,
+    g: &DeviceTensor,
+    grads: &mut DeviceTensor,
+) -> R {
+    let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
+    let (dev, blas) = (cx.dev, cx.blas);
+
+    // fc2: dact = g·W2 (+ LoRA), then the ReLU mask.
+    mm(
+        blas,
+        dense(g, t, h),
+        dense(&w.w2, h, f),
+        dense_mut(&mut sc.dact, t, f),
+        false,
+        false,
+        1.0,
+        0.0,
+    )?;
+    branch_backward(
+        cx,
+        li,
+        LoraTarget::Fc2,
+        (&acts.act, f),
+        (g, h),
+        acts,
+        &mut sc.du,
+        grads,
+        &mut sc.dact,
+    )?;
+    relu_bwd(dev, &acts.act, &sc.dact, t * f)?;
+    // fc1: d(LN2 out) = dact·W1 (+ LoRA).
+    mm(
+        blas,
+        dense(&sc.dact, t, f),
+        dense(&w.w1, f, h),
+        dense_mut(&mut sc.tmp, t, h),
+        false,
+        false,
+        1.0,
+        0.0,
+    )?;
+    branch_backward(
+        cx,
+        li,
+        LoraTarget::Fc1,
+        (&acts.b, h),
+        (&sc.dact, f),
+        acts,
+        &mut sc.du,
+        grads,
+        &mut sc.tmp,
+    )?;
+    // g += LN2_backward(...): g is now d(h1).
+    layernorm_bwd(
+        dev,
+        &acts.h1,
+        &w.ln2.0,
+        &sc.tmp,
+        &acts.mean2,
+        &acts.rstd2,
+        &sc.tmp2,
+        t,
+        h,
+    )?;
+    add(dev, &sc.tmp2, g, t * h)?;
+
+    // out_proj: dO = g·Wo (+ LoRA), into tmp.
+    mm(
+        blas,
+        dense(g, t, h),
+        dense(&w.wo, h, h),
+        dense_mut(&mut sc.tmp, t, h),
+        false,
+        false,
+        1.0,
+        0.0,
+    )?;
+    branch_backward(
+        cx,
+        li,
+        LoraTarget::Out,
+        (&acts.o, h),
+        (g, h),
+        acts,
+        &mut sc.du,
+        grads,
+        &mut sc.tmp,
+    )?;
+    attention_backward(cx, acts, sc)?;
+
+    // q/k/v: d(LN1 out) = dqkv·Wqkv (+ LoRA), into tmp2.
+    mm(
+        blas,
+        dense(&sc.dqkv, t, 3 * h),
+        dense(&w.wqkv, 3 * h, h),
+        dense_mut(&mut sc.tmp2, t, h),
+        false,
+        false,
+        1.0,
+        0.0,
+    )?;
+    if let Some(ad) = cx.lora {
+        for (i, target) in QKV.into_iter().enumerate() {
+            if let Some(s) = ad.slot(li, target) {
+                let dy = Mat::new(&sc.dqkv, cx.qkv_block(i));
+                let u = (&acts.u, cx.u_off(target));
+                let dx = dense_mut(&mut sc.tmp2, t, h);
+                ad.backward(
+                    blas,
+                    &s,
+                    t,
+                    dense(&acts.a, t, h),
+                    dy,
+                    u,
+                    &mut sc.du,
+                    grads,
+                    dx,
+                )?;
+            }
+        }
+    }
+    // g += LN1_backward(...): g is now d(x).
+    layernorm_bwd(
+        dev,
+        &acts.x,
+        &w.ln1.0,
+        &sc.tmp2,
+        &acts.mean1,
+        &acts.rstd1,
+        &sc.tmp,
+        t,
+        h,
+    )?;
+    add(dev, &sc.tmp, g, t * h)
+}
+
+/// The LoRA backward of `target` (if adapted) with input `(x, in_f)` and output gradient
+/// `(dy, out_f)`, adding its input gradient to `dx [T, in_f]`.
+#[allow(clippy::too_many_arguments)]
+fn branch_backward(
+    cx: &Ctx,
+    li: usize,
+    target: LoraTarget,
+    (x, in_f): (&DeviceTensor, usize),
+    (dy, out_f): (&DeviceTensor, usize),
+    acts: &LayerActs,
+    du: &mut DeviceTensor,
+    grads: &mut DeviceTensor,
+    dx: &mut DeviceTensor,
+) -> R {
+    let Some(ad) = cx.lora else { return Ok(()) };
+    let Some(s) = ad.slot(li, target) else {
+        return Ok(());
+    };
+    let t = cx.t;
+    let u = (&acts.u, cx.u_off(target));
+    ad.backward(
+        cx.blas,
+        &s,
+        t,
+        dense(x, t, in_f),
+        dense(dy, t, out_f),
+        u,
+        du,
+        grads,
+        dense_mut(dx, t, in_f),
+    )
+}
+
+/// Attention backward per sequence and head, from `dO` in `sc.tmp` into `sc.dqkv`
+/// (RUNTIME.md §2.3): `dP = dO·vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`, `dq = s·dS·k`,
+/// `dk = s·dSᵀ·q`, `dv = Pᵀ·dO`.
+fn attention_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
+    let (h, nh) = (cx.d.h, cx.d.nh);
+    for seg in cx.segs {
+        let l = seg.len;
+        let (q, k, v) = (
+            cx.heads(seg, 0, 3 * h),
+            cx.heads(seg, h, 3 * h),
+            cx.heads(seg, 2 * h, 3 * h),
+        );
+        let d_o = Mat::new(&sc.tmp, cx.heads(seg, 0, h));
+        let p = Mat::new(&acts.p, MatLayout::at(seg.probs, l, l, l).batched(l * l));
+        let sq = MatLayout::dense(l, l);
+        mm_batched(
+            cx.blas,
+            d_o,
+            Mat::new(&acts.qkv, v),
+            MatMut::new(&mut sc.s, sq),
+            nh,
+            false,
+            true,
+            1.0,
+        )?;
+        softmax_bwd(
+            cx.dev,
+            &arg_at(&acts.p, seg.probs, &[nh * l, l])?,
+            &arg(&sc.s, &[nh * l, l])?,
+            &arg(&sc.ds, &[nh * l, l])?,
+        )?;
+        let ds = Mat::new(&sc.ds, sq);
+        let dq = MatMut::new(&mut sc.dqkv, q);
+        mm_batched(
+            cx.blas,
+            ds,
+            Mat::new(&acts.qkv, k),
+            dq,
+            nh,
+            false,
+            false,
+            cx.scale(),
+        )?;
+        let dk = MatMut::new(&mut sc.dqkv, k);
+        mm_batched(
+            cx.blas,
+            ds,
+            Mat::new(&acts.qkv, q),
+            dk,
+            nh,
+            true,
+            false,
+            cx.scale(),
+        )?;
+        let dv = MatMut::new(&mut sc.dqkv, v);
+        mm_batched(cx.blas, p, d_o, dv, nh, true, false, 1.0)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_follow_cu_seqlens_with_aligned_probability_offsets() {
+        let (segs, total) = segments(&[0, 3, 8, 9], 2).unwrap();
+        assert_eq!(
+            segs,
+            vec![
+                Segment {
+                    start: 0,
+                    len: 3,
+                    probs: 0
+                },
+                Segment {
+                    start: 3,
+                    len: 5,
+                    probs: 24
+                },
+                Segment {
+                    start: 8,
+                    len: 1,
+                    probs: 80
+                },
+            ]
+        );
+        assert_eq!(total, 88);
+        assert!(segments(&[1, 3], 2).is_err());
+        assert!(segments(&[0, 3, 3], 2).is_err());
+        assert!(segments(&[], 2).is_err());
+    }
+}

@@ -1,0 +1,349 @@
+//! LoRA on the GPU: bf16 device copies of the host's f32 adapter matrices (uploaded at every
+//! call: they are small and the optimizer changes them every step), an f32 buffer for their
+//! gradients, and the branch GEMMs (RUNTIME.md §2.6):
+//!
+//! ```text
+//! forward:  u = x·Aᵀ (saved);  y += s·u·Bᵀ
+//! backward: dB = s·dyᵀ·u;  du = s·dy·B;  dA = duᵀ·x;  dx += du·A
+//! ```
+//!
+//! `dA` and `dB` are cuBLAS GEMMs with f32 output, downloaded once per call into a
+//! [`LoraGrads`] laid out like the [`LoraParams`].
+
+use super::ops::{dev_err, mm, R};
+use super::weights::ACT;
+use crate::buffer::DeviceTensor;
+use crate::cublas::{Blas, Mat, MatLayout, MatMut};
+use crate::device::CudaDevice;
+use crate::model::layer::LayerGrads;
+use crate::model::lora_branch::BranchGrads;
+use crate::model::LoraGrads;
+use crate::peft::{LoraParams, LoraTarget};
+use lexp_compiler::dtype::Storage;
+
+/// Where one module's matrices lie in the flat parameter and gradient buffers (elements).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// Offset of `A` (`[r, in]`).
+    pub a: usize,
+    /// Offset of `B` (`[out, r]`).
+    pub b: usize,
+    /// Input features of the adapted projection.
+    pub in_f: usize,
+    /// Output features.
+    pub out_f: usize,
+}
+
+/// Per decoder layer, the slot of each target in [`LoraTarget::ALL`] order.
+pub type Slots = Vec<[Option<Slot>; 6]>;
+
+/// Rounds an element offset up to 8 elements (16-byte aligned bf16 starts).
+fn align(n: usize) -> usize {
+    n.div_ceil(8) * 8
+}
+
+/// The flat layout of `lora`'s modules in the first `layers` layers (canonical order, `A`
+/// then `B`, each 8-element aligned) and the total length.
+pub fn layout(lora: &LoraParams, layers: usize) -> (Slots, usize) {
+    let mut slots: Slots = vec![[None; 6]; layers];
+    let mut off = 0;
+    for (layer, target, m) in lora.modules() {
+        if layer >= layers {
+            continue;
+        }
+        let a = off;
+        off += align(m.a.data.len());
+        let b = off;
+        off += align(m.b.data.len());
+        slots[layer][target.index()] = Some(Slot {
+            a,
+            b,
+            in_f: m.a.cols,
+            out_f: m.b.rows,
+        });
+    }
+    (slots, off)
+}
+
+/// The adapters of one call on the device, and their gradient buffer.
+pub struct DeviceLora {
+    /// Every `A` and `B`, bf16, at their slots.
+    pub params: DeviceTensor,
+    /// Their gradients, f32, at the same offsets.
+    pub grads: DeviceTensor,
+    /// Where each module lies.
+    pub slots: Slots,
+    /// Rank.
+    pub r: usize,
+    /// Scale `s` (`α/r` or `α/√r`).
+    pub scale: f32,
+    len: usize,
+}
+
+/// The adapters as the layer code reads them.
+#[derive(Clone, Copy)]
+pub struct Adapters<'a> {
+    /// See [`DeviceLora::params`].
+    pub params: &'a DeviceTensor,
+    /// See [`DeviceLora::slots`].
+    pub slots: &'a [[Option<Slot>; 6]],
+    /// Rank.
+    pub r: usize,
+    /// Scale.
+    pub scale: f32,
+}
+
+impl DeviceLora {
+    /// Allocates device copies for `lora` (first `layers` layers) and uploads it.
+    pub fn new(dev: &CudaDevice, lora: &LoraParams, layers: usize) -> R<DeviceLora> {
+        let (slots, len) = layout(lora, layers);
+        let mut d = DeviceLora {
+            params: DeviceTensor::zeros(dev, ACT, &[len.max(1)])
+                .map_err(dev_err("allocating LoRA parameters"))?,
+            grads: DeviceTensor::zeros(dev, Storage::F32, &[len.max(1)])
+                .map_err(dev_err("allocating LoRA gradients"))?,
+            slots,
+            r: lora.config.r,
+            scale: lora.config.scaling(),
+            len,
+        };
+        d.upload(lora)?;
+        Ok(d)
+    }
+
+    /// True when `lora` has this layout (same modules, shapes and rank).
+    pub fn fits(&self, lora: &LoraParams) -> bool {
+        let (slots, len) = layout(lora, self.slots.len());
+        slots == self.slots && len == self.len && lora.config.r == self.r
+    }
+
+    /// Uploads `lora`'s current values (bf16) and scale; `lora` must [`fit`](Self::fits).
+    pub fn upload(&mut self, lora: &LoraParams) -> R {
+        let mut host = vec![0.0f32; self.len.max(1)];
+        for (layer, target, m) in lora.modules() {
+            if let Some(s) = self.slots.get(layer).and_then(|l| l[target.index()]) {
+                host[s.a..s.a + m.a.data.len()].copy_from_slice(&m.a.data);
+                host[s.b..s.b + m.b.data.len()].copy_from_slice(&m.b.data);
+            }
+        }
+        self.scale = lora.config.scaling();
+        self.params
+            .write_f32(&host)
+            .map_err(dev_err("uploading LoRA parameters"))
+    }
+
+    /// Elements of the flat buffers.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no module is adapted.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The adapters for the layer code, and the gradient buffer.
+    pub fn split(&mut self) -> (Adapters<'_>, &mut DeviceTensor) {
+        (
+            Adapters {
+                params: &self.params,
+                slots: &self.slots,
+                r: self.r,
+                scale: self.scale,
+            },
+            &mut self.grads,
+        )
+    }
+
+    /// The host gradients from the downloaded flat buffer `flat`.
+    pub fn grads_from(&self, flat: &[f32]) -> LoraGrads {
+        grads_from(&self.slots, self.r, flat)
+    }
+}
+
+/// Splits a flat gradient buffer laid out by `slots` (rank `r`) into per-module gradients.
+pub fn grads_from(slots: &[[Option<Slot>; 6]], r: usize, flat: &[f32]) -> LoraGrads {
+    let layers = slots
+        .iter()
+        .map(|l| {
+            let mut g: LayerGrads = Default::default();
+            for (i, s) in l.iter().enumerate() {
+                if let Some(s) = s {
+                    g[i] = Some(BranchGrads {
+                        a: flat[s.a..s.a + r * s.in_f].to_vec(),
+                        b: flat[s.b..s.b + s.out_f * r].to_vec(),
+                    });
+                }
+            }
+            g
+        })
+        .collect();
+    LoraGrads { layers }
+}
+
+impl Adapters<'_> {
+    /// The slot of `target` in `layer`, if adapted.
+    pub fn slot(&self, layer: usize, target: LoraTarget) -> Option<Slot> {
+        self.slots.get(layer).and_then(|l| l[target.index()])
+    }
+
+    fn a(&self, s: &Slot) -> Mat<'_> {
+        Mat::new(self.params, MatLayout::at(s.a, self.r, s.in_f, s.in_f))
+    }
+
+    fn b(&self, s: &Slot) -> Mat<'_> {
+        Mat::new(self.params, MatLayout::at(s.b, s.out_f, self.r, self.r))
+    }
+
+    /// `y += s·(x·Aᵀ)·Bᵀ` for `rows` rows, saving `u = x·Aᵀ` at element `u_off` of `u`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        blas: &Blas,
+        s: &Slot,
+        rows: usize,
+        x: Mat<'_>,
+        y: MatMut<'_>,
+        u: &mut DeviceTensor,
+        u_off: usize,
+    ) -> R {
+        let ul = MatLayout::at(u_off, rows, self.r, self.r);
+        mm(
+            blas,
+            x,
+            self.a(s),
+            MatMut::new(u, ul),
+            false,
+            true,
+            1.0,
+            0.0,
+        )?;
+        mm(
+            blas,
+            Mat::new(u, ul),
+            self.b(s),
+            y,
+            false,
+            true,
+            self.scale,
+            1.0,
+        )
+    }
+
+    /// The branch's backward for output gradient `dy`: writes `dA`, `dB` (f32) into `grads`
+    /// and adds `du·A` to `dx`. `x` and `u` are what the forward saw and saved.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        blas: &Blas,
+        s: &Slot,
+        rows: usize,
+        x: Mat<'_>,
+        dy: Mat<'_>,
+        (u, u_off): (&DeviceTensor, usize),
+        du: &mut DeviceTensor,
+        grads: &mut DeviceTensor,
+        dx: MatMut<'_>,
+    ) -> R {
+        let r = self.r;
+        let ul = MatLayout::at(u_off, rows, r, r);
+        let dul = MatLayout::at(0, rows, r, r);
+        // dB = s·dyᵀ·u  [out, r]
+        let db = MatLayout::at(s.b, s.out_f, r, r);
+        mm(
+            blas,
+            dy,
+            Mat::new(u, ul),
+            MatMut::new(grads, db),
+            true,
+            false,
+            self.scale,
+            0.0,
+        )?;
+        // du = s·dy·B  [rows, r]
+        mm(
+            blas,
+            dy,
+            self.b(s),
+            MatMut::new(du, dul),
+            false,
+            false,
+            self.scale,
+            0.0,
+        )?;
+        // dA = duᵀ·x  [r, in]
+        let da = MatLayout::at(s.a, r, s.in_f, s.in_f);
+        mm(
+            blas,
+            Mat::new(du, dul),
+            x,
+            MatMut::new(grads, da),
+            true,
+            false,
+            1.0,
+            0.0,
+        )?;
+        // dx += du·A
+        mm(
+            blas,
+            Mat::new(du, dul),
+            self.a(s),
+            dx,
+            false,
+            false,
+            1.0,
+            1.0,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::OptConfig;
+    use crate::peft::LoraConfig;
+    use std::path::Path;
+
+    #[test]
+    fn layout_is_canonical_aligned_and_disjoint() {
+        let c = OptConfig::from_json(
+            r#"{"model_type":"opt","vocab_size":64,"hidden_size":20,"ffn_dim":36,
+                "num_hidden_layers":3,"num_attention_heads":2,"max_position_embeddings":16}"#,
+            Path::new("t/config.json"),
+        )
+        .unwrap();
+        let cfg = LoraConfig {
+            r: 3,
+            targets: vec![LoraTarget::Fc2, LoraTarget::Q, LoraTarget::Fc1],
+            ..LoraConfig::default()
+        };
+        let lora = LoraParams::init(&cfg, &c, 1);
+        let (slots, len) = layout(&lora, 3);
+        let mut spans = Vec::new();
+        for (l, layer) in slots.iter().enumerate() {
+            for t in LoraTarget::ALL {
+                let s = layer[t.index()];
+                assert_eq!(s.is_some(), lora.get(l, t).is_some(), "{l} {t:?}");
+                if let Some(s) = s {
+                    let (in_f, out_f) = t.dims(&c);
+                    assert_eq!((s.in_f, s.out_f), (in_f, out_f));
+                    assert_eq!((s.a % 8, s.b % 8), (0, 0));
+                    spans.push((s.a, s.a + 3 * in_f));
+                    spans.push((s.b, s.b + out_f * 3));
+                }
+            }
+        }
+        spans.sort();
+        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "{spans:?}");
+        assert!(spans.last().unwrap().1 <= len);
+        // The download splits the flat buffer back into each module's gradients.
+        let flat: Vec<f32> = (0..len).map(|i| i as f32).collect();
+        let g = grads_from(&slots, 3, &flat);
+        let (ga, gb) = g.get(1, LoraTarget::Fc1).unwrap();
+        let s = slots[1][LoraTarget::Fc1.index()].unwrap();
+        assert_eq!(ga[0], s.a as f32);
+        assert_eq!(gb.len(), 36 * 3);
+        assert_eq!(gb[0], s.b as f32);
+        assert!(g.get(1, LoraTarget::K).is_none());
+    }
+}

@@ -1,0 +1,33 @@
+//! The OPT + LoRA training model on one CUDA GPU: [`GpuEngine`] implements
+//! [`Engine`](crate::train::Engine), so the training loop, its checkpoints and metrics run
+//! unchanged on the GPU.
+//!
+//! Precision (RUNTIME.md §2, DESIGN 6): frozen weights and activations in bf16, every GEMM on
+//! cuBLAS with f32 accumulation, LayerNorm statistics, attention softmax and the loss in f32,
+//! LoRA gradients produced in f32 and downloaded into a [`LoraGrads`](crate::model::LoraGrads).
+//! The math mirrors [`crate::model::layer`] (pre-LN path):
+//!
+//! - [`weights`]: the frozen model uploaded once (q/k/v fused into one `[3H, H]` projection).
+//! - [`workspace`]: activation and scratch buffers, sized for the largest batch seen.
+//! - [`lora`]: the LoRA parameters' device copies, the gradient buffer, and the branch GEMMs.
+//! - [`layer`]: one decoder layer forward and backward, attention per packed sequence with
+//!   strided-batched cuBLAS GEMMs over the heads.
+//! - [`engine`]: the engine: batch checks, embeddings, the chunked LM head + cross-entropy,
+//!   and the one download (loss and gradients) that ends each call.
+//! - [`cast`]: a small f32 → bf16 conversion kernel (hand-written PTX).
+//!
+//! What runs: pre-LN OPT (every size from 125m up; opt-350m is post-LN and is refused), ReLU,
+//! with or without biases and the final LayerNorm, tied or untied head, LoRA on any of the six
+//! projections. Refused with [`ModelError::Unsupported`](crate::model::ModelError): post-LN,
+//! `project_in`/`project_out`, other activations, dropout in training. The CPU engine covers
+//! those.
+
+pub mod cast;
+pub mod engine;
+pub mod layer;
+pub mod lora;
+mod ops;
+pub mod weights;
+pub mod workspace;
+
+pub use engine::GpuEngine;

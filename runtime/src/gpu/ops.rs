@@ -1,0 +1,339 @@
+//! Thin wrappers over the launches the GPU model issues: cuBLAS GEMMs on matrices inside
+//! buffers, the DSL kernels on prefixes of capacity-sized buffers, row copies and partial
+//! uploads/downloads. Each turns its error into a [`ModelError::Device`] naming the operation.
+
+use crate::buffer::DeviceTensor;
+use crate::checkpoint::OptConfig;
+use crate::cublas::{Blas, Mat, MatLayout, MatMut};
+use crate::device::CudaDevice;
+use crate::model::ModelError;
+use lexp_compiler::launch::{LaunchError, TensorArg};
+use lexp_kernels as k;
+
+/// Result of the GPU model's operations.
+pub type R<T = ()> = Result<T, ModelError>;
+
+/// Maps any displayable error to [`ModelError::Device`] prefixed with `what`.
+pub fn dev_err<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> ModelError {
+    let what = what.into();
+    move |e| ModelError::Device(format!("{what}: {e}"))
+}
+
+fn launch_err(e: LaunchError) -> ModelError {
+    ModelError::Device(e.to_string())
+}
+
+/// The first `dims`-product elements of `t`, as a kernel argument of `dims`.
+pub fn arg(t: &DeviceTensor, dims: &[usize]) -> R<TensorArg> {
+    t.offset_arg(0, dims).map_err(dev_err("kernel argument"))
+}
+
+/// `dims` elements of `t` starting at element `offset`.
+pub fn arg_at(t: &DeviceTensor, offset: usize, dims: &[usize]) -> R<TensorArg> {
+    t.offset_arg(offset, dims)
+        .map_err(dev_err("kernel argument"))
+}
+
+/// A dense `rows × cols` matrix at the start of `t`.
+pub fn dense(t: &DeviceTensor, rows: usize, cols: usize) -> Mat<'_> {
+    Mat::new(t, MatLayout::dense(rows, cols))
+}
+
+/// A dense `rows × cols` output matrix at the start of `t`.
+pub fn dense_mut(t: &mut DeviceTensor, rows: usize, cols: usize) -> MatMut<'_> {
+    MatMut::new(t, MatLayout::dense(rows, cols))
+}
+
+/// `c = alpha·op(a)·op(b) + beta·c` (one matrix).
+#[allow(clippy::too_many_arguments)]
+pub fn mm(
+    blas: &Blas,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    c: MatMut<'_>,
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+) -> R {
+    blas.gemm_strided_batched(a, b, c, 1, trans_a, trans_b, alpha, beta)
+        .map_err(dev_err("GEMM"))
+}
+
+/// [`mm`] over `batch` matrices (the heads of one packed sequence).
+#[allow(clippy::too_many_arguments)]
+pub fn mm_batched(
+    blas: &Blas,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    c: MatMut<'_>,
+    batch: usize,
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f32,
+) -> R {
+    blas.gemm_strided_batched(a, b, c, batch, trans_a, trans_b, alpha, 0.0)
+        .map_err(dev_err("attention GEMM"))
+}
+
+/// `y = LN(x)` over rows of `x [rows, h]`, writing the f32 `mean` and `rstd` of each row.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm(
+    dev: &CudaDevice,
+    x: &DeviceTensor,
+    (w, b): (&DeviceTensor, &DeviceTensor),
+    y: &DeviceTensor,
+    mean: &DeviceTensor,
+    rstd: &DeviceTensor,
+    rows: usize,
+    h: usize,
+) -> R {
+    k::layernorm_fwd::launch(
+        dev,
+        &k::layernorm_fwd::Args {
+            x: &arg(x, &[rows, h])?,
+            w: &w.as_arg(),
+            b: &b.as_arg(),
+            y: &arg(y, &[rows, h])?,
+            mean: &arg(mean, &[rows])?,
+            rstd: &arg(rstd, &[rows])?,
+            eps: OptConfig::LAYER_NORM_EPS,
+        },
+    )
+    .map_err(launch_err)
+}
+
+/// `dx = LN_backward(dy)` for the LayerNorm of `x` with weight `w` and saved statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_bwd(
+    dev: &CudaDevice,
+    x: &DeviceTensor,
+    w: &DeviceTensor,
+    dy: &DeviceTensor,
+    mean: &DeviceTensor,
+    rstd: &DeviceTensor,
+    dx: &DeviceTensor,
+    rows: usize,
+    h: usize,
+) -> R {
+    k::layernorm_bwd_dx::launch(
+        dev,
+        &k::layernorm_bwd_dx::Args {
+            x: &arg(x, &[rows, h])?,
+            w: &w.as_arg(),
+            dy: &arg(dy, &[rows, h])?,
+            mean: &arg(mean, &[rows])?,
+            rstd: &arg(rstd, &[rows])?,
+            dx: &arg(dx, &[rows, h])?,
+        },
+    )
+    .map_err(launch_err)
+}
+
+/// `x[r, c] += bias[c]` in place on `x [rows, cols]`; with `relu`, then `x = max(x, 0)`.
+pub fn bias_add(
+    dev: &CudaDevice,
+    x: &DeviceTensor,
+    bias: &DeviceTensor,
+    rows: usize,
+    cols: usize,
+    relu: bool,
+) -> R {
+    let x = arg(x, &[rows, cols])?;
+    let bias = bias.as_arg();
+    if relu {
+        k::bias_relu::launch(dev, &k::bias_relu::Args { x: &x, bias: &bias })
+    } else {
+        k::bias_add::launch(dev, &k::bias_add::Args { x: &x, bias: &bias })
+    }
+    .map_err(launch_err)
+}
+
+/// `y = x + bias + res` over `[rows, cols]`.
+#[allow(clippy::too_many_arguments)]
+pub fn bias_residual(
+    dev: &CudaDevice,
+    x: &DeviceTensor,
+    bias: &DeviceTensor,
+    res: &DeviceTensor,
+    y: &DeviceTensor,
+    rows: usize,
+    cols: usize,
+) -> R {
+    k::bias_residual::launch(
+        dev,
+        &k::bias_residual::Args {
+            x: &arg(x, &[rows, cols])?,
+            bias: &bias.as_arg(),
+            res: &arg(res, &[rows, cols])?,
+            y: &arg(y, &[rows, cols])?,
+        },
+    )
+    .map_err(launch_err)
+}
+
+/// `y += x` over the first `n` elements.
+pub fn add(dev: &CudaDevice, x: &DeviceTensor, y: &DeviceTensor, n: usize) -> R {
+    k::axpby::launch(
+        dev,
+        &k::axpby::Args {
+            a: 1.0,
+            x: &arg(x, &[n])?,
+            b: 1.0,
+            y: &arg(y, &[n])?,
+        },
+    )
+    .map_err(launch_err)
+}
+
+/// `d = d ⊙ [y > 0]` in place over the first `n` elements (`y` the ReLU output).
+pub fn relu_bwd(dev: &CudaDevice, y: &DeviceTensor, d: &DeviceTensor, n: usize) -> R {
+    let dv = arg(d, &[n])?;
+    k::relu_bwd::launch(
+        dev,
+        &k::relu_bwd::Args {
+            y: &arg(y, &[n])?,
+            dy: &dv,
+            dx: &dv,
+        },
+    )
+    .map_err(launch_err)
+}
+
+/// Copies `rows` rows of `width` elements from row `src_row` of `src` to row `dst_row` of
+/// `dst` (same element type), on the device's stream.
+pub fn copy_rows(
+    dev: &CudaDevice,
+    src: &DeviceTensor,
+    src_row: usize,
+    dst: &mut DeviceTensor,
+    dst_row: usize,
+    rows: usize,
+    width: usize,
+) -> R {
+    let e = src.dtype().bytes();
+    let (s0, d0, n) = (src_row * width * e, dst_row * width * e, rows * width * e);
+    if src.dtype() != dst.dtype() || s0 + n > src.bytes() || d0 + n > dst.bytes() {
+        return Err(ModelError::Device(format!(
+            "row copy of {rows} rows out of range ({} -> {})",
+            src.bytes(),
+            dst.bytes()
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let from = src.slice().slice(s0..s0 + n);
+    let mut to = dst.slice_mut().slice_mut(d0..d0 + n);
+    dev.stream()
+        .memcpy_dtod(&from, &mut to)
+        .map_err(dev_err("copying rows on the device"))
+}
+
+/// Writes `bytes` to the start of `t` (which may be larger), on the device's stream.
+pub fn upload_prefix(dev: &CudaDevice, t: &mut DeviceTensor, bytes: &[u8]) -> R {
+    if bytes.len() > t.bytes() {
+        return Err(ModelError::Device(format!(
+            "upload of {} bytes into a buffer of {}",
+            bytes.len(),
+            t.bytes()
+        )));
+    }
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let mut to = t.slice_mut().slice_mut(0..bytes.len());
+    dev.stream()
+        .memcpy_htod(bytes, &mut to)
+        .map_err(dev_err("uploading the batch"))
+}
+
+/// Queues a download of the first `n` f32 values of `t` into `out` (valid once the stream
+/// is synchronized).
+pub fn download_f32(dev: &CudaDevice, t: &DeviceTensor, n: usize, out: &mut Vec<f32>) -> R {
+    if n * 4 > t.bytes() {
+        return Err(ModelError::Device(format!(
+            "download of {n} values from a buffer of {} bytes",
+            t.bytes()
+        )));
+    }
+    let mut bytes = vec![0u8; n * 4];
+    if n > 0 {
+        let from = t.slice().slice(0..n * 4);
+        dev.stream()
+            .memcpy_dtoh(&from, bytes.as_mut_slice())
+            .map_err(dev_err("downloading results"))?;
+    }
+    dev.synchronize().map_err(dev_err("finishing the step"))?;
+    out.clear();
+    out.extend(
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+    );
+    Ok(())
+}
+
+/// The tile configuration of the row-softmax kernels for rows of `cols` elements: the
+/// 256-wide one for short sequences (fewer idle lanes), else the default 2048-wide one.
+fn softmax_tile(cols: usize) -> &'static [(&'static str, usize)] {
+    if cols <= 256 {
+        &[("BLOCK", 256), ("CHUNK", 128)]
+    } else {
+        &[]
+    }
+}
+
+/// Causal softmax of one sequence's scores, all heads: `s` f32 `[nh·L, L]` → `p` `[nh·L, L]`
+/// (zeros above the diagonal) and the f32 log-sum-exp of each row.
+pub fn causal_softmax(dev: &CudaDevice, s: &TensorArg, p: &TensorArg, lse: &TensorArg) -> R {
+    let tile = softmax_tile(s.dim(1));
+    k::causal_softmax::launch_with(dev, tile, &k::causal_softmax::Args { s, p, lse })
+        .map_err(launch_err)
+}
+
+/// `ds = p ⊙ (dp − rowsum(p ⊙ dp))`, `dp` f32.
+pub fn softmax_bwd(dev: &CudaDevice, p: &TensorArg, dp: &TensorArg, ds: &TensorArg) -> R {
+    let tile = softmax_tile(p.dim(1));
+    let _ = (dev, tile, p, dp, ds);
+    Err(ModelError::Unsupported(
+        "kernel softmax_bwd not yet available (TEMPORARY STUB)".into(),
+    ))
+}
+
+/// Cross-entropy of f32 logits `z [R, V]` against `targets [R]`: `loss [R]`, and `z` becomes
+/// `scale·(softmax(z) − onehot)`.
+pub fn xent(
+    dev: &CudaDevice,
+    z: &TensorArg,
+    targets: &TensorArg,
+    loss: &TensorArg,
+    scale: f32,
+) -> R {
+    let _ = (dev, z, targets, loss, scale);
+    Err(ModelError::Unsupported(
+        "kernel xent_fwd_bwd not yet available (TEMPORARY STUB)".into(),
+    ))
+}
+
+/// `y[r] = tok[ids[r]] + pos[pos_ids[r] + 2]`.
+pub fn embedding(
+    dev: &CudaDevice,
+    tok: &TensorArg,
+    pos: &TensorArg,
+    ids: &TensorArg,
+    pos_ids: &TensorArg,
+    y: &TensorArg,
+) -> R {
+    k::embedding_fwd::launch(
+        dev,
+        &k::embedding_fwd::Args {
+            tok,
+            pos,
+            ids,
+            pos_ids,
+            y,
+        },
+    )
+    .map_err(launch_err)
+}
