@@ -1,0 +1,595 @@
+//! The GPU engine against the CPU engine (the f32 reference that matches PyTorch to 1e-5).
+//! Opt-in: does nothing unless `LEXP_GPU_TESTS=1` (run the binary on the GPU machine, like
+//! `gpu_sparse_ops`).
+//!
+//! - cuBLAS strided-batched GEMMs on per-head sub-matrices and the f32 → bf16 conversion
+//!   kernel against host references;
+//! - on the bundled opt-tiny (and `../shared/fixtures/opt-mini` when present), a packed batch
+//!   of E2E sequences of uneven lengths and random LoRA A and B (B ≠ 0) on all six
+//!   projections: the loss within 1e-2 nats of the CPU engine's, every LoRA gradient within
+//!   rel-Frobenius 3e-2 and cosine ≥ 0.999 (RUNTIME.md §7.2 bf16 tolerances), eval losses
+//!   likewise, also after the adapters change and for a larger batch;
+//! - 20 training steps through `train::run` with the GPU engine lower the eval loss, and end
+//!   close to the same run on the CPU engine;
+//! - what the GPU engine does not run is refused by name.
+
+use lexp_compiler::dtype::Storage;
+use lexp_runtime::checkpoint::OptModel;
+use lexp_runtime::cublas::{Blas, Mat, MatLayout, MatMut};
+use lexp_runtime::data::{load_jsonl, pack, JsonlOptions, PackedBatch, SplitMix64, Tokenizer};
+use lexp_runtime::gpu::cast::CastKernel;
+use lexp_runtime::gpu::GpuEngine;
+use lexp_runtime::model::{self, DropoutRng, ModelError};
+use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget};
+use lexp_runtime::train::{self, CpuEngine, Engine, Silent, TrainConfig};
+use lexp_runtime::{CudaDevice, DeviceTensor};
+use std::path::{Path, PathBuf};
+
+fn enabled() -> bool {
+    if std::env::var("LEXP_GPU_TESTS").as_deref() == Ok("1") {
+        return true;
+    }
+    eprintln!("skipped: set LEXP_GPU_TESTS=1 to run on a GPU");
+    false
+}
+
+/// The repository root: the working directory when it holds the assets (the test binary run
+/// by hand on the GPU machine), else the source tree this file was built from.
+fn repo() -> PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    if cwd.join("assets/default/opt-tiny").exists() {
+        return cwd;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn assets() -> PathBuf {
+    repo().join("assets/default")
+}
+
+/// opt-tiny, and opt-mini when `../shared/fixtures` is there.
+fn models() -> Vec<(&'static str, PathBuf)> {
+    let mut v = vec![("opt-tiny", assets().join("opt-tiny"))];
+    let mini = repo().join("../shared/fixtures/opt-mini");
+    if mini.join("config.json").exists() {
+        v.push(("opt-mini", mini));
+    } else {
+        eprintln!("opt-mini not found under ../shared/fixtures: testing opt-tiny only");
+    }
+    v
+}
+
+/// E2E training examples `picks` (by index) packed into one batch.
+fn batch(model_dir: &Path, picks: &[usize]) -> PackedBatch {
+    let tok = Tokenizer::from_file(model_dir.join("tokenizer.json")).unwrap();
+    let ds = load_jsonl(
+        assets().join("e2e/train.jsonl"),
+        Some(&tok),
+        &JsonlOptions::default(),
+    )
+    .unwrap();
+    let mut batches = pack(&ds.examples, picks, 1 << 20).unwrap();
+    assert_eq!(batches.len(), 1);
+    batches.remove(0)
+}
+
+/// PEFT-initialised LoRA on all six projections with `B` filled with small random values.
+fn random_lora(model: &OptModel, r: usize, seed: u64) -> LoraParams {
+    let config = LoraConfig {
+        r,
+        alpha: 2.0 * r as f32,
+        dropout: 0.0,
+        targets: LoraTarget::ALL.to_vec(),
+        use_rslora: false,
+    };
+    let mut lora = LoraParams::init(&config, &model.config, seed);
+    let mut rng = SplitMix64::new(seed ^ 0xb);
+    for (_, m) in lora.tensors_mut() {
+        if m.data.iter().all(|&v| v == 0.0) {
+            for v in &mut m.data {
+                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                *v = ((2.0 * u - 1.0) * 0.05) as f32;
+            }
+        }
+    }
+    lora
+}
+
+/// Relative Frobenius error of `got` against `want`, and their cosine.
+fn compare(got: &[f32], want: &[f32]) -> (f64, f64) {
+    assert_eq!(got.len(), want.len());
+    let (mut d, mut w2, mut g2, mut gw) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        let (g, w) = (g as f64, w as f64);
+        d += (g - w) * (g - w);
+        w2 += w * w;
+        g2 += g * g;
+        gw += g * w;
+    }
+    (
+        (d / w2.max(1e-300)).sqrt(),
+        gw / (g2 * w2).sqrt().max(1e-300),
+    )
+}
+
+fn device() -> CudaDevice {
+    CudaDevice::new(0).expect("a CUDA GPU")
+}
+
+#[test]
+fn strided_gemm_and_cast_kernel_match_the_host() {
+    if !enabled() {
+        return;
+    }
+    let dev = device();
+    let blas = Blas::new(&dev).unwrap_or_else(|e| panic!("{e}"));
+    // Per-head scores of one packed sequence, read in place from a [T, 3H] buffer:
+    // S_h = Q_h·K_hᵀ (bf16 in, f32 out), batched over the heads.
+    let (t, nh, hd, c0, len) = (37usize, 3usize, 16usize, 5usize, 29usize);
+    let h = nh * hd;
+    let mut rng = SplitMix64::new(7);
+    let mut uniform = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32)
+            .collect()
+    };
+    let qkv_host = uniform(t * 3 * h);
+    let qkv = DeviceTensor::from_f32(&dev, Storage::BF16, &[t, 3 * h], &qkv_host).unwrap();
+    let rounded = qkv.to_f32_vec().unwrap();
+    let mut s = DeviceTensor::zeros(&dev, Storage::F32, &[nh, len, len]).unwrap();
+    let q = MatLayout::at(c0 * 3 * h, len, hd, 3 * h).batched(hd);
+    let k = MatLayout::at(c0 * 3 * h + h, len, hd, 3 * h).batched(hd);
+    blas.gemm_strided_batched(
+        Mat::new(&qkv, q),
+        Mat::new(&qkv, k),
+        MatMut::new(&mut s, MatLayout::dense(len, len)),
+        nh,
+        false,
+        true,
+        0.5,
+        0.0,
+    )
+    .unwrap();
+    let got = s.to_f32_vec().unwrap();
+    let mut worst = 0.0f64;
+    for hh in 0..nh {
+        for i in 0..len {
+            for j in 0..len {
+                let mut acc = 0.0f64;
+                for d in 0..hd {
+                    let qi = rounded[(c0 + i) * 3 * h + hh * hd + d] as f64;
+                    let kj = rounded[(c0 + j) * 3 * h + h + hh * hd + d] as f64;
+                    acc += qi * kj;
+                }
+                let g = got[hh * len * len + i * len + j] as f64;
+                worst = worst.max((g - 0.5 * acc).abs());
+            }
+        }
+    }
+    println!("strided-batched QKᵀ: max abs error {worst:.2e}");
+    assert!(worst < 1e-4, "{worst}");
+
+    // f32 -> bf16 rounding on the device equals the host's round-to-nearest-even.
+    let cast = CastKernel::load(&dev).unwrap();
+    let n = 100_003;
+    let mut vals = uniform(n);
+    vals[0] = 1.0 + f32::EPSILON; // rounds down to 1.0
+    vals[1] = -3.0e38;
+    let src = DeviceTensor::from_f32(&dev, Storage::F32, &[n], &vals).unwrap();
+    let mut dst = DeviceTensor::poisoned(&dev, Storage::BF16, &[n + 5]).unwrap();
+    cast.f32_to_bf16(&dev, &src, &mut dst, n).unwrap();
+    let got = dst.to_f32_vec().unwrap();
+    let want = DeviceTensor::from_f32(&dev, Storage::BF16, &[n], &vals)
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
+    assert_eq!(&got[..n], &want[..]);
+    assert!(got[n..].iter().all(|v| v.is_nan()), "wrote past n");
+}
+
+/// Loss and gradients of one batch on both engines, compared; returns the worst
+/// (rel-Frobenius, cosine) over the modules.
+fn compare_step(
+    name: &str,
+    model: &OptModel,
+    gpu: &mut GpuEngine,
+    lora: &LoraParams,
+    b: &PackedBatch,
+) -> (f64, f64) {
+    let n = b.num_targets();
+    let scale = 1.0 / n as f32;
+    let cpu = model::loss_and_grads(model, lora, b, scale, None).unwrap();
+    let out = gpu.loss_and_grads(lora, b, scale, None).unwrap();
+    assert_eq!(out.count, cpu.count);
+    let (lc, lg) = (cpu.loss_sum / n as f64, out.loss_sum / n as f64);
+    println!(
+        "{name}: {} tokens, {} sequences, {n} targets: loss cpu {lc:.5} gpu {lg:.5} (diff {:.2e})",
+        b.num_tokens(),
+        b.num_sequences(),
+        (lc - lg).abs()
+    );
+    let (mut worst_rel, mut worst_cos) = (0.0f64, 1.0f64);
+    let mut failures = Vec::new();
+    for layer in 0..model.config.num_hidden_layers {
+        for t in LoraTarget::ALL {
+            let (Some((ca, cb)), Some((ga, gb))) =
+                (cpu.grads.get(layer, t), out.grads.get(layer, t))
+            else {
+                continue;
+            };
+            for (which, c, g) in [("A", ca, ga), ("B", cb, gb)] {
+                let (rel, cos) = compare(g, c);
+                println!(
+                    "  layer {layer} {:8} d{which}: rel-Frobenius {rel:.2e}, cosine {cos:.6}",
+                    t.peft_name()
+                );
+                worst_rel = worst_rel.max(rel);
+                worst_cos = worst_cos.min(cos);
+                if !(rel <= 3e-2 && cos >= 0.999) {
+                    failures.push(format!("layer {layer} {} d{which}", t.peft_name()));
+                }
+            }
+        }
+    }
+    println!("{name}: worst gradient rel-Frobenius {worst_rel:.2e}, cosine {worst_cos:.6}");
+    assert!((lc - lg).abs() <= 1e-2, "{name}: loss {lc} vs {lg}");
+    assert!(failures.is_empty(), "{name}: {failures:?}");
+    (worst_rel, worst_cos)
+}
+
+fn compare_eval(
+    name: &str,
+    model: &OptModel,
+    gpu: &mut GpuEngine,
+    lora: Option<&LoraParams>,
+    b: &PackedBatch,
+) {
+    let (cs, cn) = model::eval_loss(model, lora, b).unwrap();
+    let (gs, gn) = gpu.eval_loss(lora, b).unwrap();
+    assert_eq!(cn, gn);
+    let (c, g) = (cs / cn as f64, gs / gn as f64);
+    println!(
+        "{name}: eval loss cpu {c:.5} gpu {g:.5} (diff {:.2e})",
+        (c - g).abs()
+    );
+    assert!((c - g).abs() <= 1e-2, "{name}: eval {c} vs {g}");
+}
+
+#[test]
+fn gpu_engine_matches_the_cpu_engine() {
+    if !enabled() {
+        return;
+    }
+    for (name, dir) in models() {
+        let model = OptModel::load(&dir).unwrap();
+        let mut gpu = GpuEngine::new(model.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
+        // Uneven lengths, completion-only targets: several target runs per batch.
+        let b = batch(&dir, &[0, 7, 13, 21, 40, 3]);
+        let mut lora = random_lora(&model, 4, 11);
+        compare_eval(&format!("{name} base"), &model, &mut gpu, None, &b);
+        compare_eval(&format!("{name} lora"), &model, &mut gpu, Some(&lora), &b);
+        compare_step(&format!("{name} step 1"), &model, &mut gpu, &lora, &b);
+        // The adapters change (as after an optimizer step): the engine must re-upload them.
+        for (_, m) in lora.tensors_mut() {
+            for v in &mut m.data {
+                *v *= -1.5;
+            }
+        }
+        compare_step(
+            &format!("{name} changed adapters"),
+            &model,
+            &mut gpu,
+            &lora,
+            &b,
+        );
+        // A larger batch grows the workspace; then the small one runs in the large workspace.
+        let big = batch(&dir, &(100..164).collect::<Vec<_>>());
+        compare_step(
+            &format!("{name} 64 sequences"),
+            &model,
+            &mut gpu,
+            &lora,
+            &big,
+        );
+        compare_eval(
+            &format!("{name} 64 sequences"),
+            &model,
+            &mut gpu,
+            Some(&lora),
+            &big,
+        );
+        compare_step(&format!("{name} small again"), &model, &mut gpu, &lora, &b);
+        // Other rank and targets: a new device layout.
+        let lora2 = {
+            let cfg = LoraConfig {
+                r: 8,
+                targets: vec![LoraTarget::Q, LoraTarget::V],
+                ..LoraConfig::default()
+            };
+            let mut l = LoraParams::init(&cfg, &model.config, 5);
+            for (_, m) in l.tensors_mut() {
+                for (i, v) in m.data.iter_mut().enumerate() {
+                    if *v == 0.0 {
+                        *v = 0.01 * ((i % 7) as f32 - 3.0);
+                    }
+                }
+            }
+            l
+        };
+        compare_step(&format!("{name} r=8 q,v"), &model, &mut gpu, &lora2, &b);
+        println!("{name}: workspace {} MiB", gpu.workspace_bytes() >> 20);
+    }
+}
+
+#[test]
+fn gpu_engine_refuses_what_it_does_not_run() {
+    if !enabled() {
+        return;
+    }
+    let dir = assets().join("opt-tiny");
+    let model = OptModel::load(&dir).unwrap();
+    let mut post_ln = model.clone();
+    post_ln.config.do_layer_norm_before = false;
+    match GpuEngine::new(post_ln, device()) {
+        Err(ModelError::Unsupported(m)) => assert!(m.contains("post-LN"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("post-LN accepted"),
+    }
+    let mut dropout = model.clone();
+    dropout.config.dropout = 0.1;
+    let mut gpu = GpuEngine::new(dropout, device()).unwrap();
+    let lora = random_lora(&model, 4, 1);
+    let b = batch(&dir, &[0, 1]);
+    match gpu.loss_and_grads(&lora, &b, 0.1, Some(DropoutRng { seed: 1 })) {
+        Err(ModelError::Unsupported(m)) => assert!(m.contains("dropout"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("dropout accepted"),
+    }
+    // A target outside the vocabulary is a batch error, not a kernel fault.
+    let mut bad = b.clone();
+    bad.targets[0] = 1 << 20;
+    assert!(matches!(
+        gpu.eval_loss(None, &bad),
+        Err(ModelError::Batch(_))
+    ));
+}
+
+fn train_config(out: &Path) -> TrainConfig {
+    let _ = std::fs::remove_dir_all(out);
+    TrainConfig {
+        model_dir: assets().join("opt-tiny"),
+        train_files: vec![assets().join("e2e/train.jsonl")],
+        eval_file: Some(assets().join("e2e/eval.jsonl")),
+        eval_max_examples: 200,
+        max_steps: 20,
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn twenty_gpu_training_steps_lower_the_loss_like_the_cpu() {
+    if !enabled() {
+        return;
+    }
+    let tmp = std::env::temp_dir().join(format!("lexp-gpu-engine-{}", std::process::id()));
+    let config = train_config(&tmp.join("gpu"));
+    let model = OptModel::load(&config.model_dir).unwrap();
+    let mut gpu = GpuEngine::new(model.clone(), device()).unwrap();
+    let t0 = std::time::Instant::now();
+    let g = train::run(&config, &tmp.join("gpu"), false, &mut gpu, &mut Silent).unwrap();
+    let gpu_s = t0.elapsed().as_secs_f64();
+    let config_cpu = train_config(&tmp.join("cpu"));
+    let t0 = std::time::Instant::now();
+    let c = train::run(
+        &config_cpu,
+        &tmp.join("cpu"),
+        false,
+        &mut CpuEngine::new(model),
+        &mut Silent,
+    )
+    .unwrap();
+    let cpu_s = t0.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (gs, ge) = (g.eval_loss_start.unwrap(), g.eval_loss_end);
+    let (cs, ce) = (c.eval_loss_start.unwrap(), c.eval_loss_end);
+    println!(
+        "20 steps: gpu eval {gs:.4} -> {ge:.4} in {gpu_s:.2} s; cpu eval {cs:.4} -> {ce:.4} in {cpu_s:.2} s"
+    );
+    assert!(ge < gs - 0.08, "the GPU run did not learn: {gs} -> {ge}");
+    assert!((gs - cs).abs() < 1e-2, "start {gs} vs {cs}");
+    assert!((ge - ce).abs() < 3e-2, "end {ge} vs {ce}");
+}
+
+/// A random OPT model of the given shape (pre-LN, ReLU, biases, tied head), built on the host:
+/// every weight matrix uniform in ±0.0346 (standard deviation 0.02, OPT's `init_std`), biases
+/// 0, LayerNorms γ = 1 and β = 0. Values come from a xorshift stream per tensor (fast enough
+/// for 1.3B parameters).
+fn random_opt(
+    h: usize,
+    layers: usize,
+    heads: usize,
+    ffn: usize,
+    vocab: usize,
+    pos: usize,
+) -> OptModel {
+    use lexp_runtime::checkpoint::opt::{LayerNorm, Linear, OptLayer};
+    use lexp_runtime::checkpoint::{HostMatrix, OptConfig, OptWeights};
+    let config = OptConfig::from_json(
+        &format!(
+            r#"{{"model_type":"opt","vocab_size":{vocab},"hidden_size":{h},"ffn_dim":{ffn},
+               "num_hidden_layers":{layers},"num_attention_heads":{heads},
+               "max_position_embeddings":{pos},"word_embed_proj_dim":{h},
+               "do_layer_norm_before":true,"activation_function":"relu","dropout":0.0,
+               "enable_bias":true}}"#
+        ),
+        Path::new("random/config.json"),
+    )
+    .unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut matrix = |rows: usize, cols: usize| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut s = seed | 1;
+        let data = (0..rows * cols)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * 0.0346
+            })
+            .collect();
+        HostMatrix { rows, cols, data }
+    };
+    let ln = || {
+        Some(LayerNorm {
+            weight: vec![1.0; h],
+            bias: vec![0.0; h],
+        })
+    };
+    let mut linear = |out: usize, inp: usize| Linear {
+        weight: matrix(out, inp),
+        bias: Some(vec![0.0; out]),
+    };
+    let layers = (0..layers)
+        .map(|_| OptLayer {
+            self_attn_layer_norm: ln(),
+            q_proj: linear(h, h),
+            k_proj: linear(h, h),
+            v_proj: linear(h, h),
+            out_proj: linear(h, h),
+            final_layer_norm: ln(),
+            fc1: linear(ffn, h),
+            fc2: linear(h, ffn),
+        })
+        .collect();
+    let weights = OptWeights {
+        embed_tokens: matrix(vocab, h),
+        embed_positions: matrix(pos + 2, h),
+        project_in: None,
+        project_out: None,
+        layers,
+        final_layer_norm: ln(),
+        lm_head: None,
+    };
+    OptModel { config, weights }
+}
+
+/// 4 packed sequences of `len` random tokens; every position but each sequence's last has a
+/// target (the next token), as `labels = input_ids` gives in HF.
+fn random_batch(len: usize, vocab: usize, seed: u64) -> PackedBatch {
+    let mut rng = SplitMix64::new(seed);
+    let mut b = PackedBatch::default();
+    b.cu_seqlens.push(0);
+    for s in 0..4 {
+        let ids: Vec<u32> = (0..len).map(|_| rng.below(vocab as u64) as u32).collect();
+        for (t, &id) in ids.iter().enumerate() {
+            b.input_ids.push(id);
+            b.position_ids.push(t as u32);
+            b.targets.push(
+                ids.get(t + 1)
+                    .map_or(lexp_runtime::data::IGNORE_INDEX, |&n| n as i32),
+            );
+        }
+        b.cu_seqlens.push(b.input_ids.len() as i32);
+        b.examples.push(s);
+    }
+    b
+}
+
+/// Step time of LoRA fine-tuning on a random OPT-1.3B (r=4 on q,v, batches of 4×512 and
+/// 4×1024 tokens): the GPU engine's loss and gradients plus the host AdamW step, median of 25
+/// steps after 5 warm-ups, and the device memory in use. Opt-in with `LEXP_GPU_BENCH=1`;
+/// writes JSON to `$LEXP_BENCH_OUT` when set. Compare with `bench/torch_baseline.py`.
+#[test]
+fn opt_1_3b_step_time() {
+    if std::env::var("LEXP_GPU_BENCH").as_deref() != Ok("1") {
+        eprintln!("skipped: set LEXP_GPU_BENCH=1 to time OPT-1.3B steps on a GPU");
+        return;
+    }
+    use lexp_runtime::optim::{AdamW, AdamWConfig};
+    let t0 = std::time::Instant::now();
+    let model = random_opt(2048, 24, 32, 8192, 50272, 2048);
+    let build_s = t0.elapsed().as_secs_f64();
+    let dev = device();
+    let (free0, total) = dev.mem_info().unwrap();
+    let t0 = std::time::Instant::now();
+    let mut gpu = GpuEngine::new(model, dev).unwrap_or_else(|e| panic!("{e}"));
+    let upload_s = t0.elapsed().as_secs_f64();
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec![LoraTarget::Q, LoraTarget::V],
+        use_rslora: false,
+    };
+    let mut lora = LoraParams::init(&cfg, &gpu.model().config, 0);
+    let sizes: Vec<usize> = lora.tensors().iter().map(|(_, m)| m.data.len()).collect();
+    let mut adamw = AdamW::new(
+        AdamWConfig {
+            lr: 5e-4,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+        &sizes,
+    );
+    let mut runs = Vec::new();
+    for len in [512usize, 1024] {
+        let b = random_batch(len, 50272, len as u64);
+        let scale = 1.0 / b.num_targets() as f32;
+        let mut times = Vec::new();
+        let mut loss = 0.0;
+        for i in 0..30 {
+            let t = std::time::Instant::now();
+            let out = gpu
+                .loss_and_grads(&lora, &b, scale, None)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let flat = out.grads.flat();
+            let mut params: Vec<&mut [f32]> = lora
+                .tensors_mut()
+                .into_iter()
+                .map(|(_, m)| m.data.as_mut_slice())
+                .collect();
+            adamw.step(&mut params, &flat, 5e-4);
+            if i >= 5 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            loss = out.loss_sum / out.count as f64;
+        }
+        let (free, _) = gpu.device().mem_info().unwrap();
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let med = sorted[sorted.len() / 2];
+        let run = serde_json::json!({
+            "batch": format!("4x{len}"),
+            "tokens": 4 * len,
+            "median_step_ms": med,
+            "min_step_ms": sorted[0],
+            "max_step_ms": sorted[sorted.len() - 1],
+            "tokens_per_s": (4 * len) as f64 / (med / 1e3),
+            "steps_timed": times.len(),
+            "loss_last": loss,
+            "device_used_mib": (total - free) as f64 / (1u64 << 20) as f64,
+            "workspace_mib": gpu.workspace_bytes() as f64 / (1u64 << 20) as f64,
+        });
+        println!("{run}");
+        runs.push(run);
+    }
+    let blas = Blas::new(gpu.device()).unwrap();
+    let result = serde_json::json!({
+        "what": "lexp GpuEngine LoRA training step (loss_and_grads on the GPU + host AdamW), random OPT-1.3B shapes",
+        "gpu": gpu.device().name(),
+        "cublas": blas.version(),
+        "lexp_version": env!("CARGO_PKG_VERSION"),
+        "model": {"hidden": 2048, "layers": 24, "heads": 32, "ffn": 8192, "vocab": 50272, "positions": 2048},
+        "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+        "host_build_s": build_s,
+        "upload_s": upload_s,
+        "device_used_before_mib": (total - free0) as f64 / (1u64 << 20) as f64,
+        "runs": runs,
+    });
+    if let Ok(path) = std::env::var("LEXP_BENCH_OUT") {
+        std::fs::write(&path, serde_json::to_string_pretty(&result).unwrap()).unwrap();
+    }
+}
