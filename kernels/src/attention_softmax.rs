@@ -87,3 +87,42 @@ pub fn causal_softmax<T, const BLOCK: usize, const CHUNK: usize>(
         }
     }
 }
+
+/// Softmax backward, per row of `[R, C]`: `ds = p * (dp - sum_j p[r, j] * dp[r, j])`, with
+/// `dp` in f32 (a GEMM's f32 output) and `p`, `ds` in `T`. Masked entries (`p = 0`) get 0.
+#[kernel(
+    variants(T = [bf16, f16, f32], BLOCK = [2048, 256], CHUNK = [1024, 128]),
+    only = [BLOCK == 2 * CHUNK],
+    warps = 4,
+    grid = [p.dim(0)],
+    require = [
+        dp.dim(0) == p.dim(0), dp.dim(1) == p.dim(1), ds.dim(0) == p.dim(0), ds.dim(1) == p.dim(1)
+    ]
+)]
+pub fn softmax_bwd<T, const BLOCK: usize, const CHUNK: usize>(
+    p: Tensor<T, 2>,
+    dp: Tensor<f32, 2>,
+    ds: TensorMut<T, 2>,
+) {
+    let row = program_id(0);
+    let n = p.dim(1);
+    if n <= BLOCK {
+        let cols = range::<BLOCK>();
+        let pv = p.load_or([row, cols], 0.0).cast::<f32>();
+        let g = dp.load_or([row, cols], 0.0);
+        let d = (pv * g).sum(0);
+        ds.store([row, cols], pv * (g - d));
+        return;
+    }
+    let mut acc = zeros::<f32, CHUNK>();
+    for c in (0..n).step_by(CHUNK) {
+        let cols = c + range::<CHUNK>();
+        acc += p.load_or([row, cols], 0.0).cast::<f32>() * dp.load_or([row, cols], 0.0);
+    }
+    let d = acc.sum(0);
+    for c in (0..n).step_by(CHUNK) {
+        let cols = c + range::<CHUNK>();
+        let pv = p.load([row, cols]).cast::<f32>();
+        ds.store([row, cols], pv * (dp.load([row, cols]) - d));
+    }
+}

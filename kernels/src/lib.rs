@@ -18,7 +18,7 @@ pub mod residual;
 pub mod row_softmax;
 pub mod sparse;
 
-pub use attention_softmax::causal_softmax;
+pub use attention_softmax::{causal_softmax, softmax_bwd};
 pub use bias::{bias_add, bias_relu};
 pub use elementwise::{axpby, gelu, gelu_bwd, relu, relu_bwd};
 pub use embedding::embedding_fwd;
@@ -33,7 +33,7 @@ pub use sparse::{sparse_both, sparse_out, sparse_red};
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 24] = [
+pub static ALL: [&KernelInfo; 25] = [
     &axpby::INFO,
     &relu::INFO,
     &relu_bwd::INFO,
@@ -49,6 +49,7 @@ pub static ALL: [&KernelInfo; 24] = [
     &bias_relu::INFO,
     &embedding_fwd::INFO,
     &causal_softmax::INFO,
+    &softmax_bwd::INFO,
     &gemm_nn::INFO,
     &gemm_nt::INFO,
     &gemm_tn::INFO,

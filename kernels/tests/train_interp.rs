@@ -344,3 +344,78 @@ fn causal_softmax_large_magnitudes() {
         }
     }
 }
+
+/// Runs `softmax_bwd` with tile configuration `consts` on genuine probability rows (softmax
+/// of random scores, about a quarter of them masked to exactly 0) and an f32 `dp`.
+fn softmax_bwd_case(
+    data: &mut Data,
+    dtype: Storage,
+    rows: usize,
+    cols: usize,
+    consts: &[(&str, usize)],
+) -> Result<(), TestCaseError> {
+    let scores: Vec<f32> = data
+        .values(rows * cols, -4.0, 4.0)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| if i % 4 == 3 { f32::NEG_INFINITY } else { v })
+        .collect();
+    let mut p = HostTensor::new(
+        dtype,
+        &[rows, cols],
+        &reference::softmax(&scores, rows, cols),
+    );
+    let mut dp = data.tensor(Storage::F32, &[rows, cols]);
+    let mut ds = poisoned(dtype, &[rows, cols]);
+    let want = reference::softmax_bwd(&p.data, &dp.data, rows, cols);
+    let what = format!("softmax_bwd {dtype:?} {rows}x{cols} {consts:?}");
+    run(
+        &what,
+        kernels::softmax_bwd::interpret(
+            consts,
+            kernels::softmax_bwd::HostArgs {
+                p: &mut p,
+                dp: &mut dp,
+                ds: &mut ds,
+            },
+        ),
+    )?;
+    // Rows of one element have p = 1 and ds = 0 (up to rounding): judge against `dp`.
+    check_with(&what, &ds, &want, out_tol(dtype), f64::from(SCALE))?;
+    for (i, (pv, dv)) in p.data.iter().zip(&ds.data).enumerate() {
+        if *pv == 0.0 && *dv != 0.0 {
+            return Err(TestCaseError::fail(format!(
+                "{what}: ds[{i}] = {dv} where p = 0"
+            )));
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn softmax_bwd(
+        seed: u64,
+        rows in 1usize..5,
+        cols in size(1..2600, &[1, 1023, 1024, 1025, 2047, 2048, 2049]),
+    ) {
+        let mut data = Data::new(seed);
+        for dtype in DTYPES {
+            softmax_bwd_case(&mut data, dtype, rows, cols, &[])?;
+        }
+    }
+
+    #[test]
+    fn softmax_bwd_chunked(
+        seed: u64,
+        rows in 1usize..5,
+        cols in size(1..700, &[127, 128, 129, 255, 256, 257, 384]),
+    ) {
+        let mut data = Data::new(seed);
+        for dtype in DTYPES {
+            softmax_bwd_case(&mut data, dtype, rows, cols, SMALL_ROWS)?;
+        }
+    }
+}

@@ -115,7 +115,7 @@ fn round(dtype: Storage, v: &[f32]) -> Vec<f32> {
 const ELEMENTWISE: [&str; 6] = ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd", "adamw"];
 
 /// Every kernel the checker knows, in `lexp_kernels::ALL` order.
-pub const KERNELS: [&str; 15] = [
+pub const KERNELS: [&str; 16] = [
     "axpby",
     "relu",
     "relu_bwd",
@@ -131,6 +131,7 @@ pub const KERNELS: [&str; 15] = [
     "bias_relu",
     "embedding_fwd",
     "causal_softmax",
+    "softmax_bwd",
 ];
 
 struct Ctx<'a> {

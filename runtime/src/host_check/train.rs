@@ -31,6 +31,7 @@ pub(super) fn dims(kernel: &str) -> Option<(usize, usize)> {
         "embedding_fwd" => (37, 1100),
         // (heads, length).
         "causal_softmax" => (2, 300),
+        "softmax_bwd" => (9, 1100),
         _ => return None,
     })
 }
@@ -116,6 +117,29 @@ pub(super) fn run(
                 k::causal_softmax::interpret(consts, args)?;
                 out.push((names[0], p, wp.clone(), 0.0));
                 out.push((names[1], lse, wl.clone(), 0.0));
+            }
+            out
+        }
+        "softmax_bwd" => {
+            let scores = rng.uniform(r * c, -4.0, 4.0);
+            let p = HostTensor::new(dtype, &[r, c], &refr::softmax(&scores, r, c));
+            let dp = t(rng, Storage::F32, &[r, c], -3.0, 3.0);
+            let want = refr::softmax_bwd(&p.data, &dp.data, r, c);
+            let mut out = vec![];
+            // The default configuration runs these rows in one block, the small one loops.
+            for (consts, name) in [
+                (&[][..], "ds"),
+                (&[("BLOCK", 256), ("CHUNK", 128)][..], "ds@256"),
+            ] {
+                let (mut p, mut dp) = (p.clone(), dp.clone());
+                let mut ds = poisoned(dtype, &[r, c]);
+                let args = k::softmax_bwd::HostArgs {
+                    p: &mut p,
+                    dp: &mut dp,
+                    ds: &mut ds,
+                };
+                k::softmax_bwd::interpret(consts, args)?;
+                out.push((name, ds, want.clone(), 0.0));
             }
             out
         }

@@ -44,6 +44,18 @@ impl Ctx<'_> {
         Ok((host, arg, out))
     }
 
+    /// An input holding `host` (already rounded to `dtype`); returns its argument.
+    fn input_from(
+        &mut self,
+        dims: &[usize],
+        dtype: Storage,
+        host: &[f32],
+    ) -> Result<TensorArg, DeviceError> {
+        let (t, arg) = self.place(dtype, dims, host)?;
+        self.inputs.push(t);
+        Ok(arg)
+    }
+
     /// An i32 input of `n` integers uniform in `lo..hi`; returns them and the argument.
     fn ints(&mut self, n: usize, lo: i32, hi: i32) -> Result<(Vec<i32>, TensorArg), DeviceError> {
         let v: Vec<i32> = self
@@ -161,6 +173,31 @@ pub(super) fn prepare(
                 bytes: heads * len * (len + 1) / 2 * 4 + rows * len * e + rows * 4,
             }
         }
+        "softmax_bwd" => {
+            // Genuine probability rows: softmax of random scores, rounded to the run's type.
+            let scores = cx.rng.uniform(r * c, -4.0, 4.0);
+            let p = round(cx.dtype, &refr::softmax(&scores, r, c));
+            let pa = cx.input_from(&[r, c], cx.dtype, &p)?;
+            let (dp, dpa) = cx.input(&[r, c], -3.0, 3.0, Some(Storage::F32))?;
+            let want = cx.want(|| refr::softmax_bwd(&p, &dp, r, c));
+            let (out, dsa) = cx.output("ds", &[r, c], None, want, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out],
+                launch: Box::new(move |l, consts| {
+                    k::softmax_bwd::launch_with(
+                        l,
+                        consts,
+                        &k::softmax_bwd::Args {
+                            p: &pa,
+                            dp: &dpa,
+                            ds: &dsa,
+                        },
+                    )
+                }),
+                bytes: r * c * (2 * e + 4),
+            }
+        }
         other => {
             return Err(DeviceError::InvalidArgument(format!(
                 "unknown kernel `{other}`"
@@ -176,6 +213,7 @@ pub(super) fn check_shapes(kernel: &str) -> Option<Vec<(usize, usize)>> {
         "embedding_fwd" => vec![(1, 1), (1000, 768), (333, 4100), (4096, 1024)],
         // (heads, length): one block, both configurations' loops, the small one's single pass.
         "causal_softmax" => vec![(1, 1), (3, 100), (2, 2048), (1, 2100), (4, 300)],
+        "softmax_bwd" => vec![(1, 1), (37, 1000), (64, 4096), (5, 10007), (100, 200)],
         _ => return None,
     })
 }
@@ -183,7 +221,7 @@ pub(super) fn check_shapes(kernel: &str) -> Option<Vec<(usize, usize)>> {
 /// Bandwidth shapes of this module's kernels (`None` for other kernels).
 pub(super) fn bench_shape(kernel: &str) -> Option<(usize, usize)> {
     Some(match kernel {
-        "bias_add" | "bias_relu" | "embedding_fwd" => (32768, 4096),
+        "bias_add" | "bias_relu" | "embedding_fwd" | "softmax_bwd" => (32768, 4096),
         "causal_softmax" => (12, 2048),
         _ => return None,
     })
