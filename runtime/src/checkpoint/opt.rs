@@ -2,6 +2,7 @@
 //! the safetensors files (§1.2); [`OptModel::load`] does both for a directory.
 
 mod config;
+mod random;
 mod weights;
 
 pub use config::{Activation, OptConfig};

@@ -70,6 +70,7 @@ pub fn loss_curve(records: &[Record], title: &str, path: &Path) -> Result<(), St
     chart
         .configure_mesh()
         .x_desc("optimizer step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("loss (nats per target token)")
         .draw()
         .map_err(e)?;
@@ -104,4 +105,44 @@ pub fn loss_curve(records: &[Record], title: &str, path: &Path) -> Result<(), St
         .map_err(e)?;
     root.present().map_err(e)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_a_png_and_refuses_nothing_to_plot() {
+        let dir = std::env::temp_dir().join(format!("lexp-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("loss.png");
+        let mut records: Vec<Record> = (1..=30)
+            .map(|step| Record::Train {
+                step,
+                epoch: 0,
+                loss: 5.0 - step as f64 * 0.05,
+                lr: 1e-3,
+                grad_norm: 1.0,
+                tokens: 100,
+                targets: 50,
+                seconds: 0.1,
+            })
+            .collect();
+        records.push(Record::Eval {
+            step: 30,
+            loss: 3.9,
+            targets: 10,
+        });
+        loss_curve(&records, "test", &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(bytes.len() > 10_000, "a 960x600 plot with lines and text");
+        let nan = [Record::Eval {
+            step: 0,
+            loss: f64::NAN,
+            targets: 0,
+        }];
+        assert!(loss_curve(&nan, "test", &dir.join("nan.png")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
