@@ -17,6 +17,7 @@ pub mod reference_matmul;
 pub mod residual;
 pub mod row_softmax;
 pub mod sparse;
+pub mod xent;
 
 pub use attention_softmax::{causal_softmax, softmax_bwd};
 pub use bias::{bias_add, bias_relu};
@@ -29,11 +30,12 @@ pub use reduce::colsum;
 pub use residual::bias_residual;
 pub use row_softmax::softmax;
 pub use sparse::{sparse_both, sparse_out, sparse_red};
+pub use xent::xent_fwd_bwd;
 
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 25] = [
+pub static ALL: [&KernelInfo; 26] = [
     &axpby::INFO,
     &relu::INFO,
     &relu_bwd::INFO,
@@ -50,6 +52,7 @@ pub static ALL: [&KernelInfo; 25] = [
     &embedding_fwd::INFO,
     &causal_softmax::INFO,
     &softmax_bwd::INFO,
+    &xent_fwd_bwd::INFO,
     &gemm_nn::INFO,
     &gemm_nt::INFO,
     &gemm_tn::INFO,

@@ -419,3 +419,138 @@ proptest! {
         }
     }
 }
+
+/// Runs `xent_fwd_bwd` with tile configuration `consts` on random logits in `[-8, 8]` with
+/// targets drawn from the whole vocabulary, about a fifth of them ignored (-100).
+fn xent_case(
+    data: &mut Data,
+    dtype: Storage,
+    rows: usize,
+    vocab: usize,
+    consts: &[(&str, usize)],
+) -> Result<(), TestCaseError> {
+    let z0 = HostTensor::new(dtype, &[rows, vocab], &data.values(rows * vocab, -8.0, 8.0));
+    let tg: Vec<i32> = data
+        .ints(rows, -(vocab as i32) / 4 - 1, vocab as i32)
+        .into_iter()
+        .map(|t| if t < 0 { -100 } else { t })
+        .collect();
+    let scale = data.0.gen_range(0.01f32..=1.0);
+    let (want_dz, want_loss) = reference::xent_fwd_bwd(&z0.data, rows, vocab, &tg, scale);
+    let mut z = z0.clone();
+    let mut targets = int_tensor(&tg);
+    let mut loss = poisoned(Storage::F32, &[rows]);
+    let what = format!("xent_fwd_bwd {dtype:?} {rows}x{vocab} {consts:?} targets {tg:?}");
+    run(
+        &what,
+        kernels::xent_fwd_bwd::interpret(
+            consts,
+            kernels::xent_fwd_bwd::HostArgs {
+                z: &mut z,
+                targets: &mut targets,
+                loss: &mut loss,
+                scale,
+            },
+        ),
+    )?;
+    check_with(
+        &format!("{what} dz"),
+        &z,
+        &want_dz,
+        out_tol(dtype),
+        f64::from(scale),
+    )?;
+    // A loss near 0 (a confident row, or a vocabulary of one) is judged against 1 nat.
+    check_with(
+        &format!("{what} loss"),
+        &loss,
+        &want_loss,
+        out_tol(Storage::F32),
+        1.0,
+    )?;
+    // Ignored rows: exactly zero.
+    for (r, &t) in tg.iter().enumerate() {
+        let zr = &z.data[r * vocab..(r + 1) * vocab];
+        if t < 0 && (loss.data[r] != 0.0 || zr.iter().any(|v| *v != 0.0)) {
+            return Err(TestCaseError::fail(format!(
+                "{what}: ignored row {r} not zeroed"
+            )));
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn xent_fwd_bwd(
+        seed: u64,
+        rows in 1usize..6,
+        vocab in size(1..4500, &[1, 2047, 2048, 2049, 4096]),
+    ) {
+        let mut data = Data::new(seed);
+        for dtype in DTYPES {
+            xent_case(&mut data, dtype, rows, vocab, &[])?;
+        }
+    }
+
+    #[test]
+    fn xent_fwd_bwd_small_chunks(
+        seed: u64,
+        rows in 1usize..6,
+        vocab in size(1..900, &[255, 256, 257, 512, 513]),
+    ) {
+        let mut data = Data::new(seed);
+        for dtype in DTYPES {
+            xent_case(&mut data, dtype, rows, vocab, &[("CHUNK", 256)])?;
+        }
+    }
+}
+
+/// Logits of magnitude 1e4 (where `exp` without the running maximum overflows), with the
+/// row's maximum in a later chunk than most of the row, so that every lane's running sum is
+/// rescaled, and a row whose target holds the maximum (loss ~ 0).
+#[test]
+fn xent_large_logits() {
+    let (rows, vocab) = (4, 5000);
+    let mut data = Data::new(9);
+    let mut v = data.values(rows * vocab, -3.0, 3.0);
+    for (i, x) in v.iter_mut().enumerate() {
+        let (r, c) = (i / vocab, i % vocab);
+        *x += match r {
+            0 => 1e4,
+            1 => -1e4,
+            _ if c >= 3000 => 1e4,
+            _ => -1e4,
+        };
+    }
+    v[3 * vocab + 4321] = 2e4;
+    let tg = [7, 4999, 3500, 4321];
+    for dtype in DTYPES {
+        for consts in [&[][..], &[("CHUNK", 256)][..]] {
+            let z0 = HostTensor::new(dtype, &[rows, vocab], &v);
+            let (want_dz, want_loss) = reference::xent_fwd_bwd(&z0.data, rows, vocab, &tg, 1.0);
+            let mut z = z0.clone();
+            let mut targets = int_tensor(&tg);
+            let mut loss = poisoned(Storage::F32, &[rows]);
+            let args = kernels::xent_fwd_bwd::HostArgs {
+                z: &mut z,
+                targets: &mut targets,
+                loss: &mut loss,
+                scale: 1.0,
+            };
+            if let Err(e) = kernels::xent_fwd_bwd::interpret(consts, args) {
+                panic!("{dtype:?} {consts:?}: {e}");
+            }
+            let what = format!("xent ±1e4 {dtype:?} {consts:?}");
+            // Loss values are O(1) to O(1e4) differences of O(1e4) numbers: f32 gives ~1e-3
+            // absolute on the largest.
+            if let Err(e) = check_with(&format!("{what} dz"), &z, &want_dz, out_tol(dtype), 1.0)
+                .and_then(|_| check_with(&format!("{what} loss"), &loss, &want_loss, 1e-5, 100.0))
+            {
+                panic!("{e}");
+            }
+        }
+    }
+}

@@ -32,6 +32,7 @@ pub(super) fn dims(kernel: &str) -> Option<(usize, usize)> {
         // (heads, length).
         "causal_softmax" => (2, 300),
         "softmax_bwd" => (9, 1100),
+        "xent_fwd_bwd" => (9, 3000),
         _ => return None,
     })
 }
@@ -140,6 +141,37 @@ pub(super) fn run(
                 };
                 k::softmax_bwd::interpret(consts, args)?;
                 out.push((name, ds, want.clone(), 0.0));
+            }
+            out
+        }
+        "xent_fwd_bwd" => {
+            let z0 = t(rng, dtype, &[r, c], -8.0, 8.0);
+            // Every third row ignored.
+            let tg: Vec<i32> = ints(rng, r, 0, c as i32)
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| if i % 3 == 1 { -100 } else { t })
+                .collect();
+            let scale = 0.25;
+            let (wz, wl) = refr::xent_fwd_bwd(&z0.data, r, c, &tg, scale);
+            let mut out = vec![];
+            // Both tile configurations (2048- and 256-wide chunks).
+            for (consts, names) in [
+                (&[][..], ["z", "loss"]),
+                (&[("CHUNK", 256)][..], ["z@256", "loss@256"]),
+            ] {
+                let mut z = z0.clone();
+                let mut targets = int_tensor(&tg);
+                let mut loss = poisoned(Storage::F32, &[r]);
+                let args = k::xent_fwd_bwd::HostArgs {
+                    z: &mut z,
+                    targets: &mut targets,
+                    loss: &mut loss,
+                    scale,
+                };
+                k::xent_fwd_bwd::interpret(consts, args)?;
+                out.push((names[0], z, wz.clone(), 0.0));
+                out.push((names[1], loss, wl.clone(), 0.0));
             }
             out
         }

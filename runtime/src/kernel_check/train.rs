@@ -198,6 +198,44 @@ pub(super) fn prepare(
                 bytes: r * c * (2 * e + 4),
             }
         }
+        "xent_fwd_bwd" => {
+            // About a fifth of the targets ignored (-100); the others anywhere in the vocab.
+            let tg: Vec<i32> = cx
+                .rng
+                .uniform(r, -(c as f32) / 4.0 - 1.0, c as f32)
+                .iter()
+                .map(|x| (x.floor() as i32).min(c as i32 - 1))
+                .map(|t| if t < 0 { -100 } else { t })
+                .collect();
+            let tf: Vec<f32> = tg.iter().map(|t| *t as f32).collect();
+            let ta = cx.input_from(&[r], Storage::I32, &tf)?;
+            let scale = 0.25f32;
+            let (z, za, mut oz) = cx.in_place("z", &[r, c], -8.0, 8.0, None)?;
+            let (dz, loss) = if cx.with_ref {
+                refr::xent_fwd_bwd(&z, r, c, &tg, scale)
+            } else {
+                (vec![], vec![])
+            };
+            oz.want = dz;
+            let (ol, la) = cx.output("loss", &[r], Some(Storage::F32), loss, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![oz, ol],
+                launch: Box::new(move |l, consts| {
+                    k::xent_fwd_bwd::launch_with(
+                        l,
+                        consts,
+                        &k::xent_fwd_bwd::Args {
+                            z: &za,
+                            targets: &ta,
+                            loss: &la,
+                            scale,
+                        },
+                    )
+                }),
+                bytes: 2 * r * c * e + 8 * r,
+            }
+        }
         other => {
             return Err(DeviceError::InvalidArgument(format!(
                 "unknown kernel `{other}`"
@@ -214,6 +252,8 @@ pub(super) fn check_shapes(kernel: &str) -> Option<Vec<(usize, usize)>> {
         // (heads, length): one block, both configurations' loops, the small one's single pass.
         "causal_softmax" => vec![(1, 1), (3, 100), (2, 2048), (1, 2100), (4, 300)],
         "softmax_bwd" => vec![(1, 1), (37, 1000), (64, 4096), (5, 10007), (100, 200)],
+        // (rows, vocabulary): the fixtures' 8192 and OPT's 50272.
+        "xent_fwd_bwd" => vec![(1, 1), (37, 8192), (64, 50272), (5, 10007), (100, 300)],
         _ => return None,
     })
 }
@@ -223,6 +263,7 @@ pub(super) fn bench_shape(kernel: &str) -> Option<(usize, usize)> {
     Some(match kernel {
         "bias_add" | "bias_relu" | "embedding_fwd" | "softmax_bwd" => (32768, 4096),
         "causal_softmax" => (12, 2048),
+        "xent_fwd_bwd" => (2048, 50272),
         _ => return None,
     })
 }
