@@ -74,19 +74,10 @@ fn check(name: &str, config: OptConfig, lora_dropout: f32) {
     let out = model::loss_and_grads(&model, &lora, &b, 1.0 / n, drop).unwrap();
     let loss = |l: &LoraParams| {
         let fwd = model::forward(&model, Some(l), &b, drop, false).unwrap();
-        let head = model.weights.lm_head();
-        let x = lexp_runtime::cpu::lm_head_xent(
-            &fwd.hidden,
-            fwd.rows,
-            head.cols,
-            &head.data,
-            head.rows,
-            &b.targets,
-            None,
-            64,
-        )
-        .unwrap();
-        x.loss_sum / f64::from(n)
+        model::opt::head_loss(&model, &fwd, &b.targets, None)
+            .unwrap()
+            .loss_sum
+            / f64::from(n)
     };
     let base = loss(&lora);
     assert!(

@@ -8,7 +8,7 @@ use crate::checkpoint::opt::{Activation, LayerNorm};
 use crate::checkpoint::{OptConfig, OptModel};
 use crate::cpu::activation::add_inplace;
 use crate::cpu::embedding::gather_rows;
-use crate::cpu::loss::{self, lm_head_xent};
+use crate::cpu::loss::{self, lm_head_xent, XentOut};
 use crate::cpu::matmul::{linear, matmul};
 use crate::cpu::norm::{layernorm_bwd, layernorm_fwd, LayerNormSaved};
 use crate::data::PackedBatch;
@@ -270,17 +270,7 @@ pub fn loss_and_grads(
     rng: Option<DropoutRng>,
 ) -> Result<StepOutput> {
     let fwd = forward(model, Some(lora), batch, rng, true)?;
-    let head = model.weights.lm_head();
-    let out = lm_head_xent(
-        &fwd.hidden,
-        fwd.rows,
-        head.cols,
-        &head.data,
-        head.rows,
-        &batch.targets,
-        Some(grad_scale),
-        LOSS_CHUNK,
-    )?;
+    let out = head_loss(model, &fwd, &batch.targets, Some(grad_scale))?;
     let dh = out
         .dh
         .ok_or_else(|| ModelError::Batch("internal: the loss returned no gradient".into()))?;
@@ -299,18 +289,28 @@ pub fn eval_loss(
     batch: &PackedBatch,
 ) -> Result<(f64, usize)> {
     let fwd = forward(model, lora, batch, None, false)?;
+    let out = head_loss(model, &fwd, &batch.targets, None)?;
+    Ok((out.loss_sum, out.count))
+}
+
+/// The LM head fused with the loss over `fwd`'s hidden states (and `dh` when `grad_scale`).
+pub fn head_loss(
+    model: &OptModel,
+    fwd: &Forward,
+    targets: &[i32],
+    grad_scale: Option<f32>,
+) -> Result<XentOut> {
     let head = model.weights.lm_head();
-    let out = lm_head_xent(
+    Ok(lm_head_xent(
         &fwd.hidden,
         fwd.rows,
         head.cols,
         &head.data,
         head.rows,
-        &batch.targets,
-        None,
+        targets,
+        grad_scale,
         LOSS_CHUNK,
-    )?;
-    Ok((out.loss_sum, out.count))
+    )?)
 }
 
 /// Full logits `[rows, V]` of `batch` (for parity tests and small evaluations).
