@@ -11,6 +11,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod layernorm;
 pub mod lora;
+pub mod optimizer;
 pub mod reduce;
 pub mod reference;
 pub mod reference_matmul;
@@ -26,6 +27,7 @@ pub use embedding::embedding_fwd;
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
+pub use optimizer::adamw;
 pub use reduce::colsum;
 pub use residual::bias_residual;
 pub use row_softmax::softmax;
@@ -35,7 +37,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 26] = [
+pub static ALL: [&KernelInfo; 27] = [
     &axpby::INFO,
     &relu::INFO,
     &relu_bwd::INFO,
@@ -53,6 +55,7 @@ pub static ALL: [&KernelInfo; 26] = [
     &causal_softmax::INFO,
     &softmax_bwd::INFO,
     &xent_fwd_bwd::INFO,
+    &adamw::INFO,
     &gemm_nn::INFO,
     &gemm_nt::INFO,
     &gemm_tn::INFO,

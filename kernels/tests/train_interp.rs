@@ -554,3 +554,45 @@ fn xent_large_logits() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn adamw(seed: u64, n in size(1..5000, &[1, 1023, 1024, 1025, 4096]), step in 1u32..2000) {
+        let mut data = Data::new(seed);
+        for dtype in DTYPES {
+            let s = reference::AdamwStep::at(
+                data.0.gen_range(1e-3f32..1e-1),
+                data.0.gen_range(0.8f32..0.95),
+                data.0.gen_range(0.99f32..0.9999),
+                1e-8,
+                data.0.gen_range(0.0f32..0.1),
+                step,
+            );
+            let p0 = HostTensor::new(Storage::F32, &[n], &data.values(n, -3.0, 3.0));
+            let mut grad = data.tensor(dtype, &[n]);
+            let m0 = HostTensor::new(Storage::F32, &[n], &data.values(n, -1.0, 1.0));
+            let v0 = HostTensor::new(Storage::F32, &[n], &data.values(n, 0.01, 2.0));
+            let (want_p, want_m, want_v) =
+                reference::adamw(&p0.data, &grad.data, &m0.data, &v0.data, &s);
+            let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+            let what = format!("adamw {dtype:?} n={n} {s:?}");
+            run(&what, kernels::adamw::interpret(&[], kernels::adamw::HostArgs {
+                param: &mut p, grad: &mut grad, m: &mut m, v: &mut v,
+                lr: s.lr, beta1: s.beta1, beta2: s.beta2, eps: s.eps,
+                weight_decay: s.weight_decay, bias_correction1: s.bias_correction1,
+                bias_correction2_sqrt: s.bias_correction2_sqrt,
+            }))?;
+            check(&format!("{what} m"), &m, &want_m)?;
+            check(&format!("{what} v"), &v, &want_v)?;
+            // The update is ~lr of a parameter: judge it on its own, not only on the sum
+            // (relative 1e-4, or else within 5e-7, a few f32 ulps of a parameter of size 3).
+            let du: Vec<f32> = p.data.iter().zip(&p0.data).map(|(a, b)| a - b).collect();
+            let want_du: Vec<f32> = want_p.iter().zip(&p0.data).map(|(a, b)| a - b).collect();
+            let du = HostTensor::new(Storage::F32, &[n], &du);
+            check_with(&format!("{what} param update"), &du, &want_du, 1e-4, 5e-3)?;
+            check(&format!("{what} param"), &p, &want_p)?;
+        }
+    }
+}

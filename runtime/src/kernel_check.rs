@@ -115,7 +115,7 @@ fn round(dtype: Storage, v: &[f32]) -> Vec<f32> {
 const ELEMENTWISE: [&str; 6] = ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd", "adamw"];
 
 /// Every kernel the checker knows, in `lexp_kernels::ALL` order.
-pub const KERNELS: [&str; 17] = [
+pub const KERNELS: [&str; 18] = [
     "axpby",
     "relu",
     "relu_bwd",
@@ -133,6 +133,7 @@ pub const KERNELS: [&str; 17] = [
     "causal_softmax",
     "softmax_bwd",
     "xent_fwd_bwd",
+    "adamw",
 ];
 
 struct Ctx<'a> {

@@ -33,6 +33,7 @@ pub(super) fn dims(kernel: &str) -> Option<(usize, usize)> {
         "causal_softmax" => (2, 300),
         "softmax_bwd" => (9, 1100),
         "xent_fwd_bwd" => (9, 3000),
+        "adamw" => (5000, 0),
         _ => return None,
     })
 }
@@ -174,6 +175,30 @@ pub(super) fn run(
                 out.push((names[1], loss, wl.clone(), 0.0));
             }
             out
+        }
+        "adamw" => {
+            let f32s = Storage::F32;
+            let s = refr::AdamwStep::at(1e-2, 0.9, 0.999, 1e-8, 1e-2, 10);
+            let mut grad = t(rng, dtype, &[r], -3.0, 3.0);
+            let mut p = t(rng, f32s, &[r], -3.0, 3.0);
+            let mut m = t(rng, f32s, &[r], -1.0, 1.0);
+            let mut v = t(rng, f32s, &[r], 0.01, 2.0);
+            let (wp, wm, wv) = refr::adamw(&p.data, &grad.data, &m.data, &v.data, &s);
+            let args = k::adamw::HostArgs {
+                param: &mut p,
+                grad: &mut grad,
+                m: &mut m,
+                v: &mut v,
+                lr: s.lr,
+                beta1: s.beta1,
+                beta2: s.beta2,
+                eps: s.eps,
+                weight_decay: s.weight_decay,
+                bias_correction1: s.bias_correction1,
+                bias_correction2_sqrt: s.bias_correction2_sqrt,
+            };
+            k::adamw::interpret(&[], args)?;
+            vec![("param", p, wp, 0.0), ("m", m, wm, 0.0), ("v", v, wv, 0.0)]
         }
         other => {
             return Err(LaunchError::NoVariant {

@@ -236,6 +236,44 @@ pub(super) fn prepare(
                 bytes: 2 * r * c * e + 8 * r,
             }
         }
+        "adamw" => {
+            let n = r;
+            let f32s = Some(Storage::F32);
+            // Step 10 of torch's defaults, with a larger learning rate so that the update is
+            // well above the parameter's rounding.
+            let s = refr::AdamwStep::at(1e-2, 0.9, 0.999, 1e-8, 1e-2, 10);
+            let (g, ga) = cx.input(&[n], -3.0, 3.0, None)?;
+            let (p, pa, mut op) = cx.in_place("param", &[n], -3.0, 3.0, f32s)?;
+            let (m, ma, mut om) = cx.in_place("m", &[n], -1.0, 1.0, f32s)?;
+            let (v, va, mut ov) = cx.in_place("v", &[n], 0.01, 2.0, f32s)?;
+            if cx.with_ref {
+                (op.want, om.want, ov.want) = refr::adamw(&p, &g, &m, &v, &s);
+            }
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![op, om, ov],
+                launch: Box::new(move |l, consts| {
+                    k::adamw::launch_with(
+                        l,
+                        consts,
+                        &k::adamw::Args {
+                            param: &pa,
+                            grad: &ga,
+                            m: &ma,
+                            v: &va,
+                            lr: s.lr,
+                            beta1: s.beta1,
+                            beta2: s.beta2,
+                            eps: s.eps,
+                            weight_decay: s.weight_decay,
+                            bias_correction1: s.bias_correction1,
+                            bias_correction2_sqrt: s.bias_correction2_sqrt,
+                        },
+                    )
+                }),
+                bytes: n * (24 + e),
+            }
+        }
         other => {
             return Err(DeviceError::InvalidArgument(format!(
                 "unknown kernel `{other}`"

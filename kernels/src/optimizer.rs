@@ -1,0 +1,44 @@
+//! The optimizer step on the device: AdamW over a flat f32 parameter tensor and its state.
+//!
+//! Element-wise, one program per `BLOCK` elements; `param`, `m` and `v` are updated in place
+//! (each element read and written by the same thread). The step's scalars come from the host,
+//! computed as `torch.optim.AdamW` computes them (RUNTIME.md 2.10).
+
+use lexp_macros::kernel;
+
+/// One AdamW step in torch's order (f32): `param *= 1 - lr*weight_decay`;
+/// `m += (1 - beta1)(g - m)`; `v = beta2*v + (1 - beta2)*g^2`;
+/// `param -= (lr / bias_correction1) * m / (sqrt(v) / bias_correction2_sqrt + eps)`, with
+/// `bias_correction1 = 1 - beta1^t` and `bias_correction2_sqrt = sqrt(1 - beta2^t)`. The
+/// gradient may be stored as `T` (the variant follows its type); the rest is f32.
+#[kernel(
+    variants(T = [bf16, f16, f32], BLOCK = [1024]),
+    warps = 4,
+    grid = [cdiv(param.dim(0), BLOCK)],
+    require = [grad.dim(0) == param.dim(0), m.dim(0) == param.dim(0), v.dim(0) == param.dim(0)]
+)]
+#[allow(clippy::too_many_arguments)]
+pub fn adamw<T, const BLOCK: usize>(
+    param: TensorMut<f32, 1>,
+    grad: Tensor<T, 1>,
+    m: TensorMut<f32, 1>,
+    v: TensorMut<f32, 1>,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    bias_correction1: f32,
+    bias_correction2_sqrt: f32,
+) {
+    let i = program_id(0).cast::<i64>() * BLOCK + range::<BLOCK>();
+    let g = grad.load([i]).cast::<f32>();
+    let m0 = m.load([i]);
+    let m1 = m0 + (1.0 - beta1) * (g - m0);
+    let v1 = beta2 * v.load([i]) + (1.0 - beta2) * g * g;
+    let p = param.load([i]) * (1.0 - lr * weight_decay);
+    let denom = sqrt(v1) / bias_correction2_sqrt + eps;
+    param.store([i], p - (lr / bias_correction1) * (m1 / denom));
+    m.store([i], m1);
+    v.store([i], v1);
+}
