@@ -17,7 +17,6 @@ use lexp_macros::kernel;
     grid = [cdiv(param.dim(0), BLOCK)],
     require = [grad.dim(0) == param.dim(0), m.dim(0) == param.dim(0), v.dim(0) == param.dim(0)]
 )]
-#[allow(clippy::too_many_arguments)]
 pub fn adamw<T, const BLOCK: usize>(
     param: TensorMut<f32, 1>,
     grad: Tensor<T, 1>,
