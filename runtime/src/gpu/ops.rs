@@ -295,10 +295,16 @@ pub fn causal_softmax(dev: &CudaDevice, s: &TensorArg, p: &TensorArg, lse: &Tens
 /// `ds = p ⊙ (dp − rowsum(p ⊙ dp))`, `dp` f32.
 pub fn softmax_bwd(dev: &CudaDevice, p: &TensorArg, dp: &TensorArg, ds: &TensorArg) -> R {
     let tile = softmax_tile(p.dim(1));
-    let _ = (dev, tile, p, dp, ds);
-    Err(ModelError::Unsupported(
-        "kernel softmax_bwd not yet available (TEMPORARY STUB)".into(),
-    ))
+    k::softmax_bwd::launch_with(dev, tile, &k::softmax_bwd::Args { p, dp, ds }).map_err(launch_err)
+}
+
+/// The xent kernel's vocabulary tile: 256 wide for small vocabularies, else the default 2048.
+fn xent_tile(cols: usize) -> &'static [(&'static str, usize)] {
+    if cols <= 2048 {
+        &[("CHUNK", 256)]
+    } else {
+        &[]
+    }
 }
 
 /// Cross-entropy of f32 logits `z [R, V]` against `targets [R]`: `loss [R]`, and `z` becomes
@@ -310,10 +316,17 @@ pub fn xent(
     loss: &TensorArg,
     scale: f32,
 ) -> R {
-    let _ = (dev, z, targets, loss, scale);
-    Err(ModelError::Unsupported(
-        "kernel xent_fwd_bwd not yet available (TEMPORARY STUB)".into(),
-    ))
+    k::xent_fwd_bwd::launch_with(
+        dev,
+        xent_tile(z.dim(1)),
+        &k::xent_fwd_bwd::Args {
+            z,
+            targets,
+            loss,
+            scale,
+        },
+    )
+    .map_err(launch_err)
 }
 
 /// `y[r] = tok[ids[r]] + pos[pos_ids[r] + 2]`.
