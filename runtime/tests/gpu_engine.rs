@@ -192,6 +192,50 @@ fn strided_gemm_and_cast_kernel_match_the_host() {
     assert!(got[n..].iter().all(|v| v.is_nan()), "wrote past n");
 }
 
+/// `model` with every weight, bias and LayerNorm parameter rounded to bf16, as the GPU engine
+/// holds them (RUNTIME.md pitfall 9: the fixtures' fp16 weights lose 3 mantissa bits in bf16).
+/// The CPU engine on these weights differs from the GPU engine only by the bf16 activations.
+fn bf16_weights(model: &OptModel) -> OptModel {
+    let r = |v: &mut Vec<f32>| {
+        v.iter_mut()
+            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32())
+    };
+    let mut m = model.clone();
+    let w = &mut m.weights;
+    r(&mut w.embed_tokens.data);
+    r(&mut w.embed_positions.data);
+    for l in &mut w.layers {
+        for ln in [&mut l.self_attn_layer_norm, &mut l.final_layer_norm]
+            .into_iter()
+            .flatten()
+        {
+            r(&mut ln.weight);
+            r(&mut ln.bias);
+        }
+        for lin in [
+            &mut l.q_proj,
+            &mut l.k_proj,
+            &mut l.v_proj,
+            &mut l.out_proj,
+            &mut l.fc1,
+            &mut l.fc2,
+        ] {
+            r(&mut lin.weight.data);
+            if let Some(b) = &mut lin.bias {
+                r(b);
+            }
+        }
+    }
+    if let Some(ln) = &mut w.final_layer_norm {
+        r(&mut ln.weight);
+        r(&mut ln.bias);
+    }
+    if let Some(h) = &mut w.lm_head {
+        r(&mut h.data);
+    }
+    m
+}
+
 /// Gradient tolerances: per module, rel-Frobenius at most `rel` and cosine at least `cos`
 /// (`qk_rel`, `qk_cos` for the q and k projections); over all gradients together, cosine at
 /// least `all_cos`.
@@ -225,12 +269,17 @@ const STRICT: Tol = Tol {
 /// with a full-size gradient), which moves every gradient upstream of the first fc1 by about
 /// `√p`: measured on opt-tiny, 0.9-1.2e-2 for the last fc2 (before any mask), 3-12e-2 from
 /// the last fc1 on, cosine ≥ 0.994 (4.6e-2 and 0.9991 at worst on a batch of 6184 tokens).
+///
+/// The CPU reference runs on the bf16-rounded weights ([`bf16_weights`]); that changed the
+/// errors little (H200, `bench/results/2026-11-29-h200-gpu-engine-tests.txt`: worst module 1.07e-1 / cosine 0.9943
+/// on 304 tokens, 5.1e-2 / 0.9988 on 6184; all gradients together ≥ 0.9977 in every case), so
+/// the bf16 activations, not the weights, are what moves them.
 const RELU_FLIPS: Tol = Tol {
-    rel: 0.2,
-    cos: 0.985,
-    qk_rel: 0.2,
-    qk_cos: 0.985,
-    all_cos: 0.995,
+    rel: 0.15,
+    cos: 0.99,
+    qk_rel: 0.15,
+    qk_cos: 0.99,
+    all_cos: 0.997,
 };
 
 /// Loss and gradients of one batch on both engines, compared; returns the worst
@@ -323,8 +372,10 @@ fn gpu_engine_matches_the_cpu_engine() {
         return;
     }
     for (name, dir) in models() {
-        let model = OptModel::load(&dir).unwrap();
-        let mut gpu = GpuEngine::new(model.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
+        let loaded = OptModel::load(&dir).unwrap();
+        let mut gpu = GpuEngine::new(loaded.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
+        // The CPU reference runs on the weights the GPU holds (bf16-rounded).
+        let model = bf16_weights(&loaded);
         // Uneven lengths, completion-only targets: several target runs per batch.
         let b = batch(&dir, &[0, 7, 13, 21, 40, 3]);
         let mut lora = random_lora(&model, 4, 11);
@@ -507,6 +558,7 @@ fn gpu_engine_variants_match_the_cpu_engine() {
         ("no biases", r#","enable_bias":false"#, false, RELU_FLIPS),
     ] {
         let (model, b) = variant(flags, 3, clean);
+        let model = bf16_weights(&model);
         let mut gpu = GpuEngine::new(model.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
         let lora = random_lora(&model, 4, 2);
         compare_eval(name, &model, &mut gpu, Some(&lora), &b);

@@ -62,6 +62,10 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Seed of data order, LoRA init and dropout.
     pub seed: u64,
+    /// Overrides the checkpoint's residual `dropout` (official OPT configs say 0.1); `None`
+    /// keeps the config's value.
+    #[serde(default)]
+    pub model_dropout: Option<f32>,
 }
 
 impl Default for TrainConfig {
@@ -92,6 +96,7 @@ impl Default for TrainConfig {
             save_every: 0,
             keep_checkpoints: 2,
             seed: 0,
+            model_dropout: None,
         }
     }
 }
@@ -128,6 +133,22 @@ impl TrainConfig {
         }
     }
 
+    /// Loads the model of this run, with [`TrainConfig::model_dropout`] applied.
+    pub fn load_model(
+        &self,
+    ) -> Result<crate::checkpoint::OptModel, crate::checkpoint::CheckpointError> {
+        let mut model = crate::checkpoint::OptModel::load(&self.model_dir)?;
+        if let Some(p) = self.model_dropout {
+            model.config.dropout = p;
+        }
+        Ok(model)
+    }
+
+    /// Whether a training step of this run draws dropout masks (residual or LoRA dropout).
+    pub fn uses_dropout(&self, model: &crate::checkpoint::OptConfig) -> bool {
+        self.lora_dropout > 0.0 || self.model_dropout.unwrap_or(model.dropout) > 0.0
+    }
+
     /// The schedule kind.
     pub fn schedule_kind(&self) -> Result<Schedule, String> {
         match self.schedule.as_str() {
@@ -161,6 +182,11 @@ impl TrainConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(format!("learning rate {} must be positive", self.lr));
+        }
+        if let Some(p) = self.model_dropout {
+            if !(0.0..1.0).contains(&p) {
+                return Err(format!("model dropout {p} is not in [0, 1)"));
+            }
         }
         if !(0.0..1.0).contains(&self.eval_fraction) {
             return Err(format!(

@@ -272,7 +272,7 @@ fn settings_diff(saved: &TrainConfig, requested: &TrainConfig) -> String {
 
 /// Loads the model of `config` and makes the CPU engine for it ([`run`] takes any engine).
 pub fn cpu_engine(config: &TrainConfig) -> Result<super::CpuEngine, TrainError> {
-    Ok(super::CpuEngine::new(OptModel::load(&config.model_dir)?))
+    Ok(super::CpuEngine::new(config.load_model()?))
 }
 
 /// Runs (or, with `resume`, continues) the fine-tuning run `config` in `out_dir` on `engine`

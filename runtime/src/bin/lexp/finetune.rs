@@ -58,6 +58,10 @@ pub struct FinetuneArgs {
     /// LoRA dropout.
     #[arg(long, default_value_t = 0.0)]
     lora_dropout: f32,
+    /// Residual dropout of the model (default: the checkpoint's `dropout`; official OPT
+    /// configs say 0.1, which the GPU engine does not implement yet: pass 0 to train there).
+    #[arg(long)]
+    model_dropout: Option<f32>,
     /// Adapted projections, comma-separated: q_proj,k_proj,v_proj,out_proj,fc1,fc2.
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     lora_targets: Vec<String>,
@@ -113,20 +117,41 @@ pub struct FinetuneArgs {
 /// `cpu`: the CPU engine. `cuda`: the GPU engine, or an error saying why not (no GPU, a model
 /// the GPU path does not implement, cuBLAS missing, too little memory). `auto`: the GPU
 /// engine when it can run the model, else the CPU engine with a message saying why.
-fn make_engine(choice: DeviceChoice, model_dir: &Path) -> Result<(&'static str, Box<dyn Engine>)> {
+fn make_engine(
+    choice: DeviceChoice,
+    config: &TrainConfig,
+) -> Result<(&'static str, Box<dyn Engine>)> {
     let load = || {
-        OptModel::load(model_dir)
-            .with_context(|| format!("loading the model {}", model_dir.display()))
+        config
+            .load_model()
+            .with_context(|| format!("loading the model {}", config.model_dir.display()))
     };
     let cpu = |model: OptModel| -> (&'static str, Box<dyn Engine>) {
         ("cpu", Box::new(train::CpuEngine::new(model)))
+    };
+    // What the GPU engine cannot run yet, for this run: the model's shape, or dropout.
+    let gpu_blocker = |model: &OptModel| -> Option<String> {
+        if let Err(e) = lexp_runtime::gpu::weights::check_supported(model) {
+            return Some(e.to_string());
+        }
+        config.uses_dropout(&model.config).then(|| {
+            format!(
+                "dropout (model dropout {}, LoRA dropout {}) is not implemented on the GPU yet; \
+                 pass --model-dropout 0 --lora-dropout 0 to train without it",
+                model.config.dropout, config.lora_dropout
+            )
+        })
     };
     match choice {
         DeviceChoice::Cpu => Ok(cpu(load()?)),
         DeviceChoice::Cuda => {
             let dev = CudaDevice::new(0).context("--device cuda: no usable CUDA GPU")?;
             let name = dev.name().to_string();
-            let engine = GpuEngine::new(load()?, dev)
+            let model = load()?;
+            if let Some(why) = gpu_blocker(&model) {
+                bail!("--device cuda: found {name}, but {why}");
+            }
+            let engine = GpuEngine::new(model, dev)
                 .map_err(|e| anyhow!("--device cuda: found {name}, but {e}"))?;
             Ok(("cuda", Box::new(engine)))
         }
@@ -140,8 +165,8 @@ fn make_engine(choice: DeviceChoice, model_dir: &Path) -> Result<(&'static str, 
             };
             let name = dev.name().to_string();
             let model = load()?;
-            if let Err(e) = lexp_runtime::gpu::weights::check_supported(&model) {
-                eprintln!("found {name}, but {e}; training on the CPU");
+            if let Some(why) = gpu_blocker(&model) {
+                eprintln!("found {name}, but {why}; training on the CPU");
                 return Ok(cpu(model));
             }
             match GpuEngine::new(model, dev) {
@@ -289,8 +314,9 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         save_every: args.save_every,
         keep_checkpoints: args.keep_checkpoints,
         seed: args.seed,
+        model_dropout: args.model_dropout,
     };
-    let (backend, mut engine) = make_engine(args.device, &config.model_dir)?;
+    let (backend, mut engine) = make_engine(args.device, &config)?;
     eprintln!(
         "device: {backend} ({}); output: {}",
         engine.name(),
