@@ -21,11 +21,11 @@ use super::ops::{
 };
 use super::weights::{self, DeviceWeights};
 use super::workspace::{Caps, Dims, Workspace, LOSS_CHUNK};
-use crate::checkpoint::{OptConfig, OptModel};
+use crate::checkpoint::OptModel;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
 use crate::data::{PackedBatch, IGNORE_INDEX};
 use crate::device::CudaDevice;
-use crate::model::opt::check_adapters;
+use crate::model::opt::{check_adapters, check_batch};
 use crate::model::{DropoutRng, ModelError, Result, StepOutput};
 use crate::peft::LoraParams;
 use crate::train::Engine;
@@ -54,57 +54,6 @@ struct Prepared {
     runs: Vec<(usize, usize)>,
     /// Rows with a target.
     n: usize,
-}
-
-/// Checks `batch` against `c` like the CPU model does, plus the shape of `cu_seqlens`.
-fn check_batch(c: &OptConfig, batch: &PackedBatch) -> R {
-    let t = batch.num_tokens();
-    if batch.position_ids.len() != t || batch.targets.len() != t {
-        return Err(ModelError::Batch(format!(
-            "{t} tokens but {} positions and {} targets",
-            batch.position_ids.len(),
-            batch.targets.len()
-        )));
-    }
-    if t == 0 {
-        return Err(ModelError::Batch("the batch has no tokens".into()));
-    }
-    if batch.cu_seqlens.last().map(|&e| e as i64) != Some(t as i64) {
-        return Err(ModelError::Batch(format!(
-            "cu_seqlens ends at {:?} but the batch has {t} tokens",
-            batch.cu_seqlens.last()
-        )));
-    }
-    if t > i32::MAX as usize {
-        return Err(ModelError::Batch(format!("{t} tokens exceed i32 indexing")));
-    }
-    for (i, &p) in batch.position_ids.iter().enumerate() {
-        if p as usize >= c.max_position_embeddings {
-            return Err(ModelError::PositionOutOfRange {
-                position: i,
-                pos: p as usize,
-                max: c.max_position_embeddings,
-            });
-        }
-    }
-    for (i, &id) in batch.input_ids.iter().enumerate() {
-        if id as usize >= c.vocab_size {
-            return Err(ModelError::TokenOutOfRange {
-                position: i,
-                id,
-                vocab: c.vocab_size,
-            });
-        }
-    }
-    for (i, &y) in batch.targets.iter().enumerate() {
-        if y != IGNORE_INDEX && (y < 0 || y as usize >= c.vocab_size) {
-            return Err(ModelError::Batch(format!(
-                "target {i} is {y}: not a token of the {}-entry vocabulary nor {IGNORE_INDEX}",
-                c.vocab_size
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Contiguous runs of rows whose target is not ignored.
@@ -463,6 +412,7 @@ impl Engine for GpuEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::OptConfig;
 
     #[test]
     fn target_runs_are_maximal_and_skip_ignored_rows() {

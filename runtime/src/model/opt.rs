@@ -11,7 +11,7 @@ use crate::cpu::embedding::gather_rows;
 use crate::cpu::loss::{self, lm_head_xent, XentOut};
 use crate::cpu::matmul::{linear, matmul};
 use crate::cpu::norm::{layernorm_bwd, layernorm_fwd, LayerNormSaved};
-use crate::data::PackedBatch;
+use crate::data::{PackedBatch, IGNORE_INDEX};
 use crate::peft::{LoraParams, LoraTarget};
 
 /// Rows of the LM head processed at once by the fused loss.
@@ -108,7 +108,10 @@ pub fn check_adapters(config: &OptConfig, lora: &LoraParams) -> Result<()> {
     Ok(())
 }
 
-fn check_batch(config: &OptConfig, batch: &PackedBatch) -> Result<()> {
+/// Checks `batch` against the model `c` before any op runs: consistent lengths, `cu_seqlens`
+/// ending at the token count, positions inside the position table, ids inside the vocabulary,
+/// targets a token or [`IGNORE_INDEX`]. Both engines call it.
+pub fn check_batch(c: &OptConfig, batch: &PackedBatch) -> Result<()> {
     let t = batch.num_tokens();
     if batch.position_ids.len() != t || batch.targets.len() != t {
         return Err(ModelError::Batch(format!(
@@ -120,22 +123,39 @@ fn check_batch(config: &OptConfig, batch: &PackedBatch) -> Result<()> {
     if t == 0 {
         return Err(ModelError::Batch("the batch has no tokens".into()));
     }
+    if batch.cu_seqlens.last().map(|&e| e as i64) != Some(t as i64) {
+        return Err(ModelError::Batch(format!(
+            "cu_seqlens ends at {:?} but the batch has {t} tokens",
+            batch.cu_seqlens.last()
+        )));
+    }
+    if t > i32::MAX as usize {
+        return Err(ModelError::Batch(format!("{t} tokens exceed i32 indexing")));
+    }
     for (i, &p) in batch.position_ids.iter().enumerate() {
-        if p as usize >= config.max_position_embeddings {
+        if p as usize >= c.max_position_embeddings {
             return Err(ModelError::PositionOutOfRange {
                 position: i,
                 pos: p as usize,
-                max: config.max_position_embeddings,
+                max: c.max_position_embeddings,
             });
         }
     }
     for (i, &id) in batch.input_ids.iter().enumerate() {
-        if id as usize >= config.vocab_size {
+        if id as usize >= c.vocab_size {
             return Err(ModelError::TokenOutOfRange {
                 position: i,
                 id,
-                vocab: config.vocab_size,
+                vocab: c.vocab_size,
             });
+        }
+    }
+    for (i, &y) in batch.targets.iter().enumerate() {
+        if y != IGNORE_INDEX && (y < 0 || y as usize >= c.vocab_size) {
+            return Err(ModelError::Batch(format!(
+                "target {i} is {y}: not a token of the {}-entry vocabulary nor {IGNORE_INDEX}",
+                c.vocab_size
+            )));
         }
     }
     Ok(())
