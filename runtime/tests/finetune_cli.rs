@@ -817,3 +817,54 @@ fn eval_names_a_missing_adapter_file() {
         "{stdout}"
     );
 }
+
+/// SIGINT mid-run: the run finishes its step, writes a checkpoint of exactly the steps it
+/// logged, exits with status 130 and says how to continue; `--resume` then ends with the
+/// uninterrupted run's metrics, adapter and optimizer state.
+#[test]
+fn sigint_stops_after_a_step_with_a_checkpoint() {
+    let tmp = TempDir::new("sigint");
+    let eval = tmp.eval_file();
+    let (reference, _) = reference_run(&tmp, &eval, "reference");
+    let dir = tmp.join("interrupted");
+    // No periodic checkpoints: the one after the signal is the only one before the end.
+    let mut args = finetune_args(&model_dir(), &train_data(), &eval, &dir, &[]);
+    let every = args.iter().position(|a| a == "--save-every").unwrap() + 1;
+    args[every] = "0".into();
+    let child = lexp(&tmp, &args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for two logged steps, then interrupt.
+    let t0 = Instant::now();
+    let trained = |dir: &Path| {
+        let text = fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains(r#""kind":"train""#))
+            .count()
+    };
+    while trained(&dir) < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the run did not start training"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped by a signal after step"), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    let logged = trained(&dir);
+    assert!(logged < STEPS, "the signal came after the run ended: {err}");
+    assert_eq!(checkpoint_steps(&dir), vec![logged], "{err}");
+    let resumed = expect_success(lexp(&tmp, &[args, vec!["--resume".into()]].concat()));
+    assert!(resumed.contains(&format!("(step {logged})")), "{resumed}");
+    assert_same_result(&reference, &dir);
+}

@@ -44,6 +44,14 @@ pub enum TrainError {
     /// The output directory holds a different run, or its checkpoint does not fit.
     #[error("cannot resume: {0}")]
     Resume(String),
+    /// The run was asked to stop (SIGINT/SIGTERM) and stopped cleanly after a step.
+    #[error("interrupted after step {step}; checkpoint {} (continue with --resume)", .checkpoint.display())]
+    Interrupted {
+        /// Steps done.
+        step: usize,
+        /// The checkpoint holding them.
+        checkpoint: PathBuf,
+    },
     /// The loss or the gradients stopped being finite.
     #[error("step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopping (the last checkpoint is intact)")]
     NonFinite {

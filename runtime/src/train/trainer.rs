@@ -41,6 +41,11 @@ pub trait Observer {
     fn eval(&mut self, _record: &Record) {}
     /// A checkpoint was written.
     fn checkpoint(&mut self, _dir: &Path) {}
+    /// Asked after every step: `true` stops the run there (after a checkpoint), e.g. on
+    /// SIGINT/SIGTERM. [`run`] then returns [`TrainError::Interrupted`].
+    fn should_stop(&mut self) -> bool {
+        false
+    }
 }
 
 /// An observer that reports nothing.
@@ -480,6 +485,20 @@ pub fn run(
             let dir = save(&lora, &adamw, s, tokens_seen)?;
             observer.checkpoint(&dir);
             last_saved = Some(s);
+        }
+        if s < plan.total_steps() && observer.should_stop() {
+            let dir = match last_saved {
+                Some(saved) if saved == s => state::checkpoint_dir(&ckpt_root, s),
+                _ => {
+                    let dir = save(&lora, &adamw, s, tokens_seen)?;
+                    observer.checkpoint(&dir);
+                    dir
+                }
+            };
+            return Err(TrainError::Interrupted {
+                step: s,
+                checkpoint: dir,
+            });
         }
     }
     let total = plan.total_steps();

@@ -8,9 +8,11 @@ use lexp_runtime::data::{load_jsonl, text_windows, JsonlOptions, Tokenizer};
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::peft;
 use lexp_runtime::train::metrics::Record;
-use lexp_runtime::train::{self, embedded, Engine, Observer, RunInfo, TrainConfig};
+use lexp_runtime::train::{self, embedded, Engine, Observer, RunInfo, TrainConfig, TrainError};
 use lexp_runtime::CudaDevice;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Where the step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -191,6 +193,22 @@ struct Progress {
     first_eval: Option<f64>,
     /// Steps between plain progress lines when the bar is hidden.
     plain_every: usize,
+    /// Set by SIGINT/SIGTERM ([`stop_on_signals`]).
+    stop: Arc<AtomicBool>,
+}
+
+/// On the first SIGINT or SIGTERM, sets the returned flag (the run finishes its step, writes a
+/// checkpoint and exits); a second one exits at once with status 130.
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // The conditional shutdown first: it fires only if the flag is already set.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))
+            .context("installing a signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing a signal handler")?;
+    }
+    Ok(stop)
 }
 
 impl Progress {
@@ -204,6 +222,10 @@ impl Progress {
 }
 
 impl Observer for Progress {
+    fn should_stop(&mut self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
     fn start(&mut self, info: &RunInfo) {
         eprintln!(
             "training {} examples ({} held out for eval), {} trainable parameters, {} steps",
@@ -327,15 +349,28 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         last_eval: None,
         first_eval: None,
         plain_every: 1,
+        stop: stop_on_signals()?,
     };
-    let summary = train::run(
+    let result = train::run(
         &config,
         &output,
         args.resume,
         engine.as_mut(),
         &mut progress,
-    )
-    .with_context(|| format!("fine-tuning run in {}", output.display()))?;
+    );
+    if let Err(TrainError::Interrupted { step, checkpoint }) = &result {
+        if let Some(bar) = &progress.bar {
+            bar.abandon();
+        }
+        eprintln!(
+            "stopped by a signal after step {step}; checkpoint {}\ncontinue with the same \
+             command and --resume --output {}",
+            checkpoint.display(),
+            output.display()
+        );
+        std::process::exit(130);
+    }
+    let summary = result.with_context(|| format!("fine-tuning run in {}", output.display()))?;
     if let Some(bar) = &progress.bar {
         bar.finish();
     }
