@@ -31,6 +31,7 @@ pub mod module_cache;
 pub mod optim;
 pub mod peft;
 pub mod sparse_ops;
+pub mod step_bench;
 pub mod timing;
 pub mod train;
 
