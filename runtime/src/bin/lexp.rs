@@ -7,6 +7,8 @@ use lexp_runtime::kernel_check;
 use lexp_runtime::CudaDevice;
 use std::io::Write;
 
+#[path = "lexp/bench_step.rs"]
+mod bench_step;
 #[path = "lexp/finetune.rs"]
 mod finetune;
 #[path = "lexp/matmul.rs"]
@@ -97,6 +99,10 @@ enum BenchCmd {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// The dense LoRA training step (loss and gradients, clipping, AdamW) of an OPT preset or
+    /// checkpoint: median step time, tokens/s, TFLOP/s, memory; compared with the PyTorch +
+    /// PEFT baseline JSON (`bench/torch_baseline.py`) when given.
+    Step(bench_step::StepArgs),
 }
 
 fn main() -> Result<()> {
@@ -140,6 +146,9 @@ fn main() -> Result<()> {
                     json,
                 },
         } => matmul::run(&device()?, iters, !no_check, &only, json),
+        Cmd::Bench {
+            what: BenchCmd::Step(args),
+        } => bench_step::run(args),
     }
 }
 

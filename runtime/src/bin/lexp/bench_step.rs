@@ -1,0 +1,549 @@
+//! `lexp bench step`: the dense LoRA training step (the engine's loss and gradients, gradient
+//! clipping, host AdamW: one `lexp finetune` optimizer step) timed on an OPT preset or a
+//! checkpoint, with its achieved TFLOP/s and device memory, a printed table, JSON, and a bar
+//! chart that includes the PyTorch baseline (`bench/torch_baseline.py`) when given.
+
+use super::finetune::DeviceChoice;
+use anyhow::{anyhow, bail, Context, Result};
+use lexp_runtime::checkpoint::{OptConfig, OptModel, OptWeights};
+use lexp_runtime::gpu::GpuEngine;
+use lexp_runtime::peft::{LoraConfig, LoraTarget};
+use lexp_runtime::step_bench::{self as sb, BaselineRun, Comparison, StepSettings, WorkloadResult};
+use lexp_runtime::train::{CpuEngine, Engine};
+use lexp_runtime::CudaDevice;
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Options of `lexp bench step`.
+#[derive(clap::Args, Debug)]
+pub struct StepArgs {
+    /// opt-125m, opt-350m, opt-1.3b, opt-2.7b (published shapes, random weights), or a
+    /// Hugging Face OPT checkpoint directory (its weights unless --random-weights).
+    #[arg(long, default_value = "opt-1.3b")]
+    model: String,
+    /// Random weights (N(0, 0.02²)) for a checkpoint directory too (its config only).
+    #[arg(long)]
+    random_weights: bool,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence, one workload each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "512,1024")]
+    seq: Vec<usize>,
+    /// Packed token budget instead of --batch: each workload packs max(1, N / seq) sequences.
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 4)]
+    lora_r: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 8.0)]
+    lora_alpha: f32,
+    /// Adapted projections, comma-separated: q_proj,k_proj,v_proj,out_proj,fc1,fc2.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    lora_targets: Vec<String>,
+    /// Untimed steps before each workload's timed ones.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Timed steps per workload (median, min and max reported).
+    #[arg(long, default_value_t = 25)]
+    iters: usize,
+    /// Where to run: the GPU engine, the CPU engine, or the GPU when it can run the model.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceChoice,
+    /// Seed of the random weights, batches and LoRA init.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw a bar chart of the step times here (PNG).
+    #[arg(long)]
+    png: Option<PathBuf>,
+    /// A `bench/torch_baseline.py` JSON measured on the same machine: compared per workload.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Write the comparison with --baseline as JSON here.
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// The git commit of this build, recorded in the JSON (default: $LEXP_GIT_COMMIT at build
+    /// time, if it was set).
+    #[arg(long)]
+    commit: Option<String>,
+}
+
+/// The engine of the run, kept concrete for the GPU's memory figures.
+enum Eng {
+    Cpu(CpuEngine),
+    Gpu(Box<GpuEngine>),
+}
+
+impl Eng {
+    fn engine(&mut self) -> &mut dyn Engine {
+        match self {
+            Eng::Cpu(e) => e,
+            Eng::Gpu(e) => e.as_mut(),
+        }
+    }
+}
+
+/// The model's config, and whether it comes from a checkpoint directory.
+fn model_config(args: &StepArgs) -> Result<(OptConfig, Option<PathBuf>)> {
+    let dir = Path::new(&args.model);
+    if dir.join("config.json").exists() {
+        let config = OptConfig::from_file(dir.join("config.json"))
+            .with_context(|| format!("reading {}/config.json", dir.display()))?;
+        Ok((config, Some(dir.to_path_buf())))
+    } else if let Some(config) = sb::preset_config(&args.model) {
+        Ok((config, None))
+    } else {
+        bail!(
+            "--model {}: not a preset ({}) nor a directory with a config.json",
+            args.model,
+            sb::PRESETS.join(", ")
+        )
+    }
+}
+
+/// What the GPU engine cannot run in `c`, found from the config alone (before gigabytes of
+/// weights are built); [`lexp_runtime::gpu::weights::check_supported`] checks the rest.
+fn gpu_config_blocker(c: &OptConfig, name: &str) -> Option<String> {
+    let why = if !c.do_layer_norm_before {
+        "it is post-LN (do_layer_norm_before = false), which the GPU engine does not implement"
+            .to_string()
+    } else if c.has_projections() {
+        format!(
+            "it has project_in/project_out (word_embed_proj_dim {} != hidden_size {}), which \
+             the GPU engine does not implement",
+            c.word_embed_proj_dim, c.hidden_size
+        )
+    } else {
+        return None;
+    };
+    Some(format!("the GPU engine cannot run {name}: {why}"))
+}
+
+/// The model and how its weights were made.
+fn load_model(
+    args: &StepArgs,
+    config: OptConfig,
+    dir: Option<&Path>,
+) -> Result<(OptModel, String)> {
+    let mut model = match dir {
+        Some(dir) if !args.random_weights => {
+            let m = OptModel::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+            (m, format!("checkpoint {}", dir.display()))
+        }
+        _ => {
+            let weights = OptWeights::random(&config, args.seed, 0.02);
+            let what = match dir {
+                Some(d) => format!(
+                    "random N(0, 0.02²), seed {}, config of {}",
+                    args.seed,
+                    d.display()
+                ),
+                None => format!("random N(0, 0.02²), seed {}", args.seed),
+            };
+            (OptModel { config, weights }, what)
+        }
+    };
+    // Like the PyTorch baseline, the benchmark trains without dropout.
+    model.0.config.dropout = 0.0;
+    Ok(model)
+}
+
+fn make_engine(choice: DeviceChoice, model: OptModel, name: &str) -> Result<Eng> {
+    let gpu_blocker = |m: &OptModel| {
+        lexp_runtime::gpu::weights::check_supported(m)
+            .err()
+            .map(|e| format!("the GPU engine cannot run {name}: {e}"))
+    };
+    match choice {
+        DeviceChoice::Cpu => Ok(Eng::Cpu(CpuEngine::new(model))),
+        DeviceChoice::Cuda => {
+            if let Some(why) = gpu_blocker(&model) {
+                bail!("--device cuda: {why}");
+            }
+            let dev = CudaDevice::new(0).context("--device cuda: no usable CUDA GPU")?;
+            let gpu = GpuEngine::new(model, dev).map_err(|e| anyhow!("--device cuda: {e}"))?;
+            Ok(Eng::Gpu(Box::new(gpu)))
+        }
+        DeviceChoice::Auto => {
+            if let Some(why) = gpu_blocker(&model) {
+                eprintln!("{why}; timing the CPU engine");
+                return Ok(Eng::Cpu(CpuEngine::new(model)));
+            }
+            match CudaDevice::new(0) {
+                Err(e) => {
+                    eprintln!("no usable GPU ({e}); timing the CPU engine");
+                    Ok(Eng::Cpu(CpuEngine::new(model)))
+                }
+                Ok(dev) => {
+                    // GpuEngine::new consumes the model; keep a copy for the CPU fallback
+                    // only when the weights are small.
+                    let small = model.config.num_parameters() < 50_000_000;
+                    let backup = small.then(|| model.clone());
+                    match GpuEngine::new(model, dev) {
+                        Ok(g) => Ok(Eng::Gpu(Box::new(g))),
+                        Err(e) => match backup {
+                            Some(m) => {
+                                eprintln!("GPU engine: {e}; timing the CPU engine");
+                                Ok(Eng::Cpu(CpuEngine::new(m)))
+                            }
+                            None => bail!("GPU engine: {e} (pass --device cpu to time the CPU)"),
+                        },
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn lora_config(args: &StepArgs) -> Result<LoraConfig> {
+    let targets = args
+        .lora_targets
+        .iter()
+        .map(|t| {
+            LoraTarget::from_name(t.trim()).with_context(|| {
+                format!("unknown LoRA target `{t}` (q_proj,k_proj,v_proj,out_proj,fc1,fc2)")
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let c = LoraConfig {
+        r: args.lora_r,
+        alpha: args.lora_alpha,
+        dropout: 0.0,
+        targets,
+        use_rslora: false,
+    };
+    c.validate().map_err(|e| anyhow!("{e}"))?;
+    Ok(c)
+}
+
+/// The CUDA driver API version (e.g. 13000), if the driver answers.
+fn cuda_driver_version() -> Option<i32> {
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: called after a CUDA context exists (the driver library is loaded); writes one int.
+    let r = unsafe { lexp_runtime::cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    (r == lexp_runtime::cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(v)
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// Runs `lexp bench step`.
+pub fn run(args: StepArgs) -> Result<()> {
+    if args.iters == 0 || args.seq.is_empty() || args.seq.contains(&0) || args.batch == 0 {
+        bail!("--iters, --batch and every --seq must be positive");
+    }
+    if args.compare.is_some() && args.baseline.is_none() {
+        bail!("--compare needs --baseline");
+    }
+    let lora = lora_config(&args)?;
+    let (config, dir) = model_config(&args)?;
+    if let Some(&s) = args
+        .seq
+        .iter()
+        .find(|&&s| s > config.max_position_embeddings)
+    {
+        bail!(
+            "--seq {s} exceeds the model's {} positions",
+            config.max_position_embeddings
+        );
+    }
+    let mut device = args.device;
+    if let Some(why) = gpu_config_blocker(&config, &args.model) {
+        match device {
+            DeviceChoice::Cuda => bail!("--device cuda: {why}"),
+            DeviceChoice::Auto => {
+                eprintln!("{why}; timing the CPU engine");
+                device = DeviceChoice::Cpu;
+            }
+            DeviceChoice::Cpu => {}
+        }
+    }
+    let t0 = Instant::now();
+    let (model, weights_what) = load_model(&args, config, dir.as_deref())?;
+    let build_s = t0.elapsed().as_secs_f64();
+    let config = model.config.clone();
+    if let Some(&s) = args
+        .seq
+        .iter()
+        .find(|&&s| s > config.max_position_embeddings)
+    {
+        bail!(
+            "--seq {s} exceeds the model's {} positions",
+            config.max_position_embeddings
+        );
+    }
+    let t0 = Instant::now();
+    let mut eng = make_engine(device, model, &args.model)?;
+    let engine_s = t0.elapsed().as_secs_f64();
+    let device_name = eng.engine().name();
+    let (device_json, used_before) = match &eng {
+        Eng::Gpu(g) => {
+            let dev = g.device();
+            let (free, total) = dev.mem_info().context("querying GPU memory")?;
+            let blas = lexp_runtime::cublas::Blas::new(dev)
+                .ok()
+                .map(|b| b.version());
+            let (major, minor) = dev.compute_capability();
+            let j = serde_json::json!({
+                "kind": "cuda", "name": dev.name(), "compute_capability": format!("{major}.{minor}"),
+                "cuda_driver_api": cuda_driver_version(), "cublas": blas,
+                "memory_mib": total as f64 / MIB,
+            });
+            (j, Some((total - free) as f64 / MIB))
+        }
+        Eng::Cpu(_) => (
+            serde_json::json!({"kind": "cpu", "name": device_name, "threads": rayon::current_num_threads()}),
+            None,
+        ),
+    };
+    eprintln!(
+        "{}: {} parameters ({weights_what}; built in {build_s:.1} s), engine ready in {engine_s:.1} s on {device_name}",
+        args.model,
+        config.num_parameters()
+    );
+    let settings = StepSettings {
+        warmup: args.warmup,
+        iters: args.iters,
+        ..StepSettings::default()
+    };
+    let mut results: Vec<WorkloadResult> = Vec::new();
+    for (i, &seq) in args.seq.iter().enumerate() {
+        let nseq = args.tokens.map_or(args.batch, |n| (n / seq).max(1));
+        let batch = sb::random_batch(nseq, seq, config.vocab_size, args.seed + 1 + i as u64);
+        let mut r = sb::time_steps(eng.engine(), &lora, &batch, &settings, args.seed)
+            .with_context(|| format!("workload {nseq}x{seq}"))?;
+        if let Eng::Gpu(g) = &eng {
+            let (free, total) = g.device().mem_info().context("querying GPU memory")?;
+            r.device_used_mib = Some((total - free) as f64 / MIB);
+            r.workspace_mib = Some(g.workspace_bytes() as f64 / MIB);
+        }
+        eprintln!(
+            "{}: median {:.2} ms ({:.0} tokens/s, {:.3} TFLOP/s)",
+            r.name, r.step.median_ms, r.tokens_per_s, r.tflops
+        );
+        results.push(r);
+    }
+    let baseline: Vec<BaselineRun> = match &args.baseline {
+        Some(p) => sb::read_baseline(p)?,
+        None => Vec::new(),
+    };
+    let comparison = sb::compare(&results, &baseline);
+    print_table(&results, args.baseline.is_some().then_some(&comparison[..]));
+
+    let commit = args
+        .commit
+        .clone()
+        .or_else(|| option_env!("LEXP_GIT_COMMIT").map(str::to_string));
+    let lora_json = serde_json::json!({
+        "r": lora.r, "alpha": lora.alpha,
+        "targets": lora.targets.iter().map(|t| t.peft_name()).collect::<Vec<_>>(),
+    });
+    let title = format!(
+        "{} LoRA step (r={} on {}), {}",
+        args.model,
+        lora.r,
+        args.lora_targets.join(","),
+        device_name
+    );
+    if let Some(p) = &args.json {
+        let j = serde_json::json!({
+            "what": "lexp bench step: one LoRA optimizer step as lexp finetune runs it (engine loss_and_grads + gradient clipping + host AdamW), whole steps timed (each ends synchronised by the gradient download), warm-up excluded",
+            "date": sb::today(),
+            "lexp_version": env!("CARGO_PKG_VERSION"),
+            "lexp_commit": commit,
+            "device": device_json,
+            "model": {
+                "name": args.model, "weights": weights_what, "parameters": config.num_parameters(),
+                "hidden": config.hidden_size, "layers": config.num_hidden_layers,
+                "heads": config.num_attention_heads, "ffn": config.ffn_dim,
+                "vocab": config.vocab_size, "positions": config.max_position_embeddings,
+                "pre_ln": config.do_layer_norm_before,
+            },
+            "lora": lora_json,
+            "settings": settings,
+            "flop_formula": "forward 2T·n(4H²+2HF) + head 2T·E·V + causal attention n·Σ 2H·L(L+1); backward = input-gradient GEMMs (linear + head + 2× attention); LoRA 6T·r·(in+out) per module and layer; elementwise ops not counted",
+            "host_build_s": build_s,
+            "engine_setup_s": engine_s,
+            "device_used_before_mib": used_before,
+            "workloads": results,
+            "baseline": args.baseline.as_ref().map(|p| p.display().to_string()),
+            "comparison": if args.baseline.is_some() { serde_json::to_value(&comparison)? } else { serde_json::Value::Null },
+        });
+        write_json(p, &j)?;
+    }
+    if let Some(p) = &args.compare {
+        let j = serde_json::json!({
+            "date": sb::today(), "model": args.model, "lora": lora_json,
+            "lexp_device": device_name, "lexp_commit": commit,
+            "note": "speedup = torch median step / lexp median step (above 1: lexp is faster)",
+            "workloads": comparison,
+        });
+        write_json(p, &j)?;
+    }
+    if let Some(p) = &args.png {
+        plot(&results, &baseline, &title, p)
+            .map_err(|e| anyhow!("drawing {}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn write_json(p: &Path, j: &serde_json::Value) -> Result<()> {
+    std::fs::write(p, serde_json::to_string_pretty(j)? + "\n")
+        .with_context(|| format!("writing {}", p.display()))
+}
+
+fn print_table(results: &[WorkloadResult], comparison: Option<&[Comparison]>) {
+    println!(
+        "{:<10} {:>7} {:>10} {:>9} {:>9} {:>10} {:>8} {:>15} {:>9} {:>9}",
+        "workload",
+        "tokens",
+        "median ms",
+        "min",
+        "max",
+        "tokens/s",
+        "TFLOP/s",
+        "loss",
+        "used MiB",
+        "ws MiB"
+    );
+    let mib = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
+    for r in results {
+        println!(
+            "{:<10} {:>7} {:>10.2} {:>9.2} {:>9.2} {:>10.0} {:>8.3} {:>15} {:>9} {:>9}",
+            r.name,
+            r.tokens,
+            r.step.median_ms,
+            r.step.min_ms,
+            r.step.max_ms,
+            r.tokens_per_s,
+            r.tflops,
+            format!("{:.3}->{:.3}", r.loss_first, r.loss_last),
+            mib(r.device_used_mib),
+            mib(r.workspace_mib)
+        );
+    }
+    if let Some(c) = comparison {
+        let ms = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let ratio = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}x"));
+        println!(
+            "\n{:<10} {:>9} {:>10} {:>10} {:>9} {:>9}",
+            "workload", "lexp ms", "torch sdpa", "torch eager", "vs sdpa", "vs eager"
+        );
+        for c in c {
+            println!(
+                "{:<10} {:>9.2} {:>10} {:>10} {:>9} {:>9}",
+                c.workload,
+                c.lexp_ms,
+                ms(c.torch_sdpa_ms),
+                ms(c.torch_eager_ms),
+                ratio(c.speedup_vs_sdpa),
+                ratio(c.speedup_vs_eager)
+            );
+        }
+    }
+}
+
+/// Grouped bars of median step time per workload: lexp, and PyTorch + PEFT (SDPA, eager) when
+/// the baseline has the workload; each bar labelled with its milliseconds.
+fn plot(
+    results: &[WorkloadResult],
+    baseline: &[BaselineRun],
+    title: &str,
+    path: &Path,
+) -> Result<(), String> {
+    lexp_runtime::train::plot::register_font();
+    let series: [(&str, RGBColor); 3] = [
+        ("lexp", RGBColor(31, 119, 180)),
+        ("torch+PEFT sdpa", RGBColor(255, 127, 14)),
+        ("torch+PEFT eager", RGBColor(150, 150, 150)),
+    ];
+    // bars[w][s]: the median of series s on workload w.
+    let bars: Vec<[Option<f64>; 3]> = results
+        .iter()
+        .map(|r| {
+            let find = |attn: &str| {
+                baseline
+                    .iter()
+                    .find(|b| b.batch == r.batch && b.seq == r.seq && b.attn == attn)
+                    .map(|b| b.median_step_ms)
+            };
+            [Some(r.step.median_ms), find("sdpa"), find("eager")]
+        })
+        .collect();
+    let present: Vec<usize> = (0..3)
+        .filter(|&s| bars.iter().any(|b| b[s].is_some()))
+        .collect();
+    let y_max = bars
+        .iter()
+        .flatten()
+        .flatten()
+        .fold(0.0f64, |a, &b| a.max(b))
+        .max(1e-3)
+        * 1.2;
+    let n = results.len().max(1) as f64;
+    let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
+    let e = |e: DrawingAreaErrorKind<_>| e.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5..n - 0.5, 0.0..y_max)
+        .map_err(e)?;
+    let names: Vec<String> = results.iter().map(|r| r.name.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(results.len().max(1) * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                names.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("workload (sequences x tokens)")
+        .y_desc("median step time (ms)")
+        .draw()
+        .map_err(e)?;
+    let width = 0.8 / present.len() as f64;
+    for (k, &s) in present.iter().enumerate() {
+        let (label, color) = series[s];
+        let rects: Vec<(f64, f64)> = bars
+            .iter()
+            .enumerate()
+            .filter_map(|(w, b)| b[s].map(|ms| (w as f64 - 0.4 + k as f64 * width, ms)))
+            .collect();
+        chart
+            .draw_series(rects.iter().map(|&(x0, ms)| {
+                Rectangle::new([(x0 + 0.01, 0.0), (x0 + width - 0.01, ms)], color.filled())
+            }))
+            .map_err(e)?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
+        chart
+            .draw_series(rects.iter().map(|&(x0, ms)| {
+                Text::new(
+                    format!("{ms:.1}"),
+                    (x0 + 0.02, ms + y_max * 0.04),
+                    ("sans-serif", 14),
+                )
+            }))
+            .map_err(e)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
