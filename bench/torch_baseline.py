@@ -1,61 +1,88 @@
-"""PyTorch + transformers + PEFT baseline for lexp's dense training-step benchmark.
+"""PyTorch + transformers + PEFT baseline for lexp's dense training-step benchmark (`lexp bench step`).
 
-One optimizer step of LoRA fine-tuning on a randomly initialised OPT-1.3B-shaped model, the shapes
-lexp's GPU engine is timed on (`runtime/tests/gpu_engine.rs`, `opt_1_3b_step_time`):
+One optimizer step of LoRA fine-tuning on a randomly initialised OPT-shaped model, the workloads
+`lexp bench step` times (`runtime/src/bin/lexp/bench_step.rs`):
 
-* model: `OPTForCausalLM` from an `OPTConfig` (hidden 2048, 24 layers, 32 heads, ffn 8192,
-  vocab 50272, 2048 positions, pre-LN, ReLU, dropout 0), random init (`torch.manual_seed(0)`),
-  bf16 weights, `attn_implementation="sdpa"` (flash attention through PyTorch's SDPA);
-* PEFT LoRA r=4, lora_alpha=8, dropout 0, target_modules q_proj, v_proj (PEFT keeps the adapter
-  weights in f32 for a bf16 base: `autocast_adapter_dtype=True`, its default);
-* batch: 4 sequences of L tokens (L = 512 and 1024), random ids, `labels = input_ids` (HF shifts
-  them; 4·(L−1) targets, as lexp's packed batch of 4 sequences has);
-* step: forward, loss, backward, `torch.optim.AdamW` step (foreach), `zero_grad(set_to_none=True)`;
-  wall time of 25 steps after 5 warm-ups, each ended by `torch.cuda.synchronize()`; median reported.
+* model: `OPTForCausalLM` from an `OPTConfig` of a published shape (opt-125m, opt-350m, opt-1.3b,
+  opt-2.7b: vocab 50272, 2048 positions, ReLU, dropout 0; opt-350m post-LN with E = 512), random
+  init by transformers (normal, std 0.02) after `torch.manual_seed(seed)`, bf16 weights, attention
+  `sdpa` (flash attention through PyTorch's SDPA) and/or `eager` (the paper's baseline);
+* PEFT LoRA r, lora_alpha, dropout 0, on the given target modules (PEFT keeps the adapter weights
+  in f32 for a bf16 base: `autocast_adapter_dtype=True`, its default);
+* batch: B sequences of L random tokens (`torch.Generator` seeded per workload),
+  `labels = input_ids` (HF shifts them: B·(L−1) targets, as lexp's packed batch of B sequences
+  has);
+* step: forward, loss, backward, gradient clipping to norm 1 (as `lexp finetune`; off in the legacy
+  mode), `torch.optim.AdamW` (lr 5e-4, foreach; weight decay 0 as lexp, torch's default 0.01 in
+  the legacy mode), `zero_grad(set_to_none=True)`; wall time of each whole step, ended by
+  `torch.cuda.synchronize()`; median, min, max of the timed steps after the warm-up ones; peak
+  memory (`torch.cuda.max_memory_allocated`, reserved) and device memory in use (total − free).
 
-Usage (GPU machine): python3 bench/torch_baseline.py OUT.json
+Usage (GPU machine):
+  python3 bench/torch_baseline.py OUT.json
+      the original measurement: opt-1.3b, 4 x 512 and 4 x 1024, SDPA, r=4 alpha=8 on q,v,
+      5 warm-up + 25 timed steps, no clipping, weight decay 0.01;
+  python3 bench/torch_baseline.py --model opt-1.3b --batch 4 --seq 512,1024 --attn sdpa,eager \\
+      --iters 25 --warmup 5 --out torch.json
+      the workloads of `lexp bench step` (same flags and defaults); its JSON is what
+      `lexp bench step --baseline` reads (each run: batch_size, seq_len, attn, median_step_ms).
 """
 
+import argparse
 import datetime
 import json
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 
-H, LAYERS, HEADS, FFN, VOCAB, POS = 2048, 24, 32, 8192, 50272, 2048
-WARMUP, STEPS = 5, 25
+VOCAB, POS = 50272, 2048
+# name: (hidden, layers, heads, ffn, word_embed_proj_dim, pre-LN)
+PRESETS = {
+    "opt-125m": (768, 12, 12, 3072, 768, True),
+    "opt-350m": (1024, 24, 16, 4096, 512, False),
+    "opt-1.3b": (2048, 24, 32, 8192, 2048, True),
+    "opt-2.7b": (2560, 32, 32, 10240, 2560, True),
+}
 
 
-def build_model():
+def build_model(args, attn):
     import peft
     import transformers
     from transformers import OPTConfig, OPTForCausalLM
 
+    h, layers, heads, ffn, e, pre = PRESETS[args.model]
     cfg = OPTConfig(
         vocab_size=VOCAB,
-        hidden_size=H,
-        num_hidden_layers=LAYERS,
-        ffn_dim=FFN,
-        num_attention_heads=HEADS,
+        hidden_size=h,
+        num_hidden_layers=layers,
+        ffn_dim=ffn,
+        num_attention_heads=heads,
         max_position_embeddings=POS,
-        word_embed_proj_dim=H,
-        do_layer_norm_before=True,
+        word_embed_proj_dim=e,
+        do_layer_norm_before=pre,
         activation_function="relu",
         dropout=0.0,
         attention_dropout=0.0,
         enable_bias=True,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     with torch.device("cuda"):
         try:
-            model = OPTForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+            model = OPTForCausalLM._from_config(cfg, attn_implementation=attn, dtype=torch.bfloat16)
         except TypeError:
-            model = OPTForCausalLM._from_config(cfg, attn_implementation="sdpa", torch_dtype=torch.bfloat16)
+            model = OPTForCausalLM._from_config(cfg, attn_implementation=attn, torch_dtype=torch.bfloat16)
     model = model.to(device="cuda", dtype=torch.bfloat16)
     model.train()
-    lcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none")
+    lcfg = peft.LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=args.lora_targets,
+        bias="none",
+    )
     model = peft.get_peft_model(model, lcfg)
     info = {
         "attn_implementation": model.base_model.model.config._attn_implementation,
@@ -67,59 +94,130 @@ def build_model():
     return model, info
 
 
-def time_steps(model, opt, seq_len):
-    g = torch.Generator(device="cuda").manual_seed(1)
-    ids = torch.randint(0, VOCAB, (4, seq_len), device="cuda", generator=g)
+def time_steps(model, opt, params, args, batch, seq_len, data_seed):
+    g = torch.Generator(device="cuda").manual_seed(data_seed)
+    ids = torch.randint(0, VOCAB, (batch, seq_len), device="cuda", generator=g)
     times = []
-    for i in range(WARMUP + STEPS):
+    for i in range(args.warmup + args.iters):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if i >= WARMUP:
+        if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return times, float(loss.detach())
 
 
-def main():
-    out = sys.argv[1] if len(sys.argv) > 1 else "torch_step.json"
-    model, info = build_model()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
-    runs = []
-    for seq_len in (512, 1024):
-        torch.cuda.reset_peak_memory_stats()
-        times, loss = time_steps(model, opt, seq_len)
-        free, total = torch.cuda.mem_get_info()
-        med = statistics.median(times)
-        runs.append({
-            "batch": f"4x{seq_len}",
-            "tokens": 4 * seq_len,
-            "median_step_ms": med * 1e3,
-            "min_step_ms": min(times) * 1e3,
-            "max_step_ms": max(times) * 1e3,
-            "tokens_per_s": 4 * seq_len / med,
-            "steps_timed": len(times),
-            "loss_last": loss,
-            "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
-            "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
-            "device_used_mib": (total - free) / 2**20,
-        })
-        print(json.dumps(runs[-1]), flush=True)
+def driver_version():
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("legacy_out", nargs="?", help="legacy mode: the original measurement, written here")
+    p.add_argument("--model", default="opt-1.3b", choices=sorted(PRESETS))
+    p.add_argument("--batch", type=int, default=4, help="sequences per batch")
+    p.add_argument("--seq", default="512,1024", help="tokens per sequence, comma-separated")
+    p.add_argument("--tokens", type=int, default=None, help="packed budget: max(1, N // seq) sequences")
+    p.add_argument("--attn", default="sdpa", help="attention implementations, comma-separated: sdpa,eager")
+    p.add_argument("--lora-r", type=int, default=4)
+    p.add_argument("--lora-alpha", type=float, default=8.0)
+    p.add_argument("--lora-targets", default="q_proj,v_proj")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=25)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the JSON here")
+    args = p.parse_args(argv)
+    args.seq = [int(s) for s in args.seq.split(",") if s.strip()]
+    args.attn = [a.strip() for a in args.attn.split(",") if a.strip()]
+    args.lora_targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    if args.legacy_out is not None:
+        # The original script: positional OUT, fixed workloads, no clipping, torch's weight decay.
+        args.out = args.legacy_out
+        args.model, args.batch, args.seq, args.tokens, args.attn = "opt-1.3b", 4, [512, 1024], None, ["sdpa"]
+        args.lora_r, args.lora_alpha, args.lora_targets = 4, 8.0, ["q_proj", "v_proj"]
+        args.warmup, args.iters, args.lr, args.weight_decay, args.max_grad_norm = 5, 25, 5e-4, 0.01, 0.0
+    if args.out is None:
+        args.out = "torch_step.json"
+    bad = [a for a in args.attn if a not in ("sdpa", "eager")]
+    if bad or not args.attn:
+        p.error(f"--attn: sdpa and/or eager, not {bad}")
+    if args.iters < 1 or args.batch < 1 or not args.seq or min(args.seq) < 1:
+        p.error("--iters, --batch and every --seq must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    runs, infos = [], {}
+    for attn in args.attn:
+        model, info = build_model(args, attn)
+        infos[attn] = info
+        params = [p for p in model.parameters() if p.requires_grad]
+        for k, seq_len in enumerate(args.seq):
+            batch = max(1, args.tokens // seq_len) if args.tokens else args.batch
+            # A fresh optimizer per workload, as lexp starts each workload from a fresh AdamW.
+            opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+            torch.cuda.reset_peak_memory_stats()
+            times, loss = time_steps(model, opt, params, args, batch, seq_len, args.seed + 1 + k)
+            free, total = torch.cuda.mem_get_info()
+            med = statistics.median(times)
+            runs.append({
+                "batch": f"{batch}x{seq_len}",
+                "batch_size": batch,
+                "seq_len": seq_len,
+                "attn": info["attn_implementation"],
+                "tokens": batch * seq_len,
+                "median_step_ms": med * 1e3,
+                "min_step_ms": min(times) * 1e3,
+                "max_step_ms": max(times) * 1e3,
+                "tokens_per_s": batch * seq_len / med,
+                "steps_timed": len(times),
+                "times_ms": [t * 1e3 for t in times],
+                "loss_last": loss,
+                "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+                "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
+                "device_used_mib": (total - free) / 2**20,
+            })
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "times_ms"}), flush=True)
+        del model, params, opt
+        torch.cuda.empty_cache()
+    h, layers, heads, ffn, e, pre = PRESETS[args.model]
+    first = infos[args.attn[0]]
     result = {
-        "what": "PyTorch + transformers + PEFT LoRA training step (forward, backward, AdamW), random OPT-1.3B shapes",
+        "what": "PyTorch + transformers + PEFT LoRA training step (forward, backward, clipping, AdamW), "
+                f"random {args.model} shapes",
         "date": datetime.date.today().isoformat(),
         "gpu": torch.cuda.get_device_name(),
+        "driver": driver_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        **info,
-        "model": {"hidden": H, "layers": LAYERS, "heads": HEADS, "ffn": FFN, "vocab": VOCAB, "positions": POS},
-        "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+        **first,
+        "attn_implementations": [infos[a]["attn_implementation"] for a in args.attn],
+        "model": {"name": args.model, "hidden": h, "layers": layers, "heads": heads, "ffn": ffn,
+                  "vocab": VOCAB, "positions": POS, "word_embed_proj_dim": e, "pre_ln": pre},
+        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": args.lora_targets},
+        "settings": {"warmup": args.warmup, "iters": args.iters, "lr": args.lr,
+                     "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
+                     "seed": args.seed, "legacy": args.legacy_out is not None},
         "runs": runs,
     }
-    with open(out, "w") as f:
+    with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 
 

@@ -1,0 +1,62 @@
+#!/bin/bash
+# The dense LoRA step benchmark in one call on the GPU machine: PyTorch + transformers + PEFT
+# (SDPA and eager attention, bench/torch_baseline.py), then `lexp bench step` on the same
+# workloads with that JSON as its baseline.
+#
+# Usage, from the repository root on the GPU machine, with the release `lexp` binary built on
+# the development machine and gzipped to .gpu/lexp.gz:
+#   bench/step_compare.sh OUT_DIR [MODEL] [SEQS]
+#     MODEL: opt-125m | opt-1.3b (default) | opt-2.7b   (opt-350m: the GPU engine refuses it)
+#     SEQS:  tokens per sequence, comma-separated (default 512,1024)
+#   Environment: BATCH (default 4), ITERS (default 25), WARMUP (default 5),
+#                LEXP_COMMIT (recorded in lexp.json when the binary was built without it),
+#                DEVICE (default cuda; cpu only to try the script without a GPU).
+# Writes OUT_DIR/{torch.json,lexp.json,compare.json,compare.png,log.txt}: compare.json has per
+# workload the median step times and speedup_vs_sdpa / speedup_vs_eager (torch ms / lexp ms).
+# Exit status: lexp's (a failed baseline is logged and lexp still runs, without comparison).
+set -u
+OUT=${1:?usage: bench/step_compare.sh OUT_DIR [MODEL] [SEQS]}
+MODEL=${2:-opt-1.3b}
+SEQS=${3:-512,1024}
+BATCH=${BATCH:-4}
+ITERS=${ITERS:-25}
+WARMUP=${WARMUP:-5}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+BIN=/tmp/lexp-bin
+mkdir -p $BIN
+gunzip -c .gpu/lexp.gz > $BIN/lexp || { echo "no .gpu/lexp.gz" | tee "$LOG"; exit 2; }
+chmod +x $BIN/lexp
+# libcublas from PyTorch's pip wheels (cuda 13: site-packages/nvidia/cu13/lib).
+CUBLAS_DIRS=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + '/**/libcublas.so*', recursive=True)})))" 2>/dev/null)
+export LD_LIBRARY_PATH=${CUBLAS_DIRS}:${LD_LIBRARY_PATH:-}
+export LEXP_CACHE=/tmp/lexp-cache
+
+{
+  echo "== bench/step_compare.sh $OUT $MODEL $SEQS (batch $BATCH, $WARMUP warm-up + $ITERS timed steps)"
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  echo "cpu cores: $(nproc)"
+  $BIN/lexp --version
+} > "$LOG" 2>&1
+
+echo "== torch baseline" >> "$LOG"
+t0=$(date +%s)
+PYTHONUNBUFFERED=1 timeout 270 python3 bench/torch_baseline.py --model "$MODEL" --batch "$BATCH" \
+  --seq "$SEQS" --attn sdpa,eager --iters "$ITERS" --warmup "$WARMUP" --out "$OUT/torch.json" >> "$LOG" 2>&1
+echo "torch baseline exit status $? ($(( $(date +%s) - t0 )) s)" >> "$LOG"
+
+echo "== lexp bench step" >> "$LOG"
+BASE=()
+[ -s "$OUT/torch.json" ] && BASE=(--baseline "$OUT/torch.json" --compare "$OUT/compare.json")
+COMMIT=()
+[ -n "${LEXP_COMMIT:-}" ] && COMMIT=(--commit "$LEXP_COMMIT")
+t0=$(date +%s)
+timeout 240 $BIN/lexp bench step --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --seq "$SEQS" \
+  --iters "$ITERS" --warmup "$WARMUP" --json "$OUT/lexp.json" --png "$OUT/compare.png" \
+  "${BASE[@]}" "${COMMIT[@]}" >> "$LOG" 2>&1
+rc=$?
+echo "lexp bench step exit status $rc ($(( $(date +%s) - t0 )) s)" >> "$LOG"
+tail -n 12 "$LOG"
+exit $rc
