@@ -73,17 +73,19 @@ pub struct StepArgs {
     commit: Option<String>,
 }
 
-/// The engine of the run, kept concrete for the GPU's memory figures.
+/// The engine of the run, kept concrete for the GPU's memory figures (one value per run, so
+/// its size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Eng {
     Cpu(CpuEngine),
-    Gpu(Box<GpuEngine>),
+    Gpu(GpuEngine),
 }
 
 impl Eng {
     fn engine(&mut self) -> &mut dyn Engine {
         match self {
             Eng::Cpu(e) => e,
-            Eng::Gpu(e) => e.as_mut(),
+            Eng::Gpu(e) => e,
         }
     }
 }
@@ -167,7 +169,7 @@ fn make_engine(choice: DeviceChoice, model: OptModel, name: &str) -> Result<Eng>
             }
             let dev = CudaDevice::new(0).context("--device cuda: no usable CUDA GPU")?;
             let gpu = GpuEngine::new(model, dev).map_err(|e| anyhow!("--device cuda: {e}"))?;
-            Ok(Eng::Gpu(Box::new(gpu)))
+            Ok(Eng::Gpu(gpu))
         }
         DeviceChoice::Auto => {
             if let Some(why) = gpu_blocker(&model) {
@@ -185,7 +187,7 @@ fn make_engine(choice: DeviceChoice, model: OptModel, name: &str) -> Result<Eng>
                     let small = model.config.num_parameters() < 50_000_000;
                     let backup = small.then(|| model.clone());
                     match GpuEngine::new(model, dev) {
-                        Ok(g) => Ok(Eng::Gpu(Box::new(g))),
+                        Ok(g) => Ok(Eng::Gpu(g)),
                         Err(e) => match backup {
                             Some(m) => {
                                 eprintln!("GPU engine: {e}; timing the CPU engine");
