@@ -6,6 +6,7 @@
 
 pub mod attention_softmax;
 pub mod bias;
+pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
@@ -22,6 +23,7 @@ pub mod xent;
 
 pub use attention_softmax::{causal_softmax, softmax_bwd};
 pub use bias::{bias_add, bias_relu};
+pub use dropout::{dropout_mask, mul_inplace};
 pub use elementwise::{axpby, gelu, gelu_bwd, relu, relu_bwd};
 pub use embedding::embedding_fwd;
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
@@ -37,7 +39,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 27] = [
+pub static ALL: [&KernelInfo; 29] = [
     &axpby::INFO,
     &relu::INFO,
     &relu_bwd::INFO,
@@ -56,6 +58,8 @@ pub static ALL: [&KernelInfo; 27] = [
     &softmax_bwd::INFO,
     &xent_fwd_bwd::INFO,
     &adamw::INFO,
+    &dropout_mask::INFO,
+    &mul_inplace::INFO,
     &gemm_nn::INFO,
     &gemm_nt::INFO,
     &gemm_tn::INFO,

@@ -22,7 +22,8 @@ use std::fmt;
 #[path = "reference_train.rs"]
 mod train;
 pub use train::{
-    adamw, bias_add, bias_relu, causal_softmax, embedding_fwd, softmax_bwd, xent_fwd_bwd, AdamwStep,
+    adamw, bias_add, bias_relu, causal_softmax, dropout_mask, embedding_fwd, mul_inplace,
+    softmax_bwd, xent_fwd_bwd, AdamwStep,
 };
 
 /// `sqrt(2 / pi)`, the GELU tanh-approximation constant (the kernel's literal).

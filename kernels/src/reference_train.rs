@@ -194,6 +194,30 @@ pub fn adamw(
     (po, mo, vo)
 }
 
+/// Inverted dropout from uniforms `u` (the `dropout_mask` kernel): the mask
+/// `u >= p ? 1/(1-p) : 0` (a NaN `u` drops) and `x ⊙ mask`, returned as `(x, mask)`.
+pub fn dropout_mask(x: &[f32], u: &[f32], p: f32) -> (Vec<f32>, Vec<f32>) {
+    let keep = 1.0 / (1.0 - f(p));
+    let mask: Vec<f64> = u
+        .iter()
+        .map(|&uv| if uv >= p { keep } else { 0.0 })
+        .collect();
+    let y = x
+        .iter()
+        .zip(&mask)
+        .map(|(&xv, &m)| (f(xv) * m) as f32)
+        .collect();
+    (y, mask.into_iter().map(|m| m as f32).collect())
+}
+
+/// `x ⊙ m` (the `mul_inplace` kernel writes it over `x`).
+pub fn mul_inplace(x: &[f32], m: &[f32]) -> Vec<f32> {
+    x.iter()
+        .zip(m)
+        .map(|(&a, &b)| (f(a) * f(b)) as f32)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +227,14 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert!((f(*g) - w).abs() <= tol, "{got:?} vs {want:?}");
         }
+    }
+
+    #[test]
+    fn dropout_mask_keeps_at_or_above_p_and_scales() {
+        let (y, m) = dropout_mask(&[2.0, -4.0, 6.0, 1.0], &[0.25, 0.2, 0.9, f32::NAN], 0.25);
+        close(&m, &[4.0 / 3.0, 0.0, 4.0 / 3.0, 0.0], 1e-6);
+        close(&y, &[8.0 / 3.0, 0.0, 8.0, 0.0], 1e-6);
+        close(&mul_inplace(&[1.5, -2.0], &[2.0, 0.0]), &[3.0, 0.0], 0.0);
     }
 
     #[test]

@@ -596,3 +596,90 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// `dropout_mask` against its reference for uniforms in `[0, 1)`: the mask exactly 0 or
+    /// `1/(1-p)` rounded to the storage type (the poisoned mask fully rewritten), `x` scaled
+    /// by it in place; then `mul_inplace` (the backward) against its reference.
+    #[test]
+    fn dropout_mask_and_mul_inplace(
+        seed: u64,
+        rows in size(1..40, BR_EDGES),
+        cols in size(1..600, BC256_EDGES),
+        p in 0.05f32..0.6,
+    ) {
+        let mut data = Data::new(seed);
+        for dtype in DTYPES {
+            let what = format!("dropout_mask {dtype:?} {rows}x{cols} p={p}");
+            let x0 = data.tensor(dtype, &[rows, cols]);
+            let u0: Vec<f32> = (0..rows * cols).map(|_| data.0.gen_range(0.0f32..1.0)).collect();
+            let mut u = HostTensor::new(Storage::F32, &[rows, cols], &u0);
+            let (want_x, want_m) = reference::dropout_mask(&x0.data, &u0, p);
+            let mut x = x0.clone();
+            let mut mask = poisoned(dtype, &[rows, cols]);
+            run(&what, kernels::dropout_mask::interpret(&[], kernels::dropout_mask::HostArgs {
+                x: &mut x, u: &mut u, mask: &mut mask, p,
+            }))?;
+            // The mask exactly: 0 where u < p, else 1/(1-p) (f32 arithmetic) in the storage
+            // type.
+            let keep = HostTensor::new(dtype, &[1], &[1.0f32 / (1.0 - p)]).data[0];
+            let wrong = (0..rows * cols)
+                .filter(|&i| mask.data[i] != if u0[i] >= p { keep } else { 0.0 })
+                .count();
+            prop_assert_eq!(wrong, 0, "{} mask: {} wrong values", what, wrong);
+            check(&format!("{what} mask"), &mask, &want_m)?;
+            check(&format!("{what} x"), &x, &want_x)?;
+            let dropped = mask.data.iter().filter(|m| **m == 0.0).count();
+            let expect = u0.iter().filter(|v| **v < p).count();
+            prop_assert_eq!(dropped, expect, "{} dropped", what);
+
+            let what = format!("mul_inplace {dtype:?} {rows}x{cols}");
+            let g0 = data.tensor(dtype, &[rows, cols]);
+            let mut g = g0.clone();
+            run(&what, kernels::mul_inplace::interpret(&[], kernels::mul_inplace::HostArgs {
+                x: &mut g, m: &mut mask,
+            }))?;
+            check(&what, &g, &reference::mul_inplace(&g0.data, &mask.data))?;
+        }
+    }
+}
+
+/// A NaN uniform drops its element (`NaN >= p` is false); at a shape crossing both tile edges,
+/// every element of the poisoned mask and of `x` is rewritten: kept elements scaled exactly
+/// (by 2, p = 0.5), dropped ones exactly 0.
+#[test]
+fn dropout_mask_nan_uniforms_drop_and_edges_are_written() {
+    let (rows, cols) = (17, 257);
+    let mut data = Data::new(3);
+    for dtype in DTYPES {
+        let x0 = data.tensor(dtype, &[rows, cols]);
+        let u0: Vec<f32> = (0..rows * cols)
+            .map(|i| if i % 7 == 0 { f32::NAN } else { 0.9 })
+            .collect();
+        let mut u = HostTensor::new(Storage::F32, &[rows, cols], &u0);
+        let mut x = x0.clone();
+        let mut mask = poisoned(dtype, &[rows, cols]);
+        let r = kernels::dropout_mask::interpret(
+            &[],
+            kernels::dropout_mask::HostArgs {
+                x: &mut x,
+                u: &mut u,
+                mask: &mut mask,
+                p: 0.5,
+            },
+        );
+        if let Err(e) = r {
+            panic!("dropout_mask {dtype:?}: {e}");
+        }
+        for i in 0..rows * cols {
+            if i % 7 == 0 {
+                assert_eq!((mask.data[i], x.data[i]), (0.0, 0.0), "{dtype:?} [{i}]");
+            } else {
+                assert_eq!(mask.data[i], 2.0, "{dtype:?} [{i}]");
+                assert_eq!(x.data[i], 2.0 * x0.data[i], "{dtype:?} [{i}]");
+            }
+        }
+    }
+}

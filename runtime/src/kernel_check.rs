@@ -115,7 +115,7 @@ fn round(dtype: Storage, v: &[f32]) -> Vec<f32> {
 const ELEMENTWISE: [&str; 6] = ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd", "adamw"];
 
 /// Every kernel the checker knows, in `lexp_kernels::ALL` order.
-pub const KERNELS: [&str; 18] = [
+pub const KERNELS: [&str; 20] = [
     "axpby",
     "relu",
     "relu_bwd",
@@ -134,6 +134,8 @@ pub const KERNELS: [&str; 18] = [
     "softmax_bwd",
     "xent_fwd_bwd",
     "adamw",
+    "dropout_mask",
+    "mul_inplace",
 ];
 
 struct Ctx<'a> {

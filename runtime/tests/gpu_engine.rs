@@ -15,6 +15,8 @@
 //!   without parameters, no biases) against the CPU engine;
 //! - 20 training steps through `train::run` with the GPU engine lower the eval loss, and end
 //!   close to the same run on the CPU engine;
+//! - dropout (residual and LoRA, 0.1): the GPU step against the CPU engine replaying the
+//!   GPU's masks, mask statistics and seeding, no dropout in eval;
 //! - what the GPU engine does not run is refused by name;
 //! - with `LEXP_GPU_BENCH=1`, the step time of a random OPT-1.3B (`opt_1_3b_step_time`).
 
@@ -24,7 +26,8 @@ use lexp_runtime::cublas::{Blas, Mat, MatLayout, MatMut};
 use lexp_runtime::data::{load_jsonl, pack, JsonlOptions, PackedBatch, SplitMix64, Tokenizer};
 use lexp_runtime::gpu::cast::CastKernel;
 use lexp_runtime::gpu::GpuEngine;
-use lexp_runtime::model::{self, DropoutRng, ModelError};
+use lexp_runtime::model::dropout::Site;
+use lexp_runtime::model::{self, DropoutRng, MaskSource, ModelError, RecordedMasks};
 use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget};
 use lexp_runtime::train::{self, CpuEngine, Engine, Silent, TrainConfig};
 use lexp_runtime::{CudaDevice, DeviceTensor};
@@ -292,10 +295,29 @@ fn compare_step(
     b: &PackedBatch,
     tol: Tol,
 ) -> (f64, f64) {
+    compare_step_with(name, model, gpu, lora, b, tol, None)
+}
+
+/// [`compare_step`] in training mode with dropout seed `rng`: the GPU step first, then the
+/// CPU engine replaying the masks the GPU drew ([`GpuEngine::last_masks`]).
+fn compare_step_with(
+    name: &str,
+    model: &OptModel,
+    gpu: &mut GpuEngine,
+    lora: &LoraParams,
+    b: &PackedBatch,
+    tol: Tol,
+    rng: Option<DropoutRng>,
+) -> (f64, f64) {
     let n = b.num_targets();
     let scale = 1.0 / n as f32;
-    let cpu = model::loss_and_grads(model, lora, b, scale, None).unwrap();
-    let out = gpu.loss_and_grads(lora, b, scale, None).unwrap();
+    let out = gpu.loss_and_grads(lora, b, scale, rng).unwrap();
+    let masks = match rng {
+        Some(_) => Some(gpu.last_masks().unwrap()),
+        None => None,
+    };
+    let source = masks.as_ref().map(|m| m as &dyn MaskSource);
+    let cpu = model::loss_and_grads_with_masks(model, lora, b, scale, source).unwrap();
     assert_eq!(out.count, cpu.count);
     let (lc, lg) = (cpu.loss_sum / n as f64, out.loss_sum / n as f64);
     println!(
@@ -457,6 +479,128 @@ fn gpu_engine_matches_the_cpu_engine() {
     }
 }
 
+/// Dropout on the GPU (residual 0.1, LoRA 0.1 on all six projections) on opt-tiny: the step
+/// against the CPU engine replaying the GPU's masks, within the no-dropout tolerances; masks
+/// drop p of their entries (±1%), are `0` or `1/(1−p)` in bf16, depend on the seed only; eval
+/// and `rng = None` draw no dropout.
+#[test]
+fn gpu_dropout_matches_the_cpu_engine_on_the_same_masks() {
+    if !enabled() {
+        return;
+    }
+    let dir = assets().join("opt-tiny");
+    let mut loaded = OptModel::load(&dir).unwrap();
+    loaded.config.dropout = 0.1;
+    let mut gpu = GpuEngine::new(loaded.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
+    let model = bf16_weights(&loaded);
+    let b = batch(&dir, &[0, 7, 13, 21, 40, 3]);
+    let mut lora = random_lora(&model, 4, 11);
+    lora.config.dropout = 0.1;
+    let seed = DropoutRng { seed: 42 };
+    compare_step_with(
+        "opt-tiny dropout 0.1/0.1",
+        &model,
+        &mut gpu,
+        &lora,
+        &b,
+        RELU_FLIPS,
+        Some(seed),
+    );
+    let masks = gpu.last_masks().unwrap();
+    let c = &model.config;
+    let t = b.num_tokens();
+    let keep = half::bf16::from_f32(1.0 / 0.9).to_f32();
+    for layer in 0..c.num_hidden_layers {
+        let mut sites = vec![
+            (Site::AttnResidual, c.hidden_size),
+            (Site::MlpResidual, c.hidden_size),
+        ];
+        for (i, tg) in LoraTarget::ALL.into_iter().enumerate() {
+            let w = if tg == LoraTarget::Fc2 {
+                c.ffn_dim
+            } else {
+                c.hidden_size
+            };
+            sites.push((Site::Lora(i), w));
+        }
+        for (site, w) in sites {
+            let m = masks
+                .masks
+                .get(&(layer, site))
+                .unwrap_or_else(|| panic!("no mask for layer {layer} {site:?}"));
+            assert_eq!(m.len(), t * w, "layer {layer} {site:?}");
+            let bad = m.iter().filter(|&&v| v != 0.0 && v != keep).count();
+            assert_eq!(
+                bad, 0,
+                "layer {layer} {site:?}: values other than 0 and {keep}"
+            );
+        }
+    }
+    assert_eq!(masks.masks.len(), c.num_hidden_layers * 8);
+    let (dropped, n) = masks.dropped_fraction();
+    println!("masks: {n} entries, dropped fraction {dropped:.5} (p = 0.1)");
+    assert!((dropped - 0.1).abs() <= 0.01, "dropped {dropped}");
+    // Per site too, within 1% where the site is large enough to tell.
+    for ((layer, site), m) in &masks.masks {
+        let f = m.iter().filter(|&&v| v == 0.0).count() as f64 / m.len() as f64;
+        assert!(
+            (f - 0.1).abs() <= 0.02,
+            "layer {layer} {site:?}: dropped {f}"
+        );
+    }
+
+    // Same seed, same masks (a resumed run draws what an uninterrupted one did); another
+    // seed, other masks.
+    let scale = 1.0 / b.num_targets() as f32;
+    gpu.loss_and_grads(&lora, &b, scale, Some(seed)).unwrap();
+    let again = gpu.last_masks().unwrap();
+    assert!(again == masks, "the same seed drew other masks");
+    gpu.loss_and_grads(&lora, &b, scale, Some(DropoutRng { seed: 43 }))
+        .unwrap();
+    let other = gpu.last_masks().unwrap();
+    let same = other
+        .masks
+        .iter()
+        .filter(|(k, m)| masks.masks.get(k) == Some(m))
+        .count();
+    assert_eq!(same, 0, "{same} masks unchanged under another seed");
+    // A fresh engine (as after a resume) draws the same masks for the same seed.
+    let mut fresh = GpuEngine::new(loaded.clone(), device()).unwrap();
+    fresh.loss_and_grads(&lora, &b, scale, Some(seed)).unwrap();
+    assert!(
+        fresh.last_masks().unwrap() == masks,
+        "a new engine drew other masks for the same seed"
+    );
+    drop(fresh);
+
+    // Evaluation and training without an rng: no dropout, like the CPU engine.
+    compare_eval(
+        "opt-tiny dropout model, eval",
+        &model,
+        &mut gpu,
+        Some(&lora),
+        &b,
+    );
+    compare_step(
+        "opt-tiny dropout model, rng None",
+        &model,
+        &mut gpu,
+        &lora,
+        &b,
+        RELU_FLIPS,
+    );
+    assert_eq!(gpu.last_masks().unwrap(), RecordedMasks::default());
+    // The CPU engine with its own masks differs from the replay: the masks are in use.
+    let own = model::loss_and_grads(&model, &lora, &b, scale, Some(seed)).unwrap();
+    let replay = model::loss_and_grads_with_masks(&model, &lora, &b, scale, Some(&masks)).unwrap();
+    println!(
+        "loss with the CPU's own masks {:.5}, with the GPU's {:.5}",
+        own.loss_sum * scale as f64,
+        replay.loss_sum * scale as f64
+    );
+    assert_ne!(own.loss_sum, replay.loss_sum);
+}
+
 /// A small random pre-LN model of `flags` (extra config.json fields) and a packed batch of
 /// uneven sequences with a partial loss mask.
 ///
@@ -580,16 +724,8 @@ fn gpu_engine_refuses_what_it_does_not_run() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("post-LN accepted"),
     }
-    let mut dropout = model.clone();
-    dropout.config.dropout = 0.1;
-    let mut gpu = GpuEngine::new(dropout, device()).unwrap();
-    let lora = random_lora(&model, 4, 1);
+    let mut gpu = GpuEngine::new(model.clone(), device()).unwrap();
     let b = batch(&dir, &[0, 1]);
-    match gpu.loss_and_grads(&lora, &b, 0.1, Some(DropoutRng { seed: 1 })) {
-        Err(ModelError::Unsupported(m)) => assert!(m.contains("dropout"), "{m}"),
-        Err(e) => panic!("{e}"),
-        Ok(_) => panic!("dropout accepted"),
-    }
     // A target outside the vocabulary is a batch error, not a kernel fault.
     let mut bad = b.clone();
     bad.targets[0] = 1 << 20;

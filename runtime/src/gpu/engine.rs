@@ -13,12 +13,14 @@
 //! a slower f32 GEMM), and `dh = dz·E` is scattered back into the rows' gradient.
 
 use super::cast::CastKernel;
+use super::dropout::{DropCtx, MaskLayout};
 use super::layer::{self, segments, Ctx, Segment};
 use super::lora::{self, DeviceLora};
 use super::ops::{
     arg, arg_at, copy_rows, dense, dense_mut, dev_err, download_f32, embedding, layernorm,
     layernorm_bwd, mm, upload_prefix, xent, R,
 };
+use super::rng::GpuRng;
 use super::weights::{self, DeviceWeights};
 use super::workspace::{Caps, Dims, Workspace, LOSS_CHUNK};
 use crate::checkpoint::OptModel;
@@ -26,7 +28,7 @@ use crate::cublas::{Blas, Mat, MatLayout, MatMut};
 use crate::data::{PackedBatch, IGNORE_INDEX};
 use crate::device::CudaDevice;
 use crate::model::opt::{check_adapters, check_batch};
-use crate::model::{DropoutRng, ModelError, Result, StepOutput};
+use crate::model::{DropoutRng, ModelError, RecordedMasks, Result, StepOutput};
 use crate::peft::LoraParams;
 use crate::train::Engine;
 
@@ -44,6 +46,11 @@ pub struct GpuEngine {
     dims: Dims,
     ws: Option<Workspace>,
     lora: Option<DeviceLora>,
+    /// cuRAND, created at the first step with dropout.
+    rng: Option<GpuRng>,
+    /// Tokens and mask layout of the last step that drew dropout masks (for
+    /// [`GpuEngine::last_masks`]).
+    last_drop: Option<(usize, MaskLayout)>,
 }
 
 /// A batch checked and uploaded.
@@ -121,6 +128,8 @@ impl GpuEngine {
             dims,
             ws: None,
             lora: None,
+            rng: None,
+            last_drop: None,
         })
     }
 
@@ -134,8 +143,40 @@ impl GpuEngine {
         self.ws.as_ref().map_or(0, |w| w.caps.bytes(&self.dims))
     }
 
-    /// Checks `batch`, sizes the workspace, uploads the batch and the adapters.
-    fn prepare(&mut self, lora: Option<&LoraParams>, batch: &PackedBatch) -> R<Prepared> {
+    /// The dropout masks of the last training step, per `(layer, site)` as the CPU model
+    /// draws them (f32 values of the saved bf16 masks, `[T, w]` row-major).
+    ///
+    /// A diagnostic for tests: replaying them on the CPU engine
+    /// ([`crate::model::loss_and_grads_with_masks`]) gives the CPU's result for the GPU's
+    /// random draws. Empty when the last step had no dropout; downloads every layer's masks.
+    pub fn last_masks(&self) -> Result<RecordedMasks> {
+        let mut out = RecordedMasks::default();
+        let (Some((t, layout)), Some(ws)) = (self.last_drop, self.ws.as_ref()) else {
+            return Ok(out);
+        };
+        for (li, acts) in ws.layers.iter().enumerate() {
+            let all = acts
+                .mask
+                .to_f32_vec()
+                .map_err(dev_err("downloading dropout masks"))?;
+            for (site, col, w) in layout.sites(&self.dims) {
+                let m = all
+                    .get(col * t..(col + w) * t)
+                    .ok_or_else(|| ModelError::Device("internal: mask buffer too small".into()))?;
+                out.masks.insert((li, site), m.to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks `batch`, sizes the workspace (with room for the masks of `drop`), uploads the
+    /// batch and the adapters.
+    fn prepare(
+        &mut self,
+        lora: Option<&LoraParams>,
+        batch: &PackedBatch,
+        drop: Option<&MaskLayout>,
+    ) -> R<Prepared> {
         let c = &self.model.config;
         check_batch(c, batch)?;
         if let Some(l) = lora {
@@ -148,6 +189,7 @@ impl GpuEngine {
             probs,
             max_len: segs.iter().map(|s| s.len).max().unwrap_or(0),
             rank: lora.map_or(0, |l| l.config.r),
+            mask_cols: drop.map_or(0, |d| d.cols),
         };
         if !self.ws.as_ref().is_some_and(|w| w.caps.covers(&need)) {
             let old = self.ws.take().map(|w| w.caps);
@@ -188,6 +230,7 @@ impl GpuEngine {
         p: &Prepared,
         with_lora: bool,
         grad_scale: Option<f32>,
+        drop: Option<(u64, MaskLayout)>,
     ) -> R<(f64, Vec<f32>)> {
         let GpuEngine {
             dev,
@@ -197,8 +240,18 @@ impl GpuEngine {
             dims,
             ws,
             lora,
+            rng,
             ..
         } = self;
+        let drop = match (drop, rng.as_ref()) {
+            (Some((seed, layout)), Some(rng)) => Some(DropCtx { rng, seed, layout }),
+            (Some(_), None) => {
+                return Err(ModelError::Device(
+                    "internal: dropout without cuRAND".into(),
+                ))
+            }
+            (None, _) => None,
+        };
         let ws = ws
             .as_mut()
             .ok_or_else(|| ModelError::Device("internal: no workspace".into()))?;
@@ -217,6 +270,7 @@ impl GpuEngine {
             t,
             segs: &p.segs,
             lora: adapters,
+            drop,
         };
 
         // Embeddings, then the layers; each layer's output is the next one's saved input.
@@ -367,14 +421,16 @@ impl Engine for GpuEngine {
         grad_scale: f32,
         rng: Option<DropoutRng>,
     ) -> Result<StepOutput> {
-        if rng.is_some() && (lora.config.dropout > 0.0 || self.model.config.dropout > 0.0) {
-            return Err(ModelError::Unsupported(
-                "dropout on the GPU (LoRA or residual dropout > 0); use --device cpu or \
-                 dropout 0"
-                    .into(),
-            ));
+        // Dropout only in training (`rng`) and where some site has p > 0.
+        let layout = match rng {
+            Some(_) => MaskLayout::new(&self.dims, self.model.config.dropout, Some(lora)),
+            None => None,
+        };
+        if layout.is_some() && self.rng.is_none() {
+            self.rng = Some(GpuRng::new(&self.dev)?);
         }
-        let p = self.prepare(Some(lora), batch)?;
+        self.last_drop = None;
+        let p = self.prepare(Some(lora), batch, layout.as_ref())?;
         if p.n == 0 {
             let (slots, len) = lora::layout(lora, self.dims.layers);
             return Ok(StepOutput {
@@ -383,7 +439,9 @@ impl Engine for GpuEngine {
                 grads: lora::grads_from(&slots, lora.config.r, &vec![0.0; len]),
             });
         }
-        let (loss_sum, flat) = self.run(&p, true, Some(grad_scale))?;
+        let drop = rng.zip(layout).map(|(r, l)| (r.seed, l));
+        let (loss_sum, flat) = self.run(&p, true, Some(grad_scale), drop)?;
+        self.last_drop = layout.map(|l| (p.t, l));
         let grads = match &self.lora {
             Some(d) => d.grads_from(&flat),
             None => return Err(ModelError::Device("internal: no LoRA on the device".into())),
@@ -400,11 +458,11 @@ impl Engine for GpuEngine {
         lora: Option<&LoraParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
-        let p = self.prepare(lora, batch)?;
+        let p = self.prepare(lora, batch, None)?;
         if p.n == 0 {
             return Ok((0.0, 0));
         }
-        let (loss_sum, _) = self.run(&p, lora.is_some(), None)?;
+        let (loss_sum, _) = self.run(&p, lora.is_some(), None, None)?;
         Ok((loss_sum, p.n))
     }
 }

@@ -7,17 +7,23 @@
 //! `alpha` (`S = s·q·kᵀ`), and likewise into the backward's `dq = s·dS·k` and `dk = s·dSᵀ·q`:
 //! the same math as scaling the projected q (bias and LoRA delta included), without a pass
 //! over q. Scores are f32; the probabilities are saved in bf16 for the backward.
+//!
+//! Dropout ([`super::dropout`]), in training only: the attention block's and `fc2`'s outputs
+//! (bias included) are dropped before their residual adds, and each adapted branch's input
+//! before its `A` GEMM; the backward masks the same gradients with the saved masks.
 
+use super::dropout::DropCtx;
 use super::lora::Adapters;
 use super::ops::{
-    add, arg, arg_at, bias_add, bias_residual, causal_softmax, dense, dense_mut, layernorm,
-    layernorm_bwd, mm, mm_batched, relu_bwd, softmax_bwd, R,
+    add, arg, arg_at, bias_add, bias_residual, causal_softmax, copy_rows, dense, dense_mut,
+    layernorm, layernorm_bwd, mm, mm_batched, mul_inplace, relu_bwd, softmax_bwd, R,
 };
 use super::weights::LayerWeights;
 use super::workspace::{Dims, LayerActs, Scratch};
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
 use crate::device::CudaDevice;
+use crate::model::dropout::Site;
 use crate::model::ModelError;
 use crate::peft::LoraTarget;
 
@@ -75,6 +81,8 @@ pub struct Ctx<'a> {
     pub segs: &'a [Segment],
     /// The adapters, if any.
     pub lora: Option<Adapters<'a>>,
+    /// Dropout (training with `p > 0` only).
+    pub drop: Option<DropCtx<'a>>,
 }
 
 const QKV: [LoraTarget; 3] = [LoraTarget::Q, LoraTarget::K, LoraTarget::V];
@@ -99,6 +107,58 @@ impl Ctx<'_> {
 
     fn scale(&self) -> f32 {
         (self.d.hd as f32).powf(-0.5)
+    }
+
+    /// Element offset of `target`'s LoRA input mask in [`LayerActs::mask`], if dropped.
+    fn lora_mask(&self, target: LoraTarget) -> Option<usize> {
+        let col = self.drop?.layout.lora[target.index()]?;
+        Some(col * self.t)
+    }
+
+    /// The output `y [T, H]` of a residual branch plus its `bias`, dropped at `site` (`col`
+    /// its mask column) when residual dropout is on, added to `res` into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn residual(
+        &self,
+        li: usize,
+        site: (Site, Option<usize>),
+        (y, bias): (&DeviceTensor, &DeviceTensor),
+        res: &DeviceTensor,
+        out: &mut DeviceTensor,
+        mask: &DeviceTensor,
+        rand: &mut DeviceTensor,
+    ) -> R {
+        let (t, h, dev) = (self.t, self.d.h, self.dev);
+        match (self.drop, site.1) {
+            (Some(dc), Some(col)) => {
+                bias_add(dev, y, bias, t, h, false)?;
+                let p = dc.layout.p_res;
+                dc.apply(dev, li, (site.0, col, p), y, (t, h), mask, rand)?;
+                copy_rows(dev, res, 0, out, 0, t, h)?;
+                add(dev, y, out, t * h)
+            }
+            _ => bias_residual(dev, y, bias, res, out, t, h),
+        }
+    }
+
+    /// `g ⊙ mask` of the residual site at mask column `col` into `tmp` (when dropped), else
+    /// `g`: the gradient of the branch before the residual add.
+    fn residual_grad<'b>(
+        &self,
+        col: Option<usize>,
+        g: &'b DeviceTensor,
+        mask: &DeviceTensor,
+        tmp: &'b mut DeviceTensor,
+    ) -> R<&'b DeviceTensor> {
+        let (t, h) = (self.t, self.d.h);
+        match col.filter(|_| self.drop.is_some()) {
+            Some(col) => {
+                copy_rows(self.dev, g, 0, tmp, 0, t, h)?;
+                mul_inplace(self.dev, tmp, mask, col * t, t, h)?;
+                Ok(tmp)
+            }
+            None => Ok(g),
+        }
     }
 }
 
@@ -139,8 +199,26 @@ pub fn forward(
         for (i, target) in QKV.into_iter().enumerate() {
             if let Some(s) = ad.slot(li, target) {
                 let y = MatMut::new(&mut acts.qkv, cx.qkv_block(i));
-                let x = dense(&acts.a, t, h);
-                ad.forward(blas, &s, t, x, y, &mut acts.u, cx.u_off(target))?;
+                let x = DropCtx::lora_input(
+                    cx.drop.as_ref(),
+                    dev,
+                    li,
+                    target,
+                    &acts.a,
+                    (t, h),
+                    &acts.mask,
+                    &mut sc.rand,
+                    &mut sc.xd,
+                )?;
+                ad.forward(
+                    blas,
+                    &s,
+                    t,
+                    dense(x, t, h),
+                    y,
+                    &mut acts.u,
+                    cx.u_off(target),
+                )?;
             }
         }
     }
@@ -162,13 +240,21 @@ pub fn forward(
         cx,
         li,
         LoraTarget::Out,
-        &acts.o,
-        h,
-        &mut sc.tmp,
-        h,
-        &mut acts.u,
+        (&acts.o, h),
+        (&mut sc.tmp, h),
+        (&mut acts.u, &acts.mask),
+        (&mut sc.rand, &mut sc.xd),
     )?;
-    bias_residual(dev, &sc.tmp, &w.bo, &acts.x, &acts.h1, t, h)?;
+    let attn_col = cx.drop.and_then(|d| d.layout.attn);
+    cx.residual(
+        li,
+        (Site::AttnResidual, attn_col),
+        (&sc.tmp, &w.bo),
+        &acts.x,
+        &mut acts.h1,
+        &acts.mask,
+        &mut sc.rand,
+    )?;
 
     // MLP: out = h1 + relu(LN2(h1)·W1ᵀ + b1)·W2ᵀ + b2.
     layernorm(
@@ -195,11 +281,10 @@ pub fn forward(
         cx,
         li,
         LoraTarget::Fc1,
-        &acts.b,
-        h,
-        &mut acts.act,
-        f,
-        &mut acts.u,
+        (&acts.b, h),
+        (&mut acts.act, f),
+        (&mut acts.u, &acts.mask),
+        (&mut sc.rand, &mut sc.xd),
     )?;
     bias_add(dev, &acts.act, &w.b1, t, f, true)?;
     mm(
@@ -216,32 +301,42 @@ pub fn forward(
         cx,
         li,
         LoraTarget::Fc2,
-        &acts.act,
-        f,
-        &mut sc.tmp,
-        h,
-        &mut acts.u,
+        (&acts.act, f),
+        (&mut sc.tmp, h),
+        (&mut acts.u, &acts.mask),
+        (&mut sc.rand, &mut sc.xd),
     )?;
-    bias_residual(dev, &sc.tmp, &w.b2, &acts.h1, out, t, h)
+    let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
+    cx.residual(
+        li,
+        (Site::MlpResidual, mlp_col),
+        (&sc.tmp, &w.b2),
+        &acts.h1,
+        out,
+        &acts.mask,
+        &mut sc.rand,
+    )
 }
 
-/// The LoRA branch of `target` (if adapted) on input `x [T, in_f]` into `y [T, out_f]`.
-#[allow(clippy::too_many_arguments)]
+/// The LoRA branch of `target` (if adapted) on input `x [T, in_f]` into `y [T, out_f]`,
+/// saving `u` (and, with LoRA dropout, the input's mask in `mask`, using the `rand` and `xd`
+/// scratch).
 fn branch_forward(
     cx: &Ctx,
     li: usize,
     target: LoraTarget,
-    x: &DeviceTensor,
-    in_f: usize,
-    y: &mut DeviceTensor,
-    out_f: usize,
-    u: &mut DeviceTensor,
+    (x, in_f): (&DeviceTensor, usize),
+    (y, out_f): (&mut DeviceTensor, usize),
+    (u, mask): (&mut DeviceTensor, &DeviceTensor),
+    (rand, xd): (&mut DeviceTensor, &mut DeviceTensor),
 ) -> R {
     let Some(ad) = cx.lora else { return Ok(()) };
     let Some(s) = ad.slot(li, target) else {
         return Ok(());
     };
     let t = cx.t;
+    let drop = cx.drop.as_ref();
+    let x = DropCtx::lora_input(drop, cx.dev, li, target, x, (t, in_f), mask, rand, xd)?;
     ad.forward(
         cx.blas,
         &s,
@@ -311,10 +406,12 @@ pub fn backward(
     let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
     let (dev, blas) = (cx.dev, cx.blas);
 
-    // fc2: dact = g·W2 (+ LoRA), then the ReLU mask.
+    // fc2: dact = (g ⊙ mask)·W2 (+ LoRA), then the ReLU mask.
+    let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
+    let gm = cx.residual_grad(mlp_col, g, &acts.mask, &mut sc.tmp2)?;
     mm(
         blas,
-        dense(g, t, h),
+        dense(gm, t, h),
         dense(&w.w2, h, f),
         dense_mut(&mut sc.dact, t, f),
         false,
@@ -327,9 +424,9 @@ pub fn backward(
         li,
         LoraTarget::Fc2,
         (&acts.act, f),
-        (g, h),
+        (gm, h),
         acts,
-        &mut sc.du,
+        (&mut sc.du, &mut sc.xd),
         grads,
         &mut sc.dact,
     )?;
@@ -352,7 +449,7 @@ pub fn backward(
         (&acts.b, h),
         (&sc.dact, f),
         acts,
-        &mut sc.du,
+        (&mut sc.du, &mut sc.xd),
         grads,
         &mut sc.tmp,
     )?;
@@ -370,10 +467,12 @@ pub fn backward(
     )?;
     add(dev, &sc.tmp2, g, t * h)?;
 
-    // out_proj: dO = g·Wo (+ LoRA), into tmp.
+    // out_proj: dO = (g ⊙ mask)·Wo (+ LoRA), into tmp.
+    let attn_col = cx.drop.and_then(|d| d.layout.attn);
+    let gm = cx.residual_grad(attn_col, g, &acts.mask, &mut sc.tmp2)?;
     mm(
         blas,
-        dense(g, t, h),
+        dense(gm, t, h),
         dense(&w.wo, h, h),
         dense_mut(&mut sc.tmp, t, h),
         false,
@@ -386,9 +485,9 @@ pub fn backward(
         li,
         LoraTarget::Out,
         (&acts.o, h),
-        (g, h),
+        (gm, h),
         acts,
-        &mut sc.du,
+        (&mut sc.du, &mut sc.xd),
         grads,
         &mut sc.tmp,
     )?;
@@ -410,6 +509,22 @@ pub fn backward(
             if let Some(s) = ad.slot(li, target) {
                 let dy = Mat::new(&sc.dqkv, cx.qkv_block(i));
                 let u = (&acts.u, cx.u_off(target));
+                if let Some(m_off) = cx.lora_mask(target) {
+                    ad.backward_masked(
+                        (dev, blas),
+                        &s,
+                        t,
+                        &acts.a,
+                        (&acts.mask, m_off),
+                        dy,
+                        u,
+                        &mut sc.du,
+                        grads,
+                        &mut sc.xd,
+                        &sc.tmp2,
+                    )?;
+                    continue;
+                }
                 let dx = dense_mut(&mut sc.tmp2, t, h);
                 ad.backward(
                     blas,
@@ -441,7 +556,8 @@ pub fn backward(
 }
 
 /// The LoRA backward of `target` (if adapted) with input `(x, in_f)` and output gradient
-/// `(dy, out_f)`, adding its input gradient to `dx [T, in_f]`.
+/// `(dy, out_f)`, adding its input gradient to `dx [T, in_f]` (`xd` is scratch for LoRA
+/// dropout).
 #[allow(clippy::too_many_arguments)]
 fn branch_backward(
     cx: &Ctx,
@@ -450,7 +566,7 @@ fn branch_backward(
     (x, in_f): (&DeviceTensor, usize),
     (dy, out_f): (&DeviceTensor, usize),
     acts: &LayerActs,
-    du: &mut DeviceTensor,
+    (du, xd): (&mut DeviceTensor, &mut DeviceTensor),
     grads: &mut DeviceTensor,
     dx: &mut DeviceTensor,
 ) -> R {
@@ -460,6 +576,21 @@ fn branch_backward(
     };
     let t = cx.t;
     let u = (&acts.u, cx.u_off(target));
+    if let Some(m_off) = cx.lora_mask(target) {
+        return ad.backward_masked(
+            (cx.dev, cx.blas),
+            &s,
+            t,
+            x,
+            (&acts.mask, m_off),
+            dense(dy, t, out_f),
+            u,
+            du,
+            grads,
+            xd,
+            dx,
+        );
+    }
     ad.backward(
         cx.blas,
         &s,

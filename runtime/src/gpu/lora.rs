@@ -7,10 +7,13 @@
 //! backward: dB = s·dyᵀ·u;  du = s·dy·B;  dA = duᵀ·x;  dx += du·A
 //! ```
 //!
+//! With LoRA dropout the forward's `x` is the dropped input `x ⊙ mask`, and the backward
+//! ([`Adapters::backward_masked`]) uses it for `dA` and masks the branch's input gradient.
+//!
 //! `dA` and `dB` are cuBLAS GEMMs with f32 output, downloaded once per call into a
 //! [`LoraGrads`] laid out like the [`LoraParams`].
 
-use super::ops::{dev_err, mm, R};
+use super::ops::{add, copy_rows, dev_err, mm, mul_inplace, R};
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
@@ -230,6 +233,95 @@ impl Adapters<'_> {
         )
     }
 
+    /// `dB = s·dyᵀ·u` into `grads` and `du = s·dy·B` into the start of `du`.
+    #[allow(clippy::too_many_arguments)]
+    fn grad_b_and_du(
+        &self,
+        blas: &Blas,
+        s: &Slot,
+        rows: usize,
+        dy: Mat<'_>,
+        (u, u_off): (&DeviceTensor, usize),
+        du: &mut DeviceTensor,
+        grads: &mut DeviceTensor,
+    ) -> R {
+        let r = self.r;
+        let ul = MatLayout::at(u_off, rows, r, r);
+        let dul = MatLayout::at(0, rows, r, r);
+        let db = MatLayout::at(s.b, s.out_f, r, r);
+        mm(
+            blas,
+            dy,
+            Mat::new(u, ul),
+            MatMut::new(grads, db),
+            true,
+            false,
+            self.scale,
+            0.0,
+        )?;
+        mm(
+            blas,
+            dy,
+            self.b(s),
+            MatMut::new(du, dul),
+            false,
+            false,
+            self.scale,
+            0.0,
+        )
+    }
+
+    /// [`backward`](Self::backward) of a branch whose input was dropped with the mask at
+    /// element `m_off` of `mask` (`[rows, in]`): `dA = duᵀ·(x ⊙ mask)` and
+    /// `dx += (du·A) ⊙ mask`. `x` and `dx` are dense `[rows, in]` at the start of their
+    /// buffers; `xd` (`[rows, in]` or larger) is scratch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_masked(
+        &self,
+        (dev, blas): (&CudaDevice, &Blas),
+        s: &Slot,
+        rows: usize,
+        x: &DeviceTensor,
+        (mask, m_off): (&DeviceTensor, usize),
+        dy: Mat<'_>,
+        u: (&DeviceTensor, usize),
+        du: &mut DeviceTensor,
+        grads: &mut DeviceTensor,
+        xd: &mut DeviceTensor,
+        dx: &DeviceTensor,
+    ) -> R {
+        let (r, in_f) = (self.r, s.in_f);
+        self.grad_b_and_du(blas, s, rows, dy, u, du, grads)?;
+        let dul = MatLayout::at(0, rows, r, r);
+        // dA = duᵀ·(x ⊙ mask)  [r, in]
+        copy_rows(dev, x, 0, xd, 0, rows, in_f)?;
+        mul_inplace(dev, xd, mask, m_off, rows, in_f)?;
+        let da = MatLayout::at(s.a, r, in_f, in_f);
+        mm(
+            blas,
+            Mat::new(du, dul),
+            Mat::new(xd, MatLayout::dense(rows, in_f)),
+            MatMut::new(grads, da),
+            true,
+            false,
+            1.0,
+            0.0,
+        )?;
+        // dx += (du·A) ⊙ mask
+        mm(
+            blas,
+            Mat::new(du, dul),
+            self.a(s),
+            MatMut::new(xd, MatLayout::dense(rows, in_f)),
+            false,
+            false,
+            1.0,
+            0.0,
+        )?;
+        mul_inplace(dev, xd, mask, m_off, rows, in_f)?;
+        add(dev, xd, dx, rows * in_f)
+    }
+
     /// The branch's backward for output gradient `dy`: writes `dA`, `dB` (f32) into `grads`
     /// and adds `du·A` to `dx`. `x` and `u` are what the forward saw and saved.
     #[allow(clippy::too_many_arguments)]
@@ -246,31 +338,8 @@ impl Adapters<'_> {
         dx: MatMut<'_>,
     ) -> R {
         let r = self.r;
-        let ul = MatLayout::at(u_off, rows, r, r);
+        self.grad_b_and_du(blas, s, rows, dy, (u, u_off), du, grads)?;
         let dul = MatLayout::at(0, rows, r, r);
-        // dB = s·dyᵀ·u  [out, r]
-        let db = MatLayout::at(s.b, s.out_f, r, r);
-        mm(
-            blas,
-            dy,
-            Mat::new(u, ul),
-            MatMut::new(grads, db),
-            true,
-            false,
-            self.scale,
-            0.0,
-        )?;
-        // du = s·dy·B  [rows, r]
-        mm(
-            blas,
-            dy,
-            self.b(s),
-            MatMut::new(du, dul),
-            false,
-            false,
-            self.scale,
-            0.0,
-        )?;
         // dA = duᵀ·x  [r, in]
         let da = MatLayout::at(s.a, r, s.in_f, s.in_f);
         mm(

@@ -15,18 +15,22 @@
 //! - [`engine`]: the engine: batch checks, embeddings, the chunked LM head + cross-entropy,
 //!   and the one download (loss and gradients) that ends each call.
 //! - [`cast`]: a small f32 → bf16 conversion kernel (hand-written PTX).
+//! - [`dropout`], [`rng`]: dropout masks (cuRAND uniforms, the `dropout_mask` kernel), saved
+//!   for the backward.
 //!
 //! What runs: pre-LN OPT (every size from 125m up; opt-350m is post-LN and is refused), ReLU,
 //! with or without biases and the final LayerNorm, tied or untied head, LoRA on any of the six
-//! projections. Refused with [`ModelError::Unsupported`](crate::model::ModelError): post-LN,
-//! `project_in`/`project_out`, other activations, dropout in training. The CPU engine covers
-//! those.
+//! projections, residual and LoRA dropout in training ([`dropout`], random numbers from cuRAND
+//! through [`rng`]). Refused with [`ModelError::Unsupported`](crate::model::ModelError):
+//! post-LN, `project_in`/`project_out`, other activations. The CPU engine covers those.
 
 pub mod cast;
+pub mod dropout;
 pub mod engine;
 pub mod layer;
 pub mod lora;
 mod ops;
+pub mod rng;
 pub mod weights;
 pub mod workspace;
 

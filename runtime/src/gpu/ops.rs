@@ -172,6 +172,50 @@ pub fn bias_residual(
     .map_err(launch_err)
 }
 
+/// Inverted dropout of `x [rows, cols]` in place from the f32 uniforms at the start of `u`:
+/// `mask = u >= p ? 1/(1−p) : 0` written at element `m_off` of `mask`, and `x ⊙= mask`.
+#[allow(clippy::too_many_arguments)]
+pub fn dropout_mask(
+    dev: &CudaDevice,
+    x: &DeviceTensor,
+    u: &DeviceTensor,
+    mask: &DeviceTensor,
+    m_off: usize,
+    rows: usize,
+    cols: usize,
+    p: f32,
+) -> R {
+    k::dropout_mask::launch(
+        dev,
+        &k::dropout_mask::Args {
+            x: &arg(x, &[rows, cols])?,
+            u: &arg(u, &[rows, cols])?,
+            mask: &arg_at(mask, m_off, &[rows, cols])?,
+            p,
+        },
+    )
+    .map_err(launch_err)
+}
+
+/// `x ⊙= m` over `x [rows, cols]` (at its start), `m` at element `m_off` (a saved mask).
+pub fn mul_inplace(
+    dev: &CudaDevice,
+    x: &DeviceTensor,
+    m: &DeviceTensor,
+    m_off: usize,
+    rows: usize,
+    cols: usize,
+) -> R {
+    k::mul_inplace::launch(
+        dev,
+        &k::mul_inplace::Args {
+            x: &arg(x, &[rows, cols])?,
+            m: &arg_at(m, m_off, &[rows, cols])?,
+        },
+    )
+    .map_err(launch_err)
+}
+
 /// `y += x` over the first `n` elements.
 pub fn add(dev: &CudaDevice, x: &DeviceTensor, y: &DeviceTensor, n: usize) -> R {
     k::axpby::launch(

@@ -60,6 +60,9 @@ pub struct Caps {
     pub max_len: usize,
     /// LoRA rank (0 without adapters).
     pub rank: usize,
+    /// Columns of saved dropout masks per token and layer (0 without dropout; see
+    /// [`MaskLayout`](super::dropout::MaskLayout)).
+    pub mask_cols: usize,
 }
 
 impl Caps {
@@ -69,6 +72,7 @@ impl Caps {
             && self.probs >= need.probs
             && self.max_len >= need.max_len
             && self.rank >= need.rank
+            && self.mask_cols >= need.mask_cols
     }
 
     /// The larger of each size.
@@ -78,6 +82,7 @@ impl Caps {
             probs: self.probs.max(o.probs),
             max_len: self.max_len.max(o.max_len),
             rank: self.rank.max(o.rank),
+            mask_cols: self.mask_cols.max(o.mask_cols),
         }
     }
 
@@ -91,14 +96,26 @@ impl Caps {
         d.nh * self.max_len * self.max_len
     }
 
+    /// Elements of the dropout scratch (uniforms, f32, and the dropped branch input): one
+    /// `[T, max(H, F)]` each with dropout, 0 without.
+    fn dropout_scratch(&self, d: &Dims) -> usize {
+        if self.mask_cols > 0 {
+            self.tokens * d.h.max(d.f)
+        } else {
+            0
+        }
+    }
+
     /// Device bytes of a workspace of these sizes.
     pub fn bytes(&self, d: &Dims) -> usize {
         let (t, h, f) = (self.tokens, d.h, d.f);
         let a = ACT.bytes();
         let scores = self.scores(d);
-        let layer = a * (t * (7 * h + f) + self.probs + 6 * t * self.rank) + 4 * 4 * t;
+        let layer =
+            a * (t * (7 * h + f) + self.probs + 6 * t * self.rank + t * self.mask_cols) + 4 * 4 * t;
         let scratch = a * (t * (3 * h + f + 3 * h) + t * self.rank + scores)
-            + 4 * (scores + d.nh * self.max_len);
+            + 4 * (scores + d.nh * self.max_len)
+            + (a + 4) * self.dropout_scratch(d);
         let head =
             a * (t * 4 * h + self.chunk() * d.v) + 4 * (self.chunk() * d.v + 2 * t) + 4 * 3 * t;
         d.layers * layer + scratch + head
@@ -133,6 +150,9 @@ pub struct LayerActs {
     pub act: DeviceTensor,
     /// LoRA `u = x·Aᵀ` of each of the 6 targets, `[T, r]` each.
     pub u: DeviceTensor,
+    /// The dropout masks of the layer's sites (`0` or `1/(1−p)`), `[T, w]` each at the
+    /// offsets of a [`MaskLayout`](super::dropout::MaskLayout); empty without dropout.
+    pub mask: DeviceTensor,
 }
 
 /// The backward's scratch, shared by all layers.
@@ -153,6 +173,11 @@ pub struct Scratch {
     pub ds: DeviceTensor,
     /// The softmax's log-sum-exp per query row (written by the kernel, unused after).
     pub lse: DeviceTensor,
+    /// Dropout: f32 uniforms of one site, `[T, w]`, `w ≤ max(H, F)`.
+    pub rand: DeviceTensor,
+    /// Dropout: a LoRA branch's dropped input `x ⊙ mask` (forward, and `dA`'s input in the
+    /// backward), then its masked input gradient; `[T, max(H, F)]`.
+    pub xd: DeviceTensor,
 }
 
 /// The embeddings' inputs and the LM head's buffers.
@@ -255,6 +280,7 @@ impl Workspace {
                     rstd2: al.t(f32t, t)?,
                     act: al.t(ACT, t * f)?,
                     u: al.t(ACT, 6 * t * r)?,
+                    mask: al.t(ACT, t * caps.mask_cols)?,
                 })
             })
             .collect::<R<Vec<_>>>()?;
@@ -268,6 +294,8 @@ impl Workspace {
             s: al.t(f32t, scores)?,
             ds: al.t(ACT, scores)?,
             lse: al.t(f32t, d.nh * caps.max_len)?,
+            rand: al.t(f32t, caps.dropout_scratch(d))?,
+            xd: al.t(ACT, caps.dropout_scratch(d))?,
         };
         let chunk = caps.chunk();
         let head = HeadBufs {
@@ -306,17 +334,22 @@ mod tests {
             probs: 50,
             max_len: 30,
             rank: 4,
+            mask_cols: 0,
         };
         let b = Caps {
             tokens: 80,
             probs: 60,
             max_len: 10,
             rank: 8,
+            mask_cols: 5,
         };
         assert!(!a.covers(&b) && !b.covers(&a));
         let m = a.max(&b);
         assert!(m.covers(&a) && m.covers(&b));
-        assert_eq!((m.tokens, m.probs, m.max_len, m.rank), (100, 60, 30, 8));
+        assert_eq!(
+            (m.tokens, m.probs, m.max_len, m.rank, m.mask_cols),
+            (100, 60, 30, 8, 5)
+        );
     }
 
     #[test]
@@ -334,6 +367,7 @@ mod tests {
             probs: 4096,
             max_len: 64,
             rank: 4,
+            mask_cols: 0,
         };
         let b0 = base.bytes(&d);
         for bigger in [
@@ -350,6 +384,10 @@ mod tests {
                 ..base
             },
             Caps { rank: 8, ..base },
+            Caps {
+                mask_cols: 1,
+                ..base
+            },
         ] {
             assert!(bigger.bytes(&d) > b0, "{bigger:?}");
         }
@@ -359,5 +397,14 @@ mod tests {
             ..base
         };
         assert_eq!(more.bytes(&d) - b0, d.layers * 1000 * 2);
+        // Dropout: the bf16 masks per layer, plus one f32 and one bf16 `[T, max(H, F)]`.
+        let drop = Caps {
+            mask_cols: 3,
+            ..base
+        };
+        assert_eq!(
+            drop.bytes(&d) - b0,
+            d.layers * 128 * 3 * 2 + 128 * 256 * (4 + 2)
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! `lexp check --cpu` for the fine-tuning kernels (bias epilogues, embedding, causal softmax
-//! and its backward, cross-entropy, AdamW): each run in the interpreter at one small shape
+//! and its backward, cross-entropy, AdamW, dropout): each run in the interpreter at one small shape
 //! that crosses tile edges, against its CPU reference.
 
 use super::{poisoned, t, Outputs};
@@ -27,7 +27,7 @@ fn int_tensor(v: &[i32]) -> HostTensor {
 /// The interpreter shape of one of this module's kernels (`None` for other kernels).
 pub(super) fn dims(kernel: &str) -> Option<(usize, usize)> {
     Some(match kernel {
-        "bias_add" | "bias_relu" => (33, 300),
+        "bias_add" | "bias_relu" | "dropout_mask" | "mul_inplace" => (33, 300),
         "embedding_fwd" => (37, 1100),
         // (heads, length).
         "causal_softmax" => (2, 300),
@@ -75,6 +75,32 @@ pub(super) fn run(
                 };
                 k::bias_add::interpret(&[], args)?;
             }
+            vec![("x", x, want, 0.0)]
+        }
+        "dropout_mask" => {
+            let p = 0.1;
+            let mut u = t(rng, Storage::F32, &[r, c], 0.0, 1.0);
+            let mut x = t(rng, dtype, &[r, c], -3.0, 3.0);
+            let (wx, wm) = refr::dropout_mask(&x.data, &u.data, p);
+            let mut mask = poisoned(dtype, &[r, c]);
+            let args = k::dropout_mask::HostArgs {
+                x: &mut x,
+                u: &mut u,
+                mask: &mut mask,
+                p,
+            };
+            k::dropout_mask::interpret(&[], args)?;
+            vec![("x", x, wx, 0.0), ("mask", mask, wm, 0.0)]
+        }
+        "mul_inplace" => {
+            let mut m = t(rng, dtype, &[r, c], 0.0, 2.0);
+            let mut x = t(rng, dtype, &[r, c], -3.0, 3.0);
+            let want = refr::mul_inplace(&x.data, &m.data);
+            let args = k::mul_inplace::HostArgs {
+                x: &mut x,
+                m: &mut m,
+            };
+            k::mul_inplace::interpret(&[], args)?;
             vec![("x", x, want, 0.0)]
         }
         "embedding_fwd" => {

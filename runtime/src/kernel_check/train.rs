@@ -71,6 +71,9 @@ impl Ctx<'_> {
     }
 }
 
+/// Dropout probability of the `dropout_mask` checks (OPT's).
+const DROPOUT_P: f32 = 0.1;
+
 /// Vocabulary and position-table rows of the embedding checks (OPT: 2048 positions + 2).
 const EMB_VOCAB: usize = 517;
 const EMB_POSITIONS: usize = 2048;
@@ -114,6 +117,48 @@ pub(super) fn prepare(
                     }
                 }),
                 bytes: 2 * r * c * e,
+            }
+        }
+        "dropout_mask" => {
+            let p = DROPOUT_P;
+            let (u, ua) = cx.input(&[r, c], 0.0, 1.0, Some(Storage::F32))?;
+            let (x, xa, mut out) = cx.in_place("x", &[r, c], -3.0, 3.0, None)?;
+            let (wx, wm) = if cx.with_ref {
+                refr::dropout_mask(&x, &u, p)
+            } else {
+                (vec![], vec![])
+            };
+            out.want = wx;
+            let (mask, ma) = cx.output("mask", &[r, c], None, wm, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out, mask],
+                launch: Box::new(move |l, consts| {
+                    k::dropout_mask::launch_with(
+                        l,
+                        consts,
+                        &k::dropout_mask::Args {
+                            x: &xa,
+                            u: &ua,
+                            mask: &ma,
+                            p,
+                        },
+                    )
+                }),
+                bytes: 3 * r * c * e + 4 * r * c,
+            }
+        }
+        "mul_inplace" => {
+            let (m, ma) = cx.input(&[r, c], 0.0, 2.0, None)?;
+            let (x, xa, mut out) = cx.in_place("x", &[r, c], -3.0, 3.0, None)?;
+            out.want = cx.want(|| refr::mul_inplace(&x, &m));
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out],
+                launch: Box::new(move |l, consts| {
+                    k::mul_inplace::launch_with(l, consts, &k::mul_inplace::Args { x: &xa, m: &ma })
+                }),
+                bytes: 3 * r * c * e,
             }
         }
         "embedding_fwd" => {
@@ -285,7 +330,9 @@ pub(super) fn prepare(
 /// Correctness shapes of this module's kernels (`None` for other kernels).
 pub(super) fn check_shapes(kernel: &str) -> Option<Vec<(usize, usize)>> {
     Some(match kernel {
-        "bias_add" | "bias_relu" => vec![(1, 1), (1000, 1000), (333, 4100), (4096, 1024)],
+        "bias_add" | "bias_relu" | "dropout_mask" | "mul_inplace" => {
+            vec![(1, 1), (1000, 1000), (333, 4100), (4096, 1024)]
+        }
         "embedding_fwd" => vec![(1, 1), (1000, 768), (333, 4100), (4096, 1024)],
         // (heads, length): one block, both configurations' loops, the small one's single pass.
         "causal_softmax" => vec![(1, 1), (3, 100), (2, 2048), (1, 2100), (4, 300)],
@@ -299,7 +346,8 @@ pub(super) fn check_shapes(kernel: &str) -> Option<Vec<(usize, usize)>> {
 /// Bandwidth shapes of this module's kernels (`None` for other kernels).
 pub(super) fn bench_shape(kernel: &str) -> Option<(usize, usize)> {
     Some(match kernel {
-        "bias_add" | "bias_relu" | "embedding_fwd" | "softmax_bwd" => (32768, 4096),
+        "bias_add" | "bias_relu" | "embedding_fwd" | "softmax_bwd" | "dropout_mask"
+        | "mul_inplace" => (32768, 4096),
         "causal_softmax" => (12, 2048),
         "xent_fwd_bwd" => (2048, 50272),
         _ => return None,

@@ -4,7 +4,7 @@
 //! Base weights are frozen: the backward returns the layer's input gradient and the
 //! gradients of the LoRA branches only.
 
-use super::dropout::{self, DropoutRng, Site};
+use super::dropout::{self, MaskSource, Site};
 use super::lora_branch::{self, BranchGrads, BranchSaved};
 use super::Result;
 use crate::checkpoint::opt::{LayerNorm, Linear, OptLayer};
@@ -103,8 +103,8 @@ pub struct LayerCtx<'a> {
     pub cu_seqlens: &'a [i32],
     /// Tokens in the batch.
     pub rows: usize,
-    /// Dropout randomness (`None`: evaluation).
-    pub rng: Option<DropoutRng>,
+    /// Where dropout masks come from (`None`: evaluation).
+    pub rng: Option<&'a dyn MaskSource>,
 }
 
 fn ln_params(ln: &Option<LayerNorm>) -> (Option<&[f32]>, Option<&[f32]>) {

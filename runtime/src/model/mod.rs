@@ -15,8 +15,9 @@ pub mod layer;
 pub mod lora_branch;
 pub mod opt;
 
-pub use dropout::DropoutRng;
+pub use dropout::{DropoutRng, MaskSource, RecordedMasks};
 pub use error::{ModelError, Result};
 pub use opt::{
-    backward, eval_loss, forward, logits, loss_and_grads, Forward, LoraGrads, StepOutput,
+    backward, eval_loss, forward, forward_with_masks, logits, loss_and_grads,
+    loss_and_grads_with_masks, Forward, LoraGrads, StepOutput,
 };

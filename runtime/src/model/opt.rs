@@ -1,7 +1,7 @@
 //! The whole OPT causal LM on the CPU backend: embeddings, decoder layers, final LayerNorm and
 //! the LM head fused with the loss; forward, backward to the LoRA parameters, and evaluation.
 
-use super::dropout::DropoutRng;
+use super::dropout::{DropoutRng, MaskSource};
 use super::layer::{self, LayerAdapters, LayerCtx, LayerGrads, LayerSaved};
 use super::{ModelError, Result};
 use crate::checkpoint::opt::{Activation, LayerNorm};
@@ -177,6 +177,18 @@ pub fn forward(
     rng: Option<DropoutRng>,
     keep: bool,
 ) -> Result<Forward> {
+    let masks = rng.as_ref().map(|r| r as &dyn MaskSource);
+    forward_with_masks(model, lora, batch, masks, keep)
+}
+
+/// [`forward`] with dropout masks from any [`MaskSource`] (`None`: no dropout).
+pub fn forward_with_masks(
+    model: &OptModel,
+    lora: Option<&LoraParams>,
+    batch: &PackedBatch,
+    rng: Option<&dyn MaskSource>,
+    keep: bool,
+) -> Result<Forward> {
     let (c, w) = (&model.config, &model.weights);
     if c.activation != Activation::Relu {
         return Err(ModelError::Unsupported(format!(
@@ -289,7 +301,20 @@ pub fn loss_and_grads(
     grad_scale: f32,
     rng: Option<DropoutRng>,
 ) -> Result<StepOutput> {
-    let fwd = forward(model, Some(lora), batch, rng, true)?;
+    let masks = rng.as_ref().map(|r| r as &dyn MaskSource);
+    loss_and_grads_with_masks(model, lora, batch, grad_scale, masks)
+}
+
+/// [`loss_and_grads`] with dropout masks from any [`MaskSource`] (`None`: no dropout), e.g.
+/// the [`RecordedMasks`](super::dropout::RecordedMasks) of another engine's step.
+pub fn loss_and_grads_with_masks(
+    model: &OptModel,
+    lora: &LoraParams,
+    batch: &PackedBatch,
+    grad_scale: f32,
+    rng: Option<&dyn MaskSource>,
+) -> Result<StepOutput> {
+    let fwd = forward_with_masks(model, Some(lora), batch, rng, true)?;
     let out = head_loss(model, &fwd, &batch.targets, Some(grad_scale))?;
     let dh = out
         .dh

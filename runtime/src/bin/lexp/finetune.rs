@@ -131,18 +131,18 @@ fn make_engine(
     let cpu = |model: OptModel| -> (&'static str, Box<dyn Engine>) {
         ("cpu", Box::new(train::CpuEngine::new(model)))
     };
-    // What the GPU engine cannot run yet, for this run: the model's shape, or dropout.
+    // What keeps the GPU engine from this run: the model's shape, or dropout without cuRAND
+    // (loaded at run time; the GPU engine draws its dropout masks with it).
     let gpu_blocker = |model: &OptModel| -> Option<String> {
         if let Err(e) = lexp_runtime::gpu::weights::check_supported(model) {
             return Some(e.to_string());
         }
-        config.uses_dropout(&model.config).then(|| {
-            format!(
-                "dropout (model dropout {}, LoRA dropout {}) is not implemented on the GPU yet; \
-                 pass --model-dropout 0 --lora-dropout 0 to train without it",
-                model.config.dropout, config.lora_dropout
-            )
-        })
+        if config.uses_dropout(&model.config) {
+            return lexp_runtime::gpu::rng::curand_available()
+                .err()
+                .map(|e| e.to_string());
+        }
+        None
     };
     match choice {
         DeviceChoice::Cpu => Ok(cpu(load()?)),
