@@ -195,7 +195,9 @@ pub fn adamw(
 }
 
 /// Inverted dropout from uniforms `u` (the `dropout_mask` kernel): the mask
-/// `u >= p ? 1/(1-p) : 0` (a NaN `u` drops) and `x ⊙ mask`, returned as `(x, mask)`.
+/// `u >= p ? 1/(1-p) : 0` (a NaN `u` drops) and `x ⊙ mask`, returned as `(x, mask)`. The
+/// kernel scales `x` by the mask rounded to its storage type: for `x` in a 16-bit type,
+/// compare against [`mul_inplace`] of `x` and the rounded mask.
 pub fn dropout_mask(x: &[f32], u: &[f32], p: f32) -> (Vec<f32>, Vec<f32>) {
     let keep = 1.0 / (1.0 - f(p));
     let mask: Vec<f64> = u

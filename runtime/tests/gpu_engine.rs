@@ -312,10 +312,7 @@ fn compare_step_with(
     let n = b.num_targets();
     let scale = 1.0 / n as f32;
     let out = gpu.loss_and_grads(lora, b, scale, rng).unwrap();
-    let masks = match rng {
-        Some(_) => Some(gpu.last_masks().unwrap()),
-        None => None,
-    };
+    let masks = rng.map(|_| gpu.last_masks().unwrap());
     let source = masks.as_ref().map(|m| m as &dyn MaskSource);
     let cpu = model::loss_and_grads_with_masks(model, lora, b, scale, source).unwrap();
     assert_eq!(out.count, cpu.count);

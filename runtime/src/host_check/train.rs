@@ -81,7 +81,9 @@ pub(super) fn run(
             let p = 0.1;
             let mut u = t(rng, Storage::F32, &[r, c], 0.0, 1.0);
             let mut x = t(rng, dtype, &[r, c], -3.0, 3.0);
-            let (wx, wm) = refr::dropout_mask(&x.data, &u.data, p);
+            let (_, wm) = refr::dropout_mask(&x.data, &u.data, p);
+            // `x` is scaled by the mask as stored (rounded to the storage type).
+            let wx = refr::mul_inplace(&x.data, &HostTensor::new(dtype, &[r, c], &wm).data);
             let mut mask = poisoned(dtype, &[r, c]);
             let args = k::dropout_mask::HostArgs {
                 x: &mut x,

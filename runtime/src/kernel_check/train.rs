@@ -123,8 +123,10 @@ pub(super) fn prepare(
             let p = DROPOUT_P;
             let (u, ua) = cx.input(&[r, c], 0.0, 1.0, Some(Storage::F32))?;
             let (x, xa, mut out) = cx.in_place("x", &[r, c], -3.0, 3.0, None)?;
+            // `x` is scaled by the mask as stored (rounded to the storage type).
             let (wx, wm) = if cx.with_ref {
-                refr::dropout_mask(&x, &u, p)
+                let (_, wm) = refr::dropout_mask(&x, &u, p);
+                (refr::mul_inplace(&x, &round(cx.dtype, &wm)), wm)
             } else {
                 (vec![], vec![])
             };
