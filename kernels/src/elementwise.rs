@@ -17,6 +17,19 @@ pub fn axpby<T, const BLOCK: usize>(a: f32, x: Tensor<T, 1>, b: f32, y: TensorMu
     y.store([i], a * xv + b * yv);
 }
 
+/// `y = x` rounded from f32 to `T` (round to nearest even): e.g. the f32 logit gradients of the
+/// loss rounded to bf16 for the `dz·E` GEMM.
+#[kernel(
+    variants(T = [bf16, f16, f32], BLOCK = [2048]),
+    warps = 4,
+    grid = [cdiv(y.dim(0), BLOCK)],
+    require = [x.dim(0) == y.dim(0)]
+)]
+pub fn convert<T, const BLOCK: usize>(x: Tensor<f32, 1>, y: TensorMut<T, 1>) {
+    let i = program_id(0).cast::<i64>() * BLOCK + range::<BLOCK>();
+    y.store([i], x.load([i]));
+}
+
 /// `y = max(x, 0)`.
 #[kernel(
     variants(T = [bf16, f16, f32], BLOCK = [2048]),

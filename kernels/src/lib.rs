@@ -24,7 +24,7 @@ pub mod xent;
 pub use attention_softmax::{causal_softmax, softmax_bwd};
 pub use bias::{bias_add, bias_relu};
 pub use dropout::{dropout_mask, mul_inplace};
-pub use elementwise::{axpby, gelu, gelu_bwd, relu, relu_bwd};
+pub use elementwise::{axpby, convert, gelu, gelu_bwd, relu, relu_bwd};
 pub use embedding::embedding_fwd;
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
@@ -39,8 +39,9 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 29] = [
+pub static ALL: [&KernelInfo; 30] = [
     &axpby::INFO,
+    &convert::INFO,
     &relu::INFO,
     &relu_bwd::INFO,
     &gelu::INFO,

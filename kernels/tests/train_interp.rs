@@ -197,6 +197,27 @@ fn bias_add_rewrites_every_element() {
 proptest! {
     #![proptest_config(config())]
 
+    /// `convert`: every element of the f32 input rounded exactly as the storage type rounds
+    /// (round to nearest even), every output element written.
+    #[test]
+    fn convert_rounds_to_the_storage_type(seed: u64, n in size(1..6000, &[2047, 2048, 2049])) {
+        let mut data = Data::new(seed);
+        let mut x = HostTensor::new(Storage::F32, &[n], &data.values(n, -SCALE, SCALE));
+        for dtype in DTYPES {
+            let what = format!("convert {dtype:?} {n}");
+            let mut y = poisoned(dtype, &[n]);
+            run(&what, kernels::convert::interpret(&[], kernels::convert::HostArgs { x: &mut x, y: &mut y }))?;
+            for (i, (&g, &v)) in y.data.iter().zip(&x.data).enumerate() {
+                let want = lexp_compiler::dtype::round_to(dtype.dtype(), v);
+                prop_assert!(g.to_bits() == want.to_bits(), "{what}: [{i}] {v} -> {g}, want {want}");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
     #[test]
     fn embedding_fwd(
         seed: u64,

@@ -49,6 +49,19 @@ fn run(
             )?;
             vec![("y", y, want, 0.0)]
         }
+        "convert" => {
+            let mut x = t(rng, Storage::F32, &[r], -3.0, 3.0);
+            let mut y = poisoned(dtype, &[r]);
+            let want = x.data.clone();
+            k::convert::interpret(
+                &[],
+                k::convert::HostArgs {
+                    x: &mut x,
+                    y: &mut y,
+                },
+            )?;
+            vec![("y", y, want, 0.0)]
+        }
         "relu" | "gelu" => {
             let mut x = t(rng, dtype, &[r], -3.0, 3.0);
             let mut y = poisoned(dtype, &[r]);
@@ -231,7 +244,7 @@ pub fn check_all_host(only: Option<&str>) -> Result<Vec<CheckRow>, LaunchError> 
         }
         let dims = if let Some(d) = train::dims(kernel) {
             d
-        } else if ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd"].contains(&kernel) {
+        } else if ["axpby", "convert", "relu", "relu_bwd", "gelu", "gelu_bwd"].contains(&kernel) {
             (5000, 0)
         } else {
             (9, 1100)

@@ -112,11 +112,14 @@ fn round(dtype: Storage, v: &[f32]) -> Vec<f32> {
 }
 
 /// Elementwise kernels take `(n, _)`; row kernels `(rows, cols)`.
-const ELEMENTWISE: [&str; 6] = ["axpby", "relu", "relu_bwd", "gelu", "gelu_bwd", "adamw"];
+const ELEMENTWISE: [&str; 7] = [
+    "axpby", "convert", "relu", "relu_bwd", "gelu", "gelu_bwd", "adamw",
+];
 
 /// Every kernel the checker knows, in `lexp_kernels::ALL` order.
-pub const KERNELS: [&str; 20] = [
+pub const KERNELS: [&str; 21] = [
     "axpby",
+    "convert",
     "relu",
     "relu_bwd",
     "gelu",
@@ -262,6 +265,20 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
                     )
                 }),
                 bytes: 3 * n * e,
+            }
+        }
+        "convert" => {
+            let n = r;
+            let (x, xa) = cx.input(&[n], -3.0, 3.0, Some(Storage::F32))?;
+            let want = cx.want(|| round(cx.dtype, &x));
+            let (out, ya) = cx.output("y", &[n], None, want, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![out],
+                launch: Box::new(move |l, c| {
+                    k::convert::launch_with(l, c, &k::convert::Args { x: &xa, y: &ya })
+                }),
+                bytes: n * (4 + e),
             }
         }
         "relu" | "gelu" => {

@@ -24,7 +24,6 @@ use lexp_compiler::dtype::Storage;
 use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::cublas::{Blas, Mat, MatLayout, MatMut};
 use lexp_runtime::data::{load_jsonl, pack, JsonlOptions, PackedBatch, SplitMix64, Tokenizer};
-use lexp_runtime::gpu::cast::CastKernel;
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::model::dropout::Site;
 use lexp_runtime::model::{self, DropoutRng, MaskSource, ModelError, RecordedMasks};
@@ -125,7 +124,7 @@ fn device() -> CudaDevice {
 }
 
 #[test]
-fn strided_gemm_and_cast_kernel_match_the_host() {
+fn strided_gemm_and_convert_kernel_match_the_host() {
     if !enabled() {
         return;
     }
@@ -177,15 +176,16 @@ fn strided_gemm_and_cast_kernel_match_the_host() {
     println!("strided-batched QKᵀ: max abs error {worst:.2e}");
     assert!(worst < 1e-4, "{worst}");
 
-    // f32 -> bf16 rounding on the device equals the host's round-to-nearest-even.
-    let cast = CastKernel::load(&dev).unwrap();
+    // f32 -> bf16 rounding on the device (the `convert` DSL kernel the LM head's dz uses)
+    // equals the host's round-to-nearest-even.
     let n = 100_003;
     let mut vals = uniform(n);
     vals[0] = 1.0 + f32::EPSILON; // rounds down to 1.0
     vals[1] = -3.0e38;
     let src = DeviceTensor::from_f32(&dev, Storage::F32, &[n], &vals).unwrap();
-    let mut dst = DeviceTensor::poisoned(&dev, Storage::BF16, &[n + 5]).unwrap();
-    cast.f32_to_bf16(&dev, &src, &mut dst, n).unwrap();
+    let dst = DeviceTensor::poisoned(&dev, Storage::BF16, &[n + 5]).unwrap();
+    let (x, y) = (src.as_arg(), dst.offset_arg(0, &[n]).unwrap());
+    lexp_kernels::convert::launch(&dev, &lexp_kernels::convert::Args { x: &x, y: &y }).unwrap();
     let got = dst.to_f32_vec().unwrap();
     let want = DeviceTensor::from_f32(&dev, Storage::BF16, &[n], &vals)
         .unwrap()

@@ -12,12 +12,11 @@
 //! (cuBLAS takes both inputs of one type, and an f32 copy of `E` would cost more memory and
 //! a slower f32 GEMM), and `dh = dz·E` is scattered back into the rows' gradient.
 
-use super::cast::CastKernel;
 use super::dropout::{DropCtx, MaskLayout};
 use super::layer::{self, segments, Ctx, Segment};
 use super::lora::{self, DeviceLora};
 use super::ops::{
-    arg, arg_at, copy_rows, dense, dense_mut, dev_err, download_f32, embedding, layernorm,
+    arg, arg_at, convert, copy_rows, dense, dense_mut, dev_err, download_f32, embedding, layernorm,
     layernorm_bwd, mm, upload_prefix, xent, R,
 };
 use super::rng::GpuRng;
@@ -41,7 +40,6 @@ pub struct GpuEngine {
     model: OptModel,
     dev: CudaDevice,
     blas: Blas,
-    cast: CastKernel,
     weights: DeviceWeights,
     dims: Dims,
     ws: Option<Workspace>,
@@ -99,7 +97,6 @@ impl GpuEngine {
             )));
         }
         let blas = Blas::new(&device).map_err(dev_err("cuBLAS"))?;
-        let cast = CastKernel::load(&device).map_err(dev_err("loading kernels"))?;
         let need = weights::device_bytes(&model);
         let (free, total) = device.mem_info().map_err(dev_err("querying GPU memory"))?;
         if need > free {
@@ -123,7 +120,6 @@ impl GpuEngine {
             model,
             dev: device,
             blas,
-            cast,
             weights,
             dims,
             ws: None,
@@ -235,7 +231,6 @@ impl GpuEngine {
         let GpuEngine {
             dev,
             blas,
-            cast,
             weights,
             dims,
             ws,
@@ -346,8 +341,7 @@ impl GpuEngine {
                 grad_scale.unwrap_or(0.0),
             )?;
             if grad_scale.is_some() {
-                cast.f32_to_bf16(dev, &hb.z, &mut hb.dz, c * v)
-                    .map_err(dev_err("rounding dz"))?;
+                convert(dev, &hb.z, &hb.dz, c * v)?;
                 let out = MatMut::new(&mut hb.dhsel, rows);
                 mm(
                     blas,

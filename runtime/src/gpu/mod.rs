@@ -14,7 +14,6 @@
 //!   strided-batched cuBLAS GEMMs over the heads.
 //! - [`engine`]: the engine: batch checks, embeddings, the chunked LM head + cross-entropy,
 //!   and the one download (loss and gradients) that ends each call.
-//! - [`cast`]: a small f32 → bf16 conversion kernel (hand-written PTX).
 //! - [`dropout`], [`rng`]: dropout masks (cuRAND uniforms, the `dropout_mask` kernel), saved
 //!   for the backward.
 //!
@@ -24,7 +23,6 @@
 //! through [`rng`]). Refused with [`ModelError::Unsupported`](crate::model::ModelError):
 //! post-LN, `project_in`/`project_out`, other activations. The CPU engine covers those.
 
-pub mod cast;
 pub mod dropout;
 pub mod engine;
 pub mod layer;

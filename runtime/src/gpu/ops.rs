@@ -130,6 +130,12 @@ pub fn layernorm_bwd(
     .map_err(launch_err)
 }
 
+/// `dst[..n] = src[..n]` rounded from f32 to `dst`'s type (the `convert` DSL kernel).
+pub fn convert(dev: &CudaDevice, src: &DeviceTensor, dst: &DeviceTensor, n: usize) -> R {
+    let (x, y) = (arg(src, &[n])?, arg(dst, &[n])?);
+    k::convert::launch(dev, &k::convert::Args { x: &x, y: &y }).map_err(launch_err)
+}
+
 /// `x[r, c] += bias[c]` in place on `x [rows, cols]`; with `relu`, then `x = max(x, 0)`.
 pub fn bias_add(
     dev: &CudaDevice,
