@@ -409,20 +409,11 @@ pub fn backward(
     // fc2: dact = (g ⊙ mask)·W2 (+ LoRA), then the ReLU mask.
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
     let gm = cx.residual_grad(mlp_col, g, &acts.mask, &mut sc.tmp2)?;
-    mm(
-        blas,
-        dense(gm, t, h),
-        dense(&w.w2, h, f),
-        dense_mut(&mut sc.dact, t, f),
-        false,
-        false,
-        1.0,
-        0.0,
-    )?;
-    branch_backward(
+    project_backward(
         cx,
         li,
         LoraTarget::Fc2,
+        &w.w2,
         (&acts.act, f),
         (gm, h),
         acts,
@@ -432,20 +423,11 @@ pub fn backward(
     )?;
     relu_bwd(dev, &acts.act, &sc.dact, t * f)?;
     // fc1: d(LN2 out) = dact·W1 (+ LoRA).
-    mm(
-        blas,
-        dense(&sc.dact, t, f),
-        dense(&w.w1, f, h),
-        dense_mut(&mut sc.tmp, t, h),
-        false,
-        false,
-        1.0,
-        0.0,
-    )?;
-    branch_backward(
+    project_backward(
         cx,
         li,
         LoraTarget::Fc1,
+        &w.w1,
         (&acts.b, h),
         (&sc.dact, f),
         acts,
@@ -470,20 +452,11 @@ pub fn backward(
     // out_proj: dO = (g ⊙ mask)·Wo (+ LoRA), into tmp.
     let attn_col = cx.drop.and_then(|d| d.layout.attn);
     let gm = cx.residual_grad(attn_col, g, &acts.mask, &mut sc.tmp2)?;
-    mm(
-        blas,
-        dense(gm, t, h),
-        dense(&w.wo, h, h),
-        dense_mut(&mut sc.tmp, t, h),
-        false,
-        false,
-        1.0,
-        0.0,
-    )?;
-    branch_backward(
+    project_backward(
         cx,
         li,
         LoraTarget::Out,
+        &w.wo,
         (&acts.o, h),
         (gm, h),
         acts,
@@ -553,6 +526,46 @@ pub fn backward(
         h,
     )?;
     add(dev, &sc.tmp, g, t * h)
+}
+
+/// The input gradient of one frozen projection `W [out_f, in_f]` for output gradient `dy`:
+/// `dx = dy·W`, plus, when `target` is adapted in layer `li`, its LoRA branch's share of `dx`
+/// and the gradients of its `A` and `B` ([`branch_backward`]).
+#[allow(clippy::too_many_arguments)]
+fn project_backward(
+    cx: &Ctx,
+    li: usize,
+    target: LoraTarget,
+    w: &DeviceTensor,
+    (x, in_f): (&DeviceTensor, usize),
+    (dy, out_f): (&DeviceTensor, usize),
+    acts: &LayerActs,
+    scratch: (&mut DeviceTensor, &mut DeviceTensor),
+    grads: &mut DeviceTensor,
+    dx: &mut DeviceTensor,
+) -> R {
+    let t = cx.t;
+    mm(
+        cx.blas,
+        dense(dy, t, out_f),
+        dense(w, out_f, in_f),
+        dense_mut(dx, t, in_f),
+        false,
+        false,
+        1.0,
+        0.0,
+    )?;
+    branch_backward(
+        cx,
+        li,
+        target,
+        (x, in_f),
+        (dy, out_f),
+        acts,
+        scratch,
+        grads,
+        dx,
+    )
 }
 
 /// The LoRA backward of `target` (if adapted) with input `(x, in_f)` and output gradient
