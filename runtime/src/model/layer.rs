@@ -40,11 +40,7 @@ impl<'a> LayerAdapters<'a> {
     /// The branches of `layer` in `params` (or none).
     pub fn of(params: Option<&'a LoraParams>, layer: usize) -> LayerAdapters<'a> {
         let Some(p) = params else {
-            return LayerAdapters {
-                branches: [None; 6],
-                scale: 0.0,
-                dropout: 0.0,
-            };
+            return LayerAdapters::NONE;
         };
         let mut branches = [None; 6];
         for (i, t) in LoraTarget::ALL.into_iter().enumerate() {
@@ -56,14 +52,6 @@ impl<'a> LayerAdapters<'a> {
             dropout: p.config.dropout,
         }
     }
-}
-
-/// Index of `target` in [`LoraTarget::ALL`].
-pub fn target_index(target: LoraTarget) -> usize {
-    LoraTarget::ALL
-        .iter()
-        .position(|&t| t == target)
-        .unwrap_or_default()
 }
 
 /// What one layer's forward keeps for its backward.
@@ -133,7 +121,7 @@ fn project(
         in_f,
         lin.bias.as_deref(),
     );
-    let i = target_index(target);
+    let i = target.index();
     if let Some(module) = adapters.branches[i] {
         let mask = match ctx.rng {
             Some(rng) if adapters.dropout > 0.0 => {
@@ -180,7 +168,7 @@ fn project_bwd(
         1.0,
         1.0,
     );
-    let i = target_index(target);
+    let i = target.index();
     if let (Some(module), Some(s)) = (adapters.branches[i], &saved[i]) {
         grads[i] = Some(lora_branch::backward(
             module,

@@ -72,7 +72,7 @@ impl LoraGrads {
 
     /// The gradient of `A` and `B` of `(layer, target)`, if adapted.
     pub fn get(&self, layer: usize, target: LoraTarget) -> Option<(&[f32], &[f32])> {
-        let g = self.layers.get(layer)?[layer::target_index(target)].as_ref()?;
+        let g = self.layers.get(layer)?[target.index()].as_ref()?;
         Some((&g.a, &g.b))
     }
 }
