@@ -226,20 +226,11 @@ pub fn forward(
     attention_forward(cx, acts, sc)?;
 
     // out_proj, its bias and the residual: h1 = x + (o·Woᵀ + bo).
-    mm(
-        blas,
-        dense(&acts.o, t, h),
-        dense(&w.wo, h, h),
-        dense_mut(&mut sc.tmp, t, h),
-        false,
-        true,
-        1.0,
-        0.0,
-    )?;
-    branch_forward(
+    project_forward(
         cx,
         li,
         LoraTarget::Out,
+        &w.wo,
         (&acts.o, h),
         (&mut sc.tmp, h),
         (&mut acts.u, &acts.mask),
@@ -267,40 +258,22 @@ pub fn forward(
         t,
         h,
     )?;
-    mm(
-        blas,
-        dense(&acts.b, t, h),
-        dense(&w.w1, f, h),
-        dense_mut(&mut acts.act, t, f),
-        false,
-        true,
-        1.0,
-        0.0,
-    )?;
-    branch_forward(
+    project_forward(
         cx,
         li,
         LoraTarget::Fc1,
+        &w.w1,
         (&acts.b, h),
         (&mut acts.act, f),
         (&mut acts.u, &acts.mask),
         (&mut sc.rand, &mut sc.xd),
     )?;
     bias_add(dev, &acts.act, &w.b1, t, f, true)?;
-    mm(
-        blas,
-        dense(&acts.act, t, f),
-        dense(&w.w2, h, f),
-        dense_mut(&mut sc.tmp, t, h),
-        false,
-        true,
-        1.0,
-        0.0,
-    )?;
-    branch_forward(
+    project_forward(
         cx,
         li,
         LoraTarget::Fc2,
+        &w.w2,
         (&acts.act, f),
         (&mut sc.tmp, h),
         (&mut acts.u, &acts.mask),
@@ -316,6 +289,32 @@ pub fn forward(
         &acts.mask,
         &mut sc.rand,
     )
+}
+
+/// One frozen projection `W [out_f, in_f]` without its bias: `y = x·Wᵀ`, plus the LoRA
+/// branch of `target` when it is adapted in layer `li` ([`branch_forward`]).
+fn project_forward(
+    cx: &Ctx,
+    li: usize,
+    target: LoraTarget,
+    w: &DeviceTensor,
+    (x, in_f): (&DeviceTensor, usize),
+    (y, out_f): (&mut DeviceTensor, usize),
+    saved: (&mut DeviceTensor, &DeviceTensor),
+    scratch: (&mut DeviceTensor, &mut DeviceTensor),
+) -> R {
+    let t = cx.t;
+    mm(
+        cx.blas,
+        dense(x, t, in_f),
+        dense(w, out_f, in_f),
+        dense_mut(y, t, out_f),
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    branch_forward(cx, li, target, (x, in_f), (y, out_f), saved, scratch)
 }
 
 /// The LoRA branch of `target` (if adapted) on input `x [T, in_f]` into `y [T, out_f]`,
