@@ -15,33 +15,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Whether `../shared` (the fixtures and data) is here. Without it (a checkout without the
-/// shared folder) these tests are skipped with a message; `LEXP_REQUIRE_SHARED=1` makes its
-/// absence a failure instead.
-fn shared_available() -> bool {
-    let dir = std::env::var_os("LEXP_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let here = dir.join("fixtures").is_dir();
-    if !here && std::env::var("LEXP_REQUIRE_SHARED").as_deref() != Ok("1") {
-        eprintln!("skipped: no shared fixtures at {}", dir.display());
-    }
-    here || std::env::var("LEXP_REQUIRE_SHARED").as_deref() == Ok("1")
-}
-
-macro_rules! skip_without_shared {
-    () => {
-        if !shared_available() {
-            return;
-        }
-    };
-}
+mod common;
 
 fn fixtures() -> PathBuf {
-    let dir = std::env::var_os("LEXP_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
-        .join("fixtures");
+    let dir = common::shared_dir().join("fixtures");
     assert!(
         dir.join("opt-tiny/config.json").is_file(),
         "fixtures not found at {} (set LEXP_SHARED_DIR)",

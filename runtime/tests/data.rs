@@ -12,32 +12,10 @@ use lexp_runtime::data::{
     Tokenizer, IGNORE_INDEX,
 };
 
-/// Whether `../shared` (the fixtures and data) is here. Without it (a checkout without the
-/// shared folder) these tests are skipped with a message; `LEXP_REQUIRE_SHARED=1` makes its
-/// absence a failure instead.
-fn shared_available() -> bool {
-    let dir = std::env::var_os("LEXP_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let here = dir.join("fixtures").is_dir();
-    if !here && std::env::var("LEXP_REQUIRE_SHARED").as_deref() != Ok("1") {
-        eprintln!("skipped: no shared fixtures at {}", dir.display());
-    }
-    here || std::env::var("LEXP_REQUIRE_SHARED").as_deref() == Ok("1")
-}
-
-macro_rules! skip_without_shared {
-    () => {
-        if !shared_available() {
-            return;
-        }
-    };
-}
+mod common;
 
 fn shared() -> PathBuf {
-    let dir = std::env::var_os("LEXP_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let dir = common::shared_dir();
     assert!(
         dir.join("fixtures").is_dir(),
         "shared data not found at {} (set LEXP_SHARED_DIR)",

@@ -8,20 +8,14 @@
 use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::data::{text_windows, Tokenizer};
 use lexp_runtime::train::{evaluate, CpuEngine};
-use std::path::Path;
+
+mod common;
 
 fn check(name: &str) {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    skip_without_shared!();
+    let shared = common::shared_dir();
     let dir = shared.join("fixtures").join(name);
     let corpus = shared.join("data/corpus/valid.txt");
-    if !dir.join("config.json").exists() || !corpus.exists() {
-        assert!(
-            std::env::var_os("LEXP_REQUIRE_SHARED").is_none(),
-            "../shared is missing"
-        );
-        eprintln!("skipping: ../shared is absent");
-        return;
-    }
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("pretrain_report.json")).unwrap())
             .unwrap();

@@ -12,6 +12,8 @@ use lexp_runtime::peft::{LoraConfig, LoraModule, LoraParams, LoraTarget};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -21,21 +23,17 @@ fn reference(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
+/// The bundled copy of a fixture (opt-tiny is in `assets/`), else the one in `../shared`;
+/// `None` (skip) when neither is here.
 fn model_dir(name: &str) -> Option<PathBuf> {
     let bundled = repo().join("assets/default").join(name);
     if bundled.join("config.json").exists() {
         return Some(bundled);
     }
-    let shared = repo().join("../shared/fixtures").join(name);
-    if shared.join("config.json").exists() {
-        return Some(shared);
+    if !common::shared_available() {
+        return None;
     }
-    assert!(
-        std::env::var_os("LEXP_REQUIRE_SHARED").is_none(),
-        "fixture {name} not found under ../shared/fixtures"
-    );
-    eprintln!("skipping: fixture {name} not found (../shared is absent)");
-    None
+    Some(common::shared_dir().join("fixtures").join(name))
 }
 
 fn ints(v: &Value) -> Vec<i64> {

@@ -25,7 +25,7 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
 
 /// The GEMM behind every linear layer (an FFN shape of a 2048-token batch).
 #[test]
-#[ignore]
+#[ignore = "micro benchmark: seconds of CPU work in release, asserts nothing; run with --ignored --release --nocapture"]
 fn bench_matmul() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (m, k, n) = (2048, 384, 1536);
@@ -48,7 +48,7 @@ fn bench_matmul() {
 /// Attention forward and backward over a packed batch: 2048 tokens in segments of 1024, 512,
 /// 512, 12 heads of 64 (FLOPs counted for the causal half of each score matrix).
 #[test]
-#[ignore]
+#[ignore = "micro benchmark: seconds of CPU work in release, asserts nothing; run with --ignored --release --nocapture"]
 fn bench_attention() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (nh, hd) = (12, 64);
@@ -81,7 +81,7 @@ fn bench_attention() {
 
 /// The fused LM head + cross-entropy with its gradient at the OPT vocabulary.
 #[test]
-#[ignore]
+#[ignore = "micro benchmark: seconds of CPU work in release, asserts nothing; run with --ignored --release --nocapture"]
 fn bench_lm_head_xent() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (rows, e, vocab) = (512, 768, 50272);
