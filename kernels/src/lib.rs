@@ -9,6 +9,7 @@ pub mod bias;
 pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
+pub mod flash_attention;
 pub mod gemm;
 pub mod layernorm;
 pub mod lora;
@@ -26,6 +27,7 @@ pub use bias::{bias_add, bias_relu};
 pub use dropout::{dropout_mask, mul_inplace};
 pub use elementwise::{axpby, convert, gelu, gelu_bwd, relu, relu_bwd};
 pub use embedding::embedding_fwd;
+pub use flash_attention::{flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_fwd};
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
@@ -39,7 +41,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 30] = [
+pub static ALL: [&KernelInfo; 34] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -70,6 +72,10 @@ pub static ALL: [&KernelInfo; 30] = [
     &lora_fwd::INFO,
     &lora_bwd_dx::INFO,
     &lora_grad::INFO,
+    &flash_fwd::INFO,
+    &flash_bwd_delta::INFO,
+    &flash_bwd_dkdv::INFO,
+    &flash_bwd_dq::INFO,
 ];
 
 /// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and

@@ -19,6 +19,10 @@
 use lexp_compiler::dtype::Storage;
 use std::fmt;
 
+#[path = "reference_attention.rs"]
+mod attention;
+pub use attention::{attention_bwd, attention_fwd, AttnShape};
+
 #[path = "reference_train.rs"]
 mod train;
 pub use train::{

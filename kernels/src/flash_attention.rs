@@ -1,0 +1,275 @@
+//! Flash attention (FA2 form, COMPILER.md §7.3): causal self-attention over packed sequences
+//! without materialising the scores, forward and backward.
+//!
+//! q, k and v are read in place from the `[T, 3H]` output of the fused q/k/v projection (head
+//! `h` at columns `h·D`, `H + h·D` and `2H + h·D`), as the GPU engine lays them out. Packed
+//! sequences are described by a *query-block list* `blocks [nb, 3]` of `i32`: row `b` is
+//! `(start, len, q0)` — the sequence's first token, its length, and the block's first query
+//! position inside it. The host writes one row per `BM`-query block of every sequence
+//! (longest-running blocks first, for load balance); the grid is `nb x heads`, so no
+//! recompilation happens per batch shape.
+//!
+//! Softmax statistics are kept in base 2 (`exp2`, scores pre-multiplied by
+//! `c = softmax_scale · log2 e`): the forward writes `lse2 = m + log2(l)` per (head, token), and
+//! the backward recomputes `P = exp2(c·q·kᵀ − lse2)` from it. Only rows of the block that lie
+//! inside the sequence are stored: rows past its end are redirected to an out-of-range index
+//! (the loads' and stores' bounds mask then drops them). Keys past a query are masked to −inf
+//! (causal), which also hides every key past the sequence's end from every stored row.
+
+use lexp_macros::kernel;
+
+/// One row of a block list: `(start, len, first)` — a sequence's first token, its length, and
+/// the first query (or key) position of the block inside it.
+pub type BlockRow = [i32; 3];
+
+/// The query-block list of [`flash_fwd`] and [`flash_bwd_dq`]: one row per `bm`-query block
+/// of every sequence of `cu_seqlens`, blocks that visit the most keys (the last ones of long
+/// sequences) first, so that the long programs start early. `None` if a position does not
+/// fit in `i32`.
+pub fn query_blocks(cu_seqlens: &[usize], bm: usize) -> Option<Vec<BlockRow>> {
+    let mut b = block_rows(cu_seqlens, bm)?;
+    b.sort_by_key(|r| std::cmp::Reverse(r[2]));
+    Some(b)
+}
+
+/// The key-block list of [`flash_bwd_dkdv`]: one row per `bn`-key block, blocks that visit the
+/// most queries (the first ones of long sequences) first.
+pub fn key_blocks(cu_seqlens: &[usize], bn: usize) -> Option<Vec<BlockRow>> {
+    let mut b = block_rows(cu_seqlens, bn)?;
+    b.sort_by_key(|r| std::cmp::Reverse(r[1] - r[2]));
+    Some(b)
+}
+
+fn block_rows(cu_seqlens: &[usize], size: usize) -> Option<Vec<BlockRow>> {
+    let mut b = vec![];
+    for w in cu_seqlens.windows(2) {
+        let (start, len) = (
+            i32::try_from(w[0]).ok()?,
+            i32::try_from(w[1].checked_sub(w[0])?).ok()?,
+        );
+        for first in (0..len).step_by(size.max(1)) {
+            b.push([start, len, first]);
+        }
+    }
+    Some(b)
+}
+
+/// Forward: `o = softmax(scale · q·kᵀ + causal mask) · v` per sequence and head, and
+/// `lse2[h, t] = log2 Σ_j 2^(c·s_tj)` (base 2, `c = scale · log2 e`) for the backward.
+/// `c` is passed as `scale_log2`.
+#[kernel(
+    variants(T = [bf16, f16], D = [64], BM = [128], BN = [64], S = [2], W = [8]),
+    warps = W,
+    stages = S,
+    grid = [blocks.dim(0), o.dim(1) / D],
+    require = [
+        blocks.dim(1) == 3, qkv.dim(1) == 3 * o.dim(1), o.dim(0) == qkv.dim(0),
+        o.dim(1) % D == 0, lse2.dim(0) == o.dim(1) / D, lse2.dim(1) == qkv.dim(0)
+    ]
+)]
+pub fn flash_fwd<
+    T,
+    const D: usize,
+    const BM: usize,
+    const BN: usize,
+    const S: usize,
+    const W: usize,
+>(
+    qkv: Tensor<T, 2>,
+    blocks: Tensor<i32, 2>,
+    scale_log2: f32,
+    o: TensorMut<T, 2>,
+    lse2: TensorMut<f32, 2>,
+) {
+    let blk = program_id(0);
+    let head = program_id(1);
+    let start = blocks.load([blk, 0]);
+    let len = blocks.load([blk, 1]);
+    let q0 = blocks.load([blk, 2]);
+    let h = o.dim(1);
+    let qi = q0 + range::<BM>();
+    let rows = start + qi;
+    let dq = head * D + range::<D>();
+    let q = qkv.load([rows, dq]);
+    let mut m = full::<f32, BM>(NEG_INFINITY);
+    let mut l = zeros::<f32, BM>();
+    let mut acc = zeros::<f32, BM, D>();
+    let hi = min(q0 + BM, len);
+    for k0 in (0..hi).step_by(BN) {
+        let kj = k0 + range::<BN>();
+        let krows = start + kj;
+        let k = qkv.load([krows, h + dq]);
+        let s = dot(q, k.t(), zeros::<f32, BM, BN>()) * scale_log2;
+        let s = select(kj.expand(0) <= qi.expand(1), s, NEG_INFINITY);
+        let m_new = max(m, s.reduce_max(1));
+        let alpha = exp2(m - m_new);
+        let p = exp2(s - m_new.expand(1));
+        l = l * alpha + p.sum(1);
+        let v = qkv.load([krows, 2 * h + dq]);
+        acc = dot(p.cast::<T>(), v, acc * alpha.expand(1));
+        m = m_new;
+    }
+    // Every query sees itself, so `l >= 1` on every row that is stored.
+    let out_rows = select(qi < len, rows, qkv.dim(0));
+    o.store([out_rows, dq], (acc * (1.0 / l).expand(1)).cast::<T>());
+    lse2.store([head, out_rows], m + log2(l));
+}
+
+/// Backward, step 1: `delta[h, t] = Σ_d dO[t, h·D + d] · O[t, h·D + d]` (f32), the row sums
+/// `rowsum(P ⊙ dP)` of the softmax backward, from the stored output.
+#[kernel(
+    variants(T = [bf16, f16], D = [64], BR = [128]),
+    warps = 4,
+    grid = [cdiv(o.dim(0), BR), o.dim(1) / D],
+    require = [
+        d_o.dim(0) == o.dim(0), d_o.dim(1) == o.dim(1), o.dim(1) % D == 0,
+        delta.dim(0) == o.dim(1) / D, delta.dim(1) == o.dim(0)
+    ]
+)]
+pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
+    o: Tensor<T, 2>,
+    d_o: Tensor<T, 2>,
+    delta: TensorMut<f32, 2>,
+) {
+    let head = program_id(1);
+    let rows = program_id(0) * BR + range::<BR>();
+    let cols = head * D + range::<D>();
+    let prod = o.load([rows, cols]).cast::<f32>() * d_o.load([rows, cols]).cast::<f32>();
+    delta.store([head, rows], prod.sum(1));
+}
+
+/// Backward, step 2: `dk` and `dv` of one `BN`-key block and head, visiting the query blocks
+/// at and after it (`blocks` rows are `(start, len, k0)`, one per key block). Transposed
+/// tiles: `Pᵀ = exp2(c·k·qᵀ − lse2)`, `dv += Pᵀ·dO`, `dSᵀ = Pᵀ ⊙ (v·dOᵀ − delta)`,
+/// `dk += dSᵀ·q`; `dk` is scaled by `scale` at the end. Writes the k and v blocks of `dqkv`.
+#[kernel(
+    variants(T = [bf16, f16], D = [64], BN = [64], BM = [64], S = [2], W = [8]),
+    only = [BN % BM == 0],
+    warps = W,
+    stages = S,
+    grid = [blocks.dim(0), d_o.dim(1) / D],
+    require = [
+        blocks.dim(1) == 3, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
+        d_o.dim(1) % D == 0, lse2.dim(0) == d_o.dim(1) / D, lse2.dim(1) == qkv.dim(0),
+        delta.dim(0) == lse2.dim(0), delta.dim(1) == lse2.dim(1),
+        dqkv.dim(0) == qkv.dim(0), dqkv.dim(1) == qkv.dim(1)
+    ]
+)]
+pub fn flash_bwd_dkdv<
+    T,
+    const D: usize,
+    const BN: usize,
+    const BM: usize,
+    const S: usize,
+    const W: usize,
+>(
+    qkv: Tensor<T, 2>,
+    d_o: Tensor<T, 2>,
+    lse2: Tensor<f32, 2>,
+    delta: Tensor<f32, 2>,
+    blocks: Tensor<i32, 2>,
+    scale_log2: f32,
+    scale: f32,
+    dqkv: TensorMut<T, 2>,
+) {
+    let blk = program_id(0);
+    let head = program_id(1);
+    let start = blocks.load([blk, 0]);
+    let len = blocks.load([blk, 1]);
+    let k0 = blocks.load([blk, 2]);
+    let h = d_o.dim(1);
+    let kj = k0 + range::<BN>();
+    let krows = start + kj;
+    let dc = head * D + range::<D>();
+    let k = qkv.load([krows, h + dc]);
+    let v = qkv.load([krows, 2 * h + dc]);
+    let mut dk = zeros::<f32, BN, D>();
+    let mut dv = zeros::<f32, BN, D>();
+    for q0 in (k0..len).step_by(BM) {
+        let qi = q0 + range::<BM>();
+        let qrows = start + qi;
+        let q = qkv.load([qrows, dc]);
+        let dout = d_o.load([qrows, dc]);
+        let st = dot(k, q.t(), zeros::<f32, BN, BM>());
+        let visible = (kj.expand(1) <= qi.expand(0)) & (qi < len).expand(0);
+        let pt = select(
+            visible,
+            exp2(st * scale_log2 - lse2.load([head, qrows]).expand(0)),
+            0.0,
+        );
+        dv = dot(pt.cast::<T>(), dout, dv);
+        let dpt = dot(v, dout.t(), zeros::<f32, BN, BM>());
+        let dst = pt * (dpt - delta.load([head, qrows]).expand(0));
+        dk = dot(dst.cast::<T>(), q, dk);
+    }
+    let out = select(kj < len, krows, qkv.dim(0));
+    dqkv.store([out, h + dc], (dk * scale).cast::<T>());
+    dqkv.store([out, 2 * h + dc], dv.cast::<T>());
+}
+
+/// Backward, step 3: `dq` of one `BM`-query block and head (`blocks` as in [`flash_fwd`]):
+/// `P = exp2(c·q·kᵀ − lse2)`, `dS = P ⊙ (dO·vᵀ − delta)`, `dq = scale · Σ dS·k`. Writes the
+/// q block of `dqkv`. Recomputing `S` and `dP` here instead of accumulating `dq` atomically in
+/// the key-block kernel keeps the backward deterministic.
+#[kernel(
+    variants(T = [bf16, f16], D = [64], BM = [64], BN = [64], S = [2], W = [8]),
+    warps = W,
+    stages = S,
+    grid = [blocks.dim(0), d_o.dim(1) / D],
+    require = [
+        blocks.dim(1) == 3, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
+        d_o.dim(1) % D == 0, lse2.dim(0) == d_o.dim(1) / D, lse2.dim(1) == qkv.dim(0),
+        delta.dim(0) == lse2.dim(0), delta.dim(1) == lse2.dim(1),
+        dqkv.dim(0) == qkv.dim(0), dqkv.dim(1) == qkv.dim(1)
+    ]
+)]
+pub fn flash_bwd_dq<
+    T,
+    const D: usize,
+    const BM: usize,
+    const BN: usize,
+    const S: usize,
+    const W: usize,
+>(
+    qkv: Tensor<T, 2>,
+    d_o: Tensor<T, 2>,
+    lse2: Tensor<f32, 2>,
+    delta: Tensor<f32, 2>,
+    blocks: Tensor<i32, 2>,
+    scale_log2: f32,
+    scale: f32,
+    dqkv: TensorMut<T, 2>,
+) {
+    let blk = program_id(0);
+    let head = program_id(1);
+    let start = blocks.load([blk, 0]);
+    let len = blocks.load([blk, 1]);
+    let q0 = blocks.load([blk, 2]);
+    let h = d_o.dim(1);
+    let qi = q0 + range::<BM>();
+    let rows = start + qi;
+    let dc = head * D + range::<D>();
+    let q = qkv.load([rows, dc]);
+    let dout = d_o.load([rows, dc]);
+    let l = lse2.load([head, rows]);
+    let dl = delta.load([head, rows]);
+    let mut dq = zeros::<f32, BM, D>();
+    let hi = min(q0 + BM, len);
+    for k0 in (0..hi).step_by(BN) {
+        let kj = k0 + range::<BN>();
+        let krows = start + kj;
+        let k = qkv.load([krows, h + dc]);
+        let v = qkv.load([krows, 2 * h + dc]);
+        let s = dot(q, k.t(), zeros::<f32, BM, BN>());
+        let p = select(
+            kj.expand(0) <= qi.expand(1),
+            exp2(s * scale_log2 - l.expand(1)),
+            0.0,
+        );
+        let dp = dot(dout, v.t(), zeros::<f32, BM, BN>());
+        let ds = p * (dp - dl.expand(1));
+        dq = dot(ds.cast::<T>(), k, dq);
+    }
+    let out = select(qi < len, rows, qkv.dim(0));
+    dqkv.store([out, dc], (dq * scale).cast::<T>());
+}

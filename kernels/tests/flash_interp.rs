@@ -1,0 +1,144 @@
+//! The flash-attention kernels in the interpreter (the GPU's numerics) against the f64 CPU
+//! references `lexp_kernels::reference::{attention_fwd, attention_bwd}`, on packed batches of
+//! uneven sequences (lengths on and off the block edges, a sequence of one token), outputs
+//! poisoned before each run.
+
+use lexp_compiler::dtype::Storage;
+use lexp_compiler::interp::HostTensor;
+use lexp_kernels::flash_attention::{
+    flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_fwd, key_blocks, query_blocks, BlockRow,
+};
+use lexp_kernels::reference::{self, compare, AttnShape, POISON};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn poisoned(dtype: Storage, dims: &[usize]) -> HostTensor {
+    HostTensor::new(dtype, dims, &vec![POISON; dims.iter().product()])
+}
+
+fn block_tensor(b: &[BlockRow]) -> HostTensor {
+    let f: Vec<f32> = b.iter().flatten().map(|x| *x as f32).collect();
+    HostTensor::new(Storage::I32, &[b.len(), 3], &f)
+}
+
+fn random(rng: &mut StdRng, dtype: Storage, dims: &[usize]) -> HostTensor {
+    let v: Vec<f32> = (0..dims.iter().product::<usize>())
+        .map(|_| rng.gen_range(-2.0..2.0))
+        .collect();
+    HostTensor::new(dtype, dims, &v)
+}
+
+/// Forward and backward on sequences of `lens`, `nh` heads of 64, in `dtype`.
+fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let hd = 64;
+    let mut cu = vec![0usize];
+    for l in lens {
+        cu.push(cu.last().unwrap() + l);
+    }
+    let t = *cu.last().unwrap();
+    let h = nh * hd;
+    let mut qkv = random(&mut rng, dtype, &[t, 3 * h]);
+    let scale = (hd as f64).powf(-0.5);
+    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+    let sh = AttnShape {
+        cu_seqlens: &cu,
+        nh,
+        hd,
+        scale,
+    };
+    let what = format!("{dtype:?} lens {lens:?} heads {nh}");
+
+    let (want_o, want_l) = reference::attention_fwd(&qkv.data, sh);
+    let mut o = poisoned(dtype, &[t, h]);
+    let mut lse2 = poisoned(Storage::F32, &[nh, t]);
+    let mut qb = block_tensor(&query_blocks(&cu, 128).unwrap());
+    flash_fwd::interpret(
+        &[],
+        flash_fwd::HostArgs {
+            qkv: &mut qkv,
+            blocks: &mut qb,
+            scale_log2,
+            o: &mut o,
+            lse2: &mut lse2,
+        },
+    )
+    .unwrap();
+    let d = compare(&o.data, &want_o);
+    assert!(
+        d.unwritten == 0 && d.non_finite == 0 && d.rel_l2 < 1e-2,
+        "{what}: o {d}"
+    );
+    let d = compare(&lse2.data, &want_l);
+    assert!(
+        d.unwritten == 0 && d.non_finite == 0 && d.rel_l2 < 1e-5,
+        "{what}: lse2 {d}"
+    );
+
+    let mut d_o = random(&mut rng, dtype, &[t, h]);
+    let want = reference::attention_bwd(&qkv.data, &d_o.data, sh);
+    let mut delta = poisoned(Storage::F32, &[nh, t]);
+    flash_bwd_delta::interpret(
+        &[],
+        flash_bwd_delta::HostArgs {
+            o: &mut o,
+            d_o: &mut d_o,
+            delta: &mut delta,
+        },
+    )
+    .unwrap();
+    let mut dqkv = poisoned(dtype, &[t, 3 * h]);
+    let mut kb = block_tensor(&key_blocks(&cu, 64).unwrap());
+    flash_bwd_dkdv::interpret(
+        &[],
+        flash_bwd_dkdv::HostArgs {
+            qkv: &mut qkv,
+            d_o: &mut d_o,
+            lse2: &mut lse2,
+            delta: &mut delta,
+            blocks: &mut kb,
+            scale_log2,
+            scale: scale as f32,
+            dqkv: &mut dqkv,
+        },
+    )
+    .unwrap();
+    let mut qb64 = block_tensor(&query_blocks(&cu, 64).unwrap());
+    flash_bwd_dq::interpret(
+        &[],
+        flash_bwd_dq::HostArgs {
+            qkv: &mut qkv,
+            d_o: &mut d_o,
+            lse2: &mut lse2,
+            delta: &mut delta,
+            blocks: &mut qb64,
+            scale_log2,
+            scale: scale as f32,
+            dqkv: &mut dqkv,
+        },
+    )
+    .unwrap();
+    for (b, name) in ["dq", "dk", "dv"].iter().enumerate() {
+        let pick = |x: &[f32]| -> Vec<f32> {
+            (0..t)
+                .flat_map(|r| x[r * 3 * h + b * h..r * 3 * h + (b + 1) * h].to_vec())
+                .collect()
+        };
+        let d = compare(&pick(&dqkv.data), &pick(&want));
+        println!("{what}: {name} {d}");
+        assert!(
+            d.unwritten == 0 && d.non_finite == 0 && d.rel_l2 < 2e-2,
+            "{what}: {name} {d}"
+        );
+    }
+}
+
+#[test]
+fn flash_attention_bf16_uneven_packed_batch() {
+    case(7, Storage::BF16, &[130, 1, 65], 2);
+}
+
+#[test]
+fn flash_attention_f16_block_edges() {
+    case(8, Storage::F16, &[64, 128, 3], 1);
+}
