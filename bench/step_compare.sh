@@ -10,7 +10,9 @@
 #     SEQS:  tokens per sequence, comma-separated (default 512,1024)
 #   Environment: BATCH (default 4), ITERS (default 25), WARMUP (default 5),
 #                LEXP_COMMIT (recorded in lexp.json when the binary was built without it),
-#                DEVICE (default cuda; cpu only to try the script without a GPU).
+#                DEVICE (default cuda; cpu only to try the script without a GPU),
+#                ALSO_ATTENTION (e.g. materialised: a second lexp run with --attention that,
+#                written to lexp-ATTN.json / compare-ATTN.json, an A/B in the same call).
 # Writes OUT_DIR/{torch.json,lexp.json,compare.json,compare.png,log.txt}: compare.json has per
 # workload the median step times and speedup_vs_sdpa / speedup_vs_eager (torch ms / lexp ms).
 # Exit status: lexp's (a failed baseline is logged and lexp still runs, without comparison).
@@ -58,5 +60,16 @@ timeout 240 $BIN/lexp bench step --device "$DEVICE" --model "$MODEL" --batch "$B
   "${BASE[@]}" "${COMMIT[@]}" >> "$LOG" 2>&1
 rc=$?
 echo "lexp bench step exit status $rc ($(( $(date +%s) - t0 )) s)" >> "$LOG"
+if [ -n "${ALSO_ATTENTION:-}" ]; then
+  A=$ALSO_ATTENTION
+  echo "== lexp bench step --attention $A" >> "$LOG"
+  BASE=()
+  [ -s "$OUT/torch.json" ] && BASE=(--baseline "$OUT/torch.json" --compare "$OUT/compare-$A.json")
+  t0=$(date +%s)
+  timeout 240 $BIN/lexp bench step --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --seq "$SEQS" \
+    --iters "$ITERS" --warmup "$WARMUP" --attention "$A" --json "$OUT/lexp-$A.json" \
+    --png "$OUT/compare-$A.png" "${BASE[@]}" "${COMMIT[@]}" >> "$LOG" 2>&1
+  echo "lexp bench step --attention $A exit status $? ($(( $(date +%s) - t0 )) s)" >> "$LOG"
+fi
 tail -n 12 "$LOG"
 exit $rc

@@ -4,7 +4,8 @@
 //!
 //! - cuBLAS strided-batched GEMMs on per-head sub-matrices and the f32 → bf16 conversion
 //!   kernel against host references;
-//! - on the bundled opt-tiny (and `../shared/fixtures/opt-mini` when present), a packed batch
+//! - on the bundled opt-tiny (and `../shared/fixtures/opt-mini` when present), with flash
+//!   and with materialised attention, a packed batch
 //!   of E2E sequences of uneven lengths and random LoRA A and B (B ≠ 0) on all six
 //!   projections: the loss and eval losses within 1e-2 nats of the CPU engine's, also after
 //!   the adapters change, for a larger batch and for another rank and target set; every LoRA
@@ -23,6 +24,7 @@ use lexp_compiler::dtype::Storage;
 use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::cublas::{Blas, Mat, MatLayout, MatMut};
 use lexp_runtime::data::{load_jsonl, pack, JsonlOptions, PackedBatch, SplitMix64, Tokenizer};
+use lexp_runtime::gpu::attention::AttentionImpl;
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::model::dropout::Site;
 use lexp_runtime::model::{self, DropoutRng, MaskSource, ModelError, RecordedMasks};
@@ -390,9 +392,16 @@ fn gpu_engine_matches_the_cpu_engine() {
     if !enabled() {
         return;
     }
-    for (name, dir) in models() {
+    for ((name, dir), imp) in models().into_iter().flat_map(|m| {
+        [
+            (m.clone(), AttentionImpl::Flash),
+            (m, AttentionImpl::Materialised),
+        ]
+    }) {
+        let name = format!("{name} {}", imp.name());
         let loaded = OptModel::load(&dir).unwrap();
         let mut gpu = GpuEngine::new(loaded.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
+        gpu.set_attention(imp).unwrap();
         // The CPU reference runs on the weights the GPU holds (bf16-rounded).
         let model = bf16_weights(&loaded);
         // Uneven lengths, completion-only targets: several target runs per batch.

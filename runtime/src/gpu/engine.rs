@@ -12,6 +12,7 @@
 //! (cuBLAS takes both inputs of one type, and an f32 copy of `E` would cost more memory and
 //! a slower f32 GEMM), and `dh = dz·E` is scattered back into the rows' gradient.
 
+use super::attention::{AttentionImpl, BlockPlan};
 use super::dropout::{DropCtx, MaskLayout};
 use super::layer::{self, segments, Ctx, Segment};
 use super::lora::{self, DeviceLora};
@@ -49,6 +50,8 @@ pub struct GpuEngine {
     /// Tokens and mask layout of the last step that drew dropout masks (for
     /// [`GpuEngine::last_masks`]).
     last_drop: Option<(usize, MaskLayout)>,
+    /// The attention implementation.
+    attention: AttentionImpl,
 }
 
 /// A batch checked and uploaded.
@@ -126,7 +129,24 @@ impl GpuEngine {
             lora: None,
             rng: None,
             last_drop: None,
+            attention: AttentionImpl::default_for(dims.hd),
         })
+    }
+
+    /// Runs attention with `imp` instead of the default for this model (flash where its
+    /// kernels take the head dimension); refuses an implementation that cannot run it.
+    pub fn set_attention(&mut self, imp: AttentionImpl) -> Result<()> {
+        let imp = imp.check(self.dims.hd)?;
+        if imp != self.attention {
+            self.ws = None;
+            self.attention = imp;
+        }
+        Ok(())
+    }
+
+    /// The attention implementation in use.
+    pub fn attention(&self) -> AttentionImpl {
+        self.attention
     }
 
     /// The device the engine runs on.
@@ -180,10 +200,21 @@ impl GpuEngine {
         }
         let t = batch.num_tokens();
         let (segs, probs) = segments(&batch.cu_seqlens, self.dims.nh)?;
+        let flash = self.attention == AttentionImpl::Flash;
+        let plan = if flash {
+            BlockPlan::of(&segs)?
+        } else {
+            BlockPlan::default()
+        };
         let need = Caps {
             tokens: t,
-            probs,
-            max_len: segs.iter().map(|s| s.len).max().unwrap_or(0),
+            probs: if flash { 0 } else { probs },
+            max_len: if flash {
+                0
+            } else {
+                segs.iter().map(|s| s.len).max().unwrap_or(0)
+            },
+            blocks: plan.rows(),
             rank: lora.map_or(0, |l| l.config.r),
             mask_cols: drop.map_or(0, |d| d.cols),
         };
@@ -206,10 +237,14 @@ impl GpuEngine {
         }
         let runs = target_runs(&batch.targets);
         let n = runs.iter().map(|r| r.1).sum();
-        let head = match self.ws.as_mut() {
-            Some(ws) => &mut ws.head,
+        let ws = match self.ws.as_mut() {
+            Some(ws) => ws,
             None => return Err(ModelError::Device("internal: no workspace".into())),
         };
+        if flash {
+            ws.scratch.blocks.upload(&self.dev, &plan)?;
+        }
+        let head = &mut ws.head;
         let ids = i32_bytes(batch.input_ids.iter().map(|&i| i as i32));
         upload_prefix(&self.dev, &mut head.ids, &ids)?;
         let pos = i32_bytes(batch.position_ids.iter().map(|&p| p as i32));
@@ -236,6 +271,7 @@ impl GpuEngine {
             ws,
             lora,
             rng,
+            attention,
             ..
         } = self;
         let drop = match (drop, rng.as_ref()) {
@@ -266,6 +302,7 @@ impl GpuEngine {
             segs: &p.segs,
             lora: adapters,
             drop,
+            attention: *attention,
         };
 
         // Embeddings, then the layers; each layer's output is the next one's saved input.

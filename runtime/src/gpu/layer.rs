@@ -1,22 +1,18 @@
 //! One pre-LN OPT decoder layer on the GPU, forward and backward, mirroring
 //! [`crate::model::layer`] (RUNTIME.md §1.3, §2.3, §2.9).
 //!
-//! Attention runs per packed sequence `[c0, c0 + L)`: strided-batched cuBLAS GEMMs over the
-//! `nh` heads read q, k and v in place in the `[T, 3H]` projection output (head `h` at
-//! column `h·hd`, row stride `3H`). The `hd^-0.5` scale of q is folded into the score GEMM's
-//! `alpha` (`S = s·q·kᵀ`), and likewise into the backward's `dq = s·dS·k` and `dk = s·dSᵀ·q`:
-//! the same math as scaling the projected q (bias and LoRA delta included), without a pass
-//! over q. Scores are f32; the probabilities are saved in bf16 for the backward.
+//! Attention over the packed sequences is [`super::attention`] (flash or materialised).
 //!
 //! Dropout ([`super::dropout`]), in training only: the attention block's and `fc2`'s outputs
 //! (bias included) are dropped before their residual adds, and each adapted branch's input
 //! before its `A` GEMM; the backward masks the same gradients with the saved masks.
 
+use super::attention::{self, AttentionImpl};
 use super::dropout::DropCtx;
 use super::lora::Adapters;
 use super::ops::{
-    add, arg, arg_at, bias_add, bias_residual, causal_softmax, copy_rows, dense, dense_mut,
-    layernorm, layernorm_bwd, mm, mm_batched, mul_inplace, relu_bwd, softmax_bwd, R,
+    add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd, mm,
+    mul_inplace, relu_bwd, R,
 };
 use super::weights::LayerWeights;
 use super::workspace::{Dims, LayerActs, Scratch};
@@ -83,6 +79,8 @@ pub struct Ctx<'a> {
     pub lora: Option<Adapters<'a>>,
     /// Dropout (training with `p > 0` only).
     pub drop: Option<DropCtx<'a>>,
+    /// The attention implementation (its buffers are in the workspace).
+    pub attention: AttentionImpl,
 }
 
 const QKV: [LoraTarget; 3] = [LoraTarget::Q, LoraTarget::K, LoraTarget::V];
@@ -101,12 +99,8 @@ impl Ctx<'_> {
 
     /// Head `h` layouts of the sequence `seg` inside a `[T, width]` buffer at column `col`,
     /// batched over heads.
-    fn heads(&self, seg: &Segment, col: usize, width: usize) -> MatLayout {
+    pub(super) fn heads(&self, seg: &Segment, col: usize, width: usize) -> MatLayout {
         MatLayout::at(seg.start * width + col, seg.len, self.d.hd, width).batched(self.d.hd)
-    }
-
-    fn scale(&self) -> f32 {
-        (self.d.hd as f32).powf(-0.5)
     }
 
     /// Element offset of `target`'s LoRA input mask in [`LayerActs::mask`], if dropped.
@@ -223,7 +217,7 @@ pub fn forward(
         }
     }
     bias_add(dev, &acts.qkv, &w.bqkv, t, 3 * h, false)?;
-    attention_forward(cx, acts, sc)?;
+    attention::forward(cx, acts, sc)?;
 
     // out_proj, its bias and the residual: h1 = x + (o·Woᵀ + bo).
     project_forward(
@@ -347,49 +341,6 @@ fn branch_forward(
     )
 }
 
-/// `o = softmax(s·q·kᵀ + causal mask)·v` per sequence and head.
-fn attention_forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
-    let (h, nh) = (cx.d.h, cx.d.nh);
-    for seg in cx.segs {
-        let l = seg.len;
-        let (q, k, v) = (
-            cx.heads(seg, 0, 3 * h),
-            cx.heads(seg, h, 3 * h),
-            cx.heads(seg, 2 * h, 3 * h),
-        );
-        let s = MatMut::new(&mut sc.s, MatLayout::dense(l, l));
-        mm_batched(
-            cx.blas,
-            Mat::new(&acts.qkv, q),
-            Mat::new(&acts.qkv, k),
-            s,
-            nh,
-            false,
-            true,
-            cx.scale(),
-        )?;
-        causal_softmax(
-            cx.dev,
-            &arg(&sc.s, &[nh * l, l])?,
-            &arg_at(&acts.p, seg.probs, &[nh * l, l])?,
-            &arg(&sc.lse, &[nh * l])?,
-        )?;
-        let p = MatLayout::at(seg.probs, l, l, l).batched(l * l);
-        let o = MatMut::new(&mut acts.o, cx.heads(seg, 0, h));
-        mm_batched(
-            cx.blas,
-            Mat::new(&acts.p, p),
-            Mat::new(&acts.qkv, v),
-            o,
-            nh,
-            false,
-            false,
-            1.0,
-        )?;
-    }
-    Ok(())
-}
-
 /// Backward of layer `li`: `g` holds the gradient of the layer's output and is turned, in
 /// place, into the gradient of its input; the adapters' gradients go to `grads`.
 #[allow(clippy::too_many_arguments)]
@@ -463,7 +414,7 @@ pub fn backward(
         grads,
         &mut sc.tmp,
     )?;
-    attention_backward(cx, acts, sc)?;
+    attention::backward(cx, acts, sc)?;
 
     // q/k/v: d(LN1 out) = dqkv·Wqkv (+ LoRA), into tmp2.
     mm(
@@ -614,66 +565,6 @@ fn branch_backward(
         grads,
         dense_mut(dx, t, in_f),
     )
-}
-
-/// Attention backward per sequence and head, from `dO` in `sc.tmp` into `sc.dqkv`
-/// (RUNTIME.md §2.3): `dP = dO·vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`, `dq = s·dS·k`,
-/// `dk = s·dSᵀ·q`, `dv = Pᵀ·dO`.
-fn attention_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
-    let (h, nh) = (cx.d.h, cx.d.nh);
-    for seg in cx.segs {
-        let l = seg.len;
-        let (q, k, v) = (
-            cx.heads(seg, 0, 3 * h),
-            cx.heads(seg, h, 3 * h),
-            cx.heads(seg, 2 * h, 3 * h),
-        );
-        let d_o = Mat::new(&sc.tmp, cx.heads(seg, 0, h));
-        let p = Mat::new(&acts.p, MatLayout::at(seg.probs, l, l, l).batched(l * l));
-        let sq = MatLayout::dense(l, l);
-        mm_batched(
-            cx.blas,
-            d_o,
-            Mat::new(&acts.qkv, v),
-            MatMut::new(&mut sc.s, sq),
-            nh,
-            false,
-            true,
-            1.0,
-        )?;
-        softmax_bwd(
-            cx.dev,
-            &arg_at(&acts.p, seg.probs, &[nh * l, l])?,
-            &arg(&sc.s, &[nh * l, l])?,
-            &arg(&sc.ds, &[nh * l, l])?,
-        )?;
-        let ds = Mat::new(&sc.ds, sq);
-        let dq = MatMut::new(&mut sc.dqkv, q);
-        mm_batched(
-            cx.blas,
-            ds,
-            Mat::new(&acts.qkv, k),
-            dq,
-            nh,
-            false,
-            false,
-            cx.scale(),
-        )?;
-        let dk = MatMut::new(&mut sc.dqkv, k);
-        mm_batched(
-            cx.blas,
-            ds,
-            Mat::new(&acts.qkv, q),
-            dk,
-            nh,
-            true,
-            false,
-            cx.scale(),
-        )?;
-        let dv = MatMut::new(&mut sc.dqkv, v);
-        mm_batched(cx.blas, p, d_o, dv, nh, true, false, 1.0)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@
 //! - [`weights`]: the frozen model uploaded once (q/k/v fused into one `[3H, H]` projection).
 //! - [`workspace`]: activation and scratch buffers, sized for the largest batch seen.
 //! - [`lora`]: the LoRA parameters' device copies, the gradient buffer, and the branch GEMMs.
-//! - [`layer`]: one decoder layer forward and backward, attention per packed sequence with
-//!   strided-batched cuBLAS GEMMs over the heads.
+//! - [`layer`]: one decoder layer forward and backward.
+//! - [`attention`]: causal attention over the packed sequences: flash attention in the DSL
+//!   (head dimension 64), or materialised scores with cuBLAS (any head dimension).
 //! - [`engine`]: the engine: batch checks, embeddings, the chunked LM head + cross-entropy,
 //!   and the one download (loss and gradients) that ends each call.
 //! - [`dropout`], [`rng`]: dropout masks (cuRAND uniforms, the `dropout_mask` kernel), saved
@@ -23,6 +24,7 @@
 //! through [`rng`]). Refused with [`ModelError::Unsupported`](crate::model::ModelError):
 //! post-LN, `project_in`/`project_out`, other activations. The CPU engine covers those.
 
+pub mod attention;
 pub mod dropout;
 pub mod engine;
 pub mod layer;

@@ -3,10 +3,12 @@
 //! reused by every call (a batch uses a prefix of each buffer), so a training step allocates
 //! nothing.
 //!
-//! Memory per layer, for `T` tokens: `T·(8H + F)` bf16 activations plus the attention
-//! probabilities `P`, `Σ_b nh·L_b²` bf16 for the packed sequences of lengths `L_b` (saved
-//! rather than recomputed: 268 MB a layer for 4 sequences of 1024 tokens with 32 heads).
+//! Memory per layer, for `T` tokens: `T·(8H + F)` bf16 activations, plus, with flash
+//! attention, an f32 log-sum-exp per (head, token); with materialised attention instead the
+//! probabilities `P`, `Σ_b nh·L_b²` bf16 for the packed sequences of lengths `L_b` (268 MB a
+//! layer for 4 sequences of 1024 tokens with 32 heads).
 
+use super::attention::BlockLists;
 use super::ops::{dev_err, R};
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
@@ -54,10 +56,14 @@ impl Dims {
 pub struct Caps {
     /// Tokens of a batch.
     pub tokens: usize,
-    /// Elements of one layer's saved attention probabilities (all sequences of a batch).
+    /// Elements of one layer's saved attention probabilities (all sequences of a batch;
+    /// materialised attention only, else 0).
     pub probs: usize,
-    /// Tokens of the longest packed sequence (the score scratch is `nh·L²`).
+    /// Tokens of the longest packed sequence (materialised attention's score scratch is
+    /// `nh·L²`; 0 with flash attention).
     pub max_len: usize,
+    /// Rows of the flash-attention block lists (0 with materialised attention).
+    pub blocks: usize,
     /// LoRA rank (0 without adapters).
     pub rank: usize,
     /// Columns of saved dropout masks per token and layer (0 without dropout; see
@@ -71,6 +77,7 @@ impl Caps {
         self.tokens >= need.tokens
             && self.probs >= need.probs
             && self.max_len >= need.max_len
+            && self.blocks >= need.blocks
             && self.rank >= need.rank
             && self.mask_cols >= need.mask_cols
     }
@@ -81,6 +88,7 @@ impl Caps {
             tokens: self.tokens.max(o.tokens),
             probs: self.probs.max(o.probs),
             max_len: self.max_len.max(o.max_len),
+            blocks: self.blocks.max(o.blocks),
             rank: self.rank.max(o.rank),
             mask_cols: self.mask_cols.max(o.mask_cols),
         }
@@ -106,16 +114,29 @@ impl Caps {
         }
     }
 
+    /// Elements of flash attention's per-(head, token) statistics (`lse2` per layer, `delta`
+    /// in the scratch), 0 with materialised attention.
+    fn flash_stats(&self, d: &Dims) -> usize {
+        if self.blocks > 0 {
+            d.nh * self.tokens
+        } else {
+            0
+        }
+    }
+
     /// Device bytes of a workspace of these sizes.
     pub fn bytes(&self, d: &Dims) -> usize {
         let (t, h, f) = (self.tokens, d.h, d.f);
         let a = ACT.bytes();
         let scores = self.scores(d);
-        let layer =
-            a * (t * (7 * h + f) + self.probs + 6 * t * self.rank + t * self.mask_cols) + 4 * 4 * t;
+        let layer = a * (t * (7 * h + f) + self.probs + 6 * t * self.rank + t * self.mask_cols)
+            + 4 * 4 * t
+            + 4 * self.flash_stats(d);
         let scratch = a * (t * (3 * h + f + 3 * h) + t * self.rank + scores)
             + 4 * (scores + d.nh * self.max_len)
-            + (a + 4) * self.dropout_scratch(d);
+            + (a + 4) * self.dropout_scratch(d)
+            + 4 * self.flash_stats(d)
+            + 3 * 12 * self.blocks;
         let head =
             a * (t * 4 * h + self.chunk() * d.v) + 4 * (self.chunk() * d.v + 2 * t) + 4 * 3 * t;
         d.layers * layer + scratch + head
@@ -134,8 +155,11 @@ pub struct LayerActs {
     pub rstd1: DeviceTensor,
     /// `[q | k | v]`, `[T, 3H]`: q unscaled (the scale is applied in the score GEMM).
     pub qkv: DeviceTensor,
-    /// Attention probabilities of every sequence, `[nh, L, L]` each, bf16.
+    /// Attention probabilities of every sequence, `[nh, L, L]` each, bf16 (materialised
+    /// attention).
     pub p: DeviceTensor,
+    /// Base-2 log-sum-exp of each (head, token)'s scores, f32 `[nh, T]` (flash attention).
+    pub lse2: DeviceTensor,
     /// Attention output (heads concatenated), `[T, H]`.
     pub o: DeviceTensor,
     /// `x + attention`, the LN2 input.
@@ -173,6 +197,10 @@ pub struct Scratch {
     pub ds: DeviceTensor,
     /// The softmax's log-sum-exp per query row (written by the kernel, unused after).
     pub lse: DeviceTensor,
+    /// Flash attention's `rowsum(dO ⊙ O)` per (head, token), f32 `[nh, T]`.
+    pub delta: DeviceTensor,
+    /// Flash attention's block lists of the current batch.
+    pub blocks: BlockLists,
     /// Dropout: f32 uniforms of one site, `[T, w]`, `w ≤ max(H, F)`.
     pub rand: DeviceTensor,
     /// Dropout: a LoRA branch's dropped input `x ⊙ mask` (forward, and `dA`'s input in the
@@ -273,6 +301,7 @@ impl Workspace {
                     rstd1: al.t(f32t, t)?,
                     qkv: al.t(ACT, t * 3 * h)?,
                     p: al.t(ACT, caps.probs)?,
+                    lse2: al.t(f32t, caps.flash_stats(d))?,
                     o: al.t(ACT, t * h)?,
                     h1: al.t(ACT, t * h)?,
                     b: al.t(ACT, t * h)?,
@@ -294,6 +323,13 @@ impl Workspace {
             s: al.t(f32t, scores)?,
             ds: al.t(ACT, scores)?,
             lse: al.t(f32t, d.nh * caps.max_len)?,
+            delta: al.t(f32t, caps.flash_stats(d))?,
+            blocks: BlockLists {
+                fwd: al.t(Storage::I32, 3 * caps.blocks)?,
+                dq: al.t(Storage::I32, 3 * caps.blocks)?,
+                dkdv: al.t(Storage::I32, 3 * caps.blocks)?,
+                rows: [0; 3],
+            },
             rand: al.t(f32t, caps.dropout_scratch(d))?,
             xd: al.t(ACT, caps.dropout_scratch(d))?,
         };
@@ -333,6 +369,7 @@ mod tests {
             tokens: 100,
             probs: 50,
             max_len: 30,
+            blocks: 0,
             rank: 4,
             mask_cols: 0,
         };
@@ -340,6 +377,7 @@ mod tests {
             tokens: 80,
             probs: 60,
             max_len: 10,
+            blocks: 3,
             rank: 8,
             mask_cols: 5,
         };
@@ -347,8 +385,8 @@ mod tests {
         let m = a.max(&b);
         assert!(m.covers(&a) && m.covers(&b));
         assert_eq!(
-            (m.tokens, m.probs, m.max_len, m.rank, m.mask_cols),
-            (100, 60, 30, 8, 5)
+            (m.tokens, m.probs, m.max_len, m.blocks, m.rank, m.mask_cols),
+            (100, 60, 30, 3, 8, 5)
         );
     }
 
@@ -366,6 +404,7 @@ mod tests {
             tokens: 128,
             probs: 4096,
             max_len: 64,
+            blocks: 0,
             rank: 4,
             mask_cols: 0,
         };
@@ -383,6 +422,7 @@ mod tests {
                 max_len: 65,
                 ..base
             },
+            Caps { blocks: 2, ..base },
             Caps { rank: 8, ..base },
             Caps {
                 mask_cols: 1,

@@ -6,6 +6,7 @@
 use super::finetune::DeviceChoice;
 use anyhow::{anyhow, bail, Context, Result};
 use lexp_runtime::checkpoint::{OptConfig, OptModel, OptWeights};
+use lexp_runtime::gpu::attention::AttentionImpl;
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::peft::{LoraConfig, LoraTarget};
 use lexp_runtime::step_bench::{self as sb, BaselineRun, Comparison, StepSettings, WorkloadResult};
@@ -71,6 +72,10 @@ pub struct StepArgs {
     /// time, if it was set).
     #[arg(long)]
     commit: Option<String>,
+    /// GPU attention: flash (DSL kernels, head dimension 64) or materialised (cuBLAS scores,
+    /// any head dimension); default: flash where it applies.
+    #[arg(long)]
+    attention: Option<AttentionImpl>,
 }
 
 /// The engine of the run, kept concrete for the GPU's memory figures (one value per run, so
@@ -280,6 +285,10 @@ pub fn run(args: StepArgs) -> Result<()> {
     }
     let t0 = Instant::now();
     let mut eng = make_engine(device, model, &args.model)?;
+    if let (Eng::Gpu(g), Some(a)) = (&mut eng, args.attention) {
+        g.set_attention(a)
+            .map_err(|e| anyhow!("--attention: {e}"))?;
+    }
     let engine_s = t0.elapsed().as_secs_f64();
     let device_name = eng.engine().name();
     let (device_json, used_before) = match &eng {
@@ -293,7 +302,7 @@ pub fn run(args: StepArgs) -> Result<()> {
             let j = serde_json::json!({
                 "kind": "cuda", "name": dev.name(), "compute_capability": format!("{major}.{minor}"),
                 "cuda_driver_api": cuda_driver_version(), "cublas": blas,
-                "memory_mib": total as f64 / MIB,
+                "memory_mib": total as f64 / MIB, "attention": g.attention().name(),
             });
             (j, Some((total - free) as f64 / MIB))
         }

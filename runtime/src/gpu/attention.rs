@@ -1,0 +1,398 @@
+//! Causal self-attention of one layer over the packed sequences of a batch, forward and
+//! backward (RUNTIME.md §2.3), in one of two implementations ([`AttentionImpl`]):
+//!
+//! - **Flash** (the default where the kernels exist, head dimension 64): the DSL's
+//!   flash-attention kernels (`lexp_kernels::flash_attention`, FA2 form). Scores and
+//!   probabilities never reach memory; the forward keeps only `o` and a base-2 log-sum-exp per
+//!   (head, token), and the backward recomputes the probabilities from it. All sequences and
+//!   heads of a batch go in one launch per kernel, driven by device-side block lists
+//!   ([`BlockLists`]) uploaded with the batch.
+//! - **Materialised**: per sequence, strided-batched cuBLAS GEMMs over the heads read q, k and
+//!   v in place in the `[T, 3H]` projection output (head `h` at column `h·hd`, row stride
+//!   `3H`); f32 scores, a causal-softmax kernel, bf16 probabilities saved for the backward.
+//!   Any head dimension; the `hd^-0.5` scale of q is folded into the GEMMs' `alpha`.
+//!
+//! Both apply the scale to `q·kᵀ`, not to the projected q (bias and LoRA delta included):
+//! the same math as PyTorch's OPT, without a pass over q.
+
+use super::layer::{Ctx, Segment};
+use super::ops::{arg, arg_at, causal_softmax, mm_batched, softmax_bwd, upload_prefix, R};
+use super::workspace::{LayerActs, Scratch};
+use crate::buffer::DeviceTensor;
+use crate::cublas::{Mat, MatLayout, MatMut};
+use crate::device::CudaDevice;
+use crate::model::ModelError;
+use lexp_compiler::launch::{LaunchError, TensorArg};
+use lexp_kernels::flash_attention::{self as fa, BlockRow};
+
+/// Head dimension of the compiled flash-attention kernels.
+pub const FLASH_HEAD_DIM: usize = 64;
+/// Queries per program of `flash_fwd`.
+const FWD_BM: usize = 128;
+/// Queries per program of `flash_bwd_dq`, and per step of `flash_bwd_dkdv`.
+const BWD_BM: usize = 64;
+/// Keys per program of `flash_bwd_dkdv`.
+const BWD_BN: usize = 64;
+
+/// Which attention implementation the GPU engine runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// Flash attention in the DSL (head dimension [`FLASH_HEAD_DIM`]).
+    Flash,
+    /// Materialised scores with cuBLAS (any head dimension).
+    Materialised,
+}
+
+impl AttentionImpl {
+    /// Flash where its kernels take the head dimension `hd`, else materialised.
+    pub fn default_for(hd: usize) -> AttentionImpl {
+        if hd == FLASH_HEAD_DIM {
+            AttentionImpl::Flash
+        } else {
+            AttentionImpl::Materialised
+        }
+    }
+
+    /// `self` for a model with head dimension `hd`, or why it cannot run it.
+    pub fn check(self, hd: usize) -> Result<AttentionImpl, ModelError> {
+        if self == AttentionImpl::Flash && hd != FLASH_HEAD_DIM {
+            return Err(ModelError::Unsupported(format!(
+                "flash attention is compiled for head dimension {FLASH_HEAD_DIM}; this model's \
+                 is {hd} (use the materialised attention)"
+            )));
+        }
+        Ok(self)
+    }
+
+    /// The name the CLI and the benchmark JSON use.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionImpl::Flash => "flash",
+            AttentionImpl::Materialised => "materialised",
+        }
+    }
+}
+
+impl std::str::FromStr for AttentionImpl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "flash" => Ok(AttentionImpl::Flash),
+            "materialised" | "materialized" => Ok(AttentionImpl::Materialised),
+            other => Err(format!(
+                "unknown attention implementation `{other}` (flash, materialised)"
+            )),
+        }
+    }
+}
+
+/// The host side of a batch's block lists: `(start, len, first)` rows for the three
+/// flash-attention launches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockPlan {
+    /// Query blocks of `flash_fwd` ([`FWD_BM`] queries each).
+    pub fwd: Vec<BlockRow>,
+    /// Query blocks of `flash_bwd_dq` ([`BWD_BM`]).
+    pub dq: Vec<BlockRow>,
+    /// Key blocks of `flash_bwd_dkdv` ([`BWD_BN`]).
+    pub dkdv: Vec<BlockRow>,
+}
+
+impl BlockPlan {
+    /// The lists of the sequences `segs`.
+    pub fn of(segs: &[Segment]) -> R<BlockPlan> {
+        let mut cu = Vec::with_capacity(segs.len() + 1);
+        cu.push(segs.first().map_or(0, |s| s.start));
+        cu.extend(segs.iter().map(|s| s.start + s.len));
+        let too_long = || ModelError::Batch("a batch position does not fit in i32".into());
+        Ok(BlockPlan {
+            fwd: fa::query_blocks(&cu, FWD_BM).ok_or_else(too_long)?,
+            dq: fa::query_blocks(&cu, BWD_BM).ok_or_else(too_long)?,
+            dkdv: fa::key_blocks(&cu, BWD_BN).ok_or_else(too_long)?,
+        })
+    }
+
+    /// Rows of the longest list (what a [`BlockLists`] buffer must hold).
+    pub fn rows(&self) -> usize {
+        self.fwd.len().max(self.dq.len()).max(self.dkdv.len())
+    }
+}
+
+/// The device copies of a batch's block lists, `[rows, 3]` i32 each, in buffers of a
+/// workspace's capacity.
+pub struct BlockLists {
+    /// See [`BlockPlan::fwd`].
+    pub fwd: DeviceTensor,
+    /// See [`BlockPlan::dq`].
+    pub dq: DeviceTensor,
+    /// See [`BlockPlan::dkdv`].
+    pub dkdv: DeviceTensor,
+    /// Rows in use of each (`fwd`, `dq`, `dkdv`).
+    pub rows: [usize; 3],
+}
+
+impl BlockLists {
+    /// Uploads `plan` (asynchronously, on the device's stream).
+    pub fn upload(&mut self, dev: &CudaDevice, plan: &BlockPlan) -> R {
+        let bytes = |v: &[BlockRow]| -> Vec<u8> {
+            v.iter().flatten().flat_map(|x| x.to_le_bytes()).collect()
+        };
+        upload_prefix(dev, &mut self.fwd, &bytes(&plan.fwd))?;
+        upload_prefix(dev, &mut self.dq, &bytes(&plan.dq))?;
+        upload_prefix(dev, &mut self.dkdv, &bytes(&plan.dkdv))?;
+        self.rows = [plan.fwd.len(), plan.dq.len(), plan.dkdv.len()];
+        Ok(())
+    }
+
+    fn args(&self) -> R<[TensorArg; 3]> {
+        Ok([
+            arg(&self.fwd, &[self.rows[0], 3])?,
+            arg(&self.dq, &[self.rows[1], 3])?,
+            arg(&self.dkdv, &[self.rows[2], 3])?,
+        ])
+    }
+}
+
+fn launch_err(what: &'static str) -> impl FnOnce(LaunchError) -> ModelError {
+    move |e| ModelError::Device(format!("{what}: {e}"))
+}
+
+/// `o = softmax(s·q·kᵀ + causal mask)·v` per sequence and head, into `acts.o`.
+pub fn forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
+    match cx.attention {
+        AttentionImpl::Flash => flash_forward(cx, acts, sc),
+        AttentionImpl::Materialised => materialised_forward(cx, acts, sc),
+    }
+}
+
+/// The backward from `dO` in `sc.tmp` into `sc.dqkv`: `dP = dO·vᵀ`,
+/// `dS = P ⊙ (dP − rowsum(P ⊙ dP))`, `dq = s·dS·k`, `dk = s·dSᵀ·q`, `dv = Pᵀ·dO`.
+pub fn backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
+    match cx.attention {
+        AttentionImpl::Flash => flash_backward(cx, acts, sc),
+        AttentionImpl::Materialised => materialised_backward(cx, acts, sc),
+    }
+}
+
+fn scale(cx: &Ctx) -> f32 {
+    (cx.d.hd as f32).powf(-0.5)
+}
+
+fn flash_forward(cx: &Ctx, acts: &mut LayerActs, sc: &Scratch) -> R {
+    let (t, h, nh) = (cx.t, cx.d.h, cx.d.nh);
+    let [fwd, _, _] = sc.blocks.args()?;
+    let s = scale(cx);
+    fa::flash_fwd::launch_with(
+        cx.dev,
+        &[("D", FLASH_HEAD_DIM), ("BM", FWD_BM)],
+        &fa::flash_fwd::Args {
+            qkv: &arg(&acts.qkv, &[t, 3 * h])?,
+            blocks: &fwd,
+            scale_log2: s * std::f32::consts::LOG2_E,
+            o: &arg(&acts.o, &[t, h])?,
+            lse2: &arg(&acts.lse2, &[nh, t])?,
+        },
+    )
+    .map_err(launch_err("flash attention forward"))
+}
+
+fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
+    let (t, h, nh) = (cx.t, cx.d.h, cx.d.nh);
+    let [_, dq, dkdv] = sc.blocks.args()?;
+    let s = scale(cx);
+    let qkv = arg(&acts.qkv, &[t, 3 * h])?;
+    let d_o = arg(&sc.tmp, &[t, h])?;
+    let lse2 = arg(&acts.lse2, &[nh, t])?;
+    let delta = arg(&sc.delta, &[nh, t])?;
+    let dqkv = arg(&sc.dqkv, &[t, 3 * h])?;
+    fa::flash_bwd_delta::launch_with(
+        cx.dev,
+        &[("D", FLASH_HEAD_DIM)],
+        &fa::flash_bwd_delta::Args {
+            o: &arg(&acts.o, &[t, h])?,
+            d_o: &d_o,
+            delta: &delta,
+        },
+    )
+    .map_err(launch_err("flash attention backward (delta)"))?;
+    fa::flash_bwd_dkdv::launch_with(
+        cx.dev,
+        &[("D", FLASH_HEAD_DIM), ("BN", BWD_BN), ("BM", BWD_BM)],
+        &fa::flash_bwd_dkdv::Args {
+            qkv: &qkv,
+            d_o: &d_o,
+            lse2: &lse2,
+            delta: &delta,
+            blocks: &dkdv,
+            scale_log2: s * std::f32::consts::LOG2_E,
+            scale: s,
+            dqkv: &dqkv,
+        },
+    )
+    .map_err(launch_err("flash attention backward (dk, dv)"))?;
+    fa::flash_bwd_dq::launch_with(
+        cx.dev,
+        &[("D", FLASH_HEAD_DIM), ("BM", BWD_BM), ("BN", BWD_BN)],
+        &fa::flash_bwd_dq::Args {
+            qkv: &qkv,
+            d_o: &d_o,
+            lse2: &lse2,
+            delta: &delta,
+            blocks: &dq,
+            scale_log2: s * std::f32::consts::LOG2_E,
+            scale: s,
+            dqkv: &dqkv,
+        },
+    )
+    .map_err(launch_err("flash attention backward (dq)"))
+}
+
+fn materialised_forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
+    let (h, nh) = (cx.d.h, cx.d.nh);
+    for seg in cx.segs {
+        let l = seg.len;
+        let (q, k, v) = (
+            cx.heads(seg, 0, 3 * h),
+            cx.heads(seg, h, 3 * h),
+            cx.heads(seg, 2 * h, 3 * h),
+        );
+        let s = MatMut::new(&mut sc.s, MatLayout::dense(l, l));
+        mm_batched(
+            cx.blas,
+            Mat::new(&acts.qkv, q),
+            Mat::new(&acts.qkv, k),
+            s,
+            nh,
+            false,
+            true,
+            scale(cx),
+        )?;
+        causal_softmax(
+            cx.dev,
+            &arg(&sc.s, &[nh * l, l])?,
+            &arg_at(&acts.p, seg.probs, &[nh * l, l])?,
+            &arg(&sc.lse, &[nh * l])?,
+        )?;
+        let p = MatLayout::at(seg.probs, l, l, l).batched(l * l);
+        let o = MatMut::new(&mut acts.o, cx.heads(seg, 0, h));
+        mm_batched(
+            cx.blas,
+            Mat::new(&acts.p, p),
+            Mat::new(&acts.qkv, v),
+            o,
+            nh,
+            false,
+            false,
+            1.0,
+        )?;
+    }
+    Ok(())
+}
+
+fn materialised_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
+    let (h, nh) = (cx.d.h, cx.d.nh);
+    for seg in cx.segs {
+        let l = seg.len;
+        let (q, k, v) = (
+            cx.heads(seg, 0, 3 * h),
+            cx.heads(seg, h, 3 * h),
+            cx.heads(seg, 2 * h, 3 * h),
+        );
+        let d_o = Mat::new(&sc.tmp, cx.heads(seg, 0, h));
+        let p = Mat::new(&acts.p, MatLayout::at(seg.probs, l, l, l).batched(l * l));
+        let sq = MatLayout::dense(l, l);
+        mm_batched(
+            cx.blas,
+            d_o,
+            Mat::new(&acts.qkv, v),
+            MatMut::new(&mut sc.s, sq),
+            nh,
+            false,
+            true,
+            1.0,
+        )?;
+        softmax_bwd(
+            cx.dev,
+            &arg_at(&acts.p, seg.probs, &[nh * l, l])?,
+            &arg(&sc.s, &[nh * l, l])?,
+            &arg(&sc.ds, &[nh * l, l])?,
+        )?;
+        let ds = Mat::new(&sc.ds, sq);
+        let dq = MatMut::new(&mut sc.dqkv, q);
+        mm_batched(
+            cx.blas,
+            ds,
+            Mat::new(&acts.qkv, k),
+            dq,
+            nh,
+            false,
+            false,
+            scale(cx),
+        )?;
+        let dk = MatMut::new(&mut sc.dqkv, k);
+        mm_batched(
+            cx.blas,
+            ds,
+            Mat::new(&acts.qkv, q),
+            dk,
+            nh,
+            true,
+            false,
+            scale(cx),
+        )?;
+        let dv = MatMut::new(&mut sc.dqkv, v);
+        mm_batched(cx.blas, p, d_o, dv, nh, true, false, 1.0)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_plan_covers_every_query_and_key_once() {
+        let segs = [
+            Segment {
+                start: 0,
+                len: 130,
+                probs: 0,
+            },
+            Segment {
+                start: 130,
+                len: 1,
+                probs: 0,
+            },
+            Segment {
+                start: 131,
+                len: 64,
+                probs: 0,
+            },
+        ];
+        let p = BlockPlan::of(&segs).unwrap();
+        assert_eq!(p.fwd.len(), 2 + 1 + 1);
+        assert_eq!(p.dq.len(), 3 + 1 + 1);
+        assert_eq!(p.dkdv.len(), 3 + 1 + 1);
+        // Longest programs first: the last query block of the 130-token sequence, and its
+        // first key block.
+        assert_eq!(p.fwd[0], [0, 130, 128]);
+        assert_eq!(p.dkdv[0], [0, 130, 0]);
+        assert_eq!(p.rows(), 5);
+        for list in [&p.dq, &p.dkdv] {
+            let mut covered: Vec<(i32, i32)> = list.iter().map(|r| (r[0], r[2])).collect();
+            covered.sort();
+            assert_eq!(covered, vec![(0, 0), (0, 64), (0, 128), (130, 0), (131, 0)]);
+        }
+    }
+
+    #[test]
+    fn flash_only_for_its_head_dimension() {
+        assert_eq!(AttentionImpl::default_for(64), AttentionImpl::Flash);
+        assert_eq!(AttentionImpl::default_for(80), AttentionImpl::Materialised);
+        assert!(AttentionImpl::Flash.check(80).is_err());
+        assert!(AttentionImpl::Materialised.check(80).is_ok());
+        assert_eq!("flash".parse::<AttentionImpl>(), Ok(AttentionImpl::Flash));
+        assert!("fast".parse::<AttentionImpl>().is_err());
+    }
+}
