@@ -27,12 +27,43 @@ use lexp_kernels::flash_attention::{self as fa, BlockRow};
 
 /// Head dimension of the compiled flash-attention kernels.
 pub const FLASH_HEAD_DIM: usize = 64;
-/// Queries per program of `flash_fwd`.
-const FWD_BM: usize = 128;
-/// Queries per program of `flash_bwd_dq`, and per step of `flash_bwd_dkdv`.
-const BWD_BM: usize = 64;
-/// Keys per program of `flash_bwd_dkdv`.
-const BWD_BN: usize = 64;
+/// Tile configuration of `flash_fwd`: `BM` queries per program, `BN` keys per step. The
+/// fastest compiled configurations at OPT-1.3B's 4 x 512 and 4 x 1024 on the H200
+/// (`runtime/tests/gpu_flash.rs` times them all; `bench/results/2026-11-29-h200-flash-attention.txt`).
+#[rustfmt::skip]
+const FWD: [(&str, usize); 5] = [("D", FLASH_HEAD_DIM), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8)];
+/// Tile configuration of `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step.
+#[rustfmt::skip]
+const DKDV: [(&str, usize); 5] = [("D", FLASH_HEAD_DIM), ("BN", 64), ("BM", 64), ("S", 3), ("W", 8)];
+/// Tile configuration of `flash_bwd_dq`: `BM` queries per program, `BN` keys per step.
+#[rustfmt::skip]
+const DQ: [(&str, usize); 5] = [("D", FLASH_HEAD_DIM), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8)];
+
+/// The value of tile parameter `name` in a configuration (evaluated at compile time: a
+/// missing name fails the build).
+const fn tile(c: &[(&str, usize)], name: &str) -> usize {
+    let mut i = 0;
+    while i < c.len() {
+        let (a, b) = (c[i].0.as_bytes(), name.as_bytes());
+        if a.len() == b.len() {
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return c[i].1;
+            }
+        }
+        i += 1;
+    }
+    panic!("tile parameter not in the configuration")
+}
+/// Queries per block of the forward's list.
+const FWD_BM: usize = tile(&FWD, "BM");
+/// Queries per block of `flash_bwd_dq`'s list.
+const DQ_BM: usize = tile(&DQ, "BM");
+/// Keys per block of `flash_bwd_dkdv`'s list.
+const DKDV_BN: usize = tile(&DKDV, "BN");
 
 /// Which attention implementation the GPU engine runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,9 +124,9 @@ impl std::str::FromStr for AttentionImpl {
 pub struct BlockPlan {
     /// Query blocks of `flash_fwd` ([`FWD_BM`] queries each).
     pub fwd: Vec<BlockRow>,
-    /// Query blocks of `flash_bwd_dq` ([`BWD_BM`]).
+    /// Query blocks of `flash_bwd_dq` ([`DQ_BM`]).
     pub dq: Vec<BlockRow>,
-    /// Key blocks of `flash_bwd_dkdv` ([`BWD_BN`]).
+    /// Key blocks of `flash_bwd_dkdv` ([`DKDV_BN`]).
     pub dkdv: Vec<BlockRow>,
 }
 
@@ -108,8 +139,8 @@ impl BlockPlan {
         let too_long = || ModelError::Batch("a batch position does not fit in i32".into());
         Ok(BlockPlan {
             fwd: fa::query_blocks(&cu, FWD_BM).ok_or_else(too_long)?,
-            dq: fa::query_blocks(&cu, BWD_BM).ok_or_else(too_long)?,
-            dkdv: fa::key_blocks(&cu, BWD_BN).ok_or_else(too_long)?,
+            dq: fa::query_blocks(&cu, DQ_BM).ok_or_else(too_long)?,
+            dkdv: fa::key_blocks(&cu, DKDV_BN).ok_or_else(too_long)?,
         })
     }
 
@@ -175,6 +206,12 @@ pub fn backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
     }
 }
 
+/// Columns of the f32 `[nh, T]` statistics: `T` rounded up to 4, so that their rows are
+/// 16-byte aligned as the kernels require.
+pub fn stats_cols(t: usize) -> usize {
+    t.div_ceil(4) * 4
+}
+
 fn scale(cx: &Ctx) -> f32 {
     (cx.d.hd as f32).powf(-0.5)
 }
@@ -185,13 +222,13 @@ fn flash_forward(cx: &Ctx, acts: &mut LayerActs, sc: &Scratch) -> R {
     let s = scale(cx);
     fa::flash_fwd::launch_with(
         cx.dev,
-        &[("D", FLASH_HEAD_DIM), ("BM", FWD_BM)],
+        &FWD,
         &fa::flash_fwd::Args {
             qkv: &arg(&acts.qkv, &[t, 3 * h])?,
             blocks: &fwd,
             scale_log2: s * std::f32::consts::LOG2_E,
             o: &arg(&acts.o, &[t, h])?,
-            lse2: &arg(&acts.lse2, &[nh, t])?,
+            lse2: &arg(&acts.lse2, &[nh, stats_cols(t)])?,
         },
     )
     .map_err(launch_err("flash attention forward"))
@@ -203,8 +240,8 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
     let s = scale(cx);
     let qkv = arg(&acts.qkv, &[t, 3 * h])?;
     let d_o = arg(&sc.tmp, &[t, h])?;
-    let lse2 = arg(&acts.lse2, &[nh, t])?;
-    let delta = arg(&sc.delta, &[nh, t])?;
+    let lse2 = arg(&acts.lse2, &[nh, stats_cols(t)])?;
+    let delta = arg(&sc.delta, &[nh, stats_cols(t)])?;
     let dqkv = arg(&sc.dqkv, &[t, 3 * h])?;
     fa::flash_bwd_delta::launch_with(
         cx.dev,
@@ -218,7 +255,7 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
     .map_err(launch_err("flash attention backward (delta)"))?;
     fa::flash_bwd_dkdv::launch_with(
         cx.dev,
-        &[("D", FLASH_HEAD_DIM), ("BN", BWD_BN), ("BM", BWD_BM)],
+        &DKDV,
         &fa::flash_bwd_dkdv::Args {
             qkv: &qkv,
             d_o: &d_o,
@@ -233,7 +270,7 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
     .map_err(launch_err("flash attention backward (dk, dv)"))?;
     fa::flash_bwd_dq::launch_with(
         cx.dev,
-        &[("D", FLASH_HEAD_DIM), ("BM", BWD_BM), ("BN", BWD_BN)],
+        &DQ,
         &fa::flash_bwd_dq::Args {
             qkv: &qkv,
             d_o: &d_o,
@@ -371,19 +408,25 @@ mod tests {
             },
         ];
         let p = BlockPlan::of(&segs).unwrap();
-        assert_eq!(p.fwd.len(), 2 + 1 + 1);
-        assert_eq!(p.dq.len(), 3 + 1 + 1);
-        assert_eq!(p.dkdv.len(), 3 + 1 + 1);
+        // 128-token blocks everywhere in the current configurations.
+        assert_eq!((FWD_BM, DQ_BM, DKDV_BN), (128, 128, 64));
         // Longest programs first: the last query block of the 130-token sequence, and its
         // first key block.
         assert_eq!(p.fwd[0], [0, 130, 128]);
         assert_eq!(p.dkdv[0], [0, 130, 0]);
         assert_eq!(p.rows(), 5);
-        for list in [&p.dq, &p.dkdv] {
-            let mut covered: Vec<(i32, i32)> = list.iter().map(|r| (r[0], r[2])).collect();
-            covered.sort();
-            assert_eq!(covered, vec![(0, 0), (0, 64), (0, 128), (130, 0), (131, 0)]);
+        let covered = |list: &[BlockRow]| {
+            let mut c: Vec<(i32, i32)> = list.iter().map(|r| (r[0], r[2])).collect();
+            c.sort();
+            c
+        };
+        for list in [&p.fwd, &p.dq] {
+            assert_eq!(covered(list), vec![(0, 0), (0, 128), (130, 0), (131, 0)]);
         }
+        assert_eq!(
+            covered(&p.dkdv),
+            vec![(0, 0), (0, 64), (0, 128), (130, 0), (131, 0)]
+        );
     }
 
     #[test]
