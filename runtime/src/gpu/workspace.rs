@@ -118,7 +118,7 @@ impl Caps {
     /// in the scratch), 0 with materialised attention.
     fn flash_stats(&self, d: &Dims) -> usize {
         if self.blocks > 0 {
-            d.nh * self.tokens
+            d.nh * super::attention::stats_cols(self.tokens)
         } else {
             0
         }
