@@ -605,6 +605,7 @@ pub struct Blas {
     blas: CudaBlas,
     stream: Arc<CudaStream>,
     version: i32,
+    profiler: Arc<crate::profile::Profiler>,
 }
 
 impl std::fmt::Debug for Blas {
@@ -654,6 +655,7 @@ impl Blas {
             blas,
             stream,
             version,
+            profiler: dev.profiler().clone(),
         })
     }
 
@@ -726,7 +728,9 @@ impl Blas {
         // i32, the types are a combination cublasGemmEx supports with CUBLAS_COMPUTE_32F,
         // alpha and beta are f32 host values (the handle's default host pointer mode), and `c`
         // is borrowed mutably so it aliases neither input.
-        let status = unsafe {
+        let name = || format!("cublas gemm {m}x{n}x{k} {}{}", flag(trans_a), flag(trans_b));
+        let flops = 2.0 * m as f64 * n as f64 * k as f64;
+        let status = self.profiler.span(&self.stream, name, flops, || unsafe {
             cusys::cublasGemmEx(
                 *self.blas.handle(),
                 op(cm.transa),
@@ -748,7 +752,7 @@ impl Blas {
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
-        };
+        });
         check(status, || {
             format!(
                 "GEMM {m}x{n}x{k} ({}{}) of {} into {}",
@@ -816,7 +820,13 @@ impl Blas {
         // overlap and that all extents fit an i32; the types are a combination cuBLAS supports
         // with CUBLAS_COMPUTE_32F; alpha and beta are f32 host values; `c` is borrowed mutably,
         // so it aliases neither input.
-        let status = unsafe {
+        let name = || {
+            let t = |x: bool| if x { 'T' } else { 'N' };
+            let b = if batch > 1 { format!(" x{batch}") } else { String::new() };
+            format!("cublas gemm {}x{}x{}{b} {}{}", g.n, g.m, g.k, t(trans_a), t(trans_b))
+        };
+        let flops = 2.0 * g.m as f64 * g.n as f64 * g.k as f64 * batch as f64;
+        let status = self.profiler.span(&self.stream, name, flops, || unsafe {
             if batch == 1 {
                 cusys::cublasGemmEx(
                     handle,
@@ -866,7 +876,7 @@ impl Blas {
                     cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
             }
-        };
+        });
         check(status, || {
             format!(
                 "batched GEMM {}x{}x{} x{batch} ({}{}) of {} into {}",

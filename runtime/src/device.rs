@@ -6,6 +6,7 @@ use cudarc::driver::{sys, CudaContext, CudaStream, DriverError};
 use lexp_compiler::launch::Arch;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use crate::profile::Profiler;
 use tracing::{debug, info};
 
 /// One GPU, driven through cudarc.
@@ -24,6 +25,7 @@ pub struct CudaDevice {
     cc: (u32, u32),
     arch: Option<Arch>,
     modules: ModuleCache,
+    profiler: Arc<Profiler>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -131,7 +133,13 @@ impl CudaDevice {
             cc,
             arch,
             modules,
+            profiler: Arc::default(),
         })
+    }
+
+    /// The launch profiler of this device (off unless started; see [`crate::profile`]).
+    pub fn profiler(&self) -> &Arc<Profiler> {
+        &self.profiler
     }
 
     /// The device's name as the driver reports it (`"NVIDIA H200"`).

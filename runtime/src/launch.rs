@@ -74,12 +74,17 @@ impl Launcher for CudaDevice {
         // SAFETY: the parameters are in the order and of the types of the variant's PTX entry
         // (the generated launcher builds them from the same signature the PTX was compiled
         // from) and the launcher has checked the tensors' shapes and alignment.
-        unsafe { builder.launch(cfg) }.map(|_| ()).map_err(|e| {
-            driver(format!(
-                "launch with grid {:?} failed: {}",
-                spec.grid,
-                describe(&e)
-            ))
-        })
+        self.profiler()
+            .span(stream, || kernel.to_string(), 0.0, || {
+                // SAFETY: see above.
+                unsafe { builder.launch(cfg) }.map(|_| ())
+            })
+            .map_err(|e| {
+                driver(format!(
+                    "launch with grid {:?} failed: {}",
+                    spec.grid,
+                    describe(&e)
+                ))
+            })
     }
 }

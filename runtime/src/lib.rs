@@ -30,6 +30,7 @@ pub mod model;
 pub mod module_cache;
 pub mod optim;
 pub mod peft;
+pub mod profile;
 pub mod sparse_ops;
 pub mod step_bench;
 pub mod timing;

@@ -3,6 +3,7 @@
 //! checkpoint, with its achieved TFLOP/s and device memory, a printed table, JSON, and a bar
 //! chart that includes the PyTorch baseline (`bench/torch_baseline.py`) when given.
 
+use super::bench_profile;
 use super::finetune::DeviceChoice;
 use anyhow::{anyhow, bail, Context, Result};
 use lexp_runtime::checkpoint::{OptConfig, OptModel, OptWeights};
@@ -72,6 +73,10 @@ pub struct StepArgs {
     /// time, if it was set).
     #[arg(long)]
     commit: Option<String>,
+    /// Profile one extra step of each workload (GPU): every kernel's time, share and TFLOP/s,
+    /// printed, as JSON here and as a chart next to it (same name, .png).
+    #[arg(long)]
+    profile: Option<PathBuf>,
     /// GPU attention: flash (DSL kernels, head dimension 64) or materialised (cuBLAS scores,
     /// any head dimension); default: flash where it applies.
     #[arg(long)]
@@ -322,6 +327,10 @@ pub fn run(args: StepArgs) -> Result<()> {
         ..StepSettings::default()
     };
     let mut results: Vec<WorkloadResult> = Vec::new();
+    let mut profiles = Vec::new();
+    if args.profile.is_some() && !matches!(eng, Eng::Gpu(_)) {
+        eprintln!("--profile: the CPU engine has no launch profiler; no profile is written");
+    }
     for (i, &seq) in args.seq.iter().enumerate() {
         let nseq = args.tokens.map_or(args.batch, |n| (n / seq).max(1));
         let batch = sb::random_batch(nseq, seq, config.vocab_size, args.seed + 1 + i as u64);
@@ -336,6 +345,12 @@ pub fn run(args: StepArgs) -> Result<()> {
             "{}: median {:.2} ms ({:.0} tokens/s, {:.3} TFLOP/s)",
             r.name, r.step.median_ms, r.tokens_per_s, r.tflops
         );
+        if let (Some(_), Eng::Gpu(g)) = (&args.profile, &mut eng) {
+            let p = bench_profile::profile_step(g, &lora, &batch, args.seed)
+                .with_context(|| format!("profiling workload {}", r.name))?;
+            bench_profile::print_profile(&r.name, &p);
+            profiles.push((r.name.clone(), p));
+        }
         results.push(r);
     }
     let baseline: Vec<BaselineRun> = match &args.baseline {
@@ -394,6 +409,13 @@ pub fn run(args: StepArgs) -> Result<()> {
             "workloads": comparison,
         });
         write_json(p, &j)?;
+    }
+    if let (Some(p), false) = (&args.profile, profiles.is_empty()) {
+        let run = serde_json::json!({
+            "date": sb::today(), "model": args.model, "lora": lora_json, "device": device_json,
+            "lexp_commit": commit,
+        });
+        bench_profile::write_profiles(p, run, &profiles)?;
     }
     if let Some(p) = &args.png {
         plot(&results, &baseline, &title, p)
