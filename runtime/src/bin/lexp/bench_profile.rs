@@ -66,7 +66,11 @@ pub fn print_profile(name: &str, p: &Profile) {
 }
 
 /// Writes the profiles as JSON at `path` and their chart next to it (`.png`).
-pub fn write_profiles(path: &Path, what: serde_json::Value, profiles: &[(String, Profile)]) -> Result<()> {
+pub fn write_profiles(
+    path: &Path,
+    what: serde_json::Value,
+    profiles: &[(String, Profile)],
+) -> Result<()> {
     let j = serde_json::json!({
         "what": "one lexp bench step per workload with the launch profiler on (CUDA events around every DSL kernel and cuBLAS GEMM); times are GPU times per launch; idle_share is the wall time in which no recorded kernel ran (host AdamW, copies, the gradient download, launch gaps). The events add host work, so wall_ms is above the unprofiled step time.",
         "run": what,
@@ -85,7 +89,13 @@ fn plot(profiles: &[(String, Profile)], path: &Path) -> Result<(), String> {
     // The families of the first workload, in its order, define the colours.
     let mut families: Vec<String> = profiles
         .first()
-        .map(|(_, p)| p.groups.iter().take(CHART_FAMILIES).map(|g| g.name.clone()).collect())
+        .map(|(_, p)| {
+            p.groups
+                .iter()
+                .take(CHART_FAMILIES)
+                .map(|g| g.name.clone())
+                .collect()
+        })
         .unwrap_or_default();
     families.push("other".into());
     families.push("GPU idle".into());
@@ -105,7 +115,12 @@ fn plot(profiles: &[(String, Profile)], path: &Path) -> Result<(), String> {
     let segments = |p: &Profile| -> Vec<f64> {
         let mut v: Vec<f64> = families[..families.len() - 2]
             .iter()
-            .map(|f| p.groups.iter().find(|g| &g.name == f).map_or(0.0, |g| g.total_ms))
+            .map(|f| {
+                p.groups
+                    .iter()
+                    .find(|g| &g.name == f)
+                    .map_or(0.0, |g| g.total_ms)
+            })
             .collect();
         let known: f64 = v.iter().sum();
         v.push((p.kernel_ms - known).max(0.0));
@@ -116,18 +131,20 @@ fn plot(profiles: &[(String, Profile)], path: &Path) -> Result<(), String> {
         .iter()
         .map(|(_, p)| p.wall_ms.max(p.kernel_ms))
         .fold(1e-3, f64::max)
-        * 1.05;
+        * 1.3;
     let n = profiles.len().max(1);
     let root = BitMapBackend::new(path, (1100, 180 + 70 * n as u32)).into_drawing_area();
     let e = |e: DrawingAreaErrorKind<_>| e.to_string();
     root.fill(&WHITE).map_err(e)?;
     let names: Vec<String> = profiles.iter().map(|(n, _)| n.clone()).collect();
     let mut chart = ChartBuilder::on(&root)
-        .caption("lexp step profile: GPU time per kernel family", ("sans-serif", 20))
+        .caption(
+            "lexp step profile: GPU time per kernel family",
+            ("sans-serif", 20),
+        )
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(80)
-        .right_y_label_area_size(10)
         .build_cartesian_2d(0.0..x_max, -0.5..n as f64 - 0.5)
         .map_err(e)?;
     chart
@@ -136,8 +153,9 @@ fn plot(profiles: &[(String, Profile)], path: &Path) -> Result<(), String> {
         .y_labels(n * 2 + 1)
         .y_label_formatter(&|y| {
             let i = y.round();
-            if (y - i).abs() < 1e-6 && i >= 0.0 {
-                names.get(i as usize).cloned().unwrap_or_default()
+            // The first workload at the top.
+            if (y - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+                names[names.len() - 1 - i as usize].clone()
             } else {
                 String::new()
             }
@@ -153,13 +171,15 @@ fn plot(profiles: &[(String, Profile)], path: &Path) -> Result<(), String> {
             .map(|(w, (_, p))| {
                 let s = segments(p);
                 let x0: f64 = s[..k].iter().sum();
-                (w as f64, x0, x0 + s[k])
+                ((n - 1 - w) as f64, x0, x0 + s[k])
             })
             .collect();
         chart
-            .draw_series(bars.iter().map(|&(y, x0, x1)| {
-                Rectangle::new([(x0, y - 0.3), (x1, y + 0.3)], color.filled())
-            }))
+            .draw_series(
+                bars.iter().map(|&(y, x0, x1)| {
+                    Rectangle::new([(x0, y - 0.3), (x1, y + 0.3)], color.filled())
+                }),
+            )
             .map_err(e)?
             .label(fam.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
@@ -173,4 +193,45 @@ fn plot(profiles: &[(String, Profile)], path: &Path) -> Result<(), String> {
         .map_err(e)?;
     root.present().map_err(e)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lexp_runtime::profile::Timed;
+
+    #[test]
+    fn profiles_are_written_as_json_and_a_chart() {
+        let t = |name: &str, flops: f64, ms: f64| Timed {
+            name: name.into(),
+            flops,
+            ms,
+        };
+        let a = summarize(
+            &[
+                t("cublas gemm 64x64x64 NT", 5e8, 2.0),
+                t("flash_fwd_bf16_64_128_128_2_8_a16", 0.0, 1.0),
+            ],
+            4.0,
+        );
+        let b = summarize(&[t("layernorm_fwd_bf16_1024_a16", 0.0, 0.5)], 1.0);
+        let dir = std::env::temp_dir().join(format!("lexp-profile-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("profile.json");
+        write_profiles(
+            &path,
+            serde_json::json!({"model": "test"}),
+            &[("4x512".into(), a), ("4x1024".into(), b)],
+        )
+        .unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let w = &j["workloads"][0]["profile"];
+        assert_eq!(w["groups"][0]["name"], "cublas gemm");
+        assert_eq!(w["launches"], 2);
+        assert!((w["idle_share"].as_f64().unwrap() - 0.25).abs() < 1e-12);
+        let png = std::fs::metadata(path.with_extension("png")).unwrap();
+        assert!(png.len() > 5_000, "chart of {} bytes", png.len());
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
