@@ -301,7 +301,7 @@ fn start_and_maybe_kill(
     eval: &Path,
     dir: &Path,
     first: bool,
-    delay: Duration,
+    (delay, after_checkpoint): (Duration, bool),
     log: &Path,
 ) -> Start {
     let resume_step = checkpoint_steps(dir).last().copied();
@@ -314,13 +314,22 @@ fn start_and_maybe_kill(
     .stderr(fs::File::create(log).unwrap())
     .spawn()
     .unwrap();
-    let deadline = Instant::now() + delay;
+    // With `after_checkpoint`, the delay counts from the first checkpoint this start writes
+    // (so that the next start resumes strictly inside the run however slow the machine is);
+    // otherwise from the start.
+    let mut deadline = (!after_checkpoint).then(|| Instant::now() + delay);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break Some(status);
         }
-        if Instant::now() >= deadline {
-            break None;
+        match deadline {
+            Some(d) if Instant::now() >= d => break None,
+            Some(_) => {}
+            None => {
+                if checkpoint_steps(dir).last().copied() > resume_step {
+                    deadline = Some(Instant::now() + delay);
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -360,7 +369,8 @@ fn start_and_maybe_kill(
 }
 
 /// Kills a run at pseudo-random moments (0.2 s to the duration of an uninterrupted run after
-/// each start), resuming it each time, until it finishes by itself; then compares it with the
+/// each start; every other start 0–0.3 s after it writes its first new checkpoint, so that
+/// resumes from inside the run happen however loaded the machine is), resuming it each time, until it finishes by itself; then compares it with the
 /// uninterrupted run. Runs are repeated in fresh directories until, over all of them, at
 /// least 3 starts were killed mid-run and 2 resumed from a checkpoint strictly inside the run
 /// (a start whose delay outlasts it finishes early); every finished run must match.
@@ -379,7 +389,15 @@ fn killed_and_resumed_run_gives_the_same_loss_curve() {
         let dir = tmp.join(&format!("killed-{attempt}"));
         let mut finished = false;
         for start in 0..40 {
-            let delay = lo + (rng.next_u64() as f64 / 2f64.powi(64)) * (hi - lo);
+            let u = rng.next_u64() as f64 / 2f64.powi(64);
+            // Every other start is killed shortly after its first new checkpoint, the others
+            // anywhere (checkpoint writes included).
+            let after_checkpoint = start % 2 == 1;
+            let delay = if after_checkpoint {
+                0.3 * u
+            } else {
+                lo + u * (hi - lo)
+            };
             let log = tmp.join(&format!("attempt-{attempt}-start-{start}.log"));
             let first = start == 0;
             let s = start_and_maybe_kill(
@@ -387,11 +405,16 @@ fn killed_and_resumed_run_gives_the_same_loss_curve() {
                 &eval,
                 &dir,
                 first,
-                Duration::from_secs_f64(delay),
+                (Duration::from_secs_f64(delay), after_checkpoint),
                 &log,
             );
             history.push(format!(
-                "attempt {attempt} start {start}: delay {delay:.2} s, resume from {:?}, {}",
+                "attempt {attempt} start {start}: delay {delay:.2} s{}, resume from {:?}, {}",
+                if after_checkpoint {
+                    " after a new checkpoint"
+                } else {
+                    ""
+                },
                 s.resume_step,
                 if s.killed { "killed" } else { "finished" }
             ));
