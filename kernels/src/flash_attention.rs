@@ -63,8 +63,6 @@ fn block_rows(cu_seqlens: &[usize], size: usize) -> Option<Vec<BlockRow>> {
 /// `c` is passed as `scale_log2`.
 #[kernel(
     variants(T = [bf16, f16], D = [64], BM = [128], BN = [64, 128], S = [2, 3], W = [8]),
-    // BN = 128 with 3 stages spills on sm_80 (255 registers).
-    only = [BN == 64 || S == 2],
     warps = W,
     stages = S,
     grid = [blocks.dim(0), o.dim(1) / D],
@@ -96,7 +94,6 @@ pub fn flash_fwd<
     let qi = q0 + range::<BM>();
     let rows = start + qi;
     let dq = head * D + range::<D>();
-    let q = qkv.load([rows, dq]);
     let mut m = full::<f32, BM>(NEG_INFINITY);
     let mut l = zeros::<f32, BM>();
     let mut acc = zeros::<f32, BM, D>();
@@ -104,6 +101,10 @@ pub fn flash_fwd<
     for k0 in (0..hi).step_by(BN) {
         let kj = k0 + range::<BN>();
         let krows = start + kj;
+        // q is loop-invariant but loaded here: a load inside the loop is streamed into shared
+        // memory by `cp.async` (L2 hits after the first iteration), where one hoisted out of it
+        // would be staged from registers, with two barriers, at every iteration.
+        let q = qkv.load([rows, dq]);
         let k = qkv.load([krows, h + dq]);
         let s = dot(q, k.t(), zeros::<f32, BM, BN>()) * scale_log2;
         let s = select(kj.expand(0) <= qi.expand(1), s, NEG_INFINITY);
@@ -149,8 +150,8 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
 /// tiles: `Pᵀ = exp2(c·k·qᵀ − lse2)`, `dv += Pᵀ·dO`, `dSᵀ = Pᵀ ⊙ (v·dOᵀ − delta)`,
 /// `dk += dSᵀ·q`; `dk` is scaled by `scale` at the end. Writes the k and v blocks of `dqkv`.
 #[kernel(
-    // BN = 128 is 17% faster on the H200 (0.27 vs 0.32 ms at OPT-1.3B 4 x 1024) but spills on
-    // sm_80; variants cannot be restricted to one architecture yet.
+    // BN = 128 is faster on the H200 but spills on sm_80 (255 registers), and variants cannot
+    // be restricted to one architecture yet.
     variants(T = [bf16, f16], D = [64], BN = [64], BM = [64], S = [2, 3], W = [8]),
     only = [BN % BM == 0],
     warps = W,
@@ -189,13 +190,15 @@ pub fn flash_bwd_dkdv<
     let kj = k0 + range::<BN>();
     let krows = start + kj;
     let dc = head * D + range::<D>();
-    let k = qkv.load([krows, h + dc]);
-    let v = qkv.load([krows, 2 * h + dc]);
     let mut dk = zeros::<f32, BN, D>();
     let mut dv = zeros::<f32, BN, D>();
     for q0 in (k0..len).step_by(BM) {
         let qi = q0 + range::<BM>();
         let qrows = start + qi;
+        // k and v are loop-invariant but loaded here so that they are streamed (see
+        // `flash_fwd`).
+        let k = qkv.load([krows, h + dc]);
+        let v = qkv.load([krows, 2 * h + dc]);
         let q = qkv.load([qrows, dc]);
         let dout = d_o.load([qrows, dc]);
         let st = dot(k, q.t(), zeros::<f32, BN, BM>());
@@ -257,8 +260,6 @@ pub fn flash_bwd_dq<
     let qi = q0 + range::<BM>();
     let rows = start + qi;
     let dc = head * D + range::<D>();
-    let q = qkv.load([rows, dc]);
-    let dout = d_o.load([rows, dc]);
     let l = lse2.load([head, rows]);
     let dl = delta.load([head, rows]);
     let mut dq = zeros::<f32, BM, D>();
@@ -266,6 +267,10 @@ pub fn flash_bwd_dq<
     for k0 in (0..hi).step_by(BN) {
         let kj = k0 + range::<BN>();
         let krows = start + kj;
+        // q and dO are loop-invariant but loaded here so that they are streamed (see
+        // `flash_fwd`).
+        let q = qkv.load([rows, dc]);
+        let dout = d_o.load([rows, dc]);
         let k = qkv.load([krows, h + dc]);
         let v = qkv.load([krows, 2 * h + dc]);
         let s = dot(q, k.t(), zeros::<f32, BM, BN>());
