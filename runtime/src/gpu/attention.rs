@@ -34,10 +34,10 @@ pub const FLASH_HEAD_DIM: usize = 64;
 const FWD: [(&str, usize); 5] = [("D", FLASH_HEAD_DIM), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8)];
 /// Tile configuration of `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step.
 #[rustfmt::skip]
-const DKDV: [(&str, usize); 5] = [("D", FLASH_HEAD_DIM), ("BN", 64), ("BM", 64), ("S", 3), ("W", 8)];
+const DKDV: [(&str, usize); 5] = [("D", FLASH_HEAD_DIM), ("BN", 64), ("BM", 64), ("S", 2), ("W", 8)];
 /// Tile configuration of `flash_bwd_dq`: `BM` queries per program, `BN` keys per step.
 #[rustfmt::skip]
-const DQ: [(&str, usize); 5] = [("D", FLASH_HEAD_DIM), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8)];
+const DQ: [(&str, usize); 5] = [("D", FLASH_HEAD_DIM), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8)];
 
 /// The value of tile parameter `name` in a configuration (evaluated at compile time: a
 /// missing name fails the build).
@@ -409,7 +409,7 @@ mod tests {
         ];
         let p = BlockPlan::of(&segs).unwrap();
         // 128-token blocks everywhere in the current configurations.
-        assert_eq!((FWD_BM, DQ_BM, DKDV_BN), (128, 128, 64));
+        assert_eq!((FWD_BM, DQ_BM, DKDV_BN), (128, 64, 64));
         // Longest programs first: the last query block of the 130-token sequence, and its
         // first key block.
         assert_eq!(p.fwd[0], [0, 130, 128]);
@@ -420,13 +420,13 @@ mod tests {
             c.sort();
             c
         };
-        for list in [&p.fwd, &p.dq] {
-            assert_eq!(covered(list), vec![(0, 0), (0, 128), (130, 0), (131, 0)]);
+        assert_eq!(covered(&p.fwd), vec![(0, 0), (0, 128), (130, 0), (131, 0)]);
+        for list in [&p.dq, &p.dkdv] {
+            assert_eq!(
+                covered(list),
+                vec![(0, 0), (0, 64), (0, 128), (130, 0), (131, 0)]
+            );
         }
-        assert_eq!(
-            covered(&p.dkdv),
-            vec![(0, 0), (0, 64), (0, 128), (130, 0), (131, 0)]
-        );
     }
 
     #[test]
