@@ -123,7 +123,9 @@ pub fn flash_fwd<
 }
 
 /// Backward, step 1: `delta[h, t] = Σ_d dO[t, h·D + d] · O[t, h·D + d]` (f32), the row sums
-/// `rowsum(P ⊙ dP)` of the softmax backward, from the stored output.
+/// `rowsum(P ⊙ dP)` of the softmax backward, from the stored output. (`BR` must differ from
+/// `D`: the layout pass of a kernel without `dot` cannot place one `range` tile along two
+/// dimensions, and equal-length ranges are merged.)
 #[kernel(
     variants(T = [bf16, f16], D = [64], BR = [128]),
     warps = 4,

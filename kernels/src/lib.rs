@@ -79,8 +79,8 @@ pub static ALL: [&KernelInfo; 34] = [
 ];
 
 /// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and
-/// checked by the tensor-core tests (SASS, interpreter vs `reference_matmul`).
-pub const TENSOR_CORE: [&str; 9] = [
+/// checked by the tensor-core tests (their PTX and SASS hold tensor-core instructions).
+pub const TENSOR_CORE: [&str; 12] = [
     "gemm_nn",
     "gemm_nt",
     "gemm_tn",
@@ -90,6 +90,9 @@ pub const TENSOR_CORE: [&str; 9] = [
     "lora_fwd",
     "lora_bwd_dx",
     "lora_grad",
+    "flash_fwd",
+    "flash_bwd_dkdv",
+    "flash_bwd_dq",
 ];
 
 /// Looks a kernel up by name.
