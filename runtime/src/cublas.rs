@@ -822,8 +822,19 @@ impl Blas {
         // so it aliases neither input.
         let name = || {
             let t = |x: bool| if x { 'T' } else { 'N' };
-            let b = if batch > 1 { format!(" x{batch}") } else { String::new() };
-            format!("cublas gemm {}x{}x{}{b} {}{}", g.n, g.m, g.k, t(trans_a), t(trans_b))
+            let b = if batch > 1 {
+                format!(" x{batch}")
+            } else {
+                String::new()
+            };
+            format!(
+                "cublas gemm {}x{}x{}{b} {}{}",
+                g.n,
+                g.m,
+                g.k,
+                t(trans_a),
+                t(trans_b)
+            )
         };
         let flops = 2.0 * g.m as f64 * g.n as f64 * g.k as f64 * batch as f64;
         let status = self.profiler.span(&self.stream, name, flops, || unsafe {

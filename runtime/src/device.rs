@@ -2,11 +2,11 @@
 
 use crate::error::{failed, DeviceError, Result};
 use crate::module_cache::ModuleCache;
+use crate::profile::Profiler;
 use cudarc::driver::{sys, CudaContext, CudaStream, DriverError};
 use lexp_compiler::launch::Arch;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use crate::profile::Profiler;
 use tracing::{debug, info};
 
 /// One GPU, driven through cudarc.

@@ -75,10 +75,15 @@ impl Launcher for CudaDevice {
         // (the generated launcher builds them from the same signature the PTX was compiled
         // from) and the launcher has checked the tensors' shapes and alignment.
         self.profiler()
-            .span(stream, || kernel.to_string(), 0.0, || {
-                // SAFETY: see above.
-                unsafe { builder.launch(cfg) }.map(|_| ())
-            })
+            .span(
+                stream,
+                || kernel.to_string(),
+                0.0,
+                || {
+                    // SAFETY: see above.
+                    unsafe { builder.launch(cfg) }.map(|_| ())
+                },
+            )
             .map_err(|e| {
                 driver(format!(
                     "launch with grid {:?} failed: {}",

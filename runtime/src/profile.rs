@@ -111,7 +111,11 @@ impl Profiler {
         self.on.store(false, Ordering::Release);
         let spans = match self.spans.lock() {
             Ok(mut s) => std::mem::take(&mut *s),
-            Err(_) => return Err(DeviceError::InvalidArgument("profiler lock poisoned".into())),
+            Err(_) => {
+                return Err(DeviceError::InvalidArgument(
+                    "profiler lock poisoned".into(),
+                ))
+            }
         };
         spans
             .into_iter()
