@@ -7,7 +7,6 @@
 //! attention shape (32 heads of 64) at 4 x 512 and 4 x 1024 tokens, in bf16 and f16.
 
 use lexp_compiler::dtype::Storage;
-use lexp_compiler::launch::TensorArg;
 use lexp_kernels::flash_attention::{
     flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_fwd, key_blocks, query_blocks, BlockRow,
 };
@@ -34,8 +33,112 @@ fn blocks(dev: &CudaDevice, rows: &[BlockRow]) -> DeviceTensor {
     DeviceTensor::from_f32(dev, Storage::I32, &[rows.len(), 3], &f).unwrap()
 }
 
-/// Runs forward and backward on `lens` with `nh` heads of 64 in `dtype` and checks every
-/// output against the reference.
+/// The tensors of one attention problem: inputs `qkv [T, 3H]` and `dO [T, H]`, outputs `o`,
+/// `lse2` and `delta` (`[nh, T]` with rows padded to 16 bytes, as the engine lays them out) and
+/// `dqkv`.
+struct Bufs {
+    qkv: DeviceTensor,
+    d_o: DeviceTensor,
+    o: DeviceTensor,
+    lse2: DeviceTensor,
+    delta: DeviceTensor,
+    dqkv: DeviceTensor,
+    /// Softmax scale `hd^-0.5`.
+    scale: f32,
+}
+
+impl Bufs {
+    /// Random `qkv` (uniform in ±2) and `dO` (±1) for `t` tokens and `nh` heads of `hd`;
+    /// outputs poisoned.
+    fn new(dev: &CudaDevice, dtype: Storage, t: usize, nh: usize, hd: usize, seed: u64) -> Bufs {
+        let h = nh * hd;
+        let tp = t.div_ceil(4) * 4;
+        let mut rng = SplitMix64::new(seed);
+        let mut random = |dims: &[usize], a: f64| {
+            let n = dims.iter().product();
+            DeviceTensor::from_f32(dev, dtype, dims, &uniform(&mut rng, n, a)).unwrap()
+        };
+        let qkv = random(&[t, 3 * h], 2.0);
+        let d_o = random(&[t, h], 1.0);
+        let poisoned = |dtype, dims: &[usize]| DeviceTensor::poisoned(dev, dtype, dims).unwrap();
+        Bufs {
+            qkv,
+            d_o,
+            o: poisoned(dtype, &[t, h]),
+            lse2: poisoned(Storage::F32, &[nh, tp]),
+            delta: poisoned(Storage::F32, &[nh, tp]),
+            dqkv: poisoned(dtype, &[t, 3 * h]),
+            scale: (hd as f32).powf(-0.5),
+        }
+    }
+
+    fn poison_outputs(&mut self) {
+        for x in [&mut self.o, &mut self.lse2, &mut self.delta, &mut self.dqkv] {
+            x.poison().unwrap();
+        }
+    }
+
+    fn fwd(&self, dev: &CudaDevice, consts: &[(&str, usize)], blocks: &DeviceTensor) {
+        flash_fwd::launch_with(
+            dev,
+            consts,
+            &flash_fwd::Args {
+                qkv: &self.qkv.as_arg(),
+                blocks: &blocks.as_arg(),
+                scale_log2: self.scale * std::f32::consts::LOG2_E,
+                o: &self.o.as_arg(),
+                lse2: &self.lse2.as_arg(),
+            },
+        )
+        .unwrap()
+    }
+
+    fn delta(&self, dev: &CudaDevice) {
+        flash_bwd_delta::launch(
+            dev,
+            &flash_bwd_delta::Args {
+                o: &self.o.as_arg(),
+                d_o: &self.d_o.as_arg(),
+                delta: &self.delta.as_arg(),
+            },
+        )
+        .unwrap()
+    }
+
+    fn dkdv(&self, dev: &CudaDevice, consts: &[(&str, usize)], blocks: &DeviceTensor) {
+        bwd!(flash_bwd_dkdv, dev, self, consts, blocks)
+    }
+
+    fn dq(&self, dev: &CudaDevice, consts: &[(&str, usize)], blocks: &DeviceTensor) {
+        bwd!(flash_bwd_dq, dev, self, consts, blocks)
+    }
+}
+
+/// Launches one of the two backward kernels, which take the same arguments.
+macro_rules! bwd {
+    ($kernel:ident, $dev:expr, $b:expr, $consts:expr, $blocks:expr) => {
+        $kernel::launch_with(
+            $dev,
+            $consts,
+            &$kernel::Args {
+                qkv: &$b.qkv.as_arg(),
+                d_o: &$b.d_o.as_arg(),
+                lse2: &$b.lse2.as_arg(),
+                delta: &$b.delta.as_arg(),
+                blocks: &$blocks.as_arg(),
+                scale_log2: $b.scale * std::f32::consts::LOG2_E,
+                scale: $b.scale,
+                dqkv: &$b.dqkv.as_arg(),
+            },
+        )
+        .unwrap()
+    };
+}
+use bwd;
+
+/// Runs forward and backward on `lens` with `nh` heads of 64 in `dtype`, with every tile
+/// configuration of each kernel (the i-th ones together), and checks every output against the
+/// reference.
 fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], nh: usize, seed: u64) {
     let hd = 64;
     let h = nh * hd;
@@ -44,27 +147,15 @@ fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], nh: usize, seed: u64) 
         cu.push(cu.last().unwrap() + l);
     }
     let t = *cu.last().unwrap();
-    let mut rng = SplitMix64::new(seed);
-    let qkv = DeviceTensor::from_f32(dev, dtype, &[t, 3 * h], &uniform(&mut rng, t * 3 * h, 2.0))
-        .unwrap();
-    let d_o = DeviceTensor::from_f32(dev, dtype, &[t, h], &uniform(&mut rng, t * h, 1.0)).unwrap();
-    let (qkv_h, d_o_h) = (qkv.to_f32_vec().unwrap(), d_o.to_f32_vec().unwrap());
-    let scale = (hd as f64).powf(-0.5);
-    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+    let tp = t.div_ceil(4) * 4;
+    let mut b = Bufs::new(dev, dtype, t, nh, hd, seed);
+    let (qkv_h, d_o_h) = (b.qkv.to_f32_vec().unwrap(), b.d_o.to_f32_vec().unwrap());
     let sh = AttnShape {
         cu_seqlens: &cu,
         nh,
         hd,
-        scale,
+        scale: f64::from(b.scale),
     };
-    let what = format!("{dtype:?} lens {lens:?} x {nh} heads");
-
-    let mut o = DeviceTensor::poisoned(dev, dtype, &[t, h]).unwrap();
-    // Rows padded to 16 bytes, as the kernels require (the engine does the same).
-    let tp = t.div_ceil(4) * 4;
-    let mut lse2 = DeviceTensor::poisoned(dev, Storage::F32, &[nh, tp]).unwrap();
-    let mut delta = DeviceTensor::poisoned(dev, Storage::F32, &[nh, tp]).unwrap();
-    let mut dqkv = DeviceTensor::poisoned(dev, dtype, &[t, 3 * h]).unwrap();
     let (want_o, want_l) = reference::attention_fwd(&qkv_h, sh);
     // The backward's reference starts from the same inputs (the kernels' only rounding on
     // the way is the stored o and the bf16/f16 P and dS of the tensor-core products).
@@ -75,73 +166,32 @@ fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], nh: usize, seed: u64) 
         flash_bwd_dkdv::INFO.configurations(),
         flash_bwd_dq::INFO.configurations(),
     );
-    // Every configuration of each kernel, the i-th ones together.
     for i in 0..fwd_c.len().max(dkdv_c.len()).max(dq_c.len()) {
         let (fc, kc, qc) = (
             &fwd_c[i % fwd_c.len()],
             &dkdv_c[i % dkdv_c.len()],
             &dq_c[i % dq_c.len()],
         );
-        for x in [&mut o, &mut lse2, &mut delta, &mut dqkv] {
-            x.poison().unwrap();
-        }
-        let qb = blocks(dev, &query_blocks(&cu, get(fc, "BM")).unwrap());
-        let kb = blocks(dev, &key_blocks(&cu, get(kc, "BN")).unwrap());
-        let qbd = blocks(dev, &query_blocks(&cu, get(qc, "BM")).unwrap());
-        let a = |x: &DeviceTensor| -> TensorArg { x.as_arg() };
-        flash_fwd::launch_with(
+        b.poison_outputs();
+        b.fwd(
             dev,
             fc,
-            &flash_fwd::Args {
-                qkv: &a(&qkv),
-                blocks: &a(&qb),
-                scale_log2,
-                o: &a(&o),
-                lse2: &a(&lse2),
-            },
-        )
-        .unwrap();
-        flash_bwd_delta::launch(
-            dev,
-            &flash_bwd_delta::Args {
-                o: &a(&o),
-                d_o: &a(&d_o),
-                delta: &a(&delta),
-            },
-        )
-        .unwrap();
-        flash_bwd_dkdv::launch_with(
+            &blocks(dev, &query_blocks(&cu, get(fc, "BM")).unwrap()),
+        );
+        b.delta(dev);
+        b.dkdv(
             dev,
             kc,
-            &flash_bwd_dkdv::Args {
-                qkv: &a(&qkv),
-                d_o: &a(&d_o),
-                lse2: &a(&lse2),
-                delta: &a(&delta),
-                blocks: &a(&kb),
-                scale_log2,
-                scale: scale as f32,
-                dqkv: &a(&dqkv),
-            },
-        )
-        .unwrap();
-        flash_bwd_dq::launch_with(
+            &blocks(dev, &key_blocks(&cu, get(kc, "BN")).unwrap()),
+        );
+        b.dq(
             dev,
             qc,
-            &flash_bwd_dq::Args {
-                qkv: &a(&qkv),
-                d_o: &a(&d_o),
-                lse2: &a(&lse2),
-                delta: &a(&delta),
-                blocks: &a(&qbd),
-                scale_log2,
-                scale: scale as f32,
-                dqkv: &a(&dqkv),
-            },
-        )
-        .unwrap();
+            &blocks(dev, &query_blocks(&cu, get(qc, "BM")).unwrap()),
+        );
         dev.synchronize().unwrap();
-        let what = format!("{what} fwd {fc:?} dkdv {kc:?} dq {qc:?}");
+        let what =
+            format!("{dtype:?} lens {lens:?} x {nh} heads: fwd {fc:?} dkdv {kc:?} dq {qc:?}");
         let check = |name: &str, got: &[f32], want: &[f32], tol: f64| {
             let d = compare(got, want);
             println!("{what}: {name} {d}");
@@ -150,19 +200,20 @@ fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], nh: usize, seed: u64) 
                 "{what}: {name} {d} (tolerance {tol:.0e})"
             );
         };
-        check("o", &o.to_f32_vec().unwrap(), &want_o, tol);
-        let got_l: Vec<f32> = lse2
+        check("o", &b.o.to_f32_vec().unwrap(), &want_o, tol);
+        let got_l: Vec<f32> = b
+            .lse2
             .to_f32_vec()
             .unwrap()
             .chunks(tp)
             .flat_map(|r| r[..t].to_vec())
             .collect();
         check("lse2", &got_l, &want_l, 1e-5);
-        let got = dqkv.to_f32_vec().unwrap();
-        for (b, name) in ["dq", "dk", "dv"].iter().enumerate() {
+        let got = b.dqkv.to_f32_vec().unwrap();
+        for (blk, name) in ["dq", "dk", "dv"].iter().enumerate() {
             let pick = |x: &[f32]| -> Vec<f32> {
                 (0..t)
-                    .flat_map(|r| x[r * 3 * h + b * h..r * 3 * h + (b + 1) * h].to_vec())
+                    .flat_map(|r| x[r * 3 * h + blk * h..r * 3 * h + (blk + 1) * h].to_vec())
                     .collect()
             };
             check(name, &pick(&got), &pick(&want), 2.0 * tol);
@@ -195,8 +246,8 @@ fn flash_attention_matches_the_reference_on_the_gpu() {
 
 /// Every compiled tile configuration of the four kernels at the OPT-1.3B attention shape
 /// (32 heads of 64, 4 sequences of 512 and of 1024 tokens, bf16), timed (median of 20 after
-/// 3 warm-up launches) and checked against the configuration the engine uses: which one the
-/// engine should run, and what each achieves in TFLOP/s of the causal half. Prints only.
+/// 3 warm-up launches): which one the engine should run, and what each achieves in TFLOP/s of
+/// the causal half. Prints only (correctness is the test above).
 #[test]
 fn flash_attention_configurations_timed_at_opt_1_3b() {
     if !enabled() {
@@ -205,115 +256,35 @@ fn flash_attention_configurations_timed_at_opt_1_3b() {
     use lexp_runtime::time_ms;
     let dev = CudaDevice::new(0).expect("a CUDA GPU");
     let (nh, hd) = (32usize, 64usize);
-    let h = nh * hd;
     for len in [512usize, 1024] {
         let cu: Vec<usize> = (0..=4).map(|i| i * len).collect();
-        let t = 4 * len;
-        let tp = t.div_ceil(4) * 4;
-        let mut rng = SplitMix64::new(5);
-        let qkv = DeviceTensor::from_f32(
-            &dev,
-            Storage::BF16,
-            &[t, 3 * h],
-            &uniform(&mut rng, t * 3 * h, 2.0),
-        )
-        .unwrap();
-        let d_o =
-            DeviceTensor::from_f32(&dev, Storage::BF16, &[t, h], &uniform(&mut rng, t * h, 1.0))
-                .unwrap();
-        let o = DeviceTensor::zeros(&dev, Storage::BF16, &[t, h]).unwrap();
-        let lse2 = DeviceTensor::zeros(&dev, Storage::F32, &[nh, tp]).unwrap();
-        let delta = DeviceTensor::zeros(&dev, Storage::F32, &[nh, tp]).unwrap();
-        let dqkv = DeviceTensor::zeros(&dev, Storage::BF16, &[t, 3 * h]).unwrap();
-        let scale = (hd as f32).powf(-0.5);
-        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let b = Bufs::new(&dev, Storage::BF16, 4 * len, nh, hd, 5);
         // Query-key pairs of the causal half, all heads.
         let pairs = (4 * len * (len + 1) / 2 * nh) as f64;
-        let tflops = |gemms: f64, ms: f64| gemms * 2.0 * hd as f64 * pairs / (ms * 1e-3) / 1e12;
-        let a = |x: &DeviceTensor| x.as_arg();
-        for consts in flash_fwd::INFO.configurations() {
-            let qb = blocks(&dev, &query_blocks(&cu, get(&consts, "BM")).unwrap());
-            let tm = time_ms(&dev, 3, 20, || {
-                flash_fwd::launch_with(
-                    &dev,
-                    &consts,
-                    &flash_fwd::Args {
-                        qkv: &a(&qkv),
-                        blocks: &a(&qb),
-                        scale_log2,
-                        o: &a(&o),
-                        lse2: &a(&lse2),
-                    },
-                )
+        let report = |name: &str, consts: &[(&str, usize)], gemms: f64, ms: f64| {
+            let tflops = gemms * 2.0 * hd as f64 * pairs / (ms * 1e-3) / 1e12;
+            println!("4x{len} {name} {consts:?}: {ms:.3} ms, {tflops:.0} TFLOP/s");
+        };
+        let time = |f: &dyn Fn()| {
+            time_ms(&dev, 3, 20, || {
+                f();
+                Ok::<_, lexp_runtime::DeviceError>(())
             })
-            .unwrap();
-            println!(
-                "4x{len} flash_fwd {consts:?}: {:.3} ms, {:.0} TFLOP/s",
-                tm.median(),
-                tflops(2.0, tm.median())
-            );
+            .unwrap()
+            .median()
+        };
+        for c in flash_fwd::INFO.configurations() {
+            let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
+            report("flash_fwd", &c, 2.0, time(&|| b.fwd(&dev, &c, &qb)));
         }
-        let tm = time_ms(&dev, 3, 20, || {
-            flash_bwd_delta::launch(
-                &dev,
-                &flash_bwd_delta::Args {
-                    o: &a(&o),
-                    d_o: &a(&d_o),
-                    delta: &a(&delta),
-                },
-            )
-        })
-        .unwrap();
-        println!("4x{len} flash_bwd_delta: {:.3} ms", tm.median());
-        for consts in flash_bwd_dkdv::INFO.configurations() {
-            let kb = blocks(&dev, &key_blocks(&cu, get(&consts, "BN")).unwrap());
-            let tm = time_ms(&dev, 3, 20, || {
-                flash_bwd_dkdv::launch_with(
-                    &dev,
-                    &consts,
-                    &flash_bwd_dkdv::Args {
-                        qkv: &a(&qkv),
-                        d_o: &a(&d_o),
-                        lse2: &a(&lse2),
-                        delta: &a(&delta),
-                        blocks: &a(&kb),
-                        scale_log2,
-                        scale,
-                        dqkv: &a(&dqkv),
-                    },
-                )
-            })
-            .unwrap();
-            println!(
-                "4x{len} flash_bwd_dkdv {consts:?}: {:.3} ms, {:.0} TFLOP/s",
-                tm.median(),
-                tflops(4.0, tm.median())
-            );
+        println!("4x{len} flash_bwd_delta: {:.3} ms", time(&|| b.delta(&dev)));
+        for c in flash_bwd_dkdv::INFO.configurations() {
+            let kb = blocks(&dev, &key_blocks(&cu, get(&c, "BN")).unwrap());
+            report("flash_bwd_dkdv", &c, 4.0, time(&|| b.dkdv(&dev, &c, &kb)));
         }
-        for consts in flash_bwd_dq::INFO.configurations() {
-            let qb = blocks(&dev, &query_blocks(&cu, get(&consts, "BM")).unwrap());
-            let tm = time_ms(&dev, 3, 20, || {
-                flash_bwd_dq::launch_with(
-                    &dev,
-                    &consts,
-                    &flash_bwd_dq::Args {
-                        qkv: &a(&qkv),
-                        d_o: &a(&d_o),
-                        lse2: &a(&lse2),
-                        delta: &a(&delta),
-                        blocks: &a(&qb),
-                        scale_log2,
-                        scale,
-                        dqkv: &a(&dqkv),
-                    },
-                )
-            })
-            .unwrap();
-            println!(
-                "4x{len} flash_bwd_dq {consts:?}: {:.3} ms, {:.0} TFLOP/s",
-                tm.median(),
-                tflops(3.0, tm.median())
-            );
+        for c in flash_bwd_dq::INFO.configurations() {
+            let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
+            report("flash_bwd_dq", &c, 3.0, time(&|| b.dq(&dev, &c, &qb)));
         }
     }
 }

@@ -253,36 +253,33 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
         },
     )
     .map_err(launch_err("flash attention backward (delta)"))?;
-    fa::flash_bwd_dkdv::launch_with(
-        cx.dev,
-        &DKDV,
-        &fa::flash_bwd_dkdv::Args {
-            qkv: &qkv,
-            d_o: &d_o,
-            lse2: &lse2,
-            delta: &delta,
-            blocks: &dkdv,
-            scale_log2: s * std::f32::consts::LOG2_E,
-            scale: s,
-            dqkv: &dqkv,
-        },
-    )
-    .map_err(launch_err("flash attention backward (dk, dv)"))?;
-    fa::flash_bwd_dq::launch_with(
-        cx.dev,
-        &DQ,
-        &fa::flash_bwd_dq::Args {
-            qkv: &qkv,
-            d_o: &d_o,
-            lse2: &lse2,
-            delta: &delta,
-            blocks: &dq,
-            scale_log2: s * std::f32::consts::LOG2_E,
-            scale: s,
-            dqkv: &dqkv,
-        },
-    )
-    .map_err(launch_err("flash attention backward (dq)"))
+    // dk/dv per key block, then dq per query block: two kernels with the same arguments.
+    macro_rules! launch {
+        ($kernel:ident, $consts:expr, $blocks:expr, $what:literal) => {
+            fa::$kernel::launch_with(
+                cx.dev,
+                &$consts,
+                &fa::$kernel::Args {
+                    qkv: &qkv,
+                    d_o: &d_o,
+                    lse2: &lse2,
+                    delta: &delta,
+                    blocks: &$blocks,
+                    scale_log2: s * std::f32::consts::LOG2_E,
+                    scale: s,
+                    dqkv: &dqkv,
+                },
+            )
+            .map_err(launch_err($what))
+        };
+    }
+    launch!(
+        flash_bwd_dkdv,
+        DKDV,
+        dkdv,
+        "flash attention backward (dk, dv)"
+    )?;
+    launch!(flash_bwd_dq, DQ, dq, "flash attention backward (dq)")
 }
 
 fn materialised_forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
