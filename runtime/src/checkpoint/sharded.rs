@@ -61,7 +61,48 @@ impl Checkpoint {
     pub fn open_index(index: impl AsRef<Path>) -> Result<Checkpoint> {
         let index = index.as_ref();
         let dir = index.parent().unwrap_or(Path::new(""));
-        let (weight_map, total_size) = read_index(index)?;
+        let text = std::fs::read_to_string(index).map_err(|source| CheckpointError::Io {
+            file: index.into(),
+            op: "read",
+            source,
+        })?;
+        Self::from_index(index, &text, |shard| {
+            let path = dir.join(shard);
+            if !path.is_file() {
+                return Ok(None);
+            }
+            Ok(Some(SafeTensors::open(&path)?))
+        })
+    }
+
+    /// A sharded checkpoint held in memory: `index_json` is the text of the index `index`
+    /// (which only names it in errors), `shards` maps each shard's file name to its bytes.
+    /// Validation is exactly [`open_index`](Self::open_index)'s; a shard the index lists but
+    /// `shards` lacks is a [`MissingShard`](CheckpointError::MissingShard) error. For tests and
+    /// fuzzing of the index and shard checks without files.
+    pub fn from_index_bytes(
+        index: impl AsRef<Path>,
+        index_json: &str,
+        mut shards: HashMap<String, Vec<u8>>,
+    ) -> Result<Checkpoint> {
+        let index = index.as_ref();
+        let dir = index.parent().unwrap_or(Path::new(""));
+        Self::from_index(index, index_json, |shard| {
+            Ok(match shards.remove(shard) {
+                Some(bytes) => Some(SafeTensors::from_bytes(dir.join(shard), bytes)?),
+                None => None,
+            })
+        })
+    }
+
+    /// Parses the index text and cross-checks it with the shards `load` returns by file name
+    /// (`None`: no such shard).
+    fn from_index(
+        index: &Path,
+        text: &str,
+        mut load: impl FnMut(&str) -> Result<Option<SafeTensors>>,
+    ) -> Result<Checkpoint> {
+        let (weight_map, total_size) = parse_index(index, text)?;
 
         // Shard file name → the tensors mapped to it, both sorted.
         let mut by_shard: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
@@ -71,15 +112,14 @@ impl Checkpoint {
         let mut shards = Vec::with_capacity(by_shard.len());
         let mut location = HashMap::with_capacity(weight_map.len());
         for (shard_name, tensors) in by_shard {
-            let path = dir.join(shard_name);
-            if !path.is_file() {
+            let Some(file) = load(shard_name)? else {
                 return Err(CheckpointError::MissingShard {
                     index: index.into(),
                     shard: shard_name.into(),
                     tensor: tensors.first().copied().unwrap_or_default().into(),
                 });
-            }
-            let file = SafeTensors::open(&path)?;
+            };
+            let path = file.file().to_path_buf();
             if let Some(t) = tensors.iter().find(|t| !file.contains(t)) {
                 return Err(CheckpointError::NotInShard {
                     shard: path,
@@ -159,18 +199,14 @@ impl Checkpoint {
     }
 }
 
-/// Reads an index: its `weight_map` (tensor → shard file name) and `metadata.total_size`.
-fn read_index(index: &Path) -> Result<(BTreeMap<String, String>, Option<u64>)> {
+/// Parses an index's text: its `weight_map` (tensor → shard file name) and
+/// `metadata.total_size`; `index` names the file in errors.
+fn parse_index(index: &Path, text: &str) -> Result<(BTreeMap<String, String>, Option<u64>)> {
     let bad = |reason: String| CheckpointError::Index {
         file: index.into(),
         reason,
     };
-    let text = std::fs::read_to_string(index).map_err(|source| CheckpointError::Io {
-        file: index.into(),
-        op: "read",
-        source,
-    })?;
-    let top = match Json::parse(&text) {
+    let top = match Json::parse(text) {
         Ok(Json::Object(entries)) => entries,
         Ok(other) => return Err(bad(format!("expected an object, found {}", other.kind()))),
         Err(e) => return Err(bad(format!("not valid JSON: {e}"))),

@@ -37,6 +37,16 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
+    /// The longest added token [`from_bytes`](Self::from_bytes) accepts, in bytes. The
+    /// `tokenizers` crate matches added tokens with an Aho-Corasick automaton whose construction
+    /// takes time quadratic in a token's length for repetitive tokens (a 70 kB `"aaa…"` token
+    /// takes minutes); real special tokens are a few dozen bytes.
+    pub const MAX_ADDED_TOKEN_BYTES: usize = 256;
+
+    /// The most bytes all added tokens together may have (Gemma-size lists of reserved tokens
+    /// take about 100 kB), for the same reason.
+    pub const MAX_ADDED_TOKENS_BYTES: usize = 1 << 20;
+
     /// Loads `path` (a `tokenizer.json`) with `</s>` as the EOS token, OPT's convention (also
     /// the fixture models'). Errors name the file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
@@ -54,7 +64,31 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(load_err("no such file".into()));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| load_err(e.to_string()))?;
+        let bytes = std::fs::read(&path).map_err(|e| load_err(e.to_string()))?;
+        Self::from_bytes(path, &bytes, eos_token)
+    }
+
+    /// Loads a `tokenizer.json` held in memory, with `eos_token` as the EOS; `name` is the
+    /// path used in messages. Same checks as [`from_file_with_eos`](Self::from_file_with_eos),
+    /// without touching the file system (for tests and fuzzing of the loader).
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: &[u8], eos_token: &str) -> Result<Self> {
+        let path = name.into();
+        let load_err = |message: String| DataError::TokenizerLoad {
+            path: path.clone(),
+            message,
+        };
+        check_added_tokens(bytes).map_err(load_err)?;
+        let inner = guarded(|| tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| e.to_string()))
+            .map_err(load_err)?;
+        Self::from_inner(path, inner, eos_token)
+    }
+
+    /// The checks and probes shared by the loaders, on a parsed tokenizer.
+    fn from_inner(path: PathBuf, inner: tokenizers::Tokenizer, eos_token: &str) -> Result<Self> {
+        let load_err = |message: String| DataError::TokenizerLoad {
+            path: path.clone(),
+            message,
+        };
         let eos_id = inner
             .token_to_id(eos_token)
             .ok_or_else(|| load_err(format!("no EOS token `{eos_token}` in the vocabulary")))?;
@@ -163,12 +197,15 @@ impl Tokenizer {
         text: &str,
         add_special_tokens: bool,
     ) -> Result<Vec<u32>> {
-        tok.encode(text, add_special_tokens)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| DataError::Tokenize {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })
+        guarded(|| {
+            tok.encode(text, add_special_tokens)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|message| DataError::Tokenize {
+            path: self.path.clone(),
+            message,
+        })
     }
 
     /// The first special-token text (e.g. `</s>`) that occurs inside `text`, if any: HF would
@@ -182,12 +219,15 @@ impl Tokenizer {
 
     /// Decodes ids back to text (byte-level decoder), for debugging and generation output.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| DataError::Tokenize {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })
+        guarded(|| {
+            self.inner
+                .decode(ids, skip_special_tokens)
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|message| DataError::Tokenize {
+            path: self.path.clone(),
+            message,
+        })
     }
 
     /// The id of a token's text (`"</s>"` → 2, `"Ġworld"` → its id), if in the vocabulary.
@@ -199,4 +239,63 @@ impl Tokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+}
+
+/// Checks the `added_tokens` of a `tokenizer.json` against
+/// [`Tokenizer::MAX_ADDED_TOKEN_BYTES`] and [`Tokenizer::MAX_ADDED_TOKENS_BYTES`] before the
+/// `tokenizers` crate builds its matcher. Malformed JSON passes here: the crate reports it.
+fn check_added_tokens(bytes: &[u8]) -> std::result::Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Added {
+        content: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        added_tokens: Vec<Added>,
+    }
+    let Ok(file) = serde_json::from_slice::<File>(bytes) else {
+        return Ok(());
+    };
+    let mut total = 0usize;
+    for (i, t) in file.added_tokens.iter().enumerate() {
+        if t.content.len() > Tokenizer::MAX_ADDED_TOKEN_BYTES {
+            return Err(format!(
+                "added_tokens[{i}] is {} bytes long, more than the limit of \
+                 {} (starts with {:?})",
+                t.content.len(),
+                Tokenizer::MAX_ADDED_TOKEN_BYTES,
+                t.content.chars().take(16).collect::<String>()
+            ));
+        }
+        total += t.content.len();
+    }
+    if total > Tokenizer::MAX_ADDED_TOKENS_BYTES {
+        return Err(format!(
+            "the {} added_tokens hold {total} bytes, more than the limit of \
+             {}",
+            file.added_tokens.len(),
+            Tokenizer::MAX_ADDED_TOKENS_BYTES
+        ));
+    }
+    Ok(())
+}
+
+/// Runs a call into the `tokenizers` crate with its panics turned into errors: the crate
+/// `expect`s on some malformed files (a `decoder` object that is neither tagged nor legacy
+/// panics with `Helper: ...` while parsing), and a user's `tokenizer.json` must give an error
+/// naming the file, not a crash. The panic message is still printed by the panic hook.
+fn guarded<T>(
+    f: impl FnOnce() -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        Err(format!(
+            "the tokenizers crate failed on this input ({what})"
+        ))
+    })
 }

@@ -173,8 +173,34 @@ pub fn load_adapter(dir: &Path, model: &OptConfig) -> Result<LoraParams> {
         source,
     })?;
     let config = parse_config(&text, &config_file, model)?;
-
     let st = SafeTensors::open(&weights_file)?;
+    from_parts(dir, config, &st, model)
+}
+
+/// [`load_adapter`] on an adapter held in memory: `config_json` is the text of
+/// `adapter_config.json`, `weights` the bytes of `adapter_model.safetensors`, and `dir` only
+/// names the files in errors. Same checks, without touching the file system (for tests and
+/// fuzzing of the config parser and the weight checks).
+pub fn load_adapter_from_bytes(
+    dir: &Path,
+    config_json: &str,
+    weights: Vec<u8>,
+    model: &OptConfig,
+) -> Result<LoraParams> {
+    let config = parse_config(config_json, &dir.join(CONFIG_FILE), model)?;
+    let st = SafeTensors::from_bytes(dir.join(WEIGHTS_FILE), weights)?;
+    from_parts(dir, config, &st, model)
+}
+
+/// Matches the weights file `st` against the parsed `config` and `model`: every tensor is a
+/// targeted LoRA matrix with its shape, and every targeted matrix is there.
+fn from_parts(
+    dir: &Path,
+    config: LoraConfig,
+    st: &SafeTensors,
+    model: &OptConfig,
+) -> Result<LoraParams> {
+    let weights_file = st.file().to_path_buf();
     // Every LoRA key this model could have, whether targeted or not.
     let mut known: HashMap<String, (usize, LoraTarget, LoraFactor)> = HashMap::new();
     for layer in 0..model.num_hidden_layers {

@@ -147,6 +147,16 @@ impl OptConfig {
     /// OPT's LayerNorm epsilon: not in the config, PyTorch's default.
     pub const LAYER_NORM_EPS: f32 = 1e-5;
 
+    /// The most decoder layers [`validate`](Self::validate) accepts (OPT-175B has 96). A
+    /// larger count is a malformed file: listing its tensors alone would take unbounded time
+    /// and memory before any checkpoint is looked at.
+    pub const MAX_LAYERS: usize = 1 << 12;
+
+    /// The most parameters [`validate`](Self::validate) accepts, 2^40 (about 1.1 T; OPT-175B
+    /// has 0.175 T). A larger model is a malformed file, and the sizes derived from one
+    /// (parameter and byte counts, memory plans) could overflow.
+    pub const MAX_PARAMETERS: u64 = 1 << 40;
+
     /// Reads and validates `config.json` (a file, or a directory holding one).
     pub fn from_file(path: impl AsRef<Path>) -> Result<OptConfig> {
         let path = path.as_ref();
@@ -223,6 +233,30 @@ impl OptConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
+        if self.num_hidden_layers > Self::MAX_LAYERS {
+            return Err(format!(
+                "num_hidden_layers {} is more than {} (a malformed config?)",
+                self.num_hidden_layers,
+                Self::MAX_LAYERS
+            ));
+        }
+        match self.checked_num_parameters() {
+            Some(n) if n <= Self::MAX_PARAMETERS => {}
+            n => {
+                return Err(format!(
+                    "vocab_size {}, hidden_size {}, ffn_dim {}, max_position_embeddings {} and \
+                     word_embed_proj_dim {} describe {} parameters, more than the limit of {} \
+                     (a malformed config?)",
+                    self.vocab_size,
+                    self.hidden_size,
+                    self.ffn_dim,
+                    self.max_position_embeddings,
+                    self.word_embed_proj_dim,
+                    n.map_or_else(|| "more than 2^64".to_owned(), |n| n.to_string()),
+                    Self::MAX_PARAMETERS
+                ))
+            }
+        }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
@@ -252,6 +286,52 @@ impl OptConfig {
             }
         }
         Ok(())
+    }
+
+    /// [`num_parameters`](Self::num_parameters) in u64 with every step checked, computed
+    /// from the sizes alone (no tensor list); `None` if it overflows.
+    fn checked_num_parameters(&self) -> Option<u64> {
+        let u = |x: usize| u64::try_from(x).ok();
+        let (v, e, h, f) = (
+            u(self.vocab_size)?,
+            u(self.word_embed_proj_dim)?,
+            u(self.hidden_size)?,
+            u(self.ffn_dim)?,
+        );
+        let p = u(self.max_position_embeddings)?.checked_add(2)?;
+        let bias = u64::from(self.enable_bias);
+        let affine = u64::from(self.layer_norm_elementwise_affine);
+        let linear = |out: u64, inp: u64| out.checked_mul(inp)?.checked_add(bias * out);
+        let layer = [
+            linear(h, h)?.checked_mul(4)?,
+            linear(f, h)?,
+            linear(h, f)?,
+            h.checked_mul(4 * affine)?,
+        ]
+        .into_iter()
+        .try_fold(0u64, u64::checked_add)?;
+        let embeddings = v.checked_mul(e)?;
+        let parts = [
+            embeddings,
+            p.checked_mul(h)?,
+            if self.has_projections() {
+                h.checked_mul(e)?.checked_mul(2)?
+            } else {
+                0
+            },
+            layer.checked_mul(u(self.num_hidden_layers)?)?,
+            if self.has_final_layer_norm() {
+                h.checked_mul(2 * affine)?
+            } else {
+                0
+            },
+            if self.tie_word_embeddings {
+                0
+            } else {
+                embeddings
+            },
+        ];
+        parts.into_iter().try_fold(0u64, u64::checked_add)
     }
 
     /// `hd = H / nh`.
@@ -334,5 +414,91 @@ impl OptConfig {
             self.vocab_size * self.word_embed_proj_dim
         };
         tensors + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> Result<OptConfig> {
+        OptConfig::from_json(json, Path::new("c/config.json"))
+    }
+
+    #[test]
+    fn checked_parameter_count_matches_the_tensor_list() {
+        let variants = [
+            r#"{}"#,
+            r#"{"vocab_size": 50, "hidden_size": 12, "ffn_dim": 20, "num_hidden_layers": 3,
+                "num_attention_heads": 3, "max_position_embeddings": 7}"#,
+            r#"{"vocab_size": 50, "hidden_size": 12, "ffn_dim": 20, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "max_position_embeddings": 7, "word_embed_proj_dim": 5,
+                "do_layer_norm_before": false, "tie_word_embeddings": false}"#,
+            r#"{"vocab_size": 9, "d_model": 4, "ffn_dim": 3, "num_hidden_layers": 5,
+                "num_attention_heads": 1, "max_position_embeddings": 2, "enable_bias": false,
+                "layer_norm_elementwise_affine": false, "_remove_final_layer_norm": true}"#,
+        ];
+        for json in variants {
+            let c = config(json).unwrap();
+            let listed: usize = c
+                .decoder_tensors()
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum::<usize>()
+                + if c.tie_word_embeddings {
+                    0
+                } else {
+                    c.vocab_size * c.word_embed_proj_dim
+                };
+            assert_eq!(c.num_parameters(), listed, "{json}");
+            assert_eq!(c.checked_num_parameters(), Some(listed as u64), "{json}");
+        }
+    }
+
+    /// Regression (fuzzing): sizes whose products overflow (`vocab_size` 2^63 − 1 panicked in
+    /// `num_parameters`), `max_position_embeddings` at `usize::MAX` (`position_rows`
+    /// overflowed) and a huge layer count (`decoder_tensors` would list 10^18 layers) are
+    /// rejected by name, quickly.
+    #[test]
+    fn huge_sizes_are_rejected() {
+        let cases = [
+            (
+                r#"{"vocab_size": 9223372036854775807, "hidden_size": 8,
+                    "num_attention_heads": 2}"#,
+                "vocab_size 9223372036854775807",
+            ),
+            (
+                r#"{"max_position_embeddings": 18446744073709551615}"#,
+                "more than 2^64",
+            ),
+            (
+                r#"{"hidden_size": 4294967296, "num_attention_heads": 1}"#,
+                "more than 2^64",
+            ),
+            (
+                r#"{"ffn_dim": 1000000000000}"#,
+                "more than the limit of 1099511627776",
+            ),
+            (
+                r#"{"num_hidden_layers": 1000000000000000000}"#,
+                "num_hidden_layers 1000000000000000000 is more than 4096",
+            ),
+        ];
+        for (json, want) in cases {
+            let t = std::time::Instant::now();
+            let msg = config(json).unwrap_err().to_string();
+            assert!(
+                msg.starts_with("c/config.json: ") && msg.contains(want),
+                "{json}: {msg}"
+            );
+            assert!(t.elapsed().as_secs_f64() < 1.0, "{json}");
+        }
+        // The largest OPT (175B) is well inside the limits.
+        let big = config(
+            r#"{"vocab_size": 50272, "hidden_size": 12288, "ffn_dim": 49152,
+                "num_hidden_layers": 96, "num_attention_heads": 96}"#,
+        )
+        .unwrap();
+        assert!((170e9..180e9).contains(&(big.num_parameters() as f64)));
     }
 }
