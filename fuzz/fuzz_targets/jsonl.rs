@@ -17,6 +17,7 @@ fn fixtures() -> &'static targets::Fixtures {
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    targets::let_caught_panics_unwind();
     // `Ok` and clean errors are both fine; a panic, hang or huge allocation is the finding.
     let _ = targets::jsonl(fixtures(), data);
 });

@@ -5,6 +5,7 @@
 mod targets;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    targets::let_caught_panics_unwind();
     // `Ok` and clean errors are both fine; a panic, hang or huge allocation is the finding.
     let _ = targets::tokenizer(data);
 });

@@ -2,9 +2,10 @@
 //! safetensors files, sharded indexes with their shards, `config.json`, JSONL data,
 //! `tokenizer.json` (our loader and wrapper) and PEFT adapter directories.
 //!
-//! Each target starts from a seed corpus of valid inputs built here and from the bundled assets
-//! (every entry must be accepted), then runs deterministic mutations of it (see
-//! `fuzz_parsers/mutate.rs`) for `LEXP_FUZZ_SECS` seconds (default 5) per target. Every input
+//! Each target starts from a seed corpus of valid inputs built from scratch and from the
+//! bundled assets (`fuzz_parsers/corpus.rs`; every entry must be accepted), then runs
+//! deterministic mutations of it (`fuzz_parsers/mutate.rs`) for `LEXP_FUZZ_SECS` seconds
+//! (default 5) per target, at most `LEXP_FUZZ_ITERS` inputs (default 200000). Every input
 //! must end in `Ok` or a clean error: a panic, an input slower than 2 s or a single allocation
 //! over 256 MiB fails the test with the input's seed and hex (see `fuzz_parsers/harness.rs`).
 //! The targets themselves are in `fuzz_parsers/targets.rs`, shared with the cargo-fuzz crate
@@ -12,38 +13,23 @@
 //! that used to crash, hang or allocate without bound.
 
 mod fuzz_parsers {
+    pub mod corpus;
     pub mod harness;
     pub mod mutate;
     pub mod targets;
 }
 
+use fuzz_parsers::corpus::*;
 use fuzz_parsers::harness::{fuzz, peak_alloc, CapAlloc, Report, Settings, Target, ALLOC_CAP};
 use fuzz_parsers::mutate::Kind;
-use fuzz_parsers::targets::{self, join, Fixtures, SHARDS};
-use lexp_runtime::checkpoint::{writer, Dtype, SafeTensors, WriteTensor};
-use lexp_runtime::peft::{save_adapter, LoraConfig, LoraParams, LoraTarget};
+use fuzz_parsers::targets::{self, join, SHARDS};
+use lexp_runtime::checkpoint::SafeTensors;
+use lexp_runtime::peft::LoraTarget;
 use serde_json::Value;
-use std::borrow::Cow;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
 #[global_allocator]
 static ALLOC: CapAlloc = CapAlloc;
-
-fn assets() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/default")
-}
-
-fn fixtures() -> &'static Fixtures {
-    static FX: OnceLock<Fixtures> = OnceLock::new();
-    FX.get_or_init(|| Fixtures::load(&assets()))
-}
-
-fn read(rel: &str) -> Vec<u8> {
-    let path = assets().join(rel);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 /// Parts as they are: for single-part targets.
 fn first(parts: &[Vec<u8>]) -> Vec<u8> {
@@ -98,255 +84,6 @@ fn check(report: &Report, settings: Settings, reached: &[&str]) {
             );
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Seed corpora.
-
-fn tensor(name: &str, dtype: Dtype, shape: &[usize], seed: u8) -> WriteTensor<'static> {
-    let n: usize = shape.iter().product();
-    let bytes = (n * dtype.bits()).div_ceil(8);
-    WriteTensor {
-        name: name.into(),
-        dtype,
-        shape: shape.to_vec(),
-        bytes: Cow::Owned(
-            (0..bytes)
-                .map(|i| (i as u8).wrapping_mul(37) ^ seed)
-                .collect(),
-        ),
-    }
-}
-
-fn file(tensors: &[WriteTensor<'_>], metadata: &[(&str, &str)]) -> Vec<u8> {
-    let meta: BTreeMap<String, String> = metadata
-        .iter()
-        .map(|(k, v)| ((*k).into(), (*v).into()))
-        .collect();
-    writer::to_bytes(tensors, &meta).expect("valid tensors")
-}
-
-/// Small valid safetensors files: mixed dtypes with metadata, every dtype, no tensors, a
-/// scalar and an empty tensor, the tiny model, and the 7 MB opt-tiny fixture.
-fn safetensors_corpus() -> Vec<Vec<Vec<u8>>> {
-    let mixed = file(
-        &[
-            tensor("w", Dtype::F32, &[2, 3], 1),
-            tensor("h", Dtype::F16, &[4], 2),
-            tensor("b", Dtype::BF16, &[2, 2], 3),
-            tensor("e", Dtype::I64, &[0, 3], 4),
-            tensor("s", Dtype::U8, &[], 5),
-        ],
-        &[("note", "fuzz seed")],
-    );
-    let every: Vec<WriteTensor<'static>> = Dtype::ALL
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| tensor(&format!("t{i}"), d, &[2, 4], i as u8))
-        .collect();
-    let mut hand = b"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}".to_vec();
-    let mut hand_file = (hand.len() as u64).to_le_bytes().to_vec();
-    hand_file.append(&mut hand);
-    hand_file.extend_from_slice(&1.5f32.to_le_bytes());
-    vec![
-        vec![mixed],
-        vec![file(&every, &[])],
-        vec![file(&[], &[])],
-        vec![hand_file],
-        vec![targets::tiny_weights(&fixtures().tiny)],
-        vec![read("opt-tiny/model.safetensors")],
-    ]
-}
-
-/// An index over the tiny model's weights split into two shards, and one with a single shard.
-fn sharded_corpus() -> Vec<Vec<Vec<u8>>> {
-    let all = SafeTensors::from_bytes("tiny", targets::tiny_weights(&fixtures().tiny)).unwrap();
-    let names: Vec<&str> = all.names().collect();
-    let half = names.len() / 2;
-    let shard = |names: &[&str]| {
-        let ts: Vec<WriteTensor<'_>> = names
-            .iter()
-            .map(|n| WriteTensor::from(all.get(n).unwrap()))
-            .collect();
-        file(&ts, &[])
-    };
-    let index = |split: usize| {
-        let map: Vec<String> = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| format!("\"{n}\": \"{}\"", SHARDS[usize::from(i >= split)]))
-            .collect();
-        format!(
-            "{{\"metadata\": {{\"total_size\": 1234}}, \"weight_map\": {{\n{}\n}}}}",
-            map.join(",\n")
-        )
-    };
-    vec![
-        vec![
-            index(half).into_bytes(),
-            shard(&names[..half]),
-            shard(&names[half..]),
-        ],
-        vec![index(names.len()).into_bytes(), shard(&names), Vec::new()],
-    ]
-}
-
-/// opt-tiny's `config.json`, the tiny model's, an empty object (all defaults: opt-125m) and
-/// variants with post-LN, projections, untied heads, no biases and other activations.
-fn config_corpus() -> Vec<Vec<Vec<u8>>> {
-    [
-        String::from_utf8(read("opt-tiny/config.json")).unwrap(),
-        targets::TINY_CONFIG.to_owned(),
-        "{}".to_owned(),
-        r#"{"model_type": "opt", "vocab_size": 50272, "hidden_size": 1024, "ffn_dim": 4096,
-            "num_hidden_layers": 24, "num_attention_heads": 16, "do_layer_norm_before": false,
-            "word_embed_proj_dim": 512, "max_position_embeddings": 2048, "torch_dtype": "float16"}"#
-            .to_owned(),
-        r#"{"d_model": 8, "vocab_size": 16, "ffn_dim": 12, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 6, "enable_bias": false,
-            "layer_norm_elementwise_affine": false, "activation_function": "gelu_new",
-            "tie_word_embeddings": false, "dropout": 0.5, "pad_token_id": null,
-            "_remove_final_layer_norm": true, "dtype": "float32"}"#
-            .to_owned(),
-    ]
-    .into_iter()
-    .map(|s| vec![s.into_bytes()])
-    .collect()
-}
-
-/// JSONL files of every shape under several option sets: the bundled E2E lines, Alpaca and
-/// plain text, pre-tokenized ids without a tokenizer, truncation, special-token texts.
-fn jsonl_corpus() -> Vec<Vec<Vec<u8>>> {
-    let lines = |rel: &str, n: usize| -> Vec<u8> {
-        let text = String::from_utf8(read(rel)).unwrap();
-        let mut out: String = text.lines().take(n).collect::<Vec<_>>().join("\n");
-        out.push('\n');
-        out.into_bytes()
-    };
-    let entries: Vec<(u8, Vec<u8>)> = vec![
-        (0, lines("e2e/train.jsonl", 30)),
-        (0x20, lines("e2e/eval.jsonl", 10)),
-        (
-            0x80,
-            concat!(
-                "{\"context\": [5, 6, 2], \"completion\": [7, 8, 2]}\n\n  \n",
-                "{\"context\": [9], \"completion\": [2], \"extra\": 1}\n",
-                "{\"context\": [], \"completion\": [4]}"
-            )
-            .into(),
-        ),
-        (
-            0,
-            concat!(
-                "\u{feff}{\"instruction\": \"Add.\", \"input\": \"2 and 3\", \"output\": \"5\"}\n",
-                "{\"instruction\": \"Hi\", \"input\": null, \"output\": \"Hello\"}\n\n",
-                "{\"text\": \"plain text line é\"}\r\n",
-                "{\"context\": \"old style\", \"completion\": \" answer\"}\n"
-            )
-            .into(),
-        ),
-        (1, lines("e2e/train.jsonl", 5)),
-        (
-            0x08,
-            b"{\"prompt\": \"a </s> b\", \"completion\": \" c <pad>\"}\n".to_vec(),
-        ),
-        (
-            0x10 | 0x20,
-            b"{\"prompt\": \"a </s> b\", \"completion\": \" c\"}\n{\"text\": \"</s></s>\"}\n"
-                .to_vec(),
-        ),
-        (
-            0x04,
-            b"{\"prompt\": \"short\", \"completion\": \" one\"}\n".to_vec(),
-        ),
-    ];
-    entries
-        .into_iter()
-        .map(|(flags, file)| vec![vec![flags], file])
-        .collect()
-}
-
-/// opt-tiny's `tokenizer.json` cut down to its first 400 tokens (and the merges among them),
-/// plus the same without a post-processor and with a Roberta-style one.
-fn tokenizer_corpus() -> Vec<Vec<Vec<u8>>> {
-    let mut t: Value = serde_json::from_slice(&read("opt-tiny/tokenizer.json")).unwrap();
-    let model = &mut t["model"];
-    let vocab = model["vocab"].as_object().unwrap().clone();
-    let kept: serde_json::Map<String, Value> = vocab
-        .into_iter()
-        .filter(|(_, id)| id.as_u64().unwrap() < 400)
-        .collect();
-    let merges: Vec<Value> = model["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| {
-            let a = m[0].as_str().unwrap();
-            let b = m[1].as_str().unwrap();
-            kept.contains_key(a) && kept.contains_key(b) && kept.contains_key(&format!("{a}{b}"))
-        })
-        .cloned()
-        .collect();
-    assert!(merges.len() > 100, "{} merges kept", merges.len());
-    model["vocab"] = Value::Object(kept);
-    model["merges"] = Value::Array(merges);
-    let small = serde_json::to_vec_pretty(&t).unwrap();
-    t["post_processor"] = Value::Null;
-    let no_post = serde_json::to_vec(&t).unwrap();
-    t["post_processor"] = serde_json::json!({"type": "RobertaProcessing", "sep": ["</s>", 2],
-        "cls": ["<s>", 0], "trim_offsets": true, "add_prefix_space": false});
-    let roberta = serde_json::to_vec(&t).unwrap();
-    vec![vec![small], vec![no_post], vec![roberta]]
-}
-
-/// Adapters saved by `save_adapter` for the tiny model (q/v at rank 2, all targets at rank 1
-/// with rsLoRA), and a PEFT-style one (nulls, explicit layers, BF16 weights).
-fn adapter_corpus() -> Vec<Vec<Vec<u8>>> {
-    let fx = fixtures();
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("fuzz-adapters-{}", std::process::id()));
-    let mut out = Vec::new();
-    for (i, (targets, r, rs)) in [
-        (vec![LoraTarget::Q, LoraTarget::V], 2, false),
-        (LoraTarget::ALL.to_vec(), 1, true),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let config = LoraConfig {
-            r,
-            alpha: 4.0,
-            dropout: 0.1,
-            targets,
-            use_rslora: rs,
-        };
-        let params = LoraParams::init(&config, &fx.tiny, i as u64);
-        let d = dir.join(i.to_string());
-        save_adapter(&d, &params, "fuzz/tiny").unwrap();
-        out.push(vec![
-            std::fs::read(d.join("adapter_config.json")).unwrap(),
-            std::fs::read(d.join("adapter_model.safetensors")).unwrap(),
-        ]);
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    let peft_config = br#"{"peft_type": "LORA", "r": 1, "lora_alpha": 2, "lora_dropout": 0.0,
-        "target_modules": ["fc1"], "bias": "none", "use_dora": false, "modules_to_save": null,
-        "layers_to_transform": [0, 1], "rank_pattern": {}, "alpha_pattern": {}, "revision": null,
-        "task_type": "CAUSAL_LM", "fan_in_fan_out": false, "use_rslora": null}"#
-        .to_vec();
-    let (h, f) = (fx.tiny.hidden_size, fx.tiny.ffn_dim);
-    let weights: Vec<WriteTensor<'static>> = (0..2)
-        .flat_map(|l| {
-            let key = |m: &str| format!("base_model.model.model.decoder.layers.{l}.fc1.{m}.weight");
-            [
-                WriteTensor::from_f32(key("lora_A"), vec![1, h], &vec![0.5; h], Dtype::BF16),
-                WriteTensor::from_f32(key("lora_B"), vec![f, 1], &vec![-0.25; f], Dtype::BF16),
-            ]
-        })
-        .map(Option::unwrap)
-        .collect();
-    out.push(vec![peft_config, file(&weights, &[])]);
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -669,6 +406,23 @@ fn tokenizer_with_a_huge_added_token_is_rejected() {
     let tok = Tokenizer::from_bytes("t.json", &at_limit, "</s>").unwrap();
     let id = tok.token_to_id(&"a".repeat(Tokenizer::MAX_ADDED_TOKEN_BYTES));
     assert!(id.is_some(), "the long token is in the vocabulary");
+    // Many tokens at the limit: refused once they hold more than MAX_ADDED_TOKENS_BYTES.
+    let n = Tokenizer::MAX_ADDED_TOKENS_BYTES / Tokenizer::MAX_ADDED_TOKEN_BYTES + 1;
+    let many = edited_tokenizer(|t| {
+        let list = t["added_tokens"].as_array_mut().unwrap();
+        let template = list[3].clone();
+        for i in 0..n {
+            let mut added = template.clone();
+            added["id"] = Value::from(10_000 + i);
+            added["content"] = Value::from(format!("{i:0>256}"));
+            list.push(added);
+        }
+    });
+    let want = format!("the {} added_tokens hold", n + 4);
+    let t = std::time::Instant::now();
+    let err = targets::tokenizer(&many).unwrap_err();
+    assert!(err.contains(&want), "{err}");
+    assert!(t.elapsed().as_secs_f64() < 2.0, "{:?}", t.elapsed());
 }
 
 /// Regression (fuzzing): a `decoder` the `tokenizers` crate cannot read as JSON (here a lone
@@ -687,4 +441,151 @@ fn tokenizer_crate_panics_become_errors() {
         err.starts_with("cannot load tokenizer dir/tokenizer.json: the tokenizers crate failed"),
         "{err}"
     );
+}
+
+/// The in-memory entry points the targets call behave as the file loaders they stand for:
+/// same result on valid files, same error on a broken one.
+#[test]
+fn in_memory_entry_points_match_the_file_loaders() {
+    use lexp_runtime::checkpoint::Checkpoint;
+    use lexp_runtime::data::Tokenizer;
+    use lexp_runtime::peft::adapter::{load_adapter, load_adapter_from_bytes};
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fuzz-io-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Adapters: equal parameters, then an equal error once the config is broken.
+    let fx = fixtures();
+    let [config, weights] = adapter_corpus().swap_remove(1).try_into().unwrap();
+    std::fs::write(dir.join("adapter_config.json"), &config).unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), &weights).unwrap();
+    let text = String::from_utf8(config).unwrap();
+    let from_files = load_adapter(&dir, &fx.tiny).unwrap();
+    assert_eq!(from_files.config.targets, LoraTarget::ALL);
+    let in_memory = load_adapter_from_bytes(&dir, &text, weights.clone(), &fx.tiny).unwrap();
+    assert_eq!(from_files, in_memory);
+    let broken = text.replace("\"r\": 1", "\"r\": 0");
+    assert_ne!(broken, text);
+    std::fs::write(dir.join("adapter_config.json"), &broken).unwrap();
+    let e1 = load_adapter(&dir, &fx.tiny).unwrap_err().to_string();
+    let e2 = load_adapter_from_bytes(&dir, &broken, weights, &fx.tiny)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e1, e2);
+    assert!(e1.contains("`r` must be a positive integer"), "{e1}");
+
+    // Sharded checkpoints: the same tensors, then the same error without the second shard.
+    let [index, s1, s2] = sharded_corpus().swap_remove(0).try_into().unwrap();
+    let index_path = dir.join("model.safetensors.index.json");
+    std::fs::write(&index_path, &index).unwrap();
+    std::fs::write(dir.join(SHARDS[0]), &s1).unwrap();
+    std::fs::write(dir.join(SHARDS[1]), &s2).unwrap();
+    let index = String::from_utf8(index).unwrap();
+    let shards = |both: bool| {
+        let mut m = std::collections::HashMap::from([(SHARDS[0].to_owned(), s1.clone())]);
+        if both {
+            m.insert(SHARDS[1].to_owned(), s2.clone());
+        }
+        m
+    };
+    let a = Checkpoint::open_index(&index_path).unwrap();
+    let b = Checkpoint::from_index_bytes(&index_path, &index, shards(true)).unwrap();
+    assert_eq!(a.names(), b.names());
+    assert_eq!(a.shards().len(), 2);
+    for name in a.names() {
+        let (ta, tb) = (a.tensor(name).unwrap(), b.tensor(name).unwrap());
+        assert_eq!(
+            (ta.file(), ta.shape(), ta.bytes()),
+            (tb.file(), tb.shape(), tb.bytes())
+        );
+    }
+    std::fs::remove_file(dir.join(SHARDS[1])).unwrap();
+    let e1 = Checkpoint::open_index(&index_path).unwrap_err().to_string();
+    let e2 = Checkpoint::from_index_bytes(&index_path, &index, shards(false))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e1, e2);
+    assert!(
+        e1.contains(&format!("shard `{}`, which does not exist", SHARDS[1])),
+        "{e1}"
+    );
+
+    // Tokenizers: the same facts and encodings.
+    let path = assets().join("opt-tiny/tokenizer.json");
+    let a = Tokenizer::from_file(&path).unwrap();
+    let b = Tokenizer::from_bytes(&path, &read("opt-tiny/tokenizer.json"), "</s>").unwrap();
+    assert_eq!(
+        (a.eos_id(), a.special_prefix(), a.vocab_size()),
+        (b.eos_id(), b.special_prefix(), b.vocab_size())
+    );
+    let text = "The Eagle is a coffee shop near Burger King </s>";
+    assert_eq!(a.encode(text, true).unwrap(), b.encode(text, true).unwrap());
+    assert_eq!(
+        a.encode_literal(text, false).unwrap(),
+        b.encode_literal(text, false).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The harness's guards catch what they are for: a panic, a slow input and an oversized
+/// allocation each fail the run, naming the input by a seed that regenerates the saved bytes.
+#[test]
+fn the_harness_reports_panics_hangs_and_huge_allocations() {
+    use fuzz_parsers::mutate::Mutator;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let settings = Settings {
+        time: std::time::Duration::from_secs(10),
+        iters: 5,
+        seed: 7,
+        replay: None,
+    };
+    let corpus = vec![vec![b"{\"a\": 12}".to_vec()]];
+    let failing = |what: &str, run: &(dyn Fn(&[u8]) -> Result<(), String> + Sync)| -> String {
+        let target = Target {
+            name: "selftest",
+            kinds: vec![Kind::Json],
+            corpus: corpus.clone(),
+            encode: first,
+            run,
+        };
+        let payload = catch_unwind(AssertUnwindSafe(|| fuzz(&target, settings)))
+            .expect_err(&format!("{what} was not reported"));
+        let msg = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(msg.contains(what), "{msg}");
+        // The seed printed regenerates the input saved next to it.
+        let seed = msg.split("input seed 0x").nth(1).expect("a seed")[..16].to_owned();
+        let seed = u64::from_str_radix(&seed, 16).unwrap();
+        let saved = msg
+            .split("saved to ")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap();
+        let input = Mutator::new(&corpus, &[Kind::Json]).input(seed);
+        assert_eq!(std::fs::read(saved).unwrap(), input[0], "{msg}");
+        msg
+    };
+    let is_seed = |d: &[u8]| d == corpus[0][0].as_slice();
+    failing("panicked: boom", &|d| {
+        assert!(is_seed(d), "boom");
+        Ok(())
+    });
+    failing("(a hang: over 2s)", &|d| {
+        if !is_seed(d) {
+            std::thread::sleep(std::time::Duration::from_millis(2100));
+        }
+        Ok(())
+    });
+    let msg = failing("made a single allocation of 314572800 bytes", &|d| {
+        if !is_seed(d) {
+            std::hint::black_box(vec![0u8; 300 << 20]);
+        }
+        Ok(())
+    });
+    assert!(msg.contains("hex: "), "{msg}");
 }

@@ -59,8 +59,9 @@ impl CapAlloc {
         let _ = REPORTING.try_with(|r| r.set(true));
         let (target, seed) = CURRENT.try_with(Cell::get).unwrap_or(("?", 0));
         say(format_args!(
-            "fuzz target `{target}`: input seed {seed:#018x} asked for a single allocation of \
-             {size} bytes (over {ALLOC_DENY}): refused, the process will abort"
+            "fuzz target `{target}`: {} asked for a single allocation of {size} bytes (over \
+             {ALLOC_DENY}): refused, the process will abort",
+            Label(seed)
         ));
         let _ = REPORTING.try_with(|r| r.set(false));
         false
@@ -239,10 +240,9 @@ fn start_guards() {
                 let started = s.started_ms.load(Ordering::Relaxed);
                 if started != 0 && now - started > WATCHDOG.as_millis() as u64 {
                     say(format_args!(
-                        "fuzz target `{}`: input seed {:#018x} has run for over {WATCHDOG:?} \
-                         (a hang): aborting",
+                        "fuzz target `{}`: {} has run for over {WATCHDOG:?} (a hang): aborting",
                         s.name,
-                        s.seed.load(Ordering::Relaxed)
+                        Label(s.seed.load(Ordering::Relaxed))
                     ));
                     std::process::abort();
                 }
@@ -302,7 +302,7 @@ pub fn fuzz(target: &Target<'_>, settings: Settings) -> Report {
             let saved = save(&file, &input);
             assert_eq!(saved, file.display().to_string(), "corpus entry {i}");
         }
-        if let Err(e) = run_one(u64::MAX - i as u64, &input, &mut report) {
+        if let Err(e) = run_one(Label::corpus(i), &input, &mut report) {
             panic!(
                 "fuzz target `{}`: corpus entry {i} is rejected: {e}",
                 target.name
@@ -388,8 +388,8 @@ fn fail(name: &str, seed: u64, input: &[u8], failure: Failure) -> ! {
         .map(|b| format!("{b:02x}"))
         .collect();
     panic!(
-        "fuzz target `{name}`: input seed {seed:#018x} ({} bytes) {what}\n  input saved to \
-         {saved}\n  hex{}: {hex}",
+        "fuzz target `{name}`: {} ({} bytes) {what}\n  input saved to {saved}\n  hex{}: {hex}",
+        Label(seed),
         input.len(),
         if input.len() > 4096 {
             " (first 4096 bytes)"
@@ -401,9 +401,39 @@ fn fail(name: &str, seed: u64, input: &[u8], failure: Failure) -> ! {
 
 /// Where the input of `seed` for target `name` is saved.
 fn failure_file(name: &str, seed: u64) -> std::path::PathBuf {
+    let stem = match Label(seed).corpus_entry() {
+        Some(i) => format!("corpus-{i}"),
+        None => format!("{seed:016x}"),
+    };
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("fuzz-failures")
-        .join(format!("{name}-{seed:016x}.bin"))
+        .join(format!("{name}-{stem}.bin"))
+}
+
+/// What an input is, from the number the guards know it by: the seed of a mutated input, or
+/// (in the top 2^20 values, which a seed hits with probability 2^-44) a corpus entry.
+#[derive(Clone, Copy)]
+struct Label(u64);
+
+impl Label {
+    const CORPUS: u64 = u64::MAX - (1 << 20);
+
+    fn corpus(i: usize) -> u64 {
+        u64::MAX - i as u64
+    }
+
+    fn corpus_entry(self) -> Option<u64> {
+        (self.0 > Self::CORPUS).then(|| u64::MAX - self.0)
+    }
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.corpus_entry() {
+            Some(i) => write!(f, "corpus entry {i}"),
+            None => write!(f, "input seed {:#018x}", self.0),
+        }
+    }
 }
 
 /// Writes `input` to `file`; returns the path, or why it could not be written.

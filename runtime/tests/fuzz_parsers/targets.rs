@@ -283,3 +283,12 @@ pub fn adapter(fx: &Fixtures, data: &[u8]) -> Outcome {
     }
     Ok(())
 }
+
+/// For the cargo-fuzz targets that go through the tokenizer: libfuzzer-sys's panic hook
+/// aborts on every panic, even one our code catches on purpose (the tokenizer loader turns the
+/// `tokenizers` crate's panics into errors). This hook only prints, so that a panic is a finding
+/// only when it escapes the target (libfuzzer-sys then aborts and reports it).
+pub fn let_caught_panics_unwind() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::panic::set_hook(Box::new(|info| eprintln!("{info}"))));
+}
