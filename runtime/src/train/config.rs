@@ -66,6 +66,15 @@ pub struct TrainConfig {
     /// keeps the config's value.
     #[serde(default)]
     pub model_dropout: Option<f32>,
+    /// Steps with a non-finite loss or gradient norm are skipped (no update); this many in a
+    /// row stop the run with [`super::TrainError::NonFinite`] (1: stop at the first).
+    #[serde(default = "default_max_bad_steps")]
+    pub max_bad_steps: usize,
+}
+
+/// The default of [`TrainConfig::max_bad_steps`] (also for run configs written before it).
+pub fn default_max_bad_steps() -> usize {
+    5
 }
 
 impl Default for TrainConfig {
@@ -97,6 +106,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             seed: 0,
             model_dropout: None,
+            max_bad_steps: default_max_bad_steps(),
         }
     }
 }
@@ -188,6 +198,9 @@ impl TrainConfig {
                 return Err(format!("model dropout {p} is not in [0, 1)"));
             }
         }
+        if self.max_bad_steps == 0 {
+            return Err("max bad steps must be at least 1".into());
+        }
         if !(0.0..1.0).contains(&self.eval_fraction) {
             return Err(format!(
                 "eval fraction {} is not in [0, 1)",
@@ -198,13 +211,15 @@ impl TrainConfig {
     }
 
     /// The config with the fields that do not change the trajectory of a run cleared
-    /// (evaluation and checkpoint cadence): two runs with equal trajectories produce the same
+    /// (evaluation and checkpoint cadence, the bad-step limit, which only decides when a
+    /// diverging run gives up): two runs with equal trajectories produce the same
     /// adapter, so one can resume the other.
     pub fn trajectory(&self) -> TrainConfig {
         TrainConfig {
             eval_every: 0,
             save_every: 0,
             keep_checkpoints: 0,
+            max_bad_steps: 0,
             ..self.clone()
         }
     }

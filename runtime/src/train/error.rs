@@ -52,11 +52,14 @@ pub enum TrainError {
         /// The checkpoint holding them.
         checkpoint: PathBuf,
     },
-    /// The loss or the gradients stopped being finite.
-    #[error("step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopping (the last checkpoint is intact)")]
+    /// The loss or the gradients were not finite in `in_a_row` steps in a row (each skipped),
+    /// reaching [`super::TrainConfig::max_bad_steps`].
+    #[error("step {step}: loss {loss} / gradient norm {grad_norm} is not finite, {in_a_row} skipped steps in a row (limit --max-bad-steps); stopping (the last checkpoint is intact)")]
     NonFinite {
-        /// 1-based step.
+        /// 1-based step (the last of the bad run).
         step: usize,
+        /// Consecutive skipped steps, this one included.
+        in_a_row: usize,
         /// Its loss.
         loss: f64,
         /// Its gradient norm.

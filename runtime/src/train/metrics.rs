@@ -15,11 +15,13 @@ pub enum Record {
         step: usize,
         /// 0-based epoch.
         epoch: usize,
-        /// Mean loss over the step's targets (nats).
+        /// Mean loss over the step's targets (nats); `null` in the file when not finite.
+        #[serde(deserialize_with = "null_as_nan")]
         loss: f64,
         /// Learning rate used.
         lr: f32,
-        /// Gradient norm before clipping.
+        /// Gradient norm before clipping; `null` in the file when not finite.
+        #[serde(deserialize_with = "null_as_nan")]
         grad_norm: f32,
         /// Tokens in the step.
         tokens: usize,
@@ -27,6 +29,16 @@ pub enum Record {
         targets: usize,
         /// Wall time of the step.
         seconds: f64,
+        /// The loss or gradient norm was not finite: the step was skipped (no update).
+        #[serde(default, skip_serializing_if = "is_false")]
+        skipped: bool,
+        /// Steps of the run skipped so far, this one included (absent when 0).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        skipped_total: usize,
+        /// The loss was over [`SPIKE_FACTOR`] times the mean of the previous
+        /// [`SPIKE_WINDOW`] finite losses.
+        #[serde(default, skip_serializing_if = "is_false")]
+        loss_spike: bool,
     },
     /// An evaluation of the held-out set after `step` optimizer steps.
     Eval {
@@ -37,6 +49,88 @@ pub enum Record {
         /// Eval targets.
         targets: usize,
     },
+}
+
+/// A loss over this many times the recent mean is reported as a spike.
+pub const SPIKE_FACTOR: f64 = 3.0;
+/// Finite losses the spike check averages (it starts once it has this many).
+pub const SPIKE_WINDOW: usize = 20;
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// serde_json writes a non-finite float as `null`; read it back as NaN (so that the line of a
+/// skipped step survives a resume).
+fn null_as_nan<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + num_nan::Nan,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_else(T::nan))
+}
+
+mod num_nan {
+    /// Float types with a NaN.
+    pub trait Nan {
+        fn nan() -> Self;
+    }
+    impl Nan for f32 {
+        fn nan() -> Self {
+            f32::NAN
+        }
+    }
+    impl Nan for f64 {
+        fn nan() -> Self {
+            f64::NAN
+        }
+    }
+}
+
+/// Detects loss spikes: a finite loss over [`SPIKE_FACTOR`] times the mean of the last
+/// [`SPIKE_WINDOW`] finite losses of trained (not skipped) steps.
+#[derive(Clone, Debug, Default)]
+pub struct SpikeDetector {
+    recent: std::collections::VecDeque<f64>,
+}
+
+impl SpikeDetector {
+    /// A detector primed with the trained steps of `records` (a resume rebuilds it from the
+    /// kept metrics, so it flags the same steps as an uninterrupted run).
+    pub fn from_records(records: &[Record]) -> SpikeDetector {
+        let mut d = SpikeDetector::default();
+        for r in records {
+            if let Record::Train {
+                loss,
+                skipped: false,
+                ..
+            } = r
+            {
+                d.observe(*loss);
+            }
+        }
+        d
+    }
+
+    /// Whether `loss` is a spike against the losses seen so far; then remembers it (if finite).
+    pub fn observe(&mut self, loss: f64) -> bool {
+        if !loss.is_finite() {
+            return false;
+        }
+        let spike = self.recent.len() == SPIKE_WINDOW && {
+            let mean = self.recent.iter().sum::<f64>() / SPIKE_WINDOW as f64;
+            loss > SPIKE_FACTOR * mean
+        };
+        if self.recent.len() == SPIKE_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(loss);
+        spike
+    }
 }
 
 impl Record {

@@ -126,6 +126,9 @@ mod tests {
                 tokens: 100,
                 targets: 50,
                 seconds: 0.1,
+                skipped: false,
+                skipped_total: 0,
+                loss_spike: false,
             })
             .collect();
         records.push(Record::Eval {

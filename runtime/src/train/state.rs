@@ -31,6 +31,14 @@ pub struct TrainerState {
     pub data_fingerprint: String,
     /// lexp version that wrote it.
     pub lexp_version: String,
+    /// Steps skipped so far for a non-finite loss or gradient norm (0 in checkpoints written
+    /// before the field existed).
+    #[serde(default)]
+    pub skipped_steps: usize,
+    /// Of those, how many immediately precede this checkpoint: a resume continues the count
+    /// toward [`super::TrainConfig::max_bad_steps`] exactly as an uninterrupted run would.
+    #[serde(default)]
+    pub bad_in_a_row: usize,
     /// Size and FNV-1a 64 checksum of every other file of the checkpoint.
     pub files: BTreeMap<String, FileSum>,
 }
@@ -227,6 +235,8 @@ mod tests {
             tokens_seen: 0,
             data_fingerprint: "x".into(),
             lexp_version: "0".into(),
+            skipped_steps: 0,
+            bad_in_a_row: 0,
             files: BTreeMap::new(),
         }
     }

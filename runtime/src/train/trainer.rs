@@ -3,7 +3,7 @@
 
 use super::config::TrainConfig;
 use super::engine::Engine;
-use super::metrics::{MetricsLog, Record};
+use super::metrics::{MetricsLog, Record, SpikeDetector};
 use super::plan::StepPlan;
 use super::state::{self, TrainerState};
 use super::TrainError;
@@ -187,8 +187,21 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
     SplitMix64::for_stream(seed ^ 0x0d70_0a7e, (step as u64) << 16 | micro as u64).next_u64()
 }
 
+/// What one step did.
+struct StepOutcome {
+    /// Mean loss over the step's targets.
+    loss: f64,
+    /// Gradient norm before clipping.
+    grad_norm: f32,
+    /// Loss targets.
+    targets: usize,
+    /// Whether AdamW updated the adapter (`false`: non-finite loss or gradients, skipped).
+    applied: bool,
+}
+
 /// One optimizer step over `batches`: gradients of the mean loss of the step, clipping,
-/// AdamW. Returns the step's mean loss, gradient norm and targets.
+/// AdamW. A step whose loss or gradient norm is not finite is skipped: neither the adapter nor
+/// the optimizer state changes (the caller counts it and decides whether to stop).
 fn train_step(
     config: &TrainConfig,
     engine: &mut dyn Engine,
@@ -197,7 +210,7 @@ fn train_step(
     batches: &[PackedBatch],
     step: usize,
     lr: f32,
-) -> Result<(f64, f32, usize), TrainError> {
+) -> Result<StepOutcome, TrainError> {
     let n: usize = batches.iter().map(PackedBatch::num_targets).sum();
     if n == 0 {
         return Err(TrainError::Config(format!(
@@ -226,10 +239,11 @@ fn train_step(
     let mut flat = grads.flat_mut();
     let norm = clip_grad_norm(&mut flat, config.max_grad_norm);
     if !loss.is_finite() || !norm.is_finite() {
-        return Err(TrainError::NonFinite {
-            step: step + 1,
+        return Ok(StepOutcome {
             loss,
             grad_norm: norm,
+            targets: n,
+            applied: false,
         });
     }
     let grads_ro: Vec<&[f32]> = flat.iter().map(|g| &**g).collect();
@@ -239,7 +253,20 @@ fn train_step(
         .map(|(_, m)| m.data.as_mut_slice())
         .collect();
     adamw.step(&mut params, &grads_ro, lr);
-    Ok((loss, norm, n))
+    Ok(StepOutcome {
+        loss,
+        grad_norm: norm,
+        targets: n,
+        applied: true,
+    })
+}
+
+/// Steps skipped for non-finite numbers: in all, and immediately before now (kept in
+/// checkpoints, so that a resumed run stops where an uninterrupted one would).
+#[derive(Clone, Copy, Debug, Default)]
+struct BadSteps {
+    total: usize,
+    in_a_row: usize,
 }
 
 /// Names of the optimizer's tensors: the adapter's PEFT keys.
@@ -341,7 +368,7 @@ pub fn run(
     state::write_file_atomic(&config_path, &json).map_err(io_err(&config_path))?;
 
     let names_for = |l: &LoraParams| param_names(l);
-    let (mut lora, mut adamw, done, mut tokens_seen, resumed_from) =
+    let (mut lora, mut adamw, done, mut tokens_seen, mut bad, resumed_from) =
         match resume.then(|| state::latest_valid(&ckpt_root)).flatten() {
             Some((dir, st)) => {
                 if st.data_fingerprint != fingerprint {
@@ -362,12 +389,17 @@ pub fn run(
                 let names = names_for(&lora);
                 let sizes: Vec<usize> = lora.tensors().iter().map(|(_, m)| m.data.len()).collect();
                 let adamw = AdamW::load(&dir.join(state::OPTIMIZER_FILE), &names, &sizes)?;
-                (lora, adamw, st.step, st.tokens_seen, Some(dir))
+                let bad = BadSteps {
+                    total: st.skipped_steps,
+                    in_a_row: st.bad_in_a_row,
+                };
+                (lora, adamw, st.step, st.tokens_seen, bad, Some(dir))
             }
             None => {
                 let lora = LoraParams::init(&lora_config, &model_config, config.seed);
                 let sizes: Vec<usize> = lora.tensors().iter().map(|(_, m)| m.data.len()).collect();
-                (lora, AdamW::new(config.adamw(), &sizes), 0, 0, None)
+                let adamw = AdamW::new(config.adamw(), &sizes);
+                (lora, adamw, 0, 0, BadSteps::default(), None)
             }
         };
     let done = done.min(plan.total_steps());
@@ -418,7 +450,8 @@ pub fn run(
     let save = |lora: &LoraParams,
                 adamw: &AdamW,
                 step: usize,
-                tokens_seen: u64|
+                tokens_seen: u64,
+                bad: BadSteps|
      -> Result<PathBuf, TrainError> {
         let st = TrainerState {
             step,
@@ -426,6 +459,8 @@ pub fn run(
             tokens_seen,
             data_fingerprint: fingerprint.clone(),
             lexp_version: env!("CARGO_PKG_VERSION").into(),
+            skipped_steps: bad.total,
+            bad_in_a_row: bad.in_a_row,
             files: Default::default(),
         };
         let base = config.model_dir.display().to_string();
@@ -447,27 +482,57 @@ pub fn run(
         None
     };
     let mut last_saved = resumed_from.as_ref().map(|_| done);
+    // Rebuilt from the kept metrics on a resume (it only decides what is reported).
+    let mut spikes = SpikeDetector::from_records(metrics.records());
     let (mut tokens_here, mut train_seconds) = (0u64, 0.0f64);
     for step in done..plan.total_steps() {
         let batches = plan.step_batches(&data.train, step)?;
         let tokens: usize = batches.iter().map(PackedBatch::num_tokens).sum();
         let lr = schedule.lr_at(step as u64);
         let t0 = Instant::now();
-        let (loss, grad_norm, targets) =
-            train_step(config, engine, &mut lora, &mut adamw, &batches, step, lr)?;
+        let out = train_step(config, engine, &mut lora, &mut adamw, &batches, step, lr)?;
         let seconds = t0.elapsed().as_secs_f64();
         train_seconds += seconds;
         tokens_here += tokens as u64;
-        tokens_seen += tokens as u64;
+        let loss_spike = out.applied && spikes.observe(out.loss);
+        if out.applied {
+            tokens_seen += tokens as u64;
+            bad.in_a_row = 0;
+        } else {
+            bad.total += 1;
+            bad.in_a_row += 1;
+            tracing::warn!(
+                "step {}: loss {} / gradient norm {} is not finite; step skipped ({} in a row, \
+                 {} in this run; the run stops at {} in a row)",
+                step + 1,
+                out.loss,
+                out.grad_norm,
+                bad.in_a_row,
+                bad.total,
+                config.max_bad_steps
+            );
+        }
+        if loss_spike {
+            tracing::warn!(
+                "step {}: loss spike: {:.4} is over {} times the mean of the last {} losses",
+                step + 1,
+                out.loss,
+                super::metrics::SPIKE_FACTOR,
+                super::metrics::SPIKE_WINDOW
+            );
+        }
         let rec = Record::Train {
             step: step + 1,
             epoch: plan.position(step).epoch,
-            loss,
+            loss: out.loss,
             lr,
-            grad_norm,
+            grad_norm: out.grad_norm,
             tokens,
-            targets,
+            targets: out.targets,
             seconds,
+            skipped: !out.applied,
+            skipped_total: bad.total,
+            loss_spike,
         };
         observer.step(
             &rec,
@@ -477,12 +542,20 @@ pub fn run(
         );
         metrics.push(rec).map_err(io_err(&metrics_path))?;
         let s = step + 1;
+        if bad.in_a_row >= config.max_bad_steps {
+            return Err(TrainError::NonFinite {
+                step: s,
+                in_a_row: bad.in_a_row,
+                loss: out.loss,
+                grad_norm: out.grad_norm,
+            });
+        }
         if config.eval_every > 0 && s % config.eval_every == 0 && s < plan.total_steps() {
             last_eval = eval_now(engine, &lora, s, &mut metrics, observer)?;
             last_eval_step = Some(s);
         }
         if config.save_every > 0 && s % config.save_every == 0 && s < plan.total_steps() {
-            let dir = save(&lora, &adamw, s, tokens_seen)?;
+            let dir = save(&lora, &adamw, s, tokens_seen, bad)?;
             observer.checkpoint(&dir);
             last_saved = Some(s);
         }
@@ -490,7 +563,7 @@ pub fn run(
             let dir = match last_saved {
                 Some(saved) if saved == s => state::checkpoint_dir(&ckpt_root, s),
                 _ => {
-                    let dir = save(&lora, &adamw, s, tokens_seen)?;
+                    let dir = save(&lora, &adamw, s, tokens_seen, bad)?;
                     observer.checkpoint(&dir);
                     dir
                 }
@@ -506,7 +579,7 @@ pub fn run(
         last_eval = eval_now(engine, &lora, total, &mut metrics, observer)?;
     }
     if last_saved != Some(total) {
-        let dir = save(&lora, &adamw, total, tokens_seen)?;
+        let dir = save(&lora, &adamw, total, tokens_seen, bad)?;
         observer.checkpoint(&dir);
     }
     let adapter_dir = out_dir.join(ADAPTER);

@@ -100,6 +100,9 @@ pub struct FinetuneArgs {
     /// Evaluate every this many steps (0: at the start and the end only).
     #[arg(long)]
     eval_every: Option<usize>,
+    /// Skip steps whose loss or gradients are not finite; stop after this many in a row.
+    #[arg(long, default_value_t = 5)]
+    max_bad_steps: usize,
     /// Checkpoint every this many steps (0: at the end only).
     #[arg(long, default_value_t = 50)]
     save_every: usize,
@@ -337,6 +340,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         keep_checkpoints: args.keep_checkpoints,
         seed: args.seed,
         model_dropout: args.model_dropout,
+        max_bad_steps: args.max_bad_steps,
     };
     let (backend, mut engine) = make_engine(args.device, &config)?;
     eprintln!(
