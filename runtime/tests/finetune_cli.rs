@@ -9,6 +9,9 @@
 //!   directory, a resume with other settings, a missing adapter) fail with a non-zero exit and
 //!   a message naming the file, line, tensor or setting at fault, and leave existing files
 //!   untouched.
+//! - A full disk while checkpointing (a real file-size limit, `prlimit --fsize`) stops the run
+//!   with an error naming the file; the previous checkpoint stays intact and `--resume`
+//!   continues from it.
 
 use lexp_runtime::checkpoint::SafeTensors;
 use lexp_runtime::data::SplitMix64;
@@ -885,4 +888,105 @@ fn sigint_stops_after_a_step_with_a_checkpoint() {
     let resumed = expect_success(lexp(&tmp, &[args, vec!["--resume".into()]].concat()));
     assert!(resumed.contains(&format!("(step {logged})")), "{resumed}");
     assert_same_result(&reference, &dir);
+}
+
+/// Copies the directory tree `from` to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Disk full while checkpointing, with a real limit: the resumed run is spawned under
+/// `prlimit --fsize` (RLIMIT_FSIZE, SIGXFSZ ignored so that the write fails with EFBIG as a
+/// full disk fails with ENOSPC) below the size of `optimizer.safetensors`, so its first
+/// checkpoint cannot be written. It stops with an error naming the file; the previous
+/// checkpoint is untouched and verifies; a resume without the limit ends with exactly the
+/// uninterrupted run's result.
+#[test]
+fn disk_full_while_checkpointing_keeps_the_previous_checkpoint() {
+    let tmp = TempDir::new("disk-full");
+    let eval = tmp.eval_file();
+    let keep = ["--keep-checkpoints", "100"];
+    let reference = tmp.join("reference");
+    let args = finetune_args(&model_dir(), &train_data(), &eval, &reference, &keep);
+    expect_success(lexp(&tmp, &args));
+    assert_eq!(checkpoint_steps(&reference), vec![2, 4, 6, 8, 10]);
+    // The state of a run killed after its checkpoint of step 4.
+    let dir = tmp.join("run");
+    copy_tree(&reference, &dir);
+    for step in [6, 8, 10] {
+        fs::remove_dir_all(dir.join(format!("checkpoints/step-{step:08}"))).unwrap();
+    }
+    fs::remove_dir_all(dir.join("adapter")).unwrap();
+    for f in ["summary.json", "loss_curve.png"] {
+        fs::remove_file(dir.join(f)).unwrap();
+    }
+    let step4 = dir.join("checkpoints/step-00000004");
+    let before = snapshot(&step4);
+    let ck = |name: &str| fs::metadata(step4.join(name)).unwrap().len();
+    let (adapter, optimizer) = (ck("adapter_model.safetensors"), ck("optimizer.safetensors"));
+    let metrics_len = fs::metadata(dir.join("metrics.jsonl")).unwrap().len();
+    assert!(adapter < optimizer && metrics_len < adapter);
+    let limit = (adapter + optimizer) / 2;
+
+    // Resume under the file-size limit.
+    let args = finetune_args(
+        &model_dir(),
+        &train_data(),
+        &eval,
+        &dir,
+        &[&keep[..], &["--resume"]].concat(),
+    );
+    let base = lexp(&tmp, &[]);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"trap '' XFSZ; exec prlimit --fsize="$0" -- "$@""#)
+        .arg(limit.to_string())
+        .arg(LEXP)
+        .args(&args)
+        .stdin(Stdio::null());
+    for (k, v) in base.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let err = expect_failure(
+        cmd,
+        &[
+            "checkpoint not written (the previous one is intact)",
+            ".step-00000006.tmp-",
+            "optimizer.safetensors",
+            "File too large",
+        ],
+    );
+    assert!(
+        err.contains("(step 4)"),
+        "did not resume from step 4:\n{err}"
+    );
+    assert_eq!(checkpoint_steps(&dir), vec![2, 4], "{err}");
+    assert_eq!(snapshot(&step4), before, "the previous checkpoint changed");
+    let state = lexp_runtime::train::state::verify_checkpoint(&step4).unwrap();
+    assert_eq!(state.step, 4);
+    assert!(!dir.join("adapter").exists());
+
+    // Space again: the resume continues from step 4 to the uninterrupted result.
+    let resumed = expect_success(lexp(&tmp, &args));
+    assert!(resumed.contains("(step 4)"), "{resumed}");
+    assert_same_result(&reference, &dir);
+    assert_eq!(checkpoint_steps(&dir), vec![2, 4, 6, 8, 10]);
+    // The half-written checkpoint of the failed run was cleared.
+    let leftovers: Vec<_> = fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
