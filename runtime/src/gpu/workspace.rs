@@ -271,23 +271,34 @@ impl Alloc<'_> {
     }
 }
 
+/// The refusal of a workspace of `caps` for a model of `d` on a device with `free` of `all`
+/// bytes free, naming needed and free MiB and the settings that shrink it; `None` when it
+/// fits. Planned before allocating, so a too-large request fails at start-up with the numbers
+/// instead of a driver error halfway through.
+pub fn out_of_memory(caps: &Caps, d: &Dims, free: usize, all: usize) -> Option<String> {
+    let total = caps.bytes(d);
+    (total > free).then(|| {
+        format!(
+            "out of GPU memory: a batch of {} tokens needs a {} MiB workspace ({} MiB of \
+             it saved attention probabilities), but only {} MiB of {} MiB are free; use \
+             a smaller --micro-batch-tokens or --max-seq-len",
+            caps.tokens,
+            total >> 20,
+            (d.layers * caps.probs * ACT.bytes()) >> 20,
+            free >> 20,
+            all >> 20
+        )
+    })
+}
+
 impl Workspace {
     /// Allocates a workspace of `caps` for a model of `d`, refusing with the numbers when the
     /// device has too little free memory.
     pub fn new(dev: &CudaDevice, d: &Dims, caps: Caps) -> R<Workspace> {
         let total = caps.bytes(d);
         let (free, all) = dev.mem_info().map_err(dev_err("querying GPU memory"))?;
-        if total > free {
-            return Err(ModelError::Device(format!(
-                "out of GPU memory: a batch of {} tokens needs a {} MiB workspace ({} MiB of \
-                 it saved attention probabilities), but only {} MiB of {} MiB are free; use \
-                 a smaller --micro-batch-tokens or --max-seq-len",
-                caps.tokens,
-                total >> 20,
-                (d.layers * caps.probs * ACT.bytes()) >> 20,
-                free >> 20,
-                all >> 20
-            )));
+        if let Some(msg) = out_of_memory(&caps, d, free, all) {
+            return Err(ModelError::Device(msg));
         }
         let al = Alloc { dev, total };
         let (t, h, f, r) = (caps.tokens, d.h, d.f, caps.rank);
@@ -446,5 +457,51 @@ mod tests {
             drop.bytes(&d) - b0,
             d.layers * 128 * 3 * 2 + 128 * 256 * (4 + 2)
         );
+    }
+
+    /// An OPT-1.3B-sized request at a huge token budget is refused by the plan (no GPU holds
+    /// it), with the numbers and the way out; a usual budget fits an H200.
+    #[test]
+    fn gpu_oom_sized_request_is_refused_with_the_numbers() {
+        // facebook/opt-1.3b.
+        let d = Dims {
+            h: 2048,
+            f: 8192,
+            nh: 32,
+            hd: 64,
+            v: 50272,
+            layers: 24,
+        };
+        let caps = |tokens: usize| Caps {
+            tokens,
+            probs: 0,
+            max_len: 0,
+            blocks: tokens.div_ceil(64),
+            rank: 8,
+            mask_cols: 0,
+        };
+        let huge = caps(1 << 20);
+        // Saved bf16 activations alone: T·(7H + F) per layer.
+        let floor = (1usize << 20) * (7 * d.h + d.f) * 2 * d.layers;
+        assert!(huge.bytes(&d) >= floor, "{} < {floor}", huge.bytes(&d));
+        let h200 = 141 << 30;
+        assert!(huge.bytes(&d) > 2 * h200);
+        let (free, all) = (h200 - (3 << 30), h200);
+        let msg = out_of_memory(&huge, &d, free, all).unwrap();
+        for needle in [
+            "out of GPU memory: a batch of 1048576 tokens".to_string(),
+            format!("needs a {} MiB workspace", huge.bytes(&d) >> 20),
+            format!("only {} MiB of {} MiB are free", free >> 20, all >> 20),
+            "use a smaller --micro-batch-tokens".to_string(),
+        ] {
+            assert!(msg.contains(&needle), "{msg:?} lacks {needle:?}");
+        }
+        let usual = caps(4096);
+        assert!(usual.bytes(&d) < 16 << 30);
+        assert_eq!(out_of_memory(&usual, &d, free, all), None);
+        // The boundary: exactly the workspace fits, one byte less does not.
+        let need = usual.bytes(&d);
+        assert_eq!(out_of_memory(&usual, &d, need, all), None);
+        assert!(out_of_memory(&usual, &d, need - 1, all).is_some());
     }
 }
