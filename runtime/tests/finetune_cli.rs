@@ -5,7 +5,7 @@
 //!   the loss curve, adapter and optimizer state of an uninterrupted run; a corrupted newest
 //!   checkpoint is skipped with a warning and the run still ends the same.
 //! - Bad inputs (missing or corrupt safetensors, a config that does not fit the weights, a
-//!   malformed JSONL line, over-long sequences, impossible settings, no GPU, an existing run
+//!   malformed or truncated JSONL line, over-long sequences, impossible settings, no GPU, an existing run
 //!   directory, a resume with other settings, a missing adapter) fail with a non-zero exit and
 //!   a message naming the file, line, tensor or setting at fault, and leave existing files
 //!   untouched.
@@ -989,4 +989,25 @@ fn disk_full_while_checkpointing_keeps_the_previous_checkpoint() {
         .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A JSONL file cut off in the middle of its last line (a copy that ran out of space, a
+/// partial download): a clean error naming that line, not a silently shorter data set.
+#[test]
+fn truncated_jsonl_names_its_last_line() {
+    let tmp = TempDir::new("truncated-jsonl");
+    let eval = tmp.eval_file();
+    let out = tmp.join("out");
+    let text = fs::read_to_string(train_data()).unwrap();
+    let lines: Vec<&str> = text.lines().take(20).collect();
+    let mut cut = lines.join("\n");
+    cut.truncate(cut.len() - lines[19].len() / 2);
+    let train = tmp.join("train.jsonl");
+    fs::write(&train, &cut).unwrap();
+    let args = finetune_steps(&model_dir(), &train, &eval, &out, 2, &[]);
+    expect_failure(lexp(&tmp, &args), &["train.jsonl:20: not valid JSON"]);
+    assert!(!out.exists());
+    // The same lines complete (no final newline) train.
+    fs::write(&train, lines.join("\n")).unwrap();
+    expect_success(lexp(&tmp, &args));
 }
