@@ -5,7 +5,8 @@
 //! slice and check that a bad step is skipped (the adapter and optimizer state of the
 //! checkpoint after it are byte-identical to those before it), counted in `metrics.jsonl`,
 //! and that the run goes on and finishes; that `max_bad_steps` bad steps in a row stop the run
-//! with [`TrainError::NonFinite`]; and that the count in a row survives a resume.
+//! with [`TrainError::NonFinite`]; that the count in a row survives a resume; and that a loss
+//! spike is flagged in the metrics (and trained on).
 
 use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::data::PackedBatch;
@@ -28,6 +29,8 @@ enum Poison {
     NanLoss,
     /// One gradient element is +inf; the loss stays finite.
     InfGrad,
+    /// The loss is 10 times what it is (the gradients are untouched): a spike.
+    Spike,
 }
 
 /// [`CpuEngine`] with poisoned steps. Each optimizer step of these runs is one micro-batch
@@ -68,6 +71,7 @@ impl Engine for Faulty {
         self.calls += 1;
         match self.poison.get(&self.calls) {
             Some(Poison::NanLoss) => out.loss_sum = f64::NAN,
+            Some(Poison::Spike) => out.loss_sum *= 10.0,
             Some(Poison::InfGrad) => {
                 let mut flat = out.grads.flat_mut();
                 let last = flat.len() - 1;
@@ -297,4 +301,29 @@ fn a_loss_spike_is_flagged() {
         !d.observe(f64::NAN),
         "non-finite losses are skipped steps, not spikes"
     );
+}
+
+#[test]
+fn a_loss_spike_in_a_run_is_flagged_and_trained_on() {
+    use train::metrics::SPIKE_WINDOW;
+    let steps = SPIKE_WINDOW + 3;
+    let mut cfg = config(steps, 5);
+    cfg.save_every = 0;
+    let model = cfg.load_model().unwrap();
+    let dir = out_dir("spike");
+    // One spike before the window is full (not flagged), one after it.
+    let poison = [(4, Poison::Spike), (SPIKE_WINDOW + 2, Poison::Spike)];
+    let mut engine = Faulty::new(&model, 0, &poison);
+    train::run(&cfg, &dir, false, &mut engine, &mut train::Silent).unwrap();
+    let recs = train_records(&dir);
+    assert_eq!(recs.len(), steps);
+    let flagged: Vec<u64> = recs
+        .iter()
+        .filter(|r| r["loss_spike"].as_bool() == Some(true))
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(flagged, vec![SPIKE_WINDOW as u64 + 2]);
+    // A spike is reported, not skipped.
+    assert!(recs.iter().all(|r| r.get("skipped").is_none()));
+    let _ = fs::remove_dir_all(&dir);
 }
