@@ -5,10 +5,10 @@
 //!   the loss curve, adapter and optimizer state of an uninterrupted run; a corrupted newest
 //!   checkpoint is skipped with a warning and the run still ends the same.
 //! - Bad inputs (missing or corrupt safetensors, a config that does not fit the weights, a
-//!   malformed or truncated JSONL line, over-long sequences, impossible settings, no GPU, an existing run
-//!   directory, a resume with other settings, a missing adapter) fail with a non-zero exit and
-//!   a message naming the file, line, tensor or setting at fault, and leave existing files
-//!   untouched.
+//!   malformed or truncated JSONL line, over-long sequences, impossible settings, no GPU, an
+//!   existing run directory, a resume with other settings, a missing adapter) fail with a
+//!   non-zero exit and a message naming the file, line, tensor or setting at fault, and leave
+//!   existing files untouched.
 //! - A full disk while checkpointing (a real file-size limit, `prlimit --fsize`) stops the run
 //!   with an error naming the file; the previous checkpoint stays intact and `--resume`
 //!   continues from it.
