@@ -441,6 +441,72 @@ fn killed_and_resumed_run_gives_the_same_loss_curve() {
     );
 }
 
+/// A run killed inside a checkpoint write (held open for 300 ms by the fault-injection pause of
+/// `lexp_runtime::train::state::FAULT_PAUSE_ENV`, so the kill lands there every time), at the
+/// writes of steps 2, 6 and 8 in three starts, each resuming from the last complete
+/// checkpoint: the half-written checkpoint never gets its final name, and the final resume
+/// ends with the uninterrupted run's result.
+#[test]
+fn killed_inside_a_checkpoint_write_resumes_to_the_same_result() {
+    let tmp = TempDir::new("kill-in-write");
+    let eval = tmp.eval_file();
+    let (reference, _) = reference_run(&tmp, &eval, "reference");
+    let dir = tmp.join("run");
+    // Steps of the checkpoints being written (`.step-0000000N.tmp-PID`).
+    let half_written = |dir: &Path| -> Vec<usize> {
+        fs::read_dir(dir.join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let rest = n.strip_prefix(".step-")?;
+                let (step, _) = rest.split_once(".tmp-")?;
+                step.parse().ok()
+            })
+            .collect()
+    };
+    for (start, target) in [2usize, 6, 8].into_iter().enumerate() {
+        let extra: &[&str] = if start == 0 { &[] } else { &["--resume"] };
+        let mut child = lexp(
+            &tmp,
+            &finetune_args(&model_dir(), &train_data(), &eval, &dir, extra),
+        )
+        .env(lexp_runtime::train::state::FAULT_PAUSE_ENV, "300")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !half_written(&dir).contains(&target) {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "start {start}: the run ended before writing step {target}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "start {start}: no write of step {target}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let complete = checkpoint_steps(&dir);
+        assert!(
+            !complete.contains(&target) && half_written(&dir).contains(&target),
+            "start {start}: step {target} complete {complete:?}"
+        );
+        assert_eq!(complete.last().copied(), (target > 2).then_some(target - 2));
+    }
+    // Resume without the pause: from the last complete checkpoint to the end.
+    let err = expect_success(lexp(
+        &tmp,
+        &finetune_args(&model_dir(), &train_data(), &eval, &dir, &["--resume"]),
+    ));
+    assert!(err.contains("resumed from"), "{err}");
+    assert_same_result(&reference, &dir);
+}
+
 #[test]
 fn corrupt_newest_checkpoint_is_skipped() {
     let tmp = TempDir::new("corrupt");

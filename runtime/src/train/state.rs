@@ -128,6 +128,7 @@ pub fn commit_checkpoint(
     }
     fs::create_dir_all(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
     write(&tmp)?;
+    fault_pause();
     let mut files = BTreeMap::new();
     let entries = fs::read_dir(&tmp).map_err(|e| io("cannot list", &tmp, e))?;
     for entry in entries {
@@ -154,6 +155,22 @@ pub fn commit_checkpoint(
     fs::rename(&tmp, &final_dir).map_err(|e| io("cannot move into place", &final_dir, e))?;
     sync_dir(root);
     Ok(final_dir)
+}
+
+/// Environment variable of a fault-injection hook: when set to a number of milliseconds, each
+/// checkpoint write pauses that long with its files written but before its state file and
+/// rename, so that a test can kill the process inside a checkpoint write deterministically
+/// (`runtime/tests/finetune_cli.rs`). Unset in normal use.
+pub const FAULT_PAUSE_ENV: &str = "LEXP_FAULT_CHECKPOINT_PAUSE_MS";
+
+fn fault_pause() {
+    if let Some(ms) = std::env::var(FAULT_PAUSE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tracing::warn!("{FAULT_PAUSE_ENV}: pausing {ms} ms inside a checkpoint write");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// Reads and verifies the checkpoint in `dir`: its state file parses and every file it lists
