@@ -910,7 +910,18 @@ fn eval_names_a_missing_adapter_file() {
 /// uninterrupted run's metrics, adapter and optimizer state.
 #[test]
 fn sigint_stops_after_a_step_with_a_checkpoint() {
-    let tmp = TempDir::new("sigint");
+    signal_stops_after_a_step_with_a_checkpoint("INT");
+}
+
+/// SIGTERM (what `kill` and job schedulers send) behaves as SIGINT.
+#[test]
+fn sigterm_stops_after_a_step_with_a_checkpoint() {
+    signal_stops_after_a_step_with_a_checkpoint("TERM");
+}
+
+/// Sends `SIG<signal>` after two logged steps and checks the clean stop and the resume.
+fn signal_stops_after_a_step_with_a_checkpoint(signal: &str) {
+    let tmp = TempDir::new(&format!("sig{}", signal.to_lowercase()));
     let eval = tmp.eval_file();
     let (reference, _) = reference_run(&tmp, &eval, "reference");
     let dir = tmp.join("interrupted");
@@ -939,7 +950,7 @@ fn sigint_stops_after_a_step_with_a_checkpoint() {
     }
     let pid = child.id().to_string();
     assert!(Command::new("kill")
-        .args(["-INT", &pid])
+        .args([format!("-{signal}").as_str(), &pid])
         .status()
         .unwrap()
         .success());
