@@ -9,17 +9,15 @@ use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 /// The bundled assets, `assets/default`.
 pub fn assets() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/default")
 }
 
-/// The fixtures the targets share, loaded once.
+/// The fixtures the targets share ([`Fixtures::bundled`]).
 pub fn fixtures() -> &'static Fixtures {
-    static FX: OnceLock<Fixtures> = OnceLock::new();
-    FX.get_or_init(|| Fixtures::load(&assets()))
+    Fixtures::bundled()
 }
 
 /// A file under `assets/default`.

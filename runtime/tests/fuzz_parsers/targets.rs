@@ -43,6 +43,16 @@ pub struct Fixtures {
 }
 
 impl Fixtures {
+    /// The fixtures of the repository's bundled `assets/default`, loaded once per process.
+    /// Both crates that include this file (`runtime`'s tests and `fuzz/`) sit one directory
+    /// below the repository root, so the path is the same from either.
+    pub fn bundled() -> &'static Fixtures {
+        static FX: std::sync::OnceLock<Fixtures> = std::sync::OnceLock::new();
+        FX.get_or_init(|| {
+            Fixtures::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/default"))
+        })
+    }
+
     /// Loads the fixtures; `assets` is the repository's `assets/default`.
     pub fn load(assets: &Path) -> Fixtures {
         let tokenizer = Tokenizer::from_file(assets.join("opt-tiny/tokenizer.json"))
