@@ -247,9 +247,13 @@ fn flash_attention_matches_the_reference_on_the_gpu() {
 /// Every compiled tile configuration of the four kernels at the OPT-1.3B attention shape
 /// (32 heads of 64, 4 sequences of 512 and of 1024 tokens, bf16), timed (median of 20 after
 /// 3 warm-up launches): which one the engine should run, and what each achieves in TFLOP/s of
-/// the causal half. Prints only (correctness is the test above).
+/// the causal half (correctness is the test above). Fails when a configuration falls below
+/// `MIN_TFLOPS` at 4 x 1024, a floor far under what they reach on the H200 (109–192 TFLOP/s,
+/// `bench/results/2026-11-29-h200-flash-attention.txt`): it catches a kernel that lost its
+/// tensor-core path or its pipelining, not small drifts.
 #[test]
 fn flash_attention_configurations_timed_at_opt_1_3b() {
+    const MIN_TFLOPS: f64 = 40.0;
     if !enabled() {
         return;
     }
@@ -264,6 +268,10 @@ fn flash_attention_configurations_timed_at_opt_1_3b() {
         let report = |name: &str, consts: &[(&str, usize)], gemms: f64, ms: f64| {
             let tflops = gemms * 2.0 * hd as f64 * pairs / (ms * 1e-3) / 1e12;
             println!("4x{len} {name} {consts:?}: {ms:.3} ms, {tflops:.0} TFLOP/s");
+            assert!(
+                len < 1024 || tflops >= MIN_TFLOPS,
+                "4x{len} {name} {consts:?}: {tflops:.0} TFLOP/s, below {MIN_TFLOPS}"
+            );
         };
         let time = |f: &dyn Fn()| {
             time_ms(&dev, 3, 20, || {
