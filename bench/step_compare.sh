@@ -11,8 +11,12 @@
 #   Environment: BATCH (default 4), ITERS (default 25), WARMUP (default 5),
 #                LEXP_COMMIT (recorded in lexp.json when the binary was built without it),
 #                DEVICE (default cuda; cpu only to try the script without a GPU),
+#                MAX_POSITIONS (learned positions of the random-weight model on both sides, for
+#                SEQS past the published 2048),
 #                ALSO_ATTENTION (e.g. materialised: a second lexp run with --attention that,
-#                written to lexp-ATTN.json / compare-ATTN.json, an A/B in the same call).
+#                written to lexp-ATTN.json / compare-ATTN.json, an A/B in the same call),
+#                ALSO_LEXP (A/B runs with other lexp flags: "LABEL=FLAGS;LABEL=FLAGS", e.g.
+#                "hostopt=--host-optimizer", written to lexp-LABEL.json / compare-LABEL.json).
 # Writes OUT_DIR/{torch.json,lexp.json,compare.json,compare.png,log.txt}: compare.json has per
 # workload the median step times and speedup_vs_sdpa / speedup_vs_eager (torch ms / lexp ms).
 # Exit status: lexp's (a failed baseline is logged and lexp still runs, without comparison).
@@ -26,6 +30,8 @@ WARMUP=${WARMUP:-5}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
+MP=()
+[ -n "${MAX_POSITIONS:-}" ] && MP=(--max-positions "$MAX_POSITIONS")
 BIN=/tmp/lexp-bin
 mkdir -p $BIN
 gunzip -c .gpu/lexp.gz > $BIN/lexp || { echo "no .gpu/lexp.gz" | tee "$LOG"; exit 2; }
@@ -46,7 +52,8 @@ export LEXP_CACHE=/tmp/lexp-cache
 echo "== torch baseline" >> "$LOG"
 t0=$(date +%s)
 PYTHONUNBUFFERED=1 timeout 270 python3 bench/torch_baseline.py --model "$MODEL" --batch "$BATCH" \
-  --seq "$SEQS" --attn sdpa,eager --iters "$ITERS" --warmup "$WARMUP" --out "$OUT/torch.json" >> "$LOG" 2>&1
+  --seq "$SEQS" --attn sdpa,eager --iters "$ITERS" --warmup "$WARMUP" --out "$OUT/torch.json" \
+  "${MP[@]}" >> "$LOG" 2>&1
 echo "torch baseline exit status $? ($(( $(date +%s) - t0 )) s)" >> "$LOG"
 
 echo "== lexp bench step" >> "$LOG"
@@ -55,7 +62,7 @@ BASE=()
 COMMIT=()
 [ -n "${LEXP_COMMIT:-}" ] && COMMIT=(--commit "$LEXP_COMMIT")
 t0=$(date +%s)
-timeout 240 $BIN/lexp bench step --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --seq "$SEQS" \
+timeout 240 $BIN/lexp bench step --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --seq "$SEQS" "${MP[@]}" \
   --iters "$ITERS" --warmup "$WARMUP" --json "$OUT/lexp.json" --png "$OUT/compare.png" \
   "${BASE[@]}" "${COMMIT[@]}" >> "$LOG" 2>&1
 rc=$?
@@ -66,10 +73,25 @@ if [ -n "${ALSO_ATTENTION:-}" ]; then
   BASE=()
   [ -s "$OUT/torch.json" ] && BASE=(--baseline "$OUT/torch.json" --compare "$OUT/compare-$A.json")
   t0=$(date +%s)
-  timeout 240 $BIN/lexp bench step --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --seq "$SEQS" \
+  timeout 240 $BIN/lexp bench step --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --seq "$SEQS" "${MP[@]}" \
     --iters "$ITERS" --warmup "$WARMUP" --attention "$A" --json "$OUT/lexp-$A.json" \
     --png "$OUT/compare-$A.png" "${BASE[@]}" "${COMMIT[@]}" >> "$LOG" 2>&1
   echo "lexp bench step --attention $A exit status $? ($(( $(date +%s) - t0 )) s)" >> "$LOG"
+fi
+if [ -n "${ALSO_LEXP:-}" ]; then
+  IFS=';' read -ra RUNS <<< "$ALSO_LEXP"
+  for run in "${RUNS[@]}"; do
+    L=${run%%=*}
+    read -ra FLAGS <<< "${run#*=}"
+    echo "== lexp bench step ${FLAGS[*]} ($L)" >> "$LOG"
+    BASE=()
+    [ -s "$OUT/torch.json" ] && BASE=(--baseline "$OUT/torch.json" --compare "$OUT/compare-$L.json")
+    t0=$(date +%s)
+    timeout 240 $BIN/lexp bench step --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --seq "$SEQS" "${MP[@]}" \
+      --iters "$ITERS" --warmup "$WARMUP" "${FLAGS[@]}" --json "$OUT/lexp-$L.json" \
+      --png "$OUT/compare-$L.png" "${BASE[@]}" "${COMMIT[@]}" >> "$LOG" 2>&1
+    echo "lexp bench step ($L) exit status $? ($(( $(date +%s) - t0 )) s)" >> "$LOG"
+  done
 fi
 tail -n 12 "$LOG"
 exit $rc

@@ -60,7 +60,7 @@ def build_model(args, attn):
         num_hidden_layers=layers,
         ffn_dim=ffn,
         num_attention_heads=heads,
-        max_position_embeddings=POS,
+        max_position_embeddings=args.max_positions,
         word_embed_proj_dim=e,
         do_layer_norm_before=pre,
         activation_function="relu",
@@ -141,6 +141,8 @@ def parse_args(argv):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-positions", type=int, default=POS,
+                   help="learned positions (default the published 2048; more for --seq past it)")
     p.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args(argv)
     args.seq = [int(s) for s in args.seq.split(",") if s.strip()]
@@ -210,7 +212,7 @@ def main(argv=None):
         **first,
         "attn_implementations": [infos[a]["attn_implementation"] for a in args.attn],
         "model": {"name": args.model, "hidden": h, "layers": layers, "heads": heads, "ffn": ffn,
-                  "vocab": VOCAB, "positions": POS, "word_embed_proj_dim": e, "pre_ln": pre},
+                  "vocab": VOCAB, "positions": args.max_positions, "word_embed_proj_dim": e, "pre_ln": pre},
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": args.lora_targets},
         "settings": {"warmup": args.warmup, "iters": args.iters, "lr": args.lr,
                      "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,

@@ -32,7 +32,7 @@ pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
 pub use optimizer::adamw;
-pub use reduce::colsum;
+pub use reduce::{colsum, sum_squares, SUM_SQUARES_CHUNK};
 pub use residual::bias_residual;
 pub use row_softmax::softmax;
 pub use sparse::{sparse_both, sparse_out, sparse_red};
@@ -41,7 +41,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 34] = [
+pub static ALL: [&KernelInfo; 35] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -61,6 +61,7 @@ pub static ALL: [&KernelInfo; 34] = [
     &softmax_bwd::INFO,
     &xent_fwd_bwd::INFO,
     &adamw::INFO,
+    &sum_squares::INFO,
     &dropout_mask::INFO,
     &mul_inplace::INFO,
     &gemm_nn::INFO,

@@ -2,11 +2,15 @@
 //!
 //! Element-wise, one program per `BLOCK` elements; `param`, `m` and `v` are updated in place
 //! (each element read and written by the same thread). The step's scalars come from the host,
-//! computed as `torch.optim.AdamW` computes them (RUNTIME.md 2.10).
+//! computed as `torch.optim.AdamW` computes them (RUNTIME.md 2.10). Gradient clipping by global
+//! norm is the `grad_scale` argument: the norm comes from [`crate::sum_squares`]'s partial sums,
+//! and the host turns it into `torch.nn.utils.clip_grad_norm_`'s coefficient (1 when the norm is
+//! under the limit).
 
 use lexp_macros::kernel;
 
-/// One AdamW step in torch's order (f32): `param *= 1 - lr*weight_decay`;
+/// One AdamW step in torch's order (f32), on the gradient scaled by `grad_scale` (the clipping
+/// coefficient: `g = grad * grad_scale`): `param *= 1 - lr*weight_decay`;
 /// `m += (1 - beta1)(g - m)`; `v = beta2*v + (1 - beta2)*g^2`;
 /// `param -= (lr / bias_correction1) * m / (sqrt(v) / bias_correction2_sqrt + eps)`, with
 /// `bias_correction1 = 1 - beta1^t` and `bias_correction2_sqrt = sqrt(1 - beta2^t)`. The
@@ -20,6 +24,7 @@ use lexp_macros::kernel;
 pub fn adamw<T, const BLOCK: usize>(
     param: TensorMut<f32, 1>,
     grad: Tensor<T, 1>,
+    grad_scale: f32,
     m: TensorMut<f32, 1>,
     v: TensorMut<f32, 1>,
     lr: f32,
@@ -31,7 +36,7 @@ pub fn adamw<T, const BLOCK: usize>(
     bias_correction2_sqrt: f32,
 ) {
     let i = program_id(0).cast::<i64>() * BLOCK + range::<BLOCK>();
-    let g = grad.load([i]).cast::<f32>();
+    let g = grad.load([i]).cast::<f32>() * grad_scale;
     let m0 = m.load([i]);
     let m1 = m0 + (1.0 - beta1) * (g - m0);
     let v1 = beta2 * v.load([i]) + (1.0 - beta2) * g * g;

@@ -27,7 +27,7 @@ pub use attention::{attention_bwd, attention_fwd, AttnShape};
 mod train;
 pub use train::{
     adamw, bias_add, bias_relu, causal_softmax, dropout_mask, embedding_fwd, mul_inplace,
-    softmax_bwd, xent_fwd_bwd, AdamwStep,
+    softmax_bwd, sum_squares, xent_fwd_bwd, AdamwStep,
 };
 
 /// `sqrt(2 / pi)`, the GELU tanh-approximation constant (the kernel's literal).

@@ -146,6 +146,8 @@ pub struct AdamwStep {
     pub weight_decay: f32,
     pub bias_correction1: f32,
     pub bias_correction2_sqrt: f32,
+    /// The gradient's scale (the clipping coefficient; 1 for none).
+    pub grad_scale: f32,
 }
 
 impl AdamwStep {
@@ -160,11 +162,12 @@ impl AdamwStep {
             weight_decay,
             bias_correction1: (1.0 - f(beta1).powi(t)) as f32,
             bias_correction2_sqrt: (1.0 - f(beta2).powi(t)).sqrt() as f32,
+            grad_scale: 1.0,
         }
     }
 }
 
-/// One AdamW step, torch order: `param *= 1 - lr*wd; m += (1 - beta1)(g - m);
+/// One AdamW step on `g = grad * grad_scale`, torch order: `param *= 1 - lr*wd; m += (1 - beta1)(g - m);
 /// v = beta2 v + (1 - beta2) g^2; param -= (lr / bc1) m / (sqrt(v) / bc2_sqrt + eps)`.
 /// Returns the updated `(param, m, v)`.
 pub fn adamw(
@@ -182,7 +185,8 @@ pub fn adamw(
     );
     let step = f(s.lr) / f(s.bias_correction1);
     for i in 0..n {
-        let g = f(grad[i]);
+        // The kernel rounds the scaled gradient to f32, as torch's in-place clipping does.
+        let g = f(grad[i] * s.grad_scale);
         let p = f(param[i]) * (1.0 - f(s.lr) * f(s.weight_decay));
         let m1 = f(m[i]) + (1.0 - f(s.beta1)) * (g - f(m[i]));
         let v1 = f(s.beta2) * f(v[i]) + (1.0 - f(s.beta2)) * g * g;
@@ -192,6 +196,13 @@ pub fn adamw(
         vo.push(v1 as f32);
     }
     (po, mo, vo)
+}
+
+/// The `sum_squares` kernel's partials: `Σ x²` over each `chunk` elements, in f64.
+pub fn sum_squares(x: &[f32], chunk: usize) -> Vec<f32> {
+    x.chunks(chunk.max(1))
+        .map(|c| c.iter().map(|&v| f(v) * f(v)).sum::<f64>() as f32)
+        .collect()
 }
 
 /// Inverted dropout from uniforms `u` (the `dropout_mask` kernel): the mask

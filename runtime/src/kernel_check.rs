@@ -112,12 +112,19 @@ fn round(dtype: Storage, v: &[f32]) -> Vec<f32> {
 }
 
 /// Elementwise kernels take `(n, _)`; row kernels `(rows, cols)`.
-const ELEMENTWISE: [&str; 7] = [
-    "axpby", "convert", "relu", "relu_bwd", "gelu", "gelu_bwd", "adamw",
+const ELEMENTWISE: [&str; 8] = [
+    "axpby",
+    "convert",
+    "relu",
+    "relu_bwd",
+    "gelu",
+    "gelu_bwd",
+    "adamw",
+    "sum_squares",
 ];
 
 /// Every kernel the checker knows, in `lexp_kernels::ALL` order.
-pub const KERNELS: [&str; 21] = [
+pub const KERNELS: [&str; 22] = [
     "axpby",
     "convert",
     "relu",
@@ -137,6 +144,7 @@ pub const KERNELS: [&str; 21] = [
     "softmax_bwd",
     "xent_fwd_bwd",
     "adamw",
+    "sum_squares",
     "dropout_mask",
     "mul_inplace",
 ];

@@ -1,7 +1,8 @@
 //! The dense LoRA training-step benchmark behind `lexp bench step`: model presets for the
 //! published OPT shapes, random packed batches, the step's arithmetic (FLOP count), the timed
-//! step loop (exactly what `lexp finetune` does per optimizer step: the engine's loss and LoRA
-//! gradients, gradient clipping, host AdamW), the comparison with a PyTorch baseline
+//! step loop (exactly what `lexp finetune` does per optimizer step:
+//! [`Engine::optimizer_step`] — the engine's loss and LoRA gradients, gradient clipping, AdamW,
+//! on the device when the engine runs it there), the comparison with a PyTorch baseline
 //! (`bench/torch_baseline.py`'s JSON) and a bar chart of the step times.
 //!
 //! # FLOP count ([`step_flops`])
@@ -27,9 +28,9 @@
 use crate::checkpoint::OptConfig;
 use crate::data::{PackedBatch, SplitMix64, IGNORE_INDEX};
 use crate::model::ModelError;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::peft::{LoraConfig, LoraParams};
-use crate::train::Engine;
+use crate::train::{host_optimizer_step, Engine, OptimStep};
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -204,6 +205,9 @@ pub struct StepSettings {
     pub warmup: usize,
     /// Timed steps.
     pub iters: usize,
+    /// Take each step with [`host_optimizer_step`] (gradients to the host, AdamW there)
+    /// instead of the engine's own [`Engine::optimizer_step`]: an A/B switch.
+    pub host_optimizer: bool,
 }
 
 impl Default for StepSettings {
@@ -214,6 +218,7 @@ impl Default for StepSettings {
             weight_decay: 0.0,
             warmup: 5,
             iters: 25,
+            host_optimizer: false,
         }
     }
 }
@@ -255,10 +260,10 @@ pub struct WorkloadResult {
 
 /// Runs `settings.warmup + settings.iters` optimizer steps of LoRA `lora_config` (initialised
 /// from `seed`, fresh AdamW) on `batch` with `engine`, each step as `lexp finetune` does it:
-/// `loss_and_grads` (mean loss over the batch's targets, no dropout), [`clip_grad_norm`],
-/// [`AdamW::step`]. A step is timed whole, from before `loss_and_grads` to after the AdamW
-/// update; it ends synchronised because the engine downloads the gradients. Memory fields are
-/// left `None` (the caller knows the device).
+/// [`Engine::optimizer_step`] (mean loss over the batch's targets, no dropout, clipping,
+/// AdamW). A step is timed whole, from the call to its return with the updated adapter on the
+/// host; it ends synchronised because the engine reads back the loss, the gradient norm and
+/// the adapter. Memory fields are left `None` (the caller knows the device).
 pub fn time_steps(
     engine: &mut dyn Engine,
     lora_config: &LoraConfig,
@@ -288,15 +293,23 @@ pub fn time_steps(
         },
         &sizes,
     );
-    let scale = 1.0 / n as f32;
     let (mut times, mut first, mut last, mut norm_last) = (Vec::new(), f64::NAN, 0.0, 0.0);
+    let batches = std::slice::from_ref(batch);
+    let step = OptimStep {
+        batches,
+        dropout: None,
+        lr: settings.lr,
+        max_grad_norm: settings.max_grad_norm,
+    };
     for i in 0..settings.warmup + settings.iters {
         let t0 = Instant::now();
-        let mut out = engine.loss_and_grads(&lora, batch, scale, None)?;
-        let loss = out.loss_sum / n as f64;
-        let mut flat = out.grads.flat_mut();
-        let norm = clip_grad_norm(&mut flat, settings.max_grad_norm);
-        if !loss.is_finite() || !norm.is_finite() {
+        let out = if settings.host_optimizer {
+            host_optimizer_step(engine, &mut lora, &mut adamw, &step)?
+        } else {
+            engine.optimizer_step(&mut lora, &mut adamw, &step)?
+        };
+        let (loss, norm) = (out.loss, out.grad_norm);
+        if !out.applied {
             return Err(StepBenchError::NonFinite {
                 workload: name,
                 step: i + 1,
@@ -304,13 +317,6 @@ pub fn time_steps(
                 norm,
             });
         }
-        let grads: Vec<&[f32]> = flat.iter().map(|g| &**g).collect();
-        let mut params: Vec<&mut [f32]> = lora
-            .tensors_mut()
-            .into_iter()
-            .map(|(_, m)| m.data.as_mut_slice())
-            .collect();
-        adamw.step(&mut params, &grads, settings.lr);
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if i == 0 {
             first = loss;

@@ -23,106 +23,18 @@
 use lexp_compiler::dtype::Storage;
 use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::cublas::{Blas, Mat, MatLayout, MatMut};
-use lexp_runtime::data::{load_jsonl, pack, JsonlOptions, PackedBatch, SplitMix64, Tokenizer};
+use lexp_runtime::data::{PackedBatch, SplitMix64};
 use lexp_runtime::gpu::attention::AttentionImpl;
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::model::dropout::Site;
 use lexp_runtime::model::{self, DropoutRng, MaskSource, ModelError, RecordedMasks};
 use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget};
 use lexp_runtime::train::{self, CpuEngine, Engine, Silent, TrainConfig};
-use lexp_runtime::{CudaDevice, DeviceTensor};
-use std::path::{Path, PathBuf};
+use lexp_runtime::DeviceTensor;
+use std::path::Path;
 
-fn enabled() -> bool {
-    if std::env::var("LEXP_GPU_TESTS").as_deref() == Ok("1") {
-        return true;
-    }
-    eprintln!("skipped: set LEXP_GPU_TESTS=1 to run on a GPU");
-    false
-}
-
-/// The repository root: the working directory when it holds the assets (the test binary run
-/// by hand on the GPU machine), else the source tree this file was built from.
-fn repo() -> PathBuf {
-    let cwd = std::env::current_dir().unwrap();
-    if cwd.join("assets/default/opt-tiny").exists() {
-        return cwd;
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn assets() -> PathBuf {
-    repo().join("assets/default")
-}
-
-/// opt-tiny, and opt-mini when `../shared/fixtures` is there.
-fn models() -> Vec<(&'static str, PathBuf)> {
-    let mut v = vec![("opt-tiny", assets().join("opt-tiny"))];
-    let mini = repo().join("../shared/fixtures/opt-mini");
-    if mini.join("config.json").exists() {
-        v.push(("opt-mini", mini));
-    } else {
-        eprintln!("opt-mini not found under ../shared/fixtures: testing opt-tiny only");
-    }
-    v
-}
-
-/// E2E training examples `picks` (by index) packed into one batch.
-fn batch(model_dir: &Path, picks: &[usize]) -> PackedBatch {
-    let tok = Tokenizer::from_file(model_dir.join("tokenizer.json")).unwrap();
-    let ds = load_jsonl(
-        assets().join("e2e/train.jsonl"),
-        Some(&tok),
-        &JsonlOptions::default(),
-    )
-    .unwrap();
-    let mut batches = pack(&ds.examples, picks, 1 << 20).unwrap();
-    assert_eq!(batches.len(), 1);
-    batches.remove(0)
-}
-
-/// PEFT-initialised LoRA on all six projections with `B` filled with small random values.
-fn random_lora(model: &OptModel, r: usize, seed: u64) -> LoraParams {
-    let config = LoraConfig {
-        r,
-        alpha: 2.0 * r as f32,
-        dropout: 0.0,
-        targets: LoraTarget::ALL.to_vec(),
-        use_rslora: false,
-    };
-    let mut lora = LoraParams::init(&config, &model.config, seed);
-    let mut rng = SplitMix64::new(seed ^ 0xb);
-    for (_, m) in lora.tensors_mut() {
-        if m.data.iter().all(|&v| v == 0.0) {
-            for v in &mut m.data {
-                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-                *v = ((2.0 * u - 1.0) * 0.05) as f32;
-            }
-        }
-    }
-    lora
-}
-
-/// Relative Frobenius error of `got` against `want`, and their cosine.
-fn compare(got: &[f32], want: &[f32]) -> (f64, f64) {
-    assert_eq!(got.len(), want.len());
-    let (mut d, mut w2, mut g2, mut gw) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        let (g, w) = (g as f64, w as f64);
-        d += (g - w) * (g - w);
-        w2 += w * w;
-        g2 += g * g;
-        gw += g * w;
-    }
-    (
-        (d / w2.max(1e-300)).sqrt(),
-        gw / (g2 * w2).sqrt().max(1e-300),
-    )
-}
-
-fn device() -> CudaDevice {
-    CudaDevice::new(0).expect("a CUDA GPU")
-}
+mod common;
+use common::gpu::{assets, batch, compare, device, enabled, models, random_lora};
 
 #[test]
 fn strided_gemm_and_convert_kernel_match_the_host() {

@@ -4,7 +4,10 @@
 //! One call (`loss_and_grads` or `eval_loss`) uploads the batch (ids, positions, the targets
 //! of the rows that have one) and the LoRA parameters, queues the whole forward, loss and
 //! backward on the device's stream, and ends with one download of the per-row losses and the
-//! f32 LoRA gradients: no host synchronisation in between.
+//! f32 LoRA gradients: no host synchronisation in between. The training loop's
+//! `optimizer_step` keeps the gradients on the device instead: micro-batches add into one
+//! buffer and AdamW runs there ([`super::optimizer`]); per micro-batch only its losses are
+//! read back.
 //!
 //! The LM head works on the rows with a target only (gathered by contiguous runs, which a
 //! completion-only batch has one of per sequence), `LOSS_CHUNK` rows at a time: f32 logits
@@ -15,11 +18,12 @@
 use super::attention::{AttentionImpl, BlockPlan};
 use super::dropout::{DropCtx, MaskLayout};
 use super::layer::{self, segments, Ctx, Segment};
-use super::lora::{self, DeviceLora};
+use super::lora::DeviceLora;
 use super::ops::{
     arg, arg_at, convert, copy_rows, dense, dense_mut, dev_err, download_f32, embedding, layernorm,
     layernorm_bwd, mm, upload_prefix, xent, R,
 };
+use super::optimizer::{self, DeviceAdamW};
 use super::rng::GpuRng;
 use super::weights::{self, DeviceWeights};
 use super::workspace::{Caps, Dims, Workspace, LOSS_CHUNK};
@@ -29,8 +33,9 @@ use crate::data::{PackedBatch, IGNORE_INDEX};
 use crate::device::CudaDevice;
 use crate::model::opt::{check_adapters, check_batch};
 use crate::model::{DropoutRng, ModelError, RecordedMasks, Result, StepOutput};
+use crate::optim::AdamW;
 use crate::peft::LoraParams;
-use crate::train::Engine;
+use crate::train::{Engine, OptimStep, StepOutcome};
 
 /// Token capacities grow in steps of this many tokens (fewer re-allocations as batch sizes
 /// vary).
@@ -52,6 +57,8 @@ pub struct GpuEngine {
     last_drop: Option<(usize, MaskLayout)>,
     /// The attention implementation.
     attention: AttentionImpl,
+    /// AdamW's state, once [`Engine::optimizer_step`] ran.
+    adam: Option<DeviceAdamW>,
 }
 
 /// A batch checked and uploaded.
@@ -130,6 +137,7 @@ impl GpuEngine {
             rng: None,
             last_drop: None,
             attention: AttentionImpl::default_for(dims.hd),
+            adam: None,
         })
     }
 
@@ -186,12 +194,13 @@ impl GpuEngine {
     }
 
     /// Checks `batch`, sizes the workspace (with room for the masks of `drop`), uploads the
-    /// batch and the adapters.
+    /// batch and (with `upload_lora`) the adapters.
     fn prepare(
         &mut self,
         lora: Option<&LoraParams>,
         batch: &PackedBatch,
         drop: Option<&MaskLayout>,
+        upload_lora: bool,
     ) -> R<Prepared> {
         let c = &self.model.config;
         check_batch(c, batch)?;
@@ -230,10 +239,7 @@ impl GpuEngine {
             self.ws = Some(Workspace::new(&self.dev, &self.dims, caps)?);
         }
         if let Some(l) = lora {
-            match &mut self.lora {
-                Some(d) if d.fits(l) => d.upload(l)?,
-                slot => *slot = Some(DeviceLora::new(&self.dev, l, self.dims.layers)?),
-            }
+            self.ensure_lora(l, upload_lora)?;
         }
         let runs = target_runs(&batch.targets);
         let n = runs.iter().map(|r| r.1).sum();
@@ -254,15 +260,71 @@ impl GpuEngine {
         Ok(Prepared { t, segs, runs, n })
     }
 
-    /// Forward, loss and (with `grad_scale`) backward of a prepared batch; returns the sum of
-    /// the per-target losses and, in training, the flat f32 gradients.
+    /// Device copies of `lora`'s adapters, allocated when missing or of another layout (and
+    /// then uploaded), else uploaded only with `upload`.
+    fn ensure_lora(&mut self, lora: &LoraParams, upload: bool) -> R<&mut DeviceLora> {
+        match &mut self.lora {
+            Some(d) if d.fits(lora) => {
+                if upload {
+                    d.upload(lora)?;
+                }
+            }
+            slot => *slot = Some(DeviceLora::new(&self.dev, lora, self.dims.layers)?),
+        }
+        self.lora
+            .as_mut()
+            .ok_or_else(|| ModelError::Device("internal: no LoRA on the device".into()))
+    }
+
+    /// Zeroes the device's LoRA gradients (the backward adds into them).
+    fn zero_grads(&mut self) -> R {
+        match &mut self.lora {
+            Some(d) => d
+                .grads
+                .fill_zero()
+                .map_err(dev_err("zeroing LoRA gradients")),
+            None => Err(ModelError::Device("internal: no LoRA on the device".into())),
+        }
+    }
+
+    /// Forward and backward of one micro-batch, adding `grad_scale ·` its LoRA gradients to
+    /// the device's gradient buffer; returns the sum of its per-target losses and their count.
+    fn micro_step(
+        &mut self,
+        lora: &LoraParams,
+        batch: &PackedBatch,
+        grad_scale: f32,
+        rng: Option<DropoutRng>,
+        upload_lora: bool,
+    ) -> R<(f64, usize)> {
+        // Dropout only in training (`rng`) and where some site has p > 0.
+        let layout = match rng {
+            Some(_) => MaskLayout::new(&self.dims, self.model.config.dropout, Some(lora)),
+            None => None,
+        };
+        if layout.is_some() && self.rng.is_none() {
+            self.rng = Some(GpuRng::new(&self.dev)?);
+        }
+        self.last_drop = None;
+        let p = self.prepare(Some(lora), batch, layout.as_ref(), upload_lora)?;
+        if p.n == 0 {
+            return Ok((0.0, 0));
+        }
+        let drop = rng.zip(layout).map(|(r, l)| (r.seed, l));
+        let loss_sum = self.run(&p, true, Some(grad_scale), drop)?;
+        self.last_drop = layout.map(|l| (p.t, l));
+        Ok((loss_sum, p.n))
+    }
+
+    /// Forward, loss and (with `grad_scale`) backward of a prepared batch, the LoRA gradients
+    /// added to the device's gradient buffer; returns the sum of the per-target losses.
     fn run(
         &mut self,
         p: &Prepared,
         with_lora: bool,
         grad_scale: Option<f32>,
         drop: Option<(u64, MaskLayout)>,
-    ) -> R<(f64, Vec<f32>)> {
+    ) -> R<f64> {
         let GpuEngine {
             dev,
             blas,
@@ -393,7 +455,6 @@ impl GpuEngine {
             }
         }
 
-        let mut flat = Vec::new();
         if let (Some(_), Some(grads)) = (grad_scale, grads) {
             // d(hidden) of the rows with a target, zero elsewhere; through the final LN.
             let dh = if weights.final_ln.is_some() {
@@ -412,9 +473,6 @@ impl GpuEngine {
                 let dy = &ws.scratch.tmp2;
                 layernorm_bwd(dev, &hb.x_out, &ln.0, dy, &hb.meanf, &hb.rstdf, &hb.g, t, h)?;
             }
-            grads
-                .fill_zero()
-                .map_err(dev_err("zeroing LoRA gradients"))?;
             for li in (0..layers).rev() {
                 let w = &weights.layers[li];
                 layer::backward(
@@ -427,12 +485,10 @@ impl GpuEngine {
                     grads,
                 )?;
             }
-            download_f32(dev, grads, grads.numel(), &mut flat)?;
         }
         let mut losses = Vec::new();
         download_f32(dev, &ws.head.loss, p.n, &mut losses)?;
-        let loss_sum = losses.iter().map(|&l| l as f64).sum();
-        Ok((loss_sum, flat))
+        Ok(losses.iter().map(|&l| l as f64).sum())
     }
 }
 
@@ -452,36 +508,86 @@ impl Engine for GpuEngine {
         grad_scale: f32,
         rng: Option<DropoutRng>,
     ) -> Result<StepOutput> {
-        // Dropout only in training (`rng`) and where some site has p > 0.
-        let layout = match rng {
-            Some(_) => MaskLayout::new(&self.dims, self.model.config.dropout, Some(lora)),
-            None => None,
-        };
-        if layout.is_some() && self.rng.is_none() {
-            self.rng = Some(GpuRng::new(&self.dev)?);
-        }
-        self.last_drop = None;
-        let p = self.prepare(Some(lora), batch, layout.as_ref())?;
-        if p.n == 0 {
-            let (slots, len) = lora::layout(lora, self.dims.layers);
-            return Ok(StepOutput {
-                loss_sum: 0.0,
-                count: 0,
-                grads: lora::grads_from(&slots, lora.config.r, &vec![0.0; len]),
-            });
-        }
-        let drop = rng.zip(layout).map(|(r, l)| (r.seed, l));
-        let (loss_sum, flat) = self.run(&p, true, Some(grad_scale), drop)?;
-        self.last_drop = layout.map(|l| (p.t, l));
-        let grads = match &self.lora {
-            Some(d) => d.grads_from(&flat),
-            None => return Err(ModelError::Device("internal: no LoRA on the device".into())),
-        };
+        self.ensure_lora(lora, true)?;
+        self.zero_grads()?;
+        let (loss_sum, count) = self.micro_step(lora, batch, grad_scale, rng, false)?;
+        let d = self
+            .lora
+            .as_ref()
+            .ok_or_else(|| ModelError::Device("internal: no LoRA on the device".into()))?;
+        let mut flat = Vec::new();
+        download_f32(&self.dev, &d.grads, d.grads.numel(), &mut flat)?;
         Ok(StepOutput {
             loss_sum,
-            count: p.n,
-            grads,
+            count,
+            grads: d.grads_from(&flat),
         })
+    }
+
+    /// The step with AdamW on the device ([`super::optimizer`]): the micro-batches' gradients
+    /// are summed on the device, clipped and applied there; only the losses, the norm's
+    /// partial sums and the updated adapter are read back.
+    fn optimizer_step(
+        &mut self,
+        lora: &mut LoraParams,
+        adamw: &mut AdamW,
+        step: &OptimStep<'_>,
+    ) -> Result<StepOutcome> {
+        let n = step.targets()?;
+        let host_holds_state = !adamw.moments_on_device();
+        let d = self.ensure_lora(lora, host_holds_state)?;
+        let (len, spans) = (d.len(), optimizer::tensor_spans(lora, &d.slots)?);
+        if !self.adam.as_ref().is_some_and(|a| a.fits(len, &spans)) {
+            if !host_holds_state {
+                return Err(ModelError::Device(
+                    "internal: the adapter's layout changed while AdamW's moments were on the \
+                     device"
+                        .into(),
+                ));
+            }
+            self.adam = Some(DeviceAdamW::new(&self.dev, len, spans)?);
+        }
+        if let Some(a) = self.adam.as_mut() {
+            a.load(lora, adamw)?;
+        }
+        self.zero_grads()?;
+        let scale = 1.0 / n as f32;
+        let mut loss_sum = 0.0;
+        for (micro, b) in step.batches.iter().enumerate() {
+            let rng = step.dropout.and_then(|d| d.get(micro).copied());
+            loss_sum += self.micro_step(lora, b, scale, rng, false)?.0;
+        }
+        let loss = loss_sum / n as f64;
+        let (Some(adam), Some(d)) = (self.adam.as_mut(), self.lora.as_ref()) else {
+            return Err(ModelError::Device("internal: no optimizer state".into()));
+        };
+        let grad_norm = adam.grad_norm(&self.dev, &d.grads)?;
+        let applied = loss.is_finite() && grad_norm.is_finite();
+        if applied {
+            let coef = optimizer::clip_coefficient(grad_norm, step.max_grad_norm);
+            let values = adam.apply(&self.dev, &d.grads, &d.params, coef, adamw, step.lr)?;
+            for ((_, t), v) in lora.tensors_mut().into_iter().zip(values) {
+                t.data = v;
+            }
+        }
+        Ok(StepOutcome {
+            loss,
+            grad_norm,
+            targets: n,
+            applied,
+        })
+    }
+
+    fn sync_optimizer(&mut self, adamw: &mut AdamW) -> Result<()> {
+        if !adamw.moments_on_device() {
+            return Ok(());
+        }
+        match &self.adam {
+            Some(a) => a.download_moments(adamw),
+            None => Err(ModelError::Device(
+                "internal: AdamW's moments are on the device but it holds none".into(),
+            )),
+        }
     }
 
     fn eval_loss(
@@ -489,11 +595,11 @@ impl Engine for GpuEngine {
         lora: Option<&LoraParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
-        let p = self.prepare(lora, batch, None)?;
+        let p = self.prepare(lora, batch, None, true)?;
         if p.n == 0 {
             return Ok((0.0, 0));
         }
-        let (loss_sum, _) = self.run(&p, lora.is_some(), None, None)?;
+        let loss_sum = self.run(&p, lora.is_some(), None, None)?;
         Ok((loss_sum, p.n))
     }
 }

@@ -233,7 +233,7 @@ impl Adapters<'_> {
         )
     }
 
-    /// `dB = s·dyᵀ·u` into `grads` and `du = s·dy·B` into the start of `du`.
+    /// `dB += s·dyᵀ·u` into `grads` and `du = s·dy·B` into the start of `du`.
     #[allow(clippy::too_many_arguments)]
     fn grad_b_and_du(
         &self,
@@ -257,7 +257,7 @@ impl Adapters<'_> {
             true,
             false,
             self.scale,
-            0.0,
+            1.0,
         )?;
         mm(
             blas,
@@ -305,7 +305,7 @@ impl Adapters<'_> {
             true,
             false,
             1.0,
-            0.0,
+            1.0,
         )?;
         // dx += (du·A) ⊙ mask
         mm(
@@ -322,7 +322,7 @@ impl Adapters<'_> {
         add(dev, xd, dx, rows * in_f)
     }
 
-    /// The branch's backward for output gradient `dy`: writes `dA`, `dB` (f32) into `grads`
+    /// The branch's backward for output gradient `dy`: adds `dA`, `dB` (f32) to `grads`
     /// and adds `du·A` to `dx`. `x` and `u` are what the forward saw and saved.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
@@ -350,7 +350,7 @@ impl Adapters<'_> {
             true,
             false,
             1.0,
-            0.0,
+            1.0,
         )?;
         // dx += du·A
         mm(

@@ -15,6 +15,8 @@
 //!   (head dimension 64), or materialised scores with cuBLAS (any head dimension).
 //! - [`engine`]: the engine: batch checks, embeddings, the chunked LM head + cross-entropy,
 //!   and the one download (loss and gradients) that ends each call.
+//! - [`optimizer`]: AdamW on the device (the engine's `optimizer_step`): gradients summed,
+//!   clipped and applied without leaving the GPU.
 //! - [`dropout`], [`rng`]: dropout masks (cuRAND uniforms, the `dropout_mask` kernel), saved
 //!   for the backward.
 //!
@@ -30,6 +32,7 @@ pub mod engine;
 pub mod layer;
 pub mod lora;
 mod ops;
+pub mod optimizer;
 pub mod rng;
 pub mod weights;
 pub mod workspace;

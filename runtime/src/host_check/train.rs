@@ -8,6 +8,7 @@ use lexp_compiler::dtype::Storage;
 use lexp_compiler::interp::HostTensor;
 use lexp_compiler::launch::LaunchError;
 use lexp_kernels as k;
+use lexp_kernels::SUM_SQUARES_CHUNK;
 use lexp_kernels::reference as refr;
 
 /// `n` integers uniform in `lo..hi`.
@@ -34,6 +35,8 @@ pub(super) fn dims(kernel: &str) -> Option<(usize, usize)> {
         "softmax_bwd" => (9, 1100),
         "xent_fwd_bwd" => (9, 3000),
         "adamw" => (5000, 0),
+        // Two full chunks and a partial one.
+        "sum_squares" => (2 * SUM_SQUARES_CHUNK + 777, 0),
         _ => return None,
     })
 }
@@ -206,7 +209,10 @@ pub(super) fn run(
         }
         "adamw" => {
             let f32s = Storage::F32;
-            let s = refr::AdamwStep::at(1e-2, 0.9, 0.999, 1e-8, 1e-2, 10);
+            let s = refr::AdamwStep {
+                grad_scale: 0.7,
+                ..refr::AdamwStep::at(1e-2, 0.9, 0.999, 1e-8, 1e-2, 10)
+            };
             let mut grad = t(rng, dtype, &[r], -3.0, 3.0);
             let mut p = t(rng, f32s, &[r], -3.0, 3.0);
             let mut m = t(rng, f32s, &[r], -1.0, 1.0);
@@ -215,6 +221,7 @@ pub(super) fn run(
             let args = k::adamw::HostArgs {
                 param: &mut p,
                 grad: &mut grad,
+                grad_scale: s.grad_scale,
                 m: &mut m,
                 v: &mut v,
                 lr: s.lr,
@@ -227,6 +234,20 @@ pub(super) fn run(
             };
             k::adamw::interpret(&[], args)?;
             vec![("param", p, wp, 0.0), ("m", m, wm, 0.0), ("v", v, wv, 0.0)]
+        }
+        "sum_squares" => {
+            let mut x = t(rng, Storage::F32, &[r], -3.0, 3.0);
+            let parts = r.div_ceil(SUM_SQUARES_CHUNK);
+            let want = refr::sum_squares(&x.data, SUM_SQUARES_CHUNK);
+            let mut out = HostTensor::new(Storage::F32, &[parts], &vec![f32::NAN; parts]);
+            k::sum_squares::interpret(
+                &[],
+                k::sum_squares::HostArgs {
+                    x: &mut x,
+                    out: &mut out,
+                },
+            )?;
+            vec![("out", out, want, 0.0)]
         }
         other => {
             return Err(LaunchError::NoVariant {

@@ -10,6 +10,7 @@ use crate::DeviceError;
 use lexp_compiler::dtype::Storage;
 use lexp_compiler::launch::TensorArg;
 use lexp_kernels as k;
+use lexp_kernels::SUM_SQUARES_CHUNK;
 use lexp_kernels::reference as refr;
 
 impl Ctx<'_> {
@@ -288,7 +289,11 @@ pub(super) fn prepare(
             let f32s = Some(Storage::F32);
             // Step 10 of torch's defaults, with a larger learning rate so that the update is
             // well above the parameter's rounding.
-            let s = refr::AdamwStep::at(1e-2, 0.9, 0.999, 1e-8, 1e-2, 10);
+            // Step 10 of torch's defaults, clipped (gradient scale 0.7).
+            let s = refr::AdamwStep {
+                grad_scale: 0.7,
+                ..refr::AdamwStep::at(1e-2, 0.9, 0.999, 1e-8, 1e-2, 10)
+            };
             let (g, ga) = cx.input(&[n], -3.0, 3.0, None)?;
             let (p, pa, mut op) = cx.in_place("param", &[n], -3.0, 3.0, f32s)?;
             let (m, ma, mut om) = cx.in_place("m", &[n], -1.0, 1.0, f32s)?;
@@ -306,6 +311,7 @@ pub(super) fn prepare(
                         &k::adamw::Args {
                             param: &pa,
                             grad: &ga,
+                            grad_scale: s.grad_scale,
                             m: &ma,
                             v: &va,
                             lr: s.lr,
@@ -319,6 +325,26 @@ pub(super) fn prepare(
                     )
                 }),
                 bytes: n * (24 + e),
+            }
+        }
+        "sum_squares" => {
+            let n = r;
+            let (x, xa) = cx.input(&[n], -3.0, 3.0, Some(Storage::F32))?;
+            let chunk = SUM_SQUARES_CHUNK;
+            let want = cx.want(|| refr::sum_squares(&x, chunk));
+            let parts = n.div_ceil(chunk);
+            let (o, oa) = cx.output("out", &[parts], Some(Storage::F32), want, false)?;
+            Prepared {
+                _inputs: std::mem::take(&mut cx.inputs),
+                outputs: vec![o],
+                launch: Box::new(move |l, consts| {
+                    k::sum_squares::launch_with(
+                        l,
+                        consts,
+                        &k::sum_squares::Args { x: &xa, out: &oa },
+                    )
+                }),
+                bytes: 4 * n,
             }
         }
         other => {

@@ -85,6 +85,13 @@ pub struct AdamWState {
 }
 
 /// The AdamW optimizer over a fixed list of f32 parameter tensors.
+///
+/// An engine may run the update on its device ([`crate::train::Engine::optimizer_step`]): it
+/// then keeps the moments there, counts the step here with
+/// [`record_device_step`](Self::record_device_step), and hands the moments back with
+/// [`set_moments`](Self::set_moments) when they are needed (checkpoints). While the host copy
+/// is stale, [`save`](Self::save) and [`state`](Self::state) refuse and [`step`](Self::step)
+/// panics, so a stale copy can never be written or updated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamW {
     /// Hyper-parameters (`lr` is the base rate; each step is given its own).
@@ -92,6 +99,31 @@ pub struct AdamW {
     step: u64,
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// The moments above are stale: the current ones live on a device.
+    moments_on_device: bool,
+}
+
+/// The scalars of the next step as the device `adamw` kernel takes them (its `lr`, `beta1`,
+/// `beta2`, `eps`, `weight_decay`, `bias_correction1`, `bias_correction2_sqrt`): the
+/// hyper-parameters and `1 − β1^t`, `√(1 − β2^t)` computed in f64 as [`AdamW::step`] does, then
+/// rounded to f32. The kernel forms `1 − lr·λ` and `lr / bc1` in f32, which can differ from
+/// the host's f64-then-rounded scalars in the last bit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KernelScalars {
+    /// Learning rate of the step.
+    pub lr: f32,
+    /// `β1`.
+    pub beta1: f32,
+    /// `β2`.
+    pub beta2: f32,
+    /// `eps`.
+    pub eps: f32,
+    /// Decoupled weight decay `λ`.
+    pub weight_decay: f32,
+    /// `1 − β1^t`.
+    pub bias_correction1: f32,
+    /// `√(1 − β2^t)`.
+    pub bias_correction2_sqrt: f32,
 }
 
 /// The f32 scalars of one step.
@@ -124,7 +156,71 @@ impl AdamW {
             step: 0,
             m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
             v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            moments_on_device: false,
         }
+    }
+
+    /// True while the current moments live on a device (see the type's docs).
+    pub fn moments_on_device(&self) -> bool {
+        self.moments_on_device
+    }
+
+    /// The moments `(m, v)` per tensor, for an engine that uploads them; `None` while they
+    /// live on a device.
+    pub fn moments(&self) -> Option<(&[Vec<f32>], &[Vec<f32>])> {
+        (!self.moments_on_device).then_some((&self.m, &self.v))
+    }
+
+    /// The scalars of the next step (`t = step_count() + 1`) for the device kernel.
+    pub fn kernel_scalars(&self, lr: f32) -> KernelScalars {
+        let (b1, b2) = (decimal(self.config.betas.0), decimal(self.config.betas.1));
+        let t = (self.step + 1) as f64;
+        KernelScalars {
+            lr,
+            beta1: self.config.betas.0,
+            beta2: self.config.betas.1,
+            eps: self.config.eps,
+            weight_decay: self.config.weight_decay,
+            bias_correction1: (1.0 - b1.powf(t)) as f32,
+            bias_correction2_sqrt: (1.0 - b2.powf(t)).powf(0.5) as f32,
+        }
+    }
+
+    /// Counts a step an engine applied on its device; from now on the host moments are
+    /// stale until [`set_moments`](Self::set_moments).
+    pub fn record_device_step(&mut self) {
+        self.step += 1;
+        self.moments_on_device = true;
+    }
+
+    /// Replaces the moments with the device's current ones (same tensor count and sizes).
+    pub fn set_moments(&mut self, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) -> Result<()> {
+        let sizes = self.sizes();
+        let fits = |x: &[Vec<f32>]| {
+            x.len() == sizes.len() && x.iter().zip(&sizes).all(|(t, &n)| t.len() == n)
+        };
+        if !fits(&m) || !fits(&v) {
+            return Err(OptimError::State {
+                reason: format!(
+                    "device moments do not match the {} parameter tensors of sizes {sizes:?}",
+                    sizes.len()
+                ),
+            });
+        }
+        (self.m, self.v, self.moments_on_device) = (m, v, false);
+        Ok(())
+    }
+
+    fn require_host_moments(&self, what: &str) -> Result<()> {
+        if self.moments_on_device {
+            return Err(OptimError::State {
+                reason: format!(
+                    "cannot {what}: the optimizer's moments live on the device and were not \
+                     synchronised back (Engine::sync_optimizer)"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Steps taken so far.
@@ -163,6 +259,10 @@ impl AdamW {
     /// Panics if the tensor count or a tensor's size differs from [`new`](Self::new)'s
     /// `sizes` (a programming error, not a data error).
     pub fn step(&mut self, params: &mut [&mut [f32]], grads: &[&[f32]], lr: f32) {
+        assert!(
+            !self.moments_on_device,
+            "AdamW::step on stale host moments (they live on the device)"
+        );
         assert_eq!(params.len(), self.m.len(), "AdamW: parameter tensor count");
         assert_eq!(grads.len(), self.m.len(), "AdamW: gradient tensor count");
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
@@ -178,13 +278,15 @@ impl AdamW {
             .for_each(|((p, g), (m, v))| update(p, g, m, v, &s));
     }
 
-    /// The state (step count and moments), for checkpoints.
-    pub fn state(&self) -> AdamWState {
-        AdamWState {
+    /// The state (step count and moments), for checkpoints; refused while the moments live
+    /// on a device.
+    pub fn state(&self) -> Result<AdamWState> {
+        self.require_host_moments("read the optimizer state")?;
+        Ok(AdamWState {
             step: self.step,
             m: self.m.clone(),
             v: self.v.clone(),
-        }
+        })
     }
 
     /// An optimizer resuming from `state`; its moments must have exactly `sizes`.
@@ -212,6 +314,7 @@ impl AdamW {
             step: state.step,
             m: state.m,
             v: state.v,
+            moments_on_device: false,
         })
     }
 
@@ -220,6 +323,7 @@ impl AdamW {
     /// `step`, `lr`, `beta1`, `beta2`, `eps` and `weight_decay` as decimal strings (plus
     /// `"format": "pt"`).
     pub fn save(&self, path: &Path, names: &[String]) -> Result<()> {
+        self.require_host_moments("save the optimizer state")?;
         if names.len() != self.m.len() {
             return Err(OptimError::State {
                 reason: format!(

@@ -83,7 +83,7 @@ fn check_against_reference(config: AdamWConfig, lrs: [f32; 3], seed: u64) {
         }
     }
     assert_eq!(opt.step_count(), 3);
-    let state = opt.state();
+    let state = opt.state().unwrap();
     for i in 0..sizes.len() {
         let r = &refs[i];
         let e = rel_frobenius(&params[i], &r.theta);
@@ -223,7 +223,7 @@ fn state_round_trips_and_resumes_identically() {
         matches!(err, OptimError::UnexpectedTensor { ref tensor, .. } if tensor.ends_with("b.weight")),
         "{err}"
     );
-    let mut state = opt.state();
+    let mut state = opt.state().unwrap();
     state.v[1].pop();
     assert!(matches!(
         AdamW::from_state(config, state, &sizes),
@@ -262,4 +262,44 @@ fn config_validation() {
             "{c:?}"
         );
     }
+}
+
+/// While the moments live on a device, nothing can read, save or update the stale host copy;
+/// handing them back restores all three, and the step count follows the device's steps.
+#[test]
+fn device_moments_protocol() {
+    let sizes = [3usize, 2];
+    let mut opt = AdamW::new(AdamWConfig::default(), &sizes);
+    let s1 = opt.kernel_scalars(1e-3);
+    assert_eq!(s1.bias_correction1, (1.0 - 0.9f64) as f32);
+    assert_eq!(s1.bias_correction2_sqrt, (1.0 - 0.999f64).sqrt() as f32);
+    opt.record_device_step();
+    assert!(opt.moments_on_device() && opt.moments().is_none());
+    assert_eq!(opt.step_count(), 1);
+    assert!(matches!(opt.state(), Err(OptimError::State { .. })));
+    let dir = std::env::temp_dir().join(format!("lexp-adamw-dev-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("opt.safetensors");
+    let names = vec!["a".to_string(), "b".to_string()];
+    assert!(opt.save(&path, &names).is_err());
+    assert!(!path.exists());
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut p = [vec![0.0f32; 3], vec![0.0; 2]];
+        let (a, b) = p.split_at_mut(1);
+        let g = [vec![1.0f32; 3], vec![1.0; 2]];
+        opt.clone().step(&mut [&mut a[0], &mut b[0]], &[&g[0], &g[1]], 1e-3);
+    }));
+    assert!(caught.is_err());
+    // Wrong sizes are refused and leave the flag set.
+    assert!(opt.set_moments(vec![vec![0.0; 3]], vec![vec![0.0; 3]]).is_err());
+    assert!(opt.moments_on_device());
+    let (m, v) = (vec![vec![0.5f32; 3], vec![0.25; 2]], vec![vec![1.0f32; 3], vec![2.0; 2]]);
+    opt.set_moments(m.clone(), v.clone()).unwrap();
+    let st = opt.state().unwrap();
+    assert_eq!((st.step, st.m, st.v), (1, m, v));
+    opt.save(&path, &names).unwrap();
+    let back = AdamW::load(&path, &names, &sizes).unwrap();
+    assert_eq!(back.step_count(), 1);
+    assert_eq!(opt.kernel_scalars(1e-3).bias_correction1, (1.0 - 0.9f64.powi(2)) as f32);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -5,8 +5,102 @@
 
 use crate::checkpoint::OptModel;
 use crate::data::PackedBatch;
-use crate::model::{self, DropoutRng, Result, StepOutput};
+use crate::model::{self, DropoutRng, ModelError, Result, StepOutput};
+use crate::optim::{clip_grad_norm, AdamW};
 use crate::peft::LoraParams;
+
+/// The inputs of one optimizer step: its micro-batches, their dropout, the learning rate and
+/// the clipping limit.
+#[derive(Clone, Copy, Debug)]
+pub struct OptimStep<'a> {
+    /// The micro-batches whose gradients are summed (each weighted by `1 / all targets`).
+    pub batches: &'a [PackedBatch],
+    /// Dropout: one seed per micro-batch (`None`: no dropout).
+    pub dropout: Option<&'a [DropoutRng]>,
+    /// Learning rate of this step (after the schedule).
+    pub lr: f32,
+    /// Global-norm clipping limit (`torch.nn.utils.clip_grad_norm_`; not positive: off).
+    pub max_grad_norm: f32,
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// Mean loss over the step's targets.
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Loss targets of the step.
+    pub targets: usize,
+    /// Whether AdamW updated the adapter (`false`: non-finite loss or gradients, skipped).
+    pub applied: bool,
+}
+
+impl OptimStep<'_> {
+    /// Loss targets over all micro-batches; an error when there are none (the mean loss and
+    /// the gradient scale `1 / targets` would be undefined).
+    pub fn targets(&self) -> Result<usize> {
+        if let Some(d) = self.dropout.filter(|d| d.len() != self.batches.len()) {
+            return Err(ModelError::Batch(format!(
+                "{} dropout seeds for {} micro-batches",
+                d.len(),
+                self.batches.len()
+            )));
+        }
+        let n: usize = self.batches.iter().map(PackedBatch::num_targets).sum();
+        if n == 0 {
+            return Err(ModelError::Batch(
+                "the optimizer step has no loss targets".into(),
+            ));
+        }
+        Ok(n)
+    }
+}
+
+/// One optimizer step on the host: `loss_and_grads` per micro-batch (gradients summed on the
+/// host), [`clip_grad_norm`], [`AdamW::step`]. A step whose loss or gradient norm is not
+/// finite is skipped: neither `lora` nor `adamw` changes. This is [`Engine::optimizer_step`]'s
+/// default and the reference a device implementation must agree with.
+pub fn host_optimizer_step<E: Engine + ?Sized>(
+    engine: &mut E,
+    lora: &mut LoraParams,
+    adamw: &mut AdamW,
+    step: &OptimStep<'_>,
+) -> Result<StepOutcome> {
+    let n = step.targets()?;
+    let scale = 1.0 / n as f32;
+    let mut total: Option<model::LoraGrads> = None;
+    let mut loss_sum = 0.0;
+    for (micro, b) in step.batches.iter().enumerate() {
+        let rng = step.dropout.and_then(|d| d.get(micro).copied());
+        let out = engine.loss_and_grads(lora, b, scale, rng)?;
+        loss_sum += out.loss_sum;
+        match &mut total {
+            Some(t) => t.accumulate(&out.grads),
+            None => total = Some(out.grads),
+        }
+    }
+    let mut grads = total.ok_or_else(|| ModelError::Batch("the step has no batches".into()))?;
+    let loss = loss_sum / n as f64;
+    let mut flat = grads.flat_mut();
+    let grad_norm = clip_grad_norm(&mut flat, step.max_grad_norm);
+    let outcome = StepOutcome {
+        loss,
+        grad_norm,
+        targets: n,
+        applied: loss.is_finite() && grad_norm.is_finite(),
+    };
+    if outcome.applied {
+        let grads_ro: Vec<&[f32]> = flat.iter().map(|g| &**g).collect();
+        let mut params: Vec<&mut [f32]> = lora
+            .tensors_mut()
+            .into_iter()
+            .map(|(_, m)| m.data.as_mut_slice())
+            .collect();
+        adamw.step(&mut params, &grads_ro, step.lr);
+    }
+    Ok(outcome)
+}
 
 /// A device that runs training steps of one model.
 pub trait Engine {
@@ -30,6 +124,29 @@ pub trait Engine {
     /// Sum of the per-target losses of `batch` and their number (no dropout, no gradients).
     fn eval_loss(&mut self, lora: Option<&LoraParams>, batch: &PackedBatch)
         -> Result<(f64, usize)>;
+
+    /// One optimizer step: the gradients of the mean loss over `step`'s micro-batches,
+    /// clipping, AdamW on `lora` — the step `lexp finetune` and `lexp bench step` take.
+    /// A non-finite loss or gradient norm skips the update. On return `lora` holds the
+    /// updated adapter; an engine that runs AdamW on its device may keep the moments there
+    /// ([`AdamW::record_device_step`]) until [`sync_optimizer`](Self::sync_optimizer); while
+    /// it does, the device's adapter is the current one and changes made to `lora` on the host
+    /// are not seen (the trainer never makes any). The default runs [`host_optimizer_step`].
+    fn optimizer_step(
+        &mut self,
+        lora: &mut LoraParams,
+        adamw: &mut AdamW,
+        step: &OptimStep<'_>,
+    ) -> Result<StepOutcome> {
+        host_optimizer_step(self, lora, adamw, step)
+    }
+
+    /// Hands AdamW's moments back to `adamw` when this engine keeps them on its device (before
+    /// a checkpoint); nothing to do otherwise.
+    fn sync_optimizer(&mut self, adamw: &mut AdamW) -> Result<()> {
+        let _ = adamw;
+        Ok(())
+    }
 }
 
 /// The CPU reference backend ([`crate::cpu`] ops, f32).

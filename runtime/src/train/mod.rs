@@ -20,6 +20,6 @@ pub mod state;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use engine::{CpuEngine, Engine};
+pub use engine::{host_optimizer_step, CpuEngine, Engine, OptimStep, StepOutcome};
 pub use error::TrainError;
 pub use trainer::{evaluate, run, Observer, RunInfo, RunSummary, Silent};

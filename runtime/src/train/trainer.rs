@@ -2,7 +2,7 @@
 //! checkpoint, and resume a killed run exactly where its last checkpoint left it.
 
 use super::config::TrainConfig;
-use super::engine::Engine;
+use super::engine::{Engine, OptimStep, StepOutcome};
 use super::metrics::{MetricsLog, Record, SpikeDetector};
 use super::plan::StepPlan;
 use super::state::{self, TrainerState};
@@ -12,8 +12,8 @@ use crate::data::{
     load_jsonl, pack, split_eval_grouped, EvalSize, Example, JsonlOptions, PackedBatch, SplitMix64,
     Tokenizer,
 };
-use crate::model::{self, DropoutRng};
-use crate::optim::{clip_grad_norm, AdamW, LrSchedule};
+use crate::model::DropoutRng;
+use crate::optim::{AdamW, LrSchedule};
 use crate::peft::{self, LoraParams};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -187,21 +187,10 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
     SplitMix64::for_stream(seed ^ 0x0d70_0a7e, (step as u64) << 16 | micro as u64).next_u64()
 }
 
-/// What one step did.
-struct StepOutcome {
-    /// Mean loss over the step's targets.
-    loss: f64,
-    /// Gradient norm before clipping.
-    grad_norm: f32,
-    /// Loss targets.
-    targets: usize,
-    /// Whether AdamW updated the adapter (`false`: non-finite loss or gradients, skipped).
-    applied: bool,
-}
-
-/// One optimizer step over `batches`: gradients of the mean loss of the step, clipping,
-/// AdamW. A step whose loss or gradient norm is not finite is skipped: neither the adapter nor
-/// the optimizer state changes (the caller counts it and decides whether to stop).
+/// One optimizer step over `batches` ([`Engine::optimizer_step`]: gradients of the mean loss
+/// of the step, clipping, AdamW). A step whose loss or gradient norm is not finite is skipped:
+/// neither the adapter nor the optimizer state changes (the caller counts it and decides
+/// whether to stop).
 fn train_step(
     config: &TrainConfig,
     engine: &mut dyn Engine,
@@ -211,54 +200,25 @@ fn train_step(
     step: usize,
     lr: f32,
 ) -> Result<StepOutcome, TrainError> {
-    let n: usize = batches.iter().map(PackedBatch::num_targets).sum();
-    if n == 0 {
+    if batches.iter().map(PackedBatch::num_targets).sum::<usize>() == 0 {
         return Err(TrainError::Config(format!(
             "step {} has no loss targets",
             step + 1
         )));
     }
-    let scale = 1.0 / n as f32;
-    let mut total: Option<model::LoraGrads> = None;
-    let mut loss_sum = 0.0;
-    for (micro, b) in batches.iter().enumerate() {
-        let dropout = lora.config.dropout > 0.0 || engine.model().config.dropout > 0.0;
-        let rng = dropout.then(|| DropoutRng {
+    let dropout = lora.config.dropout > 0.0 || engine.model().config.dropout > 0.0;
+    let seeds: Vec<DropoutRng> = (0..batches.len())
+        .map(|micro| DropoutRng {
             seed: dropout_seed(config.seed, step, micro),
-        });
-        let out = engine.loss_and_grads(lora, b, scale, rng)?;
-        loss_sum += out.loss_sum;
-        match &mut total {
-            Some(t) => t.accumulate(&out.grads),
-            None => total = Some(out.grads),
-        }
-    }
-    let mut grads =
-        total.ok_or_else(|| TrainError::Config(format!("step {} has no batches", step + 1)))?;
-    let loss = loss_sum / n as f64;
-    let mut flat = grads.flat_mut();
-    let norm = clip_grad_norm(&mut flat, config.max_grad_norm);
-    if !loss.is_finite() || !norm.is_finite() {
-        return Ok(StepOutcome {
-            loss,
-            grad_norm: norm,
-            targets: n,
-            applied: false,
-        });
-    }
-    let grads_ro: Vec<&[f32]> = flat.iter().map(|g| &**g).collect();
-    let mut params: Vec<&mut [f32]> = lora
-        .tensors_mut()
-        .into_iter()
-        .map(|(_, m)| m.data.as_mut_slice())
+        })
         .collect();
-    adamw.step(&mut params, &grads_ro, lr);
-    Ok(StepOutcome {
-        loss,
-        grad_norm: norm,
-        targets: n,
-        applied: true,
-    })
+    let inputs = OptimStep {
+        batches,
+        dropout: dropout.then_some(seeds.as_slice()),
+        lr,
+        max_grad_norm: config.max_grad_norm,
+    };
+    Ok(engine.optimizer_step(lora, adamw, &inputs)?)
 }
 
 /// Steps skipped for non-finite numbers: in all, and immediately before now (kept in
@@ -555,6 +515,7 @@ pub fn run(
             last_eval_step = Some(s);
         }
         if config.save_every > 0 && s % config.save_every == 0 && s < plan.total_steps() {
+            engine.sync_optimizer(&mut adamw)?;
             let dir = save(&lora, &adamw, s, tokens_seen, bad)?;
             observer.checkpoint(&dir);
             last_saved = Some(s);
@@ -563,6 +524,7 @@ pub fn run(
             let dir = match last_saved {
                 Some(saved) if saved == s => state::checkpoint_dir(&ckpt_root, s),
                 _ => {
+                    engine.sync_optimizer(&mut adamw)?;
                     let dir = save(&lora, &adamw, s, tokens_seen, bad)?;
                     observer.checkpoint(&dir);
                     dir
@@ -579,6 +541,7 @@ pub fn run(
         last_eval = eval_now(engine, &lora, total, &mut metrics, observer)?;
     }
     if last_saved != Some(total) {
+        engine.sync_optimizer(&mut adamw)?;
         let dir = save(&lora, &adamw, total, tokens_seen, bad)?;
         observer.checkpoint(&dir);
     }

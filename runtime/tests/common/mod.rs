@@ -2,6 +2,8 @@
 //! skipping a test without it.
 #![allow(dead_code)] // each test binary uses a part
 
+pub mod gpu;
+
 use std::path::{Path, PathBuf};
 
 /// `../shared` beside the checkout, or `$LEXP_SHARED_DIR`.

@@ -81,6 +81,15 @@ pub struct StepArgs {
     /// any head dimension); default: flash where it applies.
     #[arg(long)]
     attention: Option<AttentionImpl>,
+    /// Learned positions of a preset (random weights only; default the published 2048): a
+    /// longer table lets `--seq` go past 2048 (`bench/torch_baseline.py --max-positions` builds
+    /// the same model).
+    #[arg(long)]
+    max_positions: Option<usize>,
+    /// Run AdamW on the host (gradients downloaded, the adapter uploaded every step), as
+    /// before the engine ran it on the device: an A/B switch for the optimizer path.
+    #[arg(long)]
+    host_optimizer: bool,
 }
 
 /// The engine of the run, kept concrete for the GPU's memory figures (one value per run, so
@@ -104,10 +113,19 @@ impl Eng {
 fn model_config(args: &StepArgs) -> Result<(OptConfig, Option<PathBuf>)> {
     let dir = Path::new(&args.model);
     if dir.join("config.json").exists() {
+        if args.max_positions.is_some() {
+            bail!("--max-positions applies to the random-weight presets, not to a checkpoint");
+        }
         let config = OptConfig::from_file(dir.join("config.json"))
             .with_context(|| format!("reading {}/config.json", dir.display()))?;
         Ok((config, Some(dir.to_path_buf())))
-    } else if let Some(config) = sb::preset_config(&args.model) {
+    } else if let Some(mut config) = sb::preset_config(&args.model) {
+        if let Some(p) = args.max_positions {
+            if p == 0 {
+                bail!("--max-positions must be positive");
+            }
+            config.max_position_embeddings = p;
+        }
         Ok((config, None))
     } else {
         bail!(
@@ -324,6 +342,7 @@ pub fn run(args: StepArgs) -> Result<()> {
     let settings = StepSettings {
         warmup: args.warmup,
         iters: args.iters,
+        host_optimizer: args.host_optimizer,
         ..StepSettings::default()
     };
     let mut results: Vec<WorkloadResult> = Vec::new();
@@ -377,7 +396,7 @@ pub fn run(args: StepArgs) -> Result<()> {
     );
     if let Some(p) = &args.json {
         let j = serde_json::json!({
-            "what": "lexp bench step: one LoRA optimizer step as lexp finetune runs it (engine loss_and_grads + gradient clipping + host AdamW), whole steps timed (each ends synchronised by the gradient download), warm-up excluded",
+            "what": "lexp bench step: one LoRA optimizer step as lexp finetune runs it (Engine::optimizer_step: loss and LoRA gradients, gradient clipping, AdamW — on the device for the GPU engine unless settings.host_optimizer), whole steps timed (each ends synchronised: the loss, the gradient norm and the updated adapter are read back), warm-up excluded",
             "date": sb::today(),
             "lexp_version": env!("CARGO_PKG_VERSION"),
             "lexp_commit": commit,

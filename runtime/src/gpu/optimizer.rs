@@ -1,0 +1,325 @@
+//! AdamW on the device, so that a training step never sends the gradients to the host and the
+//! adapter back: the GPU engine's [`Engine::optimizer_step`](crate::train::Engine::optimizer_step).
+//!
+//! The state is kept in the flat layout of [`DeviceLora`](super::lora::DeviceLora) (every
+//! module's `A` then `B`, 8-element aligned; the gaps stay zero): an f32 master copy of the
+//! adapter, the moments `m` and `v`, and the partial sums of squares of the gradient. Per
+//! step, after the micro-batches' gradients are summed in place on the device:
+//!
+//! 1. `sum_squares` writes one partial per 16k gradients; the host adds the few dozen
+//!    partials in f64 and takes the square root: the norm `clip_grad_norm` reports.
+//! 2. The host decides, exactly as [`host_optimizer_step`](crate::train::host_optimizer_step)
+//!    does, whether the step is applied (finite loss and norm) and the clipping coefficient
+//!    (`max_norm / (norm + 1e-6)` when under 1, in f32).
+//! 3. `adamw` updates master, `m` and `v` from the gradient times that coefficient; `convert`
+//!    rounds the master into the bf16 adapter the next forward reads; the master comes back to
+//!    the host adapter (3 MB at OPT-1.3B r=4 q,v).
+//!
+//! The moments stay on the device ([`AdamW::record_device_step`]) until
+//! [`DeviceAdamW::download_moments`] hands them back for a checkpoint. Three small reads per
+//! step (losses, partials, adapter) are the only synchronisations.
+
+use super::lora::Slots;
+use super::ops::{arg, convert, dev_err, R};
+use crate::buffer::DeviceTensor;
+use crate::device::CudaDevice;
+use crate::model::ModelError;
+use crate::optim::{AdamW, KernelScalars};
+use crate::peft::LoraParams;
+use lexp_compiler::dtype::Storage;
+use lexp_compiler::launch::LaunchError;
+use lexp_kernels as k;
+
+/// `(offset, length)` in the flat buffers of each of `lora`'s tensors, in
+/// [`LoraParams::tensors`] order (each module's `A`, then its `B`).
+pub fn tensor_spans(lora: &LoraParams, slots: &Slots) -> R<Vec<(usize, usize)>> {
+    let mut spans = Vec::new();
+    for (layer, target, m) in lora.modules() {
+        let s = slots
+            .get(layer)
+            .and_then(|l| l[target.index()])
+            .ok_or_else(|| {
+                ModelError::Device(format!(
+                    "internal: layer {layer} {target:?} has no slot on the device"
+                ))
+            })?;
+        spans.push((s.a, m.a.data.len()));
+        spans.push((s.b, m.b.data.len()));
+    }
+    Ok(spans)
+}
+
+/// Gathers per-tensor values into a flat buffer of `len` elements (zeros in the gaps).
+pub fn to_flat(tensors: &[&[f32]], spans: &[(usize, usize)], len: usize) -> R<Vec<f32>> {
+    if tensors.len() != spans.len() {
+        return Err(ModelError::Device(format!(
+            "internal: {} tensors for {} slots",
+            tensors.len(),
+            spans.len()
+        )));
+    }
+    let mut flat = vec![0.0f32; len];
+    for (t, &(off, n)) in tensors.iter().zip(spans) {
+        let dst = flat
+            .get_mut(off..off + n)
+            .filter(|_| t.len() == n)
+            .ok_or_else(|| ModelError::Device("internal: tensor does not fit its slot".into()))?;
+        dst.copy_from_slice(t);
+    }
+    Ok(flat)
+}
+
+/// Splits a flat buffer back into per-tensor vectors.
+pub fn from_flat(flat: &[f32], spans: &[(usize, usize)]) -> R<Vec<Vec<f32>>> {
+    spans
+        .iter()
+        .map(|&(off, n)| {
+            flat.get(off..off + n)
+                .map(<[f32]>::to_vec)
+                .ok_or_else(|| ModelError::Device("internal: flat buffer too short".into()))
+        })
+        .collect()
+}
+
+/// `clip_grad_norm`'s coefficient for `norm` (1 when clipping is off or not needed), in f32
+/// as torch computes it.
+pub fn clip_coefficient(norm: f32, max_norm: f32) -> f32 {
+    if !(norm.is_finite() && max_norm > 0.0 && max_norm.is_finite()) {
+        return 1.0;
+    }
+    let coef = max_norm / (norm + 1e-6);
+    coef.min(1.0)
+}
+
+fn launch_err(what: &'static str) -> impl FnOnce(LaunchError) -> ModelError {
+    move |e| ModelError::Device(format!("{what}: {e}"))
+}
+
+/// AdamW's state on the device (see the [module docs](self)).
+pub struct DeviceAdamW {
+    master: DeviceTensor,
+    m: DeviceTensor,
+    v: DeviceTensor,
+    partials: DeviceTensor,
+    len: usize,
+    /// Where each host tensor lies in the flat buffers.
+    spans: Vec<(usize, usize)>,
+    /// [`AdamW::step_count`] the device moments belong to.
+    step: u64,
+}
+
+impl DeviceAdamW {
+    /// Buffers for an adapter of `len` flat elements laid out as `spans`.
+    pub fn new(dev: &CudaDevice, len: usize, spans: Vec<(usize, usize)>) -> R<DeviceAdamW> {
+        let f32s = |what: &'static str, n: usize| {
+            DeviceTensor::zeros(dev, Storage::F32, &[n.max(1)]).map_err(dev_err(what))
+        };
+        Ok(DeviceAdamW {
+            master: f32s("allocating the adapter's f32 master copy", len)?,
+            m: f32s("allocating AdamW's first moments", len)?,
+            v: f32s("allocating AdamW's second moments", len)?,
+            partials: f32s(
+                "allocating the gradient-norm partials",
+                len.div_ceil(k::SUM_SQUARES_CHUNK),
+            )?,
+            len,
+            spans,
+            step: 0,
+        })
+    }
+
+    /// True when this state was built for `len` elements laid out as `spans`.
+    pub fn fits(&self, len: usize, spans: &[(usize, usize)]) -> bool {
+        self.len == len && self.spans == spans
+    }
+
+    /// Makes the device state current: uploads the master copy from `lora` and the moments
+    /// from `adamw` when the host holds them, else checks that the device's moments are the
+    /// ones `adamw` counts.
+    pub fn load(&mut self, lora: &LoraParams, adamw: &AdamW) -> R {
+        match adamw.moments() {
+            Some((m, v)) => {
+                let flat = |x: &[Vec<f32>]| {
+                    let refs: Vec<&[f32]> = x.iter().map(Vec::as_slice).collect();
+                    to_flat(&refs, &self.spans, self.len)
+                };
+                let params: Vec<&[f32]> = lora
+                    .tensors()
+                    .into_iter()
+                    .map(|(_, t)| t.data.as_slice())
+                    .collect();
+                let master = to_flat(&params, &self.spans, self.len)?;
+                self.master
+                    .write_f32(&pad(master))
+                    .map_err(dev_err("uploading the adapter's f32 master copy"))?;
+                self.m
+                    .write_f32(&pad(flat(m)?))
+                    .map_err(dev_err("uploading AdamW's first moments"))?;
+                self.v
+                    .write_f32(&pad(flat(v)?))
+                    .map_err(dev_err("uploading AdamW's second moments"))?;
+                self.step = adamw.step_count();
+                Ok(())
+            }
+            None if self.step == adamw.step_count() => Ok(()),
+            None => Err(ModelError::Device(format!(
+                "internal: AdamW is at step {} but the device holds the moments of step {}",
+                adamw.step_count(),
+                self.step
+            ))),
+        }
+    }
+
+    /// The gradient norm of the flat f32 `grads` (first `len` elements): device partial
+    /// sums, added on the host in f64 (one synchronisation).
+    pub fn grad_norm(&self, dev: &CudaDevice, grads: &DeviceTensor) -> R<f32> {
+        let parts = self.len.div_ceil(k::SUM_SQUARES_CHUNK);
+        if parts == 0 {
+            return Ok(0.0);
+        }
+        k::sum_squares::launch(
+            dev,
+            &k::sum_squares::Args {
+                x: &arg(grads, &[self.len])?,
+                out: &arg(&self.partials, &[parts])?,
+            },
+        )
+        .map_err(launch_err("gradient norm"))?;
+        let partials = self
+            .partials
+            .to_f32_vec()
+            .map_err(dev_err("reading the gradient norm"))?;
+        let sum: f64 = partials.iter().take(parts).map(|&x| f64::from(x)).sum();
+        Ok(sum.sqrt() as f32)
+    }
+
+    /// One AdamW update of the master copy from `grads · grad_scale`, then the bf16 adapter
+    /// `params` from the master; returns the updated values per host tensor (one
+    /// synchronisation) and counts the step in `adamw`.
+    pub fn apply(
+        &mut self,
+        dev: &CudaDevice,
+        grads: &DeviceTensor,
+        params: &DeviceTensor,
+        grad_scale: f32,
+        adamw: &mut AdamW,
+        lr: f32,
+    ) -> R<Vec<Vec<f32>>> {
+        let n = self.len;
+        if n > 0 {
+            let KernelScalars {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                bias_correction1,
+                bias_correction2_sqrt,
+            } = adamw.kernel_scalars(lr);
+            k::adamw::launch(
+                dev,
+                &k::adamw::Args {
+                    param: &arg(&self.master, &[n])?,
+                    grad: &arg(grads, &[n])?,
+                    grad_scale,
+                    m: &arg(&self.m, &[n])?,
+                    v: &arg(&self.v, &[n])?,
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    bias_correction1,
+                    bias_correction2_sqrt,
+                },
+            )
+            .map_err(launch_err("AdamW"))?;
+            convert(dev, &self.master, params, n)?;
+        }
+        adamw.record_device_step();
+        self.step = adamw.step_count();
+        let master = self
+            .master
+            .to_f32_vec()
+            .map_err(dev_err("reading the updated adapter"))?;
+        from_flat(&master, &self.spans)
+    }
+
+    /// Hands the device's moments back to `adamw` (for a checkpoint).
+    pub fn download_moments(&self, adamw: &mut AdamW) -> R {
+        if self.step != adamw.step_count() {
+            return Err(ModelError::Device(format!(
+                "internal: AdamW is at step {} but the device holds the moments of step {}",
+                adamw.step_count(),
+                self.step
+            )));
+        }
+        let read = |t: &DeviceTensor, what: &'static str| -> R<Vec<Vec<f32>>> {
+            let flat = t.to_f32_vec().map_err(dev_err(what))?;
+            from_flat(&flat, &self.spans)
+        };
+        let m = read(&self.m, "reading AdamW's first moments")?;
+        let v = read(&self.v, "reading AdamW's second moments")?;
+        adamw
+            .set_moments(m, v)
+            .map_err(|e| ModelError::Device(e.to_string()))
+    }
+}
+
+/// A flat buffer of at least one element (the device buffers are never empty).
+fn pad(mut v: Vec<f32>) -> Vec<f32> {
+    if v.is_empty() {
+        v.push(0.0);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_round_trip_keeps_gaps_zero_and_refuses_misfits() {
+        let spans = vec![(0, 3), (8, 2), (16, 5)];
+        let a = [1.0f32, 2.0, 3.0];
+        let b = [4.0f32, 5.0];
+        let c = [6.0f32, 7.0, 8.0, 9.0, 10.0];
+        let flat = to_flat(&[&a, &b, &c], &spans, 24).unwrap();
+        assert_eq!(flat.len(), 24);
+        assert_eq!(&flat[..3], &a);
+        assert!(flat[3..8].iter().all(|&x| x == 0.0));
+        assert_eq!(&flat[8..10], &b);
+        assert_eq!(&flat[16..21], &c);
+        assert_eq!(
+            from_flat(&flat, &spans).unwrap(),
+            vec![a.to_vec(), b.to_vec(), c.to_vec()]
+        );
+        assert!(to_flat(&[&a, &b], &spans, 24).is_err());
+        assert!(to_flat(&[&a, &a, &c], &spans, 24).is_err());
+        assert!(to_flat(&[&a, &b, &c], &spans, 20).is_err());
+        assert!(from_flat(&flat[..20], &spans).is_err());
+    }
+
+    /// The coefficient is `clip_grad_norm`'s: scaling by it gives what the host clipping
+    /// gives, bit for bit.
+    #[test]
+    fn clip_coefficient_matches_host_clipping() {
+        for (g, max) in [
+            (vec![3.0f32, 4.0, 12.0], 1.0f32),
+            (vec![0.3, -0.4], 5.0),
+            (vec![1e-3, 2e-3], 0.0),
+            (vec![f32::NAN, 1.0], 1.0),
+        ] {
+            let mut host = g.clone();
+            let norm = crate::optim::clip_grad_norm(&mut [&mut host], max);
+            let coef = clip_coefficient(norm, max);
+            let dev: Vec<f32> = g.iter().map(|x| x * coef).collect();
+            for (h, d) in host.iter().zip(&dev) {
+                assert!(
+                    h.to_bits() == d.to_bits() || (h.is_nan() && d.is_nan()),
+                    "{g:?}"
+                );
+            }
+        }
+    }
+}
