@@ -166,7 +166,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    runs, infos = [], {}
+    runs, infos, failed = [], {}, []
     for attn in args.attn:
         model, info = build_model(args, attn)
         infos[attn] = info
@@ -176,7 +176,16 @@ def main(argv=None):
             # A fresh optimizer per workload, as lexp starts each workload from a fresh AdamW.
             opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
             torch.cuda.reset_peak_memory_stats()
-            times, loss = time_steps(model, opt, params, args, batch, seq_len, args.seed + 1 + k)
+            try:
+                times, loss = time_steps(model, opt, params, args, batch, seq_len, args.seed + 1 + k)
+            except torch.OutOfMemoryError as e:
+                # Recorded (eager attention at 8k tokens does not fit), the other workloads go on.
+                failed.append({"batch": f"{batch}x{seq_len}", "attn": info["attn_implementation"],
+                               "error": "CUDA out of memory", "detail": str(e).split(".")[0]})
+                print(json.dumps(failed[-1]), flush=True)
+                del opt
+                torch.cuda.empty_cache()
+                continue
             free, total = torch.cuda.mem_get_info()
             med = statistics.median(times)
             runs.append({
@@ -218,6 +227,7 @@ def main(argv=None):
                      "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
                      "seed": args.seed, "legacy": args.legacy_out is not None},
         "runs": runs,
+        "failed": failed,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -2,12 +2,13 @@
 //! (`train::host_optimizer_step`: host gradient sum, `clip_grad_norm`, `AdamW::step`) on the
 //! same GPU engine. Opt-in: does nothing unless `LEXP_GPU_TESTS=1`.
 //!
-//! Six steps of two micro-batches each on the bundled opt-tiny with random LoRA (B ≠ 0) on all
-//! six projections, alternating a clipping limit far under the gradient norm with one far
-//! over it: every step's loss, gradient norm and whether it was applied agree; the adapters
-//! stay within f32 rounding of each other; after `sync_optimizer` the moments match the
-//! host's and the state saves; a step after the sync (moments uploaded again) still agrees;
-//! a NaN in the adapter skips the step on the device without touching adapter or optimizer.
+//! Steps of two micro-batches each on the bundled opt-tiny with random LoRA (B ≠ 0) on all six
+//! projections, alternating a clipping limit far under the gradient norm with one far over it:
+//! every step's loss, gradient norm and whether it was applied agree; from the same adapter,
+//! each update agrees to f32 rounding, whether the moments were kept on the device since the
+//! last step or just uploaded; after `sync_optimizer` the moments match the host's and the
+//! state saves; a NaN in the adapter skips the step on the device without touching adapter
+//! or optimizer.
 
 mod common;
 
@@ -49,7 +50,7 @@ fn check_same(what: &str, dev: &StepOutcome, host: &StepOutcome) {
     );
     let rel = ((dev.grad_norm - host.grad_norm) / host.grad_norm).abs();
     assert!(
-        rel <= 1e-2,
+        rel <= 2e-2,
         "{what}: norm {} vs {}",
         dev.grad_norm,
         host.grad_norm
@@ -59,31 +60,26 @@ fn check_same(what: &str, dev: &StepOutcome, host: &StepOutcome) {
 /// An engine with its adapter and optimizer.
 type Side<'a> = (&'a mut GpuEngine, &'a mut LoraParams, &'a mut AdamW);
 
-/// One step of both engines on `micro`, compared.
-fn step(i: usize, micro: &[PackedBatch], dev: Side<'_>, host: Side<'_>, lora0: &LoraParams) {
-    let (on_dev, lora_d, adam_d) = dev;
-    let (on_host, lora_h, adam_h) = host;
-    let s = OptimStep {
+/// The settings of step `i`: clipped (a limit far under the norm) on even steps, not on odd.
+fn settings(micro: &[PackedBatch], i: usize) -> OptimStep<'_> {
+    OptimStep {
         batches: micro,
         dropout: None,
         lr: 2e-3 * (1.0 + 0.1 * i as f32),
-        // Clipped (far under the norm) on even steps, not on odd ones.
         max_grad_norm: if i % 2 == 0 { 1e-3 } else { 1e3 },
-    };
-    let d = on_dev.optimizer_step(lora_d, adam_d, &s).unwrap();
-    let h = host_optimizer_step(on_host, lora_h, adam_h, &s).unwrap();
+    }
+}
+
+/// Step `i` on both sides; returns `(device, host)` outcomes after checking they agree.
+fn both(i: usize, micro: &[PackedBatch], dev: Side<'_>, host: Side<'_>) -> StepOutcome {
+    let s = settings(micro, i);
+    let d = dev.0.optimizer_step(dev.1, dev.2, &s).unwrap();
+    let h = host_optimizer_step(host.0, host.1, host.2, &s).unwrap();
     check_same(&format!("step {}", i + 1), &d, &h);
     assert!(d.applied);
-    assert!(adam_d.moments_on_device() && !adam_h.moments_on_device());
-    assert_eq!(adam_d.step_count(), adam_h.step_count());
-    let (want, got, base) = (flat(lora_h), flat(lora_d), flat(lora0));
-    let delta = |x: &[f32]| -> Vec<f32> { x.iter().zip(&base).map(|(a, b)| a - b).collect() };
-    let (err, cos) = compare(&delta(&got), &delta(&want));
-    println!(
-        "step {}: {d:?}; adapter update rel error {err:.2e}, cosine {cos:.6}",
-        i + 1
-    );
-    assert!(err <= 1e-2 && cos >= 0.9999, "step {}: {err} {cos}", i + 1);
+    assert!(dev.2.moments_on_device() && !host.2.moments_on_device());
+    assert_eq!(dev.2.step_count(), host.2.step_count());
+    d
 }
 
 #[test]
@@ -102,26 +98,52 @@ fn device_adamw_matches_the_host_step() {
     let (mut lora_d, mut lora_h) = (lora0.clone(), lora0.clone());
     let (mut adam_d, mut adam_h) = (adamw_for(&lora0), adamw_for(&lora0));
 
-    for i in 0..6 {
-        step(
+    // Three independent steps: the trajectories agree in loss and norm. (They are not compared
+    // element-wise: a last-bit difference of a parameter can flip its bf16 rounding, and
+    // AdamW's normalisation magnifies the effect on elements with tiny gradients.)
+    for i in 0..3 {
+        both(
             i,
             &micro,
             (&mut on_dev, &mut lora_d, &mut adam_d),
             (&mut on_host, &mut lora_h, &mut adam_h),
-            &lora0,
         );
+    }
+
+    // Steps from the same state: before each, the host takes the device's adapter (its moments
+    // stay its own, equal to the device's but for rounding). Every update then matches to
+    // f32 rounding, with the moments staying on the device between steps, and once right
+    // after they came back (step 4: uploaded again).
+    on_dev.sync_optimizer(&mut adam_d).unwrap();
+    assert!(!adam_d.moments_on_device());
+    adam_h = adam_d.clone();
+    for i in 3..8 {
+        lora_h = lora_d.clone();
+        let before = flat(&lora_d);
+        let d = both(
+            i,
+            &micro,
+            (&mut on_dev, &mut lora_d, &mut adam_d),
+            (&mut on_host, &mut lora_h, &mut adam_h),
+        );
+        let delta = |x: &[f32]| -> Vec<f32> { x.iter().zip(&before).map(|(a, b)| a - b).collect() };
+        let (err, cos) = compare(&delta(&flat(&lora_d)), &delta(&flat(&lora_h)));
+        println!(
+            "step {}: {d:?}; update rel error {err:.2e}, cosine {cos:.8}",
+            i + 1
+        );
+        assert!(err <= 1e-3 && cos >= 0.99999, "step {}: {err} {cos}", i + 1);
     }
 
     // The moments come back and match the host's; the state then saves.
     on_dev.sync_optimizer(&mut adam_d).unwrap();
-    assert!(!adam_d.moments_on_device());
     let (sd, sh) = (adam_d.state().unwrap(), adam_h.state().unwrap());
-    assert_eq!(sd.step, 6);
+    assert_eq!(sd.step, 8);
     for (name, (a, b)) in [("m", (&sd.m, &sh.m)), ("v", (&sd.v, &sh.v))] {
         let (x, y): (Vec<f32>, Vec<f32>) = (a.concat(), b.concat());
         let (err, cos) = compare(&x, &y);
-        println!("{name}: rel error {err:.2e}, cosine {cos:.6}");
-        assert!(err <= 1e-2 && cos >= 0.9999, "{name}: {err} {cos}");
+        println!("{name}: rel error {err:.2e}, cosine {cos:.8}");
+        assert!(err <= 1e-3 && cos >= 0.99999, "{name}: {err} {cos}");
     }
     let dir = std::env::temp_dir().join(format!("lexp-gpu-optimizer-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -130,18 +152,10 @@ fn device_adamw_matches_the_host_step() {
         .save(&dir.join("optimizer.safetensors"), &names)
         .unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
-    // A step after the sync uploads the moments again and still agrees.
-    step(
-        6,
-        &micro,
-        (&mut on_dev, &mut lora_d, &mut adam_d),
-        (&mut on_host, &mut lora_h, &mut adam_h),
-        &lora0,
-    );
 
     // A NaN in the adapter: the loss is not finite, the device skips the update. (Host edits
-    // of the adapter reach the device only while the host holds the optimizer state.)
-    on_dev.sync_optimizer(&mut adam_d).unwrap();
+    // of the adapter reach the device only while the host holds the optimizer state, as it
+    // does after the sync above.)
     let mut bad = lora_d.clone();
     if let Some((_, t)) = bad.tensors_mut().into_iter().nth(1) {
         t.data[0] = f32::NAN;
