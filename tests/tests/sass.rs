@@ -56,7 +56,8 @@ fn tensor_core_kernels_use_tensor_core_instructions() {
 }
 
 /// The mma-to-dot register shortcut (COMPILER.md §1.7) survives ptxas: in flash attention's
-/// `P·V` (forward) and `dS·K` (dq with 128-query blocks), where the accumulator's warps own
+/// `P·V` (forward), `dS·K` (dq with 128-query blocks) and `Pᵀ·dO`, `dSᵀ·Q` (dk/dv with
+/// 128-key blocks), where the accumulator's warps own
 /// whole rows, the sm_90a SASS has HGMMAs whose A operand is a register (`HGMMA.64xNx16 Rd,
 /// Ra, gdesc[..]`) next to the descriptor-fed ones of `Q·Kᵀ`; on sm_80 the A fragments are
 /// packed by `F2FP` instead of loaded with `LDSM` (the `LDSM` count is that of the other
@@ -88,6 +89,8 @@ fn flash_attention_feeds_p_to_the_mma_from_registers() {
         ("flash_fwd", "BN", "64", 4 + 16),
         ("flash_fwd", "BN", "128", 4 + 32),
         ("flash_bwd_dq", "BM", "128", 2 * (4 + 16)),
+        // kᵀ-side: k, q (for Pᵀ) and v, dO (for dPᵀ); Pᵀ and dSᵀ come from registers.
+        ("flash_bwd_dkdv", "BN", "128", 2 * (4 + 16)),
     ] {
         let k = lexp_kernels::find(name).unwrap();
         let v = k
@@ -112,5 +115,5 @@ fn flash_attention_feeds_p_to_the_mma_from_registers() {
         assert!(s80.contains("F2FP.BF16"), "{}: no F2FP packing", v.symbol);
         checked += 1;
     }
-    assert_eq!(checked, 3);
+    assert_eq!(checked, 4);
 }
