@@ -165,3 +165,25 @@ fn registers_feed_mma_sync_and_wgmma() {
         .all(|l| l.matches('{').count() == 1));
     assert!(p90.contains("cvt.rn.bf16x2.f32"));
 }
+
+/// The f16 form: `cvt.rn.f16x2.f32` packing, the f16 `mma.sync` and register-A `wgmma`.
+#[cfg(feature = "llvm")]
+#[test]
+fn f16_operands_pack_with_the_f16x2_conversion() {
+    use lexp_compiler::codegen;
+    let c = compile(&ATTENTION.replace("bf16", "f16"));
+    assert_eq!(c.layouts.dot_a_regs.len(), 1);
+    let p80 = codegen::lower(&c, &target::SM80, "attention").unwrap().ptx;
+    assert_eq!(p80.matches("cvt.rn.f16x2.f32").count(), 16);
+    assert!(p80.contains("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"));
+    let p90 = codegen::lower(&c, &target::SM90, "attention").unwrap().ptx;
+    assert_eq!(
+        p90.lines()
+            .filter(
+                |l| l.contains("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16")
+                    && l.matches('{').count() == 2
+            )
+            .count(),
+        4
+    );
+}
