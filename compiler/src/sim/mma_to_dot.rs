@@ -10,7 +10,9 @@
 //! from input `b` is stored in the lower half of `d`"); [`a_fragment_from_acc`] applies the
 //! register choice codegen uses ([`crate::layout::mma::dot_a_fragment_regs`]). The tests stage
 //! the same accumulator through a swizzled shared tile and read it back with the `ldmatrix`
-//! emulator, as the fallback path does, and require identical registers for every lane.
+//! emulator, as the fallback path does, and require identical registers for every lane; and
+//! check that `wgmma`'s register-A fragment (CuTe's `ALayout_64x16`) is that same A fragment
+//! per warp of the warpgroup, so one packing serves `mma.sync` and `wgmma`.
 
 /// A 16-bit floating-point MMA operand type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +143,29 @@ mod tests {
             for (m, kk, warps) in [(128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 32, 4)] {
                 let n = shortcut_equals_ldmatrix(ty, m, kk, warps);
                 assert_eq!(n, warps * 32 * (m / warps / 16).max(1) * (kk / 16));
+            }
+        }
+    }
+
+    /// The register-A fragment of `wgmma.m64nNk16` (16-bit types) is, per warp of the
+    /// warpgroup, the m16n8k16 A fragment of rows `16w .. 16w + 16`: a literal transcription of
+    /// CuTe's `ALayout_64x16` (`mma_traits_sm90_gmma.hpp`: thread shape `(4, 8, 4)` strides
+    /// `(128, 1, 16)`, value shape `(2, 2, 2)` strides `(64, 8, 512)`, into the column-major
+    /// `64 x 16` tile) equals the DotA layout of a warpgroup-shaped `64 x 16` operand, which is
+    /// what the shortcut feeds it.
+    #[test]
+    fn wgmma_register_a_fragment_is_the_dot_a_layout_of_the_warp_rows() {
+        let a = Layout::dot_a(64, 16, 4, 1).unwrap();
+        for tid in 0..128 {
+            let (t0, t1, t2) = (tid % 4, (tid / 4) % 8, tid / 32);
+            for v in 0..8 {
+                let (v0, v1, v2) = (v % 2, (v / 2) % 2, v / 4);
+                let off = t0 * 128 + t1 + t2 * 16 + v0 * 64 + v1 * 8 + v2 * 512;
+                assert_eq!(
+                    a.coord(tid, v),
+                    vec![off % 64, off / 64],
+                    "thread {tid} value {v}"
+                );
             }
         }
     }
