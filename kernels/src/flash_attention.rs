@@ -152,9 +152,11 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
 /// tiles: `Pᵀ = exp2(c·k·qᵀ − lse2)`, `dv += Pᵀ·dO`, `dSᵀ = Pᵀ ⊙ (v·dOᵀ − delta)`,
 /// `dk += dSᵀ·q`; `dk` is scaled by `scale` at the end. Writes the k and v blocks of `dqkv`.
 #[kernel(
-    // BN = 128 is faster on the H200 but spills on sm_80 (255 registers), and variants cannot
-    // be restricted to one architecture yet.
-    variants(T = [bf16, f16], D = [64], BN = [64], BM = [64], S = [2, 3], W = [8]),
+    // BN = 128: 8 warps of 16 whole key rows, so Pᵀ and dSᵀ go to the MMAs straight from
+    // registers (the mma-to-dot shortcut, COMPILER.md §1.7); with it the sm_80 code no longer
+    // spills (255 registers, 0 spills). BN = 64 splits the rows over 4 x 2 warps and stages
+    // them through shared memory.
+    variants(T = [bf16, f16], D = [64], BN = [64, 128], BM = [64], S = [2, 3], W = [8]),
     only = [BN % BM == 0],
     warps = W,
     stages = S,

@@ -121,19 +121,41 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize) {
         },
     )
     .unwrap();
-    for (b, name) in ["dq", "dk", "dv"].iter().enumerate() {
-        let pick = |x: &[f32]| -> Vec<f32> {
-            (0..t)
-                .flat_map(|r| x[r * 3 * h + b * h..r * 3 * h + (b + 1) * h].to_vec())
-                .collect()
-        };
-        let d = compare(&pick(&dqkv.data), &pick(&want));
-        println!("{what}: {name} {d}");
-        assert!(
-            d.unwritten == 0 && d.non_finite == 0 && d.rel_l2 < 2e-2,
-            "{what}: {name} {d}"
-        );
-    }
+    let check = |dqkv: &HostTensor, names: &[(usize, &str)], tag: &str| {
+        for &(b, name) in names {
+            let pick = |x: &[f32]| -> Vec<f32> {
+                (0..t)
+                    .flat_map(|r| x[r * 3 * h + b * h..r * 3 * h + (b + 1) * h].to_vec())
+                    .collect()
+            };
+            let d = compare(&pick(&dqkv.data), &pick(&want));
+            println!("{what}{tag}: {name} {d}");
+            assert!(
+                d.unwritten == 0 && d.non_finite == 0 && d.rel_l2 < 2e-2,
+                "{what}{tag}: {name} {d}"
+            );
+        }
+    };
+    check(&dqkv, &[(0, "dq"), (1, "dk"), (2, "dv")], "");
+    // dk/dv with 128-key blocks (the configuration whose P and dS feed the MMAs from
+    // registers: 8 warps of 16 whole rows each).
+    let mut dqkv128 = poisoned(dtype, &[t, 3 * h]);
+    let mut kb128 = block_tensor(&key_blocks(&cu, 128).unwrap());
+    flash_bwd_dkdv::interpret(
+        &[("BN", 128)],
+        flash_bwd_dkdv::HostArgs {
+            qkv: &mut qkv,
+            d_o: &mut d_o,
+            lse2: &mut lse2,
+            delta: &mut delta,
+            blocks: &mut kb128,
+            scale_log2,
+            scale: scale as f32,
+            dqkv: &mut dqkv128,
+        },
+    )
+    .unwrap();
+    check(&dqkv128, &[(1, "dk"), (2, "dv")], " (BN 128)");
 }
 
 #[test]

@@ -249,6 +249,55 @@ impl Layout {
     }
 }
 
+/// The *mma-to-dot shortcut* (COMPILER.md §1.7): whether a 16-bit `dot` A operand `[bm, bk]`
+/// held in layout `a` already *is*, register for register, the A fragment the `dot` producing
+/// an accumulator in layout `result` needs, so that the MMA can take it from registers (packed
+/// in pairs with `cvt.rn.{bf16,f16}x2.f32`) instead of through shared memory.
+///
+/// That holds exactly when `a` equals the DotA layout ([`Layout::dot_a`]) of `result`'s warp
+/// grid, as bases (`reg_ids` are bookkeeping of projections and do not matter). For an operand
+/// that comes from an accumulator (a cast of the f32 tile of an earlier `dot`, as `P` in flash
+/// attention) that means: the accumulator is `[bm, bk]` with the same rows per warp as
+/// `result`, and its warps are all along M (`wn == 1`: every warp owns whole rows, all `bk`
+/// columns of them), since then the Mma layout of §1.3 with `WN = bk` and the DotA layout of
+/// §1.4 have identical bases: k-tile `i` of the A fragment is the C fragments of n-tiles `2i`
+/// and `2i + 1`, in the same register order. With `wn > 1` each warp holds only `bk / wn`
+/// columns of its rows, and an accumulator of another width does not have the DotA shape.
+pub fn dot_a_in_registers(a: &Layout, result: &Layout, bk: usize) -> bool {
+    if a.rank() != 2 || result.rank() != 2 || a.shape != [result.shape[0], bk] {
+        return false;
+    }
+    let (wm, wn) = result.mma_warp_grid();
+    let Ok(mut want) = Layout::dot_a(result.shape[0], bk, wm, wn) else {
+        return false;
+    };
+    // Warps a small tile cannot use hold copies (as in `mma_acc_for`).
+    while want.warp.len() < result.warp.len() {
+        want.warp.push(vec![0, 0]);
+    }
+    // The result must be an accumulator on that grid (rows of warp `w` of the A operand are the
+    // rows warp `w` accumulates).
+    let Ok(mut acc) = Layout::mma_acc(result.shape[0], result.shape[1], wm, wn) else {
+        return false;
+    };
+    while acc.warp.len() < result.warp.len() {
+        acc.warp.push(vec![0, 0]);
+    }
+    let same = |x: &Layout, y: &Layout| x.reg == y.reg && x.lane == y.lane && x.warp == y.warp;
+    same(&acc, result) && same(a, &want)
+}
+
+/// For an A operand held in the DotA layout (see [`dot_a_in_registers`]): the operand registers
+/// `(low, high)` that `.b32` register `q` of the A fragment of m-tile `im`, k-tile `ik` packs,
+/// for a `K = kk` operand. DotA register `(im*(kk/16) + ik)*8 + j` holds fragment element `j`
+/// (§1.4), and fragment register `q` holds elements `2q` (low half) and `2q + 1` (high half).
+/// Seen from the accumulator the operand was cast from: k-tile `ik` = the C fragments of n-tiles
+/// `2ik` (registers 0, 1) and `2ik + 1` (registers 2, 3).
+pub fn dot_a_fragment_regs(im: usize, ik: usize, kk: usize) -> [(usize, usize); 4] {
+    let first = (im * (kk / 16) + ik) * 8;
+    std::array::from_fn(|q| (first + 2 * q, first + 2 * q + 1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,13 +20,30 @@
 //! `trans` result's space, a blocked layout otherwise. Kernels without `dot` keep the single
 //! root. `dot` operands need no particular register layout: codegen stages them in swizzled
 //! shared memory (from registers, or by `cp.async` when [`super::pipeline`] streams them).
+//!
+//! # The mma-to-dot register shortcut (COMPILER.md §1.7)
+//!
+//! One exception to "operands go through shared memory": when a `dot`'s A operand already sits
+//! in registers in exactly the A-fragment layout of that dot ([`LayoutPlan::dot_a_regs`]), the
+//! MMA takes it from there. That is the case of a second `dot` whose A operand is the cast of
+//! an earlier accumulator whose warps all lie along M (`wn == 1`, each warp owning whole rows:
+//! the warpgroup-shaped accumulators of 8-warp attention kernels, 16 rows per warp), when that
+//! accumulator's column extent is the second dot's K (flash attention's `P·V`, `dS·K`,
+//! `Pᵀ·dO`, `dSᵀ·Q`): the Mma layout (§1.3) with `WN = K` and the DotA layout (§1.4) with
+//! `wn = 1` have the same bases, so A k-tile `i` is the C fragments of n-tiles `2i`, `2i + 1`.
+//! The decision is a pure layout comparison ([`crate::layout::mma::dot_a_in_registers`]);
+//! codegen then packs the f32 pairs with `cvt.rn.{bf16,f16}x2.f32` into the four A registers
+//! of `mma.sync` (sm_80) or of the register-A form of `wgmma.mma_async` (sm_90a, whose
+//! per-warp A fragment is the m16n8k16 one for the warp's 16 rows), with no scratch, no
+//! `bar.sync`, and no shared-memory allocation for A. Anything else (`wn > 1`, another width,
+//! a transposed or loaded operand) keeps the shared-memory conversion.
 
 use super::axis_info::{self, AxisInfo};
 use super::spaces;
 use crate::dtype::DType;
 use crate::ir::{printer, Block, IrError, Kernel, Op, ValueId};
 use crate::layout::Layout;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Each value's dimensions as dimensions of its space's root.
 type DimMaps = HashMap<ValueId, Vec<usize>>;
@@ -41,6 +58,12 @@ pub struct LayoutPlan {
     pub layouts: HashMap<ValueId, Layout>,
     /// Vector width (elements per access) of each global load/store/atomic, keyed by its pointer.
     pub vec: HashMap<ValueId, usize>,
+    /// The `dot`s (by result) whose A operand is fed to the MMA straight from registers: the
+    /// operand's layout already is the A fragment layout (the mma-to-dot shortcut of
+    /// COMPILER.md §1.7, [`crate::layout::mma::dot_a_in_registers`]), so codegen packs its
+    /// registers in pairs instead of staging the tile through shared memory. Printed as
+    /// `a-in-regs` after the dot's layout.
+    pub dot_a_regs: HashSet<ValueId>,
 }
 
 impl LayoutPlan {
@@ -80,6 +103,7 @@ impl LayoutPlan {
             let id = ids.get(&v)?;
             Some(match self.vec.get(&v) {
                 Some(w) => format!("#L{id} vec {w}"),
+                None if self.dot_a_regs.contains(&v) => format!("#L{id} a-in-regs"),
                 None => format!("#L{id}"),
             })
         };
@@ -189,7 +213,34 @@ pub fn assign_layouts(k: &mut Kernel) -> Result<LayoutPlan, IrError> {
         let l: &Layout = &layouts[ptr];
         vec.insert(*ptr, own.min(l.contiguous_regs()).max(1));
     }
-    Ok(LayoutPlan { layouts, vec })
+    let dot_a_regs = dot_a_in_registers(k, &layouts);
+    Ok(LayoutPlan {
+        layouts,
+        vec,
+        dot_a_regs,
+    })
+}
+
+/// The `dot`s whose A operand can be fed from registers (COMPILER.md §1.7): a 16-bit operand,
+/// not transposed, whose layout is the A fragment layout of the dot's accumulator (in practice
+/// the cast of an earlier `dot`'s accumulator whose warps own whole rows, as `P` in flash
+/// attention). Every other A operand keeps the shared-memory path.
+fn dot_a_in_registers(k: &Kernel, layouts: &HashMap<ValueId, Layout>) -> HashSet<ValueId> {
+    let mut out = HashSet::new();
+    k.walk(&mut |i| {
+        let Op::Dot { a, .. } = &i.op else { return };
+        let r = i.results[0];
+        let ta = k.ty(*a);
+        let transposed = super::smem::dot_source(k, *a).1;
+        if ta.rank() == 2
+            && ta.dtype.bytes() == 2
+            && !transposed
+            && crate::layout::mma::dot_a_in_registers(&layouts[a], &layouts[&r], ta.shape[1])
+        {
+            out.insert(r);
+        }
+    });
+    out
 }
 
 /// The spaces of a kernel: each tile's space id and each space's rank. Without `dot` every tile

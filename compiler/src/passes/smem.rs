@@ -3,7 +3,8 @@
 //!
 //! *Scratch* users: cross-warp reductions (each warp that holds part of a reduced dimension
 //! writes its partial results, and after a barrier every thread combines them), layout
-//! conversions, and `dot` operands staged from registers. Such ops run one after another with
+//! conversions, and `dot` operands staged from registers (except an A operand that the layout
+//! pass feeds to the MMA from registers, the mma-to-dot shortcut: it takes no scratch). Such ops run one after another with
 //! a barrier at the end of each, so they all reuse one region at offset 0: its size is the
 //! largest single need, not the sum.
 //!
@@ -66,11 +67,22 @@ pub fn warps_along(l: &crate::layout::Layout, axis: usize) -> usize {
     1 << l.warp.iter().filter(|b| b[axis] != 0).count()
 }
 
-/// Bytes of the scratch a `dot` needs to stage its operands from registers: the A tile then the
-/// B tile, each in its swizzled shared layout ([`dot_operand_layouts`]).
-pub fn dot_scratch(k: &Kernel, a: ValueId, b: ValueId) -> (SharedLayout, SharedLayout, usize) {
+/// The scratch a `dot` needs to stage its operands from registers: the A tile then the B tile,
+/// each in its swizzled shared layout ([`dot_operand_layouts`]), and the B tile's byte offset.
+/// With `a_in_regs` (the mma-to-dot shortcut, [`LayoutPlan::dot_a_regs`]) A takes no shared
+/// memory and B starts at 0.
+pub fn dot_scratch(
+    k: &Kernel,
+    a: ValueId,
+    b: ValueId,
+    a_in_regs: bool,
+) -> (SharedLayout, SharedLayout, usize) {
     let (la, lb) = dot_operand_layouts(k, a, b);
-    let b_off = la.bytes().next_multiple_of(1024);
+    let b_off = if a_in_regs {
+        0
+    } else {
+        la.bytes().next_multiple_of(1024)
+    };
     (la, lb, b_off)
 }
 
@@ -128,8 +140,10 @@ pub fn plan(
     k.walk(&mut |inst| {
         if let Op::Dot { a, b, .. } = &inst.op {
             let staged = |v: ValueId| pipeline.staged(dot_source(k, v).0).is_some();
-            if !(staged(*a) && staged(*b)) {
-                let (_, lb, b_off) = dot_scratch(k, *a, *b);
+            // An A operand fed from registers needs no shared memory at all.
+            let a_regs = layouts.dot_a_regs.contains(&inst.results[0]);
+            if !((a_regs || staged(*a)) && staged(*b)) {
+                let (_, lb, b_off) = dot_scratch(k, *a, *b, a_regs);
                 plan.allocations.push(Allocation {
                     value: inst.results[0],
                     offset: 0,

@@ -4,7 +4,9 @@
 //!
 //! Each warp owns a `WM x WN` piece of the accumulator (the `Mma` layout, [`Layout::mma_acc`]):
 //! per k16 step it loads `WM/16` A fragments and `WN/8` B fragments with `ldmatrix` from the
-//! operands' shared tiles and issues `(WM/16) * (WN/8)` MMAs.
+//! operands' shared tiles and issues `(WM/16) * (WN/8)` MMAs. An A operand that the layout pass
+//! marked as already in fragment layout (the mma-to-dot shortcut, COMPILER.md §1.7) is not
+//! loaded: its registers are packed in pairs (`cvt.rn.bf16x2.f32`) into the A fragments.
 
 use super::*;
 use crate::layout::shared::SharedLayout;
@@ -196,12 +198,83 @@ impl<'c> Gen<'c, '_> {
     pub(super) fn dot_is_wgmma(&self, r: ValueId, a: ValueId, b: ValueId) -> bool {
         let k = &self.c.kernel;
         let (m, n) = (k.ty(r).shape[0], k.ty(r).shape[1]);
-        let (la, lb, _) = dot_scratch(k, a, b);
+        let a_regs = self.c.layouts.dot_a_regs.contains(&r);
+        let (la, lb, _) = dot_scratch(k, a, b, a_regs);
         self.wgmma
             && crate::layout::mma::wgmma_grid(m, n, k.num_warps)
                 == Some(self.layout(r).mma_warp_grid())
-            && la.swz != 0
+            && (a_regs || la.swz != 0)
             && lb.swz != 0
+    }
+
+    /// The A fragments of a `dot` whose A operand `a` is fed from registers (the mma-to-dot
+    /// shortcut, COMPILER.md §1.7; decided by the layout pass): `out[im][ik]` = the four `.b32`
+    /// registers of m-tile `im`, k-tile `ik`. The operand's layout is the DotA layout itself, so
+    /// DotA register `(im*(K/16) + ik)*8 + j` is the operand's register of the same index, and
+    /// register `q` of the fragment packs values `2q` (low half) and `2q + 1` (high half). When
+    /// the operand is a cast from f32 (the usual case: an accumulator), each pair is converted
+    /// by one `cvt.rn.{bf16,f16}x2.f32`, which takes the *high* value first.
+    fn a_fragments_from_registers(
+        &mut self,
+        a: ValueId,
+        mr: usize,
+        kk: usize,
+    ) -> R<Vec<Vec<Vec<IntValue<'c>>>>> {
+        let k = &self.c.kernel;
+        let dt = k.ty(a).dtype;
+        let mut cast_from = None;
+        k.walk(&mut |i| {
+            if let (Op::Cast { src }, Some(r)) = (&i.op, i.results.first()) {
+                if *r == a && k.ty(*src).dtype == DType::F32 {
+                    cast_from = Some(*src);
+                }
+            }
+        });
+        let i32t = self.ctx.i32_type();
+        let regs = self.get(a)?.clone();
+        let f32_regs = match cast_from {
+            Some(src) if self.layout(src).num_regs() == regs.len() => Some(self.get(src)?.clone()),
+            _ => None,
+        };
+        if regs.len() != mr * kk / 16 * 8 {
+            return Err(IrError(format!(
+                "codegen: A operand in registers has {} values per thread, the fragments need {}",
+                regs.len(),
+                mr * kk / 16 * 8
+            )));
+        }
+        let elem = llvm_ty(self.ctx, dt);
+        let pair_ty = vector_of(elem, 2);
+        let cvt = if dt == DType::BF16 {
+            "llvm.nvvm.ff2bf16x2.rn"
+        } else {
+            "llvm.nvvm.ff2f16x2.rn"
+        };
+        let mut out = vec![];
+        for im in 0..mr {
+            let mut row = vec![];
+            for ik in 0..kk / 16 {
+                let mut frag = vec![];
+                for (lo, hi) in crate::layout::mma::dot_a_fragment_regs(im, ik, kk) {
+                    let pair = match &f32_regs {
+                        Some(f) => {
+                            let f32t = self.ctx.f32_type();
+                            self.call(cvt, pair_ty, &[f32t.into(), f32t.into()], &[f[hi], f[lo]])?
+                        }
+                        None => self.pack(elem, &[regs[lo], regs[hi]])?,
+                    };
+                    frag.push(
+                        self.b
+                            .build_bit_cast(pair, i32t, "")
+                            .map_err(be)?
+                            .into_int_value(),
+                    );
+                }
+                row.push(frag);
+            }
+            out.push(row);
+        }
+        Ok(out)
     }
 
     /// `acc + a · b` (see the module doc).
@@ -229,7 +302,8 @@ impl<'c> Gen<'c, '_> {
         let (mr, nr) = (wtm / 16, wtn / 8);
         let (sa, ta) = dot_source(k, a);
         let (sb, tb) = dot_source(k, b);
-        let (la_s, lb_s, b_off) = dot_scratch(k, a, b);
+        let a_regs = self.c.layouts.dot_a_regs.contains(&r);
+        let (la_s, lb_s, b_off) = dot_scratch(k, a, b, a_regs);
         // Where each operand's tile is: a streamed slot, or scratch written from registers.
         let mut staged_any = false;
         let mut place = |g: &mut Self, src: ValueId, sl: SharedLayout, scratch: usize| {
@@ -240,7 +314,14 @@ impl<'c> Gen<'c, '_> {
             staged_any = true;
             Ok((g.i32(scratch as i64), sl))
         };
-        let (base_a, la) = place(self, sa, la_s, 0)?;
+        // The A fragments straight from registers (mma-to-dot shortcut), or A's shared tile.
+        let (a_frags, base_a, la) = if a_regs {
+            let f = self.a_fragments_from_registers(a, mr, kk)?;
+            (Some(f), self.i32(0), la_s)
+        } else {
+            let (base, sl) = place(self, sa, la_s, 0)?;
+            (None, base, sl)
+        };
         let (base_b, lb) = place(self, sb, lb_s, b_off)?;
         let use_wgmma = self.dot_is_wgmma(r, a, b);
         if staged_any {
@@ -256,11 +337,15 @@ impl<'c> Gen<'c, '_> {
             let warp_n = self.and_c(warp_n, wn - 1)?;
             let m_first = self.mul_c(self.shr_c(warp_m, 2)?, 64)?;
             let n_first = self.mul_c(warp_n, wtn)?;
-            let opa = super::wgmma::WgOperand {
-                sl: la,
-                base: base_a,
-                mn_major: ta,
-                first: m_first,
+            let opa = match &a_frags {
+                // One warp's 16 rows per k16 step: the wgmma register-A fragment.
+                Some(f) => super::wgmma::WgA::Registers(f[0].clone()),
+                None => super::wgmma::WgA::Shared(super::wgmma::WgOperand {
+                    sl: la,
+                    base: base_a,
+                    mn_major: ta,
+                    first: m_first,
+                }),
             };
             let opb = super::wgmma::WgOperand {
                 sl: lb,
@@ -290,6 +375,10 @@ impl<'c> Gen<'c, '_> {
             let k0 = 16 * ik;
             let mut af = vec![];
             for im in 0..mr {
+                if let Some(f) = &a_frags {
+                    af.push(f[im][ik].clone());
+                    continue;
+                }
                 let m0 = self.addc(m_base, 16 * im)?;
                 let (row, col) = if !ta {
                     (self.add(self.add(m0, r8)?, q_lo8)?, self.addc(q_hi8, k0)?)

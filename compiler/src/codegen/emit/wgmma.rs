@@ -1,6 +1,8 @@
 //! Hopper's warpgroup MMA (COMPILER.md §8.1): `dot` as `wgmma.mma_async.m64nNk16` reading both
-//! operands from shared memory through 64-bit matrix descriptors. LLVM 19 has no intrinsics
-//! for it, so the instructions are inline PTX (`sm_90a`).
+//! operands from shared memory through 64-bit matrix descriptors, or A from registers when the
+//! layout pass chose the mma-to-dot shortcut (COMPILER.md §1.7: `{a0, a1, a2, a3}` per k16 step,
+//! no A transpose immediate). LLVM 19 has no intrinsics for it, so the instructions are inline
+//! PTX (`sm_90a`).
 //!
 //! Used for accumulators in the warpgroup-shaped layout ([`crate::layout::mma::wgmma_grid`]):
 //! each warpgroup (4 warps) owns a `64 x WN` piece and its registers are exactly `wgmma`'s
@@ -19,6 +21,14 @@ pub(super) struct WgOperand<'c> {
     pub base: IntValue<'c>,
     pub mn_major: bool,
     pub first: IntValue<'c>,
+}
+
+/// The A operand of a warpgroup MMA: a shared tile read through descriptors, or registers
+/// (the register-A form; `frags[ik]` = the four `.b32` registers of k16 step `ik`, warp `w` of
+/// the warpgroup holding rows `16w .. 16w + 16`: the m16n8k16 A fragment of those rows).
+pub(super) enum WgA<'c> {
+    Shared(WgOperand<'c>),
+    Registers(Vec<Vec<IntValue<'c>>>),
 }
 
 impl<'c> Gen<'c, '_> {
@@ -65,13 +75,17 @@ impl<'c> Gen<'c, '_> {
             .map(|_| ())
     }
 
-    /// Passes `vals` (f32) through an empty asm so that LLVM cannot move their uses across
-    /// the surrounding `wgmma` synchronisation (CUTLASS's `warpgroup_fence_operand`).
+    /// Passes `vals` (f32, or i32 fragment registers) through an empty asm so that LLVM cannot
+    /// move their definitions or uses across the surrounding `wgmma` synchronisation
+    /// (CUTLASS's `warpgroup_fence_operand`).
     fn fence_operands(&self, vals: &[V<'c>]) -> R<Vec<V<'c>>> {
         let n = vals.len();
-        let f32t = self.ctx.f32_type();
-        let ret = self.ctx.struct_type(&vec![f32t.into(); n], false);
-        let outs: Vec<String> = (0..n).map(|_| "=f".to_string()).collect();
+        let tys: Vec<BasicTypeEnum> = vals.iter().map(|v| v.get_type()).collect();
+        let ret = self.ctx.struct_type(&tys, false);
+        let outs: Vec<String> = vals
+            .iter()
+            .map(|v| if v.is_int_value() { "=r" } else { "=f" }.to_string())
+            .collect();
         let ins: Vec<String> = (0..n).map(|i| i.to_string()).collect();
         let cons = format!("{},{}", outs.join(","), ins.join(","));
         let s = self
@@ -133,7 +147,7 @@ impl<'c> Gen<'c, '_> {
     pub(super) fn wgmma(
         &mut self,
         dt: DType,
-        a: &WgOperand<'c>,
+        a: &WgA<'c>,
         b: &WgOperand<'c>,
         n: usize,
         kk: usize,
@@ -149,20 +163,56 @@ impl<'c> Gen<'c, '_> {
         }
         let ty = if dt == DType::BF16 { "bf16" } else { "f16" };
         let outs: Vec<String> = (0..regs).map(|i| format!("${i}")).collect();
-        let text = format!(
-            "{{\n.reg .pred p;\nsetp.ne.b32 p, ${}, 0;\nwgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{}}}, ${}, ${}, p, 1, 1, {}, {};\n}}",
-            // Operands: the outputs, their tied inputs, then the descriptors and scale-d.
-            2 * regs + 2,
-            outs.join(", "),
-            2 * regs,
-            2 * regs + 1,
-            a.mn_major as u8,
-            b.mn_major as u8
-        );
-        let cons = {
-            let o: Vec<String> = (0..regs).map(|_| "=f".to_string()).collect();
-            let t: Vec<String> = (0..regs).map(|i| i.to_string()).collect();
-            format!("{},{},l,l,r", o.join(","), t.join(","))
+        let t: Vec<String> = (0..regs).map(|i| i.to_string()).collect();
+        let o: Vec<String> = (0..regs).map(|_| "=f".to_string()).collect();
+        // Operands: the outputs, their tied inputs, then A (a descriptor, or four registers),
+        // B's descriptor and scale-d. With A in registers there is no A transpose immediate.
+        let (text, cons) = match a {
+            WgA::Shared(sa) => (
+                format!(
+                    "{{\n.reg .pred p;\nsetp.ne.b32 p, ${}, 0;\nwgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{}}}, ${}, ${}, p, 1, 1, {}, {};\n}}",
+                    2 * regs + 2,
+                    outs.join(", "),
+                    2 * regs,
+                    2 * regs + 1,
+                    sa.mn_major as u8,
+                    b.mn_major as u8
+                ),
+                format!("{},{},l,l,r", o.join(","), t.join(",")),
+            ),
+            WgA::Registers(_) => (
+                format!(
+                    "{{\n.reg .pred p;\nsetp.ne.b32 p, ${}, 0;\nwgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{}}}, {{${}, ${}, ${}, ${}}}, ${}, p, 1, 1, {};\n}}",
+                    2 * regs + 5,
+                    outs.join(", "),
+                    2 * regs,
+                    2 * regs + 1,
+                    2 * regs + 2,
+                    2 * regs + 3,
+                    2 * regs + 4,
+                    b.mn_major as u8
+                ),
+                format!("{},{},r,r,r,r,l,r", o.join(","), t.join(",")),
+            ),
+        };
+        // Register A: pinned after its (ordinary) definition and before `wgmma.fence`, which
+        // orders those register writes before the asynchronous MMAs that read them.
+        let a_regs: Vec<V<'c>> = match a {
+            WgA::Registers(f) => {
+                if f.len() != kk / 16 || f.iter().any(|x| x.len() != 4) {
+                    return Err(IrError(
+                        "codegen: wgmma register A needs four registers per k16 step".into(),
+                    ));
+                }
+                if !wait {
+                    return Err(IrError(
+                        "codegen: a wgmma with A in registers cannot stay in flight".into(),
+                    ));
+                }
+                let flat: Vec<V<'c>> = f.iter().flatten().map(|x| (*x).into()).collect();
+                self.fence_operands(&flat)?
+            }
+            WgA::Shared(_) => vec![],
         };
         let f32t = self.ctx.f32_type();
         let ret = self.ctx.struct_type(&vec![f32t.into(); regs], false);
@@ -179,10 +229,15 @@ impl<'c> Gen<'c, '_> {
                 let o = g.shared_offset(&op.sl, row, col)?;
                 g.b.build_int_add(o, op.base, "").map_err(be)
             };
-            let da = self.descriptor(&a.sl, a.mn_major, off(self, a)?)?;
-            let db = self.descriptor(&b.sl, b.mn_major, off(self, b)?)?;
             let mut args = c.clone();
-            args.push(da.into());
+            match a {
+                WgA::Shared(sa) => {
+                    let da = self.descriptor(&sa.sl, sa.mn_major, off(self, sa)?)?;
+                    args.push(da.into());
+                }
+                WgA::Registers(_) => args.extend_from_slice(&a_regs[4 * ik..4 * ik + 4]),
+            }
+            let db = self.descriptor(&b.sl, b.mn_major, off(self, b)?)?;
             args.push(db.into());
             args.push(self.i32(1).into());
             let s = self
@@ -200,6 +255,10 @@ impl<'c> Gen<'c, '_> {
             return Ok(c);
         }
         self.wgmma_commit_wait(0)?;
+        if !a_regs.is_empty() {
+            // The A registers stay live (not reused) until the MMAs reading them are done.
+            self.fence_operands(&a_regs)?;
+        }
         self.fence_operands(&c)
     }
 
