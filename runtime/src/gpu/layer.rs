@@ -6,18 +6,30 @@
 //! Dropout ([`super::dropout`]), in training only: the attention block's and `fc2`'s outputs
 //! (bias included) are dropped before their residual adds, and each adapted branch's input
 //! before its `A` GEMM; the backward masks the same gradients with the saved masks.
+//!
+//! Fused epilogues ([`crate::cublaslt`], unless `LEXP_NO_LT_EPILOGUES=1`, see
+//! [`lt_epilogues`]): the q/k/v GEMM adds its bias; out_proj and fc2 add bias and residual
+//! (`C` = the residual stream, beta 1) when no residual dropout applies at their site (else
+//! the GEMM is plain and the bias, dropout and residual follow as before); fc1 adds its bias,
+//! applies the ReLU and writes the ReLU bit-mask ([`LayerActs::relu_mask`]), which the
+//! backward's fc2 input-gradient GEMM applies (DRELU) instead of `relu_bwd` when fc2 has no
+//! adapter (an adapter's input gradient adds to the same buffer before the mask, and that add
+//! happens inside [`Adapters::backward`]). LoRA branches add their `s·u·Bᵀ` to the fused
+//! output afterwards (a sum, so the order does not matter), except fc1's, which must precede
+//! the ReLU: its branch writes the output first and the fused GEMM adds onto it (beta 1).
 
 use super::attention::{self, AttentionImpl};
 use super::dropout::DropCtx;
 use super::lora::Adapters;
 use super::ops::{
-    add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd, mm,
-    mul_inplace, relu_bwd, R,
+    add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd,
+    lt_epilogues, mm, mm_fused, mul_inplace, relu_bwd, R,
 };
 use super::weights::LayerWeights;
 use super::workspace::{Dims, LayerActs, Scratch};
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
+use crate::cublaslt::Epilogue;
 use crate::device::CudaDevice;
 use crate::model::dropout::Site;
 use crate::model::ModelError;
@@ -135,6 +147,12 @@ impl Ctx<'_> {
         }
     }
 
+    /// True when the residual add at mask column `col` fuses into its GEMM: epilogues on and
+    /// no residual dropout there.
+    fn fused_residual(&self, col: Option<usize>) -> bool {
+        lt_epilogues() && !(self.drop.is_some() && col.is_some())
+    }
+
     /// `g ⊙ mask` of the residual site at mask column `col` into `tmp` (when dropped), else
     /// `g`: the gradient of the branch before the residual add.
     fn residual_grad<'b>(
@@ -178,17 +196,15 @@ pub fn forward(
         t,
         h,
     )?;
+    let fused = lt_epilogues();
+    let (a, wqkv) = (dense(&acts.a, t, h), dense(&w.wqkv, 3 * h, h));
     let qkv_out = dense_mut(&mut acts.qkv, t, 3 * h);
-    mm(
-        blas,
-        dense(&acts.a, t, h),
-        dense(&w.wqkv, 3 * h, h),
-        qkv_out,
-        false,
-        true,
-        1.0,
-        0.0,
-    )?;
+    if fused {
+        let bias = Epilogue::Bias(&w.bqkv);
+        mm_fused(blas, a, wqkv, None, qkv_out, true, 0.0, bias)?;
+    } else {
+        mm(blas, a, wqkv, qkv_out, false, true, 1.0, 0.0)?;
+    }
     if let Some(ad) = cx.lora {
         for (i, target) in QKV.into_iter().enumerate() {
             if let Some(s) = ad.slot(li, target) {
@@ -216,30 +232,46 @@ pub fn forward(
             }
         }
     }
-    bias_add(dev, &acts.qkv, &w.bqkv, t, 3 * h, false)?;
+    if !fused {
+        bias_add(dev, &acts.qkv, &w.bqkv, t, 3 * h, false)?;
+    }
     attention::forward(cx, acts, sc)?;
 
     // out_proj, its bias and the residual: h1 = x + (o·Woᵀ + bo).
-    project_forward(
-        cx,
-        li,
-        LoraTarget::Out,
-        &w.wo,
-        (&acts.o, h),
-        (&mut sc.tmp, h),
-        (&mut acts.u, &acts.mask),
-        (&mut sc.rand, &mut sc.xd),
-    )?;
     let attn_col = cx.drop.and_then(|d| d.layout.attn);
-    cx.residual(
-        li,
-        (Site::AttnResidual, attn_col),
-        (&sc.tmp, &w.bo),
-        &acts.x,
-        &mut acts.h1,
-        &acts.mask,
-        &mut sc.rand,
-    )?;
+    if cx.fused_residual(attn_col) {
+        residual_forward(
+            cx,
+            li,
+            LoraTarget::Out,
+            (&w.wo, &w.bo),
+            (&acts.o, h),
+            &acts.x,
+            &mut acts.h1,
+            (&mut acts.u, &acts.mask),
+            (&mut sc.rand, &mut sc.xd),
+        )?;
+    } else {
+        project_forward(
+            cx,
+            li,
+            LoraTarget::Out,
+            &w.wo,
+            (&acts.o, h),
+            (&mut sc.tmp, h),
+            (&mut acts.u, &acts.mask),
+            (&mut sc.rand, &mut sc.xd),
+        )?;
+        cx.residual(
+            li,
+            (Site::AttnResidual, attn_col),
+            (&sc.tmp, &w.bo),
+            &acts.x,
+            &mut acts.h1,
+            &acts.mask,
+            &mut sc.rand,
+        )?;
+    }
 
     // MLP: out = h1 + relu(LN2(h1)·W1ᵀ + b1)·W2ᵀ + b2.
     layernorm(
@@ -252,17 +284,60 @@ pub fn forward(
         t,
         h,
     )?;
-    project_forward(
-        cx,
-        li,
-        LoraTarget::Fc1,
-        &w.w1,
-        (&acts.b, h),
-        (&mut acts.act, f),
-        (&mut acts.u, &acts.mask),
-        (&mut sc.rand, &mut sc.xd),
-    )?;
-    bias_add(dev, &acts.act, &w.b1, t, f, true)?;
+    if fused {
+        // act = relu(b·W1ᵀ + b1 [+ LoRA]), the ReLU mask saved.
+        let adapted = branch_forward_first(
+            cx,
+            li,
+            LoraTarget::Fc1,
+            (&acts.b, h),
+            (&mut acts.act, f),
+            (&mut acts.u, &acts.mask),
+            (&mut sc.rand, &mut sc.xd),
+        )?;
+        let relu = Epilogue::ReluAuxBias {
+            bias: &w.b1,
+            mask: &mut acts.relu_mask,
+        };
+        let (x, w1) = (dense(&acts.b, t, h), dense(&w.w1, f, h));
+        let beta = if adapted { 1.0 } else { 0.0 };
+        mm_fused(
+            blas,
+            x,
+            w1,
+            None,
+            dense_mut(&mut acts.act, t, f),
+            true,
+            beta,
+            relu,
+        )?;
+    } else {
+        project_forward(
+            cx,
+            li,
+            LoraTarget::Fc1,
+            &w.w1,
+            (&acts.b, h),
+            (&mut acts.act, f),
+            (&mut acts.u, &acts.mask),
+            (&mut sc.rand, &mut sc.xd),
+        )?;
+        bias_add(dev, &acts.act, &w.b1, t, f, true)?;
+    }
+    let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
+    if cx.fused_residual(mlp_col) {
+        return residual_forward(
+            cx,
+            li,
+            LoraTarget::Fc2,
+            (&w.w2, &w.b2),
+            (&acts.act, f),
+            &acts.h1,
+            out,
+            (&mut acts.u, &acts.mask),
+            (&mut sc.rand, &mut sc.xd),
+        );
+    }
     project_forward(
         cx,
         li,
@@ -273,7 +348,6 @@ pub fn forward(
         (&mut acts.u, &acts.mask),
         (&mut sc.rand, &mut sc.xd),
     )?;
-    let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
     cx.residual(
         li,
         (Site::MlpResidual, mlp_col),
@@ -283,6 +357,72 @@ pub fn forward(
         &acts.mask,
         &mut sc.rand,
     )
+}
+
+/// A projection `W [H, in_f]` with its bias and the residual in one fused GEMM:
+/// `out = x·Wᵀ + bias + res`, then the LoRA branch of `target` (if adapted) added to `out`.
+#[allow(clippy::too_many_arguments)]
+fn residual_forward(
+    cx: &Ctx,
+    li: usize,
+    target: LoraTarget,
+    (w, bias): (&DeviceTensor, &DeviceTensor),
+    (x, in_f): (&DeviceTensor, usize),
+    res: &DeviceTensor,
+    out: &mut DeviceTensor,
+    saved: (&mut DeviceTensor, &DeviceTensor),
+    scratch: (&mut DeviceTensor, &mut DeviceTensor),
+) -> R {
+    let (t, h) = (cx.t, cx.d.h);
+    mm_fused(
+        cx.blas,
+        dense(x, t, in_f),
+        dense(w, h, in_f),
+        Some(dense(res, t, h)),
+        dense_mut(out, t, h),
+        true,
+        1.0,
+        Epilogue::Bias(bias),
+    )?;
+    branch_forward(cx, li, target, (x, in_f), (out, h), saved, scratch)
+}
+
+/// [`branch_forward`] that overwrites `y` with the branch's `s·u·Bᵀ` instead of adding to it
+/// (the GEMMs of [`Adapters::forward`] with beta 0 on the second), so that a fused GEMM can add
+/// the projection onto it before its ReLU. Returns false, writing nothing, when `target` is
+/// not adapted in layer `li`.
+fn branch_forward_first(
+    cx: &Ctx,
+    li: usize,
+    target: LoraTarget,
+    (x, in_f): (&DeviceTensor, usize),
+    (y, out_f): (&mut DeviceTensor, usize),
+    (u, mask): (&mut DeviceTensor, &DeviceTensor),
+    (rand, xd): (&mut DeviceTensor, &mut DeviceTensor),
+) -> R<bool> {
+    let Some(ad) = cx.lora else { return Ok(false) };
+    let Some(s) = ad.slot(li, target) else {
+        return Ok(false);
+    };
+    let (t, r) = (cx.t, ad.r);
+    let drop = cx.drop.as_ref();
+    let x = DropCtx::lora_input(drop, cx.dev, li, target, x, (t, in_f), mask, rand, xd)?;
+    let ul = MatLayout::at(cx.u_off(target), t, r, r);
+    let a = Mat::new(ad.params, MatLayout::at(s.a, r, s.in_f, s.in_f));
+    let b = Mat::new(ad.params, MatLayout::at(s.b, s.out_f, r, r));
+    mm(
+        cx.blas,
+        dense(x, t, in_f),
+        a,
+        MatMut::new(u, ul),
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    let yo = dense_mut(y, t, out_f);
+    mm(cx.blas, Mat::new(u, ul), b, yo, false, true, ad.scale, 0.0)?;
+    Ok(true)
 }
 
 /// One frozen projection `W [out_f, in_f]` without its bias: `y = x·Wᵀ`, plus the LoRA
@@ -359,19 +499,41 @@ pub fn backward(
     // fc2: dact = (g ⊙ mask)·W2 (+ LoRA), then the ReLU mask.
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
     let gm = cx.residual_grad(mlp_col, g, &acts.mask, &mut sc.tmp2)?;
-    project_backward(
-        cx,
-        li,
-        LoraTarget::Fc2,
-        &w.w2,
-        (&acts.act, f),
-        (gm, h),
-        acts,
-        (&mut sc.du, &mut sc.xd),
-        grads,
-        &mut sc.dact,
-    )?;
-    relu_bwd(dev, &acts.act, &sc.dact, t * f)?;
+    let fc2_adapted = cx
+        .lora
+        .and_then(|ad| ad.slot(li, LoraTarget::Fc2))
+        .is_some();
+    if lt_epilogues() && !fc2_adapted {
+        // dact = (gm·W2) ⊙ [act > 0], the mask from fc1's fused forward.
+        let drelu = Epilogue::DRelu {
+            mask: &acts.relu_mask,
+        };
+        let (gd, w2) = (dense(gm, t, h), dense(&w.w2, h, f));
+        mm_fused(
+            blas,
+            gd,
+            w2,
+            None,
+            dense_mut(&mut sc.dact, t, f),
+            false,
+            0.0,
+            drelu,
+        )?;
+    } else {
+        project_backward(
+            cx,
+            li,
+            LoraTarget::Fc2,
+            &w.w2,
+            (&acts.act, f),
+            (gm, h),
+            acts,
+            (&mut sc.du, &mut sc.xd),
+            grads,
+            &mut sc.dact,
+        )?;
+        relu_bwd(dev, &acts.act, &sc.dact, t * f)?;
+    }
     // fc1: d(LN2 out) = dact·W1 (+ LoRA).
     project_backward(
         cx,
