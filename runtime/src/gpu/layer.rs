@@ -7,16 +7,17 @@
 //! (bias included) are dropped before their residual adds, and each adapted branch's input
 //! before its `A` GEMM; the backward masks the same gradients with the saved masks.
 //!
-//! Fused epilogues ([`crate::cublaslt`], unless `LEXP_NO_LT_EPILOGUES=1`, see
-//! [`lt_epilogues`]): the q/k/v GEMM adds its bias; out_proj and fc2 add bias and residual
-//! (`C` = the residual stream, beta 1) when no residual dropout applies at their site (else
-//! the GEMM is plain and the bias, dropout and residual follow as before); fc1 adds its bias,
-//! applies the ReLU and writes the ReLU bit-mask ([`LayerActs::relu_mask`]), which the
-//! backward's fc2 input-gradient GEMM applies (DRELU) instead of `relu_bwd` when fc2 has no
-//! adapter (an adapter's input gradient adds to the same buffer before the mask, and that add
-//! happens inside [`Adapters::backward`]). LoRA branches add their `s·u·Bᵀ` to the fused
-//! output afterwards (a sum, so the order does not matter), except fc1's, which must precede
-//! the ReLU: its branch writes the output first and the fused GEMM adds onto it (beta 1).
+//! Fused epilogues ([`crate::cublaslt`], in the `fused` submodule; off with
+//! `LEXP_NO_LT_EPILOGUES=1`, read once per process by `ops::lt_epilogues`): the q/k/v GEMM
+//! adds its bias; out_proj and fc2 add bias and residual (`C` = the residual stream, beta 1)
+//! when no residual dropout applies at their site (else the GEMM is plain and the bias,
+//! dropout and residual follow as before); fc1 adds its bias, applies the ReLU and writes the
+//! ReLU bit-mask ([`LayerActs::relu_mask`]), which the backward's fc2 input-gradient GEMM
+//! applies (DRELU) instead of `relu_bwd` when fc2 has no adapter (an adapter's input gradient
+//! is added to the same buffer before the mask, inside [`Adapters::backward`]). LoRA branches
+//! add their `s·u·Bᵀ` to the fused output afterwards (a sum: same result), except fc1's, which
+//! must precede the ReLU: its branch writes the output first and the fused GEMM adds onto it
+//! (beta 1). Each fused GEMM falls back to the unfused ops if cuBLASLt has no algorithm for it.
 
 use super::attention::{self, AttentionImpl};
 use super::dropout::DropCtx;
@@ -34,6 +35,9 @@ use crate::device::CudaDevice;
 use crate::model::dropout::Site;
 use crate::model::ModelError;
 use crate::peft::LoraTarget;
+use fused::{fc1_forward, residual_forward};
+
+mod fused;
 
 /// One packed sequence of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,14 +200,30 @@ pub fn forward(
         t,
         h,
     )?;
-    let fused = lt_epilogues();
     let (a, wqkv) = (dense(&acts.a, t, h), dense(&w.wqkv, 3 * h, h));
-    let qkv_out = dense_mut(&mut acts.qkv, t, 3 * h);
-    if fused {
-        let bias = Epilogue::Bias(&w.bqkv);
-        mm_fused(blas, a, wqkv, None, qkv_out, true, 0.0, bias)?;
-    } else {
-        mm(blas, a, wqkv, qkv_out, false, true, 1.0, 0.0)?;
+    let bias = Epilogue::Bias(&w.bqkv);
+    let qkv_fused = lt_epilogues()
+        && mm_fused(
+            blas,
+            a,
+            wqkv,
+            None,
+            dense_mut(&mut acts.qkv, t, 3 * h),
+            true,
+            0.0,
+            bias,
+        )?;
+    if !qkv_fused {
+        mm(
+            blas,
+            a,
+            wqkv,
+            dense_mut(&mut acts.qkv, t, 3 * h),
+            false,
+            true,
+            1.0,
+            0.0,
+        )?;
     }
     if let Some(ad) = cx.lora {
         for (i, target) in QKV.into_iter().enumerate() {
@@ -232,15 +252,15 @@ pub fn forward(
             }
         }
     }
-    if !fused {
+    if !qkv_fused {
         bias_add(dev, &acts.qkv, &w.bqkv, t, 3 * h, false)?;
     }
     attention::forward(cx, acts, sc)?;
 
     // out_proj, its bias and the residual: h1 = x + (o·Woᵀ + bo).
     let attn_col = cx.drop.and_then(|d| d.layout.attn);
-    if cx.fused_residual(attn_col) {
-        residual_forward(
+    let fused = cx.fused_residual(attn_col)
+        && residual_forward(
             cx,
             li,
             LoraTarget::Out,
@@ -251,7 +271,7 @@ pub fn forward(
             (&mut acts.u, &acts.mask),
             (&mut sc.rand, &mut sc.xd),
         )?;
-    } else {
+    if !fused {
         project_forward(
             cx,
             li,
@@ -284,49 +304,10 @@ pub fn forward(
         t,
         h,
     )?;
-    if fused {
-        // act = relu(b·W1ᵀ + b1 [+ LoRA]), the ReLU mask saved.
-        let adapted = branch_forward_first(
-            cx,
-            li,
-            LoraTarget::Fc1,
-            (&acts.b, h),
-            (&mut acts.act, f),
-            (&mut acts.u, &acts.mask),
-            (&mut sc.rand, &mut sc.xd),
-        )?;
-        let relu = Epilogue::ReluAuxBias {
-            bias: &w.b1,
-            mask: &mut acts.relu_mask,
-        };
-        let (x, w1) = (dense(&acts.b, t, h), dense(&w.w1, f, h));
-        let beta = if adapted { 1.0 } else { 0.0 };
-        mm_fused(
-            blas,
-            x,
-            w1,
-            None,
-            dense_mut(&mut acts.act, t, f),
-            true,
-            beta,
-            relu,
-        )?;
-    } else {
-        project_forward(
-            cx,
-            li,
-            LoraTarget::Fc1,
-            &w.w1,
-            (&acts.b, h),
-            (&mut acts.act, f),
-            (&mut acts.u, &acts.mask),
-            (&mut sc.rand, &mut sc.xd),
-        )?;
-        bias_add(dev, &acts.act, &w.b1, t, f, true)?;
-    }
+    fc1_forward(cx, li, w, acts, sc)?;
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
-    if cx.fused_residual(mlp_col) {
-        return residual_forward(
+    let fused = cx.fused_residual(mlp_col)
+        && residual_forward(
             cx,
             li,
             LoraTarget::Fc2,
@@ -336,7 +317,9 @@ pub fn forward(
             out,
             (&mut acts.u, &acts.mask),
             (&mut sc.rand, &mut sc.xd),
-        );
+        )?;
+    if fused {
+        return Ok(());
     }
     project_forward(
         cx,
@@ -357,72 +340,6 @@ pub fn forward(
         &acts.mask,
         &mut sc.rand,
     )
-}
-
-/// A projection `W [H, in_f]` with its bias and the residual in one fused GEMM:
-/// `out = x·Wᵀ + bias + res`, then the LoRA branch of `target` (if adapted) added to `out`.
-#[allow(clippy::too_many_arguments)]
-fn residual_forward(
-    cx: &Ctx,
-    li: usize,
-    target: LoraTarget,
-    (w, bias): (&DeviceTensor, &DeviceTensor),
-    (x, in_f): (&DeviceTensor, usize),
-    res: &DeviceTensor,
-    out: &mut DeviceTensor,
-    saved: (&mut DeviceTensor, &DeviceTensor),
-    scratch: (&mut DeviceTensor, &mut DeviceTensor),
-) -> R {
-    let (t, h) = (cx.t, cx.d.h);
-    mm_fused(
-        cx.blas,
-        dense(x, t, in_f),
-        dense(w, h, in_f),
-        Some(dense(res, t, h)),
-        dense_mut(out, t, h),
-        true,
-        1.0,
-        Epilogue::Bias(bias),
-    )?;
-    branch_forward(cx, li, target, (x, in_f), (out, h), saved, scratch)
-}
-
-/// [`branch_forward`] that overwrites `y` with the branch's `s·u·Bᵀ` instead of adding to it
-/// (the GEMMs of [`Adapters::forward`] with beta 0 on the second), so that a fused GEMM can add
-/// the projection onto it before its ReLU. Returns false, writing nothing, when `target` is
-/// not adapted in layer `li`.
-fn branch_forward_first(
-    cx: &Ctx,
-    li: usize,
-    target: LoraTarget,
-    (x, in_f): (&DeviceTensor, usize),
-    (y, out_f): (&mut DeviceTensor, usize),
-    (u, mask): (&mut DeviceTensor, &DeviceTensor),
-    (rand, xd): (&mut DeviceTensor, &mut DeviceTensor),
-) -> R<bool> {
-    let Some(ad) = cx.lora else { return Ok(false) };
-    let Some(s) = ad.slot(li, target) else {
-        return Ok(false);
-    };
-    let (t, r) = (cx.t, ad.r);
-    let drop = cx.drop.as_ref();
-    let x = DropCtx::lora_input(drop, cx.dev, li, target, x, (t, in_f), mask, rand, xd)?;
-    let ul = MatLayout::at(cx.u_off(target), t, r, r);
-    let a = Mat::new(ad.params, MatLayout::at(s.a, r, s.in_f, s.in_f));
-    let b = Mat::new(ad.params, MatLayout::at(s.b, s.out_f, r, r));
-    mm(
-        cx.blas,
-        dense(x, t, in_f),
-        a,
-        MatMut::new(u, ul),
-        false,
-        true,
-        1.0,
-        0.0,
-    )?;
-    let yo = dense_mut(y, t, out_f);
-    mm(cx.blas, Mat::new(u, ul), b, yo, false, true, ad.scale, 0.0)?;
-    Ok(true)
 }
 
 /// One frozen projection `W [out_f, in_f]` without its bias: `y = x·Wᵀ`, plus the LoRA
@@ -503,13 +420,14 @@ pub fn backward(
         .lora
         .and_then(|ad| ad.slot(li, LoraTarget::Fc2))
         .is_some();
-    if lt_epilogues() && !fc2_adapted {
-        // dact = (gm·W2) ⊙ [act > 0], the mask from fc1's fused forward.
-        let drelu = Epilogue::DRelu {
-            mask: &acts.relu_mask,
-        };
-        let (gd, w2) = (dense(gm, t, h), dense(&w.w2, h, f));
-        mm_fused(
+    // dact = (gm·W2) ⊙ [act > 0] in one GEMM with the mask of fc1's fused forward.
+    let drelu = Epilogue::DRelu {
+        mask: &acts.relu_mask,
+    };
+    let (gd, w2) = (dense(gm, t, h), dense(&w.w2, h, f));
+    let fused = acts.relu_mask_written
+        && !fc2_adapted
+        && mm_fused(
             blas,
             gd,
             w2,
@@ -519,7 +437,7 @@ pub fn backward(
             0.0,
             drelu,
         )?;
-    } else {
+    if !fused {
         project_backward(
             cx,
             li,

@@ -80,7 +80,9 @@ pub fn mm(
 }
 
 /// `d = epilogue(x·op(w) + beta·c)` in one cuBLASLt GEMM ([`crate::cublaslt`]): `c` another
-/// matrix of `d`'s shape, or `None` for `d` itself (not read when `beta == 0`).
+/// matrix of `d`'s shape, or `None` for `d` itself (not read when `beta == 0`). `Ok(false)`,
+/// with nothing queued, when cuBLASLt has no algorithm for it: the caller runs the unfused
+/// ops instead.
 #[allow(clippy::too_many_arguments)]
 pub fn mm_fused(
     blas: &Blas,
@@ -91,9 +93,9 @@ pub fn mm_fused(
     trans_w: bool,
     beta: f32,
     epilogue: Epilogue<'_>,
-) -> R {
+) -> R<bool> {
     blas.lt()
-        .and_then(|lt| lt.matmul(x, w, c, d, (false, trans_w), (1.0, beta), epilogue))
+        .and_then(|lt| lt.try_matmul(x, w, c, d, (false, trans_w), (1.0, beta), epilogue))
         .map_err(dev_err("fused GEMM"))
 }
 

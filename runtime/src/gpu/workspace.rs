@@ -183,6 +183,9 @@ pub struct LayerActs {
     /// The ReLU bit-mask of `act` written by fc1's fused GEMM (cuBLASLt's epilogue aux,
     /// [`relu_mask_bytes`]`(T, F)` bytes) and read by the backward's fused ReLU gradient.
     pub relu_mask: DeviceTensor,
+    /// True when the last forward wrote `relu_mask` (fc1 ran fused); else the backward
+    /// masks with `act`'s zeros.
+    pub relu_mask_written: bool,
     /// LoRA `u = x·Aᵀ` of each of the 6 targets, `[T, r]` each.
     pub u: DeviceTensor,
     /// The dropout masks of the layer's sites (`0` or `1/(1−p)`), `[T, w]` each at the
@@ -331,6 +334,7 @@ impl Workspace {
                     rstd2: al.t(f32t, t)?,
                     act: al.t(ACT, t * f)?,
                     relu_mask: al.t(Storage::I32, relu_mask_words(t, f))?,
+                    relu_mask_written: false,
                     u: al.t(ACT, 6 * t * r)?,
                     mask: al.t(ACT, t * caps.mask_cols)?,
                 })
