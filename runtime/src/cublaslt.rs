@@ -60,6 +60,16 @@ struct Plan {
     algo: lt::cublasLtMatmulAlgo_t,
 }
 
+impl Plan {
+    /// The layouts to pass for A, B, C, D: D's for C when they are the same layout, so that
+    /// an in-place call (C = D) passes one descriptor for both, as cuBLASLt asks.
+    fn call_layouts(&self, key: &PlanKey) -> [lt::cublasLtMatrixLayout_t; 4] {
+        let [la, lb, lc, ld] = self.layouts;
+        let lc = if key.args.c == key.args.d { ld } else { lc };
+        [la, lb, lc, ld]
+    }
+}
+
 impl Drop for Plan {
     fn drop(&mut self) {
         // SAFETY: each handle was created by cuBLASLt for this plan and is destroyed once;
@@ -434,7 +444,7 @@ impl BlasLt {
             use cudarc::driver::DevicePtr;
             self.workspace.device_ptr(&self.stream)
         };
-        let [la, lb, lc, ld] = plan.layouts;
+        let [la, lb, lc, ld] = plan.call_layouts(&key);
         let name = || {
             format!(
                 "cublaslt gemm {m}x{n}x{k} {}{} {}",
@@ -605,7 +615,7 @@ impl BlasLt {
                 }
             }
             if status == cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                let [la, lb, lc, ld] = plan.layouts;
+                let [la, lb, lc, ld] = plan.call_layouts(key);
                 status = lt::cublasLtMatmulAlgoGetHeuristic(
                     handle,
                     plan.desc,
