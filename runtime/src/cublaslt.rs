@@ -447,12 +447,14 @@ impl BlasLt {
         let [la, lb, lc, ld] = plan.call_layouts(&key);
         let name = || {
             format!(
-                "cublaslt gemm {m}x{n}x{k} {}{} {}",
+                "cublas gemm {m}x{n}x{k} {}{} lt {}",
                 flag(trans_a),
                 flag(trans_b),
                 kind.name()
             )
         };
+        // Named like cuBLAS's GEMMs (the profile groups them as `cublas gemm`), `lt` and the
+        // epilogue marking the fused ones.
         let flops = 2.0 * m as f64 * n as f64 * k as f64;
         // SAFETY: `lt_args` checked every matrix against its tensor's extent with these
         // layouts, the bias length and the mask size; the plan's layouts and descriptor were
