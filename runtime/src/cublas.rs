@@ -19,6 +19,7 @@
 //! into the last GEMM's `beta` instead.
 
 use crate::buffer::DeviceTensor;
+use crate::cublaslt::BlasLt;
 use crate::device::CudaDevice;
 use crate::error::DeviceError;
 use cudarc::cublas::sys::{
@@ -32,7 +33,7 @@ use lexp_compiler::launch::LaunchError;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use thiserror::Error;
 use tracing::{debug, info, trace};
 
@@ -129,6 +130,12 @@ for d in nvidia.__path__ for p in glob.glob(d + '/**/libcublas.so*', recursive=T
 
 /// Directories, below `patterns` (each component a name or `*`), that hold a `libcublas.so*`.
 fn find_cublas_dirs(patterns: &[PathBuf]) -> Vec<PathBuf> {
+    find_dirs_holding(patterns, "libcublas.so")
+}
+
+/// Directories, below `patterns` (each component a name or `*`), that hold a file whose name
+/// starts with `prefix` (`"libcublas.so"`, `"libcublasLt.so"`).
+pub(crate) fn find_dirs_holding(patterns: &[PathBuf], prefix: &str) -> Vec<PathBuf> {
     fn expand(base: PathBuf, rest: &[std::ffi::OsString], out: &mut Vec<PathBuf>) {
         let Some((first, tail)) = rest.split_first() else {
             out.push(base);
@@ -165,7 +172,7 @@ fn find_cublas_dirs(patterns: &[PathBuf]) -> Vec<PathBuf> {
         let mut found = Vec::new();
         expand(root, &comps, &mut found);
         for dir in found {
-            if holds_cublas(&dir) && !dirs.contains(&dir) {
+            if holds(&dir, prefix) && !dirs.contains(&dir) {
                 dirs.push(dir);
             }
         }
@@ -173,19 +180,20 @@ fn find_cublas_dirs(patterns: &[PathBuf]) -> Vec<PathBuf> {
     dirs
 }
 
-/// True when `dir` holds a file named `libcublas.so*` (not `libcublasLt`).
-fn holds_cublas(dir: &Path) -> bool {
+/// True when `dir` holds a file whose name starts with `prefix` (`libcublas.so` does not
+/// match `libcublasLt.so.13`).
+fn holds(dir: &Path, prefix: &str) -> bool {
     std::fs::read_dir(dir).is_ok_and(|entries| {
         entries.flatten().any(|e| {
             e.file_name()
                 .to_str()
-                .is_some_and(|n| n.starts_with("libcublas.so"))
+                .is_some_and(|n| n.starts_with(prefix))
         })
     })
 }
 
-/// Where CUDA toolkits and PyTorch's pip wheels usually put `libcublas`.
-fn usual_cublas_places() -> Vec<PathBuf> {
+/// Where CUDA toolkits and PyTorch's pip wheels usually put `libcublas` (and `libcublasLt`).
+pub(crate) fn usual_cublas_places() -> Vec<PathBuf> {
     let mut prefixes: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX"]
         .iter()
         .filter_map(|v| std::env::var_os(v).map(PathBuf::from))
@@ -234,7 +242,7 @@ fn missing_library_message(detail: Option<&str>) -> String {
 }
 
 /// The text of a caught panic.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
     payload
         .downcast_ref::<String>()
         .map(String::as_str)
@@ -254,7 +262,11 @@ fn data_type(dtype: Storage) -> Option<cudaDataType_t> {
 
 /// Checks the element types of a GEMM: `a` and `b` of one type (bf16, f16 or f32), `c` of that
 /// type or f32 (f32 accumulation in every case). Returns the cuBLAS types of (`a`/`b`, `c`).
-fn gemm_types(a: Storage, b: Storage, c: Storage) -> BlasResult<(cudaDataType_t, cudaDataType_t)> {
+pub(crate) fn gemm_types(
+    a: Storage,
+    b: Storage,
+    c: Storage,
+) -> BlasResult<(cudaDataType_t, cudaDataType_t)> {
     let ab = match data_type(a) {
         Some(t) => t,
         None => {
@@ -439,7 +451,7 @@ impl MatLayout {
 
     /// One past the last element any of `batch` matrices touches (0 when they are empty), or
     /// `None` on overflow.
-    fn end(&self, batch: usize) -> Option<usize> {
+    pub(crate) fn end(&self, batch: usize) -> Option<usize> {
         if self.rows == 0 || self.cols == 0 || batch == 0 {
             return Some(0);
         }
@@ -505,20 +517,26 @@ impl<'a> MatMut<'a> {
 /// The checked arguments of one column-major strided-batched GEMM (see [`ColMajorGemm`] for
 /// the row-major to column-major mapping; here every leading dimension is the layout's `ld`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct StridedGemm {
-    transa: bool,
-    transb: bool,
-    m: usize,
-    n: usize,
-    k: usize,
+pub(crate) struct StridedGemm {
+    /// Transpose cuBLAS's first operand (B's buffer).
+    pub(crate) transa: bool,
+    /// Transpose cuBLAS's second operand (A's buffer).
+    pub(crate) transb: bool,
+    /// Column-major `m` (the row-major `N`).
+    pub(crate) m: usize,
+    /// Column-major `n` (the row-major `M`).
+    pub(crate) n: usize,
+    /// Inner extent.
+    pub(crate) k: usize,
     /// Leading dimension and batch stride of B's buffer (cuBLAS's first operand).
-    lda: usize,
-    stride_a: usize,
+    pub(crate) lda: usize,
+    pub(crate) stride_a: usize,
     /// Leading dimension and batch stride of A's buffer (cuBLAS's second operand).
-    ldb: usize,
-    stride_b: usize,
-    ldc: usize,
-    stride_c: usize,
+    pub(crate) ldb: usize,
+    pub(crate) stride_b: usize,
+    /// Leading dimension and batch stride of the output.
+    pub(crate) ldc: usize,
+    pub(crate) stride_c: usize,
 }
 
 /// Checks the layouts of a row-major batched GEMM `c_i = op(a_i)·op(b_i)` against the element
@@ -528,7 +546,7 @@ struct StridedGemm {
 /// every `ld` is at least its `cols`; every element of every batch lies inside its tensor; the
 /// batches of `c` do not overlap (they would race); extents fit cuBLAS's 32-bit `int`.
 #[allow(clippy::too_many_arguments)]
-fn strided_args(
+pub(crate) fn strided_args(
     la: &MatLayout,
     a_numel: usize,
     lb: &MatLayout,
@@ -606,6 +624,9 @@ pub struct Blas {
     stream: Arc<CudaStream>,
     version: i32,
     profiler: Arc<crate::profile::Profiler>,
+    /// The cuBLASLt handle on the same stream, created at the first [`Blas::lt`] (or the
+    /// message of why it could not be).
+    lt: OnceLock<Result<BlasLt, String>>,
 }
 
 impl std::fmt::Debug for Blas {
@@ -656,7 +677,24 @@ impl Blas {
             stream,
             version,
             profiler: dev.profiler().clone(),
+            lt: OnceLock::new(),
         })
+    }
+
+    /// The cuBLASLt handle on this handle's stream (GEMMs with fused epilogues), created at the
+    /// first call with its workspace; later calls return the same one. Fails with
+    /// [`BlasError::Unavailable`] (every time) when `libcublasLt` cannot be loaded or the
+    /// handle or its workspace cannot be created.
+    pub fn lt(&self) -> BlasResult<&BlasLt> {
+        self.lt
+            .get_or_init(|| {
+                BlasLt::new(&self.stream, self.profiler.clone()).map_err(|e| match e {
+                    BlasError::Unavailable(m) => m,
+                    e => e.to_string(),
+                })
+            })
+            .as_ref()
+            .map_err(|m| BlasError::Unavailable(m.clone()))
     }
 
     /// cuBLAS's version number (`major * 10000 + minor * 100 + patch`, e.g. `130100`).

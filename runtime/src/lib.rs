@@ -16,6 +16,7 @@ pub mod buffer;
 pub mod checkpoint;
 pub mod cpu;
 pub mod cublas;
+pub mod cublaslt;
 pub mod data;
 pub mod device;
 pub mod encode;

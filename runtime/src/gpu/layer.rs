@@ -6,22 +6,38 @@
 //! Dropout ([`super::dropout`]), in training only: the attention block's and `fc2`'s outputs
 //! (bias included) are dropped before their residual adds, and each adapted branch's input
 //! before its `A` GEMM; the backward masks the same gradients with the saved masks.
+//!
+//! Fused epilogues ([`crate::cublaslt`], in the `fused` submodule; off with
+//! `LEXP_NO_LT_EPILOGUES=1`, read once per process by `ops::lt_epilogues`): the q/k/v GEMM
+//! adds its bias; out_proj and fc2 add bias and residual (`C` = the residual stream, beta 1)
+//! when no residual dropout applies at their site (else the GEMM is plain and the bias,
+//! dropout and residual follow as before); fc1 adds its bias, applies the ReLU and writes the
+//! ReLU bit-mask ([`LayerActs::relu_mask`]), which the backward's fc2 input-gradient GEMM
+//! applies (DRELU) instead of `relu_bwd` when fc2 has no adapter (an adapter's input gradient
+//! is added to the same buffer before the mask, inside [`Adapters::backward`]). LoRA branches
+//! add their `s·u·Bᵀ` to the fused output afterwards (a sum: same result), except fc1's, which
+//! must precede the ReLU: its branch writes the output first and the fused GEMM adds onto it
+//! (beta 1). Each fused GEMM falls back to the unfused ops if cuBLASLt has no algorithm for it.
 
 use super::attention::{self, AttentionImpl};
 use super::dropout::DropCtx;
 use super::lora::Adapters;
 use super::ops::{
-    add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd, mm,
-    mul_inplace, relu_bwd, R,
+    add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd,
+    lt_epilogues, mm, mm_fused, mul_inplace, relu_bwd, R,
 };
 use super::weights::LayerWeights;
 use super::workspace::{Dims, LayerActs, Scratch};
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
+use crate::cublaslt::Epilogue;
 use crate::device::CudaDevice;
 use crate::model::dropout::Site;
 use crate::model::ModelError;
 use crate::peft::LoraTarget;
+use fused::{fc1_forward, residual_forward};
+
+mod fused;
 
 /// One packed sequence of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +151,12 @@ impl Ctx<'_> {
         }
     }
 
+    /// True when the residual add at mask column `col` fuses into its GEMM: epilogues on and
+    /// no residual dropout there.
+    fn fused_residual(&self, col: Option<usize>) -> bool {
+        lt_epilogues() && !(self.drop.is_some() && col.is_some())
+    }
+
     /// `g ⊙ mask` of the residual site at mask column `col` into `tmp` (when dropped), else
     /// `g`: the gradient of the branch before the residual add.
     fn residual_grad<'b>(
@@ -178,17 +200,31 @@ pub fn forward(
         t,
         h,
     )?;
-    let qkv_out = dense_mut(&mut acts.qkv, t, 3 * h);
-    mm(
-        blas,
-        dense(&acts.a, t, h),
-        dense(&w.wqkv, 3 * h, h),
-        qkv_out,
-        false,
-        true,
-        1.0,
-        0.0,
-    )?;
+    let (a, wqkv) = (dense(&acts.a, t, h), dense(&w.wqkv, 3 * h, h));
+    let bias = Epilogue::Bias(&w.bqkv);
+    let qkv_fused = lt_epilogues()
+        && mm_fused(
+            blas,
+            a,
+            wqkv,
+            None,
+            dense_mut(&mut acts.qkv, t, 3 * h),
+            true,
+            0.0,
+            bias,
+        )?;
+    if !qkv_fused {
+        mm(
+            blas,
+            a,
+            wqkv,
+            dense_mut(&mut acts.qkv, t, 3 * h),
+            false,
+            true,
+            1.0,
+            0.0,
+        )?;
+    }
     if let Some(ad) = cx.lora {
         for (i, target) in QKV.into_iter().enumerate() {
             if let Some(s) = ad.slot(li, target) {
@@ -216,30 +252,46 @@ pub fn forward(
             }
         }
     }
-    bias_add(dev, &acts.qkv, &w.bqkv, t, 3 * h, false)?;
+    if !qkv_fused {
+        bias_add(dev, &acts.qkv, &w.bqkv, t, 3 * h, false)?;
+    }
     attention::forward(cx, acts, sc)?;
 
     // out_proj, its bias and the residual: h1 = x + (o·Woᵀ + bo).
-    project_forward(
-        cx,
-        li,
-        LoraTarget::Out,
-        &w.wo,
-        (&acts.o, h),
-        (&mut sc.tmp, h),
-        (&mut acts.u, &acts.mask),
-        (&mut sc.rand, &mut sc.xd),
-    )?;
     let attn_col = cx.drop.and_then(|d| d.layout.attn);
-    cx.residual(
-        li,
-        (Site::AttnResidual, attn_col),
-        (&sc.tmp, &w.bo),
-        &acts.x,
-        &mut acts.h1,
-        &acts.mask,
-        &mut sc.rand,
-    )?;
+    let fused = cx.fused_residual(attn_col)
+        && residual_forward(
+            cx,
+            li,
+            LoraTarget::Out,
+            (&w.wo, &w.bo),
+            (&acts.o, h),
+            &acts.x,
+            &mut acts.h1,
+            (&mut acts.u, &acts.mask),
+            (&mut sc.rand, &mut sc.xd),
+        )?;
+    if !fused {
+        project_forward(
+            cx,
+            li,
+            LoraTarget::Out,
+            &w.wo,
+            (&acts.o, h),
+            (&mut sc.tmp, h),
+            (&mut acts.u, &acts.mask),
+            (&mut sc.rand, &mut sc.xd),
+        )?;
+        cx.residual(
+            li,
+            (Site::AttnResidual, attn_col),
+            (&sc.tmp, &w.bo),
+            &acts.x,
+            &mut acts.h1,
+            &acts.mask,
+            &mut sc.rand,
+        )?;
+    }
 
     // MLP: out = h1 + relu(LN2(h1)·W1ᵀ + b1)·W2ᵀ + b2.
     layernorm(
@@ -252,17 +304,23 @@ pub fn forward(
         t,
         h,
     )?;
-    project_forward(
-        cx,
-        li,
-        LoraTarget::Fc1,
-        &w.w1,
-        (&acts.b, h),
-        (&mut acts.act, f),
-        (&mut acts.u, &acts.mask),
-        (&mut sc.rand, &mut sc.xd),
-    )?;
-    bias_add(dev, &acts.act, &w.b1, t, f, true)?;
+    fc1_forward(cx, li, w, acts, sc)?;
+    let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
+    let fused = cx.fused_residual(mlp_col)
+        && residual_forward(
+            cx,
+            li,
+            LoraTarget::Fc2,
+            (&w.w2, &w.b2),
+            (&acts.act, f),
+            &acts.h1,
+            out,
+            (&mut acts.u, &acts.mask),
+            (&mut sc.rand, &mut sc.xd),
+        )?;
+    if fused {
+        return Ok(());
+    }
     project_forward(
         cx,
         li,
@@ -273,7 +331,6 @@ pub fn forward(
         (&mut acts.u, &acts.mask),
         (&mut sc.rand, &mut sc.xd),
     )?;
-    let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
     cx.residual(
         li,
         (Site::MlpResidual, mlp_col),
@@ -359,19 +416,42 @@ pub fn backward(
     // fc2: dact = (g ⊙ mask)·W2 (+ LoRA), then the ReLU mask.
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
     let gm = cx.residual_grad(mlp_col, g, &acts.mask, &mut sc.tmp2)?;
-    project_backward(
-        cx,
-        li,
-        LoraTarget::Fc2,
-        &w.w2,
-        (&acts.act, f),
-        (gm, h),
-        acts,
-        (&mut sc.du, &mut sc.xd),
-        grads,
-        &mut sc.dact,
-    )?;
-    relu_bwd(dev, &acts.act, &sc.dact, t * f)?;
+    let fc2_adapted = cx
+        .lora
+        .and_then(|ad| ad.slot(li, LoraTarget::Fc2))
+        .is_some();
+    // dact = (gm·W2) ⊙ [act > 0] in one GEMM with the mask of fc1's fused forward.
+    let drelu = Epilogue::DRelu {
+        mask: &acts.relu_mask,
+    };
+    let (gd, w2) = (dense(gm, t, h), dense(&w.w2, h, f));
+    let fused = acts.relu_mask_written
+        && !fc2_adapted
+        && mm_fused(
+            blas,
+            gd,
+            w2,
+            None,
+            dense_mut(&mut sc.dact, t, f),
+            false,
+            0.0,
+            drelu,
+        )?;
+    if !fused {
+        project_backward(
+            cx,
+            li,
+            LoraTarget::Fc2,
+            &w.w2,
+            (&acts.act, f),
+            (gm, h),
+            acts,
+            (&mut sc.du, &mut sc.xd),
+            grads,
+            &mut sc.dact,
+        )?;
+        relu_bwd(dev, &acts.act, &sc.dact, t * f)?;
+    }
     // fc1: d(LN2 out) = dact·W1 (+ LoRA).
     project_backward(
         cx,

@@ -5,10 +5,29 @@
 use crate::buffer::DeviceTensor;
 use crate::checkpoint::OptConfig;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
+use crate::cublaslt::Epilogue;
 use crate::device::CudaDevice;
 use crate::model::ModelError;
 use lexp_compiler::launch::{LaunchError, TensorArg};
 use lexp_kernels as k;
+use std::sync::OnceLock;
+
+/// The environment variable that turns the fused cuBLASLt epilogues off (`=1`): the layers
+/// then run plain cuBLAS GEMMs followed by the element-wise bias/ReLU/residual kernels, the
+/// path before the fusion (for A/B timing and as a fallback).
+pub const NO_LT_EPILOGUES_ENV: &str = "LEXP_NO_LT_EPILOGUES";
+
+/// True unless [`NO_LT_EPILOGUES_ENV`] is `1`; read once per process, so a layer's forward
+/// and backward always agree on the path (the backward's fused ReLU reads the mask the
+/// forward's fused GEMM wrote).
+pub fn lt_epilogues() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var(NO_LT_EPILOGUES_ENV).as_deref() != Ok("1");
+        tracing::debug!(on, "cuBLASLt epilogues");
+        on
+    })
+}
 
 /// Result of the GPU model's operations.
 pub type R<T = ()> = Result<T, ModelError>;
@@ -58,6 +77,26 @@ pub fn mm(
 ) -> R {
     blas.gemm_strided_batched(a, b, c, 1, trans_a, trans_b, alpha, beta)
         .map_err(dev_err("GEMM"))
+}
+
+/// `d = epilogue(x·op(w) + beta·c)` in one cuBLASLt GEMM ([`crate::cublaslt`]): `c` another
+/// matrix of `d`'s shape, or `None` for `d` itself (not read when `beta == 0`). `Ok(false)`,
+/// with nothing queued, when cuBLASLt has no algorithm for it: the caller runs the unfused
+/// ops instead.
+#[allow(clippy::too_many_arguments)]
+pub fn mm_fused(
+    blas: &Blas,
+    x: Mat<'_>,
+    w: Mat<'_>,
+    c: Option<Mat<'_>>,
+    d: MatMut<'_>,
+    trans_w: bool,
+    beta: f32,
+    epilogue: Epilogue<'_>,
+) -> R<bool> {
+    blas.lt()
+        .and_then(|lt| lt.try_matmul(x, w, c, d, (false, trans_w), (1.0, beta), epilogue))
+        .map_err(dev_err("fused GEMM"))
 }
 
 /// [`mm`] over `batch` matrices (the heads of one packed sequence).

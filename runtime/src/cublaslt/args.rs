@@ -1,0 +1,260 @@
+//! The pure parts of [`super`]: the epilogues, the row-major to cuBLASLt argument mapping with
+//! its checks, ReLU mask sizes, pointer alignments and the plan cache's key. Nothing here
+//! touches the GPU (unit-tested on the CPU in `cublaslt_tests.rs`).
+
+use crate::buffer::DeviceTensor;
+use crate::cublas::{strided_args, BlasError, BlasResult, MatLayout, StridedGemm};
+use cudarc::cublaslt::sys::cublasLtEpilogue_t;
+use lexp_compiler::dtype::Storage;
+
+/// Bits per row of D in a ReLU bit-mask of a `[M, cols]` output: `cols` rounded up to 128, as
+/// cuBLASLt requires of the mask's leading dimension.
+pub fn relu_mask_ld(cols: usize) -> usize {
+    cols.div_ceil(128) * 128
+}
+
+/// Bytes of the ReLU bit-mask of a `[rows, cols]` output ([`Epilogue::ReluAuxBias`]).
+pub fn relu_mask_bytes(rows: usize, cols: usize) -> usize {
+    rows * relu_mask_ld(cols) / 8
+}
+
+/// What [`BlasLt::matmul`](super::BlasLt::matmul) applies to `alpha·op(A)·op(B) + beta·C` before storing D.
+#[derive(Debug)]
+pub enum Epilogue<'a> {
+    /// `+ bias`, `bias` of D's type with one element per column of D.
+    Bias(&'a DeviceTensor),
+    /// `relu(… + bias)`.
+    ReluBias(&'a DeviceTensor),
+    /// `relu(… + bias)`, writing the ReLU bit-mask into `mask` (at least
+    /// [`relu_mask_bytes`]`(M, N)` bytes, any element type) for a later [`Epilogue::DRelu`].
+    ReluAuxBias {
+        /// See [`Epilogue::Bias`].
+        bias: &'a DeviceTensor,
+        /// The bit-mask written.
+        mask: &'a mut DeviceTensor,
+    },
+    /// `(…) ⊙ relu'`: the result zeroed where the forward's ReLU output was, read from the
+    /// bit-mask a [`Epilogue::ReluAuxBias`] of the same `[M, N]` wrote.
+    DRelu {
+        /// The bit-mask read.
+        mask: &'a DeviceTensor,
+    },
+}
+
+/// The kind of an [`Epilogue`], without its buffers (part of a [`PlanKey`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EpilogueKind {
+    /// [`Epilogue::Bias`].
+    Bias,
+    /// [`Epilogue::ReluBias`].
+    ReluBias,
+    /// [`Epilogue::ReluAuxBias`].
+    ReluAuxBias,
+    /// [`Epilogue::DRelu`].
+    DRelu,
+}
+
+impl EpilogueKind {
+    pub(crate) fn sys(self) -> cublasLtEpilogue_t {
+        match self {
+            EpilogueKind::Bias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            EpilogueKind::ReluBias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
+            EpilogueKind::ReluAuxBias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_AUX_BIAS,
+            EpilogueKind::DRelu => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DRELU,
+        }
+    }
+
+    /// Short name for errors and profiles.
+    pub fn name(self) -> &'static str {
+        match self {
+            EpilogueKind::Bias => "bias",
+            EpilogueKind::ReluBias => "relu(bias)",
+            EpilogueKind::ReluAuxBias => "relu(bias)+mask",
+            EpilogueKind::DRelu => "drelu",
+        }
+    }
+
+    pub(crate) fn has_bias(self) -> bool {
+        !matches!(self, EpilogueKind::DRelu)
+    }
+
+    pub(crate) fn has_mask(self) -> bool {
+        matches!(self, EpilogueKind::ReluAuxBias | EpilogueKind::DRelu)
+    }
+}
+
+impl Epilogue<'_> {
+    /// The kind, the bias and the mask.
+    pub(crate) fn parts(&self) -> (EpilogueKind, Option<&DeviceTensor>, Option<&DeviceTensor>) {
+        match self {
+            Epilogue::Bias(b) => (EpilogueKind::Bias, Some(b), None),
+            Epilogue::ReluBias(b) => (EpilogueKind::ReluBias, Some(b), None),
+            Epilogue::ReluAuxBias { bias, mask } => {
+                (EpilogueKind::ReluAuxBias, Some(*bias), Some(&**mask))
+            }
+            Epilogue::DRelu { mask } => (EpilogueKind::DRelu, None, Some(*mask)),
+        }
+    }
+}
+
+/// One column-major cuBLASLt matrix layout: `rows × cols`, leading dimension `ld`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LtLayout {
+    /// Rows as stored (column-major).
+    pub rows: usize,
+    /// Columns as stored.
+    pub cols: usize,
+    /// Elements between the starts of consecutive columns.
+    pub ld: usize,
+}
+
+/// The checked cuBLASLt arguments of a row-major `D = op(A)·op(B) (+ C)`: the column-major
+/// GEMM (cuBLASLt's A is the row-major B's buffer and its B the row-major A's, see
+/// [`Blas::gemm`](crate::cublas::Blas::gemm)) and the stored layout of each operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LtArgs {
+    /// Transpose cuBLASLt's A (row-major `trans_b`).
+    pub transa: bool,
+    /// Transpose cuBLASLt's B (row-major `trans_a`).
+    pub transb: bool,
+    /// Column-major `m` (row-major `N`, the bias length).
+    pub m: usize,
+    /// Column-major `n` (row-major `M`).
+    pub n: usize,
+    /// Inner extent.
+    pub k: usize,
+    /// cuBLASLt's A: the row-major B's buffer.
+    pub a: LtLayout,
+    /// cuBLASLt's B: the row-major A's buffer.
+    pub b: LtLayout,
+    /// C (D's layout when C is D).
+    pub c: LtLayout,
+    /// D.
+    pub d: LtLayout,
+    /// The bit-mask's leading dimension in bits (0 without one).
+    pub mask_ld: usize,
+}
+
+/// Checks a row-major `D[M,N] = op(A)·op(B) + C` with epilogue `kind` and maps it to cuBLASLt's
+/// column-major arguments. Each layout comes with its tensor's element count; `c` is `None`
+/// when C is D itself. `bias` is the bias's element count (must be `N`), `mask` the mask
+/// tensor's bytes (at least [`relu_mask_bytes`]`(M, N)`). Single matrices only (no batch).
+#[allow(clippy::too_many_arguments)]
+pub fn lt_args(
+    a: (&MatLayout, usize),
+    b: (&MatLayout, usize),
+    c: Option<(&MatLayout, usize)>,
+    d: (&MatLayout, usize),
+    trans_a: bool,
+    trans_b: bool,
+    kind: EpilogueKind,
+    (bias, mask): (Option<usize>, Option<usize>),
+) -> BlasResult<LtArgs> {
+    let g: StridedGemm = strided_args(a.0, a.1, b.0, b.1, d.0, d.1, 1, trans_a, trans_b)?;
+    let (rows, cols) = (d.0.rows, d.0.cols);
+    let c_ld = match c {
+        None => g.ldc,
+        Some((lc, numel)) => {
+            if (lc.rows, lc.cols) != (rows, cols) {
+                return Err(BlasError::Shape(format!(
+                    "`c` is {}x{} but `d` is {rows}x{cols}",
+                    lc.rows, lc.cols
+                )));
+            }
+            if lc.ld < cols.max(1) || lc.ld > i32::MAX as usize {
+                return Err(BlasError::Shape(format!(
+                    "`c`: row stride {} is outside {cols}..=i32::MAX",
+                    lc.ld
+                )));
+            }
+            match lc.end(1) {
+                Some(end) if end <= numel => lc.ld.max(1),
+                _ => {
+                    return Err(BlasError::Shape(format!(
+                        "`c`: {rows}x{cols} at offset {} with row stride {} exceeds a tensor \
+                         of {numel}",
+                        lc.offset, lc.ld
+                    )))
+                }
+            }
+        }
+    };
+    match (kind.has_bias(), bias) {
+        (true, Some(n)) if n == cols => {}
+        (true, got) => {
+            return Err(BlasError::Shape(format!(
+                "{} epilogue: the bias has {} elements but `d` has {cols} columns",
+                kind.name(),
+                got.map_or_else(|| "no".to_string(), |n| n.to_string())
+            )))
+        }
+        (false, _) => {}
+    }
+    let mask_ld = if kind.has_mask() {
+        let need = relu_mask_bytes(rows, cols);
+        match mask {
+            Some(bytes) if bytes >= need => relu_mask_ld(cols),
+            got => {
+                return Err(BlasError::Shape(format!(
+                    "{} epilogue: the ReLU mask of a {rows}x{cols} output needs {need} bytes, \
+                     got {}",
+                    kind.name(),
+                    got.unwrap_or(0)
+                )))
+            }
+        }
+    } else {
+        0
+    };
+    let stored = |t: bool, r: usize, c: usize, ld: usize| {
+        let (rows, cols) = if t { (c, r) } else { (r, c) };
+        LtLayout { rows, cols, ld }
+    };
+    Ok(LtArgs {
+        transa: g.transa,
+        transb: g.transb,
+        m: g.m,
+        n: g.n,
+        k: g.k,
+        a: stored(g.transa, g.m, g.k, g.lda),
+        b: stored(g.transb, g.k, g.n, g.ldb),
+        c: LtLayout {
+            rows: g.m,
+            cols: g.n,
+            ld: c_ld,
+        },
+        d: LtLayout {
+            rows: g.m,
+            cols: g.n,
+            ld: g.ldc,
+        },
+        mask_ld,
+    })
+}
+
+/// The alignment cuBLASLt may assume of a pointer: its largest power-of-two divisor, at most
+/// 256 bytes (the default every algorithm may assume unless told less).
+pub fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1u32 << ptr.trailing_zeros().min(8)
+    }
+}
+
+/// What a cached plan is valid for: the arguments, element types, epilogue, and the
+/// alignment of the A, B, C, D, bias and mask pointers (cuBLASLt's heuristic picks algorithms
+/// by them; the pointers themselves change from call to call).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PlanKey {
+    /// Shapes and layouts.
+    pub args: LtArgs,
+    /// Element type of A and B.
+    pub ab: Storage,
+    /// Element type of C and D.
+    pub cd: Storage,
+    /// The epilogue.
+    pub epilogue: EpilogueKind,
+    /// Alignments (bytes) of cuBLASLt's A, B, C, D, the bias and the mask.
+    pub align: [u32; 6],
+}

@@ -1,0 +1,130 @@
+//! The layer's GEMMs with fused cuBLASLt epilogues ([`crate::cublaslt`]): fc1 with bias, ReLU
+//! and the saved ReLU mask, and the residual projections (out_proj, fc2) with bias and the
+//! residual add. Each falls back to the unfused ops when cuBLASLt has no algorithm for it.
+
+use super::{branch_forward, project_forward, Ctx};
+use crate::buffer::DeviceTensor;
+use crate::cublas::{Mat, MatLayout, MatMut};
+use crate::cublaslt::Epilogue;
+use crate::gpu::dropout::DropCtx;
+use crate::gpu::ops::{bias_add, dense, dense_mut, lt_epilogues, mm, mm_fused, R};
+use crate::gpu::weights::LayerWeights;
+use crate::gpu::workspace::{LayerActs, Scratch};
+use crate::peft::LoraTarget;
+
+/// `act = relu(b·W1ᵀ + b1 [+ LoRA])`: with the epilogues on, the LoRA branch (if any) writes
+/// `act` first and one fused GEMM adds the projection and bias, applies the ReLU and saves its
+/// mask ([`LayerActs::relu_mask_written`]); else (or when cuBLASLt has no algorithm for it)
+/// GEMM, LoRA and the `bias_relu` kernel.
+pub(super) fn fc1_forward(
+    cx: &Ctx,
+    li: usize,
+    w: &LayerWeights,
+    acts: &mut LayerActs,
+    sc: &mut Scratch,
+) -> R {
+    let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
+    acts.relu_mask_written = false;
+    let fc1 = LoraTarget::Fc1;
+    let (saved, scratch) = ((&mut acts.u, &acts.mask), (&mut sc.rand, &mut sc.xd));
+    if !lt_epilogues() {
+        let (x, y) = ((&acts.b, h), (&mut acts.act, f));
+        project_forward(cx, li, fc1, &w.w1, x, y, saved, scratch)?;
+        return bias_add(cx.dev, &acts.act, &w.b1, t, f, true);
+    }
+    let (x, y) = ((&acts.b, h), (&mut acts.act, f));
+    let adapted = branch_forward_first(cx, li, fc1, x, y, saved, scratch)?;
+    let beta = if adapted { 1.0 } else { 0.0 };
+    let (x, w1) = (dense(&acts.b, t, h), dense(&w.w1, f, h));
+    let relu = Epilogue::ReluAuxBias {
+        bias: &w.b1,
+        mask: &mut acts.relu_mask,
+    };
+    let act = dense_mut(&mut acts.act, t, f);
+    acts.relu_mask_written = mm_fused(cx.blas, x, w1, None, act, true, beta, relu)?;
+    if !acts.relu_mask_written {
+        // The branch's output (if any) is in `act` already: add the projection onto it.
+        mm(
+            cx.blas,
+            x,
+            w1,
+            dense_mut(&mut acts.act, t, f),
+            false,
+            true,
+            1.0,
+            beta,
+        )?;
+        bias_add(cx.dev, &acts.act, &w.b1, t, f, true)?;
+    }
+    Ok(())
+}
+
+/// A projection `W [H, in_f]` with its bias and the residual in one fused GEMM:
+/// `out = x·Wᵀ + bias + res`, then the LoRA branch of `target` (if adapted) added to `out`.
+/// `Ok(false)`, having done nothing, when cuBLASLt has no algorithm for the GEMM.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn residual_forward(
+    cx: &Ctx,
+    li: usize,
+    target: LoraTarget,
+    (w, bias): (&DeviceTensor, &DeviceTensor),
+    (x, in_f): (&DeviceTensor, usize),
+    res: &DeviceTensor,
+    out: &mut DeviceTensor,
+    saved: (&mut DeviceTensor, &DeviceTensor),
+    scratch: (&mut DeviceTensor, &mut DeviceTensor),
+) -> R<bool> {
+    let (t, h) = (cx.t, cx.d.h);
+    let fused = mm_fused(
+        cx.blas,
+        dense(x, t, in_f),
+        dense(w, h, in_f),
+        Some(dense(res, t, h)),
+        dense_mut(out, t, h),
+        true,
+        1.0,
+        Epilogue::Bias(bias),
+    )?;
+    if fused {
+        branch_forward(cx, li, target, (x, in_f), (out, h), saved, scratch)?;
+    }
+    Ok(fused)
+}
+
+/// [`branch_forward`] that overwrites `y` with the branch's `s·u·Bᵀ` instead of adding to it
+/// (the GEMMs of [`Adapters::forward`](crate::gpu::lora::Adapters::forward) with beta 0 on the second), so that a fused GEMM can add
+/// the projection onto it before its ReLU. Returns false, writing nothing, when `target` is
+/// not adapted in layer `li`.
+fn branch_forward_first(
+    cx: &Ctx,
+    li: usize,
+    target: LoraTarget,
+    (x, in_f): (&DeviceTensor, usize),
+    (y, out_f): (&mut DeviceTensor, usize),
+    (u, mask): (&mut DeviceTensor, &DeviceTensor),
+    (rand, xd): (&mut DeviceTensor, &mut DeviceTensor),
+) -> R<bool> {
+    let Some(ad) = cx.lora else { return Ok(false) };
+    let Some(s) = ad.slot(li, target) else {
+        return Ok(false);
+    };
+    let (t, r) = (cx.t, ad.r);
+    let drop = cx.drop.as_ref();
+    let x = DropCtx::lora_input(drop, cx.dev, li, target, x, (t, in_f), mask, rand, xd)?;
+    let ul = MatLayout::at(cx.u_off(target), t, r, r);
+    let a = Mat::new(ad.params, MatLayout::at(s.a, r, s.in_f, s.in_f));
+    let b = Mat::new(ad.params, MatLayout::at(s.b, s.out_f, r, r));
+    mm(
+        cx.blas,
+        dense(x, t, in_f),
+        a,
+        MatMut::new(u, ul),
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    let yo = dense_mut(y, t, out_f);
+    mm(cx.blas, Mat::new(u, ul), b, yo, false, true, ad.scale, 0.0)?;
+    Ok(true)
+}
