@@ -183,7 +183,7 @@ def main(argv=None):
                 failed.append({"batch": f"{batch}x{seq_len}", "attn": info["attn_implementation"],
                                "error": "CUDA out of memory", "detail": str(e).split(".")[0]})
                 print(json.dumps(failed[-1]), flush=True)
-                del opt
+                opt = None
                 torch.cuda.empty_cache()
                 continue
             free, total = torch.cuda.mem_get_info()

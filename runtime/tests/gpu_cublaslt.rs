@@ -69,17 +69,25 @@ fn matmul(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), trans_w: bool)
     y
 }
 
-/// Every element within bf16 rounding of the reference (relative `2⁻⁸`, twice the rounding
-/// bound, plus a small absolute slack for f32 accumulation order).
+/// Every element within one bf16 ulp of the reference (relative `2⁻⁷`, plus a small absolute
+/// slack for f32 accumulation order). Correct rounding (half an ulp) is not what cuBLASLt
+/// promises: on the H200 its bias epilogue gave one element of 37x53x29 a full ulp off
+/// (-2.03125 for -2.04140; `bench/results/2026-11-29-h200-gpu-cublaslt-tests-first-run.txt`).
+/// The largest error in ulps is printed.
 fn assert_close(what: &str, got: &[f32], want: &[f64]) {
     assert_eq!(got.len(), want.len(), "{what}");
+    let mut worst = 0.0f64;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let tol = w.abs() / 256.0 + 1e-4;
+        let ulp = w.abs() / 128.0;
+        let tol = ulp + 1e-4;
+        let err = (*g as f64 - w).abs();
+        worst = worst.max(err / ulp.max(1e-30));
         assert!(
-            (*g as f64 - w).abs() <= tol,
+            err <= tol,
             "{what}: element {i} is {g}, expected {w} (tolerance {tol:.2e})"
         );
     }
+    println!("{what}: largest error {worst:.2} bf16 ulp");
 }
 
 fn lt(blas: &Blas) -> &BlasLt {

@@ -11,10 +11,9 @@
 //! `LEXP_NO_LT_EPILOGUES=1`, read once per process by `ops::lt_epilogues`): the q/k/v GEMM
 //! adds its bias; out_proj and fc2 add bias and residual (`C` = the residual stream, beta 1)
 //! when no residual dropout applies at their site (else the GEMM is plain and the bias,
-//! dropout and residual follow as before); fc1 adds its bias, applies the ReLU and writes the
-//! ReLU bit-mask ([`LayerActs::relu_mask`]), which the backward's fc2 input-gradient GEMM
-//! applies (DRELU) instead of `relu_bwd` when fc2 has no adapter (an adapter's input gradient
-//! is added to the same buffer before the mask, inside [`Adapters::backward`]). LoRA branches
+//! dropout and residual follow as before); fc1 adds its bias and applies the ReLU (the
+//! backward keeps the `relu_bwd` kernel: a DRELU epilogue was measured slower, see `fused`).
+//! LoRA branches
 //! add their `s·u·Bᵀ` to the fused output afterwards (a sum: same result), except fc1's, which
 //! must precede the ReLU: its branch writes the output first and the fused GEMM adds onto it
 //! (beta 1). Each fused GEMM falls back to the unfused ops if cuBLASLt has no algorithm for it.
@@ -416,42 +415,19 @@ pub fn backward(
     // fc2: dact = (g ⊙ mask)·W2 (+ LoRA), then the ReLU mask.
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
     let gm = cx.residual_grad(mlp_col, g, &acts.mask, &mut sc.tmp2)?;
-    let fc2_adapted = cx
-        .lora
-        .and_then(|ad| ad.slot(li, LoraTarget::Fc2))
-        .is_some();
-    // dact = (gm·W2) ⊙ [act > 0] in one GEMM with the mask of fc1's fused forward.
-    let drelu = Epilogue::DRelu {
-        mask: &acts.relu_mask,
-    };
-    let (gd, w2) = (dense(gm, t, h), dense(&w.w2, h, f));
-    let fused = acts.relu_mask_written
-        && !fc2_adapted
-        && mm_fused(
-            blas,
-            gd,
-            w2,
-            None,
-            dense_mut(&mut sc.dact, t, f),
-            false,
-            0.0,
-            drelu,
-        )?;
-    if !fused {
-        project_backward(
-            cx,
-            li,
-            LoraTarget::Fc2,
-            &w.w2,
-            (&acts.act, f),
-            (gm, h),
-            acts,
-            (&mut sc.du, &mut sc.xd),
-            grads,
-            &mut sc.dact,
-        )?;
-        relu_bwd(dev, &acts.act, &sc.dact, t * f)?;
-    }
+    project_backward(
+        cx,
+        li,
+        LoraTarget::Fc2,
+        &w.w2,
+        (&acts.act, f),
+        (gm, h),
+        acts,
+        (&mut sc.du, &mut sc.xd),
+        grads,
+        &mut sc.dact,
+    )?;
+    relu_bwd(dev, &acts.act, &sc.dact, t * f)?;
     // fc1: d(LN2 out) = dact·W1 (+ LoRA).
     project_backward(
         cx,

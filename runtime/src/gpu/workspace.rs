@@ -3,8 +3,7 @@
 //! reused by every call (a batch uses a prefix of each buffer), so a training step allocates
 //! nothing.
 //!
-//! Memory per layer, for `T` tokens: `T·(8H + F)` bf16 activations and fc1's ReLU bit-mask
-//! (`T·F/8` bytes, rows padded to 128 bits), plus, with flash
+//! Memory per layer, for `T` tokens: `T·(8H + F)` bf16 activations, plus, with flash
 //! attention, an f32 log-sum-exp per (head, token); with materialised attention instead the
 //! probabilities `P`, `Σ_b nh·L_b²` bf16 for the packed sequences of lengths `L_b` (268 MB a
 //! layer for 4 sequences of 1024 tokens with 32 heads).
@@ -14,7 +13,6 @@ use super::ops::{dev_err, R};
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
 use crate::checkpoint::OptConfig;
-use crate::cublaslt::relu_mask_bytes;
 use crate::device::CudaDevice;
 use crate::model::ModelError;
 use lexp_compiler::dtype::Storage;
@@ -132,7 +130,6 @@ impl Caps {
         let a = ACT.bytes();
         let scores = self.scores(d);
         let layer = a * (t * (7 * h + f) + self.probs + 6 * t * self.rank + t * self.mask_cols)
-            + relu_mask_words(t, f) * 4
             + 4 * 4 * t
             + 4 * self.flash_stats(d);
         let scratch = a * (t * (3 * h + f + 3 * h) + t * self.rank + scores)
@@ -144,11 +141,6 @@ impl Caps {
             a * (t * 4 * h + self.chunk() * d.v) + 4 * (self.chunk() * d.v + 2 * t) + 4 * 3 * t;
         d.layers * layer + scratch + head
     }
-}
-
-/// 32-bit words of the ReLU bit-mask of a `[t, f]` activation (rows of a multiple of 128 bits).
-fn relu_mask_words(t: usize, f: usize) -> usize {
-    relu_mask_bytes(t, f) / 4
 }
 
 /// What one layer's forward keeps for its backward.
@@ -180,12 +172,6 @@ pub struct LayerActs {
     pub rstd2: DeviceTensor,
     /// ReLU output `[T, F]`, the fc2 input (its zero pattern is the ReLU mask).
     pub act: DeviceTensor,
-    /// The ReLU bit-mask of `act` written by fc1's fused GEMM (cuBLASLt's epilogue aux,
-    /// [`relu_mask_bytes`]`(T, F)` bytes) and read by the backward's fused ReLU gradient.
-    pub relu_mask: DeviceTensor,
-    /// True when the last forward wrote `relu_mask` (fc1 ran fused); else the backward
-    /// masks with `act`'s zeros.
-    pub relu_mask_written: bool,
     /// LoRA `u = x·Aᵀ` of each of the 6 targets, `[T, r]` each.
     pub u: DeviceTensor,
     /// The dropout masks of the layer's sites (`0` or `1/(1−p)`), `[T, w]` each at the
@@ -333,8 +319,6 @@ impl Workspace {
                     mean2: al.t(f32t, t)?,
                     rstd2: al.t(f32t, t)?,
                     act: al.t(ACT, t * f)?,
-                    relu_mask: al.t(Storage::I32, relu_mask_words(t, f))?,
-                    relu_mask_written: false,
                     u: al.t(ACT, 6 * t * r)?,
                     mask: al.t(ACT, t * caps.mask_cols)?,
                 })

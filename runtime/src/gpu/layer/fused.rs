@@ -1,6 +1,11 @@
-//! The layer's GEMMs with fused cuBLASLt epilogues ([`crate::cublaslt`]): fc1 with bias, ReLU
-//! and the saved ReLU mask, and the residual projections (out_proj, fc2) with bias and the
-//! residual add. Each falls back to the unfused ops when cuBLASLt has no algorithm for it.
+//! The layer's GEMMs with fused cuBLASLt epilogues ([`crate::cublaslt`]): fc1 with bias and
+//! ReLU, and the residual projections (out_proj, fc2) with bias and the residual add. Each
+//! falls back to the unfused ops when cuBLASLt has no algorithm for it.
+//!
+//! fc1 does not save cuBLASLt's ReLU bit-mask for a DRELU epilogue in the backward: on the
+//! H200 (cuBLAS 13.1) the DRELU GEMM of OPT-1.3B's fc2 input gradient ran at 355 TFLOP/s
+//! (9.3 ms per 4 x 1024 step, against about 4 ms plain), far more than the `relu_bwd` kernel
+//! it saves (`bench/results/2026-11-29-h200-step-lt-*`).
 
 use super::{branch_forward, project_forward, Ctx};
 use crate::buffer::DeviceTensor;
@@ -13,9 +18,8 @@ use crate::gpu::workspace::{LayerActs, Scratch};
 use crate::peft::LoraTarget;
 
 /// `act = relu(b·W1ᵀ + b1 [+ LoRA])`: with the epilogues on, the LoRA branch (if any) writes
-/// `act` first and one fused GEMM adds the projection and bias, applies the ReLU and saves its
-/// mask ([`LayerActs::relu_mask_written`]); else (or when cuBLASLt has no algorithm for it)
-/// GEMM, LoRA and the `bias_relu` kernel.
+/// `act` first and one fused GEMM adds the projection and bias and applies the ReLU; else (or
+/// when cuBLASLt has no algorithm for it) GEMM, LoRA and the `bias_relu` kernel.
 pub(super) fn fc1_forward(
     cx: &Ctx,
     li: usize,
@@ -24,7 +28,6 @@ pub(super) fn fc1_forward(
     sc: &mut Scratch,
 ) -> R {
     let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
-    acts.relu_mask_written = false;
     let fc1 = LoraTarget::Fc1;
     let (saved, scratch) = ((&mut acts.u, &acts.mask), (&mut sc.rand, &mut sc.xd));
     if !lt_epilogues() {
@@ -36,13 +39,9 @@ pub(super) fn fc1_forward(
     let adapted = branch_forward_first(cx, li, fc1, x, y, saved, scratch)?;
     let beta = if adapted { 1.0 } else { 0.0 };
     let (x, w1) = (dense(&acts.b, t, h), dense(&w.w1, f, h));
-    let relu = Epilogue::ReluAuxBias {
-        bias: &w.b1,
-        mask: &mut acts.relu_mask,
-    };
+    let relu = Epilogue::ReluBias(&w.b1);
     let act = dense_mut(&mut acts.act, t, f);
-    acts.relu_mask_written = mm_fused(cx.blas, x, w1, None, act, true, beta, relu)?;
-    if !acts.relu_mask_written {
+    if !mm_fused(cx.blas, x, w1, None, act, true, beta, relu)? {
         // The branch's output (if any) is in `act` already: add the projection onto it.
         mm(
             cx.blas,
