@@ -16,7 +16,9 @@
 #                ALSO_ATTENTION (e.g. materialised: a second lexp run with --attention that,
 #                written to lexp-ATTN.json / compare-ATTN.json, an A/B in the same call),
 #                ALSO_LEXP (A/B runs with other lexp flags: "LABEL=FLAGS;LABEL=FLAGS", e.g.
-#                "hostopt=--host-optimizer", written to lexp-LABEL.json / compare-LABEL.json).
+#                "hostopt=--host-optimizer", written to lexp-LABEL.json / compare-LABEL.json;
+#                leading VAR=value words set that run's environment, e.g.
+#                "nolt=LEXP_NO_LT_EPILOGUES=1").
 # Writes OUT_DIR/{torch.json,lexp.json,compare.json,compare.png,log.txt}: compare.json has per
 # workload the median step times and speedup_vs_sdpa / speedup_vs_eager (torch ms / lexp ms).
 # Exit status: lexp's (a failed baseline is logged and lexp still runs, without comparison).
@@ -82,12 +84,17 @@ if [ -n "${ALSO_LEXP:-}" ]; then
   IFS=';' read -ra RUNS <<< "$ALSO_LEXP"
   for run in "${RUNS[@]}"; do
     L=${run%%=*}
-    read -ra FLAGS <<< "${run#*=}"
-    echo "== lexp bench step ${FLAGS[*]} ($L)" >> "$LOG"
+    read -ra TOKS <<< "${run#*=}"
+    # Leading VAR=value tokens are environment settings of that run, the rest lexp flags.
+    ENVS=(); FLAGS=()
+    for tok in "${TOKS[@]}"; do
+      if [ ${#FLAGS[@]} -eq 0 ] && [[ $tok =~ ^[A-Z_][A-Z0-9_]*= ]]; then ENVS+=("$tok"); else FLAGS+=("$tok"); fi
+    done
+    echo "== ${ENVS[*]} lexp bench step ${FLAGS[*]} ($L)" >> "$LOG"
     BASE=()
     [ -s "$OUT/torch.json" ] && BASE=(--baseline "$OUT/torch.json" --compare "$OUT/compare-$L.json")
     t0=$(date +%s)
-    timeout 240 $BIN/lexp bench step --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --seq "$SEQS" "${MP[@]}" \
+    timeout 240 env "${ENVS[@]}" $BIN/lexp bench step --device "$DEVICE" --model "$MODEL" --batch "$BATCH" --seq "$SEQS" "${MP[@]}" \
       --iters "$ITERS" --warmup "$WARMUP" "${FLAGS[@]}" --json "$OUT/lexp-$L.json" \
       --png "$OUT/compare-$L.png" "${BASE[@]}" "${COMMIT[@]}" >> "$LOG" 2>&1
     echo "lexp bench step ($L) exit status $? ($(( $(date +%s) - t0 )) s)" >> "$LOG"
