@@ -616,6 +616,18 @@ impl BlasLt {
                     status = set_pref(pref, attr, &v);
                 }
             }
+            // Split-K partial sums only in f32 (or none): the default also allows reducing
+            // them in the output type, bf16, which put a 37x53x29 bias GEMM 1.7 ulp off on the
+            // H200 (`bench/results/2026-11-29-h200-gpu-cublaslt-tests-*`).
+            if status == cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                let f32_only =
+                    lt::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
+                status = set_pref(
+                    pref,
+                    Pref::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                    &f32_only,
+                );
+            }
             if status == cublasStatus_t::CUBLAS_STATUS_SUCCESS {
                 let [la, lb, lc, ld] = plan.call_layouts(key);
                 status = lt::cublasLtMatmulAlgoGetHeuristic(
