@@ -62,7 +62,9 @@ fn block_rows(cu_seqlens: &[usize], size: usize) -> Option<Vec<BlockRow>> {
 /// `lse2[h, t] = log2 Σ_j 2^(c·s_tj)` (base 2, `c = scale · log2 e`) for the backward.
 /// `c` is passed as `scale_log2`.
 #[kernel(
-    variants(T = [bf16, f16], D = [64], BM = [128], BN = [64, 128], S = [2, 3], W = [8]),
+    // Head dimension 128: 64-key steps and 2 stages only (more spills on sm_80).
+    variants(T = [bf16, f16], D = [64, 128], BM = [128], BN = [64, 128], S = [2, 3], W = [8]),
+    only = [D == 64 || BN == 64, D == 64 || S == 2],
     warps = W,
     stages = S,
     grid = [blocks.dim(0), o.dim(1) / D],
@@ -127,7 +129,7 @@ pub fn flash_fwd<
 /// `D`: the layout pass of a kernel without `dot` cannot place one `range` tile along two
 /// dimensions, and equal-length ranges are merged.)
 #[kernel(
-    variants(T = [bf16, f16], D = [64], BR = [128]),
+    variants(T = [bf16, f16], D = [64, 128], BR = [32]),
     warps = 4,
     grid = [cdiv(o.dim(0), BR), o.dim(1) / D],
     require = [
@@ -156,8 +158,9 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
     // registers (the mma-to-dot shortcut, COMPILER.md §1.7); with it the sm_80 code no longer
     // spills (255 registers, 0 spills). BN = 64 splits the rows over 4 x 2 warps and stages
     // them through shared memory.
-    variants(T = [bf16, f16], D = [64], BN = [64, 128], BM = [64], S = [2, 3], W = [8]),
-    only = [BN % BM == 0],
+    // Head dimension 128: 64 keys and 32-query steps (64 spills on sm_80, 128 keys on both).
+    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3], W = [8]),
+    only = [BN % BM == 0, D == 64 || S == 2, D == 64 || BN == 64, D == 64 || BM == 32, D == 128 || BM == 64],
     warps = W,
     stages = S,
     grid = [blocks.dim(0), d_o.dim(1) / D],
@@ -227,7 +230,9 @@ pub fn flash_bwd_dkdv<
 /// q block of `dqkv`. Recomputing `S` and `dP` here instead of accumulating `dq` atomically in
 /// the key-block kernel keeps the backward deterministic.
 #[kernel(
-    variants(T = [bf16, f16], D = [64], BM = [64, 128], BN = [64], S = [2, 3], W = [8]),
+    // Head dimension 128: 64-query programs, 2 stages (128 queries spill on sm_80).
+    variants(T = [bf16, f16], D = [64, 128], BM = [64, 128], BN = [64], S = [2, 3], W = [8]),
+    only = [D == 64 || S == 2, D == 64 || BM == 64],
     warps = W,
     stages = S,
     grid = [blocks.dim(0), d_o.dim(1) / D],

@@ -3,10 +3,12 @@
 //! sequences with random q, k, v and dO (never zeros), every output poisoned (NaN) before its
 //! kernel runs. Opt-in: does nothing unless `LEXP_GPU_TESTS=1`.
 //!
-//! Shapes: lengths on and off the 64/128 block edges, a one-token sequence, and the OPT-1.3B
-//! attention shape (32 heads of 64) at 4 x 512 and 4 x 1024 tokens, in bf16 and f16.
+//! Shapes: lengths on and off the 64/128 block edges, a one-token sequence, head dimensions 64
+//! and 128 (every compiled tile configuration of each), the OPT-1.3B attention shape (32 heads
+//! of 64) at 4 x 512 and 4 x 1024 tokens and OPT-6.7B's (32 heads of 128), in bf16 and f16.
 
 use lexp_compiler::dtype::Storage;
+use lexp_compiler::launch::KernelInfo;
 use lexp_kernels::flash_attention::{
     flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_fwd, key_blocks, query_blocks, BlockRow,
 };
@@ -45,6 +47,8 @@ struct Bufs {
     dqkv: DeviceTensor,
     /// Softmax scale `hd^-0.5`.
     scale: f32,
+    /// Head dimension.
+    hd: usize,
 }
 
 impl Bufs {
@@ -69,6 +73,7 @@ impl Bufs {
             delta: poisoned(Storage::F32, &[nh, tp]),
             dqkv: poisoned(dtype, &[t, 3 * h]),
             scale: (hd as f32).powf(-0.5),
+            hd,
         }
     }
 
@@ -94,8 +99,9 @@ impl Bufs {
     }
 
     fn delta(&self, dev: &CudaDevice) {
-        flash_bwd_delta::launch(
+        flash_bwd_delta::launch_with(
             dev,
+            &[("D", self.hd)],
             &flash_bwd_delta::Args {
                 o: &self.o.as_arg(),
                 d_o: &self.d_o.as_arg(),
@@ -136,11 +142,25 @@ macro_rules! bwd {
 }
 use bwd;
 
-/// Runs forward and backward on `lens` with `nh` heads of 64 in `dtype`, with every tile
-/// configuration of each kernel (the i-th ones together), and checks every output against the
-/// reference.
-fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], nh: usize, seed: u64) {
-    let hd = 64;
+/// The tile configurations of a kernel compiled for head dimension `hd`.
+fn configs(info: &KernelInfo, hd: usize) -> Vec<Vec<(&'static str, usize)>> {
+    let c: Vec<_> = info
+        .configurations()
+        .into_iter()
+        .filter(|c| get(c, "D") == hd)
+        .collect();
+    assert!(
+        !c.is_empty(),
+        "{} has no variant for head dimension {hd}",
+        info.name
+    );
+    c
+}
+
+/// Runs forward and backward on `lens` with `nh` heads of `hd` in `dtype`, with every tile
+/// configuration of each kernel for that head dimension (the i-th ones together), and checks
+/// every output against the reference.
+fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], (nh, hd): (usize, usize), seed: u64) {
     let h = nh * hd;
     let mut cu = vec![0usize];
     for l in lens {
@@ -162,9 +182,9 @@ fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], nh: usize, seed: u64) 
     let want = reference::attention_bwd(&qkv_h, &d_o_h, sh);
     let tol = tolerance(dtype);
     let (fwd_c, dkdv_c, dq_c) = (
-        flash_fwd::INFO.configurations(),
-        flash_bwd_dkdv::INFO.configurations(),
-        flash_bwd_dq::INFO.configurations(),
+        configs(&flash_fwd::INFO, hd),
+        configs(&flash_bwd_dkdv::INFO, hd),
+        configs(&flash_bwd_dq::INFO, hd),
     );
     for i in 0..fwd_c.len().max(dkdv_c.len()).max(dq_c.len()) {
         let (fc, kc, qc) = (
@@ -190,8 +210,9 @@ fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], nh: usize, seed: u64) 
             &blocks(dev, &query_blocks(&cu, get(qc, "BM")).unwrap()),
         );
         dev.synchronize().unwrap();
-        let what =
-            format!("{dtype:?} lens {lens:?} x {nh} heads: fwd {fc:?} dkdv {kc:?} dq {qc:?}");
+        let what = format!(
+            "{dtype:?} lens {lens:?} x {nh} heads of {hd}: fwd {fc:?} dkdv {kc:?} dq {qc:?}"
+        );
         let check = |name: &str, got: &[f32], want: &[f32], tol: f64| {
             let d = compare(got, want);
             println!("{what}: {name} {d}");
@@ -237,11 +258,15 @@ fn flash_attention_matches_the_reference_on_the_gpu() {
     }
     let dev = CudaDevice::new(0).expect("a CUDA GPU");
     for dtype in [Storage::BF16, Storage::F16] {
-        case(&dev, dtype, &[130, 1, 65, 64, 128, 257], 3, 1);
-        case(&dev, dtype, &[1], 1, 2);
+        for hd in [64, 128] {
+            case(&dev, dtype, &[130, 1, 65, 64, 128, 257], (3, hd), 1);
+            case(&dev, dtype, &[1], (1, hd), 2);
+        }
     }
-    case(&dev, Storage::BF16, &[512, 512, 512, 512], 32, 3);
-    case(&dev, Storage::BF16, &[1024, 1000, 24, 1024], 32, 4);
+    case(&dev, Storage::BF16, &[512, 512, 512, 512], (32, 64), 3);
+    case(&dev, Storage::BF16, &[1024, 1000, 24, 1024], (32, 64), 4);
+    // OPT-6.7B's attention shape: 32 heads of 128.
+    case(&dev, Storage::BF16, &[1024, 300, 700], (32, 128), 5);
 }
 
 /// Every compiled tile configuration of the four kernels at the OPT-1.3B attention shape
@@ -281,16 +306,16 @@ fn flash_attention_configurations_timed_at_opt_1_3b() {
             .unwrap()
             .median()
         };
-        for c in flash_fwd::INFO.configurations() {
+        for c in configs(&flash_fwd::INFO, hd) {
             let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
             report("flash_fwd", &c, 2.0, time(&|| b.fwd(&dev, &c, &qb)));
         }
         println!("4x{len} flash_bwd_delta: {:.3} ms", time(&|| b.delta(&dev)));
-        for c in flash_bwd_dkdv::INFO.configurations() {
+        for c in configs(&flash_bwd_dkdv::INFO, hd) {
             let kb = blocks(&dev, &key_blocks(&cu, get(&c, "BN")).unwrap());
             report("flash_bwd_dkdv", &c, 4.0, time(&|| b.dkdv(&dev, &c, &kb)));
         }
-        for c in flash_bwd_dq::INFO.configurations() {
+        for c in configs(&flash_bwd_dq::INFO, hd) {
             let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
             report("flash_bwd_dq", &c, 3.0, time(&|| b.dq(&dev, &c, &qb)));
         }

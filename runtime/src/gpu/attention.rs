@@ -1,7 +1,7 @@
 //! Causal self-attention of one layer over the packed sequences of a batch, forward and
 //! backward (RUNTIME.md §2.3), in one of two implementations ([`AttentionImpl`]):
 //!
-//! - **Flash** (the default where the kernels exist, head dimension 64): the DSL's
+//! - **Flash** (the default where the kernels exist, head dimensions 64 and 128): the DSL's
 //!   flash-attention kernels (`lexp_kernels::flash_attention`, FA2 form). Scores and
 //!   probabilities never reach memory; the forward keeps only `o` and a base-2 log-sum-exp per
 //!   (head, token), and the backward recomputes the probabilities from it. All sequences and
@@ -25,53 +25,79 @@ use crate::model::ModelError;
 use lexp_compiler::launch::{LaunchError, TensorArg};
 use lexp_kernels::flash_attention::{self as fa, BlockRow};
 
-/// Head dimension of the compiled flash-attention kernels.
-pub const FLASH_HEAD_DIM: usize = 64;
-/// Tile configuration of `flash_fwd`: `BM` queries per program, `BN` keys per step. The
-/// fastest compiled configurations at OPT-1.3B's 4 x 512 and 4 x 1024 on the H200
-/// (`runtime/tests/gpu_flash.rs` times them all; `bench/results/2026-11-29-h200-flash-attention.txt`).
-#[rustfmt::skip]
-const FWD: [(&str, usize); 5] = [("D", FLASH_HEAD_DIM), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8)];
-/// Tile configuration of `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step. With
-/// 128 keys the 8 warps own whole key rows, so `Pᵀ` and `dSᵀ` feed the MMAs from registers:
-/// 0.251 against 0.301 ms per layer at 4 x 1024 with 64 (`*-gpu-flash-tests-shortcut.txt`).
-#[rustfmt::skip]
-const DKDV: [(&str, usize); 5] = [("D", FLASH_HEAD_DIM), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8)];
-/// Tile configuration of `flash_bwd_dq`: `BM` queries per program, `BN` keys per step
-/// (128 queries: `dS` from registers; 0.126 against 0.137 ms with 64).
-#[rustfmt::skip]
-const DQ: [(&str, usize); 5] = [("D", FLASH_HEAD_DIM), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8)];
+/// A tile configuration: `(name, value)` of each const parameter of a kernel variant.
+type Tiles = [(&'static str, usize); 5];
 
-/// The value of tile parameter `name` in a configuration (evaluated at compile time: a
-/// missing name fails the build).
-const fn tile(c: &[(&str, usize)], name: &str) -> usize {
-    let mut i = 0;
-    while i < c.len() {
-        let (a, b) = (c[i].0.as_bytes(), name.as_bytes());
-        if a.len() == b.len() {
-            let mut j = 0;
-            while j < a.len() && a[j] == b[j] {
-                j += 1;
-            }
-            if j == a.len() {
-                return c[i].1;
-            }
-        }
-        i += 1;
-    }
-    panic!("tile parameter not in the configuration")
+/// The flash-attention tile configurations the engine runs for one head dimension, and the
+/// block sizes of the lists they take.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FlashConfig {
+    /// The head dimension (`D`).
+    pub hd: usize,
+    /// `flash_fwd`: `BM` queries per program, `BN` keys per step.
+    fwd: Tiles,
+    /// `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step.
+    dkdv: Tiles,
+    /// `flash_bwd_dq`: `BM` queries per program, `BN` keys per step.
+    dq: Tiles,
 }
-/// Queries per block of the forward's list.
-const FWD_BM: usize = tile(&FWD, "BM");
-/// Queries per block of `flash_bwd_dq`'s list.
-const DQ_BM: usize = tile(&DQ, "BM");
-/// Keys per block of `flash_bwd_dkdv`'s list.
-const DKDV_BN: usize = tile(&DKDV, "BN");
+
+impl FlashConfig {
+    /// Queries per block of the forward's list.
+    pub fn fwd_bm(&self) -> usize {
+        param(&self.fwd, "BM")
+    }
+
+    /// Queries per block of `flash_bwd_dq`'s list.
+    pub fn dq_bm(&self) -> usize {
+        param(&self.dq, "BM")
+    }
+
+    /// Keys per block of `flash_bwd_dkdv`'s list.
+    pub fn dkdv_bn(&self) -> usize {
+        param(&self.dkdv, "BN")
+    }
+}
+
+fn param(c: &Tiles, name: &str) -> usize {
+    c.iter().find(|(n, _)| *n == name).map_or(0, |&(_, v)| v)
+}
+
+/// Head dimension 64 (OPT-125m to 1.3B). Forward: the fastest compiled configuration at
+/// OPT-1.3B's 4 x 512 and 4 x 1024 on the H200 (`runtime/tests/gpu_flash.rs` times them all).
+/// dk/dv with 128 keys: the 8 warps own whole key rows, so `Pᵀ` and `dSᵀ` feed the MMAs from
+/// registers (0.251 against 0.301 ms per layer at 4 x 1024 with 64 keys); dq with 128 queries
+/// likewise (0.126 against 0.137 ms; `bench/results/2026-11-29-h200-gpu-flash-tests-shortcut.txt`).
+#[rustfmt::skip]
+const FLASH_64: FlashConfig = FlashConfig {
+    hd: 64,
+    fwd: [("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8)],
+    dkdv: [("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
+    dq: [("D", 64), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
+};
+
+/// Head dimension 128 (OPT-6.7B and larger): the variants that assemble without spills on
+/// sm_80 and sm_90a (smaller tiles than for 64; not yet tuned on the GPU).
+#[rustfmt::skip]
+const FLASH_128: FlashConfig = FlashConfig {
+    hd: 128,
+    fwd: [("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
+    dkdv: [("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8)],
+    dq: [("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8)],
+};
+
+/// The head dimensions the flash kernels are compiled for.
+pub const FLASH_HEAD_DIMS: [usize; 2] = [FLASH_64.hd, FLASH_128.hd];
+
+/// The flash configuration for head dimension `hd`, if its kernels exist.
+pub fn flash_config(hd: usize) -> Option<&'static FlashConfig> {
+    [&FLASH_64, &FLASH_128].into_iter().find(|c| c.hd == hd)
+}
 
 /// Which attention implementation the GPU engine runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionImpl {
-    /// Flash attention in the DSL (head dimension [`FLASH_HEAD_DIM`]).
+    /// Flash attention in the DSL (head dimensions [`FLASH_HEAD_DIMS`]).
     Flash,
     /// Materialised scores with cuBLAS (any head dimension).
     Materialised,
@@ -80,7 +106,7 @@ pub enum AttentionImpl {
 impl AttentionImpl {
     /// Flash where its kernels take the head dimension `hd`, else materialised.
     pub fn default_for(hd: usize) -> AttentionImpl {
-        if hd == FLASH_HEAD_DIM {
+        if flash_config(hd).is_some() {
             AttentionImpl::Flash
         } else {
             AttentionImpl::Materialised
@@ -89,10 +115,10 @@ impl AttentionImpl {
 
     /// `self` for a model with head dimension `hd`, or why it cannot run it.
     pub fn check(self, hd: usize) -> Result<AttentionImpl, ModelError> {
-        if self == AttentionImpl::Flash && hd != FLASH_HEAD_DIM {
+        if self == AttentionImpl::Flash && flash_config(hd).is_none() {
             return Err(ModelError::Unsupported(format!(
-                "flash attention is compiled for head dimension {FLASH_HEAD_DIM}; this model's \
-                 is {hd} (use the materialised attention)"
+                "flash attention is compiled for head dimensions {FLASH_HEAD_DIMS:?}; this \
+                 model's is {hd} (use the materialised attention)"
             )));
         }
         Ok(self)
@@ -125,25 +151,25 @@ impl std::str::FromStr for AttentionImpl {
 /// flash-attention launches.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockPlan {
-    /// Query blocks of `flash_fwd` ([`FWD_BM`] queries each).
+    /// Query blocks of `flash_fwd` ([`FlashConfig::fwd_bm`] queries each).
     pub fwd: Vec<BlockRow>,
-    /// Query blocks of `flash_bwd_dq` ([`DQ_BM`]).
+    /// Query blocks of `flash_bwd_dq` ([`FlashConfig::dq_bm`]).
     pub dq: Vec<BlockRow>,
-    /// Key blocks of `flash_bwd_dkdv` ([`DKDV_BN`]).
+    /// Key blocks of `flash_bwd_dkdv` ([`FlashConfig::dkdv_bn`]).
     pub dkdv: Vec<BlockRow>,
 }
 
 impl BlockPlan {
-    /// The lists of the sequences `segs`.
-    pub fn of(segs: &[Segment]) -> R<BlockPlan> {
+    /// The lists of the sequences `segs` for the kernels of `cfg`.
+    pub fn of(segs: &[Segment], cfg: &FlashConfig) -> R<BlockPlan> {
         let mut cu = Vec::with_capacity(segs.len() + 1);
         cu.push(segs.first().map_or(0, |s| s.start));
         cu.extend(segs.iter().map(|s| s.start + s.len));
         let too_long = || ModelError::Batch("a batch position does not fit in i32".into());
         Ok(BlockPlan {
-            fwd: fa::query_blocks(&cu, FWD_BM).ok_or_else(too_long)?,
-            dq: fa::query_blocks(&cu, DQ_BM).ok_or_else(too_long)?,
-            dkdv: fa::key_blocks(&cu, DKDV_BN).ok_or_else(too_long)?,
+            fwd: fa::query_blocks(&cu, cfg.fwd_bm()).ok_or_else(too_long)?,
+            dq: fa::query_blocks(&cu, cfg.dq_bm()).ok_or_else(too_long)?,
+            dkdv: fa::key_blocks(&cu, cfg.dkdv_bn()).ok_or_else(too_long)?,
         })
     }
 
@@ -219,13 +245,20 @@ fn scale(cx: &Ctx) -> f32 {
     (cx.d.hd as f32).powf(-0.5)
 }
 
+/// The flash configuration of the layer's head dimension.
+fn config(cx: &Ctx) -> R<&'static FlashConfig> {
+    flash_config(cx.d.hd).ok_or_else(|| {
+        ModelError::Unsupported(format!("no flash attention for head dimension {}", cx.d.hd))
+    })
+}
+
 fn flash_forward(cx: &Ctx, acts: &mut LayerActs, sc: &Scratch) -> R {
     let (t, h, nh) = (cx.t, cx.d.h, cx.d.nh);
     let [fwd, _, _] = sc.blocks.args()?;
     let s = scale(cx);
     fa::flash_fwd::launch_with(
         cx.dev,
-        &FWD,
+        &config(cx)?.fwd,
         &fa::flash_fwd::Args {
             qkv: &arg(&acts.qkv, &[t, 3 * h])?,
             blocks: &fwd,
@@ -240,6 +273,7 @@ fn flash_forward(cx: &Ctx, acts: &mut LayerActs, sc: &Scratch) -> R {
 fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
     let (t, h, nh) = (cx.t, cx.d.h, cx.d.nh);
     let [_, dq, dkdv] = sc.blocks.args()?;
+    let cfg = config(cx)?;
     let s = scale(cx);
     let qkv = arg(&acts.qkv, &[t, 3 * h])?;
     let d_o = arg(&sc.tmp, &[t, h])?;
@@ -248,7 +282,7 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
     let dqkv = arg(&sc.dqkv, &[t, 3 * h])?;
     fa::flash_bwd_delta::launch_with(
         cx.dev,
-        &[("D", FLASH_HEAD_DIM)],
+        &[("D", cfg.hd)],
         &fa::flash_bwd_delta::Args {
             o: &arg(&acts.o, &[t, h])?,
             d_o: &d_o,
@@ -278,11 +312,11 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
     }
     launch!(
         flash_bwd_dkdv,
-        DKDV,
+        cfg.dkdv,
         dkdv,
         "flash attention backward (dk, dv)"
     )?;
-    launch!(flash_bwd_dq, DQ, dq, "flash attention backward (dq)")
+    launch!(flash_bwd_dq, cfg.dq, dq, "flash attention backward (dq)")
 }
 
 fn materialised_forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
@@ -407,9 +441,10 @@ mod tests {
                 probs: 0,
             },
         ];
-        let p = BlockPlan::of(&segs).unwrap();
-        // 128-token blocks everywhere in the current configurations.
-        assert_eq!((FWD_BM, DQ_BM, DKDV_BN), (128, 128, 128));
+        let p = BlockPlan::of(&segs, &FLASH_64).unwrap();
+        // 128-token blocks everywhere in the head-dimension-64 configurations.
+        let c = &FLASH_64;
+        assert_eq!((c.fwd_bm(), c.dq_bm(), c.dkdv_bn()), (128, 128, 128));
         // Longest programs first: the last query block of the 130-token sequence, and its
         // first key block.
         assert_eq!(p.fwd[0], [0, 130, 128]);
@@ -428,6 +463,8 @@ mod tests {
     #[test]
     fn flash_only_for_its_head_dimension() {
         assert_eq!(AttentionImpl::default_for(64), AttentionImpl::Flash);
+        assert_eq!(AttentionImpl::default_for(128), AttentionImpl::Flash);
+        assert!(AttentionImpl::Flash.check(128).is_ok());
         assert_eq!(AttentionImpl::default_for(80), AttentionImpl::Materialised);
         assert!(AttentionImpl::Flash.check(80).is_err());
         assert!(AttentionImpl::Materialised.check(80).is_ok());

@@ -15,7 +15,7 @@
 //! (cuBLAS takes both inputs of one type, and an f32 copy of `E` would cost more memory and
 //! a slower f32 GEMM), and `dh = dz·E` is scattered back into the rows' gradient.
 
-use super::attention::{AttentionImpl, BlockPlan};
+use super::attention::{flash_config, AttentionImpl, BlockPlan};
 use super::dropout::{DropCtx, MaskLayout};
 use super::layer::{self, segments, Ctx, Segment};
 use super::lora::DeviceLora;
@@ -209,11 +209,19 @@ impl GpuEngine {
         }
         let t = batch.num_tokens();
         let (segs, probs) = segments(&batch.cu_seqlens, self.dims.nh)?;
-        let flash = self.attention == AttentionImpl::Flash;
-        let plan = if flash {
-            BlockPlan::of(&segs)?
-        } else {
-            BlockPlan::default()
+        let flash_cfg = match self.attention {
+            AttentionImpl::Flash => Some(flash_config(self.dims.hd).ok_or_else(|| {
+                ModelError::Unsupported(format!(
+                    "no flash attention for head dimension {}",
+                    self.dims.hd
+                ))
+            })?),
+            AttentionImpl::Materialised => None,
+        };
+        let flash = flash_cfg.is_some();
+        let plan = match flash_cfg {
+            Some(cfg) => BlockPlan::of(&segs, cfg)?,
+            None => BlockPlan::default(),
         };
         let need = Caps {
             tokens: t,

@@ -12,7 +12,7 @@
 //! - [`lora`]: the LoRA parameters' device copies, the gradient buffer, and the branch GEMMs.
 //! - [`layer`]: one decoder layer forward and backward.
 //! - [`attention`]: causal attention over the packed sequences: flash attention in the DSL
-//!   (head dimension 64), or materialised scores with cuBLAS (any head dimension).
+//!   (head dimensions 64 and 128), or materialised scores with cuBLAS (any head dimension).
 //! - [`engine`]: the engine: batch checks, embeddings, the chunked LM head + cross-entropy,
 //!   and the one download (loss and gradients) that ends each call.
 //! - [`optimizer`]: AdamW on the device (the engine's `optimizer_step`): gradients summed,

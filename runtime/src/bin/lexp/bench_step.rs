@@ -77,8 +77,8 @@ pub struct StepArgs {
     /// printed, as JSON here and as a chart next to it (same name, .png).
     #[arg(long)]
     profile: Option<PathBuf>,
-    /// GPU attention: flash (DSL kernels, head dimension 64) or materialised (cuBLAS scores,
-    /// any head dimension); default: flash where it applies.
+    /// GPU attention: flash (DSL kernels, head dimensions 64 and 128) or materialised (cuBLAS
+    /// scores, any head dimension); default: flash where it applies.
     #[arg(long)]
     attention: Option<AttentionImpl>,
     /// Learned positions of a preset (random weights only; default the published 2048): a
