@@ -1,5 +1,5 @@
 //! The pure parts of [`super`]: the row-major to cuBLASLt argument mapping and its checks,
-//! mask sizes, pointer alignments, plan keys, the missing-library message. The GEMMs
+//! pointer alignments, plan keys, the missing-library message. The GEMMs
 //! themselves are tested on a GPU in `tests/gpu_cublaslt.rs`.
 
 use super::*;
@@ -12,7 +12,6 @@ fn dense(rows: usize, cols: usize) -> (MatLayout, usize) {
 /// `y[M,N] = x[M,K]·W[N,K]ᵀ + bias` (a forward projection).
 fn forward_args(m: usize, n: usize, k: usize, kind: EpilogueKind) -> BlasResult<LtArgs> {
     let (x, w, y) = (dense(m, k), dense(n, k), dense(m, n));
-    let mask = kind.has_mask().then(|| relu_mask_bytes(m, n));
     lt_args(
         (&x.0, x.1),
         (&w.0, w.1),
@@ -21,7 +20,7 @@ fn forward_args(m: usize, n: usize, k: usize, kind: EpilogueKind) -> BlasResult<
         false,
         true,
         kind,
-        (Some(n), mask),
+        n,
     )
 }
 
@@ -35,7 +34,6 @@ fn forward_projection_maps_to_transposed_weight_times_input() {
     assert_eq!(a.a, l(3, 7, 3), "W's buffer: K rows of N columns, ld K");
     assert_eq!(a.b, l(3, 5, 3), "x's buffer: K rows of M columns, ld K");
     assert_eq!((a.c, a.d), (l(7, 5, 7), l(7, 5, 7)));
-    assert_eq!(a.mask_ld, 0);
 }
 
 #[test]
@@ -49,14 +47,13 @@ fn backward_projection_maps_without_transposes() {
         (&dx.0, dx.1),
         false,
         false,
-        EpilogueKind::DRelu,
-        (None, Some(relu_mask_bytes(6, 9))),
+        EpilogueKind::Bias,
+        9,
     )
     .unwrap();
     assert_eq!((a.transa, a.transb, a.m, a.n, a.k), (false, false, 9, 6, 4));
     let l = |rows, cols, ld| LtLayout { rows, cols, ld };
     assert_eq!((a.a, a.b, a.d), (l(9, 4, 9), l(4, 6, 4), l(9, 6, 9)));
-    assert_eq!(a.mask_ld, 128);
     // A transposed row-major A: op(A) = Aᵀ with A stored [K, M].
     let (at, b, d) = (dense(4, 6), dense(4, 9), dense(6, 9));
     let t = lt_args(
@@ -67,7 +64,7 @@ fn backward_projection_maps_without_transposes() {
         true,
         false,
         EpilogueKind::Bias,
-        (Some(9), None),
+        9,
     )
     .unwrap();
     assert_eq!((t.transa, t.transb), (false, true));
@@ -91,7 +88,7 @@ fn residual_input_keeps_its_own_layout() {
         false,
         true,
         EpilogueKind::Bias,
-        (Some(7), None),
+        7,
     )
     .unwrap();
     assert_eq!(
@@ -119,7 +116,7 @@ fn residual_input_keeps_its_own_layout() {
         false,
         true,
         EpilogueKind::Bias,
-        (Some(7), None),
+        7,
     );
     assert!(matches!(short, Err(BlasError::Shape(_))), "{short:?}");
 }
@@ -141,24 +138,18 @@ fn bad_arguments_are_refused_naming_the_problem() {
         .unwrap_err()
         .to_string()
     };
-    let e = call(None, EpilogueKind::Bias, (Some(5), None));
+    let e = call(None, EpilogueKind::Bias, 5);
     assert!(
         e.contains("bias has 5 elements but `d` has 7 columns"),
         "{e}"
     );
-    let e = call(None, EpilogueKind::ReluBias, (None, None));
-    assert!(e.contains("bias has no elements"), "{e}");
-    let need = relu_mask_bytes(5, 7);
-    assert_eq!(need, 5 * 16);
-    let e = call(None, EpilogueKind::ReluAuxBias, (Some(7), Some(need - 1)));
+    let e = call(None, EpilogueKind::ReluBias, 0);
     assert!(
-        e.contains(&format!("needs {need} bytes, got {}", need - 1)),
+        e.contains("relu(bias) epilogue: the bias has 0 elements"),
         "{e}"
     );
-    let e = call(None, EpilogueKind::DRelu, (None, None));
-    assert!(e.contains("needs 80 bytes, got 0"), "{e}");
     let wrong_c = MatLayout::dense(7, 5);
-    let e = call(Some((&wrong_c, 35)), EpilogueKind::Bias, (Some(7), None));
+    let e = call(Some((&wrong_c, 35)), EpilogueKind::Bias, 7);
     assert!(e.contains("`c` is 7x5 but `d` is 5x7"), "{e}");
     // Inner dimensions that differ are refused by the shared GEMM checks.
     let w4 = dense(7, 4);
@@ -170,27 +161,11 @@ fn bad_arguments_are_refused_naming_the_problem() {
         false,
         true,
         EpilogueKind::Bias,
-        (Some(7), None),
+        7,
     )
     .unwrap_err()
     .to_string();
     assert!(e.contains("inner dims differ"), "{e}");
-}
-
-#[test]
-fn relu_mask_rows_are_padded_to_128_bits() {
-    for (cols, ld) in [
-        (1, 128),
-        (127, 128),
-        (128, 128),
-        (129, 256),
-        (768, 768),
-        (8192, 8192),
-    ] {
-        assert_eq!(relu_mask_ld(cols), ld, "{cols}");
-    }
-    assert_eq!(relu_mask_bytes(3, 200), 3 * 256 / 8);
-    assert_eq!(relu_mask_bytes(0, 200), 0);
 }
 
 #[test]
@@ -217,17 +192,16 @@ fn plan_keys_separate_shapes_epilogues_and_alignments_only() {
         epilogue: kind,
         align,
     };
-    let base = key(5, 7, 3, EpilogueKind::Bias, [256; 6]);
+    let base = key(5, 7, 3, EpilogueKind::Bias, [256; 5]);
     // The same call again (other buffers of the same alignment) finds the same plan.
-    assert_eq!(base, key(5, 7, 3, EpilogueKind::Bias, [256; 6]));
+    assert_eq!(base, key(5, 7, 3, EpilogueKind::Bias, [256; 5]));
     let mut others = vec![
-        key(6, 7, 3, EpilogueKind::Bias, [256; 6]),
-        key(5, 8, 3, EpilogueKind::Bias, [256; 6]),
-        key(5, 7, 4, EpilogueKind::Bias, [256; 6]),
-        key(5, 7, 3, EpilogueKind::ReluBias, [256; 6]),
-        key(5, 7, 3, EpilogueKind::ReluAuxBias, [256; 6]),
-        key(5, 7, 3, EpilogueKind::Bias, [256, 256, 256, 16, 256, 256]),
-        key(5, 7, 3, EpilogueKind::Bias, [256, 256, 256, 256, 2, 256]),
+        key(6, 7, 3, EpilogueKind::Bias, [256; 5]),
+        key(5, 8, 3, EpilogueKind::Bias, [256; 5]),
+        key(5, 7, 4, EpilogueKind::Bias, [256; 5]),
+        key(5, 7, 3, EpilogueKind::ReluBias, [256; 5]),
+        key(5, 7, 3, EpilogueKind::Bias, [256, 256, 256, 16, 256]),
+        key(5, 7, 3, EpilogueKind::Bias, [256, 256, 256, 256, 2]),
         PlanKey {
             cd: Storage::F32,
             ..base
@@ -236,20 +210,15 @@ fn plan_keys_separate_shapes_epilogues_and_alignments_only() {
     others.push(base);
     let distinct: HashSet<PlanKey> = others.iter().copied().collect();
     assert_eq!(distinct.len(), others.len());
-    assert!(distinct.contains(&key(5, 7, 3, EpilogueKind::Bias, [256; 6])));
+    assert!(distinct.contains(&key(5, 7, 3, EpilogueKind::Bias, [256; 5])));
 }
 
 #[test]
 fn epilogues_have_cublaslt_header_values() {
-    // cublasLt.h: BIAS = 4, RELU_BIAS = RELU | BIAS = 6, RELU_AUX_BIAS = RELU_AUX | BIAS = 134,
-    // DRELU = 8 | 128 = 136.
+    // cublasLt.h: BIAS = 4, RELU_BIAS = RELU | BIAS = 6.
     let v = |k: EpilogueKind| k.sys() as u32;
     assert_eq!(v(EpilogueKind::Bias), 4);
     assert_eq!(v(EpilogueKind::ReluBias), 6);
-    assert_eq!(v(EpilogueKind::ReluAuxBias), 134);
-    assert_eq!(v(EpilogueKind::DRelu), 136);
-    assert!(EpilogueKind::ReluAuxBias.has_mask() && EpilogueKind::DRelu.has_mask());
-    assert!(!EpilogueKind::DRelu.has_bias() && EpilogueKind::ReluBias.has_bias());
 }
 
 #[test]

@@ -9,7 +9,7 @@
 
 use lexp_compiler::dtype::Storage;
 use lexp_runtime::cublas::{Blas, Mat, MatLayout, MatMut};
-use lexp_runtime::cublaslt::{relu_mask_bytes, BlasLt, Epilogue};
+use lexp_runtime::cublaslt::{BlasLt, Epilogue};
 use lexp_runtime::data::SplitMix64;
 use lexp_runtime::{CudaDevice, DeviceTensor};
 
@@ -69,33 +69,52 @@ fn matmul(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), trans_w: bool)
     y
 }
 
-/// Every element within one bf16 ulp of the reference (relative `2⁻⁷`, plus a small absolute
-/// slack for f32 accumulation order). Correct rounding (half an ulp) is not what cuBLASLt
-/// promises: on the H200 its bias epilogue gave one element of 37x53x29 a full ulp off
-/// (-2.03125 for -2.04140; `bench/results/2026-11-29-h200-gpu-cublaslt-tests-first-run.txt`).
-/// The largest error in ulps is printed.
-fn assert_close(what: &str, got: &[f32], want: &[f64]) {
+/// Every element within two roundings: an intermediate `pre` (the GEMM's product, or product
+/// plus `C`; see [`with_c`]) rounded to bf16, the rest of the epilogue in f32, the result
+/// rounded again — half a bf16 ulp
+/// of each (at most `2⁻⁸` relative, summed), plus a small absolute slack for f32 accumulation
+/// order.
+///
+/// cuBLASLt does not add the bias before its one rounding, whatever the wrapper's docs hoped:
+/// on the H200 (cuBLASLt 130100) the bias epilogue at 37x53x29 left single elements 0.0010 to
+/// 0.0016 off in three runs (-0.0234375 for -0.02505, where a correctly rounded result is
+/// within 0.00007), the error of a product rounded to bf16 at its own magnitude before the bias
+/// is added (`bench/results/2026-11-29-h200-gpu-cublaslt-tests-*`); restricting split-K
+/// reductions to f32 did not change it. The unfused GEMM + `bias_add` path rounds the same
+/// number of times (the product to bf16, then the sum). A wrong bias, residual or
+/// layout is off by far more. The largest error relative to the bound is printed.
+fn assert_close(what: &str, got: &[f32], want: &[f64], pre: &[f64]) {
     assert_eq!(got.len(), want.len(), "{what}");
+    assert_eq!(pre.len(), want.len(), "{what}");
     let mut worst = 0.0f64;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let ulp = w.abs() / 128.0;
-        let tol = ulp + 1e-4;
+    for (i, ((g, w), p)) in got.iter().zip(want).zip(pre).enumerate() {
+        let tol = (p.abs() + w.abs()) / 256.0 + 1e-4;
         let err = (*g as f64 - w).abs();
-        worst = worst.max(err / ulp.max(1e-30));
+        worst = worst.max(err / tol);
         assert!(
             err <= tol,
             "{what}: element {i} is {g}, expected {w} (tolerance {tol:.2e})"
         );
     }
-    println!("{what}: largest error {worst:.2} bf16 ulp");
+    println!("{what}: largest error {worst:.2} of the bound");
+}
+
+/// The intermediate an epilogue with a `C` input may round before adding the bias: the larger
+/// of `|x·Wᵀ|` and `|x·Wᵀ + C|` (observed on the H200: the residual case 1.2x over a bound
+/// taken from `x·Wᵀ` alone).
+fn with_c(xw: &[f64], c: &[f32]) -> Vec<f64> {
+    xw.iter()
+        .zip(c)
+        .map(|(p, c)| p.abs().max((p + *c as f64).abs()))
+        .collect()
 }
 
 fn lt(blas: &Blas) -> &BlasLt {
     blas.lt().expect("cuBLASLt")
 }
 
-/// Bias, bias + residual (C ≠ D), ReLU + bias, ReLU + mask then DRELU, and the in-place C = D
-/// form, at one shape `(m, n, k)`.
+/// Bias, bias + residual (C ≠ D), ReLU + bias, and ReLU + bias in place (C = D), at one
+/// shape `(m, n, k)`.
 fn epilogues_at(dev: &CudaDevice, blas: &Blas, (m, n, k): (usize, usize, usize), seed: u64) {
     let lt = lt(blas);
     let mut rng = SplitMix64::new(seed);
@@ -125,6 +144,7 @@ fn epilogues_at(dev: &CudaDevice, blas: &Blas, (m, n, k): (usize, usize, usize),
         &format!("bias {shape}"),
         &d.to_f32_vec().unwrap(),
         &with_bias,
+        &xw,
     );
 
     // The same call again: the cached plan, no heuristic query.
@@ -145,6 +165,7 @@ fn epilogues_at(dev: &CudaDevice, blas: &Blas, (m, n, k): (usize, usize, usize),
         &format!("bias again {shape}"),
         &d.to_f32_vec().unwrap(),
         &with_bias,
+        &xw,
     );
 
     // D = x·Wᵀ + bias + res, C (the residual) untouched.
@@ -165,6 +186,7 @@ fn epilogues_at(dev: &CudaDevice, blas: &Blas, (m, n, k): (usize, usize, usize),
         &format!("residual {shape}"),
         &d.to_f32_vec().unwrap(),
         &want,
+        &with_c(&xw, &rv),
     );
     assert_eq!(
         res.to_f32_vec().unwrap(),
@@ -182,72 +204,12 @@ fn epilogues_at(dev: &CudaDevice, blas: &Blas, (m, n, k): (usize, usize, usize),
         &format!("relu {shape}"),
         &d.to_f32_vec().unwrap(),
         &relu(&with_bias),
-    );
-
-    // relu with the mask, into a mask poisoned with alternating bits; then the backward of a
-    // second GEMM with an [m, n] output through that mask.
-    let mut mask = DeviceTensor::from_bytes(
-        dev,
-        Storage::I32,
-        &[relu_mask_bytes(m, n) / 4],
-        &vec![0xAA; relu_mask_bytes(m, n)],
-    )
-    .unwrap();
-    let mut act = poisoned(dev, m * n);
-    let epi = Epilogue::ReluAuxBias {
-        bias: &bias,
-        mask: &mut mask,
-    };
-    lt.matmul(
-        x_m,
-        w_m,
-        None,
-        dense_mut(&mut act, m, n),
-        nt,
-        (1.0, 0.0),
-        epi,
-    )
-    .unwrap();
-    let act_v = act.to_f32_vec().unwrap();
-    assert_close(&format!("relu+mask {shape}"), &act_v, &relu(&with_bias));
-    let k2 = k + 5;
-    let (dy, dyv) = upload(dev, &mut rng, &[m, k2]);
-    let (w2, w2v) = upload(dev, &mut rng, &[k2, n]);
-    let mut dact = poisoned(dev, m * n);
-    let epi = Epilogue::DRelu { mask: &mask };
-    let (dy_m, w2_m) = (dense(&dy, m, k2), dense(&w2, k2, n));
-    lt.matmul(
-        dy_m,
-        w2_m,
-        None,
-        dense_mut(&mut dact, m, n),
-        (false, false),
-        (1.0, 0.0),
-        epi,
-    )
-    .unwrap();
-    let g = matmul(&dyv, &w2v, (m, n, k2), false);
-    let want: Vec<f64> = (0..m * n)
-        .map(|i| if act_v[i] > 0.0 { g[i] } else { 0.0 })
-        .collect();
-    let kept = act_v.iter().filter(|a| **a > 0.0).count();
-    assert!(
-        kept > m * n / 5 && kept < m * n * 4 / 5,
-        "{kept} of {}",
-        m * n
-    );
-    assert_close(
-        &format!("drelu {shape}"),
-        &dact.to_f32_vec().unwrap(),
-        &want,
+        &xw,
     );
 
     // In place: D holds y0 and becomes relu(x·Wᵀ + bias + y0) (beta 1, C = D).
     let (mut d, y0) = upload(dev, &mut rng, &[m * n]);
-    let epi = Epilogue::ReluAuxBias {
-        bias: &bias,
-        mask: &mut mask,
-    };
+    let epi = Epilogue::ReluBias(&bias);
     lt.matmul(x_m, w_m, None, dense_mut(&mut d, m, n), nt, (1.0, 1.0), epi)
         .unwrap();
     let want: Vec<f64> = (0..m * n)
@@ -257,6 +219,7 @@ fn epilogues_at(dev: &CudaDevice, blas: &Blas, (m, n, k): (usize, usize, usize),
         &format!("in place {shape}"),
         &d.to_f32_vec().unwrap(),
         &want,
+        &with_c(&xw, &y0),
     );
 }
 
@@ -268,7 +231,7 @@ fn cublaslt_epilogues_match_an_f64_reference() {
     let dev = CudaDevice::new(0).expect("a GPU");
     let blas = Blas::new(&dev).expect("cuBLAS");
     println!("cuBLASLt {}", lt(&blas).version());
-    // Shapes that are no tile multiple; N above 128 pads the mask rows; K = 1 and M = 1.
+    // Shapes that are no tile multiple; K = 1 and M = 1.
     for (i, shape) in [(37, 53, 29), (130, 200, 67), (1, 129, 16), (23, 8, 1)]
         .into_iter()
         .enumerate()
@@ -345,7 +308,7 @@ fn cublaslt_writes_only_its_block_and_refuses_bad_shapes() {
             let (i, j) = ((idx - off) / ld, (idx - off) % ld);
             let want = xw[i * n + j] + bv[j] as f64;
             assert!(
-                (*v as f64 - want).abs() <= want.abs() / 256.0 + 1e-4,
+                (*v as f64 - want).abs() <= (xw[i * n + j].abs() + want.abs()) / 256.0 + 1e-4,
                 "[{i},{j}] {v} {want}"
             );
         } else {

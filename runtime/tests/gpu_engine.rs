@@ -529,11 +529,17 @@ fn gpu_dropout_matches_the_cpu_engine_on_the_same_masks() {
 /// tokens against them — `dq = dS·k` with rows of `dS` summing to 0, `dA = duᵀ·o` — cancel it
 /// out, amplifying bf16 rounding). What remains is the bf16 error of the computation itself.
 fn variant(flags: &str, seed: u64, clean: bool) -> (OptModel, PackedBatch) {
+    let shape = r#""hidden_size":64,"ffn_dim":160,"num_attention_heads":4"#;
+    variant_shaped(shape, flags, seed, clean)
+}
+
+/// [`variant`] with the width, MLP width and heads of `shape` (JSON members).
+fn variant_shaped(shape: &str, flags: &str, seed: u64, clean: bool) -> (OptModel, PackedBatch) {
     use lexp_runtime::checkpoint::{OptConfig, OptWeights};
     let config = OptConfig::from_json(
         &format!(
-            r#"{{"model_type":"opt","vocab_size":300,"hidden_size":64,"ffn_dim":160,
-               "num_hidden_layers":2,"num_attention_heads":4,"max_position_embeddings":64,
+            r#"{{"model_type":"opt","vocab_size":300,{shape},
+               "num_hidden_layers":2,"max_position_embeddings":64,
                "dropout":0.0{flags}}}"#
         ),
         Path::new("variant/config.json"),
@@ -626,6 +632,16 @@ fn gpu_engine_variants_match_the_cpu_engine() {
         compare_eval(name, &model, &mut gpu, Some(&lora), &b);
         compare_step(name, &model, &mut gpu, &lora, &b, tol);
     }
+    // Heads of 128 (OPT-6.7B's head dimension): the engine runs the 128-wide flash kernels.
+    let name = "clean, 2 heads of 128";
+    let shape = r#""hidden_size":256,"ffn_dim":512,"num_attention_heads":2"#;
+    let (model, b) = variant_shaped(shape, "", 3, true);
+    let model = bf16_weights(&model);
+    let mut gpu = GpuEngine::new(model.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(gpu.attention(), AttentionImpl::Flash, "{name}");
+    let lora = random_lora(&model, 4, 2);
+    compare_eval(name, &model, &mut gpu, Some(&lora), &b);
+    compare_step(name, &model, &mut gpu, &lora, &b, RELU_FLIPS);
 }
 
 #[test]

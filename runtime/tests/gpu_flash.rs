@@ -213,11 +213,19 @@ fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], (nh, hd): (usize, usiz
         let what = format!(
             "{dtype:?} lens {lens:?} x {nh} heads of {hd}: fwd {fc:?} dkdv {kc:?} dq {qc:?}"
         );
+        // An output whose reference is zero (dq of a one-token sequence: dP − delta vanishes
+        // in exact arithmetic) is held to an absolute bound instead of the relative one.
         let check = |name: &str, got: &[f32], want: &[f32], tol: f64| {
             let d = compare(got, want);
             println!("{what}: {name} {d}");
+            let zero_ref = want.iter().all(|&w| w == 0.0);
+            let close = if zero_ref {
+                d.max_abs <= 1e-6
+            } else {
+                d.rel_l2 <= tol
+            };
             assert!(
-                d.unwritten == 0 && d.non_finite == 0 && d.rel_l2 <= tol,
+                d.unwritten == 0 && d.non_finite == 0 && close,
                 "{what}: {name} {d} (tolerance {tol:.0e})"
             );
         };

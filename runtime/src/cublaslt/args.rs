@@ -1,22 +1,11 @@
 //! The pure parts of [`super`]: the epilogues, the row-major to cuBLASLt argument mapping with
-//! its checks, ReLU mask sizes, pointer alignments and the plan cache's key. Nothing here
+//! its checks, pointer alignments and the plan cache's key. Nothing here
 //! touches the GPU (unit-tested on the CPU in `cublaslt_tests.rs`).
 
 use crate::buffer::DeviceTensor;
 use crate::cublas::{strided_args, BlasError, BlasResult, MatLayout, StridedGemm};
 use cudarc::cublaslt::sys::cublasLtEpilogue_t;
 use lexp_compiler::dtype::Storage;
-
-/// Bits per row of D in a ReLU bit-mask of a `[M, cols]` output: `cols` rounded up to 128, as
-/// cuBLASLt requires of the mask's leading dimension.
-pub fn relu_mask_ld(cols: usize) -> usize {
-    cols.div_ceil(128) * 128
-}
-
-/// Bytes of the ReLU bit-mask of a `[rows, cols]` output ([`Epilogue::ReluAuxBias`]).
-pub fn relu_mask_bytes(rows: usize, cols: usize) -> usize {
-    rows * relu_mask_ld(cols) / 8
-}
 
 /// What [`BlasLt::matmul`](super::BlasLt::matmul) applies to `alpha·op(A)·op(B) + beta·C` before storing D.
 #[derive(Debug)]
@@ -25,20 +14,6 @@ pub enum Epilogue<'a> {
     Bias(&'a DeviceTensor),
     /// `relu(… + bias)`.
     ReluBias(&'a DeviceTensor),
-    /// `relu(… + bias)`, writing the ReLU bit-mask into `mask` (at least
-    /// [`relu_mask_bytes`]`(M, N)` bytes, any element type) for a later [`Epilogue::DRelu`].
-    ReluAuxBias {
-        /// See [`Epilogue::Bias`].
-        bias: &'a DeviceTensor,
-        /// The bit-mask written.
-        mask: &'a mut DeviceTensor,
-    },
-    /// `(…) ⊙ relu'`: the result zeroed where the forward's ReLU output was, read from the
-    /// bit-mask a [`Epilogue::ReluAuxBias`] of the same `[M, N]` wrote.
-    DRelu {
-        /// The bit-mask read.
-        mask: &'a DeviceTensor,
-    },
 }
 
 /// The kind of an [`Epilogue`], without its buffers (part of a [`PlanKey`]).
@@ -48,10 +23,6 @@ pub enum EpilogueKind {
     Bias,
     /// [`Epilogue::ReluBias`].
     ReluBias,
-    /// [`Epilogue::ReluAuxBias`].
-    ReluAuxBias,
-    /// [`Epilogue::DRelu`].
-    DRelu,
 }
 
 impl EpilogueKind {
@@ -59,8 +30,6 @@ impl EpilogueKind {
         match self {
             EpilogueKind::Bias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
             EpilogueKind::ReluBias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
-            EpilogueKind::ReluAuxBias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_AUX_BIAS,
-            EpilogueKind::DRelu => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DRELU,
         }
     }
 
@@ -69,30 +38,16 @@ impl EpilogueKind {
         match self {
             EpilogueKind::Bias => "bias",
             EpilogueKind::ReluBias => "relu(bias)",
-            EpilogueKind::ReluAuxBias => "relu(bias)+mask",
-            EpilogueKind::DRelu => "drelu",
         }
-    }
-
-    pub(crate) fn has_bias(self) -> bool {
-        !matches!(self, EpilogueKind::DRelu)
-    }
-
-    pub(crate) fn has_mask(self) -> bool {
-        matches!(self, EpilogueKind::ReluAuxBias | EpilogueKind::DRelu)
     }
 }
 
 impl Epilogue<'_> {
-    /// The kind, the bias and the mask.
-    pub(crate) fn parts(&self) -> (EpilogueKind, Option<&DeviceTensor>, Option<&DeviceTensor>) {
+    /// The kind and the bias.
+    pub(crate) fn parts(&self) -> (EpilogueKind, &DeviceTensor) {
         match self {
-            Epilogue::Bias(b) => (EpilogueKind::Bias, Some(b), None),
-            Epilogue::ReluBias(b) => (EpilogueKind::ReluBias, Some(b), None),
-            Epilogue::ReluAuxBias { bias, mask } => {
-                (EpilogueKind::ReluAuxBias, Some(*bias), Some(&**mask))
-            }
-            Epilogue::DRelu { mask } => (EpilogueKind::DRelu, None, Some(*mask)),
+            Epilogue::Bias(b) => (EpilogueKind::Bias, b),
+            Epilogue::ReluBias(b) => (EpilogueKind::ReluBias, b),
         }
     }
 }
@@ -131,14 +86,12 @@ pub struct LtArgs {
     pub c: LtLayout,
     /// D.
     pub d: LtLayout,
-    /// The bit-mask's leading dimension in bits (0 without one).
-    pub mask_ld: usize,
 }
 
 /// Checks a row-major `D[M,N] = op(A)·op(B) + C` with epilogue `kind` and maps it to cuBLASLt's
 /// column-major arguments. Each layout comes with its tensor's element count; `c` is `None`
-/// when C is D itself. `bias` is the bias's element count (must be `N`), `mask` the mask
-/// tensor's bytes (at least [`relu_mask_bytes`]`(M, N)`). Single matrices only (no batch).
+/// when C is D itself. `bias` is the bias's element count (must be `N`). Single matrices only
+/// (no batch).
 #[allow(clippy::too_many_arguments)]
 pub fn lt_args(
     a: (&MatLayout, usize),
@@ -148,7 +101,7 @@ pub fn lt_args(
     trans_a: bool,
     trans_b: bool,
     kind: EpilogueKind,
-    (bias, mask): (Option<usize>, Option<usize>),
+    bias: usize,
 ) -> BlasResult<LtArgs> {
     let g: StridedGemm = strided_args(a.0, a.1, b.0, b.1, d.0, d.1, 1, trans_a, trans_b)?;
     let (rows, cols) = (d.0.rows, d.0.cols);
@@ -179,33 +132,12 @@ pub fn lt_args(
             }
         }
     };
-    match (kind.has_bias(), bias) {
-        (true, Some(n)) if n == cols => {}
-        (true, got) => {
-            return Err(BlasError::Shape(format!(
-                "{} epilogue: the bias has {} elements but `d` has {cols} columns",
-                kind.name(),
-                got.map_or_else(|| "no".to_string(), |n| n.to_string())
-            )))
-        }
-        (false, _) => {}
+    if bias != cols {
+        return Err(BlasError::Shape(format!(
+            "{} epilogue: the bias has {bias} elements but `d` has {cols} columns",
+            kind.name()
+        )));
     }
-    let mask_ld = if kind.has_mask() {
-        let need = relu_mask_bytes(rows, cols);
-        match mask {
-            Some(bytes) if bytes >= need => relu_mask_ld(cols),
-            got => {
-                return Err(BlasError::Shape(format!(
-                    "{} epilogue: the ReLU mask of a {rows}x{cols} output needs {need} bytes, \
-                     got {}",
-                    kind.name(),
-                    got.unwrap_or(0)
-                )))
-            }
-        }
-    } else {
-        0
-    };
     let stored = |t: bool, r: usize, c: usize, ld: usize| {
         let (rows, cols) = if t { (c, r) } else { (r, c) };
         LtLayout { rows, cols, ld }
@@ -228,7 +160,6 @@ pub fn lt_args(
             cols: g.n,
             ld: g.ldc,
         },
-        mask_ld,
     })
 }
 
@@ -243,7 +174,7 @@ pub fn alignment(ptr: u64) -> u32 {
 }
 
 /// What a cached plan is valid for: the arguments, element types, epilogue, and the
-/// alignment of the A, B, C, D, bias and mask pointers (cuBLASLt's heuristic picks algorithms
+/// alignment of the A, B, C, D and bias pointers (cuBLASLt's heuristic picks algorithms
 /// by them; the pointers themselves change from call to call).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PlanKey {
@@ -255,6 +186,6 @@ pub struct PlanKey {
     pub cd: Storage,
     /// The epilogue.
     pub epilogue: EpilogueKind,
-    /// Alignments (bytes) of cuBLASLt's A, B, C, D, the bias and the mask.
-    pub align: [u32; 6],
+    /// Alignments (bytes) of cuBLASLt's A, B, C, D and the bias.
+    pub align: [u32; 5],
 }

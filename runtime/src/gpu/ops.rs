@@ -17,9 +17,7 @@ use std::sync::OnceLock;
 /// path before the fusion (for A/B timing and as a fallback).
 pub const NO_LT_EPILOGUES_ENV: &str = "LEXP_NO_LT_EPILOGUES";
 
-/// True unless [`NO_LT_EPILOGUES_ENV`] is `1`; read once per process, so a layer's forward
-/// and backward always agree on the path (the backward's fused ReLU reads the mask the
-/// forward's fused GEMM wrote).
+/// True unless [`NO_LT_EPILOGUES_ENV`] is `1`; read once per process.
 pub fn lt_epilogues() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
