@@ -516,6 +516,7 @@ impl Engine for GpuEngine {
         grad_scale: f32,
         rng: Option<DropoutRng>,
     ) -> Result<StepOutput> {
+        check_adapters(&self.model.config, lora)?;
         self.ensure_lora(lora, true)?;
         self.zero_grads()?;
         let (loss_sum, count) = self.micro_step(lora, batch, grad_scale, rng, false)?;
@@ -542,6 +543,7 @@ impl Engine for GpuEngine {
         step: &OptimStep<'_>,
     ) -> Result<StepOutcome> {
         let n = step.targets()?;
+        check_adapters(&self.model.config, lora)?;
         let host_holds_state = !adamw.moments_on_device();
         let d = self.ensure_lora(lora, host_holds_state)?;
         let (len, spans) = (d.len(), optimizer::tensor_spans(lora, &d.slots)?);
