@@ -9,6 +9,8 @@ use std::io::Write;
 
 #[path = "lexp/bench_profile.rs"]
 mod bench_profile;
+#[path = "lexp/bench_attention.rs"]
+mod bench_attention;
 #[path = "lexp/bench_step.rs"]
 mod bench_step;
 #[path = "lexp/finetune.rs"]
@@ -105,6 +107,10 @@ enum BenchCmd {
     /// checkpoint: median step time, tokens/s, TFLOP/s, memory; compared with the PyTorch +
     /// PEFT baseline JSON (`bench/torch_baseline.py`) when given.
     Step(bench_step::StepArgs),
+    /// Dense flash attention alone (forward, forward + backward) at long sequences, in the
+    /// engine's tile configurations; compared with PyTorch SDPA's times from
+    /// `bench/attention_baseline.py` when given.
+    Attention(bench_attention::AttentionArgs),
 }
 
 fn main() -> Result<()> {
@@ -151,6 +157,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             what: BenchCmd::Step(args),
         } => bench_step::run(args),
+        Cmd::Bench {
+            what: BenchCmd::Attention(args),
+        } => bench_attention::run(args),
     }
 }
 

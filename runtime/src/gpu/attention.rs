@@ -26,7 +26,7 @@ use lexp_compiler::launch::{LaunchError, TensorArg};
 use lexp_kernels::flash_attention::{self as fa, BlockRow};
 
 /// A tile configuration: `(name, value)` of each const parameter of a kernel variant.
-type Tiles = [(&'static str, usize); 5];
+pub type Tiles = [(&'static str, usize); 5];
 
 /// The flash-attention tile configurations the engine runs for one head dimension, and the
 /// block sizes of the lists they take.
@@ -35,11 +35,11 @@ pub struct FlashConfig {
     /// The head dimension (`D`).
     pub hd: usize,
     /// `flash_fwd`: `BM` queries per program, `BN` keys per step.
-    fwd: Tiles,
+    pub fwd: Tiles,
     /// `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step.
-    dkdv: Tiles,
+    pub dkdv: Tiles,
     /// `flash_bwd_dq`: `BM` queries per program, `BN` keys per step.
-    dq: Tiles,
+    pub dq: Tiles,
 }
 
 impl FlashConfig {

@@ -1,0 +1,28 @@
+#!/bin/bash
+# Dense flash attention against PyTorch SDPA in one GPU call (the attention-exposure issue's
+# dense-speed target: forward + backward within 1.3x of SDPA at 4k and 16k tokens, head
+# dimensions 64 and 128). From the repository root on the GPU machine, with the release
+# `lexp` gzipped to .gpu/lexp.gz:
+#   bench/attention_compare.sh OUT_DIR [SEQS] [HEAD_DIMS]
+# Writes OUT_DIR/{sdpa.json,lexp.json,log.txt}.
+set -u
+OUT=${1:?usage: bench/attention_compare.sh OUT_DIR [SEQS] [HEAD_DIMS]}
+SEQS=${2:-4096,16384}
+HDS=${3:-64,128}
+mkdir -p "$OUT" /tmp/lexp-bin
+LOG="$OUT/log.txt"
+gunzip -c .gpu/lexp.gz > /tmp/lexp-bin/lexp || { echo "no .gpu/lexp.gz" | tee "$LOG"; exit 2; }
+chmod +x /tmp/lexp-bin/lexp
+{ date -u +%FT%TZ; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > "$LOG" 2>&1
+echo "== torch SDPA" >> "$LOG"
+timeout 240 python3 bench/attention_baseline.py --seq "$SEQS" --head-dim "$HDS" --out "$OUT/sdpa.json" >> "$LOG" 2>&1
+echo "exit $?" >> "$LOG"
+echo "== lexp bench attention" >> "$LOG"
+BASE=()
+[ -s "$OUT/sdpa.json" ] && BASE=(--baseline "$OUT/sdpa.json")
+timeout 240 /tmp/lexp-bin/lexp bench attention --seq "$SEQS" --head-dim "$HDS" "${BASE[@]}" \
+  --json "$OUT/lexp.json" >> "$LOG" 2>&1
+rc=$?
+echo "exit $rc" >> "$LOG"
+tail -n 8 "$LOG"
+exit $rc

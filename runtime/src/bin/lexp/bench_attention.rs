@@ -1,0 +1,263 @@
+//! `lexp bench attention`: the dense flash-attention kernels alone — forward, and forward +
+//! backward (delta, dk/dv, dq) — on one causal sequence of `L` tokens with `width / hd` heads,
+//! in the tile configurations the GPU engine runs, against PyTorch's SDPA timed on the same
+//! shapes by `bench/attention_baseline.py` (the attention-exposure issue's dense-speed target:
+//! within 1.3x of SDPA at 4k and 16k tokens, head dimensions 64 and 128).
+//!
+//! FLOPs follow the FlashAttention papers' convention for causal attention: forward
+//! `4·hd·P`, backward `2.5×` that, with `P = nh·L(L+1)/2` query–key pairs.
+
+use anyhow::{bail, Context, Result};
+use lexp_compiler::dtype::Storage;
+use lexp_compiler::launch::TensorArg;
+use lexp_kernels::flash_attention::{self as fa, key_blocks, query_blocks, BlockRow};
+use lexp_runtime::gpu::attention::{flash_config, stats_cols, FlashConfig};
+use lexp_runtime::{time_ms, CudaDevice, DeviceError, DeviceTensor};
+use std::path::PathBuf;
+
+/// Arguments of `lexp bench attention`.
+#[derive(clap::Args)]
+pub struct AttentionArgs {
+    /// Tokens of the one sequence, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4096,16384")]
+    seq: Vec<usize>,
+    /// Head dimensions, comma-separated (each must have flash kernels: 64, 128).
+    #[arg(long, value_delimiter = ',', default_value = "64,128")]
+    head_dim: Vec<usize>,
+    /// Model width: `width / head_dim` heads (OPT-1.3B: 2048).
+    #[arg(long, default_value_t = 2048)]
+    width: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed runs (median reported).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// `bench/attention_baseline.py`'s JSON: compare with its SDPA times.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Write the results (and the comparison) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The buffers of one shape, inputs random (never zeros), outputs poisoned.
+struct Bufs {
+    qkv: DeviceTensor,
+    d_o: DeviceTensor,
+    o: DeviceTensor,
+    lse2: DeviceTensor,
+    delta: DeviceTensor,
+    dqkv: DeviceTensor,
+    blocks: [DeviceTensor; 3],
+    t: usize,
+    nh: usize,
+    hd: usize,
+}
+
+fn uniform(state: &mut u64, n: usize, a: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            *state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((*state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+        })
+        .collect()
+}
+
+fn block_tensor(dev: &CudaDevice, rows: &[BlockRow]) -> Result<DeviceTensor> {
+    let flat: Vec<i32> = rows.iter().flatten().copied().collect();
+    Ok(DeviceTensor::from_i32(dev, &[rows.len(), 3], &flat)?)
+}
+
+impl Bufs {
+    fn new(dev: &CudaDevice, cfg: &FlashConfig, t: usize, nh: usize) -> Result<Bufs> {
+        let hd = cfg.hd;
+        let h = nh * hd;
+        let mut state = 0x5eed_u64 ^ (t as u64) << 8 ^ hd as u64;
+        let mut random = |dims: &[usize], a: f32| -> Result<DeviceTensor> {
+            let n = dims.iter().product();
+            Ok(DeviceTensor::from_f32(
+                dev,
+                Storage::BF16,
+                dims,
+                &uniform(&mut state, n, a),
+            )?)
+        };
+        let (qkv, d_o) = (random(&[t, 3 * h], 2.0)?, random(&[t, h], 1.0)?);
+        let poisoned = |s: Storage, dims: &[usize]| DeviceTensor::poisoned(dev, s, dims);
+        let cu = [0, t];
+        let rows = |list: Option<Vec<BlockRow>>| {
+            list.context("a position does not fit in i32")
+                .and_then(|r| block_tensor(dev, &r))
+        };
+        Ok(Bufs {
+            qkv,
+            d_o,
+            o: poisoned(Storage::BF16, &[t, h])?,
+            lse2: poisoned(Storage::F32, &[nh, stats_cols(t)])?,
+            delta: poisoned(Storage::F32, &[nh, stats_cols(t)])?,
+            dqkv: poisoned(Storage::BF16, &[t, 3 * h])?,
+            blocks: [
+                rows(query_blocks(&cu, cfg.fwd_bm()))?,
+                rows(key_blocks(&cu, cfg.dkdv_bn()))?,
+                rows(query_blocks(&cu, cfg.dq_bm()))?,
+            ],
+            t,
+            nh,
+            hd,
+        })
+    }
+
+    fn scale(&self) -> f32 {
+        (self.hd as f32).powf(-0.5)
+    }
+
+    fn stats(&self, t: &DeviceTensor) -> Result<TensorArg, DeviceError> {
+        Ok(t.view(&[self.nh, stats_cols(self.t)])?)
+    }
+
+    fn forward(&self, dev: &CudaDevice, cfg: &FlashConfig) -> Result<(), DeviceError> {
+        fa::flash_fwd::launch_with(
+            dev,
+            &cfg.fwd,
+            &fa::flash_fwd::Args {
+                qkv: &self.qkv.as_arg(),
+                blocks: &self.blocks[0].as_arg(),
+                scale_log2: self.scale() * std::f32::consts::LOG2_E,
+                o: &self.o.as_arg(),
+                lse2: &self.stats(&self.lse2)?,
+            },
+        )?;
+        Ok(())
+    }
+
+    fn backward(&self, dev: &CudaDevice, cfg: &FlashConfig) -> Result<(), DeviceError> {
+        let (lse2, delta) = (self.stats(&self.lse2)?, self.stats(&self.delta)?);
+        fa::flash_bwd_delta::launch_with(
+            dev,
+            &[("D", self.hd)],
+            &fa::flash_bwd_delta::Args {
+                o: &self.o.as_arg(),
+                d_o: &self.d_o.as_arg(),
+                delta: &delta,
+            },
+        )?;
+        let s = self.scale();
+        fa::flash_bwd_dkdv::launch_with(
+            dev,
+            &cfg.dkdv,
+            &fa::flash_bwd_dkdv::Args {
+                qkv: &self.qkv.as_arg(),
+                d_o: &self.d_o.as_arg(),
+                lse2: &lse2,
+                delta: &delta,
+                blocks: &self.blocks[1].as_arg(),
+                scale_log2: s * std::f32::consts::LOG2_E,
+                scale: s,
+                dqkv: &self.dqkv.as_arg(),
+            },
+        )?;
+        fa::flash_bwd_dq::launch_with(
+            dev,
+            &cfg.dq,
+            &fa::flash_bwd_dq::Args {
+                qkv: &self.qkv.as_arg(),
+                d_o: &self.d_o.as_arg(),
+                lse2: &lse2,
+                delta: &delta,
+                blocks: &self.blocks[2].as_arg(),
+                scale_log2: s * std::f32::consts::LOG2_E,
+                scale: s,
+                dqkv: &self.dqkv.as_arg(),
+            },
+        )?;
+        Ok(())
+    }
+}
+
+/// SDPA's median times for `(seq, hd)` from the baseline JSON: `(forward, forward + backward)`.
+fn baseline_times(j: &serde_json::Value, seq: usize, hd: usize) -> Option<(f64, f64)> {
+    j["runs"].as_array()?.iter().find_map(|r| {
+        let same =
+            r["seq"].as_u64() == Some(seq as u64) && r["head_dim"].as_u64() == Some(hd as u64);
+        let (f, fb) = (r["fwd_ms"].as_f64()?, r["fwd_bwd_ms"].as_f64()?);
+        same.then_some((f, fb))
+    })
+}
+
+/// Runs the benchmark (see the [module docs](self)).
+pub fn run(args: AttentionArgs) -> Result<()> {
+    if args.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let baseline = match &args.baseline {
+        Some(p) => Some(
+            serde_json::from_str::<serde_json::Value>(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("{}: not JSON", p.display()))?,
+        ),
+        None => None,
+    };
+    let dev = CudaDevice::new(0).context("lexp bench attention needs a CUDA GPU")?;
+    println!(
+        "{:<7} {:>4} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "tokens", "hd", "heads", "fwd ms", "fwd TF/s", "f+b ms", "f+b TF/s", "sdpa f+b", "vs sdpa"
+    );
+    let mut rows = Vec::new();
+    for &hd in &args.head_dim {
+        let cfg = flash_config(hd)
+            .with_context(|| format!("--head-dim {hd}: no flash kernels for it (64, 128)"))?;
+        if args.width % hd != 0 {
+            bail!(
+                "--width {} is not a multiple of --head-dim {hd}",
+                args.width
+            );
+        }
+        let nh = args.width / hd;
+        for &t in &args.seq {
+            let b = Bufs::new(&dev, cfg, t, nh)?;
+            let fwd = time_ms(&dev, args.warmup, args.iters, || b.forward(&dev, cfg))?;
+            let both = time_ms(&dev, args.warmup, args.iters, || {
+                b.forward(&dev, cfg)?;
+                b.backward(&dev, cfg)
+            })?;
+            let pairs = nh as f64 * t as f64 * (t as f64 + 1.0) / 2.0;
+            let fwd_flops = 4.0 * hd as f64 * pairs;
+            let tflops = |flops: f64, ms: f64| flops / (ms * 1e-3) / 1e12;
+            let (f_ms, fb_ms) = (fwd.median(), both.median());
+            let sdpa = baseline.as_ref().and_then(|j| baseline_times(j, t, hd));
+            let ratio = sdpa.map(|(_, s)| fb_ms / s);
+            println!(
+                "{t:<7} {hd:>4} {nh:>6} {f_ms:>9.3} {:>9.1} {fb_ms:>9.3} {:>9.1} {:>10} {:>10}",
+                tflops(fwd_flops, f_ms),
+                tflops(3.5 * fwd_flops, fb_ms),
+                sdpa.map_or("-".into(), |(_, s)| format!("{s:.3}")),
+                ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+            );
+            rows.push(serde_json::json!({
+                "seq": t, "head_dim": hd, "heads": nh,
+                "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms,
+                "fwd_tflops": tflops(fwd_flops, f_ms), "fwd_bwd_tflops": tflops(3.5 * fwd_flops, fb_ms),
+                "configs": {"fwd": format!("{:?}", cfg.fwd), "dkdv": format!("{:?}", cfg.dkdv), "dq": format!("{:?}", cfg.dq)},
+                "sdpa_fwd_ms": sdpa.map(|s| s.0), "sdpa_fwd_bwd_ms": sdpa.map(|s| s.1),
+                "fwd_bwd_vs_sdpa": ratio,
+            }));
+        }
+    }
+    if let Some(p) = &args.json {
+        let j = serde_json::json!({
+            "what": "lexp bench attention: dense causal flash attention (DSL kernels, engine tile configurations), one sequence, bf16; median of timed runs after warm-up (CUDA events); fwd_bwd_vs_sdpa = lexp / SDPA time (below 1.3: the dense-speed target)",
+            "device": dev.name(),
+            "width": args.width, "iters": args.iters, "warmup": args.warmup,
+            "flop_convention": "forward 4·hd·P, backward 2.5x forward, P = heads·L(L+1)/2",
+            "baseline": args.baseline.as_ref().map(|p| p.display().to_string()),
+            "runs": rows,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&j)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
