@@ -583,14 +583,19 @@ proptest! {
     fn adamw(seed: u64, n in size(1..5000, &[1, 1023, 1024, 1025, 4096]), step in 1u32..2000) {
         let mut data = Data::new(seed);
         for dtype in DTYPES {
-            let s = reference::AdamwStep::at(
-                data.0.gen_range(1e-3f32..1e-1),
-                data.0.gen_range(0.8f32..0.95),
-                data.0.gen_range(0.99f32..0.9999),
-                1e-8,
-                data.0.gen_range(0.0f32..0.1),
-                step,
-            );
+            // A clipping scale below 1 half the time (1: no clipping).
+            let grad_scale = if data.0.gen_bool(0.5) { data.0.gen_range(0.05f32..1.0) } else { 1.0 };
+            let s = reference::AdamwStep {
+                grad_scale,
+                ..reference::AdamwStep::at(
+                    data.0.gen_range(1e-3f32..1e-1),
+                    data.0.gen_range(0.8f32..0.95),
+                    data.0.gen_range(0.99f32..0.9999),
+                    1e-8,
+                    data.0.gen_range(0.0f32..0.1),
+                    step,
+                )
+            };
             let p0 = HostTensor::new(Storage::F32, &[n], &data.values(n, -3.0, 3.0));
             let mut grad = data.tensor(dtype, &[n]);
             let m0 = HostTensor::new(Storage::F32, &[n], &data.values(n, -1.0, 1.0));
@@ -600,7 +605,7 @@ proptest! {
             let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
             let what = format!("adamw {dtype:?} n={n} {s:?}");
             run(&what, kernels::adamw::interpret(&[], kernels::adamw::HostArgs {
-                param: &mut p, grad: &mut grad, m: &mut m, v: &mut v,
+                param: &mut p, grad: &mut grad, grad_scale: s.grad_scale, m: &mut m, v: &mut v,
                 lr: s.lr, beta1: s.beta1, beta2: s.beta2, eps: s.eps,
                 weight_decay: s.weight_decay, bias_correction1: s.bias_correction1,
                 bias_correction2_sqrt: s.bias_correction2_sqrt,
