@@ -249,7 +249,7 @@ pub fn check_all_host(only: Option<&str>) -> Result<Vec<CheckRow>, LaunchError> 
         } else {
             (9, 1100)
         };
-        for dtype in [Storage::BF16, Storage::F16, Storage::F32] {
+        for dtype in crate::kernel_check::dtypes(kernel) {
             let mut rng = Rng::new(11);
             for (name, got, want, scale) in run(kernel, dtype, dims, &mut rng)? {
                 let d = refr::compare_scaled(&got.data, &want, scale);

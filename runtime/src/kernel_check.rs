@@ -546,7 +546,7 @@ pub fn check_all(dev: &CudaDevice, only: Option<&str>) -> Result<Vec<CheckRow>, 
         if only.map(|o| o != kernel).unwrap_or(false) {
             continue;
         }
-        for dtype in [Storage::BF16, Storage::F16, Storage::F32] {
+        for dtype in dtypes(kernel) {
             let shapes = check_shapes(kernel);
             let mut runs: Vec<((usize, usize), bool)> =
                 shapes.iter().map(|s| (*s, false)).collect();
@@ -603,6 +603,19 @@ pub fn check_all(dev: &CudaDevice, only: Option<&str>) -> Result<Vec<CheckRow>, 
         }
     }
     Ok(rows)
+}
+
+/// The element types a kernel is checked in: bf16, f16 and f32, or f32 alone for a kernel
+/// without a type parameter (`sum_squares`).
+pub fn dtypes(kernel: &str) -> Vec<Storage> {
+    let typed = lexp_kernels::find(kernel)
+        .and_then(|k| k.variants.first())
+        .is_none_or(|v| v.param("T").is_some());
+    if typed {
+        vec![Storage::BF16, Storage::F16, Storage::F32]
+    } else {
+        vec![Storage::F32]
+    }
 }
 
 /// Every tile configuration the kernel was compiled with (see `KernelInfo::configurations`).

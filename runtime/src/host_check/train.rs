@@ -8,8 +8,8 @@ use lexp_compiler::dtype::Storage;
 use lexp_compiler::interp::HostTensor;
 use lexp_compiler::launch::LaunchError;
 use lexp_kernels as k;
-use lexp_kernels::SUM_SQUARES_CHUNK;
 use lexp_kernels::reference as refr;
+use lexp_kernels::SUM_SQUARES_CHUNK;
 
 /// `n` integers uniform in `lo..hi`.
 fn ints(rng: &mut Rng, n: usize, lo: i32, hi: i32) -> Vec<i32> {

@@ -10,8 +10,8 @@ use crate::DeviceError;
 use lexp_compiler::dtype::Storage;
 use lexp_compiler::launch::TensorArg;
 use lexp_kernels as k;
-use lexp_kernels::SUM_SQUARES_CHUNK;
 use lexp_kernels::reference as refr;
+use lexp_kernels::SUM_SQUARES_CHUNK;
 
 impl Ctx<'_> {
     /// A tensor the kernel reads and overwrites: random values in `[lo, hi)` (rounded to
