@@ -34,7 +34,7 @@ use crate::device::CudaDevice;
 use crate::model::dropout::Site;
 use crate::model::ModelError;
 use crate::peft::LoraTarget;
-use fused::{fc1_forward, residual_forward};
+use fused::{fc1_forward, residual_block};
 
 mod fused;
 
@@ -258,39 +258,18 @@ pub fn forward(
 
     // out_proj, its bias and the residual: h1 = x + (o·Woᵀ + bo).
     let attn_col = cx.drop.and_then(|d| d.layout.attn);
-    let fused = cx.fused_residual(attn_col)
-        && residual_forward(
-            cx,
-            li,
-            LoraTarget::Out,
-            (&w.wo, &w.bo),
-            (&acts.o, h),
-            &acts.x,
-            &mut acts.h1,
-            (&mut acts.u, &acts.mask),
-            (&mut sc.rand, &mut sc.xd),
-        )?;
-    if !fused {
-        project_forward(
-            cx,
-            li,
-            LoraTarget::Out,
-            &w.wo,
-            (&acts.o, h),
-            (&mut sc.tmp, h),
-            (&mut acts.u, &acts.mask),
-            (&mut sc.rand, &mut sc.xd),
-        )?;
-        cx.residual(
-            li,
-            (Site::AttnResidual, attn_col),
-            (&sc.tmp, &w.bo),
-            &acts.x,
-            &mut acts.h1,
-            &acts.mask,
-            &mut sc.rand,
-        )?;
-    }
+    residual_block(
+        cx,
+        li,
+        (LoraTarget::Out, (Site::AttnResidual, attn_col)),
+        (&w.wo, &w.bo),
+        (&acts.o, h),
+        &acts.x,
+        &mut acts.h1,
+        (&mut acts.u, &acts.mask),
+        (&mut sc.rand, &mut sc.xd),
+        &mut sc.tmp,
+    )?;
 
     // MLP: out = h1 + relu(LN2(h1)·W1ᵀ + b1)·W2ᵀ + b2.
     layernorm(
@@ -305,39 +284,17 @@ pub fn forward(
     )?;
     fc1_forward(cx, li, w, acts, sc)?;
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
-    let fused = cx.fused_residual(mlp_col)
-        && residual_forward(
-            cx,
-            li,
-            LoraTarget::Fc2,
-            (&w.w2, &w.b2),
-            (&acts.act, f),
-            &acts.h1,
-            out,
-            (&mut acts.u, &acts.mask),
-            (&mut sc.rand, &mut sc.xd),
-        )?;
-    if fused {
-        return Ok(());
-    }
-    project_forward(
+    residual_block(
         cx,
         li,
-        LoraTarget::Fc2,
-        &w.w2,
+        (LoraTarget::Fc2, (Site::MlpResidual, mlp_col)),
+        (&w.w2, &w.b2),
         (&acts.act, f),
-        (&mut sc.tmp, h),
-        (&mut acts.u, &acts.mask),
-        (&mut sc.rand, &mut sc.xd),
-    )?;
-    cx.residual(
-        li,
-        (Site::MlpResidual, mlp_col),
-        (&sc.tmp, &w.b2),
         &acts.h1,
         out,
-        &acts.mask,
-        &mut sc.rand,
+        (&mut acts.u, &acts.mask),
+        (&mut sc.rand, &mut sc.xd),
+        &mut sc.tmp,
     )
 }
 

@@ -15,6 +15,7 @@ use crate::gpu::dropout::DropCtx;
 use crate::gpu::ops::{bias_add, dense, dense_mut, lt_epilogues, mm, mm_fused, R};
 use crate::gpu::weights::LayerWeights;
 use crate::gpu::workspace::{LayerActs, Scratch};
+use crate::model::dropout::Site;
 use crate::peft::LoraTarget;
 
 /// `act = relu(b·W1ᵀ + b1 [+ LoRA])`: with the epilogues on, the LoRA branch (if any) writes
@@ -58,36 +59,50 @@ pub(super) fn fc1_forward(
     Ok(())
 }
 
-/// A projection `W [H, in_f]` with its bias and the residual in one fused GEMM:
-/// `out = x·Wᵀ + bias + res`, then the LoRA branch of `target` (if adapted) added to `out`.
-/// `Ok(false)`, having done nothing, when cuBLASLt has no algorithm for the GEMM.
+/// A residual projection and its add: `out = res + (x·Wᵀ + bias) [+ LoRA]`, with residual
+/// dropout at `site` when the step has it. Fused when [`Ctx::fused_residual`] allows it and
+/// cuBLASLt has an algorithm: one GEMM with the bias epilogue and `C = res`, then the LoRA
+/// branch added to `out`; else the GEMM (+ LoRA) into `tmp` and [`Ctx::residual`] (bias,
+/// dropout, add).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn residual_forward(
+pub(super) fn residual_block(
     cx: &Ctx,
     li: usize,
-    target: LoraTarget,
+    (target, site): (LoraTarget, (Site, Option<usize>)),
     (w, bias): (&DeviceTensor, &DeviceTensor),
     (x, in_f): (&DeviceTensor, usize),
     res: &DeviceTensor,
     out: &mut DeviceTensor,
-    saved: (&mut DeviceTensor, &DeviceTensor),
-    scratch: (&mut DeviceTensor, &mut DeviceTensor),
-) -> R<bool> {
+    (u, mask): (&mut DeviceTensor, &DeviceTensor),
+    (rand, xd): (&mut DeviceTensor, &mut DeviceTensor),
+    tmp: &mut DeviceTensor,
+) -> R {
     let (t, h) = (cx.t, cx.d.h);
-    let fused = mm_fused(
-        cx.blas,
-        dense(x, t, in_f),
-        dense(w, h, in_f),
-        Some(dense(res, t, h)),
-        dense_mut(out, t, h),
-        true,
-        1.0,
-        Epilogue::Bias(bias),
-    )?;
-    if fused {
-        branch_forward(cx, li, target, (x, in_f), (out, h), saved, scratch)?;
+    if cx.fused_residual(site.1)
+        && mm_fused(
+            cx.blas,
+            dense(x, t, in_f),
+            dense(w, h, in_f),
+            Some(dense(res, t, h)),
+            dense_mut(out, t, h),
+            true,
+            1.0,
+            Epilogue::Bias(bias),
+        )?
+    {
+        return branch_forward(cx, li, target, (x, in_f), (out, h), (u, mask), (rand, xd));
     }
-    Ok(fused)
+    project_forward(
+        cx,
+        li,
+        target,
+        w,
+        (x, in_f),
+        (tmp, h),
+        (u, mask),
+        (rand, xd),
+    )?;
+    cx.residual(li, site, (tmp, bias), res, out, mask, rand)
 }
 
 /// [`branch_forward`] that overwrites `y` with the branch's `s·u·Bᵀ` instead of adding to it
