@@ -7,10 +7,10 @@ use lexp_runtime::kernel_check;
 use lexp_runtime::CudaDevice;
 use std::io::Write;
 
-#[path = "lexp/bench_profile.rs"]
-mod bench_profile;
 #[path = "lexp/bench_attention.rs"]
 mod bench_attention;
+#[path = "lexp/bench_profile.rs"]
+mod bench_profile;
 #[path = "lexp/bench_step.rs"]
 mod bench_step;
 #[path = "lexp/finetune.rs"]

@@ -287,19 +287,28 @@ fn device_moments_protocol() {
         let mut p = [vec![0.0f32; 3], vec![0.0; 2]];
         let (a, b) = p.split_at_mut(1);
         let g = [vec![1.0f32; 3], vec![1.0; 2]];
-        opt.clone().step(&mut [&mut a[0], &mut b[0]], &[&g[0], &g[1]], 1e-3);
+        opt.clone()
+            .step(&mut [&mut a[0], &mut b[0]], &[&g[0], &g[1]], 1e-3);
     }));
     assert!(caught.is_err());
     // Wrong sizes are refused and leave the flag set.
-    assert!(opt.set_moments(vec![vec![0.0; 3]], vec![vec![0.0; 3]]).is_err());
+    assert!(opt
+        .set_moments(vec![vec![0.0; 3]], vec![vec![0.0; 3]])
+        .is_err());
     assert!(opt.moments_on_device());
-    let (m, v) = (vec![vec![0.5f32; 3], vec![0.25; 2]], vec![vec![1.0f32; 3], vec![2.0; 2]]);
+    let (m, v) = (
+        vec![vec![0.5f32; 3], vec![0.25; 2]],
+        vec![vec![1.0f32; 3], vec![2.0; 2]],
+    );
     opt.set_moments(m.clone(), v.clone()).unwrap();
     let st = opt.state().unwrap();
     assert_eq!((st.step, st.m, st.v), (1, m, v));
     opt.save(&path, &names).unwrap();
     let back = AdamW::load(&path, &names, &sizes).unwrap();
     assert_eq!(back.step_count(), 1);
-    assert_eq!(opt.kernel_scalars(1e-3).bias_correction1, (1.0 - 0.9f64.powi(2)) as f32);
+    assert_eq!(
+        opt.kernel_scalars(1e-3).bias_correction1,
+        (1.0 - 0.9f64.powi(2)) as f32
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
