@@ -46,3 +46,45 @@ pub fn adamw<T, const BLOCK: usize>(
     m.store([i], m1);
     v.store([i], v1);
 }
+
+/// The scalars of one [`adamw`] launch, as `torch.optim.AdamW` defines them:
+/// `bias_correction1 = 1 - beta1^t`, `bias_correction2_sqrt = sqrt(1 - beta2^t)`, and the
+/// clipping scale of the gradient. The runtime's optimizer (`AdamW::kernel_scalars`) and the
+/// reference (`reference::adamw`) both take this.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamwStep {
+    /// Learning rate of the step.
+    pub lr: f32,
+    /// `β1`.
+    pub beta1: f32,
+    /// `β2`.
+    pub beta2: f32,
+    /// Added to the bias-corrected `√v`.
+    pub eps: f32,
+    /// Decoupled weight decay `λ`.
+    pub weight_decay: f32,
+    /// `1 − β1^t`.
+    pub bias_correction1: f32,
+    /// `√(1 − β2^t)`.
+    pub bias_correction2_sqrt: f32,
+    /// The gradient's scale (the clipping coefficient; 1 for none).
+    pub grad_scale: f32,
+}
+
+impl AdamwStep {
+    /// The scalars of step `t` (1-based) for the given hyperparameters (bias corrections in
+    /// f64 from the f32 values, no clipping).
+    pub fn at(lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, t: u32) -> Self {
+        let t = t as i32;
+        AdamwStep {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            bias_correction1: (1.0 - f64::from(beta1).powi(t)) as f32,
+            bias_correction2_sqrt: (1.0 - f64::from(beta2).powi(t)).sqrt() as f32,
+            grad_scale: 1.0,
+        }
+    }
+}

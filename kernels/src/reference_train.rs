@@ -135,37 +135,7 @@ pub fn xent_fwd_bwd(
     (dz, loss)
 }
 
-/// The scalars of one AdamW step as the `adamw` kernel takes them (`torch.optim.AdamW`):
-/// `bias_correction1 = 1 - beta1^t`, `bias_correction2_sqrt = sqrt(1 - beta2^t)`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamwStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    pub bias_correction1: f32,
-    pub bias_correction2_sqrt: f32,
-    /// The gradient's scale (the clipping coefficient; 1 for none).
-    pub grad_scale: f32,
-}
-
-impl AdamwStep {
-    /// The scalars of step `t` (1-based) for the given hyperparameters.
-    pub fn at(lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, t: u32) -> Self {
-        let t = t as i32;
-        AdamwStep {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            bias_correction1: (1.0 - f(beta1).powi(t)) as f32,
-            bias_correction2_sqrt: (1.0 - f(beta2).powi(t)).sqrt() as f32,
-            grad_scale: 1.0,
-        }
-    }
-}
+pub use crate::optimizer::AdamwStep;
 
 /// One AdamW step on `g = grad * grad_scale`, torch order: `param *= 1 - lr*wd; m += (1 - beta1)(g - m);
 /// v = beta2 v + (1 - beta2) g^2; param -= (lr / bc1) m / (sqrt(v) / bc2_sqrt + eps)`.

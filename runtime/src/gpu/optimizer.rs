@@ -24,11 +24,12 @@ use super::ops::{arg, convert, dev_err, R};
 use crate::buffer::DeviceTensor;
 use crate::device::CudaDevice;
 use crate::model::ModelError;
-use crate::optim::{AdamW, KernelScalars};
+use crate::optim::AdamW;
 use crate::peft::LoraParams;
 use lexp_compiler::dtype::Storage;
 use lexp_compiler::launch::LaunchError;
 use lexp_kernels as k;
+use lexp_kernels::AdamwStep;
 
 /// `(offset, length)` in the flat buffers of each of `lora`'s tensors, in
 /// [`LoraParams::tensors`] order (each module's `A`, then its `B`).
@@ -207,30 +208,25 @@ impl DeviceAdamW {
     ) -> R<Vec<Vec<f32>>> {
         let n = self.len;
         if n > 0 {
-            let KernelScalars {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                bias_correction1,
-                bias_correction2_sqrt,
-            } = adamw.kernel_scalars(lr);
+            let s = AdamwStep {
+                grad_scale,
+                ..adamw.kernel_scalars(lr)
+            };
             k::adamw::launch(
                 dev,
                 &k::adamw::Args {
                     param: &arg(&self.master, &[n])?,
                     grad: &arg(grads, &[n])?,
-                    grad_scale,
+                    grad_scale: s.grad_scale,
                     m: &arg(&self.m, &[n])?,
                     v: &arg(&self.v, &[n])?,
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    bias_correction1,
-                    bias_correction2_sqrt,
+                    lr: s.lr,
+                    beta1: s.beta1,
+                    beta2: s.beta2,
+                    eps: s.eps,
+                    weight_decay: s.weight_decay,
+                    bias_correction1: s.bias_correction1,
+                    bias_correction2_sqrt: s.bias_correction2_sqrt,
                 },
             )
             .map_err(launch_err("AdamW"))?;

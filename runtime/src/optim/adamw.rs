@@ -19,6 +19,7 @@
 
 use super::error::{OptimError, Result};
 use crate::checkpoint::{writer, Dtype, SafeTensors, WriteTensor};
+use lexp_kernels::AdamwStep;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
@@ -103,29 +104,6 @@ pub struct AdamW {
     moments_on_device: bool,
 }
 
-/// The scalars of the next step as the device `adamw` kernel takes them (its `lr`, `beta1`,
-/// `beta2`, `eps`, `weight_decay`, `bias_correction1`, `bias_correction2_sqrt`): the
-/// hyper-parameters and `1 − β1^t`, `√(1 − β2^t)` computed in f64 as [`AdamW::step`] does, then
-/// rounded to f32. The kernel forms `1 − lr·λ` and `lr / bc1` in f32, which can differ from
-/// the host's f64-then-rounded scalars in the last bit.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct KernelScalars {
-    /// Learning rate of the step.
-    pub lr: f32,
-    /// `β1`.
-    pub beta1: f32,
-    /// `β2`.
-    pub beta2: f32,
-    /// `eps`.
-    pub eps: f32,
-    /// Decoupled weight decay `λ`.
-    pub weight_decay: f32,
-    /// `1 − β1^t`.
-    pub bias_correction1: f32,
-    /// `√(1 − β2^t)`.
-    pub bias_correction2_sqrt: f32,
-}
-
 /// The f32 scalars of one step.
 #[derive(Debug, Clone, Copy)]
 struct StepScalars {
@@ -171,11 +149,14 @@ impl AdamW {
         (!self.moments_on_device).then_some((&self.m, &self.v))
     }
 
-    /// The scalars of the next step (`t = step_count() + 1`) for the device kernel.
-    pub fn kernel_scalars(&self, lr: f32) -> KernelScalars {
+    /// The scalars of the next step (`t = step_count() + 1`) for the device `adamw` kernel,
+    /// without clipping: `1 − β1^t` and `√(1 − β2^t)` computed in f64 as [`step`](Self::step)
+    /// does, then rounded to f32. The kernel forms `1 − lr·λ` and `lr / bc1` in f32, which can
+    /// differ from the host's f64-then-rounded scalars in the last bit.
+    pub fn kernel_scalars(&self, lr: f32) -> AdamwStep {
         let (b1, b2) = (decimal(self.config.betas.0), decimal(self.config.betas.1));
         let t = (self.step + 1) as f64;
-        KernelScalars {
+        AdamwStep {
             lr,
             beta1: self.config.betas.0,
             beta2: self.config.betas.1,
@@ -183,6 +164,7 @@ impl AdamW {
             weight_decay: self.config.weight_decay,
             bias_correction1: (1.0 - b1.powf(t)) as f32,
             bias_correction2_sqrt: (1.0 - b2.powf(t)).powf(0.5) as f32,
+            grad_scale: 1.0,
         }
     }
 

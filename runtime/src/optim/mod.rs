@@ -10,7 +10,7 @@ pub mod clip;
 mod error;
 pub mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig, AdamWState, KernelScalars};
+pub use adamw::{AdamW, AdamWConfig, AdamWState};
 pub use clip::clip_grad_norm;
 pub use error::{OptimError, Result};
 pub use schedule::{LrSchedule, Schedule};
