@@ -10,10 +10,10 @@
 use lexp_compiler::dtype::Storage;
 use lexp_compiler::launch::KernelInfo;
 use lexp_kernels::flash_attention::{
-    flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_fwd, key_blocks, query_blocks, BlockRow,
+    flash_bwd_dkdv, flash_bwd_dq, flash_fwd, key_blocks, query_blocks, BlockRow,
 };
 use lexp_kernels::reference::{self, compare, tolerance, AttnShape};
-use lexp_runtime::data::SplitMix64;
+use lexp_runtime::gpu::flash_problem::{block_tensor, FlashProblem};
 use lexp_runtime::{CudaDevice, DeviceTensor};
 
 fn enabled() -> bool {
@@ -24,123 +24,9 @@ fn enabled() -> bool {
     false
 }
 
-fn uniform(rng: &mut SplitMix64, n: usize, a: f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| (((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * a) as f32)
-        .collect()
-}
-
 fn blocks(dev: &CudaDevice, rows: &[BlockRow]) -> DeviceTensor {
-    let f: Vec<f32> = rows.iter().flatten().map(|x| *x as f32).collect();
-    DeviceTensor::from_f32(dev, Storage::I32, &[rows.len(), 3], &f).unwrap()
+    block_tensor(dev, rows).unwrap()
 }
-
-/// The tensors of one attention problem: inputs `qkv [T, 3H]` and `dO [T, H]`, outputs `o`,
-/// `lse2` and `delta` (`[nh, T]` with rows padded to 16 bytes, as the engine lays them out) and
-/// `dqkv`.
-struct Bufs {
-    qkv: DeviceTensor,
-    d_o: DeviceTensor,
-    o: DeviceTensor,
-    lse2: DeviceTensor,
-    delta: DeviceTensor,
-    dqkv: DeviceTensor,
-    /// Softmax scale `hd^-0.5`.
-    scale: f32,
-    /// Head dimension.
-    hd: usize,
-}
-
-impl Bufs {
-    /// Random `qkv` (uniform in ±2) and `dO` (±1) for `t` tokens and `nh` heads of `hd`;
-    /// outputs poisoned.
-    fn new(dev: &CudaDevice, dtype: Storage, t: usize, nh: usize, hd: usize, seed: u64) -> Bufs {
-        let h = nh * hd;
-        let tp = t.div_ceil(4) * 4;
-        let mut rng = SplitMix64::new(seed);
-        let mut random = |dims: &[usize], a: f64| {
-            let n = dims.iter().product();
-            DeviceTensor::from_f32(dev, dtype, dims, &uniform(&mut rng, n, a)).unwrap()
-        };
-        let qkv = random(&[t, 3 * h], 2.0);
-        let d_o = random(&[t, h], 1.0);
-        let poisoned = |dtype, dims: &[usize]| DeviceTensor::poisoned(dev, dtype, dims).unwrap();
-        Bufs {
-            qkv,
-            d_o,
-            o: poisoned(dtype, &[t, h]),
-            lse2: poisoned(Storage::F32, &[nh, tp]),
-            delta: poisoned(Storage::F32, &[nh, tp]),
-            dqkv: poisoned(dtype, &[t, 3 * h]),
-            scale: (hd as f32).powf(-0.5),
-            hd,
-        }
-    }
-
-    fn poison_outputs(&mut self) {
-        for x in [&mut self.o, &mut self.lse2, &mut self.delta, &mut self.dqkv] {
-            x.poison().unwrap();
-        }
-    }
-
-    fn fwd(&self, dev: &CudaDevice, consts: &[(&str, usize)], blocks: &DeviceTensor) {
-        flash_fwd::launch_with(
-            dev,
-            consts,
-            &flash_fwd::Args {
-                qkv: &self.qkv.as_arg(),
-                blocks: &blocks.as_arg(),
-                scale_log2: self.scale * std::f32::consts::LOG2_E,
-                o: &self.o.as_arg(),
-                lse2: &self.lse2.as_arg(),
-            },
-        )
-        .unwrap()
-    }
-
-    fn delta(&self, dev: &CudaDevice) {
-        flash_bwd_delta::launch_with(
-            dev,
-            &[("D", self.hd)],
-            &flash_bwd_delta::Args {
-                o: &self.o.as_arg(),
-                d_o: &self.d_o.as_arg(),
-                delta: &self.delta.as_arg(),
-            },
-        )
-        .unwrap()
-    }
-
-    fn dkdv(&self, dev: &CudaDevice, consts: &[(&str, usize)], blocks: &DeviceTensor) {
-        bwd!(flash_bwd_dkdv, dev, self, consts, blocks)
-    }
-
-    fn dq(&self, dev: &CudaDevice, consts: &[(&str, usize)], blocks: &DeviceTensor) {
-        bwd!(flash_bwd_dq, dev, self, consts, blocks)
-    }
-}
-
-/// Launches one of the two backward kernels, which take the same arguments.
-macro_rules! bwd {
-    ($kernel:ident, $dev:expr, $b:expr, $consts:expr, $blocks:expr) => {
-        $kernel::launch_with(
-            $dev,
-            $consts,
-            &$kernel::Args {
-                qkv: &$b.qkv.as_arg(),
-                d_o: &$b.d_o.as_arg(),
-                lse2: &$b.lse2.as_arg(),
-                delta: &$b.delta.as_arg(),
-                blocks: &$blocks.as_arg(),
-                scale_log2: $b.scale * std::f32::consts::LOG2_E,
-                scale: $b.scale,
-                dqkv: &$b.dqkv.as_arg(),
-            },
-        )
-        .unwrap()
-    };
-}
-use bwd;
 
 /// The tile configurations of a kernel compiled for head dimension `hd`.
 fn configs(info: &KernelInfo, hd: usize) -> Vec<Vec<(&'static str, usize)>> {
@@ -168,7 +54,7 @@ fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], (nh, hd): (usize, usiz
     }
     let t = *cu.last().unwrap();
     let tp = t.div_ceil(4) * 4;
-    let mut b = Bufs::new(dev, dtype, t, nh, hd, seed);
+    let mut b = FlashProblem::new(dev, dtype, t, (nh, hd), seed).unwrap();
     let (qkv_h, d_o_h) = (b.qkv.to_f32_vec().unwrap(), b.d_o.to_f32_vec().unwrap());
     let sh = AttnShape {
         cu_seqlens: &cu,
@@ -192,23 +78,26 @@ fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], (nh, hd): (usize, usiz
             &dkdv_c[i % dkdv_c.len()],
             &dq_c[i % dq_c.len()],
         );
-        b.poison_outputs();
+        b.poison_outputs().unwrap();
         b.fwd(
             dev,
             fc,
             &blocks(dev, &query_blocks(&cu, get(fc, "BM")).unwrap()),
-        );
-        b.delta(dev);
+        )
+        .unwrap();
+        b.delta(dev).unwrap();
         b.dkdv(
             dev,
             kc,
             &blocks(dev, &key_blocks(&cu, get(kc, "BN")).unwrap()),
-        );
+        )
+        .unwrap();
         b.dq(
             dev,
             qc,
             &blocks(dev, &query_blocks(&cu, get(qc, "BM")).unwrap()),
-        );
+        )
+        .unwrap();
         dev.synchronize().unwrap();
         let what = format!(
             "{dtype:?} lens {lens:?} x {nh} heads of {hd}: fwd {fc:?} dkdv {kc:?} dq {qc:?}"
@@ -295,7 +184,7 @@ fn flash_attention_configurations_timed_at_opt_1_3b() {
     let (nh, hd) = (32usize, 64usize);
     for len in [512usize, 1024] {
         let cu: Vec<usize> = (0..=4).map(|i| i * len).collect();
-        let b = Bufs::new(&dev, Storage::BF16, 4 * len, nh, hd, 5);
+        let b = FlashProblem::new(&dev, Storage::BF16, 4 * len, (nh, hd), 5).unwrap();
         // Query-key pairs of the causal half, all heads.
         let pairs = (4 * len * (len + 1) / 2 * nh) as f64;
         let report = |name: &str, consts: &[(&str, usize)], gemms: f64, ms: f64| {
@@ -306,14 +195,8 @@ fn flash_attention_configurations_timed_at_opt_1_3b() {
                 "4x{len} {name} {consts:?}: {tflops:.0} TFLOP/s, below {MIN_TFLOPS}"
             );
         };
-        let time = |f: &dyn Fn()| {
-            time_ms(&dev, 3, 20, || {
-                f();
-                Ok::<_, lexp_runtime::DeviceError>(())
-            })
-            .unwrap()
-            .median()
-        };
+        let time =
+            |f: &dyn Fn() -> lexp_runtime::Result<()>| time_ms(&dev, 3, 20, f).unwrap().median();
         for c in configs(&flash_fwd::INFO, hd) {
             let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
             report("flash_fwd", &c, 2.0, time(&|| b.fwd(&dev, &c, &qb)));

@@ -13,6 +13,7 @@
 //! - [`layer`]: one decoder layer forward and backward.
 //! - [`attention`]: causal attention over the packed sequences: flash attention in the DSL
 //!   (head dimensions 64 and 128), or materialised scores with cuBLAS (any head dimension).
+//! - [`flash_problem`]: one stand-alone flash-attention problem (tests and benchmarks).
 //! - [`engine`]: the engine: batch checks, embeddings, the chunked LM head + cross-entropy,
 //!   and the one download (loss and gradients) that ends each call.
 //! - [`optimizer`]: AdamW on the device (the engine's `optimizer_step`): gradients summed,
@@ -29,6 +30,7 @@
 pub mod attention;
 pub mod dropout;
 pub mod engine;
+pub mod flash_problem;
 pub mod layer;
 pub mod lora;
 mod ops;

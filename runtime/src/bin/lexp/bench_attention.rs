@@ -9,10 +9,9 @@
 
 use anyhow::{bail, Context, Result};
 use lexp_compiler::dtype::Storage;
-use lexp_compiler::launch::TensorArg;
-use lexp_kernels::flash_attention::{self as fa, key_blocks, query_blocks, BlockRow};
-use lexp_runtime::gpu::attention::{flash_config, stats_cols, FlashConfig};
-use lexp_runtime::{time_ms, CudaDevice, DeviceError, DeviceTensor};
+use lexp_runtime::gpu::attention::{flash_config, FlashConfig};
+use lexp_runtime::gpu::flash_problem::FlashProblem;
+use lexp_runtime::{time_ms, CudaDevice, DeviceTensor};
 use std::path::PathBuf;
 
 /// Arguments of `lexp bench attention`.
@@ -41,140 +40,26 @@ pub struct AttentionArgs {
     json: Option<PathBuf>,
 }
 
-/// The buffers of one shape, inputs random (never zeros), outputs poisoned.
-struct Bufs {
-    qkv: DeviceTensor,
-    d_o: DeviceTensor,
-    o: DeviceTensor,
-    lse2: DeviceTensor,
-    delta: DeviceTensor,
-    dqkv: DeviceTensor,
-    blocks: [DeviceTensor; 3],
-    t: usize,
-    nh: usize,
-    hd: usize,
+/// The forward and the backward (delta, dk/dv, dq) of `p` in `cfg`'s tile configurations over
+/// the one-sequence block lists `blocks`.
+fn forward(
+    dev: &CudaDevice,
+    cfg: &FlashConfig,
+    p: &FlashProblem,
+    blocks: &[DeviceTensor; 3],
+) -> lexp_runtime::Result<()> {
+    p.fwd(dev, &cfg.fwd, &blocks[0])
 }
 
-fn uniform(state: &mut u64, n: usize, a: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            *state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((*state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
-        })
-        .collect()
-}
-
-fn block_tensor(dev: &CudaDevice, rows: &[BlockRow]) -> Result<DeviceTensor> {
-    let flat: Vec<i32> = rows.iter().flatten().copied().collect();
-    Ok(DeviceTensor::from_i32(dev, &[rows.len(), 3], &flat)?)
-}
-
-impl Bufs {
-    fn new(dev: &CudaDevice, cfg: &FlashConfig, t: usize, nh: usize) -> Result<Bufs> {
-        let hd = cfg.hd;
-        let h = nh * hd;
-        let mut state = 0x5eed_u64 ^ (t as u64) << 8 ^ hd as u64;
-        let mut random = |dims: &[usize], a: f32| -> Result<DeviceTensor> {
-            let n = dims.iter().product();
-            Ok(DeviceTensor::from_f32(
-                dev,
-                Storage::BF16,
-                dims,
-                &uniform(&mut state, n, a),
-            )?)
-        };
-        let (qkv, d_o) = (random(&[t, 3 * h], 2.0)?, random(&[t, h], 1.0)?);
-        let poisoned = |s: Storage, dims: &[usize]| DeviceTensor::poisoned(dev, s, dims);
-        let cu = [0, t];
-        let rows = |list: Option<Vec<BlockRow>>| {
-            list.context("a position does not fit in i32")
-                .and_then(|r| block_tensor(dev, &r))
-        };
-        Ok(Bufs {
-            qkv,
-            d_o,
-            o: poisoned(Storage::BF16, &[t, h])?,
-            lse2: poisoned(Storage::F32, &[nh, stats_cols(t)])?,
-            delta: poisoned(Storage::F32, &[nh, stats_cols(t)])?,
-            dqkv: poisoned(Storage::BF16, &[t, 3 * h])?,
-            blocks: [
-                rows(query_blocks(&cu, cfg.fwd_bm()))?,
-                rows(key_blocks(&cu, cfg.dkdv_bn()))?,
-                rows(query_blocks(&cu, cfg.dq_bm()))?,
-            ],
-            t,
-            nh,
-            hd,
-        })
-    }
-
-    fn scale(&self) -> f32 {
-        (self.hd as f32).powf(-0.5)
-    }
-
-    fn stats(&self, t: &DeviceTensor) -> Result<TensorArg, DeviceError> {
-        Ok(t.view(&[self.nh, stats_cols(self.t)])?)
-    }
-
-    fn forward(&self, dev: &CudaDevice, cfg: &FlashConfig) -> Result<(), DeviceError> {
-        fa::flash_fwd::launch_with(
-            dev,
-            &cfg.fwd,
-            &fa::flash_fwd::Args {
-                qkv: &self.qkv.as_arg(),
-                blocks: &self.blocks[0].as_arg(),
-                scale_log2: self.scale() * std::f32::consts::LOG2_E,
-                o: &self.o.as_arg(),
-                lse2: &self.stats(&self.lse2)?,
-            },
-        )?;
-        Ok(())
-    }
-
-    fn backward(&self, dev: &CudaDevice, cfg: &FlashConfig) -> Result<(), DeviceError> {
-        let (lse2, delta) = (self.stats(&self.lse2)?, self.stats(&self.delta)?);
-        fa::flash_bwd_delta::launch_with(
-            dev,
-            &[("D", self.hd)],
-            &fa::flash_bwd_delta::Args {
-                o: &self.o.as_arg(),
-                d_o: &self.d_o.as_arg(),
-                delta: &delta,
-            },
-        )?;
-        let s = self.scale();
-        fa::flash_bwd_dkdv::launch_with(
-            dev,
-            &cfg.dkdv,
-            &fa::flash_bwd_dkdv::Args {
-                qkv: &self.qkv.as_arg(),
-                d_o: &self.d_o.as_arg(),
-                lse2: &lse2,
-                delta: &delta,
-                blocks: &self.blocks[1].as_arg(),
-                scale_log2: s * std::f32::consts::LOG2_E,
-                scale: s,
-                dqkv: &self.dqkv.as_arg(),
-            },
-        )?;
-        fa::flash_bwd_dq::launch_with(
-            dev,
-            &cfg.dq,
-            &fa::flash_bwd_dq::Args {
-                qkv: &self.qkv.as_arg(),
-                d_o: &self.d_o.as_arg(),
-                lse2: &lse2,
-                delta: &delta,
-                blocks: &self.blocks[2].as_arg(),
-                scale_log2: s * std::f32::consts::LOG2_E,
-                scale: s,
-                dqkv: &self.dqkv.as_arg(),
-            },
-        )?;
-        Ok(())
-    }
+fn backward(
+    dev: &CudaDevice,
+    cfg: &FlashConfig,
+    p: &FlashProblem,
+    blocks: &[DeviceTensor; 3],
+) -> lexp_runtime::Result<()> {
+    p.delta(dev)?;
+    p.dkdv(dev, &cfg.dkdv, &blocks[1])?;
+    p.dq(dev, &cfg.dq, &blocks[2])
 }
 
 /// SDPA's median times for `(seq, hd)` from the baseline JSON: `(forward, forward + backward)`.
@@ -218,11 +103,14 @@ pub fn run(args: AttentionArgs) -> Result<()> {
         }
         let nh = args.width / hd;
         for &t in &args.seq {
-            let b = Bufs::new(&dev, cfg, t, nh)?;
-            let fwd = time_ms(&dev, args.warmup, args.iters, || b.forward(&dev, cfg))?;
+            let p = FlashProblem::new(&dev, Storage::BF16, t, (nh, hd), 0x5eed ^ t as u64)?;
+            let blocks = p.one_sequence_blocks(&dev, cfg)?;
+            let fwd = time_ms(&dev, args.warmup, args.iters, || {
+                forward(&dev, cfg, &p, &blocks)
+            })?;
             let both = time_ms(&dev, args.warmup, args.iters, || {
-                b.forward(&dev, cfg)?;
-                b.backward(&dev, cfg)
+                forward(&dev, cfg, &p, &blocks)?;
+                backward(&dev, cfg, &p, &blocks)
             })?;
             let pairs = nh as f64 * t as f64 * (t as f64 + 1.0) / 2.0;
             let fwd_flops = 4.0 * hd as f64 * pairs;
