@@ -9,7 +9,7 @@
 
 use lexp_runtime::checkpoint::{OptConfig, OptModel, OptWeights};
 use lexp_runtime::data::{PackedBatch, SplitMix64, IGNORE_INDEX};
-use lexp_runtime::model::{self, DropoutRng};
+use lexp_runtime::model::{self, DropoutRng, MaskSource, MlpHook, MlpMask};
 use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget};
 use std::path::Path;
 
@@ -54,6 +54,11 @@ fn batch(vocab: u32) -> PackedBatch {
 }
 
 fn check(name: &str, config: OptConfig, lora_dropout: f32) {
+    check_exposed(name, config, lora_dropout, None)
+}
+
+/// [`check`] with MLP exposure: the gradients must be exact for the sparse forward too.
+fn check_exposed(name: &str, config: OptConfig, lora_dropout: f32, mlp: Option<&dyn MlpHook>) {
     let weights = OptWeights::random(&config, 11, 0.3);
     let model = OptModel { config, weights };
     let lora_config = LoraConfig {
@@ -70,10 +75,11 @@ fn check(name: &str, config: OptConfig, lora_dropout: f32) {
     }
     let b = batch(model.config.vocab_size as u32);
     let n = b.num_targets() as f32;
-    let drop = Some(DropoutRng { seed: 77 });
-    let out = model::loss_and_grads(&model, &lora, &b, 1.0 / n, drop).unwrap();
+    let rng = DropoutRng { seed: 77 };
+    let drop = Some(&rng as &dyn MaskSource);
+    let out = model::loss_and_grads_exposed(&model, &lora, &b, 1.0 / n, drop, mlp).unwrap();
     let loss = |l: &LoraParams| {
-        let fwd = model::forward(&model, Some(l), &b, drop, false).unwrap();
+        let fwd = model::forward_exposed(&model, Some(l), &b, drop, mlp, false).unwrap();
         model::opt::head_loss(&model, &fwd, &b.targets, None)
             .unwrap()
             .loss_sum
@@ -157,5 +163,42 @@ fn no_biases_plain_layer_norms_untied_head_no_final_ln() {
                "tie_word_embeddings": false, "_remove_final_layer_norm": true"#,
         ),
         0.1,
+    );
+}
+
+/// Keeps a fixed, layer-dependent half of the (4-row group, 8-neuron block) pairs.
+struct FixedMask;
+
+impl MlpHook for FixedMask {
+    fn select(&self, layer: usize, _ffn_in: &[f32], rows: usize) -> Option<MlpMask> {
+        let mut m = MlpMask::dense(rows, 32, 4, 8);
+        for (i, k) in m.keep.iter_mut().enumerate() {
+            *k = (i + layer) % 2 == 0;
+        }
+        Some(m)
+    }
+}
+
+#[test]
+fn mlp_exposure_gradients_are_exact_for_the_sparse_forward() {
+    let model = || {
+        let config = config("");
+        let weights = OptWeights::random(&config, 11, 0.3);
+        OptModel { config, weights }
+    };
+    // The mask changes the function: the sparse loss differs from the dense one.
+    let b = batch(50);
+    let dense = model::forward(&model(), None, &b, None, false).unwrap();
+    let sparse = model::forward_exposed(&model(), None, &b, None, Some(&FixedMask), false).unwrap();
+    assert!(dense
+        .hidden
+        .iter()
+        .zip(&sparse.hidden)
+        .any(|(a, b)| (a - b).abs() > 1e-3));
+    check_exposed(
+        "pre-LN, half the MLP blocks",
+        config(""),
+        0.2,
+        Some(&FixedMask),
     );
 }

@@ -6,6 +6,7 @@
 
 use super::dropout::{self, MaskSource, Site};
 use super::lora_branch::{self, BranchGrads, BranchSaved};
+use super::mlp_hook::MlpHook;
 use super::Result;
 use crate::checkpoint::opt::{LayerNorm, Linear, OptLayer};
 use crate::checkpoint::OptConfig;
@@ -93,6 +94,9 @@ pub struct LayerCtx<'a> {
     pub rows: usize,
     /// Where dropout masks come from (`None`: evaluation).
     pub rng: Option<&'a dyn MaskSource>,
+    /// MLP exposure: observes activations and may keep only some neuron blocks (`None`:
+    /// dense, unobserved).
+    pub mlp: Option<&'a dyn MlpHook>,
 }
 
 fn ln_params(ln: &Option<LayerNorm>) -> (Option<&[f32]>, Option<&[f32]>) {
@@ -282,8 +286,17 @@ pub fn forward(
         &ffn_in,
         &mut branches,
     );
-    let act = relu(&z);
+    let mut act = relu(&z);
     drop(z);
+    if let Some(hook) = ctx.mlp {
+        // Exposure: the kept blocks' activations only, which is what the block-sparse
+        // operators compute (module `mlp_hook`); the backward then follows from `act`.
+        let mask = hook.select(index, &ffn_in, rows);
+        hook.observe(index, &ffn_in, &act, rows, mask.as_ref());
+        if let Some(m) = &mask {
+            m.apply(&mut act, rows);
+        }
+    }
     let mut f = project(
         ctx,
         index,

@@ -4,6 +4,7 @@
 //! - [`opt`]: the whole model (embeddings, layers, final LayerNorm, fused LM-head loss).
 //! - [`layer`]: one decoder layer, pre-LN or post-LN, forward and backward.
 //! - [`lora_branch`]: the LoRA branch of one projection.
+//! - [`mlp_hook`]: where MLP exposure observes activations and keeps only some neuron blocks.
 //! - [`dropout`]: residual and LoRA dropout masks, reproducible per `(seed, layer, site)`.
 //!
 //! Everything runs on the CPU backend ([`crate::cpu`]) in f32: the reference the GPU path is
@@ -13,11 +14,13 @@ pub mod dropout;
 mod error;
 pub mod layer;
 pub mod lora_branch;
+pub mod mlp_hook;
 pub mod opt;
 
 pub use dropout::{DropoutRng, MaskSource, RecordedMasks};
 pub use error::{ModelError, Result};
+pub use mlp_hook::{MlpHook, MlpMask};
 pub use opt::{
-    backward, eval_loss, forward, forward_with_masks, logits, loss_and_grads,
-    loss_and_grads_with_masks, Forward, LoraGrads, StepOutput,
+    backward, eval_loss, forward, forward_exposed, forward_with_masks, logits, loss_and_grads,
+    loss_and_grads_exposed, loss_and_grads_with_masks, Forward, LoraGrads, StepOutput,
 };

@@ -3,6 +3,7 @@
 
 use super::dropout::{DropoutRng, MaskSource};
 use super::layer::{self, LayerAdapters, LayerCtx, LayerGrads, LayerSaved};
+use super::mlp_hook::MlpHook;
 use super::{ModelError, Result};
 use crate::checkpoint::opt::{Activation, LayerNorm};
 use crate::checkpoint::{OptConfig, OptModel};
@@ -189,6 +190,19 @@ pub fn forward_with_masks(
     rng: Option<&dyn MaskSource>,
     keep: bool,
 ) -> Result<Forward> {
+    forward_exposed(model, lora, batch, rng, None, keep)
+}
+
+/// [`forward_with_masks`] with MLP exposure: `mlp` observes each layer's activations and may
+/// restrict `fc1`'s output to kept neuron blocks ([`MlpHook`]).
+pub fn forward_exposed(
+    model: &OptModel,
+    lora: Option<&LoraParams>,
+    batch: &PackedBatch,
+    rng: Option<&dyn MaskSource>,
+    mlp: Option<&dyn MlpHook>,
+    keep: bool,
+) -> Result<Forward> {
     let (c, w) = (&model.config, &model.weights);
     if c.activation != Activation::Relu {
         return Err(ModelError::Unsupported(format!(
@@ -216,6 +230,7 @@ pub fn forward_with_masks(
         cu_seqlens: &batch.cu_seqlens,
         rows,
         rng,
+        mlp,
     };
     let mut layers = Vec::with_capacity(if keep { w.layers.len() } else { 0 });
     for (i, lw) in w.layers.iter().enumerate() {
@@ -281,6 +296,7 @@ pub fn backward(
         cu_seqlens: &saved.cu_seqlens,
         rows,
         rng: None,
+        mlp: None,
     };
     let mut grads: Vec<LayerGrads> = (0..w.layers.len()).map(|_| Default::default()).collect();
     for (i, s) in saved.layers.iter().enumerate().rev() {
@@ -314,7 +330,20 @@ pub fn loss_and_grads_with_masks(
     grad_scale: f32,
     rng: Option<&dyn MaskSource>,
 ) -> Result<StepOutput> {
-    let fwd = forward_with_masks(model, Some(lora), batch, rng, true)?;
+    loss_and_grads_exposed(model, lora, batch, grad_scale, rng, None)
+}
+
+/// [`loss_and_grads_with_masks`] with MLP exposure ([`forward_exposed`]); the backward is
+/// exact for the sparse forward.
+pub fn loss_and_grads_exposed(
+    model: &OptModel,
+    lora: &LoraParams,
+    batch: &PackedBatch,
+    grad_scale: f32,
+    rng: Option<&dyn MaskSource>,
+    mlp: Option<&dyn MlpHook>,
+) -> Result<StepOutput> {
+    let fwd = forward_exposed(model, Some(lora), batch, rng, mlp, true)?;
     let out = head_loss(model, &fwd, &batch.targets, Some(grad_scale))?;
     let dh = out
         .dh
