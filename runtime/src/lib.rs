@@ -21,6 +21,7 @@ pub mod data;
 pub mod device;
 pub mod encode;
 pub mod error;
+pub mod exposure;
 pub mod gpu;
 pub mod host_check;
 pub mod host_matmul_check;

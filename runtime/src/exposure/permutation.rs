@@ -1,0 +1,1 @@
+//! (exposer: filled in by the exposer work)

@@ -1,0 +1,1 @@
+//! (predictor/guard: filled in by the predictor work)
