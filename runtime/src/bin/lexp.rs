@@ -17,6 +17,8 @@ mod bench_step;
 mod finetune;
 #[path = "lexp/matmul.rs"]
 mod matmul;
+#[path = "lexp/profile.rs"]
+mod profile;
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +38,10 @@ enum Cmd {
     Finetune(finetune::FinetuneArgs),
     /// Loss and perplexity of a model (+ a PEFT LoRA adapter) on a JSONL file.
     Eval(finetune::EvalArgs),
+    /// MLP activation sparsity of an OPT model at block granularities, in natural neuron order
+    /// and after the co-activation clustering (JSON + plots). With no arguments: opt-mini on
+    /// `../shared/data/corpus/valid.txt`.
+    Profile(profile::ProfileArgs),
     /// List the DSL kernels, or dump one variant's IR stages or PTX.
     Kernels {
         /// Kernel to show (omit to list all).
@@ -128,6 +134,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Finetune(args) => finetune::finetune(args),
         Cmd::Eval(args) => finetune::eval(args),
+        Cmd::Profile(args) => profile::run(args),
         Cmd::Kernels { name: None, .. } => list_kernels(),
         Cmd::Kernels {
             name: Some(n),

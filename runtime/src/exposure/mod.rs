@@ -16,5 +16,6 @@ pub mod coactivation;
 pub mod guard;
 pub mod permutation;
 pub mod predictor;
+pub mod profiler;
 pub mod selection;
 pub mod stats;
