@@ -281,8 +281,8 @@ mod tests {
 
     #[test]
     fn blocks_needed_takes_heaviest_first() {
-        // Total 100: 60 alone is not 99%, 60+30+9 = 99 is.
-        let mut m = vec![9.0, 60.0, 0.5, 30.0, 0.5];
+        // Total 100: 60 + 30 = 90 is not 99%, + 9.5 = 99.5 is; 99.95 with the 0.45 is 99.9%.
+        let mut m = vec![9.5, 60.0, 0.45, 30.0, 0.05];
         assert_eq!(blocks_needed(&mut m), [3, 4]);
         assert_eq!(blocks_needed(&mut [0.0, 0.0]), [0, 0]);
     }

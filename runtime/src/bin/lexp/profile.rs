@@ -262,7 +262,13 @@ fn plot_block(
         .x_labels(n.max(2))
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("share")
-        .y_label_formatter(&|y| format!("{:.0}%", 100.0 * y))
+        .y_label_formatter(&|y| {
+            if *y <= 1.0 + 1e-9 {
+                format!("{:.0}%", 100.0 * y)
+            } else {
+                String::new()
+            }
+        })
         .draw()
         .map_err(e)?;
     let width = 0.8 / (2 * series.len()) as f64;
