@@ -81,10 +81,10 @@ fn naive(
         .iter()
         .map(|&tt| {
             let (mut n, mut a) = (0, 0);
-            for start in (0..rows).step_by(tt) {
+            for run in act_tb.chunks(tt) {
                 for b in 0..nb {
                     n += 1;
-                    a += (start..(start + tt).min(rows)).any(|t| act_tb[t][b]) as usize;
+                    a += run.iter().any(|token| token[b]) as usize;
                 }
             }
             a as f64 / n as f64

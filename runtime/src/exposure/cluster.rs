@@ -56,7 +56,7 @@ pub fn balanced_kmeans(
     iters: usize,
     seed: u64,
 ) -> Result<Vec<usize>, ClusterError> {
-    if block == 0 || ffn == 0 || ffn % block != 0 {
+    if block == 0 || ffn == 0 || !ffn.is_multiple_of(block) {
         return Err(ClusterError::Block { ffn, block });
     }
     if cosine.len() != ffn * ffn {

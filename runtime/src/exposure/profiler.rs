@@ -265,7 +265,11 @@ pub fn profile(
     let model = OptModel::load(&opts.model_dir)?;
     let c = &model.config;
     let (nl, ffn) = (c.num_hidden_layers, c.ffn_dim);
-    if let Some(&b) = opts.blocks.iter().find(|&&b| b == 0 || ffn % b != 0) {
+    if let Some(&b) = opts
+        .blocks
+        .iter()
+        .find(|&&b| b == 0 || !ffn.is_multiple_of(b))
+    {
         return Err(ProfileError::Invalid(format!(
             "block size {b} does not divide ffn {ffn}"
         )));

@@ -120,7 +120,7 @@ impl BlockAccumulator {
         perm: Option<&[usize]>,
         tile_rows: &[usize],
     ) -> Result<BlockAccumulator, StatsError> {
-        if block == 0 || ffn == 0 || ffn % block != 0 {
+        if block == 0 || ffn == 0 || !ffn.is_multiple_of(block) {
             return Err(StatsError::Block { ffn, block });
         }
         if tile_rows.contains(&0) {
