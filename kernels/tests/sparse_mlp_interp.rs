@@ -184,7 +184,7 @@ struct Case {
     list: List,
 }
 
-fn case(seed: u64, m: usize, hd: usize, nb: usize, bs: usize) -> Case {
+fn case(seed: u64, m: usize, nb: usize, bs: usize) -> Case {
     let mut rng = StdRng::seed_from_u64(seed);
     let all_empty = seed % 7 == 3;
     let list = List::random(&mut rng, m.div_ceil(BM), nb, bs, all_empty);
@@ -207,7 +207,7 @@ proptest! {
     #[test]
     fn fc1_fwd(seed: u64, m in tokens(300), hd in dim8(96), nb in 1usize..6,
                bs in prop::sample::select(&[64usize, 128][..]), pick in 0usize..64) {
-        let mut c = case(seed, m, hd, nb, bs);
+        let mut c = case(seed, m, nb, bs);
         let (dtype, f) = (c.dtype, nb * bs);
         let mut x = tensor(&mut c.rng, dtype, &[m, hd]);
         let mut w1 = tensor(&mut c.rng, dtype, &[f, hd]);
@@ -227,7 +227,7 @@ proptest! {
     #[test]
     fn fc2_dh(seed: u64, m in tokens(300), hd in dim8(96), nb in 1usize..6,
               bs in prop::sample::select(&[64usize, 128][..]), pick in 0usize..64) {
-        let mut c = case(seed, m, hd, nb, bs);
+        let mut c = case(seed, m, nb, bs);
         let (dtype, f) = (c.dtype, nb * bs);
         let width = c.list.max * bs;
         let mut dy = tensor(&mut c.rng, dtype, &[m, hd]);
@@ -262,7 +262,7 @@ proptest! {
     #[test]
     fn fc1_dx(seed: u64, m in tokens(300), hd in dim8(200), nb in 1usize..6,
               bs in prop::sample::select(&[64usize, 128][..]), pick in 0usize..64) {
-        let mut c = case(seed, m, hd, nb, bs);
+        let mut c = case(seed, m, nb, bs);
         let (dtype, f) = (c.dtype, nb * bs);
         let mut dh = tensor(&mut c.rng, dtype, &[m, c.list.max * bs]);
         let mut w1 = tensor(&mut c.rng, dtype, &[f, hd]);
@@ -282,7 +282,7 @@ proptest! {
     #[test]
     fn chain_is_the_masked_dense_mlp(seed: u64, m in tokens(280), hd in dim8(72), nb in 1usize..5,
                                      bs in prop::sample::select(&[64usize, 128][..]), pick in 0usize..64) {
-        let mut c = case(seed, m, hd, nb, bs);
+        let mut c = case(seed, m, nb, bs);
         let (dtype, f, nbs) = (c.dtype, nb * bs, c.nb);
         let width = c.list.max * bs;
         let mut x = tensor(&mut c.rng, dtype, &[m, hd]);
