@@ -265,12 +265,12 @@ fn compact_width(
     list: &BlockList,
     bs: usize,
 ) -> Result<(), SparseOpError> {
-    need(op, t.dims.get(1) == Some(&list.max_blocks().saturating_mul(bs)), || {
+    let width = list.max_blocks().saturating_mul(bs);
+    need(op, t.dims.get(1) == Some(&width), || {
         format!(
-            "compact activation {:?}; the list's bound {} x block {bs} needs {} columns",
+            "compact activation {:?}; the list's bound {} x block {bs} needs {width} columns",
             t.dims,
             list.max_blocks(),
-            list.max_blocks() * bs
         )
     })
 }
