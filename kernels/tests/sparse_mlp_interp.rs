@@ -188,7 +188,7 @@ fn case(seed: u64, m: usize, nb: usize, bs: usize) -> Case {
     let mut rng = StdRng::seed_from_u64(seed);
     let all_empty = seed % 7 == 3;
     let list = List::random(&mut rng, m.div_ceil(BM), nb, bs, all_empty);
-    let dtype = if seed % 2 == 0 {
+    let dtype = if seed.is_multiple_of(2) {
         Storage::BF16
     } else {
         Storage::F16

@@ -289,7 +289,7 @@ fn num_blocks(
     bs: usize,
 ) -> Result<usize, SparseOpError> {
     let extent = dim(w, i);
-    need(op, bs > 0 && extent % bs == 0, || {
+    need(op, bs > 0 && extent.is_multiple_of(bs), || {
         format!(
             "weight {:?}: dimension {i} ({extent} neurons) is not a multiple of the block size {bs}",
             w.dims

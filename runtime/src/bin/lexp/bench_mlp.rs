@@ -111,10 +111,19 @@ fn check_args(a: &MlpArgs) -> Result<()> {
     if a.iters < 30 {
         bail!("--iters must be at least 30 (got {})", a.iters);
     }
-    if a.tokens == 0 || a.hidden == 0 || a.ffn == 0 || a.hidden % 8 != 0 || a.ffn % 8 != 0 {
+    if a.tokens == 0
+        || a.hidden == 0
+        || a.ffn == 0
+        || !a.hidden.is_multiple_of(8)
+        || !a.ffn.is_multiple_of(8)
+    {
         bail!("--tokens must be positive and --hidden, --ffn positive multiples of 8");
     }
-    if let Some(bs) = a.block.iter().find(|&&b| b == 0 || a.ffn % b != 0) {
+    if let Some(bs) = a
+        .block
+        .iter()
+        .find(|&&b| b == 0 || !a.ffn.is_multiple_of(b))
+    {
         bail!("--block {bs} does not divide --ffn {}", a.ffn);
     }
     if let Some(d) = a.density.iter().find(|d| !(**d > 0.0 && **d <= 1.0)) {
