@@ -17,9 +17,11 @@ pub mod optimizer;
 pub mod reduce;
 pub mod reference;
 pub mod reference_matmul;
+pub mod reference_sparse_mlp;
 pub mod residual;
 pub mod row_softmax;
 pub mod sparse;
+pub mod sparse_mlp;
 pub mod xent;
 
 pub use attention_softmax::{causal_softmax, softmax_bwd};
@@ -36,12 +38,13 @@ pub use reduce::{colsum, sum_squares, SUM_SQUARES_CHUNK};
 pub use residual::bias_residual;
 pub use row_softmax::softmax;
 pub use sparse::{sparse_both, sparse_out, sparse_red};
+pub use sparse_mlp::{sparse_fc1_dx, sparse_fc1_fwd, sparse_fc2_dh};
 pub use xent::xent_fwd_bwd;
 
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 35] = [
+pub static ALL: [&KernelInfo; 38] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -70,6 +73,9 @@ pub static ALL: [&KernelInfo; 35] = [
     &sparse_out::INFO,
     &sparse_red::INFO,
     &sparse_both::INFO,
+    &sparse_fc1_fwd::INFO,
+    &sparse_fc2_dh::INFO,
+    &sparse_fc1_dx::INFO,
     &lora_fwd::INFO,
     &lora_bwd_dx::INFO,
     &lora_grad::INFO,
@@ -81,13 +87,16 @@ pub static ALL: [&KernelInfo; 35] = [
 
 /// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and
 /// checked by the tensor-core tests (their PTX and SASS hold tensor-core instructions).
-pub const TENSOR_CORE: [&str; 12] = [
+pub const TENSOR_CORE: [&str; 15] = [
     "gemm_nn",
     "gemm_nt",
     "gemm_tn",
     "sparse_out",
     "sparse_red",
     "sparse_both",
+    "sparse_fc1_fwd",
+    "sparse_fc2_dh",
+    "sparse_fc1_dx",
     "lora_fwd",
     "lora_bwd_dx",
     "lora_grad",

@@ -1,5 +1,5 @@
 //! The CPU side of `lexp check` for the tensor-core kernels: dense GEMMs, the block-sparse
-//! modes and fused LoRA run in the interpreter (the IR the GPU runs) against
+//! modes, the sparse MLP operators and fused LoRA run in the interpreter (the IR the GPU runs) against
 //! `lexp_kernels::reference_matmul`, at one small shape each that crosses tile edges.
 
 use crate::kernel_check::{CheckRow, Rng};
@@ -9,6 +9,7 @@ use lexp_compiler::launch::LaunchError;
 use lexp_kernels as k;
 use lexp_kernels::reference as refr;
 use lexp_kernels::reference_matmul as rm;
+use lexp_kernels::reference_sparse_mlp::{self as rs, Blocks};
 
 fn t(rng: &mut Rng, dtype: Storage, dims: &[usize]) -> HostTensor {
     HostTensor::new(dtype, dims, &rng.uniform(dims.iter().product(), -1.0, 1.0))
@@ -182,6 +183,7 @@ pub fn check_matmul_host() -> Result<Vec<CheckRow>, LaunchError> {
             },
         )?;
         rows.push(row("sparse_both", &shape, "out", &o, &want));
+        rows.extend(sparse_mlp(&mut rng, dtype, m, kk)?);
         // Fused LoRA, rank 16.
         let (r, s) = (16usize, 2.0f32);
         let round = |v: f64| round_to(dtype.dtype(), v as f32);
@@ -275,5 +277,79 @@ pub fn check_matmul_host() -> Result<Vec<CheckRow>, LaunchError> {
             &rm::lora_grad_b(&dy.data, &xa.data, m, n, r),
         ));
     }
+    Ok(rows)
+}
+
+/// The sparse MLP operators (`sparse_fc1_fwd`, `sparse_fc2_dh`, `sparse_fc1_dx`) in the
+/// interpreter: `m` tokens (2 groups, the second ragged), hidden size `hd`, 3 blocks of 64
+/// neurons, list bound 2, group 0 keeping blocks 2 and 0, group 1 keeping block 1.
+fn sparse_mlp(
+    rng: &mut Rng,
+    dtype: Storage,
+    m: usize,
+    hd: usize,
+) -> Result<Vec<CheckRow>, LaunchError> {
+    let (bs, nb, max) = (64usize, 3usize, 2usize);
+    let f = nb * bs;
+    let (counts, idx) = (vec![2, 1], vec![2, 0, 1, -1]);
+    let groups = m.div_ceil(128);
+    let list = Blocks {
+        counts: &counts,
+        indices: &idx,
+        max_blocks: max,
+        bm: 128,
+        bs,
+    };
+    let shape = format!("{m}x{hd} -> {nb}x{bs}");
+    let cfg = [("BS", bs)];
+    let (mut c, mut i) = (ints(&[groups], &counts), ints(&[groups, max], &idx));
+    let mut rows = vec![];
+    let mut x = t(rng, dtype, &[m, hd]);
+    let mut w1 = t(rng, dtype, &[f, hd]);
+    let mut b1 = t(rng, dtype, &[f]);
+    let mut h = filled(dtype, &[m, max * bs], 7.0);
+    let want = rs::sparse_fc1_fwd(&x.data, &w1.data, &b1.data, (m, hd, f), list, &h.data);
+    k::sparse_fc1_fwd::interpret(
+        &cfg,
+        k::sparse_fc1_fwd::HostArgs {
+            x: &mut x,
+            w1: &mut w1,
+            b1: &mut b1,
+            counts: &mut c,
+            indices: &mut i,
+            h: &mut h,
+        },
+    )?;
+    rows.push(row("sparse_fc1_fwd", &shape, "h", &h, &want));
+    let mut dy = t(rng, dtype, &[m, hd]);
+    let mut w2 = t(rng, dtype, &[hd, f]);
+    let mut hr = t(rng, dtype, &[m, max * bs]);
+    let mut dh = filled(dtype, &[m, max * bs], 7.0);
+    let want = rs::sparse_fc2_dh(&dy.data, &w2.data, &hr.data, (m, hd, f), list, &dh.data);
+    k::sparse_fc2_dh::interpret(
+        &cfg,
+        k::sparse_fc2_dh::HostArgs {
+            dy: &mut dy,
+            w2: &mut w2,
+            h: &mut hr,
+            counts: &mut c,
+            indices: &mut i,
+            dh: &mut dh,
+        },
+    )?;
+    rows.push(row("sparse_fc2_dh", &shape, "dh", &dh, &want));
+    let mut dx = filled(dtype, &[m, hd], f32::NAN);
+    let want = rs::sparse_fc1_dx(&dh.data, &w1.data, (m, hd, f), list);
+    k::sparse_fc1_dx::interpret(
+        &cfg,
+        k::sparse_fc1_dx::HostArgs {
+            dh: &mut dh,
+            w1: &mut w1,
+            counts: &mut c,
+            indices: &mut i,
+            dx: &mut dx,
+        },
+    )?;
+    rows.push(row("sparse_fc1_dx", &shape, "dx", &dx, &want));
     Ok(rows)
 }

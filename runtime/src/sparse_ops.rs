@@ -156,3 +156,144 @@ pub fn sparse_both(
     )?;
     Ok(())
 }
+
+/// fc1 forward of a sparse MLP: `h = relu(x · w1[kept blocks]ᵀ + b1[kept blocks])`, compact
+/// (see `lexp_kernels::sparse_fc1_fwd`). `w1` is `[F, H]` with `F = num_blocks * bs`, `b1`
+/// `[F]`, `h` `[M, max_blocks * bs]`.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_fc1_fwd(
+    l: &dyn Launcher,
+    x: &TensorArg,
+    w1: &TensorArg,
+    b1: &TensorArg,
+    list: &BlockList,
+    h: &TensorArg,
+    bs: usize,
+    tile: &[(&str, usize)],
+) -> Result<(), SparseOpError> {
+    const OP: &str = "sparse_fc1_fwd";
+    let nb = num_blocks(OP, w1, 0, bs)?;
+    list.check_against(groups(dim(x, 0)), nb)?;
+    compact_width(OP, h, list, bs)?;
+    let (c, i) = (list.counts().as_arg(), list.indices().as_arg());
+    k::sparse_fc1_fwd::launch_with(
+        l,
+        &with_bs(bs, tile),
+        &k::sparse_fc1_fwd::Args {
+            x,
+            w1,
+            b1,
+            counts: &c,
+            indices: &i,
+            h,
+        },
+    )?;
+    Ok(())
+}
+
+/// fc2 input gradient of a sparse MLP on the kept blocks, masked by the ReLU of the compact
+/// forward activation: `dh = (dy · w2[:, kept blocks]) ⊙ [h > 0]` (see
+/// `lexp_kernels::sparse_fc2_dh`). `dy` is `[M, H]`, `w2` `[H, F]` (not transposed), `h` and
+/// `dh` `[M, max_blocks * bs]`.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_fc2_dh(
+    l: &dyn Launcher,
+    dy: &TensorArg,
+    w2: &TensorArg,
+    h: &TensorArg,
+    list: &BlockList,
+    dh: &TensorArg,
+    bs: usize,
+    tile: &[(&str, usize)],
+) -> Result<(), SparseOpError> {
+    const OP: &str = "sparse_fc2_dh";
+    let nb = num_blocks(OP, w2, 1, bs)?;
+    list.check_against(groups(dim(dy, 0)), nb)?;
+    compact_width(OP, h, list, bs)?;
+    compact_width(OP, dh, list, bs)?;
+    let (c, i) = (list.counts().as_arg(), list.indices().as_arg());
+    k::sparse_fc2_dh::launch_with(
+        l,
+        &with_bs(bs, tile),
+        &k::sparse_fc2_dh::Args {
+            dy,
+            w2,
+            h,
+            counts: &c,
+            indices: &i,
+            dh,
+        },
+    )?;
+    Ok(())
+}
+
+/// fc1 input gradient of a sparse MLP: `dx = Σ_kept dh_block · w1[block, :]` (see
+/// `lexp_kernels::sparse_fc1_dx`). `dh` is compact `[M, max_blocks * bs]`, `w1` `[F, H]` (not
+/// transposed), `dx` `[M, H]`.
+pub fn sparse_fc1_dx(
+    l: &dyn Launcher,
+    dh: &TensorArg,
+    w1: &TensorArg,
+    list: &BlockList,
+    dx: &TensorArg,
+    bs: usize,
+    tile: &[(&str, usize)],
+) -> Result<(), SparseOpError> {
+    const OP: &str = "sparse_fc1_dx";
+    let nb = num_blocks(OP, w1, 0, bs)?;
+    list.check_against(groups(dim(dh, 0)), nb)?;
+    compact_width(OP, dh, list, bs)?;
+    let (c, i) = (list.counts().as_arg(), list.indices().as_arg());
+    k::sparse_fc1_dx::launch_with(
+        l,
+        &with_bs(bs, tile),
+        &k::sparse_fc1_dx::Args {
+            dh,
+            w1,
+            counts: &c,
+            indices: &i,
+            dx,
+        },
+    )?;
+    Ok(())
+}
+
+/// A compact activation must be `max_blocks * bs` wide.
+fn compact_width(
+    op: &'static str,
+    t: &TensorArg,
+    list: &BlockList,
+    bs: usize,
+) -> Result<(), SparseOpError> {
+    let width = list.max_blocks().saturating_mul(bs);
+    need(op, t.dims.get(1) == Some(&width), || {
+        format!(
+            "compact activation {:?}; the list's bound {} x block {bs} needs {width} columns",
+            t.dims,
+            list.max_blocks(),
+        )
+    })
+}
+
+/// Extent `i` of `t` (0 when `t` has fewer dimensions: the launcher then refuses the rank).
+fn dim(t: &TensorArg, i: usize) -> usize {
+    t.dims.get(i).copied().unwrap_or(0)
+}
+
+/// The number of `bs`-neuron blocks along dimension `i` of the weight `w`: `bs` must be
+/// positive and divide that extent.
+fn num_blocks(
+    op: &'static str,
+    w: &TensorArg,
+    i: usize,
+    bs: usize,
+) -> Result<usize, SparseOpError> {
+    let extent = dim(w, i);
+    need(op, bs > 0 && extent.is_multiple_of(bs), || {
+        format!(
+            "weight {:?}: dimension {i} ({extent} neurons) is not a multiple of the block size {bs}",
+            w.dims
+        )
+    })?;
+    Ok(extent / bs)
+}

@@ -9,6 +9,8 @@ use std::io::Write;
 
 #[path = "lexp/bench_attention.rs"]
 mod bench_attention;
+#[path = "lexp/bench_mlp.rs"]
+mod bench_mlp;
 #[path = "lexp/bench_profile.rs"]
 mod bench_profile;
 #[path = "lexp/bench_step.rs"]
@@ -117,6 +119,10 @@ enum BenchCmd {
     /// engine's tile configurations; compared with PyTorch SDPA's times from
     /// `bench/attention_baseline.py` when given.
     Attention(bench_attention::AttentionArgs),
+    /// The sparse MLP's four products (fc1/fc2 forward, both input gradients) over random
+    /// block lists at several densities, against the same four dense cuBLAS GEMMs in the same
+    /// run (OPT-1.3B shapes by default); JSON and a plot with `--json`.
+    Mlp(bench_mlp::MlpArgs),
 }
 
 fn main() -> Result<()> {
@@ -167,6 +173,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             what: BenchCmd::Attention(args),
         } => bench_attention::run(args),
+        Cmd::Bench {
+            what: BenchCmd::Mlp(args),
+        } => bench_mlp::run(args),
     }
 }
 
@@ -236,6 +245,9 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
             }
             if tc("sparse_out") || tc("sparse_red") || tc("sparse_both") {
                 mat.extend(lexp_runtime::matmul_check::check_sparse(dev)?);
+            }
+            if tc("sparse_fc1_fwd") || tc("sparse_fc2_dh") || tc("sparse_fc1_dx") {
+                mat.extend(lexp_runtime::matmul_check::check_sparse_mlp(dev)?);
             }
             if tc("lora_fwd") || tc("lora_bwd_dx") || tc("lora_grad") {
                 mat.extend(lexp_runtime::matmul_check::check_lora(dev)?);

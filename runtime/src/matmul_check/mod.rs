@@ -1,6 +1,7 @@
-//! GPU checks and benchmarks of the tensor-core kernels (dense GEMMs, block-sparse GEMMs,
-//! fused LoRA) against the CPU references of `lexp_kernels::reference_matmul` ([`checks`]) and
-//! against cuBLAS timed in the same run ([`bench`]).
+//! GPU checks and benchmarks of the tensor-core kernels (dense GEMMs, block-sparse GEMMs, the
+//! sparse MLP operators, fused LoRA) against the CPU references of
+//! `lexp_kernels::reference_matmul` and `reference_sparse_mlp` ([`checks`], [`checks_mlp`])
+//! and against cuBLAS timed in the same run ([`bench`]).
 //!
 //! Correctness: random inputs in [-1, 1] (never zeros), outputs poisoned with NaN before each
 //! launch (or pre-filled with a sentinel where the kernel must leave elements untouched),
@@ -8,12 +9,14 @@
 
 mod bench;
 mod checks;
+mod checks_mlp;
 
 pub use bench::{
     bench_gemm, bench_lora, bench_sparse, cublas_ms, cublas_nt_ms, GemmBench, LoraBench,
     SparseBench,
 };
 pub use checks::{check_gemm, check_lora, check_sparse};
+pub use checks_mlp::check_sparse_mlp;
 
 use crate::kernel_check::Rng;
 use crate::{CudaDevice, DeviceError, DeviceTensor};

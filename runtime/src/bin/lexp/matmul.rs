@@ -9,13 +9,13 @@ use lexp_runtime::CudaDevice;
 
 fn print_checks(rows: &[MatCheck]) -> usize {
     println!(
-        "{:<12} {:<5} {:<22} {:<34} {:<4} {:>10} {:>10} {:>8} ok",
+        "{:<14} {:<5} {:<22} {:<34} {:<9} {:>10} {:>10} {:>8} ok",
         "kernel", "dtype", "shape", "config", "out", "rel_l2", "max_abs", "tol"
     );
     let mut failed = 0;
     for r in rows {
         println!(
-            "{:<12} {:<5} {:<22} {:<34} {:<4} {:>10.2e} {:>10.2e} {:>8.0e} {}",
+            "{:<14} {:<5} {:<22} {:<34} {:<9} {:>10.2e} {:>10.2e} {:>8.0e} {}",
             r.kernel,
             r.dtype,
             r.shape,
@@ -58,6 +58,7 @@ pub fn run(
         }
         if want("sparse") {
             checks.extend(mc::check_sparse(dev)?);
+            checks.extend(mc::check_sparse_mlp(dev)?);
         }
         if want("lora") {
             checks.extend(mc::check_lora(dev)?);

@@ -1,0 +1,187 @@
+//! The dynamic-aware MLP operators (DESIGN.md §7, MLP step 5): the block-sparse products of a
+//! ReLU MLP `h = relu(x·W1ᵀ + b1)`, `y = h·W2ᵀ + b2` (`W1 [F, H]`, `W2 [H, F]`) that are not
+//! plain [`sparse`](crate::sparse) GEMMs, over the same device-side block lists (`counts[g]`,
+//! `indices[g, j]`, groups of `BM` token rows, blocks of `BS` neurons):
+//!
+//! 1. [`sparse_fc1_fwd`]: fc1 forward on the kept blocks with the bias and the ReLU fused into
+//!    the epilogue, `h` stored compactly (one `BS`-wide slot per kept block);
+//! 2. fc2 forward is [`sparse_red`](crate::sparse::sparse_red) on that compact `h`;
+//! 3. [`sparse_fc2_dh`]: fc2's input gradient on the kept blocks, `dy·W2[:, blk]` (W2 read as
+//!    stored, no transpose), masked by the ReLU of the compact `h`;
+//! 4. [`sparse_fc1_dx`]: fc1's input gradient `Σ_j dh[:, slot j]·W1[blk_j, :]`, a reduction over
+//!    the kept blocks (W1 read as stored).
+//!
+//! Given the forward's block list, the backward pieces are exact: a dropped block has `h = 0`
+//! and contributes nothing to `y`, so its gradient is 0 and is never computed. Grids are sized
+//! by the bound `indices.dim(1)`; programs with no work return at once. Lists are validated by
+//! the runtime (`BlockList`) before they reach a launch; slots past a group's count are left
+//! untouched.
+
+use lexp_macros::kernel;
+
+/// fc1 forward: for group `g` and slot `j < counts[g]` with block `b = indices[g, j]`,
+/// `h[rows(g), j*BS ..][.. BS] = relu(x[rows(g), :] · w1[b*BS .. +BS, :]ᵀ + b1[b*BS .. +BS])`
+/// (f32 accumulation, bias and ReLU in f32, one rounding to `T`). Slots past the count are
+/// untouched.
+///
+/// Each program computes `BW / BS` consecutive slots as one `BM x BW` tile: the weight rows of
+/// its output columns are gathered (column `c` of the tile reads weight row
+/// `indices[g, j0 + c / BS] * BS + c % BS`), so the main loop is a dense `x·Wᵀ` loop with a
+/// row-gathered `W` operand (one `BM x BW` accumulator, `wgmma` N = `BW` on sm_90), and the
+/// compact slots it writes are contiguous. Columns of slots past the count read block 0 and
+/// are not stored.
+#[kernel(
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BW = [128, 256], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
+    only = [W == 8 || BW == 128, S <= 4 || W == 8, (BM + BW) * BK * 2 * S <= 200 * 1024],
+    warps = W,
+    stages = S,
+    grid = [cdiv(indices.dim(1) * BS, BW), cdiv(x.dim(0), BM)],
+    require = [
+        w1.dim(1) == x.dim(1), b1.dim(0) == w1.dim(0), h.dim(0) == x.dim(0),
+        h.dim(1) == indices.dim(1) * BS, counts.dim(0) == indices.dim(0),
+        indices.dim(0) == cdiv(x.dim(0), BM)
+    ]
+)]
+pub fn sparse_fc1_fwd<
+    T,
+    const BM: usize,
+    const BS: usize,
+    const BW: usize,
+    const BK: usize,
+    const S: usize,
+    const W: usize,
+>(
+    x: Tensor<T, 2>,
+    w1: Tensor<T, 2>,
+    b1: Tensor<T, 1>,
+    counts: Tensor<i32, 1>,
+    indices: Tensor<i32, 2>,
+    h: TensorMut<T, 2>,
+) {
+    let j0 = program_id(0) * (BW / BS);
+    let g = program_id(1);
+    let count = counts.load([g]);
+    if j0 >= count {
+        return;
+    }
+    let lane = range::<BW>();
+    let slot = j0 + lane / BS;
+    let live = slot < count;
+    // The weight row of each output column (block 0 for columns past the count).
+    let blk = select(live, indices.load([g, select(live, slot, 0)]), 0);
+    let cols = blk * BS + lane % BS;
+    let rows = g * BM + range::<BM>();
+    let mut acc = zeros::<f32, BM, BW>();
+    for k in (0..x.dim(1)).step_by(BK) {
+        let ks = k + range::<BK>();
+        acc = dot(x.load([rows, ks]), w1.load([cols, ks]).t(), acc);
+    }
+    let hv = relu(acc + b1.load([cols]).cast::<f32>().expand(0));
+    // Columns past the count are sent out of bounds (the store's bounds mask drops them).
+    let out = select(live, j0 * BS + lane, h.dim(1));
+    h.store([rows, out], hv.cast::<T>());
+}
+
+/// fc2 input gradient: for group `g` and slot `j < counts[g]` with block `b = indices[g, j]`,
+/// `dh[rows(g), j*BS + c] = (dy[rows(g), :] · w2[:, b*BS + c])` where
+/// `h[rows(g), j*BS + c] > 0`, else 0. `dy` is `[T, H]`, `w2` the fc2 weight `[H, F]` read as
+/// stored (K = H runs along its rows), `h` the compact forward activation (the ReLU mask).
+/// Slots past the count are untouched.
+///
+/// Two slots per program (one `dy` tile feeds two blocks), as in [`sparse_fc1_fwd`].
+#[kernel(
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
+    only = [S <= 4 || W == 8, (BM + 2 * BS) * BK * 2 * S <= 200 * 1024, W == 8 || BS == 64],
+    warps = W,
+    stages = S,
+    grid = [cdiv(indices.dim(1), 2), cdiv(dy.dim(0), BM)],
+    require = [
+        w2.dim(0) == dy.dim(1), h.dim(0) == dy.dim(0), h.dim(1) == indices.dim(1) * BS,
+        dh.dim(0) == dy.dim(0), dh.dim(1) == h.dim(1), counts.dim(0) == indices.dim(0),
+        indices.dim(0) == cdiv(dy.dim(0), BM)
+    ]
+)]
+pub fn sparse_fc2_dh<
+    T,
+    const BM: usize,
+    const BS: usize,
+    const BK: usize,
+    const S: usize,
+    const W: usize,
+>(
+    dy: Tensor<T, 2>,
+    w2: Tensor<T, 2>,
+    h: Tensor<T, 2>,
+    counts: Tensor<i32, 1>,
+    indices: Tensor<i32, 2>,
+    dh: TensorMut<T, 2>,
+) {
+    let j = program_id(0) * 2;
+    let g = program_id(1);
+    let count = counts.load([g]);
+    if j >= count {
+        return;
+    }
+    let j1 = min(j + 1, count - 1);
+    let cols0 = indices.load([g, j]) * BS + range::<BS>();
+    let cols1 = indices.load([g, j1]) * BS + range::<BS>();
+    let rows = g * BM + range::<BM>();
+    let mut acc0 = zeros::<f32, BM, BS>();
+    let mut acc1 = zeros::<f32, BM, BS>();
+    for k in (0..dy.dim(1)).step_by(BK) {
+        let ks = k + range::<BK>();
+        let dyt = dy.load([rows, ks]);
+        acc0 = dot(dyt, w2.load([ks, cols0]), acc0);
+        acc1 = dot(dyt, w2.load([ks, cols1]), acc1);
+    }
+    let s0 = j * BS + range::<BS>();
+    let live0 = h.load([rows, s0]).cast::<f32>() > 0.0;
+    dh.store([rows, s0], select(live0, acc0, 0.0).cast::<T>());
+    if j + 1 < count {
+        let s1 = (j + 1) * BS + range::<BS>();
+        let live1 = h.load([rows, s1]).cast::<f32>() > 0.0;
+        dh.store([rows, s1], select(live1, acc1, 0.0).cast::<T>());
+    }
+}
+
+/// fc1 input gradient: `dx[rows(g), n] = Σ_{j < counts[g]} dh[rows(g), j*BS .. +BS] ·
+/// w1[indices[g, j]*BS .. +BS, n]`, with `dh` compact (as [`sparse_fc2_dh`] writes it) and
+/// `w1` the fc1 weight `[F, H]` read as stored. A group with count 0 gets 0.
+#[kernel(
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
+    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024],
+    warps = W,
+    stages = S,
+    grid = [cdiv(w1.dim(1), BN), cdiv(dh.dim(0), BM)],
+    require = [
+        dh.dim(1) == indices.dim(1) * BS, dx.dim(0) == dh.dim(0), dx.dim(1) == w1.dim(1),
+        counts.dim(0) == indices.dim(0), indices.dim(0) == cdiv(dh.dim(0), BM)
+    ]
+)]
+pub fn sparse_fc1_dx<
+    T,
+    const BM: usize,
+    const BN: usize,
+    const BS: usize,
+    const BK: usize,
+    const S: usize,
+    const W: usize,
+>(
+    dh: Tensor<T, 2>,
+    w1: Tensor<T, 2>,
+    counts: Tensor<i32, 1>,
+    indices: Tensor<i32, 2>,
+    dx: TensorMut<T, 2>,
+) {
+    let g = program_id(1);
+    let rows = g * BM + range::<BM>();
+    let cols = program_id(0) * BN + range::<BN>();
+    let mut acc = zeros::<f32, BM, BN>();
+    // Every kept block of the group, in BS / BK slices of BK rows of w1.
+    for (e, part, blk) in blocks(counts, indices, g, BS / BK) {
+        let kh = e * BS + part * BK + range::<BK>();
+        let kw = blk * BS + part * BK + range::<BK>();
+        acc = dot(dh.load([rows, kh]), w1.load([kw, cols]), acc);
+    }
+    dx.store([rows, cols], acc.cast::<T>());
+}
