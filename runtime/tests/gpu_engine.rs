@@ -25,9 +25,12 @@ use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::cublas::{Blas, Mat, MatLayout, MatMut};
 use lexp_runtime::data::{PackedBatch, SplitMix64};
 use lexp_runtime::gpu::attention::AttentionImpl;
+use lexp_runtime::gpu::sparse_mlp::SyntheticMlp;
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::model::dropout::Site;
-use lexp_runtime::model::{self, DropoutRng, MaskSource, ModelError, RecordedMasks};
+use lexp_runtime::model::{
+    self, DropoutRng, MaskSource, MlpHook, MlpMask, ModelError, RecordedMasks,
+};
 use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget};
 use lexp_runtime::train::{self, CpuEngine, Engine, Silent, TrainConfig};
 use lexp_runtime::DeviceTensor;
@@ -228,7 +231,17 @@ fn compare_step_with(
     let out = gpu.loss_and_grads(lora, b, scale, rng).unwrap();
     let masks = rng.map(|_| gpu.last_masks().unwrap());
     let source = masks.as_ref().map(|m| m as &dyn MaskSource);
-    let cpu = model::loss_and_grads_with_masks(model, lora, b, scale, source).unwrap();
+    // A sparse MLP on the GPU: the CPU model keeps the same blocks (`ListMasks`).
+    let lists = gpu.mlp_lists().map(|m| {
+        let f = model.config.ffn_dim;
+        ListMasks(
+            (0..model.config.num_hidden_layers)
+                .map(|l| m.mask(l, f))
+                .collect(),
+        )
+    });
+    let hook = lists.as_ref().map(|h| h as &dyn MlpHook);
+    let cpu = model::loss_and_grads_exposed(model, lora, b, scale, source, hook).unwrap();
     assert_eq!(out.count, cpu.count);
     let (lc, lg) = (cpu.loss_sum / n as f64, out.loss_sum / n as f64);
     println!(
@@ -394,6 +407,80 @@ fn gpu_engine_matches_the_cpu_engine() {
             RELU_FLIPS,
         );
         println!("{name}: workspace {} MiB", gpu.workspace_bytes() >> 20);
+    }
+}
+
+/// The CPU model's side of a GPU sparse MLP: layer `l` keeps the blocks of mask `l`.
+struct ListMasks(Vec<MlpMask>);
+
+impl MlpHook for ListMasks {
+    fn select(&self, layer: usize, _ffn_in: &[f32], _rows: usize) -> Option<MlpMask> {
+        Some(self.0[layer].clone())
+    }
+}
+
+/// The GPU's sparse MLP (block-sparse kernels over random lists, `gpu::sparse_mlp`) against
+/// the CPU model keeping the same blocks: loss and LoRA gradients (q, v) within the dense
+/// tolerances, blocks of 64 and 128, several 128-row groups with a ragged last one; dense
+/// again after switching it off; LoRA on fc1 refused.
+#[test]
+fn gpu_sparse_mlp_matches_the_cpu_model_on_the_same_blocks() {
+    if !enabled() {
+        return;
+    }
+    for (name, dir) in models() {
+        let loaded = OptModel::load(&dir).unwrap();
+        let mut gpu = GpuEngine::new(loaded.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
+        let model = bf16_weights(&loaded);
+        let cfg = LoraConfig {
+            r: 8,
+            targets: vec![LoraTarget::Q, LoraTarget::V],
+            ..LoraConfig::default()
+        };
+        let mut lora = LoraParams::init(&cfg, &model.config, 5);
+        for (_, m) in lora.tensors_mut() {
+            for (i, v) in m.data.iter_mut().enumerate() {
+                if *v == 0.0 {
+                    *v = 0.01 * ((i % 7) as f32 - 3.0);
+                }
+            }
+        }
+        let big = batch(&dir, &(100..164).collect::<Vec<_>>());
+        assert!(big.num_tokens() % 128 != 0 && big.num_tokens() > 256);
+        for (density, block) in [(0.5, 64), (0.25, 128)] {
+            let s = SyntheticMlp {
+                density,
+                block,
+                seed: 7,
+            };
+            gpu.set_synthetic_mlp(Some(s)).unwrap();
+            let label = format!("{name} sparse MLP {density} blocks of {block}");
+            compare_step(&label, &model, &mut gpu, &lora, &big, RELU_FLIPS);
+            let kept = gpu.mlp_lists().unwrap().density();
+            assert!((kept - density).abs() < 0.05, "{label}: kept {kept}");
+            // The sparse loss is not the dense one (the lists matter).
+            let dense = model::loss_and_grads(&model, &lora, &big, 1.0, None).unwrap();
+            let sparse = gpu.loss_and_grads(&lora, &big, 1.0, None).unwrap();
+            assert!(
+                (dense.loss_sum - sparse.loss_sum).abs() > 1e-3 * dense.loss_sum.abs(),
+                "{label}: sparse loss equals the dense one"
+            );
+        }
+        let fc1 = random_lora(&model, 4, 11);
+        let Err(err) = gpu.loss_and_grads(&fc1, &big, 1.0, None) else {
+            panic!("{name}: LoRA on fc1 with a sparse MLP was not refused");
+        };
+        assert!(err.to_string().contains("fc1/fc2"), "{err}");
+        gpu.set_synthetic_mlp(None).unwrap();
+        assert!(gpu.mlp_lists().is_none());
+        compare_step(
+            &format!("{name} dense again"),
+            &model,
+            &mut gpu,
+            &lora,
+            &big,
+            RELU_FLIPS,
+        );
     }
 }
 

@@ -25,6 +25,7 @@ use super::ops::{
 };
 use super::optimizer::{self, DeviceAdamW};
 use super::rng::GpuRng;
+use super::sparse_mlp::{MlpLists, SyntheticMlp};
 use super::weights::{self, DeviceWeights};
 use super::workspace::{Caps, Dims, Workspace, LOSS_CHUNK};
 use crate::checkpoint::OptModel;
@@ -34,7 +35,7 @@ use crate::device::CudaDevice;
 use crate::model::opt::{check_adapters, check_batch};
 use crate::model::{DropoutRng, ModelError, RecordedMasks, Result, StepOutput};
 use crate::optim::AdamW;
-use crate::peft::LoraParams;
+use crate::peft::{LoraParams, LoraTarget};
 use crate::train::{Engine, OptimStep, StepOutcome};
 
 /// Token capacities grow in steps of this many tokens (fewer re-allocations as batch sizes
@@ -59,6 +60,10 @@ pub struct GpuEngine {
     attention: AttentionImpl,
     /// AdamW's state, once [`Engine::optimizer_step`] ran.
     adam: Option<DeviceAdamW>,
+    /// Random MLP block lists standing in for the predictor (`None`: dense MLP).
+    synthetic_mlp: Option<SyntheticMlp>,
+    /// The lists of the last batch shape, made from `synthetic_mlp`.
+    mlp_lists: Option<MlpLists>,
 }
 
 /// A batch checked and uploaded.
@@ -138,6 +143,8 @@ impl GpuEngine {
             last_drop: None,
             attention: AttentionImpl::default_for(dims.hd),
             adam: None,
+            synthetic_mlp: None,
+            mlp_lists: None,
         })
     }
 
@@ -150,6 +157,23 @@ impl GpuEngine {
             self.attention = imp;
         }
         Ok(())
+    }
+
+    /// Runs every layer's MLP on the block-sparse kernels over *random* block lists at
+    /// `s.density` (`None`: the dense MLP): a synthetic predictor for measuring the sparse
+    /// operators inside the step ([`super::sparse_mlp`]). Its losses are not a model's.
+    pub fn set_synthetic_mlp(&mut self, s: Option<SyntheticMlp>) -> Result<()> {
+        if let Some(s) = &s {
+            s.check(self.dims.f)?;
+        }
+        self.synthetic_mlp = s;
+        self.mlp_lists = None;
+        Ok(())
+    }
+
+    /// The block lists of the last step's sparse MLP, if it had one.
+    pub fn mlp_lists(&self) -> Option<&MlpLists> {
+        self.mlp_lists.as_ref()
     }
 
     /// The attention implementation in use.
@@ -208,6 +232,25 @@ impl GpuEngine {
             check_adapters(c, l)?;
         }
         let t = batch.num_tokens();
+        if let Some(s) = self.synthetic_mlp {
+            let sparse_adapted = lora.is_some_and(|l| {
+                l.config
+                    .targets
+                    .iter()
+                    .any(|t| matches!(t, LoraTarget::Fc1 | LoraTarget::Fc2))
+            });
+            if sparse_adapted {
+                return Err(ModelError::Unsupported(
+                    "LoRA on fc1/fc2 with a sparse MLP: the GPU's compact activations have no \
+                     full-width branch; adapt q, k, v or out_proj"
+                        .into(),
+                ));
+            }
+            if self.mlp_lists.as_ref().map_or(true, |m| m.t != t) {
+                let d = &self.dims;
+                self.mlp_lists = Some(MlpLists::synthetic(&self.dev, &s, d.layers, t, d.f)?);
+            }
+        }
         let (segs, probs) = segments(&batch.cu_seqlens, self.dims.nh)?;
         let flash_cfg = match self.attention {
             AttentionImpl::Flash => Some(flash_config(self.dims.hd).ok_or_else(|| {
@@ -342,6 +385,7 @@ impl GpuEngine {
             lora,
             rng,
             attention,
+            mlp_lists,
             ..
         } = self;
         let drop = match (drop, rng.as_ref()) {
@@ -373,6 +417,7 @@ impl GpuEngine {
             lora: adapters,
             drop,
             attention: *attention,
+            mlp: mlp_lists.as_ref(),
         };
 
         // Embeddings, then the layers; each layer's output is the next one's saved input.

@@ -25,6 +25,7 @@ use super::ops::{
     add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd,
     lt_epilogues, mm, mm_fused, mul_inplace, relu_bwd, R,
 };
+use super::sparse_mlp::{self, MlpLists};
 use super::weights::LayerWeights;
 use super::workspace::{Dims, LayerActs, Scratch};
 use crate::buffer::DeviceTensor;
@@ -96,6 +97,8 @@ pub struct Ctx<'a> {
     pub drop: Option<DropCtx<'a>>,
     /// The attention implementation (its buffers are in the workspace).
     pub attention: AttentionImpl,
+    /// Block lists of a sparse MLP ([`super::sparse_mlp`]); `None`: dense.
+    pub mlp: Option<&'a MlpLists>,
 }
 
 const QKV: [LoraTarget; 3] = [LoraTarget::Q, LoraTarget::K, LoraTarget::V];
@@ -282,8 +285,22 @@ pub fn forward(
         t,
         h,
     )?;
-    fc1_forward(cx, li, w, acts, sc)?;
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
+    if let Some(m) = cx.mlp {
+        sparse_mlp::fc1_forward(cx, li, m, w, &acts.b, &acts.act)?;
+        sparse_mlp::fc2_forward(cx, li, m, w, &acts.act, &sc.tmp)?;
+        let site = (Site::MlpResidual, mlp_col);
+        return cx.residual(
+            li,
+            site,
+            (&sc.tmp, &w.b2),
+            &acts.h1,
+            out,
+            &acts.mask,
+            &mut sc.rand,
+        );
+    }
+    fc1_forward(cx, li, w, acts, sc)?;
     residual_block(
         cx,
         li,
@@ -369,35 +386,41 @@ pub fn backward(
     let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
     let (dev, blas) = (cx.dev, cx.blas);
 
-    // fc2: dact = (g ⊙ mask)·W2 (+ LoRA), then the ReLU mask.
+    // MLP input gradients, d(LN2 out) into tmp.
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
     let gm = cx.residual_grad(mlp_col, g, &acts.mask, &mut sc.tmp2)?;
-    project_backward(
-        cx,
-        li,
-        LoraTarget::Fc2,
-        &w.w2,
-        (&acts.act, f),
-        (gm, h),
-        acts,
-        (&mut sc.du, &mut sc.xd),
-        grads,
-        &mut sc.dact,
-    )?;
-    relu_bwd(dev, &acts.act, &sc.dact, t * f)?;
-    // fc1: d(LN2 out) = dact·W1 (+ LoRA).
-    project_backward(
-        cx,
-        li,
-        LoraTarget::Fc1,
-        &w.w1,
-        (&acts.b, h),
-        (&sc.dact, f),
-        acts,
-        (&mut sc.du, &mut sc.xd),
-        grads,
-        &mut sc.tmp,
-    )?;
+    if let Some(m) = cx.mlp {
+        // Sparse: both input gradients on the kept blocks, d(LN2 out) into tmp.
+        sparse_mlp::backward(cx, li, m, w, gm, &acts.act, &sc.dact, &sc.tmp)?;
+    } else {
+        // fc2: dact = (g ⊙ mask)·W2 (+ LoRA), then the ReLU mask.
+        project_backward(
+            cx,
+            li,
+            LoraTarget::Fc2,
+            &w.w2,
+            (&acts.act, f),
+            (gm, h),
+            acts,
+            (&mut sc.du, &mut sc.xd),
+            grads,
+            &mut sc.dact,
+        )?;
+        relu_bwd(dev, &acts.act, &sc.dact, t * f)?;
+        // fc1: d(LN2 out) = dact·W1 (+ LoRA).
+        project_backward(
+            cx,
+            li,
+            LoraTarget::Fc1,
+            &w.w1,
+            (&acts.b, h),
+            (&sc.dact, f),
+            acts,
+            (&mut sc.du, &mut sc.xd),
+            grads,
+            &mut sc.tmp,
+        )?;
+    }
     // g += LN2_backward(...): g is now d(h1).
     layernorm_bwd(
         dev,

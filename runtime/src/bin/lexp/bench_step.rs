@@ -8,6 +8,7 @@ use super::finetune::DeviceChoice;
 use anyhow::{anyhow, bail, Context, Result};
 use lexp_runtime::checkpoint::{OptConfig, OptModel, OptWeights};
 use lexp_runtime::gpu::attention::AttentionImpl;
+use lexp_runtime::gpu::sparse_mlp::SyntheticMlp;
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::peft::{LoraConfig, LoraTarget};
 use lexp_runtime::step_bench::{self as sb, BaselineRun, Comparison, StepSettings, WorkloadResult};
@@ -90,6 +91,15 @@ pub struct StepArgs {
     /// before the engine ran it on the device: an A/B switch for the optimizer path.
     #[arg(long)]
     host_optimizer: bool,
+    /// Run every layer's MLP on the block-sparse kernels over RANDOM block lists keeping this
+    /// share of each 128-token group's neuron blocks: a synthetic predictor (labelled so in
+    /// the output) that measures the sparse operators inside the step. GPU only; LoRA on q,
+    /// k, v or out_proj only.
+    #[arg(long)]
+    synthetic_mlp_density: Option<f64>,
+    /// Neurons per block for `--synthetic-mlp-density` (64 or 128).
+    #[arg(long, default_value_t = 128)]
+    synthetic_mlp_block: usize,
 }
 
 /// The engine of the run, kept concrete for the GPU's memory figures (one value per run, so
@@ -312,6 +322,18 @@ pub fn run(args: StepArgs) -> Result<()> {
         g.set_attention(a)
             .map_err(|e| anyhow!("--attention: {e}"))?;
     }
+    let synthetic_mlp = args.synthetic_mlp_density.map(|density| SyntheticMlp {
+        density,
+        block: args.synthetic_mlp_block,
+        seed: args.seed,
+    });
+    match (&mut eng, synthetic_mlp) {
+        (Eng::Gpu(g), Some(s)) => g
+            .set_synthetic_mlp(Some(s))
+            .map_err(|e| anyhow!("--synthetic-mlp-density: {e}"))?,
+        (Eng::Cpu(_), Some(_)) => bail!("--synthetic-mlp-density needs the GPU engine"),
+        _ => {}
+    }
     let engine_s = t0.elapsed().as_secs_f64();
     let device_name = eng.engine().name();
     let (device_json, used_before) = match &eng {
@@ -387,11 +409,21 @@ pub fn run(args: StepArgs) -> Result<()> {
         "r": lora.r, "alpha": lora.alpha,
         "targets": lora.targets.iter().map(|t| t.peft_name()).collect::<Vec<_>>(),
     });
+    let mlp_json = synthetic_mlp.map(|s| {
+        serde_json::json!({
+            "mlp": "SYNTHETIC predictor: random block lists (not a model's), block-sparse MLP kernels",
+            "density": s.density, "block": s.block, "group_rows": 128, "seed": s.seed,
+        })
+    });
     let title = format!(
-        "{} LoRA step (r={} on {}), {}",
+        "{} LoRA step (r={} on {}){}, {}",
         args.model,
         lora.r,
         args.lora_targets.join(","),
+        synthetic_mlp.map_or(String::new(), |s| format!(
+            ", MLP at {:.0}% blocks (synthetic lists)",
+            100.0 * s.density
+        )),
         device_name
     );
     if let Some(p) = &args.json {
@@ -409,6 +441,7 @@ pub fn run(args: StepArgs) -> Result<()> {
                 "pre_ln": config.do_layer_norm_before,
             },
             "lora": lora_json,
+            "exposure": mlp_json,
             "settings": settings,
             "flop_formula": "forward 2T·n(4H²+2HF) + head 2T·E·V + causal attention n·Σ 2H·L(L+1); backward = input-gradient GEMMs (linear + head + 2× attention); LoRA 6T·r·(in+out) per module and layer; elementwise ops not counted",
             "host_build_s": build_s,

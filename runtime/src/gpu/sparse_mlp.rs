@@ -1,0 +1,233 @@
+//! The sparse MLP inside the GPU engine's step (DESIGN.md §7, MLP step 5).
+//!
+//! With block lists set, each layer's MLP runs the block-sparse operators of
+//! `kernels/src/sparse_mlp.rs` instead of cuBLAS, over one list per layer (per 128-row group: the
+//! kept neuron blocks):
+//! - fc1 forward with bias + ReLU fused, `h` stored compactly (`sparse_fc1_fwd`);
+//! - fc2 forward reducing over the kept blocks (`sparse_red`), then bias, dropout and residual
+//!   as in the dense layer;
+//! - fc2's input gradient on the kept blocks, masked by the compact `h` (`sparse_fc2_dh`);
+//! - fc1's input gradient reduced over the kept blocks (`sparse_fc1_dx`).
+//!
+//! This is exactly the CPU model with an [`MlpMask`](crate::model::MlpMask) that zeroes the other
+//! blocks' activations, which is what the GPU test checks it against.
+//!
+//! The only source of lists so far is [`SyntheticMlp`]: random lists at a fixed density. It
+//! stands in for the predictor, which runs on the CPU engine only. It exists to measure the
+//! operators inside the real step, and everything it produces is labelled synthetic.
+//! LoRA on fc1 or fc2 is refused with these lists, because the compact `h` has no place for a
+//! branch on the full width.
+
+use super::layer::Ctx;
+use super::ops::{arg, dev_err, R};
+use super::weights::LayerWeights;
+use crate::block_list::{random_host, BlockList};
+use crate::model::{MlpMask, ModelError};
+use crate::sparse_ops::{self, GROUP_ROWS};
+use crate::{CudaDevice, DeviceTensor};
+
+/// Random block lists at a fixed density in place of the predictor's, for measurements.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SyntheticMlp {
+    /// Share of each row group's neuron blocks kept, in `(0, 1]`.
+    pub density: f64,
+    /// Neurons per block: 64 or 128, the compiled block sizes.
+    pub block: usize,
+    /// Seed of the lists. A layer's list depends on the seed, the layer and the token count.
+    pub seed: u64,
+}
+
+impl SyntheticMlp {
+    /// Checks the settings against an MLP of width `ffn`.
+    pub fn check(&self, ffn: usize) -> R {
+        if !(self.density > 0.0 && self.density <= 1.0) {
+            return Err(ModelError::Unsupported(format!(
+                "synthetic MLP density {} must be in (0, 1]",
+                self.density
+            )));
+        }
+        if !matches!(self.block, 64 | 128) || ffn % self.block != 0 {
+            return Err(ModelError::Unsupported(format!(
+                "synthetic MLP blocks of {} neurons: the sparse kernels take 64 or 128, \
+                 dividing the MLP width {ffn}",
+                self.block
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One batch's block lists, one per layer, on the device.
+pub struct MlpLists {
+    /// Tokens the lists were made for.
+    pub t: usize,
+    /// Neurons per block.
+    pub block: usize,
+    lists: Vec<BlockList>,
+    /// The same lists on the host, `(counts, indices, max_blocks)` per layer.
+    host: Vec<(Vec<i32>, Vec<i32>, usize)>,
+}
+
+impl MlpLists {
+    /// Random lists for `t` tokens, `layers` layers of width `ffn`.
+    pub fn synthetic(
+        dev: &CudaDevice,
+        s: &SyntheticMlp,
+        layers: usize,
+        t: usize,
+        ffn: usize,
+    ) -> R<MlpLists> {
+        s.check(ffn)?;
+        let (groups, nb) = (t.div_ceil(GROUP_ROWS), ffn / s.block);
+        let mut lists = Vec::with_capacity(layers);
+        let mut host = Vec::with_capacity(layers);
+        for li in 0..layers {
+            let seed = s.seed ^ ((li as u64) << 32) ^ t as u64;
+            let (c, i, max) = random_host(groups, nb, s.density, seed);
+            let list = BlockList::from_host(dev, &c, &i, max, nb)
+                .map_err(dev_err(format!("synthetic block list of layer {li}")))?;
+            lists.push(list);
+            host.push((c, i, max));
+        }
+        Ok(MlpLists {
+            t,
+            block: s.block,
+            lists,
+            host,
+        })
+    }
+
+    /// Layer `li`'s list.
+    pub fn layer(&self, li: usize) -> &BlockList {
+        &self.lists[li]
+    }
+
+    /// Width of layer `li`'s compact activations (`max_blocks · block`).
+    pub fn width(&self, li: usize) -> usize {
+        self.lists[li].max_blocks() * self.block
+    }
+
+    /// Layer `li`'s list as the CPU model's mask (for tests and reports).
+    pub fn mask(&self, li: usize, ffn: usize) -> MlpMask {
+        let (counts, indices, max) = &self.host[li];
+        let mut m = MlpMask::dense(self.t, ffn, GROUP_ROWS, self.block);
+        m.keep.iter_mut().for_each(|k| *k = false);
+        for (g, &c) in counts.iter().enumerate() {
+            for &b in &indices[g * max..g * max + c as usize] {
+                m.keep[g * m.num_blocks + b as usize] = true;
+            }
+        }
+        m
+    }
+
+    /// Share of (group, block) pairs kept over all layers.
+    pub fn density(&self) -> f64 {
+        let (mut kept, mut all) = (0usize, 0usize);
+        for l in &self.lists {
+            kept += l.groups() * l.max_blocks();
+            all += l.groups() * l.num_blocks();
+        }
+        kept as f64 / all.max(1) as f64
+    }
+}
+
+/// Tile configurations of the four kernels for blocks of `bs`: the ones `lexp bench mlp`'s
+/// autotuner picked on the H200 at 25% density
+/// (`bench/results/2026-11-29-h200-sparse-mlp.json`); all compile for sm_80 and sm_90.
+fn tiles(bs: usize) -> [Vec<(&'static str, usize)>; 4] {
+    let (bk_dh, s) = (if bs == 64 { 32 } else { 64 }, 4);
+    [
+        vec![("BM", 128), ("BW", 256), ("BK", 64), ("S", s), ("W", 8)],
+        vec![("BM", 128), ("BN", 256), ("BK", 64), ("S", s), ("W", 8)],
+        vec![("BM", 128), ("BK", bk_dh), ("S", s), ("W", 8)],
+        vec![("BM", 128), ("BN", 256), ("BK", 64), ("S", s), ("W", 8)],
+    ]
+}
+
+fn op_err(what: &'static str) -> impl FnOnce(sparse_ops::SparseOpError) -> ModelError {
+    move |e| ModelError::Device(format!("sparse MLP {what}: {e}"))
+}
+
+/// fc1 forward on the kept blocks: `act[:, ..width] = relu(b·W1[kept]ᵀ + b1[kept])`, compact.
+pub(super) fn fc1_forward(
+    cx: &Ctx,
+    li: usize,
+    m: &MlpLists,
+    w: &LayerWeights,
+    b: &DeviceTensor,
+    act: &DeviceTensor,
+) -> R {
+    let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
+    let tile = &tiles(m.block)[0];
+    sparse_ops::sparse_fc1_fwd(
+        cx.dev,
+        &arg(b, &[t, h])?,
+        &arg(&w.w1, &[f, h])?,
+        &arg(&w.b1, &[f])?,
+        m.layer(li),
+        &arg(act, &[t, m.width(li)])?,
+        m.block,
+        tile,
+    )
+    .map_err(op_err("fc1 forward"))
+}
+
+/// fc2 forward over the kept blocks: `y = act·W2[:, kept]ᵀ` (no bias).
+pub(super) fn fc2_forward(
+    cx: &Ctx,
+    li: usize,
+    m: &MlpLists,
+    w: &LayerWeights,
+    act: &DeviceTensor,
+    y: &DeviceTensor,
+) -> R {
+    let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
+    sparse_ops::sparse_red(
+        cx.dev,
+        &arg(act, &[t, m.width(li)])?,
+        &arg(&w.w2, &[h, f])?,
+        m.layer(li),
+        &arg(y, &[t, h])?,
+        m.block,
+        &tiles(m.block)[1],
+    )
+    .map_err(op_err("fc2 forward"))
+}
+
+/// The MLP's input gradients on the kept blocks: `dact = (g·W2[:, kept]) ⊙ [act > 0]`
+/// (compact), then `dx = dact·W1[kept]`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    cx: &Ctx,
+    li: usize,
+    m: &MlpLists,
+    w: &LayerWeights,
+    g: &DeviceTensor,
+    act: &DeviceTensor,
+    dact: &DeviceTensor,
+    dx: &DeviceTensor,
+) -> R {
+    let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
+    let (width, ts) = (m.width(li), tiles(m.block));
+    sparse_ops::sparse_fc2_dh(
+        cx.dev,
+        &arg(g, &[t, h])?,
+        &arg(&w.w2, &[h, f])?,
+        &arg(act, &[t, width])?,
+        m.layer(li),
+        &arg(dact, &[t, width])?,
+        m.block,
+        &ts[2],
+    )
+    .map_err(op_err("fc2 input gradient"))?;
+    sparse_ops::sparse_fc1_dx(
+        cx.dev,
+        &arg(dact, &[t, width])?,
+        &arg(&w.w1, &[f, h])?,
+        m.layer(li),
+        &arg(dx, &[t, h])?,
+        m.block,
+        &ts[3],
+    )
+    .map_err(op_err("fc1 input gradient"))
+}
