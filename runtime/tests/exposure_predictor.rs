@@ -177,8 +177,9 @@ fn env(name: &str, default: usize) -> usize {
 
 /// Recall vs density on held-out opt-mini tokens of `corpus/valid.txt`: predictors trained on
 /// the first `LEXP_TRAIN_BATCHES` 2048-token batches, tested on the next `LEXP_TEST_BATCHES`;
-/// for blocks 32/64/128 and groups 16/64/128, the smallest mass target reaching recall 0.99
-/// and the density it selects (and the oracle's, from the true masses).
+/// for blocks 32/64/128 and groups 1/4/16/64/128, the smallest swept mass target whose overall
+/// recall reaches 0.99 and the density it selects (and the same for the oracle, which selects
+/// from the true masses).
 #[test]
 #[ignore = "a measurement on opt-mini (minutes)"]
 fn measure_recall_vs_density_on_opt_mini() {
@@ -240,7 +241,12 @@ fn measure_recall_vs_density_on_opt_mini() {
         Ok("share") => vec![Target::Share],
         _ => vec![Target::LogMass, Target::Share],
     };
-    for &block in &[32usize, 64, 128] {
+    let blocks: Vec<usize> = std::env::var("LEXP_BLOCKS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|b| b.parse().ok()).collect())
+        .unwrap_or_else(|| vec![32, 64, 128]);
+    let sort_tokens = std::env::var("LEXP_SORT").as_deref() == Ok("1");
+    for &block in &blocks {
         let nb = ffn / block;
         for &kind in &targets_kind {
             let t1 = std::time::Instant::now();
@@ -261,64 +267,110 @@ fn measure_recall_vs_density_on_opt_mini() {
                 preds.push(p);
             }
             let fit_s = t1.elapsed().as_secs_f64();
-            for &group in &[16usize, 64, 128] {
-                // Per layer, per target: (kept, total, kept work, total work) over test batches.
-                let mut line = Vec::new();
-                let mut sum_density = 0.0;
-                let mut sum_oracle = 0.0;
-                for l in 0..layers {
-                    let m = coarsen(&test_m[l], ffn / fine, block / fine);
-                    let mut found = None;
-                    let mut oracle_density = 0.0;
-                    for (ti, &t) in targets.iter().enumerate() {
-                        let (mut kept, mut total, mut work, mut all) = (0.0, 0.0, 0.0, 0.0);
-                        let (mut o_work, mut offset) = (0.0, 0usize);
-                        for &rows in &test_rows {
+            // Scores per layer and test batch, computed once.
+            let scores: Vec<Vec<Vec<f32>>> = (0..layers)
+                .map(|l| {
+                    let mut offset = 0;
+                    test_rows
+                        .iter()
+                        .map(|&rows| {
                             let x = &test_x[l][offset * h..(offset + rows) * h];
-                            let mm = &m[offset * nb..(offset + rows) * nb];
-                            let p = SelectionParams {
-                                group,
-                                target: t,
-                                max_blocks: nb,
-                            };
-                            let scores = preds[l].scores(x, rows);
-                            let s = select(&scores, rows, nb, block, &p);
-                            for r in 0..rows {
-                                for b in 0..nb {
-                                    let v = mm[r * nb + b] as f64;
-                                    total += v;
-                                    if s.mask.keeps(r / group, b) {
-                                        kept += v;
-                                    }
+                            offset += rows;
+                            preds[l].scores(x, rows)
+                        })
+                        .collect()
+                })
+                .collect();
+            let masses: Vec<Vec<f32>> = (0..layers)
+                .map(|l| coarsen(&test_m[l], ffn / fine, block / fine))
+                .collect();
+            // Token grouping (LEXP_SORT=1): within each test batch, rows sorted by a short
+            // pattern code of their predicted scores (top-2 blocks), for scores and masses.
+            let sorted: Vec<(Vec<Vec<f32>>, Vec<f32>)> = (0..layers)
+                .map(|l| {
+                    let (mut sc_all, mut m_all) = (Vec::new(), Vec::new());
+                    let mut offset = 0usize;
+                    for (i, &rows) in test_rows.iter().enumerate() {
+                        let sc = &scores[l][i];
+                        let code = |r: usize| {
+                            let row = &sc[r * nb..(r + 1) * nb];
+                            let mut idx: Vec<usize> = (0..nb).collect();
+                            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                            (idx[0], idx.get(1).copied().unwrap_or(0))
+                        };
+                        let mut order: Vec<usize> = (0..rows).collect();
+                        if sort_tokens {
+                            order.sort_by_key(|&r| code(r));
+                        }
+                        let mm = &masses[l][offset * nb..(offset + rows) * nb];
+                        sc_all.push(
+                            order
+                                .iter()
+                                .flat_map(|&r| sc[r * nb..(r + 1) * nb].to_vec())
+                                .collect(),
+                        );
+                        m_all.extend(
+                            order
+                                .iter()
+                                .flat_map(|&r| mm[r * nb..(r + 1) * nb].to_vec()),
+                        );
+                        offset += rows;
+                    }
+                    (sc_all, m_all)
+                })
+                .collect();
+            let (scores, masses): (Vec<Vec<Vec<f32>>>, Vec<Vec<f32>>) = sorted.into_iter().unzip();
+            // Smallest swept target whose overall recall reaches 0.99: (target, recall, density).
+            let sweep = |l: usize, group: usize, oracle: bool| {
+                for &t in &targets {
+                    let (mut kept, mut total, mut work, mut all) = (0.0, 0.0, 0.0, 0.0);
+                    let mut offset = 0usize;
+                    for (i, &rows) in test_rows.iter().enumerate() {
+                        let mm = &masses[l][offset * nb..(offset + rows) * nb];
+                        offset += rows;
+                        let p = SelectionParams {
+                            group,
+                            target: t,
+                            max_blocks: nb,
+                        };
+                        let sc = if oracle { mm } else { &scores[l][i][..] };
+                        let s = select(sc, rows, nb, block, &p);
+                        for r in 0..rows {
+                            for b in 0..nb {
+                                let v = mm[r * nb + b] as f64;
+                                total += v;
+                                if s.mask.keeps(r / group, b) {
+                                    kept += v;
                                 }
                             }
-                            work += work_density(&s.mask, rows) * rows as f64;
-                            all += rows as f64;
-                            if ti == 4 {
-                                let o = select(mm, rows, nb, block, &p);
-                                o_work += work_density(&o.mask, rows) * rows as f64;
-                            }
-                            offset += rows;
                         }
-                        if ti == 4 {
-                            oracle_density = o_work / all;
-                        }
-                        if found.is_none() && kept / total >= 0.99 {
-                            found = Some((t, kept / total, work / all));
-                        }
+                        work += work_density(&s.mask, rows) * rows as f64;
+                        all += rows as f64;
                     }
-                    let (t, r, d) = found.unwrap_or((f64::NAN, f64::NAN, 1.0));
-                    sum_density += d;
-                    sum_oracle += oracle_density;
+                    if kept / total >= 0.99 {
+                        return (t, kept / total, work / all);
+                    }
+                }
+                (1.0, 1.0, 1.0)
+            };
+            for &group in &[1usize, 4, 16, 64, 128] {
+                let mut line = Vec::new();
+                let (mut sum_d, mut sum_o) = (0.0, 0.0);
+                for l in 0..layers {
+                    let (t, r, d) = sweep(l, group, false);
+                    let (ot, _, od) = sweep(l, group, true);
+                    sum_d += d;
+                    sum_o += od;
                     line.push(format!(
-                        "L{l} t={t} r={r:.4} d={d:.3} (oracle {oracle_density:.3})"
+                        "L{l} target {t} recall {r:.4} density {d:.3} (oracle: target {ot}, density {od:.3})"
                     ));
                 }
                 eprintln!(
-                    "block {block:3} group {group:3} {kind:?}: mean density at recall>=0.99: {:.3} \
-                     (oracle at target 0.99: {:.3}); fit {fit_s:.0} s\n    {}",
-                    sum_density / layers as f64,
-                    sum_oracle / layers as f64,
+                    "block {block:3} group {group:3} {kind:?}{}: mean density at recall >= 0.99: {:.3} \
+                     (oracle {:.3}); fit {fit_s:.0} s\n    {}",
+                    if sort_tokens { " (tokens sorted by pattern)" } else { "" },
+                    sum_d / layers as f64,
+                    sum_o / layers as f64,
                     line.join("\n    ")
                 );
             }

@@ -10,6 +10,12 @@
 //! - [`Target::Share`] fits a softmax over blocks to the block's share of the token's mass
 //!   (cross-entropy, weighted by the token's mass relative to the mean), and predicts the share.
 //!
+//! [`Target::LogMass`] is the default: on held-out opt-mini tokens (the ignored measurement in
+//! `tests/exposure_predictor.rs`) it reaches recall 0.99 at the same or a lower density than
+//! `Share` for every block and group size measured (blocks of 32, per token: density 0.962 vs
+//! 0.970; blocks of 64: 0.985 vs 0.995), and it predicts absolute masses, which is what a
+//! group's sum needs. `Share` did better only on a planted synthetic layer.
+//!
 //! Labels come from dense forwards through [`crate::model::MlpHook::observe`] ([`block_mass`],
 //! [`LabelSet`]); training is plain Adam on minibatches of label rows, in f32, with the products
 //! through [`crate::cpu::matmul`].

@@ -5,8 +5,10 @@
 //! block-sparse GPU operators.
 //!
 //! Groups are consecutive rows of the packed batch (the GPU operators' row tiles). Sorting
-//! tokens by predicted pattern before grouping is not done: see the report of the predictor
-//! work for why.
+//! tokens by a short code of their predicted pattern (their top-2 predicted blocks) before
+//! grouping was measured on held-out opt-mini tokens (`LEXP_SORT=1` in the ignored
+//! measurement of `tests/exposure_predictor.rs`) and did not lower the density at recall 0.99
+//! (blocks of 32, groups of 16: 0.992 sorted vs 0.990 in order), so it is not done.
 
 use crate::model::MlpMask;
 
