@@ -9,7 +9,7 @@
 #   e.g. bench/exposure/quality.sh target/release/lexp ../shared/fixtures ../shared/data/e2e \
 #        /tmp/quality --mlp-block 32 --mlp-group 16
 # MAX_STEPS=N (environment) shortens both runs to N optimizer steps; EVAL_MAX=N caps the eval
-# examples (default: all).
+# examples (default: all); RUNS=mlp reruns only the mlp run (OUT/dense must hold a dense run).
 set -euo pipefail
 LEXP=$1; FIX=$2; DATA=$3; OUT=$4; shift 4
 MAX_STEPS=${MAX_STEPS:-0}
@@ -20,7 +20,7 @@ common=(finetune --device cpu --model "$FIX/opt-mini" --data "$DATA/train.jsonl"
   --eval-data "$DATA/eval.jsonl" --eval-max-examples "$EVAL_MAX"
   --lora-r 8 --lora-alpha 16 --lora-targets q_proj,v_proj --lr 5e-4 --batch 16 --epochs 2
   --max-steps "$MAX_STEPS" --save-every 0)
-for run in dense mlp; do
+for run in ${RUNS:-dense mlp}; do
   rm -rf "${OUT:?}/$run"
   extra=()
   if [ "$run" = mlp ]; then extra=(--exposure mlp "$@"); fi

@@ -31,6 +31,12 @@ pub struct GuardConfig {
     pub tighten_share: f64,
     /// Adam steps of each predictor on a probe's labels (0: no online refresh).
     pub refresh_steps: usize,
+    /// Hold `|gap|` (not only `gap`) under the budget. The adapter trains under the sparse
+    /// forward and adapts to it, so the sparse loss can fall below the dense one while the
+    /// model drifts from what dense training gives (measured on E2E: probe gaps of −1 to −3%
+    /// relaxed every target to the floor, and the held-out eval ended 1.5% above the dense
+    /// run's); a two-sided budget keeps the sparse forward close to the dense one.
+    pub two_sided: bool,
 }
 
 impl Default for GuardConfig {
@@ -44,6 +50,7 @@ impl Default for GuardConfig {
             relax_factor: 1.25,
             tighten_share: 1.0 / 3.0,
             refresh_steps: 20,
+            two_sided: true,
         }
     }
 }
@@ -63,8 +70,9 @@ pub enum Action {
 /// Moves `targets` given the probe's relative gap and per-layer recalls (see
 /// [`GuardConfig`]): over budget, `1 − target` of the worst-recall layers is halved; under
 /// `relax_below · budget`, every layer's `1 − target` grows by `relax_factor`; targets stay in
-/// `[min_target, max_target]`.
+/// `[min_target, max_target]`. With [`GuardConfig::two_sided`] the gap counts by its size.
 pub fn control(cfg: &GuardConfig, targets: &mut [f64], gap: f64, recalls: &[f64]) -> Action {
+    let gap = if cfg.two_sided { gap.abs() } else { gap };
     let clamp = |t: f64| t.clamp(cfg.min_target, cfg.max_target);
     if !gap.is_finite() || gap > cfg.gap_budget {
         let n = targets.len();
@@ -110,7 +118,7 @@ pub struct LayerProbe {
 /// What a probe measured and did.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProbeReport {
-    /// Optimizer steps done.
+    /// Optimizer steps done (the trainer probes before the next step, on that step's batch).
     pub step: usize,
     /// Mean loss of the batch, dense.
     pub dense_loss: f64,
@@ -217,6 +225,27 @@ mod tests {
         let mut t2 = vec![0.99; 6];
         control(&cfg, &mut t2, 0.05, &recalls);
         assert!(t2.iter().all(|&v| (v - 0.995).abs() < 1e-12));
+    }
+
+    #[test]
+    fn a_sparse_loss_far_below_the_dense_one_tightens_when_two_sided() {
+        let two = GuardConfig::default();
+        let one = GuardConfig {
+            two_sided: false,
+            ..two
+        };
+        let (mut a, mut b) = (vec![0.95; 3], vec![0.95; 3]);
+        assert_eq!(
+            control(&two, &mut a, -0.03, &[0.9, 0.95, 0.99]),
+            Action::Tighten
+        );
+        assert_eq!(
+            control(&one, &mut b, -0.03, &[0.9, 0.95, 0.99]),
+            Action::Relax
+        );
+        // |-0.03| is over 4 budgets: everything tightens.
+        assert!(a.iter().all(|&v| (v - 0.975).abs() < 1e-12), "{a:?}");
+        assert!(b.iter().all(|&v| v < 0.95));
     }
 
     #[test]

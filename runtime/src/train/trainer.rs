@@ -537,6 +537,21 @@ pub fn run(
         let batches = plan.step_batches(&data.train, step)?;
         let tokens: usize = batches.iter().map(PackedBatch::num_tokens).sum();
         let lr = schedule.lr_at(step as u64);
+        // The guard's probe runs before the step, on a batch the adapter has not trained on
+        // yet (right after the step, the sparse loss of the batch just fitted is biased low).
+        let probe_every = engine.probe_every();
+        let logged = |m: &MetricsLog| {
+            m.records()
+                .iter()
+                .any(|r| matches!(r, Record::Probe(p) if p.step == step))
+        };
+        if probe_every > 0 && step % probe_every == 0 && !logged(&metrics) {
+            if let Some(report) = engine.probe(&lora, &batches[0], step)? {
+                let rec = Record::Probe(report);
+                observer.probe(&rec);
+                metrics.push(rec).map_err(io_err(&metrics_path))?;
+            }
+        }
         let t0 = Instant::now();
         let out = train_step(config, engine, &mut lora, &mut adamw, &batches, step, lr)?;
         let seconds = t0.elapsed().as_secs_f64();
@@ -597,14 +612,6 @@ pub fn run(
                 loss: out.loss,
                 grad_norm: out.grad_norm,
             });
-        }
-        let probe_every = engine.probe_every();
-        if probe_every > 0 && s % probe_every == 0 && out.applied {
-            if let Some(report) = engine.probe(&lora, &batches[0], s)? {
-                let rec = Record::Probe(report);
-                observer.probe(&rec);
-                metrics.push(rec).map_err(io_err(&metrics_path))?;
-            }
         }
         if config.eval_every > 0 && s % config.eval_every == 0 && s < plan.total_steps() {
             last_eval = eval_now(engine, &lora, s, &mut metrics, observer)?;
