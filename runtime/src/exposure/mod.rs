@@ -9,7 +9,8 @@
 //! - the **guard** ([`guard`]) compares sparse and dense on probe batches and moves each
 //!   layer's mass target (auto-exposure).
 //!
-//! The model sees all of this through [`crate::model::MlpHook`].
+//! [`sparse_mlp`] puts predictor and selection behind [`crate::model::MlpHook`], which is how
+//! the model sees all of this.
 
 pub mod cluster;
 pub mod coactivation;
@@ -18,4 +19,5 @@ pub mod permutation;
 pub mod predictor;
 pub mod profiler;
 pub mod selection;
+pub mod sparse_mlp;
 pub mod stats;

@@ -70,6 +70,115 @@ pub struct TrainConfig {
     /// row stop the run with [`super::TrainError::NonFinite`] (1: stop at the first).
     #[serde(default = "default_max_bad_steps")]
     pub max_bad_steps: usize,
+    /// MLP exposure (`none` by default; also for run configs written before it).
+    #[serde(default)]
+    pub exposure: ExposureConfig,
+}
+
+/// Which exposure a run uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExposureMode {
+    /// Dense training.
+    #[default]
+    None,
+    /// Sparse MLPs: predictor, selection and guard (DESIGN.md §7, MLP).
+    Mlp,
+}
+
+/// Settings of MLP exposure (`lexp finetune --exposure mlp`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExposureConfig {
+    /// `none` or `mlp`.
+    pub mode: ExposureMode,
+    /// Neurons per block.
+    pub mlp_block: usize,
+    /// Rows per token group.
+    pub mlp_group: usize,
+    /// Initial mass target per layer.
+    pub mlp_target: f64,
+    /// Largest share of blocks a group keeps.
+    pub mlp_budget: f64,
+    /// Predictor rank.
+    pub mlp_rank: usize,
+    /// Steps between the guard's dense probes (0: none).
+    pub probe_every: usize,
+    /// Relative loss gap the guard holds the sparse forward to.
+    pub gap_budget: f64,
+    /// Training micro-batches whose dense forwards label the offline predictor training.
+    pub predictor_batches: usize,
+    /// Adam steps of the offline predictor training, per layer.
+    pub predictor_steps: usize,
+}
+
+impl Default for ExposureConfig {
+    fn default() -> Self {
+        ExposureConfig {
+            mode: ExposureMode::None,
+            mlp_block: 32,
+            mlp_group: 128,
+            mlp_target: 0.99,
+            mlp_budget: 1.0,
+            mlp_rank: 64,
+            probe_every: 20,
+            gap_budget: 0.005,
+            predictor_batches: 32,
+            predictor_steps: 1000,
+        }
+    }
+}
+
+impl ExposureConfig {
+    /// The hook's settings.
+    pub fn sparse_mlp(&self) -> crate::exposure::sparse_mlp::SparseMlpConfig {
+        crate::exposure::sparse_mlp::SparseMlpConfig {
+            block: self.mlp_block,
+            group: self.mlp_group,
+            target: self.mlp_target,
+            budget: self.mlp_budget,
+            predictor: crate::exposure::predictor::PredictorConfig {
+                rank: self.mlp_rank,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// The guard's settings (its bounds include the initial target).
+    pub fn guard(&self) -> crate::exposure::guard::GuardConfig {
+        let d = crate::exposure::guard::GuardConfig::default();
+        crate::exposure::guard::GuardConfig {
+            probe_every: self.probe_every,
+            gap_budget: self.gap_budget,
+            min_target: d.min_target.min(self.mlp_target),
+            max_target: d.max_target.max(self.mlp_target),
+            ..d
+        }
+    }
+
+    /// Checks the numbers a user can get wrong (the block size against the model is checked
+    /// when the hook is made).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.mode == ExposureMode::None {
+            return Ok(());
+        }
+        if self.mlp_group == 0 || self.mlp_block == 0 {
+            return Err("--mlp-group and --mlp-block must be at least 1".into());
+        }
+        if !(self.mlp_target > 0.0 && self.mlp_target <= 1.0) {
+            return Err(format!("--mlp-target {} is not in (0, 1]", self.mlp_target));
+        }
+        if !(self.mlp_budget > 0.0 && self.mlp_budget <= 1.0) {
+            return Err(format!("--mlp-budget {} is not in (0, 1]", self.mlp_budget));
+        }
+        if self.mlp_rank == 0 {
+            return Err("--mlp-rank must be at least 1".into());
+        }
+        if !(self.gap_budget.is_finite() && self.gap_budget > 0.0) {
+            return Err(format!("--gap-budget {} must be positive", self.gap_budget));
+        }
+        Ok(())
+    }
 }
 
 /// The default of [`TrainConfig::max_bad_steps`] (also for run configs written before it).
@@ -107,6 +216,7 @@ impl Default for TrainConfig {
             seed: 0,
             model_dropout: None,
             max_bad_steps: default_max_bad_steps(),
+            exposure: ExposureConfig::default(),
         }
     }
 }
@@ -198,6 +308,7 @@ impl TrainConfig {
                 return Err(format!("model dropout {p} is not in [0, 1)"));
             }
         }
+        self.exposure.validate()?;
         if self.max_bad_steps == 0 {
             return Err("max bad steps must be at least 1".into());
         }

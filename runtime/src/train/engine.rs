@@ -5,6 +5,8 @@
 
 use crate::checkpoint::OptModel;
 use crate::data::PackedBatch;
+use crate::exposure::guard::{self, GuardConfig, ProbeReport};
+use crate::exposure::sparse_mlp::{LayerCounters, Mode, SparseMlp};
 use crate::model::{self, DropoutRng, ModelError, Result, StepOutput};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::peft::LoraParams;
@@ -147,17 +149,82 @@ pub trait Engine {
         let _ = adamw;
         Ok(())
     }
+
+    /// Whether this engine runs MLP exposure (sparse MLPs, DESIGN.md §7); then the trainer
+    /// probes every [`probe_every`](Self::probe_every) steps and evaluates dense as well.
+    fn exposed(&self) -> bool {
+        false
+    }
+
+    /// Steps between the guard's dense probes (0: none).
+    fn probe_every(&self) -> usize {
+        0
+    }
+
+    /// The guard's dense probe on `batch` after `step` steps ([`guard::probe`]); `None` when
+    /// the engine runs no exposure.
+    fn probe(
+        &mut self,
+        lora: &LoraParams,
+        batch: &PackedBatch,
+        step: usize,
+    ) -> Result<Option<ProbeReport>> {
+        let _ = (lora, batch, step);
+        Ok(None)
+    }
+
+    /// [`eval_loss`](Self::eval_loss) with every MLP dense (the same when not exposed).
+    fn eval_loss_dense(
+        &mut self,
+        lora: Option<&LoraParams>,
+        batch: &PackedBatch,
+    ) -> Result<(f64, usize)> {
+        self.eval_loss(lora, batch)
+    }
+
+    /// Per-layer totals of the training steps' selections (`None` when not exposed) and the
+    /// current mass targets.
+    fn exposure_totals(&self) -> Option<(Vec<LayerCounters>, Vec<f64>)> {
+        None
+    }
 }
 
-/// The CPU reference backend ([`crate::cpu`] ops, f32).
+/// MLP exposure on the CPU engine: the hook and the guard's settings.
+pub struct CpuExposure {
+    /// Predictors, selection and counters.
+    pub hook: SparseMlp,
+    /// Probe cadence, gap budget and the controller's settings.
+    pub guard: GuardConfig,
+}
+
+/// The CPU reference backend ([`crate::cpu`] ops, f32), optionally with MLP exposure.
 pub struct CpuEngine {
     model: OptModel,
+    exposure: Option<CpuExposure>,
 }
 
 impl CpuEngine {
     /// An engine for `model`.
     pub fn new(model: OptModel) -> CpuEngine {
-        CpuEngine { model }
+        CpuEngine {
+            model,
+            exposure: None,
+        }
+    }
+
+    /// An engine for `model` whose training steps run the MLPs sparse through `exposure`'s
+    /// hook (its predictors should be trained already: [`crate::exposure::sparse_mlp::train_offline`]).
+    pub fn with_exposure(model: OptModel, exposure: CpuExposure) -> CpuEngine {
+        exposure.hook.set_mode(Mode::Sparse);
+        CpuEngine {
+            model,
+            exposure: Some(exposure),
+        }
+    }
+
+    /// The exposure, if any.
+    pub fn exposure(&self) -> Option<&CpuExposure> {
+        self.exposure.as_ref()
     }
 }
 
@@ -177,7 +244,12 @@ impl Engine for CpuEngine {
         grad_scale: f32,
         rng: Option<DropoutRng>,
     ) -> Result<StepOutput> {
-        model::loss_and_grads(&self.model, lora, batch, grad_scale, rng)
+        let masks = rng.as_ref().map(|r| r as &dyn model::MaskSource);
+        let hook = self
+            .exposure
+            .as_ref()
+            .map(|e| &e.hook as &dyn model::MlpHook);
+        model::loss_and_grads_exposed(&self.model, lora, batch, grad_scale, masks, hook)
     }
 
     fn eval_loss(
@@ -185,6 +257,49 @@ impl Engine for CpuEngine {
         lora: Option<&LoraParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
+        let Some(e) = &self.exposure else {
+            return model::eval_loss(&self.model, lora, batch);
+        };
+        e.hook.set_mode(Mode::Measure);
+        let fwd = model::forward_exposed(&self.model, lora, batch, None, Some(&e.hook), false);
+        e.hook.set_mode(Mode::Sparse);
+        let out = model::opt::head_loss(&self.model, &fwd?, &batch.targets, None)?;
+        Ok((out.loss_sum, out.count))
+    }
+
+    fn exposed(&self) -> bool {
+        self.exposure.is_some()
+    }
+
+    fn probe_every(&self) -> usize {
+        self.exposure.as_ref().map_or(0, |e| e.guard.probe_every)
+    }
+
+    fn probe(
+        &mut self,
+        lora: &LoraParams,
+        batch: &PackedBatch,
+        step: usize,
+    ) -> Result<Option<ProbeReport>> {
+        match &self.exposure {
+            Some(e) => {
+                guard::probe(&e.guard, &self.model, Some(lora), batch, &e.hook, step).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn eval_loss_dense(
+        &mut self,
+        lora: Option<&LoraParams>,
+        batch: &PackedBatch,
+    ) -> Result<(f64, usize)> {
         model::eval_loss(&self.model, lora, batch)
+    }
+
+    fn exposure_totals(&self) -> Option<(Vec<LayerCounters>, Vec<f64>)> {
+        self.exposure
+            .as_ref()
+            .map(|e| (e.hook.train_totals(), e.hook.targets()))
     }
 }

@@ -48,7 +48,12 @@ pub enum Record {
         loss: f64,
         /// Eval targets.
         targets: usize,
+        /// With MLP exposure: the same eval with every MLP dense (`loss` is the sparse one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dense_loss: Option<f64>,
     },
+    /// A dense probe of MLP exposure's guard (DESIGN.md §7, MLP step 6).
+    Probe(crate::exposure::guard::ProbeReport),
 }
 
 /// A loss over this many times the recent mean is reported as a spike.
@@ -138,6 +143,7 @@ impl Record {
     pub fn step(&self) -> usize {
         match self {
             Record::Train { step, .. } | Record::Eval { step, .. } => *step,
+            Record::Probe(p) => p.step,
         }
     }
 }

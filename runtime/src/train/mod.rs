@@ -7,19 +7,24 @@
 //! - [`state`]: atomic, checksummed checkpoints and resumption.
 //! - [`metrics`] and [`plot`]: `metrics.jsonl` and the loss-curve PNG.
 //! - [`engine`]: the device a run uses (the CPU reference, or the GPU).
+//! - [`exposed`]: setting up a run with MLP exposure (predictors trained before it starts).
 //! - [`embedded`]: the bundled default model and data.
 
 pub mod config;
 pub mod embedded;
 pub mod engine;
 mod error;
+pub mod exposed;
 pub mod metrics;
 pub mod plan;
 pub mod plot;
 pub mod state;
 pub mod trainer;
 
-pub use config::TrainConfig;
-pub use engine::{host_optimizer_step, CpuEngine, Engine, OptimStep, StepOutcome};
+pub use config::{ExposureConfig, ExposureMode, TrainConfig};
+pub use engine::{host_optimizer_step, CpuEngine, CpuExposure, Engine, OptimStep, StepOutcome};
 pub use error::TrainError;
-pub use trainer::{evaluate, run, Observer, RunInfo, RunSummary, Silent};
+pub use trainer::{
+    evaluate, evaluate_with, run, ExposureSummary, LayerExposure, Observer, RunInfo, RunSummary,
+    Silent,
+};

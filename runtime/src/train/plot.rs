@@ -135,6 +135,7 @@ mod tests {
             step: 30,
             loss: 3.9,
             targets: 10,
+            dense_loss: None,
         });
         loss_curve(&records, "test", &path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -144,6 +145,7 @@ mod tests {
             step: 0,
             loss: f64::NAN,
             targets: 0,
+            dense_loss: None,
         }];
         assert!(loss_curve(&nan, "test", &dir.join("nan.png")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();

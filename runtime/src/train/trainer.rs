@@ -39,6 +39,8 @@ pub trait Observer {
     fn step(&mut self, _record: &Record, _done: usize, _total: usize, _tokens_per_s: f64) {}
     /// An evaluation finished.
     fn eval(&mut self, _record: &Record) {}
+    /// A dense probe of MLP exposure finished ([`Record::Probe`]).
+    fn probe(&mut self, _record: &Record) {}
     /// A checkpoint was written.
     fn checkpoint(&mut self, _dir: &Path) {}
     /// Asked after every step: `true` stops the run there (after a checkpoint), e.g. on
@@ -74,8 +76,14 @@ pub struct RunInfo {
 pub struct RunSummary {
     /// Eval loss before the first step (or at the resumed step), if measured.
     pub eval_loss_start: Option<f64>,
-    /// Eval loss after the last step.
+    /// Eval loss after the last step (with MLP exposure: sparse, as the run trains).
     pub eval_loss_end: f64,
+    /// With MLP exposure: the eval loss after the last step with every MLP dense.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss_end_dense: Option<f64>,
+    /// With MLP exposure: what the training steps kept and skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exposure: Option<ExposureSummary>,
     /// Eval targets.
     pub eval_targets: usize,
     /// Steps done in all.
@@ -86,6 +94,64 @@ pub struct RunSummary {
     pub train_seconds: f64,
     /// The final adapter.
     pub adapter_dir: PathBuf,
+}
+
+/// One layer in an [`ExposureSummary`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LayerExposure {
+    /// Kept share of the `fc1`/`fc2` work over the training steps.
+    pub density: f64,
+    /// Kept share of the activation mass over the training steps.
+    pub recall: f64,
+    /// The mass target at the end.
+    pub target: f64,
+}
+
+/// What MLP exposure did over a run's training steps.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExposureSummary {
+    /// Per layer.
+    pub layers: Vec<LayerExposure>,
+    /// `1 −` the mean density of the layers' `fc1`/`fc2` products.
+    pub mlp_work_skipped: f64,
+    /// Dense probes run.
+    pub probes: usize,
+    /// Relative loss gap of the last probe.
+    pub last_gap: Option<f64>,
+    /// Mean relative loss gap over the probes.
+    pub mean_gap: Option<f64>,
+    /// Largest relative loss gap of a probe.
+    pub max_gap: Option<f64>,
+}
+
+/// The exposure summary of a run from the engine's totals and the logged probes.
+fn exposure_summary(engine: &dyn Engine, records: &[Record]) -> Option<ExposureSummary> {
+    let (totals, targets) = engine.exposure_totals()?;
+    let layers: Vec<LayerExposure> = totals
+        .iter()
+        .zip(&targets)
+        .map(|(c, &target)| LayerExposure {
+            density: c.density(),
+            recall: c.recall(),
+            target,
+        })
+        .collect();
+    let mean_density = layers.iter().map(|l| l.density).sum::<f64>() / layers.len().max(1) as f64;
+    let gaps: Vec<f64> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Probe(p) => Some(p.gap),
+            _ => None,
+        })
+        .collect();
+    Some(ExposureSummary {
+        layers,
+        mlp_work_skipped: 1.0 - mean_density,
+        probes: gaps.len(),
+        last_gap: gaps.last().copied(),
+        mean_gap: (!gaps.is_empty()).then(|| gaps.iter().sum::<f64>() / gaps.len() as f64),
+        max_gap: gaps.iter().copied().reduce(f64::max),
+    })
 }
 
 /// Training and eval examples of a run.
@@ -166,11 +232,26 @@ pub fn evaluate(
     examples: &[Example],
     token_budget: usize,
 ) -> Result<(f64, usize), TrainError> {
+    evaluate_with(engine, lora, examples, token_budget, false)
+}
+
+/// [`evaluate`] with every MLP dense ([`Engine::eval_loss_dense`]) when `dense`.
+pub fn evaluate_with(
+    engine: &mut dyn Engine,
+    lora: Option<&LoraParams>,
+    examples: &[Example],
+    token_budget: usize,
+    dense: bool,
+) -> Result<(f64, usize), TrainError> {
     let order: Vec<usize> = (0..examples.len()).collect();
     let batches = pack(examples, &order, token_budget)?;
     let (mut sum, mut count) = (0.0, 0usize);
     for b in &batches {
-        let (s, c) = engine.eval_loss(lora, b)?;
+        let (s, c) = if dense {
+            engine.eval_loss_dense(lora, b)?
+        } else {
+            engine.eval_loss(lora, b)?
+        };
         sum += s;
         count += c;
     }
@@ -384,10 +465,17 @@ pub fn run(
             return Ok(None);
         }
         let (loss, targets) = evaluate(engine, Some(lora), &data.eval, config.micro_batch_tokens)?;
+        let dense_loss = if engine.exposed() {
+            let budget = config.micro_batch_tokens;
+            Some(evaluate_with(engine, Some(lora), &data.eval, budget, true)?.0)
+        } else {
+            None
+        };
         let rec = Record::Eval {
             step,
             loss,
             targets,
+            dense_loss,
         };
         obs.eval(&rec);
         metrics.push(rec).map_err(io_err(&metrics_path))?;
@@ -449,6 +537,21 @@ pub fn run(
         let batches = plan.step_batches(&data.train, step)?;
         let tokens: usize = batches.iter().map(PackedBatch::num_tokens).sum();
         let lr = schedule.lr_at(step as u64);
+        // The guard's probe runs before the step, on a batch the adapter has not trained on
+        // yet (right after the step, the sparse loss of the batch just fitted is biased low).
+        let probe_every = engine.probe_every();
+        let logged = |m: &MetricsLog| {
+            m.records()
+                .iter()
+                .any(|r| matches!(r, Record::Probe(p) if p.step == step))
+        };
+        if probe_every > 0 && step % probe_every == 0 && !logged(&metrics) {
+            if let Some(report) = engine.probe(&lora, &batches[0], step)? {
+                let rec = Record::Probe(report);
+                observer.probe(&rec);
+                metrics.push(rec).map_err(io_err(&metrics_path))?;
+            }
+        }
         let t0 = Instant::now();
         let out = train_step(config, engine, &mut lora, &mut adamw, &batches, step, lr)?;
         let seconds = t0.elapsed().as_secs_f64();
@@ -551,9 +654,17 @@ pub fn run(
     if let Err(e) = super::plot::loss_curve(metrics.records(), "lexp finetune: loss", &png) {
         tracing::warn!("could not draw {}: {e}", png.display());
     }
+    let eval_loss_end_dense = metrics.records().iter().rev().find_map(|r| match r {
+        Record::Eval {
+            step, dense_loss, ..
+        } if *step == total => *dense_loss,
+        _ => None,
+    });
     let summary = RunSummary {
         eval_loss_start: eval_start,
         eval_loss_end: last_eval.unwrap_or(f64::NAN),
+        eval_loss_end_dense,
+        exposure: exposure_summary(engine, metrics.records()),
         eval_targets: metrics
             .records()
             .iter()

@@ -8,7 +8,10 @@ use lexp_runtime::data::{load_jsonl, text_windows, JsonlOptions, Tokenizer};
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::peft;
 use lexp_runtime::train::metrics::Record;
-use lexp_runtime::train::{self, embedded, Engine, Observer, RunInfo, TrainConfig, TrainError};
+use lexp_runtime::train::{
+    self, embedded, Engine, ExposureConfig, ExposureMode, Observer, RunInfo, TrainConfig,
+    TrainError,
+};
 use lexp_runtime::CudaDevice;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +26,16 @@ pub enum DeviceChoice {
     Cpu,
     /// The GPU; fail if there is none.
     Cuda,
+}
+
+/// `--exposure`: which activation sparsity a run exploits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExposureChoice {
+    /// Dense training.
+    None,
+    /// Sparse MLPs: per-layer block predictors, mass-target selection, dense probes with an
+    /// auto-exposure guard (CPU engine only for now).
+    Mlp,
 }
 
 /// Options of `lexp finetune`.
@@ -115,6 +128,37 @@ pub struct FinetuneArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceChoice,
+    /// Activation sparsity to exploit: none, or mlp (CPU engine only for now).
+    #[arg(long, value_enum, default_value = "none")]
+    exposure: ExposureChoice,
+    /// --exposure mlp: neurons per block (must divide the MLP width).
+    #[arg(long, default_value_t = 32)]
+    mlp_block: usize,
+    /// --exposure mlp: token rows per group (blocks are chosen per group).
+    #[arg(long, default_value_t = 128)]
+    mlp_group: usize,
+    /// --exposure mlp: initial share of each group's predicted activation mass to keep.
+    #[arg(long, default_value_t = 0.99)]
+    mlp_target: f64,
+    /// --exposure mlp: largest share of a layer's blocks a group may keep.
+    #[arg(long, default_value_t = 1.0)]
+    mlp_budget: f64,
+    /// --exposure mlp: rank of the per-layer block predictors.
+    #[arg(long, default_value_t = 64)]
+    mlp_rank: usize,
+    /// --exposure mlp: steps between the guard's dense probes (0: none).
+    #[arg(long, default_value_t = 20)]
+    probe_every: usize,
+    /// --exposure mlp: relative loss gap (sparse vs dense) the guard holds.
+    #[arg(long, default_value_t = 0.005)]
+    gap_budget: f64,
+    /// --exposure mlp: training micro-batches run dense to label the predictors' offline
+    /// training.
+    #[arg(long, default_value_t = 32)]
+    predictor_batches: usize,
+    /// --exposure mlp: Adam steps of each predictor's offline training.
+    #[arg(long, default_value_t = 1000)]
+    predictor_steps: usize,
 }
 
 /// The engine a run uses, after looking at the machine and the model.
@@ -134,6 +178,20 @@ fn make_engine(
     let cpu = |model: OptModel| -> (&'static str, Box<dyn Engine>) {
         ("cpu", Box::new(train::CpuEngine::new(model)))
     };
+    if config.exposure.mode == ExposureMode::Mlp {
+        if choice == DeviceChoice::Cuda {
+            bail!(
+                "--exposure mlp runs on the CPU engine only for now (the GPU's block-sparse MLP \
+                 operators are not connected yet): use --device cpu"
+            );
+        }
+        if choice == DeviceChoice::Auto {
+            eprintln!(
+                "--exposure mlp: training on the CPU engine (the GPU engine has no sparse MLP yet)"
+            );
+        }
+        return Ok(("cpu", Box::new(exposed_cpu_engine(config)?)));
+    }
     // What keeps the GPU engine from this run: the model's shape, or dropout without cuRAND
     // (loaded at run time; the GPU engine draws its dropout masks with it).
     let gpu_blocker = |model: &OptModel| -> Option<String> {
@@ -183,6 +241,38 @@ fn make_engine(
             }
         }
     }
+}
+
+/// The CPU engine with MLP exposure: model, [`train::exposed::expose_structure`], the
+/// predictors trained offline on dense forwards (with a progress bar), the sparse hook.
+fn exposed_cpu_engine(config: &TrainConfig) -> Result<train::CpuEngine> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "predictors: {bar:30.cyan/blue} {pos}/{len} (dense forwards, then the fit)  [{elapsed_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let t0 = std::time::Instant::now();
+    let engine = train::exposed::cpu_engine_exposed(config, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| "training the MLP block predictors")?;
+    bar.finish_and_clear();
+    eprintln!(
+        "MLP exposure: predictors (rank {}) trained on {} dense batches in {:.1} s; blocks of {}, \
+         groups of {}, mass target {}, probes every {} steps, gap budget {}",
+        config.exposure.mlp_rank,
+        config.exposure.predictor_batches,
+        t0.elapsed().as_secs_f64(),
+        config.exposure.mlp_block,
+        config.exposure.mlp_group,
+        config.exposure.mlp_target,
+        config.exposure.probe_every,
+        config.exposure.gap_budget
+    );
+    Ok(engine)
 }
 
 /// Progress bar and messages of a run.
@@ -272,12 +362,39 @@ impl Observer for Progress {
             step,
             loss,
             targets,
+            dense_loss,
         } = record
         {
             self.first_eval.get_or_insert(*loss);
             self.last_eval = Some(*loss);
+            let dense = dense_loss
+                .map(|d| format!(" (sparse; dense {d:.4})"))
+                .unwrap_or_default();
             self.println(format!(
-                "eval after step {step}: loss {loss:.4} over {targets} target tokens"
+                "eval after step {step}: loss {loss:.4}{dense} over {targets} target tokens"
+            ));
+        }
+    }
+
+    fn probe(&mut self, record: &Record) {
+        if let Record::Probe(p) = record {
+            let n = p.layers.len().max(1) as f64;
+            let density = p.layers.iter().map(|l| l.density).sum::<f64>() / n;
+            let recall = p
+                .layers
+                .iter()
+                .map(|l| l.recall)
+                .fold(f64::INFINITY, f64::min);
+            self.println(format!(
+                "probe at step {}: gap {:+.3}% (dense {:.4}, sparse {:.4}), mean density {:.3}, \
+                 worst recall {:.4}, {:?}",
+                p.step,
+                100.0 * p.gap,
+                p.dense_loss,
+                p.sparse_loss,
+                density,
+                recall,
+                p.action
             ));
         }
     }
@@ -341,7 +458,23 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         seed: args.seed,
         model_dropout: args.model_dropout,
         max_bad_steps: args.max_bad_steps,
+        exposure: ExposureConfig {
+            mode: match args.exposure {
+                ExposureChoice::None => ExposureMode::None,
+                ExposureChoice::Mlp => ExposureMode::Mlp,
+            },
+            mlp_block: args.mlp_block,
+            mlp_group: args.mlp_group,
+            mlp_target: args.mlp_target,
+            mlp_budget: args.mlp_budget,
+            mlp_rank: args.mlp_rank,
+            probe_every: args.probe_every,
+            gap_budget: args.gap_budget,
+            predictor_batches: args.predictor_batches,
+            predictor_steps: args.predictor_steps,
+        },
     };
+    config.exposure.validate().map_err(|e| anyhow!("{e}"))?;
     let (backend, mut engine) = make_engine(args.device, &config)?;
     eprintln!(
         "device: {backend} ({}); output: {}",
@@ -390,6 +523,31 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             "eval loss {:.4} after {} steps",
             summary.eval_loss_end, summary.steps
         ),
+    }
+    if let Some(dense) = summary.eval_loss_end_dense {
+        let gap = (summary.eval_loss_end - dense) / dense;
+        eprintln!(
+            "final eval: sparse {:.4}, dense {dense:.4} (relative gap {:+.3}%)",
+            summary.eval_loss_end,
+            100.0 * gap
+        );
+    }
+    if let Some(x) = &summary.exposure {
+        let per_layer: Vec<String> = x
+            .layers
+            .iter()
+            .map(|l| format!("{:.3}/{:.4}/{:.4}", l.density, l.recall, l.target))
+            .collect();
+        eprintln!(
+            "MLP exposure over the training steps: work skipped {:.1}% ({} probes, mean gap {}); \
+             per layer density/recall/final target: {}",
+            100.0 * x.mlp_work_skipped,
+            x.probes,
+            x.mean_gap
+                .map(|g| format!("{:+.3}%", 100.0 * g))
+                .unwrap_or_else(|| "-".into()),
+            per_layer.join(" ")
+        );
     }
     eprintln!(
         "adapter (PEFT format): {}\nmetrics: {}\nloss curve: {}",

@@ -1,0 +1,91 @@
+//! Setting up a run with MLP exposure (`lexp finetune --exposure mlp`, DESIGN.md §7): load the
+//! model, give the exposer its chance to restructure it ([`expose_structure`]), train the
+//! block predictors offline on dense forwards of the run's first training batches, and hand
+//! back the CPU engine that trains with the sparse hook and probes with the guard.
+
+use super::config::{ExposureMode, TrainConfig};
+use super::engine::{CpuEngine, CpuExposure};
+use super::plan::StepPlan;
+use super::trainer::load_data;
+use super::TrainError;
+use crate::checkpoint::OptModel;
+use crate::data::PackedBatch;
+use crate::exposure::sparse_mlp::{self, SparseMlp};
+
+/// The exposer's step (DESIGN.md §7, MLP step 2): a function-preserving change of `model`
+/// (the co-activation neuron permutation) before the predictors are trained.
+///
+/// A no-op for now: the permutation is written separately and connects here. Everything after
+/// it (predictor, selection, guard) works on whatever neuron order the model has.
+pub fn expose_structure(model: &mut OptModel, config: &TrainConfig) -> Result<(), TrainError> {
+    let _ = (model, config);
+    Ok(())
+}
+
+/// The micro-batches of the run's first optimizer steps (in training order), at most `n`:
+/// the batches whose dense forwards label the offline predictor training.
+pub fn predictor_batches(
+    config: &TrainConfig,
+    model: &OptModel,
+    n: usize,
+) -> Result<Vec<PackedBatch>, TrainError> {
+    let data = load_data(config, model)?;
+    let plan = StepPlan::new(
+        (0..data.train.len()).collect(),
+        config.seed,
+        config.examples_per_step,
+        config.micro_batch_tokens,
+        config.epochs.max(1),
+        0,
+    );
+    let mut out = Vec::with_capacity(n);
+    for step in 0..plan.total_steps() {
+        if out.len() >= n {
+            break;
+        }
+        out.extend(plan.step_batches(&data.train, step)?);
+    }
+    out.truncate(n);
+    Ok(out)
+}
+
+/// The CPU engine of `config`: plain with `--exposure none`; with `--exposure mlp` the model
+/// goes through [`expose_structure`], the predictors are trained offline
+/// ([`sparse_mlp::train_offline`], `progress(done, total)` after each dense forward and the
+/// fit), and the engine trains sparse with the guard's probes.
+pub fn cpu_engine_exposed(
+    config: &TrainConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<CpuEngine, TrainError> {
+    let mut model = config.load_model()?;
+    let e = &config.exposure;
+    if e.mode == ExposureMode::None {
+        return Ok(CpuEngine::new(model));
+    }
+    e.validate().map_err(TrainError::Config)?;
+    expose_structure(&mut model, config)?;
+    let hook = SparseMlp::new(&model.config, e.sparse_mlp(), config.seed)
+        .map_err(|err| TrainError::Config(err.to_string()))?;
+    let batches = predictor_batches(config, &model, e.predictor_batches.max(1))?;
+    let t0 = std::time::Instant::now();
+    let losses = sparse_mlp::train_offline(
+        &model,
+        &hook,
+        &batches,
+        e.predictor_steps,
+        config.seed,
+        progress,
+    )?;
+    tracing::info!(
+        "predictors trained on {} dense batches in {:.1} s (final losses {losses:?})",
+        batches.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(CpuEngine::with_exposure(
+        model,
+        CpuExposure {
+            hook,
+            guard: e.guard(),
+        },
+    ))
+}

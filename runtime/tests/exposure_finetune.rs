@@ -1,0 +1,152 @@
+//! `lexp finetune --exposure mlp` end to end on the CPU engine (DESIGN.md §7, MLP): the bundled
+//! opt-tiny on the bundled E2E slice, predictors trained offline, a few sparse steps with dense
+//! probes; the run reports densities under 1, recall, gaps, dense and sparse eval losses, and
+//! its loss falls. The GPU engine refuses `--exposure mlp` with a message naming `--device cpu`.
+
+use lexp_runtime::train::{self, ExposureConfig, ExposureMode, Silent, TrainConfig};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const LEXP: &str = env!("CARGO_BIN_EXE_lexp");
+
+fn assets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/default")
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        model_dir: assets().join("opt-tiny"),
+        train_files: vec![assets().join("e2e/train.jsonl")],
+        eval_file: Some(assets().join("e2e/eval.jsonl")),
+        eval_max_examples: 48,
+        examples_per_step: 8,
+        max_steps: 16,
+        lr: 2e-3,
+        exposure: ExposureConfig {
+            mode: ExposureMode::Mlp,
+            mlp_block: 32,
+            mlp_group: 32,
+            mlp_target: 0.95,
+            probe_every: 4,
+            predictor_batches: 8,
+            predictor_steps: 300,
+            ..ExposureConfig::default()
+        },
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn a_short_sparse_run_reports_density_recall_and_gap_and_its_loss_falls() {
+    let out = std::env::temp_dir().join(format!("lexp-exposure-ft-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let config = config();
+    let mut calls = 0;
+    let mut engine = train::exposed::cpu_engine_exposed(&config, &mut |_, _| calls += 1).unwrap();
+    assert_eq!(calls, config.exposure.predictor_batches + 1);
+    let summary = train::run(&config, &out, false, &mut engine, &mut Silent).unwrap();
+
+    let x = summary.exposure.as_ref().expect("an exposure summary");
+    assert_eq!(x.layers.len(), 4);
+    for (l, layer) in x.layers.iter().enumerate() {
+        assert!(
+            layer.density > 0.0 && layer.density < 1.0,
+            "layer {l}: {layer:?}"
+        );
+        assert!(
+            layer.recall > 0.5 && layer.recall <= 1.0,
+            "layer {l}: {layer:?}"
+        );
+    }
+    assert!(x.mlp_work_skipped > 0.0);
+    assert_eq!(x.probes, 4);
+
+    let records: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let probes: Vec<&Value> = records.iter().filter(|r| r["kind"] == "probe").collect();
+    assert_eq!(probes.len(), 4);
+    for p in &probes {
+        let (dense, sparse, gap) = (
+            p["dense_loss"].as_f64().unwrap(),
+            p["sparse_loss"].as_f64().unwrap(),
+            p["gap"].as_f64().unwrap(),
+        );
+        assert!((gap - (sparse - dense) / dense).abs() < 1e-9);
+        let layers = p["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 4);
+        for l in layers {
+            let (d, r, t) = (
+                l["density"].as_f64().unwrap(),
+                l["recall"].as_f64().unwrap(),
+                l["new_target"].as_f64().unwrap(),
+            );
+            assert!(d > 0.0 && d <= 1.0 && r > 0.0 && r <= 1.0 + 1e-9 && t <= 1.0);
+        }
+    }
+    // Evals: sparse and dense, at the start and the end.
+    let evals: Vec<&Value> = records.iter().filter(|r| r["kind"] == "eval").collect();
+    assert_eq!(evals.len(), 2);
+    for e in &evals {
+        assert!(e["dense_loss"].as_f64().unwrap().is_finite());
+    }
+    let start = summary.eval_loss_start.unwrap();
+    let dense_end = summary.eval_loss_end_dense.unwrap();
+    assert!(
+        summary.eval_loss_end < start - 0.05,
+        "{start} -> {}",
+        summary.eval_loss_end
+    );
+    let dense_start = evals[0]["dense_loss"].as_f64().unwrap();
+    assert!(
+        dense_end < dense_start - 0.05,
+        "{dense_start} -> {dense_end}"
+    );
+    let summary_json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert!(
+        summary_json["exposure"]["mlp_work_skipped"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn the_gpu_engine_refuses_exposure_and_names_the_cpu() {
+    let out = std::env::temp_dir().join(format!("lexp-exposure-gpu-{}", std::process::id()));
+    let output = std::process::Command::new(LEXP)
+        .args([
+            "finetune",
+            "--exposure",
+            "mlp",
+            "--device",
+            "cuda",
+            "--max-steps",
+            "1",
+        ])
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("--device cpu"), "{err}");
+    assert!(!out.join("metrics.jsonl").exists());
+}
+
+#[test]
+fn bad_exposure_settings_are_refused() {
+    let mut c = config();
+    c.exposure.mlp_block = 100; // does not divide 768
+    let err = train::exposed::cpu_engine_exposed(&c, &mut |_, _| {})
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("--mlp-block 100"), "{err}");
+    let mut c = config();
+    c.exposure.mlp_target = 1.5;
+    assert!(c.validate().unwrap_err().contains("--mlp-target"));
+}
