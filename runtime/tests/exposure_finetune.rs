@@ -3,7 +3,8 @@
 //! probes; the run reports densities under 1, recall, gaps, dense and sparse eval losses, and
 //! its loss falls. The GPU engine refuses `--exposure mlp` with a message naming `--device cpu`.
 
-use lexp_runtime::train::{self, ExposureConfig, ExposureMode, Silent, TrainConfig};
+use lexp_runtime::peft::{self, LoraTarget};
+use lexp_runtime::train::{self, CpuEngine, ExposureConfig, ExposureMode, Silent, TrainConfig};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -149,4 +150,53 @@ fn bad_exposure_settings_are_refused() {
     let mut c = config();
     c.exposure.mlp_target = 1.5;
     assert!(c.validate().unwrap_err().contains("--mlp-target"));
+}
+
+/// With LoRA on fc1 and fc2 the neuron permutation touches the adapters: the run trains on the
+/// permuted model, and the adapter it exports must be in the checkpoint's original neuron
+/// order. Evaluated dense on the *original* model, the exported adapter gives the loss the
+/// exposed engine (permuted model) gives it; and the permutation is not the identity.
+#[test]
+fn an_exposed_run_exports_fc1_fc2_adapters_in_the_original_neuron_order() {
+    let out = std::env::temp_dir().join(format!("lexp-exposure-perm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut config = config();
+    config.max_steps = 4;
+    config.lora_targets = ["q_proj", "v_proj", "fc1", "fc2"]
+        .map(String::from)
+        .to_vec();
+    let mut engine = train::exposed::cpu_engine_exposed(&config, &mut |_, _| {}).unwrap();
+    let perm = engine.exposure().unwrap().permutation.clone().unwrap();
+    assert!(!perm.is_identity());
+    train::run(&config, &out, false, &mut engine, &mut Silent).unwrap();
+
+    let original = config.load_model().unwrap();
+    let adapter = peft::load_adapter(&out.join(train::trainer::ADAPTER), &original.config).unwrap();
+    let data = train::trainer::load_data(&config, &original).unwrap();
+    let eval = &data.eval[..48];
+    let (exposed_sum, n) =
+        train::trainer::evaluate_with(&mut engine, Some(&adapter), eval, 4096, true).unwrap();
+    let mut plain = CpuEngine::new(original);
+    let (plain_sum, m) = train::trainer::evaluate(&mut plain, Some(&adapter), eval, 4096).unwrap();
+    assert_eq!(n, m);
+    let (a, b) = (exposed_sum / n as f64, plain_sum / m as f64);
+    assert!(
+        (a - b).abs() < 1e-5 * b,
+        "exposed engine {a} vs original model {b}"
+    );
+    // The adapter's fc1/fc2 matter: without them the loss differs.
+    let mut qv_only = adapter.clone();
+    for layer in &mut qv_only.layers {
+        for (t, m) in layer.iter_mut() {
+            if matches!(t, LoraTarget::Fc1 | LoraTarget::Fc2) {
+                m.b.data.iter_mut().for_each(|v| *v = 0.0);
+            }
+        }
+    }
+    let (c, _) = train::trainer::evaluate(&mut plain, Some(&qv_only), eval, 4096).unwrap();
+    assert!(
+        (c / m as f64 - b).abs() > 1e-5,
+        "fc1/fc2 adapters had no effect"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
 }

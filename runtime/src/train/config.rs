@@ -109,6 +109,16 @@ pub struct ExposureConfig {
     pub predictor_batches: usize,
     /// Adam steps of the offline predictor training, per layer.
     pub predictor_steps: usize,
+    /// Reorder each layer's MLP neurons by co-activation clustering first (the exposer's
+    /// function-preserving permutation, DESIGN.md §7 step 2), so that co-active neurons share
+    /// blocks. Adapters and exports stay in the checkpoint's neuron order.
+    #[serde(default = "permute_default")]
+    pub permute: bool,
+}
+
+/// The default of [`ExposureConfig::permute`] (also for run configs written before it).
+pub fn permute_default() -> bool {
+    true
 }
 
 impl Default for ExposureConfig {
@@ -124,6 +134,7 @@ impl Default for ExposureConfig {
             gap_budget: 0.005,
             predictor_batches: 32,
             predictor_steps: 1000,
+            permute: true,
         }
     }
 }

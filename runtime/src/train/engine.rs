@@ -6,10 +6,12 @@
 use crate::checkpoint::OptModel;
 use crate::data::PackedBatch;
 use crate::exposure::guard::{self, GuardConfig, ProbeReport};
+use crate::exposure::permutation::NeuronPermutation;
 use crate::exposure::sparse_mlp::{LayerCounters, Mode, SparseMlp};
 use crate::model::{self, DropoutRng, ModelError, Result, StepOutput};
 use crate::optim::{clip_grad_norm, AdamW};
-use crate::peft::LoraParams;
+use crate::peft::{LoraParams, LoraTarget};
+use std::borrow::Cow;
 
 /// The inputs of one optimizer step: its micro-batches, their dropout, the learning rate and
 /// the clipping limit.
@@ -195,6 +197,36 @@ pub struct CpuExposure {
     pub hook: SparseMlp,
     /// Probe cadence, gap budget and the controller's settings.
     pub guard: GuardConfig,
+    /// The exposer's neuron permutation the engine's model carries (DESIGN.md §7 step 2), if
+    /// any. Adapters and gradients cross the engine boundary in the checkpoint's original
+    /// neuron order; the engine permutes fc1/fc2 adapters on the way in and their gradients
+    /// on the way out, so the trainer, its checkpoints, AdamW's moments and every export
+    /// never see the permuted order.
+    pub permutation: Option<NeuronPermutation>,
+}
+
+impl CpuExposure {
+    /// `lora` in the model's (permuted) neuron order: a permuted copy when the permutation
+    /// touches it (adapters on fc1 or fc2), else `lora` itself.
+    fn internal<'a>(&self, lora: &'a LoraParams) -> Result<Cow<'a, LoraParams>> {
+        match &self.permutation {
+            Some(p) if touches(lora) => {
+                let mut l = lora.clone();
+                p.apply_to_lora(&mut l)
+                    .map_err(|e| ModelError::Batch(format!("neuron permutation: {e}")))?;
+                Ok(Cow::Owned(l))
+            }
+            _ => Ok(Cow::Borrowed(lora)),
+        }
+    }
+}
+
+/// Whether `lora` adapts a projection whose hidden side the neuron permutation reorders.
+fn touches(lora: &LoraParams) -> bool {
+    lora.config
+        .targets
+        .iter()
+        .any(|t| matches!(t, LoraTarget::Fc1 | LoraTarget::Fc2))
 }
 
 /// The CPU reference backend ([`crate::cpu`] ops, f32), optionally with MLP exposure.
@@ -245,11 +277,18 @@ impl Engine for CpuEngine {
         rng: Option<DropoutRng>,
     ) -> Result<StepOutput> {
         let masks = rng.as_ref().map(|r| r as &dyn model::MaskSource);
-        let hook = self
-            .exposure
-            .as_ref()
-            .map(|e| &e.hook as &dyn model::MlpHook);
-        model::loss_and_grads_exposed(&self.model, lora, batch, grad_scale, masks, hook)
+        let Some(e) = &self.exposure else {
+            return model::loss_and_grads(&self.model, lora, batch, grad_scale, rng);
+        };
+        let internal = e.internal(lora)?;
+        let hook = Some(&e.hook as &dyn model::MlpHook);
+        let mut out =
+            model::loss_and_grads_exposed(&self.model, &internal, batch, grad_scale, masks, hook)?;
+        if let (Some(p), true) = (&e.permutation, touches(lora)) {
+            p.undo_grads(&mut out.grads)
+                .map_err(|e| ModelError::Batch(format!("neuron permutation: {e}")))?;
+        }
+        Ok(out)
     }
 
     fn eval_loss(
@@ -260,8 +299,16 @@ impl Engine for CpuEngine {
         let Some(e) = &self.exposure else {
             return model::eval_loss(&self.model, lora, batch);
         };
+        let internal = lora.map(|l| e.internal(l)).transpose()?;
         e.hook.set_mode(Mode::Measure);
-        let fwd = model::forward_exposed(&self.model, lora, batch, None, Some(&e.hook), false);
+        let fwd = model::forward_exposed(
+            &self.model,
+            internal.as_deref(),
+            batch,
+            None,
+            Some(&e.hook),
+            false,
+        );
         e.hook.set_mode(Mode::Sparse);
         let out = model::opt::head_loss(&self.model, &fwd?, &batch.targets, None)?;
         Ok((out.loss_sum, out.count))
@@ -283,7 +330,8 @@ impl Engine for CpuEngine {
     ) -> Result<Option<ProbeReport>> {
         match &self.exposure {
             Some(e) => {
-                guard::probe(&e.guard, &self.model, Some(lora), batch, &e.hook, step).map(Some)
+                let l = e.internal(lora)?;
+                guard::probe(&e.guard, &self.model, Some(&l), batch, &e.hook, step).map(Some)
             }
             None => Ok(None),
         }
@@ -294,7 +342,11 @@ impl Engine for CpuEngine {
         lora: Option<&LoraParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
-        model::eval_loss(&self.model, lora, batch)
+        let internal = match (&self.exposure, lora) {
+            (Some(e), Some(l)) => Some(e.internal(l)?),
+            _ => lora.map(Cow::Borrowed),
+        };
+        model::eval_loss(&self.model, internal.as_deref(), batch)
     }
 
     fn exposure_totals(&self) -> Option<(Vec<LayerCounters>, Vec<f64>)> {

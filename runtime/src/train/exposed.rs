@@ -10,16 +10,33 @@ use super::trainer::load_data;
 use super::TrainError;
 use crate::checkpoint::OptModel;
 use crate::data::PackedBatch;
+use crate::exposure::permutation::{self, NeuronPermutation, PermutationError};
 use crate::exposure::sparse_mlp::{self, SparseMlp};
 
-/// The exposer's step (DESIGN.md §7, MLP step 2): a function-preserving change of `model`
-/// (the co-activation neuron permutation) before the predictors are trained.
-///
-/// A no-op for now: the permutation is written separately and connects here. Everything after
-/// it (predictor, selection, guard) works on whatever neuron order the model has.
-pub fn expose_structure(model: &mut OptModel, config: &TrainConfig) -> Result<(), TrainError> {
-    let _ = (model, config);
-    Ok(())
+/// The exposer's step (DESIGN.md §7, MLP step 2): with `permute` on, the co-activation neuron
+/// permutation of each layer, measured on `batches`' dense forwards
+/// ([`permutation::expose_model`]) and applied to `model` (function-preserving). Returns it
+/// for the engine, which keeps adapters in the original order at its boundary.
+pub fn expose_structure(
+    model: &mut OptModel,
+    config: &TrainConfig,
+    batches: &[PackedBatch],
+) -> Result<Option<NeuronPermutation>, TrainError> {
+    let e = &config.exposure;
+    if !e.permute {
+        return Ok(None);
+    }
+    let perm_err = |err: PermutationError| TrainError::Config(format!("neuron permutation: {err}"));
+    let t0 = std::time::Instant::now();
+    let perm =
+        permutation::expose_model(model, batches, e.mlp_block, config.seed).map_err(perm_err)?;
+    perm.apply_to_model(model).map_err(perm_err)?;
+    tracing::info!(
+        "MLP neurons clustered by co-activation over {} batches in {:.1} s",
+        batches.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(Some(perm))
 }
 
 /// The micro-batches of the run's first optimizer steps (in training order), at most `n`:
@@ -63,10 +80,11 @@ pub fn cpu_engine_exposed(
         return Ok(CpuEngine::new(model));
     }
     e.validate().map_err(TrainError::Config)?;
-    expose_structure(&mut model, config)?;
+    // The hook first: it checks the block and group sizes against the model by flag name.
     let hook = SparseMlp::new(&model.config, e.sparse_mlp(), config.seed)
         .map_err(|err| TrainError::Config(err.to_string()))?;
     let batches = predictor_batches(config, &model, e.predictor_batches.max(1))?;
+    let permutation = expose_structure(&mut model, config, &batches)?;
     let t0 = std::time::Instant::now();
     let losses = sparse_mlp::train_offline(
         &model,
@@ -86,6 +104,7 @@ pub fn cpu_engine_exposed(
         CpuExposure {
             hook,
             guard: e.guard(),
+            permutation,
         },
     ))
 }

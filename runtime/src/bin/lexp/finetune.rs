@@ -159,6 +159,10 @@ pub struct FinetuneArgs {
     /// --exposure mlp: Adam steps of each predictor's offline training.
     #[arg(long, default_value_t = 1000)]
     predictor_steps: usize,
+    /// --exposure mlp: keep the checkpoint's neuron order (skip the exposer's co-activation
+    /// permutation).
+    #[arg(long)]
+    no_permute: bool,
 }
 
 /// The engine a run uses, after looking at the machine and the model.
@@ -261,8 +265,13 @@ fn exposed_cpu_engine(config: &TrainConfig) -> Result<train::CpuEngine> {
     .with_context(|| "training the MLP block predictors")?;
     bar.finish_and_clear();
     eprintln!(
-        "MLP exposure: predictors (rank {}) trained on {} dense batches in {:.1} s; blocks of {}, \
-         groups of {}, mass target {}, probes every {} steps, gap budget {}",
+        "MLP exposure: {}predictors (rank {}) trained on {} dense batches in {:.1} s; blocks of \
+         {}, groups of {}, mass target {}, probes every {} steps, gap budget {}",
+        if config.exposure.permute {
+            "neurons clustered by co-activation, "
+        } else {
+            ""
+        },
         config.exposure.mlp_rank,
         config.exposure.predictor_batches,
         t0.elapsed().as_secs_f64(),
@@ -472,6 +481,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             gap_budget: args.gap_budget,
             predictor_batches: args.predictor_batches,
             predictor_steps: args.predictor_steps,
+            permute: !args.no_permute,
         },
     };
     config.exposure.validate().map_err(|e| anyhow!("{e}"))?;
