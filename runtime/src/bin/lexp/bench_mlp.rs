@@ -320,29 +320,6 @@ fn report(rows: &[Row], dense: &[f64; 4]) -> usize {
     failed
 }
 
-/// The UTC date, `YYYY-MM-DD`.
-fn utc_date() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    civil_date(secs / 86_400)
-}
-
-/// `YYYY-MM-DD` of the day `days` after 1970-01-01 (Howard Hinnant's days-to-civil).
-fn civil_date(days: u64) -> String {
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
 /// The NVIDIA driver version string from `nvidia-smi`, if it runs.
 fn nvidia_driver() -> Option<String> {
     let out = std::process::Command::new("nvidia-smi")
@@ -402,7 +379,7 @@ fn write_json(
             "cublas": blas.version(),
         },
         "lexp_version": env!("CARGO_PKG_VERSION"),
-        "date": utc_date(),
+        "date": lexp_runtime::step_bench::today(),
         "shape": {"tokens": a.tokens, "hidden": a.hidden, "ffn": a.ffn, "group_rows": GROUP_ROWS},
         "warmup": a.warmup, "iters": a.iters, "seed": a.seed,
         "dense_cublas_ms": (0..4).map(|p| (PRODUCTS[p].to_string(), serde_json::json!(dense[p]))).collect::<serde_json::Map<_, _>>(),
@@ -514,14 +491,6 @@ mod tests {
         let mut v = vec!["mlp"];
         v.extend_from_slice(extra);
         Cli::try_parse_from(v).unwrap().a
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_date(0), "1970-01-01");
-        assert_eq!(civil_date(59), "1970-03-01");
-        assert_eq!(civil_date(11_016), "2000-02-29");
-        assert_eq!(civil_date(20_786), "2026-11-29");
     }
 
     #[test]
