@@ -2,7 +2,8 @@
 # MLP exposure's quality check (DESIGN.md §7, MLP): opt-mini LoRA on E2E with the settings of
 # bench/parity/finetune_checks.sh (r=8, alpha 16, q,v, lr 5e-4, 16 examples per step, 2 epochs,
 # eval on the full E2E eval set), once dense and once with `--exposure mlp`, both on the CPU
-# engine (the GPU has no sparse MLP yet). Prints both runs' final eval losses (the mlp run's
+# engine (the GPU engine runs the sparse MLP kernels on synthetic lists only; it has no
+# predictor yet). Prints both runs' final eval losses (the mlp run's
 # sparse and dense), their relative gaps and the MLP work the sparse run skipped.
 #
 # Usage: bench/exposure/quality.sh LEXP_BINARY FIXTURES DATA OUT [extra --exposure mlp flags]
