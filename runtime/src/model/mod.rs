@@ -5,11 +5,14 @@
 //! - [`layer`]: one decoder layer, pre-LN or post-LN, forward and backward.
 //! - [`lora_branch`]: the LoRA branch of one projection.
 //! - [`mlp_hook`]: where MLP exposure observes activations and keeps only some neuron blocks.
+//! - [`attention_hook`]: where attention exposure observes queries and keys and keeps only some
+//!   key blocks per (sequence, query block, head).
 //! - [`dropout`]: residual and LoRA dropout masks, reproducible per `(seed, layer, site)`.
 //!
 //! Everything runs on the CPU backend ([`crate::cpu`]) in f32: the reference the GPU path is
 //! tested against, and the fallback when there is no GPU.
 
+pub mod attention_hook;
 pub mod dropout;
 mod error;
 pub mod layer;
@@ -17,6 +20,7 @@ pub mod lora_branch;
 pub mod mlp_hook;
 pub mod opt;
 
+pub use attention_hook::{AttentionHook, AttentionInput, AttentionMask};
 pub use dropout::{DropoutRng, MaskSource, RecordedMasks};
 pub use error::{ModelError, Result};
 pub use mlp_hook::{MlpHook, MlpMask};
