@@ -291,11 +291,13 @@ impl SyntheticAttention {
     }
 }
 
-/// One batch's block-sparse attention lists, one per layer, on the device.
+/// One batch's block-sparse attention lists, one per layer, on the device, with the masks
+/// they came from.
 pub struct AttnLists {
     /// The batch's sequence boundaries the lists were made for.
     pub cu_seqlens: Vec<i32>,
     layers: Vec<SparseLists>,
+    masks: Vec<AttentionMask>,
 }
 
 impl AttnLists {
@@ -311,17 +313,26 @@ impl AttnLists {
         s.check(hd)?;
         let cfg = sparse_config(hd)
             .ok_or_else(|| ModelError::Unsupported("no block-sparse attention".into()))?;
-        let layers = (0..layers)
+        let masks: Vec<AttentionMask> = (0..layers)
             .map(|l| {
                 let seed = s.seed ^ (l as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                let mask = synthetic_mask(cu_seqlens, heads, s.density, seed);
-                SparseLists::upload(dev, &SparsePlan::of(&mask, cu_seqlens, heads, cfg)?)
+                synthetic_mask(cu_seqlens, heads, s.density, seed)
             })
+            .collect();
+        let layers = masks
+            .iter()
+            .map(|m| SparseLists::upload(dev, &SparsePlan::of(m, cu_seqlens, heads, cfg)?))
             .collect::<R<Vec<_>>>()?;
         Ok(AttnLists {
             cu_seqlens: cu_seqlens.to_vec(),
             layers,
+            masks,
         })
+    }
+
+    /// Layer `li`'s mask (what the CPU model keeps to compute the same attention).
+    pub fn mask(&self, li: usize) -> Option<&AttentionMask> {
+        self.masks.get(li)
     }
 
     /// Layer `li`'s lists.
