@@ -134,3 +134,127 @@ fn block_sparse_attention_matches_the_reference_on_the_gpu() {
     case(&dev, Storage::BF16, &[2048], (8, 64), 0.1, 4);
     case(&dev, Storage::BF16, &[1500, 548], (4, 128), 0.25, 5);
 }
+
+/// Every compiled tile configuration of the three block-sparse kernels at one 16384-token
+/// sequence (OPT-1.3B width: 32 heads of 64, and 16 heads of 128), bf16, a synthetic 25% mask,
+/// timed (median of 10 after 2 warm-up launches): which configuration the engine should run.
+/// Fails only when a launch fails (correctness is the test above).
+#[test]
+fn block_sparse_configurations_timed_at_16k() {
+    if !enabled() {
+        return;
+    }
+    use lexp_kernels::sparse_flash::{
+        block_table, sparse_flash_dkdv, sparse_flash_dq, sparse_flash_fwd, DeviceList,
+    };
+    use lexp_runtime::{time_ms, DeviceTensor};
+    let dev = CudaDevice::new(0).expect("a CUDA GPU");
+    let t = 16384usize;
+    let cu = [0usize, t];
+    let cu_i = [0i32, t as i32];
+    let get = |c: &[(&'static str, usize)], n: &str| c.iter().find(|x| x.0 == n).unwrap().1;
+    let i32s = |v: &[i32], dims: &[usize]| DeviceTensor::from_i32(&dev, dims, v).unwrap();
+    let table = |size: usize, desc: bool| {
+        let rows = block_table(&cu, size, 128, desc).unwrap();
+        let flat: Vec<i32> = rows.iter().flatten().copied().collect();
+        i32s(&flat, &[rows.len(), 4])
+    };
+    let list = |l: &DeviceList| {
+        (
+            i32s(&l.counts, &[l.counts.len()]),
+            i32s(&l.indices, &[l.counts.len(), l.width]),
+        )
+    };
+    for (nh, hd) in [(32usize, 64usize), (16, 128)] {
+        let b = FlashProblem::new(&dev, Storage::BF16, t, (nh, hd), 7).unwrap();
+        let mask = sa::synthetic_mask(&cu_i, nh, 0.25, 7);
+        let cfg = sa::sparse_config(hd).unwrap();
+        let plan = SparsePlan::of(&mask, &cu_i, nh, cfg).unwrap();
+        let (counts, indices) = list(&plan.list);
+        let (counts_t, indices_t) = list(&plan.list_t);
+        let a = b.attn_args();
+        let lists = SparseLists::upload(&dev, &plan).unwrap();
+        sa::forward(&dev, cfg, &lists, &a).unwrap();
+        sa::backward(&dev, cfg, &lists, &a).unwrap();
+        let s2 = a.scale * std::f32::consts::LOG2_E;
+        let time = |f: &dyn Fn() -> std::result::Result<(), lexp_compiler::launch::LaunchError>| {
+            time_ms(&dev, 2, 10, || {
+                f().map_err(|e| lexp_runtime::DeviceError::InvalidArgument(e.to_string()))
+            })
+            .unwrap()
+            .median()
+        };
+        for c in sparse_flash_fwd::INFO.configurations() {
+            if get(&c, "D") != hd {
+                continue;
+            }
+            let qt = table(get(&c, "BM"), true);
+            let ms = time(&|| {
+                sparse_flash_fwd::launch_with(
+                    &dev,
+                    &c,
+                    &sparse_flash_fwd::Args {
+                        qkv: &a.qkv,
+                        qblocks: &qt.as_arg(),
+                        counts: &counts.as_arg(),
+                        indices: &indices.as_arg(),
+                        scale_log2: s2,
+                        o: &a.o,
+                        lse2: &a.lse2,
+                    },
+                )
+            });
+            println!("16384 x {nh} heads of {hd}, 25%: sparse_flash_fwd {c:?}: {ms:.3} ms");
+        }
+        for c in sparse_flash_dkdv::INFO.configurations() {
+            if get(&c, "D") != hd {
+                continue;
+            }
+            let kt = table(get(&c, "BN"), false);
+            let ms = time(&|| {
+                sparse_flash_dkdv::launch_with(
+                    &dev,
+                    &c,
+                    &sparse_flash_dkdv::Args {
+                        qkv: &a.qkv,
+                        d_o: &a.d_o,
+                        lse2: &a.lse2,
+                        delta: &a.delta,
+                        kblocks: &kt.as_arg(),
+                        counts_t: &counts_t.as_arg(),
+                        indices_t: &indices_t.as_arg(),
+                        scale_log2: s2,
+                        scale: a.scale,
+                        dqkv: &a.dqkv,
+                    },
+                )
+            });
+            println!("16384 x {nh} heads of {hd}, 25%: sparse_flash_dkdv {c:?}: {ms:.3} ms");
+        }
+        for c in sparse_flash_dq::INFO.configurations() {
+            if get(&c, "D") != hd {
+                continue;
+            }
+            let qt = table(get(&c, "BM"), true);
+            let ms = time(&|| {
+                sparse_flash_dq::launch_with(
+                    &dev,
+                    &c,
+                    &sparse_flash_dq::Args {
+                        qkv: &a.qkv,
+                        d_o: &a.d_o,
+                        lse2: &a.lse2,
+                        delta: &a.delta,
+                        qblocks: &qt.as_arg(),
+                        counts: &counts.as_arg(),
+                        indices: &indices.as_arg(),
+                        scale_log2: s2,
+                        scale: a.scale,
+                        dqkv: &a.dqkv,
+                    },
+                )
+            });
+            println!("16384 x {nh} heads of {hd}, 25%: sparse_flash_dq {c:?}: {ms:.3} ms");
+        }
+    }
+}
