@@ -355,3 +355,59 @@ fn a_mask_that_does_not_fit_is_an_error() {
     let e = run(&m).unwrap_err().to_string();
     assert!(e.contains("causal"), "{e}");
 }
+
+/// Best wall time of `reps` runs of `f` after a warm-up, in milliseconds.
+fn best_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            f();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+#[test]
+#[ignore = "micro benchmark: seconds of CPU work, asserts nothing; run with --ignored --release --nocapture"]
+fn bench_masked_attention() {
+    // The shapes of the CPU bench (cpu::tests::bench): 2048 tokens in segments of 1024, 512,
+    // 512, 12 heads of 64; GPU block sizes.
+    let c = case(&[1024, 512, 512], 12, 64, 31);
+    let bench = |what: &str, mask: Option<&AttentionMask>| {
+        let blocks = mask.map(AttentionMask::key_blocks);
+        let mut fwd = None;
+        let tf = best_ms(3, || {
+            fwd = Some(
+                attention_fwd_masked(&c.q, &c.k, &c.v, &c.cu, c.nh, c.hd, blocks.as_ref()).unwrap(),
+            )
+        });
+        let (o, saved) = fwd.unwrap();
+        let tb = best_ms(3, || {
+            attention_bwd_masked(
+                &c.q,
+                &c.k,
+                &c.v,
+                &o,
+                &c.d_o,
+                &saved,
+                &c.cu,
+                c.nh,
+                c.hd,
+                blocks.as_ref(),
+            )
+            .unwrap();
+        });
+        let density = mask.map_or(1.0, AttentionMask::density);
+        println!("{what:<28} density {density:.3}: fwd {tf:.1} ms, bwd {tb:.1} ms");
+    };
+    bench("unmasked", None);
+    bench(
+        "dense mask (128, 64)",
+        Some(&AttentionMask::dense(&c.cu, c.nh, 128, 64)),
+    );
+    for keep in [50, 20] {
+        let m = random_mask(&c, 128, 64, keep, 32);
+        bench(&format!("random {keep}% (128, 64)"), Some(&m));
+    }
+}

@@ -723,7 +723,7 @@ fn overlong_sequences_are_truncated_with_a_warning() {
         "completion": "Alimentum is a restaurant near the river in the city centre. ".repeat(150),
     });
     let train = train_with_line3(&tmp, 20, &long.to_string());
-    // Longer than the model's 1024 positions (--max-seq-len above them is capped there).
+    // Longer than the model's 1024 positions without --max-positions: refused, naming the flag.
     let out = tmp.join("out");
     let args = finetune_steps(
         &model_dir(),
@@ -733,10 +733,59 @@ fn overlong_sequences_are_truncated_with_a_warning() {
         2,
         &["--max-seq-len", "2048"],
     );
+    expect_failure(
+        lexp(&tmp, &args),
+        &[
+            "--max-seq-len 2048 is longer than the model's 1024 learned positions",
+            "--max-positions 2048",
+        ],
+    );
+    assert!(!out.exists());
+    // With the table interpolated to 2048 positions, the sequence (about 2.5k tokens) is kept
+    // up to 2048 tokens, past the learned 1024.
+    let args = finetune_steps(
+        &model_dir(),
+        &train,
+        &eval,
+        &out,
+        2,
+        &["--max-seq-len", "2048", "--max-positions", "2048"],
+    );
     let err = expect_success(lexp(&tmp, &args));
     assert!(err.contains("train.jsonl:3: truncated from "), "{err}");
-    assert!(err.contains(" to 1024 tokens"), "{err}");
+    assert!(err.contains(" to 2048 tokens"), "{err}");
     assert!(out.join("adapter/adapter_model.safetensors").exists());
+    let run: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("run_config.json")).unwrap()).unwrap();
+    assert_eq!(run["max_positions"], 2048, "{run}");
+    // --max-positions alone sets the sequence limit; a shorter --max-seq-len truncates.
+    let out = tmp.join("out-1500");
+    let args = finetune_steps(
+        &model_dir(),
+        &train,
+        &eval,
+        &out,
+        2,
+        &["--max-positions", "4096", "--max-seq-len", "1500"],
+    );
+    let err = expect_success(lexp(&tmp, &args));
+    assert!(err.contains(" to 1500 tokens"), "{err}");
+    // Above --max-positions, or a table that would shrink.
+    for (extra, why) in [
+        (
+            &["--max-positions", "1500", "--max-seq-len", "2048"][..],
+            "--max-seq-len 2048 is longer than --max-positions 1500",
+        ),
+        (
+            &["--max-positions", "512"][..],
+            "--max-positions 512 is below the model's 1024 learned positions",
+        ),
+    ] {
+        let out = tmp.join("out-refused");
+        let args = finetune_steps(&model_dir(), &train, &eval, &out, 2, extra);
+        expect_failure(lexp(&tmp, &args), &[why]);
+        assert!(!out.exists());
+    }
     // Longer than --max-seq-len.
     let out = tmp.join("out-64");
     let args = finetune_steps(
@@ -758,7 +807,14 @@ fn overlong_sequences_are_truncated_with_a_warning() {
         &eval,
         &out,
         2,
-        &["--max-seq-len", "2048", "--micro-batch-tokens", "1024"],
+        &[
+            "--max-seq-len",
+            "2048",
+            "--max-positions",
+            "2048",
+            "--micro-batch-tokens",
+            "1024",
+        ],
     );
     expect_failure(
         lexp(&tmp, &args),
@@ -845,6 +901,37 @@ fn existing_run_is_refused_without_loss() {
         let file = |s: &[(PathBuf, Vec<u8>)]| s.iter().find(|(p, _)| p.ends_with(name)).cloned();
         assert!(file(&after) == file(&before), "{name} changed");
     }
+}
+
+#[test]
+fn eval_windows_beyond_the_learned_positions_need_max_positions() {
+    let tmp = TempDir::new("eval-positions");
+    let text = tmp.join("text.txt");
+    let words = "the restaurant near the river serves cheap food in the city centre. ";
+    fs::write(&text, words.repeat(200)).unwrap();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let model = model_dir().display().to_string();
+        let data = text.display().to_string();
+        let mut a = vec!["eval", "--model", &model, "--data", &data];
+        a.extend(extra);
+        a.into_iter().map(String::from).collect()
+    };
+    expect_failure(
+        lexp(&tmp, &args(&["--text-windows", "1500"])),
+        &[
+            "--text-windows 1500 is longer than the model's 1024 learned positions",
+            "--max-positions 1500",
+        ],
+    );
+    let out = lexp(
+        &tmp,
+        &args(&["--text-windows", "1500", "--max-positions", "1500"]),
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("loss "), "{stdout}");
 }
 
 #[test]

@@ -268,6 +268,10 @@ pub enum CheckpointError {
         /// The tensor.
         tensor: String,
     },
+    /// The position table cannot be extended as asked
+    /// ([`OptModel::extend_positions`](super::OptModel::extend_positions)).
+    #[error("position table: {0}")]
+    Positions(#[from] super::opt::PositionError),
     /// A tensor's shape disagrees with the config.
     #[error(
         "{}: tensor `{tensor}`: shape {found:?} does not match the config (expected {expected:?})",

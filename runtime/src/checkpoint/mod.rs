@@ -25,7 +25,7 @@ pub mod writer;
 pub use dtype::{encode_f32, Dtype};
 pub use error::{CheckpointError, Result};
 pub use host::HostMatrix;
-pub use opt::{OptConfig, OptModel, OptWeights};
+pub use opt::{OptConfig, OptModel, OptWeights, PositionExtension};
 pub use safetensors::{SafeTensors, SafetensorsError, TensorView, MAX_HEADER_LEN};
 pub use sharded::{Checkpoint, INDEX_FILE, SINGLE_FILE};
 pub use writer::{write_atomic, WriteTensor};

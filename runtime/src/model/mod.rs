@@ -7,6 +7,8 @@
 //! - [`mlp_hook`]: where MLP exposure observes activations and keeps only some neuron blocks.
 //! - [`attention_hook`]: where attention exposure observes queries and keys and keeps only some
 //!   key blocks per (sequence, query block, head).
+//! - [`Exposure`] (in [`layer`]): both hooks, passed together to [`forward_exposed`] and
+//!   [`loss_and_grads_exposed`]; the backward reuses the masks the forward chose.
 //! - [`dropout`]: residual and LoRA dropout masks, reproducible per `(seed, layer, site)`.
 //!
 //! Everything runs on the CPU backend ([`crate::cpu`]) in f32: the reference the GPU path is

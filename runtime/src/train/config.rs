@@ -70,6 +70,14 @@ pub struct TrainConfig {
     /// row stop the run with [`super::TrainError::NonFinite`] (1: stop at the first).
     #[serde(default = "default_max_bad_steps")]
     pub max_bad_steps: usize,
+    /// Extends the checkpoint's learned position table to this many positions when the model
+    /// is loaded (`None`: as learned), for sequences longer than it
+    /// ([`OptModel::extend_positions`](crate::checkpoint::OptModel::extend_positions)).
+    #[serde(default)]
+    pub max_positions: Option<usize>,
+    /// How the position table is extended (with `max_positions`).
+    #[serde(default)]
+    pub position_extension: crate::checkpoint::PositionExtension,
     /// MLP exposure (`none` by default; also for run configs written before it).
     #[serde(default)]
     pub exposure: ExposureConfig,
@@ -227,6 +235,8 @@ impl Default for TrainConfig {
             seed: 0,
             model_dropout: None,
             max_bad_steps: default_max_bad_steps(),
+            max_positions: None,
+            position_extension: Default::default(),
             exposure: ExposureConfig::default(),
         }
     }
@@ -264,13 +274,17 @@ impl TrainConfig {
         }
     }
 
-    /// Loads the model of this run, with [`TrainConfig::model_dropout`] applied.
+    /// Loads the model of this run, with [`TrainConfig::model_dropout`] applied and the position
+    /// table extended to [`TrainConfig::max_positions`].
     pub fn load_model(
         &self,
     ) -> Result<crate::checkpoint::OptModel, crate::checkpoint::CheckpointError> {
         let mut model = crate::checkpoint::OptModel::load(&self.model_dir)?;
         if let Some(p) = self.model_dropout {
             model.config.dropout = p;
+        }
+        if let Some(n) = self.max_positions {
+            model.extend_positions(n, self.position_extension)?;
         }
         Ok(model)
     }

@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use lexp_runtime::checkpoint::OptModel;
+use lexp_runtime::checkpoint::{OptConfig, OptModel, PositionExtension};
 use lexp_runtime::data::{load_jsonl, text_windows, JsonlOptions, Tokenizer};
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::peft;
@@ -86,9 +86,13 @@ pub struct FinetuneArgs {
     /// Most tokens per packed micro-batch.
     #[arg(long, default_value_t = 4096)]
     micro_batch_tokens: usize,
-    /// Longest sequence kept (longer ones are truncated with a warning).
-    #[arg(long, default_value_t = 1024)]
-    max_seq_len: usize,
+    /// Longest sequence kept (longer ones are truncated with a warning). Default: 1024 (capped
+    /// at the model's positions), or --max-positions when given. More than the model's
+    /// positions needs --max-positions.
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    #[command(flatten)]
+    positions: PositionArgs,
     /// Epochs (default 2).
     #[arg(long, default_value_t = 2)]
     epochs: usize,
@@ -163,6 +167,65 @@ pub struct FinetuneArgs {
     /// permutation).
     #[arg(long)]
     no_permute: bool,
+}
+
+/// `--max-positions` / `--position-extension`: longer contexts than the checkpoint learned.
+#[derive(clap::Args, Debug)]
+pub struct PositionArgs {
+    /// Extend the checkpoint's learned position table to this many positions before training
+    /// or evaluating, so that sequences longer than the checkpoint's `max_position_embeddings`
+    /// fit (e.g. 4096-16384 for OPT's 2048). The PEFT adapter is unaffected.
+    #[arg(long)]
+    max_positions: Option<usize>,
+    /// How --max-positions fills the new table: `interpolate` (position p reads the learned
+    /// table at p·(P−1)/(N−1), linearly interpolated between its two neighbours).
+    #[arg(long, default_value = "interpolate")]
+    position_extension: PositionExtension,
+}
+
+impl PositionArgs {
+    /// Checks the flags against the checkpoint in `model_dir` and returns the longest sequence
+    /// a run keeps: `asked` (the value of `flag`) or, without it, `--max-positions` when given,
+    /// else `default` capped at the learned positions. A length above the positions the model
+    /// will have is an error naming `--max-positions`; so is a `--max-positions` below the
+    /// learned ones (the table only grows).
+    fn sequence_limit(
+        &self,
+        model_dir: &Path,
+        flag: &str,
+        asked: Option<usize>,
+        default: usize,
+    ) -> Result<usize> {
+        let file = model_dir.join("config.json");
+        let learned = OptConfig::from_file(&file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .max_position_embeddings;
+        if let Some(n) = self.max_positions {
+            if n < learned {
+                bail!(
+                    "--max-positions {n} is below the model's {learned} learned positions: the \
+                     position table only grows"
+                );
+            }
+        }
+        let len = match (asked, self.max_positions) {
+            (Some(len), _) => len,
+            (None, Some(n)) => n,
+            (None, None) => default.min(learned),
+        };
+        match self.max_positions {
+            None if len > learned => bail!(
+                "{flag} {len} is longer than the model's {learned} learned positions \
+                 (max_position_embeddings): pass --max-positions {len} (or more) to extend the \
+                 position table by interpolation, or lower {flag}"
+            ),
+            Some(n) if len > n => bail!(
+                "{flag} {len} is longer than --max-positions {n}: raise --max-positions to at \
+                 least {len}"
+            ),
+            _ => Ok(len),
+        }
+    }
 }
 
 /// The engine a run uses, after looking at the machine and the model.
@@ -439,6 +502,9 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             .unwrap_or(0);
         PathBuf::from("lexp-runs").join(format!("run-{secs}"))
     });
+    let max_seq_len =
+        args.positions
+            .sequence_limit(&model_dir, "--max-seq-len", args.max_seq_len, 1024)?;
     let config = TrainConfig {
         model_dir,
         train_files,
@@ -451,7 +517,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         lora_targets: args.lora_targets.clone(),
         examples_per_step: args.batch,
         micro_batch_tokens: args.micro_batch_tokens,
-        max_seq_len: args.max_seq_len,
+        max_seq_len,
         epochs: args.epochs,
         max_steps: args.max_steps,
         lr: args.lr,
@@ -467,6 +533,8 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         seed: args.seed,
         model_dropout: args.model_dropout,
         max_bad_steps: args.max_bad_steps,
+        max_positions: args.positions.max_positions,
+        position_extension: args.positions.position_extension,
         exposure: ExposureConfig {
             mode: match args.exposure {
                 ExposureChoice::None => ExposureMode::None,
@@ -583,13 +651,17 @@ pub struct EvalArgs {
     /// Most tokens per packed batch.
     #[arg(long, default_value_t = 4096)]
     micro_batch_tokens: usize,
-    /// Longest sequence kept.
-    #[arg(long, default_value_t = 1024)]
-    max_seq_len: usize,
+    /// Longest sequence kept. Default: 1024 (capped at the model's positions), or
+    /// --max-positions when given. More than the model's positions needs --max-positions.
+    #[arg(long)]
+    max_seq_len: Option<usize>,
     /// Treat --data as plain text (documents separated by blank lines) cut into windows of this
     /// many tokens, every token a target: language-model loss, as the fixtures' valid loss.
+    /// More than the model's positions needs --max-positions.
     #[arg(long)]
     text_windows: Option<usize>,
+    #[command(flatten)]
+    positions: PositionArgs,
 }
 
 /// `lexp eval`: mean loss (and perplexity) over the loss targets of a data file.
@@ -605,11 +677,19 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             bail!("--model given without --data: name the JSONL file with --data FILE")
         }
     };
-    let model = OptModel::load(&model_dir)
+    let pos = &args.positions;
+    let max_seq_len = pos.sequence_limit(&model_dir, "--max-seq-len", args.max_seq_len, 1024)?;
+    if let Some(w) = args.text_windows {
+        pos.sequence_limit(&model_dir, "--text-windows", Some(w), w)?;
+    }
+    let mut model = OptModel::load(&model_dir)
         .with_context(|| format!("loading the model {}", model_dir.display()))?;
+    if let Some(n) = pos.max_positions {
+        model.extend_positions(n, pos.position_extension)?;
+    }
     let tok = Tokenizer::from_file(model_dir.join("tokenizer.json"))?;
     let options = JsonlOptions {
-        max_len: args.max_seq_len.min(model.config.max_position_embeddings),
+        max_len: max_seq_len.min(model.config.max_position_embeddings),
         vocab_size: Some(model.config.vocab_size),
         ..JsonlOptions::default()
     };
