@@ -10,7 +10,7 @@
 //!
 //! Blocks are counted from each sequence's first token: query block `qb` holds positions
 //! `qb·q_block .. (qb+1)·q_block` of its sequence, key block `kb` positions
-//! `kb·k_block .. (kb+1)·k_block`. The GPU kernels take `q_block = 128`, `k_block = 64`
+//! `kb·k_block .. (kb+1)·k_block`. The GPU kernels take `q_block = 128`, `k_block = 128`
 //! ([`GPU_Q_BLOCK`], [`GPU_K_BLOCK`]).
 
 use std::fmt;
@@ -18,7 +18,7 @@ use std::fmt;
 /// Query rows per block of the GPU's block-sparse flash attention.
 pub const GPU_Q_BLOCK: usize = 128;
 /// Keys per block of the GPU's block-sparse flash attention.
-pub const GPU_K_BLOCK: usize = 64;
+pub const GPU_K_BLOCK: usize = 128;
 
 /// Kept key blocks per (sequence, query block, head) of one layer's attention.
 ///
