@@ -8,10 +8,12 @@
 //! - [`predictor`]: per layer and head a low-rank scorer on block-pooled queries and keys;
 //! - [`selection`]: local window and sinks always, predicted blocks up to a mass target;
 //! - [`sparse`]: predictor + selection behind [`crate::model::AttentionHook`];
+//! - [`corpus`]: the dense model over text windows: the profile and the predictor-quality run;
 //! - [`guard`]: dense probes and the per-layer target controller (the MLP guard's
 //!   [`crate::exposure::guard::control`]).
 
 pub mod classes;
+pub mod corpus;
 pub mod guard;
 pub mod maps;
 pub mod predictor;

@@ -1,0 +1,390 @@
+//! Attention exposure on a text corpus: the dense model runs over windows of a plain-text file
+//! ([`text_windows`]: documents joined, each starting with `</s>`), and the hooks of this module
+//! see every layer's queries and keys. Two runs:
+//! - [`profile`]: the [`AttentionProfiler`] over the first `windows` windows (`lexp profile
+//!   --attention`);
+//! - [`predictor_quality`]: predictors trained on the first windows, measured on later, disjoint
+//!   windows (per layer recall of the exact attention mass and density at several mass
+//!   targets, beside the per-row oracle's density at the same recall).
+
+use super::maps::{block_maps, BlockMaps};
+use super::predictor::PredictorConfig;
+use super::profiler::{AttentionProfiler, ProfileSettings};
+use super::selection::{self, SelectionParams};
+use super::sparse::{SparseAttention, SparseAttentionConfig, SparseAttentionError};
+use crate::checkpoint::{CheckpointError, OptModel};
+use crate::data::{pack, text_windows, DataError, Example, PackedBatch, Tokenizer};
+use crate::exposure::sparse_mlp::Mode;
+use crate::model::{AttentionHook, AttentionInput, AttentionMask, ModelError};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Errors of a corpus run.
+#[derive(Debug, thiserror::Error)]
+pub enum CorpusError {
+    /// The corpus has fewer full windows than asked for.
+    #[error("{path} has {have} windows of {seq} tokens, {want} were asked for", path = .path.display())]
+    TooFewWindows {
+        /// The corpus.
+        path: PathBuf,
+        /// Full windows in it.
+        have: usize,
+        /// Windows asked for.
+        want: usize,
+        /// Tokens per window.
+        seq: usize,
+    },
+    /// The corpus could not be read.
+    #[error("cannot read {}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Tokenizer or packing.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// Loading the model.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The forward pass.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The hook's settings.
+    #[error(transparent)]
+    Settings(#[from] SparseAttentionError),
+}
+
+/// The model and the text cut into windows of `seq` tokens.
+pub fn load(
+    model_dir: &Path,
+    data: &Path,
+    seq: usize,
+) -> Result<(OptModel, Vec<Example>), CorpusError> {
+    let model = OptModel::load(model_dir)?;
+    let tok = Tokenizer::from_file(model_dir.join("tokenizer.json"))?;
+    let text = std::fs::read_to_string(data).map_err(|source| CorpusError::Io {
+        path: data.to_path_buf(),
+        source,
+    })?;
+    Ok((model, text_windows(&tok, &text, seq)?))
+}
+
+/// Batches of `per_batch` windows for windows `range` (checked against what the corpus has).
+pub fn batches(
+    windows: &[Example],
+    range: std::ops::Range<usize>,
+    per_batch: usize,
+    seq: usize,
+    data: &Path,
+) -> Result<Vec<PackedBatch>, CorpusError> {
+    if windows.len() < range.end {
+        return Err(CorpusError::TooFewWindows {
+            path: data.to_path_buf(),
+            have: windows.len(),
+            want: range.end,
+            seq,
+        });
+    }
+    let order: Vec<usize> = range.collect();
+    Ok(pack(windows, &order, per_batch.max(1) * seq)?)
+}
+
+/// Runs `hook` over `batches` (dense forwards, no adapter, no dropout), `progress` after each.
+///
+/// Until the model calls attention hooks itself, this taps each layer's input: it recomputes
+/// the layer's scaled queries and keys from it (LayerNorm, `q_proj`, `k_proj`, as the layer
+/// does) and shows them to `hook.observe`, then runs the layer.
+pub fn run_dense(
+    model: &OptModel,
+    hook: &dyn AttentionHook,
+    batches: &[PackedBatch],
+    progress: &mut dyn FnMut(),
+) -> Result<(), CorpusError> {
+    use crate::cpu::{add_inplace, gather_rows, layernorm_fwd, linear, scale_inplace};
+    use crate::model::layer::{self, LayerAdapters, LayerCtx};
+    let (c, w) = (&model.config, &model.weights);
+    let (h, e) = (c.hidden_size, c.word_embed_proj_dim);
+    let (nh, hd) = (c.num_attention_heads, c.head_dim());
+    let cpu = |err: crate::cpu::CpuError| CorpusError::Model(ModelError::from(err));
+    for batch in batches {
+        crate::model::opt::check_batch(c, batch)?;
+        let rows = batch.num_tokens();
+        let mut x = gather_rows(&w.embed_tokens.data, e, &batch.input_ids).map_err(cpu)?;
+        if let Some(p_in) = &w.project_in {
+            x = linear(&x, rows, &p_in.data, h, e, None);
+        }
+        let pos: Vec<u32> = batch.position_ids.iter().map(|&p| p + 2).collect();
+        add_inplace(
+            &mut x,
+            &gather_rows(&w.embed_positions.data, h, &pos).map_err(cpu)?,
+        );
+        let ctx = LayerCtx {
+            config: c,
+            cu_seqlens: &batch.cu_seqlens,
+            rows,
+            rng: None,
+            mlp: None,
+        };
+        for (i, lw) in w.layers.iter().enumerate() {
+            let attn_in = if c.do_layer_norm_before {
+                let ln = lw.self_attn_layer_norm.as_ref();
+                layernorm_fwd(
+                    &x,
+                    rows,
+                    h,
+                    ln.map(|l| l.weight.as_slice()),
+                    ln.map(|l| l.bias.as_slice()),
+                    crate::checkpoint::OptConfig::LAYER_NORM_EPS,
+                )
+                .0
+            } else {
+                x.clone()
+            };
+            let proj = |l: &crate::checkpoint::opt::Linear| {
+                linear(
+                    &attn_in,
+                    rows,
+                    &l.weight.data,
+                    l.weight.rows,
+                    l.weight.cols,
+                    l.bias.as_deref(),
+                )
+            };
+            let mut q = proj(&lw.q_proj);
+            scale_inplace(&mut q, (hd as f32).powf(-0.5));
+            let k = proj(&lw.k_proj);
+            hook.observe(
+                i,
+                AttentionInput {
+                    q: &q,
+                    k: &k,
+                    cu_seqlens: &batch.cu_seqlens,
+                    heads: nh,
+                    head_dim: hd,
+                },
+                None,
+            );
+            x = layer::forward(&ctx, i, lw, &LayerAdapters::of(None, i), x)?.0;
+        }
+        progress();
+    }
+    Ok(())
+}
+
+/// The attention profile of `batches`.
+pub fn profile(
+    model: &OptModel,
+    batches: &[PackedBatch],
+    settings: ProfileSettings,
+    progress: &mut dyn FnMut(),
+) -> Result<AttentionProfiler, CorpusError> {
+    let c = &model.config;
+    let p = AttentionProfiler::new(c.num_hidden_layers, c.num_attention_heads, settings);
+    run_dense(model, &p, batches, progress)?;
+    Ok(p)
+}
+
+/// Per layer, for each evaluation batch: the exact maps and each predictor's predicted masses.
+struct EvalHook<'a> {
+    predictors: &'a [&'a SparseAttention],
+    q_block: usize,
+    k_block: usize,
+    /// `[layer]`: (maps, predicted per predictor) per batch.
+    seen: Vec<Mutex<Vec<(BlockMaps, Vec<Vec<f32>>)>>>,
+}
+
+impl AttentionHook for EvalHook<'_> {
+    fn observe(&self, layer: usize, input: AttentionInput<'_>, _: Option<&AttentionMask>) {
+        let Some(slot) = self.seen.get(layer) else {
+            return;
+        };
+        let maps = block_maps(&input, self.q_block, self.k_block);
+        let preds = self
+            .predictors
+            .iter()
+            .map(|p| p.predicted(layer, &input))
+            .collect();
+        slot.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((maps, preds));
+    }
+}
+
+/// One (predictor, layer, target) measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct QualityPoint {
+    /// Mass target of the selection.
+    pub target: f64,
+    /// Kept share of the exact attention mass (query-weighted).
+    pub recall: f64,
+    /// Kept blocks over causal blocks.
+    pub density: f64,
+    /// The per-row oracle's density at the same recall (its target searched to match).
+    pub oracle_density: f64,
+}
+
+/// Recall and density of the selection on `scores` (one per batch) against `maps`.
+fn measure(maps: &[&BlockMaps], scores: &[&[f32]], params: &SelectionParams) -> (f64, f64, usize) {
+    let (mut kept, mut total, mut blocks, mut causal) = (0.0, 0.0, 0usize, 0usize);
+    for (m, s) in maps.iter().zip(scores) {
+        let mask = selection::select(&m.layout, s, params);
+        let (k, t) = m.mass_kept(&mask);
+        kept += k;
+        total += t;
+        blocks += mask.keys.len();
+        causal += mask.causal_blocks();
+    }
+    let recall = if total > 0.0 { kept / total } else { 1.0 };
+    let density = if causal > 0 {
+        blocks as f64 / causal as f64
+    } else {
+        1.0
+    };
+    (recall, density, blocks)
+}
+
+/// The oracle's density at `recall`: the smallest per-row target whose recall reaches it
+/// (bisection on the target).
+fn oracle_density(maps: &[&BlockMaps], recall: f64, base: &SelectionParams) -> f64 {
+    let scores: Vec<&[f32]> = maps.iter().map(|m| m.mass.as_slice()).collect();
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..30 {
+        let mid = 0.5 * (lo + hi);
+        let p = SelectionParams {
+            target: mid,
+            ..*base
+        };
+        if measure(maps, &scores, &p).0 >= recall {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    measure(
+        maps,
+        &scores,
+        &SelectionParams {
+            target: hi,
+            ..*base
+        },
+    )
+    .1
+}
+
+/// One predictor variant's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct VariantReport {
+    /// Name (e.g. `rank16+bias`).
+    pub name: String,
+    /// Its settings.
+    pub predictor: PredictorConfig,
+    /// Final training loss (mean KL) per layer.
+    pub train_loss: Vec<f32>,
+    /// `[layer][target]`.
+    pub layers: Vec<Vec<QualityPoint>>,
+    /// Per layer: the smallest target (of a fine grid) whose held-out recall is ≥ `goal`, with
+    /// its recall and density (chosen on the evaluation windows: an optimistic figure).
+    pub at_goal: Vec<QualityPoint>,
+}
+
+/// Runs the predictor-quality measurement: train every variant on `train` (one dense pass
+/// collects the labels), evaluate on `eval` at `targets`, and search the target reaching
+/// `goal`.
+#[allow(clippy::too_many_arguments)]
+pub fn predictor_quality(
+    model: &OptModel,
+    train: &[PackedBatch],
+    eval: &[PackedBatch],
+    base: SparseAttentionConfig,
+    variants: &[(String, PredictorConfig)],
+    steps: usize,
+    targets: &[f64],
+    goal: f64,
+    seed: u64,
+    progress: &mut dyn FnMut(),
+) -> Result<Vec<VariantReport>, CorpusError> {
+    let c = &model.config;
+    let (nl, nh, hd) = (c.num_hidden_layers, c.num_attention_heads, c.head_dim());
+    let hooks: Vec<SparseAttention> = variants
+        .iter()
+        .map(|(_, p)| {
+            SparseAttention::new(
+                nl,
+                nh,
+                hd,
+                SparseAttentionConfig {
+                    predictor: *p,
+                    ..base
+                },
+                seed,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let collector = &hooks[0];
+    collector.set_mode(Mode::Dense);
+    collector.start_collecting();
+    run_dense(model, collector, train, progress)?;
+    let labels = collector.take_labels();
+    let losses: Vec<Vec<f32>> = hooks.iter().map(|h| h.fit(&labels, steps, seed)).collect();
+    progress();
+    let refs: Vec<&SparseAttention> = hooks.iter().collect();
+    let eval_hook = EvalHook {
+        predictors: &refs,
+        q_block: base.q_block,
+        k_block: base.k_block,
+        seen: (0..nl).map(|_| Mutex::new(Vec::new())).collect(),
+    };
+    run_dense(model, &eval_hook, eval, progress)?;
+    let seen: Vec<Vec<(BlockMaps, Vec<Vec<f32>>)>> = eval_hook
+        .seen
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    let grid: Vec<f64> = (0..=200).map(|i| 0.5 + 0.5 * i as f64 / 200.0).collect();
+    let mut out = Vec::new();
+    for (v, (name, pc)) in variants.iter().enumerate() {
+        let mut layers = Vec::new();
+        let mut at_goal = Vec::new();
+        for per in seen.iter() {
+            let maps: Vec<&BlockMaps> = per.iter().map(|x| &x.0).collect();
+            let scores: Vec<&[f32]> = per.iter().map(|x| x.1[v].as_slice()).collect();
+            let point = |target: f64| {
+                let params = SelectionParams {
+                    target,
+                    ..base.selection
+                };
+                let (recall, density, _) = measure(&maps, &scores, &params);
+                QualityPoint {
+                    target,
+                    recall,
+                    density,
+                    oracle_density: oracle_density(&maps, recall, &base.selection),
+                }
+            };
+            layers.push(targets.iter().map(|&t| point(t)).collect());
+            let t = grid
+                .iter()
+                .copied()
+                .find(|&t| {
+                    let params = SelectionParams {
+                        target: t,
+                        ..base.selection
+                    };
+                    measure(&maps, &scores, &params).0 >= goal
+                })
+                .unwrap_or(1.0);
+            at_goal.push(point(t));
+        }
+        out.push(VariantReport {
+            name: name.clone(),
+            predictor: *pc,
+            train_loss: losses[v].clone(),
+            layers,
+            at_goal,
+        });
+    }
+    Ok(out)
+}
