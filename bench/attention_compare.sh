@@ -4,6 +4,8 @@
 # dimensions 64 and 128). From the repository root on the GPU machine, with the release
 # `lexp` gzipped to .gpu/lexp.gz:
 #   bench/attention_compare.sh OUT_DIR [SEQS] [HEAD_DIMS]
+# With DENSITIES (e.g. 0.25,0.1) the block-sparse kernels run too, on synthetic random masks
+# at those densities of the causal blocks (the sparse-speed target: 0.35x / 0.18x of SDPA).
 # Writes OUT_DIR/{sdpa.json,lexp.json,log.txt}.
 set -u
 OUT=${1:?usage: bench/attention_compare.sh OUT_DIR [SEQS] [HEAD_DIMS]}
@@ -20,6 +22,7 @@ echo "exit $?" >> "$LOG"
 echo "== lexp bench attention" >> "$LOG"
 BASE=()
 [ -s "$OUT/sdpa.json" ] && BASE=(--baseline "$OUT/sdpa.json")
+[ -n "${DENSITIES:-}" ] && BASE+=(--densities "$DENSITIES")
 timeout 240 /tmp/lexp-bin/lexp bench attention --seq "$SEQS" --head-dim "$HDS" "${BASE[@]}" \
   --json "$OUT/lexp.json" >> "$LOG" 2>&1
 rc=$?

@@ -11,6 +11,8 @@
 #   Environment: BATCH (default 4), ITERS (default 25), WARMUP (default 5),
 #                LEXP_COMMIT (recorded in lexp.json when the binary was built without it),
 #                DEVICE (default cuda; cpu only to try the script without a GPU),
+#                ATTNS (the baseline's attention implementations, default sdpa,eager; eager
+#                materialises the scores and runs out of memory at 16k tokens),
 #                MAX_POSITIONS (learned positions of the random-weight model on both sides, for
 #                SEQS past the published 2048),
 #                ALSO_ATTENTION (e.g. materialised: a second lexp run with --attention that,
@@ -54,7 +56,7 @@ export LEXP_CACHE=/tmp/lexp-cache
 echo "== torch baseline" >> "$LOG"
 t0=$(date +%s)
 PYTHONUNBUFFERED=1 timeout 270 python3 bench/torch_baseline.py --model "$MODEL" --batch "$BATCH" \
-  --seq "$SEQS" --attn sdpa,eager --iters "$ITERS" --warmup "$WARMUP" --out "$OUT/torch.json" \
+  --seq "$SEQS" --attn "${ATTNS:-sdpa,eager}" --iters "$ITERS" --warmup "$WARMUP" --out "$OUT/torch.json" \
   "${MP[@]}" >> "$LOG" 2>&1
 echo "torch baseline exit status $? ($(( $(date +%s) - t0 )) s)" >> "$LOG"
 

@@ -8,6 +8,9 @@
 #     ALSO_LEXP, see that script), for the sequence lengths in SEQS;
 #     with LONG=1 also 1 x 4096 and 1 x 8192 tokens (both sides built with 8192 positions),
 #     with OPT27=1 also OPT-2.7B at 4 x 512 and 4 x 1024;
+#     with ATTN=1 also block-sparse attention: the kernels against SDPA at 4k and 16k tokens
+#     (dense and synthetic 25% / 10% masks, bench/attention_compare.sh), and the OPT-1.3B step
+#     at 1 x 8192 and 1 x 16384 with synthetic 25% / 10% attention masks against SDPA;
 #  4. with PROFILE=1, `lexp bench step --profile` at 4 x 1024;
 #  5. `lexp finetune` with no arguments, timed.
 # Usage: TESTS="gpu_optimizer gpu_engine gpu_engine:LEXP_NO_LT_EPILOGUES=1" CHECK_KERNELS="adamw" ALSO_LEXP="hostopt=--host-optimizer" \
@@ -46,6 +49,14 @@ if [ "${LONG:-0}" = 1 ]; then
 fi
 if [ "${OPT27:-0}" = 1 ]; then
   bench/step_compare.sh "$OUT/step-2.7b" opt-2.7b 512,1024 > /dev/null 2>&1
+  pack
+fi
+if [ "${ATTN:-0}" = 1 ]; then
+  DENSITIES=0.25,0.1 bench/attention_compare.sh "$OUT/attention" > /dev/null 2>&1
+  pack
+  BATCH=1 MAX_POSITIONS=16384 ITERS=15 WARMUP=3 ATTNS=sdpa \
+    ALSO_LEXP="attn25=--synthetic-attn-density 0.25;attn10=--synthetic-attn-density 0.1" \
+    bench/step_compare.sh "$OUT/step-attn" opt-1.3b 8192,16384 > /dev/null 2>&1
   pack
 fi
 if [ "${PROFILE:-0}" = 1 ]; then

@@ -21,6 +21,7 @@ pub mod reference_sparse_mlp;
 pub mod residual;
 pub mod row_softmax;
 pub mod sparse;
+pub mod sparse_flash;
 pub mod sparse_mlp;
 pub mod xent;
 
@@ -38,13 +39,14 @@ pub use reduce::{colsum, sum_squares, SUM_SQUARES_CHUNK};
 pub use residual::bias_residual;
 pub use row_softmax::softmax;
 pub use sparse::{sparse_both, sparse_out, sparse_red};
+pub use sparse_flash::{sparse_flash_dkdv, sparse_flash_dq, sparse_flash_fwd};
 pub use sparse_mlp::{sparse_fc1_dx, sparse_fc1_fwd, sparse_fc2_dh};
 pub use xent::xent_fwd_bwd;
 
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 38] = [
+pub static ALL: [&KernelInfo; 41] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -83,11 +85,14 @@ pub static ALL: [&KernelInfo; 38] = [
     &flash_bwd_delta::INFO,
     &flash_bwd_dkdv::INFO,
     &flash_bwd_dq::INFO,
+    &sparse_flash_fwd::INFO,
+    &sparse_flash_dkdv::INFO,
+    &sparse_flash_dq::INFO,
 ];
 
 /// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and
 /// checked by the tensor-core tests (their PTX and SASS hold tensor-core instructions).
-pub const TENSOR_CORE: [&str; 15] = [
+pub const TENSOR_CORE: [&str; 18] = [
     "gemm_nn",
     "gemm_nt",
     "gemm_tn",
@@ -103,6 +108,9 @@ pub const TENSOR_CORE: [&str; 15] = [
     "flash_fwd",
     "flash_bwd_dkdv",
     "flash_bwd_dq",
+    "sparse_flash_fwd",
+    "sparse_flash_dkdv",
+    "sparse_flash_dq",
 ];
 
 /// Looks a kernel up by name.

@@ -21,7 +21,9 @@ use std::fmt;
 
 #[path = "reference_attention.rs"]
 mod attention;
-pub use attention::{attention_bwd, attention_fwd, AttnShape};
+pub use attention::{
+    attention_bwd, attention_bwd_masked, attention_fwd, attention_fwd_masked, AttnShape, Keep,
+};
 
 #[path = "reference_train.rs"]
 mod train;

@@ -95,7 +95,8 @@ fn check_preserved(
     assert!(!perm.is_identity(), "a test permutation must move neurons");
     let before = model::logits(model, Some(lora), batch).unwrap();
     let hidden_before =
-        model::forward_exposed(model, Some(lora), batch, None, None, false).unwrap();
+        model::forward_exposed(model, Some(lora), batch, None, model::Exposure::NONE, false)
+            .unwrap();
     let (mut m2, mut l2) = (model.clone(), lora.clone());
     perm.apply_to_model(&mut m2).unwrap();
     // Permuting only the model (not the adapters) must break the function: the adapters'
@@ -107,7 +108,8 @@ fn check_preserved(
         model.weights.layers[0].fc1.weight
     );
     let after = model::logits(&m2, Some(&l2), batch).unwrap();
-    let hidden_after = model::forward_exposed(&m2, Some(&l2), batch, None, None, false).unwrap();
+    let hidden_after =
+        model::forward_exposed(&m2, Some(&l2), batch, None, model::Exposure::NONE, false).unwrap();
     let scale = before.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let rel = max_abs_diff(&before, &after) / scale;
     assert!(

@@ -10,7 +10,7 @@ use lexp_runtime::exposure::predictor::{
     block_mass, BlockPredictor, LabelSet, PredictorConfig, Target,
 };
 use lexp_runtime::exposure::selection::{select, work_density, SelectionParams};
-use lexp_runtime::model::{forward_exposed, MlpHook};
+use lexp_runtime::model::{forward_exposed, Exposure, MlpHook};
 use std::sync::Mutex;
 
 mod common;
@@ -216,7 +216,7 @@ fn measure_recall_vs_density_on_opt_mini() {
             mass: Mutex::new(vec![Vec::new(); layers]),
         };
         for b in bs {
-            forward_exposed(&model, None, b, None, Some(&c), false).unwrap();
+            forward_exposed(&model, None, b, None, Exposure::of_mlp(&c), false).unwrap();
         }
         (c.x.into_inner().unwrap(), c.mass.into_inner().unwrap())
     };

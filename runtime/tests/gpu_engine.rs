@@ -241,7 +241,11 @@ fn compare_step_with(
         )
     });
     let hook = lists.as_ref().map(|h| h as &dyn MlpHook);
-    let cpu = model::loss_and_grads_exposed(model, lora, b, scale, source, hook).unwrap();
+    let exposure = model::Exposure {
+        mlp: hook,
+        ..model::Exposure::NONE
+    };
+    let cpu = model::loss_and_grads_exposed(model, lora, b, scale, source, exposure).unwrap();
     assert_eq!(out.count, cpu.count);
     let (lc, lg) = (cpu.loss_sum / n as f64, out.loss_sum / n as f64);
     println!(

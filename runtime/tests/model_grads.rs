@@ -9,14 +9,22 @@
 
 use lexp_runtime::checkpoint::{OptConfig, OptModel, OptWeights};
 use lexp_runtime::data::{PackedBatch, SplitMix64, IGNORE_INDEX};
-use lexp_runtime::model::{self, DropoutRng, MaskSource, MlpHook, MlpMask};
+use lexp_runtime::model::{
+    self, AttentionHook, AttentionInput, AttentionMask, DropoutRng, Exposure, MaskSource, MlpHook,
+    MlpMask, ModelError,
+};
 use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn config(extra: &str) -> OptConfig {
+    config_with_positions(extra, 16)
+}
+
+fn config_with_positions(extra: &str, positions: usize) -> OptConfig {
     let json = format!(
         r#"{{"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "ffn_dim": 32,
-            "num_attention_heads": 2, "max_position_embeddings": 16 {extra}}}"#
+            "num_attention_heads": 2, "max_position_embeddings": {positions} {extra}}}"#
     );
     OptConfig::from_json(&json, Path::new("test-config.json")).unwrap()
 }
@@ -26,8 +34,12 @@ fn uniform(rng: &mut SplitMix64) -> f32 {
 }
 
 fn batch(vocab: u32) -> PackedBatch {
+    batch_of_lengths(vocab, &[5, 9, 2])
+}
+
+/// Random tokens in sequences of `lens`; every other position of sequence 1 is not scored.
+fn batch_of_lengths(vocab: u32, lens: &[usize]) -> PackedBatch {
     let mut rng = SplitMix64::new(3);
-    let lens = [5usize, 9, 2];
     let mut b = PackedBatch {
         cu_seqlens: vec![0],
         ..Default::default()
@@ -54,11 +66,19 @@ fn batch(vocab: u32) -> PackedBatch {
 }
 
 fn check(name: &str, config: OptConfig, lora_dropout: f32) {
-    check_exposed(name, config, lora_dropout, None)
+    let b = batch(config.vocab_size as u32);
+    check_exposed(name, config, lora_dropout, Exposure::NONE, &b)
 }
 
-/// [`check`] with MLP exposure: the gradients must be exact for the sparse forward too.
-fn check_exposed(name: &str, config: OptConfig, lora_dropout: f32, mlp: Option<&dyn MlpHook>) {
+/// [`check`] with exposure hooks on batch `b`: the gradients must be exact for the sparse
+/// forward too.
+fn check_exposed(
+    name: &str,
+    config: OptConfig,
+    lora_dropout: f32,
+    exposure: Exposure<'_>,
+    b: &PackedBatch,
+) {
     let weights = OptWeights::random(&config, 11, 0.3);
     let model = OptModel { config, weights };
     let lora_config = LoraConfig {
@@ -73,13 +93,12 @@ fn check_exposed(name: &str, config: OptConfig, lora_dropout: f32, mlp: Option<&
     for (_, m) in lora.tensors_mut() {
         m.data.iter_mut().for_each(|v| *v = 0.3 * uniform(&mut rng));
     }
-    let b = batch(model.config.vocab_size as u32);
     let n = b.num_targets() as f32;
     let rng = DropoutRng { seed: 77 };
     let drop = Some(&rng as &dyn MaskSource);
-    let out = model::loss_and_grads_exposed(&model, &lora, &b, 1.0 / n, drop, mlp).unwrap();
+    let out = model::loss_and_grads_exposed(&model, &lora, b, 1.0 / n, drop, exposure).unwrap();
     let loss = |l: &LoraParams| {
-        let fwd = model::forward_exposed(&model, Some(l), &b, drop, mlp, false).unwrap();
+        let fwd = model::forward_exposed(&model, Some(l), b, drop, exposure, false).unwrap();
         model::opt::head_loss(&model, &fwd, &b.targets, None)
             .unwrap()
             .loss_sum
@@ -189,7 +208,15 @@ fn mlp_exposure_gradients_are_exact_for_the_sparse_forward() {
     // The mask changes the function: the sparse loss differs from the dense one.
     let b = batch(50);
     let dense = model::forward(&model(), None, &b, None, false).unwrap();
-    let sparse = model::forward_exposed(&model(), None, &b, None, Some(&FixedMask), false).unwrap();
+    let sparse = model::forward_exposed(
+        &model(),
+        None,
+        &b,
+        None,
+        Exposure::of_mlp(&FixedMask),
+        false,
+    )
+    .unwrap();
     assert!(dense
         .hidden
         .iter()
@@ -199,6 +226,136 @@ fn mlp_exposure_gradients_are_exact_for_the_sparse_forward() {
         "pre-LN, half the MLP blocks",
         config(""),
         0.2,
-        Some(&FixedMask),
+        Exposure::of_mlp(&FixedMask),
+        &b,
     );
+}
+
+/// Keeps a random half of the off-diagonal causal (8-query, 4-key) blocks, drawn per layer
+/// from a seeded generator (the same mask at every call), and counts the layers it observed
+/// with a mask.
+struct RandomKeyBlocks {
+    seed: u64,
+    observed: AtomicUsize,
+}
+
+impl AttentionHook for RandomKeyBlocks {
+    fn select(&self, layer: usize, input: AttentionInput<'_>) -> Option<AttentionMask> {
+        let mut rng = SplitMix64::new(self.seed + layer as u64);
+        Some(AttentionMask::from_fn(
+            input.cu_seqlens,
+            input.heads,
+            8,
+            4,
+            |_, _, _, _| rng.next_u64() % 2 == 0,
+        ))
+    }
+
+    fn observe(&self, _layer: usize, input: AttentionInput<'_>, mask: Option<&AttentionMask>) {
+        assert_eq!(input.q.len(), input.k.len());
+        if mask.is_some() {
+            self.observed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[test]
+fn attention_exposure_gradients_are_exact_for_the_masked_forward() {
+    // A 27-token sequence spans 4 query blocks of 8 and 7 key blocks of 4: with half the
+    // off-diagonal blocks dropped, whole key blocks really vanish from later queries.
+    let config = || config_with_positions("", 32);
+    let b = batch_of_lengths(50, &[3, 27, 12]);
+    let hook = RandomKeyBlocks {
+        seed: 21,
+        observed: AtomicUsize::new(0),
+    };
+    let mask = hook
+        .select(
+            0,
+            AttentionInput {
+                q: &[],
+                k: &[],
+                cu_seqlens: &b.cu_seqlens,
+                heads: 2,
+                head_dim: 8,
+            },
+        )
+        .unwrap();
+    assert!(mask.density() < 0.9, "density {}", mask.density());
+    let model = || {
+        let c = config();
+        let weights = OptWeights::random(&c, 11, 0.3);
+        OptModel { config: c, weights }
+    };
+    let dense = model::forward(&model(), None, &b, None, false).unwrap();
+    let masked = model::forward_exposed(
+        &model(),
+        None,
+        &b,
+        None,
+        Exposure::of_attention(&hook),
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        hook.observed.load(Ordering::Relaxed),
+        2,
+        "one mask per layer"
+    );
+    // The mask changes the function: the masked hidden states differ from the dense ones.
+    assert!(dense
+        .hidden
+        .iter()
+        .zip(&masked.hidden)
+        .any(|(a, b)| (a - b).abs() > 1e-3));
+    check_exposed(
+        "pre-LN, random half of the key blocks",
+        config(),
+        0.2,
+        Exposure::of_attention(&hook),
+        &b,
+    );
+    check_exposed(
+        "post-LN, random key blocks and half the MLP blocks",
+        config_with_positions(r#", "do_layer_norm_before": false"#, 32),
+        0.0,
+        Exposure {
+            mlp: Some(&FixedMask),
+            attention: Some(&hook),
+        },
+        &b,
+    );
+}
+
+/// Returns a mask made for one head fewer than the model has.
+struct WrongHeads;
+
+impl AttentionHook for WrongHeads {
+    fn select(&self, layer: usize, input: AttentionInput<'_>) -> Option<AttentionMask> {
+        (layer == 1).then(|| AttentionMask::dense(input.cu_seqlens, input.heads - 1, 8, 4))
+    }
+}
+
+#[test]
+fn an_unfit_attention_mask_is_an_error_naming_the_layer() {
+    let config = config("");
+    let weights = OptWeights::random(&config, 11, 0.3);
+    let model = OptModel { config, weights };
+    let b = batch(50);
+    let err = model::forward_exposed(
+        &model,
+        None,
+        &b,
+        None,
+        Exposure::of_attention(&WrongHeads),
+        false,
+    )
+    .err()
+    .expect("a mask for the wrong head count must be refused");
+    assert!(
+        matches!(err, ModelError::AttentionMask { layer: 1, .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("layer 1") && msg.contains("heads"), "{msg}");
 }

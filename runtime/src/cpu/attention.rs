@@ -14,12 +14,22 @@
 //! from the per-thread scratch of `shared::scratch`, reused across pairs and calls (it keeps
 //! the largest size seen: about `(7·hd + 2·Q_BLOCK)·len` floats for the backward, 5.6 MB per
 //! thread at `len = 2048, hd = 64`), and results are written straight into the outputs.
+//!
+//! [`attention_fwd_masked`] / [`attention_bwd_masked`] also drop key blocks: a [`KeyBlocks`]
+//! mask keeps, per (segment, query block, head), a list of key blocks (block-sparse flash
+//! attention's semantics, module `key_blocks`). The query tiles then follow the mask's query
+//! blocks (cut to at most `Q_BLOCK` rows); a tile whose kept blocks are the whole causal
+//! prefix runs exactly as without a mask, any other gathers its kept keys and values into
+//! contiguous buffers (and scatters their gradients back), so the products shrink with the
+//! density. The diagonal blocks are always kept and come last, so within a tile query
+//! `r0 + ii` sees all but the last `b − 1 − ii` selected keys, as in the dense case.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::error::check_len;
 use super::fastmath;
+use super::key_blocks::{key_ranges, KeyBlocks};
 use super::matmul::{auto_parallelism, matmul_with};
 use super::shared::{scratch, SharedOut};
 use super::CpuError;
@@ -49,17 +59,37 @@ pub fn attention_fwd(
     nh: usize,
     hd: usize,
 ) -> Result<(Vec<f32>, AttentionSaved), CpuError> {
+    attention_fwd_masked(q, k, v, cu_seqlens, nh, hd, None)
+}
+
+/// [`attention_fwd`] restricted to the kept key blocks of `mask` (`None`: dense causal). A
+/// dropped block's scores are −∞: the softmax normalises over the kept causal keys.
+///
+/// # Errors
+/// As [`attention_fwd`], and [`CpuError::KeyBlocks`] if `mask` does not fit the batch
+/// ([`KeyBlocks`] says what it must satisfy).
+pub fn attention_fwd_masked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    cu_seqlens: &[i32],
+    nh: usize,
+    hd: usize,
+    mask: Option<&KeyBlocks<'_>>,
+) -> Result<(Vec<f32>, AttentionSaved), CpuError> {
     let t = tokens(q, nh, hd)?;
     let width = nh * hd;
     check_len("attention k [T, nh·hd]", k.len(), t * width)?;
     check_len("attention v [T, nh·hd]", v.len(), t * width)?;
-    let pairs = pairs(&segments(cu_seqlens, t)?, nh);
+    let segs = segments(cu_seqlens, t)?;
+    let rows = mask.map(|m| m.rows_of(&segs, nh)).transpose()?;
+    let pairs = pairs(&segs, nh);
     let mm = Mm::for_pairs(pairs.len());
     let mut o = vec![0.0f32; t * width];
     let mut lse = vec![0.0f32; nh * t];
     let (o_out, lse_out) = (SharedOut::new(&mut o), SharedOut::new(&mut lse));
 
-    pairs.par_iter().for_each(|&(start, len, h)| {
+    pairs.par_iter().for_each(|&(seg, start, len, h)| {
         let head = Head {
             start,
             len,
@@ -67,21 +97,36 @@ pub fn attention_fwd(
             hd,
             width,
         };
+        let tiles = tiles(len, h, mask.zip(rows.as_ref().map(|r| r[seg])));
         let lh_len = len * hd;
-        scratch(4 * lh_len + len + Q_BLOCK.min(len) * len, |buf| {
+        // Room for the gathered keys and values of a sparse tile, when there is a mask.
+        let sel = if mask.is_some() { 2 * lh_len } else { 0 };
+        scratch(4 * lh_len + len + Q_BLOCK.min(len) * len + sel, |buf| {
             let (qh, buf) = head.gather(q, buf);
             let (kh, buf) = head.gather(k, buf);
             let (vh, buf) = head.gather(v, buf);
             let (oh, buf) = buf.split_at_mut(lh_len);
-            let (lh, s) = buf.split_at_mut(len);
-            for r0 in (0..len).step_by(Q_BLOCK) {
-                let r1 = (r0 + Q_BLOCK).min(len);
-                let (b, kv) = (r1 - r0, r1);
+            let (lh, buf) = buf.split_at_mut(len);
+            let (s, buf) = buf.split_at_mut(Q_BLOCK.min(len) * len);
+            let (ksel, vsel) = buf.split_at_mut(sel / 2);
+            let mut ranges = Vec::new();
+            for tile in &tiles {
+                let (r0, r1) = (tile.r0, tile.r1);
+                let b = r1 - r0;
+                let (kk, vv, kv) = if tile.dense(&mut ranges) {
+                    (&kh[..r1 * hd], &vh[..r1 * hd], r1)
+                } else {
+                    let kv = gather_ranges(kh, &ranges, hd, ksel);
+                    gather_ranges(vh, &ranges, hd, vsel);
+                    (&ksel[..kv * hd], &vsel[..kv * hd], kv)
+                };
                 let s = &mut s[..b * kv];
                 let q_blk = &qh[r0 * hd..r1 * hd];
-                mm.run(s, q_blk, &kh[..kv * hd], (b, hd, kv), (false, true), 0.0);
+                mm.run(s, q_blk, kk, (b, hd, kv), (false, true), 0.0);
                 for (ii, row) in s.chunks_exact_mut(kv).enumerate() {
-                    let (vis, masked) = row.split_at_mut(r0 + ii + 1);
+                    // The tile's last keys are the diagonal, always kept: query `r0 + ii` sees
+                    // all but the last `b − 1 − ii` selected keys.
+                    let (vis, masked) = row.split_at_mut(kv + 1 + ii - b);
                     let mx = fastmath::max(vis);
                     let sum = fastmath::exp_shift_sum(vis, mx);
                     let inv = (1.0 / sum) as f32;
@@ -90,7 +135,7 @@ pub fn attention_fwd(
                     lh[r0 + ii] = (mx as f64 + sum.ln()) as f32;
                 }
                 let o_blk = &mut oh[r0 * hd..r1 * hd];
-                mm.run(o_blk, s, &vh[..kv * hd], (b, kv, hd), (false, false), 0.0);
+                mm.run(o_blk, s, vv, (b, kv, hd), (false, false), 0.0);
             }
             // SAFETY: pairs are distinct (segment, head) combinations, so no other task writes
             // this pair's block of `o` or range of `lse`, and nothing reads them until
@@ -124,6 +169,27 @@ pub fn attention_bwd(
     nh: usize,
     hd: usize,
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), CpuError> {
+    attention_bwd_masked(q, k, v, o, d_o, saved, cu_seqlens, nh, hd, None)
+}
+
+/// [`attention_bwd`] of [`attention_fwd_masked`] with the same `mask`: exact for the masked
+/// forward (dropped blocks have `P = 0` and get no gradient).
+///
+/// # Errors
+/// As [`attention_bwd`], and [`CpuError::KeyBlocks`] if `mask` does not fit the batch.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn attention_bwd_masked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    d_o: &[f32],
+    saved: &AttentionSaved,
+    cu_seqlens: &[i32],
+    nh: usize,
+    hd: usize,
+    mask: Option<&KeyBlocks<'_>>,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), CpuError> {
     let t = tokens(q, nh, hd)?;
     let width = nh * hd;
     check_len("attention k [T, nh·hd]", k.len(), t * width)?;
@@ -131,7 +197,9 @@ pub fn attention_bwd(
     check_len("attention o [T, nh·hd]", o.len(), t * width)?;
     check_len("attention d_o [T, nh·hd]", d_o.len(), t * width)?;
     check_len("attention saved lse [nh, T]", saved.lse.len(), nh * t)?;
-    let pairs = pairs(&segments(cu_seqlens, t)?, nh);
+    let segs = segments(cu_seqlens, t)?;
+    let rows = mask.map(|m| m.rows_of(&segs, nh)).transpose()?;
+    let pairs = pairs(&segs, nh);
     let mm = Mm::for_pairs(pairs.len());
     let (mut dq, mut dk, mut dv) = (
         vec![0.0f32; t * width],
@@ -144,7 +212,7 @@ pub fn attention_bwd(
         SharedOut::new(&mut dv),
     ];
 
-    pairs.par_iter().for_each(|&(start, len, h)| {
+    pairs.par_iter().for_each(|&(seg, start, len, h)| {
         let head = Head {
             start,
             len,
@@ -152,10 +220,13 @@ pub fn attention_bwd(
             hd,
             width,
         };
+        let tiles = tiles(len, h, mask.zip(rows.as_ref().map(|r| r[seg])));
         let lse = &saved.lse[h * t + start..h * t + start + len];
         let lh_len = len * hd;
         let blk = Q_BLOCK.min(len) * len;
-        scratch(7 * lh_len + len + 2 * blk, |buf| {
+        // Gathered keys and values of a sparse tile and their gradients, when there is a mask.
+        let sel = if mask.is_some() { 4 * lh_len } else { 0 };
+        scratch(7 * lh_len + len + 2 * blk + sel, |buf| {
             let (qh, buf) = head.gather(q, buf);
             let (kh, buf) = head.gather(k, buf);
             let (vh, buf) = head.gather(v, buf);
@@ -164,7 +235,11 @@ pub fn attention_bwd(
             let (dkh, buf) = buf.split_at_mut(lh_len);
             let (dvh, buf) = buf.split_at_mut(lh_len);
             let (d, buf) = buf.split_at_mut(len);
-            let (p, dp) = buf.split_at_mut(blk);
+            let (p, buf) = buf.split_at_mut(blk);
+            let (dp, buf) = buf.split_at_mut(blk);
+            let (ksel, buf) = buf.split_at_mut(sel / 4);
+            let (vsel, buf) = buf.split_at_mut(sel / 4);
+            let (dksel, dvsel) = buf.split_at_mut(sel / 4);
             // D_i = rowsum(dO ⊙ O), reading the rows of `o` in place.
             for (i, di) in d.iter_mut().enumerate() {
                 let (dor, orow) = (&doh[i * hd..(i + 1) * hd], head.row(o, i));
@@ -176,52 +251,53 @@ pub fn attention_bwd(
             }
             dkh.fill(0.0);
             dvh.fill(0.0);
-            for r0 in (0..len).step_by(Q_BLOCK) {
-                let r1 = (r0 + Q_BLOCK).min(len);
-                let (b, kv) = (r1 - r0, r1);
+            let mut ranges = Vec::new();
+            for tile in &tiles {
+                let (r0, r1) = (tile.r0, tile.r1);
+                let b = r1 - r0;
+                let dense = tile.dense(&mut ranges);
+                let (kk, vv, kv) = if dense {
+                    (&kh[..r1 * hd], &vh[..r1 * hd], r1)
+                } else {
+                    let kv = gather_ranges(kh, &ranges, hd, ksel);
+                    gather_ranges(vh, &ranges, hd, vsel);
+                    (&ksel[..kv * hd], &vsel[..kv * hd], kv)
+                };
                 let (p, dp) = (&mut p[..b * kv], &mut dp[..b * kv]);
                 let (q_blk, do_blk) = (&qh[r0 * hd..r1 * hd], &doh[r0 * hd..r1 * hd]);
-                let (k_pre, v_pre) = (&kh[..kv * hd], &vh[..kv * hd]);
-                // P = exp(S − L), zero where masked.
-                mm.run(p, q_blk, k_pre, (b, hd, kv), (false, true), 0.0);
+                // P = exp(S − L), zero where masked (the last `b − 1 − ii` keys of row `ii`).
+                mm.run(p, q_blk, kk, (b, hd, kv), (false, true), 0.0);
                 for (ii, row) in p.chunks_exact_mut(kv).enumerate() {
-                    let i = r0 + ii;
-                    let (vis, masked) = row.split_at_mut(i + 1);
-                    fastmath::exp_shift_scale(vis, lse[i], 1.0);
+                    let (vis, masked) = row.split_at_mut(kv + 1 + ii - b);
+                    fastmath::exp_shift_scale(vis, lse[r0 + ii], 1.0);
                     masked.fill(0.0);
                 }
-                // dV[0..kv] += Pᵀ·dO_blk
-                mm.run(
-                    &mut dvh[..kv * hd],
-                    p,
-                    do_blk,
-                    (kv, b, hd),
-                    (true, false),
-                    1.0,
-                );
-                // dP = dO_blk·V[0..kv]ᵀ;  dS = P⊙(dP − D), in place of P.
-                mm.run(dp, do_blk, v_pre, (b, hd, kv), (false, true), 0.0);
+                // dV[keys] += Pᵀ·dO_blk (into the prefix in place, or gathered then added).
+                let (dv_keys, beta) = if dense {
+                    (&mut dvh[..kv * hd], 1.0)
+                } else {
+                    (&mut dvsel[..kv * hd], 0.0)
+                };
+                mm.run(dv_keys, p, do_blk, (kv, b, hd), (true, false), beta);
+                // dP = dO_blk·V[keys]ᵀ;  dS = P⊙(dP − D), in place of P.
+                mm.run(dp, do_blk, vv, (b, hd, kv), (false, true), 0.0);
                 let rows = p.chunks_exact_mut(kv).zip(dp.chunks_exact(kv));
                 for ((prow, dprow), &di) in rows.zip(&d[r0..r1]) {
                     prow.iter_mut().zip(dprow).for_each(|(x, &y)| *x *= y - di);
                 }
-                // dQ_blk = dS·K[0..kv];  dK[0..kv] += dSᵀ·Q_blk
-                mm.run(
-                    &mut dqh[r0 * hd..r1 * hd],
-                    p,
-                    k_pre,
-                    (b, kv, hd),
-                    (false, false),
-                    0.0,
-                );
-                mm.run(
-                    &mut dkh[..kv * hd],
-                    p,
-                    q_blk,
-                    (kv, b, hd),
-                    (true, false),
-                    1.0,
-                );
+                // dQ_blk = dS·K[keys];  dK[keys] += dSᵀ·Q_blk
+                let dq_blk = &mut dqh[r0 * hd..r1 * hd];
+                mm.run(dq_blk, p, kk, (b, kv, hd), (false, false), 0.0);
+                let dk_keys = if dense {
+                    &mut dkh[..kv * hd]
+                } else {
+                    &mut dksel[..kv * hd]
+                };
+                mm.run(dk_keys, p, q_blk, (kv, b, hd), (true, false), beta);
+                if !dense {
+                    add_ranges(dkh, &ranges, hd, dksel);
+                    add_ranges(dvh, &ranges, hd, dvsel);
+                }
             }
             for (out, g) in outs.iter().zip([&*dqh, &*dkh, &*dvh]) {
                 // SAFETY: as in the forward, each pair is the only writer of its block.
@@ -230,6 +306,80 @@ pub fn attention_bwd(
         });
     });
     Ok((dq, dk, dv))
+}
+
+/// Query rows `r0..r1` of one (segment, head) pair, processed together, and the kept key
+/// blocks of the mask row they belong to (`None`: no mask).
+struct Tile<'m> {
+    r0: usize,
+    r1: usize,
+    kept: Option<&'m [u32]>,
+    k_block: usize,
+}
+
+impl Tile<'_> {
+    /// Whether the tile attends to the whole causal prefix `0..r1` of keys; if not, fills
+    /// `ranges` with the key positions it keeps.
+    fn dense(&self, ranges: &mut Vec<(usize, usize)>) -> bool {
+        self.kept
+            .is_none_or(|kept| key_ranges(kept, self.k_block, self.r1, ranges))
+    }
+}
+
+/// The tiles of a `len`-row pair of head `h`: blocks of [`Q_BLOCK`] rows without a mask; with
+/// `(mask, first row of the segment)`, the mask's query blocks, each cut into pieces of at most
+/// [`Q_BLOCK`] rows (which bounds the score buffer at `[Q_BLOCK, len]`).
+fn tiles<'m>(len: usize, h: usize, mask: Option<(&KeyBlocks<'m>, usize)>) -> Vec<Tile<'m>> {
+    let Some((m, first)) = mask else {
+        return (0..len)
+            .step_by(Q_BLOCK)
+            .map(|r0| Tile {
+                r0,
+                r1: (r0 + Q_BLOCK).min(len),
+                kept: None,
+                k_block: 1,
+            })
+            .collect();
+    };
+    let mut tiles = Vec::new();
+    for qb in 0..len.div_ceil(m.q_block) {
+        let kept = m.kept(first + qb * m.heads + h);
+        let end = ((qb + 1) * m.q_block).min(len);
+        for r0 in (qb * m.q_block..end).step_by(Q_BLOCK) {
+            tiles.push(Tile {
+                r0,
+                r1: (r0 + Q_BLOCK).min(end),
+                kept: Some(kept),
+                k_block: m.k_block,
+            });
+        }
+    }
+    tiles
+}
+
+/// Copies the rows in `ranges` of the `[len, hd]` matrix `src` to the front of `dst`,
+/// contiguous; returns how many rows.
+fn gather_ranges(src: &[f32], ranges: &[(usize, usize)], hd: usize, dst: &mut [f32]) -> usize {
+    let mut n = 0;
+    for &(a, b) in ranges {
+        dst[n * hd..(n + b - a) * hd].copy_from_slice(&src[a * hd..b * hd]);
+        n += b - a;
+    }
+    n
+}
+
+/// Adds the contiguous rows of `src` to the rows in `ranges` of `dst` (the inverse of
+/// [`gather_ranges`]).
+fn add_ranges(dst: &mut [f32], ranges: &[(usize, usize)], hd: usize, src: &[f32]) {
+    let mut n = 0;
+    for &(a, b) in ranges {
+        let rows = &src[n * hd..(n + b - a) * hd];
+        dst[a * hd..b * hd]
+            .iter_mut()
+            .zip(rows)
+            .for_each(|(x, &y)| *x += y);
+        n += b - a;
+    }
 }
 
 /// Products inside one (segment, head) pair.
@@ -349,14 +499,15 @@ fn segments(cu_seqlens: &[i32], t: usize) -> Result<Vec<(usize, usize)>, CpuErro
         .collect())
 }
 
-/// The (start, len, head) work items, empty segments dropped, longest first so that rayon
-/// starts the most expensive pairs early.
-fn pairs(segs: &[(usize, usize)], nh: usize) -> Vec<(usize, usize, usize)> {
+/// The (segment, start, len, head) work items, empty segments dropped, longest first so that
+/// rayon starts the most expensive pairs early.
+fn pairs(segs: &[(usize, usize)], nh: usize) -> Vec<(usize, usize, usize, usize)> {
     let mut pairs: Vec<_> = segs
         .iter()
-        .filter(|&&(_, len)| len > 0)
-        .flat_map(|&(start, len)| (0..nh).map(move |h| (start, len, h)))
+        .enumerate()
+        .filter(|&(_, &(_, len))| len > 0)
+        .flat_map(|(s, &(start, len))| (0..nh).map(move |h| (s, start, len, h)))
         .collect();
-    pairs.sort_by_key(|&(start, len, h)| (std::cmp::Reverse(len), start, h));
+    pairs.sort_by_key(|&(_, start, len, h)| (std::cmp::Reverse(len), start, h));
     pairs
 }

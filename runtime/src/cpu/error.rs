@@ -55,6 +55,9 @@ pub enum CpuError {
         /// Number of rows of the table.
         rows: usize,
     },
+    /// A key-block mask that does not fit the attention it is applied to.
+    #[error("attention key-block mask: {0}")]
+    KeyBlocks(String),
     /// A buffer whose length does not match the dimensions given with it.
     #[error("{what}: expected {expected} elements, got {got}")]
     Shape {

@@ -147,7 +147,14 @@ fn batch_loss(
     batch: &PackedBatch,
     hook: &SparseMlp,
 ) -> model::Result<f64> {
-    let fwd = model::forward_exposed(model, lora, batch, None, Some(hook), false)?;
+    let fwd = model::forward_exposed(
+        model,
+        lora,
+        batch,
+        None,
+        model::Exposure::of_mlp(hook),
+        false,
+    )?;
     let out = head_loss(model, &fwd, &batch.targets, None)?;
     Ok(out.loss_sum / out.count.max(1) as f64)
 }

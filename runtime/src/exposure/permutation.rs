@@ -12,7 +12,7 @@ use super::cluster::{self, ClusterError};
 use super::coactivation::Coactivation;
 use crate::checkpoint::{write_atomic, HostMatrix, OptModel, SafetensorsError};
 use crate::data::PackedBatch;
-use crate::model::{forward_exposed, LoraGrads, MlpHook, MlpMask, ModelError};
+use crate::model::{forward_exposed, Exposure, LoraGrads, MlpHook, MlpMask, ModelError};
 use crate::peft::{LoraParams, LoraTarget};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -359,7 +359,7 @@ pub fn expose_model(
     let c = &model.config;
     let hook = GramHook::new(c.num_hidden_layers, c.ffn_dim);
     for batch in batches {
-        forward_exposed(model, None, batch, None, Some(&hook), false)?;
+        forward_exposed(model, None, batch, None, Exposure::of_mlp(&hook), false)?;
     }
     cluster_grams(&hook.into_grams(), block, cluster::DEFAULT_ITERS, seed)
 }

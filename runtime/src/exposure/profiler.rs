@@ -14,7 +14,7 @@ use super::permutation::{cluster_grams, GramHook, NeuronPermutation, Permutation
 use super::stats::{zero_fraction, BlockAccumulator, BlockStats, StatsError, TILE_ROWS};
 use crate::checkpoint::{write_atomic, CheckpointError, OptModel, SafetensorsError};
 use crate::data::{pack, text_windows, DataError, PackedBatch, Tokenizer};
-use crate::model::{forward_exposed, MlpHook, MlpMask, ModelError};
+use crate::model::{forward_exposed, Exposure, MlpHook, MlpMask, ModelError};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -284,7 +284,7 @@ pub fn profile(
     let t0 = Instant::now();
     let hook = GramHook::new(nl, ffn);
     for b in &fit {
-        forward_exposed(&model, None, b, None, Some(&hook), false)?;
+        forward_exposed(&model, None, b, None, Exposure::of_mlp(&hook), false)?;
         progress(ProfileEvent::Batch);
     }
     let grams: Vec<Coactivation> = hook.into_grams();
@@ -326,7 +326,7 @@ pub fn profile(
         error: Mutex::new(None),
     };
     for b in &report {
-        forward_exposed(&model, None, b, None, Some(&hook), false)?;
+        forward_exposed(&model, None, b, None, Exposure::of_mlp(&hook), false)?;
         if let Some(e) = hook.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return Err(e.into());
         }

@@ -372,7 +372,7 @@ pub fn train_offline(
     hook.start_collecting();
     let total = batches.len() + 1;
     for (i, b) in batches.iter().enumerate() {
-        let r = model::forward_exposed(model, None, b, None, Some(hook), false);
+        let r = model::forward_exposed(model, None, b, None, model::Exposure::of_mlp(hook), false);
         if let Err(e) = r {
             hook.take_labels();
             hook.set_mode(before);

@@ -17,6 +17,7 @@
 
 use super::layer::{Ctx, Segment};
 use super::ops::{arg, arg_at, causal_softmax, mm_batched, softmax_bwd, upload_prefix, R};
+use super::sparse_attention::{self, sparse_config, AttnArgs, SparseFlashConfig};
 use super::workspace::{LayerActs, Scratch};
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Mat, MatLayout, MatMut};
@@ -218,8 +219,17 @@ fn launch_err(what: &'static str) -> impl FnOnce(LaunchError) -> ModelError {
     move |e| ModelError::Device(format!("{what}: {e}"))
 }
 
-/// `o = softmax(s·q·kᵀ + causal mask)·v` per sequence and head, into `acts.o`.
-pub fn forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
+/// `o = softmax(s·q·kᵀ + causal mask)·v` per sequence and head, into `acts.o`; over layer
+/// `li`'s kept blocks when the context has block-sparse lists.
+pub fn forward(cx: &Ctx, li: usize, acts: &mut LayerActs, sc: &mut Scratch) -> R {
+    if let Some(lists) = cx.attn {
+        return sparse_attention::forward(
+            cx.dev,
+            sparse_cfg(cx)?,
+            lists.layer(li)?,
+            &args(cx, acts, sc)?,
+        );
+    }
     match cx.attention {
         AttentionImpl::Flash => flash_forward(cx, acts, sc),
         AttentionImpl::Materialised => materialised_forward(cx, acts, sc),
@@ -228,7 +238,15 @@ pub fn forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
 
 /// The backward from `dO` in `sc.tmp` into `sc.dqkv`: `dP = dO·vᵀ`,
 /// `dS = P ⊙ (dP − rowsum(P ⊙ dP))`, `dq = s·dS·k`, `dk = s·dSᵀ·q`, `dv = Pᵀ·dO`.
-pub fn backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
+pub fn backward(cx: &Ctx, li: usize, acts: &LayerActs, sc: &mut Scratch) -> R {
+    if let Some(lists) = cx.attn {
+        return sparse_attention::backward(
+            cx.dev,
+            sparse_cfg(cx)?,
+            lists.layer(li)?,
+            &args(cx, acts, sc)?,
+        );
+    }
     match cx.attention {
         AttentionImpl::Flash => flash_backward(cx, acts, sc),
         AttentionImpl::Materialised => materialised_backward(cx, acts, sc),
@@ -243,6 +261,30 @@ pub fn stats_cols(t: usize) -> usize {
 
 fn scale(cx: &Ctx) -> f32 {
     (cx.d.hd as f32).powf(-0.5)
+}
+
+/// The block-sparse configuration of the layer's head dimension.
+fn sparse_cfg(cx: &Ctx) -> R<&'static SparseFlashConfig> {
+    sparse_config(cx.d.hd).ok_or_else(|| {
+        ModelError::Unsupported(format!(
+            "no block-sparse attention for head dimension {}",
+            cx.d.hd
+        ))
+    })
+}
+
+/// The layer's attention tensors as the block-sparse kernels' arguments.
+fn args(cx: &Ctx, acts: &LayerActs, sc: &Scratch) -> R<AttnArgs> {
+    let (t, h, nh) = (cx.t, cx.d.h, cx.d.nh);
+    Ok(AttnArgs {
+        qkv: arg(&acts.qkv, &[t, 3 * h])?,
+        o: arg(&acts.o, &[t, h])?,
+        lse2: arg(&acts.lse2, &[nh, stats_cols(t)])?,
+        d_o: arg(&sc.tmp, &[t, h])?,
+        delta: arg(&sc.delta, &[nh, stats_cols(t)])?,
+        dqkv: arg(&sc.dqkv, &[t, 3 * h])?,
+        scale: scale(cx),
+    })
 }
 
 /// The flash configuration of the layer's head dimension.

@@ -25,6 +25,7 @@ use super::ops::{
 };
 use super::optimizer::{self, DeviceAdamW};
 use super::rng::GpuRng;
+use super::sparse_attention::{AttnLists, SyntheticAttention};
 use super::sparse_mlp::{MlpLists, SyntheticMlp};
 use super::weights::{self, DeviceWeights};
 use super::workspace::{Caps, Dims, Workspace, LOSS_CHUNK};
@@ -64,6 +65,10 @@ pub struct GpuEngine {
     synthetic_mlp: Option<SyntheticMlp>,
     /// The lists of the last batch shape, made from `synthetic_mlp`.
     mlp_lists: Option<MlpLists>,
+    /// Random block-sparse attention masks in place of an attention predictor.
+    synthetic_attention: Option<SyntheticAttention>,
+    /// The lists of the last batch's sequences, made from `synthetic_attention`.
+    attn_lists: Option<AttnLists>,
 }
 
 /// A batch checked and uploaded.
@@ -145,6 +150,8 @@ impl GpuEngine {
             adam: None,
             synthetic_mlp: None,
             mlp_lists: None,
+            synthetic_attention: None,
+            attn_lists: None,
         })
     }
 
@@ -169,6 +176,29 @@ impl GpuEngine {
         self.synthetic_mlp = s;
         self.mlp_lists = None;
         Ok(())
+    }
+
+    /// Runs every layer's attention on the block-sparse kernels over *random* masks at
+    /// `s.density` of the causal blocks (`None`: dense): a synthetic predictor for measuring
+    /// block-sparse attention inside the step ([`super::sparse_attention`]). Its losses are not
+    /// a model's. Needs the flash implementation.
+    pub fn set_synthetic_attention(&mut self, s: Option<SyntheticAttention>) -> Result<()> {
+        if let Some(s) = &s {
+            s.check(self.dims.hd)?;
+            if self.attention != AttentionImpl::Flash {
+                return Err(ModelError::Unsupported(
+                    "block-sparse attention runs on the flash kernels (--attention flash)".into(),
+                ));
+            }
+        }
+        self.synthetic_attention = s;
+        self.attn_lists = None;
+        Ok(())
+    }
+
+    /// The block-sparse attention lists of the last step, if it had them.
+    pub fn attn_lists(&self) -> Option<&AttnLists> {
+        self.attn_lists.as_ref()
     }
 
     /// The block lists of the last step's sparse MLP, if it had one.
@@ -249,6 +279,27 @@ impl GpuEngine {
             if self.mlp_lists.as_ref().map_or(true, |m| m.t != t) {
                 let d = &self.dims;
                 self.mlp_lists = Some(MlpLists::synthetic(&self.dev, &s, d.layers, t, d.f)?);
+            }
+        }
+        if let Some(s) = self.synthetic_attention {
+            if self.attention != AttentionImpl::Flash {
+                return Err(ModelError::Unsupported(
+                    "block-sparse attention runs on the flash kernels".into(),
+                ));
+            }
+            if self
+                .attn_lists
+                .as_ref()
+                .map_or(true, |a| a.cu_seqlens != batch.cu_seqlens)
+            {
+                let d = &self.dims;
+                self.attn_lists = Some(AttnLists::synthetic(
+                    &self.dev,
+                    &s,
+                    d.layers,
+                    &batch.cu_seqlens,
+                    (d.nh, d.hd),
+                )?);
             }
         }
         let (segs, probs) = segments(&batch.cu_seqlens, self.dims.nh)?;
@@ -386,6 +437,7 @@ impl GpuEngine {
             rng,
             attention,
             mlp_lists,
+            attn_lists,
             ..
         } = self;
         let drop = match (drop, rng.as_ref()) {
@@ -418,6 +470,7 @@ impl GpuEngine {
             drop,
             attention: *attention,
             mlp: mlp_lists.as_ref(),
+            attn: attn_lists.as_ref(),
         };
 
         // Embeddings, then the layers; each layer's output is the next one's saved input.

@@ -175,6 +175,20 @@ impl FlashProblem {
         Ok(())
     }
 
+    /// The tensors as the block-sparse kernels' arguments
+    /// ([`super::sparse_attention::forward`] and [`backward`](super::sparse_attention::backward)).
+    pub fn attn_args(&self) -> super::sparse_attention::AttnArgs {
+        super::sparse_attention::AttnArgs {
+            qkv: self.qkv.as_arg(),
+            o: self.o.as_arg(),
+            lse2: self.lse2.as_arg(),
+            d_o: self.d_o.as_arg(),
+            delta: self.delta.as_arg(),
+            dqkv: self.dqkv.as_arg(),
+            scale: self.scale,
+        }
+    }
+
     /// The block lists `cfg`'s kernels take for one sequence of all `t` tokens: forward
     /// queries, dk/dv keys, dq queries.
     pub fn one_sequence_blocks(

@@ -25,6 +25,7 @@ use super::ops::{
     add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd,
     lt_epilogues, mm, mm_fused, mul_inplace, relu_bwd, R,
 };
+use super::sparse_attention::AttnLists;
 use super::sparse_mlp::{self, MlpLists};
 use super::weights::LayerWeights;
 use super::workspace::{Dims, LayerActs, Scratch};
@@ -99,6 +100,8 @@ pub struct Ctx<'a> {
     pub attention: AttentionImpl,
     /// Block lists of a sparse MLP ([`super::sparse_mlp`]); `None`: dense.
     pub mlp: Option<&'a MlpLists>,
+    /// Block lists of block-sparse attention ([`super::sparse_attention`]); `None`: dense.
+    pub attn: Option<&'a AttnLists>,
 }
 
 const QKV: [LoraTarget; 3] = [LoraTarget::Q, LoraTarget::K, LoraTarget::V];
@@ -257,7 +260,7 @@ pub fn forward(
     if !qkv_fused {
         bias_add(dev, &acts.qkv, &w.bqkv, t, 3 * h, false)?;
     }
-    attention::forward(cx, acts, sc)?;
+    attention::forward(cx, li, acts, sc)?;
 
     // out_proj, its bias and the residual: h1 = x + (o·Woᵀ + bo).
     let attn_col = cx.drop.and_then(|d| d.layout.attn);
@@ -450,7 +453,7 @@ pub fn backward(
         grads,
         &mut sc.tmp,
     )?;
-    attention::backward(cx, acts, sc)?;
+    attention::backward(cx, li, acts, sc)?;
 
     // q/k/v: d(LN1 out) = dqkv·Wqkv (+ LoRA), into tmp2.
     mm(

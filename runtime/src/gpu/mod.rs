@@ -36,6 +36,7 @@ pub mod lora;
 mod ops;
 pub mod optimizer;
 pub mod rng;
+pub mod sparse_attention;
 pub mod sparse_mlp;
 pub mod weights;
 pub mod workspace;

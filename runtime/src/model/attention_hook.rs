@@ -195,6 +195,18 @@ impl AttentionMask {
         Ok(())
     }
 
+    /// The mask as the CPU attention takes it ([`crate::cpu::KeyBlocks`], same layout, arrays
+    /// borrowed): `cpu` does not depend on `model`, so the mask lends its arrays.
+    pub fn key_blocks(&self) -> crate::cpu::KeyBlocks<'_> {
+        crate::cpu::KeyBlocks {
+            q_block: self.q_block,
+            k_block: self.k_block,
+            heads: self.heads,
+            offsets: &self.offsets,
+            keys: &self.keys,
+        }
+    }
+
     /// Whether query position `i` of sequence `s` sees key position `j` under head `h` (causal
     /// and kept).
     pub fn visible(&self, s: usize, h: usize, i: usize, j: usize) -> bool {

@@ -1,6 +1,7 @@
 //! Errors of the training model: bad batches, shapes that do not fit the model, and CPU-op
 //! failures, each naming what is wrong.
 
+use super::attention_hook::MaskError;
 use crate::cpu::CpuError;
 use thiserror::Error;
 
@@ -20,7 +21,8 @@ pub enum ModelError {
     /// A position is beyond the model's learned position table.
     #[error(
         "token {position} of the batch is at position {pos} of its sequence, but the model has \
-         {max} positions (max_position_embeddings); truncate sequences to {max} tokens"
+         {max} positions (max_position_embeddings); truncate sequences to {max} tokens, or \
+         extend the position table (`lexp finetune --max-positions`)"
     )]
     PositionOutOfRange {
         /// Index of the token in the packed batch.
@@ -39,6 +41,14 @@ pub enum ModelError {
     /// The model uses something this runtime does not implement.
     #[error("not supported: {0}")]
     Unsupported(String),
+    /// An attention hook returned a mask that does not fit the batch.
+    #[error("attention exposure of layer {layer} returned an unusable mask: {source}")]
+    AttentionMask {
+        /// The layer whose hook returned it.
+        layer: usize,
+        /// What is wrong with the mask.
+        source: MaskError,
+    },
     /// The GPU failed (a driver, cuBLAS or kernel-launch error), or is out of memory.
     #[error("GPU: {0}")]
     Device(String),

@@ -4,14 +4,15 @@
 //! Base weights are frozen: the backward returns the layer's input gradient and the
 //! gradients of the LoRA branches only.
 
+use super::attention_hook::{AttentionHook, AttentionInput, AttentionMask};
 use super::dropout::{self, MaskSource, Site};
 use super::lora_branch::{self, BranchGrads, BranchSaved};
 use super::mlp_hook::MlpHook;
-use super::Result;
+use super::{ModelError, Result};
 use crate::checkpoint::opt::{LayerNorm, Linear, OptLayer};
 use crate::checkpoint::OptConfig;
 use crate::cpu::activation::{add_inplace, relu, relu_bwd_inplace, scale_inplace};
-use crate::cpu::attention::{attention_bwd, attention_fwd, AttentionSaved};
+use crate::cpu::attention::{attention_bwd_masked, attention_fwd_masked, AttentionSaved};
 use crate::cpu::matmul::{linear, matmul};
 use crate::cpu::norm::{layernorm_bwd, layernorm_fwd, LayerNormSaved};
 use crate::peft::{LoraModule, LoraParams, LoraTarget};
@@ -68,6 +69,8 @@ pub struct LayerSaved {
     v: Vec<f32>,
     o: Vec<f32>,
     attn: AttentionSaved,
+    /// The kept key blocks the attention ran with (`None`: dense), for its backward.
+    attn_mask: Option<AttentionMask>,
     /// Input of the MLP LayerNorm: `x + attn` (pre-LN) or `x1 + mlp` (post-LN).
     ln2_in: Vec<f32>,
     ln2: LayerNormSaved,
@@ -83,6 +86,41 @@ pub struct LayerSaved {
 /// Per-branch gradients of one layer, indexed like [`LoraTarget::ALL`].
 pub type LayerGrads = [Option<BranchGrads>; 6];
 
+/// The exposure hooks of a forward pass, bundled so that adding one does not grow every
+/// signature: MLP exposure ([`MlpHook`]: kept neuron blocks) and attention exposure
+/// ([`AttentionHook`]: kept key blocks). `Exposure::NONE` runs the model dense and unobserved.
+#[derive(Clone, Copy, Default)]
+pub struct Exposure<'a> {
+    /// Observes each layer's MLP activations and may keep only some neuron blocks.
+    pub mlp: Option<&'a dyn MlpHook>,
+    /// Observes each layer's scaled queries and keys and may keep only some key blocks.
+    pub attention: Option<&'a dyn AttentionHook>,
+}
+
+impl<'a> Exposure<'a> {
+    /// No hooks: dense and unobserved.
+    pub const NONE: Exposure<'static> = Exposure {
+        mlp: None,
+        attention: None,
+    };
+
+    /// MLP exposure only.
+    pub fn of_mlp(hook: &'a dyn MlpHook) -> Self {
+        Exposure {
+            mlp: Some(hook),
+            attention: None,
+        }
+    }
+
+    /// Attention exposure only.
+    pub fn of_attention(hook: &'a dyn AttentionHook) -> Self {
+        Exposure {
+            mlp: None,
+            attention: Some(hook),
+        }
+    }
+}
+
 /// Shapes and switches of a layer computation.
 #[derive(Clone, Copy)]
 pub struct LayerCtx<'a> {
@@ -94,9 +132,9 @@ pub struct LayerCtx<'a> {
     pub rows: usize,
     /// Where dropout masks come from (`None`: evaluation).
     pub rng: Option<&'a dyn MaskSource>,
-    /// MLP exposure: observes activations and may keep only some neuron blocks (`None`:
-    /// dense, unobserved).
-    pub mlp: Option<&'a dyn MlpHook>,
+    /// Exposure hooks (MLP and attention); [`Exposure::NONE`] in the backward, which reads
+    /// the masks the forward saved.
+    pub exposure: Exposure<'a>,
 }
 
 fn ln_params(ln: &Option<LayerNorm>) -> (Option<&[f32]>, Option<&[f32]>) {
@@ -194,6 +232,38 @@ fn residual_mask(ctx: &LayerCtx, layer: usize, site: Site, len: usize) -> Option
     }
 }
 
+/// Attention exposure of layer `index`: the hook [`select`](AttentionHook::select)s kept key
+/// blocks from the scaled queries `q` and keys `k`, the mask is checked against the batch, and
+/// the hook [`observe`](AttentionHook::observe)s them with it. Returns the mask (`None`: no hook,
+/// or the hook keeps the layer dense).
+fn attention_exposure(
+    ctx: &LayerCtx,
+    index: usize,
+    q: &[f32],
+    k: &[f32],
+) -> Result<Option<AttentionMask>> {
+    let Some(hook) = ctx.exposure.attention else {
+        return Ok(None);
+    };
+    let input = AttentionInput {
+        q,
+        k,
+        cu_seqlens: ctx.cu_seqlens,
+        heads: ctx.config.num_attention_heads,
+        head_dim: ctx.config.head_dim(),
+    };
+    let mask = hook.select(index, input);
+    if let Some(m) = &mask {
+        m.validate(ctx.cu_seqlens, input.heads)
+            .map_err(|source| ModelError::AttentionMask {
+                layer: index,
+                source,
+            })?;
+    }
+    hook.observe(index, input, mask.as_ref());
+    Ok(mask)
+}
+
 /// Runs layer `index` on `x` (`[rows, H]`), returning its output and what the backward needs.
 pub fn forward(
     ctx: &LayerCtx,
@@ -245,7 +315,9 @@ pub fn forward(
         &attn_in,
         &mut branches,
     );
-    let (o, attn) = attention_fwd(&q, &k, &v, ctx.cu_seqlens, nh, hd)?;
+    let attn_mask = attention_exposure(ctx, index, &q, &k)?;
+    let key_blocks = attn_mask.as_ref().map(AttentionMask::key_blocks);
+    let (o, attn) = attention_fwd_masked(&q, &k, &v, ctx.cu_seqlens, nh, hd, key_blocks.as_ref())?;
     let mut ao = project(
         ctx,
         index,
@@ -288,7 +360,7 @@ pub fn forward(
     );
     let mut act = relu(&z);
     drop(z);
-    if let Some(hook) = ctx.mlp {
+    if let Some(hook) = ctx.exposure.mlp {
         // Exposure: the kept blocks' activations only, which is what the block-sparse
         // operators compute (module `mlp_hook`); the backward then follows from `act`.
         let mask = hook.select(index, &ffn_in, rows);
@@ -332,6 +404,7 @@ pub fn forward(
         v,
         o,
         attn,
+        attn_mask,
         ln2_in,
         ln2,
         ffn_in,
@@ -431,7 +504,8 @@ pub fn backward(
         &mut grads,
     );
     drop(dao);
-    let (mut dq, dk, dv) = attention_bwd(
+    let key_blocks = s.attn_mask.as_ref().map(AttentionMask::key_blocks);
+    let (mut dq, dk, dv) = attention_bwd_masked(
         &s.q,
         &s.k,
         &s.v,
@@ -441,6 +515,7 @@ pub fn backward(
         ctx.cu_seqlens,
         nh,
         hd,
+        key_blocks.as_ref(),
     )?;
     scale_inplace(&mut dq, (hd as f32).powf(-0.5));
     let mut dattn_in = vec![0.0; rows * h];

@@ -23,6 +23,7 @@ pub mod opt;
 pub use attention_hook::{AttentionHook, AttentionInput, AttentionMask};
 pub use dropout::{DropoutRng, MaskSource, RecordedMasks};
 pub use error::{ModelError, Result};
+pub use layer::Exposure;
 pub use mlp_hook::{MlpHook, MlpMask};
 pub use opt::{
     backward, eval_loss, forward, forward_exposed, forward_with_masks, logits, loss_and_grads,

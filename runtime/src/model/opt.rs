@@ -2,8 +2,7 @@
 //! the LM head fused with the loss; forward, backward to the LoRA parameters, and evaluation.
 
 use super::dropout::{DropoutRng, MaskSource};
-use super::layer::{self, LayerAdapters, LayerCtx, LayerGrads, LayerSaved};
-use super::mlp_hook::MlpHook;
+use super::layer::{self, Exposure, LayerAdapters, LayerCtx, LayerGrads, LayerSaved};
 use super::{ModelError, Result};
 use crate::checkpoint::opt::{Activation, LayerNorm};
 use crate::checkpoint::{OptConfig, OptModel};
@@ -190,17 +189,25 @@ pub fn forward_with_masks(
     rng: Option<&dyn MaskSource>,
     keep: bool,
 ) -> Result<Forward> {
-    forward_exposed(model, lora, batch, rng, None, keep)
+    forward_exposed(model, lora, batch, rng, Exposure::NONE, keep)
 }
 
-/// [`forward_with_masks`] with MLP exposure: `mlp` observes each layer's activations and may
-/// restrict `fc1`'s output to kept neuron blocks ([`MlpHook`]).
+/// [`forward_with_masks`] with exposure: `exposure.mlp` observes each layer's activations and
+/// may restrict `fc1`'s output to kept neuron blocks ([`MlpHook`](super::MlpHook));
+/// `exposure.attention` sees each layer's scaled queries and keys and may restrict the
+/// attention to kept key blocks ([`AttentionHook`](super::AttentionHook)). A mask kept with
+/// `keep` is what the backward uses.
+///
+/// # Errors
+/// [`ModelError`] for a batch or adapter that does not fit the model, and
+/// [`ModelError::AttentionMask`] (naming the layer) for an attention mask that does not fit
+/// the batch.
 pub fn forward_exposed(
     model: &OptModel,
     lora: Option<&LoraParams>,
     batch: &PackedBatch,
     rng: Option<&dyn MaskSource>,
-    mlp: Option<&dyn MlpHook>,
+    exposure: Exposure<'_>,
     keep: bool,
 ) -> Result<Forward> {
     let (c, w) = (&model.config, &model.weights);
@@ -230,7 +237,7 @@ pub fn forward_exposed(
         cu_seqlens: &batch.cu_seqlens,
         rows,
         rng,
-        mlp,
+        exposure,
     };
     let mut layers = Vec::with_capacity(if keep { w.layers.len() } else { 0 });
     for (i, lw) in w.layers.iter().enumerate() {
@@ -296,7 +303,7 @@ pub fn backward(
         cu_seqlens: &saved.cu_seqlens,
         rows,
         rng: None,
-        mlp: None,
+        exposure: Exposure::NONE,
     };
     let mut grads: Vec<LayerGrads> = (0..w.layers.len()).map(|_| Default::default()).collect();
     for (i, s) in saved.layers.iter().enumerate().rev() {
@@ -330,20 +337,20 @@ pub fn loss_and_grads_with_masks(
     grad_scale: f32,
     rng: Option<&dyn MaskSource>,
 ) -> Result<StepOutput> {
-    loss_and_grads_exposed(model, lora, batch, grad_scale, rng, None)
+    loss_and_grads_exposed(model, lora, batch, grad_scale, rng, Exposure::NONE)
 }
 
-/// [`loss_and_grads_with_masks`] with MLP exposure ([`forward_exposed`]); the backward is
-/// exact for the sparse forward.
+/// [`loss_and_grads_with_masks`] with exposure ([`forward_exposed`]: MLP and attention hooks);
+/// the backward is exact for the sparse forward (it reuses the masks the forward chose).
 pub fn loss_and_grads_exposed(
     model: &OptModel,
     lora: &LoraParams,
     batch: &PackedBatch,
     grad_scale: f32,
     rng: Option<&dyn MaskSource>,
-    mlp: Option<&dyn MlpHook>,
+    exposure: Exposure<'_>,
 ) -> Result<StepOutput> {
-    let fwd = forward_exposed(model, Some(lora), batch, rng, mlp, true)?;
+    let fwd = forward_exposed(model, Some(lora), batch, rng, exposure, true)?;
     let out = head_loss(model, &fwd, &batch.targets, Some(grad_scale))?;
     let dh = out
         .dh

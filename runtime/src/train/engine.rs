@@ -281,7 +281,7 @@ impl Engine for CpuEngine {
             return model::loss_and_grads(&self.model, lora, batch, grad_scale, rng);
         };
         let internal = e.internal(lora)?;
-        let hook = Some(&e.hook as &dyn model::MlpHook);
+        let hook = model::Exposure::of_mlp(&e.hook);
         let mut out =
             model::loss_and_grads_exposed(&self.model, &internal, batch, grad_scale, masks, hook)?;
         if let (Some(p), true) = (&e.permutation, touches(lora)) {
@@ -306,7 +306,7 @@ impl Engine for CpuEngine {
             internal.as_deref(),
             batch,
             None,
-            Some(&e.hook),
+            model::Exposure::of_mlp(&e.hook),
             false,
         );
         e.hook.set_mode(Mode::Sparse);

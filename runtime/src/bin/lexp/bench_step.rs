@@ -8,6 +8,7 @@ use super::finetune::DeviceChoice;
 use anyhow::{anyhow, bail, Context, Result};
 use lexp_runtime::checkpoint::{OptConfig, OptModel, OptWeights};
 use lexp_runtime::gpu::attention::AttentionImpl;
+use lexp_runtime::gpu::sparse_attention::SyntheticAttention;
 use lexp_runtime::gpu::sparse_mlp::SyntheticMlp;
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::peft::{LoraConfig, LoraTarget};
@@ -100,6 +101,12 @@ pub struct StepArgs {
     /// Neurons per block for `--synthetic-mlp-density` (64 or 128).
     #[arg(long, default_value_t = 128)]
     synthetic_mlp_block: usize,
+    /// Run every layer's attention on the block-sparse kernels over RANDOM masks keeping this
+    /// share of the causal 128 x 128 blocks (diagonal and first block always): a synthetic
+    /// predictor (labelled so in the output) that measures block-sparse attention inside the
+    /// step. GPU only, flash attention.
+    #[arg(long)]
+    synthetic_attn_density: Option<f64>,
 }
 
 /// The engine of the run, kept concrete for the GPU's memory figures (one value per run, so
@@ -334,6 +341,19 @@ pub fn run(args: StepArgs) -> Result<()> {
         (Eng::Cpu(_), Some(_)) => bail!("--synthetic-mlp-density needs the GPU engine"),
         _ => {}
     }
+    let synthetic_attn = args
+        .synthetic_attn_density
+        .map(|density| SyntheticAttention {
+            density,
+            seed: args.seed,
+        });
+    match (&mut eng, synthetic_attn) {
+        (Eng::Gpu(g), Some(s)) => g
+            .set_synthetic_attention(Some(s))
+            .map_err(|e| anyhow!("--synthetic-attn-density: {e}"))?,
+        (Eng::Cpu(_), Some(_)) => bail!("--synthetic-attn-density needs the GPU engine"),
+        _ => {}
+    }
     let engine_s = t0.elapsed().as_secs_f64();
     let device_name = eng.engine().name();
     let (device_json, used_before) = match &eng {
@@ -415,13 +435,27 @@ pub fn run(args: StepArgs) -> Result<()> {
             "density": s.density, "block": s.block, "group_rows": 128, "seed": s.seed,
         })
     });
+    let attn_json = synthetic_attn.map(|s| {
+        let got = match &eng {
+            Eng::Gpu(g) => g.attn_lists().map(|l| l.density()),
+            Eng::Cpu(_) => None,
+        };
+        serde_json::json!({
+            "attention": "SYNTHETIC predictor: random block masks (not a model's), block-sparse flash attention kernels, 128x128 blocks, diagonal and first block always kept",
+            "target_density": s.density, "density_last_batch": got, "seed": s.seed,
+        })
+    });
     let title = format!(
-        "{} LoRA step (r={} on {}){}, {}",
+        "{} LoRA step (r={} on {}){}{}, {}",
         args.model,
         lora.r,
         args.lora_targets.join(","),
         synthetic_mlp.map_or(String::new(), |s| format!(
             ", MLP at {:.0}% blocks (synthetic lists)",
+            100.0 * s.density
+        )),
+        synthetic_attn.map_or(String::new(), |s| format!(
+            ", attention at {:.0}% blocks (synthetic masks)",
             100.0 * s.density
         )),
         device_name
@@ -442,6 +476,7 @@ pub fn run(args: StepArgs) -> Result<()> {
             },
             "lora": lora_json,
             "exposure": mlp_json,
+            "attention_exposure": attn_json,
             "settings": settings,
             "flop_formula": "forward 2T·n(4H²+2HF) + head 2T·E·V + causal attention n·Σ 2H·L(L+1); backward = input-gradient GEMMs (linear + head + 2× attention); LoRA 6T·r·(in+out) per module and layer; elementwise ops not counted",
             "host_build_s": build_s,
