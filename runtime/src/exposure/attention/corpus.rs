@@ -15,7 +15,9 @@ use super::sparse::{SparseAttention, SparseAttentionConfig, SparseAttentionError
 use crate::checkpoint::{CheckpointError, OptModel};
 use crate::data::{pack, text_windows, DataError, Example, PackedBatch, Tokenizer};
 use crate::exposure::sparse_mlp::Mode;
-use crate::model::{AttentionHook, AttentionInput, AttentionMask, ModelError};
+use crate::model::{
+    forward_exposed, AttentionHook, AttentionInput, AttentionMask, Exposure, ModelError,
+};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -93,82 +95,18 @@ pub fn batches(
 }
 
 /// Runs `hook` over `batches` (dense forwards, no adapter, no dropout), `progress` after each.
-///
-/// Until the model calls attention hooks itself, this taps each layer's input: it recomputes
-/// the layer's scaled queries and keys from it (LayerNorm, `q_proj`, `k_proj`, as the layer
-/// does) and shows them to `hook.observe`, then runs the layer.
 pub fn run_dense(
     model: &OptModel,
     hook: &dyn AttentionHook,
     batches: &[PackedBatch],
     progress: &mut dyn FnMut(),
 ) -> Result<(), CorpusError> {
-    use crate::cpu::{add_inplace, gather_rows, layernorm_fwd, linear, scale_inplace};
-    use crate::model::layer::{self, LayerAdapters, LayerCtx};
-    let (c, w) = (&model.config, &model.weights);
-    let (h, e) = (c.hidden_size, c.word_embed_proj_dim);
-    let (nh, hd) = (c.num_attention_heads, c.head_dim());
-    let cpu = |err: crate::cpu::CpuError| CorpusError::Model(ModelError::from(err));
-    for batch in batches {
-        crate::model::opt::check_batch(c, batch)?;
-        let rows = batch.num_tokens();
-        let mut x = gather_rows(&w.embed_tokens.data, e, &batch.input_ids).map_err(cpu)?;
-        if let Some(p_in) = &w.project_in {
-            x = linear(&x, rows, &p_in.data, h, e, None);
-        }
-        let pos: Vec<u32> = batch.position_ids.iter().map(|&p| p + 2).collect();
-        add_inplace(
-            &mut x,
-            &gather_rows(&w.embed_positions.data, h, &pos).map_err(cpu)?,
-        );
-        let ctx = LayerCtx {
-            config: c,
-            cu_seqlens: &batch.cu_seqlens,
-            rows,
-            rng: None,
-            mlp: None,
-        };
-        for (i, lw) in w.layers.iter().enumerate() {
-            let attn_in = if c.do_layer_norm_before {
-                let ln = lw.self_attn_layer_norm.as_ref();
-                layernorm_fwd(
-                    &x,
-                    rows,
-                    h,
-                    ln.map(|l| l.weight.as_slice()),
-                    ln.map(|l| l.bias.as_slice()),
-                    crate::checkpoint::OptConfig::LAYER_NORM_EPS,
-                )
-                .0
-            } else {
-                x.clone()
-            };
-            let proj = |l: &crate::checkpoint::opt::Linear| {
-                linear(
-                    &attn_in,
-                    rows,
-                    &l.weight.data,
-                    l.weight.rows,
-                    l.weight.cols,
-                    l.bias.as_deref(),
-                )
-            };
-            let mut q = proj(&lw.q_proj);
-            scale_inplace(&mut q, (hd as f32).powf(-0.5));
-            let k = proj(&lw.k_proj);
-            hook.observe(
-                i,
-                AttentionInput {
-                    q: &q,
-                    k: &k,
-                    cu_seqlens: &batch.cu_seqlens,
-                    heads: nh,
-                    head_dim: hd,
-                },
-                None,
-            );
-            x = layer::forward(&ctx, i, lw, &LayerAdapters::of(None, i), x)?.0;
-        }
+    let exposure = Exposure {
+        mlp: None,
+        attention: Some(hook),
+    };
+    for b in batches {
+        forward_exposed(model, None, b, None, exposure, false)?;
         progress();
     }
     Ok(())
