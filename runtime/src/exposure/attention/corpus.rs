@@ -5,7 +5,8 @@
 //!   --attention`);
 //! - [`predictor_quality`]: predictors trained on the first windows, measured on later, disjoint
 //!   windows (per layer recall of the exact attention mass and density at several mass
-//!   targets, beside the per-row oracle's density at the same recall).
+//!   targets, beside the per-row oracle's density at the same recall), and [`loss_gap`]: the
+//!   held-out language-model loss of the sparse forward against the dense one.
 
 use super::maps::{block_maps, BlockMaps};
 use super::predictor::PredictorConfig;
@@ -15,6 +16,7 @@ use super::sparse::{SparseAttention, SparseAttentionConfig, SparseAttentionError
 use crate::checkpoint::{CheckpointError, OptModel};
 use crate::data::{pack, text_windows, DataError, Example, PackedBatch, Tokenizer};
 use crate::exposure::sparse_mlp::Mode;
+use crate::model::opt::head_loss;
 use crate::model::{
     forward_exposed, AttentionHook, AttentionInput, AttentionMask, Exposure, ModelError,
 };
@@ -243,7 +245,7 @@ pub fn predictor_quality(
     goal: f64,
     seed: u64,
     progress: &mut dyn FnMut(),
-) -> Result<Vec<VariantReport>, CorpusError> {
+) -> Result<(Vec<VariantReport>, Vec<SparseAttention>), CorpusError> {
     let c = &model.config;
     let (nl, nh, hd) = (c.num_hidden_layers, c.num_attention_heads, c.head_dim());
     let hooks: Vec<SparseAttention> = variants
@@ -269,8 +271,9 @@ pub fn predictor_quality(
     let losses: Vec<Vec<f32>> = hooks.iter().map(|h| h.fit(&labels, steps, seed)).collect();
     progress();
     let refs: Vec<&SparseAttention> = hooks.iter().collect();
+    let refs = refs.as_slice();
     let eval_hook = EvalHook {
-        predictors: &refs,
+        predictors: refs,
         q_block: base.q_block,
         k_block: base.k_block,
         seen: (0..nl).map(|_| Mutex::new(Vec::new())).collect(),
@@ -324,5 +327,92 @@ pub fn predictor_quality(
             at_goal,
         });
     }
+    Ok((out, hooks))
+}
+
+/// Held-out language-model loss with attention exposure at one mass target.
+#[derive(Clone, Debug, Serialize)]
+pub struct LossPoint {
+    /// Mass target of every layer (`None`: dense).
+    pub target: Option<f64>,
+    /// Mean loss per target token.
+    pub loss: f64,
+    /// `(loss − dense) / dense`.
+    pub gap: f64,
+    /// Per layer: attention-mass recall of the masks the forward used.
+    pub recall: Vec<f64>,
+    /// Per layer: kept / causal blocks.
+    pub density: Vec<f64>,
+}
+
+/// Mean loss of `batches` with `hook` in its current mode (no adapter, no dropout).
+fn mean_loss(
+    model: &OptModel,
+    hook: &SparseAttention,
+    batches: &[PackedBatch],
+) -> Result<f64, CorpusError> {
+    let exposure = Exposure {
+        mlp: None,
+        attention: Some(hook),
+    };
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for b in batches {
+        let fwd = forward_exposed(model, None, b, None, exposure, false)?;
+        let out = head_loss(model, &fwd, &b.targets, None)?;
+        sum += out.loss_sum;
+        count += out.count;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+/// The dense loss of `batches` and, for each target, the loss of the sparse forward (every
+/// layer at that target, masks from `hook`'s predictors) with the recall and density it had.
+/// Leaves `hook` in [`Mode::Sparse`] with its targets as before.
+pub fn loss_gap(
+    model: &OptModel,
+    hook: &SparseAttention,
+    batches: &[PackedBatch],
+    targets: &[f64],
+    progress: &mut dyn FnMut(),
+) -> Result<Vec<LossPoint>, CorpusError> {
+    let before = hook.targets();
+    hook.set_mode(Mode::Dense);
+    let dense = mean_loss(model, hook, batches);
+    progress();
+    let mut out = Vec::new();
+    if let Ok(d) = dense {
+        out.push(LossPoint {
+            target: None,
+            loss: d,
+            gap: 0.0,
+            recall: vec![1.0; hook.layers()],
+            density: vec![1.0; hook.layers()],
+        });
+        hook.set_mode(Mode::Measure);
+        for &t in targets {
+            hook.set_targets(&vec![t; hook.layers()]);
+            hook.take_measured();
+            let loss = match mean_loss(model, hook, batches) {
+                Ok(l) => l,
+                Err(e) => {
+                    hook.set_mode(Mode::Sparse);
+                    hook.set_targets(&before);
+                    return Err(e);
+                }
+            };
+            let m = hook.take_measured();
+            out.push(LossPoint {
+                target: Some(t),
+                loss,
+                gap: (loss - d) / d.abs().max(1e-12),
+                recall: m.iter().map(|c| c.recall()).collect(),
+                density: m.iter().map(|c| c.density()).collect(),
+            });
+            progress();
+        }
+    }
+    hook.set_mode(Mode::Sparse);
+    hook.set_targets(&before);
+    dense?;
     Ok(out)
 }

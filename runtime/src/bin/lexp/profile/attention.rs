@@ -173,7 +173,7 @@ fn predictor(
     );
     let t0 = std::time::Instant::now();
     // The untrained variant is a separate run with 0 steps.
-    let mut reports = corpus::predictor_quality(
+    let (mut reports, hooks) = corpus::predictor_quality(
         model,
         &train,
         &eval,
@@ -185,7 +185,7 @@ fn predictor(
         r.seed,
         &mut || b.inc(1),
     )?;
-    let untrained = corpus::predictor_quality(
+    let (untrained, _) = corpus::predictor_quality(
         model,
         &train[..1],
         &eval,
@@ -199,8 +199,42 @@ fn predictor(
     )?;
     reports.extend(untrained);
     b.finish_and_clear();
+    let loss_targets = [0.8, 0.85, 0.9, 0.95];
+    let b = bar(
+        loss_targets.len() + 1,
+        "held-out loss: dense, then sparse per target",
+    );
+    let losses = corpus::loss_gap(model, &hooks[0], &eval, &loss_targets, &mut || b.inc(1))?;
+    b.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
-    let text = table(&reports, r, train_n, eval_start, eval_n, steps, goal);
+    let mut text = table(&reports, r, train_n, eval_start, eval_n, steps, goal);
+    let _ = writeln!(
+        text,
+        "## held-out LM loss, {} predictors, every layer at one target (no adapter; sparse = masked forward)",
+        variants[0].0
+    );
+    let _ = writeln!(
+        text,
+        "| target | loss | gap vs dense | recall per layer | density per layer |"
+    );
+    let _ = writeln!(text, "|---|---|---|---|---|");
+    for p in &losses {
+        let f = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let _ = writeln!(
+            text,
+            "| {} | {:.4} | {:+.3}% | {} | {} |",
+            p.target.map_or("dense".to_string(), |t| format!("{t:.2}")),
+            p.loss,
+            100.0 * p.gap,
+            f(&p.recall),
+            f(&p.density)
+        );
+    }
     print!("{text}");
     std::fs::write(r.out.join("attention-predictor.txt"), &text)?;
     let json = serde_json::json!({
@@ -217,6 +251,7 @@ fn predictor(
         "goal": goal,
         "seconds": secs,
         "variants": reports,
+        "held_out_loss": losses,
     });
     std::fs::write(
         r.out.join("attention-predictor.json"),
