@@ -9,7 +9,7 @@
 //!   held-out language-model loss of the sparse forward against the dense one.
 
 use super::maps::{block_maps, BlockMaps};
-use super::predictor::PredictorConfig;
+use super::predictor::{AttnLabels, PredictorConfig};
 use super::profiler::{AttentionProfiler, ProfileSettings};
 use super::selection::{self, SelectionParams};
 use super::sparse::{SparseAttention, SparseAttentionConfig, SparseAttentionError};
@@ -112,6 +112,38 @@ pub fn run_dense(
         progress();
     }
     Ok(())
+}
+
+/// Labels for `hook`'s predictors from dense forwards of `batches` (no adapter, no dropout):
+/// pooled queries and keys and the exact maps, per layer. Leaves `hook` in its mode.
+pub fn collect_labels(
+    model: &OptModel,
+    hook: &SparseAttention,
+    batches: &[PackedBatch],
+    progress: &mut dyn FnMut(),
+) -> Result<Vec<AttnLabels>, CorpusError> {
+    let before = hook.mode();
+    hook.set_mode(Mode::Dense);
+    hook.start_collecting();
+    let run = run_dense(model, hook, batches, progress);
+    let labels = hook.take_labels();
+    hook.set_mode(before);
+    run.map(|_| labels)
+}
+
+/// The offline training of a run with attention exposure (as the MLP's
+/// `sparse_mlp::train_offline`): labels from dense forwards of `batches`, then `steps` Adam
+/// steps of every layer's predictor; the final losses per layer.
+pub fn train_offline(
+    model: &OptModel,
+    hook: &SparseAttention,
+    batches: &[PackedBatch],
+    steps: usize,
+    seed: u64,
+    progress: &mut dyn FnMut(),
+) -> Result<Vec<f32>, CorpusError> {
+    let labels = collect_labels(model, hook, batches, progress)?;
+    Ok(hook.fit(&labels, steps, seed))
 }
 
 /// The attention profile of `batches`.
@@ -263,11 +295,7 @@ pub fn predictor_quality(
             )
         })
         .collect::<Result<_, _>>()?;
-    let collector = &hooks[0];
-    collector.set_mode(Mode::Dense);
-    collector.start_collecting();
-    run_dense(model, collector, train, progress)?;
-    let labels = collector.take_labels();
+    let labels = collect_labels(model, &hooks[0], train, progress)?;
     let losses: Vec<Vec<f32>> = hooks.iter().map(|h| h.fit(&labels, steps, seed)).collect();
     progress();
     let refs: Vec<&SparseAttention> = hooks.iter().collect();
