@@ -11,7 +11,11 @@
 //!
 //! [`sparse_mlp`] puts predictor and selection behind [`crate::model::MlpHook`], which is how
 //! the model sees all of this.
+//!
+//! [`attention`] does the same for attention: block-pooled maps, head classes, a low-rank block
+//! predictor, selection and guard.
 
+pub mod attention;
 pub mod cluster;
 pub mod coactivation;
 pub mod guard;

@@ -128,16 +128,16 @@ impl LabelSet {
     }
 }
 
-/// Adam state of one parameter tensor.
+/// Adam state of one parameter tensor (shared with the attention predictor).
 #[derive(Clone, Debug)]
-struct Param {
-    w: Vec<f32>,
+pub(crate) struct Param {
+    pub(crate) w: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
 }
 
 impl Param {
-    fn new(w: Vec<f32>) -> Param {
+    pub(crate) fn new(w: Vec<f32>) -> Param {
         let n = w.len();
         Param {
             w,
@@ -146,7 +146,7 @@ impl Param {
         }
     }
 
-    fn adam(&mut self, g: &[f32], lr: f32, t: i32) {
+    pub(crate) fn adam(&mut self, g: &[f32], lr: f32, t: i32) {
         let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
         let c1 = 1.0 - b1.powi(t);
         let c2 = 1.0 - b2.powi(t);
@@ -353,7 +353,8 @@ fn col_sum(x: &[f32], cols: usize) -> Vec<f32> {
     s
 }
 
-fn softmax_inplace(row: &mut [f32]) {
+/// Softmax of `row` in place (max-subtracted).
+pub(crate) fn softmax_inplace(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in row.iter_mut() {

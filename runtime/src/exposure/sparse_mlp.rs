@@ -123,11 +123,12 @@ pub struct SparseMlp {
 
 /// Locks a mutex, recovering the data of a poisoned one (a panic elsewhere does not make the
 /// counters unusable).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn take(m: &Mutex<Vec<LayerCounters>>) -> Vec<LayerCounters> {
+/// The counters, then resets them.
+pub(crate) fn take(m: &Mutex<Vec<LayerCounters>>) -> Vec<LayerCounters> {
     let mut w = lock(m);
     let out = w.clone();
     w.iter_mut().for_each(|c| *c = LayerCounters::default());

@@ -1,6 +1,10 @@
 //! `lexp profile`: how much block sparsity a ReLU OPT model exposes, before and after the
 //! co-activation neuron permutation (library: `lexp_runtime::exposure::profiler`). Writes
 //! `profile.json`, one PNG per block size, prints a table like the fixture README's.
+//! `--attention` profiles attention instead ([`attention`]).
+
+#[path = "profile/attention.rs"]
+mod attention;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -20,12 +24,13 @@ pub struct ProfileArgs {
     /// Plain-text corpus (default: `../shared/data/corpus/valid.txt`).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Windows used: the first half fits the permutation, the second half is measured.
-    #[arg(long, default_value_t = 64)]
-    windows: usize,
-    /// Tokens per window.
-    #[arg(long, default_value_t = 512)]
-    seq: usize,
+    /// Windows used: the first half fits the permutation, the second half is measured
+    /// (default 64; with `--attention`: the first windows profiled, default 16).
+    #[arg(long)]
+    windows: Option<usize>,
+    /// Tokens per window (default 512; with `--attention` 1024).
+    #[arg(long)]
+    seq: Option<usize>,
     /// Windows per forward batch.
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -41,6 +46,28 @@ pub struct ProfileArgs {
     /// Save the permutation fitted for the first block size here (JSON).
     #[arg(long)]
     save_permutation: Option<PathBuf>,
+    /// Profile attention (per-head block-pooled maps, head classes, heat maps) instead of the MLP.
+    #[arg(long)]
+    attention: bool,
+    /// Query rows per block (`--attention`).
+    #[arg(long, default_value_t = lexp_runtime::model::attention_hook::GPU_Q_BLOCK)]
+    q_block: usize,
+    /// Keys per block (`--attention`).
+    #[arg(long, default_value_t = lexp_runtime::model::attention_hook::GPU_K_BLOCK)]
+    k_block: usize,
+    /// With `--attention`: also train the block predictors on the first `--train-windows`
+    /// windows and measure them on the last `--eval-windows` windows of the file.
+    #[arg(long)]
+    predictor: bool,
+    /// Windows the predictors train on (from the start of the file).
+    #[arg(long, default_value_t = 48)]
+    train_windows: usize,
+    /// Windows the predictors are measured on (the end of the file, after the training ones).
+    #[arg(long, default_value_t = 32)]
+    eval_windows: usize,
+    /// Adam steps of the predictors.
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
 }
 
 /// `../shared` (fixtures and data): `$LEXP_SHARED_DIR`, else `../shared` from the working
@@ -78,12 +105,32 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
+    if args.attention {
+        return attention::run(attention::AttentionRun {
+            out: args
+                .out
+                .unwrap_or_else(|| PathBuf::from(format!("runs/profile-attention-{name}"))),
+            model,
+            data,
+            windows: args.windows.unwrap_or(16),
+            seq: args.seq.unwrap_or(1024),
+            batch: args.batch,
+            q_block: args.q_block,
+            k_block: args.k_block,
+            predictor: args.predictor.then_some((
+                args.train_windows,
+                args.eval_windows,
+                args.steps,
+            )),
+            seed: args.seed,
+        });
+    }
     let out = args
         .out
         .unwrap_or_else(|| PathBuf::from(format!("runs/profile-{name}")));
     let mut opts = ProfileOptions::new(model, data);
-    opts.windows = args.windows;
-    opts.seq = args.seq;
+    opts.windows = args.windows.unwrap_or(64);
+    opts.seq = args.seq.unwrap_or(512);
     opts.batch_windows = args.batch;
     opts.blocks = blocks;
     opts.seed = args.seed;

@@ -1,0 +1,148 @@
+//! The attention guard (DESIGN.md §7, attention step 5): as for the MLP, every K steps a dense
+//! probe compares the sparse and the dense loss of the same batch, measures per layer the
+//! attention-mass recall and the kept density, moves each layer's mass target with the MLP
+//! guard's controller ([`control`]: same [`GuardConfig`], same report types), and refreshes
+//! the predictors from the dense pass's labels.
+//!
+//! The probe does not run the model itself: `batch_loss` runs one forward of the probe batch
+//! through the hook in its current mode (dense or measured) and returns the mean loss, so the
+//! same logic serves the CPU model and any other engine that calls the hook.
+
+use super::sparse::SparseAttention;
+use crate::exposure::guard::{control, GuardConfig, LayerProbe, ProbeReport};
+use crate::exposure::sparse_mlp::{LayerCounters, Mode};
+
+/// The dense probe after `step` steps: a dense pass (collecting labels when the config
+/// refreshes), a measured sparse pass, the controller's move, the refresh. Leaves `hook` in
+/// [`Mode::Sparse`].
+///
+/// # Errors
+/// The first error of `batch_loss` (targets and predictors are then left unchanged).
+pub fn probe<E>(
+    cfg: &GuardConfig,
+    hook: &SparseAttention,
+    step: usize,
+    mut batch_loss: impl FnMut(&SparseAttention) -> Result<f64, E>,
+) -> Result<ProbeReport, E> {
+    let train_window = hook.take_window();
+    hook.set_mode(Mode::Dense);
+    if cfg.refresh_steps > 0 {
+        hook.start_collecting();
+    }
+    let dense = batch_loss(hook);
+    let labels = hook.take_labels();
+    hook.set_mode(Mode::Measure);
+    hook.take_measured();
+    let sparse = dense.as_ref().ok().map(|_| batch_loss(hook));
+    hook.set_mode(Mode::Sparse);
+    let dense_loss = dense?;
+    let sparse_loss = match sparse {
+        Some(s) => s?,
+        None => f64::NAN,
+    };
+    let probe_window: Vec<LayerCounters> = hook.take_measured();
+    let gap = (sparse_loss - dense_loss) / dense_loss.abs().max(1e-12);
+    let before = hook.targets();
+    let recalls: Vec<f64> = probe_window.iter().map(LayerCounters::recall).collect();
+    let mut after = before.clone();
+    let action = control(cfg, &mut after, gap, &recalls);
+    hook.set_targets(&after);
+    let refresh_loss = if cfg.refresh_steps > 0 {
+        hook.fit(&labels, cfg.refresh_steps, step as u64)
+    } else {
+        Vec::new()
+    };
+    let layers = (0..hook.layers())
+        .map(|l| LayerProbe {
+            density: probe_window[l].density(),
+            recall: probe_window[l].recall(),
+            train_density: train_window[l].density(),
+            target: before[l],
+            new_target: after[l],
+        })
+        .collect();
+    Ok(ProbeReport {
+        step,
+        dense_loss,
+        sparse_loss,
+        gap,
+        action,
+        layers,
+        refresh_loss,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::SplitMix64;
+    use crate::exposure::attention::maps::block_maps;
+    use crate::exposure::attention::selection::SelectionParams;
+    use crate::exposure::attention::sparse::SparseAttentionConfig;
+    use crate::exposure::guard::Action;
+    use crate::model::{AttentionHook, AttentionInput};
+
+    #[test]
+    fn a_probe_measures_recall_moves_targets_and_refreshes() {
+        let (heads, d, t, layers) = (2, 8, 256, 2);
+        let cu = [0i32, 256];
+        let mut rng = SplitMix64::new(8);
+        let q: Vec<f32> = (0..t * heads * d)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
+            .collect();
+        let k: Vec<f32> = q.iter().map(|v| v * 0.8 + 0.1).collect();
+        let input = AttentionInput {
+            q: &q,
+            k: &k,
+            cu_seqlens: &cu,
+            heads,
+            head_dim: d,
+        };
+        let config = SparseAttentionConfig {
+            q_block: 32,
+            k_block: 32,
+            selection: SelectionParams {
+                target: 0.5,
+                window: 0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let hook = SparseAttention::new(layers, heads, d, config, 1).unwrap();
+        // A stand-in forward: every layer selects and observes; the "loss" grows with the mass
+        // the masks drop (1 when dense).
+        let forward = |h: &SparseAttention| -> Result<f64, String> {
+            let mut lost = 0.0;
+            for l in 0..layers {
+                let mask = h.select(l, input);
+                h.observe(l, input, mask.as_ref());
+                if let Some(m) = mask {
+                    lost += 1.0 - block_maps(&input, 32, 32).recall(&m);
+                }
+            }
+            Ok(1.0 + lost)
+        };
+        let cfg = GuardConfig {
+            refresh_steps: 5,
+            ..Default::default()
+        };
+        let report = probe(&cfg, &hook, 7, forward).unwrap();
+        assert_eq!(hook.mode(), Mode::Sparse);
+        assert_eq!(report.dense_loss, 1.0);
+        let lost: f64 = report.layers.iter().map(|l| 1.0 - l.recall).sum();
+        assert!((report.sparse_loss - 1.0 - lost).abs() < 1e-9);
+        assert!(report.gap > cfg.gap_budget, "a target of 0.5 drops mass");
+        assert_eq!(report.action, Action::Tighten);
+        for (l, lp) in report.layers.iter().enumerate() {
+            assert!(lp.recall < 1.0 && lp.density < 1.0);
+            assert_eq!(lp.target, 0.5);
+            assert!(lp.new_target > 0.5 && hook.targets()[l] == lp.new_target);
+        }
+        assert_eq!(report.refresh_loss.len(), layers);
+        assert!(report.refresh_loss.iter().all(|v| v.is_finite()));
+        // An error in the dense pass leaves the targets alone.
+        let targets = hook.targets();
+        assert!(probe(&cfg, &hook, 8, |_| Err::<f64, _>("no")).is_err());
+        assert_eq!(hook.targets(), targets);
+    }
+}
