@@ -41,13 +41,17 @@ fn param(c: &SparseTiles, name: &str) -> usize {
     c.iter().find(|(n, _)| *n == name).map_or(0, |&(_, v)| v)
 }
 
-/// Head dimension 64: the dense engine's tiles (`super::attention`), with 128-wide blocks.
+/// Head dimension 64: the fastest compiled configurations at one 16384-token sequence, 32
+/// heads, a 25% mask on the H200 (`gpu_sparse_attention`'s timed test,
+/// `bench/results/2026-11-29-h200-gpu-sparse-attention-tests-configs.txt`): forward 1.64 ms,
+/// dk/dv 3.46 ms (128 keys: the register shortcut), dq 1.86 ms with 64-query programs (2.07
+/// with 128).
 #[rustfmt::skip]
 const SPARSE_64: SparseFlashConfig = SparseFlashConfig {
     hd: 64,
     fwd: [("D", 64), ("BM", 128), ("BN", 128), ("KB", 128), ("S", 2), ("W", 8)],
     dkdv: [("D", 64), ("BN", 128), ("BM", 64), ("KB", 128), ("S", 2), ("W", 8)],
-    dq: [("D", 64), ("BM", 128), ("BN", 64), ("KB", 128), ("S", 2), ("W", 8)],
+    dq: [("D", 64), ("BM", 64), ("BN", 64), ("KB", 128), ("S", 3), ("W", 8)],
 };
 
 /// Head dimension 128: the variants that assemble without spills on sm_80 (32-key forward
