@@ -6,7 +6,7 @@
 
 use super::DistError;
 use std::collections::VecDeque;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt;
@@ -311,6 +311,7 @@ pub fn has_flag(args: &[OsString], flags: &[&str]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
 
     fn os(v: &[&str]) -> Vec<OsString> {
         v.iter().map(OsStr::new).map(OsStr::to_os_string).collect()
