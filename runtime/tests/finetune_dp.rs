@@ -283,3 +283,61 @@ fn torchrun_variables_are_checked_before_anything_runs() {
     assert!(err.contains("rank 1") && err.contains("rank 0"), "{err}");
     assert!(!tmp.join("y").exists(), "a failed worker wrote files");
 }
+
+#[test]
+fn sigterm_to_the_launcher_stops_every_worker_after_the_same_step() {
+    let tmp = TempDir::new("term");
+    let one = reference(&tmp);
+    let dir = tmp.join("dp");
+    let mut launcher = finetune(&tmp, &dir, &["--workers", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while losses_so_far(&dir) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no step logged");
+        assert!(
+            launcher.try_wait().unwrap().is_none(),
+            "the run ended early"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = Command::new("kill")
+        .args(["-TERM", &launcher.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = launcher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("all 2 workers stopped after the same step"),
+        "{err}"
+    );
+    let done = losses(&dir).len();
+    assert!(done < STEPS, "the stop came too late ({done} steps)");
+    // The checkpoint of the agreed step, written once by rank 0.
+    assert!(
+        err.contains(&format!("stopped by a signal after step {done}")),
+        "{err}"
+    );
+    assert!(dir
+        .join(format!("checkpoints/step-{done:08}/trainer_state.json"))
+        .exists());
+    // One process resumes it: data parallelism leaves nothing in the checkpoint.
+    let err = run_ok(finetune(&tmp, &dir, &["--resume"]));
+    assert!(err.contains("resumed from"), "{err}");
+    assert_close_losses(&one, &dir);
+}
+
+/// Train records in `run`'s metrics so far (0 before the file exists).
+fn losses_so_far(run: &Path) -> usize {
+    fs::read_to_string(run.join("metrics.jsonl"))
+        .map(|t| {
+            t.lines()
+                .filter(|l| l.contains("\"kind\":\"train\""))
+                .count()
+        })
+        .unwrap_or(0)
+}

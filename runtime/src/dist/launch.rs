@@ -43,6 +43,9 @@ pub struct LaunchFailure {
     pub message: String,
     /// Exit code for the launcher (the worker's, or 1 after a signal).
     pub code: i32,
+    /// Every worker exited with status 130: they stopped together after a stop request
+    /// (SIGINT/SIGTERM), rank 0 having written a checkpoint; not a crash.
+    pub interrupted: bool,
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (bound with port 0 and released).
@@ -270,10 +273,14 @@ pub fn launch(
         .and_then(|s| s.code())
         .filter(|&c| c != 0)
         .unwrap_or(1);
+    let interrupted = workers
+        .iter()
+        .all(|w| w.status.and_then(|s| s.code()) == Some(130));
     Ok(Err(LaunchFailure {
         worker: first,
         message,
         code,
+        interrupted,
     }))
 }
 
@@ -363,7 +370,7 @@ mod tests {
         let script = r#"if [ "$RANK" = 1 ]; then echo "rank one broke" >&2; exit 7; fi; sleep 60"#;
         let f = sh(script, 3).unwrap_err();
         assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
-        assert_eq!((f.worker, f.code), (1, 7));
+        assert_eq!((f.worker, f.code, f.interrupted), (1, 7, false));
         assert!(
             f.message.starts_with("worker 1 exited with status 7"),
             "{}",
@@ -375,6 +382,14 @@ mod tests {
             "{}",
             f.message
         );
+    }
+
+    #[test]
+    fn workers_stopping_together_after_a_signal_are_an_interruption() {
+        let f = sh("exit 130", 2).unwrap_err();
+        assert!(f.interrupted && f.code == 130, "{f:?}");
+        let f = sh(r#"if [ "$RANK" = 1 ]; then exit 130; fi; exit 1"#, 2).unwrap_err();
+        assert!(!f.interrupted, "{f:?}");
     }
 
     #[test]

@@ -657,6 +657,10 @@ fn launch_workers(n: usize, gpus: bool, add_output: bool, output: &Path) -> Resu
     };
     match launch::launch(&spec, &term)? {
         Ok(()) => Ok(()),
+        Err(failure) if failure.interrupted => {
+            eprintln!("lexp finetune: all {n} workers stopped after the same step (see rank 0's message above)");
+            std::process::exit(failure.code);
+        }
         Err(failure) => {
             eprintln!("lexp finetune: {}", failure.message);
             std::process::exit(failure.code);
