@@ -341,3 +341,45 @@ fn losses_so_far(run: &Path) -> usize {
         })
         .unwrap_or(0)
 }
+
+#[test]
+fn workers_exit_when_the_launcher_is_killed() {
+    let tmp = TempDir::new("orphan");
+    let dir = tmp.join("dp");
+    let mut launcher = finetune(&tmp, &dir, &["--workers", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while losses_so_far(&dir) < 1 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no step logged");
+        assert!(
+            launcher.try_wait().unwrap().is_none(),
+            "the run ended early"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pids: Vec<u32> = (0..2)
+        .map(|r| worker_pid(launcher.id(), r).unwrap())
+        .collect();
+    launcher.kill().unwrap(); // SIGKILL: the launcher cannot stop its workers itself
+    launcher.wait().unwrap();
+    let alive = |pid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+            .unwrap_or(false)
+    };
+    let killed_at = Instant::now();
+    while pids.iter().any(|&p| alive(p)) {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "orphaned workers still run"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        losses_so_far(&dir) < STEPS,
+        "the run finished before the test killed it"
+    );
+}

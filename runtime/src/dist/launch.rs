@@ -112,6 +112,36 @@ fn cuda_device(local_rank: usize) -> String {
     }
 }
 
+/// Set by the launcher in every worker: its own pid ([`exit_with_launcher`]).
+pub const LAUNCHER_PID_VAR: &str = "LEXP_LAUNCHER_PID";
+
+/// In a worker started by [`launch`]: a thread that exits this process (status 1, with a
+/// message) when the launcher is gone (killed with SIGKILL, it could not stop its workers),
+/// seen as this process's parent changing. Does nothing outside such a worker.
+pub fn exit_with_launcher() {
+    let Some(launcher) = std::env::var(LAUNCHER_PID_VAR)
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    if std::os::unix::process::parent_id() != launcher {
+        return; // not started by that launcher (e.g. the variable leaked into a shell)
+    }
+    let spawned = std::thread::Builder::new()
+        .name("launcher-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(500));
+            if std::os::unix::process::parent_id() != launcher {
+                eprintln!("the launcher (pid {launcher}) is gone; this worker stops");
+                std::process::exit(1);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot watch the launcher: {e}");
+    }
+}
+
 /// A started worker.
 struct Worker {
     child: Child,
@@ -143,6 +173,7 @@ pub fn launch(
             .env("MASTER_PORT", port.to_string())
             // NVLink multicast stays off in every worker (KINDS.md; issue 9).
             .env("NCCL_NVLS_ENABLE", "0")
+            .env(LAUNCHER_PID_VAR, std::process::id().to_string())
             .stdin(Stdio::null());
         if spec.gpus {
             cmd.env("CUDA_VISIBLE_DEVICES", cuda_device(rank));

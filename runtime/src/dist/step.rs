@@ -99,9 +99,10 @@ fn add_flat(flat: &mut [f32], sizes: &[usize], out: &StepOutput) -> Result<()> {
 }
 
 /// An [`Engine`] that trains data-parallel: [`Engine::optimizer_step`] runs
-/// [`data_parallel_step`] over the wrapped engine and a [`Communicator`]; everything else
-/// (evaluation, which every rank runs whole, so that all see the same numbers) is the wrapped
-/// engine's.
+/// [`data_parallel_step`] over the wrapped engine and a [`Communicator`]; the loss, gradients
+/// and evaluation are the wrapped engine's (every rank evaluates the whole eval set, so all
+/// see the same numbers). MLP exposure is not forwarded: its probes and counters are per
+/// process, so a data-parallel run trains dense.
 ///
 /// A stop request (SIGINT/SIGTERM on any rank) must stop every rank after the same step:
 /// the local request rides along with the loss sums of each step, and
@@ -111,6 +112,7 @@ pub struct DataParallel {
     comm: Box<dyn Communicator>,
     local_stop: Arc<AtomicBool>,
     agreed_stop: Arc<AtomicBool>,
+    warned_idle: bool,
 }
 
 impl DataParallel {
@@ -121,6 +123,7 @@ impl DataParallel {
             comm,
             local_stop: Arc::new(AtomicBool::new(false)),
             agreed_stop: Arc::new(AtomicBool::new(false)),
+            warned_idle: false,
         }
     }
 
@@ -185,6 +188,15 @@ impl Engine for DataParallel {
         adamw: &mut AdamW,
         step: &OptimStep<'_>,
     ) -> Result<StepOutcome> {
+        let world = self.comm.world_size();
+        if step.batches.len() < world && !self.warned_idle {
+            self.warned_idle = true;
+            tracing::warn!(
+                "a step has {} micro-batches for {world} workers: some workers compute nothing \
+                 (lower --micro-batch-tokens or raise --batch to give each a share)",
+                step.batches.len()
+            );
+        }
         let mut flags = [f64::from(u8::from(self.local_stop.load(Ordering::Relaxed)))];
         let out = data_parallel_step(
             self.inner.as_mut(),

@@ -517,6 +517,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     // A worker of a data-parallel run joins its group before loading anything, so that a
     // missing worker is reported at once.
     let comm = if world.is_distributed() {
+        launch::exit_with_launcher();
         if config.exposure.mode != ExposureMode::None {
             bail!("--exposure mlp does not run data-parallel yet (the guard's probes and counters are per process): train with one worker");
         }
