@@ -282,6 +282,23 @@ fn torchrun_variables_are_checked_before_anything_runs() {
     assert!(err.contains("joining the data-parallel group"), "{err}");
     assert!(err.contains("rank 1") && err.contains("rank 0"), "{err}");
     assert!(!tmp.join("y").exists(), "a failed worker wrote files");
+    // The launcher flag inside a worker, and zero workers, are refused.
+    for (env, flag, needle) in [
+        (true, "2", "given to a worker of a distributed run"),
+        (false, "0", "must be at least 1"),
+    ] {
+        let mut cmd = finetune(&tmp, &tmp.join("z"), &["--workers", flag]);
+        if env {
+            cmd.env("RANK", "0")
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string());
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
 }
 
 #[test]

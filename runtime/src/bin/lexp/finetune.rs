@@ -509,6 +509,9 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
                 world.world_size
             );
         }
+        if n == 0 {
+            bail!("--workers/--gpus must be at least 1");
+        }
         if n > 1 {
             return launch_workers(n, args.gpus.is_some(), args.output.is_none(), &output);
         }
