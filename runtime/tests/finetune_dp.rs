@@ -108,6 +108,23 @@ fn losses(run: &Path) -> Vec<(u64, f64, u64)> {
         .collect()
 }
 
+/// `(step, loss, targets)` of the eval records of `run`'s metrics.
+fn evals(run: &Path) -> Vec<(u64, f64, u64)> {
+    fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["kind"] == "eval")
+        .map(|r| {
+            (
+                r["step"].as_u64().unwrap(),
+                r["loss"].as_f64().unwrap(),
+                r["targets"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 fn assert_close_losses(reference: &Path, run: &Path) {
     let (want, got) = (losses(reference), losses(run));
     assert_eq!(
@@ -162,6 +179,17 @@ fn two_workers_match_one_process_and_only_rank_zero_writes() {
     );
     // Each step logged once (a second writer would duplicate lines).
     assert_eq!(losses(&two).len(), STEPS);
+    // The evaluations, shared between the workers and reduced: the same targets, the same
+    // mean up to the f64 summation order (and the adapter's f32 differences).
+    let (ev1, ev2) = (evals(&one), evals(&two));
+    assert_eq!(ev1.len(), 2, "{ev1:?}");
+    assert_eq!(
+        ev2.iter().map(|e| (e.0, e.2)).collect::<Vec<_>>(),
+        ev1.iter().map(|e| (e.0, e.2)).collect::<Vec<_>>()
+    );
+    for (a, b) in ev1.iter().zip(&ev2) {
+        assert!(((a.1 - b.1) / a.1).abs() < 1e-5, "eval {a:?} vs {b:?}");
+    }
 }
 
 /// The pid of the worker with `RANK=rank` among the children of `parent`.

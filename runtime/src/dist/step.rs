@@ -99,9 +99,9 @@ fn add_flat(flat: &mut [f32], sizes: &[usize], out: &StepOutput) -> Result<()> {
 }
 
 /// An [`Engine`] that trains data-parallel: [`Engine::optimizer_step`] runs
-/// [`data_parallel_step`] over the wrapped engine and a [`Communicator`]; the loss, gradients
-/// and evaluation are the wrapped engine's (every rank evaluates the whole eval set, so all
-/// see the same numbers). MLP exposure is not forwarded: its probes and counters are per
+/// [`data_parallel_step`] over the wrapped engine and a [`Communicator`]; an evaluation is
+/// shared the same way (batch `j` on rank `j mod world_size`, the sums all-reduced, so every
+/// rank sees the same mean). MLP exposure is not forwarded: its probes and counters are per
 /// process, so a data-parallel run trains dense.
 ///
 /// A stop request (SIGINT/SIGTERM on any rank) must stop every rank after the same step:
@@ -214,6 +214,16 @@ impl Engine for DataParallel {
 
     fn sync_optimizer(&mut self, adamw: &mut AdamW) -> Result<()> {
         self.inner.sync_optimizer(adamw)
+    }
+
+    fn eval_share(&self) -> (usize, usize) {
+        (self.comm.rank(), self.comm.world_size())
+    }
+
+    fn reduce_eval(&mut self, values: &mut [f64]) -> Result<()> {
+        self.comm
+            .all_reduce_sum_f64(values)
+            .map_err(|e| ModelError::Collective(e.to_string()))
     }
 
     fn eval_loss_dense(

@@ -235,7 +235,9 @@ pub fn evaluate(
     evaluate_with(engine, lora, examples, token_budget, false)
 }
 
-/// [`evaluate`] with every MLP dense ([`Engine::eval_loss_dense`]) when `dense`.
+/// [`evaluate`] with every MLP dense ([`Engine::eval_loss_dense`]) when `dense`. A
+/// data-parallel engine evaluates its share of the batches ([`Engine::eval_share`]) and the
+/// sums are reduced ([`Engine::reduce_eval`]), so every rank returns the same mean.
 pub fn evaluate_with(
     engine: &mut dyn Engine,
     lora: Option<&LoraParams>,
@@ -246,7 +248,11 @@ pub fn evaluate_with(
     let order: Vec<usize> = (0..examples.len()).collect();
     let batches = pack(examples, &order, token_budget)?;
     let (mut sum, mut count) = (0.0, 0usize);
-    for b in &batches {
+    let (index, of) = engine.eval_share();
+    for (j, b) in batches.iter().enumerate() {
+        if j % of.max(1) != index {
+            continue;
+        }
         let (s, c) = if dense {
             engine.eval_loss_dense(lora, b)?
         } else {
@@ -254,6 +260,11 @@ pub fn evaluate_with(
         };
         sum += s;
         count += c;
+    }
+    if of > 1 {
+        let mut totals = [sum, count as f64];
+        engine.reduce_eval(&mut totals)?;
+        (sum, count) = (totals[0], totals[1] as usize);
     }
     if count == 0 {
         return Err(TrainError::Config(
