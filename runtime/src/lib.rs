@@ -19,6 +19,7 @@ pub mod cublas;
 pub mod cublaslt;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod encode;
 pub mod error;
 pub mod exposure;

@@ -52,6 +52,10 @@ pub enum ModelError {
     /// The GPU failed (a driver, cuBLAS or kernel-launch error), or is out of memory.
     #[error("GPU: {0}")]
     Device(String),
+    /// A collective of data-parallel training failed (a peer died, hung or disagreed); the
+    /// message names the rank and the time waited ([`crate::dist::DistError`]).
+    #[error("data-parallel training: {0}")]
+    Collective(String),
     /// A CPU op rejected its inputs.
     #[error(transparent)]
     Cpu(#[from] CpuError),

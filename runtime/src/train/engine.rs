@@ -145,6 +145,20 @@ pub trait Engine {
         host_optimizer_step(self, lora, adamw, step)
     }
 
+    /// The share of an evaluation's batches this engine computes, `(index, of)`: batch `j` is
+    /// its when `j mod of == index` (a data-parallel rank: its rank and the world size); all
+    /// of them, `(0, 1)`, by default. [`reduce_eval`](Self::reduce_eval) sums the shares.
+    fn eval_share(&self) -> (usize, usize) {
+        (0, 1)
+    }
+
+    /// Sums `values` (an evaluation's loss sum and target count) over the engines that share
+    /// the evaluation ([`eval_share`](Self::eval_share)); the identity by default.
+    fn reduce_eval(&mut self, values: &mut [f64]) -> Result<()> {
+        let _ = values;
+        Ok(())
+    }
+
     /// Hands AdamW's moments back to `adamw` when this engine keeps them on its device (before
     /// a checkpoint); nothing to do otherwise.
     fn sync_optimizer(&mut self, adamw: &mut AdamW) -> Result<()> {

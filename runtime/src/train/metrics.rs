@@ -148,11 +148,27 @@ impl Record {
     }
 }
 
+/// The records of `path` of steps up to `done_steps` (none for a new run or a missing file).
+fn kept_records(path: &Path, done_steps: usize) -> Vec<Record> {
+    if done_steps == 0 {
+        return Vec::new();
+    }
+    std::fs::read_to_string(path)
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Record>(l).ok())
+                .filter(|r| r.step() <= done_steps)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Appends records to `metrics.jsonl`, one flushed line each, so a killed run keeps every
 /// finished step.
 pub struct MetricsLog {
     path: PathBuf,
-    file: std::fs::File,
+    /// `None` for a data-parallel rank other than 0 ([`MetricsLog::read_only`]).
+    file: Option<std::fs::File>,
     records: Vec<Record>,
 }
 
@@ -161,16 +177,7 @@ impl MetricsLog {
     /// by a run that was killed after its last checkpoint) are dropped, so the file always
     /// describes the trajectory being continued.
     pub fn open(path: &Path, done_steps: usize) -> std::io::Result<MetricsLog> {
-        let mut records = Vec::new();
-        if done_steps > 0 {
-            if let Ok(text) = std::fs::read_to_string(path) {
-                records = text
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<Record>(l).ok())
-                    .filter(|r| r.step() <= done_steps)
-                    .collect();
-            }
-        }
+        let records = kept_records(path, done_steps);
         // Rewrite the kept prefix atomically, then append to it.
         let mut text = String::new();
         for r in &records {
@@ -181,16 +188,29 @@ impl MetricsLog {
         let file = std::fs::OpenOptions::new().append(true).open(path)?;
         Ok(MetricsLog {
             path: path.to_path_buf(),
-            file,
+            file: Some(file),
             records,
         })
     }
 
+    /// The records of `path` up to `done_steps` (as [`open`](Self::open) keeps them), in a
+    /// log that never writes: a data-parallel rank other than 0 keeps the same records as
+    /// rank 0 (resume bookkeeping, spike detection) while rank 0 alone writes the file.
+    pub fn read_only(path: &Path, done_steps: usize) -> MetricsLog {
+        MetricsLog {
+            path: path.to_path_buf(),
+            file: None,
+            records: kept_records(path, done_steps),
+        }
+    }
+
     /// Appends `record`.
     pub fn push(&mut self, record: Record) -> std::io::Result<()> {
-        let line = serde_json::to_string(&record).map_err(std::io::Error::other)?;
-        writeln!(self.file, "{line}")?;
-        self.file.flush()?;
+        if let Some(file) = &mut self.file {
+            let line = serde_json::to_string(&record).map_err(std::io::Error::other)?;
+            writeln!(file, "{line}")?;
+            file.flush()?;
+        }
         self.records.push(record);
         Ok(())
     }

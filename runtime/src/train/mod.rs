@@ -25,6 +25,6 @@ pub use config::{ExposureConfig, ExposureMode, TrainConfig};
 pub use engine::{host_optimizer_step, CpuEngine, CpuExposure, Engine, OptimStep, StepOutcome};
 pub use error::TrainError;
 pub use trainer::{
-    evaluate, evaluate_with, run, ExposureSummary, LayerExposure, Observer, RunInfo, RunSummary,
-    Silent,
+    evaluate, evaluate_with, run, run_as, ExposureSummary, LayerExposure, Observer, RunInfo,
+    RunSummary, Silent,
 };

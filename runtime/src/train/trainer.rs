@@ -235,7 +235,9 @@ pub fn evaluate(
     evaluate_with(engine, lora, examples, token_budget, false)
 }
 
-/// [`evaluate`] with every MLP dense ([`Engine::eval_loss_dense`]) when `dense`.
+/// [`evaluate`] with every MLP dense ([`Engine::eval_loss_dense`]) when `dense`. A
+/// data-parallel engine evaluates its share of the batches ([`Engine::eval_share`]) and the
+/// sums are reduced ([`Engine::reduce_eval`]), so every rank returns the same mean.
 pub fn evaluate_with(
     engine: &mut dyn Engine,
     lora: Option<&LoraParams>,
@@ -246,7 +248,11 @@ pub fn evaluate_with(
     let order: Vec<usize> = (0..examples.len()).collect();
     let batches = pack(examples, &order, token_budget)?;
     let (mut sum, mut count) = (0.0, 0usize);
-    for b in &batches {
+    let (index, of) = engine.eval_share();
+    for (j, b) in batches.iter().enumerate() {
+        if j % of.max(1) != index {
+            continue;
+        }
         let (s, c) = if dense {
             engine.eval_loss_dense(lora, b)?
         } else {
@@ -254,6 +260,11 @@ pub fn evaluate_with(
         };
         sum += s;
         count += c;
+    }
+    if of > 1 {
+        let mut totals = [sum, count as f64];
+        engine.reduce_eval(&mut totals)?;
+        (sum, count) = (totals[0], totals[1] as usize);
     }
     if count == 0 {
         return Err(TrainError::Config(
@@ -357,6 +368,21 @@ pub fn run(
     engine: &mut dyn Engine,
     observer: &mut dyn Observer,
 ) -> Result<RunSummary, TrainError> {
+    run_as(config, out_dir, resume, engine, observer, true)
+}
+
+/// [`run`] as one rank of a data-parallel run ([`crate::dist::DataParallel`] engine): every
+/// rank reads the same data and checkpoint and takes the same steps, but only the `writer`
+/// (rank 0) writes files — run config, metrics, checkpoints, plot, adapter, summary. The
+/// others keep the same records in memory and return the same summary.
+pub fn run_as(
+    config: &TrainConfig,
+    out_dir: &Path,
+    resume: bool,
+    engine: &mut dyn Engine,
+    observer: &mut dyn Observer,
+    writer: bool,
+) -> Result<RunSummary, TrainError> {
     config.validate().map_err(TrainError::Config)?;
     let lora_config = config.lora().map_err(TrainError::Config)?;
     let model_config = engine.model().config.clone();
@@ -379,10 +405,14 @@ pub fn run(
     };
 
     // The output directory: a new run, or the continuation of the run it holds.
-    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    // The checks are rank 0's (it fails and the launcher stops the others); a non-writer
+    // would otherwise race with rank 0's own `run_config.json`.
     let config_path = out_dir.join(RUN_CONFIG);
     let ckpt_root = out_dir.join(CHECKPOINTS);
-    if config_path.exists() {
+    if writer {
+        std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    }
+    if writer && config_path.exists() {
         let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
         let saved: TrainConfig = serde_json::from_str(&text).map_err(|e| {
             TrainError::Resume(format!(
@@ -405,8 +435,11 @@ pub fn run(
             )));
         }
     }
-    let json = serde_json::to_vec_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?;
-    state::write_file_atomic(&config_path, &json).map_err(io_err(&config_path))?;
+    if writer {
+        let json =
+            serde_json::to_vec_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?;
+        state::write_file_atomic(&config_path, &json).map_err(io_err(&config_path))?;
+    }
 
     let names_for = |l: &LoraParams| param_names(l);
     let (mut lora, mut adamw, done, mut tokens_seen, mut bad, resumed_from) =
@@ -453,7 +486,11 @@ pub fn run(
         resumed_from: resumed_from.clone(),
     });
     let metrics_path = out_dir.join(METRICS);
-    let mut metrics = MetricsLog::open(&metrics_path, done).map_err(io_err(&metrics_path))?;
+    let mut metrics = if writer {
+        MetricsLog::open(&metrics_path, done).map_err(io_err(&metrics_path))?
+    } else {
+        MetricsLog::read_only(&metrics_path, done)
+    };
     let has_eval = !data.eval.is_empty();
     let eval_now = |engine: &mut dyn Engine,
                     lora: &LoraParams,
@@ -501,6 +538,9 @@ pub fn run(
                 tokens_seen: u64,
                 bad: BadSteps|
      -> Result<PathBuf, TrainError> {
+        if !writer {
+            return Ok(state::checkpoint_dir(&ckpt_root, step));
+        }
         let st = TrainerState {
             step,
             total_steps: plan.total_steps(),
@@ -649,10 +689,12 @@ pub fn run(
         observer.checkpoint(&dir);
     }
     let adapter_dir = out_dir.join(ADAPTER);
-    peft::save_adapter(&adapter_dir, &lora, &config.model_dir.display().to_string())?;
     let png = out_dir.join(LOSS_PNG);
-    if let Err(e) = super::plot::loss_curve(metrics.records(), "lexp finetune: loss", &png) {
-        tracing::warn!("could not draw {}: {e}", png.display());
+    if writer {
+        peft::save_adapter(&adapter_dir, &lora, &config.model_dir.display().to_string())?;
+        if let Err(e) = super::plot::loss_curve(metrics.records(), "lexp finetune: loss", &png) {
+            tracing::warn!("could not draw {}: {e}", png.display());
+        }
     }
     let eval_loss_end_dense = metrics.records().iter().rev().find_map(|r| match r {
         Record::Eval {
@@ -679,9 +721,11 @@ pub fn run(
         train_seconds,
         adapter_dir,
     };
-    let summary_path = out_dir.join(SUMMARY);
-    let json =
-        serde_json::to_vec_pretty(&summary).map_err(|e| TrainError::Config(e.to_string()))?;
-    state::write_file_atomic(&summary_path, &json).map_err(io_err(&summary_path))?;
+    if writer {
+        let summary_path = out_dir.join(SUMMARY);
+        let json =
+            serde_json::to_vec_pretty(&summary).map_err(|e| TrainError::Config(e.to_string()))?;
+        state::write_file_atomic(&summary_path, &json).map_err(io_err(&summary_path))?;
+    }
     Ok(summary)
 }

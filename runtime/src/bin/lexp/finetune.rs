@@ -5,6 +5,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use lexp_runtime::checkpoint::{OptConfig, OptModel, PositionExtension};
 use lexp_runtime::data::{load_jsonl, text_windows, JsonlOptions, Tokenizer};
+use lexp_runtime::dist::launch::{self, LaunchSpec};
+use lexp_runtime::dist::{self, DataParallel, RendezvousConfig, TcpComm, World};
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::peft;
 use lexp_runtime::train::metrics::Record;
@@ -13,6 +15,7 @@ use lexp_runtime::train::{
     TrainError,
 };
 use lexp_runtime::CudaDevice;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -167,6 +170,18 @@ pub struct FinetuneArgs {
     /// permutation).
     #[arg(long)]
     no_permute: bool,
+    /// Data-parallel training in N worker processes on this machine (CPU engine): lexp starts
+    /// N copies of itself with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    /// MASTER_ADDR, MASTER_PORT); each computes its share of every step's micro-batches, the
+    /// gradients are summed across workers, rank 0 writes every file. The same binary also
+    /// runs under torchrun or any launcher that sets those variables.
+    #[arg(long, conflicts_with = "gpus")]
+    workers: Option<usize>,
+    /// Data-parallel training on N GPUs of this machine (one worker each, CUDA_VISIBLE_DEVICES
+    /// set per worker). The GPU engine's NCCL path is not implemented yet: workers refuse to
+    /// train on the GPU engine.
+    #[arg(long)]
+    gpus: Option<usize>,
 }
 
 /// `--max-positions` / `--position-extension`: longer contexts than the checkpoint learned.
@@ -553,7 +568,52 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         },
     };
     config.exposure.validate().map_err(|e| anyhow!("{e}"))?;
+    let world = World::from_env().context("reading the data-parallel environment")?;
+    if let Some(n) = args.workers.or(args.gpus) {
+        if world.is_distributed() {
+            bail!(
+                "--workers/--gpus given to a worker of a distributed run (RANK={} of                  WORLD_SIZE={}): pass them to the launcher only",
+                world.rank,
+                world.world_size
+            );
+        }
+        if n == 0 {
+            bail!("--workers/--gpus must be at least 1");
+        }
+        if n > 1 {
+            return launch_workers(n, args.gpus.is_some(), args.output.is_none(), &output);
+        }
+    }
+    let stop = stop_on_signals()?;
+    // A worker of a data-parallel run joins its group before loading anything, so that a
+    // missing worker is reported at once.
+    let comm = if world.is_distributed() {
+        launch::exit_with_launcher();
+        if config.exposure.mode != ExposureMode::None {
+            bail!("--exposure mlp does not run data-parallel yet (the guard's probes and counters are per process): train with one worker");
+        }
+        let (group, _blob) =
+            dist::rendezvous::rendezvous(&world, None, &[], &RendezvousConfig::from_env())
+                .context("joining the data-parallel group")?;
+        Some(TcpComm::new(group))
+    } else {
+        None
+    };
     let (backend, mut engine) = make_engine(args.device, &config)?;
+    let stop = match comm {
+        Some(comm) => {
+            if backend == "cuda" {
+                bail!(
+                    "data-parallel training on the GPU engine needs the NCCL communicator,                      which is not implemented yet: use --device cpu"
+                );
+            }
+            let dp = DataParallel::new(engine, Box::new(comm)).with_stop_request(stop);
+            let agreed = dp.stop_agreed();
+            engine = Box::new(dp);
+            agreed
+        }
+        None => stop,
+    };
     eprintln!(
         "device: {backend} ({}); output: {}",
         engine.name(),
@@ -564,14 +624,15 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         last_eval: None,
         first_eval: None,
         plain_every: 1,
-        stop: stop_on_signals()?,
+        stop,
     };
-    let result = train::run(
+    let result = train::run_as(
         &config,
         &output,
         args.resume,
         engine.as_mut(),
         &mut progress,
+        world.is_writer(),
     );
     if let Err(TrainError::Interrupted { step, checkpoint }) = &result {
         if let Some(bar) = &progress.bar {
@@ -634,6 +695,49 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         output.join(train::trainer::LOSS_PNG).display()
     );
     Ok(())
+}
+
+/// The launcher of `--workers N` / `--gpus N`: starts N copies of this executable with the
+/// same arguments (minus the launcher flag; with `--output` fixed when it was defaulted, so
+/// that every worker agrees), streams rank 0's output and fails naming the first worker that
+/// failed. SIGTERM is forwarded to the workers (they stop after an agreed step); SIGINT from
+/// a terminal reaches them directly (same process group), so the launcher only waits.
+fn launch_workers(n: usize, gpus: bool, add_output: bool, output: &Path) -> Result<()> {
+    let program = std::env::current_exe().context("cannot find the lexp executable")?;
+    let all: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut worker_args = launch::strip_flags(&all, &["--workers", "--gpus"]);
+    if add_output {
+        worker_args.push("--output".into());
+        worker_args.push(output.as_os_str().to_os_string());
+    }
+    let term = Arc::new(AtomicBool::new(false));
+    let int = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&term))
+        .context("installing a signal handler")?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, int)
+        .context("installing a signal handler")?;
+    eprintln!(
+        "launching {n} data-parallel workers{} (rank 0's output follows)",
+        if gpus { ", one per GPU" } else { "" }
+    );
+    let spec = LaunchSpec {
+        program,
+        args: worker_args,
+        workers: n,
+        gpus,
+        grace: std::time::Duration::from_secs(5),
+    };
+    match launch::launch(&spec, &term)? {
+        Ok(()) => Ok(()),
+        Err(failure) if failure.interrupted => {
+            eprintln!("lexp finetune: all {n} workers stopped after the same step (see rank 0's message above)");
+            std::process::exit(failure.code);
+        }
+        Err(failure) => {
+            eprintln!("lexp finetune: {}", failure.message);
+            std::process::exit(failure.code);
+        }
+    }
 }
 
 /// Options of `lexp eval`.
