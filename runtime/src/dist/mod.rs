@@ -9,8 +9,9 @@
 //! - [`rendezvous`]: rank 0 listens, the others connect; rank 0 broadcasts a blob (where the
 //!   NCCL unique id goes); every socket operation has a deadline.
 //! - [`comm`]: the [`Communicator`] trait (sum all-reduce, barrier) and [`TcpComm`], the CPU
-//!   reference (a star through rank 0, deterministic rank-order sums). An NCCL communicator
-//!   plugs in behind the same trait.
+//!   reference (a star through rank 0, deterministic rank-order sums).
+//! - [`nccl`]: [`NcclComm`], the same trait over NCCL for GPU workers (the unique id travels
+//!   in the rendezvous blob).
 //! - [`shard`]: which micro-batches of a global optimizer step each rank computes.
 //! - [`step`]: [`data_parallel_step`] (local gradients, all-reduce, the same clip and AdamW on
 //!   every rank) and the [`DataParallel`] engine wrapper the trainer runs.
@@ -20,6 +21,7 @@
 pub mod comm;
 mod error;
 pub mod launch;
+pub mod nccl;
 pub mod rendezvous;
 pub mod shard;
 pub mod step;
@@ -28,6 +30,7 @@ pub mod world;
 
 pub use comm::{Communicator, SingleComm, TcpComm};
 pub use error::DistError;
+pub use nccl::NcclComm;
 pub use rendezvous::{Group, RendezvousConfig};
 pub use step::{data_parallel_step, DataParallel};
 pub use world::World;

@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lexp_runtime::checkpoint::{OptConfig, OptModel, PositionExtension};
 use lexp_runtime::data::{load_jsonl, text_windows, JsonlOptions, Tokenizer};
 use lexp_runtime::dist::launch::{self, LaunchSpec};
-use lexp_runtime::dist::{self, DataParallel, RendezvousConfig, TcpComm, World};
+use lexp_runtime::dist::{self, DataParallel, NcclComm, RendezvousConfig, TcpComm, World};
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::peft;
 use lexp_runtime::train::metrics::Record;
@@ -178,8 +178,8 @@ pub struct FinetuneArgs {
     #[arg(long, conflicts_with = "gpus")]
     workers: Option<usize>,
     /// Data-parallel training on N GPUs of this machine (one worker each, CUDA_VISIBLE_DEVICES
-    /// set per worker). The GPU engine's NCCL path is not implemented yet: workers refuse to
-    /// train on the GPU engine.
+    /// set per worker): gradients are summed over NCCL (libnccl.so on LD_LIBRARY_PATH), on the
+    /// host optimizer path (the engine's gradients read back each micro-batch).
     #[arg(long)]
     gpus: Option<usize>,
 }
@@ -572,7 +572,8 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     if let Some(n) = args.workers.or(args.gpus) {
         if world.is_distributed() {
             bail!(
-                "--workers/--gpus given to a worker of a distributed run (RANK={} of                  WORLD_SIZE={}): pass them to the launcher only",
+                "--workers/--gpus given to a worker of a distributed run (RANK={} of \
+                 WORLD_SIZE={}): pass them to the launcher only",
                 world.rank,
                 world.world_size
             );
@@ -592,22 +593,30 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         if config.exposure.mode != ExposureMode::None {
             bail!("--exposure mlp does not run data-parallel yet (the guard's probes and counters are per process): train with one worker");
         }
-        let (group, _blob) =
-            dist::rendezvous::rendezvous(&world, None, &[], &RendezvousConfig::from_env())
+        // GPU workers (`--gpus`, or CUDA visible under an external launcher) talk NCCL: rank 0
+        // puts the unique id in the rendezvous blob.
+        let on_gpu = args.device != DeviceChoice::Cpu && lexp_runtime::CudaDevice::new(0).is_ok();
+        let blob = if on_gpu && world.rank == 0 {
+            dist::nccl::unique_id_blob().context("creating the NCCL id")?
+        } else {
+            Vec::new()
+        };
+        let (group, blob) =
+            dist::rendezvous::rendezvous(&world, None, &blob, &RendezvousConfig::from_env())
                 .context("joining the data-parallel group")?;
-        Some(TcpComm::new(group))
+        let comm: Box<dyn dist::Communicator> = if on_gpu {
+            Box::new(NcclComm::new(group, &blob, 0).context("joining the NCCL communicator")?)
+        } else {
+            Box::new(TcpComm::new(group))
+        };
+        Some(comm)
     } else {
         None
     };
     let (backend, mut engine) = make_engine(args.device, &config)?;
     let stop = match comm {
         Some(comm) => {
-            if backend == "cuda" {
-                bail!(
-                    "data-parallel training on the GPU engine needs the NCCL communicator,                      which is not implemented yet: use --device cpu"
-                );
-            }
-            let dp = DataParallel::new(engine, Box::new(comm)).with_stop_request(stop);
+            let dp = DataParallel::new(engine, comm).with_stop_request(stop);
             let agreed = dp.stop_agreed();
             engine = Box::new(dp);
             agreed
