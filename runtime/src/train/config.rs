@@ -465,3 +465,71 @@ impl TrainConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run config written before attention exposure and text windows (no `text_windows`, no
+    /// `exposure.attention`) still loads, with both at their defaults; an attention run's config
+    /// round-trips.
+    #[test]
+    fn older_run_configs_load_and_attention_settings_round_trip() {
+        let mut old = serde_json::to_value(TrainConfig::default()).unwrap();
+        let obj = old.as_object_mut().unwrap();
+        obj.remove("text_windows").unwrap();
+        obj["exposure"]
+            .as_object_mut()
+            .unwrap()
+            .remove("attention")
+            .unwrap();
+        let loaded: TrainConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(loaded, TrainConfig::default());
+        assert_eq!(loaded.text_windows, None);
+        assert_eq!(loaded.exposure.attention.q_block, 128);
+
+        let config = TrainConfig {
+            train_files: vec!["corpus.txt".into()],
+            text_windows: Some(1024),
+            exposure: ExposureConfig {
+                mode: ExposureMode::Attention,
+                attention: AttentionExposureConfig {
+                    target: 0.97,
+                    window: 2,
+                    sinks: 0,
+                    budget: 0.5,
+                    rank: 8,
+                    q_block: 64,
+                    k_block: 32,
+                },
+                ..ExposureConfig::default()
+            },
+            ..TrainConfig::default()
+        };
+        config.validate().unwrap();
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains("\"mode\":\"attention\""), "{json}");
+        assert_eq!(serde_json::from_str::<TrainConfig>(&json).unwrap(), config);
+        let hook = config.exposure.attention.sparse_attention();
+        assert_eq!(
+            (hook.q_block, hook.k_block, hook.predictor.rank),
+            (64, 32, 8)
+        );
+        assert_eq!((hook.selection.window, hook.selection.sinks), (2, 0));
+        assert_eq!(
+            (hook.selection.target, hook.selection.max_density),
+            (0.97, 0.5)
+        );
+        // The guard's bounds hold the attention target, not the MLP's.
+        let guard = config.exposure.guard();
+        assert!(guard.max_target >= 0.97 && guard.min_target <= 0.97);
+        let mut low = config.clone();
+        low.exposure.attention.target = 0.5;
+        assert_eq!(low.exposure.guard().min_target, 0.5);
+        low.exposure.attention.target = 0.0;
+        assert!(low.validate().unwrap_err().contains("--attn-target"));
+        let mut long = config;
+        long.text_windows = Some(long.max_seq_len + 1);
+        assert!(long.validate().unwrap_err().contains("text windows"));
+    }
+}
