@@ -78,9 +78,15 @@ pub struct TrainConfig {
     /// How the position table is extended (with `max_positions`).
     #[serde(default)]
     pub position_extension: crate::checkpoint::PositionExtension,
-    /// MLP exposure (`none` by default; also for run configs written before it).
+    /// Exposure (`none` by default; also for run configs written before it).
     #[serde(default)]
     pub exposure: ExposureConfig,
+    /// Plain-text data: the training (and eval) files are text, documents separated by blank
+    /// lines, cut into windows of this many tokens, every token a target
+    /// ([`crate::data::text_windows`]); without an eval file the last `eval_fraction` of the
+    /// windows (in file order) are held out. `None`: JSONL (also for older run configs).
+    #[serde(default)]
+    pub text_windows: Option<usize>,
 }
 
 /// Which exposure a run uses.
@@ -92,12 +98,89 @@ pub enum ExposureMode {
     None,
     /// Sparse MLPs: predictor, selection and guard (DESIGN.md §7, MLP).
     Mlp,
+    /// Block-sparse attention: per-head key-block predictors, local window and sinks, mass
+    /// target selection and guard (DESIGN.md §7, attention).
+    Attention,
 }
 
-/// Settings of MLP exposure (`lexp finetune --exposure mlp`).
+/// Settings of attention exposure (`lexp finetune --exposure attention`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AttentionExposureConfig {
+    /// Initial share of each (query block, head) row's predicted attention mass to keep.
+    pub target: f64,
+    /// Key blocks before the diagonal always kept (the local window).
+    pub window: usize,
+    /// First key blocks of each sequence always kept (attention sinks).
+    pub sinks: usize,
+    /// Largest share of a row's causal blocks kept beyond the forced ones.
+    pub budget: f64,
+    /// Rank of the per-head block scorers.
+    pub rank: usize,
+    /// Query rows per block.
+    pub q_block: usize,
+    /// Keys per block.
+    pub k_block: usize,
+}
+
+impl Default for AttentionExposureConfig {
+    fn default() -> Self {
+        AttentionExposureConfig {
+            target: 0.9,
+            window: 1,
+            sinks: 1,
+            budget: 1.0,
+            rank: 16,
+            q_block: crate::model::attention_hook::GPU_Q_BLOCK,
+            k_block: crate::model::attention_hook::GPU_K_BLOCK,
+        }
+    }
+}
+
+impl AttentionExposureConfig {
+    /// The hook's settings.
+    pub fn sparse_attention(&self) -> crate::exposure::attention::sparse::SparseAttentionConfig {
+        use crate::exposure::attention::{predictor::PredictorConfig, selection::SelectionParams};
+        crate::exposure::attention::sparse::SparseAttentionConfig {
+            q_block: self.q_block,
+            k_block: self.k_block,
+            selection: SelectionParams {
+                window: self.window,
+                sinks: self.sinks,
+                target: self.target,
+                max_density: self.budget,
+            },
+            predictor: PredictorConfig {
+                rank: self.rank,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Checks the numbers a user can get wrong, naming the flags.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.target > 0.0 && self.target <= 1.0) {
+            return Err(format!("--attn-target {} is not in (0, 1]", self.target));
+        }
+        if !(self.budget > 0.0 && self.budget <= 1.0) {
+            return Err(format!("--attn-budget {} is not in (0, 1]", self.budget));
+        }
+        if self.rank == 0 {
+            return Err("--attn-rank must be at least 1".into());
+        }
+        if self.q_block == 0 || self.k_block == 0 {
+            return Err("--attn-block (query and key block sizes) must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Settings of exposure (`lexp finetune --exposure mlp|attention`): the MLP's, the
+/// attention's, and the guard and offline predictor training both share.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ExposureConfig {
-    /// `none` or `mlp`.
+    /// `none`, `mlp` or `attention`.
     pub mode: ExposureMode,
     /// Neurons per block.
     pub mlp_block: usize,
@@ -122,6 +205,10 @@ pub struct ExposureConfig {
     /// blocks. Adapters and exports stay in the checkpoint's neuron order.
     #[serde(default = "permute_default")]
     pub permute: bool,
+    /// Attention exposure's settings (used with [`ExposureMode::Attention`]; defaults for run
+    /// configs written before it).
+    #[serde(default)]
+    pub attention: AttentionExposureConfig,
 }
 
 /// The default of [`ExposureConfig::permute`] (also for run configs written before it).
@@ -143,6 +230,7 @@ impl Default for ExposureConfig {
             predictor_batches: 32,
             predictor_steps: 1000,
             permute: true,
+            attention: AttentionExposureConfig::default(),
         }
     }
 }
@@ -163,14 +251,18 @@ impl ExposureConfig {
         }
     }
 
-    /// The guard's settings (its bounds include the initial target).
+    /// The guard's settings (its bounds include the initial target of the run's mode).
     pub fn guard(&self) -> crate::exposure::guard::GuardConfig {
         let d = crate::exposure::guard::GuardConfig::default();
+        let target = match self.mode {
+            ExposureMode::Attention => self.attention.target,
+            _ => self.mlp_target,
+        };
         crate::exposure::guard::GuardConfig {
             probe_every: self.probe_every,
             gap_budget: self.gap_budget,
-            min_target: d.min_target.min(self.mlp_target),
-            max_target: d.max_target.max(self.mlp_target),
+            min_target: d.min_target.min(target),
+            max_target: d.max_target.max(target),
             ..d
         }
     }
@@ -180,6 +272,12 @@ impl ExposureConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.mode == ExposureMode::None {
             return Ok(());
+        }
+        if !(self.gap_budget.is_finite() && self.gap_budget > 0.0) {
+            return Err(format!("--gap-budget {} must be positive", self.gap_budget));
+        }
+        if self.mode == ExposureMode::Attention {
+            return self.attention.validate();
         }
         if self.mlp_group == 0 || self.mlp_block == 0 {
             return Err("--mlp-group and --mlp-block must be at least 1".into());
@@ -192,9 +290,6 @@ impl ExposureConfig {
         }
         if self.mlp_rank == 0 {
             return Err("--mlp-rank must be at least 1".into());
-        }
-        if !(self.gap_budget.is_finite() && self.gap_budget > 0.0) {
-            return Err(format!("--gap-budget {} must be positive", self.gap_budget));
         }
         Ok(())
     }
@@ -238,6 +333,7 @@ impl Default for TrainConfig {
             max_positions: None,
             position_extension: Default::default(),
             exposure: ExposureConfig::default(),
+            text_windows: None,
         }
     }
 }
@@ -316,6 +412,15 @@ impl TrainConfig {
         if self.examples_per_step == 0 {
             return Err("examples per step must be at least 1".into());
         }
+        if self.text_windows == Some(0) {
+            return Err("text windows must hold at least 1 token".into());
+        }
+        if let Some(w) = self.text_windows.filter(|&w| w > self.max_seq_len) {
+            return Err(format!(
+                "text windows of {w} tokens are longer than the longest sequence kept ({})",
+                self.max_seq_len
+            ));
+        }
         if self.micro_batch_tokens < self.max_seq_len {
             return Err(format!(
                 "the micro-batch token budget ({}) must hold the longest sequence ({} tokens)",
@@ -358,5 +463,73 @@ impl TrainConfig {
             max_bad_steps: 0,
             ..self.clone()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run config written before attention exposure and text windows (no `text_windows`, no
+    /// `exposure.attention`) still loads, with both at their defaults; an attention run's config
+    /// round-trips.
+    #[test]
+    fn older_run_configs_load_and_attention_settings_round_trip() {
+        let mut old = serde_json::to_value(TrainConfig::default()).unwrap();
+        let obj = old.as_object_mut().unwrap();
+        obj.remove("text_windows").unwrap();
+        obj["exposure"]
+            .as_object_mut()
+            .unwrap()
+            .remove("attention")
+            .unwrap();
+        let loaded: TrainConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(loaded, TrainConfig::default());
+        assert_eq!(loaded.text_windows, None);
+        assert_eq!(loaded.exposure.attention.q_block, 128);
+
+        let config = TrainConfig {
+            train_files: vec!["corpus.txt".into()],
+            text_windows: Some(1024),
+            exposure: ExposureConfig {
+                mode: ExposureMode::Attention,
+                attention: AttentionExposureConfig {
+                    target: 0.97,
+                    window: 2,
+                    sinks: 0,
+                    budget: 0.5,
+                    rank: 8,
+                    q_block: 64,
+                    k_block: 32,
+                },
+                ..ExposureConfig::default()
+            },
+            ..TrainConfig::default()
+        };
+        config.validate().unwrap();
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains("\"mode\":\"attention\""), "{json}");
+        assert_eq!(serde_json::from_str::<TrainConfig>(&json).unwrap(), config);
+        let hook = config.exposure.attention.sparse_attention();
+        assert_eq!(
+            (hook.q_block, hook.k_block, hook.predictor.rank),
+            (64, 32, 8)
+        );
+        assert_eq!((hook.selection.window, hook.selection.sinks), (2, 0));
+        assert_eq!(
+            (hook.selection.target, hook.selection.max_density),
+            (0.97, 0.5)
+        );
+        // The guard's bounds hold the attention target, not the MLP's.
+        let guard = config.exposure.guard();
+        assert!(guard.max_target >= 0.97 && guard.min_target <= 0.97);
+        let mut low = config.clone();
+        low.exposure.attention.target = 0.5;
+        assert_eq!(low.exposure.guard().min_target, 0.5);
+        low.exposure.attention.target = 0.0;
+        assert!(low.validate().unwrap_err().contains("--attn-target"));
+        let mut long = config;
+        long.text_windows = Some(long.max_seq_len + 1);
+        assert!(long.validate().unwrap_err().contains("text windows"));
     }
 }

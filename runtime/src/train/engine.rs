@@ -5,6 +5,7 @@
 
 use crate::checkpoint::OptModel;
 use crate::data::PackedBatch;
+use crate::exposure::attention::{self as attn, sparse::SparseAttention};
 use crate::exposure::guard::{self, GuardConfig, ProbeReport};
 use crate::exposure::permutation::NeuronPermutation;
 use crate::exposure::sparse_mlp::{LayerCounters, Mode, SparseMlp};
@@ -166,8 +167,9 @@ pub trait Engine {
         Ok(())
     }
 
-    /// Whether this engine runs MLP exposure (sparse MLPs, DESIGN.md §7); then the trainer
-    /// probes every [`probe_every`](Self::probe_every) steps and evaluates dense as well.
+    /// Whether this engine runs exposure (sparse MLPs or sparse attention, DESIGN.md §7); then
+    /// the trainer probes every [`probe_every`](Self::probe_every) steps and evaluates dense as
+    /// well.
     fn exposed(&self) -> bool {
         false
     }
@@ -189,7 +191,8 @@ pub trait Engine {
         Ok(None)
     }
 
-    /// [`eval_loss`](Self::eval_loss) with every MLP dense (the same when not exposed).
+    /// [`eval_loss`](Self::eval_loss) with every MLP and attention dense (the same when not
+    /// exposed).
     fn eval_loss_dense(
         &mut self,
         lora: Option<&LoraParams>,
@@ -198,17 +201,26 @@ pub trait Engine {
         self.eval_loss(lora, batch)
     }
 
-    /// Per-layer totals of the training steps' selections (`None` when not exposed) and the
-    /// current mass targets.
+    /// Per-layer totals of the training steps' MLP selections (`None` without MLP exposure)
+    /// and the current mass targets.
     fn exposure_totals(&self) -> Option<(Vec<LayerCounters>, Vec<f64>)> {
+        None
+    }
+
+    /// Per-layer totals of the training steps' attention selections (kept and causal key
+    /// blocks; `None` without attention exposure) and the current mass targets.
+    fn attention_totals(&self) -> Option<(Vec<LayerCounters>, Vec<f64>)> {
         None
     }
 }
 
-/// MLP exposure on the CPU engine: the hook and the guard's settings.
+/// Exposure on the CPU engine: the hooks and the guard's settings.
 pub struct CpuExposure {
-    /// Predictors, selection and counters.
-    pub hook: SparseMlp,
+    /// MLP exposure: predictors, selection and counters (`None`: dense MLPs).
+    pub hook: Option<SparseMlp>,
+    /// Attention exposure: key-block predictors, selection and counters (`None`: dense
+    /// attention). With both hooks the guard probes the MLP's only.
+    pub attention: Option<SparseAttention>,
     /// Probe cadence, gap budget and the controller's settings.
     pub guard: GuardConfig,
     /// The exposer's neuron permutation the engine's model carries (DESIGN.md §7 step 2), if
@@ -220,6 +232,27 @@ pub struct CpuExposure {
 }
 
 impl CpuExposure {
+    /// The hooks the model's forward passes see.
+    fn hooks(&self) -> model::Exposure<'_> {
+        model::Exposure {
+            mlp: self.hook.as_ref().map(|h| h as &dyn model::MlpHook),
+            attention: self
+                .attention
+                .as_ref()
+                .map(|h| h as &dyn model::AttentionHook),
+        }
+    }
+
+    /// Puts every hook in `mode`.
+    fn set_mode(&self, mode: Mode) {
+        if let Some(h) = &self.hook {
+            h.set_mode(mode);
+        }
+        if let Some(h) = &self.attention {
+            h.set_mode(mode);
+        }
+    }
+
     /// `lora` in the model's (permuted) neuron order: a permuted copy when the permutation
     /// touches it (adapters on fc1 or fc2), else `lora` itself.
     fn internal<'a>(&self, lora: &'a LoraParams) -> Result<Cow<'a, LoraParams>> {
@@ -243,7 +276,8 @@ fn touches(lora: &LoraParams) -> bool {
         .any(|t| matches!(t, LoraTarget::Fc1 | LoraTarget::Fc2))
 }
 
-/// The CPU reference backend ([`crate::cpu`] ops, f32), optionally with MLP exposure.
+/// The CPU reference backend ([`crate::cpu`] ops, f32), optionally with MLP or attention
+/// exposure.
 pub struct CpuEngine {
     model: OptModel,
     exposure: Option<CpuExposure>,
@@ -258,10 +292,12 @@ impl CpuEngine {
         }
     }
 
-    /// An engine for `model` whose training steps run the MLPs sparse through `exposure`'s
-    /// hook (its predictors should be trained already: [`crate::exposure::sparse_mlp::train_offline`]).
+    /// An engine for `model` whose training steps run the MLPs and/or the attention sparse
+    /// through `exposure`'s hooks (their predictors should be trained already:
+    /// [`crate::exposure::sparse_mlp::train_offline`],
+    /// [`crate::exposure::attention::corpus::train_offline`]).
     pub fn with_exposure(model: OptModel, exposure: CpuExposure) -> CpuEngine {
-        exposure.hook.set_mode(Mode::Sparse);
+        exposure.set_mode(Mode::Sparse);
         CpuEngine {
             model,
             exposure: Some(exposure),
@@ -295,9 +331,14 @@ impl Engine for CpuEngine {
             return model::loss_and_grads(&self.model, lora, batch, grad_scale, rng);
         };
         let internal = e.internal(lora)?;
-        let hook = model::Exposure::of_mlp(&e.hook);
-        let mut out =
-            model::loss_and_grads_exposed(&self.model, &internal, batch, grad_scale, masks, hook)?;
+        let mut out = model::loss_and_grads_exposed(
+            &self.model,
+            &internal,
+            batch,
+            grad_scale,
+            masks,
+            e.hooks(),
+        )?;
         if let (Some(p), true) = (&e.permutation, touches(lora)) {
             p.undo_grads(&mut out.grads)
                 .map_err(|e| ModelError::Batch(format!("neuron permutation: {e}")))?;
@@ -314,16 +355,16 @@ impl Engine for CpuEngine {
             return model::eval_loss(&self.model, lora, batch);
         };
         let internal = lora.map(|l| e.internal(l)).transpose()?;
-        e.hook.set_mode(Mode::Measure);
+        e.set_mode(Mode::Measure);
         let fwd = model::forward_exposed(
             &self.model,
             internal.as_deref(),
             batch,
             None,
-            model::Exposure::of_mlp(&e.hook),
+            e.hooks(),
             false,
         );
-        e.hook.set_mode(Mode::Sparse);
+        e.set_mode(Mode::Sparse);
         let out = model::opt::head_loss(&self.model, &fwd?, &batch.targets, None)?;
         Ok((out.loss_sum, out.count))
     }
@@ -342,13 +383,27 @@ impl Engine for CpuEngine {
         batch: &PackedBatch,
         step: usize,
     ) -> Result<Option<ProbeReport>> {
-        match &self.exposure {
-            Some(e) => {
-                let l = e.internal(lora)?;
-                guard::probe(&e.guard, &self.model, Some(&l), batch, &e.hook, step).map(Some)
-            }
-            None => Ok(None),
+        let Some(e) = &self.exposure else {
+            return Ok(None);
+        };
+        let l = e.internal(lora)?;
+        if let Some(hook) = &e.hook {
+            return guard::probe(&e.guard, &self.model, Some(&l), batch, hook, step).map(Some);
         }
+        let Some(hook) = &e.attention else {
+            return Ok(None);
+        };
+        let model = &self.model;
+        attn::guard::probe(&e.guard, hook, step, |h| {
+            let hooks = model::Exposure {
+                mlp: None,
+                attention: Some(h),
+            };
+            let fwd = model::forward_exposed(model, Some(&l), batch, None, hooks, false)?;
+            let out = model::opt::head_loss(model, &fwd, &batch.targets, None)?;
+            Ok(out.loss_sum / out.count.max(1) as f64)
+        })
+        .map(Some)
     }
 
     fn eval_loss_dense(
@@ -364,8 +419,12 @@ impl Engine for CpuEngine {
     }
 
     fn exposure_totals(&self) -> Option<(Vec<LayerCounters>, Vec<f64>)> {
-        self.exposure
-            .as_ref()
-            .map(|e| (e.hook.train_totals(), e.hook.targets()))
+        let h = self.exposure.as_ref()?.hook.as_ref()?;
+        Some((h.train_totals(), h.targets()))
+    }
+
+    fn attention_totals(&self) -> Option<(Vec<LayerCounters>, Vec<f64>)> {
+        let h = self.exposure.as_ref()?.attention.as_ref()?;
+        Some((h.train_totals(), h.targets()))
     }
 }

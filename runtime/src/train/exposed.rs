@@ -1,7 +1,8 @@
-//! Setting up a run with MLP exposure (`lexp finetune --exposure mlp`, DESIGN.md §7): load the
-//! model, give the exposer its chance to restructure it ([`expose_structure`]), train the
-//! block predictors offline on dense forwards of the run's first training batches, and hand
-//! back the CPU engine that trains with the sparse hook and probes with the guard.
+//! Setting up a run with exposure (`lexp finetune --exposure mlp|attention`, DESIGN.md §7):
+//! load the model, give the exposer its chance to restructure it ([`expose_structure`], MLP
+//! only), train the block predictors offline on dense forwards of the run's first training
+//! batches, and hand back the CPU engine that trains with the sparse hook and probes with the
+//! guard.
 
 use super::config::{ExposureMode, TrainConfig};
 use super::engine::{CpuEngine, CpuExposure};
@@ -10,6 +11,7 @@ use super::trainer::load_data;
 use super::TrainError;
 use crate::checkpoint::OptModel;
 use crate::data::PackedBatch;
+use crate::exposure::attention::{corpus, sparse::SparseAttention};
 use crate::exposure::permutation::{self, NeuronPermutation, PermutationError};
 use crate::exposure::sparse_mlp::{self, SparseMlp};
 
@@ -69,7 +71,8 @@ pub fn predictor_batches(
 /// The CPU engine of `config`: plain with `--exposure none`; with `--exposure mlp` the model
 /// goes through [`expose_structure`], the predictors are trained offline
 /// ([`sparse_mlp::train_offline`], `progress(done, total)` after each dense forward and the
-/// fit), and the engine trains sparse with the guard's probes.
+/// fit), and the engine trains sparse with the guard's probes; `--exposure attention` is
+/// [`attention_engine`].
 pub fn cpu_engine_exposed(
     config: &TrainConfig,
     progress: &mut dyn FnMut(usize, usize),
@@ -80,6 +83,9 @@ pub fn cpu_engine_exposed(
         return Ok(CpuEngine::new(model));
     }
     e.validate().map_err(TrainError::Config)?;
+    if e.mode == ExposureMode::Attention {
+        return attention_engine(config, model, progress);
+    }
     // The hook first: it checks the block and group sizes against the model by flag name.
     let hook = SparseMlp::new(&model.config, e.sparse_mlp(), config.seed)
         .map_err(|err| TrainError::Config(err.to_string()))?;
@@ -102,9 +108,67 @@ pub fn cpu_engine_exposed(
     Ok(CpuEngine::with_exposure(
         model,
         CpuExposure {
-            hook,
+            hook: Some(hook),
+            attention: None,
             guard: e.guard(),
             permutation,
+        },
+    ))
+}
+
+/// The CPU engine with attention exposure: a [`SparseAttention`] hook for `model`, its key-block
+/// predictors trained offline ([`corpus::train_offline`]) on dense forwards of the run's first
+/// `predictor_batches` micro-batches (`progress(done, total)` after each and the fit), dense
+/// MLPs, the guard's probes. The model is not restructured (attention exposure keeps the
+/// weights as they are).
+pub fn attention_engine(
+    config: &TrainConfig,
+    model: OptModel,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<CpuEngine, TrainError> {
+    let e = &config.exposure;
+    let c = &model.config;
+    let hook = SparseAttention::new(
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.head_dim(),
+        e.attention.sparse_attention(),
+        config.seed,
+    )
+    .map_err(|err| TrainError::Config(err.to_string()))?;
+    let batches = predictor_batches(config, &model, e.predictor_batches.max(1))?;
+    let total = batches.len() + 1;
+    let mut done = 0;
+    let t0 = std::time::Instant::now();
+    let losses = corpus::train_offline(
+        &model,
+        &hook,
+        &batches,
+        e.predictor_steps,
+        config.seed,
+        &mut || {
+            done += 1;
+            progress(done, total);
+        },
+    )
+    .map_err(|err| match err {
+        corpus::CorpusError::Model(m) => TrainError::Forward(m),
+        corpus::CorpusError::Data(d) => TrainError::Data(d),
+        other => TrainError::Config(format!("attention predictors: {other}")),
+    })?;
+    progress(total, total);
+    tracing::info!(
+        "attention predictors trained on {} dense batches in {:.1} s (final losses {losses:?})",
+        batches.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(CpuEngine::with_exposure(
+        model,
+        CpuExposure {
+            hook: None,
+            attention: Some(hook),
+            guard: e.guard(),
+            permutation: None,
         },
     ))
 }

@@ -21,10 +21,10 @@ pub mod plot;
 pub mod state;
 pub mod trainer;
 
-pub use config::{ExposureConfig, ExposureMode, TrainConfig};
+pub use config::{AttentionExposureConfig, ExposureConfig, ExposureMode, TrainConfig};
 pub use engine::{host_optimizer_step, CpuEngine, CpuExposure, Engine, OptimStep, StepOutcome};
 pub use error::TrainError;
 pub use trainer::{
-    evaluate, evaluate_with, run, run_as, ExposureSummary, LayerExposure, Observer, RunInfo,
-    RunSummary, Silent,
+    evaluate, evaluate_with, run, run_as, AttentionSummary, ExposureSummary, LayerAttention,
+    LayerExposure, Observer, RunInfo, RunSummary, Silent,
 };

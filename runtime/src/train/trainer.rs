@@ -9,8 +9,8 @@ use super::state::{self, TrainerState};
 use super::TrainError;
 use crate::checkpoint::OptModel;
 use crate::data::{
-    load_jsonl, pack, split_eval_grouped, EvalSize, Example, JsonlOptions, PackedBatch, SplitMix64,
-    Tokenizer,
+    load_jsonl, pack, split_eval_grouped, text_windows, EvalSize, Example, JsonlOptions,
+    PackedBatch, SplitMix64, Tokenizer,
 };
 use crate::model::DropoutRng;
 use crate::optim::{AdamW, LrSchedule};
@@ -76,14 +76,18 @@ pub struct RunInfo {
 pub struct RunSummary {
     /// Eval loss before the first step (or at the resumed step), if measured.
     pub eval_loss_start: Option<f64>,
-    /// Eval loss after the last step (with MLP exposure: sparse, as the run trains).
+    /// Eval loss after the last step (with exposure: sparse, as the run trains).
     pub eval_loss_end: f64,
-    /// With MLP exposure: the eval loss after the last step with every MLP dense.
+    /// With exposure: the eval loss after the last step with every MLP and attention dense.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss_end_dense: Option<f64>,
     /// With MLP exposure: what the training steps kept and skipped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exposure: Option<ExposureSummary>,
+    /// With attention exposure: the key blocks the training steps computed and the probes'
+    /// recall and gaps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention: Option<AttentionSummary>,
     /// Eval targets.
     pub eval_targets: usize,
     /// Steps done in all.
@@ -154,6 +158,79 @@ fn exposure_summary(engine: &dyn Engine, records: &[Record]) -> Option<ExposureS
     })
 }
 
+/// One layer in an [`AttentionSummary`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LayerAttention {
+    /// Computed share of the causal key blocks over the training steps.
+    pub density: f64,
+    /// Mean over the dense probes of the kept share of the exact attention mass (`None`
+    /// without probes: training steps do not measure it).
+    pub recall: Option<f64>,
+    /// The mass target at the end.
+    pub target: f64,
+}
+
+/// What attention exposure did over a run's training steps.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AttentionSummary {
+    /// Per layer.
+    pub layers: Vec<LayerAttention>,
+    /// Mean over the layers of the computed share of causal key blocks.
+    pub density: f64,
+    /// Mean over the layers and probes of the attention-mass recall (`None` without probes).
+    pub recall: Option<f64>,
+    /// Dense probes run.
+    pub probes: usize,
+    /// Relative loss gap (sparse vs dense, same batch) of the last probe.
+    pub last_gap: Option<f64>,
+    /// Mean relative loss gap over the probes.
+    pub mean_gap: Option<f64>,
+    /// Largest relative loss gap of a probe.
+    pub max_gap: Option<f64>,
+}
+
+/// The attention summary of a run from the engine's totals and the logged probes (with
+/// attention exposure alone, every probe is an attention probe).
+fn attention_summary(engine: &dyn Engine, records: &[Record]) -> Option<AttentionSummary> {
+    let (totals, targets) = engine.attention_totals()?;
+    let probes: Vec<&crate::exposure::guard::ProbeReport> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Probe(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let layers: Vec<LayerAttention> = totals
+        .iter()
+        .zip(&targets)
+        .enumerate()
+        .map(|(l, (c, &target))| {
+            let r: Vec<f64> = probes
+                .iter()
+                .filter_map(|p| p.layers.get(l).map(|x| x.recall))
+                .collect();
+            LayerAttention {
+                density: c.density(),
+                recall: mean(&r),
+                target,
+            }
+        })
+        .collect();
+    let densities: Vec<f64> = layers.iter().map(|l| l.density).collect();
+    let recalls: Vec<f64> = layers.iter().filter_map(|l| l.recall).collect();
+    let gaps: Vec<f64> = probes.iter().map(|p| p.gap).collect();
+    Some(AttentionSummary {
+        density: mean(&densities).unwrap_or(1.0),
+        recall: mean(&recalls),
+        layers,
+        probes: probes.len(),
+        last_gap: gaps.last().copied(),
+        mean_gap: mean(&gaps),
+        max_gap: gaps.iter().copied().reduce(f64::max),
+    })
+}
+
 /// Training and eval examples of a run.
 pub struct RunData {
     /// Training examples (all files, in order).
@@ -162,9 +239,62 @@ pub struct RunData {
     pub eval: Vec<Example>,
 }
 
-/// Loads the data of `config` with the model's tokenizer.
+/// The `window`-token windows of the plain-text file `path` ([`text_windows`]).
+fn load_text(tok: &Tokenizer, path: &Path, window: usize) -> Result<Vec<Example>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    Ok(text_windows(tok, &text, window)?)
+}
+
+/// [`load_data`] for plain text ([`TrainConfig::text_windows`]): windows of every training
+/// file in order; the eval file's windows, or else the last `eval_fraction` of the training
+/// windows (a contiguous tail, so held-out text never overlaps a training window).
+fn load_text_data(
+    config: &TrainConfig,
+    model: &OptModel,
+    tok: &Tokenizer,
+    window: usize,
+) -> Result<RunData, TrainError> {
+    let positions = model.config.max_position_embeddings;
+    if window > positions {
+        return Err(TrainError::Config(format!(
+            "text windows of {window} tokens are longer than the model's {positions} positions"
+        )));
+    }
+    let mut train = Vec::new();
+    for f in &config.train_files {
+        train.extend(load_text(tok, f, window)?);
+    }
+    let eval = match &config.eval_file {
+        Some(f) => load_text(tok, f, window)?,
+        None => {
+            let held = (train.len() as f64 * config.eval_fraction).round() as usize;
+            let held = if config.eval_fraction > 0.0 && train.len() > 1 {
+                held.clamp(1, train.len() - 1)
+            } else {
+                0
+            };
+            train.split_off(train.len() - held)
+        }
+    };
+    Ok(RunData { train, eval })
+}
+
+/// Loads the data of `config` with the model's tokenizer: JSONL, or plain text cut into
+/// windows with [`TrainConfig::text_windows`].
 pub fn load_data(config: &TrainConfig, model: &OptModel) -> Result<RunData, TrainError> {
     let tok = Tokenizer::from_file(config.model_dir.join("tokenizer.json"))?;
+    if let Some(window) = config.text_windows {
+        let mut data = load_text_data(config, model, &tok, window)?;
+        if config.eval_max_examples > 0 {
+            data.eval.truncate(config.eval_max_examples);
+        }
+        if data.train.is_empty() {
+            return Err(TrainError::Config(format!(
+                "the training text has no full window of {window} tokens"
+            )));
+        }
+        return Ok(data);
+    }
     let options = JsonlOptions {
         max_len: config.max_seq_len.min(model.config.max_position_embeddings),
         vocab_size: Some(model.config.vocab_size),
@@ -707,6 +837,7 @@ pub fn run_as(
         eval_loss_end: last_eval.unwrap_or(f64::NAN),
         eval_loss_end_dense,
         exposure: exposure_summary(engine, metrics.records()),
+        attention: attention_summary(engine, metrics.records()),
         eval_targets: metrics
             .records()
             .iter()

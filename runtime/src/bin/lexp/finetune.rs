@@ -1,5 +1,5 @@
-//! `lexp finetune` and `lexp eval`: LoRA fine-tuning of an OPT checkpoint on JSONL data, and
-//! the loss of a model (+ adapter) on a data file.
+//! `lexp finetune` and `lexp eval`: LoRA fine-tuning of an OPT checkpoint on JSONL data (or
+//! plain text cut into windows), and the loss of a model (+ adapter) on a data file.
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,8 +11,8 @@ use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::peft;
 use lexp_runtime::train::metrics::Record;
 use lexp_runtime::train::{
-    self, embedded, Engine, ExposureConfig, ExposureMode, Observer, RunInfo, TrainConfig,
-    TrainError,
+    self, embedded, AttentionExposureConfig, Engine, ExposureConfig, ExposureMode, Observer,
+    RunInfo, TrainConfig, TrainError,
 };
 use lexp_runtime::CudaDevice;
 use std::ffi::OsString;
@@ -39,6 +39,9 @@ pub enum ExposureChoice {
     /// Sparse MLPs: per-layer block predictors, mass-target selection, dense probes with an
     /// auto-exposure guard (CPU engine only for now).
     Mlp,
+    /// Block-sparse attention: per-head key-block predictors, local window and sinks kept,
+    /// mass-target selection, dense probes with the guard (CPU engine only for now).
+    Attention,
 }
 
 /// Options of `lexp finetune`.
@@ -52,12 +55,20 @@ pub struct FinetuneArgs {
     /// pre-tokenized context/completion lines.
     #[arg(long = "data")]
     data: Vec<PathBuf>,
-    /// Evaluation JSONL file (default: hold out --eval-fraction of the training prompts).
+    /// Evaluation JSONL file (default: hold out --eval-fraction of the training prompts). With
+    /// --text-windows: a plain-text file, cut into windows the same way.
     #[arg(long)]
     eval_data: Option<PathBuf>,
-    /// Share of training prompts held out when there is no --eval-data.
+    /// Share of training prompts held out when there is no --eval-data (with --text-windows:
+    /// the last share of the windows, in file order).
     #[arg(long, default_value_t = 0.1)]
     eval_fraction: f64,
+    /// Treat --data (and --eval-data) as plain text (documents separated by blank lines), cut
+    /// into windows of this many tokens, every token a target: language-model fine-tuning.
+    /// Without --eval-data the last --eval-fraction of the windows are held out. Sets the
+    /// longest sequence; more than the model's positions needs --max-positions.
+    #[arg(long)]
+    text_windows: Option<usize>,
     /// Evaluate on at most this many eval examples (0: all).
     #[arg(long, default_value_t = 0)]
     eval_max_examples: usize,
@@ -135,7 +146,7 @@ pub struct FinetuneArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceChoice,
-    /// Activation sparsity to exploit: none, or mlp (CPU engine only for now).
+    /// Activation sparsity to exploit: none, mlp or attention (CPU engine only for now).
     #[arg(long, value_enum, default_value = "none")]
     exposure: ExposureChoice,
     /// --exposure mlp: neurons per block (must divide the MLP width).
@@ -153,17 +164,37 @@ pub struct FinetuneArgs {
     /// --exposure mlp: rank of the per-layer block predictors.
     #[arg(long, default_value_t = 64)]
     mlp_rank: usize,
-    /// --exposure mlp: steps between the guard's dense probes (0: none).
+    /// --exposure attention: initial share of each (query block, head) row's predicted
+    /// attention mass to keep, in (0, 1].
+    #[arg(long, default_value_t = 0.9)]
+    attn_target: f64,
+    /// --exposure attention: key blocks before the diagonal always kept (local window).
+    #[arg(long, default_value_t = 1)]
+    attn_window: usize,
+    /// --exposure attention: first key blocks of each sequence always kept (sinks).
+    #[arg(long, default_value_t = 1)]
+    attn_sinks: usize,
+    /// --exposure attention: largest share of a row's causal key blocks kept beyond the window
+    /// and sinks, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    attn_budget: f64,
+    /// --exposure attention: rank of the per-head key-block scorers.
+    #[arg(long, default_value_t = 16)]
+    attn_rank: usize,
+    /// --exposure attention: query rows and keys per block (the GPU kernels' tile is 128).
+    #[arg(long, default_value_t = 128)]
+    attn_block: usize,
+    /// --exposure mlp|attention: steps between the guard's dense probes (0: none).
     #[arg(long, default_value_t = 20)]
     probe_every: usize,
-    /// --exposure mlp: relative loss gap (sparse vs dense) the guard holds.
+    /// --exposure mlp|attention: relative loss gap (sparse vs dense) the guard holds.
     #[arg(long, default_value_t = 0.005)]
     gap_budget: f64,
-    /// --exposure mlp: training micro-batches run dense to label the predictors' offline
-    /// training.
+    /// --exposure mlp|attention: training micro-batches run dense to label the predictors'
+    /// offline training.
     #[arg(long, default_value_t = 32)]
     predictor_batches: usize,
-    /// --exposure mlp: Adam steps of each predictor's offline training.
+    /// --exposure mlp|attention: Adam steps of each predictor's offline training.
     #[arg(long, default_value_t = 1000)]
     predictor_steps: usize,
     /// --exposure mlp: keep the checkpoint's neuron order (skip the exposer's co-activation
@@ -260,16 +291,22 @@ fn make_engine(
     let cpu = |model: OptModel| -> (&'static str, Box<dyn Engine>) {
         ("cpu", Box::new(train::CpuEngine::new(model)))
     };
-    if config.exposure.mode == ExposureMode::Mlp {
+    let exposure = match config.exposure.mode {
+        ExposureMode::None => None,
+        ExposureMode::Mlp => Some(("mlp", "MLP")),
+        ExposureMode::Attention => Some(("attention", "attention")),
+    };
+    if let Some((flag, what)) = exposure {
         if choice == DeviceChoice::Cuda {
             bail!(
-                "--exposure mlp runs on the CPU engine only for now (the GPU's block-sparse MLP \
-                 operators are not connected yet): use --device cpu"
+                "--exposure {flag} runs on the CPU engine only for now (the GPU's block-sparse \
+                 {what} operators are not connected to training yet): use --device cpu"
             );
         }
         if choice == DeviceChoice::Auto {
             eprintln!(
-                "--exposure mlp: training on the CPU engine (the GPU engine has no sparse MLP yet)"
+                "--exposure {flag}: training on the CPU engine (the GPU engine has no sparse \
+                 {what} training yet)"
             );
         }
         return Ok(("cpu", Box::new(exposed_cpu_engine(config)?)));
@@ -325,8 +362,9 @@ fn make_engine(
     }
 }
 
-/// The CPU engine with MLP exposure: model, [`train::exposed::expose_structure`], the
-/// predictors trained offline on dense forwards (with a progress bar), the sparse hook.
+/// The CPU engine with MLP or attention exposure: model, [`train::exposed::expose_structure`]
+/// (MLP), the predictors trained offline on dense forwards (with a progress bar), the sparse
+/// hook.
 fn exposed_cpu_engine(config: &TrainConfig) -> Result<train::CpuEngine> {
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -340,8 +378,29 @@ fn exposed_cpu_engine(config: &TrainConfig) -> Result<train::CpuEngine> {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })
-    .with_context(|| "training the MLP block predictors")?;
+    .with_context(|| "training the exposure's block predictors")?;
     bar.finish_and_clear();
+    let x = &config.exposure;
+    if x.mode == ExposureMode::Attention {
+        let a = &x.attention;
+        eprintln!(
+            "attention exposure: predictors (rank {}) trained on {} dense batches in {:.1} s; \
+             blocks of {}x{}, window {}, sinks {}, mass target {}, budget {}, probes every {} \
+             steps, gap budget {}",
+            a.rank,
+            x.predictor_batches,
+            t0.elapsed().as_secs_f64(),
+            a.q_block,
+            a.k_block,
+            a.window,
+            a.sinks,
+            a.target,
+            a.budget,
+            x.probe_every,
+            x.gap_budget
+        );
+        return Ok(engine);
+    }
     eprintln!(
         "MLP exposure: {}predictors (rank {}) trained on {} dense batches in {:.1} s; blocks of \
          {}, groups of {}, mass target {}, probes every {} steps, gap budget {}",
@@ -517,9 +576,29 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             .unwrap_or(0);
         PathBuf::from("lexp-runs").join(format!("run-{secs}"))
     });
-    let max_seq_len =
-        args.positions
-            .sequence_limit(&model_dir, "--max-seq-len", args.max_seq_len, 1024)?;
+    let max_seq_len = match args.text_windows {
+        None => {
+            args.positions
+                .sequence_limit(&model_dir, "--max-seq-len", args.max_seq_len, 1024)?
+        }
+        Some(0) => bail!("--text-windows must be at least 1 token"),
+        Some(_) if default_run => bail!(
+            "--text-windows needs plain-text data: name the model with --model DIR and the \
+             text with --data FILE"
+        ),
+        Some(w) => {
+            let w = args
+                .positions
+                .sequence_limit(&model_dir, "--text-windows", Some(w), w)?;
+            match args.max_seq_len {
+                Some(m) if m < w => bail!(
+                    "--max-seq-len {m} is shorter than --text-windows {w}: drop --max-seq-len \
+                     (text windows set it)"
+                ),
+                _ => w,
+            }
+        }
+    };
     let config = TrainConfig {
         model_dir,
         train_files,
@@ -554,6 +633,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             mode: match args.exposure {
                 ExposureChoice::None => ExposureMode::None,
                 ExposureChoice::Mlp => ExposureMode::Mlp,
+                ExposureChoice::Attention => ExposureMode::Attention,
             },
             mlp_block: args.mlp_block,
             mlp_group: args.mlp_group,
@@ -565,7 +645,17 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             predictor_batches: args.predictor_batches,
             predictor_steps: args.predictor_steps,
             permute: !args.no_permute,
+            attention: AttentionExposureConfig {
+                target: args.attn_target,
+                window: args.attn_window,
+                sinks: args.attn_sinks,
+                budget: args.attn_budget,
+                rank: args.attn_rank,
+                q_block: args.attn_block,
+                k_block: args.attn_block,
+            },
         },
+        text_windows: args.text_windows,
     };
     config.exposure.validate().map_err(|e| anyhow!("{e}"))?;
     let world = World::from_env().context("reading the data-parallel environment")?;
@@ -591,7 +681,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     let comm = if world.is_distributed() {
         launch::exit_with_launcher();
         if config.exposure.mode != ExposureMode::None {
-            bail!("--exposure mlp does not run data-parallel yet (the guard's probes and counters are per process): train with one worker");
+            bail!("--exposure {} does not run data-parallel yet (the guard's probes and counters are per process): train with one worker", format!("{:?}", args.exposure).to_lowercase());
         }
         // GPU workers (`--gpus`, or CUDA visible under an external launcher) talk NCCL: rank 0
         // puts the unique id in the rendezvous blob.
@@ -694,6 +784,31 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             x.mean_gap
                 .map(|g| format!("{:+.3}%", 100.0 * g))
                 .unwrap_or_else(|| "-".into()),
+            per_layer.join(" ")
+        );
+    }
+    if let Some(a) = &summary.attention {
+        let pct = |v: Option<f64>| {
+            v.map(|g| format!("{:+.3}%", 100.0 * g))
+                .unwrap_or_else(|| "-".into())
+        };
+        let per_layer: Vec<String> = a
+            .layers
+            .iter()
+            .map(|l| {
+                let r = l.recall.map_or("-".into(), |r| format!("{r:.4}"));
+                format!("{:.3}/{r}/{:.4}", l.density, l.target)
+            })
+            .collect();
+        eprintln!(
+            "attention exposure over the training steps: {:.1}% of the causal key blocks \
+             computed, probe recall {} ({} probes, mean gap {}, last gap {}); per layer \
+             density/recall/final target: {}",
+            100.0 * a.density,
+            a.recall.map_or("-".into(), |r| format!("{r:.4}")),
+            a.probes,
+            pct(a.mean_gap),
+            pct(a.last_gap),
             per_layer.join(" ")
         );
     }
