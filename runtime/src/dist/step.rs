@@ -12,9 +12,9 @@ use super::Communicator;
 use crate::checkpoint::OptModel;
 use crate::data::PackedBatch;
 use crate::model::{DropoutRng, ModelError, Result, StepOutput};
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::optim::AdamW;
 use crate::peft::LoraParams;
-use crate::train::{Engine, OptimStep, StepOutcome};
+use crate::train::{apply_step, Engine, OptimStep, StepOutcome};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -59,23 +59,7 @@ pub fn data_parallel_step<E: Engine + ?Sized>(
         grads.push(g);
         rest = r;
     }
-    let grad_norm = clip_grad_norm(&mut grads, step.max_grad_norm);
-    let outcome = StepOutcome {
-        loss,
-        grad_norm,
-        targets: n,
-        applied: loss.is_finite() && grad_norm.is_finite(),
-    };
-    if outcome.applied {
-        let grads_ro: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
-        let mut params: Vec<&mut [f32]> = lora
-            .tensors_mut()
-            .into_iter()
-            .map(|(_, m)| m.data.as_mut_slice())
-            .collect();
-        adamw.step(&mut params, &grads_ro, step.lr);
-    }
-    Ok(outcome)
+    Ok(apply_step(lora, adamw, &mut grads, loss, n, step))
 }
 
 /// Adds the gradients of `out` (in the adapter's canonical order) into `flat`.

@@ -10,6 +10,7 @@
 //! held-out eval ended 1.2% (sparse) / 0.4% (dense) above a dense-trained run, at 6% of the MLP
 //! work skipped.
 
+use super::predictor::LabelSet;
 use super::sparse_mlp::{LayerCounters, Mode, SparseMlp};
 use crate::checkpoint::OptModel;
 use crate::data::PackedBatch;
@@ -159,30 +160,87 @@ fn batch_loss(
     Ok(out.loss_sum / out.count.max(1) as f64)
 }
 
-/// The dense probe on `batch` after `step` steps: dense and sparse loss, recall and density
-/// per layer, the predictors' refresh from the dense activations, and the controller's move.
-/// Leaves `hook` in [`Mode::Sparse`].
-pub fn probe(
+/// What a dense probe needs of a sparse hook: its modes, the counters of the training window
+/// and of the measured pass, label collection, the per-layer targets and the predictors' refit.
+/// [`SparseMlp`] and the attention hook (`exposure::attention::sparse::SparseAttention`)
+/// implement it, so both guards run the one [`probe_with`].
+pub trait Guarded {
+    /// The dense pass's labels for the predictors' refresh.
+    type Labels;
+    /// Layers with a target.
+    fn layers(&self) -> usize;
+    /// Switches dense / measured / sparse.
+    fn set_mode(&self, mode: Mode);
+    /// Counters since the last call, of the sparse training steps.
+    fn take_window(&self) -> Vec<LayerCounters>;
+    /// Counters of the measured pass.
+    fn take_measured(&self) -> Vec<LayerCounters>;
+    /// Starts collecting labels from the next dense pass.
+    fn start_collecting(&self);
+    /// The collected labels (collection stops).
+    fn take_labels(&self) -> Vec<Self::Labels>;
+    /// Per-layer mass targets.
+    fn targets(&self) -> Vec<f64>;
+    /// Sets the per-layer mass targets.
+    fn set_targets(&self, targets: &[f64]);
+    /// Refits the predictors on `labels` for `steps` steps; the loss per layer.
+    fn fit(&self, labels: &[Self::Labels], steps: usize, seed: u64) -> Vec<f32>;
+}
+
+impl Guarded for SparseMlp {
+    type Labels = LabelSet;
+    fn layers(&self) -> usize {
+        SparseMlp::layers(self)
+    }
+    fn set_mode(&self, mode: Mode) {
+        SparseMlp::set_mode(self, mode)
+    }
+    fn take_window(&self) -> Vec<LayerCounters> {
+        SparseMlp::take_window(self)
+    }
+    fn take_measured(&self) -> Vec<LayerCounters> {
+        SparseMlp::take_measured(self)
+    }
+    fn start_collecting(&self) {
+        SparseMlp::start_collecting(self)
+    }
+    fn take_labels(&self) -> Vec<LabelSet> {
+        SparseMlp::take_labels(self)
+    }
+    fn targets(&self) -> Vec<f64> {
+        SparseMlp::targets(self)
+    }
+    fn set_targets(&self, targets: &[f64]) {
+        SparseMlp::set_targets(self, targets)
+    }
+    fn fit(&self, labels: &[LabelSet], steps: usize, seed: u64) -> Vec<f32> {
+        SparseMlp::fit(self, labels, steps, seed)
+    }
+}
+
+/// The dense probe after `step` steps, for any [`Guarded`] hook: a dense pass (collecting
+/// labels when the config refreshes), a measured sparse pass, the controller's move, the
+/// refresh. `batch_loss` runs one forward of the probe batch through the hook in its current
+/// mode and returns the mean loss. Leaves the hook in [`Mode::Sparse`].
+///
+/// # Errors
+/// The first error of `batch_loss` (targets and predictors are then left unchanged).
+pub fn probe_with<H: Guarded, E>(
     cfg: &GuardConfig,
-    model: &OptModel,
-    lora: Option<&LoraParams>,
-    batch: &PackedBatch,
-    hook: &SparseMlp,
+    hook: &H,
     step: usize,
-) -> model::Result<ProbeReport> {
+    mut batch_loss: impl FnMut(&H) -> Result<f64, E>,
+) -> Result<ProbeReport, E> {
     let train_window = hook.take_window();
     hook.set_mode(Mode::Dense);
     if cfg.refresh_steps > 0 {
         hook.start_collecting();
     }
-    let dense = batch_loss(model, lora, batch, hook);
+    let dense = batch_loss(hook);
     let labels = hook.take_labels();
     hook.set_mode(Mode::Measure);
     hook.take_measured();
-    let sparse = dense
-        .as_ref()
-        .ok()
-        .map(|_| batch_loss(model, lora, batch, hook));
+    let sparse = dense.as_ref().ok().map(|_| batch_loss(hook));
     hook.set_mode(Mode::Sparse);
     let dense_loss = dense?;
     let sparse_loss = sparse.unwrap_or(Ok(f64::NAN))?;
@@ -216,6 +274,20 @@ pub fn probe(
         layers,
         refresh_loss,
     })
+}
+
+/// The MLP's dense probe on `batch` after `step` steps ([`probe_with`] over the CPU model):
+/// dense and sparse loss, recall and density per layer, the predictors' refresh from the dense
+/// activations, and the controller's move. Leaves `hook` in [`Mode::Sparse`].
+pub fn probe(
+    cfg: &GuardConfig,
+    model: &OptModel,
+    lora: Option<&LoraParams>,
+    batch: &PackedBatch,
+    hook: &SparseMlp,
+    step: usize,
+) -> model::Result<ProbeReport> {
+    probe_with(cfg, hook, step, |h| batch_loss(model, lora, batch, h))
 }
 
 #[cfg(test)]

@@ -86,17 +86,38 @@ pub fn host_optimizer_step<E: Engine + ?Sized>(
         }
     }
     let mut grads = total.ok_or_else(|| ModelError::Batch("the step has no batches".into()))?;
-    let loss = loss_sum / n as f64;
     let mut flat = grads.flat_mut();
-    let grad_norm = clip_grad_norm(&mut flat, step.max_grad_norm);
+    Ok(apply_step(
+        lora,
+        adamw,
+        &mut flat,
+        loss_sum / n as f64,
+        n,
+        step,
+    ))
+}
+
+/// The end of a host optimizer step, given the step's summed gradients `grads` (in the
+/// adapter's canonical order), its mean loss and its target count: [`clip_grad_norm`], then
+/// [`AdamW::step`] on `lora` unless the loss or the gradient norm is not finite (the step is
+/// then skipped). Shared by [`host_optimizer_step`] and the data-parallel step.
+pub fn apply_step(
+    lora: &mut LoraParams,
+    adamw: &mut AdamW,
+    grads: &mut [&mut [f32]],
+    loss: f64,
+    targets: usize,
+    step: &OptimStep<'_>,
+) -> StepOutcome {
+    let grad_norm = clip_grad_norm(grads, step.max_grad_norm);
     let outcome = StepOutcome {
         loss,
         grad_norm,
-        targets: n,
+        targets,
         applied: loss.is_finite() && grad_norm.is_finite(),
     };
     if outcome.applied {
-        let grads_ro: Vec<&[f32]> = flat.iter().map(|g| &**g).collect();
+        let grads_ro: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
         let mut params: Vec<&mut [f32]> = lora
             .tensors_mut()
             .into_iter()
@@ -104,7 +125,7 @@ pub fn host_optimizer_step<E: Engine + ?Sized>(
             .collect();
         adamw.step(&mut params, &grads_ro, step.lr);
     }
-    Ok(outcome)
+    outcome
 }
 
 /// A device that runs training steps of one model.

@@ -22,7 +22,9 @@ pub mod state;
 pub mod trainer;
 
 pub use config::{AttentionExposureConfig, ExposureConfig, ExposureMode, TrainConfig};
-pub use engine::{host_optimizer_step, CpuEngine, CpuExposure, Engine, OptimStep, StepOutcome};
+pub use engine::{
+    apply_step, host_optimizer_step, CpuEngine, CpuExposure, Engine, OptimStep, StepOutcome,
+};
 pub use error::TrainError;
 pub use trainer::{
     evaluate, evaluate_with, run, run_as, AttentionSummary, ExposureSummary, LayerAttention,

@@ -1,20 +1,22 @@
 //! The attention guard (DESIGN.md §7, attention step 5): as for the MLP, every K steps a dense
 //! probe compares the sparse and the dense loss of the same batch, measures per layer the
 //! attention-mass recall and the kept density, moves each layer's mass target with the MLP
-//! guard's controller ([`control`]: same [`GuardConfig`], same report types), and refreshes
+//! guard's controller (`exposure::guard::control`, through the same [`probe_with`]: same
+//! [`GuardConfig`], same report types), and refreshes
 //! the predictors from the dense pass's labels.
 //!
 //! The probe does not run the model itself: `batch_loss` runs one forward of the probe batch
 //! through the hook in its current mode (dense or measured) and returns the mean loss, so the
 //! same logic serves the CPU model and any other engine that calls the hook.
 
+use super::predictor::AttnLabels;
 use super::sparse::SparseAttention;
-use crate::exposure::guard::{control, GuardConfig, LayerProbe, ProbeReport};
+use crate::exposure::guard::{probe_with, GuardConfig, Guarded, ProbeReport};
 use crate::exposure::sparse_mlp::{LayerCounters, Mode};
 
-/// The dense probe after `step` steps: a dense pass (collecting labels when the config
-/// refreshes), a measured sparse pass, the controller's move, the refresh. Leaves `hook` in
-/// [`Mode::Sparse`].
+/// The dense probe after `step` steps ([`probe_with`]): a dense pass (collecting labels when
+/// the config refreshes), a measured sparse pass, the controller's move, the refresh. Leaves
+/// `hook` in [`Mode::Sparse`](crate::exposure::sparse_mlp::Mode).
 ///
 /// # Errors
 /// The first error of `batch_loss` (targets and predictors are then left unchanged).
@@ -22,54 +24,40 @@ pub fn probe<E>(
     cfg: &GuardConfig,
     hook: &SparseAttention,
     step: usize,
-    mut batch_loss: impl FnMut(&SparseAttention) -> Result<f64, E>,
+    batch_loss: impl FnMut(&SparseAttention) -> Result<f64, E>,
 ) -> Result<ProbeReport, E> {
-    let train_window = hook.take_window();
-    hook.set_mode(Mode::Dense);
-    if cfg.refresh_steps > 0 {
-        hook.start_collecting();
+    probe_with(cfg, hook, step, batch_loss)
+}
+
+impl Guarded for SparseAttention {
+    type Labels = AttnLabels;
+    fn layers(&self) -> usize {
+        SparseAttention::layers(self)
     }
-    let dense = batch_loss(hook);
-    let labels = hook.take_labels();
-    hook.set_mode(Mode::Measure);
-    hook.take_measured();
-    let sparse = dense.as_ref().ok().map(|_| batch_loss(hook));
-    hook.set_mode(Mode::Sparse);
-    let dense_loss = dense?;
-    let sparse_loss = match sparse {
-        Some(s) => s?,
-        None => f64::NAN,
-    };
-    let probe_window: Vec<LayerCounters> = hook.take_measured();
-    let gap = (sparse_loss - dense_loss) / dense_loss.abs().max(1e-12);
-    let before = hook.targets();
-    let recalls: Vec<f64> = probe_window.iter().map(LayerCounters::recall).collect();
-    let mut after = before.clone();
-    let action = control(cfg, &mut after, gap, &recalls);
-    hook.set_targets(&after);
-    let refresh_loss = if cfg.refresh_steps > 0 {
-        hook.fit(&labels, cfg.refresh_steps, step as u64)
-    } else {
-        Vec::new()
-    };
-    let layers = (0..hook.layers())
-        .map(|l| LayerProbe {
-            density: probe_window[l].density(),
-            recall: probe_window[l].recall(),
-            train_density: train_window[l].density(),
-            target: before[l],
-            new_target: after[l],
-        })
-        .collect();
-    Ok(ProbeReport {
-        step,
-        dense_loss,
-        sparse_loss,
-        gap,
-        action,
-        layers,
-        refresh_loss,
-    })
+    fn set_mode(&self, mode: Mode) {
+        SparseAttention::set_mode(self, mode)
+    }
+    fn take_window(&self) -> Vec<LayerCounters> {
+        SparseAttention::take_window(self)
+    }
+    fn take_measured(&self) -> Vec<LayerCounters> {
+        SparseAttention::take_measured(self)
+    }
+    fn start_collecting(&self) {
+        SparseAttention::start_collecting(self)
+    }
+    fn take_labels(&self) -> Vec<AttnLabels> {
+        SparseAttention::take_labels(self)
+    }
+    fn targets(&self) -> Vec<f64> {
+        SparseAttention::targets(self)
+    }
+    fn set_targets(&self, targets: &[f64]) {
+        SparseAttention::set_targets(self, targets)
+    }
+    fn fit(&self, labels: &[AttnLabels], steps: usize, seed: u64) -> Vec<f32> {
+        SparseAttention::fit(self, labels, steps, seed)
+    }
 }
 
 #[cfg(test)]
