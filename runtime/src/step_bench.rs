@@ -256,6 +256,12 @@ pub struct WorkloadResult {
     pub device_used_mib: Option<f64>,
     /// The engine's activation workspace (MiB; GPU only).
     pub workspace_mib: Option<f64>,
+    /// Ranks that computed the step (1: one device; the micro-batches, tokens and TFLOP/s
+    /// above are the whole step's, over every rank).
+    pub world_size: usize,
+    /// Time per step in collectives (data parallel: the gradient all-reduce and the loss sums;
+    /// [`Engine::last_comm_ms`]), over the timed steps, when the engine reports it.
+    pub comm: Option<Summary>,
 }
 
 /// Runs `settings.warmup + settings.iters` optimizer steps of LoRA `lora_config` (initialised
@@ -271,10 +277,39 @@ pub fn time_steps(
     settings: &StepSettings,
     seed: u64,
 ) -> Result<WorkloadResult, StepBenchError> {
+    time_global_steps(
+        engine,
+        lora_config,
+        std::slice::from_ref(batch),
+        1,
+        settings,
+        seed,
+    )
+}
+
+/// [`time_steps`] for a step of several micro-batches `batches` (all of the same shape),
+/// computed by `world_size` data-parallel ranks when `engine` is one
+/// ([`crate::dist::DataParallel`], each rank running this same loop): the figures are the
+/// whole step's.
+pub fn time_global_steps(
+    engine: &mut dyn Engine,
+    lora_config: &LoraConfig,
+    batches: &[PackedBatch],
+    world_size: usize,
+    settings: &StepSettings,
+    seed: u64,
+) -> Result<WorkloadResult, StepBenchError> {
+    let Some(batch) = batches.first() else {
+        return Err(StepBenchError::Config("a step needs a micro-batch".into()));
+    };
     let seq = batch.max_seqlen();
-    let nseq = batch.num_sequences();
-    let name = format!("{nseq}x{seq}");
-    let n = batch.num_targets();
+    let nseq: usize = batches.iter().map(PackedBatch::num_sequences).sum();
+    let name = if batches.len() == 1 {
+        format!("{nseq}x{seq}")
+    } else {
+        format!("{}x({}x{seq})", batches.len(), batch.num_sequences())
+    };
+    let n: usize = batches.iter().map(PackedBatch::num_targets).sum();
     if settings.iters == 0 || n == 0 {
         return Err(StepBenchError::Config(format!(
             "{name}: need at least one timed step and one target (iters {}, targets {n})",
@@ -294,7 +329,7 @@ pub fn time_steps(
         &sizes,
     );
     let (mut times, mut first, mut last, mut norm_last) = (Vec::new(), f64::NAN, 0.0, 0.0);
-    let batches = std::slice::from_ref(batch);
+    let mut comm_ms = Vec::new();
     let step = OptimStep {
         batches,
         dropout: None,
@@ -323,26 +358,30 @@ pub fn time_steps(
         }
         if i >= settings.warmup {
             times.push(ms);
+            comm_ms.extend(engine.last_comm_ms());
         }
         (last, norm_last) = (loss, norm);
     }
     let step = summarize(&times).ok_or_else(|| StepBenchError::Config("no timed step".into()))?;
-    let seqs: Vec<usize> = batch
-        .cu_seqlens
-        .windows(2)
-        .map(|w| (w[1] - w[0]) as usize)
+    let seqs: Vec<usize> = batches
+        .iter()
+        .flat_map(|b| b.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize))
         .collect();
+    let tokens: usize = batches.iter().map(PackedBatch::num_tokens).sum();
+    let comm = (comm_ms.len() == times.len())
+        .then(|| summarize(&comm_ms))
+        .flatten();
     let flops = step_flops(&config, lora_config, &seqs);
     let secs = step.median_ms / 1e3;
     Ok(WorkloadResult {
         name,
         batch: nseq,
         seq,
-        tokens: batch.num_tokens(),
+        tokens,
         targets: n,
         step,
         times_ms: times,
-        tokens_per_s: batch.num_tokens() as f64 / secs,
+        tokens_per_s: tokens as f64 / secs,
         tflops: flops.total / secs / 1e12,
         flops,
         loss_first: first,
@@ -350,6 +389,8 @@ pub fn time_steps(
         grad_norm_last: norm_last,
         device_used_mib: None,
         workspace_mib: None,
+        world_size,
+        comm,
     })
 }
 
@@ -631,6 +672,8 @@ mod tests {
             grad_norm_last: 0.0,
             device_used_mib: None,
             workspace_mib: None,
+            world_size: 1,
+            comm: None,
         };
         let c = compare(std::slice::from_ref(&w), &runs);
         assert_eq!(c[0].speedup_vs_sdpa, Some(2.0));

@@ -13,6 +13,8 @@ mod bench_attention;
 mod bench_mlp;
 #[path = "lexp/bench_profile.rs"]
 mod bench_profile;
+#[path = "lexp/bench_scaling.rs"]
+mod bench_scaling;
 #[path = "lexp/bench_step.rs"]
 mod bench_step;
 #[path = "lexp/finetune.rs"]
@@ -123,6 +125,10 @@ enum BenchCmd {
     /// block lists at several densities, against the same four dense cuBLAS GEMMs in the same
     /// run (OPT-1.3B shapes by default); JSON and a plot with `--json`.
     Mlp(bench_mlp::MlpArgs),
+    /// Data-parallel scaling from `lexp bench step` JSON files of one session (one GPU, and
+    /// `--gpus N`): speedup, efficiency and the all-reduce's share per GPU count; table, JSON,
+    /// PNG.
+    Scaling(bench_scaling::ScalingArgs),
 }
 
 fn main() -> Result<()> {
@@ -176,6 +182,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             what: BenchCmd::Mlp(args),
         } => bench_mlp::run(args),
+        Cmd::Bench {
+            what: BenchCmd::Scaling(args),
+        } => bench_scaling::run(args),
     }
 }
 

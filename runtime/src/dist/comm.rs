@@ -6,6 +6,8 @@
 use super::rendezvous::Group;
 use super::wire::{self, Header, Kind};
 use super::DistError;
+use crate::DeviceTensor;
+use cudarc::driver::CudaStream;
 use std::time::Instant;
 
 /// Collectives over the ranks of a run. Every rank must call the same collectives, with the
@@ -22,6 +24,31 @@ pub trait Communicator: Send {
     fn all_reduce_sum_f64(&mut self, data: &mut [f64]) -> Result<(), DistError>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), DistError>;
+    /// The collectives on device buffers, when this communicator has them (NCCL): the GPU
+    /// engine then reduces its gradients where they are, with no host round trip.
+    fn device_collectives(&mut self) -> Option<&mut dyn DeviceCollectives> {
+        None
+    }
+    /// Milliseconds spent in collectives since the last call (device all-reduces timed by
+    /// events once their stream has finished, host collectives by the wall clock); `None`
+    /// when this communicator does not time them.
+    fn take_comm_ms(&mut self) -> Option<f64> {
+        None
+    }
+}
+
+/// Sum all-reduce of a device buffer, ordered on the caller's stream: it starts after the
+/// work queued on `stream` so far and the work queued after the call starts after it.
+pub trait DeviceCollectives {
+    /// Replaces the f32 tensor `t` on every rank with the element-wise sum over the ranks.
+    ///
+    /// # Errors
+    /// [`DistError::Launch`] if `t` is not f32, or NCCL or the driver refuses the call.
+    fn all_reduce_sum_tensor(
+        &mut self,
+        stream: &CudaStream,
+        t: &mut DeviceTensor,
+    ) -> Result<(), DistError>;
 }
 
 /// The communicator of a process alone: every collective is the identity.
@@ -90,15 +117,28 @@ pub struct TcpComm {
     group: Group,
     /// Collectives done so far (each message carries it, so that ranks out of step are caught).
     seq: u64,
+    /// Wall-clock milliseconds in collectives since [`Communicator::take_comm_ms`].
+    ms: f64,
 }
 
 impl TcpComm {
     /// The communicator over a joined group ([`super::rendezvous::rendezvous`]).
     pub fn new(group: Group) -> TcpComm {
-        TcpComm { group, seq: 0 }
+        TcpComm {
+            group,
+            seq: 0,
+            ms: 0.0,
+        }
     }
 
     fn collective<T: Elem>(&mut self, kind: Kind, data: &mut [T]) -> Result<(), DistError> {
+        let t0 = Instant::now();
+        let out = self.exchange(kind, data);
+        self.ms += t0.elapsed().as_secs_f64() * 1e3;
+        out
+    }
+
+    fn exchange<T: Elem>(&mut self, kind: Kind, data: &mut [T]) -> Result<(), DistError> {
         self.seq += 1;
         let world = &self.group.world;
         if world.world_size == 1 {
@@ -201,5 +241,8 @@ impl Communicator for TcpComm {
     }
     fn barrier(&mut self) -> Result<(), DistError> {
         self.collective::<f32>(Kind::Barrier, &mut [])
+    }
+    fn take_comm_ms(&mut self) -> Option<f64> {
+        Some(std::mem::take(&mut self.ms))
     }
 }

@@ -28,7 +28,7 @@ pub mod step;
 mod wire;
 pub mod world;
 
-pub use comm::{Communicator, SingleComm, TcpComm};
+pub use comm::{Communicator, DeviceCollectives, SingleComm, TcpComm};
 pub use error::DistError;
 pub use nccl::NcclComm;
 pub use rendezvous::{Group, RendezvousConfig};

@@ -2,19 +2,27 @@
 //! bindings, the library loaded at run time). Rank 0 creates the NCCL unique id and hands it
 //! to the others in the rendezvous blob ([`unique_id_blob`], [`NcclComm::new`]).
 //!
-//! The trait's collectives take host slices (the engine's gradients as the data-parallel step
-//! sees them): each call copies the slice to the device, all-reduces it there over NVLink/PCIe,
-//! and copies it back. The TCP group of the rendezvous stays open for the barrier.
+//! Two kinds of collectives:
+//! - [`DeviceCollectives`]: the GPU engine's gradient buffer is all-reduced in place on the
+//!   device (the data-parallel step of [`crate::gpu::GpuEngine`]). NCCL runs on its own stream,
+//!   joined to the caller's stream before and after, and each call is timed by two events.
+//! - The [`Communicator`] trait's host-slice collectives (the loss sums, the host optimizer
+//!   path): each call copies the slice to the device, all-reduces it there, and copies it back.
+//!
+//! The TCP group of the rendezvous stays open for the barrier.
 //!
 //! NCCL blocks in a collective whose peer died; the `--gpus` launcher then stops the other
 //! workers (`launch`), so a dead worker still ends the run within seconds.
 
-use super::comm::Communicator;
+use super::comm::{Communicator, DeviceCollectives};
 use super::rendezvous::Group;
 use super::{DistError, TcpComm};
-use cudarc::driver::{CudaContext, CudaStream};
+use crate::DeviceTensor;
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 use cudarc::nccl::{Comm, Id, ReduceOp};
+use lexp_compiler::dtype::Storage;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Bytes of an NCCL unique id in the rendezvous blob.
 pub const ID_BYTES: usize = 128;
@@ -29,6 +37,16 @@ fn nccl_err(what: &str) -> impl FnOnce(String) -> DistError + '_ {
 pub fn available() -> bool {
     // SAFETY: only tries to open the library.
     unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+/// The loaded library's version (`2.28.9`), when it loads.
+pub fn version() -> Option<String> {
+    if !available() {
+        return None;
+    }
+    let v = cudarc::nccl::result::get_nccl_version().ok()?;
+    // NCCL_VERSION_CODE: major·10000 + minor·100 + patch since 2.9.
+    Some(format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100))
 }
 
 fn require_library() -> Result<(), DistError> {
@@ -67,8 +85,13 @@ unsafe impl Send for OwnedComm {}
 /// Sum all-reduces over NCCL on device `ordinal` (see the module doc).
 pub struct NcclComm {
     comm: OwnedComm,
+    /// NCCL's own stream (joined to the caller's around a device collective).
     stream: Arc<CudaStream>,
     tcp: TcpComm,
+    /// Start and end events of the device all-reduces not yet read by `take_comm_ms`.
+    pending: Vec<(CudaEvent, CudaEvent)>,
+    /// Wall-clock milliseconds of host collectives since `take_comm_ms`.
+    host_ms: f64,
 }
 
 impl NcclComm {
@@ -89,7 +112,9 @@ impl NcclComm {
         let id = Id::uninit(bytes.map(|b| b as ::core::ffi::c_char));
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| DistError::Launch(format!("CUDA device {ordinal}: {e}")))?;
-        let stream = ctx.default_stream();
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| DistError::Launch(format!("CUDA device {ordinal}: a stream: {e}")))?;
         let (rank, world) = (group.world().rank, group.world().world_size);
         let comm = Comm::from_rank(stream.clone(), rank, world, id)
             .map_err(|e| format!("{e:?}"))
@@ -98,6 +123,8 @@ impl NcclComm {
             comm: OwnedComm(comm),
             stream,
             tcp: TcpComm::new(group),
+            pending: Vec::new(),
+            host_ms: 0.0,
         })
     }
 
@@ -108,6 +135,7 @@ impl NcclComm {
         if data.is_empty() {
             return Ok(());
         }
+        let t0 = Instant::now();
         let dev = |e: cudarc::driver::DriverError| DistError::Launch(format!("NCCL buffer: {e}"));
         let mut buf = self.stream.clone_htod(data).map_err(dev)?;
         self.comm
@@ -116,7 +144,61 @@ impl NcclComm {
             .map_err(|e| format!("{e:?}"))
             .map_err(nccl_err("all-reduce"))?;
         self.stream.memcpy_dtoh(&buf, data).map_err(dev)?;
-        self.stream.synchronize().map_err(dev)
+        self.stream.synchronize().map_err(dev)?;
+        self.host_ms += t0.elapsed().as_secs_f64() * 1e3;
+        Ok(())
+    }
+
+    fn timing_event(&self) -> Result<CudaEvent, DistError> {
+        self.stream
+            .context()
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| DistError::Launch(format!("NCCL timing event: {e}")))
+    }
+}
+
+impl DeviceCollectives for NcclComm {
+    fn all_reduce_sum_tensor(
+        &mut self,
+        stream: &CudaStream,
+        t: &mut DeviceTensor,
+    ) -> Result<(), DistError> {
+        if t.dtype() != Storage::F32 {
+            return Err(DistError::Launch(format!(
+                "device all-reduce of a {:?} tensor: only f32 is reduced",
+                t.dtype()
+            )));
+        }
+        let n = t.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let drv = |what: &'static str| {
+            move |e: cudarc::driver::DriverError| {
+                DistError::Launch(format!("NCCL device all-reduce: {what}: {e}"))
+            }
+        };
+        let (start, end) = (self.timing_event()?, self.timing_event()?);
+        self.stream
+            .join(stream)
+            .map_err(drv("waiting for the gradients"))?;
+        start.record(&self.stream).map_err(drv("start event"))?;
+        // SAFETY: the tensor holds at least `numel` f32 values (its bytes are 4·numel), and
+        // it is not touched by other work until the caller's stream joins NCCL's below.
+        let mut view = unsafe { t.slice_mut().transmute_mut::<f32>(n) }.ok_or_else(|| {
+            DistError::Launch(format!("device all-reduce: a buffer too small for {n} f32"))
+        })?;
+        self.comm
+            .0
+            .all_reduce_in_place(&mut view, &ReduceOp::Sum)
+            .map_err(|e| format!("{e:?}"))
+            .map_err(nccl_err("device all-reduce"))?;
+        end.record(&self.stream).map_err(drv("end event"))?;
+        stream
+            .join(&self.stream)
+            .map_err(drv("ordering after it"))?;
+        self.pending.push((start, end));
+        Ok(())
     }
 }
 
@@ -135,5 +217,23 @@ impl Communicator for NcclComm {
     }
     fn barrier(&mut self) -> Result<(), DistError> {
         self.tcp.barrier()
+    }
+    fn device_collectives(&mut self) -> Option<&mut dyn DeviceCollectives> {
+        Some(self)
+    }
+    /// Waits for the pending device all-reduces' end events (the caller's step has normally
+    /// synchronised already) and adds their spans to the host collectives' time.
+    fn take_comm_ms(&mut self) -> Option<f64> {
+        let mut ms = std::mem::take(&mut self.host_ms);
+        for (start, end) in self.pending.drain(..) {
+            match start.elapsed_ms(&end) {
+                Ok(t) => ms += f64::from(t),
+                Err(e) => {
+                    tracing::warn!("NCCL timing events: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(ms)
     }
 }

@@ -1,5 +1,6 @@
 //! The data-parallel optimizer step on the host optimizer path, and [`DataParallel`], the
-//! engine wrapper through which the trainer runs it.
+//! engine wrapper through which the trainer runs it (it calls
+//! [`Engine::data_parallel_step`], which engines with device gradients override).
 //!
 //! Every rank builds the same global step; each computes the loss and LoRA gradients of its
 //! micro-batches ([`super::shard`]) with the gradient scale `1 / n`, `n` the targets of the
@@ -97,6 +98,7 @@ pub struct DataParallel {
     local_stop: Arc<AtomicBool>,
     agreed_stop: Arc<AtomicBool>,
     warned_idle: bool,
+    last_comm_ms: Option<f64>,
 }
 
 impl DataParallel {
@@ -108,6 +110,7 @@ impl DataParallel {
             local_stop: Arc::new(AtomicBool::new(false)),
             agreed_stop: Arc::new(AtomicBool::new(false)),
             warned_idle: false,
+            last_comm_ms: None,
         }
     }
 
@@ -182,14 +185,10 @@ impl Engine for DataParallel {
             );
         }
         let mut flags = [f64::from(u8::from(self.local_stop.load(Ordering::Relaxed)))];
-        let out = data_parallel_step(
-            self.inner.as_mut(),
-            self.comm.as_mut(),
-            lora,
-            adamw,
-            step,
-            &mut flags,
-        )?;
+        let out =
+            self.inner
+                .data_parallel_step(self.comm.as_mut(), lora, adamw, step, &mut flags)?;
+        self.last_comm_ms = self.comm.take_comm_ms();
         if flags[0] > 0.0 {
             self.agreed_stop.store(true, Ordering::Relaxed);
         }
@@ -198,6 +197,13 @@ impl Engine for DataParallel {
 
     fn sync_optimizer(&mut self, adamw: &mut AdamW) -> Result<()> {
         self.inner.sync_optimizer(adamw)
+    }
+
+    /// The gradient all-reduce (timed by events on the device with NCCL) and the loss-sum
+    /// reduction of the last step, when the communicator times them; it includes waiting for
+    /// the slowest rank to arrive.
+    fn last_comm_ms(&self) -> Option<f64> {
+        self.last_comm_ms
     }
 
     fn eval_share(&self) -> (usize, usize) {

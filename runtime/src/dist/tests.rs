@@ -413,3 +413,20 @@ fn two_and_three_ranks_match_one_process() {
         }
     }
 }
+
+#[test]
+fn gpu_ordinal_is_local_rank_only_when_several_gpus_are_visible() {
+    let mut w = World::single();
+    w.world_size = 4;
+    w.rank = 3;
+    w.local_rank = 1;
+    assert_eq!(
+        w.gpu_ordinal(1),
+        0,
+        "--gpus launcher: one visible device per worker"
+    );
+    assert_eq!(w.gpu_ordinal(0), 0);
+    assert_eq!(w.gpu_ordinal(2), 1, "torchrun: every device visible");
+    w.local_rank = 5;
+    assert_eq!(w.gpu_ordinal(2), 0, "past the last device");
+}

@@ -51,6 +51,17 @@ impl World {
         self.rank == 0
     }
 
+    /// The CUDA device this worker uses when the process sees `visible` GPUs: device 0 when it
+    /// sees one (the `--gpus` launcher gives each worker its own `CUDA_VISIBLE_DEVICES`), else
+    /// device `LOCAL_RANK` (torchrun leaves every GPU visible), or 0 past the last device.
+    pub fn gpu_ordinal(&self, visible: usize) -> usize {
+        if visible > 1 && self.local_rank < visible {
+            self.local_rank
+        } else {
+            0
+        }
+    }
+
     /// `MASTER_ADDR:MASTER_PORT`.
     pub fn master(&self) -> String {
         format!("{}:{}", self.master_addr, self.master_port)

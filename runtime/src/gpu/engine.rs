@@ -33,6 +33,8 @@ use crate::checkpoint::OptModel;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
 use crate::data::{PackedBatch, IGNORE_INDEX};
 use crate::device::CudaDevice;
+use crate::dist::shard::rank_micro_batches;
+use crate::dist::Communicator;
 use crate::model::opt::{check_adapters, check_batch};
 use crate::model::{DropoutRng, ModelError, RecordedMasks, Result, StepOutput};
 use crate::optim::AdamW;
@@ -598,6 +600,92 @@ impl GpuEngine {
     }
 }
 
+impl GpuEngine {
+    /// One optimizer step with AdamW on the device. Alone (`dp` is `None`) the engine computes
+    /// every micro-batch of `step`; as a data-parallel rank only its share
+    /// ([`rank_micro_batches`]), after which the gradient buffer is summed over the ranks on
+    /// the device and `[loss sum, extra…]` on the host, so that every rank clips and applies
+    /// the same update.
+    fn device_step(
+        &mut self,
+        lora: &mut LoraParams,
+        adamw: &mut AdamW,
+        step: &OptimStep<'_>,
+        dp: Option<(&mut dyn Communicator, &mut [f64])>,
+    ) -> Result<StepOutcome> {
+        let n = step.targets()?;
+        check_adapters(&self.model.config, lora)?;
+        let host_holds_state = !adamw.moments_on_device();
+        let d = self.ensure_lora(lora, host_holds_state)?;
+        let (len, spans) = (d.len(), optimizer::tensor_spans(lora, &d.slots)?);
+        if !self.adam.as_ref().is_some_and(|a| a.fits(len, &spans)) {
+            if !host_holds_state {
+                return Err(ModelError::Device(
+                    "internal: the adapter's layout changed while AdamW's moments were on the \
+                     device"
+                        .into(),
+                ));
+            }
+            self.adam = Some(DeviceAdamW::new(&self.dev, len, spans)?);
+        }
+        if let Some(a) = self.adam.as_mut() {
+            a.load(lora, adamw)?;
+        }
+        self.zero_grads()?;
+        let scale = 1.0 / n as f32;
+        let mine = match &dp {
+            Some((comm, _)) => {
+                rank_micro_batches(step.batches.len(), comm.rank(), comm.world_size())
+            }
+            None => (0..step.batches.len()).collect(),
+        };
+        let mut loss_sum = 0.0;
+        for micro in mine {
+            let rng = step.dropout.and_then(|d| d.get(micro).copied());
+            loss_sum += self
+                .micro_step(lora, &step.batches[micro], scale, rng, false)?
+                .0;
+        }
+        if let Some((comm, extra)) = dp {
+            let collective = |e: crate::dist::DistError| ModelError::Collective(e.to_string());
+            let d = self
+                .lora
+                .as_mut()
+                .ok_or_else(|| ModelError::Device("internal: no LoRA on the device".into()))?;
+            let stream = self.dev.stream().clone();
+            comm.device_collectives()
+                .ok_or_else(|| ModelError::Collective("no device collectives".into()))?
+                .all_reduce_sum_tensor(&stream, &mut d.grads)
+                .map_err(collective)?;
+            let mut sums = Vec::with_capacity(1 + extra.len());
+            sums.push(loss_sum);
+            sums.extend_from_slice(extra);
+            comm.all_reduce_sum_f64(&mut sums).map_err(collective)?;
+            extra.copy_from_slice(&sums[1..]);
+            loss_sum = sums[0];
+        }
+        let loss = loss_sum / n as f64;
+        let (Some(adam), Some(d)) = (self.adam.as_mut(), self.lora.as_ref()) else {
+            return Err(ModelError::Device("internal: no optimizer state".into()));
+        };
+        let grad_norm = adam.grad_norm(&self.dev, &d.grads)?;
+        let applied = loss.is_finite() && grad_norm.is_finite();
+        if applied {
+            let coef = optimizer::clip_coefficient(grad_norm, step.max_grad_norm);
+            let values = adam.apply(&self.dev, &d.grads, &d.params, coef, adamw, step.lr)?;
+            for ((_, t), v) in lora.tensors_mut().into_iter().zip(values) {
+                t.data = v;
+            }
+        }
+        Ok(StepOutcome {
+            loss,
+            grad_norm,
+            targets: n,
+            applied,
+        })
+    }
+}
+
 impl Engine for GpuEngine {
     fn name(&self) -> String {
         self.dev.name().to_string()
@@ -640,50 +728,25 @@ impl Engine for GpuEngine {
         adamw: &mut AdamW,
         step: &OptimStep<'_>,
     ) -> Result<StepOutcome> {
-        let n = step.targets()?;
-        check_adapters(&self.model.config, lora)?;
-        let host_holds_state = !adamw.moments_on_device();
-        let d = self.ensure_lora(lora, host_holds_state)?;
-        let (len, spans) = (d.len(), optimizer::tensor_spans(lora, &d.slots)?);
-        if !self.adam.as_ref().is_some_and(|a| a.fits(len, &spans)) {
-            if !host_holds_state {
-                return Err(ModelError::Device(
-                    "internal: the adapter's layout changed while AdamW's moments were on the \
-                     device"
-                        .into(),
-                ));
-            }
-            self.adam = Some(DeviceAdamW::new(&self.dev, len, spans)?);
+        self.device_step(lora, adamw, step, None)
+    }
+
+    /// With NCCL ([`crate::dist::DeviceCollectives`]) the data-parallel step stays on the
+    /// device: this rank's micro-batches add into the gradient buffer, NCCL sums it over the
+    /// ranks in place, and every rank clips and applies AdamW to the same sums. Other
+    /// communicators take the host path.
+    fn data_parallel_step(
+        &mut self,
+        comm: &mut dyn Communicator,
+        lora: &mut LoraParams,
+        adamw: &mut AdamW,
+        step: &OptimStep<'_>,
+        extra: &mut [f64],
+    ) -> Result<StepOutcome> {
+        if comm.device_collectives().is_none() {
+            return crate::dist::data_parallel_step(self, comm, lora, adamw, step, extra);
         }
-        if let Some(a) = self.adam.as_mut() {
-            a.load(lora, adamw)?;
-        }
-        self.zero_grads()?;
-        let scale = 1.0 / n as f32;
-        let mut loss_sum = 0.0;
-        for (micro, b) in step.batches.iter().enumerate() {
-            let rng = step.dropout.and_then(|d| d.get(micro).copied());
-            loss_sum += self.micro_step(lora, b, scale, rng, false)?.0;
-        }
-        let loss = loss_sum / n as f64;
-        let (Some(adam), Some(d)) = (self.adam.as_mut(), self.lora.as_ref()) else {
-            return Err(ModelError::Device("internal: no optimizer state".into()));
-        };
-        let grad_norm = adam.grad_norm(&self.dev, &d.grads)?;
-        let applied = loss.is_finite() && grad_norm.is_finite();
-        if applied {
-            let coef = optimizer::clip_coefficient(grad_norm, step.max_grad_norm);
-            let values = adam.apply(&self.dev, &d.grads, &d.params, coef, adamw, step.lr)?;
-            for ((_, t), v) in lora.tensors_mut().into_iter().zip(values) {
-                t.data = v;
-            }
-        }
-        Ok(StepOutcome {
-            loss,
-            grad_norm,
-            targets: n,
-            applied,
-        })
+        self.device_step(lora, adamw, step, Some((comm, extra)))
     }
 
     fn sync_optimizer(&mut self, adamw: &mut AdamW) -> Result<()> {

@@ -167,6 +167,29 @@ pub trait Engine {
         host_optimizer_step(self, lora, adamw, step)
     }
 
+    /// This rank's part of a data-parallel optimizer step over `comm`: the gradients of this
+    /// rank's micro-batches of `step` ([`crate::dist::shard`]), their sum over the ranks, then
+    /// the same clipping and AdamW on every rank; `extra` is summed over the ranks alongside
+    /// the loss (flags riding along). The default is the host path,
+    /// [`crate::dist::data_parallel_step`]; an engine whose gradients live on a device reduces
+    /// them there when `comm` has [`crate::dist::DeviceCollectives`].
+    fn data_parallel_step(
+        &mut self,
+        comm: &mut dyn crate::dist::Communicator,
+        lora: &mut LoraParams,
+        adamw: &mut AdamW,
+        step: &OptimStep<'_>,
+        extra: &mut [f64],
+    ) -> Result<StepOutcome> {
+        crate::dist::data_parallel_step(self, comm, lora, adamw, step, extra)
+    }
+
+    /// Milliseconds the last optimizer step spent in collectives (a data-parallel engine whose
+    /// communicator times them); `None` otherwise.
+    fn last_comm_ms(&self) -> Option<f64> {
+        None
+    }
+
     /// The share of an evaluation's batches this engine computes, `(index, of)`: batch `j` is
     /// its when `j mod of == index` (a data-parallel rank: its rank and the world size); all
     /// of them, `(0, 1)`, by default. [`reduce_eval`](Self::reduce_eval) sums the shares.

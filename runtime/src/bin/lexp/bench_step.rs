@@ -7,6 +7,7 @@ use super::bench_profile;
 use super::finetune::DeviceChoice;
 use anyhow::{anyhow, bail, Context, Result};
 use lexp_runtime::checkpoint::{OptConfig, OptModel, OptWeights};
+use lexp_runtime::dist::{self, launch, DataParallel, NcclComm, RendezvousConfig, World};
 use lexp_runtime::gpu::attention::AttentionImpl;
 use lexp_runtime::gpu::sparse_attention::SyntheticAttention;
 use lexp_runtime::gpu::sparse_mlp::SyntheticMlp;
@@ -18,6 +19,9 @@ use lexp_runtime::CudaDevice;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// Seeds of rank `m`'s micro-batch: `seed + 1 + workload + m·DP_SEED_STRIDE`.
+const DP_SEED_STRIDE: u64 = 7919;
 
 /// Options of `lexp bench step`.
 #[derive(clap::Args, Debug)]
@@ -107,6 +111,13 @@ pub struct StepArgs {
     /// step. GPU only, flash attention.
     #[arg(long)]
     synthetic_attn_density: Option<f64>,
+    /// Data parallel over this many GPUs: one worker process per GPU (NCCL), each step one
+    /// micro-batch of --batch x --seq per GPU, gradients all-reduced on the devices. The
+    /// figures are the whole step's, with the all-reduce's time per step; rank 0 writes the
+    /// outputs. Time the same command without it for the one-GPU baseline. Under torchrun
+    /// (RANK, WORLD_SIZE, ... set) the world is the launcher's.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
 }
 
 /// The engine of the run, kept concrete for the GPU's memory figures (one value per run, so
@@ -115,6 +126,9 @@ pub struct StepArgs {
 enum Eng {
     Cpu(CpuEngine),
     Gpu(GpuEngine),
+    /// A data-parallel rank: the GPU engine behind NCCL, and a handle on its device for the
+    /// memory figures.
+    Dp(DataParallel, CudaDevice),
 }
 
 impl Eng {
@@ -122,6 +136,15 @@ impl Eng {
         match self {
             Eng::Cpu(e) => e,
             Eng::Gpu(e) => e,
+            Eng::Dp(e, _) => e,
+        }
+    }
+
+    fn device(&self) -> Option<&CudaDevice> {
+        match self {
+            Eng::Cpu(_) => None,
+            Eng::Gpu(g) => Some(g.device()),
+            Eng::Dp(_, d) => Some(d),
         }
     }
 }
@@ -200,7 +223,7 @@ fn load_model(
     Ok(model)
 }
 
-fn make_engine(choice: DeviceChoice, model: OptModel, name: &str) -> Result<Eng> {
+fn make_engine(choice: DeviceChoice, model: OptModel, name: &str, ordinal: usize) -> Result<Eng> {
     let gpu_blocker = |m: &OptModel| {
         lexp_runtime::gpu::weights::check_supported(m)
             .err()
@@ -212,7 +235,7 @@ fn make_engine(choice: DeviceChoice, model: OptModel, name: &str) -> Result<Eng>
             if let Some(why) = gpu_blocker(&model) {
                 bail!("--device cuda: {why}");
             }
-            let dev = CudaDevice::new(0).context("--device cuda: no usable CUDA GPU")?;
+            let dev = CudaDevice::new(ordinal).context("--device cuda: no usable CUDA GPU")?;
             let gpu = GpuEngine::new(model, dev).map_err(|e| anyhow!("--device cuda: {e}"))?;
             Ok(Eng::Gpu(gpu))
         }
@@ -221,7 +244,7 @@ fn make_engine(choice: DeviceChoice, model: OptModel, name: &str) -> Result<Eng>
                 eprintln!("{why}; timing the CPU engine");
                 return Ok(Eng::Cpu(CpuEngine::new(model)));
             }
-            match CudaDevice::new(0) {
+            match CudaDevice::new(ordinal) {
                 Err(e) => {
                     eprintln!("no usable GPU ({e}); timing the CPU engine");
                     Ok(Eng::Cpu(CpuEngine::new(model)))
@@ -283,6 +306,21 @@ pub fn run(args: StepArgs) -> Result<()> {
     if args.iters == 0 || args.seq.is_empty() || args.seq.contains(&0) || args.batch == 0 {
         bail!("--iters, --batch and every --seq must be positive");
     }
+    let world = World::from_env().context("reading the data-parallel environment")?;
+    if args.gpus == 0 {
+        bail!("--gpus must be at least 1");
+    }
+    if args.gpus > 1 && !world.is_distributed() {
+        return launch_workers(args.gpus);
+    }
+    if world.is_distributed() {
+        if args.device == DeviceChoice::Cpu {
+            bail!("a data-parallel bench runs on GPUs (NCCL): drop --device cpu");
+        }
+        if args.profile.is_some() || args.host_optimizer {
+            bail!("--profile and --host-optimizer time one GPU: run them without --gpus");
+        }
+    }
     if args.compare.is_some() && args.baseline.is_none() {
         bail!("--compare needs --baseline");
     }
@@ -324,7 +362,15 @@ pub fn run(args: StepArgs) -> Result<()> {
         );
     }
     let t0 = Instant::now();
-    let mut eng = make_engine(device, model, &args.model)?;
+    // A data-parallel rank joins its group (NCCL id from rank 0) before the engine is built.
+    let (ordinal, comm) = if world.is_distributed() {
+        launch::exit_with_launcher();
+        let ordinal = world.gpu_ordinal(CudaDevice::count().unwrap_or(0));
+        (ordinal, Some(join_nccl(&world, ordinal)?))
+    } else {
+        (0, None)
+    };
+    let mut eng = make_engine(device, model, &args.model, ordinal)?;
     if let (Eng::Gpu(g), Some(a)) = (&mut eng, args.attention) {
         g.set_attention(a)
             .map_err(|e| anyhow!("--attention: {e}"))?;
@@ -354,11 +400,21 @@ pub fn run(args: StepArgs) -> Result<()> {
         (Eng::Cpu(_), Some(_)) => bail!("--synthetic-attn-density needs the GPU engine"),
         _ => {}
     }
+    let attention = match &eng {
+        Eng::Gpu(g) => Some(g.attention().name()),
+        _ => None,
+    };
+    if let Some(comm) = comm {
+        let Eng::Gpu(g) = eng else {
+            bail!("a data-parallel bench needs the GPU engine (this rank got the CPU)");
+        };
+        let dev = CudaDevice::new(ordinal).context("opening the GPU for its memory figures")?;
+        eng = Eng::Dp(DataParallel::new(Box::new(g), comm), dev);
+    }
     let engine_s = t0.elapsed().as_secs_f64();
     let device_name = eng.engine().name();
-    let (device_json, used_before) = match &eng {
-        Eng::Gpu(g) => {
-            let dev = g.device();
+    let (device_json, used_before) = match eng.device() {
+        Some(dev) => {
             let (free, total) = dev.mem_info().context("querying GPU memory")?;
             let blas = lexp_runtime::cublas::Blas::new(dev)
                 .ok()
@@ -367,11 +423,12 @@ pub fn run(args: StepArgs) -> Result<()> {
             let j = serde_json::json!({
                 "kind": "cuda", "name": dev.name(), "compute_capability": format!("{major}.{minor}"),
                 "cuda_driver_api": cuda_driver_version(), "cublas": blas,
-                "memory_mib": total as f64 / MIB, "attention": g.attention().name(),
+                "memory_mib": total as f64 / MIB, "attention": attention,
+                "gpus": world.world_size, "nccl": comm_version(&world),
             });
             (j, Some((total - free) as f64 / MIB))
         }
-        Eng::Cpu(_) => (
+        None => (
             serde_json::json!({"kind": "cpu", "name": device_name, "threads": rayon::current_num_threads()}),
             None,
         ),
@@ -394,20 +451,44 @@ pub fn run(args: StepArgs) -> Result<()> {
     }
     for (i, &seq) in args.seq.iter().enumerate() {
         let nseq = args.tokens.map_or(args.batch, |n| (n / seq).max(1));
-        let batch = sb::random_batch(nseq, seq, config.vocab_size, args.seed + 1 + i as u64);
-        let mut r = sb::time_steps(eng.engine(), &lora, &batch, &settings, args.seed)
-            .with_context(|| format!("workload {nseq}x{seq}"))?;
-        if let Eng::Gpu(g) = &eng {
-            let (free, total) = g.device().mem_info().context("querying GPU memory")?;
+        // One micro-batch per rank; micro-batch 0 is the one-GPU workload's batch.
+        let batches: Vec<_> = (0..world.world_size)
+            .map(|m| {
+                let seed = args.seed + 1 + i as u64 + DP_SEED_STRIDE * m as u64;
+                sb::random_batch(nseq, seq, config.vocab_size, seed)
+            })
+            .collect();
+        let batch = &batches[0];
+        let mut r = sb::time_global_steps(
+            eng.engine(),
+            &lora,
+            &batches,
+            world.world_size,
+            &settings,
+            args.seed,
+        )
+        .with_context(|| format!("workload {nseq}x{seq}"))?;
+        if let Some(dev) = eng.device() {
+            let (free, total) = dev.mem_info().context("querying GPU memory")?;
             r.device_used_mib = Some((total - free) as f64 / MIB);
+        }
+        if let Eng::Gpu(g) = &eng {
             r.workspace_mib = Some(g.workspace_bytes() as f64 / MIB);
         }
         eprintln!(
-            "{}: median {:.2} ms ({:.0} tokens/s, {:.3} TFLOP/s)",
-            r.name, r.step.median_ms, r.tokens_per_s, r.tflops
+            "{}: median {:.2} ms ({:.0} tokens/s, {:.3} TFLOP/s){}",
+            r.name,
+            r.step.median_ms,
+            r.tokens_per_s,
+            r.tflops,
+            r.comm.as_ref().map_or(String::new(), |c| format!(
+                "; collectives {:.3} ms per step ({:.2}%)",
+                c.median_ms,
+                100.0 * c.median_ms / r.step.median_ms
+            ))
         );
         if let (Some(_), Eng::Gpu(g)) = (&args.profile, &mut eng) {
-            let p = bench_profile::profile_step(g, &lora, &batch, args.seed)
+            let p = bench_profile::profile_step(g, &lora, batch, args.seed)
                 .with_context(|| format!("profiling workload {}", r.name))?;
             bench_profile::print_profile(&r.name, &p);
             profiles.push((r.name.clone(), p));
@@ -419,6 +500,9 @@ pub fn run(args: StepArgs) -> Result<()> {
         None => Vec::new(),
     };
     let comparison = sb::compare(&results, &baseline);
+    if !world.is_writer() {
+        return Ok(()); // rank 0 reports the (identical) step for every rank
+    }
     print_table(&results, args.baseline.is_some().then_some(&comparison[..]));
 
     let commit = args
@@ -438,7 +522,7 @@ pub fn run(args: StepArgs) -> Result<()> {
     let attn_json = synthetic_attn.map(|s| {
         let got = match &eng {
             Eng::Gpu(g) => g.attn_lists().map(|l| l.density()),
-            Eng::Cpu(_) => None,
+            Eng::Cpu(_) | Eng::Dp(..) => None,
         };
         serde_json::json!({
             "attention": "SYNTHETIC predictor: random block masks (not a model's), block-sparse flash attention kernels, 128x128 blocks, diagonal and first block always kept",
@@ -458,7 +542,11 @@ pub fn run(args: StepArgs) -> Result<()> {
             ", attention at {:.0}% blocks (synthetic masks)",
             100.0 * s.density
         )),
-        device_name
+        if world.is_distributed() {
+            format!("{} x {}", world.world_size, device_name)
+        } else {
+            device_name.clone()
+        }
     );
     if let Some(p) = &args.json {
         let j = serde_json::json!({
@@ -509,6 +597,46 @@ pub fn run(args: StepArgs) -> Result<()> {
             .map_err(|e| anyhow!("drawing {}: {e}", p.display()))?;
     }
     Ok(())
+}
+
+/// `--gpus N`: starts N workers of this same command (without `--gpus`) with torchrun's
+/// variables, one GPU each, and fails naming the first worker that failed.
+fn launch_workers(n: usize) -> Result<()> {
+    let program = std::env::current_exe().context("cannot find the lexp executable")?;
+    let all: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let spec = launch::LaunchSpec {
+        program,
+        args: launch::strip_flags(&all, &["--gpus"]),
+        workers: n,
+        gpus: true,
+        grace: std::time::Duration::from_secs(5),
+    };
+    eprintln!("launching {n} benchmark workers, one per GPU (rank 0's output follows)");
+    let never = std::sync::atomic::AtomicBool::new(false);
+    match launch::launch(&spec, &never)? {
+        Ok(()) => Ok(()),
+        Err(f) => bail!("lexp bench step --gpus {n}: {}", f.message),
+    }
+}
+
+/// Joins the NCCL communicator of a data-parallel rank on GPU `ordinal` (rank 0 makes the id
+/// and hands it over in the rendezvous).
+fn join_nccl(world: &World, ordinal: usize) -> Result<Box<dyn dist::Communicator>> {
+    let blob = if world.rank == 0 {
+        dist::nccl::unique_id_blob().context("creating the NCCL id")?
+    } else {
+        Vec::new()
+    };
+    let (group, blob) =
+        dist::rendezvous::rendezvous(world, None, &blob, &RendezvousConfig::from_env())
+            .context("joining the data-parallel group")?;
+    let comm = NcclComm::new(group, &blob, ordinal).context("joining the NCCL communicator")?;
+    Ok(Box::new(comm))
+}
+
+/// NCCL's version (`2.28.9`) in a data-parallel run.
+fn comm_version(world: &World) -> Option<String> {
+    world.is_distributed().then(dist::nccl::version).flatten()
 }
 
 fn write_json(p: &Path, j: &serde_json::Value) -> Result<()> {

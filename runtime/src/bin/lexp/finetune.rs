@@ -282,6 +282,7 @@ impl PositionArgs {
 fn make_engine(
     choice: DeviceChoice,
     config: &TrainConfig,
+    ordinal: usize,
 ) -> Result<(&'static str, Box<dyn Engine>)> {
     let load = || {
         config
@@ -327,7 +328,7 @@ fn make_engine(
     match choice {
         DeviceChoice::Cpu => Ok(cpu(load()?)),
         DeviceChoice::Cuda => {
-            let dev = CudaDevice::new(0).context("--device cuda: no usable CUDA GPU")?;
+            let dev = CudaDevice::new(ordinal).context("--device cuda: no usable CUDA GPU")?;
             let name = dev.name().to_string();
             let model = load()?;
             if let Some(why) = gpu_blocker(&model) {
@@ -338,7 +339,7 @@ fn make_engine(
             Ok(("cuda", Box::new(engine)))
         }
         DeviceChoice::Auto => {
-            let dev = match CudaDevice::new(0) {
+            let dev = match CudaDevice::new(ordinal) {
                 Ok(dev) => dev,
                 Err(e) => {
                     eprintln!("no usable GPU ({e}); training on the CPU");
@@ -676,6 +677,10 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         }
     }
     let stop = stop_on_signals()?;
+    let ordinal = match args.device {
+        DeviceChoice::Cpu => 0,
+        _ => world.gpu_ordinal(CudaDevice::count().unwrap_or(0)),
+    };
     // A worker of a data-parallel run joins its group before loading anything, so that a
     // missing worker is reported at once.
     let comm = if world.is_distributed() {
@@ -685,7 +690,8 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         }
         // GPU workers (`--gpus`, or CUDA visible under an external launcher) talk NCCL: rank 0
         // puts the unique id in the rendezvous blob.
-        let on_gpu = args.device != DeviceChoice::Cpu && lexp_runtime::CudaDevice::new(0).is_ok();
+        let on_gpu =
+            args.device != DeviceChoice::Cpu && lexp_runtime::CudaDevice::new(ordinal).is_ok();
         let blob = if on_gpu && world.rank == 0 {
             dist::nccl::unique_id_blob().context("creating the NCCL id")?
         } else {
@@ -695,7 +701,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
             dist::rendezvous::rendezvous(&world, None, &blob, &RendezvousConfig::from_env())
                 .context("joining the data-parallel group")?;
         let comm: Box<dyn dist::Communicator> = if on_gpu {
-            Box::new(NcclComm::new(group, &blob, 0).context("joining the NCCL communicator")?)
+            Box::new(NcclComm::new(group, &blob, ordinal).context("joining the NCCL communicator")?)
         } else {
             Box::new(TcpComm::new(group))
         };
@@ -703,7 +709,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
     } else {
         None
     };
-    let (backend, mut engine) = make_engine(args.device, &config)?;
+    let (backend, mut engine) = make_engine(args.device, &config, ordinal)?;
     let stop = match comm {
         Some(comm) => {
             let dp = DataParallel::new(engine, comm).with_stop_request(stop);
