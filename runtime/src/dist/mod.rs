@@ -15,6 +15,8 @@
 //! - [`shard`]: which micro-batches of a global optimizer step each rank computes.
 //! - [`step`]: [`data_parallel_step`] (local gradients, all-reduce, the same clip and AdamW on
 //!   every rank) and the [`DataParallel`] engine wrapper the trainer runs.
+//! - [`watchdog`]: bounds the wait of an NCCL collective (a hung peer ends the run with an
+//!   error instead of a silent hang).
 //! - [`launch`]: the local launcher (`--workers N` / `--gpus N`): spawns the workers,
 //!   supervises them, stops them all when one fails.
 
@@ -25,6 +27,7 @@ pub mod nccl;
 pub mod rendezvous;
 pub mod shard;
 pub mod step;
+pub mod watchdog;
 mod wire;
 pub mod world;
 

@@ -11,11 +11,14 @@
 //!
 //! The TCP group of the rendezvous stays open for the barrier.
 //!
-//! NCCL blocks in a collective whose peer died; the `--gpus` launcher then stops the other
-//! workers (`launch`), so a dead worker still ends the run within seconds.
+//! NCCL blocks in a collective whose peer died or hangs. A dead worker is seen by the
+//! `--gpus` launcher, which stops the others (`launch`) within seconds; a hung one by the
+//! [`Watchdog`], which ends this worker once a collective has waited longer than the
+//! group's collective timeout.
 
 use super::comm::{Communicator, DeviceCollectives};
 use super::rendezvous::Group;
+use super::watchdog::Watchdog;
 use super::{DistError, TcpComm};
 use crate::DeviceTensor;
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
@@ -92,6 +95,10 @@ pub struct NcclComm {
     pending: Vec<(CudaEvent, CudaEvent)>,
     /// Wall-clock milliseconds of host collectives since `take_comm_ms`.
     host_ms: f64,
+    /// Bounds the wait of every collective (armed when queued, disarmed once complete).
+    watchdog: Watchdog,
+    /// Collectives queued so far (named in the watchdog's report).
+    calls: u64,
 }
 
 impl NcclComm {
@@ -116,6 +123,7 @@ impl NcclComm {
             .new_stream()
             .map_err(|e| DistError::Launch(format!("CUDA device {ordinal}: a stream: {e}")))?;
         let (rank, world) = (group.world().rank, group.world().world_size);
+        let watchdog = Watchdog::start(rank, group.op_timeout);
         let comm = Comm::from_rank(stream.clone(), rank, world, id)
             .map_err(|e| format!("{e:?}"))
             .map_err(nccl_err("communicator init"))?;
@@ -125,6 +133,8 @@ impl NcclComm {
             tcp: TcpComm::new(group),
             pending: Vec::new(),
             host_ms: 0.0,
+            watchdog,
+            calls: 0,
         })
     }
 
@@ -136,6 +146,7 @@ impl NcclComm {
             return Ok(());
         }
         let t0 = Instant::now();
+        self.arm("host all-reduce", data.len());
         let dev = |e: cudarc::driver::DriverError| DistError::Launch(format!("NCCL buffer: {e}"));
         let mut buf = self.stream.clone_htod(data).map_err(dev)?;
         self.comm
@@ -145,8 +156,17 @@ impl NcclComm {
             .map_err(nccl_err("all-reduce"))?;
         self.stream.memcpy_dtoh(&buf, data).map_err(dev)?;
         self.stream.synchronize().map_err(dev)?;
+        // NCCL's stream is in order: every collective queued before this one is done too.
+        self.watchdog.disarm();
         self.host_ms += t0.elapsed().as_secs_f64() * 1e3;
         Ok(())
+    }
+
+    fn arm(&mut self, what: &'static str, len: usize) {
+        self.calls += 1;
+        let n = self.calls;
+        self.watchdog
+            .arm(|| format!("NCCL {what} #{n} ({len} elements)"));
     }
 
     fn timing_event(&self) -> Result<CudaEvent, DistError> {
@@ -179,6 +199,7 @@ impl DeviceCollectives for NcclComm {
             }
         };
         let (start, end) = (self.timing_event()?, self.timing_event()?);
+        self.arm("device all-reduce", n);
         self.stream
             .join(stream)
             .map_err(drv("waiting for the gradients"))?;
@@ -234,6 +255,7 @@ impl Communicator for NcclComm {
                 }
             }
         }
+        self.watchdog.disarm();
         Some(ms)
     }
 }

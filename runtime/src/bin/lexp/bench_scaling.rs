@@ -184,8 +184,12 @@ fn plot(points: &[Point], path: &Path) -> Result<(), String> {
         .map_err(e)?
         .label("ideal")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 14, y)], BLACK.mix(0.3)));
-    let mut names: Vec<&str> = points.iter().map(|p| p.per_gpu.as_str()).collect();
-    names.dedup();
+    let mut names: Vec<&str> = Vec::new();
+    for p in points {
+        if !names.contains(&p.per_gpu.as_str()) {
+            names.push(&p.per_gpu);
+        }
+    }
     for (k, name) in names.iter().enumerate() {
         let color = Palette99::pick(k).to_rgba();
         let series: Vec<(f64, f64, f64)> = points
@@ -202,10 +206,10 @@ fn plot(points: &[Point], path: &Path) -> Result<(), String> {
             .label(format!("{name} per GPU"))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], color));
         chart
-            .draw_series(series.iter().map(|&(g, s, eff)| {
+            .draw_series(series.iter().filter(|p| p.0 > 1.0).map(|&(g, s, eff)| {
                 Text::new(
-                    format!("{s:.2}x ({:.0}%)", 100.0 * eff),
-                    (g, s + y_max * 0.03),
+                    format!("{name}: {s:.2}x ({:.0}%)", 100.0 * eff),
+                    (g - 0.45, s + y_max * (0.03 + 0.04 * k as f64)),
                     ("sans-serif", 14),
                 )
             }))
