@@ -29,13 +29,22 @@ pub struct Watchdog {
 impl Watchdog {
     /// A watchdog of rank `rank` that ends the process when a collective waits longer than
     /// `timeout`.
+    ///
+    /// It ends it with `_exit(1)`, not `std::process::exit`: the main thread is blocked inside
+    /// the CUDA driver or NCCL, and running their exit handlers under it crashed the process
+    /// (SIGSEGV, then a core dump of a GPU process that took minutes) in the two-GPU check.
     pub fn start(rank: usize, timeout: Duration) -> Watchdog {
         Watchdog::with_action(
             rank,
             timeout,
             Box::new(|message| {
-                eprintln!("{message}");
-                std::process::exit(1);
+                use std::io::Write;
+                let mut err = std::io::stderr().lock();
+                let _ = writeln!(err, "{message}");
+                let _ = err.flush();
+                // SAFETY: `_exit` ends the process at once without running exit handlers,
+                // which is the point (see above); nothing here relies on them.
+                unsafe { libc::_exit(1) }
             }),
         )
     }
