@@ -1,12 +1,14 @@
 //! Causal self-attention of one layer over the packed sequences of a batch, forward and
 //! backward (RUNTIME.md §2.3), in one of two implementations ([`AttentionImpl`]):
 //!
-//! - **Flash** (the default where the kernels exist, head dimensions 64 and 128): the DSL's
-//!   flash-attention kernels (`lexp_kernels::flash_attention`, FA2 form). Scores and
-//!   probabilities never reach memory; the forward keeps only `o` and a base-2 log-sum-exp per
-//!   (head, token), and the backward recomputes the probabilities from it. All sequences and
-//!   heads of a batch go in one launch per kernel, driven by device-side block lists
-//!   ([`BlockLists`]) uploaded with the batch.
+//! - **Flash** (the default): the DSL's flash-attention kernels
+//!   (`lexp_kernels::flash_attention`, FA2 form). Scores and probabilities never reach memory;
+//!   the forward keeps only `o` and a base-2 log-sum-exp per (head, token), and the backward
+//!   recomputes the probabilities from it. All sequences and heads of a batch go in one launch
+//!   per kernel, driven by device-side block lists ([`BlockLists`]) uploaded with the batch.
+//!   The kernels are compiled for head dimensions 64 and 128; a head dimension between them
+//!   (OPT-2.7B's 80) runs the 128 kernels on heads padded with zero columns
+//!   ([`flash_kernels_for`], `lexp_kernels::heads`), which changes no result.
 //! - **Materialised**: per sequence, strided-batched cuBLAS GEMMs over the heads read q, k and
 //!   v in place in the `[T, 3H]` projection output (head `h` at column `h·hd`, row stride
 //!   `3H`); f32 scores, a causal-softmax kernel, bf16 probabilities saved for the backward.
@@ -90,9 +92,20 @@ const FLASH_128: FlashConfig = FlashConfig {
 /// The head dimensions the flash kernels are compiled for.
 pub const FLASH_HEAD_DIMS: [usize; 2] = [FLASH_64.hd, FLASH_128.hd];
 
-/// The flash configuration for head dimension `hd`, if its kernels exist.
+/// The flash configuration compiled for head dimension `hd`, if there is one.
 pub fn flash_config(hd: usize) -> Option<&'static FlashConfig> {
     [&FLASH_64, &FLASH_128].into_iter().find(|c| c.hd == hd)
+}
+
+/// The flash kernels the engine runs for head dimension `hd`: those compiled for it, else
+/// those of the smallest compiled head dimension above it, on heads padded with zero columns
+/// (then `cfg.hd > hd`).
+pub fn flash_kernels_for(hd: usize) -> Option<&'static FlashConfig> {
+    flash_config(hd).or_else(|| {
+        [&FLASH_64, &FLASH_128]
+            .into_iter()
+            .find(|c| c.hd > hd && hd > 0)
+    })
 }
 
 /// Which attention implementation the GPU engine runs.
@@ -105,9 +118,10 @@ pub enum AttentionImpl {
 }
 
 impl AttentionImpl {
-    /// Flash where its kernels take the head dimension `hd`, else materialised.
+    /// Flash where its kernels take the head dimension `hd` (padded or not), else
+    /// materialised.
     pub fn default_for(hd: usize) -> AttentionImpl {
-        if flash_config(hd).is_some() {
+        if flash_kernels_for(hd).is_some() {
             AttentionImpl::Flash
         } else {
             AttentionImpl::Materialised
@@ -116,10 +130,10 @@ impl AttentionImpl {
 
     /// `self` for a model with head dimension `hd`, or why it cannot run it.
     pub fn check(self, hd: usize) -> Result<AttentionImpl, ModelError> {
-        if self == AttentionImpl::Flash && flash_config(hd).is_none() {
+        if self == AttentionImpl::Flash && flash_kernels_for(hd).is_none() {
             return Err(ModelError::Unsupported(format!(
-                "flash attention is compiled for head dimensions {FLASH_HEAD_DIMS:?}; this \
-                 model's is {hd} (use the materialised attention)"
+                "flash attention is compiled for head dimensions {FLASH_HEAD_DIMS:?} (smaller \
+                 ones padded); this model's is {hd} (use the materialised attention)"
             )));
         }
         Ok(self)
@@ -287,46 +301,103 @@ fn args(cx: &Ctx, acts: &LayerActs, sc: &Scratch) -> R<AttnArgs> {
     })
 }
 
-/// The flash configuration of the layer's head dimension.
+/// The flash configuration of the layer's head dimension (padded or not).
 fn config(cx: &Ctx) -> R<&'static FlashConfig> {
-    flash_config(cx.d.hd).ok_or_else(|| {
+    flash_kernels_for(cx.d.hd).ok_or_else(|| {
         ModelError::Unsupported(format!("no flash attention for head dimension {}", cx.d.hd))
     })
 }
 
+/// `dst` (`[t, groups·cfg_hd]`) = the `hd`-wide heads of `src` (`[t, groups·hd]`) padded with
+/// zero columns ([`lexp_kernels::pad_heads`]).
+fn pad(cx: &Ctx, dp: usize, src: &DeviceTensor, dst: &DeviceTensor, groups: usize) -> R {
+    let (t, hd) = (cx.t, cx.d.hd);
+    lexp_kernels::pad_heads::launch_with(
+        cx.dev,
+        &[("DP", dp)],
+        &lexp_kernels::pad_heads::Args {
+            src: &arg(src, &[t, groups * hd])?,
+            hd: hd as i32,
+            dst: &arg(dst, &[t, groups * dp])?,
+        },
+    )
+    .map_err(launch_err("flash attention: padding the heads"))
+}
+
+/// The inverse of [`pad`] ([`lexp_kernels::unpad_heads`]).
+fn unpad(cx: &Ctx, dp: usize, src: &DeviceTensor, dst: &DeviceTensor, groups: usize) -> R {
+    let (t, hd) = (cx.t, cx.d.hd);
+    lexp_kernels::unpad_heads::launch_with(
+        cx.dev,
+        &[("DP", dp)],
+        &lexp_kernels::unpad_heads::Args {
+            src: &arg(src, &[t, groups * dp])?,
+            hd: hd as i32,
+            dst: &arg(dst, &[t, groups * hd])?,
+        },
+    )
+    .map_err(launch_err("flash attention: unpadding the heads"))
+}
+
 fn flash_forward(cx: &Ctx, acts: &mut LayerActs, sc: &Scratch) -> R {
-    let (t, h, nh) = (cx.t, cx.d.h, cx.d.nh);
+    let (t, nh) = (cx.t, cx.d.nh);
     let [fwd, _, _] = sc.blocks.args()?;
+    let cfg = config(cx)?;
+    let padded = cfg.hd != cx.d.hd;
+    // The kernels' q/k/v and o: the layer's own, or padded copies in the scratch.
+    let (qkv, o) = if padded {
+        pad(cx, cfg.hd, &acts.qkv, &sc.pad.qkv, 3 * nh)?;
+        (&sc.pad.qkv, &sc.pad.o)
+    } else {
+        (&acts.qkv, &acts.o)
+    };
+    let w = nh * cfg.hd;
     let s = scale(cx);
     fa::flash_fwd::launch_with(
         cx.dev,
-        &config(cx)?.fwd,
+        &cfg.fwd,
         &fa::flash_fwd::Args {
-            qkv: &arg(&acts.qkv, &[t, 3 * h])?,
+            qkv: &arg(qkv, &[t, 3 * w])?,
             blocks: &fwd,
             scale_log2: s * std::f32::consts::LOG2_E,
-            o: &arg(&acts.o, &[t, h])?,
+            o: &arg(o, &[t, w])?,
             lse2: &arg(&acts.lse2, &[nh, stats_cols(t)])?,
         },
     )
-    .map_err(launch_err("flash attention forward"))
+    .map_err(launch_err("flash attention forward"))?;
+    if padded {
+        unpad(cx, cfg.hd, &sc.pad.o, &acts.o, nh)?;
+    }
+    Ok(())
 }
 
 fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
-    let (t, h, nh) = (cx.t, cx.d.h, cx.d.nh);
+    let (t, nh) = (cx.t, cx.d.nh);
     let [_, dq, dkdv] = sc.blocks.args()?;
     let cfg = config(cx)?;
+    let padded = cfg.hd != cx.d.hd;
+    // Padded: q/k/v, o and dO spread to the kernels' head dimension (the padding columns of
+    // every gradient come out zero), dq/dk/dv gathered back at the end.
+    let (qkv_t, o_t, do_t, dqkv_t) = if padded {
+        pad(cx, cfg.hd, &acts.qkv, &sc.pad.qkv, 3 * nh)?;
+        pad(cx, cfg.hd, &acts.o, &sc.pad.o, nh)?;
+        pad(cx, cfg.hd, &sc.tmp, &sc.pad.d_o, nh)?;
+        (&sc.pad.qkv, &sc.pad.o, &sc.pad.d_o, &sc.pad.dqkv)
+    } else {
+        (&acts.qkv, &acts.o, &sc.tmp, &sc.dqkv)
+    };
+    let w = nh * cfg.hd;
     let s = scale(cx);
-    let qkv = arg(&acts.qkv, &[t, 3 * h])?;
-    let d_o = arg(&sc.tmp, &[t, h])?;
+    let qkv = arg(qkv_t, &[t, 3 * w])?;
+    let d_o = arg(do_t, &[t, w])?;
     let lse2 = arg(&acts.lse2, &[nh, stats_cols(t)])?;
     let delta = arg(&sc.delta, &[nh, stats_cols(t)])?;
-    let dqkv = arg(&sc.dqkv, &[t, 3 * h])?;
+    let dqkv = arg(dqkv_t, &[t, 3 * w])?;
     fa::flash_bwd_delta::launch_with(
         cx.dev,
         &[("D", cfg.hd)],
         &fa::flash_bwd_delta::Args {
-            o: &arg(&acts.o, &[t, h])?,
+            o: &arg(o_t, &[t, w])?,
             d_o: &d_o,
             delta: &delta,
         },
@@ -358,7 +429,11 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
         dkdv,
         "flash attention backward (dk, dv)"
     )?;
-    launch!(flash_bwd_dq, cfg.dq, dq, "flash attention backward (dq)")
+    launch!(flash_bwd_dq, cfg.dq, dq, "flash attention backward (dq)")?;
+    if padded {
+        unpad(cx, cfg.hd, &sc.pad.dqkv, &sc.dqkv, 3 * nh)?;
+    }
+    Ok(())
 }
 
 fn materialised_forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
@@ -503,12 +578,19 @@ mod tests {
     }
 
     #[test]
-    fn flash_only_for_its_head_dimension() {
+    fn flash_for_its_head_dimensions_and_padded_below_128() {
         assert_eq!(AttentionImpl::default_for(64), AttentionImpl::Flash);
         assert_eq!(AttentionImpl::default_for(128), AttentionImpl::Flash);
         assert!(AttentionImpl::Flash.check(128).is_ok());
-        assert_eq!(AttentionImpl::default_for(80), AttentionImpl::Materialised);
-        assert!(AttentionImpl::Flash.check(80).is_err());
+        // OPT-2.7B's 80 runs the 128 kernels on padded heads; 32 the 64 ones.
+        assert_eq!(AttentionImpl::default_for(80), AttentionImpl::Flash);
+        assert_eq!(flash_kernels_for(80).map(|c| c.hd), Some(128));
+        assert_eq!(flash_kernels_for(32).map(|c| c.hd), Some(64));
+        assert_eq!(flash_kernels_for(64).map(|c| c.hd), Some(64));
+        assert!(flash_config(80).is_none(), "no kernels compiled for 80");
+        // Past the largest compiled head dimension only the materialised attention runs.
+        assert_eq!(AttentionImpl::default_for(256), AttentionImpl::Materialised);
+        assert!(AttentionImpl::Flash.check(256).is_err());
         assert!(AttentionImpl::Materialised.check(80).is_ok());
         assert_eq!("flash".parse::<AttentionImpl>(), Ok(AttentionImpl::Flash));
         assert!("fast".parse::<AttentionImpl>().is_err());

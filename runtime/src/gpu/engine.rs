@@ -15,7 +15,7 @@
 //! (cuBLAS takes both inputs of one type, and an f32 copy of `E` would cost more memory and
 //! a slower f32 GEMM), and `dh = dz·E` is scattered back into the rows' gradient.
 
-use super::attention::{flash_config, AttentionImpl, BlockPlan};
+use super::attention::{flash_kernels_for, AttentionImpl, BlockPlan};
 use super::dropout::{DropCtx, MaskLayout};
 use super::layer::{self, segments, Ctx, Segment};
 use super::lora::DeviceLora;
@@ -306,7 +306,7 @@ impl GpuEngine {
         }
         let (segs, probs) = segments(&batch.cu_seqlens, self.dims.nh)?;
         let flash_cfg = match self.attention {
-            AttentionImpl::Flash => Some(flash_config(self.dims.hd).ok_or_else(|| {
+            AttentionImpl::Flash => Some(flash_kernels_for(self.dims.hd).ok_or_else(|| {
                 ModelError::Unsupported(format!(
                     "no flash attention for head dimension {}",
                     self.dims.hd
@@ -328,6 +328,10 @@ impl GpuEngine {
                 segs.iter().map(|s| s.len).max().unwrap_or(0)
             },
             blocks: plan.rows(),
+            pad_cols: match flash_cfg {
+                Some(cfg) if cfg.hd != self.dims.hd => self.dims.nh * cfg.hd,
+                _ => 0,
+            },
             rank: lora.map_or(0, |l| l.config.r),
             mask_cols: drop.map_or(0, |d| d.cols),
         };
