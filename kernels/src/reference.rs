@@ -562,7 +562,7 @@ mod tests {
     }
 }
 
-/// [`crate::pad_heads`]: the `hd`-wide heads of the `[rows, groups·hd]` `src` spread to `dp`
+/// [`crate::pad_heads`] (`HD = hd`, `DP = dp`): the `hd`-wide heads of the `[rows, groups·hd]` `src` spread to `dp`
 /// columns each, zero-filled.
 pub fn pad_heads(src: &[f32], rows: usize, groups: usize, hd: usize, dp: usize) -> Vec<f32> {
     let mut out = vec![0.0; rows * groups * dp];
