@@ -809,26 +809,13 @@ fn gpu_engine_variants_match_the_cpu_engine() {
         compare_step(name, &model, &mut gpu, &lora, &b, tol);
     }
     // Heads of 128 (OPT-6.7B's head dimension): the engine runs the 128-wide flash kernels.
-    let name = "clean, 2 heads of 128";
     let shape = r#""hidden_size":256,"ffn_dim":512,"num_attention_heads":2"#;
-    let (model, b) = variant_shaped(shape, "", 3, true);
-    let model = bf16_weights(&model);
-    let mut gpu = GpuEngine::new(model.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(gpu.attention(), AttentionImpl::Flash, "{name}");
-    let lora = random_lora(&model, 4, 2);
-    compare_eval(name, &model, &mut gpu, Some(&lora), &b);
-    compare_step(name, &model, &mut gpu, &lora, &b, RELU_FLIPS);
+    flash_heads_case("clean, 2 heads of 128", shape);
     // Heads of 80 (OPT-2.7B's): the 128-wide flash kernels on heads padded with zero columns,
     // against the CPU and against the materialised attention of the same engine.
     let name = "clean, 2 heads of 80 (padded flash)";
     let shape = r#""hidden_size":160,"ffn_dim":320,"num_attention_heads":2"#;
-    let (model, b) = variant_shaped(shape, "", 3, true);
-    let model = bf16_weights(&model);
-    let mut gpu = GpuEngine::new(model.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(gpu.attention(), AttentionImpl::Flash, "{name}");
-    let lora = random_lora(&model, 4, 2);
-    compare_eval(name, &model, &mut gpu, Some(&lora), &b);
-    compare_step(name, &model, &mut gpu, &lora, &b, RELU_FLIPS);
+    let (mut gpu, lora, b) = flash_heads_case(name, shape);
     let flash = gpu.loss_and_grads(&lora, &b, 1.0, None).unwrap();
     gpu.set_attention(AttentionImpl::Materialised).unwrap();
     let mat = gpu.loss_and_grads(&lora, &b, 1.0, None).unwrap();
@@ -847,6 +834,20 @@ fn gpu_engine_variants_match_the_cpu_engine() {
     println!(
         "{name}: flash vs materialised loss rel {rel:.2e}, gradients rel {rel_g:.2e} cos {cos:.6}"
     );
+}
+
+/// The clean variant model of `shape` on the GPU engine, which must pick flash attention,
+/// against the CPU engine (eval and one step, [`RELU_FLIPS`]); the engine, adapter and batch
+/// for more checks.
+fn flash_heads_case(name: &str, shape: &str) -> (GpuEngine, LoraParams, PackedBatch) {
+    let (model, b) = variant_shaped(shape, "", 3, true);
+    let model = bf16_weights(&model);
+    let mut gpu = GpuEngine::new(model.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(gpu.attention(), AttentionImpl::Flash, "{name}");
+    let lora = random_lora(&model, 4, 2);
+    compare_eval(name, &model, &mut gpu, Some(&lora), &b);
+    compare_step(name, &model, &mut gpu, &lora, &b, RELU_FLIPS);
+    (gpu, lora, b)
 }
 
 #[test]
