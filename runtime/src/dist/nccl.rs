@@ -245,17 +245,18 @@ impl Communicator for NcclComm {
     /// Waits for the pending device all-reduces' end events (the caller's step has normally
     /// synchronised already) and adds their spans to the host collectives' time.
     fn take_comm_ms(&mut self) -> Option<f64> {
-        let mut ms = std::mem::take(&mut self.host_ms);
+        let mut ms = Some(std::mem::take(&mut self.host_ms));
         for (start, end) in self.pending.drain(..) {
             match start.elapsed_ms(&end) {
-                Ok(t) => ms += f64::from(t),
+                Ok(t) => ms = ms.map(|m| m + f64::from(t)),
                 Err(e) => {
                     tracing::warn!("NCCL timing events: {e}");
-                    return None;
+                    ms = None;
                 }
             }
         }
+        // Every queued collective has finished (or failed): nothing left to watch.
         self.watchdog.disarm();
-        Some(ms)
+        ms
     }
 }
