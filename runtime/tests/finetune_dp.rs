@@ -91,13 +91,13 @@ fn run_ok(mut cmd: Command) -> String {
     err
 }
 
-/// `(step, loss, targets)` of the train records of `run`'s metrics.
-fn losses(run: &Path) -> Vec<(u64, f64, u64)> {
+/// `(step, loss, targets)` of the records of `kind` (`train`, `eval`) in `run`'s metrics.
+fn records(run: &Path, kind: &str) -> Vec<(u64, f64, u64)> {
     fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["kind"] == "train")
+        .filter(|r| r["kind"] == kind)
         .map(|r| {
             (
                 r["step"].as_u64().unwrap(),
@@ -108,21 +108,14 @@ fn losses(run: &Path) -> Vec<(u64, f64, u64)> {
         .collect()
 }
 
-/// `(step, loss, targets)` of the eval records of `run`'s metrics.
+/// The train records of `run`.
+fn losses(run: &Path) -> Vec<(u64, f64, u64)> {
+    records(run, "train")
+}
+
+/// The eval records of `run`.
 fn evals(run: &Path) -> Vec<(u64, f64, u64)> {
-    fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["kind"] == "eval")
-        .map(|r| {
-            (
-                r["step"].as_u64().unwrap(),
-                r["loss"].as_f64().unwrap(),
-                r["targets"].as_u64().unwrap(),
-            )
-        })
-        .collect()
+    records(run, "eval")
 }
 
 fn assert_close_losses(reference: &Path, run: &Path) {

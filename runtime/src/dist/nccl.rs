@@ -21,7 +21,7 @@ use super::rendezvous::Group;
 use super::watchdog::Watchdog;
 use super::{DistError, TcpComm};
 use crate::DeviceTensor;
-use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaSlice, CudaStream};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use lexp_compiler::dtype::Storage;
 use std::sync::Arc;
@@ -99,6 +99,11 @@ pub struct NcclComm {
     watchdog: Watchdog,
     /// Collectives queued so far (named in the watchdog's report).
     calls: u64,
+    /// Device staging of the host collectives, grown to the largest seen (no allocation per
+    /// step once warm).
+    staging: Option<CudaSlice<u8>>,
+    /// Timing events read by `take_comm_ms`, for reuse.
+    spare_events: Vec<CudaEvent>,
 }
 
 impl NcclComm {
@@ -135,6 +140,8 @@ impl NcclComm {
             host_ms: 0.0,
             watchdog,
             calls: 0,
+            staging: None,
+            spare_events: Vec::new(),
         })
     }
 
@@ -148,13 +155,24 @@ impl NcclComm {
         let t0 = Instant::now();
         self.arm("host all-reduce", data.len());
         let dev = |e: cudarc::driver::DriverError| DistError::Launch(format!("NCCL buffer: {e}"));
-        let mut buf = self.stream.clone_htod(data).map_err(dev)?;
+        let bytes = std::mem::size_of_val(data);
+        let staging = match self.staging.take() {
+            Some(b) if b.len() >= bytes => b,
+            _ => self.stream.alloc_zeros::<u8>(bytes).map_err(dev)?,
+        };
+        let buf = self.staging.insert(staging);
+        // SAFETY: the staging buffer holds at least `bytes` = `data.len()` values of `T`, and
+        // the device allocation is aligned for any element type.
+        let mut view = unsafe { buf.transmute_mut::<T>(data.len()) }.ok_or_else(|| {
+            DistError::Launch(format!("NCCL staging: too small for {} values", data.len()))
+        })?;
+        self.stream.memcpy_htod(data, &mut view).map_err(dev)?;
         self.comm
             .0
-            .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
+            .all_reduce_in_place(&mut view, &ReduceOp::Sum)
             .map_err(|e| format!("{e:?}"))
             .map_err(nccl_err("all-reduce"))?;
-        self.stream.memcpy_dtoh(&buf, data).map_err(dev)?;
+        self.stream.memcpy_dtoh(&view, data).map_err(dev)?;
         self.stream.synchronize().map_err(dev)?;
         // NCCL's stream is in order: every collective queued before this one is done too.
         self.watchdog.disarm();
@@ -169,7 +187,11 @@ impl NcclComm {
             .arm(|| format!("NCCL {what} #{n} ({len} elements)"));
     }
 
-    fn timing_event(&self) -> Result<CudaEvent, DistError> {
+    /// A timing event: a spare one, else a new one.
+    fn timing_event(&mut self) -> Result<CudaEvent, DistError> {
+        if let Some(e) = self.spare_events.pop() {
+            return Ok(e);
+        }
         self.stream
             .context()
             .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
@@ -246,7 +268,7 @@ impl Communicator for NcclComm {
     /// synchronised already) and adds their spans to the host collectives' time.
     fn take_comm_ms(&mut self) -> Option<f64> {
         let mut ms = Some(std::mem::take(&mut self.host_ms));
-        for (start, end) in self.pending.drain(..) {
+        for (start, end) in std::mem::take(&mut self.pending) {
             match start.elapsed_ms(&end) {
                 Ok(t) => ms = ms.map(|m| m + f64::from(t)),
                 Err(e) => {
@@ -254,6 +276,7 @@ impl Communicator for NcclComm {
                     ms = None;
                 }
             }
+            self.spare_events.extend([start, end]);
         }
         // Every queued collective has finished (or failed): nothing left to watch.
         self.watchdog.disarm();

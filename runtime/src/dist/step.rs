@@ -1,6 +1,7 @@
 //! The data-parallel optimizer step on the host optimizer path, and [`DataParallel`], the
 //! engine wrapper through which the trainer runs it (it calls
-//! [`Engine::data_parallel_step`], which engines with device gradients override).
+//! [`Engine::data_parallel_step`], which the GPU engine overrides to reduce its gradients on
+//! the device).
 //!
 //! Every rank builds the same global step; each computes the loss and LoRA gradients of its
 //! micro-batches ([`super::shard`]) with the gradient scale `1 / n`, `n` the targets of the
@@ -44,14 +45,8 @@ pub fn data_parallel_step<E: Engine + ?Sized>(
         loss_sum += out.loss_sum;
         add_flat(&mut flat, &sizes, &out)?;
     }
-    let collective = |e: super::DistError| ModelError::Collective(e.to_string());
     comm.all_reduce_sum(&mut flat).map_err(collective)?;
-    let mut sums = Vec::with_capacity(1 + extra.len());
-    sums.push(loss_sum);
-    sums.extend_from_slice(extra);
-    comm.all_reduce_sum_f64(&mut sums).map_err(collective)?;
-    extra.copy_from_slice(&sums[1..]);
-    let loss = sums[0] / n as f64;
+    let loss = reduce_loss_sum(comm, loss_sum, extra)? / n as f64;
 
     let mut grads: Vec<&mut [f32]> = Vec::with_capacity(sizes.len());
     let mut rest = flat.as_mut_slice();
@@ -61,6 +56,26 @@ pub fn data_parallel_step<E: Engine + ?Sized>(
         rest = r;
     }
     Ok(apply_step(lora, adamw, &mut grads, loss, n, step))
+}
+
+/// A collective's failure as the model's error.
+pub(crate) fn collective(e: super::DistError) -> ModelError {
+    ModelError::Collective(e.to_string())
+}
+
+/// The sum over the ranks of this rank's `loss_sum`, with `extra` (flags, counts) summed in the
+/// same all-reduce: on return `extra` holds its sums. Every data-parallel step ends with it.
+pub(crate) fn reduce_loss_sum(
+    comm: &mut dyn Communicator,
+    loss_sum: f64,
+    extra: &mut [f64],
+) -> Result<f64> {
+    let mut sums = Vec::with_capacity(1 + extra.len());
+    sums.push(loss_sum);
+    sums.extend_from_slice(extra);
+    comm.all_reduce_sum_f64(&mut sums).map_err(collective)?;
+    extra.copy_from_slice(&sums[1..]);
+    Ok(sums[0])
 }
 
 /// Adds the gradients of `out` (in the adapter's canonical order) into `flat`.
@@ -211,9 +226,7 @@ impl Engine for DataParallel {
     }
 
     fn reduce_eval(&mut self, values: &mut [f64]) -> Result<()> {
-        self.comm
-            .all_reduce_sum_f64(values)
-            .map_err(|e| ModelError::Collective(e.to_string()))
+        self.comm.all_reduce_sum_f64(values).map_err(collective)
     }
 
     fn eval_loss_dense(

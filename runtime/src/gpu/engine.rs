@@ -34,6 +34,7 @@ use crate::cublas::{Blas, Mat, MatLayout, MatMut};
 use crate::data::{PackedBatch, IGNORE_INDEX};
 use crate::device::CudaDevice;
 use crate::dist::shard::rank_micro_batches;
+use crate::dist::step::{collective, reduce_loss_sum};
 use crate::dist::Communicator;
 use crate::model::opt::{check_adapters, check_batch};
 use crate::model::{DropoutRng, ModelError, RecordedMasks, Result, StepOutput};
@@ -651,7 +652,6 @@ impl GpuEngine {
                 .0;
         }
         if let Some((comm, extra)) = dp {
-            let collective = |e: crate::dist::DistError| ModelError::Collective(e.to_string());
             let d = self
                 .lora
                 .as_mut()
@@ -661,12 +661,7 @@ impl GpuEngine {
                 .ok_or_else(|| ModelError::Collective("no device collectives".into()))?
                 .all_reduce_sum_tensor(&stream, &mut d.grads)
                 .map_err(collective)?;
-            let mut sums = Vec::with_capacity(1 + extra.len());
-            sums.push(loss_sum);
-            sums.extend_from_slice(extra);
-            comm.all_reduce_sum_f64(&mut sums).map_err(collective)?;
-            extra.copy_from_slice(&sums[1..]);
-            loss_sum = sums[0];
+            loss_sum = reduce_loss_sum(comm, loss_sum, extra)?;
         }
         let loss = loss_sum / n as f64;
         let (Some(adam), Some(d)) = (self.adam.as_mut(), self.lora.as_ref()) else {
