@@ -156,3 +156,72 @@ pub fn ptxas(ptxas: &std::path::Path, ptx: &str, arch: &str) -> Result<PtxasRepo
     }
     Ok(r)
 }
+
+/// The local-memory accesses (`LDL`/`STL`: spills) of a SASS listing (`nvdisasm -c`) that lie
+/// inside a loop, one line each. A loop is the span from a label to a later branch back to it.
+/// A spill outside every loop costs one store and one load per thread; inside one it costs them
+/// per iteration, which is what a register budget is for.
+pub fn spills_in_loops(sass: &str) -> Vec<String> {
+    let lines: Vec<&str> = sass.lines().collect();
+    let mut labels = std::collections::HashMap::new();
+    for (i, l) in lines.iter().enumerate() {
+        if let Some(name) = l.trim().strip_suffix(':') {
+            if name.starts_with('.') {
+                labels.insert(name.to_string(), i);
+            }
+        }
+    }
+    let mut loops = vec![];
+    for (i, l) in lines.iter().enumerate() {
+        if !l.contains(" BRA ") {
+            continue;
+        }
+        let target = l
+            .split('(')
+            .nth(1)
+            .and_then(|t| t.split(')').next())
+            .map(str::trim);
+        if let Some(&j) = target.and_then(|t| labels.get(t)) {
+            if j < i {
+                loops.push((j, i));
+            }
+        }
+    }
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(i, l)| {
+            let spill = l.contains(" LDL") || l.contains(" STL");
+            spill && loops.iter().any(|&(a, b)| a < *i && *i < b)
+        })
+        .map(|(_, l)| l.trim().to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spills_in_loops;
+
+    const LISTING: &str = "        /*0530*/                   STL [R1+0x4], R25 ;
+.L_x_6:
+        /*0600*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0610*/                   STL [R1], R34 ;
+        /*0620*/               @P2 BRA `(.L_x_4) ;
+.L_x_4:
+        /*0630*/                   BRA `(.L_x_6) ;
+        /*0640*/                   LDL.LU R113, [R1+0x4] ;
+";
+
+    #[test]
+    fn finds_the_spill_inside_the_loop_only() {
+        let found = spills_in_loops(LISTING);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("STL [R1], R34"));
+    }
+
+    #[test]
+    fn a_listing_without_backward_branches_has_no_loop() {
+        let flat = LISTING.replace("BRA `(.L_x_6)", "BRA `(.L_x_4)");
+        assert!(spills_in_loops(&flat).is_empty());
+    }
+}

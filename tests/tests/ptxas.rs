@@ -1,12 +1,23 @@
-//! Every kernel variant's PTX assembles with `ptxas` for sm_80 and sm_90, with no spills and
-//! registers within the target's budget. Prints the resource table.
+//! Every kernel variant's PTX assembles with `ptxas` for sm_80 and sm_90, with registers
+//! within the target's budget and no spill that costs anything per iteration. Prints the
+//! resource table.
+//!
+//! The spill budget: none at all, except that a variant may spill up to
+//! [`SPILL_OUTSIDE_LOOPS`] bytes if its SASS (nvdisasm) shows no local-memory access inside a
+//! loop. That happens when a value computed before the main loop is needed only after it (the
+//! 128-key dk/dv kernels on sm_80, at 255 registers, keep their output address that way once
+//! k and v are resident in shared memory): ptxas then stores it once and reloads it once,
+//! which is the right allocation.
 //!
 //! A variant whose shared memory exceeds sm_80's opt-in limit can never launch there (the
 //! launcher reports it and the autotuner skips it), so only its sm_90 code is held to the
 //! budget; its sm_80 PTX must still assemble.
 
 use lexp_compiler::target;
-use lexp_tests::{find_ptxas, ptxas};
+use lexp_tests::{find_nvdisasm, find_ptxas, ptxas, sass, spills_in_loops};
+
+/// Spill bytes (stores) a variant may have when none of them is inside a loop.
+const SPILL_OUTSIDE_LOOPS: u32 = 32;
 
 #[test]
 fn every_variant_assembles_without_spills() {
@@ -39,10 +50,11 @@ fn every_variant_assembles_without_spills() {
                             r.smem_bytes
                         );
                         let budgeted = arch != "sm_80" || sm80_launchable;
-                        if budgeted
-                            && (r.spill_stores > 0 || r.spill_loads > 0 || r.stack_bytes > 0)
-                        {
-                            failures.push(format!("{} {arch}: spills ({r:?})", v.symbol));
+                        let spills = r.spill_stores > 0 || r.spill_loads > 0 || r.stack_bytes > 0;
+                        if budgeted && spills {
+                            if let Some(why) = spill_over_budget(&bin, ptx, arch, &r) {
+                                failures.push(format!("{} {arch}: {why}", v.symbol));
+                            }
                         }
                         if r.registers as usize > target::SM90.max_regs {
                             failures
@@ -62,4 +74,31 @@ fn every_variant_assembles_without_spills() {
     }
     assert!(rows > 0, "no variants checked");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Why `r`'s spills are over the budget (see the module doc), or `None` if they are within it.
+fn spill_over_budget(
+    ptxas: &std::path::Path,
+    ptx: &str,
+    arch: &str,
+    r: &lexp_tests::PtxasReport,
+) -> Option<String> {
+    if r.spill_stores > SPILL_OUTSIDE_LOOPS || r.spill_loads > SPILL_OUTSIDE_LOOPS {
+        return Some(format!(
+            "spills more than {SPILL_OUTSIDE_LOOPS} bytes ({r:?})"
+        ));
+    }
+    let Some(nvdisasm) = find_nvdisasm() else {
+        return Some(format!(
+            "spills ({r:?}); telling whether they are inside a loop needs nvdisasm: \
+             python3 -m pip install nvidia-cuda-nvdisasm (.ci/run does this)"
+        ));
+    };
+    match sass(ptxas, &nvdisasm, ptx, arch) {
+        Err(e) => Some(format!("spills ({r:?}) and nvdisasm failed: {e}")),
+        Ok(listing) => {
+            let inside = spills_in_loops(&listing);
+            (!inside.is_empty()).then(|| format!("spills inside a loop ({r:?}): {inside:?}"))
+        }
+    }
 }

@@ -14,6 +14,12 @@
 //!   values and scalar loads (a block list's index) only: no loop-carried value, no tile load.
 //!
 //! Everything else keeps the register path: load, then stage through shared memory in `dot`.
+//!
+//! A streamed load whose address does not depend on the induction variable (a flash-attention
+//! kernel's query tile, say: written inside the loop so that it is streamed, but the same tile at
+//! every iteration) is *resident*: it gets one slot, copied once with the first iteration's
+//! tile, and every iteration reads that slot. Streaming it would copy the same tile again each
+//! iteration and take `num_stages` slots.
 
 use super::layouts::LayoutPlan;
 use crate::ir::{Block, ConstValue, Kernel, Op, ValueId};
@@ -32,6 +38,20 @@ pub struct StagedLoad {
     /// Byte offset of slot 0 (set by the shared-memory plan); slot `s` is at
     /// `offset + s * shared.bytes()`.
     pub offset: usize,
+    /// The address is loop-invariant: one slot at `offset`, filled with the first iteration's
+    /// copies and read by every iteration (see the module doc).
+    pub resident: bool,
+}
+
+impl StagedLoad {
+    /// Slots this load takes: 1 when resident, the loop's stages otherwise.
+    pub fn slots(&self, stages: usize) -> usize {
+        if self.resident {
+            1
+        } else {
+            stages
+        }
+    }
 }
 
 /// One pipelined loop, identified by its induction variable.
@@ -76,7 +96,8 @@ impl PipelinePlan {
             s.push_str(&format!("pipeline loop %{} stages {}\n", l.iv.0, l.stages));
             for ld in &l.loads {
                 s.push_str(&format!(
-                    "  stream %{} [{}x{}] swizzle {} slot {} bytes at {}\n",
+                    "  {} %{} [{}x{}] swizzle {} slot {} bytes at {}\n",
+                    if ld.resident { "resident" } else { "stream" },
                     ld.load.0,
                     ld.shared.rows,
                     ld.shared.cols,
@@ -167,9 +188,9 @@ pub fn plan(k: &Kernel, layouts: &LayoutPlan) -> PipelinePlan {
             }
             let mut s = HashSet::new();
             let roots: Vec<ValueId> = std::iter::once(*ptr).chain(*mask).collect();
-            if !address_slice(k, &roots, &local, &carried, iv, &mut s) {
+            let Some(moves) = address_slice(k, &roots, &local, &carried, iv, &mut s) else {
                 continue;
-            }
+            };
             slice.extend(s);
             loads.push(StagedLoad {
                 load: r,
@@ -177,6 +198,7 @@ pub fn plan(k: &Kernel, layouts: &LayoutPlan) -> PipelinePlan {
                 mask: *mask,
                 shared: SharedLayout::choose(t.shape[0], t.shape[1], 2),
                 offset: 0,
+                resident: !moves,
             });
         }
         if !loads.is_empty() {
@@ -240,8 +262,9 @@ fn accumulating_dots(
     out
 }
 
-/// Collects the body-local values `roots` depend on; false if any is loop-carried, a tile load
-/// or another op that cannot be re-run ahead of time.
+/// Collects the body-local values `roots` depend on. `None` if any is loop-carried, a tile load
+/// or another op that cannot be re-run ahead of time; otherwise whether the address depends on
+/// the induction variable `iv` (false: the load is resident).
 fn address_slice(
     k: &Kernel,
     roots: &[ValueId],
@@ -249,33 +272,38 @@ fn address_slice(
     carried: &HashSet<ValueId>,
     iv: ValueId,
     out: &mut HashSet<ValueId>,
-) -> bool {
+) -> Option<bool> {
     let mut stack: Vec<ValueId> = roots.to_vec();
+    let mut moves = false;
     while let Some(v) = stack.pop() {
         if carried.contains(&v) {
-            return false;
+            return None;
         }
-        if v == iv || out.contains(&v) {
+        if v == iv {
+            moves = true;
+            continue;
+        }
+        if out.contains(&v) {
             continue;
         }
         let Some(op) = local.get(&v) else {
             continue; // defined outside the loop: invariant
         };
         match op {
-            Op::Load { .. } if k.ty(v).rank() > 0 => return false,
+            Op::Load { .. } if k.ty(v).rank() > 0 => return None,
             Op::Dot { .. }
             | Op::For { .. }
             | Op::If { .. }
             | Op::Store { .. }
             | Op::AtomicAdd { .. }
             | Op::ConvertLayout { .. }
-            | Op::Reduce { .. } => return false,
+            | Op::Reduce { .. } => return None,
             _ => {}
         }
         out.insert(v);
         stack.extend(op.operands());
     }
-    true
+    Some(moves)
 }
 
 fn walk_loops(b: &Block, f: &mut impl FnMut(&Block)) {

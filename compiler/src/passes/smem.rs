@@ -192,7 +192,7 @@ pub fn plan(
         for ld in &mut l.loads {
             end = end.next_multiple_of(1024);
             ld.offset = end;
-            end += l.stages * ld.shared.bytes();
+            end += ld.slots(l.stages) * ld.shared.bytes();
         }
     }
     plan.total = outside.max(end);

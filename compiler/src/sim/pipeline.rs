@@ -2,7 +2,10 @@
 //! symbolic checker of its bookkeeping: the codegen emits exactly [`schedule`]'s events, and
 //! [`check`] proves (for given `S` stages and `KT` k-tiles) that every tile is complete and
 //! published by a barrier before it is computed on, that no slot is overwritten before every
-//! read of its previous tile, and that the drain leaves nothing pending.
+//! read of its previous tile, and that the drain leaves nothing pending. With a *resident*
+//! operand (a loop-invariant tile, [`crate::passes::pipeline`]) a group of its own, committed
+//! before the ring's first, copies that tile once into its own slot (as the codegen does), and
+//! every compute needs it landed and published.
 //!
 //! Semantics modelled (PTX ISA 9.7.9.25.3): `commit_group` closes a group per thread (possibly
 //! empty); `wait_group(n)` waits until at most the `n` most recent groups are pending; data is
@@ -14,6 +17,8 @@
 pub enum Event {
     /// Issue the copies of k-tile `tile` into stage slot `slot`.
     Copy { tile: usize, slot: usize },
+    /// Issue the copy of the resident tile into its own slot.
+    CopyResident,
     /// `cp.async.commit_group`.
     Commit,
     /// `cp.async.wait_group(n)`.
@@ -24,9 +29,15 @@ pub enum Event {
     Compute { tile: usize, slot: usize },
 }
 
-/// The schedule of §4.1 for `stages` slots and `kt` k-tiles.
-pub fn schedule(stages: usize, kt: usize) -> Vec<Event> {
+/// The schedule of §4.1 for `stages` slots and `kt` k-tiles, with or without a resident tile.
+pub fn schedule(stages: usize, kt: usize, resident: bool) -> Vec<Event> {
     let mut ev = vec![];
+    if resident {
+        if kt > 0 {
+            ev.push(Event::CopyResident);
+        }
+        ev.push(Event::Commit);
+    }
     for s in 0..stages.saturating_sub(1) {
         if s < kt {
             ev.push(Event::Copy { tile: s, slot: s });
@@ -54,13 +65,16 @@ pub fn schedule(stages: usize, kt: usize) -> Vec<Event> {
     ev
 }
 
-/// Checks a schedule; returns the first violation.
-pub fn check(stages: usize, kt: usize, events: &[Event]) -> Result<(), String> {
+/// Checks a schedule (with a resident tile read by every compute if `resident`); returns the
+/// first violation.
+pub fn check(stages: usize, kt: usize, resident: bool, events: &[Event]) -> Result<(), String> {
+    // The resident tile is tracked as tile `kt`.
+    let res = kt;
     // groups[i] = tiles copied in group i; open = copies not yet committed.
     let mut groups: Vec<Vec<usize>> = vec![];
     let mut open: Vec<(usize, usize)> = vec![];
-    let mut landed: Vec<bool> = vec![false; kt];
-    let mut published: Vec<bool> = vec![false; kt];
+    let mut landed: Vec<bool> = vec![false; kt + 1];
+    let mut published: Vec<bool> = vec![false; kt + 1];
     let mut slot_tile: Vec<Option<usize>> = vec![None; stages];
     // Tiles whose reads of a slot are not yet ordered before later writes by a barrier.
     let mut unfenced_reads: Vec<usize> = vec![];
@@ -77,6 +91,7 @@ pub fn check(stages: usize, kt: usize, events: &[Event]) -> Result<(), String> {
                 slot_tile[slot] = Some(tile);
                 open.push((tile, slot));
             }
+            Event::CopyResident => open.push((res, usize::MAX)),
             Event::Commit => groups.push(open.drain(..).map(|(t, _)| t).collect()),
             Event::Wait(n) => {
                 let keep = n.min(groups.len());
@@ -88,7 +103,7 @@ pub fn check(stages: usize, kt: usize, events: &[Event]) -> Result<(), String> {
                 }
             }
             Event::Barrier => {
-                for t in 0..kt {
+                for t in 0..=kt {
                     published[t] |= landed[t];
                 }
                 unfenced_reads.clear();
@@ -97,6 +112,11 @@ pub fn check(stages: usize, kt: usize, events: &[Event]) -> Result<(), String> {
                 if !published[tile] {
                     return Err(format!(
                         "event {i}: tile {tile} computed before it landed and was published"
+                    ));
+                }
+                if resident && !published[res] {
+                    return Err(format!(
+                        "event {i}: tile {tile} computed before the resident tile was published"
                     ));
                 }
                 if slot_tile[slot] != Some(tile) {
@@ -133,8 +153,11 @@ mod tests {
     fn the_schedule_is_correct_for_every_depth_and_length() {
         for stages in 2..=5 {
             for kt in 0..=12 {
-                let ev = schedule(stages, kt);
-                check(stages, kt, &ev).unwrap_or_else(|e| panic!("S={stages} KT={kt}: {e}"));
+                for resident in [false, true] {
+                    let ev = schedule(stages, kt, resident);
+                    check(stages, kt, resident, &ev)
+                        .unwrap_or_else(|e| panic!("S={stages} KT={kt} resident={resident}: {e}"));
+                }
             }
         }
     }
@@ -142,16 +165,16 @@ mod tests {
     #[test]
     fn the_checker_catches_broken_schedules() {
         // Waiting for one group too few: tile t may still be in flight when computed.
-        let mut ev = schedule(3, 6);
+        let mut ev = schedule(3, 6, false);
         for e in ev.iter_mut() {
             if *e == Event::Wait(1) {
                 *e = Event::Wait(2);
             }
         }
-        assert!(check(3, 6, &ev).is_err());
+        assert!(check(3, 6, false, &ev).is_err());
         // Skipping the commit of the iterations that have nothing left to copy breaks the
         // group count: the last tiles' waits then wait for too little.
-        let full = schedule(3, 6);
+        let full = schedule(3, 6, false);
         let ev: Vec<Event> = full
             .iter()
             .enumerate()
@@ -160,14 +183,29 @@ mod tests {
             })
             .map(|(_, e)| *e)
             .collect();
-        assert!(check(3, 6, &ev).is_err());
+        assert!(check(3, 6, false, &ev).is_err());
         // Copying before the barrier overwrites a slot another warp may still read.
-        let mut ev = schedule(2, 4);
+        let mut ev = schedule(2, 4, false);
         let j = ev
             .iter()
             .position(|e| matches!(e, Event::Copy { tile: 2, .. }))
             .expect("tile 2 is copied");
         ev.swap(j, j - 1);
-        assert!(check(2, 4, &ev).is_err());
+        assert!(check(2, 4, false, &ev).is_err());
+        // A resident tile copied with the first ring tile instead of in its own group: the
+        // first wait (all but the newest S-2 groups) then counts one group too few.
+        let mut ev = schedule(3, 6, true);
+        ev.retain(|e| *e != Event::CopyResident);
+        ev.remove(0); // its commit
+        let second = ev
+            .iter()
+            .position(|e| *e == Event::Copy { tile: 1, slot: 1 })
+            .expect("tile 1 is copied in the prologue");
+        ev.insert(second, Event::CopyResident);
+        assert!(check(3, 6, true, &ev).is_err());
+        // Never copied at all.
+        let mut ev = schedule(3, 6, true);
+        ev.retain(|e| *e != Event::CopyResident);
+        assert!(check(3, 6, true, &ev).is_err());
     }
 }

@@ -13,6 +13,15 @@ fn dot_operands(body: &Block) -> std::collections::HashMap<ValueId, (ValueId, Va
         .collect()
 }
 
+/// Which loads a [`Gen::prefetch`] copies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// The streamed loads, into one ring slot.
+    Ring,
+    /// The resident loads, once, before the ring's prologue.
+    Resident,
+}
+
 impl<'c> Gen<'c, '_> {
     pub(super) fn phis(
         &self,
@@ -75,6 +84,18 @@ impl<'c> Gen<'c, '_> {
         if let Some(pl) = &pl {
             // Prologue: tiles 0 .. ahead-1 into slots 0 .. ahead-1, one commit group each
             // (empty past the end, which keeps the group count uniform).
+            // Resident tiles first, in a group of their own: copied once, read by every
+            // iteration (the first iteration's wait covers this group too).
+            if pl.loads.iter().any(|ld| ld.resident) {
+                self.prefetch(
+                    body,
+                    pl,
+                    lo_v.into_int_value(),
+                    hi_v,
+                    self.i32(0),
+                    Fill::Resident,
+                )?;
+            }
             for s in 0..ahead {
                 let off = self
                     .b
@@ -84,7 +105,7 @@ impl<'c> Gen<'c, '_> {
                     .b
                     .build_int_add(lo_v.into_int_value(), off, "")
                     .map_err(be)?;
-                self.prefetch(body, pl, iv_s, hi_v, self.i32(s as i64))?;
+                self.prefetch(body, pl, iv_s, hi_v, self.i32(s as i64), Fill::Ring)?;
             }
         }
         let pre = self
@@ -144,17 +165,10 @@ impl<'c> Gen<'c, '_> {
                 .map_err(be)?;
             let nxt = self.b.build_int_add(ivv, ahead, "").map_err(be)?;
             let wr_v = wr.as_basic_value().into_int_value();
-            self.prefetch(body, pl, nxt, hi_v, wr_v)?;
+            self.prefetch(body, pl, nxt, hi_v, wr_v, Fill::Ring)?;
             let rd_v = rd.as_basic_value().into_int_value();
             for ld in &pl.loads {
-                let base = self
-                    .b
-                    .build_int_mul(rd_v, self.i32(ld.shared.bytes() as i64), "")
-                    .map_err(be)?;
-                let base = self
-                    .b
-                    .build_int_add(base, self.i32(ld.offset as i64), "")
-                    .map_err(be)?;
+                let base = self.slot_base(ld, rd_v)?;
                 self.slots.insert(ld.load, base);
             }
         }
@@ -249,9 +263,29 @@ impl<'c> Gen<'c, '_> {
             .into_int_value()
     }
 
-    /// Issues the copies of iteration `iv` (if `iv < hi`) into ring slot `slot`, then commits
-    /// a group (always). The body's address computations are emitted again for `iv`, inside
-    /// the guard, and forgotten afterwards so the body's own emission recomputes them.
+    /// Byte offset of `ld`'s slot number `slot` (its only slot when resident).
+    fn slot_base(
+        &self,
+        ld: &crate::passes::pipeline::StagedLoad,
+        slot: IntValue<'c>,
+    ) -> R<IntValue<'c>> {
+        if ld.resident {
+            return Ok(self.i32(ld.offset as i64));
+        }
+        let off = self
+            .b
+            .build_int_mul(slot, self.i32(ld.shared.bytes() as i64), "")
+            .map_err(be)?;
+        self.b
+            .build_int_add(off, self.i32(ld.offset as i64), "")
+            .map_err(be)
+    }
+
+    /// Issues the copies of iteration `iv` (if `iv < hi`) into ring slot `slot` (or, with
+    /// [`Fill::Resident`], the resident loads into their own slots), then commits a group
+    /// (always).
+    /// The body's address computations are emitted again for `iv`, inside the guard, and
+    /// forgotten afterwards so the body's own emission recomputes them.
     fn prefetch(
         &mut self,
         body: &Block,
@@ -259,6 +293,7 @@ impl<'c> Gen<'c, '_> {
         iv: IntValue<'c>,
         hi: IntValue<'c>,
         slot: IntValue<'c>,
+        fill: Fill,
     ) -> R<()> {
         let cond = self
             .b
@@ -274,13 +309,12 @@ impl<'c> Gen<'c, '_> {
                     }
                 }
             }
-            for ld in &pl.loads {
-                let off =
-                    g.b.build_int_mul(slot, g.i32(ld.shared.bytes() as i64), "")
-                        .map_err(be)?;
-                let off =
-                    g.b.build_int_add(off, g.i32(ld.offset as i64), "")
-                        .map_err(be)?;
+            for ld in pl
+                .loads
+                .iter()
+                .filter(|ld| ld.resident == (fill == Fill::Resident))
+            {
+                let off = g.slot_base(ld, slot)?;
                 g.copy_async(ld.ptr, ld.mask, &ld.shared, off)?;
             }
             Ok(())
