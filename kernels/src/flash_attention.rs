@@ -16,10 +16,6 @@
 //! (the loads' and stores' bounds mask then drops them). Keys past a query are masked to −inf
 //! (causal), which also hides every key past the sequence's end from every stored row.
 //!
-//! The causal mask is an element-wise compare and select on every score, so each kernel runs
-//! two loops: one over the blocks wholly below the diagonal, without it, and one over the
-//! diagonal blocks, with it. (Row masks, a sequence's last partial block, stay per row.)
-//!
 //! The kernels take 16-byte-aligned tensors only (tensor-core variants), so the f32 `[nh, T]`
 //! statistics (`lse2`, `delta`) may have more columns than tokens: the caller pads their rows
 //! to a multiple of 4 (the columns past `T` are scratch).
@@ -104,29 +100,12 @@ pub fn flash_fwd<
     let mut l = zeros::<f32, BM>();
     let mut acc = zeros::<f32, BM, D>();
     let hi = min(q0 + BM, len);
-    // Keys below the block's diagonal (`BN` divides `BM`, and `q0` is a multiple of `BM`):
-    // no causal mask.
-    for k0 in (0..q0).step_by(BN) {
-        let krows = start + k0 + range::<BN>();
-        // q is loop-invariant but loaded here: a load inside the loop whose address does not
-        // change is copied into shared memory once and read from there by every iteration
-        // (resident, COMPILER.md §4.1), where one hoisted out of it would be staged from
-        // registers, with two barriers, at every iteration.
-        let q = qkv.load([rows, dq]);
-        let k = qkv.load([krows, h + dq]);
-        let s = dot(q, k.t(), zeros::<f32, BM, BN>()) * scale_log2;
-        let m_new = max(m, s.reduce_max(1));
-        let alpha = exp2(m - m_new);
-        let p = exp2(s - m_new.expand(1));
-        l = l * alpha + p.sum(1);
-        let v = qkv.load([krows, 2 * h + dq]);
-        acc = dot(p.cast::<T>(), v, acc * alpha.expand(1));
-        m = m_new;
-    }
-    // The diagonal blocks, masked.
-    for k0 in (q0..hi).step_by(BN) {
+    for k0 in (0..hi).step_by(BN) {
         let kj = k0 + range::<BN>();
         let krows = start + kj;
+        // q is loop-invariant but loaded here: a load inside the loop is streamed into shared
+        // memory by `cp.async` (L2 hits after the first iteration), where one hoisted out of it
+        // would be staged from registers, with two barriers, at every iteration.
         let q = qkv.load([rows, dq]);
         let k = qkv.load([krows, h + dq]);
         let s = dot(q, k.t(), zeros::<f32, BM, BN>()) * scale_log2;
@@ -220,12 +199,10 @@ pub fn flash_bwd_dkdv<
     let dc = head * D + range::<D>();
     let mut dk = zeros::<f32, BN, D>();
     let mut dv = zeros::<f32, BN, D>();
-    // The diagonal blocks (`BM` divides `BN`), masked.
-    let diag = min(k0 + BN, len);
-    for q0 in (k0..diag).step_by(BM) {
+    for q0 in (k0..len).step_by(BM) {
         let qi = q0 + range::<BM>();
         let qrows = start + qi;
-        // k and v are loop-invariant but loaded here so that they are resident (see
+        // k and v are loop-invariant but loaded here so that they are streamed (see
         // `flash_fwd`).
         let k = qkv.load([krows, h + dc]);
         let v = qkv.load([krows, 2 * h + dc]);
@@ -238,24 +215,6 @@ pub fn flash_bwd_dkdv<
             exp2(st * scale_log2 - lse2.load([head, qrows]).expand(0)),
             0.0,
         );
-        dv = dot(pt.cast::<T>(), dout, dv);
-        let dpt = dot(v, dout.t(), zeros::<f32, BN, BM>());
-        let dst = pt * (dpt - delta.load([head, qrows]).expand(0));
-        dk = dot(dst.cast::<T>(), q, dk);
-    }
-    // Queries after the diagonal see every key of the block. Rows past the sequence's end
-    // (in its last block) get `lse2 = +inf`, so their `Pᵀ` column is exactly 0 without an
-    // element-wise select.
-    for q0 in (diag..len).step_by(BM) {
-        let qi = q0 + range::<BM>();
-        let qrows = start + qi;
-        let k = qkv.load([krows, h + dc]);
-        let v = qkv.load([krows, 2 * h + dc]);
-        let q = qkv.load([qrows, dc]);
-        let dout = d_o.load([qrows, dc]);
-        let st = dot(k, q.t(), zeros::<f32, BN, BM>());
-        let lse = select(qi < len, lse2.load([head, qrows]), INFINITY);
-        let pt = exp2(st * scale_log2 - lse.expand(0));
         dv = dot(pt.cast::<T>(), dout, dv);
         let dpt = dot(v, dout.t(), zeros::<f32, BN, BM>());
         let dst = pt * (dpt - delta.load([head, qrows]).expand(0));
@@ -314,25 +273,11 @@ pub fn flash_bwd_dq<
     let dl = delta.load([head, rows]);
     let mut dq = zeros::<f32, BM, D>();
     let hi = min(q0 + BM, len);
-    // Keys below the block's diagonal (`BN` divides `BM`): no causal mask.
-    for k0 in (0..q0).step_by(BN) {
-        let krows = start + k0 + range::<BN>();
-        // q and dO are loop-invariant but loaded here so that they are resident (see
-        // `flash_fwd`).
-        let q = qkv.load([rows, dc]);
-        let dout = d_o.load([rows, dc]);
-        let k = qkv.load([krows, h + dc]);
-        let v = qkv.load([krows, 2 * h + dc]);
-        let s = dot(q, k.t(), zeros::<f32, BM, BN>());
-        let p = exp2(s * scale_log2 - l.expand(1));
-        let dp = dot(dout, v.t(), zeros::<f32, BM, BN>());
-        let ds = p * (dp - dl.expand(1));
-        dq = dot(ds.cast::<T>(), k, dq);
-    }
-    // The diagonal blocks, masked.
-    for k0 in (q0..hi).step_by(BN) {
+    for k0 in (0..hi).step_by(BN) {
         let kj = k0 + range::<BN>();
         let krows = start + kj;
+        // q and dO are loop-invariant but loaded here so that they are streamed (see
+        // `flash_fwd`).
         let q = qkv.load([rows, dc]);
         let dout = d_o.load([rows, dc]);
         let k = qkv.load([krows, h + dc]);
