@@ -175,8 +175,9 @@ fn flash_attention_head_dim_128_uneven_packed_batch() {
     case(9, Storage::BF16, &[70, 1, 129], 2, 128);
 }
 
-/// Several blocks below the diagonal in every kernel (the unmasked loops), and a last partial
-/// block whose rows past the sequence's end must contribute nothing to dk/dv.
+/// Many key blocks per query block and query blocks per key block (several pipeline
+/// iterations, resident operands reused across them), and a last partial block whose rows past
+/// the sequence's end must contribute nothing to dk/dv.
 #[test]
 fn flash_attention_long_sequence_unmasked_blocks() {
     case(10, Storage::BF16, &[300, 40], 1, 64);
