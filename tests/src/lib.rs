@@ -173,7 +173,8 @@ pub fn spills_in_loops(sass: &str) -> Vec<String> {
     }
     let mut loops = vec![];
     for (i, l) in lines.iter().enumerate() {
-        if !l.contains(" BRA ") {
+        // `BRA`, `BRA.U`, `BRA.DIV`, … with a label target `(.L_x_N)`.
+        if !l.contains(" BRA") {
             continue;
         }
         let target = l

@@ -17,9 +17,9 @@
 //!
 //! A streamed load whose address does not depend on the induction variable (a flash-attention
 //! kernel's query tile, say: written inside the loop so that it is streamed, but the same tile at
-//! every iteration) is *resident*: it gets one slot, copied once with the first iteration's
-//! tile, and every iteration reads that slot. Streaming it would copy the same tile again each
-//! iteration and take `num_stages` slots.
+//! every iteration) is *resident*: it gets one slot, copied once per execution of the loop, in a
+//! commit group of its own before the ring's prologue, and every iteration reads that slot.
+//! Streaming it would copy the same tile again each iteration and take `num_stages` slots.
 
 use super::layouts::LayoutPlan;
 use crate::ir::{Block, ConstValue, Kernel, Op, ValueId};
@@ -38,8 +38,8 @@ pub struct StagedLoad {
     /// Byte offset of slot 0 (set by the shared-memory plan); slot `s` is at
     /// `offset + s * shared.bytes()`.
     pub offset: usize,
-    /// The address is loop-invariant: one slot at `offset`, filled with the first iteration's
-    /// copies and read by every iteration (see the module doc).
+    /// The address is loop-invariant: one slot at `offset`, filled once before the loop's first
+    /// iteration and read by every iteration (see the module doc).
     pub resident: bool,
 }
 

@@ -82,10 +82,10 @@ impl<'c> Gen<'c, '_> {
             }
         }
         if let Some(pl) = &pl {
-            // Prologue: tiles 0 .. ahead-1 into slots 0 .. ahead-1, one commit group each
-            // (empty past the end, which keeps the group count uniform).
-            // Resident tiles first, in a group of their own: copied once, read by every
-            // iteration (the first iteration's wait covers this group too).
+            // Prologue. Resident tiles first, in a group of their own: copied once, read by
+            // every iteration (the first iteration's wait covers this group too, being older).
+            // Then tiles 0 .. ahead-1 into slots 0 .. ahead-1, one commit group each (empty
+            // past the end, which keeps the group count uniform).
             if pl.loads.iter().any(|ld| ld.resident) {
                 self.prefetch(
                     body,
