@@ -29,7 +29,7 @@ use crate::checkpoint::OptConfig;
 use crate::data::{PackedBatch, SplitMix64, IGNORE_INDEX};
 use crate::model::ModelError;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::peft::{LoraConfig, LoraParams};
+use crate::peft::{LoraConfig, LoraParams, PeftParams};
 use crate::train::{host_optimizer_step, Engine, OptimStep};
 use serde::Serialize;
 use std::path::Path;
@@ -317,7 +317,7 @@ pub fn time_global_steps(
         )));
     }
     let config = engine.model().config.clone();
-    let mut lora = LoraParams::init(lora_config, &config, seed);
+    let mut lora = PeftParams::from(LoraParams::init(lora_config, &config, seed));
     let sizes: Vec<usize> = lora.tensors().iter().map(|(_, m)| m.data.len()).collect();
     let mut adamw = AdamW::new(
         AdamWConfig {

@@ -21,6 +21,8 @@ mod bench_step;
 mod finetune;
 #[path = "lexp/matmul.rs"]
 mod matmul;
+#[path = "lexp/merge.rs"]
+mod merge;
 #[path = "lexp/profile.rs"]
 mod profile;
 
@@ -37,11 +39,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// LoRA fine-tuning of a Hugging Face OPT checkpoint on JSONL data. With no arguments:
-    /// the bundled opt-tiny model on the bundled E2E slice.
+    /// Parameter-efficient fine-tuning (LoRA, BitFit, Houlsby adapters) of a Hugging Face OPT
+    /// checkpoint on JSONL data. With no arguments: LoRA on the bundled opt-tiny model and the
+    /// bundled E2E slice.
     Finetune(finetune::FinetuneArgs),
-    /// Loss and perplexity of a model (+ a PEFT LoRA adapter) on a JSONL file.
+    /// Loss and perplexity of a model (+ a trained adapter directory) on a JSONL file.
     Eval(finetune::EvalArgs),
+    /// Fold a trained adapter (LoRA and/or BitFit) into its base checkpoint: a plain Hugging
+    /// Face checkpoint transformers loads without PEFT.
+    Merge(merge::MergeArgs),
     /// MLP activation sparsity of an OPT model at block granularities, in natural neuron order
     /// and after the co-activation clustering (JSON + plots). With no arguments: opt-mini on
     /// `../shared/data/corpus/valid.txt`.
@@ -146,6 +152,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Finetune(args) => finetune::finetune(args),
         Cmd::Eval(args) => finetune::eval(args),
+        Cmd::Merge(args) => merge::run(args),
         Cmd::Profile(args) => profile::run(args),
         Cmd::Kernels { name: None, .. } => list_kernels(),
         Cmd::Kernels {

@@ -95,3 +95,33 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
 pub fn scale_inplace(x: &mut [f32], s: f32) {
     map_inplace(x, |v| *v *= s);
 }
+
+/// `Σ_rows x` of `x [rows, cols]`, accumulated in f64 (a bias gradient: the adjoint of
+/// [`add_bias_inplace`]).
+///
+/// # Panics
+/// If `x` is not `[rows, cols]`.
+pub fn column_sums(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * cols, "column_sums: x is not [{rows},{cols}]");
+    let mut acc = vec![0.0f64; cols];
+    for row in x.chunks_exact(cols.max(1)) {
+        acc.iter_mut().zip(row).for_each(|(a, &v)| *a += f64::from(v));
+    }
+    acc.into_iter().map(|a| a as f32).collect()
+}
+
+/// `√(2/π)`, the constant of GELU's tanh approximation.
+const GELU_K: f32 = 0.797_884_6;
+/// The cubic coefficient of GELU's tanh approximation.
+const GELU_C: f32 = 0.044_715;
+
+/// GELU, tanh approximation (`gelu_new`): `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+pub fn gelu_tanh(x: f32) -> f32 {
+    0.5 * x * (1.0 + (GELU_K * (x + GELU_C * x * x * x)).tanh())
+}
+
+/// The derivative of [`gelu_tanh`] at `x`.
+pub fn gelu_tanh_grad(x: f32) -> f32 {
+    let t = (GELU_K * (x + GELU_C * x * x * x)).tanh();
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
+}

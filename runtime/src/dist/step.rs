@@ -15,7 +15,7 @@ use crate::checkpoint::OptModel;
 use crate::data::PackedBatch;
 use crate::model::{DropoutRng, ModelError, Result, StepOutput};
 use crate::optim::AdamW;
-use crate::peft::LoraParams;
+use crate::peft::PeftParams;
 use crate::train::{apply_step, Engine, OptimStep, StepOutcome};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,7 +29,7 @@ use std::sync::Arc;
 pub fn data_parallel_step<E: Engine + ?Sized>(
     engine: &mut E,
     comm: &mut dyn Communicator,
-    lora: &mut LoraParams,
+    lora: &mut PeftParams,
     adamw: &mut AdamW,
     step: &OptimStep<'_>,
     extra: &mut [f64],
@@ -168,7 +168,7 @@ impl Engine for DataParallel {
 
     fn loss_and_grads(
         &mut self,
-        lora: &LoraParams,
+        lora: &PeftParams,
         batch: &PackedBatch,
         grad_scale: f32,
         rng: Option<DropoutRng>,
@@ -178,7 +178,7 @@ impl Engine for DataParallel {
 
     fn eval_loss(
         &mut self,
-        lora: Option<&LoraParams>,
+        lora: Option<&PeftParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
         self.inner.eval_loss(lora, batch)
@@ -186,7 +186,7 @@ impl Engine for DataParallel {
 
     fn optimizer_step(
         &mut self,
-        lora: &mut LoraParams,
+        lora: &mut PeftParams,
         adamw: &mut AdamW,
         step: &OptimStep<'_>,
     ) -> Result<StepOutcome> {
@@ -231,7 +231,7 @@ impl Engine for DataParallel {
 
     fn eval_loss_dense(
         &mut self,
-        lora: Option<&LoraParams>,
+        lora: Option<&PeftParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
         self.inner.eval_loss_dense(lora, batch)

@@ -7,7 +7,7 @@ use crate::checkpoint::{OptConfig, OptModel, OptWeights};
 use crate::data::{PackedBatch, SplitMix64};
 use crate::model::DropoutRng;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::peft::{LoraConfig, LoraParams, LoraTarget};
+use crate::peft::{LoraConfig, LoraParams, LoraTarget, PeftParams};
 use crate::train::{host_optimizer_step, CpuEngine, OptimStep};
 use std::net::TcpListener;
 use std::thread;
@@ -313,7 +313,7 @@ fn batches() -> Vec<PackedBatch> {
         .collect()
 }
 
-fn adamw(lora: &LoraParams) -> AdamW {
+fn adamw(lora: &PeftParams) -> AdamW {
     let sizes: Vec<usize> = lora.tensors().iter().map(|(_, m)| m.data.len()).collect();
     AdamW::new(
         AdamWConfig {
@@ -335,7 +335,7 @@ const SEEDS: [DropoutRng; 5] = [
 
 /// Two optimizer steps (the second sees AdamW's moments of the first) on one engine.
 fn two_steps(
-    run: &mut dyn FnMut(&mut LoraParams, &mut AdamW, &OptimStep<'_>) -> crate::train::StepOutcome,
+    run: &mut dyn FnMut(&mut PeftParams, &mut AdamW, &OptimStep<'_>) -> crate::train::StepOutcome,
 ) -> (Vec<crate::train::StepOutcome>, LoraParams) {
     let (mut lora, data) = (adapter(), batches());
     let mut opt = adamw(&lora);

@@ -15,7 +15,7 @@ use super::sparse_mlp::{LayerCounters, Mode, SparseMlp};
 use crate::checkpoint::OptModel;
 use crate::data::PackedBatch;
 use crate::model::{self, opt::head_loss};
-use crate::peft::LoraParams;
+use crate::peft::PeftParams;
 use serde::{Deserialize, Serialize};
 
 /// Settings of the guard and its controller.
@@ -144,7 +144,7 @@ pub struct ProbeReport {
 /// Mean loss of `batch` with `hook` (in its current mode), no dropout.
 fn batch_loss(
     model: &OptModel,
-    lora: Option<&LoraParams>,
+    lora: Option<&PeftParams>,
     batch: &PackedBatch,
     hook: &SparseMlp,
 ) -> model::Result<f64> {
@@ -282,7 +282,7 @@ pub fn probe_with<H: Guarded, E>(
 pub fn probe(
     cfg: &GuardConfig,
     model: &OptModel,
-    lora: Option<&LoraParams>,
+    lora: Option<&PeftParams>,
     batch: &PackedBatch,
     hook: &SparseMlp,
     step: usize,

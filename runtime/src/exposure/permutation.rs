@@ -12,7 +12,7 @@ use super::cluster::{self, ClusterError};
 use super::coactivation::Coactivation;
 use crate::checkpoint::{write_atomic, HostMatrix, OptModel, SafetensorsError};
 use crate::data::PackedBatch;
-use crate::model::{forward_exposed, Exposure, LoraGrads, MlpHook, MlpMask, ModelError};
+use crate::model::{forward_exposed, Exposure, PeftGrads, MlpHook, MlpMask, ModelError};
 use crate::peft::{LoraParams, LoraTarget};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -192,12 +192,12 @@ impl NeuronPermutation {
     /// Brings LoRA gradients computed on the permuted model (with adapters permuted by
     /// [`apply_to_lora`](Self::apply_to_lora)) back to the original neuron order: the rows of
     /// fc1's `dB` and the columns of fc2's `dA`, the same reorder as [`undo_lora`](Self::undo_lora).
-    pub fn undo_grads(&self, grads: &mut LoraGrads) -> Result<(), PermutationError> {
+    pub fn undo_grads(&self, grads: &mut PeftGrads) -> Result<(), PermutationError> {
         self.check_layers(grads.layers.len(), self.ffn, "gradients")?;
         let inv = self.inverse();
         let ffn = self.ffn;
         for (layer, p) in grads.layers.iter_mut().zip(&inv.layers) {
-            if let Some(g) = &mut layer[LoraTarget::Fc1.index()] {
+            if let Some(g) = &mut layer.lora[LoraTarget::Fc1.index()] {
                 let m = HostMatrix {
                     rows: ffn,
                     cols: g.b.len() / ffn.max(1),
@@ -205,7 +205,7 @@ impl NeuronPermutation {
                 };
                 g.b = gather_rows(&m, p).data;
             }
-            if let Some(g) = &mut layer[LoraTarget::Fc2.index()] {
+            if let Some(g) = &mut layer.lora[LoraTarget::Fc2.index()] {
                 let m = HostMatrix {
                     rows: g.a.len() / ffn.max(1),
                     cols: ffn,

@@ -36,10 +36,10 @@ use crate::device::CudaDevice;
 use crate::dist::shard::rank_micro_batches;
 use crate::dist::step::{collective, reduce_loss_sum};
 use crate::dist::Communicator;
-use crate::model::opt::{check_adapters, check_batch};
+use crate::model::opt::{check_batch, check_lora};
 use crate::model::{DropoutRng, ModelError, RecordedMasks, Result, StepOutput};
 use crate::optim::AdamW;
-use crate::peft::{LoraParams, LoraTarget};
+use crate::peft::{LoraParams, LoraTarget, PeftParams};
 use crate::train::{Engine, OptimStep, StepOutcome};
 
 /// Token capacities grow in steps of this many tokens (fewer re-allocations as batch sizes
@@ -262,7 +262,7 @@ impl GpuEngine {
         let c = &self.model.config;
         check_batch(c, batch)?;
         if let Some(l) = lora {
-            check_adapters(c, l)?;
+            check_lora(c, l)?;
         }
         let t = batch.num_tokens();
         if let Some(s) = self.synthetic_mlp {
@@ -605,6 +605,34 @@ impl GpuEngine {
     }
 }
 
+/// The LoRA part of `params`: the GPU engine trains LoRA only (BitFit and Houlsby adapters
+/// run on the CPU engine), so anything else is an error naming the methods.
+fn lora_of(params: &PeftParams) -> R<&LoraParams> {
+    match &params.lora {
+        Some(l) if params.is_lora_only() => Ok(l),
+        _ => Err(not_lora(params)),
+    }
+}
+
+/// [`lora_of`], mutably.
+fn lora_of_mut(params: &mut PeftParams) -> R<&mut LoraParams> {
+    if !params.is_lora_only() {
+        return Err(not_lora(params));
+    }
+    params
+        .lora
+        .as_mut()
+        .ok_or_else(|| ModelError::Device("internal: LoRA-only parameters without LoRA".into()))
+}
+
+fn not_lora(params: &PeftParams) -> ModelError {
+    ModelError::Unsupported(format!(
+        "the GPU engine trains LoRA alone, not `{}`; run BitFit and Houlsby adapters on the \
+         CPU engine",
+        params.config().describe()
+    ))
+}
+
 impl GpuEngine {
     /// One optimizer step with AdamW on the device. Alone (`dp` is `None`) the engine computes
     /// every micro-batch of `step`; as a data-parallel rank only its share
@@ -613,13 +641,14 @@ impl GpuEngine {
     /// the same update.
     fn device_step(
         &mut self,
-        lora: &mut LoraParams,
+        params: &mut PeftParams,
         adamw: &mut AdamW,
         step: &OptimStep<'_>,
         dp: Option<(&mut dyn Communicator, &mut [f64])>,
     ) -> Result<StepOutcome> {
         let n = step.targets()?;
-        check_adapters(&self.model.config, lora)?;
+        let lora = lora_of_mut(params)?;
+        check_lora(&self.model.config, lora)?;
         let host_holds_state = !adamw.moments_on_device();
         let d = self.ensure_lora(lora, host_holds_state)?;
         let (len, spans) = (d.len(), optimizer::tensor_spans(lora, &d.slots)?);
@@ -696,12 +725,13 @@ impl Engine for GpuEngine {
 
     fn loss_and_grads(
         &mut self,
-        lora: &LoraParams,
+        lora: &PeftParams,
         batch: &PackedBatch,
         grad_scale: f32,
         rng: Option<DropoutRng>,
     ) -> Result<StepOutput> {
-        check_adapters(&self.model.config, lora)?;
+        let lora = lora_of(lora)?;
+        check_lora(&self.model.config, lora)?;
         self.ensure_lora(lora, true)?;
         self.zero_grads()?;
         let (loss_sum, count) = self.micro_step(lora, batch, grad_scale, rng, false)?;
@@ -723,7 +753,7 @@ impl Engine for GpuEngine {
     /// partial sums and the updated adapter are read back.
     fn optimizer_step(
         &mut self,
-        lora: &mut LoraParams,
+        lora: &mut PeftParams,
         adamw: &mut AdamW,
         step: &OptimStep<'_>,
     ) -> Result<StepOutcome> {
@@ -737,7 +767,7 @@ impl Engine for GpuEngine {
     fn data_parallel_step(
         &mut self,
         comm: &mut dyn Communicator,
-        lora: &mut LoraParams,
+        lora: &mut PeftParams,
         adamw: &mut AdamW,
         step: &OptimStep<'_>,
         extra: &mut [f64],
@@ -762,9 +792,10 @@ impl Engine for GpuEngine {
 
     fn eval_loss(
         &mut self,
-        lora: Option<&LoraParams>,
+        lora: Option<&PeftParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
+        let lora = lora.map(lora_of).transpose()?;
         let p = self.prepare(lora, batch, None, true)?;
         if p.n == 0 {
             return Ok((0.0, 0));

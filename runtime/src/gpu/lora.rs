@@ -11,16 +11,15 @@
 //! ([`Adapters::backward_masked`]) uses it for `dA` and masks the branch's input gradient.
 //!
 //! `dA` and `dB` are cuBLAS GEMMs with f32 output, downloaded once per call into a
-//! [`LoraGrads`] laid out like the [`LoraParams`].
+//! [`PeftGrads`] laid out like the [`LoraParams`].
 
 use super::ops::{add, copy_rows, dev_err, mm, mul_inplace, R};
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
 use crate::device::CudaDevice;
-use crate::model::layer::LayerGrads;
 use crate::model::lora_branch::BranchGrads;
-use crate::model::LoraGrads;
+use crate::model::PeftGrads;
 use crate::peft::{LoraParams, LoraTarget};
 use lexp_compiler::dtype::Storage;
 
@@ -159,17 +158,17 @@ impl DeviceLora {
     }
 
     /// The host gradients from the downloaded flat buffer `flat`.
-    pub fn grads_from(&self, flat: &[f32]) -> LoraGrads {
+    pub fn grads_from(&self, flat: &[f32]) -> PeftGrads {
         grads_from(&self.slots, self.r, flat)
     }
 }
 
 /// Splits a flat gradient buffer laid out by `slots` (rank `r`) into per-module gradients.
-pub fn grads_from(slots: &[[Option<Slot>; 6]], r: usize, flat: &[f32]) -> LoraGrads {
+pub fn grads_from(slots: &[[Option<Slot>; 6]], r: usize, flat: &[f32]) -> PeftGrads {
     let layers = slots
         .iter()
         .map(|l| {
-            let mut g: LayerGrads = Default::default();
+            let mut g: [Option<BranchGrads>; 6] = Default::default();
             for (i, s) in l.iter().enumerate() {
                 if let Some(s) = s {
                     g[i] = Some(BranchGrads {
@@ -181,7 +180,7 @@ pub fn grads_from(slots: &[[Option<Slot>; 6]], r: usize, flat: &[f32]) -> LoraGr
             g
         })
         .collect();
-    LoraGrads { layers }
+    PeftGrads::from_lora(layers)
 }
 
 impl Adapters<'_> {

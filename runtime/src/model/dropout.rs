@@ -167,7 +167,7 @@ mod tests {
     }
 
     /// Every dropout site of `model` for `rows` tokens, as the CPU model draws them.
-    fn sites(model: &OptModel, lora: &LoraParams, rows: usize) -> Vec<(usize, Site, usize, f32)> {
+    fn sites(model: &OptModel, lora: &PeftParams, rows: usize) -> Vec<(usize, Site, usize, f32)> {
         let c = &model.config;
         let mut v = Vec::new();
         for l in 0..c.num_hidden_layers {

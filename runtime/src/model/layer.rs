@@ -1,26 +1,31 @@
 //! One OPT decoder layer, forward and backward (RUNTIME.md §1.3, §2.9), pre-LN or post-LN,
-//! with LoRA branches on any of its six projections and OPT's residual dropout.
+//! with OPT's residual dropout and the PEFT methods' trainable parts: LoRA branches on any of
+//! its six projections, BitFit's trained biases (the six Linear biases and the two LayerNorm
+//! βs) and Houlsby adapters on the attention and MLP outputs.
 //!
 //! Base weights are frozen: the backward returns the layer's input gradient and the
-//! gradients of the LoRA branches only.
+//! gradients of the trainable parts only.
 
 use super::attention_hook::{AttentionHook, AttentionInput, AttentionMask};
 use super::dropout::{self, MaskSource, Site};
+use super::houlsby_branch::{self, HoulsbyGrads, HoulsbySaved};
 use super::lora_branch::{self, BranchGrads, BranchSaved};
 use super::mlp_hook::MlpHook;
 use super::{ModelError, Result};
 use crate::checkpoint::opt::{LayerNorm, Linear, OptLayer};
 use crate::checkpoint::OptConfig;
-use crate::cpu::activation::{add_inplace, relu, relu_bwd_inplace, scale_inplace};
+use crate::cpu::activation::{add_inplace, column_sums, relu, relu_bwd_inplace, scale_inplace};
 use crate::cpu::attention::{attention_bwd_masked, attention_fwd_masked, AttentionSaved};
 use crate::cpu::matmul::{linear, matmul};
 use crate::cpu::norm::{layernorm_bwd, layernorm_fwd, LayerNormSaved};
-use crate::peft::{LoraModule, LoraParams, LoraTarget};
+use crate::peft::{AdapterActivation, AdapterSite, BiasSite, HoulsbyModule, LoraModule};
+use crate::peft::{LoraTarget, PeftParams};
 
 /// The LoRA branches of one layer, indexed like [`LoraTarget::ALL`].
 pub type LayerBranches<'a> = [Option<&'a LoraModule>; 6];
 
-/// The adapters of one layer, with their scale `s = α/r` and dropout probability.
+/// The trainable parts of one layer: LoRA branches with their scale `s = α/r` and dropout
+/// probability, BitFit's trained biases, Houlsby adapters.
 #[derive(Clone, Copy)]
 pub struct LayerAdapters<'a> {
     /// Branch per target (`None`: not adapted).
@@ -29,30 +34,47 @@ pub struct LayerAdapters<'a> {
     pub scale: f32,
     /// LoRA dropout probability (applied in training only).
     pub dropout: f32,
+    /// BitFit's trained bias per [`BiasSite::ALL`] (`None`: the base bias, frozen).
+    pub biases: [Option<&'a [f32]>; 8],
+    /// Houlsby adapters per [`AdapterSite::ALL`] and their activation (`None`: no adapters).
+    pub houlsby: Option<(&'a [HoulsbyModule; 2], AdapterActivation)>,
 }
 
 impl<'a> LayerAdapters<'a> {
-    /// No adapters.
+    /// No trainable parts.
     pub const NONE: LayerAdapters<'static> = LayerAdapters {
         branches: [None; 6],
         scale: 0.0,
         dropout: 0.0,
+        biases: [None; 8],
+        houlsby: None,
     };
 
-    /// The branches of `layer` in `params` (or none).
-    pub fn of(params: Option<&'a LoraParams>, layer: usize) -> LayerAdapters<'a> {
+    /// The trainable parts of `layer` in `params` (or none).
+    pub fn of(params: Option<&'a PeftParams>, layer: usize) -> LayerAdapters<'a> {
         let Some(p) = params else {
             return LayerAdapters::NONE;
         };
-        let mut branches = [None; 6];
-        for (i, t) in LoraTarget::ALL.into_iter().enumerate() {
-            branches[i] = p.get(layer, t);
+        let mut out = LayerAdapters::NONE;
+        if let Some(l) = &p.lora {
+            for (i, t) in LoraTarget::ALL.into_iter().enumerate() {
+                out.branches[i] = l.get(layer, t);
+            }
+            out.scale = l.config.scaling();
+            out.dropout = l.config.dropout;
         }
-        LayerAdapters {
-            branches,
-            scale: p.config.scaling(),
-            dropout: p.config.dropout,
+        if let Some(b) = &p.bitfit {
+            out.biases = BiasSite::ALL.map(|site| b.bias(layer, site));
         }
+        if let Some(h) = &p.houlsby {
+            out.houlsby = h.layers.get(layer).map(|m| (m, h.config.activation));
+        }
+        out
+    }
+
+    /// The Houlsby adapter at `site`, if any.
+    fn adapter(&self, site: AdapterSite) -> Option<(&'a HoulsbyModule, AdapterActivation)> {
+        self.houlsby.map(|(m, f)| (&m[site.index()], f))
     }
 }
 
@@ -81,10 +103,20 @@ pub struct LayerSaved {
     res_mask_attn: Option<Vec<f32>>,
     res_mask_mlp: Option<Vec<f32>>,
     branches: [Option<BranchSaved>; 6],
+    /// Houlsby adapters' saved state per [`AdapterSite::ALL`].
+    houlsby: [Option<HoulsbySaved>; 2],
 }
 
-/// Per-branch gradients of one layer, indexed like [`LoraTarget::ALL`].
-pub type LayerGrads = [Option<BranchGrads>; 6];
+/// Gradients of one layer's trainable parts (each `Some` exactly where the part is trained).
+#[derive(Debug, Default)]
+pub struct LayerGrads {
+    /// LoRA branches, indexed like [`LoraTarget::ALL`].
+    pub lora: [Option<BranchGrads>; 6],
+    /// BitFit biases, indexed like [`BiasSite::ALL`].
+    pub biases: [Option<Vec<f32>>; 8],
+    /// Houlsby adapters, indexed like [`AdapterSite::ALL`].
+    pub houlsby: [Option<HoulsbyGrads>; 2],
+}
 
 /// The exposure hooks of a forward pass, bundled so that adding one does not grow every
 /// signature: MLP exposure ([`MlpHook`]: kept neuron blocks) and attention exposure
@@ -137,14 +169,19 @@ pub struct LayerCtx<'a> {
     pub exposure: Exposure<'a>,
 }
 
-fn ln_params(ln: &Option<LayerNorm>) -> (Option<&[f32]>, Option<&[f32]>) {
+/// A LayerNorm's `(γ, β)`, β replaced by `trained` (BitFit) when given.
+fn ln_params<'a>(
+    ln: &'a Option<LayerNorm>,
+    trained: Option<&'a [f32]>,
+) -> (Option<&'a [f32]>, Option<&'a [f32]>) {
     match ln {
-        Some(l) => (Some(&l.weight), Some(&l.bias)),
+        Some(l) => (Some(&l.weight), Some(trained.unwrap_or(&l.bias))),
         None => (None, None),
     }
 }
 
-/// `x·Wᵀ + b` plus the LoRA branch of `target`, if adapted.
+/// `x·Wᵀ + b` plus the LoRA branch of `target`, if adapted; `b` is BitFit's trained bias when
+/// there is one.
 fn project(
     ctx: &LayerCtx,
     layer: usize,
@@ -155,15 +192,9 @@ fn project(
     saved: &mut [Option<BranchSaved>; 6],
 ) -> Vec<f32> {
     let (out_f, in_f) = (lin.weight.rows, lin.weight.cols);
-    let mut y = linear(
-        x,
-        ctx.rows,
-        &lin.weight.data,
-        out_f,
-        in_f,
-        lin.bias.as_deref(),
-    );
     let i = target.index();
+    let bias = adapters.biases[i].or(lin.bias.as_deref());
+    let mut y = linear(x, ctx.rows, &lin.weight.data, out_f, in_f, bias);
     if let Some(module) = adapters.branches[i] {
         let mask = match ctx.rng {
             Some(rng) if adapters.dropout > 0.0 => {
@@ -184,7 +215,7 @@ fn project(
 }
 
 /// Adds `dy·W` and the LoRA branch's input gradient to `dx`, and records the branch's
-/// parameter gradients.
+/// parameter gradients and, under BitFit, the bias gradient `Σ_rows dy`.
 #[allow(clippy::too_many_arguments)]
 fn project_bwd(
     ctx: &LayerCtx,
@@ -211,8 +242,11 @@ fn project_bwd(
         1.0,
     );
     let i = target.index();
+    if adapters.biases[i].is_some() {
+        grads.biases[i] = Some(column_sums(dy, ctx.rows, out_f));
+    }
     if let (Some(module), Some(s)) = (adapters.branches[i], &saved[i]) {
-        grads[i] = Some(lora_branch::backward(
+        grads.lora[i] = Some(lora_branch::backward(
             module,
             adapters.scale,
             x,
@@ -277,8 +311,11 @@ pub fn forward(
     let (nh, hd) = (c.num_attention_heads, c.head_dim());
     let eps = OptConfig::LAYER_NORM_EPS;
     let mut branches: [Option<BranchSaved>; 6] = Default::default();
-    let (g1, b1) = ln_params(&w.self_attn_layer_norm);
-    let (g2, b2) = ln_params(&w.final_layer_norm);
+    let mut houlsby: [Option<HoulsbySaved>; 2] = Default::default();
+    let ln_attn = BiasSite::AttnLayerNorm.index();
+    let ln_mlp = BiasSite::MlpLayerNorm.index();
+    let (g1, b1) = ln_params(&w.self_attn_layer_norm, adapters.biases[ln_attn]);
+    let (g2, b2) = ln_params(&w.final_layer_norm, adapters.biases[ln_mlp]);
 
     // Attention block.
     let (attn_in, ln1_pre) = if c.do_layer_norm_before {
@@ -327,6 +364,9 @@ pub fn forward(
         &o,
         &mut branches,
     );
+    if let Some((m, f)) = adapters.adapter(AdapterSite::Attention) {
+        houlsby[0] = Some(houlsby_branch::forward(m, f, &mut ao, rows));
+    }
     let res_mask_attn = residual_mask(ctx, index, Site::AttnResidual, ao.len());
     if let Some(m) = &res_mask_attn {
         dropout::apply(&mut ao, m);
@@ -378,6 +418,9 @@ pub fn forward(
         &act,
         &mut branches,
     );
+    if let Some((m, act_fn)) = adapters.adapter(AdapterSite::Mlp) {
+        houlsby[1] = Some(houlsby_branch::forward(m, act_fn, &mut f, rows));
+    }
     let res_mask_mlp = residual_mask(ctx, index, Site::MlpResidual, f.len());
     if let Some(m) = &res_mask_mlp {
         dropout::apply(&mut f, m);
@@ -412,6 +455,7 @@ pub fn forward(
         res_mask_attn,
         res_mask_mlp,
         branches,
+        houlsby,
     };
     Ok((y, saved))
 }
@@ -429,19 +473,33 @@ pub fn backward(
     let (rows, h, f) = (ctx.rows, c.hidden_size, c.ffn_dim);
     let (nh, hd) = (c.num_attention_heads, c.head_dim());
     let pre = c.do_layer_norm_before;
-    let mut grads: LayerGrads = Default::default();
-    let (g1, _) = ln_params(&w.self_attn_layer_norm);
-    let (g2, _) = ln_params(&w.final_layer_norm);
+    let mut grads = LayerGrads::default();
+    let (g1, _) = ln_params(&w.self_attn_layer_norm, None);
+    let (g2, _) = ln_params(&w.final_layer_norm, None);
+    let ln_attn = BiasSite::AttnLayerNorm.index();
+    let ln_mlp = BiasSite::MlpLayerNorm.index();
+    // BitFit's dβ of a LayerNorm: the column sums of the gradient of its output.
+    let beta_grad = |site: usize, grads: &mut LayerGrads, dout: &[f32]| {
+        if adapters.biases[site].is_some() {
+            grads.biases[site] = Some(column_sums(dout, rows, h));
+        }
+    };
 
     // MLP block.
     let dh2 = if pre {
         dy
     } else {
+        beta_grad(ln_mlp, &mut grads, &dy);
         layernorm_bwd(&dy, &s.ln2_in, &s.ln2, g2, rows, h)
     };
     let mut df = dh2.clone();
     if let Some(m) = &s.res_mask_mlp {
         dropout::apply(&mut df, m);
+    }
+    if let (Some((m, f)), Some(saved)) = (adapters.adapter(AdapterSite::Mlp), &s.houlsby[1]) {
+        let (d, g) = houlsby_branch::backward(m, f, saved, &df, rows);
+        df = d;
+        grads.houlsby[1] = Some(g);
     }
     let mut dact = vec![0.0; rows * f];
     let fc2 = (&w.fc2, LoraTarget::Fc2);
@@ -473,6 +531,7 @@ pub fn backward(
     );
     drop(dact);
     let dh1 = if pre {
+        beta_grad(ln_mlp, &mut grads, &dffn_in);
         let mut dh1 = dh2;
         add_inplace(
             &mut dh1,
@@ -482,6 +541,7 @@ pub fn backward(
     } else {
         let mut dx1 = dh2;
         add_inplace(&mut dx1, &dffn_in);
+        beta_grad(ln_attn, &mut grads, &dx1);
         layernorm_bwd(&dx1, &s.ln1_in, &s.ln1, g1, rows, h)
     };
 
@@ -489,6 +549,12 @@ pub fn backward(
     let mut dao = dh1.clone();
     if let Some(m) = &s.res_mask_attn {
         dropout::apply(&mut dao, m);
+    }
+    if let (Some((m, f)), Some(saved)) = (adapters.adapter(AdapterSite::Attention), &s.houlsby[0])
+    {
+        let (d, g) = houlsby_branch::backward(m, f, saved, &dao, rows);
+        dao = d;
+        grads.houlsby[0] = Some(g);
     }
     let mut d_o = vec![0.0; rows * h];
     let out = (&w.out_proj, LoraTarget::Out);
@@ -537,6 +603,7 @@ pub fn backward(
         );
     }
     let dx = if pre {
+        beta_grad(ln_attn, &mut grads, &dattn_in);
         let mut dx = dh1;
         add_inplace(
             &mut dx,

@@ -18,6 +18,7 @@ pub mod attention_hook;
 pub mod dropout;
 mod error;
 pub mod layer;
+pub mod houlsby_branch;
 pub mod lora_branch;
 pub mod mlp_hook;
 pub mod opt;
@@ -29,5 +30,5 @@ pub use layer::Exposure;
 pub use mlp_hook::{MlpHook, MlpMask};
 pub use opt::{
     backward, eval_loss, forward, forward_exposed, forward_with_masks, logits, loss_and_grads,
-    loss_and_grads_exposed, loss_and_grads_with_masks, Forward, LoraGrads, StepOutput,
+    loss_and_grads_exposed, loss_and_grads_with_masks, Forward, PeftGrads, StepOutput,
 };

@@ -1,18 +1,19 @@
 //! The whole OPT causal LM on the CPU backend: embeddings, decoder layers, final LayerNorm and
-//! the LM head fused with the loss; forward, backward to the LoRA parameters, and evaluation.
+//! the LM head fused with the loss; forward, backward to the trainable PEFT parameters, and
+//! evaluation.
 
 use super::dropout::{DropoutRng, MaskSource};
 use super::layer::{self, Exposure, LayerAdapters, LayerCtx, LayerGrads, LayerSaved};
 use super::{ModelError, Result};
 use crate::checkpoint::opt::{Activation, LayerNorm};
 use crate::checkpoint::{OptConfig, OptModel};
-use crate::cpu::activation::add_inplace;
+use crate::cpu::activation::{add_inplace, column_sums};
 use crate::cpu::embedding::gather_rows;
 use crate::cpu::loss::{self, lm_head_xent, XentOut};
 use crate::cpu::matmul::{linear, matmul};
 use crate::cpu::norm::{layernorm_bwd, layernorm_fwd, LayerNormSaved};
 use crate::data::{PackedBatch, IGNORE_INDEX};
-use crate::peft::{LoraParams, LoraTarget};
+use crate::peft::{LoraTarget, PeftParams};
 
 /// Rows of the LM head processed at once by the fused loss.
 const LOSS_CHUNK: usize = 256;
@@ -36,43 +37,93 @@ struct Saved {
     project_out_in: Option<Vec<f32>>,
 }
 
-/// Gradients of every LoRA parameter, laid out like the [`LoraParams`] they belong to.
-#[derive(Debug)]
-pub struct LoraGrads {
-    /// Per layer, per target in [`LoraTarget::ALL`] order.
+/// Gradients of every trainable parameter, laid out like the [`PeftParams`] they belong to.
+#[derive(Debug, Default)]
+pub struct PeftGrads {
+    /// Per layer: LoRA, BitFit and Houlsby gradients.
     pub layers: Vec<LayerGrads>,
+    /// BitFit's gradient of the decoder's final LayerNorm β, when trained.
+    pub final_ln_bias: Option<Vec<f32>>,
 }
 
-impl LoraGrads {
-    /// The gradients in the canonical parameter order of [`LoraParams`] (layer ascending,
-    /// target in [`LoraTarget::ALL`] order, `A` then `B`), as the optimizer takes them.
-    pub fn flat(&self) -> Vec<&[f32]> {
-        self.layers
-            .iter()
-            .flat_map(|l| l.iter().flatten())
-            .flat_map(|g| [g.a.as_slice(), g.b.as_slice()])
-            .collect()
+impl PeftGrads {
+    /// LoRA gradients only (per layer, per target in [`LoraTarget::ALL`] order).
+    pub fn from_lora(lora: Vec<[Option<super::lora_branch::BranchGrads>; 6]>) -> PeftGrads {
+        PeftGrads {
+            layers: lora
+                .into_iter()
+                .map(|lora| LayerGrads {
+                    lora,
+                    ..Default::default()
+                })
+                .collect(),
+            final_ln_bias: None,
+        }
     }
 
-    /// Mutable form of [`LoraGrads::flat`] (for clipping).
+    /// The gradients in the canonical parameter order of [`PeftParams::tensors`], as the
+    /// optimizer takes them: LoRA (layer ascending, target in [`LoraTarget::ALL`] order, `A`
+    /// then `B`), BitFit (layer ascending, site order, then the final LayerNorm β), Houlsby
+    /// (layer ascending, attention then MLP, `down`, its bias, `up`, its bias).
+    pub fn flat(&self) -> Vec<&[f32]> {
+        let mut out: Vec<&[f32]> = vec![];
+        for l in &self.layers {
+            for g in l.lora.iter().flatten() {
+                out.extend([g.a.as_slice(), g.b.as_slice()]);
+            }
+        }
+        for l in &self.layers {
+            out.extend(l.biases.iter().flatten().map(Vec::as_slice));
+        }
+        out.extend(self.final_ln_bias.as_deref());
+        for l in &self.layers {
+            for g in l.houlsby.iter().flatten() {
+                out.extend([
+                    g.down.as_slice(),
+                    g.down_bias.as_slice(),
+                    g.up.as_slice(),
+                    g.up_bias.as_slice(),
+                ]);
+            }
+        }
+        out
+    }
+
+    /// Mutable form of [`PeftGrads::flat`] (same order; for clipping).
     pub fn flat_mut(&mut self) -> Vec<&mut [f32]> {
-        self.layers
-            .iter_mut()
-            .flat_map(|l| l.iter_mut().flatten())
-            .flat_map(|g| [g.a.as_mut_slice(), g.b.as_mut_slice()])
-            .collect()
+        let mut lora: Vec<&mut [f32]> = vec![];
+        let mut bias: Vec<&mut [f32]> = vec![];
+        let mut houlsby: Vec<&mut [f32]> = vec![];
+        for l in &mut self.layers {
+            for g in l.lora.iter_mut().flatten() {
+                lora.extend([g.a.as_mut_slice(), g.b.as_mut_slice()]);
+            }
+            bias.extend(l.biases.iter_mut().flatten().map(Vec::as_mut_slice));
+            for g in l.houlsby.iter_mut().flatten() {
+                houlsby.extend([
+                    g.down.as_mut_slice(),
+                    g.down_bias.as_mut_slice(),
+                    g.up.as_mut_slice(),
+                    g.up_bias.as_mut_slice(),
+                ]);
+            }
+        }
+        bias.extend(self.final_ln_bias.as_deref_mut());
+        lora.extend(bias);
+        lora.extend(houlsby);
+        lora
     }
 
     /// Adds `other` (gradients of another micro-batch of the same step) into `self`.
-    pub fn accumulate(&mut self, other: &LoraGrads) {
+    pub fn accumulate(&mut self, other: &PeftGrads) {
         for (a, b) in self.flat_mut().into_iter().zip(other.flat()) {
             add_inplace(a, b);
         }
     }
 
-    /// The gradient of `A` and `B` of `(layer, target)`, if adapted.
+    /// The gradient of LoRA's `A` and `B` of `(layer, target)`, if adapted.
     pub fn get(&self, layer: usize, target: LoraTarget) -> Option<(&[f32], &[f32])> {
-        let g = self.layers.get(layer)?[target.index()].as_ref()?;
+        let g = self.layers.get(layer)?.lora[target.index()].as_ref()?;
         Some((&g.a, &g.b))
     }
 }
@@ -83,12 +134,46 @@ pub struct StepOutput {
     pub loss_sum: f64,
     /// Number of targets summed.
     pub count: usize,
-    /// Adapter gradients of `grad_scale · loss_sum`.
-    pub grads: LoraGrads,
+    /// Gradients of the trainable parameters for `grad_scale · loss_sum`.
+    pub grads: PeftGrads,
 }
 
-/// Checks that `lora` fits `config`: every module's shapes match its projection.
-pub fn check_adapters(config: &OptConfig, lora: &LoraParams) -> Result<()> {
+/// Checks that `params` fit `config`: every LoRA module's shapes match its projection, every
+/// BitFit bias has its base bias's length, every Houlsby adapter the hidden size.
+pub fn check_adapters(config: &OptConfig, params: &PeftParams) -> Result<()> {
+    if let Some(b) = &params.bitfit {
+        if b.layers.len() != config.num_hidden_layers {
+            return Err(ModelError::Adapter(format!(
+                "BitFit holds {} layers, the model {}",
+                b.layers.len(),
+                config.num_hidden_layers
+            )));
+        }
+    }
+    if let Some(hp) = &params.houlsby {
+        let (h, m) = (config.hidden_size, hp.config.bottleneck);
+        let ok = hp.layers.len() == config.num_hidden_layers
+            && hp.layers.iter().flatten().all(|a| {
+                a.down.shape() == [m, h]
+                    && a.down_bias.shape() == [1, m]
+                    && a.up.shape() == [h, m]
+                    && a.up_bias.shape() == [1, h]
+            });
+        if !ok {
+            return Err(ModelError::Adapter(format!(
+                "Houlsby adapters do not fit {} layers of width {h} with bottleneck {m}",
+                config.num_hidden_layers
+            )));
+        }
+    }
+    match &params.lora {
+        Some(lora) => check_lora(config, lora),
+        None => Ok(()),
+    }
+}
+
+/// Checks that every LoRA module's shapes match its projection in `config`.
+pub fn check_lora(config: &OptConfig, lora: &crate::peft::LoraParams) -> Result<()> {
     for layer in 0..config.num_hidden_layers {
         for t in LoraTarget::ALL {
             if let Some(m) = lora.get(layer, t) {
@@ -161,18 +246,27 @@ pub fn check_batch(c: &OptConfig, batch: &PackedBatch) -> Result<()> {
     Ok(())
 }
 
-fn ln_params(ln: &Option<LayerNorm>) -> (Option<&[f32]>, Option<&[f32]>) {
+/// The final LayerNorm's `(γ, β)`, β replaced by BitFit's trained one when given.
+fn ln_params<'a>(
+    ln: &'a Option<LayerNorm>,
+    trained: Option<&'a [f32]>,
+) -> (Option<&'a [f32]>, Option<&'a [f32]>) {
     match ln {
-        Some(l) => (Some(&l.weight), Some(&l.bias)),
+        Some(l) => (Some(&l.weight), Some(trained.unwrap_or(&l.bias))),
         None => (None, None),
     }
+}
+
+/// BitFit's trained final LayerNorm β, if any.
+fn final_beta(params: Option<&PeftParams>) -> Option<&[f32]> {
+    params?.bitfit.as_ref()?.final_ln.as_ref().map(|m| m.data.as_slice())
 }
 
 /// Runs the model on `batch`. `rng` switches dropout on (training); `keep` keeps what the
 /// backward needs.
 pub fn forward(
     model: &OptModel,
-    lora: Option<&LoraParams>,
+    lora: Option<&PeftParams>,
     batch: &PackedBatch,
     rng: Option<DropoutRng>,
     keep: bool,
@@ -184,7 +278,7 @@ pub fn forward(
 /// [`forward`] with dropout masks from any [`MaskSource`] (`None`: no dropout).
 pub fn forward_with_masks(
     model: &OptModel,
-    lora: Option<&LoraParams>,
+    lora: Option<&PeftParams>,
     batch: &PackedBatch,
     rng: Option<&dyn MaskSource>,
     keep: bool,
@@ -204,7 +298,7 @@ pub fn forward_with_masks(
 /// the batch.
 pub fn forward_exposed(
     model: &OptModel,
-    lora: Option<&LoraParams>,
+    lora: Option<&PeftParams>,
     batch: &PackedBatch,
     rng: Option<&dyn MaskSource>,
     exposure: Exposure<'_>,
@@ -249,7 +343,7 @@ pub fn forward_exposed(
         }
     }
     let final_ln = if c.has_final_layer_norm() {
-        let (g, b) = ln_params(&w.final_layer_norm);
+        let (g, b) = ln_params(&w.final_layer_norm, final_beta(lora));
         let (y, s) = layernorm_fwd(&x, rows, h, g, b, OptConfig::LAYER_NORM_EPS);
         Some((std::mem::replace(&mut x, y), s))
     } else {
@@ -276,13 +370,13 @@ pub fn forward_exposed(
 }
 
 /// Backpropagates `d_hidden` (gradient of the final hidden states, `[rows, E]`) through a
-/// forward pass run with `keep`, returning the LoRA gradients.
+/// forward pass run with `keep`, returning the gradients of the trainable parameters.
 pub fn backward(
     model: &OptModel,
-    lora: Option<&LoraParams>,
+    lora: Option<&PeftParams>,
     fwd: Forward,
     d_hidden: Vec<f32>,
-) -> Result<LoraGrads> {
+) -> Result<PeftGrads> {
     let (c, w) = (&model.config, &model.weights);
     let Forward { rows, saved, .. } = fwd;
     let saved =
@@ -294,8 +388,12 @@ pub fn backward(
         matmul(&mut d, &dx, &p_out.data, rows, e, h, false, false, 1.0, 0.0);
         dx = d;
     }
+    let mut final_ln_bias = None;
     if let Some((x_in, s)) = &saved.final_ln {
-        let (g, _) = ln_params(&w.final_layer_norm);
+        if final_beta(lora).is_some() {
+            final_ln_bias = Some(column_sums(&dx, rows, h));
+        }
+        let (g, _) = ln_params(&w.final_layer_norm, None);
         dx = layernorm_bwd(&dx, x_in, s, g, rows, h);
     }
     let ctx = LayerCtx {
@@ -312,14 +410,17 @@ pub fn backward(
         dx = d;
         grads[i] = g;
     }
-    Ok(LoraGrads { layers: grads })
+    Ok(PeftGrads {
+        layers: grads,
+        final_ln_bias,
+    })
 }
 
 /// Loss of `batch` and the adapter gradients of `grad_scale · loss_sum` (the trainer passes
 /// `1/N`, `N` the targets of the whole optimizer step, RUNTIME.md §2.5).
 pub fn loss_and_grads(
     model: &OptModel,
-    lora: &LoraParams,
+    lora: &PeftParams,
     batch: &PackedBatch,
     grad_scale: f32,
     rng: Option<DropoutRng>,
@@ -332,7 +433,7 @@ pub fn loss_and_grads(
 /// the [`RecordedMasks`](super::dropout::RecordedMasks) of another engine's step.
 pub fn loss_and_grads_with_masks(
     model: &OptModel,
-    lora: &LoraParams,
+    lora: &PeftParams,
     batch: &PackedBatch,
     grad_scale: f32,
     rng: Option<&dyn MaskSource>,
@@ -344,7 +445,7 @@ pub fn loss_and_grads_with_masks(
 /// the backward is exact for the sparse forward (it reuses the masks the forward chose).
 pub fn loss_and_grads_exposed(
     model: &OptModel,
-    lora: &LoraParams,
+    lora: &PeftParams,
     batch: &PackedBatch,
     grad_scale: f32,
     rng: Option<&dyn MaskSource>,
@@ -366,7 +467,7 @@ pub fn loss_and_grads_exposed(
 /// Sum of the per-target losses of `batch` and their number, without dropout.
 pub fn eval_loss(
     model: &OptModel,
-    lora: Option<&LoraParams>,
+    lora: Option<&PeftParams>,
     batch: &PackedBatch,
 ) -> Result<(f64, usize)> {
     let fwd = forward(model, lora, batch, None, false)?;
@@ -397,7 +498,7 @@ pub fn head_loss(
 /// Full logits `[rows, V]` of `batch` (for parity tests and small evaluations).
 pub fn logits(
     model: &OptModel,
-    lora: Option<&LoraParams>,
+    lora: Option<&PeftParams>,
     batch: &PackedBatch,
 ) -> Result<Vec<f32>> {
     let fwd = forward(model, lora, batch, None, false)?;

@@ -5,7 +5,7 @@
 //! a different run.
 
 use crate::optim::{AdamWConfig, Schedule};
-use crate::peft::LoraConfig;
+use crate::peft::{AdapterActivation, BitFitConfig, HoulsbyConfig, LoraConfig, PeftConfig};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -22,6 +22,19 @@ pub struct TrainConfig {
     pub eval_fraction: f64,
     /// Cap on eval examples (the first ones of the eval set, in file order), 0 = all.
     pub eval_max_examples: usize,
+    /// PEFT methods trained together: any of `lora`, `bitfit`, `houlsby` (default `lora`; also
+    /// for run configs written before the choice existed).
+    #[serde(default = "default_peft_methods")]
+    pub peft: Vec<String>,
+    /// BitFit: train the LayerNorm βs as well as the Linear biases.
+    #[serde(default = "default_true")]
+    pub bitfit_layer_norms: bool,
+    /// Houlsby adapters: bottleneck width.
+    #[serde(default = "default_adapter_bottleneck")]
+    pub adapter_bottleneck: usize,
+    /// Houlsby adapters: nonlinearity, `relu` or `gelu`.
+    #[serde(default = "default_adapter_activation")]
+    pub adapter_activation: String,
     /// LoRA rank.
     pub lora_r: usize,
     /// LoRA alpha.
@@ -295,6 +308,23 @@ impl ExposureConfig {
     }
 }
 
+/// The default of [`TrainConfig::peft`]: LoRA.
+pub fn default_peft_methods() -> Vec<String> {
+    vec!["lora".into()]
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_adapter_bottleneck() -> usize {
+    HoulsbyConfig::default().bottleneck
+}
+
+fn default_adapter_activation() -> String {
+    HoulsbyConfig::default().activation.name().into()
+}
+
 /// The default of [`TrainConfig::max_bad_steps`] (also for run configs written before it).
 pub fn default_max_bad_steps() -> usize {
     5
@@ -308,6 +338,10 @@ impl Default for TrainConfig {
             eval_file: None,
             eval_fraction: 0.1,
             eval_max_examples: 0,
+            peft: default_peft_methods(),
+            bitfit_layer_norms: true,
+            adapter_bottleneck: default_adapter_bottleneck(),
+            adapter_activation: default_adapter_activation(),
             lora_r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
@@ -360,6 +394,45 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// The PEFT methods and their settings, checked: each name of [`TrainConfig::peft`] once,
+    /// each method's settings valid.
+    pub fn peft_config(&self) -> Result<PeftConfig, String> {
+        let mut config = PeftConfig::default();
+        for (i, name) in self.peft.iter().enumerate() {
+            if self.peft[..i].contains(name) {
+                return Err(format!("PEFT method {name:?} is listed twice"));
+            }
+            match name.as_str() {
+                "lora" => config.lora = Some(self.lora()?),
+                "bitfit" => {
+                    config.bitfit = Some(BitFitConfig {
+                        layer_norms: self.bitfit_layer_norms,
+                    })
+                }
+                "houlsby" => {
+                    let activation = AdapterActivation::from_name(&self.adapter_activation)
+                        .ok_or_else(|| {
+                            format!(
+                                "unknown adapter activation {:?}: use relu or gelu",
+                                self.adapter_activation
+                            )
+                        })?;
+                    config.houlsby = Some(HoulsbyConfig {
+                        bottleneck: self.adapter_bottleneck,
+                        activation,
+                    })
+                }
+                other => {
+                    return Err(format!(
+                        "unknown PEFT method {other:?}: use lora, bitfit or houlsby"
+                    ))
+                }
+            }
+        }
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
     /// The AdamW settings.
     pub fn adamw(&self) -> AdamWConfig {
         AdamWConfig {
@@ -387,7 +460,8 @@ impl TrainConfig {
 
     /// Whether a training step of this run draws dropout masks (residual or LoRA dropout).
     pub fn uses_dropout(&self, model: &crate::checkpoint::OptConfig) -> bool {
-        self.lora_dropout > 0.0 || self.model_dropout.unwrap_or(model.dropout) > 0.0
+        let lora = self.peft.iter().any(|m| m == "lora");
+        (lora && self.lora_dropout > 0.0) || self.model_dropout.unwrap_or(model.dropout) > 0.0
     }
 
     /// The schedule kind.
@@ -404,7 +478,7 @@ impl TrainConfig {
 
     /// Checks the numbers a user can get wrong.
     pub fn validate(&self) -> Result<(), String> {
-        self.lora()?;
+        self.peft_config()?;
         self.schedule_kind()?;
         if self.train_files.is_empty() {
             return Err("no training data file given".into());

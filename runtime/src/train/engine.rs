@@ -11,7 +11,7 @@ use crate::exposure::permutation::NeuronPermutation;
 use crate::exposure::sparse_mlp::{LayerCounters, Mode, SparseMlp};
 use crate::model::{self, DropoutRng, ModelError, Result, StepOutput};
 use crate::optim::{clip_grad_norm, AdamW};
-use crate::peft::{LoraParams, LoraTarget};
+use crate::peft::{LoraTarget, PeftParams};
 use std::borrow::Cow;
 
 /// The inputs of one optimizer step: its micro-batches, their dropout, the learning rate and
@@ -68,13 +68,13 @@ impl OptimStep<'_> {
 /// default and the reference a device implementation must agree with.
 pub fn host_optimizer_step<E: Engine + ?Sized>(
     engine: &mut E,
-    lora: &mut LoraParams,
+    lora: &mut PeftParams,
     adamw: &mut AdamW,
     step: &OptimStep<'_>,
 ) -> Result<StepOutcome> {
     let n = step.targets()?;
     let scale = 1.0 / n as f32;
-    let mut total: Option<model::LoraGrads> = None;
+    let mut total: Option<model::PeftGrads> = None;
     let mut loss_sum = 0.0;
     for (micro, b) in step.batches.iter().enumerate() {
         let rng = step.dropout.and_then(|d| d.get(micro).copied());
@@ -102,7 +102,7 @@ pub fn host_optimizer_step<E: Engine + ?Sized>(
 /// [`AdamW::step`] on `lora` unless the loss or the gradient norm is not finite (the step is
 /// then skipped). Shared by [`host_optimizer_step`] and the data-parallel step.
 pub fn apply_step(
-    lora: &mut LoraParams,
+    lora: &mut PeftParams,
     adamw: &mut AdamW,
     grads: &mut [&mut [f32]],
     loss: f64,
@@ -137,18 +137,18 @@ pub trait Engine {
     fn model(&self) -> &OptModel;
 
     /// Loss of `batch` under `lora` and the host-side LoRA gradients of
-    /// `grad_scale · loss_sum`, laid out like `lora` ([`model::LoraGrads`]). `rng` switches
+    /// `grad_scale · loss_sum`, laid out like `lora` ([`model::PeftGrads`]). `rng` switches
     /// dropout on. `lora` may differ from the previous call (the optimizer updated it).
     fn loss_and_grads(
         &mut self,
-        lora: &LoraParams,
+        lora: &PeftParams,
         batch: &PackedBatch,
         grad_scale: f32,
         rng: Option<DropoutRng>,
     ) -> Result<StepOutput>;
 
     /// Sum of the per-target losses of `batch` and their number (no dropout, no gradients).
-    fn eval_loss(&mut self, lora: Option<&LoraParams>, batch: &PackedBatch)
+    fn eval_loss(&mut self, lora: Option<&PeftParams>, batch: &PackedBatch)
         -> Result<(f64, usize)>;
 
     /// One optimizer step: the gradients of the mean loss over `step`'s micro-batches,
@@ -160,7 +160,7 @@ pub trait Engine {
     /// are not seen (the trainer never makes any). The default runs [`host_optimizer_step`].
     fn optimizer_step(
         &mut self,
-        lora: &mut LoraParams,
+        lora: &mut PeftParams,
         adamw: &mut AdamW,
         step: &OptimStep<'_>,
     ) -> Result<StepOutcome> {
@@ -176,7 +176,7 @@ pub trait Engine {
     fn data_parallel_step(
         &mut self,
         comm: &mut dyn crate::dist::Communicator,
-        lora: &mut LoraParams,
+        lora: &mut PeftParams,
         adamw: &mut AdamW,
         step: &OptimStep<'_>,
         extra: &mut [f64],
@@ -227,7 +227,7 @@ pub trait Engine {
     /// the engine runs no exposure.
     fn probe(
         &mut self,
-        lora: &LoraParams,
+        lora: &PeftParams,
         batch: &PackedBatch,
         step: usize,
     ) -> Result<Option<ProbeReport>> {
@@ -239,7 +239,7 @@ pub trait Engine {
     /// exposed).
     fn eval_loss_dense(
         &mut self,
-        lora: Option<&LoraParams>,
+        lora: Option<&PeftParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
         self.eval_loss(lora, batch)
@@ -297,27 +297,43 @@ impl CpuExposure {
         }
     }
 
-    /// `lora` in the model's (permuted) neuron order: a permuted copy when the permutation
-    /// touches it (adapters on fc1 or fc2), else `lora` itself.
-    fn internal<'a>(&self, lora: &'a LoraParams) -> Result<Cow<'a, LoraParams>> {
-        match &self.permutation {
-            Some(p) if touches(lora) => {
+    /// `params` in the model's (permuted) neuron order: a permuted copy when the permutation
+    /// touches them (LoRA on fc1 or fc2), else `params` themselves. BitFit with a permutation
+    /// is refused: fc1's trained bias would have to be permuted as well, which is not done.
+    fn internal<'a>(&self, params: &'a PeftParams) -> Result<Cow<'a, PeftParams>> {
+        let Some(p) = &self.permutation else {
+            return Ok(Cow::Borrowed(params));
+        };
+        if params.bitfit.is_some() {
+            return Err(ModelError::Unsupported(
+                "BitFit with a neuron permutation (MLP exposure with permute on): fc1's \
+                 trained bias is not permuted; turn the permutation off"
+                    .into(),
+            ));
+        }
+        match &params.lora {
+            Some(lora) if touches(params) => {
                 let mut l = lora.clone();
                 p.apply_to_lora(&mut l)
                     .map_err(|e| ModelError::Batch(format!("neuron permutation: {e}")))?;
-                Ok(Cow::Owned(l))
+                Ok(Cow::Owned(PeftParams {
+                    lora: Some(l),
+                    ..params.clone()
+                }))
             }
-            _ => Ok(Cow::Borrowed(lora)),
+            _ => Ok(Cow::Borrowed(params)),
         }
     }
 }
 
-/// Whether `lora` adapts a projection whose hidden side the neuron permutation reorders.
-fn touches(lora: &LoraParams) -> bool {
-    lora.config
-        .targets
-        .iter()
-        .any(|t| matches!(t, LoraTarget::Fc1 | LoraTarget::Fc2))
+/// Whether `params` adapt a projection whose hidden side the neuron permutation reorders.
+fn touches(params: &PeftParams) -> bool {
+    params.lora.as_ref().is_some_and(|l| {
+        l.config
+            .targets
+            .iter()
+            .any(|t| matches!(t, LoraTarget::Fc1 | LoraTarget::Fc2))
+    })
 }
 
 /// The CPU reference backend ([`crate::cpu`] ops, f32), optionally with MLP or attention
@@ -365,7 +381,7 @@ impl Engine for CpuEngine {
 
     fn loss_and_grads(
         &mut self,
-        lora: &LoraParams,
+        lora: &PeftParams,
         batch: &PackedBatch,
         grad_scale: f32,
         rng: Option<DropoutRng>,
@@ -392,7 +408,7 @@ impl Engine for CpuEngine {
 
     fn eval_loss(
         &mut self,
-        lora: Option<&LoraParams>,
+        lora: Option<&PeftParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
         let Some(e) = &self.exposure else {
@@ -423,7 +439,7 @@ impl Engine for CpuEngine {
 
     fn probe(
         &mut self,
-        lora: &LoraParams,
+        lora: &PeftParams,
         batch: &PackedBatch,
         step: usize,
     ) -> Result<Option<ProbeReport>> {
@@ -452,7 +468,7 @@ impl Engine for CpuEngine {
 
     fn eval_loss_dense(
         &mut self,
-        lora: Option<&LoraParams>,
+        lora: Option<&PeftParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
         let internal = match (&self.exposure, lora) {

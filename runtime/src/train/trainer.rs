@@ -14,7 +14,7 @@ use crate::data::{
 };
 use crate::model::DropoutRng;
 use crate::optim::{AdamW, LrSchedule};
-use crate::peft::{self, LoraParams};
+use crate::peft::PeftParams;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -358,7 +358,7 @@ fn data_fingerprint(data: &RunData) -> String {
 /// Mean loss of `examples` (packed in file order) under `lora`, on `engine`.
 pub fn evaluate(
     engine: &mut dyn Engine,
-    lora: Option<&LoraParams>,
+    lora: Option<&PeftParams>,
     examples: &[Example],
     token_budget: usize,
 ) -> Result<(f64, usize), TrainError> {
@@ -370,7 +370,7 @@ pub fn evaluate(
 /// sums are reduced ([`Engine::reduce_eval`]), so every rank returns the same mean.
 pub fn evaluate_with(
     engine: &mut dyn Engine,
-    lora: Option<&LoraParams>,
+    lora: Option<&PeftParams>,
     examples: &[Example],
     token_budget: usize,
     dense: bool,
@@ -416,7 +416,7 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
 fn train_step(
     config: &TrainConfig,
     engine: &mut dyn Engine,
-    lora: &mut LoraParams,
+    lora: &mut PeftParams,
     adamw: &mut AdamW,
     batches: &[PackedBatch],
     step: usize,
@@ -428,7 +428,8 @@ fn train_step(
             step + 1
         )));
     }
-    let dropout = lora.config.dropout > 0.0 || engine.model().config.dropout > 0.0;
+    let lora_dropout = lora.lora.as_ref().is_some_and(|l| l.config.dropout > 0.0);
+    let dropout = lora_dropout || engine.model().config.dropout > 0.0;
     let seeds: Vec<DropoutRng> = (0..batches.len())
         .map(|micro| DropoutRng {
             seed: dropout_seed(config.seed, step, micro),
@@ -452,7 +453,7 @@ struct BadSteps {
 }
 
 /// Names of the optimizer's tensors: the adapter's PEFT keys.
-fn param_names(lora: &LoraParams) -> Vec<String> {
+fn param_names(lora: &PeftParams) -> Vec<String> {
     lora.tensors().into_iter().map(|(k, _)| k).collect()
 }
 
@@ -514,8 +515,7 @@ pub fn run_as(
     writer: bool,
 ) -> Result<RunSummary, TrainError> {
     config.validate().map_err(TrainError::Config)?;
-    let lora_config = config.lora().map_err(TrainError::Config)?;
-    let model_config = engine.model().config.clone();
+    let peft_config = config.peft_config().map_err(TrainError::Config)?;
     let data = load_data(config, engine.model())?;
     let fingerprint = data_fingerprint(&data);
     let plan = StepPlan::new(
@@ -571,7 +571,7 @@ pub fn run_as(
         state::write_file_atomic(&config_path, &json).map_err(io_err(&config_path))?;
     }
 
-    let names_for = |l: &LoraParams| param_names(l);
+    let names_for = |l: &PeftParams| param_names(l);
     let (mut lora, mut adamw, done, mut tokens_seen, mut bad, resumed_from) =
         match resume.then(|| state::latest_valid(&ckpt_root)).flatten() {
             Some((dir, st)) => {
@@ -583,11 +583,13 @@ pub fn run_as(
                         fingerprint
                     )));
                 }
-                let lora = peft::load_adapter(&dir, &model_config)?;
-                if lora.config != lora_config {
+                let lora = PeftParams::load(&dir, engine.model())?;
+                if lora.config() != peft_config {
                     return Err(TrainError::Resume(format!(
-                        "{} holds an adapter with other LoRA settings",
-                        dir.display()
+                        "{} holds an adapter with other PEFT settings ({} vs {})",
+                        dir.display(),
+                        lora.config().describe(),
+                        peft_config.describe()
                     )));
                 }
                 let names = names_for(&lora);
@@ -600,7 +602,7 @@ pub fn run_as(
                 (lora, adamw, st.step, st.tokens_seen, bad, Some(dir))
             }
             None => {
-                let lora = LoraParams::init(&lora_config, &model_config, config.seed);
+                let lora = PeftParams::init(&peft_config, engine.model(), config.seed)?;
                 let sizes: Vec<usize> = lora.tensors().iter().map(|(_, m)| m.data.len()).collect();
                 let adamw = AdamW::new(config.adamw(), &sizes);
                 (lora, adamw, 0, 0, BadSteps::default(), None)
@@ -623,7 +625,7 @@ pub fn run_as(
     };
     let has_eval = !data.eval.is_empty();
     let eval_now = |engine: &mut dyn Engine,
-                    lora: &LoraParams,
+                    lora: &PeftParams,
                     step: usize,
                     metrics: &mut MetricsLog,
                     obs: &mut dyn Observer|
@@ -662,7 +664,7 @@ pub fn run_as(
         (kept_eval(0), kept_eval(done))
     };
 
-    let save = |lora: &LoraParams,
+    let save = |lora: &PeftParams,
                 adamw: &AdamW,
                 step: usize,
                 tokens_seen: u64,
@@ -683,7 +685,7 @@ pub fn run_as(
         };
         let base = config.model_dir.display().to_string();
         let dir = state::commit_checkpoint(&ckpt_root, st, |tmp| {
-            peft::save_adapter(tmp, lora, &base).map_err(|e| e.to_string())?;
+            lora.save(tmp, &base).map_err(|e| e.to_string())?;
             adamw
                 .save(&tmp.join(state::OPTIMIZER_FILE), &param_names(lora))
                 .map_err(|e| e.to_string())
@@ -821,7 +823,7 @@ pub fn run_as(
     let adapter_dir = out_dir.join(ADAPTER);
     let png = out_dir.join(LOSS_PNG);
     if writer {
-        peft::save_adapter(&adapter_dir, &lora, &config.model_dir.display().to_string())?;
+        lora.save(&adapter_dir, &config.model_dir.display().to_string())?;
         if let Err(e) = super::plot::loss_curve(metrics.records(), "lexp finetune: loss", &png) {
             tracing::warn!("could not draw {}: {e}", png.display());
         }

@@ -78,6 +78,20 @@ pub struct FinetuneArgs {
     /// Continue the run in --output from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// PEFT methods to train, comma-separated: lora, bitfit (bias vectors), houlsby
+    /// (bottleneck adapters after attention and MLP). BitFit and Houlsby train on the CPU
+    /// engine.
+    #[arg(long, value_delimiter = ',', default_value = "lora")]
+    peft: Vec<String>,
+    /// --peft bitfit: train the Linear biases only (default: the LayerNorm βs too).
+    #[arg(long)]
+    bitfit_linear_only: bool,
+    /// --peft houlsby: bottleneck width of each adapter.
+    #[arg(long, default_value_t = 64)]
+    adapter_bottleneck: usize,
+    /// --peft houlsby: the adapters' nonlinearity, relu or gelu (tanh approximation).
+    #[arg(long, default_value = "relu")]
+    adapter_activation: String,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     lora_r: usize,
@@ -311,6 +325,19 @@ fn make_engine(
             );
         }
         return Ok(("cpu", Box::new(exposed_cpu_engine(config)?)));
+    }
+    let peft = config.peft_config().map_err(|e| anyhow!("{e}"))?;
+    let lora_only = peft.lora.is_some() && peft.bitfit.is_none() && peft.houlsby.is_none();
+    if !lora_only && choice != DeviceChoice::Cpu {
+        let methods = peft.describe();
+        if choice == DeviceChoice::Cuda {
+            bail!(
+                "--peft {methods}: the GPU engine trains LoRA alone for now; BitFit and Houlsby \
+                 adapters train on the CPU engine: use --device cpu"
+            );
+        }
+        eprintln!("--peft {methods}: training on the CPU engine (the GPU engine trains LoRA alone)");
+        return Ok(cpu(load()?));
     }
     // What keeps the GPU engine from this run: the model's shape, or dropout without cuRAND
     // (loaded at run time; the GPU engine draws its dropout masks with it).
@@ -606,6 +633,10 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         eval_file,
         eval_fraction: args.eval_fraction,
         eval_max_examples: args.eval_max_examples,
+        peft: args.peft.clone(),
+        bitfit_layer_norms: !args.bitfit_linear_only,
+        adapter_bottleneck: args.adapter_bottleneck,
+        adapter_activation: args.adapter_activation.clone(),
         lora_r: args.lora_r,
         lora_alpha: args.lora_alpha,
         lora_dropout: args.lora_dropout,
@@ -937,7 +968,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         None => load_jsonl(&data, Some(&tok), &options)?.examples,
     };
     let lora = match &args.adapter {
-        Some(dir) => Some(peft::load_adapter(dir, &model.config)?),
+        Some(dir) => Some(peft::PeftParams::load(dir, &model)?),
         None => None,
     };
     let (loss, targets) = train::evaluate(
