@@ -171,7 +171,7 @@ fn an_exposed_run_exports_fc1_fc2_adapters_in_the_original_neuron_order() {
     train::run(&config, &out, false, &mut engine, &mut Silent).unwrap();
 
     let original = config.load_model().unwrap();
-    let adapter = peft::load_adapter(&out.join(train::trainer::ADAPTER), &original.config).unwrap();
+    let adapter = peft::PeftParams::load(&out.join(train::trainer::ADAPTER), &original).unwrap();
     let data = train::trainer::load_data(&config, &original).unwrap();
     let eval = &data.eval[..48];
     let (exposed_sum, n) =
@@ -186,7 +186,7 @@ fn an_exposed_run_exports_fc1_fc2_adapters_in_the_original_neuron_order() {
     );
     // The adapter's fc1/fc2 matter: without them the loss differs.
     let mut qv_only = adapter.clone();
-    for layer in &mut qv_only.layers {
+    for layer in &mut qv_only.lora.as_mut().unwrap().layers {
         for (t, m) in layer.iter_mut() {
             if matches!(t, LoraTarget::Fc1 | LoraTarget::Fc2) {
                 m.b.data.iter_mut().for_each(|v| *v = 0.0);

@@ -9,7 +9,7 @@ use lexp_runtime::checkpoint::{OptConfig, OptModel, OptWeights};
 use lexp_runtime::data::{pack, text_windows, PackedBatch, SplitMix64, Tokenizer, IGNORE_INDEX};
 use lexp_runtime::exposure::permutation::{expose_model, NeuronPermutation, PermutationError};
 use lexp_runtime::model;
-use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget};
+use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget, PeftParams};
 use std::path::Path;
 
 mod common;
@@ -93,16 +93,24 @@ fn check_preserved(
     perm: &NeuronPermutation,
 ) -> f32 {
     assert!(!perm.is_identity(), "a test permutation must move neurons");
-    let before = model::logits(model, Some(lora), batch).unwrap();
-    let hidden_before =
-        model::forward_exposed(model, Some(lora), batch, None, model::Exposure::NONE, false)
-            .unwrap();
+    let params = PeftParams::from(lora.clone());
+    let before = model::logits(model, Some(&params), batch).unwrap();
+    let hidden_before = model::forward_exposed(
+        model,
+        Some(&params),
+        batch,
+        None,
+        model::Exposure::NONE,
+        false,
+    )
+    .unwrap();
     let (mut m2, mut l2) = (model.clone(), lora.clone());
     perm.apply_to_model(&mut m2).unwrap();
     // Permuting only the model (not the adapters) must break the function: the adapters'
     // hidden side is part of it.
-    let wrong = model::logits(&m2, Some(lora), batch).unwrap();
+    let wrong = model::logits(&m2, Some(&params), batch).unwrap();
     perm.apply_to_lora(&mut l2).unwrap();
+    let l2 = PeftParams::from(l2);
     assert_ne!(
         m2.weights.layers[0].fc1.weight,
         model.weights.layers[0].fc1.weight
@@ -270,13 +278,13 @@ fn undo_grads_gives_the_original_models_gradients() {
     batch.targets[..next.len()].copy_from_slice(&next);
     let (nl, ffn) = (model.config.num_hidden_layers, model.config.ffn_dim);
     let perm = random_permutation(nl, ffn, 5);
-    let want = model::loss_and_grads(&model, &lora, &batch, 0.1, None).unwrap();
+    let want = model::loss_and_grads(&model, &lora.clone().into(), &batch, 0.1, None).unwrap();
     let (mut pm, mut pl) = (model.clone(), lora.clone());
     perm.apply_to_model(&mut pm).unwrap();
     perm.apply_to_lora(&mut pl).unwrap();
-    let mut got = model::loss_and_grads(&pm, &pl, &batch, 0.1, None).unwrap();
+    let mut got = model::loss_and_grads(&pm, &pl.into(), &batch, 0.1, None).unwrap();
     // Before the undo the fc1/fc2 gradients are in the permuted order: they differ.
-    let fc1 = |g: &model::LoraGrads| g.get(0, LoraTarget::Fc1).unwrap().1.to_vec();
+    let fc1 = |g: &model::PeftGrads| g.get(0, LoraTarget::Fc1).unwrap().1.to_vec();
     let (before, reference) = (fc1(&got.grads), fc1(&want.grads));
     let peak = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = max_abs_diff(&before, &reference);

@@ -33,7 +33,7 @@ use lexp_runtime::model::{
     self, AttentionHook, AttentionInput, AttentionMask, DropoutRng, MaskSource, MlpHook, MlpMask,
     ModelError, RecordedMasks,
 };
-use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget};
+use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget, PeftParams};
 use lexp_runtime::train::{self, CpuEngine, Engine, Silent, TrainConfig};
 use lexp_runtime::DeviceTensor;
 use std::path::Path;
@@ -210,7 +210,7 @@ fn compare_step(
     name: &str,
     model: &OptModel,
     gpu: &mut GpuEngine,
-    lora: &LoraParams,
+    lora: &PeftParams,
     b: &PackedBatch,
     tol: Tol,
 ) -> (f64, f64) {
@@ -223,7 +223,7 @@ fn compare_step_with(
     name: &str,
     model: &OptModel,
     gpu: &mut GpuEngine,
-    lora: &LoraParams,
+    lora: &PeftParams,
     b: &PackedBatch,
     tol: Tol,
     rng: Option<DropoutRng>,
@@ -312,7 +312,7 @@ fn compare_eval(
     name: &str,
     model: &OptModel,
     gpu: &mut GpuEngine,
-    lora: Option<&LoraParams>,
+    lora: Option<&PeftParams>,
     b: &PackedBatch,
 ) {
     let (cs, cn) = model::eval_loss(model, lora, b).unwrap();
@@ -402,7 +402,7 @@ fn gpu_engine_matches_the_cpu_engine() {
                 targets: vec![LoraTarget::Q, LoraTarget::V],
                 ..LoraConfig::default()
             };
-            let mut l = LoraParams::init(&cfg, &model.config, 5);
+            let mut l = PeftParams::from(LoraParams::init(&cfg, &model.config, 5));
             for (_, m) in l.tensors_mut() {
                 for (i, v) in m.data.iter_mut().enumerate() {
                     if *v == 0.0 {
@@ -520,7 +520,7 @@ fn gpu_sparse_mlp_matches_the_cpu_model_on_the_same_blocks() {
             targets: vec![LoraTarget::Q, LoraTarget::V],
             ..LoraConfig::default()
         };
-        let mut lora = LoraParams::init(&cfg, &model.config, 5);
+        let mut lora = PeftParams::from(LoraParams::init(&cfg, &model.config, 5));
         for (_, m) in lora.tensors_mut() {
             for (i, v) in m.data.iter_mut().enumerate() {
                 if *v == 0.0 {
@@ -589,7 +589,7 @@ fn gpu_dropout_matches_the_cpu_engine_on_the_same_masks() {
     let model = bf16_weights(&loaded);
     let b = batch(&dir, &[0, 7, 13, 21, 40, 3]);
     let mut lora = random_lora(&model, 4, 11);
-    lora.config.dropout = 0.1;
+    lora.lora.as_mut().unwrap().config.dropout = 0.1;
     let seed = DropoutRng { seed: 42 };
     compare_step_with(
         "opt-tiny dropout 0.1/0.1",
@@ -839,7 +839,7 @@ fn gpu_engine_variants_match_the_cpu_engine() {
 /// The clean variant model of `shape` on the GPU engine, which must pick flash attention,
 /// against the CPU engine (eval and one step, [`RELU_FLIPS`]); the engine, adapter and batch
 /// for more checks.
-fn flash_heads_case(name: &str, shape: &str) -> (GpuEngine, LoraParams, PackedBatch) {
+fn flash_heads_case(name: &str, shape: &str) -> (GpuEngine, PeftParams, PackedBatch) {
     let (model, b) = variant_shaped(shape, "", 3, true);
     let model = bf16_weights(&model);
     let mut gpu = GpuEngine::new(model.clone(), device()).unwrap_or_else(|e| panic!("{e}"));

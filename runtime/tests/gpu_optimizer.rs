@@ -17,17 +17,17 @@ use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::data::PackedBatch;
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::optim::{AdamW, AdamWConfig};
-use lexp_runtime::peft::LoraParams;
+use lexp_runtime::peft::PeftParams;
 use lexp_runtime::train::{host_optimizer_step, Engine, OptimStep, StepOutcome};
 
-fn flat(lora: &LoraParams) -> Vec<f32> {
+fn flat(lora: &PeftParams) -> Vec<f32> {
     lora.tensors()
         .into_iter()
         .flat_map(|(_, t)| t.data.clone())
         .collect()
 }
 
-fn adamw_for(lora: &LoraParams) -> AdamW {
+fn adamw_for(lora: &PeftParams) -> AdamW {
     let sizes: Vec<usize> = lora.tensors().iter().map(|(_, t)| t.data.len()).collect();
     AdamW::new(
         AdamWConfig {
@@ -58,7 +58,7 @@ fn check_same(what: &str, dev: &StepOutcome, host: &StepOutcome) {
 }
 
 /// An engine with its adapter and optimizer.
-type Side<'a> = (&'a mut GpuEngine, &'a mut LoraParams, &'a mut AdamW);
+type Side<'a> = (&'a mut GpuEngine, &'a mut PeftParams, &'a mut AdamW);
 
 /// The settings of step `i`: clipped (a limit far under the norm) on even steps, not on odd.
 fn settings(micro: &[PackedBatch], i: usize) -> OptimStep<'_> {

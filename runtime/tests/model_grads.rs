@@ -13,7 +13,7 @@ use lexp_runtime::model::{
     self, AttentionHook, AttentionInput, AttentionMask, DropoutRng, Exposure, MaskSource, MlpHook,
     MlpMask, ModelError,
 };
-use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget};
+use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget, PeftParams};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -96,9 +96,11 @@ fn check_exposed(
     let n = b.num_targets() as f32;
     let rng = DropoutRng { seed: 77 };
     let drop = Some(&rng as &dyn MaskSource);
-    let out = model::loss_and_grads_exposed(&model, &lora, b, 1.0 / n, drop, exposure).unwrap();
+    let params = PeftParams::from(lora.clone());
+    let out = model::loss_and_grads_exposed(&model, &params, b, 1.0 / n, drop, exposure).unwrap();
     let loss = |l: &LoraParams| {
-        let fwd = model::forward_exposed(&model, Some(l), b, drop, exposure, false).unwrap();
+        let l = PeftParams::from(l.clone());
+        let fwd = model::forward_exposed(&model, Some(&l), b, drop, exposure, false).unwrap();
         model::opt::head_loss(&model, &fwd, &b.targets, None)
             .unwrap()
             .loss_sum

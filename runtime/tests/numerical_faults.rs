@@ -11,7 +11,7 @@
 use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::data::PackedBatch;
 use lexp_runtime::model::{DropoutRng, Result as ModelResult, StepOutput};
-use lexp_runtime::peft::LoraParams;
+use lexp_runtime::peft::PeftParams;
 use lexp_runtime::train::{self, CpuEngine, Engine, Observer, TrainConfig, TrainError};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -62,7 +62,7 @@ impl Engine for Faulty {
 
     fn loss_and_grads(
         &mut self,
-        lora: &LoraParams,
+        lora: &PeftParams,
         batch: &PackedBatch,
         grad_scale: f32,
         rng: Option<DropoutRng>,
@@ -86,7 +86,7 @@ impl Engine for Faulty {
 
     fn eval_loss(
         &mut self,
-        lora: Option<&LoraParams>,
+        lora: Option<&PeftParams>,
         batch: &PackedBatch,
     ) -> ModelResult<(f64, usize)> {
         self.inner.eval_loss(lora, batch)

@@ -209,7 +209,7 @@ fn check_model(name: &str) {
     let lora = reference_lora(&model);
     let lr = &r["lora"];
     let n = lr["num_targets"].as_u64().unwrap() as f32;
-    let out = model::loss_and_grads(&model, &lora, &b, 1.0 / n, None).unwrap();
+    let out = model::loss_and_grads(&model, &lora.clone().into(), &b, 1.0 / n, None).unwrap();
     let lora_loss = out.loss_sum / out.count as f64;
     let want = lr["loss"].as_f64().unwrap();
     assert!(

@@ -102,10 +102,16 @@ pub fn scale_inplace(x: &mut [f32], s: f32) {
 /// # Panics
 /// If `x` is not `[rows, cols]`.
 pub fn column_sums(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    assert_eq!(x.len(), rows * cols, "column_sums: x is not [{rows},{cols}]");
+    assert_eq!(
+        x.len(),
+        rows * cols,
+        "column_sums: x is not [{rows},{cols}]"
+    );
     let mut acc = vec![0.0f64; cols];
     for row in x.chunks_exact(cols.max(1)) {
-        acc.iter_mut().zip(row).for_each(|(a, &v)| *a += f64::from(v));
+        acc.iter_mut()
+            .zip(row)
+            .for_each(|(a, &v)| *a += f64::from(v));
     }
     acc.into_iter().map(|a| a as f32).collect()
 }

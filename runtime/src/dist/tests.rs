@@ -270,7 +270,7 @@ fn engine() -> CpuEngine {
 }
 
 /// An adapter with random (non-zero) A and B, so that every gradient is non-trivial.
-fn adapter() -> LoraParams {
+fn adapter() -> PeftParams {
     let cfg = LoraConfig {
         r: 4,
         alpha: 8.0,
@@ -284,7 +284,7 @@ fn adapter() -> LoraParams {
         let v = random_f32(&mut rng, m.data.len());
         m.data.iter_mut().zip(v).for_each(|(d, r)| *d = r * 0.05);
     }
-    lora
+    lora.into()
 }
 
 /// Five micro-batches of different lengths (some sequences with ignored targets).
@@ -336,7 +336,7 @@ const SEEDS: [DropoutRng; 5] = [
 /// Two optimizer steps (the second sees AdamW's moments of the first) on one engine.
 fn two_steps(
     run: &mut dyn FnMut(&mut PeftParams, &mut AdamW, &OptimStep<'_>) -> crate::train::StepOutcome,
-) -> (Vec<crate::train::StepOutcome>, LoraParams) {
+) -> (Vec<crate::train::StepOutcome>, PeftParams) {
     let (mut lora, data) = (adapter(), batches());
     let mut opt = adamw(&lora);
     let mut outs = Vec::new();

@@ -12,7 +12,7 @@ use super::cluster::{self, ClusterError};
 use super::coactivation::Coactivation;
 use crate::checkpoint::{write_atomic, HostMatrix, OptModel, SafetensorsError};
 use crate::data::PackedBatch;
-use crate::model::{forward_exposed, Exposure, PeftGrads, MlpHook, MlpMask, ModelError};
+use crate::model::{forward_exposed, Exposure, MlpHook, MlpMask, ModelError, PeftGrads};
 use crate::peft::{LoraParams, LoraTarget};
 use serde::{Deserialize, Serialize};
 use std::io::Write;

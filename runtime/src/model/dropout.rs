@@ -122,12 +122,12 @@ mod tests {
     use crate::checkpoint::{OptConfig, OptModel, OptWeights};
     use crate::data::PackedBatch;
     use crate::model::opt::{loss_and_grads, loss_and_grads_with_masks};
-    use crate::peft::{LoraConfig, LoraParams, LoraTarget};
+    use crate::peft::{LoraConfig, LoraParams, LoraTarget, PeftParams};
     use std::path::Path;
 
     /// A small random model with residual dropout 0.1, LoRA (dropout 0.2, `B ≠ 0`) on all six
     /// projections, and a packed batch of two sequences.
-    fn setup() -> (OptModel, LoraParams, PackedBatch) {
+    fn setup() -> (OptModel, PeftParams, PackedBatch) {
         let mut c = OptConfig::from_json(
             r#"{"model_type":"opt","vocab_size":50,"hidden_size":16,"ffn_dim":40,
                 "num_hidden_layers":2,"num_attention_heads":2,"max_position_embeddings":32}"#,
@@ -163,7 +163,7 @@ mod tests {
             cu_seqlens: vec![0, 7, 12],
             examples: vec![0, 1],
         };
-        (model, lora, batch)
+        (model, lora.into(), batch)
     }
 
     /// Every dropout site of `model` for `rows` tokens, as the CPU model draws them.
@@ -179,7 +179,8 @@ mod tests {
                 } else {
                     c.hidden_size
                 };
-                v.push((l, Site::Lora(i), rows * w, lora.config.dropout));
+                let p = lora.lora.as_ref().map_or(0.0, |l| l.config.dropout);
+                v.push((l, Site::Lora(i), rows * w, p));
             }
         }
         v

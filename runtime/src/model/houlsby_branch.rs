@@ -48,7 +48,18 @@ pub fn forward(
 ) -> HoulsbySaved {
     let (mid, hid) = (m.down.rows, m.down.cols);
     let mut r = vec![0.0; rows * mid];
-    matmul(&mut r, h, &m.down.data, rows, hid, mid, false, true, 1.0, 0.0);
+    matmul(
+        &mut r,
+        h,
+        &m.down.data,
+        rows,
+        hid,
+        mid,
+        false,
+        true,
+        1.0,
+        0.0,
+    );
     add_bias_inplace(&mut r, rows, mid, &m.down_bias.data);
     let g = act(f, &r);
     let input = h.to_vec();
@@ -72,7 +83,9 @@ pub fn backward(
     matmul(&mut up, dout, &g, hid, rows, mid, true, false, 1.0, 0.0);
     let up_bias = column_sums(dout, rows, hid);
     let mut dr = vec![0.0; rows * mid];
-    matmul(&mut dr, dout, &m.up.data, rows, hid, mid, false, false, 1.0, 0.0);
+    matmul(
+        &mut dr, dout, &m.up.data, rows, hid, mid, false, false, 1.0, 0.0,
+    );
     match f {
         AdapterActivation::Relu => dr.iter_mut().zip(&s.r).for_each(|(d, &r)| {
             if r <= 0.0 {
@@ -88,7 +101,18 @@ pub fn backward(
     matmul(&mut down, &dr, &s.h, mid, rows, hid, true, false, 1.0, 0.0);
     let down_bias = column_sums(&dr, rows, mid);
     let mut dh = dout.to_vec();
-    matmul(&mut dh, &dr, &m.down.data, rows, mid, hid, false, false, 1.0, 1.0);
+    matmul(
+        &mut dh,
+        &dr,
+        &m.down.data,
+        rows,
+        mid,
+        hid,
+        false,
+        false,
+        1.0,
+        1.0,
+    );
     (
         dh,
         HoulsbyGrads {

@@ -550,8 +550,7 @@ pub fn backward(
     if let Some(m) = &s.res_mask_attn {
         dropout::apply(&mut dao, m);
     }
-    if let (Some((m, f)), Some(saved)) = (adapters.adapter(AdapterSite::Attention), &s.houlsby[0])
-    {
+    if let (Some((m, f)), Some(saved)) = (adapters.adapter(AdapterSite::Attention), &s.houlsby[0]) {
         let (d, g) = houlsby_branch::backward(m, f, saved, &dao, rows);
         dao = d;
         grads.houlsby[0] = Some(g);

@@ -17,8 +17,8 @@
 pub mod attention_hook;
 pub mod dropout;
 mod error;
-pub mod layer;
 pub mod houlsby_branch;
+pub mod layer;
 pub mod lora_branch;
 pub mod mlp_hook;
 pub mod opt;

@@ -259,7 +259,12 @@ fn ln_params<'a>(
 
 /// BitFit's trained final LayerNorm β, if any.
 fn final_beta(params: Option<&PeftParams>) -> Option<&[f32]> {
-    params?.bitfit.as_ref()?.final_ln.as_ref().map(|m| m.data.as_slice())
+    params?
+        .bitfit
+        .as_ref()?
+        .final_ln
+        .as_ref()
+        .map(|m| m.data.as_slice())
 }
 
 /// Runs the model on `batch`. `rng` switches dropout on (training); `keep` keeps what the

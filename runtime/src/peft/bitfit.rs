@@ -213,10 +213,7 @@ pub fn save_bitfit(dir: &Path, params: &BitFitParams, base_model_name_or_path: &
         .collect();
     let mut config = Map::new();
     config.insert("peft_type".into(), Value::from(BITFIT_TYPE));
-    config.insert(
-        "layer_norms".into(),
-        Value::from(params.config.layer_norms),
-    );
+    config.insert("layer_norms".into(), Value::from(params.config.layer_norms));
     config.insert(
         "base_model_name_or_path".into(),
         Value::from(base_model_name_or_path),

@@ -1,5 +1,5 @@
-//! [`PeftError`]: why a LoRA configuration is invalid or an adapter directory cannot be
-//! written or read. Every message about a file starts with its path and names the tensor or
+//! [`PeftError`]: why a PEFT configuration is invalid, an adapter directory cannot be
+//! written or read, or a merge cannot be made. Every message about a file starts with its path and names the tensor or
 //! config key at fault.
 
 use crate::checkpoint::{CheckpointError, SafetensorsError};
@@ -12,11 +12,24 @@ pub type Result<T, E = PeftError> = std::result::Result<T, E>;
 /// Errors of LoRA configuration and of PEFT adapter files.
 #[derive(Debug, Error)]
 pub enum PeftError {
-    /// A [`LoraConfig`](super::LoraConfig) is invalid (zero rank, bad dropout, bad targets).
-    #[error("invalid LoRA configuration: {reason}")]
+    /// A PEFT configuration is invalid (LoRA: zero rank, bad dropout, bad targets; no method;
+    /// BitFit on a model without biases; a zero adapter bottleneck).
+    #[error("invalid PEFT configuration: {reason}")]
     InvalidConfig {
         /// What is wrong.
         reason: String,
+    },
+    /// The adapter cannot be folded into the base weights (Houlsby adapters).
+    #[error("cannot merge: {reason}")]
+    NotMergeable {
+        /// Why.
+        reason: String,
+    },
+    /// A merge's output directory already holds a checkpoint (nothing is overwritten).
+    #[error("{}: already holds a checkpoint; choose a new or empty directory", dir.display())]
+    OutputExists {
+        /// The output directory.
+        dir: PathBuf,
     },
     /// A checkpoint-level problem (wrapped as is).
     #[error(transparent)]

@@ -132,10 +132,26 @@ impl HoulsbyModule {
     /// in canonical order (`down.weight`, `down.bias`, `up.weight`, `up.bias`).
     fn named(&self, path: &str) -> [(String, &HostMatrix, Vec<usize>); 4] {
         [
-            (format!("{path}.down.weight"), &self.down, self.down.shape().to_vec()),
-            (format!("{path}.down.bias"), &self.down_bias, vec![self.down_bias.cols]),
-            (format!("{path}.up.weight"), &self.up, self.up.shape().to_vec()),
-            (format!("{path}.up.bias"), &self.up_bias, vec![self.up_bias.cols]),
+            (
+                format!("{path}.down.weight"),
+                &self.down,
+                self.down.shape().to_vec(),
+            ),
+            (
+                format!("{path}.down.bias"),
+                &self.down_bias,
+                vec![self.down_bias.cols],
+            ),
+            (
+                format!("{path}.up.weight"),
+                &self.up,
+                self.up.shape().to_vec(),
+            ),
+            (
+                format!("{path}.up.bias"),
+                &self.up_bias,
+                vec![self.up_bias.cols],
+            ),
         ]
     }
 }
@@ -194,10 +210,7 @@ impl HoulsbyParams {
     /// Every tensor with its name, in canonical order (layer ascending, attention before MLP,
     /// then `down.weight`, `down.bias`, `up.weight`, `up.bias`).
     pub fn tensors(&self) -> Vec<(String, &HostMatrix)> {
-        self.named()
-            .into_iter()
-            .map(|(n, m, _)| (n, m))
-            .collect()
+        self.named().into_iter().map(|(n, m, _)| (n, m)).collect()
     }
 
     fn named(&self) -> Vec<(String, &HostMatrix, Vec<usize>)> {
@@ -278,7 +291,11 @@ pub fn load_houlsby(dir: &Path, model: &OptConfig) -> Result<HoulsbyParams> {
         .ok_or_else(|| bad(format!("`activation` {act:?} is not `relu` or `gelu`")))?;
     match obj.get("placement").and_then(Value::as_str) {
         Some("houlsby") => {}
-        other => return Err(bad(format!("`placement` is {other:?}, only \"houlsby\" is known"))),
+        other => {
+            return Err(bad(format!(
+                "`placement` is {other:?}, only \"houlsby\" is known"
+            )))
+        }
     }
     let config = HoulsbyConfig {
         bottleneck,

@@ -42,9 +42,9 @@ pub struct MergeReport {
 /// checkpoint's prefix (`layers.0.self_attn.q_proj.weight`).
 fn merged_values(params: &PeftParams, model: &OptModel) -> Result<HashMap<String, Vec<f32>>> {
     if params.houlsby.is_some() {
-        return Err(PeftError::InvalidConfig {
-            reason: "Houlsby adapters hold a nonlinearity and cannot be merged into the base \
-                     weights; load them with lexp (--adapter) instead"
+        return Err(PeftError::NotMergeable {
+            reason: "Houlsby adapters hold a nonlinearity and cannot be folded into the base \
+                     weights; evaluate them with `lexp eval --adapter DIR` instead"
                 .into(),
         });
     }
@@ -70,18 +70,12 @@ fn merged_values(params: &PeftParams, model: &OptModel) -> Result<HashMap<String
             let mut w = data.clone();
             // W [out, in] += s · B [out, r] · A [r, in].
             matmul(
-                &mut w,
-                &m.b.data,
-                &m.a.data,
-                *rows,
-                m.b.cols,
-                *cols,
-                false,
-                false,
-                s,
-                1.0,
+                &mut w, &m.b.data, &m.a.data, *rows, m.b.cols, *cols, false, false, s, 1.0,
             );
-            out.insert(unprefixed(&format!("{}.weight", target.module_path(layer))), w);
+            out.insert(
+                unprefixed(&format!("{}.weight", target.module_path(layer))),
+                w,
+            );
         }
     }
     if let Some(b) = &params.bitfit {
@@ -113,11 +107,8 @@ pub fn merge(
         move |source| PeftError::Io { file, op, source }
     };
     if out_dir.join(MERGED_WEIGHTS_FILE).exists() || out_dir.join("config.json").exists() {
-        return Err(PeftError::InvalidConfig {
-            reason: format!(
-                "{} already holds a checkpoint; choose an empty or new directory",
-                out_dir.display()
-            ),
+        return Err(PeftError::OutputExists {
+            dir: out_dir.to_path_buf(),
         });
     }
     let ckpt = Checkpoint::open(base_dir)?;
@@ -150,13 +141,12 @@ pub fn merge(
                 } else {
                     biases += 1;
                 }
-                let bytes = encode_f32(&v, view.dtype()).ok_or_else(|| {
-                    PeftError::UnexpectedTensor {
+                let bytes =
+                    encode_f32(&v, view.dtype()).ok_or_else(|| PeftError::UnexpectedTensor {
                         file: ckpt.source().to_path_buf(),
                         tensor: name.to_owned(),
                         reason: format!("has dtype {:?}, which a merge cannot write", view.dtype()),
-                    }
-                })?;
+                    })?;
                 tensors.push(WriteTensor {
                     name: name.to_owned(),
                     dtype: view.dtype(),
@@ -191,7 +181,11 @@ pub fn merge(
         copied_files.push(name);
     }
     copied_files.sort();
-    writer::write(out_dir.join(MERGED_WEIGHTS_FILE), &tensors, &BTreeMap::new())?;
+    writer::write(
+        out_dir.join(MERGED_WEIGHTS_FILE),
+        &tensors,
+        &BTreeMap::new(),
+    )?;
     let report = MergeReport {
         tensors: tensors.len(),
         lora_weights,

@@ -1,7 +1,8 @@
 //! Checkpoints of a run, written so that a kill at any moment loses nothing finished.
 //!
-//! A checkpoint is a directory `checkpoints/step-NNNNNNNN/` holding the adapter in PEFT format
-//! (`adapter_config.json`, `adapter_model.safetensors`), the optimizer state
+//! A checkpoint is a directory `checkpoints/step-NNNNNNNN/` holding the trainable parameters
+//! ([`crate::peft::PeftParams::save`]: LoRA in PEFT format, `adapter_config.json` and
+//! `adapter_model.safetensors`; BitFit and Houlsby in their own files), the optimizer state
 //! (`optimizer.safetensors`) and `trainer_state.json` (step, position, and the size and FNV-1a
 //! checksum of every other file). It is built under a temporary name, every file fsynced, then
 //! renamed into place, so a checkpoint directory either is complete or does not exist; a

@@ -26,7 +26,7 @@ pub const METRICS: &str = "metrics.jsonl";
 pub const LOSS_PNG: &str = "loss_curve.png";
 /// Checkpoints live here.
 pub const CHECKPOINTS: &str = "checkpoints";
-/// The final adapter (PEFT format).
+/// The final adapter ([`PeftParams::save`]: LoRA in PEFT format, BitFit and Houlsby files).
 pub const ADAPTER: &str = "adapter";
 /// The run summary.
 pub const SUMMARY: &str = "summary.json";

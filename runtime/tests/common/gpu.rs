@@ -3,7 +3,7 @@
 
 use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::data::{load_jsonl, pack, JsonlOptions, PackedBatch, SplitMix64, Tokenizer};
-use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget};
+use lexp_runtime::peft::{LoraConfig, LoraParams, LoraTarget, PeftParams};
 use lexp_runtime::CudaDevice;
 use std::path::{Path, PathBuf};
 
@@ -58,7 +58,7 @@ pub fn batch(model_dir: &Path, picks: &[usize]) -> PackedBatch {
 }
 
 /// PEFT-initialised LoRA on all six projections with `B` filled with small random values.
-pub fn random_lora(model: &OptModel, r: usize, seed: u64) -> LoraParams {
+pub fn random_lora(model: &OptModel, r: usize, seed: u64) -> PeftParams {
     let config = LoraConfig {
         r,
         alpha: 2.0 * r as f32,
@@ -66,7 +66,7 @@ pub fn random_lora(model: &OptModel, r: usize, seed: u64) -> LoraParams {
         targets: LoraTarget::ALL.to_vec(),
         use_rslora: false,
     };
-    let mut lora = LoraParams::init(&config, &model.config, seed);
+    let mut lora = PeftParams::from(LoraParams::init(&config, &model.config, seed));
     let mut rng = SplitMix64::new(seed ^ 0xb);
     for (_, m) in lora.tensors_mut() {
         if m.data.iter().all(|&v| v == 0.0) {

@@ -336,7 +336,9 @@ fn make_engine(
                  adapters train on the CPU engine: use --device cpu"
             );
         }
-        eprintln!("--peft {methods}: training on the CPU engine (the GPU engine trains LoRA alone)");
+        eprintln!(
+            "--peft {methods}: training on the CPU engine (the GPU engine trains LoRA alone)"
+        );
         return Ok(cpu(load()?));
     }
     // What keeps the GPU engine from this run: the model's shape, or dropout without cuRAND
@@ -850,7 +852,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "adapter (PEFT format): {}\nmetrics: {}\nloss curve: {}",
+        "adapter (LoRA in PEFT format, BitFit/Houlsby in lexp's layout): {}\nmetrics: {}\nloss curve: {}",
         summary.adapter_dir.display(),
         output.join(train::trainer::METRICS).display(),
         output.join(train::trainer::LOSS_PNG).display()
@@ -907,7 +909,8 @@ pub struct EvalArgs {
     /// OPT checkpoint directory (default: the bundled opt-tiny).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// LoRA adapter directory in PEFT format (adapter_config.json + adapter_model.safetensors).
+    /// Adapter directory: LoRA in PEFT format (adapter_config.json + adapter_model.safetensors),
+    /// and/or lexp's BitFit (bitfit_*) and Houlsby (houlsby_*) files, as `lexp finetune` writes.
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// JSONL data file (default with the bundled model: the bundled E2E eval slice).
