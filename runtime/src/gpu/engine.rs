@@ -16,8 +16,9 @@
 //! a slower f32 GEMM), and `dh = dz·E` is scattered back into the rows' gradient.
 
 use super::attention::{flash_kernels_for, AttentionImpl, BlockPlan};
+use super::bitfit::{self, DeviceBitFit};
 use super::dropout::{DropCtx, MaskLayout};
-use super::layer::{self, segments, Ctx, Segment};
+use super::layer::{self, segments, Ctx, Grads, Segment};
 use super::lora::DeviceLora;
 use super::ops::{
     arg, arg_at, convert, copy_rows, dense, dense_mut, dev_err, download_f32, embedding, layernorm,
@@ -37,10 +38,10 @@ use crate::dist::shard::rank_micro_batches;
 use crate::dist::step::{collective, reduce_loss_sum};
 use crate::dist::Communicator;
 use crate::model::opt::{check_batch, check_lora};
-use crate::model::{DropoutRng, ModelError, RecordedMasks, Result, StepOutput};
+use crate::model::{DropoutRng, ModelError, PeftGrads, RecordedMasks, Result, StepOutput};
 use crate::optim::AdamW;
-use crate::peft::{LoraParams, LoraTarget, PeftParams};
-use crate::train::{Engine, OptimStep, StepOutcome};
+use crate::peft::{BitFitParams, LoraParams, LoraTarget, PeftParams};
+use crate::train::{host_optimizer_step, Engine, OptimStep, StepOutcome};
 
 /// Token capacities grow in steps of this many tokens (fewer re-allocations as batch sizes
 /// vary).
@@ -55,6 +56,10 @@ pub struct GpuEngine {
     dims: Dims,
     ws: Option<Workspace>,
     lora: Option<DeviceLora>,
+    /// BitFit's gradient buffers, once a call trained biases.
+    bitfit: Option<DeviceBitFit>,
+    /// Whether `weights` hold BitFit's trained biases (else the base model's).
+    trained_biases: bool,
     /// cuRAND, created at the first step with dropout.
     rng: Option<GpuRng>,
     /// Tokens and mask layout of the last step that drew dropout masks (for
@@ -147,6 +152,8 @@ impl GpuEngine {
             dims,
             ws: None,
             lora: None,
+            bitfit: None,
+            trained_biases: false,
             rng: None,
             last_drop: None,
             attention: AttentionImpl::default_for(dims.hd),
@@ -385,22 +392,31 @@ impl GpuEngine {
             .ok_or_else(|| ModelError::Device("internal: no LoRA on the device".into()))
     }
 
-    /// Zeroes the device's LoRA gradients (the backward adds into them).
-    fn zero_grads(&mut self) -> R {
-        match &mut self.lora {
-            Some(d) => d
-                .grads
-                .fill_zero()
-                .map_err(dev_err("zeroing LoRA gradients")),
-            None => Err(ModelError::Device("internal: no LoRA on the device".into())),
+    /// Zeroes the device's LoRA gradients (`with_lora`) and BitFit's (when the weights hold
+    /// trained biases): the backward adds into them.
+    fn zero_grads(&mut self, with_lora: bool) -> R {
+        if with_lora {
+            match &mut self.lora {
+                Some(d) => d
+                    .grads
+                    .fill_zero()
+                    .map_err(dev_err("zeroing LoRA gradients"))?,
+                None => return Err(ModelError::Device("internal: no LoRA on the device".into())),
+            }
         }
+        if let (Some(b), true) = (&mut self.bitfit, self.trained_biases) {
+            b.grads
+                .fill_zero()
+                .map_err(dev_err("zeroing BitFit gradients"))?;
+        }
+        Ok(())
     }
 
     /// Forward and backward of one micro-batch, adding `grad_scale ·` its LoRA gradients to
     /// the device's gradient buffer; returns the sum of its per-target losses and their count.
     fn micro_step(
         &mut self,
-        lora: &LoraParams,
+        lora: Option<&LoraParams>,
         batch: &PackedBatch,
         grad_scale: f32,
         rng: Option<DropoutRng>,
@@ -408,25 +424,26 @@ impl GpuEngine {
     ) -> R<(f64, usize)> {
         // Dropout only in training (`rng`) and where some site has p > 0.
         let layout = match rng {
-            Some(_) => MaskLayout::new(&self.dims, self.model.config.dropout, Some(lora)),
+            Some(_) => MaskLayout::new(&self.dims, self.model.config.dropout, lora),
             None => None,
         };
         if layout.is_some() && self.rng.is_none() {
             self.rng = Some(GpuRng::new(&self.dev)?);
         }
         self.last_drop = None;
-        let p = self.prepare(Some(lora), batch, layout.as_ref(), upload_lora)?;
+        let p = self.prepare(lora, batch, layout.as_ref(), upload_lora)?;
         if p.n == 0 {
             return Ok((0.0, 0));
         }
         let drop = rng.zip(layout).map(|(r, l)| (r.seed, l));
-        let loss_sum = self.run(&p, true, Some(grad_scale), drop)?;
+        let loss_sum = self.run(&p, lora.is_some(), Some(grad_scale), drop)?;
         self.last_drop = layout.map(|l| (p.t, l));
         Ok((loss_sum, p.n))
     }
 
     /// Forward, loss and (with `grad_scale`) backward of a prepared batch, the LoRA gradients
-    /// added to the device's gradient buffer; returns the sum of the per-target losses.
+    /// (`with_lora`) and BitFit's (when [`Self::trained_biases`]) added to the device's
+    /// gradient buffers; returns the sum of the per-target losses.
     fn run(
         &mut self,
         p: &Prepared,
@@ -441,6 +458,8 @@ impl GpuEngine {
             dims,
             ws,
             lora,
+            bitfit,
+            trained_biases,
             rng,
             attention,
             mlp_lists,
@@ -460,13 +479,21 @@ impl GpuEngine {
             .as_mut()
             .ok_or_else(|| ModelError::Device("internal: no workspace".into()))?;
         let (t, h) = (p.t, dims.h);
-        let (adapters, grads) = match lora.as_mut().filter(|_| with_lora) {
+        let (adapters, lora_grads) = match lora.as_mut().filter(|_| with_lora) {
             Some(l) => {
                 let (a, g) = l.split();
                 (Some(a), Some(g))
             }
             None => (None, None),
         };
+        let mut grads = Grads {
+            lora: lora_grads,
+            bitfit: bitfit
+                .as_mut()
+                .filter(|_| *trained_biases)
+                .map(DeviceBitFit::view),
+        };
+        let trains = grads.lora.is_some() || grads.bitfit.is_some();
         let cx = Ctx {
             dev,
             blas,
@@ -568,7 +595,7 @@ impl GpuEngine {
             }
         }
 
-        if let (Some(_), Some(grads)) = (grad_scale, grads) {
+        if grad_scale.is_some() && trains {
             // d(hidden) of the rows with a target, zero elsewhere; through the final LN.
             let dh = if weights.final_ln.is_some() {
                 &mut ws.scratch.tmp2
@@ -584,6 +611,9 @@ impl GpuEngine {
             }
             if let Some(ln) = &weights.final_ln {
                 let dy = &ws.scratch.tmp2;
+                if let Some(b) = &mut grads.bitfit {
+                    b.final_ln(blas, dense(dy, t, h), t)?;
+                }
                 layernorm_bwd(dev, &hb.x_out, &ln.0, dy, &hb.meanf, &hb.rstdf, &hb.g, t, h)?;
             }
             for li in (0..layers).rev() {
@@ -595,7 +625,7 @@ impl GpuEngine {
                     &ws.layers[li],
                     &mut ws.scratch,
                     &ws.head.g,
-                    grads,
+                    &mut grads,
                 )?;
             }
         }
@@ -605,35 +635,85 @@ impl GpuEngine {
     }
 }
 
-/// The LoRA part of `params`: the GPU engine trains LoRA only (BitFit and Houlsby adapters
-/// run on the CPU engine), so anything else is an error naming the methods.
-fn lora_of(params: &PeftParams) -> R<&LoraParams> {
-    match &params.lora {
-        Some(l) if params.is_lora_only() => Ok(l),
-        _ => Err(not_lora(params)),
+/// The parts of `params` the GPU engine trains: LoRA and BitFit. Houlsby adapters are an
+/// error naming the methods (they train on the CPU engine).
+fn gpu_parts(params: &PeftParams) -> R<(Option<&LoraParams>, Option<&BitFitParams>)> {
+    if params.houlsby.is_some() {
+        return Err(ModelError::Unsupported(format!(
+            "the GPU engine trains LoRA and BitFit, not `{}`; run Houlsby adapters on the CPU \
+             engine (--device cpu)",
+            params.config().describe()
+        )));
     }
-}
-
-/// [`lora_of`], mutably.
-fn lora_of_mut(params: &mut PeftParams) -> R<&mut LoraParams> {
-    if !params.is_lora_only() {
-        return Err(not_lora(params));
-    }
-    params
-        .lora
-        .as_mut()
-        .ok_or_else(|| ModelError::Device("internal: LoRA-only parameters without LoRA".into()))
-}
-
-fn not_lora(params: &PeftParams) -> ModelError {
-    ModelError::Unsupported(format!(
-        "the GPU engine trains LoRA alone, not `{}`; run BitFit and Houlsby adapters on the \
-         CPU engine",
-        params.config().describe()
-    ))
+    Ok((params.lora.as_ref(), params.bitfit.as_ref()))
 }
 
 impl GpuEngine {
+    /// Makes the device weights hold the biases `b` trains (BitFit) or the base model's, and
+    /// readies BitFit's gradient buffers for `tokens` tokens.
+    fn sync_biases(&mut self, b: Option<&BitFitParams>, tokens: usize) -> R {
+        match b {
+            Some(b) => {
+                if self.synthetic_mlp.is_some() {
+                    return Err(ModelError::Unsupported(
+                        "BitFit with a sparse MLP on the GPU".into(),
+                    ));
+                }
+                if !self.bitfit.as_ref().is_some_and(|d| d.fits(b, tokens)) {
+                    let cap = tokens.div_ceil(TOKEN_STEP) * TOKEN_STEP;
+                    self.bitfit = Some(DeviceBitFit::new(&self.dev, b, cap)?);
+                }
+                bitfit::upload_biases(&mut self.weights, &self.model, Some(b))?;
+                self.trained_biases = true;
+            }
+            None if self.trained_biases => {
+                bitfit::upload_biases(&mut self.weights, &self.model, None)?;
+                self.trained_biases = false;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Loss and gradients of one micro-batch under LoRA and/or BitFit, read back to the host.
+    fn peft_loss_and_grads(
+        &mut self,
+        params: &PeftParams,
+        batch: &PackedBatch,
+        grad_scale: f32,
+        rng: Option<DropoutRng>,
+    ) -> R<StepOutput> {
+        let (lora, bitfit) = gpu_parts(params)?;
+        if let Some(l) = lora {
+            check_lora(&self.model.config, l)?;
+            self.ensure_lora(l, true)?;
+        }
+        self.sync_biases(bitfit, batch.num_tokens())?;
+        self.zero_grads(lora.is_some())?;
+        let (loss_sum, count) = self.micro_step(lora, batch, grad_scale, rng, false)?;
+        let mut grads = match (&self.lora, lora) {
+            (Some(d), Some(_)) => {
+                let mut flat = Vec::new();
+                download_f32(&self.dev, &d.grads, d.grads.numel(), &mut flat)?;
+                d.grads_from(&flat)
+            }
+            _ => PeftGrads {
+                layers: (0..self.dims.layers).map(|_| Default::default()).collect(),
+                final_ln_bias: None,
+            },
+        };
+        if let (Some(d), Some(_)) = (&self.bitfit, bitfit) {
+            let mut flat = Vec::new();
+            download_f32(&self.dev, &d.grads, d.grads.numel(), &mut flat)?;
+            d.grads_into(&flat, &mut grads);
+        }
+        Ok(StepOutput {
+            loss_sum,
+            count,
+            grads,
+        })
+    }
+
     /// One optimizer step with AdamW on the device. Alone (`dp` is `None`) the engine computes
     /// every micro-batch of `step`; as a data-parallel rank only its share
     /// ([`rank_micro_batches`]), after which the gradient buffer is summed over the ranks on
@@ -647,8 +727,13 @@ impl GpuEngine {
         dp: Option<(&mut dyn Communicator, &mut [f64])>,
     ) -> Result<StepOutcome> {
         let n = step.targets()?;
-        let lora = lora_of_mut(params)?;
+        let (Some(lora), true) = (params.lora.as_mut(), params.bitfit.is_none()) else {
+            return Err(ModelError::Device(
+                "internal: the device optimizer takes LoRA alone".into(),
+            ));
+        };
         check_lora(&self.model.config, lora)?;
+        self.sync_biases(None, 0)?;
         let host_holds_state = !adamw.moments_on_device();
         let d = self.ensure_lora(lora, host_holds_state)?;
         let (len, spans) = (d.len(), optimizer::tensor_spans(lora, &d.slots)?);
@@ -665,7 +750,7 @@ impl GpuEngine {
         if let Some(a) = self.adam.as_mut() {
             a.load(lora, adamw)?;
         }
-        self.zero_grads()?;
+        self.zero_grads(true)?;
         let scale = 1.0 / n as f32;
         let mine = match &dp {
             Some((comm, _)) => {
@@ -677,7 +762,7 @@ impl GpuEngine {
         for micro in mine {
             let rng = step.dropout.and_then(|d| d.get(micro).copied());
             loss_sum += self
-                .micro_step(lora, &step.batches[micro], scale, rng, false)?
+                .micro_step(Some(lora), &step.batches[micro], scale, rng, false)?
                 .0;
         }
         if let Some((comm, extra)) = dp {
@@ -725,27 +810,12 @@ impl Engine for GpuEngine {
 
     fn loss_and_grads(
         &mut self,
-        lora: &PeftParams,
+        params: &PeftParams,
         batch: &PackedBatch,
         grad_scale: f32,
         rng: Option<DropoutRng>,
     ) -> Result<StepOutput> {
-        let lora = lora_of(lora)?;
-        check_lora(&self.model.config, lora)?;
-        self.ensure_lora(lora, true)?;
-        self.zero_grads()?;
-        let (loss_sum, count) = self.micro_step(lora, batch, grad_scale, rng, false)?;
-        let d = self
-            .lora
-            .as_ref()
-            .ok_or_else(|| ModelError::Device("internal: no LoRA on the device".into()))?;
-        let mut flat = Vec::new();
-        download_f32(&self.dev, &d.grads, d.grads.numel(), &mut flat)?;
-        Ok(StepOutput {
-            loss_sum,
-            count,
-            grads: d.grads_from(&flat),
-        })
+        self.peft_loss_and_grads(params, batch, grad_scale, rng)
     }
 
     /// The step with AdamW on the device ([`super::optimizer`]): the micro-batches' gradients
@@ -757,6 +827,16 @@ impl Engine for GpuEngine {
         adamw: &mut AdamW,
         step: &OptimStep<'_>,
     ) -> Result<StepOutcome> {
+        if !lora.is_lora_only() {
+            // BitFit: gradients read back, AdamW on the host.
+            gpu_parts(lora)?;
+            if adamw.moments_on_device() {
+                return Err(ModelError::Device(
+                    "internal: AdamW's moments are on the device for a host step".into(),
+                ));
+            }
+            return host_optimizer_step(self, lora, adamw, step);
+        }
         self.device_step(lora, adamw, step, None)
     }
 
@@ -772,7 +852,7 @@ impl Engine for GpuEngine {
         step: &OptimStep<'_>,
         extra: &mut [f64],
     ) -> Result<StepOutcome> {
-        if comm.device_collectives().is_none() {
+        if comm.device_collectives().is_none() || !lora.is_lora_only() {
             return crate::dist::data_parallel_step(self, comm, lora, adamw, step, extra);
         }
         self.device_step(lora, adamw, step, Some((comm, extra)))
@@ -795,7 +875,11 @@ impl Engine for GpuEngine {
         lora: Option<&PeftParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
-        let lora = lora.map(lora_of).transpose()?;
+        let (lora, bitfit) = match lora {
+            Some(p) => gpu_parts(p)?,
+            None => (None, None),
+        };
+        self.sync_biases(bitfit, batch.num_tokens())?;
         let p = self.prepare(lora, batch, None, true)?;
         if p.n == 0 {
             return Ok((0.0, 0));

@@ -19,6 +19,7 @@
 //! (beta 1). Each fused GEMM falls back to the unfused ops if cuBLASLt has no algorithm for it.
 
 use super::attention::{self, AttentionImpl};
+use super::bitfit::BitFitGrads;
 use super::dropout::DropCtx;
 use super::lora::Adapters;
 use super::ops::{
@@ -35,7 +36,7 @@ use crate::cublaslt::Epilogue;
 use crate::device::CudaDevice;
 use crate::model::dropout::Site;
 use crate::model::ModelError;
-use crate::peft::LoraTarget;
+use crate::peft::{BiasSite, LoraTarget};
 use fused::{fc1_forward, residual_block};
 
 mod fused;
@@ -105,6 +106,25 @@ pub struct Ctx<'a> {
 }
 
 const QKV: [LoraTarget; 3] = [LoraTarget::Q, LoraTarget::K, LoraTarget::V];
+
+/// Where the backward adds the trainable parameters' gradients.
+pub struct Grads<'a> {
+    /// LoRA's flat f32 gradient buffer (with adapters).
+    pub lora: Option<&'a mut DeviceTensor>,
+    /// BitFit's bias gradients (with BitFit).
+    pub bitfit: Option<BitFitGrads<'a>>,
+}
+
+impl Grads<'_> {
+    /// Adds `Σ_rows dy` (`dy` a `[t, n]` view) to BitFit's gradient of `site` in layer `li`,
+    /// when BitFit trains it.
+    fn bias(&mut self, blas: &Blas, li: usize, site: BiasSite, dy: Mat<'_>, t: usize) -> R {
+        match &mut self.bitfit {
+            Some(b) => b.column_sums(blas, li, site, dy, t),
+            None => Ok(()),
+        }
+    }
+}
 
 impl Ctx<'_> {
     /// Element offset of `target`'s saved `u` in [`LayerActs::u`].
@@ -375,7 +395,7 @@ fn branch_forward(
 }
 
 /// Backward of layer `li`: `g` holds the gradient of the layer's output and is turned, in
-/// place, into the gradient of its input; the adapters' gradients go to `grads`.
+/// place, into the gradient of its input; the adapters' and biases' gradients go to `grads`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     cx: &Ctx,
@@ -384,15 +404,24 @@ pub fn backward(
     acts: &LayerActs,
     sc: &mut Scratch,
     g: &DeviceTensor,
-    grads: &mut DeviceTensor,
+    grads: &mut Grads<'_>,
 ) -> R {
     let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
     let (dev, blas) = (cx.dev, cx.blas);
+    let linear = BiasSite::Linear;
 
     // MLP input gradients, d(LN2 out) into tmp.
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
     let gm = cx.residual_grad(mlp_col, g, &acts.mask, &mut sc.tmp2)?;
+    grads.bias(blas, li, linear(LoraTarget::Fc2), dense(gm, t, h), t)?;
     if let Some(m) = cx.mlp {
+        if grads.bitfit.is_some() {
+            return Err(ModelError::Unsupported(
+                "BitFit with a sparse MLP on the GPU (fc1's bias gradient needs the dense \
+                 activations)"
+                    .into(),
+            ));
+        }
         // Sparse: both input gradients on the kept blocks, d(LN2 out) into tmp.
         sparse_mlp::backward(cx, li, m, w, gm, &acts.act, &sc.dact, &sc.tmp)?;
     } else {
@@ -410,6 +439,7 @@ pub fn backward(
             &mut sc.dact,
         )?;
         relu_bwd(dev, &acts.act, &sc.dact, t * f)?;
+        grads.bias(blas, li, linear(LoraTarget::Fc1), dense(&sc.dact, t, f), t)?;
         // fc1: d(LN2 out) = dact·W1 (+ LoRA).
         project_backward(
             cx,
@@ -425,6 +455,7 @@ pub fn backward(
         )?;
     }
     // g += LN2_backward(...): g is now d(h1).
+    grads.bias(blas, li, BiasSite::MlpLayerNorm, dense(&sc.tmp, t, h), t)?;
     layernorm_bwd(
         dev,
         &acts.h1,
@@ -441,6 +472,7 @@ pub fn backward(
     // out_proj: dO = (g ⊙ mask)·Wo (+ LoRA), into tmp.
     let attn_col = cx.drop.and_then(|d| d.layout.attn);
     let gm = cx.residual_grad(attn_col, g, &acts.mask, &mut sc.tmp2)?;
+    grads.bias(blas, li, linear(LoraTarget::Out), dense(gm, t, h), t)?;
     project_backward(
         cx,
         li,
@@ -454,6 +486,10 @@ pub fn backward(
         &mut sc.tmp,
     )?;
     attention::backward(cx, li, acts, sc)?;
+    for (i, target) in QKV.into_iter().enumerate() {
+        let dy = Mat::new(&sc.dqkv, cx.qkv_block(i));
+        grads.bias(blas, li, linear(target), dy, t)?;
+    }
 
     // q/k/v: d(LN1 out) = dqkv·Wqkv (+ LoRA), into tmp2.
     mm(
@@ -466,7 +502,7 @@ pub fn backward(
         1.0,
         0.0,
     )?;
-    if let Some(ad) = cx.lora {
+    if let (Some(ad), Some(grads)) = (cx.lora, grads.lora.as_deref_mut()) {
         for (i, target) in QKV.into_iter().enumerate() {
             if let Some(s) = ad.slot(li, target) {
                 let dy = Mat::new(&sc.dqkv, cx.qkv_block(i));
@@ -503,6 +539,7 @@ pub fn backward(
         }
     }
     // g += LN1_backward(...): g is now d(x).
+    grads.bias(blas, li, BiasSite::AttnLayerNorm, dense(&sc.tmp2, t, h), t)?;
     layernorm_bwd(
         dev,
         &acts.x,
@@ -530,7 +567,7 @@ fn project_backward(
     (dy, out_f): (&DeviceTensor, usize),
     acts: &LayerActs,
     scratch: (&mut DeviceTensor, &mut DeviceTensor),
-    grads: &mut DeviceTensor,
+    grads: &mut Grads<'_>,
     dx: &mut DeviceTensor,
 ) -> R {
     let t = cx.t;
@@ -569,10 +606,12 @@ fn branch_backward(
     (dy, out_f): (&DeviceTensor, usize),
     acts: &LayerActs,
     (du, xd): (&mut DeviceTensor, &mut DeviceTensor),
-    grads: &mut DeviceTensor,
+    grads: &mut Grads<'_>,
     dx: &mut DeviceTensor,
 ) -> R {
-    let Some(ad) = cx.lora else { return Ok(()) };
+    let (Some(ad), Some(grads)) = (cx.lora, grads.lora.as_deref_mut()) else {
+        return Ok(());
+    };
     let Some(s) = ad.slot(li, target) else {
         return Ok(());
     };

@@ -28,6 +28,7 @@
 //! post-LN, `project_in`/`project_out`, other activations. The CPU engine covers those.
 
 pub mod attention;
+pub mod bitfit;
 pub mod dropout;
 pub mod engine;
 pub mod flash_problem;

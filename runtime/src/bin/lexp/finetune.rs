@@ -79,8 +79,8 @@ pub struct FinetuneArgs {
     #[arg(long)]
     resume: bool,
     /// PEFT methods to train, comma-separated: lora, bitfit (bias vectors), houlsby
-    /// (bottleneck adapters after attention and MLP). BitFit and Houlsby train on the CPU
-    /// engine.
+    /// (bottleneck adapters after attention and MLP). Houlsby adapters train on the CPU
+    /// engine; LoRA and BitFit on the GPU too (BitFit with AdamW on the host).
     #[arg(long, value_delimiter = ',', default_value = "lora")]
     peft: Vec<String>,
     /// --peft bitfit: train the Linear biases only (default: the LayerNorm βs too).
@@ -327,17 +327,17 @@ fn make_engine(
         return Ok(("cpu", Box::new(exposed_cpu_engine(config)?)));
     }
     let peft = config.peft_config().map_err(|e| anyhow!("{e}"))?;
-    let lora_only = peft.lora.is_some() && peft.bitfit.is_none() && peft.houlsby.is_none();
-    if !lora_only && choice != DeviceChoice::Cpu {
+    if peft.houlsby.is_some() && choice != DeviceChoice::Cpu {
         let methods = peft.describe();
         if choice == DeviceChoice::Cuda {
             bail!(
-                "--peft {methods}: the GPU engine trains LoRA alone for now; BitFit and Houlsby \
-                 adapters train on the CPU engine: use --device cpu"
+                "--peft {methods}: the GPU engine trains LoRA and BitFit; Houlsby adapters \
+                 train on the CPU engine for now: use --device cpu"
             );
         }
         eprintln!(
-            "--peft {methods}: training on the CPU engine (the GPU engine trains LoRA alone)"
+            "--peft {methods}: training on the CPU engine (the GPU engine has no Houlsby \
+             adapters yet)"
         );
         return Ok(cpu(load()?));
     }
@@ -916,6 +916,14 @@ pub struct EvalArgs {
     /// JSONL data file (default with the bundled model: the bundled E2E eval slice).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Evaluate the first N examples only (0: all).
+    #[arg(long, default_value_t = 0)]
+    max_examples: usize,
+    /// Also write the evaluated examples, tokenized, to this JSONL file (`{"input_ids",
+    /// "labels"}` per line, labels -100 where not scored, unshifted as transformers takes
+    /// them), so that another framework can compute the same loss.
+    #[arg(long)]
+    export_tokens: Option<PathBuf>,
     /// Most tokens per packed batch.
     #[arg(long, default_value_t = 4096)]
     micro_batch_tokens: usize,
@@ -970,6 +978,19 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         None => load_jsonl(&data, Some(&tok), &options)?.examples,
     };
+    let mut examples = examples;
+    if args.max_examples > 0 {
+        examples.truncate(args.max_examples);
+    }
+    if let Some(path) = &args.export_tokens {
+        let mut text = String::new();
+        for e in &examples {
+            let line = serde_json::json!({ "input_ids": e.ids, "labels": e.labels() });
+            text.push_str(&line.to_string());
+            text.push('\n');
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     let lora = match &args.adapter {
         Some(dir) => Some(peft::PeftParams::load(dir, &model)?),
         None => None,
