@@ -23,6 +23,7 @@ pub mod dist;
 pub mod encode;
 pub mod error;
 pub mod exposure;
+pub mod families;
 pub mod gpu;
 pub mod host_check;
 pub mod host_matmul_check;

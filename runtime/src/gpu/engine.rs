@@ -18,6 +18,7 @@
 use super::attention::{flash_kernels_for, AttentionImpl, BlockPlan};
 use super::bitfit::{self, DeviceBitFit};
 use super::dropout::{DropCtx, MaskLayout};
+use super::houlsby::DeviceHoulsby;
 use super::layer::{self, segments, Ctx, Grads, Segment};
 use super::lora::DeviceLora;
 use super::ops::{
@@ -37,10 +38,10 @@ use crate::device::CudaDevice;
 use crate::dist::shard::rank_micro_batches;
 use crate::dist::step::{collective, reduce_loss_sum};
 use crate::dist::Communicator;
-use crate::model::opt::{check_batch, check_lora};
+use crate::model::opt::{check_adapters, check_batch, check_lora};
 use crate::model::{DropoutRng, ModelError, PeftGrads, RecordedMasks, Result, StepOutput};
 use crate::optim::AdamW;
-use crate::peft::{BitFitParams, LoraParams, LoraTarget, PeftParams};
+use crate::peft::{BitFitParams, HoulsbyParams, LoraParams, LoraTarget, PeftParams};
 use crate::train::{host_optimizer_step, Engine, OptimStep, StepOutcome};
 
 /// Token capacities grow in steps of this many tokens (fewer re-allocations as batch sizes
@@ -60,6 +61,10 @@ pub struct GpuEngine {
     bitfit: Option<DeviceBitFit>,
     /// Whether `weights` hold BitFit's trained biases (else the base model's).
     trained_biases: bool,
+    /// Houlsby adapters' device state, once a call had adapters.
+    houlsby: Option<DeviceHoulsby>,
+    /// Whether the current call runs the Houlsby adapters.
+    houlsby_on: bool,
     /// cuRAND, created at the first step with dropout.
     rng: Option<GpuRng>,
     /// Tokens and mask layout of the last step that drew dropout masks (for
@@ -154,6 +159,8 @@ impl GpuEngine {
             lora: None,
             bitfit: None,
             trained_biases: false,
+            houlsby: None,
+            houlsby_on: false,
             rng: None,
             last_drop: None,
             attention: AttentionImpl::default_for(dims.hd),
@@ -409,6 +416,11 @@ impl GpuEngine {
                 .fill_zero()
                 .map_err(dev_err("zeroing BitFit gradients"))?;
         }
+        if let (Some(a), true) = (&mut self.houlsby, self.houlsby_on) {
+            a.grads
+                .fill_zero()
+                .map_err(dev_err("zeroing adapter gradients"))?;
+        }
         Ok(())
     }
 
@@ -460,6 +472,8 @@ impl GpuEngine {
             lora,
             bitfit,
             trained_biases,
+            houlsby,
+            houlsby_on,
             rng,
             attention,
             mlp_lists,
@@ -492,8 +506,9 @@ impl GpuEngine {
                 .as_mut()
                 .filter(|_| *trained_biases)
                 .map(DeviceBitFit::view),
+            houlsby: None,
         };
-        let trains = grads.lora.is_some() || grads.bitfit.is_some();
+        let trains = grads.lora.is_some() || grads.bitfit.is_some() || *houlsby_on;
         let cx = Ctx {
             dev,
             blas,
@@ -531,6 +546,10 @@ impl GpuEngine {
                 &mut cur[li],
                 &mut ws.scratch,
                 out,
+                houlsby
+                    .as_mut()
+                    .filter(|_| *houlsby_on)
+                    .and_then(|d| d.layer(li)),
             )?;
         }
 
@@ -616,6 +635,14 @@ impl GpuEngine {
                 }
                 layernorm_bwd(dev, &hb.x_out, &ln.0, dy, &hb.meanf, &hb.rstdf, &hb.g, t, h)?;
             }
+            let (adapters, adapter_grads) = match houlsby.as_mut().filter(|_| *houlsby_on) {
+                Some(d) => {
+                    let (r, g) = d.split();
+                    (Some(r), Some(g))
+                }
+                None => (None, None),
+            };
+            grads.houlsby = adapter_grads;
             for li in (0..layers).rev() {
                 let w = &weights.layers[li];
                 layer::backward(
@@ -626,6 +653,7 @@ impl GpuEngine {
                     &mut ws.scratch,
                     &ws.head.g,
                     &mut grads,
+                    adapters.as_ref().and_then(|a| a.layer(li)),
                 )?;
             }
         }
@@ -635,17 +663,20 @@ impl GpuEngine {
     }
 }
 
-/// The parts of `params` the GPU engine trains: LoRA and BitFit. Houlsby adapters are an
-/// error naming the methods (they train on the CPU engine).
-fn gpu_parts(params: &PeftParams) -> R<(Option<&LoraParams>, Option<&BitFitParams>)> {
-    if params.houlsby.is_some() {
-        return Err(ModelError::Unsupported(format!(
-            "the GPU engine trains LoRA and BitFit, not `{}`; run Houlsby adapters on the CPU \
-             engine (--device cpu)",
-            params.config().describe()
-        )));
-    }
-    Ok((params.lora.as_ref(), params.bitfit.as_ref()))
+/// The parts of `params`, each optional: LoRA, BitFit, Houlsby adapters.
+type Parts<'a> = (
+    Option<&'a LoraParams>,
+    Option<&'a BitFitParams>,
+    Option<&'a HoulsbyParams>,
+);
+
+/// The parts of `params` (GELU Houlsby adapters are refused when they are uploaded).
+fn gpu_parts(params: &PeftParams) -> Parts<'_> {
+    (
+        params.lora.as_ref(),
+        params.bitfit.as_ref(),
+        params.houlsby.as_ref(),
+    )
 }
 
 impl GpuEngine {
@@ -675,7 +706,30 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// Loss and gradients of one micro-batch under LoRA and/or BitFit, read back to the host.
+    /// Uploads Houlsby adapters `p` (sized for `tokens` tokens) and runs them in the next
+    /// calls; `None` turns them off.
+    fn sync_houlsby(&mut self, p: Option<&HoulsbyParams>, tokens: usize) -> R {
+        self.houlsby_on = p.is_some();
+        let Some(p) = p else { return Ok(()) };
+        if self.synthetic_mlp.is_some() {
+            return Err(ModelError::Unsupported(
+                "Houlsby adapters with a sparse MLP on the GPU".into(),
+            ));
+        }
+        match &mut self.houlsby {
+            Some(d) if d.fits(p, tokens) => d.upload(p),
+            slot => {
+                // Free the old buffers before allocating the new ones.
+                *slot = None;
+                let cap = tokens.div_ceil(TOKEN_STEP) * TOKEN_STEP;
+                *slot = Some(DeviceHoulsby::new(&self.dev, p, cap)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Loss and gradients of one micro-batch under any of LoRA, BitFit and Houlsby adapters,
+    /// read back to the host.
     fn peft_loss_and_grads(
         &mut self,
         params: &PeftParams,
@@ -683,12 +737,14 @@ impl GpuEngine {
         grad_scale: f32,
         rng: Option<DropoutRng>,
     ) -> R<StepOutput> {
-        let (lora, bitfit) = gpu_parts(params)?;
+        let (lora, bitfit, houlsby) = gpu_parts(params);
         if let Some(l) = lora {
             check_lora(&self.model.config, l)?;
             self.ensure_lora(l, true)?;
         }
+        check_adapters(&self.model.config, params)?;
         self.sync_biases(bitfit, batch.num_tokens())?;
+        self.sync_houlsby(houlsby, batch.num_tokens())?;
         self.zero_grads(lora.is_some())?;
         let (loss_sum, count) = self.micro_step(lora, batch, grad_scale, rng, false)?;
         let mut grads = match (&self.lora, lora) {
@@ -703,6 +759,11 @@ impl GpuEngine {
             },
         };
         if let (Some(d), Some(_)) = (&self.bitfit, bitfit) {
+            let mut flat = Vec::new();
+            download_f32(&self.dev, &d.grads, d.grads.numel(), &mut flat)?;
+            d.grads_into(&flat, &mut grads);
+        }
+        if let (Some(d), Some(_)) = (&self.houlsby, houlsby) {
             let mut flat = Vec::new();
             download_f32(&self.dev, &d.grads, d.grads.numel(), &mut flat)?;
             d.grads_into(&flat, &mut grads);
@@ -727,13 +788,15 @@ impl GpuEngine {
         dp: Option<(&mut dyn Communicator, &mut [f64])>,
     ) -> Result<StepOutcome> {
         let n = step.targets()?;
-        let (Some(lora), true) = (params.lora.as_mut(), params.bitfit.is_none()) else {
+        let lora_only = params.is_lora_only();
+        let (Some(lora), true) = (params.lora.as_mut(), lora_only) else {
             return Err(ModelError::Device(
                 "internal: the device optimizer takes LoRA alone".into(),
             ));
         };
         check_lora(&self.model.config, lora)?;
         self.sync_biases(None, 0)?;
+        self.sync_houlsby(None, 0)?;
         let host_holds_state = !adamw.moments_on_device();
         let d = self.ensure_lora(lora, host_holds_state)?;
         let (len, spans) = (d.len(), optimizer::tensor_spans(lora, &d.slots)?);
@@ -828,8 +891,7 @@ impl Engine for GpuEngine {
         step: &OptimStep<'_>,
     ) -> Result<StepOutcome> {
         if !lora.is_lora_only() {
-            // BitFit: gradients read back, AdamW on the host.
-            gpu_parts(lora)?;
+            // BitFit, Houlsby adapters: gradients read back, AdamW on the host.
             if adamw.moments_on_device() {
                 return Err(ModelError::Device(
                     "internal: AdamW's moments are on the device for a host step".into(),
@@ -875,11 +937,15 @@ impl Engine for GpuEngine {
         lora: Option<&PeftParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
-        let (lora, bitfit) = match lora {
-            Some(p) => gpu_parts(p)?,
-            None => (None, None),
+        let (lora, bitfit, houlsby) = match lora {
+            Some(p) => {
+                check_adapters(&self.model.config, p)?;
+                gpu_parts(p)
+            }
+            None => (None, None, None),
         };
         self.sync_biases(bitfit, batch.num_tokens())?;
+        self.sync_houlsby(houlsby, batch.num_tokens())?;
         let p = self.prepare(lora, batch, None, true)?;
         if p.n == 0 {
             return Ok((0.0, 0));

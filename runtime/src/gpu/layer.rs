@@ -21,6 +21,7 @@
 use super::attention::{self, AttentionImpl};
 use super::bitfit::BitFitGrads;
 use super::dropout::DropCtx;
+use super::houlsby::{self, LayerBackward, LayerForward};
 use super::lora::Adapters;
 use super::ops::{
     add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd,
@@ -113,6 +114,8 @@ pub struct Grads<'a> {
     pub lora: Option<&'a mut DeviceTensor>,
     /// BitFit's bias gradients (with BitFit).
     pub bitfit: Option<BitFitGrads<'a>>,
+    /// Houlsby adapters' gradients (with adapters).
+    pub houlsby: Option<houlsby::Grads<'a>>,
 }
 
 impl Grads<'_> {
@@ -176,6 +179,32 @@ impl Ctx<'_> {
         }
     }
 
+    /// The gradient of a residual branch's sub-block output (before its Houlsby adapter):
+    /// [`residual_grad`](Self::residual_grad), then, when the layer has adapters, the
+    /// adapter's backward at `site` (0 attention, 1 MLP) in place in `tmp`.
+    #[allow(clippy::too_many_arguments)]
+    fn adapter_grad<'b>(
+        &self,
+        li: usize,
+        (site, col): (usize, Option<usize>),
+        g: &'b DeviceTensor,
+        acts: &LayerActs,
+        tmp: &'b mut DeviceTensor,
+        grads: &mut Grads<'_>,
+        adapters: Option<LayerBackward<'_>>,
+    ) -> R<&'b DeviceTensor> {
+        let (Some(layer), Some(hg)) = (adapters, grads.houlsby.as_mut()) else {
+            return self.residual_grad(col, g, &acts.mask, tmp);
+        };
+        let (t, h) = (self.t, self.d.h);
+        copy_rows(self.dev, g, 0, tmp, 0, t, h)?;
+        if let Some(col) = col.filter(|_| self.drop.is_some()) {
+            mul_inplace(self.dev, tmp, &acts.mask, col * t, t, h)?;
+        }
+        hg.backward(self.dev, self.blas, li, site, layer, tmp, t)?;
+        Ok(tmp)
+    }
+
     /// True when the residual add at mask column `col` fuses into its GEMM: epilogues on and
     /// no residual dropout there.
     fn fused_residual(&self, col: Option<usize>) -> bool {
@@ -204,7 +233,7 @@ impl Ctx<'_> {
 }
 
 /// Runs layer `li` on `acts.x`, writing its output to `out` and keeping what the backward
-/// needs in `acts`.
+/// needs in `acts` (and in `adapters`, the layer's Houlsby adapters, if any).
 pub fn forward(
     cx: &Ctx,
     li: usize,
@@ -212,6 +241,7 @@ pub fn forward(
     acts: &mut LayerActs,
     sc: &mut Scratch,
     out: &mut DeviceTensor,
+    mut adapters: Option<LayerForward<'_>>,
 ) -> R {
     let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
     let (dev, blas) = (cx.dev, cx.blas);
@@ -295,6 +325,7 @@ pub fn forward(
         (&mut acts.u, &acts.mask),
         (&mut sc.rand, &mut sc.xd),
         &mut sc.tmp,
+        adapters.as_mut().map(|a| (a, 0)),
     )?;
 
     // MLP: out = h1 + relu(LN2(h1)·W1ᵀ + b1)·W2ᵀ + b2.
@@ -310,6 +341,11 @@ pub fn forward(
     )?;
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
     if let Some(m) = cx.mlp {
+        if adapters.is_some() {
+            return Err(ModelError::Unsupported(
+                "Houlsby adapters with a sparse MLP on the GPU".into(),
+            ));
+        }
         sparse_mlp::fc1_forward(cx, li, m, w, &acts.b, &acts.act)?;
         sparse_mlp::fc2_forward(cx, li, m, w, &acts.act, &sc.tmp)?;
         let site = (Site::MlpResidual, mlp_col);
@@ -335,6 +371,7 @@ pub fn forward(
         (&mut acts.u, &acts.mask),
         (&mut sc.rand, &mut sc.xd),
         &mut sc.tmp,
+        adapters.as_mut().map(|a| (a, 1)),
     )
 }
 
@@ -395,7 +432,8 @@ fn branch_forward(
 }
 
 /// Backward of layer `li`: `g` holds the gradient of the layer's output and is turned, in
-/// place, into the gradient of its input; the adapters' and biases' gradients go to `grads`.
+/// place, into the gradient of its input; the adapters' and biases' gradients go to `grads`
+/// (`adapters`: the layer's Houlsby adapters and what their forward saved, if any).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     cx: &Ctx,
@@ -405,6 +443,7 @@ pub fn backward(
     sc: &mut Scratch,
     g: &DeviceTensor,
     grads: &mut Grads<'_>,
+    adapters: Option<LayerBackward<'_>>,
 ) -> R {
     let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
     let (dev, blas) = (cx.dev, cx.blas);
@@ -412,7 +451,7 @@ pub fn backward(
 
     // MLP input gradients, d(LN2 out) into tmp.
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
-    let gm = cx.residual_grad(mlp_col, g, &acts.mask, &mut sc.tmp2)?;
+    let gm = cx.adapter_grad(li, (1, mlp_col), g, acts, &mut sc.tmp2, grads, adapters)?;
     grads.bias(blas, li, linear(LoraTarget::Fc2), dense(gm, t, h), t)?;
     if let Some(m) = cx.mlp {
         if grads.bitfit.is_some() {
@@ -471,7 +510,7 @@ pub fn backward(
 
     // out_proj: dO = (g ⊙ mask)·Wo (+ LoRA), into tmp.
     let attn_col = cx.drop.and_then(|d| d.layout.attn);
-    let gm = cx.residual_grad(attn_col, g, &acts.mask, &mut sc.tmp2)?;
+    let gm = cx.adapter_grad(li, (0, attn_col), g, acts, &mut sc.tmp2, grads, adapters)?;
     grads.bias(blas, li, linear(LoraTarget::Out), dense(gm, t, h), t)?;
     project_backward(
         cx,

@@ -32,6 +32,7 @@ pub mod bitfit;
 pub mod dropout;
 pub mod engine;
 pub mod flash_problem;
+pub mod houlsby;
 pub mod layer;
 pub mod lora;
 mod ops;

@@ -79,8 +79,8 @@ pub struct FinetuneArgs {
     #[arg(long)]
     resume: bool,
     /// PEFT methods to train, comma-separated: lora, bitfit (bias vectors), houlsby
-    /// (bottleneck adapters after attention and MLP). Houlsby adapters train on the CPU
-    /// engine; LoRA and BitFit on the GPU too (BitFit with AdamW on the host).
+    /// (bottleneck adapters after attention and MLP). All run on the GPU (BitFit and Houlsby
+    /// with AdamW on the host); GELU adapters on the CPU engine only.
     #[arg(long, value_delimiter = ',', default_value = "lora")]
     peft: Vec<String>,
     /// --peft bitfit: train the Linear biases only (default: the LayerNorm βs too).
@@ -327,18 +327,18 @@ fn make_engine(
         return Ok(("cpu", Box::new(exposed_cpu_engine(config)?)));
     }
     let peft = config.peft_config().map_err(|e| anyhow!("{e}"))?;
-    if peft.houlsby.is_some() && choice != DeviceChoice::Cpu {
-        let methods = peft.describe();
+    let gelu = peft
+        .houlsby
+        .as_ref()
+        .is_some_and(|h| h.activation != lexp_runtime::peft::AdapterActivation::Relu);
+    if gelu && choice != DeviceChoice::Cpu {
         if choice == DeviceChoice::Cuda {
             bail!(
-                "--peft {methods}: the GPU engine trains LoRA and BitFit; Houlsby adapters \
-                 train on the CPU engine for now: use --device cpu"
+                "--adapter-activation gelu: the GPU engine runs ReLU Houlsby adapters; GELU ones \
+                 train on the CPU engine: use --device cpu"
             );
         }
-        eprintln!(
-            "--peft {methods}: training on the CPU engine (the GPU engine has no Houlsby \
-             adapters yet)"
-        );
+        eprintln!("--adapter-activation gelu: training on the CPU engine (the GPU engine runs ReLU adapters)");
         return Ok(cpu(load()?));
     }
     // What keeps the GPU engine from this run: the model's shape, or dropout without cuRAND

@@ -12,6 +12,7 @@ use crate::buffer::DeviceTensor;
 use crate::cublas::{Mat, MatLayout, MatMut};
 use crate::cublaslt::Epilogue;
 use crate::gpu::dropout::DropCtx;
+use crate::gpu::houlsby::LayerForward;
 use crate::gpu::ops::{bias_add, dense, dense_mut, lt_epilogues, mm, mm_fused, R};
 use crate::gpu::weights::LayerWeights;
 use crate::gpu::workspace::{LayerActs, Scratch};
@@ -60,10 +61,12 @@ pub(super) fn fc1_forward(
 }
 
 /// A residual projection and its add: `out = res + (x·Wᵀ + bias) [+ LoRA]`, with residual
-/// dropout at `site` when the step has it. Fused when [`Ctx::fused_residual`] allows it and
-/// cuBLASLt has an algorithm: one GEMM with the bias epilogue and `C = res`, then the LoRA
-/// branch added to `out`; else the GEMM (+ LoRA) into `tmp` and [`Ctx::residual`] (bias,
-/// dropout, add).
+/// dropout at `site` when the step has it. Fused when [`Ctx::fused_residual`] allows it, no
+/// Houlsby adapter sits there and cuBLASLt has an algorithm: one GEMM with the bias epilogue
+/// and `C = res`, then the LoRA branch added to `out`; else the GEMM (+ LoRA) into `tmp` and
+/// [`Ctx::residual`] (bias, dropout, add). With `adapter` (the layer's Houlsby adapters and
+/// the site, 0 attention, 1 MLP), `tmp` gets its bias, then the adapter, whose `b_u` the
+/// residual adds.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn residual_block(
     cx: &Ctx,
@@ -76,8 +79,24 @@ pub(super) fn residual_block(
     (u, mask): (&mut DeviceTensor, &DeviceTensor),
     (rand, xd): (&mut DeviceTensor, &mut DeviceTensor),
     tmp: &mut DeviceTensor,
+    adapter: Option<(&mut LayerForward<'_>, usize)>,
 ) -> R {
     let (t, h) = (cx.t, cx.d.h);
+    if let Some((ad, i)) = adapter {
+        project_forward(
+            cx,
+            li,
+            target,
+            w,
+            (x, in_f),
+            (tmp, h),
+            (u, mask),
+            (rand, xd),
+        )?;
+        bias_add(cx.dev, tmp, bias, t, h, false)?;
+        let up_bias = ad.forward(cx.dev, cx.blas, i, tmp, t)?;
+        return cx.residual(li, site, (tmp, up_bias), res, out, mask, rand);
+    }
     if cx.fused_residual(site.1)
         && mm_fused(
             cx.blas,

@@ -1,7 +1,7 @@
-//! BitFit on the GPU engine (RUNTIME.md §2.8) against the CPU engine: the trained biases in
-//! the forward, every bias gradient, the base biases back for an evaluation without the
-//! adapter, and an optimizer step through the host AdamW path. Opt-in with
-//! `LEXP_GPU_TESTS=1`.
+//! BitFit and Houlsby adapters on the GPU engine (RUNTIME.md §2.7, §2.8) against the CPU
+//! engine, alone and with LoRA: the trained biases and the adapters in the forward, every
+//! gradient, the base model back for an evaluation without them, and an optimizer step
+//! through the host AdamW path. Opt-in with `LEXP_GPU_TESTS=1`.
 
 mod common;
 
@@ -11,7 +11,7 @@ use lexp_runtime::data::SplitMix64;
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::model;
 use lexp_runtime::optim::{AdamW, AdamWConfig};
-use lexp_runtime::peft::{BitFitConfig, BitFitParams, PeftParams};
+use lexp_runtime::peft::{BitFitConfig, BitFitParams, HoulsbyConfig, HoulsbyParams, PeftParams};
 use lexp_runtime::train::{Engine, OptimStep};
 
 /// `model`'s weights rounded to bf16, as the GPU holds them.
@@ -65,8 +65,25 @@ fn moved_bitfit(model: &OptModel, seed: u64) -> BitFitParams {
     b
 }
 
+/// ReLU Houlsby adapters of bottleneck 16 with every tensor random (bf16-exact).
+fn random_houlsby(model: &OptModel, seed: u64) -> HoulsbyParams {
+    let config = HoulsbyConfig {
+        bottleneck: 16,
+        ..HoulsbyConfig::default()
+    };
+    let mut p = HoulsbyParams::init(&config, &model.config, seed);
+    let mut rng = SplitMix64::new(seed ^ 0xad);
+    for (_, m) in p.tensors_mut() {
+        for v in &mut m.data {
+            let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+            *v = half::bf16::from_f32(*v + 0.05 * (2.0 * u - 1.0)).to_f32();
+        }
+    }
+    p
+}
+
 #[test]
-fn gpu_bitfit_matches_the_cpu_engine() {
+fn gpu_peft_methods_match_the_cpu_engine() {
     if !enabled() {
         return;
     }
@@ -89,9 +106,25 @@ fn gpu_bitfit_matches_the_cpu_engine() {
             (
                 "lora+bitfit",
                 PeftParams {
-                    lora,
+                    lora: lora.clone(),
                     bitfit: Some(moved_bitfit(&model, 4)),
                     houlsby: None,
+                },
+            ),
+            (
+                "houlsby",
+                PeftParams {
+                    lora: None,
+                    bitfit: None,
+                    houlsby: Some(random_houlsby(&model, 5)),
+                },
+            ),
+            (
+                "lora+bitfit+houlsby",
+                PeftParams {
+                    lora,
+                    bitfit: Some(moved_bitfit(&model, 6)),
+                    houlsby: Some(random_houlsby(&model, 7)),
                 },
             ),
         ] {
@@ -154,10 +187,7 @@ fn gpu_bitfit_matches_the_cpu_engine() {
             };
             let out = gpu.optimizer_step(&mut p, &mut adamw, &step).unwrap();
             assert!(out.applied && (out.loss - lc).abs() <= 1e-2, "{out:?}");
-            assert_ne!(
-                p.bitfit, params.bitfit,
-                "{name} {what}: the step moved no bias"
-            );
+            assert_ne!(p, params, "{name} {what}: the step moved nothing");
         }
     }
 }
