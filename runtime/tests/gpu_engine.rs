@@ -39,7 +39,7 @@ use lexp_runtime::DeviceTensor;
 use std::path::Path;
 
 mod common;
-use common::gpu::{assets, batch, compare, device, enabled, models, random_lora};
+use common::gpu::{assets, batch, bf16_weights, compare, device, enabled, models, random_lora};
 
 #[test]
 fn strided_gemm_and_convert_kernel_match_the_host() {
@@ -111,50 +111,6 @@ fn strided_gemm_and_convert_kernel_match_the_host() {
         .unwrap();
     assert_eq!(&got[..n], &want[..]);
     assert!(got[n..].iter().all(|v| v.is_nan()), "wrote past n");
-}
-
-/// `model` with every weight, bias and LayerNorm parameter rounded to bf16, as the GPU engine
-/// holds them (RUNTIME.md pitfall 9: the fixtures' fp16 weights lose 3 mantissa bits in bf16).
-/// The CPU engine on these weights differs from the GPU engine only by the bf16 activations.
-fn bf16_weights(model: &OptModel) -> OptModel {
-    let r = |v: &mut Vec<f32>| {
-        v.iter_mut()
-            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32())
-    };
-    let mut m = model.clone();
-    let w = &mut m.weights;
-    r(&mut w.embed_tokens.data);
-    r(&mut w.embed_positions.data);
-    for l in &mut w.layers {
-        for ln in [&mut l.self_attn_layer_norm, &mut l.final_layer_norm]
-            .into_iter()
-            .flatten()
-        {
-            r(&mut ln.weight);
-            r(&mut ln.bias);
-        }
-        for lin in [
-            &mut l.q_proj,
-            &mut l.k_proj,
-            &mut l.v_proj,
-            &mut l.out_proj,
-            &mut l.fc1,
-            &mut l.fc2,
-        ] {
-            r(&mut lin.weight.data);
-            if let Some(b) = &mut lin.bias {
-                r(b);
-            }
-        }
-    }
-    if let Some(ln) = &mut w.final_layer_norm {
-        r(&mut ln.weight);
-        r(&mut ln.bias);
-    }
-    if let Some(h) = &mut w.lm_head {
-        r(&mut h.data);
-    }
-    m
 }
 
 /// Gradient tolerances: per module, rel-Frobenius at most `rel` and cosine at least `cos`

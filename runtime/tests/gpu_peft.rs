@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::gpu::{batch, compare, device, enabled, models, random_lora};
+use common::gpu::{batch, bf16_weights, compare, device, enabled, models, random_lora};
 use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::data::SplitMix64;
 use lexp_runtime::gpu::GpuEngine;
@@ -13,44 +13,6 @@ use lexp_runtime::model;
 use lexp_runtime::optim::{AdamW, AdamWConfig};
 use lexp_runtime::peft::{BitFitConfig, BitFitParams, HoulsbyConfig, HoulsbyParams, PeftParams};
 use lexp_runtime::train::{Engine, OptimStep};
-
-/// `model`'s weights rounded to bf16, as the GPU holds them.
-fn bf16_model(model: &OptModel) -> OptModel {
-    let mut m = model.clone();
-    let r = |v: &mut [f32]| {
-        v.iter_mut()
-            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32())
-    };
-    r(&mut m.weights.embed_tokens.data);
-    r(&mut m.weights.embed_positions.data);
-    if let Some(ln) = &mut m.weights.final_layer_norm {
-        r(&mut ln.weight);
-        r(&mut ln.bias);
-    }
-    for l in &mut m.weights.layers {
-        for lin in [
-            &mut l.q_proj,
-            &mut l.k_proj,
-            &mut l.v_proj,
-            &mut l.out_proj,
-            &mut l.fc1,
-            &mut l.fc2,
-        ] {
-            r(&mut lin.weight.data);
-            if let Some(b) = &mut lin.bias {
-                r(b);
-            }
-        }
-        for ln in [&mut l.self_attn_layer_norm, &mut l.final_layer_norm]
-            .into_iter()
-            .flatten()
-        {
-            r(&mut ln.weight);
-            r(&mut ln.bias);
-        }
-    }
-    m
-}
 
 /// BitFit's biases moved off the base values (bf16-exact, so both engines use the same).
 fn moved_bitfit(model: &OptModel, seed: u64) -> BitFitParams {
@@ -89,7 +51,7 @@ fn gpu_peft_methods_match_the_cpu_engine() {
     }
     for (name, dir) in models() {
         let loaded = OptModel::load(&dir).unwrap();
-        let model = bf16_model(&loaded);
+        let model = bf16_weights(&loaded);
         let mut gpu = GpuEngine::new(loaded, device()).unwrap_or_else(|e| panic!("{e}"));
         let b = batch(&dir, &[0, 1, 2, 3, 5, 8]);
         let n = b.num_targets();

@@ -362,3 +362,90 @@ fn merged_checkpoint_equals_base_plus_adapter() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// Stops the run after `after` steps (as SIGINT would).
+struct StopAfter {
+    after: usize,
+    steps: usize,
+}
+
+impl lexp_runtime::train::Observer for StopAfter {
+    fn step(&mut self, _: &lexp_runtime::train::metrics::Record, _: usize, _: usize, _: f64) {
+        self.steps += 1;
+    }
+    fn should_stop(&mut self) -> bool {
+        self.steps >= self.after
+    }
+}
+
+/// BitFit + Houlsby through the trainer on opt-tiny: a run stopped after 2 of 4 steps and
+/// resumed from its checkpoint ends with the uninterrupted run's parameters (every method's
+/// files and AdamW's state come back), and a resume under other PEFT settings is refused.
+#[test]
+fn bitfit_and_houlsby_runs_resume_exactly() {
+    use lexp_runtime::train::{self, CpuEngine, TrainConfig, TrainError};
+    let assets = common::gpu::assets();
+    let config = TrainConfig {
+        model_dir: assets.join("opt-tiny"),
+        train_files: vec![assets.join("e2e/train.jsonl")],
+        eval_file: Some(assets.join("e2e/eval.jsonl")),
+        eval_max_examples: 16,
+        peft: vec!["bitfit".into(), "houlsby".into()],
+        adapter_bottleneck: 8,
+        examples_per_step: 4,
+        max_steps: 4,
+        save_every: 2,
+        lr: 1e-3,
+        ..TrainConfig::default()
+    };
+    let engine = || CpuEngine::new(config.load_model().unwrap());
+    let whole = temp("run-whole");
+    train::run(
+        &config,
+        &whole,
+        false,
+        &mut engine(),
+        &mut train::trainer::Silent,
+    )
+    .unwrap();
+    let cut = temp("run-cut");
+    let mut stop = StopAfter { after: 2, steps: 0 };
+    let err = train::run(&config, &cut, false, &mut engine(), &mut stop).unwrap_err();
+    assert!(
+        matches!(err, TrainError::Interrupted { step: 2, .. }),
+        "{err}"
+    );
+    train::run(
+        &config,
+        &cut,
+        true,
+        &mut engine(),
+        &mut train::trainer::Silent,
+    )
+    .unwrap();
+    let model = config.load_model().unwrap();
+    let adapter = train::trainer::ADAPTER;
+    let a = PeftParams::load(&whole.join(adapter), &model).unwrap();
+    let b = PeftParams::load(&cut.join(adapter), &model).unwrap();
+    assert!(a.bitfit.is_some() && a.houlsby.is_some() && a.lora.is_none());
+    assert_eq!(a, b, "the resumed run ended elsewhere");
+    let init = PeftParams::init(&config.peft_config().unwrap(), &model, config.seed).unwrap();
+    assert_ne!(a, init, "training changed nothing");
+
+    let other = TrainConfig {
+        adapter_bottleneck: 4,
+        ..config.clone()
+    };
+    let err = train::run(
+        &other,
+        &cut,
+        true,
+        &mut engine(),
+        &mut train::trainer::Silent,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("different settings"), "{err}");
+    for d in [whole, cut] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

@@ -281,15 +281,14 @@ impl LayerForward<'_> {
 }
 
 impl Grads<'_> {
-    /// The adapter at `site` of layer `li`, backward: `d [t, H]` holds the gradient of the
+    /// The adapter at `site` (0 attention, 1 MLP) of layer `li`, backward: `d [t, H]` holds the gradient of the
     /// adapter's output and becomes the gradient of its input; the parameters' gradients are
     /// added to the buffer.
     pub fn backward(
         &mut self,
         dev: &CudaDevice,
         blas: &Blas,
-        li: usize,
-        site: usize,
+        (li, site): (usize, usize),
         layer: LayerBackward<'_>,
         d: &mut DeviceTensor,
         t: usize,

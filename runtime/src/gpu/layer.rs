@@ -201,7 +201,7 @@ impl Ctx<'_> {
         if let Some(col) = col.filter(|_| self.drop.is_some()) {
             mul_inplace(self.dev, tmp, &acts.mask, col * t, t, h)?;
         }
-        hg.backward(self.dev, self.blas, li, site, layer, tmp, t)?;
+        hg.backward(self.dev, self.blas, (li, site), layer, tmp, t)?;
         Ok(tmp)
     }
 

@@ -513,6 +513,14 @@ impl TrainConfig {
             }
         }
         self.exposure.validate()?;
+        let bitfit = self.peft.iter().any(|m| m == "bitfit");
+        if bitfit && self.exposure.mode == ExposureMode::Mlp && self.exposure.permute {
+            return Err(
+                "--peft bitfit with --exposure mlp needs --no-permute: fc1's trained bias is not \
+                 carried through the neuron permutation"
+                    .into(),
+            );
+        }
         if self.max_bad_steps == 0 {
             return Err("max bad steps must be at least 1".into());
         }

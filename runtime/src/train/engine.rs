@@ -1,4 +1,4 @@
-//! [`Engine`]: what the training loop needs from a device — the loss and LoRA gradients of a
+//! [`Engine`]: what the training loop needs from a device — the loss and PEFT gradients of a
 //! packed micro-batch, and the loss alone for evaluation. [`CpuEngine`] runs the reference
 //! model of [`crate::model`]; a GPU engine implements the same trait, so the loop, its
 //! checkpoints and its metrics are shared.
@@ -136,7 +136,7 @@ pub trait Engine {
     /// The model (config and host weights) this engine runs.
     fn model(&self) -> &OptModel;
 
-    /// Loss of `batch` under `lora` and the host-side LoRA gradients of
+    /// Loss of `batch` under `lora` (any PEFT methods) and the host-side gradients of
     /// `grad_scale · loss_sum`, laid out like `lora` ([`model::PeftGrads`]). `rng` switches
     /// dropout on. `lora` may differ from the previous call (the optimizer updated it).
     fn loss_and_grads(
