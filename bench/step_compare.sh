@@ -11,6 +11,7 @@
 #   Environment: BATCH (default 4), ITERS (default 25), WARMUP (default 5),
 #                LEXP_COMMIT (recorded in lexp.json when the binary was built without it),
 #                DEVICE (default cuda; cpu only to try the script without a GPU),
+#                PEFT (lora, bitfit or houlsby: the method on both sides, default lora),
 #                ATTNS (the baseline's attention implementations, default sdpa,eager; eager
 #                materialises the scores and runs out of memory at 16k tokens),
 #                MAX_POSITIONS (learned positions of the random-weight model on both sides, for
@@ -36,6 +37,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 MP=()
 [ -n "${MAX_POSITIONS:-}" ] && MP=(--max-positions "$MAX_POSITIONS")
+[ -n "${PEFT:-}" ] && MP+=(--peft "$PEFT")
 BIN=/tmp/lexp-bin
 mkdir -p $BIN
 gunzip -c .gpu/lexp.gz > $BIN/lexp || { echo "no .gpu/lexp.gz" | tee "$LOG"; exit 2; }

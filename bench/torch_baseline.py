@@ -76,22 +76,68 @@ def build_model(args, attn):
             model = OPTForCausalLM._from_config(cfg, attn_implementation=attn, torch_dtype=torch.bfloat16)
     model = model.to(device="cuda", dtype=torch.bfloat16)
     model.train()
-    lcfg = peft.LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=0.0,
-        target_modules=args.lora_targets,
-        bias="none",
-    )
-    model = peft.get_peft_model(model, lcfg)
+    if args.peft == "lora":
+        lcfg = peft.LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=args.lora_targets,
+            bias="none",
+        )
+        model = peft.get_peft_model(model, lcfg)
+        attn_impl = model.base_model.model.config._attn_implementation
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if args.peft == "bitfit":
+            # BitFit: every bias (q, k, v, out_proj, fc1, fc2 and the LayerNorm betas), as
+            # lexp's default.
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.requires_grad_(True)
+        else:
+            add_houlsby(model, h, args.adapter_bottleneck)
+        attn_impl = model.config._attn_implementation
     info = {
-        "attn_implementation": model.base_model.model.config._attn_implementation,
+        "peft_method": args.peft,
+        "attn_implementation": attn_impl,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "lora_dtype": str(next(p.dtype for p in model.parameters() if p.requires_grad)),
     }
     return model, info
+
+
+class Houlsby(torch.nn.Module):
+    """A bottleneck adapter `h + up(relu(down(h)))`, `up` zero-initialised (RUNTIME.md 2.7)."""
+
+    def __init__(self, hidden, bottleneck):
+        super().__init__()
+        self.down = torch.nn.Linear(hidden, bottleneck)
+        self.up = torch.nn.Linear(bottleneck, hidden)
+        torch.nn.init.zeros_(self.up.weight)
+        torch.nn.init.zeros_(self.up.bias)
+
+    def forward(self, h):
+        return h + self.up(torch.relu(self.down(h)))
+
+
+def add_houlsby(model, hidden, bottleneck):
+    """Houlsby adapters on every decoder layer's attention output (before the residual) and
+    fc2 output, through forward hooks; the adapters are the only trainable parameters."""
+    for layer in model.model.decoder.layers:
+        attn = Houlsby(hidden, bottleneck).to(device="cuda", dtype=torch.bfloat16)
+        mlp = Houlsby(hidden, bottleneck).to(device="cuda", dtype=torch.bfloat16)
+        layer.attn_adapter, layer.mlp_adapter = attn, mlp
+
+        def on_attn(_module, _inputs, out, adapter=attn):
+            if isinstance(out, tuple):
+                return (adapter(out[0]),) + tuple(out[1:])
+            return adapter(out)
+
+        layer.self_attn.register_forward_hook(on_attn)
+        layer.fc2.register_forward_hook(lambda _m, _i, out, adapter=mlp: adapter(out))
 
 
 def time_steps(model, opt, params, args, batch, seq_len, data_seed):
@@ -132,6 +178,9 @@ def parse_args(argv):
     p.add_argument("--seq", default="512,1024", help="tokens per sequence, comma-separated")
     p.add_argument("--tokens", type=int, default=None, help="packed budget: max(1, N // seq) sequences")
     p.add_argument("--attn", default="sdpa", help="attention implementations, comma-separated: sdpa,eager")
+    p.add_argument("--peft", default="lora", choices=["lora", "bitfit", "houlsby"],
+                   help="PEFT method: lora (PEFT), bitfit (every bias), houlsby (ReLU adapters, hooks)")
+    p.add_argument("--adapter-bottleneck", type=int, default=64)
     p.add_argument("--lora-r", type=int, default=4)
     p.add_argument("--lora-alpha", type=float, default=8.0)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
@@ -211,7 +260,7 @@ def main(argv=None):
     h, layers, heads, ffn, e, pre = PRESETS[args.model]
     first = infos[args.attn[0]]
     result = {
-        "what": "PyTorch + transformers + PEFT LoRA training step (forward, backward, clipping, AdamW), "
+        "what": f"PyTorch + transformers + PEFT {args.peft} training step (forward, backward, clipping, AdamW), "
                 f"random {args.model} shapes",
         "date": datetime.date.today().isoformat(),
         "gpu": torch.cuda.get_device_name(),

@@ -1,4 +1,5 @@
-//! The dense LoRA training-step benchmark behind `lexp bench step`: model presets for the
+//! The dense PEFT training-step benchmark behind `lexp bench step` (LoRA, BitFit, Houlsby
+//! adapters, or any mix): model presets for the
 //! published OPT shapes, random packed batches, the step's arithmetic (FLOP count), the timed
 //! step loop (exactly what `lexp finetune` does per optimizer step:
 //! [`Engine::optimizer_step`] — the engine's loss and LoRA gradients, gradient clipping, AdamW,
@@ -20,7 +21,10 @@
 //!   cost what the forward GEMMs cost: linear + head as above, and attention twice its
 //!   forward (`dP = dO·Vᵀ`, `dV = Pᵀ·dO`, `dQ = dS·K`, `dK = dSᵀ·Q`);
 //! - LoRA on a projection `in → out` of rank `r`: forward `2·T·r·(in + out)`, backward twice
-//!   that (`dB`, `d(xAᵀ)`, `dA`, `dx`), so `6·T·r·(in + out)` per adapted module and layer.
+//!   that (`dB`, `d(xAᵀ)`, `dA`, `dx`), so `6·T·r·(in + out)` per adapted module and layer;
+//! - a Houlsby adapter of bottleneck `m`: forward `2·2·T·H·m` (down, up), backward twice that
+//!   (`dW_u`, `dr`, `dW_d`, `dh`), so `12·T·H·m` per adapter, two per layer;
+//! - BitFit's bias gradients (column sums) are elementwise work.
 //!
 //! Elementwise work (LayerNorm, softmax, activation, loss, AdamW) is not counted. Achieved
 //! TFLOP/s is this count over the median step time.
@@ -29,7 +33,7 @@ use crate::checkpoint::OptConfig;
 use crate::data::{PackedBatch, SplitMix64, IGNORE_INDEX};
 use crate::model::ModelError;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::peft::{LoraConfig, LoraParams, PeftParams};
+use crate::peft::{PeftConfig, PeftParams};
 use crate::train::{host_optimizer_step, Engine, OptimStep};
 use serde::Serialize;
 use std::path::Path;
@@ -127,12 +131,15 @@ pub struct StepFlops {
     pub backward: f64,
     /// LoRA branches, forward and backward.
     pub lora: f64,
+    /// Houlsby adapters, forward and backward.
+    pub houlsby: f64,
     /// The sum.
     pub total: f64,
 }
 
-/// The FLOP count of one step of `config` with LoRA `lora` on sequences of lengths `seqs`.
-pub fn step_flops(config: &OptConfig, lora: &LoraConfig, seqs: &[usize]) -> StepFlops {
+/// The FLOP count of one step of `config` with the PEFT methods `peft` on sequences of
+/// lengths `seqs`.
+pub fn step_flops(config: &OptConfig, peft: &PeftConfig, seqs: &[usize]) -> StepFlops {
     let t: f64 = seqs.iter().sum::<usize>() as f64;
     let (h, f, e, v, n) = (
         config.hidden_size as f64,
@@ -149,22 +156,28 @@ pub fn step_flops(config: &OptConfig, lora: &LoraConfig, seqs: &[usize]) -> Step
     let pairs: f64 = seqs.iter().map(|&l| (l * (l + 1)) as f64).sum();
     let attention_forward = n * 2.0 * h * pairs;
     let backward = linear_forward + head_forward + 2.0 * attention_forward;
-    let per_layer: f64 = lora
-        .targets
-        .iter()
-        .map(|tg| {
-            let (i, o) = tg.dims(config);
-            6.0 * t * lora.r as f64 * (i + o) as f64
-        })
-        .sum();
+    let per_layer: f64 = peft.lora.as_ref().map_or(0.0, |lora| {
+        lora.targets
+            .iter()
+            .map(|tg| {
+                let (i, o) = tg.dims(config);
+                6.0 * t * lora.r as f64 * (i + o) as f64
+            })
+            .sum()
+    });
     let lora = n * per_layer;
+    let houlsby = peft
+        .houlsby
+        .as_ref()
+        .map_or(0.0, |a| n * 2.0 * 12.0 * t * h * a.bottleneck as f64);
     StepFlops {
         linear_forward,
         head_forward,
         attention_forward,
         backward,
         lora,
-        total: linear_forward + head_forward + attention_forward + backward + lora,
+        houlsby,
+        total: linear_forward + head_forward + attention_forward + backward + lora + houlsby,
     }
 }
 
@@ -264,27 +277,20 @@ pub struct WorkloadResult {
     pub comm: Option<Summary>,
 }
 
-/// Runs `settings.warmup + settings.iters` optimizer steps of LoRA `lora_config` (initialised
-/// from `seed`, fresh AdamW) on `batch` with `engine`, each step as `lexp finetune` does it:
+/// Runs `settings.warmup + settings.iters` optimizer steps of the PEFT methods `peft`
+/// (initialised from `seed`, fresh AdamW) on `batch` with `engine`, each step as `lexp finetune` does it:
 /// [`Engine::optimizer_step`] (mean loss over the batch's targets, no dropout, clipping,
 /// AdamW). A step is timed whole, from the call to its return with the updated adapter on the
 /// host; it ends synchronised because the engine reads back the loss, the gradient norm and
 /// the adapter. Memory fields are left `None` (the caller knows the device).
 pub fn time_steps(
     engine: &mut dyn Engine,
-    lora_config: &LoraConfig,
+    peft: &PeftConfig,
     batch: &PackedBatch,
     settings: &StepSettings,
     seed: u64,
 ) -> Result<WorkloadResult, StepBenchError> {
-    time_global_steps(
-        engine,
-        lora_config,
-        std::slice::from_ref(batch),
-        1,
-        settings,
-        seed,
-    )
+    time_global_steps(engine, peft, std::slice::from_ref(batch), 1, settings, seed)
 }
 
 /// [`time_steps`] for a step of several micro-batches `batches` (all of the same shape),
@@ -293,7 +299,7 @@ pub fn time_steps(
 /// whole step's.
 pub fn time_global_steps(
     engine: &mut dyn Engine,
-    lora_config: &LoraConfig,
+    peft: &PeftConfig,
     batches: &[PackedBatch],
     world_size: usize,
     settings: &StepSettings,
@@ -317,7 +323,8 @@ pub fn time_global_steps(
         )));
     }
     let config = engine.model().config.clone();
-    let mut lora = PeftParams::from(LoraParams::init(lora_config, &config, seed));
+    let mut lora = PeftParams::init(peft, engine.model(), seed)
+        .map_err(|e| StepBenchError::Config(e.to_string()))?;
     let sizes: Vec<usize> = lora.tensors().iter().map(|(_, m)| m.data.len()).collect();
     let mut adamw = AdamW::new(
         AdamWConfig {
@@ -371,7 +378,7 @@ pub fn time_global_steps(
     let comm = (comm_ms.len() == times.len())
         .then(|| summarize(&comm_ms))
         .flatten();
-    let flops = step_flops(&config, lora_config, &seqs);
+    let flops = step_flops(&config, peft, &seqs);
     let secs = step.median_ms / 1e3;
     Ok(WorkloadResult {
         name,
@@ -519,7 +526,7 @@ pub fn today() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peft::LoraTarget;
+    use crate::peft::{LoraConfig, LoraTarget};
 
     fn tiny() -> OptConfig {
         let json = r#"{"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 3,
@@ -583,7 +590,7 @@ mod tests {
         }
         let backward = fwd + head + 2 * attn;
         let want = fwd + head + attn + backward + lora_flops;
-        let got = step_flops(&c, &lora, &seqs);
+        let got = step_flops(&c, &PeftConfig::lora(lora), &seqs);
         assert_eq!(got.linear_forward, fwd as f64);
         assert_eq!(got.attention_forward, attn as f64);
         assert_eq!(got.head_forward, head as f64);
@@ -712,6 +719,7 @@ mod tests {
             lr: 1e-2,
             ..StepSettings::default()
         };
+        let lora = PeftConfig::lora(lora);
         let r = time_steps(&mut engine, &lora, &batch, &settings, 0).unwrap();
         assert_eq!((r.name.as_str(), r.tokens, r.targets), ("2x16", 32, 30));
         assert_eq!(r.times_ms.len(), 3);

@@ -6,7 +6,7 @@
 
 use anyhow::{anyhow, Context, Result};
 use lexp_runtime::gpu::GpuEngine;
-use lexp_runtime::peft::LoraConfig;
+use lexp_runtime::peft::PeftConfig;
 use lexp_runtime::profile::{summarize, Profile};
 use lexp_runtime::step_bench::{self as sb, StepSettings};
 use plotters::prelude::*;
@@ -19,7 +19,7 @@ const CHART_FAMILIES: usize = 9;
 /// steps, so nothing is allocated) and summarises it.
 pub fn profile_step(
     gpu: &mut GpuEngine,
-    lora: &LoraConfig,
+    peft: &PeftConfig,
     batch: &lexp_runtime::data::PackedBatch,
     seed: u64,
 ) -> Result<Profile> {
@@ -30,7 +30,7 @@ pub fn profile_step(
         ..StepSettings::default()
     };
     prof.start();
-    let r = sb::time_steps(gpu, lora, batch, &settings, seed);
+    let r = sb::time_steps(gpu, peft, batch, &settings, seed);
     let timed = prof.stop().context("reading the profiler's events")?;
     let r = r?;
     let wall = r.times_ms.first().copied().unwrap_or(0.0);

@@ -12,7 +12,7 @@ use lexp_runtime::gpu::attention::AttentionImpl;
 use lexp_runtime::gpu::sparse_attention::SyntheticAttention;
 use lexp_runtime::gpu::sparse_mlp::SyntheticMlp;
 use lexp_runtime::gpu::GpuEngine;
-use lexp_runtime::peft::{LoraConfig, LoraTarget};
+use lexp_runtime::peft::{BitFitConfig, HoulsbyConfig, LoraConfig, LoraTarget, PeftConfig};
 use lexp_runtime::step_bench::{self as sb, BaselineRun, Comparison, StepSettings, WorkloadResult};
 use lexp_runtime::train::{CpuEngine, Engine};
 use lexp_runtime::CudaDevice;
@@ -42,6 +42,12 @@ pub struct StepArgs {
     /// Packed token budget instead of --batch: each workload packs max(1, N / seq) sequences.
     #[arg(long)]
     tokens: Option<usize>,
+    /// PEFT methods, comma-separated: lora, bitfit, houlsby (as `lexp finetune --peft`).
+    #[arg(long, value_delimiter = ',', default_value = "lora")]
+    peft: Vec<String>,
+    /// --peft houlsby: the adapters' bottleneck (ReLU adapters).
+    #[arg(long, default_value_t = 64)]
+    adapter_bottleneck: usize,
     /// LoRA rank.
     #[arg(long, default_value_t = 4)]
     lora_r: usize,
@@ -270,6 +276,27 @@ fn make_engine(choice: DeviceChoice, model: OptModel, name: &str, ordinal: usize
     }
 }
 
+/// The methods of `--peft` (LoRA's settings from `lora`, BitFit on every bias, ReLU Houlsby
+/// adapters of `--adapter-bottleneck`).
+fn peft_config(args: &StepArgs, lora: &LoraConfig) -> Result<PeftConfig> {
+    let mut c = PeftConfig::default();
+    for m in &args.peft {
+        match m.trim() {
+            "lora" => c.lora = Some(lora.clone()),
+            "bitfit" => c.bitfit = Some(BitFitConfig::default()),
+            "houlsby" => {
+                c.houlsby = Some(HoulsbyConfig {
+                    bottleneck: args.adapter_bottleneck,
+                    ..HoulsbyConfig::default()
+                })
+            }
+            other => bail!("unknown PEFT method `{other}` (lora, bitfit, houlsby)"),
+        }
+    }
+    c.validate().map_err(|e| anyhow!("{e}"))?;
+    Ok(c)
+}
+
 fn lora_config(args: &StepArgs) -> Result<LoraConfig> {
     let targets = args
         .lora_targets
@@ -325,6 +352,7 @@ pub fn run(args: StepArgs) -> Result<()> {
         bail!("--compare needs --baseline");
     }
     let lora = lora_config(&args)?;
+    let peft = peft_config(&args, &lora)?;
     let (config, dir) = model_config(&args)?;
     if let Some(&s) = args
         .seq
@@ -461,7 +489,7 @@ pub fn run(args: StepArgs) -> Result<()> {
         let batch = &batches[0];
         let mut r = sb::time_global_steps(
             eng.engine(),
-            &lora,
+            &peft,
             &batches,
             world.world_size,
             &settings,
@@ -488,7 +516,7 @@ pub fn run(args: StepArgs) -> Result<()> {
             ))
         );
         if let (Some(_), Eng::Gpu(g)) = (&args.profile, &mut eng) {
-            let p = bench_profile::profile_step(g, &lora, batch, args.seed)
+            let p = bench_profile::profile_step(g, &peft, batch, args.seed)
                 .with_context(|| format!("profiling workload {}", r.name))?;
             bench_profile::print_profile(&r.name, &p);
             profiles.push((r.name.clone(), p));
@@ -510,8 +538,10 @@ pub fn run(args: StepArgs) -> Result<()> {
         .clone()
         .or_else(|| option_env!("LEXP_GIT_COMMIT").map(str::to_string));
     let lora_json = serde_json::json!({
+        "methods": peft.describe(),
         "r": lora.r, "alpha": lora.alpha,
         "targets": lora.targets.iter().map(|t| t.peft_name()).collect::<Vec<_>>(),
+        "adapter_bottleneck": peft.houlsby.as_ref().map(|h| h.bottleneck),
     });
     let mlp_json = synthetic_mlp.map(|s| {
         serde_json::json!({
@@ -529,11 +559,16 @@ pub fn run(args: StepArgs) -> Result<()> {
             "target_density": s.density, "density_last_batch": got, "seed": s.seed,
         })
     });
+    let methods = match (&peft.lora, peft.describe()) {
+        (Some(l), m) if m == "lora" => {
+            format!("LoRA step (r={} on {})", l.r, args.lora_targets.join(","))
+        }
+        (_, m) => format!("{m} step"),
+    };
     let title = format!(
-        "{} LoRA step (r={} on {}){}{}, {}",
+        "{} {}{}{}, {}",
         args.model,
-        lora.r,
-        args.lora_targets.join(","),
+        methods,
         synthetic_mlp.map_or(String::new(), |s| format!(
             ", MLP at {:.0}% blocks (synthetic lists)",
             100.0 * s.density
