@@ -1,15 +1,17 @@
-//! The OPT + LoRA training model on one CUDA GPU: [`GpuEngine`] implements
+//! The OPT + PEFT (LoRA, BitFit, Houlsby adapters) training model on one CUDA GPU: [`GpuEngine`] implements
 //! [`Engine`](crate::train::Engine), so the training loop, its checkpoints and metrics run
 //! unchanged on the GPU.
 //!
 //! Precision (RUNTIME.md §2, DESIGN 6): frozen weights and activations in bf16, every GEMM on
 //! cuBLAS with f32 accumulation, LayerNorm statistics, attention softmax and the loss in f32,
-//! LoRA gradients produced in f32 and downloaded into a [`LoraGrads`](crate::model::LoraGrads).
+//! PEFT gradients produced in f32 and downloaded into a [`PeftGrads`](crate::model::PeftGrads).
 //! The math mirrors [`crate::model::layer`] (pre-LN path):
 //!
 //! - [`weights`]: the frozen model uploaded once (q/k/v fused into one `[3H, H]` projection).
 //! - [`workspace`]: activation and scratch buffers, sized for the largest batch seen.
 //! - [`lora`]: the LoRA parameters' device copies, the gradient buffer, and the branch GEMMs.
+//! - [`bitfit`]: BitFit's trained biases in the device weights and their gradients.
+//! - [`houlsby`]: Houlsby adapters (ReLU): device copies, saved activations, gradients.
 //! - [`layer`]: one decoder layer forward and backward.
 //! - [`attention`]: causal attention over the packed sequences: flash attention in the DSL
 //!   (head dimensions 64 and 128), or materialised scores with cuBLAS (any head dimension).
@@ -23,7 +25,8 @@
 //!
 //! What runs: pre-LN OPT (every size from 125m up; opt-350m is post-LN and is refused), ReLU,
 //! with or without biases and the final LayerNorm, tied or untied head, LoRA on any of the six
-//! projections, residual and LoRA dropout in training ([`dropout`], random numbers from cuRAND
+//! projections, BitFit, ReLU Houlsby adapters (these two with AdamW on the host), residual and
+//! LoRA dropout in training ([`dropout`], random numbers from cuRAND
 //! through [`rng`]). Refused with [`ModelError::Unsupported`](crate::model::ModelError):
 //! post-LN, `project_in`/`project_out`, other activations. The CPU engine covers those.
 
