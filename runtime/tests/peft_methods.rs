@@ -177,6 +177,22 @@ fn bitfit_refuses_a_model_without_biases() {
     assert!(err.to_string().contains("enable_bias"), "{err}");
     let none = PeftParams::init(&PeftConfig::default(), &model, 0).unwrap_err();
     assert!(none.to_string().contains("no PEFT method"), "{none}");
+
+    // A trained bias of the wrong length is refused before any op, naming it.
+    let c = self::config("");
+    let model = OptModel {
+        weights: OptWeights::random(&c, 1, 0.1),
+        config: c,
+    };
+    let mut p = PeftParams::init(&config, &model, 0).unwrap();
+    let fc1 = &mut p.bitfit.as_mut().unwrap().layers[1][4];
+    fc1.as_mut().unwrap().data.pop();
+    fc1.as_mut().unwrap().cols -= 1;
+    let b = batch(model.config.vocab_size as u64);
+    let err = model::loss_and_grads(&model, &p, &b, 1.0, None)
+        .err()
+        .expect("a short fc1 bias was accepted");
+    assert!(err.to_string().contains("layers.1.fc1.bias"), "{err}");
 }
 
 fn temp(name: &str) -> PathBuf {

@@ -7,11 +7,11 @@
 //! The host runs AdamW on the downloaded gradients (the engine's host optimizer path);
 //! only LoRA alone takes the device optimizer.
 
-use super::ops::{dev_err, mm, R};
+use super::ops::{column_sums, dev_err, R};
 use super::weights::{DeviceWeights, ACT};
 use crate::buffer::DeviceTensor;
 use crate::checkpoint::OptModel;
-use crate::cublas::{Blas, Mat, MatLayout, MatMut};
+use crate::cublas::{Blas, Mat};
 use crate::device::CudaDevice;
 use crate::model::PeftGrads;
 use crate::peft::{BiasSite, BitFitParams, LoraTarget};
@@ -138,9 +138,7 @@ impl BitFitGrads<'_> {
     }
 
     fn add(&mut self, blas: &Blas, off: usize, n: usize, dy: Mat<'_>, t: usize) -> R {
-        let ones = Mat::new(self.ones, MatLayout::at(0, 1, t, t));
-        let out = MatMut::new(self.grads, MatLayout::at(off, 1, n, n));
-        mm(blas, ones, dy, out, false, false, 1.0, 1.0)
+        column_sums(blas, self.ones, dy, self.grads, (off, n), t)
     }
 }
 

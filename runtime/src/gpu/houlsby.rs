@@ -12,10 +12,10 @@
 //! The host runs AdamW on the downloaded gradients (the engine's host optimizer path). GELU
 //! adapters run on the CPU engine.
 
-use super::ops::{bias_add, copy_rows, dense, dense_mut, dev_err, mm, relu_bwd, R};
+use super::ops::{bias_add, column_sums, copy_rows, dense, dense_mut, dev_err, mm, relu_bwd, R};
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
-use crate::cublas::{Blas, Mat, MatLayout, MatMut};
+use crate::cublas::{Blas, MatLayout, MatMut};
 use crate::device::CudaDevice;
 use crate::model::houlsby_branch::HoulsbyGrads as HostGrads;
 use crate::model::{ModelError, PeftGrads};
@@ -298,22 +298,16 @@ impl Grads<'_> {
         let sl = self.slots.get(li).map(|l| l[site]).ok_or_else(|| {
             ModelError::Device(format!("internal: no adapter slots for layer {li}"))
         })?;
-        let at = |off: usize, rows: usize, cols: usize| MatLayout::at(off, rows, cols, cols);
-        let ones = Mat::new(self.ones, at(0, 1, t));
+        let (ones, grads) = (self.ones, &mut *self.grads);
         // dW_u += dᵀ·g; db_u += 1ᵀ·d.
-        let out = MatMut::new(&mut *self.grads, at(sl.up, h, m));
-        mm(
+        linear_grads(
             blas,
-            dense(d, t, h),
-            dense(&s.g, t, m),
-            out,
-            true,
-            false,
-            1.0,
-            1.0,
+            (ones, &mut *grads),
+            (sl.up, sl.up_bias),
+            (&*d, h),
+            (&s.g, m),
+            t,
         )?;
-        let out = MatMut::new(&mut *self.grads, at(sl.up_bias, 1, h));
-        mm(blas, ones, dense(d, t, h), out, false, false, 1.0, 1.0)?;
         // dr = (d·W_u) ⊙ [g > 0].
         let dr = dense_mut(&mut *self.dr, t, m);
         mm(
@@ -328,32 +322,19 @@ impl Grads<'_> {
         )?;
         relu_bwd(dev, &s.g, &*self.dr, t * m)?;
         // dW_d += drᵀ·h; db_d += 1ᵀ·dr; d += dr·W_d.
-        let out = MatMut::new(&mut *self.grads, at(sl.down, m, h));
-        mm(
+        let dr = &*self.dr;
+        linear_grads(
             blas,
-            dense(&*self.dr, t, m),
-            dense(&s.h, t, h),
-            out,
-            true,
-            false,
-            1.0,
-            1.0,
-        )?;
-        let out = MatMut::new(&mut *self.grads, at(sl.down_bias, 1, m));
-        mm(
-            blas,
-            ones,
-            dense(&*self.dr, t, m),
-            out,
-            false,
-            false,
-            1.0,
-            1.0,
+            (ones, grads),
+            (sl.down, sl.down_bias),
+            (dr, m),
+            (&s.h, h),
+            t,
         )?;
         let dx = dense_mut(d, t, h);
         mm(
             blas,
-            dense(&*self.dr, t, m),
+            dense(dr, t, m),
             dense(&p.down, m, h),
             dx,
             false,
@@ -362,4 +343,29 @@ impl Grads<'_> {
             1.0,
         )
     }
+}
+
+/// The gradients of a linear map `y = x·Wᵀ + b` (`W [out_f, in_f]`) for the output gradient
+/// `dy [t, out_f]`, added at `(w_off, b_off)` of the f32 buffer `grads`: `dW += dyᵀ·x`,
+/// `db += 1ᵀ·dy`.
+fn linear_grads(
+    blas: &Blas,
+    (ones, grads): (&DeviceTensor, &mut DeviceTensor),
+    (w_off, b_off): (usize, usize),
+    (dy, out_f): (&DeviceTensor, usize),
+    (x, in_f): (&DeviceTensor, usize),
+    t: usize,
+) -> R {
+    let dw = MatMut::new(&mut *grads, MatLayout::at(w_off, out_f, in_f, in_f));
+    mm(
+        blas,
+        dense(dy, t, out_f),
+        dense(x, t, in_f),
+        dw,
+        true,
+        false,
+        1.0,
+        1.0,
+    )?;
+    column_sums(blas, ones, dense(dy, t, out_f), grads, (b_off, out_f), t)
 }

@@ -259,6 +259,21 @@ pub fn mul_inplace(
     .map_err(launch_err)
 }
 
+/// `out[off .. off + n] += Σ_rows dy` (f32) for `dy` a `[t, n]` view, as the GEMM `1ᵀ·dy` with
+/// `ones` (at least `t` ones): a bias gradient, accumulated like LoRA's `dA`, `dB`.
+pub fn column_sums(
+    blas: &Blas,
+    ones: &DeviceTensor,
+    dy: Mat<'_>,
+    out: &mut DeviceTensor,
+    (off, n): (usize, usize),
+    t: usize,
+) -> R {
+    let ones = Mat::new(ones, MatLayout::at(0, 1, t, t));
+    let out = MatMut::new(out, MatLayout::at(off, 1, n, n));
+    mm(blas, ones, dy, out, false, false, 1.0, 1.0)
+}
+
 /// `y += x` over the first `n` elements.
 pub fn add(dev: &CudaDevice, x: &DeviceTensor, y: &DeviceTensor, n: usize) -> R {
     k::axpby::launch(

@@ -13,7 +13,7 @@ use crate::cpu::loss::{self, lm_head_xent, XentOut};
 use crate::cpu::matmul::{linear, matmul};
 use crate::cpu::norm::{layernorm_bwd, layernorm_fwd, LayerNormSaved};
 use crate::data::{PackedBatch, IGNORE_INDEX};
-use crate::peft::{LoraTarget, PeftParams};
+use crate::peft::{BiasSite, LoraTarget, PeftParams};
 
 /// Rows of the LM head processed at once by the fused loss.
 const LOSS_CHUNK: usize = 256;
@@ -147,6 +147,32 @@ pub fn check_adapters(config: &OptConfig, params: &PeftParams) -> Result<()> {
                 "BitFit holds {} layers, the model {}",
                 b.layers.len(),
                 config.num_hidden_layers
+            )));
+        }
+        for (i, l) in b.layers.iter().enumerate() {
+            for site in BiasSite::ALL {
+                let want = match site {
+                    BiasSite::Linear(t) => t.dims(config).1,
+                    _ => config.hidden_size,
+                };
+                if let Some(m) = l[site.index()].as_ref().filter(|m| m.shape() != [1, want]) {
+                    return Err(ModelError::Adapter(format!(
+                        "BitFit `{}` is {:?}, expected [1, {want}]",
+                        site.key(i),
+                        m.shape()
+                    )));
+                }
+            }
+        }
+        if let Some(m) = b
+            .final_ln
+            .as_ref()
+            .filter(|m| m.shape() != [1, config.hidden_size])
+        {
+            return Err(ModelError::Adapter(format!(
+                "BitFit's final LayerNorm β is {:?}, expected [1, {}]",
+                m.shape(),
+                config.hidden_size
             )));
         }
     }

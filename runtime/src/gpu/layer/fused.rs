@@ -82,22 +82,8 @@ pub(super) fn residual_block(
     adapter: Option<(&mut LayerForward<'_>, usize)>,
 ) -> R {
     let (t, h) = (cx.t, cx.d.h);
-    if let Some((ad, i)) = adapter {
-        project_forward(
-            cx,
-            li,
-            target,
-            w,
-            (x, in_f),
-            (tmp, h),
-            (u, mask),
-            (rand, xd),
-        )?;
-        bias_add(cx.dev, tmp, bias, t, h, false)?;
-        let up_bias = ad.forward(cx.dev, cx.blas, i, tmp, t)?;
-        return cx.residual(li, site, (tmp, up_bias), res, out, mask, rand);
-    }
-    if cx.fused_residual(site.1)
+    if adapter.is_none()
+        && cx.fused_residual(site.1)
         && mm_fused(
             cx.blas,
             dense(x, t, in_f),
@@ -121,6 +107,14 @@ pub(super) fn residual_block(
         (u, mask),
         (rand, xd),
     )?;
+    let bias = match adapter {
+        // The adapter reads the sub-block's output with its bias; the residual adds `b_u`.
+        Some((ad, i)) => {
+            bias_add(cx.dev, tmp, bias, t, h, false)?;
+            ad.forward(cx.dev, cx.blas, i, tmp, t)?
+        }
+        None => bias,
+    };
     cx.residual(li, site, (tmp, bias), res, out, mask, rand)
 }
 
