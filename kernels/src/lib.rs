@@ -42,13 +42,13 @@ pub use residual::bias_residual;
 pub use row_softmax::softmax;
 pub use sparse::{sparse_both, sparse_out, sparse_red};
 pub use sparse_flash::{sparse_flash_dkdv, sparse_flash_dq, sparse_flash_fwd};
-pub use sparse_mlp::{sparse_fc1_dx, sparse_fc1_fwd, sparse_fc2_dh};
+pub use sparse_mlp::{sparse_colsum, sparse_fc1_dx, sparse_fc1_fwd, sparse_fc2_dh};
 pub use xent::xent_fwd_bwd;
 
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 43] = [
+pub static ALL: [&KernelInfo; 44] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -80,6 +80,7 @@ pub static ALL: [&KernelInfo; 43] = [
     &sparse_fc1_fwd::INFO,
     &sparse_fc2_dh::INFO,
     &sparse_fc1_dx::INFO,
+    &sparse_colsum::INFO,
     &lora_fwd::INFO,
     &lora_bwd_dx::INFO,
     &lora_grad::INFO,

@@ -190,6 +190,25 @@ pub fn sparse_fc1_dx(
     out
 }
 
+/// fc1's bias gradient from the compact `dh` (`[m, max_blocks * bs]`): `db1[b*bs + c] =
+/// init[b*bs + c] + Σ_r Σ_{(j, b) of r's group} dh[r, j*bs + c]`, `[f]` (entries past `f`
+/// dropped).
+pub fn sparse_colsum(dh: &[f32], (m, f): (usize, usize), list: Blocks, init: &[f32]) -> Vec<f32> {
+    let width = list.width();
+    let mut acc: Vec<f64> = start_from(init, 1, f).iter().map(|&v| v as f64).collect();
+    for r in 0..m {
+        for (j, b) in list.of_row(r) {
+            for c in 0..list.bs {
+                let n = b.saturating_mul(list.bs).saturating_add(c);
+                if n < f {
+                    acc[n] += at(dh, width, r, j * list.bs + c);
+                }
+            }
+        }
+    }
+    acc.into_iter().map(|v| v as f32).collect()
+}
+
 /// The masked dense MLP, forward and backward to the input, written densely (independently of
 /// the compact layout): `h = relu(x·W1ᵀ + b1) ⊙ keep` (a dropped block's activations are zero),
 /// `y = h·W2ᵀ + b2`, `dh = (dy·W2) ⊙ [h > 0]`, `dx = dh·W1`. All `[m, ·]`, row-major.
@@ -467,6 +486,31 @@ mod tests {
             &[7.0; 4],
         );
         assert_eq!(dh, vec![6.0, 0.0, 7.0, 7.0]);
+    }
+
+    #[test]
+    fn sparse_colsum_is_the_column_sum_of_the_scattered_gradient() {
+        let (counts, indices, max, bm, bs, m, _hd) = setup();
+        let f = 4 * bs;
+        let list = Blocks {
+            counts: &counts,
+            indices: &indices,
+            max_blocks: max,
+            bm,
+            bs,
+        };
+        let dh = data(m * max * bs, 7);
+        let dense = scatter(&dh, (m, f), list);
+        let init = data(f, 8);
+        let got = sparse_colsum(&dh, (m, f), list, &init);
+        for n in 0..f {
+            let want = init[n] as f64 + (0..m).map(|r| dense[r * f + n] as f64).sum::<f64>();
+            assert!(
+                (got[n] as f64 - want).abs() < 1e-5,
+                "neuron {n}: {} vs {want}",
+                got[n]
+            );
+        }
     }
 
     #[test]

@@ -185,3 +185,41 @@ pub fn sparse_fc1_dx<
     }
     dx.store([rows, cols], acc.cast::<T>());
 }
+
+/// fc1's bias gradient on the kept blocks (BitFit under a sparse MLP): for group `g` and slot
+/// `j < counts[g]` with block `b = indices[g, j]`,
+/// `out[b*BS + c] += Σ_{r in rows(g)} dh[r, j*BS + c]` (f32, atomically: groups that keep the
+/// same block add into the same entries). `dh` is compact, as [`sparse_fc2_dh`] writes it; a
+/// dropped block's gradient is 0 and adds nothing. Zero `out` first (or accumulate into it).
+/// Slots past the count, and rows past the end, are not read.
+#[kernel(
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BR = [16]),
+    warps = 4,
+    grid = [indices.dim(1), cdiv(dh.dim(0), BM)],
+    require = [
+        dh.dim(1) == indices.dim(1) * BS, counts.dim(0) == indices.dim(0),
+        indices.dim(0) == cdiv(dh.dim(0), BM)
+    ]
+)]
+pub fn sparse_colsum<T, const BM: usize, const BS: usize, const BR: usize>(
+    dh: Tensor<T, 2>,
+    counts: Tensor<i32, 1>,
+    indices: Tensor<i32, 2>,
+    out: TensorMut<f32, 1>,
+) {
+    let j = program_id(0);
+    let g = program_id(1);
+    let count = counts.load([g]);
+    if j >= count {
+        return;
+    }
+    let cols = j * BS + range::<BS>();
+    let r0 = g.cast::<i64>() * BM;
+    let mut acc = zeros::<f32, BR, BS>();
+    for r in (r0..r0 + BM).step_by(BR) {
+        let rows = r + range::<BR>();
+        acc += dh.load([rows, cols]).cast::<f32>();
+    }
+    let blk = indices.load([g, j]);
+    out.atomic_add([blk * BS + range::<BS>()], acc.sum(0));
+}

@@ -1,4 +1,5 @@
-//! The dynamic-aware MLP operators (`sparse_fc1_fwd`, `sparse_fc2_dh`, `sparse_fc1_dx`), run
+//! The dynamic-aware MLP operators (`sparse_fc1_fwd`, `sparse_fc2_dh`, `sparse_fc1_dx`,
+//! `sparse_colsum`), run
 //! in the interpreter, against their f64 CPU references in
 //! `lexp_kernels::reference_sparse_mlp`; and the four sparse products chained (with
 //! `sparse_red` for fc2 forward) against the masked dense MLP.
@@ -275,6 +276,31 @@ proptest! {
             dh: &mut dh, w1: &mut w1, counts: &mut tc, indices: &mut ti, dx: &mut dx,
         }))?;
         check(&what, &dx.data, &want, tol(dtype))?;
+    }
+
+    /// fc1's bias gradient from the compact `dh`, added to a random f32 start (the kernel
+    /// accumulates); the slots past each count hold NaN, which must not be read.
+    #[test]
+    fn colsum(seed: u64, m in tokens(300), nb in 1usize..6,
+              bs in prop::sample::select(&[64usize, 128][..]), pick in 0usize..64) {
+        let mut c = case(seed, m, nb, bs);
+        let (dtype, f) = (c.dtype, nb * bs);
+        let width = c.list.max * bs;
+        let mut dh = tensor(&mut c.rng, dtype, &[m, width]);
+        for r in 0..m {
+            let count = c.list.counts[r / BM] as usize;
+            dh.data[r * width + count * bs..(r + 1) * width].fill(POISON);
+        }
+        let mut out = tensor(&mut c.rng, Storage::F32, &[f]);
+        let want = rs::sparse_colsum(&dh.data, (m, f), c.list.blocks(), &out.data);
+        let cfg = config_with_bs("sparse_colsum", pick, bs);
+        let what = format!("sparse_colsum {dtype:?} m={m} blocks={nb}x{bs} {cfg:?}");
+        let (mut tc, mut ti) = c.list.tensors();
+        run(&what, k::sparse_colsum::interpret(&cfg, k::sparse_colsum::HostArgs {
+            dh: &mut dh, counts: &mut tc, indices: &mut ti, out: &mut out,
+        }))?;
+        // f32 accumulation of up to 128 rounded values per entry.
+        check(&what, &out.data, &want, 1e-5)?;
     }
 
     /// fc1 forward, fc2 forward (`sparse_red`), fc2 input gradient, fc1 input gradient, each

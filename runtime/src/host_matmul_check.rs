@@ -351,5 +351,17 @@ fn sparse_mlp(
         },
     )?;
     rows.push(row("sparse_fc1_dx", &shape, "dx", &dx, &want));
+    let mut db = t(rng, Storage::F32, &[f]);
+    let want = rs::sparse_colsum(&dh.data, (m, f), list, &db.data);
+    k::sparse_colsum::interpret(
+        &cfg,
+        k::sparse_colsum::HostArgs {
+            dh: &mut dh,
+            counts: &mut c,
+            indices: &mut i,
+            out: &mut db,
+        },
+    )?;
+    rows.push(row("sparse_colsum", &shape, "db1", &db, &want));
     Ok(rows)
 }

@@ -258,6 +258,34 @@ pub fn sparse_fc1_dx(
     Ok(())
 }
 
+/// fc1's bias gradient on the kept blocks: `out[block*bs + c] += Σ_rows dh[:, slot*bs + c]`
+/// (see `lexp_kernels::sparse_colsum`; accumulates in f32). `dh` is compact
+/// `[M, max_blocks * bs]`, `out` `[F]` with `F = num_blocks * bs`.
+pub fn sparse_colsum(
+    l: &dyn Launcher,
+    dh: &TensorArg,
+    list: &BlockList,
+    out: &TensorArg,
+    bs: usize,
+) -> Result<(), SparseOpError> {
+    const OP: &str = "sparse_colsum";
+    let nb = num_blocks(OP, out, 0, bs)?;
+    list.check_against(groups(dim(dh, 0)), nb)?;
+    compact_width(OP, dh, list, bs)?;
+    let (c, i) = (list.counts().as_arg(), list.indices().as_arg());
+    k::sparse_colsum::launch_with(
+        l,
+        &with_bs(bs, &[]),
+        &k::sparse_colsum::Args {
+            dh,
+            counts: &c,
+            indices: &i,
+            out,
+        },
+    )?;
+    Ok(())
+}
+
 /// A compact activation must be `max_blocks * bs` wide.
 fn compact_width(
     op: &'static str,

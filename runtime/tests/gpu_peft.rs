@@ -1,18 +1,22 @@
 //! BitFit and Houlsby adapters on the GPU engine (RUNTIME.md §2.7, §2.8) against the CPU
 //! engine, alone and with LoRA: the trained biases and the adapters in the forward, every
-//! gradient, the base model back for an evaluation without them, and an optimizer step
-//! through the host AdamW path. Opt-in with `LEXP_GPU_TESTS=1`.
+//! gradient, the base model back for an evaluation without them, two optimizer steps with
+//! AdamW on the device against the same steps on the host; and both methods with a sparse MLP
+//! (random block lists) against the CPU model keeping the same blocks. Opt-in with
+//! `LEXP_GPU_TESTS=1`.
 
 mod common;
 
 use common::gpu::{batch, bf16_weights, compare, device, enabled, models, random_lora};
 use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::data::SplitMix64;
+use lexp_runtime::gpu::sparse_mlp::SyntheticMlp;
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::model;
+use lexp_runtime::model::{MlpHook, MlpMask};
 use lexp_runtime::optim::{AdamW, AdamWConfig};
 use lexp_runtime::peft::{BitFitConfig, BitFitParams, HoulsbyConfig, HoulsbyParams, PeftParams};
-use lexp_runtime::train::{Engine, OptimStep};
+use lexp_runtime::train::{host_optimizer_step, Engine, OptimStep};
 
 /// BitFit's biases moved off the base values (bf16-exact, so both engines use the same).
 fn moved_bitfit(model: &OptModel, seed: u64) -> BitFitParams {
@@ -131,25 +135,166 @@ fn gpu_peft_methods_match_the_cpu_engine() {
                 );
             }
 
-            // One optimizer step (host AdamW): the biases move, the loss is the CPU's.
-            let mut p = params.clone();
-            let sizes: Vec<usize> = p.tensors().iter().map(|(_, m)| m.data.len()).collect();
-            let mut adamw = AdamW::new(
-                AdamWConfig {
-                    lr: 1e-3,
-                    ..AdamWConfig::default()
-                },
-                &sizes,
-            );
+            // Two optimizer steps with AdamW on the device against the same two steps with
+            // the GPU's gradients and AdamW on the host, interleaved (each host step uploads
+            // its own parameters, so each device step must upload its own again).
+            let sizes: Vec<usize> = params.tensors().iter().map(|(_, m)| m.data.len()).collect();
+            let adamw = || {
+                AdamW::new(
+                    AdamWConfig {
+                        lr: 1e-3,
+                        ..AdamWConfig::default()
+                    },
+                    &sizes,
+                )
+            };
+            let (mut pd, mut ph) = (params.clone(), params.clone());
+            let (mut ad, mut ah) = (adamw(), adamw());
             let step = OptimStep {
                 batches: std::slice::from_ref(&b),
                 dropout: None,
                 lr: 1e-3,
                 max_grad_norm: 1.0,
             };
-            let out = gpu.optimizer_step(&mut p, &mut adamw, &step).unwrap();
-            assert!(out.applied && (out.loss - lc).abs() <= 1e-2, "{out:?}");
-            assert_ne!(p, params, "{name} {what}: the step moved nothing");
+            for i in 0..2 {
+                let od = gpu.optimizer_step(&mut pd, &mut ad, &step).unwrap();
+                let oh = host_optimizer_step(&mut gpu, &mut ph, &mut ah, &step).unwrap();
+                println!(
+                    "{name} {what}: step {i}: device loss {:.5} norm {:.5}, host loss {:.5} \
+                     norm {:.5}",
+                    od.loss, od.grad_norm, oh.loss, oh.grad_norm
+                );
+                assert!(od.applied && oh.applied);
+                assert!((od.loss - oh.loss).abs() <= 1e-4, "{od:?} vs {oh:?}");
+                let rel = (od.grad_norm - oh.grad_norm).abs() / oh.grad_norm;
+                assert!(rel <= 1e-3, "{name} {what}: norm {od:?} vs {oh:?}");
+            }
+            assert!(ad.moments_on_device() && !ah.moments_on_device());
+            let mut worst = 0.0f32;
+            for ((k, d), (_, h)) in pd.tensors().into_iter().zip(ph.tensors()) {
+                let diff = max_abs_diff(&d.data, &h.data);
+                assert!(diff <= 2e-5, "{name} {what}: {k} differs by {diff}");
+                worst = worst.max(diff);
+            }
+            println!(
+                "{name} {what}: device vs host AdamW, largest parameter difference {worst:.2e}"
+            );
+            assert_ne!(pd, params, "{name} {what}: the steps moved nothing");
+            // The device's moments come back for a checkpoint, equal to the host's.
+            gpu.sync_optimizer(&mut ad).unwrap();
+            let (md, vd) = ad.moments().unwrap();
+            let (mh, vh) = ah.moments().unwrap();
+            for (d, h) in md.iter().chain(vd).zip(mh.iter().chain(vh)) {
+                let diff = max_abs_diff(d, h);
+                assert!(diff <= 1e-6, "{name} {what}: moments differ by {diff}");
+            }
+        }
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The CPU model's side of a GPU sparse MLP: layer `l` keeps the blocks of mask `l`.
+struct ListMasks(Vec<MlpMask>);
+
+impl MlpHook for ListMasks {
+    fn select(&self, layer: usize, _ffn_in: &[f32], _rows: usize) -> Option<MlpMask> {
+        Some(self.0[layer].clone())
+    }
+}
+
+/// BitFit (fc1's bias gradient summed over the kept blocks only) and Houlsby adapters with
+/// the sparse MLP of random block lists, against the CPU model keeping the same blocks.
+#[test]
+fn gpu_peft_methods_with_a_sparse_mlp_match_the_cpu_model() {
+    if !enabled() {
+        return;
+    }
+    for (name, dir) in models() {
+        let loaded = OptModel::load(&dir).unwrap();
+        let model = bf16_weights(&loaded);
+        let mut gpu = GpuEngine::new(loaded, device()).unwrap_or_else(|e| panic!("{e}"));
+        let big = batch(&dir, &(100..164).collect::<Vec<_>>());
+        let n = big.num_targets();
+        let lora = random_lora(&model, 4, 9).lora;
+        gpu.set_synthetic_mlp(Some(SyntheticMlp {
+            density: 0.25,
+            block: 64,
+            seed: 3,
+        }))
+        .unwrap();
+        for (what, params) in [
+            (
+                "bitfit",
+                PeftParams {
+                    lora: None,
+                    bitfit: Some(moved_bitfit(&model, 13)),
+                    houlsby: None,
+                },
+            ),
+            (
+                "lora+bitfit+houlsby",
+                PeftParams {
+                    lora,
+                    bitfit: Some(moved_bitfit(&model, 14)),
+                    houlsby: Some(random_houlsby(&model, 15)),
+                },
+            ),
+        ] {
+            let scale = 1.0 / n as f32;
+            let got = gpu.loss_and_grads(&params, &big, scale, None).unwrap();
+            let f = model.config.ffn_dim;
+            let lists = gpu.mlp_lists().unwrap();
+            let masks = ListMasks(
+                (0..model.config.num_hidden_layers)
+                    .map(|l| lists.mask(l, f))
+                    .collect(),
+            );
+            let exposure = model::Exposure {
+                mlp: Some(&masks),
+                attention: None,
+            };
+            let want = model::loss_and_grads_exposed(&model, &params, &big, scale, None, exposure)
+                .unwrap();
+            let dense = model::loss_and_grads(&model, &params, &big, scale, None).unwrap();
+            let (lg, lc) = (got.loss_sum / n as f64, want.loss_sum / n as f64);
+            let ld = dense.loss_sum / n as f64;
+            println!("{name} {what} sparse MLP 25%: loss cpu {lc:.5} gpu {lg:.5} (dense {ld:.5})");
+            assert!((lg - lc).abs() <= 1e-2, "{name} {what}: loss {lg} vs {lc}");
+            assert!(
+                (ld - lc).abs() > 1e-3,
+                "{name} {what}: the lists changed nothing"
+            );
+            let names: Vec<String> = params.tensors().into_iter().map(|(k, _)| k).collect();
+            let (g, c, d) = (got.grads.flat(), want.grads.flat(), dense.grads.flat());
+            let (mut all_g, mut all_c) = (vec![], vec![]);
+            for (((k, g), c), d) in names.iter().zip(&g).zip(&c).zip(&d) {
+                if k.ends_with("k_proj.bias") {
+                    continue;
+                }
+                let (rel, cos) = compare(g, c);
+                println!("  {k}: rel-Frobenius {rel:.2e}, cosine {cos:.6}");
+                assert!(
+                    rel <= 0.15 && cos >= 0.99,
+                    "{name} {what}: {k}: rel {rel}, cos {cos}"
+                );
+                if k.ends_with("fc1.bias") {
+                    // Only the kept blocks' neurons have a gradient: not the dense one.
+                    let (rel_dense, _) = compare(g, d);
+                    assert!(rel_dense > 0.05, "{name} {what}: {k} is the dense gradient");
+                }
+                all_g.extend_from_slice(g);
+                all_c.extend_from_slice(c);
+            }
+            let (rel, cos) = compare(&all_g, &all_c);
+            println!("{name} {what}: all gradients rel-Frobenius {rel:.2e}, cosine {cos:.6}");
+            assert!(cos >= 0.997, "{name} {what}: all gradients cosine {cos}");
         }
     }
 }

@@ -262,7 +262,11 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
             if tc("sparse_out") || tc("sparse_red") || tc("sparse_both") {
                 mat.extend(lexp_runtime::matmul_check::check_sparse(dev)?);
             }
-            if tc("sparse_fc1_fwd") || tc("sparse_fc2_dh") || tc("sparse_fc1_dx") {
+            if tc("sparse_fc1_fwd")
+                || tc("sparse_fc2_dh")
+                || tc("sparse_fc1_dx")
+                || tc("sparse_colsum")
+            {
                 mat.extend(lexp_runtime::matmul_check::check_sparse_mlp(dev)?);
             }
             if tc("lora_fwd") || tc("lora_bwd_dx") || tc("lora_grad") {

@@ -4,10 +4,12 @@
 //! like [`BitFitParams::tensors`] ([`BitFitGrads::column_sums`]: one GEMM `1ᵀ·dY` with a
 //! vector of ones, accumulating with beta 1 like LoRA's `dA`, `dB`).
 //!
-//! The host runs AdamW on the downloaded gradients (the engine's host optimizer path);
-//! only LoRA alone takes the device optimizer.
+//! The device optimizer ([`super::optimizer`]) keeps BitFit's state in the gradient buffer's
+//! layout ([`BiasSlots::flat_layout`]); the updated biases come back to the host and are
+//! uploaded into the weights at the next call (half a million values at OPT-1.3B).
 
 use super::ops::{column_sums, dev_err, R};
+use super::optimizer::FlatLayout;
 use super::weights::{DeviceWeights, ACT};
 use crate::buffer::DeviceTensor;
 use crate::checkpoint::OptModel;
@@ -48,6 +50,23 @@ impl BiasSlots {
             layers,
             final_ln,
             len: off,
+        }
+    }
+}
+
+impl BiasSlots {
+    /// The layout the device optimizer keeps BitFit's state in: the gradient buffer's, in
+    /// [`BitFitParams::tensors`] order.
+    pub fn flat_layout(&self) -> FlatLayout {
+        let spans = self
+            .layers
+            .iter()
+            .flat_map(|l| l.iter().flatten().copied())
+            .chain(self.final_ln)
+            .collect();
+        FlatLayout {
+            len: self.len,
+            spans,
         }
     }
 }
@@ -127,6 +146,13 @@ impl BitFitGrads<'_> {
             return Ok(());
         };
         self.add(blas, off, n, dy, t)
+    }
+
+    /// Where layer `li`'s bias at `site` lies in the gradient buffer, and the buffer, when
+    /// that bias is trained (for gradients not summed by a GEMM, e.g. the sparse MLP's fc1).
+    pub fn slot(&self, li: usize, site: BiasSite) -> Option<(&DeviceTensor, usize, usize)> {
+        let (off, n) = self.slots.layers.get(li).and_then(|l| l[site.index()])?;
+        Some((&*self.grads, off, n))
     }
 
     /// [`column_sums`](Self::column_sums) for the final LayerNorm β.

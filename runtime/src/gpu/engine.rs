@@ -25,12 +25,13 @@ use super::ops::{
     arg, arg_at, convert, copy_rows, dense, dense_mut, dev_err, download_f32, embedding, layernorm,
     layernorm_bwd, mm, upload_prefix, xent, R,
 };
-use super::optimizer::{self, DeviceAdamW};
+use super::optimizer::{self, DeviceAdamW, FlatLayout, PartBuffers};
 use super::rng::GpuRng;
 use super::sparse_attention::{AttnLists, SyntheticAttention};
 use super::sparse_mlp::{MlpLists, SyntheticMlp};
 use super::weights::{self, DeviceWeights};
 use super::workspace::{Caps, Dims, Workspace, LOSS_CHUNK};
+use crate::buffer::DeviceTensor;
 use crate::checkpoint::OptModel;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
 use crate::data::{PackedBatch, IGNORE_INDEX};
@@ -42,7 +43,7 @@ use crate::model::opt::{check_adapters, check_batch, check_lora};
 use crate::model::{DropoutRng, ModelError, PeftGrads, RecordedMasks, Result, StepOutput};
 use crate::optim::AdamW;
 use crate::peft::{BitFitParams, HoulsbyParams, LoraParams, LoraTarget, PeftParams};
-use crate::train::{host_optimizer_step, Engine, OptimStep, StepOutcome};
+use crate::train::{Engine, OptimStep, StepOutcome};
 
 /// Token capacities grow in steps of this many tokens (fewer re-allocations as batch sizes
 /// vary).
@@ -74,6 +75,9 @@ pub struct GpuEngine {
     attention: AttentionImpl,
     /// AdamW's state, once [`Engine::optimizer_step`] ran.
     adam: Option<DeviceAdamW>,
+    /// Whether the device's LoRA and adapter parameters are the optimizer's last update
+    /// (nothing uploaded since), so that the next device step need not upload them.
+    params_from_optimizer: bool,
     /// Random MLP block lists standing in for the predictor (`None`: dense MLP).
     synthetic_mlp: Option<SyntheticMlp>,
     /// The lists of the last batch shape, made from `synthetic_mlp`.
@@ -165,6 +169,7 @@ impl GpuEngine {
             last_drop: None,
             attention: AttentionImpl::default_for(dims.hd),
             adam: None,
+            params_from_optimizer: false,
             synthetic_mlp: None,
             mlp_lists: None,
             synthetic_attention: None,
@@ -390,9 +395,13 @@ impl GpuEngine {
             Some(d) if d.fits(lora) => {
                 if upload {
                     d.upload(lora)?;
+                    self.params_from_optimizer = false;
                 }
             }
-            slot => *slot = Some(DeviceLora::new(&self.dev, lora, self.dims.layers)?),
+            slot => {
+                *slot = Some(DeviceLora::new(&self.dev, lora, self.dims.layers)?);
+                self.params_from_optimizer = false;
+            }
         }
         self.lora
             .as_mut()
@@ -685,11 +694,6 @@ impl GpuEngine {
     fn sync_biases(&mut self, b: Option<&BitFitParams>, tokens: usize) -> R {
         match b {
             Some(b) => {
-                if self.synthetic_mlp.is_some() {
-                    return Err(ModelError::Unsupported(
-                        "BitFit with a sparse MLP on the GPU".into(),
-                    ));
-                }
                 if !self.bitfit.as_ref().is_some_and(|d| d.fits(b, tokens)) {
                     let cap = tokens.div_ceil(TOKEN_STEP) * TOKEN_STEP;
                     self.bitfit = Some(DeviceBitFit::new(&self.dev, b, cap)?);
@@ -706,19 +710,22 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// Uploads Houlsby adapters `p` (sized for `tokens` tokens) and runs them in the next
-    /// calls; `None` turns them off.
-    fn sync_houlsby(&mut self, p: Option<&HoulsbyParams>, tokens: usize) -> R {
+    /// Makes the device hold Houlsby adapters `p` (sized for `tokens` tokens; `upload`: copy
+    /// `p`'s values even when the device already holds adapters of its shape) and runs them
+    /// in the next calls; `None` turns them off.
+    fn sync_houlsby(&mut self, p: Option<&HoulsbyParams>, tokens: usize, upload: bool) -> R {
         self.houlsby_on = p.is_some();
         let Some(p) = p else { return Ok(()) };
-        if self.synthetic_mlp.is_some() {
-            return Err(ModelError::Unsupported(
-                "Houlsby adapters with a sparse MLP on the GPU".into(),
-            ));
+        if upload {
+            self.params_from_optimizer = false;
         }
         match &mut self.houlsby {
-            Some(d) if d.fits(p, tokens) => d.upload(p),
+            Some(d) if d.fits(p, tokens) => match upload {
+                true => d.upload(p),
+                false => Ok(()),
+            },
             slot => {
+                self.params_from_optimizer = false;
                 // Free the old buffers before allocating the new ones.
                 *slot = None;
                 let cap = tokens.div_ceil(TOKEN_STEP) * TOKEN_STEP;
@@ -744,7 +751,7 @@ impl GpuEngine {
         }
         check_adapters(&self.model.config, params)?;
         self.sync_biases(bitfit, batch.num_tokens())?;
-        self.sync_houlsby(houlsby, batch.num_tokens())?;
+        self.sync_houlsby(houlsby, batch.num_tokens(), true)?;
         self.zero_grads(lora.is_some())?;
         let (loss_sum, count) = self.micro_step(lora, batch, grad_scale, rng, false)?;
         let mut grads = match (&self.lora, lora) {
@@ -775,11 +782,11 @@ impl GpuEngine {
         })
     }
 
-    /// One optimizer step with AdamW on the device. Alone (`dp` is `None`) the engine computes
-    /// every micro-batch of `step`; as a data-parallel rank only its share
-    /// ([`rank_micro_batches`]), after which the gradient buffer is summed over the ranks on
-    /// the device and `[loss sum, extra…]` on the host, so that every rank clips and applies
-    /// the same update.
+    /// One optimizer step with AdamW on the device, for every trained method (LoRA, BitFit,
+    /// ReLU Houlsby adapters). Alone (`dp` is `None`) the engine computes every micro-batch
+    /// of `step`; as a data-parallel rank only its share ([`rank_micro_batches`]), after
+    /// which each gradient buffer is summed over the ranks on the device and `[loss sum,
+    /// extra…]` on the host, so that every rank clips and applies the same update.
     fn device_step(
         &mut self,
         params: &mut PeftParams,
@@ -788,32 +795,50 @@ impl GpuEngine {
         dp: Option<(&mut dyn Communicator, &mut [f64])>,
     ) -> Result<StepOutcome> {
         let n = step.targets()?;
-        let lora_only = params.is_lora_only();
-        let (Some(lora), true) = (params.lora.as_mut(), lora_only) else {
-            return Err(ModelError::Device(
-                "internal: the device optimizer takes LoRA alone".into(),
-            ));
-        };
-        check_lora(&self.model.config, lora)?;
-        self.sync_biases(None, 0)?;
-        self.sync_houlsby(None, 0)?;
+        check_adapters(&self.model.config, params)?;
+        let tokens = step.batches.iter().map(PackedBatch::num_tokens).max();
+        let tokens = tokens.unwrap_or(0);
+        // With the moments on the device and nothing uploaded since the last update, the
+        // device holds the current parameters: nothing to upload.
         let host_holds_state = !adamw.moments_on_device();
-        let d = self.ensure_lora(lora, host_holds_state)?;
-        let (len, spans) = (d.len(), optimizer::tensor_spans(lora, &d.slots)?);
-        if !self.adam.as_ref().is_some_and(|a| a.fits(len, &spans)) {
+        let upload = host_holds_state || !self.params_from_optimizer;
+        let (lora, bitfit, houlsby) = gpu_parts(params);
+        let mut layouts = Vec::new();
+        if let Some(l) = lora {
+            check_lora(&self.model.config, l)?;
+            let d = self.ensure_lora(l, upload)?;
+            layouts.push(FlatLayout {
+                len: d.len(),
+                spans: optimizer::lora_spans(l, &d.slots)?,
+            });
+        }
+        self.sync_biases(bitfit, tokens)?;
+        if let (Some(d), Some(_)) = (&self.bitfit, bitfit) {
+            layouts.push(d.slots.flat_layout());
+        }
+        self.sync_houlsby(houlsby, tokens, upload)?;
+        if let (Some(d), Some(_)) = (&self.houlsby, houlsby) {
+            layouts.push(d.flat_layout());
+        }
+        if !self.adam.as_ref().is_some_and(|a| a.fits(&layouts)) {
             if !host_holds_state {
                 return Err(ModelError::Device(
-                    "internal: the adapter's layout changed while AdamW's moments were on the \
+                    "internal: the adapters' layout changed while AdamW's moments were on the \
                      device"
                         .into(),
                 ));
             }
-            self.adam = Some(DeviceAdamW::new(&self.dev, len, spans)?);
+            self.adam = Some(DeviceAdamW::new(&self.dev, layouts)?);
         }
         if let Some(a) = self.adam.as_mut() {
-            a.load(lora, adamw)?;
+            let values: Vec<&[f32]> = params
+                .tensors()
+                .into_iter()
+                .map(|(_, t)| t.data.as_slice())
+                .collect();
+            a.load(&values, adamw)?;
         }
-        self.zero_grads(true)?;
+        self.zero_grads(lora.is_some())?;
         let scale = 1.0 / n as f32;
         let mine = match &dp {
             Some((comm, _)) => {
@@ -825,33 +850,46 @@ impl GpuEngine {
         for micro in mine {
             let rng = step.dropout.and_then(|d| d.get(micro).copied());
             loss_sum += self
-                .micro_step(Some(lora), &step.batches[micro], scale, rng, false)?
+                .micro_step(lora, &step.batches[micro], scale, rng, false)?
                 .0;
         }
+        let (with_bitfit, with_houlsby) = (bitfit.is_some(), houlsby.is_some());
         if let Some((comm, extra)) = dp {
-            let d = self
-                .lora
-                .as_mut()
-                .ok_or_else(|| ModelError::Device("internal: no LoRA on the device".into()))?;
             let stream = self.dev.stream().clone();
-            comm.device_collectives()
-                .ok_or_else(|| ModelError::Collective("no device collectives".into()))?
-                .all_reduce_sum_tensor(&stream, &mut d.grads)
-                .map_err(collective)?;
+            let coll = comm
+                .device_collectives()
+                .ok_or_else(|| ModelError::Collective("no device collectives".into()))?;
+            for g in self.grad_buffers_mut(lora.is_some(), with_bitfit, with_houlsby)? {
+                coll.all_reduce_sum_tensor(&stream, g).map_err(collective)?;
+            }
             loss_sum = reduce_loss_sum(comm, loss_sum, extra)?;
         }
         let loss = loss_sum / n as f64;
-        let (Some(adam), Some(d)) = (self.adam.as_mut(), self.lora.as_ref()) else {
-            return Err(ModelError::Device("internal: no optimizer state".into()));
-        };
-        let grad_norm = adam.grad_norm(&self.dev, &d.grads)?;
+        let buffers = part_buffers(
+            self.lora.as_ref().filter(|_| lora.is_some()),
+            self.bitfit.as_ref().filter(|_| with_bitfit),
+            self.houlsby.as_ref().filter(|_| with_houlsby),
+        );
+        let adam = self
+            .adam
+            .as_mut()
+            .ok_or_else(|| ModelError::Device("internal: no optimizer state".into()))?;
+        let grads: Vec<&DeviceTensor> = buffers.iter().map(|b| b.grads).collect();
+        let grad_norm = adam.grad_norm(&self.dev, &grads)?;
         let applied = loss.is_finite() && grad_norm.is_finite();
         if applied {
             let coef = optimizer::clip_coefficient(grad_norm, step.max_grad_norm);
-            let values = adam.apply(&self.dev, &d.grads, &d.params, coef, adamw, step.lr)?;
-            for ((_, t), v) in lora.tensors_mut().into_iter().zip(values) {
+            let values = adam.apply(&self.dev, &buffers, coef, adamw, step.lr)?;
+            if let (Some(d), Some(master)) = (
+                self.houlsby.as_ref().filter(|_| with_houlsby),
+                adam.master(buffers.len() - 1),
+            ) {
+                d.take_master(&self.dev, master)?;
+            }
+            for ((_, t), v) in params.tensors_mut().into_iter().zip(values) {
                 t.data = v;
             }
+            self.params_from_optimizer = true;
         }
         Ok(StepOutcome {
             loss,
@@ -860,6 +898,61 @@ impl GpuEngine {
             applied,
         })
     }
+
+    /// The gradient buffers of the trained methods, in optimizer-part order.
+    fn grad_buffers_mut(
+        &mut self,
+        lora: bool,
+        bitfit: bool,
+        houlsby: bool,
+    ) -> R<Vec<&mut DeviceTensor>> {
+        let missing = |what: &str| ModelError::Device(format!("internal: no {what} on the device"));
+        let mut out = Vec::new();
+        if lora {
+            out.push(&mut self.lora.as_mut().ok_or_else(|| missing("LoRA"))?.grads);
+        }
+        if bitfit {
+            out.push(&mut self.bitfit.as_mut().ok_or_else(|| missing("BitFit"))?.grads);
+        }
+        if houlsby {
+            out.push(
+                &mut self
+                    .houlsby
+                    .as_mut()
+                    .ok_or_else(|| missing("adapter"))?
+                    .grads,
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// What the optimizer reads and writes of each trained method, in part order.
+fn part_buffers<'a>(
+    lora: Option<&'a DeviceLora>,
+    bitfit: Option<&'a DeviceBitFit>,
+    houlsby: Option<&'a DeviceHoulsby>,
+) -> Vec<PartBuffers<'a>> {
+    let mut out = Vec::new();
+    if let Some(d) = lora {
+        out.push(PartBuffers {
+            grads: &d.grads,
+            params: Some(&d.params),
+        });
+    }
+    if let Some(d) = bitfit {
+        out.push(PartBuffers {
+            grads: &d.grads,
+            params: None,
+        });
+    }
+    if let Some(d) = houlsby {
+        out.push(PartBuffers {
+            grads: &d.grads,
+            params: None,
+        });
+    }
+    out
 }
 
 impl Engine for GpuEngine {
@@ -883,41 +976,32 @@ impl Engine for GpuEngine {
 
     /// The step with AdamW on the device ([`super::optimizer`]): the micro-batches' gradients
     /// are summed on the device, clipped and applied there; only the losses, the norm's
-    /// partial sums and the updated adapter are read back.
+    /// partial sums and the updated parameters are read back.
     fn optimizer_step(
         &mut self,
-        lora: &mut PeftParams,
+        params: &mut PeftParams,
         adamw: &mut AdamW,
         step: &OptimStep<'_>,
     ) -> Result<StepOutcome> {
-        if !lora.is_lora_only() {
-            // BitFit, Houlsby adapters: gradients read back, AdamW on the host.
-            if adamw.moments_on_device() {
-                return Err(ModelError::Device(
-                    "internal: AdamW's moments are on the device for a host step".into(),
-                ));
-            }
-            return host_optimizer_step(self, lora, adamw, step);
-        }
-        self.device_step(lora, adamw, step, None)
+        self.device_step(params, adamw, step, None)
     }
 
     /// With NCCL ([`crate::dist::DeviceCollectives`]) the data-parallel step stays on the
-    /// device: this rank's micro-batches add into the gradient buffer, NCCL sums it over the
-    /// ranks in place, and every rank clips and applies AdamW to the same sums. Other
+    /// device: this rank's micro-batches add into the gradient buffers, NCCL sums them over
+    /// the ranks in place, and every rank clips and applies AdamW to the same sums. Other
     /// communicators take the host path.
     fn data_parallel_step(
         &mut self,
         comm: &mut dyn Communicator,
-        lora: &mut PeftParams,
+        params: &mut PeftParams,
         adamw: &mut AdamW,
         step: &OptimStep<'_>,
         extra: &mut [f64],
     ) -> Result<StepOutcome> {
-        if comm.device_collectives().is_none() || !lora.is_lora_only() {
-            return crate::dist::data_parallel_step(self, comm, lora, adamw, step, extra);
+        if comm.device_collectives().is_none() {
+            return crate::dist::data_parallel_step(self, comm, params, adamw, step, extra);
         }
-        self.device_step(lora, adamw, step, Some((comm, extra)))
+        self.device_step(params, adamw, step, Some((comm, extra)))
     }
 
     fn sync_optimizer(&mut self, adamw: &mut AdamW) -> Result<()> {
@@ -945,7 +1029,7 @@ impl Engine for GpuEngine {
             None => (None, None, None),
         };
         self.sync_biases(bitfit, batch.num_tokens())?;
-        self.sync_houlsby(houlsby, batch.num_tokens())?;
+        self.sync_houlsby(houlsby, batch.num_tokens(), true)?;
         let p = self.prepare(lora, batch, None, true)?;
         if p.n == 0 {
             return Ok((0.0, 0));

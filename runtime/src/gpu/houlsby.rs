@@ -9,10 +9,15 @@
 //!           dW_d += drᵀ·h;  db_d += 1ᵀ·dr;  d += dr·W_d            (d becomes dh in place)
 //! ```
 //!
-//! The host runs AdamW on the downloaded gradients (the engine's host optimizer path). GELU
-//! adapters run on the CPU engine.
+//! The device optimizer ([`super::optimizer`]) keeps the adapters' state in the gradient
+//! buffer's layout ([`DeviceHoulsby::flat_layout`]) and rounds its updated master copy into
+//! the bf16 parameters on the device ([`DeviceHoulsby::take_master`]), so a training step
+//! uploads nothing. GELU adapters run on the CPU engine.
 
-use super::ops::{bias_add, column_sums, copy_rows, dense, dense_mut, dev_err, mm, relu_bwd, R};
+use super::ops::{
+    bias_add, column_sums, convert_from, copy_rows, dense, dense_mut, dev_err, mm, relu_bwd, R,
+};
+use super::optimizer::FlatLayout;
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Blas, MatLayout, MatMut};
@@ -55,6 +60,8 @@ pub struct DeviceHoulsby {
     pub grads: DeviceTensor,
     ones: DeviceTensor,
     dr: DeviceTensor,
+    /// Elements of the gradient buffer.
+    len: usize,
     /// Tokens the saved activations hold.
     tokens: usize,
     m: usize,
@@ -156,6 +163,7 @@ impl DeviceHoulsby {
             ones: DeviceTensor::from_f32(dev, ACT, &[tokens.max(1)], &vec![1.0; tokens.max(1)])
                 .map_err(dev_err("allocating ones"))?,
             dr: alloc(dev, ACT, tokens * m, "adapter scratch")?,
+            len,
             tokens,
             m,
             h,
@@ -190,6 +198,44 @@ impl DeviceHoulsby {
                     .map_err(dev_err(what))?;
                 d.up.write_f32(&up.data).map_err(dev_err(what))?;
                 d.up_bias.write_f32(&up_bias.data).map_err(dev_err(what))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The layout the device optimizer keeps the adapters' state in: the gradient buffer's,
+    /// in [`HoulsbyParams::tensors`] order.
+    pub fn flat_layout(&self) -> FlatLayout {
+        let (m, h) = (self.m, self.h);
+        let spans = self
+            .slots
+            .iter()
+            .flatten()
+            .flat_map(|s| {
+                [
+                    (s.down, m * h),
+                    (s.down_bias, m),
+                    (s.up, h * m),
+                    (s.up_bias, h),
+                ]
+            })
+            .collect();
+        FlatLayout {
+            len: self.len,
+            spans,
+        }
+    }
+
+    /// Rounds the optimizer's updated f32 master copy `master` (laid out like
+    /// [`flat_layout`](Self::flat_layout)) into the adapters' bf16 parameters.
+    pub fn take_master(&self, dev: &CudaDevice, master: &DeviceTensor) -> R {
+        let (m, h) = (self.m, self.h);
+        for (dl, sl) in self.params.iter().zip(&self.slots) {
+            for (d, s) in dl.iter().zip(sl) {
+                convert_from(dev, (master, s.down), &d.down, m * h)?;
+                convert_from(dev, (master, s.down_bias), &d.down_bias, m)?;
+                convert_from(dev, (master, s.up), &d.up, h * m)?;
+                convert_from(dev, (master, s.up_bias), &d.up_bias, h)?;
             }
         }
         Ok(())

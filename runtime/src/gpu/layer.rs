@@ -341,18 +341,21 @@ pub fn forward(
     )?;
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
     if let Some(m) = cx.mlp {
-        if adapters.is_some() {
-            return Err(ModelError::Unsupported(
-                "Houlsby adapters with a sparse MLP on the GPU".into(),
-            ));
-        }
         sparse_mlp::fc1_forward(cx, li, m, w, &acts.b, &acts.act)?;
         sparse_mlp::fc2_forward(cx, li, m, w, &acts.act, &sc.tmp)?;
+        let bias = match adapters.as_mut() {
+            // As in `residual_block`: the adapter reads fc2's output with its bias.
+            Some(ad) => {
+                bias_add(dev, &sc.tmp, &w.b2, t, h, false)?;
+                ad.forward(dev, blas, 1, &mut sc.tmp, t)?
+            }
+            None => &w.b2,
+        };
         let site = (Site::MlpResidual, mlp_col);
         return cx.residual(
             li,
             site,
-            (&sc.tmp, &w.b2),
+            (&sc.tmp, bias),
             &acts.h1,
             out,
             &acts.mask,
@@ -454,15 +457,16 @@ pub fn backward(
     let gm = cx.adapter_grad(li, (1, mlp_col), g, acts, &mut sc.tmp2, grads, adapters)?;
     grads.bias(blas, li, linear(LoraTarget::Fc2), dense(gm, t, h), t)?;
     if let Some(m) = cx.mlp {
-        if grads.bitfit.is_some() {
-            return Err(ModelError::Unsupported(
-                "BitFit with a sparse MLP on the GPU (fc1's bias gradient needs the dense \
-                 activations)"
-                    .into(),
-            ));
-        }
-        // Sparse: both input gradients on the kept blocks, d(LN2 out) into tmp.
+        // Sparse: both input gradients on the kept blocks, d(LN2 out) into tmp; fc1's bias
+        // gradient over the kept blocks.
         sparse_mlp::backward(cx, li, m, w, gm, &acts.act, &sc.dact, &sc.tmp)?;
+        if let Some(slot) = grads
+            .bitfit
+            .as_ref()
+            .and_then(|b| b.slot(li, linear(LoraTarget::Fc1)))
+        {
+            sparse_mlp::fc1_bias_grad(cx, li, m, &sc.dact, slot)?;
+        }
     } else {
         // fc2: dact = (g ⊙ mask)·W2 (+ LoRA), then the ReLU mask.
         project_backward(

@@ -173,6 +173,17 @@ pub fn convert(dev: &CudaDevice, src: &DeviceTensor, dst: &DeviceTensor, n: usiz
     k::convert::launch(dev, &k::convert::Args { x: &x, y: &y }).map_err(launch_err)
 }
 
+/// `dst[..n] = src[src_off..src_off + n]` rounded from f32 to `dst`'s type.
+pub fn convert_from(
+    dev: &CudaDevice,
+    (src, src_off): (&DeviceTensor, usize),
+    dst: &DeviceTensor,
+    n: usize,
+) -> R {
+    let (x, y) = (arg_at(src, src_off, &[n])?, arg(dst, &[n])?);
+    k::convert::launch(dev, &k::convert::Args { x: &x, y: &y }).map_err(launch_err)
+}
+
 /// `x[r, c] += bias[c]` in place on `x [rows, cols]`; with `relu`, then `x = max(x, 0)`.
 pub fn bias_add(
     dev: &CudaDevice,

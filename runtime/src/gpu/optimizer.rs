@@ -1,23 +1,28 @@
 //! AdamW on the device, so that a training step never sends the gradients to the host and the
 //! adapter back: the GPU engine's [`Engine::optimizer_step`](crate::train::Engine::optimizer_step).
 //!
-//! The state is kept in the flat layout of [`DeviceLora`](super::lora::DeviceLora) (every
-//! module's `A` then `B`, 8-element aligned; the gaps stay zero): an f32 master copy of the
-//! adapter, the moments `m` and `v`, and the partial sums of squares of the gradient. Per
-//! step, after the micro-batches' gradients are summed in place on the device:
+//! The state of each trained method (LoRA, BitFit, Houlsby adapters) is kept in the flat
+//! layout of that method's device gradient buffer ([`FlatLayout`]: LoRA's every module `A`
+//! then `B`, BitFit's biases, the adapters' four tensors; 8-element aligned, the gaps stay
+//! zero): an f32 master copy of the parameters, the moments `m` and `v`, and the partial sums
+//! of squares of the gradient. Per step, after the micro-batches' gradients are summed in
+//! place on the device:
 //!
-//! 1. `sum_squares` writes one partial per 16k gradients; the host adds the few dozen
-//!    partials in f64 and takes the square root: the norm `clip_grad_norm` reports.
+//! 1. `sum_squares` writes one partial per 16k gradients of each method; the host adds the
+//!    partials in f64 and takes the square root: the norm `clip_grad_norm` reports over all
+//!    trained tensors.
 //! 2. The host decides, exactly as [`host_optimizer_step`](crate::train::host_optimizer_step)
 //!    does, whether the step is applied (finite loss and norm) and the clipping coefficient
 //!    (`max_norm / (norm + 1e-6)` when under 1, in f32).
 //! 3. `adamw` updates master, `m` and `v` from the gradient times that coefficient; `convert`
-//!    rounds the master into the bf16 adapter the next forward reads; the master comes back to
-//!    the host adapter (3 MB at OPT-1.3B r=4 q,v).
+//!    rounds the master into the bf16 parameters the next forward reads (LoRA's flat buffer,
+//!    the adapters' tensors; BitFit's biases are uploaded into the weights at the next call);
+//!    the master comes back to the host parameters (3 MB at OPT-1.3B with LoRA r=4 on q,v,
+//!    51 MB with Houlsby adapters of 64).
 //!
 //! The moments stay on the device ([`AdamW::record_device_step`]) until
 //! [`DeviceAdamW::download_moments`] hands them back for a checkpoint. Three small reads per
-//! step (losses, partials, adapter) are the only synchronisations.
+//! step (losses, partials, parameters) are the only synchronisations.
 
 use super::lora::Slots;
 use super::ops::{arg, convert, dev_err, R};
@@ -33,7 +38,7 @@ use lexp_kernels::AdamwStep;
 
 /// `(offset, length)` in the flat buffers of each of `lora`'s tensors, in
 /// [`LoraParams::tensors`] order (each module's `A`, then its `B`).
-pub fn tensor_spans(lora: &LoraParams, slots: &Slots) -> R<Vec<(usize, usize)>> {
+pub fn lora_spans(lora: &LoraParams, slots: &Slots) -> R<Vec<(usize, usize)>> {
     let mut spans = Vec::new();
     for (layer, target, m) in lora.modules() {
         let s = slots
@@ -96,26 +101,34 @@ fn launch_err(what: &'static str) -> impl FnOnce(LaunchError) -> ModelError {
     move |e| ModelError::Device(format!("{what}: {e}"))
 }
 
-/// AdamW's state on the device (see the [module docs](self)).
-pub struct DeviceAdamW {
+/// One flat f32 buffer of the optimizer's state: a master copy of the parameters it mirrors,
+/// the moments `m` and `v`, and the gradient-norm partials, laid out like one adapter
+/// method's gradient buffer.
+struct FlatState {
     master: DeviceTensor,
     m: DeviceTensor,
     v: DeviceTensor,
     partials: DeviceTensor,
-    len: usize,
-    /// Where each host tensor lies in the flat buffers.
-    spans: Vec<(usize, usize)>,
-    /// [`AdamW::step_count`] the device moments belong to.
-    step: u64,
+    layout: FlatLayout,
 }
 
-impl DeviceAdamW {
-    /// Buffers for an adapter of `len` flat elements laid out as `spans`.
-    pub fn new(dev: &CudaDevice, len: usize, spans: Vec<(usize, usize)>) -> R<DeviceAdamW> {
+/// Where the host tensors of one adapter method lie in its flat device buffers: `len`
+/// elements, and `(offset, length)` per tensor in the method's `tensors()` order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlatLayout {
+    /// Elements of the buffers.
+    pub len: usize,
+    /// Each tensor's `(offset, length)`.
+    pub spans: Vec<(usize, usize)>,
+}
+
+impl FlatState {
+    fn new(dev: &CudaDevice, layout: FlatLayout) -> R<FlatState> {
         let f32s = |what: &'static str, n: usize| {
             DeviceTensor::zeros(dev, Storage::F32, &[n.max(1)]).map_err(dev_err(what))
         };
-        Ok(DeviceAdamW {
+        let len = layout.len;
+        Ok(FlatState {
             master: f32s("allocating the adapter's f32 master copy", len)?,
             m: f32s("allocating AdamW's first moments", len)?,
             v: f32s("allocating AdamW's second moments", len)?,
@@ -123,42 +136,144 @@ impl DeviceAdamW {
                 "allocating the gradient-norm partials",
                 len.div_ceil(k::SUM_SQUARES_CHUNK),
             )?,
-            len,
-            spans,
+            layout,
+        })
+    }
+
+    /// Uploads the master copy from `params` and the moments `m`, `v` (one vector per tensor).
+    fn load(&mut self, params: &[&[f32]], m: &[Vec<f32>], v: &[Vec<f32>]) -> R {
+        let (spans, len) = (&self.layout.spans, self.layout.len);
+        let flat = |x: &[Vec<f32>]| {
+            let refs: Vec<&[f32]> = x.iter().map(Vec::as_slice).collect();
+            to_flat(&refs, spans, len)
+        };
+        let master = to_flat(params, spans, len)?;
+        self.master
+            .write_f32(&pad(master))
+            .map_err(dev_err("uploading the adapter's f32 master copy"))?;
+        self.m
+            .write_f32(&pad(flat(m)?))
+            .map_err(dev_err("uploading AdamW's first moments"))?;
+        self.v
+            .write_f32(&pad(flat(v)?))
+            .map_err(dev_err("uploading AdamW's second moments"))
+    }
+
+    /// Σ grads² over the first `len` elements of `grads`: device partial sums, added on the
+    /// host in f64 (one synchronisation).
+    fn sum_squares(&self, dev: &CudaDevice, grads: &DeviceTensor) -> R<f64> {
+        let len = self.layout.len;
+        let parts = len.div_ceil(k::SUM_SQUARES_CHUNK);
+        if parts == 0 {
+            return Ok(0.0);
+        }
+        k::sum_squares::launch(
+            dev,
+            &k::sum_squares::Args {
+                x: &arg(grads, &[len])?,
+                out: &arg(&self.partials, &[parts])?,
+            },
+        )
+        .map_err(launch_err("gradient norm"))?;
+        let partials = self
+            .partials
+            .to_f32_vec()
+            .map_err(dev_err("reading the gradient norm"))?;
+        Ok(partials.iter().take(parts).map(|&x| f64::from(x)).sum())
+    }
+
+    /// One AdamW update of the master copy and the moments from `grads` (scalars `s`).
+    fn update(&mut self, dev: &CudaDevice, grads: &DeviceTensor, s: &AdamwStep) -> R {
+        let n = self.layout.len;
+        if n == 0 {
+            return Ok(());
+        }
+        k::adamw::launch(
+            dev,
+            &k::adamw::Args {
+                param: &arg(&self.master, &[n])?,
+                grad: &arg(grads, &[n])?,
+                grad_scale: s.grad_scale,
+                m: &arg(&self.m, &[n])?,
+                v: &arg(&self.v, &[n])?,
+                lr: s.lr,
+                beta1: s.beta1,
+                beta2: s.beta2,
+                eps: s.eps,
+                weight_decay: s.weight_decay,
+                bias_correction1: s.bias_correction1,
+                bias_correction2_sqrt: s.bias_correction2_sqrt,
+            },
+        )
+        .map_err(launch_err("AdamW"))
+    }
+
+    /// Per-tensor values of `t` (master, `m` or `v`).
+    fn read(&self, t: &DeviceTensor, what: &'static str) -> R<Vec<Vec<f32>>> {
+        let flat = t.to_f32_vec().map_err(dev_err(what))?;
+        from_flat(&flat, &self.layout.spans)
+    }
+}
+
+/// One adapter method's device buffers as the optimizer sees them: the gradients it reads
+/// and, where the method keeps one, the flat bf16 parameter buffer (same layout) it writes
+/// after the update. Methods whose parameters live elsewhere (BitFit's biases in the
+/// weights, Houlsby's per-tensor buffers) take the updated master copy themselves
+/// ([`DeviceAdamW::master`]).
+pub struct PartBuffers<'a> {
+    /// The f32 gradient buffer, laid out like the part's [`FlatLayout`].
+    pub grads: &'a DeviceTensor,
+    /// The bf16 parameter buffer with the same layout, if the method has one.
+    pub params: Option<&'a DeviceTensor>,
+}
+
+/// AdamW's state on the device (see the [module docs](self)): one flat state per trained
+/// adapter method (LoRA, BitFit, Houlsby, in [`PeftParams::tensors`](crate::peft::PeftParams::tensors)
+/// order), sharing one step count, one gradient norm and one clipping coefficient.
+pub struct DeviceAdamW {
+    parts: Vec<FlatState>,
+    /// [`AdamW::step_count`] the device moments belong to.
+    step: u64,
+}
+
+impl DeviceAdamW {
+    /// Buffers for the methods laid out as `layouts`.
+    pub fn new(dev: &CudaDevice, layouts: Vec<FlatLayout>) -> R<DeviceAdamW> {
+        Ok(DeviceAdamW {
+            parts: layouts
+                .into_iter()
+                .map(|l| FlatState::new(dev, l))
+                .collect::<R<_>>()?,
             step: 0,
         })
     }
 
-    /// True when this state was built for `len` elements laid out as `spans`.
-    pub fn fits(&self, len: usize, spans: &[(usize, usize)]) -> bool {
-        self.len == len && self.spans == spans
+    /// True when this state was built for `layouts`.
+    pub fn fits(&self, layouts: &[FlatLayout]) -> bool {
+        self.parts.len() == layouts.len()
+            && self.parts.iter().zip(layouts).all(|(p, l)| p.layout == *l)
     }
 
-    /// Makes the device state current: uploads the master copy from `lora` and the moments
-    /// from `adamw` when the host holds them, else checks that the device's moments are the
-    /// ones `adamw` counts.
-    pub fn load(&mut self, lora: &LoraParams, adamw: &AdamW) -> R {
+    /// Makes the device state current: uploads the master copy from `params` (every trained
+    /// tensor, in canonical order) and the moments from `adamw` when the host holds them,
+    /// else checks that the device's moments are the ones `adamw` counts.
+    pub fn load(&mut self, params: &[&[f32]], adamw: &AdamW) -> R {
         match adamw.moments() {
             Some((m, v)) => {
-                let flat = |x: &[Vec<f32>]| {
-                    let refs: Vec<&[f32]> = x.iter().map(Vec::as_slice).collect();
-                    to_flat(&refs, &self.spans, self.len)
-                };
-                let params: Vec<&[f32]> = lora
-                    .tensors()
-                    .into_iter()
-                    .map(|(_, t)| t.data.as_slice())
-                    .collect();
-                let master = to_flat(&params, &self.spans, self.len)?;
-                self.master
-                    .write_f32(&pad(master))
-                    .map_err(dev_err("uploading the adapter's f32 master copy"))?;
-                self.m
-                    .write_f32(&pad(flat(m)?))
-                    .map_err(dev_err("uploading AdamW's first moments"))?;
-                self.v
-                    .write_f32(&pad(flat(v)?))
-                    .map_err(dev_err("uploading AdamW's second moments"))?;
+                let total: usize = self.parts.iter().map(|p| p.layout.spans.len()).sum();
+                if params.len() != total || m.len() != total || v.len() != total {
+                    return Err(ModelError::Device(format!(
+                        "internal: {} tensors ({} moments) for {total} device slots",
+                        params.len(),
+                        m.len()
+                    )));
+                }
+                let mut at = 0;
+                for p in &mut self.parts {
+                    let n = p.layout.spans.len();
+                    p.load(&params[at..at + n], &m[at..at + n], &v[at..at + n])?;
+                    at += n;
+                }
                 self.step = adamw.step_count();
                 Ok(())
             }
@@ -171,74 +286,51 @@ impl DeviceAdamW {
         }
     }
 
-    /// The gradient norm of the flat f32 `grads` (first `len` elements): device partial
-    /// sums, added on the host in f64 (one synchronisation).
-    pub fn grad_norm(&self, dev: &CudaDevice, grads: &DeviceTensor) -> R<f32> {
-        let parts = self.len.div_ceil(k::SUM_SQUARES_CHUNK);
-        if parts == 0 {
-            return Ok(0.0);
+    /// The gradient norm over every part's gradient buffer (`grads`, one per part): device
+    /// partial sums, added on the host in f64.
+    pub fn grad_norm(&self, dev: &CudaDevice, grads: &[&DeviceTensor]) -> R<f32> {
+        self.check_parts(grads.len())?;
+        let mut sum = 0.0;
+        for (p, g) in self.parts.iter().zip(grads) {
+            sum += p.sum_squares(dev, g)?;
         }
-        k::sum_squares::launch(
-            dev,
-            &k::sum_squares::Args {
-                x: &arg(grads, &[self.len])?,
-                out: &arg(&self.partials, &[parts])?,
-            },
-        )
-        .map_err(launch_err("gradient norm"))?;
-        let partials = self
-            .partials
-            .to_f32_vec()
-            .map_err(dev_err("reading the gradient norm"))?;
-        let sum: f64 = partials.iter().take(parts).map(|&x| f64::from(x)).sum();
         Ok(sum.sqrt() as f32)
     }
 
-    /// One AdamW update of the master copy from `grads · grad_scale`, then the bf16 adapter
-    /// `params` from the master; returns the updated values per host tensor (one
-    /// synchronisation) and counts the step in `adamw`.
+    /// One AdamW update of every part from its gradients times `grad_scale`; rounds the
+    /// master copies into the parts' bf16 parameter buffers where they have one, counts the
+    /// step in `adamw`, and returns the updated values per host tensor (canonical order).
     pub fn apply(
         &mut self,
         dev: &CudaDevice,
-        grads: &DeviceTensor,
-        params: &DeviceTensor,
+        buffers: &[PartBuffers<'_>],
         grad_scale: f32,
         adamw: &mut AdamW,
         lr: f32,
     ) -> R<Vec<Vec<f32>>> {
-        let n = self.len;
-        if n > 0 {
-            let s = AdamwStep {
-                grad_scale,
-                ..adamw.kernel_scalars(lr)
-            };
-            k::adamw::launch(
-                dev,
-                &k::adamw::Args {
-                    param: &arg(&self.master, &[n])?,
-                    grad: &arg(grads, &[n])?,
-                    grad_scale: s.grad_scale,
-                    m: &arg(&self.m, &[n])?,
-                    v: &arg(&self.v, &[n])?,
-                    lr: s.lr,
-                    beta1: s.beta1,
-                    beta2: s.beta2,
-                    eps: s.eps,
-                    weight_decay: s.weight_decay,
-                    bias_correction1: s.bias_correction1,
-                    bias_correction2_sqrt: s.bias_correction2_sqrt,
-                },
-            )
-            .map_err(launch_err("AdamW"))?;
-            convert(dev, &self.master, params, n)?;
+        self.check_parts(buffers.len())?;
+        let s = AdamwStep {
+            grad_scale,
+            ..adamw.kernel_scalars(lr)
+        };
+        for (p, b) in self.parts.iter_mut().zip(buffers) {
+            p.update(dev, b.grads, &s)?;
+            if let (Some(params), true) = (b.params, p.layout.len > 0) {
+                convert(dev, &p.master, params, p.layout.len)?;
+            }
         }
         adamw.record_device_step();
         self.step = adamw.step_count();
-        let master = self
-            .master
-            .to_f32_vec()
-            .map_err(dev_err("reading the updated adapter"))?;
-        from_flat(&master, &self.spans)
+        let mut values = Vec::new();
+        for p in &self.parts {
+            values.extend(p.read(&p.master, "reading the updated adapter")?);
+        }
+        Ok(values)
+    }
+
+    /// Part `i`'s f32 master copy (the updated parameters after [`apply`](Self::apply)).
+    pub fn master(&self, i: usize) -> Option<&DeviceTensor> {
+        self.parts.get(i).map(|p| &p.master)
     }
 
     /// Hands the device's moments back to `adamw` (for a checkpoint).
@@ -250,15 +342,24 @@ impl DeviceAdamW {
                 self.step
             )));
         }
-        let read = |t: &DeviceTensor, what: &'static str| -> R<Vec<Vec<f32>>> {
-            let flat = t.to_f32_vec().map_err(dev_err(what))?;
-            from_flat(&flat, &self.spans)
-        };
-        let m = read(&self.m, "reading AdamW's first moments")?;
-        let v = read(&self.v, "reading AdamW's second moments")?;
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for p in &self.parts {
+            m.extend(p.read(&p.m, "reading AdamW's first moments")?);
+            v.extend(p.read(&p.v, "reading AdamW's second moments")?);
+        }
         adamw
             .set_moments(m, v)
             .map_err(|e| ModelError::Device(e.to_string()))
+    }
+
+    fn check_parts(&self, n: usize) -> R {
+        if n == self.parts.len() {
+            return Ok(());
+        }
+        Err(ModelError::Device(format!(
+            "internal: {n} gradient buffers for {} optimizer parts",
+            self.parts.len()
+        )))
     }
 }
 

@@ -16,10 +16,11 @@
 //! stands in for the predictor, which runs on the CPU engine only. It exists to measure the
 //! operators inside the real step, and everything it produces is labelled synthetic.
 //! LoRA on fc1 or fc2 is refused with these lists, because the compact `h` has no place for a
-//! branch on the full width.
+//! branch on the full width. BitFit's fc1 bias gradient is summed over the kept blocks only
+//! ([`fc1_bias_grad`]: `sparse_colsum`); a dropped block's gradient is zero.
 
 use super::layer::Ctx;
-use super::ops::{arg, dev_err, R};
+use super::ops::{arg, arg_at, dev_err, R};
 use super::weights::LayerWeights;
 use crate::block_list::{random_host, BlockList};
 use crate::model::{MlpMask, ModelError};
@@ -230,4 +231,24 @@ pub(super) fn backward(
         &ts[3],
     )
     .map_err(op_err("fc1 input gradient"))
+}
+
+/// BitFit's fc1 bias gradient under the sparse MLP: `grads[off + n] += Σ_rows dact[:, n]`
+/// over the kept blocks of each row group (`dact` compact, as [`backward`] leaves it; `f`
+/// the MLP width).
+pub(super) fn fc1_bias_grad(
+    cx: &Ctx,
+    li: usize,
+    m: &MlpLists,
+    dact: &DeviceTensor,
+    (grads, off, f): (&DeviceTensor, usize, usize),
+) -> R {
+    sparse_ops::sparse_colsum(
+        cx.dev,
+        &arg(dact, &[cx.t, m.width(li)])?,
+        m.layer(li),
+        &arg_at(grads, off, &[f])?,
+        m.block,
+    )
+    .map_err(op_err("fc1 bias gradient"))
 }

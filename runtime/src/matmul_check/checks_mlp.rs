@@ -1,5 +1,5 @@
 //! Correctness of the dynamic-aware MLP operators (`sparse_fc1_fwd`, `sparse_fc2_dh`,
-//! `sparse_fc1_dx`) on the GPU against `lexp_kernels::reference_sparse_mlp`: every compiled
+//! `sparse_fc1_dx`, `sparse_colsum`) on the GPU against `lexp_kernels::reference_sparse_mlp`: every compiled
 //! configuration, bf16 and f16, blocks of 64 and 128, token counts that are not group
 //! multiples, ragged block lists with an empty group; compact outputs pre-filled with a
 //! sentinel that slots past a count must keep, dense outputs poisoned.
@@ -237,6 +237,23 @@ pub fn check_sparse_mlp(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> 
                         &want,
                     );
                 }
+                // fc1's bias gradient from the same compact dh, added to a random f32 start
+                // (the kernel accumulates atomically).
+                let (db, hdb) = random(dev, &mut rng, Storage::F32, &[f])?;
+                let want = rs::sparse_colsum(&hdhr, (m, f), list, &hdb);
+                sparse_ops::sparse_colsum(dev, &dhr.as_arg(), &bl, &db.as_arg(), bs)
+                    .map_err(op_err)?;
+                dev.synchronize()?;
+                record(
+                    &mut rows,
+                    "sparse_colsum",
+                    dtype,
+                    shape.clone(),
+                    String::new(),
+                    "db1",
+                    &db.to_f32_vec()?,
+                    &want,
+                );
             }
         }
     }
