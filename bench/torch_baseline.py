@@ -11,7 +11,8 @@ One optimizer step of LoRA fine-tuning on a randomly initialised OPT-shaped mode
   in f32 for a bf16 base: `autocast_adapter_dtype=True`, its default);
 * batch: B sequences of L random tokens (`torch.Generator` seeded per workload),
   `labels = input_ids` (HF shifts them: B·(L−1) targets, as lexp's packed batch of B sequences
-  has);
+  has); or, with `--data`, the paper's padded setting: B examples of a pre-tokenized file, each
+  right-padded to L tokens with an attention mask, labels on the completion only;
 * step: forward, loss, backward, gradient clipping to norm 1 (as `lexp finetune`; off in the legacy
   mode), `torch.optim.AdamW` (lr 5e-4, foreach; weight decay 0 as lexp, torch's default 0.01 in
   the legacy mode), `zero_grad(set_to_none=True)`; wall time of each whole step, ended by
@@ -140,14 +141,43 @@ def add_houlsby(model, hidden, bottleneck):
         layer.fc2.register_forward_hook(lambda _m, _i, out, adapter=mlp: adapter(out))
 
 
+def padded_batch(path, batch, seq_len, seed):
+    """The paper's padded setting: `batch` examples of a pre-tokenized JSONL file
+    (`{"context": [ids], "completion": [ids]}`), drawn with `seed`, each right-padded to
+    `seq_len` tokens (OPT's pad id 1) with an attention mask; labels on the completion only
+    (-100 on the context and the padding)."""
+    import random
+
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    picks = random.Random(seed).sample(range(len(rows)), batch)
+    ids = torch.full((batch, seq_len), 1, dtype=torch.long)
+    mask = torch.zeros((batch, seq_len), dtype=torch.long)
+    labels = torch.full((batch, seq_len), -100, dtype=torch.long)
+    for i, k in enumerate(picks):
+        ctx, comp = rows[k]["context"], rows[k]["completion"]
+        seq = (ctx + comp)[:seq_len]
+        n = len(seq)
+        ids[i, :n] = torch.tensor(seq)
+        mask[i, :n] = 1
+        labels[i, len(ctx):n] = ids[i, len(ctx):n]
+    info = {"file": path, "examples": batch, "padded_to": seq_len, "real_tokens": int(mask.sum()),
+            "targets": int((labels[:, 1:] != -100).sum())}
+    return ids.cuda(), mask.cuda(), labels.cuda(), info
+
+
 def time_steps(model, opt, params, args, batch, seq_len, data_seed):
-    g = torch.Generator(device="cuda").manual_seed(data_seed)
-    ids = torch.randint(0, VOCAB, (batch, seq_len), device="cuda", generator=g)
+    if args.data:
+        ids, mask, labels, _ = padded_batch(args.data, batch, seq_len, data_seed)
+    else:
+        g = torch.Generator(device="cuda").manual_seed(data_seed)
+        ids = torch.randint(0, VOCAB, (batch, seq_len), device="cuda", generator=g)
+        mask, labels = None, ids
     times = []
     for i in range(args.warmup + args.iters):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -192,6 +222,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-positions", type=int, default=POS,
                    help="learned positions (default the published 2048; more for --seq past it)")
+    p.add_argument("--data", default=None,
+                   help="pre-tokenized JSONL (context/completion ids, e.g. the paper's e2e-paper): "
+                        "--batch examples, each padded to --seq tokens, loss on the completion")
     p.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args(argv)
     args.seq = [int(s) for s in args.seq.split(",") if s.strip()]
@@ -243,6 +276,7 @@ def main(argv=None):
                 "seq_len": seq_len,
                 "attn": info["attn_implementation"],
                 "tokens": batch * seq_len,
+                "data": padded_batch(args.data, batch, seq_len, args.seed + 1 + k)[3] if args.data else None,
                 "median_step_ms": med * 1e3,
                 "min_step_ms": min(times) * 1e3,
                 "max_step_ms": max(times) * 1e3,

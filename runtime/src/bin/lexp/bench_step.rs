@@ -7,6 +7,7 @@ use super::bench_profile;
 use super::finetune::DeviceChoice;
 use anyhow::{anyhow, bail, Context, Result};
 use lexp_runtime::checkpoint::{OptConfig, OptModel, OptWeights};
+use lexp_runtime::data::{epoch_order, load_jsonl, pack, Example, JsonlOptions, PackedBatch};
 use lexp_runtime::dist::{self, launch, DataParallel, NcclComm, RendezvousConfig, World};
 use lexp_runtime::gpu::attention::AttentionImpl;
 use lexp_runtime::gpu::sparse_attention::SyntheticAttention;
@@ -42,6 +43,13 @@ pub struct StepArgs {
     /// Packed token budget instead of --batch: each workload packs max(1, N / seq) sequences.
     #[arg(long)]
     tokens: Option<usize>,
+    /// Real data instead of random tokens: a pre-tokenized JSONL file (`{"context": [ids],
+    /// "completion": [ids]}` per line, e.g. ../shared/data/e2e-paper/valid_opt.jsonl) whose
+    /// examples, shuffled by --seed, are packed whole into the workload's budget of --batch x
+    /// --seq tokens (or --tokens), each its own sequence, loss on the completion. The
+    /// workload is named `BxS packed`; its `batch` is the examples packed.
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// PEFT methods, comma-separated: lora, bitfit, houlsby (as `lexp finetune --peft`).
     #[arg(long, value_delimiter = ',', default_value = "lora")]
     peft: Vec<String>,
@@ -477,15 +485,22 @@ pub fn run(args: StepArgs) -> Result<()> {
     if args.profile.is_some() && !matches!(eng, Eng::Gpu(_)) {
         eprintln!("--profile: the CPU engine has no launch profiler; no profile is written");
     }
+    let data = match &args.data {
+        Some(path) => Some(load_data(path, &config)?),
+        None => None,
+    };
     for (i, &seq) in args.seq.iter().enumerate() {
         let nseq = args.tokens.map_or(args.batch, |n| (n / seq).max(1));
         // One micro-batch per rank; micro-batch 0 is the one-GPU workload's batch.
-        let batches: Vec<_> = (0..world.world_size)
-            .map(|m| {
-                let seed = args.seed + 1 + i as u64 + DP_SEED_STRIDE * m as u64;
-                sb::random_batch(nseq, seq, config.vocab_size, seed)
-            })
-            .collect();
+        let batches: Vec<_> = match &data {
+            Some(d) => packed_batches(d, nseq * seq, world.world_size, args.seed)?,
+            None => (0..world.world_size)
+                .map(|m| {
+                    let seed = args.seed + 1 + i as u64 + DP_SEED_STRIDE * m as u64;
+                    sb::random_batch(nseq, seq, config.vocab_size, seed)
+                })
+                .collect(),
+        };
         let batch = &batches[0];
         let mut r = sb::time_global_steps(
             eng.engine(),
@@ -496,6 +511,10 @@ pub fn run(args: StepArgs) -> Result<()> {
             args.seed,
         )
         .with_context(|| format!("workload {nseq}x{seq}"))?;
+        if data.is_some() {
+            r.name = format!("{nseq}x{seq} packed");
+            r.seq = seq;
+        }
         if let Some(dev) = eng.device() {
             let (free, total) = dev.mem_info().context("querying GPU memory")?;
             r.device_used_mib = Some((total - free) as f64 / MIB);
@@ -829,4 +848,41 @@ fn plot(
         .map_err(e)?;
     root.present().map_err(e)?;
     Ok(())
+}
+
+/// `--data`: the pre-tokenized file's examples (ids checked against the model's vocabulary).
+fn load_data(path: &Path, config: &OptConfig) -> Result<Vec<Example>> {
+    let options = JsonlOptions {
+        max_len: config.max_position_embeddings,
+        vocab_size: Some(config.vocab_size),
+        ..JsonlOptions::default()
+    };
+    let d =
+        load_jsonl(path, None, &options).with_context(|| format!("--data {}", path.display()))?;
+    if d.examples.is_empty() {
+        bail!("--data {}: no examples", path.display());
+    }
+    Ok(d.examples)
+}
+
+/// `ranks` packed batches of whole examples (shuffled by `seed`), each filling at most
+/// `budget` tokens: rank `m` takes the `m`-th.
+fn packed_batches(
+    examples: &[Example],
+    budget: usize,
+    ranks: usize,
+    seed: u64,
+) -> Result<Vec<PackedBatch>> {
+    let all: Vec<usize> = (0..examples.len()).collect();
+    let batches = pack(examples, &epoch_order(&all, seed, 0), budget)
+        .with_context(|| format!("packing --data into {budget} tokens"))?;
+    if batches.len() < ranks + 1 {
+        bail!(
+            "--data holds {} batches of {budget} tokens; {ranks} rank(s) need {} full ones",
+            batches.len(),
+            ranks + 1
+        );
+    }
+    // The last batch of an epoch can be short: take the first ones.
+    Ok(batches.into_iter().take(ranks).collect())
 }
