@@ -795,6 +795,7 @@ impl GpuEngine {
         dp: Option<(&mut dyn Communicator, &mut [f64])>,
     ) -> Result<StepOutcome> {
         let n = step.targets()?;
+        let t0 = std::time::Instant::now();
         check_adapters(&self.model.config, params)?;
         let tokens = step.batches.iter().map(PackedBatch::num_tokens).max();
         let tokens = tokens.unwrap_or(0);
@@ -839,6 +840,7 @@ impl GpuEngine {
             a.load(&values, adamw)?;
         }
         self.zero_grads(lora.is_some())?;
+        let t_prep = t0.elapsed();
         let scale = 1.0 / n as f32;
         let mine = match &dp {
             Some((comm, _)) => {
@@ -875,21 +877,35 @@ impl GpuEngine {
             .as_mut()
             .ok_or_else(|| ModelError::Device("internal: no optimizer state".into()))?;
         let grads: Vec<&DeviceTensor> = buffers.iter().map(|b| b.grads).collect();
+        let t_launch = t0.elapsed();
         let grad_norm = adam.grad_norm(&self.dev, &grads)?;
+        let t_norm = t0.elapsed();
         let applied = loss.is_finite() && grad_norm.is_finite();
         if applied {
             let coef = optimizer::clip_coefficient(grad_norm, step.max_grad_norm);
-            let values = adam.apply(&self.dev, &buffers, coef, adamw, step.lr)?;
+            let mut host = params.tensors_mut();
+            let mut out: Vec<&mut [f32]> = host
+                .iter_mut()
+                .map(|(_, t)| t.data.as_mut_slice())
+                .collect();
+            adam.apply(&self.dev, &buffers, coef, adamw, step.lr, &mut out)?;
+            let t_apply = t0.elapsed();
             if let (Some(d), Some(master)) = (
                 self.houlsby.as_ref().filter(|_| with_houlsby),
                 adam.master(buffers.len() - 1),
             ) {
                 d.take_master(&self.dev, master)?;
             }
-            for ((_, t), v) in params.tensors_mut().into_iter().zip(values) {
-                t.data = v;
-            }
             self.params_from_optimizer = true;
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            tracing::debug!(
+                prep_ms = ms(t_prep),
+                launched_ms = ms(t_launch),
+                norm_ms = ms(t_norm),
+                applied_ms = ms(t_apply),
+                total_ms = ms(t0.elapsed()),
+                "device step phases (cumulative)"
+            );
         }
         Ok(StepOutcome {
             loss,

@@ -59,11 +59,16 @@ pub fn batch(model_dir: &Path, picks: &[usize]) -> PackedBatch {
 
 /// PEFT-initialised LoRA on all six projections with `B` filled with small random values.
 pub fn random_lora(model: &OptModel, r: usize, seed: u64) -> PeftParams {
+    random_lora_on(model, r, seed, &LoraTarget::ALL)
+}
+
+/// [`random_lora`] on the projections `targets`.
+pub fn random_lora_on(model: &OptModel, r: usize, seed: u64, targets: &[LoraTarget]) -> PeftParams {
     let config = LoraConfig {
         r,
         alpha: 2.0 * r as f32,
         dropout: 0.0,
-        targets: LoraTarget::ALL.to_vec(),
+        targets: targets.to_vec(),
         use_rslora: false,
     };
     let mut lora = PeftParams::from(LoraParams::init(&config, &model.config, seed));
