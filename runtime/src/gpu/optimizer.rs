@@ -240,6 +240,11 @@ impl FlatState {
         stream
             .memcpy_dtoh(&self.master.slice().slice(..bytes), pinned)
             .map_err(err)?;
+        // The device runs with cudarc's event tracking off (`CudaDevice::new`), so the pinned
+        // slice records no event and `as_slice` would not wait: synchronise explicitly.
+        stream
+            .synchronize()
+            .map_err(dev_err("reading the updated parameters"))?;
         let host = pinned
             .as_slice()
             .map_err(dev_err("reading the updated parameters"))?;
