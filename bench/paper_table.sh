@@ -17,7 +17,7 @@
 # paper-table.{json,md,png}.
 #
 # Usage, from the repository root on the GPU machine, with the release `lexp` binary built on
-# the development machine and gzipped to .gpu/lexp.gz:
+# the development machine and compressed to .gpu/lexp.gz or .gpu/lexp.xz:
 #   bench/paper_table.sh OUT_DIR [MODELS] [METHODS]
 #     MODELS:  comma-separated, default opt-1.3b,opt-2.7b
 #     METHODS: comma-separated, default lora,houlsby,bitfit
@@ -36,13 +36,7 @@ DATA=${DATA:-../shared/data/e2e-paper/valid_opt.jsonl}
 [ -f "$DATA" ] || DATA=shared/data/e2e-paper/valid_opt.jsonl
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
-BIN=/tmp/lexp-bin
-mkdir -p $BIN
-gunzip -c .gpu/lexp.gz > $BIN/lexp || { echo "no .gpu/lexp.gz" | tee "$LOG"; exit 2; }
-chmod +x $BIN/lexp
-CUBLAS_DIRS=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + '/**/libcublas.so*', recursive=True)})))" 2>/dev/null)
-export LD_LIBRARY_PATH=${CUBLAS_DIRS}:${LD_LIBRARY_PATH:-}
-export LEXP_CACHE=/tmp/lexp-cache
+. bench/gpu_env.sh lexp || exit 2
 {
   echo "== bench/paper_table.sh $OUT $MODELS $METHODS (seqs $SEQS, batch 4, $WARMUP warm-up + $ITERS timed steps, data $DATA)"
   date -u +%FT%TZ

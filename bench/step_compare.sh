@@ -4,7 +4,7 @@
 # workloads with that JSON as its baseline.
 #
 # Usage, from the repository root on the GPU machine, with the release `lexp` binary built on
-# the development machine and gzipped to .gpu/lexp.gz:
+# the development machine and compressed to .gpu/lexp.gz or .gpu/lexp.xz:
 #   bench/step_compare.sh OUT_DIR [MODEL] [SEQS]
 #     MODEL: opt-125m | opt-1.3b (default) | opt-2.7b   (opt-350m: the GPU engine refuses it)
 #     SEQS:  tokens per sequence, comma-separated (default 512,1024)
@@ -38,14 +38,7 @@ LOG="$OUT/log.txt"
 MP=()
 [ -n "${MAX_POSITIONS:-}" ] && MP=(--max-positions "$MAX_POSITIONS")
 [ -n "${PEFT:-}" ] && MP+=(--peft "$PEFT")
-BIN=/tmp/lexp-bin
-mkdir -p $BIN
-gunzip -c .gpu/lexp.gz > $BIN/lexp || { echo "no .gpu/lexp.gz" | tee "$LOG"; exit 2; }
-chmod +x $BIN/lexp
-# libcublas from PyTorch's pip wheels (cuda 13: site-packages/nvidia/cu13/lib).
-CUBLAS_DIRS=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + '/**/libcublas.so*', recursive=True)})))" 2>/dev/null)
-export LD_LIBRARY_PATH=${CUBLAS_DIRS}:${LD_LIBRARY_PATH:-}
-export LEXP_CACHE=/tmp/lexp-cache
+. bench/gpu_env.sh lexp || exit 2
 
 {
   echo "== bench/step_compare.sh $OUT $MODEL $SEQS (batch $BATCH, $WARMUP warm-up + $ITERS timed steps)"

@@ -16,7 +16,7 @@ use lexp_runtime::data::SplitMix64;
 use lexp_runtime::gpu::sparse_mlp::SyntheticMlp;
 use lexp_runtime::gpu::GpuEngine;
 use lexp_runtime::model;
-use lexp_runtime::model::{MlpHook, MlpMask};
+use lexp_runtime::model::{MlpHook, MlpMask, PeftGrads};
 use lexp_runtime::optim::{AdamW, AdamWConfig};
 use lexp_runtime::peft::{
     BitFitConfig, BitFitParams, HoulsbyConfig, HoulsbyParams, LoraTarget, PeftParams,
@@ -105,27 +105,7 @@ fn gpu_peft_methods_match_the_cpu_engine() {
             let (lg, lc) = (got.loss_sum / n as f64, want.loss_sum / n as f64);
             println!("{name} {what}: loss cpu {lc:.5} gpu {lg:.5}");
             assert!((lg - lc).abs() <= 1e-2, "{name} {what}: loss {lg} vs {lc}");
-            let names: Vec<String> = params.tensors().into_iter().map(|(k, _)| k).collect();
-            let (g, c) = (got.grads.flat(), want.grads.flat());
-            assert_eq!((g.len(), c.len()), (names.len(), names.len()));
-            let (mut all_g, mut all_c) = (vec![], vec![]);
-            for ((k, g), c) in names.iter().zip(&g).zip(&c) {
-                // A key bias's gradient is zero up to rounding (softmax ignores it).
-                if k.ends_with("k_proj.bias") {
-                    continue;
-                }
-                let (rel, cos) = compare(g, c);
-                println!("  {k}: rel-Frobenius {rel:.2e}, cosine {cos:.6}");
-                assert!(
-                    rel <= 0.15 && cos >= 0.99,
-                    "{name} {what}: {k}: rel {rel}, cos {cos}"
-                );
-                all_g.extend_from_slice(g);
-                all_c.extend_from_slice(c);
-            }
-            let (rel, cos) = compare(&all_g, &all_c);
-            println!("{name} {what}: all gradients rel-Frobenius {rel:.2e}, cosine {cos:.6}");
-            assert!(cos >= 0.997, "{name} {what}: all gradients cosine {cos}");
+            check_grads(&format!("{name} {what}"), &params, &got.grads, &want.grads);
 
             // Evaluation with the adapter, then without it (the base biases come back).
             for (with, p) in [("with", Some(&params)), ("without", None)] {
@@ -143,6 +123,32 @@ fn gpu_peft_methods_match_the_cpu_engine() {
             device_adamw_matches_the_host(&format!("{name} {what}"), &loaded, &params, &b);
         }
     }
+}
+
+/// Every trained tensor's gradient `got` against the CPU's `want` (rel-Frobenius ≤ 0.15 and
+/// cosine ≥ 0.99 each, all together cosine ≥ 0.997). A key bias's gradient is zero up to
+/// rounding (softmax ignores it) and is skipped.
+fn check_grads(label: &str, params: &PeftParams, got: &PeftGrads, want: &PeftGrads) {
+    let names: Vec<String> = params.tensors().into_iter().map(|(k, _)| k).collect();
+    let (g, c) = (got.flat(), want.flat());
+    assert_eq!((g.len(), c.len()), (names.len(), names.len()));
+    let (mut all_g, mut all_c) = (vec![], vec![]);
+    for ((k, g), c) in names.iter().zip(&g).zip(&c) {
+        if k.ends_with("k_proj.bias") {
+            continue;
+        }
+        let (rel, cos) = compare(g, c);
+        println!("  {k}: rel-Frobenius {rel:.2e}, cosine {cos:.6}");
+        assert!(
+            rel <= 0.15 && cos >= 0.99,
+            "{label}: {k}: rel {rel}, cos {cos}"
+        );
+        all_g.extend_from_slice(g);
+        all_c.extend_from_slice(c);
+    }
+    let (rel, cos) = compare(&all_g, &all_c);
+    println!("{label}: all gradients rel-Frobenius {rel:.2e}, cosine {cos:.6}");
+    assert!(cos >= 0.997, "{label}: all gradients cosine {cos}");
 }
 
 /// Every PEFT part (LoRA, BitFit, Houlsby) through AdamW on the device against the host step
@@ -303,30 +309,17 @@ fn gpu_peft_methods_with_a_sparse_mlp_match_the_cpu_model() {
                 (ld - lc).abs() > 1e-3,
                 "{name} {what}: the lists changed nothing"
             );
-            let names: Vec<String> = params.tensors().into_iter().map(|(k, _)| k).collect();
-            let (g, c, d) = (got.grads.flat(), want.grads.flat(), dense.grads.flat());
-            let (mut all_g, mut all_c) = (vec![], vec![]);
-            for (((k, g), c), d) in names.iter().zip(&g).zip(&c).zip(&d) {
-                if k.ends_with("k_proj.bias") {
-                    continue;
-                }
-                let (rel, cos) = compare(g, c);
-                println!("  {k}: rel-Frobenius {rel:.2e}, cosine {cos:.6}");
-                assert!(
-                    rel <= 0.15 && cos >= 0.99,
-                    "{name} {what}: {k}: rel {rel}, cos {cos}"
-                );
+            let label = format!("{name} {what}");
+            check_grads(&label, &params, &got.grads, &want.grads);
+            // Only the kept blocks' neurons have a fc1 bias gradient: not the dense one.
+            let names = params.tensors().into_iter().map(|(k, _)| k);
+            let (g, d) = (got.grads.flat(), dense.grads.flat());
+            for ((k, g), d) in names.zip(&g).zip(&d) {
                 if k.ends_with("fc1.bias") {
-                    // Only the kept blocks' neurons have a gradient: not the dense one.
                     let (rel_dense, _) = compare(g, d);
-                    assert!(rel_dense > 0.05, "{name} {what}: {k} is the dense gradient");
+                    assert!(rel_dense > 0.05, "{label}: {k} is the dense gradient");
                 }
-                all_g.extend_from_slice(g);
-                all_c.extend_from_slice(c);
             }
-            let (rel, cos) = compare(&all_g, &all_c);
-            println!("{name} {what}: all gradients rel-Frobenius {rel:.2e}, cosine {cos:.6}");
-            assert!(cos >= 0.997, "{name} {what}: all gradients cosine {cos}");
         }
     }
 }

@@ -298,7 +298,7 @@ impl GpuEngine {
                         .into(),
                 ));
             }
-            if self.mlp_lists.as_ref().map_or(true, |m| m.t != t) {
+            if self.mlp_lists.as_ref().is_none_or(|m| m.t != t) {
                 let d = &self.dims;
                 self.mlp_lists = Some(MlpLists::synthetic(&self.dev, &s, d.layers, t, d.f)?);
             }
@@ -312,7 +312,7 @@ impl GpuEngine {
             if self
                 .attn_lists
                 .as_ref()
-                .map_or(true, |a| a.cu_seqlens != batch.cu_seqlens)
+                .is_none_or(|a| a.cu_seqlens != batch.cu_seqlens)
             {
                 let d = &self.dims;
                 self.attn_lists = Some(AttnLists::synthetic(
