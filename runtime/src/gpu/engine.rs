@@ -890,10 +890,12 @@ impl GpuEngine {
                 .collect();
             adam.apply(&self.dev, &buffers, coef, adamw, step.lr, &mut out)?;
             let t_apply = t0.elapsed();
-            if let (Some(d), Some(master)) = (
-                self.houlsby.as_ref().filter(|_| with_houlsby),
-                adam.master(buffers.len() - 1),
-            ) {
+            // The adapters are the last part; their bf16 parameters come from the master.
+            if let (Some(d), true) = (self.houlsby.as_ref(), with_houlsby) {
+                let last = buffers.len().checked_sub(1).and_then(|i| adam.master(i));
+                let master = last.ok_or_else(|| {
+                    ModelError::Device("internal: no optimizer state for the adapters".into())
+                })?;
                 d.take_master(&self.dev, master)?;
             }
             self.params_from_optimizer = true;

@@ -25,8 +25,8 @@
 //!
 //! What runs: pre-LN OPT (every size from 125m up; opt-350m is post-LN and is refused), ReLU,
 //! with or without biases and the final LayerNorm, tied or untied head, LoRA on any of the six
-//! projections, BitFit, ReLU Houlsby adapters (these two with AdamW on the host), residual and
-//! LoRA dropout in training ([`dropout`], random numbers from cuRAND
+//! projections, BitFit, ReLU Houlsby adapters (each with AdamW on the device, [`optimizer`],
+//! and each with the sparse MLP, [`sparse_mlp`]), residual and LoRA dropout in training ([`dropout`], random numbers from cuRAND
 //! through [`rng`]). Refused with [`ModelError::Unsupported`](crate::model::ModelError):
 //! post-LN, `project_in`/`project_out`, other activations. The CPU engine covers those.
 

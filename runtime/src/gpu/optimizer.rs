@@ -249,7 +249,9 @@ impl FlatState {
             .as_slice()
             .map_err(dev_err("reading the updated parameters"))?;
         for (o, &(off, n)) in out.iter_mut().zip(spans) {
-            let src = &host[off * 4..(off + n) * 4];
+            let src = host.get(off * 4..(off + n) * 4).ok_or_else(|| {
+                ModelError::Device("internal: a tensor lies past the optimizer's buffer".into())
+            })?;
             for (d, c) in o.iter_mut().zip(src.chunks_exact(4)) {
                 *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }

@@ -17,7 +17,7 @@
 //! operators inside the real step, and everything it produces is labelled synthetic.
 //! LoRA on fc1 or fc2 is refused with these lists, because the compact `h` has no place for a
 //! branch on the full width. BitFit's fc1 bias gradient is summed over the kept blocks only
-//! ([`fc1_bias_grad`]: `sparse_colsum`); a dropped block's gradient is zero.
+//! (`fc1_bias_grad`: the `sparse_colsum` kernel); a dropped block's gradient is zero.
 
 use super::layer::Ctx;
 use super::ops::{arg, arg_at, dev_err, R};

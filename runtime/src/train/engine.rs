@@ -156,8 +156,8 @@ pub trait Engine {
     /// A non-finite loss or gradient norm skips the update. On return `lora` holds the
     /// updated adapter; an engine that runs AdamW on its device may keep the moments there
     /// ([`AdamW::record_device_step`]) until [`sync_optimizer`](Self::sync_optimizer); while
-    /// it does, the device's adapter is the current one and changes made to `lora` on the host
-    /// are not seen (the trainer never makes any). The default runs [`host_optimizer_step`].
+    /// it does, the device's LoRA and adapter values are the current ones and changes made to
+    /// them in `lora` on the host are not seen (the trainer never makes any). The default runs [`host_optimizer_step`].
     fn optimizer_step(
         &mut self,
         lora: &mut PeftParams,

@@ -876,13 +876,77 @@ fn packed_batches(
     let all: Vec<usize> = (0..examples.len()).collect();
     let batches = pack(examples, &epoch_order(&all, seed, 0), budget)
         .with_context(|| format!("packing --data into {budget} tokens"))?;
-    if batches.len() < ranks + 1 {
+    // The last batch of an epoch can be short: each rank takes one of the ones before it.
+    if batches.len() <= ranks {
         bail!(
-            "--data holds {} batches of {budget} tokens; {ranks} rank(s) need {} full ones",
-            batches.len(),
-            ranks + 1
+            "--data packs into {} batch(es) of at most {budget} tokens (the last one short); \
+             {ranks} rank(s) need {ranks} full one(s): use more data or a smaller budget",
+            batches.len()
         );
     }
-    // The last batch of an epoch can be short: take the first ones.
     Ok(batches.into_iter().take(ranks).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> OptConfig {
+        OptConfig::from_json(
+            r#"{"model_type":"opt","vocab_size":50,"hidden_size":8,"ffn_dim":16,
+                "num_hidden_layers":1,"num_attention_heads":2,"max_position_embeddings":64}"#,
+            Path::new("t/config.json"),
+        )
+        .unwrap()
+    }
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lexp-bench-data-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn data_is_packed_whole_into_the_budget_with_loss_on_the_completion() {
+        let lines: String = (0..40)
+            .map(|i| {
+                format!(
+                    "{{\"context\": [5, {}, 2], \"completion\": [7, 8, 9, 2]}}\n",
+                    i % 40
+                )
+            })
+            .collect();
+        let examples = load_data(&write("ok.jsonl", &lines), &config()).unwrap();
+        assert_eq!(examples.len(), 40);
+        let batches = packed_batches(&examples, 64, 2, 3).unwrap();
+        assert_eq!(batches.len(), 2);
+        for b in &batches {
+            // Nine whole 7-token examples fill 63 of the 64 tokens; positions restart.
+            assert_eq!((b.num_sequences(), b.num_tokens()), (9, 63));
+            assert_eq!(&b.position_ids[..8], &[0, 1, 2, 3, 4, 5, 6, 0]);
+            // Targets on the completion only: 4 per example.
+            assert_eq!(b.num_targets(), 9 * 4);
+        }
+        // Too little data for the ranks: refused with the numbers.
+        let err = packed_batches(&examples[..9], 64, 1, 3).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("1 rank(s) need 1 full one(s)"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn data_outside_the_vocabulary_names_file_and_line() {
+        let path = write(
+            "bad.jsonl",
+            "{\"context\": [1], \"completion\": [2]}\n{\"context\": [60], \"completion\": [2]}\n",
+        );
+        let err = format!("{:#}", load_data(&path, &config()).unwrap_err());
+        assert!(
+            err.contains("bad.jsonl:2") && err.contains("token id 60"),
+            "{err}"
+        );
+    }
 }
