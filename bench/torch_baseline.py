@@ -168,11 +168,11 @@ def padded_batch(path, batch, seq_len, seed):
 
 def time_steps(model, opt, params, args, batch, seq_len, data_seed):
     if args.data:
-        ids, mask, labels, _ = padded_batch(args.data, batch, seq_len, data_seed)
+        ids, mask, labels, data_info = padded_batch(args.data, batch, seq_len, data_seed)
     else:
         g = torch.Generator(device="cuda").manual_seed(data_seed)
         ids = torch.randint(0, VOCAB, (batch, seq_len), device="cuda", generator=g)
-        mask, labels = None, ids
+        mask, labels, data_info = None, ids, None
     times = []
     for i in range(args.warmup + args.iters):
         torch.cuda.synchronize()
@@ -186,7 +186,7 @@ def time_steps(model, opt, params, args, batch, seq_len, data_seed):
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    return times, float(loss.detach())
+    return times, float(loss.detach()), data_info
 
 
 def driver_version():
@@ -259,7 +259,7 @@ def main(argv=None):
             opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
             torch.cuda.reset_peak_memory_stats()
             try:
-                times, loss = time_steps(model, opt, params, args, batch, seq_len, args.seed + 1 + k)
+                times, loss, data_info = time_steps(model, opt, params, args, batch, seq_len, args.seed + 1 + k)
             except torch.OutOfMemoryError as e:
                 # Recorded (eager attention at 8k tokens does not fit), the other workloads go on.
                 failed.append({"batch": f"{batch}x{seq_len}", "attn": info["attn_implementation"],
@@ -276,7 +276,7 @@ def main(argv=None):
                 "seq_len": seq_len,
                 "attn": info["attn_implementation"],
                 "tokens": batch * seq_len,
-                "data": padded_batch(args.data, batch, seq_len, args.seed + 1 + k)[3] if args.data else None,
+                "data": data_info,
                 "median_step_ms": med * 1e3,
                 "min_step_ms": min(times) * 1e3,
                 "max_step_ms": max(times) * 1e3,

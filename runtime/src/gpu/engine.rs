@@ -832,11 +832,15 @@ impl GpuEngine {
             self.adam = Some(DeviceAdamW::new(&self.dev, layouts)?);
         }
         if let Some(a) = self.adam.as_mut() {
-            let values: Vec<&[f32]> = params
-                .tensors()
-                .into_iter()
-                .map(|(_, t)| t.data.as_slice())
-                .collect();
+            // The host's values are only read when it holds the optimizer state.
+            let values: Vec<&[f32]> = match host_holds_state {
+                true => params
+                    .tensors()
+                    .into_iter()
+                    .map(|(_, t)| t.data.as_slice())
+                    .collect(),
+                false => Vec::new(),
+            };
             a.load(&values, adamw)?;
         }
         self.zero_grads(lora.is_some())?;
