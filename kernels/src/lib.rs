@@ -6,6 +6,7 @@
 
 pub mod attention_softmax;
 pub mod bias;
+pub mod block_select;
 pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
@@ -18,6 +19,7 @@ pub mod optimizer;
 pub mod reduce;
 pub mod reference;
 pub mod reference_matmul;
+pub mod reference_select;
 pub mod reference_sparse_mlp;
 pub mod residual;
 pub mod row_softmax;
@@ -28,6 +30,7 @@ pub mod xent;
 
 pub use attention_softmax::{causal_softmax, softmax_bwd};
 pub use bias::{bias_add, bias_relu};
+pub use block_select::select_blocks;
 pub use dropout::{dropout_mask, mul_inplace};
 pub use elementwise::{axpby, convert, gelu, gelu_bwd, relu, relu_bwd};
 pub use embedding::embedding_fwd;
@@ -48,7 +51,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 44] = [
+pub static ALL: [&KernelInfo; 45] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -81,6 +84,7 @@ pub static ALL: [&KernelInfo; 44] = [
     &sparse_fc2_dh::INFO,
     &sparse_fc1_dx::INFO,
     &sparse_colsum::INFO,
+    &select_blocks::INFO,
     &lora_fwd::INFO,
     &lora_bwd_dx::INFO,
     &lora_grad::INFO,
