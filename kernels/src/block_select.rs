@@ -39,7 +39,7 @@ pub fn select_config(nb: usize) -> Option<[(&'static str, usize); 3]> {
 /// order to `indices[g, ..counts[g]]`; the slots past the count are not written. `NB` is the
 /// compiled bound of `o.dim(0)`; `scale` must be positive.
 #[kernel(
-    variants(T = [bf16, f32], BM = [128], NB = [16, 32, 64], BR = [64, 128]),
+    variants(T = [bf16, f16, f32], BM = [128], NB = [16, 32, 64], BR = [64, 128]),
     // `BR` tokens of `NB` blocks per load: wide enough for 16-byte accesses, and never equal
     // to `NB` (one range would then index both dimensions). `select_config` picks the one
     // variant of each `NB`. `NB = 128` spills in the unaligned class (the `NB x NB` tiles

@@ -286,6 +286,53 @@ pub fn sparse_colsum(
     Ok(())
 }
 
+/// Fills `list` on the device from predicted log-masses (`lexp_kernels::select_blocks`): `o` is
+/// block-major `[nb, M]` (f32 or the model's type), `bias [nb]` f32 is added to it, the mass is
+/// `max(scale · (exp(o + bias) − 1), 0)`, and each 128-row group keeps its heaviest blocks
+/// until `target` of its mass is covered or the list's `max_blocks` are taken (at least one).
+///
+/// The list is valid by construction (counts in `1..=max_blocks`, ascending ids below `nb`),
+/// so nothing is read back. Refused: more than 64 blocks, a list of another geometry, a
+/// non-positive or non-finite `scale`, a `target` outside `(0, 1]`.
+pub fn select_blocks(
+    l: &dyn Launcher,
+    o: &TensorArg,
+    bias: &TensorArg,
+    (scale, target): (f32, f32),
+    list: &BlockList,
+) -> Result<(), SparseOpError> {
+    const OP: &str = "select_blocks";
+    let (nb, m) = (dim(o, 0), dim(o, 1));
+    let cfg = k::block_select::select_config(nb).ok_or_else(|| SparseOpError::Shape {
+        op: OP,
+        what: format!(
+            "{nb} blocks per layer; device selection takes at most {} (use larger blocks)",
+            k::block_select::MAX_SELECT_BLOCKS
+        ),
+    })?;
+    list.check_against(groups(m), nb)?;
+    need(OP, scale.is_finite() && scale > 0.0, || {
+        format!("mass scale {scale} is not a positive number (an untrained predictor?)")
+    })?;
+    need(OP, target > 0.0 && target <= 1.0, || {
+        format!("mass target {target} is outside (0, 1]")
+    })?;
+    let (c, i) = (list.counts().as_arg(), list.indices().as_arg());
+    k::select_blocks::launch_with(
+        l,
+        &cfg,
+        &k::select_blocks::Args {
+            o,
+            bias,
+            scale,
+            target,
+            counts: &c,
+            indices: &i,
+        },
+    )?;
+    Ok(())
+}
+
 /// A compact activation must be `max_blocks * bs` wide.
 fn compact_width(
     op: &'static str,

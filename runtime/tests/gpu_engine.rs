@@ -24,10 +24,13 @@ use lexp_compiler::dtype::Storage;
 use lexp_runtime::checkpoint::OptModel;
 use lexp_runtime::cublas::{Blas, Mat, MatLayout, MatMut};
 use lexp_runtime::data::{pack, text_windows, PackedBatch, SplitMix64, Tokenizer};
+use lexp_runtime::exposure::predictor::PredictorConfig;
+use lexp_runtime::exposure::selection;
+use lexp_runtime::exposure::sparse_mlp::{self, SparseMlp, SparseMlpConfig};
 use lexp_runtime::gpu::attention::AttentionImpl;
 use lexp_runtime::gpu::sparse_attention::SyntheticAttention;
 use lexp_runtime::gpu::sparse_mlp::SyntheticMlp;
-use lexp_runtime::gpu::GpuEngine;
+use lexp_runtime::gpu::{GpuEngine, MlpPredictors};
 use lexp_runtime::model::dropout::Site;
 use lexp_runtime::model::{
     self, AttentionHook, AttentionInput, AttentionMask, DropoutRng, MaskSource, MlpHook, MlpMask,
@@ -194,7 +197,7 @@ fn compare_step_with(
         let f = model.config.ffn_dim;
         ListMasks(
             (0..model.config.num_hidden_layers)
-                .map(|l| m.mask(l, f))
+                .map(|l| m.mask(gpu.device(), l, f).unwrap())
                 .collect(),
         )
     });
@@ -526,6 +529,186 @@ fn gpu_sparse_mlp_matches_the_cpu_model_on_the_same_blocks() {
             &big,
             RELU_FLIPS,
         );
+    }
+}
+
+/// The CPU model's side of GPU-predicted lists: layer `l` keeps the GPU's mask `l`, and for
+/// each layer the hook also records what the CPU predictor would have chosen on the CPU's own
+/// fc1 input, and the activation mass each choice keeps (against the dense ReLU output).
+struct PredictedCheck<'a> {
+    gpu: Vec<MlpMask>,
+    cpu: &'a SparseMlp,
+    /// Per layer: `(decisions, agreeing decisions, gpu kept mass, cpu kept mass, total mass,
+    /// gpu kept pairs, cpu kept pairs)`.
+    stats: std::sync::Mutex<Vec<[f64; 7]>>,
+}
+
+impl MlpHook for PredictedCheck<'_> {
+    fn select(&self, layer: usize, _ffn_in: &[f32], _rows: usize) -> Option<MlpMask> {
+        Some(self.gpu[layer].clone())
+    }
+
+    fn observe(&self, layer: usize, ffn_in: &[f32], act: &[f32], rows: usize, _: Option<&MlpMask>) {
+        let g = &self.gpu[layer];
+        let c = self.cpu.selection(layer, ffn_in, rows).mask;
+        let agree = g.keep.iter().zip(&c.keep).filter(|(a, b)| a == b).count();
+        let (gk, total) = selection::mass_recall(act, rows, g);
+        let (ck, _) = selection::mass_recall(act, rows, &c);
+        let kept = |m: &MlpMask| m.keep.iter().filter(|k| **k).count() as f64;
+        self.stats.lock().unwrap()[layer] = [
+            g.keep.len() as f64,
+            agree as f64,
+            gk,
+            ck,
+            total,
+            kept(g),
+            kept(&c),
+        ];
+    }
+}
+
+/// The MLP predictors on the device (`MlpPredictors`, `select_blocks` inside the forward),
+/// trained offline on the CPU from dense forwards of E2E batches, on a held-out batch:
+/// - the GPU step with the lists its predictors wrote equals the CPU model keeping the same
+///   blocks (loss and LoRA gradients within the dense tolerances; the lists read back valid);
+/// - the lists are the CPU predictor's choices up to bf16 rounding: at least 90% of the
+///   (group, block) decisions agree, and the activation mass they keep is within 2 points of
+///   the CPU selection's (both measured against the CPU model's dense activations);
+/// - no group keeps more than the budget; the mass target moves the density.
+#[test]
+fn gpu_mlp_predictors_choose_like_the_cpu_predictors() {
+    if !enabled() {
+        return;
+    }
+    for (name, dir) in models() {
+        let loaded = OptModel::load(&dir).unwrap();
+        let mut gpu = GpuEngine::new(loaded.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
+        let model = bf16_weights(&loaded);
+        let (block, budget) = (64, 0.75);
+        let cfg = SparseMlpConfig {
+            block,
+            group: 128,
+            target: 0.97,
+            budget,
+            predictor: PredictorConfig {
+                rank: 32,
+                ..PredictorConfig::default()
+            },
+            label_cap: 8192,
+        };
+        let hook = SparseMlp::new(&model.config, cfg, 3).unwrap();
+        let train: Vec<PackedBatch> = (0..4)
+            .map(|i| batch(&dir, &(i * 24..(i + 1) * 24).collect::<Vec<_>>()))
+            .collect();
+        let t0 = std::time::Instant::now();
+        sparse_mlp::train_offline(&model, &hook, &train, 400, 3, &mut |_, _| {}).unwrap();
+        println!(
+            "{name}: predictors trained in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        let nb = model.config.ffn_dim / block;
+        let max_blocks = selection::budget_blocks(nb, budget);
+        let preds = MlpPredictors::new(
+            gpu.device(),
+            &hook.predictors(),
+            block,
+            &hook.targets(),
+            max_blocks,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        gpu.set_mlp_predictors(Some(preds)).unwrap();
+        let cfg_lora = LoraConfig {
+            r: 8,
+            targets: vec![LoraTarget::Q, LoraTarget::V],
+            ..LoraConfig::default()
+        };
+        let mut lora = PeftParams::from(LoraParams::init(&cfg_lora, &model.config, 5));
+        for (_, m) in lora.tensors_mut() {
+            for (i, v) in m.data.iter_mut().enumerate() {
+                if *v == 0.0 {
+                    *v = 0.01 * ((i % 7) as f32 - 3.0);
+                }
+            }
+        }
+        let held_out = batch(&dir, &(100..164).collect::<Vec<_>>());
+        let label = format!("{name} predicted sparse MLP");
+        compare_step(&label, &model, &mut gpu, &lora, &held_out, RELU_FLIPS);
+
+        let f = model.config.ffn_dim;
+        let layers = model.config.num_hidden_layers;
+        let lists = gpu.mlp_lists().unwrap();
+        let masks: Vec<MlpMask> = (0..layers)
+            .map(|l| {
+                lists
+                    .mask(gpu.device(), l, f)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        for (l, m) in masks.iter().enumerate() {
+            for g in 0..m.keep.len() / nb {
+                let kept = m.keep[g * nb..(g + 1) * nb].iter().filter(|k| **k).count();
+                assert!(
+                    (1..=max_blocks).contains(&kept),
+                    "{label}: layer {l} group {g} keeps {kept}"
+                );
+            }
+        }
+        let check = PredictedCheck {
+            gpu: masks,
+            cpu: &hook,
+            stats: std::sync::Mutex::new(vec![[0.0; 7]; layers]),
+        };
+        let exposure = model::Exposure {
+            mlp: Some(&check),
+            attention: None,
+        };
+        model::loss_and_grads_exposed(&model, &lora, &held_out, 1.0, None, exposure).unwrap();
+        for (l, st) in check.stats.lock().unwrap().iter().enumerate() {
+            let [n, agree, gk, ck, total, gpairs, cpairs] = *st;
+            let (agreement, rg, rc) = (agree / n, gk / total, ck / total);
+            println!(
+                "{label}: layer {l}: decisions agree {:.4}; mass recall gpu {rg:.4} cpu {rc:.4}; \
+                 density gpu {:.3} cpu {:.3}",
+                agreement,
+                gpairs / n,
+                cpairs / n
+            );
+            assert!(
+                agreement >= 0.9,
+                "{label}: layer {l}: only {agreement} of decisions agree"
+            );
+            assert!(
+                (rg - rc).abs() <= 0.02,
+                "{label}: layer {l}: recall {rg} vs {rc}"
+            );
+        }
+        // A lower mass target keeps fewer blocks.
+        let before = gpu.mlp_lists().unwrap().density();
+        let kept_at = |gpu: &mut GpuEngine, target: f64| {
+            gpu.mlp_predictors_mut()
+                .unwrap()
+                .set_targets(&vec![target; layers])
+                .unwrap();
+            gpu.loss_and_grads(&lora, &held_out, 1.0, None).unwrap();
+            let lists = gpu.mlp_lists().unwrap();
+            let kept: usize = (0..layers)
+                .map(|l| {
+                    let m = lists.mask(gpu.device(), l, f).unwrap();
+                    m.keep.iter().filter(|k| **k).count()
+                })
+                .sum();
+            kept
+        };
+        let (high, low) = (kept_at(&mut gpu, 0.99), kept_at(&mut gpu, 0.6));
+        println!(
+            "{label}: kept pairs at target 0.99: {high}, at 0.6: {low} (density field {before:.3})"
+        );
+        assert!(
+            low < high,
+            "{label}: target 0.6 keeps {low}, 0.99 keeps {high}"
+        );
+        gpu.set_mlp_predictors(None).unwrap();
+        assert!(gpu.mlp_lists().is_none());
     }
 }
 

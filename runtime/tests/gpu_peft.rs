@@ -291,7 +291,7 @@ fn gpu_peft_methods_with_a_sparse_mlp_match_the_cpu_model() {
             let lists = gpu.mlp_lists().unwrap();
             let masks = ListMasks(
                 (0..model.config.num_hidden_layers)
-                    .map(|l| lists.mask(l, f))
+                    .map(|l| lists.mask(gpu.device(), l, f).unwrap())
                     .collect(),
             );
             let exposure = model::Exposure {

@@ -269,6 +269,9 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
             {
                 mat.extend(lexp_runtime::matmul_check::check_sparse_mlp(dev)?);
             }
+            if tc("select_blocks") {
+                mat.extend(lexp_runtime::matmul_check::check_select(dev)?);
+            }
             if tc("lora_fwd") || tc("lora_bwd_dx") || tc("lora_grad") {
                 mat.extend(lexp_runtime::matmul_check::check_lora(dev)?);
             }

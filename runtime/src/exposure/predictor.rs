@@ -176,6 +176,24 @@ pub struct BlockPredictor {
     t: i32,
 }
 
+/// A predictor's parameters, row-major, for a copy elsewhere (the GPU's
+/// [`crate::gpu::MlpPredictors`]): `o = relu(x·w1 + b1)·w2 + b2`.
+#[derive(Clone, Copy, Debug)]
+pub struct PredictorWeights<'a> {
+    /// `[hidden, rank]`.
+    pub w1: &'a [f32],
+    /// `[rank]`.
+    pub b1: &'a [f32],
+    /// `[rank, num_blocks]`.
+    pub w2: &'a [f32],
+    /// `[num_blocks]`.
+    pub b2: &'a [f32],
+    /// The bottleneck rank.
+    pub rank: usize,
+    /// [`Target::LogMass`]'s scale: the mass is `scale · expm1(max(o, 0))` (0 before training).
+    pub scale: f32,
+}
+
 impl BlockPredictor {
     /// A randomly initialised predictor (uniform `±1/sqrt(fan_in)`, as `nn.Linear`).
     pub fn new(
@@ -207,6 +225,25 @@ impl BlockPredictor {
 
     fn rank(&self) -> usize {
         self.config.rank.max(1)
+    }
+
+    /// This predictor with its `LogMass` scale set to `scale` (normally set by training; for
+    /// predictors whose outputs are only timed).
+    pub fn with_scale(mut self, scale: f32) -> BlockPredictor {
+        self.scale = scale;
+        self
+    }
+
+    /// The parameters (see [`PredictorWeights`]).
+    pub fn weights(&self) -> PredictorWeights<'_> {
+        PredictorWeights {
+            w1: &self.w1.w,
+            b1: &self.b1.w,
+            w2: &self.w2.w,
+            b2: &self.b2.w,
+            rank: self.rank(),
+            scale: self.scale,
+        }
     }
 
     /// Hidden pre-activation and output: `([rows, r] relu'd, [rows, nb])`.

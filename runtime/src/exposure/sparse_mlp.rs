@@ -292,6 +292,15 @@ impl SparseMlp {
         lock(&self.train).clone()
     }
 
+    /// A copy of every layer's predictor (e.g. for the GPU's
+    /// [`crate::gpu::MlpPredictors`]).
+    pub fn predictors(&self) -> Vec<BlockPredictor> {
+        self.predictors
+            .iter()
+            .map(|p| p.read().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
     /// The selection `select` would make for `layer` (exposed for measurements).
     pub fn selection(&self, layer: usize, ffn_in: &[f32], rows: usize) -> selection::Selection {
         let target = lock(&self.targets)[layer];

@@ -26,9 +26,10 @@ use super::ops::{
     layernorm_bwd, mm, upload_prefix, xent, R,
 };
 use super::optimizer::{self, DeviceAdamW, FlatLayout, PartBuffers};
+use super::predictor::MlpPredictors;
 use super::rng::GpuRng;
 use super::sparse_attention::{AttnLists, SyntheticAttention};
-use super::sparse_mlp::{MlpLists, SyntheticMlp};
+use super::sparse_mlp::{MlpLists, MlpSource, SyntheticMlp};
 use super::weights::{self, DeviceWeights};
 use super::workspace::{Caps, Dims, Workspace, LOSS_CHUNK};
 use crate::buffer::DeviceTensor;
@@ -78,9 +79,9 @@ pub struct GpuEngine {
     /// Whether the device's LoRA and adapter parameters are the optimizer's last update
     /// (nothing uploaded since), so that the next device step need not upload them.
     params_from_optimizer: bool,
-    /// Random MLP block lists standing in for the predictor (`None`: dense MLP).
-    synthetic_mlp: Option<SyntheticMlp>,
-    /// The lists of the last batch shape, made from `synthetic_mlp`.
+    /// Where the sparse MLP's block lists come from (`None`: dense MLP).
+    mlp_source: Option<MlpSource>,
+    /// The lists of the last batch shape, from `mlp_source`.
     mlp_lists: Option<MlpLists>,
     /// Random block-sparse attention masks in place of an attention predictor.
     synthetic_attention: Option<SyntheticAttention>,
@@ -170,7 +171,7 @@ impl GpuEngine {
             attention: AttentionImpl::default_for(dims.hd),
             adam: None,
             params_from_optimizer: false,
-            synthetic_mlp: None,
+            mlp_source: None,
             mlp_lists: None,
             synthetic_attention: None,
             attn_lists: None,
@@ -195,9 +196,41 @@ impl GpuEngine {
         if let Some(s) = &s {
             s.check(self.dims.f)?;
         }
-        self.synthetic_mlp = s;
+        self.mlp_source = s.map(MlpSource::Synthetic);
         self.mlp_lists = None;
         Ok(())
+    }
+
+    /// Runs every layer's MLP on the block-sparse kernels over the blocks that `p`, the
+    /// predictors on the device, select in each forward ([`super::predictor`]); `None`: the
+    /// dense MLP. Replaces synthetic lists.
+    pub fn set_mlp_predictors(&mut self, p: Option<MlpPredictors>) -> Result<()> {
+        if let Some(p) = &p {
+            let d = &self.dims;
+            if p.layers() != d.layers || p.num_blocks * p.block != d.f || p.rank() > d.h {
+                return Err(ModelError::Unsupported(format!(
+                    "MLP predictors for {} layers of {} blocks of {} (rank {}); the model has {}                      layers of width {} and hidden size {}",
+                    p.layers(),
+                    p.num_blocks,
+                    p.block,
+                    p.rank(),
+                    d.layers,
+                    d.f,
+                    d.h
+                )));
+            }
+        }
+        self.mlp_source = p.map(MlpSource::Predicted);
+        self.mlp_lists = None;
+        Ok(())
+    }
+
+    /// The device predictors, to move their mass targets (the guard's auto-exposure).
+    pub fn mlp_predictors_mut(&mut self) -> Option<&mut MlpPredictors> {
+        match &mut self.mlp_source {
+            Some(MlpSource::Predicted(p)) => Some(p),
+            _ => None,
+        }
     }
 
     /// Runs every layer's attention on the block-sparse kernels over *random* masks at
@@ -284,7 +317,7 @@ impl GpuEngine {
             check_lora(c, l)?;
         }
         let t = batch.num_tokens();
-        if let Some(s) = self.synthetic_mlp {
+        if let Some(src) = &self.mlp_source {
             let sparse_adapted = lora.is_some_and(|l| {
                 l.config
                     .targets
@@ -300,7 +333,7 @@ impl GpuEngine {
             }
             if self.mlp_lists.as_ref().is_none_or(|m| m.t != t) {
                 let d = &self.dims;
-                self.mlp_lists = Some(MlpLists::synthetic(&self.dev, &s, d.layers, t, d.f)?);
+                self.mlp_lists = Some(src.lists(&self.dev, d.layers, t, d.f)?);
             }
         }
         if let Some(s) = self.synthetic_attention {
@@ -486,6 +519,7 @@ impl GpuEngine {
             rng,
             attention,
             mlp_lists,
+            mlp_source,
             attn_lists,
             ..
         } = self;
@@ -528,6 +562,7 @@ impl GpuEngine {
             drop,
             attention: *attention,
             mlp: mlp_lists.as_ref(),
+            predictors: mlp_source.as_ref().and_then(MlpSource::predictors),
             attn: attn_lists.as_ref(),
         };
 

@@ -27,6 +27,7 @@ use super::ops::{
     add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd,
     lt_epilogues, mm, mm_fused, mul_inplace, relu_bwd, R,
 };
+use super::predictor::MlpPredictors;
 use super::sparse_attention::AttnLists;
 use super::sparse_mlp::{self, MlpLists};
 use super::weights::LayerWeights;
@@ -102,6 +103,9 @@ pub struct Ctx<'a> {
     pub attention: AttentionImpl,
     /// Block lists of a sparse MLP ([`super::sparse_mlp`]); `None`: dense.
     pub mlp: Option<&'a MlpLists>,
+    /// The predictors that fill `mlp` in the forward ([`super::predictor`]); `None`: the
+    /// lists are already made (synthetic).
+    pub predictors: Option<&'a MlpPredictors>,
     /// Block lists of block-sparse attention ([`super::sparse_attention`]); `None`: dense.
     pub attn: Option<&'a AttnLists>,
 }
@@ -341,6 +345,10 @@ pub fn forward(
     )?;
     let mlp_col = cx.drop.and_then(|d| d.layout.mlp);
     if let Some(m) = cx.mlp {
+        if let Some(p) = cx.predictors {
+            // `tmp2` and `dact` are backward-only scratch: free here.
+            p.select(cx, li, &acts.b, (&mut sc.tmp2, &mut sc.dact), m.layer(li))?;
+        }
         sparse_mlp::fc1_forward(cx, li, m, w, &acts.b, &acts.act)?;
         sparse_mlp::fc2_forward(cx, li, m, w, &acts.act, &sc.tmp)?;
         let bias = match adapters.as_mut() {

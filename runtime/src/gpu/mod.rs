@@ -40,6 +40,7 @@ pub mod layer;
 pub mod lora;
 mod ops;
 pub mod optimizer;
+pub mod predictor;
 pub mod rng;
 pub mod sparse_attention;
 pub mod sparse_mlp;
@@ -47,3 +48,4 @@ pub mod weights;
 pub mod workspace;
 
 pub use engine::GpuEngine;
+pub use predictor::MlpPredictors;

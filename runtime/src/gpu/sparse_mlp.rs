@@ -12,20 +12,23 @@
 //! This is exactly the CPU model with an [`MlpMask`](crate::model::MlpMask) that zeroes the other
 //! blocks' activations, which is what the GPU test checks it against.
 //!
-//! The only source of lists so far is [`SyntheticMlp`]: random lists at a fixed density. It
-//! stands in for the predictor, which runs on the CPU engine only. It exists to measure the
-//! operators inside the real step, and everything it produces is labelled synthetic.
+//! Lists come from one of two sources ([`MlpSource`]): the predictors on the device
+//! ([`super::predictor`]), which fill each layer's list inside the forward with nothing read
+//! back, or [`SyntheticMlp`], random lists at a fixed density that stand in for a predictor
+//! in measurements (everything they produce is labelled synthetic).
 //! LoRA on fc1 or fc2 is refused with these lists, because the compact `h` has no place for a
 //! branch on the full width. BitFit's fc1 bias gradient is summed over the kept blocks only
 //! (`fc1_bias_grad`: the `sparse_colsum` kernel); a dropped block's gradient is zero.
 
 use super::layer::Ctx;
 use super::ops::{arg, arg_at, dev_err, R};
+use super::predictor::MlpPredictors;
 use super::weights::LayerWeights;
 use crate::block_list::{random_host, BlockList};
 use crate::model::{MlpMask, ModelError};
 use crate::sparse_ops::{self, GROUP_ROWS};
 use crate::{CudaDevice, DeviceTensor};
+use lexp_compiler::dtype::Storage;
 
 /// Random block lists at a fixed density in place of the predictor's, for measurements.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -58,6 +61,33 @@ impl SyntheticMlp {
     }
 }
 
+/// Where a sparse MLP's block lists come from.
+pub enum MlpSource {
+    /// Random lists (a synthetic predictor, for measurements).
+    Synthetic(SyntheticMlp),
+    /// The predictors on the device, run per layer inside the forward.
+    Predicted(MlpPredictors),
+}
+
+impl MlpSource {
+    /// The device predictors, if this source is one.
+    pub fn predictors(&self) -> Option<&MlpPredictors> {
+        match self {
+            MlpSource::Predicted(p) => Some(p),
+            MlpSource::Synthetic(_) => None,
+        }
+    }
+
+    /// This source's lists for a batch of `t` tokens (`layers` layers of width `ffn`):
+    /// drawn now (synthetic) or allocated for the forward to fill (predicted).
+    pub fn lists(&self, dev: &CudaDevice, layers: usize, t: usize, ffn: usize) -> R<MlpLists> {
+        match self {
+            MlpSource::Synthetic(s) => MlpLists::synthetic(dev, s, layers, t, ffn),
+            MlpSource::Predicted(p) => MlpLists::predicted(dev, p, t),
+        }
+    }
+}
+
 /// One batch's block lists, one per layer, on the device.
 pub struct MlpLists {
     /// Tokens the lists were made for.
@@ -65,8 +95,9 @@ pub struct MlpLists {
     /// Neurons per block.
     pub block: usize,
     lists: Vec<BlockList>,
-    /// The same lists on the host, `(counts, indices, max_blocks)` per layer.
-    host: Vec<(Vec<i32>, Vec<i32>, usize)>,
+    /// The same lists on the host, `(counts, indices, max_blocks)` per layer, when the host
+    /// made them (synthetic lists); predicted lists exist on the device only.
+    host: Option<Vec<(Vec<i32>, Vec<i32>, usize)>>,
 }
 
 impl MlpLists {
@@ -94,7 +125,29 @@ impl MlpLists {
             t,
             block: s.block,
             lists,
-            host,
+            host: Some(host),
+        })
+    }
+
+    /// Lists for `t` tokens that `p` fills on the device in each forward (allocated here,
+    /// outside the step; every group starts with no block until the forward writes it).
+    pub fn predicted(dev: &CudaDevice, p: &MlpPredictors, t: usize) -> R<MlpLists> {
+        let groups = t.div_ceil(GROUP_ROWS);
+        let lists = (0..p.layers())
+            .map(|li| {
+                let what = || format!("predicted block list of layer {li}");
+                let counts =
+                    DeviceTensor::zeros(dev, Storage::I32, &[groups]).map_err(dev_err(what()))?;
+                let indices = DeviceTensor::zeros(dev, Storage::I32, &[groups, p.max_blocks])
+                    .map_err(dev_err(what()))?;
+                BlockList::from_device(counts, indices, p.num_blocks).map_err(dev_err(what()))
+            })
+            .collect::<R<Vec<_>>>()?;
+        Ok(MlpLists {
+            t,
+            block: p.block,
+            lists,
+            host: None,
         })
     }
 
@@ -108,9 +161,20 @@ impl MlpLists {
         self.lists[li].max_blocks() * self.block
     }
 
-    /// Layer `li`'s list as the CPU model's mask (for tests and reports).
-    pub fn mask(&self, li: usize, ffn: usize) -> MlpMask {
-        let (counts, indices, max) = &self.host[li];
+    /// Layer `li`'s list as the CPU model's mask (for tests and reports). Predicted lists
+    /// are read back from the device (this waits for the queued work); such a list is
+    /// validated on the way, so a kernel bug shows as an error here.
+    pub fn mask(&self, dev: &CudaDevice, li: usize, ffn: usize) -> R<MlpMask> {
+        let list = &self.lists[li];
+        let (counts, indices, max) = match &self.host {
+            Some(h) => h[li].clone(),
+            None => {
+                let what = || format!("reading back the block list of layer {li}");
+                list.validate_device(dev).map_err(dev_err(what()))?;
+                let (c, i) = list.to_host().map_err(dev_err(what()))?;
+                (c, i, list.max_blocks())
+            }
+        };
         let mut m = MlpMask::dense(self.t, ffn, GROUP_ROWS, self.block);
         m.keep.iter_mut().for_each(|k| *k = false);
         for (g, &c) in counts.iter().enumerate() {
@@ -118,7 +182,7 @@ impl MlpLists {
                 m.keep[g * m.num_blocks + b as usize] = true;
             }
         }
-        m
+        Ok(m)
     }
 
     /// Share of (group, block) pairs kept over all layers.

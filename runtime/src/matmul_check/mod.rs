@@ -10,6 +10,7 @@
 mod bench;
 mod checks;
 mod checks_mlp;
+mod checks_select;
 
 pub use bench::{
     bench_gemm, bench_lora, bench_sparse, cublas_ms, cublas_nt_ms, GemmBench, LoraBench,
@@ -17,6 +18,7 @@ pub use bench::{
 };
 pub use checks::{check_gemm, check_lora, check_sparse};
 pub use checks_mlp::check_sparse_mlp;
+pub use checks_select::check_select;
 
 use crate::kernel_check::Rng;
 use crate::{CudaDevice, DeviceError, DeviceTensor};

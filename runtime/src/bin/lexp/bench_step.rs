@@ -12,7 +12,7 @@ use lexp_runtime::dist::{self, launch, DataParallel, NcclComm, RendezvousConfig,
 use lexp_runtime::gpu::attention::AttentionImpl;
 use lexp_runtime::gpu::sparse_attention::SyntheticAttention;
 use lexp_runtime::gpu::sparse_mlp::SyntheticMlp;
-use lexp_runtime::gpu::GpuEngine;
+use lexp_runtime::gpu::{GpuEngine, MlpPredictors};
 use lexp_runtime::peft::{BitFitConfig, HoulsbyConfig, LoraConfig, LoraTarget, PeftConfig};
 use lexp_runtime::step_bench::{self as sb, BaselineRun, Comparison, StepSettings, WorkloadResult};
 use lexp_runtime::train::{CpuEngine, Engine};
@@ -119,6 +119,12 @@ pub struct StepArgs {
     /// Neurons per block for `--synthetic-mlp-density` (64 or 128).
     #[arg(long, default_value_t = 128)]
     synthetic_mlp_block: usize,
+    /// With `--synthetic-mlp-density D`: instead of random lists made once, run predictors of
+    /// this rank with RANDOM weights on the device in every step (predictor GEMMs and the
+    /// `select_blocks` kernel inside the step), each 128-token group keeping D of its blocks.
+    /// Measures what prediction and selection cost; the choices mean nothing.
+    #[arg(long, requires = "synthetic_mlp_density")]
+    mlp_predictor_rank: Option<usize>,
     /// Run every layer's attention on the block-sparse kernels over RANDOM masks keeping this
     /// share of the causal 128 x 128 blocks (diagonal and first block always): a synthetic
     /// predictor (labelled so in the output) that measures block-sparse attention inside the
@@ -417,9 +423,29 @@ pub fn run(args: StepArgs) -> Result<()> {
         seed: args.seed,
     });
     match (&mut eng, synthetic_mlp) {
-        (Eng::Gpu(g), Some(s)) => g
-            .set_synthetic_mlp(Some(s))
-            .map_err(|e| anyhow!("--synthetic-mlp-density: {e}"))?,
+        (Eng::Gpu(g), Some(s)) => match args.mlp_predictor_rank {
+            None => g
+                .set_synthetic_mlp(Some(s))
+                .map_err(|e| anyhow!("--synthetic-mlp-density: {e}"))?,
+            Some(rank) => {
+                s.check(g.model().config.ffn_dim)
+                    .map_err(|e| anyhow!("--synthetic-mlp-density: {e}"))?;
+                let c = &g.model().config;
+                let nb = c.ffn_dim / s.block;
+                let max_blocks = ((s.density * nb as f64).round() as usize).clamp(1, nb);
+                let p = MlpPredictors::random(
+                    g.device(),
+                    (c.num_hidden_layers, c.hidden_size),
+                    rank,
+                    (s.block, nb),
+                    max_blocks,
+                    s.seed,
+                )
+                .map_err(|e| anyhow!("--mlp-predictor-rank: {e}"))?;
+                g.set_mlp_predictors(Some(p))
+                    .map_err(|e| anyhow!("--mlp-predictor-rank: {e}"))?
+            }
+        },
         (Eng::Cpu(_), Some(_)) => bail!("--synthetic-mlp-density needs the GPU engine"),
         _ => {}
     }
@@ -562,11 +588,16 @@ pub fn run(args: StepArgs) -> Result<()> {
         "targets": lora.targets.iter().map(|t| t.peft_name()).collect::<Vec<_>>(),
         "adapter_bottleneck": peft.houlsby.as_ref().map(|h| h.bottleneck),
     });
-    let mlp_json = synthetic_mlp.map(|s| {
-        serde_json::json!({
+    let mlp_json = synthetic_mlp.map(|s| match args.mlp_predictor_rank {
+        None => serde_json::json!({
             "mlp": "SYNTHETIC predictor: random block lists (not a model's), block-sparse MLP kernels",
             "density": s.density, "block": s.block, "group_rows": 128, "seed": s.seed,
-        })
+        }),
+        Some(rank) => serde_json::json!({
+            "mlp": "device predictors with RANDOM weights run in every step (their cost is real, their choices mean nothing), block-sparse MLP kernels",
+            "density": s.density, "block": s.block, "group_rows": 128, "seed": s.seed,
+            "predictor_rank": rank,
+        }),
     });
     let attn_json = synthetic_attn.map(|s| {
         let got = match &eng {
@@ -589,8 +620,12 @@ pub fn run(args: StepArgs) -> Result<()> {
         args.model,
         methods,
         synthetic_mlp.map_or(String::new(), |s| format!(
-            ", MLP at {:.0}% blocks (synthetic lists)",
-            100.0 * s.density
+            ", MLP at {:.0}% blocks ({})",
+            100.0 * s.density,
+            match args.mlp_predictor_rank {
+                None => "synthetic lists".to_string(),
+                Some(r) => format!("random rank-{r} predictors on the device"),
+            }
         )),
         synthetic_attn.map_or(String::new(), |s| format!(
             ", attention at {:.0}% blocks (synthetic masks)",
