@@ -15,6 +15,7 @@ pub mod embedded;
 pub mod engine;
 mod error;
 pub mod exposed;
+pub mod exposed_gpu;
 pub mod metrics;
 pub mod plan;
 pub mod plot;

@@ -311,6 +311,12 @@ fn make_engine(
         ExposureMode::Mlp => Some(("mlp", "MLP")),
         ExposureMode::Attention => Some(("attention", "attention")),
     };
+    if config.exposure.mode == ExposureMode::Mlp && choice != DeviceChoice::Cpu {
+        if let Some(engine) = exposed_gpu_engine(choice, config, ordinal)? {
+            return Ok(("cuda", engine));
+        }
+        return Ok(("cpu", Box::new(exposed_cpu_engine(config)?)));
+    }
     if let Some((flag, what)) = exposure {
         if choice == DeviceChoice::Cuda {
             bail!(
@@ -390,6 +396,57 @@ fn make_engine(
             }
         }
     }
+}
+
+/// MLP exposure on the GPU ([`train::exposed_gpu::GpuExposedEngine`]): the predictors trained
+/// on the CPU as for the CPU engine, then run on the device inside every step. `None` (with a
+/// message saying why) when `--device auto` finds no usable GPU or settings the GPU's sparse
+/// MLP does not take; `--device cuda` fails instead, naming the flag to change.
+fn exposed_gpu_engine(
+    choice: DeviceChoice,
+    config: &TrainConfig,
+    ordinal: usize,
+) -> Result<Option<Box<dyn Engine>>> {
+    let x = &config.exposure;
+    let why = if !matches!(x.mlp_block, 64 | 128) {
+        Some(format!(
+            "the GPU's sparse MLP takes blocks of 64 or 128 neurons (--mlp-block {} given; \
+             pass --mlp-block 128)",
+            x.mlp_block
+        ))
+    } else if x.mlp_group != 128 {
+        Some(format!(
+            "the GPU's sparse MLP groups 128 tokens (--mlp-group {} given; pass --mlp-group 128)",
+            x.mlp_group
+        ))
+    } else {
+        None
+    };
+    let dev = match (why, CudaDevice::new(ordinal)) {
+        (None, Ok(dev)) => dev,
+        (Some(why), _) if choice == DeviceChoice::Cuda => {
+            bail!("--exposure mlp --device cuda: {why}")
+        }
+        (None, Err(e)) if choice == DeviceChoice::Cuda => {
+            return Err(anyhow!(e).context("--device cuda: no usable CUDA GPU"))
+        }
+        (Some(why), _) => {
+            eprintln!("--exposure mlp: training on the CPU engine: {why}");
+            return Ok(None);
+        }
+        (None, Err(e)) => {
+            eprintln!("--exposure mlp: no usable GPU ({e}); training on the CPU engine");
+            return Ok(None);
+        }
+    };
+    let name = dev.name().to_string();
+    let cpu = exposed_cpu_engine(config)?;
+    let engine = train::exposed_gpu::GpuExposedEngine::new(cpu, dev)
+        .map_err(|e| anyhow!("--exposure mlp on {name}: {e}"))?;
+    eprintln!(
+        "MLP exposure on {name}: predictors and block selection run on the device in every step"
+    );
+    Ok(Some(Box::new(engine)))
 }
 
 /// The CPU engine with MLP or attention exposure: model, [`train::exposed::expose_structure`]
