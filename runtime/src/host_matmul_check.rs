@@ -184,6 +184,7 @@ pub fn check_matmul_host() -> Result<Vec<CheckRow>, LaunchError> {
         )?;
         rows.push(row("sparse_both", &shape, "out", &o, &want));
         rows.extend(sparse_mlp(&mut rng, dtype, m, kk)?);
+        rows.push(select_blocks(&mut rng, dtype)?);
         // Fused LoRA, rank 16.
         let (r, s) = (16usize, 2.0f32);
         let round = |v: f64| round_to(dtype.dtype(), v as f32);
@@ -364,4 +365,66 @@ fn sparse_mlp(
     )?;
     rows.push(row("sparse_colsum", &shape, "db1", &db, &want));
     Ok(rows)
+}
+
+/// `select_blocks` in the interpreter: 300 tokens (3 groups, the last ragged), 24 blocks, at
+/// most 12 per group, lists poisoned; a group passes when `check_selection` accepts it and the
+/// slots past its count keep their poison. `rel_l2` is the share of groups that fail.
+fn select_blocks(rng: &mut Rng, dtype: Storage) -> Result<CheckRow, LaunchError> {
+    let (t, nb, max) = (300usize, 24usize, 12usize);
+    let groups = t.div_ceil(128);
+    let mut o = HostTensor::new(dtype, &[nb, t], &rng.uniform(nb * t, -4.0, 2.5));
+    let bias = rng.uniform(nb, -0.3, 0.3);
+    let mut b = HostTensor::new(Storage::F32, &[nb], &bias);
+    let mut c = ints(&[groups], &vec![-7; groups]);
+    let mut i = ints(&[groups, max], &vec![-9; groups * max]);
+    let (scale, target) = (0.7f32, 0.9f32);
+    let cfg = lexp_kernels::block_select::select_config(nb)
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    k::select_blocks::interpret(
+        &cfg,
+        k::select_blocks::HostArgs {
+            o: &mut o,
+            bias: &mut b,
+            scale,
+            target,
+            counts: &mut c,
+            indices: &mut i,
+        },
+    )?;
+    let want = lexp_kernels::reference_select::select_blocks(
+        &o.data,
+        (t, nb),
+        &bias,
+        scale,
+        target,
+        max,
+        128,
+    );
+    let failed = want
+        .iter()
+        .enumerate()
+        .filter(|(g, r)| {
+            let count = (c.data[*g].max(0.0) as usize).min(max + 1);
+            let row = &i.data[g * max..(g + 1) * max];
+            let ids: Vec<i32> = row[..count.min(max)].iter().map(|&v| v as i32).collect();
+            count > max
+                || row[count..].iter().any(|&v| v != -9.0)
+                || lexp_kernels::reference_select::check_selection(r, &ids, target, max, 1e-4)
+                    .is_err()
+        })
+        .count();
+    Ok(CheckRow {
+        kernel: "select_blocks",
+        dtype: dtype.name(),
+        shape: format!("{t} tokens, {nb} blocks, at most {max}"),
+        variant: "interpreter".into(),
+        output: "list",
+        rel_l2: failed as f64 / groups as f64,
+        max_abs: 0.0,
+        tolerance: 0.0,
+        non_finite: 0,
+        pass: failed == 0,
+    })
 }

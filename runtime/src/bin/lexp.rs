@@ -291,9 +291,16 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
         }
         None => {
             let mut rows = lexp_runtime::host_check::check_all_host(kernel)?;
-            // The tensor-core kernels, one small shape each.
-            if kernel.is_none() || kernel == Some("matmul") {
-                rows.extend(lexp_runtime::host_matmul_check::check_matmul_host()?);
+            // The tensor-core kernels and `select_blocks`, one small shape each.
+            match kernel {
+                None | Some("matmul") => {
+                    rows.extend(lexp_runtime::host_matmul_check::check_matmul_host()?)
+                }
+                Some(only) => rows.extend(
+                    lexp_runtime::host_matmul_check::check_matmul_host()?
+                        .into_iter()
+                        .filter(|r| r.kernel == only),
+                ),
             }
             ("cpu (interpreter)".to_string(), rows)
         }

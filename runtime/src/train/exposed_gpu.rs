@@ -13,7 +13,8 @@
 //!   hook (weights and targets).
 //!
 //! What the run reports as MLP work kept is measured on the GPU's own lists: the lists of the
-//! step before each probe are read back (one synchronisation per probe, not per step). The
+//! last training step before each probe or evaluation are read back (one synchronisation
+//! then, not per step). The
 //! recall next to it is the probes' (the CPU selection on the CPU's activations, which the GPU
 //! test shows agrees with the device's on over 99% of decisions).
 //!
@@ -41,9 +42,11 @@ pub struct GpuExposedEngine {
     block: usize,
     /// The grid bound: most blocks a group keeps.
     max_blocks: usize,
-    /// Per layer: kept and all `(row, block)` work of the GPU lists sampled before each probe,
-    /// and the probes' summed recall with their count.
+    /// Per layer: kept and all `(row, block)` work of the GPU lists sampled after training
+    /// steps, and the probes' summed recall with their count.
     sampled: Vec<LayerCounters>,
+    /// Whether the device's lists are a training step's not yet sampled.
+    fresh: bool,
 }
 
 impl GpuExposedEngine {
@@ -77,6 +80,7 @@ impl GpuExposedEngine {
             max_blocks,
             cpu,
             sampled: vec![LayerCounters::default(); layers],
+            fresh: false,
         };
         engine.upload()?;
         Ok(engine)
@@ -114,8 +118,13 @@ impl GpuExposedEngine {
         Ok(())
     }
 
-    /// Adds the GPU's last lists to the sampled work counters.
+    /// Adds the GPU's lists to the sampled work counters when they are a training step's not
+    /// yet sampled. Called before anything else runs a forward (a probe, an evaluation), so
+    /// the sample is the last training step before each of them; it waits for the device.
     fn sample_lists(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.fresh) {
+            return Ok(());
+        }
         let f = self.gpu.model().config.ffn_dim;
         let Some(lists) = self.gpu.mlp_lists() else {
             return Ok(());
@@ -154,6 +163,7 @@ impl Engine for GpuExposedEngine {
         rng: Option<DropoutRng>,
     ) -> Result<StepOutput> {
         self.check(lora)?;
+        self.fresh = true;
         self.gpu.loss_and_grads(lora, batch, grad_scale, rng)
     }
 
@@ -162,6 +172,7 @@ impl Engine for GpuExposedEngine {
         lora: Option<&PeftParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
+        self.sample_lists()?;
         self.gpu.eval_loss(lora, batch)
     }
 
@@ -172,6 +183,7 @@ impl Engine for GpuExposedEngine {
         step: &OptimStep<'_>,
     ) -> Result<StepOutcome> {
         self.check(lora)?;
+        self.fresh = true;
         self.gpu.optimizer_step(lora, adamw, step)
     }
 
@@ -184,6 +196,7 @@ impl Engine for GpuExposedEngine {
         extra: &mut [f64],
     ) -> Result<StepOutcome> {
         self.check(lora)?;
+        self.fresh = true;
         self.gpu.data_parallel_step(comm, lora, adamw, step, extra)
     }
 
@@ -235,6 +248,7 @@ impl Engine for GpuExposedEngine {
         lora: Option<&PeftParams>,
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
+        self.sample_lists()?;
         self.gpu.set_mlp_predictors(None)?;
         let out = self.gpu.eval_loss(lora, batch);
         self.upload()?;

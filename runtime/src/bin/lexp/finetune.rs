@@ -37,7 +37,7 @@ pub enum ExposureChoice {
     /// Dense training.
     None,
     /// Sparse MLPs: per-layer block predictors, mass-target selection, dense probes with an
-    /// auto-exposure guard (CPU engine only for now).
+    /// auto-exposure guard (on the GPU: blocks of 64 or 128, the predictors on the device).
     Mlp,
     /// Block-sparse attention: per-head key-block predictors, local window and sinks kept,
     /// mass-target selection, dense probes with the guard (CPU engine only for now).
@@ -160,7 +160,8 @@ pub struct FinetuneArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceChoice,
-    /// Activation sparsity to exploit: none, mlp or attention (CPU engine only for now).
+    /// Activation sparsity to exploit: none, mlp (GPU with --mlp-block 64 or 128, else CPU) or
+    /// attention (CPU engine only for now).
     #[arg(long, value_enum, default_value = "none")]
     exposure: ExposureChoice,
     /// --exposure mlp: neurons per block (must divide the MLP width).
