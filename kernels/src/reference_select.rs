@@ -105,6 +105,35 @@ pub fn check_selection(
     Ok(())
 }
 
+/// The groups of a device list (`counts [groups]`, `indices [groups, max_blocks]` read back)
+/// that fail against the reference `want`: a count outside `0..=max_blocks`, a slot past the
+/// count that lost its `poison`, or a selection [`check_selection`] refuses (with `tol`).
+pub fn failing_groups(
+    want: &[GroupSelection],
+    (counts, indices): (&[i32], &[i32]),
+    (target, max_blocks): (f32, usize),
+    poison: i32,
+    tol: f64,
+) -> usize {
+    want.iter()
+        .enumerate()
+        .filter(|(g, r)| {
+            let Some(count) = counts
+                .get(*g)
+                .and_then(|&c| usize::try_from(c).ok())
+                .filter(|&c| c <= max_blocks)
+            else {
+                return true;
+            };
+            let Some(row) = indices.get(g * max_blocks..(g + 1) * max_blocks) else {
+                return true;
+            };
+            row[count..].iter().any(|&v| v != poison)
+                || check_selection(r, &row[..count], target, max_blocks, tol).is_err()
+        })
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

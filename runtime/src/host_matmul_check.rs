@@ -402,19 +402,14 @@ fn select_blocks(rng: &mut Rng, dtype: Storage) -> Result<CheckRow, LaunchError>
         max,
         128,
     );
-    let failed = want
-        .iter()
-        .enumerate()
-        .filter(|(g, r)| {
-            let count = (c.data[*g].max(0.0) as usize).min(max + 1);
-            let row = &i.data[g * max..(g + 1) * max];
-            let ids: Vec<i32> = row[..count.min(max)].iter().map(|&v| v as i32).collect();
-            count > max
-                || row[count..].iter().any(|&v| v != -9.0)
-                || lexp_kernels::reference_select::check_selection(r, &ids, target, max, 1e-4)
-                    .is_err()
-        })
-        .count();
+    let ints_of = |t: &HostTensor| t.data.iter().map(|&v| v as i32).collect::<Vec<_>>();
+    let failed = lexp_kernels::reference_select::failing_groups(
+        &want,
+        (&ints_of(&c), &ints_of(&i)),
+        (target, max),
+        -9,
+        1e-4,
+    );
     Ok(CheckRow {
         kernel: "select_blocks",
         dtype: dtype.name(),

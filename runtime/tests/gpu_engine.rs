@@ -474,19 +474,7 @@ fn gpu_sparse_mlp_matches_the_cpu_model_on_the_same_blocks() {
         let loaded = OptModel::load(&dir).unwrap();
         let mut gpu = GpuEngine::new(loaded.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
         let model = bf16_weights(&loaded);
-        let cfg = LoraConfig {
-            r: 8,
-            targets: vec![LoraTarget::Q, LoraTarget::V],
-            ..LoraConfig::default()
-        };
-        let mut lora = PeftParams::from(LoraParams::init(&cfg, &model.config, 5));
-        for (_, m) in lora.tensors_mut() {
-            for (i, v) in m.data.iter_mut().enumerate() {
-                if *v == 0.0 {
-                    *v = 0.01 * ((i % 7) as f32 - 3.0);
-                }
-            }
-        }
+        let lora = qv_lora(&model);
         let big = batch(&dir, &(100..164).collect::<Vec<_>>());
         assert!(big.num_tokens() % 128 != 0 && big.num_tokens() > 256);
         for (density, block) in [(0.5, 64), (0.25, 128)] {
@@ -530,6 +518,24 @@ fn gpu_sparse_mlp_matches_the_cpu_model_on_the_same_blocks() {
             RELU_FLIPS,
         );
     }
+}
+
+/// Rank-8 LoRA on q and v with B ≠ 0 (its zero entries set to a small pattern).
+fn qv_lora(model: &OptModel) -> PeftParams {
+    let cfg = LoraConfig {
+        r: 8,
+        targets: vec![LoraTarget::Q, LoraTarget::V],
+        ..LoraConfig::default()
+    };
+    let mut lora = PeftParams::from(LoraParams::init(&cfg, &model.config, 5));
+    for (_, m) in lora.tensors_mut() {
+        for (i, v) in m.data.iter_mut().enumerate() {
+            if *v == 0.0 {
+                *v = 0.01 * ((i % 7) as f32 - 3.0);
+            }
+        }
+    }
+    lora
 }
 
 /// The CPU model's side of GPU-predicted lists: layer `l` keeps the GPU's mask `l`, and for
@@ -617,19 +623,7 @@ fn gpu_mlp_predictors_choose_like_the_cpu_predictors() {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         gpu.set_mlp_predictors(Some(preds)).unwrap();
-        let cfg_lora = LoraConfig {
-            r: 8,
-            targets: vec![LoraTarget::Q, LoraTarget::V],
-            ..LoraConfig::default()
-        };
-        let mut lora = PeftParams::from(LoraParams::init(&cfg_lora, &model.config, 5));
-        for (_, m) in lora.tensors_mut() {
-            for (i, v) in m.data.iter_mut().enumerate() {
-                if *v == 0.0 {
-                    *v = 0.01 * ((i % 7) as f32 - 3.0);
-                }
-            }
-        }
+        let lora = qv_lora(&model);
         let held_out = batch(&dir, &(100..164).collect::<Vec<_>>());
         let label = format!("{name} predicted sparse MLP");
         compare_step(&label, &model, &mut gpu, &lora, &held_out, RELU_FLIPS);

@@ -9,7 +9,7 @@
 use super::*;
 use crate::block_list::BlockList;
 use crate::sparse_ops;
-use lexp_kernels::reference_select::{check_selection, select_blocks};
+use lexp_kernels::reference_select::{failing_groups, select_blocks};
 
 /// Runs the selection checks.
 pub fn check_select(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
@@ -47,19 +47,7 @@ pub fn check_select(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> {
             dev.synchronize()?;
             let (c, i) = (list.counts().to_i32_vec()?, list.indices().to_i32_vec()?);
             let want = select_blocks(&o, (t, nb), &bias, scale, target, max_blocks, 128);
-            let failed = want
-                .iter()
-                .enumerate()
-                .filter(|(g, r)| {
-                    let count = usize::try_from(c[*g]).unwrap_or(usize::MAX);
-                    if count > max_blocks {
-                        return true;
-                    }
-                    let row = &i[g * max_blocks..(g + 1) * max_blocks];
-                    row[count..].iter().any(|&v| v != -9)
-                        || check_selection(r, &row[..count], target, max_blocks, 1e-4).is_err()
-                })
-                .count();
+            let failed = failing_groups(&want, (&c, &i), (target, max_blocks), -9, 1e-4);
             rows.push(MatCheck {
                 kernel: "select_blocks",
                 dtype: dtype.name(),
