@@ -1,8 +1,10 @@
 //! `lexp finetune --exposure mlp` end to end on the CPU engine (DESIGN.md §7, MLP): the bundled
 //! opt-tiny on the bundled E2E slice, predictors trained offline, a few sparse steps with dense
 //! probes; the run reports densities under 1, recall, gaps, dense and sparse eval losses, and
-//! its loss falls. `--device cuda` refuses MLP blocks the GPU's kernels do not take, naming the
-//! flag to change, before anything trains.
+//! its loss falls. A run stopped and resumed ends where an uninterrupted one does (the
+//! predictors and mass targets the guard moved come back from the checkpoint). `--device cuda`
+//! refuses MLP blocks the GPU's kernels do not take, naming the flag to change, before anything
+//! trains.
 
 use lexp_runtime::peft::{self, LoraTarget};
 use lexp_runtime::train::{self, CpuEngine, ExposureConfig, ExposureMode, Silent, TrainConfig};
@@ -10,6 +12,8 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 const LEXP: &str = env!("CARGO_BIN_EXE_lexp");
+
+mod common;
 
 fn assets() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/default")
@@ -201,4 +205,75 @@ fn an_exposed_run_exports_fc1_fc2_adapters_in_the_original_neuron_order() {
         "fc1/fc2 adapters had no effect"
     );
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// An exposed run stopped after 2 of 4 steps and resumed ends with the uninterrupted run's
+/// adapter: the guard probes before every step (moving the targets and refreshing the
+/// predictors), and the checkpoint's `exposure.safetensors` brings both back. Without that
+/// file the resumed run ends elsewhere (so the comparison can fail).
+#[test]
+fn an_exposed_run_resumes_exactly() {
+    let mut config = config();
+    config.max_steps = 4;
+    config.save_every = 2;
+    config.eval_max_examples = 8;
+    config.exposure.probe_every = 1;
+    config.exposure.mlp_budget = 0.75;
+    let run = |out: &Path, resume: bool, stop: Option<usize>| {
+        let mut engine = train::exposed::cpu_engine_exposed(&config, &mut |_, _| {}).unwrap();
+        match stop {
+            Some(after) => {
+                let mut s = common::StopAfter { after, steps: 0 };
+                train::run(&config, out, resume, &mut engine, &mut s).unwrap_err();
+            }
+            None => {
+                train::run(&config, out, resume, &mut engine, &mut Silent).unwrap();
+            }
+        }
+    };
+    let tmp = |name: &str| {
+        let d = std::env::temp_dir().join(format!("lexp-exposed-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    };
+    let adapter = |dir: &Path| {
+        let model = config.load_model().unwrap();
+        peft::PeftParams::load(&dir.join(train::trainer::ADAPTER), &model).unwrap()
+    };
+    let (whole, cut, bare) = (tmp("whole"), tmp("cut"), tmp("bare"));
+    run(&whole, false, None);
+    run(&cut, false, Some(2));
+    let ckpt = cut.join("checkpoints").join("step-00000002");
+    assert!(
+        ckpt.join("exposure.safetensors").exists(),
+        "no exposure state in {}",
+        ckpt.display()
+    );
+    run(&cut, true, None);
+    assert_eq!(
+        adapter(&whole),
+        adapter(&cut),
+        "the resumed exposed run ended elsewhere"
+    );
+    // The same cut, resumed without the exposure state: the run is not the same.
+    run(&bare, false, Some(2));
+    let ckpt = bare.join("checkpoints").join("step-00000002");
+    let state = train::state::verify_checkpoint(&ckpt).unwrap();
+    std::fs::remove_file(ckpt.join("exposure.safetensors")).unwrap();
+    let mut st = state;
+    st.files.remove("exposure.safetensors");
+    std::fs::write(
+        ckpt.join("trainer_state.json"),
+        serde_json::to_vec_pretty(&st).unwrap(),
+    )
+    .unwrap();
+    run(&bare, true, None);
+    assert_ne!(
+        adapter(&whole),
+        adapter(&bare),
+        "the exposure state made no difference"
+    );
+    for d in [whole, cut, bare] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }

@@ -379,21 +379,6 @@ fn merged_checkpoint_equals_base_plus_adapter() {
     }
 }
 
-/// Stops the run after `after` steps (as SIGINT would).
-struct StopAfter {
-    after: usize,
-    steps: usize,
-}
-
-impl lexp_runtime::train::Observer for StopAfter {
-    fn step(&mut self, _: &lexp_runtime::train::metrics::Record, _: usize, _: usize, _: f64) {
-        self.steps += 1;
-    }
-    fn should_stop(&mut self) -> bool {
-        self.steps >= self.after
-    }
-}
-
 /// BitFit + Houlsby through the trainer on opt-tiny: a run stopped after 2 of 4 steps and
 /// resumed from its checkpoint ends with the uninterrupted run's parameters (every method's
 /// files and AdamW's state come back), and a resume under other PEFT settings is refused.
@@ -425,7 +410,7 @@ fn bitfit_and_houlsby_runs_resume_exactly() {
     )
     .unwrap();
     let cut = temp("run-cut");
-    let mut stop = StopAfter { after: 2, steps: 0 };
+    let mut stop = common::StopAfter { after: 2, steps: 0 };
     let err = train::run(&config, &cut, false, &mut engine(), &mut stop).unwrap_err();
     assert!(
         matches!(err, TrainError::Interrupted { step: 2, .. }),

@@ -24,4 +24,5 @@ pub mod predictor;
 pub mod profiler;
 pub mod selection;
 pub mod sparse_mlp;
+pub mod state;
 pub mod stats;

@@ -132,8 +132,8 @@ impl LabelSet {
 #[derive(Clone, Debug)]
 pub(crate) struct Param {
     pub(crate) w: Vec<f32>,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    pub(crate) m: Vec<f32>,
+    pub(crate) v: Vec<f32>,
 }
 
 impl Param {
@@ -232,6 +232,54 @@ impl BlockPredictor {
     pub fn with_scale(mut self, scale: f32) -> BlockPredictor {
         self.scale = scale;
         self
+    }
+
+    /// Everything training changes, for a checkpoint: `(name, values)` of the four parameters
+    /// and their Adam moments (`w1`, `w1.m`, `w1.v`, ...), the mass scale and Adam's step.
+    pub fn training_state(&self) -> (Vec<(String, &[f32])>, f32, i32) {
+        let mut out = Vec::with_capacity(12);
+        for (name, p) in [
+            ("w1", &self.w1),
+            ("b1", &self.b1),
+            ("w2", &self.w2),
+            ("b2", &self.b2),
+        ] {
+            out.push((name.to_string(), p.w.as_slice()));
+            out.push((format!("{name}.m"), p.m.as_slice()));
+            out.push((format!("{name}.v"), p.v.as_slice()));
+        }
+        (out, self.scale, self.t)
+    }
+
+    /// Restores what [`Self::training_state`] gave: `get(name)` returns each tensor's values,
+    /// which must have this predictor's sizes. Nothing changes on an error (it names the tensor).
+    pub fn restore_training_state(
+        &mut self,
+        mut get: impl FnMut(&str) -> Option<Vec<f32>>,
+        scale: f32,
+        t: i32,
+    ) -> Result<(), String> {
+        let mut fresh = self.clone();
+        for (name, p) in [
+            ("w1", &mut fresh.w1),
+            ("b1", &mut fresh.b1),
+            ("w2", &mut fresh.w2),
+            ("b2", &mut fresh.b2),
+        ] {
+            let n = p.w.len();
+            for (suffix, dst) in [("", &mut p.w), (".m", &mut p.m), (".v", &mut p.v)] {
+                let key = format!("{name}{suffix}");
+                let v = get(&key).ok_or_else(|| format!("`{key}` is missing"))?;
+                if v.len() != n {
+                    return Err(format!("`{key}` has {} values, the predictor {n}", v.len()));
+                }
+                *dst = v;
+            }
+        }
+        fresh.scale = scale;
+        fresh.t = t;
+        *self = fresh;
+        Ok(())
     }
 
     /// The parameters (see [`PredictorWeights`]).

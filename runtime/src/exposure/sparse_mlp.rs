@@ -292,6 +292,21 @@ impl SparseMlp {
         lock(&self.train).clone()
     }
 
+    /// Replaces every layer's predictor (a resumed run's, [`super::state`]).
+    pub fn set_predictors(&self, predictors: Vec<BlockPredictor>) -> Result<(), SparseMlpError> {
+        if predictors.len() != self.predictors.len() {
+            return Err(SparseMlpError::Setting(format!(
+                "{} predictors for {} layers",
+                predictors.len(),
+                self.predictors.len()
+            )));
+        }
+        for (slot, p) in self.predictors.iter().zip(predictors) {
+            *slot.write().unwrap_or_else(|e| e.into_inner()) = p;
+        }
+        Ok(())
+    }
+
     /// A copy of every layer's predictor (e.g. for the GPU's
     /// [`crate::gpu::MlpPredictors`]).
     pub fn predictors(&self) -> Vec<BlockPredictor> {

@@ -13,6 +13,7 @@ use crate::model::{self, DropoutRng, ModelError, Result, StepOutput};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::peft::{LoraTarget, PeftParams};
 use std::borrow::Cow;
+use std::path::Path;
 
 /// The inputs of one optimizer step: its micro-batches, their dropout, the learning rate and
 /// the clipping limit.
@@ -208,6 +209,21 @@ pub trait Engine {
     /// a checkpoint); nothing to do otherwise.
     fn sync_optimizer(&mut self, adamw: &mut AdamW) -> Result<()> {
         let _ = adamw;
+        Ok(())
+    }
+
+    /// Writes this engine's own training state that a resume needs into the checkpoint
+    /// directory `dir` (MLP exposure: the predictors and mass targets,
+    /// [`crate::exposure::state`]); nothing by default.
+    fn save_state(&self, dir: &Path) -> Result<()> {
+        let _ = dir;
+        Ok(())
+    }
+
+    /// Restores what [`save_state`](Self::save_state) wrote in `dir` (a resume); nothing by
+    /// default.
+    fn load_state(&mut self, dir: &Path) -> Result<()> {
+        let _ = dir;
         Ok(())
     }
 
@@ -431,6 +447,36 @@ impl Engine for CpuEngine {
 
     fn exposed(&self) -> bool {
         self.exposure.is_some()
+    }
+
+    fn save_state(&self, dir: &Path) -> Result<()> {
+        match self.exposure.as_ref().and_then(|e| e.hook.as_ref()) {
+            Some(hook) => {
+                crate::exposure::state::save(&dir.join(crate::exposure::state::FILE), hook).map_err(
+                    |e| ModelError::Unsupported(format!("saving MLP exposure's state: {e}")),
+                )
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn load_state(&mut self, dir: &Path) -> Result<()> {
+        let Some(hook) = self.exposure.as_ref().and_then(|e| e.hook.as_ref()) else {
+            return Ok(());
+        };
+        let path = dir.join(crate::exposure::state::FILE);
+        if !path.exists() {
+            // A checkpoint written before the state was saved: the predictors stay as trained
+            // offline, the targets at their start (the resumed run is then not exact).
+            tracing::warn!(
+                "{} has no {}: MLP exposure restarts from the offline predictors",
+                dir.display(),
+                crate::exposure::state::FILE
+            );
+            return Ok(());
+        }
+        crate::exposure::state::load(&path, hook)
+            .map_err(|e| ModelError::Unsupported(format!("restoring MLP exposure's state: {e}")))
     }
 
     fn probe_every(&self) -> usize {

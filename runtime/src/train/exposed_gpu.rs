@@ -220,6 +220,15 @@ impl Engine for GpuExposedEngine {
         true
     }
 
+    fn save_state(&self, dir: &std::path::Path) -> Result<()> {
+        self.cpu.save_state(dir)
+    }
+
+    fn load_state(&mut self, dir: &std::path::Path) -> Result<()> {
+        self.cpu.load_state(dir)?;
+        self.upload()
+    }
+
     fn probe_every(&self) -> usize {
         self.cpu.probe_every()
     }

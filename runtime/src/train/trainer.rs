@@ -595,6 +595,7 @@ pub fn run_as(
                 let names = names_for(&lora);
                 let sizes: Vec<usize> = lora.tensors().iter().map(|(_, m)| m.data.len()).collect();
                 let adamw = AdamW::load(&dir.join(state::OPTIMIZER_FILE), &names, &sizes)?;
+                engine.load_state(&dir)?;
                 let bad = BadSteps {
                     total: st.skipped_steps,
                     in_a_row: st.bad_in_a_row,
@@ -664,7 +665,8 @@ pub fn run_as(
         (kept_eval(0), kept_eval(done))
     };
 
-    let save = |lora: &PeftParams,
+    let save = |engine: &dyn Engine,
+                lora: &PeftParams,
                 adamw: &AdamW,
                 step: usize,
                 tokens_seen: u64,
@@ -688,7 +690,8 @@ pub fn run_as(
             lora.save(tmp, &base).map_err(|e| e.to_string())?;
             adamw
                 .save(&tmp.join(state::OPTIMIZER_FILE), &param_names(lora))
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            engine.save_state(tmp).map_err(|e| e.to_string())
         })
         .map_err(TrainError::Checkpoint)?;
         state::prune(&ckpt_root, config.keep_checkpoints);
@@ -791,7 +794,7 @@ pub fn run_as(
         }
         if config.save_every > 0 && s % config.save_every == 0 && s < plan.total_steps() {
             engine.sync_optimizer(&mut adamw)?;
-            let dir = save(&lora, &adamw, s, tokens_seen, bad)?;
+            let dir = save(&*engine, &lora, &adamw, s, tokens_seen, bad)?;
             observer.checkpoint(&dir);
             last_saved = Some(s);
         }
@@ -800,7 +803,7 @@ pub fn run_as(
                 Some(saved) if saved == s => state::checkpoint_dir(&ckpt_root, s),
                 _ => {
                     engine.sync_optimizer(&mut adamw)?;
-                    let dir = save(&lora, &adamw, s, tokens_seen, bad)?;
+                    let dir = save(&*engine, &lora, &adamw, s, tokens_seen, bad)?;
                     observer.checkpoint(&dir);
                     dir
                 }
@@ -817,7 +820,7 @@ pub fn run_as(
     }
     if last_saved != Some(total) {
         engine.sync_optimizer(&mut adamw)?;
-        let dir = save(&lora, &adamw, total, tokens_seen, bad)?;
+        let dir = save(&*engine, &lora, &adamw, total, tokens_seen, bad)?;
         observer.checkpoint(&dir);
     }
     let adapter_dir = out_dir.join(ADAPTER);

@@ -35,3 +35,20 @@ macro_rules! skip_without_shared {
         }
     };
 }
+
+/// Stops a run after `after` steps (as SIGINT would).
+pub struct StopAfter {
+    /// Steps before the stop.
+    pub after: usize,
+    /// Steps seen.
+    pub steps: usize,
+}
+
+impl lexp_runtime::train::Observer for StopAfter {
+    fn step(&mut self, _: &lexp_runtime::train::metrics::Record, _: usize, _: usize, _: f64) {
+        self.steps += 1;
+    }
+    fn should_stop(&mut self) -> bool {
+        self.steps >= self.after
+    }
+}
