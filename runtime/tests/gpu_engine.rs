@@ -706,6 +706,83 @@ fn gpu_mlp_predictors_choose_like_the_cpu_predictors() {
     }
 }
 
+/// Micro-batches as CUDA graphs (`GpuEngine::set_cuda_graphs`), with the MLP predictors on the
+/// device (random weights, blocks of 128, at most 3 of 6 per group) so that prediction,
+/// selection and the block-sparse operators are inside the graph: the first call captures and
+/// launches, the next launches again; loss and LoRA gradients equal an engine that runs them
+/// directly, also after the adapter's values change (the graph reads them from their buffers);
+/// another batch or an evaluation captures anew.
+#[test]
+fn cuda_graph_steps_equal_direct_steps() {
+    if !enabled() {
+        return;
+    }
+    let dir = assets().join("opt-tiny");
+    let loaded = OptModel::load(&dir).unwrap();
+    let c = loaded.config.clone();
+    let engine = |graphs: bool| {
+        let mut g = GpuEngine::new(loaded.clone(), device()).unwrap_or_else(|e| panic!("{e}"));
+        let p = MlpPredictors::random(
+            g.device(),
+            (c.num_hidden_layers, c.hidden_size),
+            16,
+            (128, c.ffn_dim / 128),
+            3,
+            9,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        g.set_mlp_predictors(Some(p)).unwrap();
+        g.set_cuda_graphs(graphs);
+        g
+    };
+    let (mut direct, mut graphed) = (engine(false), engine(true));
+    let lora = qv_lora(&loaded);
+    let mut lora2 = lora.clone();
+    for (_, m) in lora2.tensors_mut() {
+        m.data.iter_mut().for_each(|v| *v *= 1.5);
+    }
+    let (a, b) = (
+        batch(&dir, &(0..24).collect::<Vec<_>>()),
+        batch(&dir, &(24..40).collect::<Vec<_>>()),
+    );
+    let same = |what: &str, x: &model::StepOutput, y: &model::StepOutput| {
+        let rel = (x.loss_sum - y.loss_sum).abs() / x.loss_sum.abs();
+        assert!(rel <= 1e-6, "{what}: loss {} vs {}", x.loss_sum, y.loss_sum);
+        for layer in 0..c.num_hidden_layers {
+            for t in [LoraTarget::Q, LoraTarget::V] {
+                let (xa, xb) = x.grads.get(layer, t).unwrap();
+                let (ya, yb) = y.grads.get(layer, t).unwrap();
+                for (g, h) in [(xa, ya), (xb, yb)] {
+                    let (r, _) = compare(h, g);
+                    assert!(r <= 1e-5, "{what}: layer {layer} {t:?} gradient rel {r:e}");
+                }
+            }
+        }
+        println!("{what}: loss {:.6} (graph) vs {:.6} (direct)", y.loss_sum, x.loss_sum);
+    };
+    let scale = 0.01;
+    let d1 = direct.loss_and_grads(&lora, &a, scale, None).unwrap();
+    let g1 = graphed.loss_and_grads(&lora, &a, scale, None).unwrap();
+    assert_eq!(graphed.graph_stats(), (1, 1), "the first call captures and launches");
+    same("captured", &d1, &g1);
+    let g2 = graphed.loss_and_grads(&lora, &a, scale, None).unwrap();
+    assert_eq!(graphed.graph_stats(), (1, 2), "the same shape launches again");
+    same("replayed", &d1, &g2);
+    let d3 = direct.loss_and_grads(&lora2, &a, scale, None).unwrap();
+    let g3 = graphed.loss_and_grads(&lora2, &a, scale, None).unwrap();
+    assert_eq!(graphed.graph_stats(), (1, 3));
+    assert!((d3.loss_sum - d1.loss_sum).abs() > 1e-6 * d1.loss_sum, "the new adapter changed nothing");
+    same("replayed with new adapter values", &d3, &g3);
+    let d4 = direct.loss_and_grads(&lora2, &b, scale, None).unwrap();
+    let g4 = graphed.loss_and_grads(&lora2, &b, scale, None).unwrap();
+    assert_eq!(graphed.graph_stats(), (2, 1), "another batch captures anew");
+    same("another batch", &d4, &g4);
+    let (de, _) = direct.eval_loss(Some(&lora2), &a).unwrap();
+    let (ge, _) = graphed.eval_loss(Some(&lora2), &a).unwrap();
+    assert_eq!(graphed.graph_stats(), (3, 1), "an evaluation captures its own graph");
+    assert!((de - ge).abs() <= 1e-6 * de.abs(), "eval {de} vs {ge}");
+}
+
 /// Dropout on the GPU (residual 0.1, LoRA 0.1 on all six projections) on opt-tiny: the step
 /// against the CPU engine replaying the GPU's masks, within the no-dropout tolerances; masks
 /// drop p of their entries (±1%), are `0` or `1/(1−p)` in bf16, depend on the seed only; eval

@@ -26,6 +26,7 @@ use super::ops::{
     layernorm_bwd, mm, upload_prefix, xent, R,
 };
 use super::optimizer::{self, DeviceAdamW, FlatLayout, PartBuffers};
+use super::graph::{GraphKey, StepGraph};
 use super::predictor::MlpPredictors;
 use super::rng::GpuRng;
 use super::sparse_attention::{AttnLists, SyntheticAttention};
@@ -87,6 +88,12 @@ pub struct GpuEngine {
     synthetic_attention: Option<SyntheticAttention>,
     /// The lists of the last batch's sequences, made from `synthetic_attention`.
     attn_lists: Option<AttnLists>,
+    /// Whether micro-batches run as CUDA graphs ([`GpuEngine::set_cuda_graphs`]).
+    cuda_graphs: bool,
+    /// The last captured micro-batch.
+    graph: Option<StepGraph>,
+    /// Graphs captured so far.
+    graph_captures: u64,
 }
 
 /// A batch checked and uploaded.
@@ -175,6 +182,9 @@ impl GpuEngine {
             mlp_lists: None,
             synthetic_attention: None,
             attn_lists: None,
+            cuda_graphs: false,
+            graph: None,
+            graph_captures: 0,
         })
     }
 
@@ -184,6 +194,7 @@ impl GpuEngine {
         let imp = imp.check(self.dims.hd)?;
         if imp != self.attention {
             self.ws = None;
+            self.graph = None;
             self.attention = imp;
         }
         Ok(())
@@ -198,6 +209,7 @@ impl GpuEngine {
         }
         self.mlp_source = s.map(MlpSource::Synthetic);
         self.mlp_lists = None;
+        self.graph = None;
         Ok(())
     }
 
@@ -222,11 +234,14 @@ impl GpuEngine {
         }
         self.mlp_source = p.map(MlpSource::Predicted);
         self.mlp_lists = None;
+        self.graph = None;
         Ok(())
     }
 
     /// The device predictors, to move their mass targets (the guard's auto-exposure).
     pub fn mlp_predictors_mut(&mut self) -> Option<&mut MlpPredictors> {
+        // The targets are arguments of the captured launches.
+        self.graph = None;
         match &mut self.mlp_source {
             Some(MlpSource::Predicted(p)) => Some(p),
             _ => None,
@@ -248,7 +263,112 @@ impl GpuEngine {
         }
         self.synthetic_attention = s;
         self.attn_lists = None;
+        self.graph = None;
         Ok(())
+    }
+
+    /// Runs each micro-batch's forward and backward as a CUDA graph ([`super::graph`]):
+    /// captured at the first call of a shape, launched in one call whenever the shape repeats
+    /// (e.g. `lexp bench step`, which steps on one batch). Only for LoRA (or no adapters)
+    /// without dropout; other calls run as before.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.cuda_graphs = on;
+        self.graph = None;
+    }
+
+    /// `(graphs captured, launches of the current graph)`.
+    pub fn graph_stats(&self) -> (u64, u64) {
+        (
+            self.graph_captures,
+            self.graph.as_ref().map_or(0, |g| g.launches),
+        )
+    }
+
+    /// What the captured graph of this call would depend on, or `None` when this call cannot
+    /// run as a graph (graphs off, dropout, BitFit or Houlsby adapters, block-sparse attention
+    /// lists, the profiler on).
+    fn graph_key(
+        &self,
+        p: &Prepared,
+        lora: Option<&LoraParams>,
+        grad_scale: Option<f32>,
+        dropout: bool,
+    ) -> Option<GraphKey> {
+        if !self.cuda_graphs
+            || dropout
+            || self.trained_biases
+            || self.houlsby_on
+            || self.attn_lists.is_some()
+            || self.dev.profiler().is_on()
+        {
+            return None;
+        }
+        let ws = self.ws.as_ref()?;
+        let mut buffers = vec![
+            ws.layers.first()?.x.device_ptr(),
+            ws.scratch.tmp.device_ptr(),
+            ws.head.loss.device_ptr(),
+            ws.scratch.blocks.fwd.device_ptr(),
+        ];
+        if let (Some(d), Some(_)) = (&self.lora, lora) {
+            buffers.extend([d.params.device_ptr(), d.grads.device_ptr()]);
+        }
+        if let Some(m) = &self.mlp_lists {
+            buffers.extend((0..self.dims.layers).map(|l| m.layer(l).counts().device_ptr()));
+        }
+        let settings = match &self.mlp_source {
+            Some(MlpSource::Predicted(pr)) => format!("{:?}", pr.targets()),
+            _ => String::new(),
+        };
+        Some(GraphKey {
+            t: p.t,
+            segs: p.segs.clone(),
+            runs: p.runs.clone(),
+            grad_scale: grad_scale.map(f32::to_bits),
+            lora: lora.map(|l| (l.config.r, format!("{:?}", l.config))),
+            buffers,
+            caps: format!("{:?}", ws.caps),
+            settings,
+        })
+    }
+
+    /// [`Self::enqueue`] as a CUDA graph when this call can be one (captured now unless the
+    /// last graph has the same key), else directly; then the loss sum.
+    fn run(
+        &mut self,
+        p: &Prepared,
+        lora: Option<&LoraParams>,
+        grad_scale: Option<f32>,
+        drop: Option<(u64, MaskLayout)>,
+    ) -> R<f64> {
+        let with_lora = lora.is_some();
+        match self.graph_key(p, lora, grad_scale, drop.is_some()) {
+            Some(key) => {
+                if self.graph.as_ref().is_none_or(|g| g.key != key) {
+                    self.graph = None;
+                    let stream = self.dev.stream().clone();
+                    let g = StepGraph::capture(&stream, key, || {
+                        self.enqueue(p, with_lora, grad_scale, None)
+                    })?;
+                    self.graph_captures += 1;
+                    self.graph = Some(g);
+                }
+                match self.graph.as_mut() {
+                    Some(g) => g.launch()?,
+                    None => return Err(ModelError::Device("internal: no CUDA graph".into())),
+                }
+            }
+            None => self.enqueue(p, with_lora, grad_scale, drop)?,
+        }
+        let mut losses = Vec::new();
+        download_f32(&self.dev, &self.ws_ref()?.head.loss, p.n, &mut losses)?;
+        Ok(losses.iter().map(|&l| l as f64).sum())
+    }
+
+    fn ws_ref(&self) -> R<&Workspace> {
+        self.ws
+            .as_ref()
+            .ok_or_else(|| ModelError::Device("internal: no workspace".into()))
     }
 
     /// The block-sparse attention lists of the last step, if it had them.
@@ -490,21 +610,21 @@ impl GpuEngine {
             return Ok((0.0, 0));
         }
         let drop = rng.zip(layout).map(|(r, l)| (r.seed, l));
-        let loss_sum = self.run(&p, lora.is_some(), Some(grad_scale), drop)?;
+        let loss_sum = self.run(&p, lora, Some(grad_scale), drop)?;
         self.last_drop = layout.map(|l| (p.t, l));
         Ok((loss_sum, p.n))
     }
 
-    /// Forward, loss and (with `grad_scale`) backward of a prepared batch, the LoRA gradients
-    /// (`with_lora`) and BitFit's (when [`Self::trained_biases`]) added to the device's
-    /// gradient buffers; returns the sum of the per-target losses.
-    fn run(
+    /// Queues the forward, loss and (with `grad_scale`) backward of a prepared batch, the LoRA
+    /// gradients (`with_lora`) and BitFit's (when [`Self::trained_biases`]) added to the
+    /// device's gradient buffers, the per-target losses in the workspace. Reads nothing back.
+    fn enqueue(
         &mut self,
         p: &Prepared,
         with_lora: bool,
         grad_scale: Option<f32>,
         drop: Option<(u64, MaskLayout)>,
-    ) -> R<f64> {
+    ) -> R {
         let GpuEngine {
             dev,
             blas,
@@ -701,9 +821,7 @@ impl GpuEngine {
                 )?;
             }
         }
-        let mut losses = Vec::new();
-        download_f32(dev, &ws.head.loss, p.n, &mut losses)?;
-        Ok(losses.iter().map(|&l| l as f64).sum())
+        Ok(())
     }
 }
 
@@ -1091,7 +1209,7 @@ impl Engine for GpuEngine {
         if p.n == 0 {
             return Ok((0.0, 0));
         }
-        let loss_sum = self.run(&p, lora.is_some(), None, None)?;
+        let loss_sum = self.run(&p, lora, None, None)?;
         Ok((loss_sum, p.n))
     }
 }

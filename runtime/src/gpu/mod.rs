@@ -35,6 +35,7 @@ pub mod bitfit;
 pub mod dropout;
 pub mod engine;
 pub mod flash_problem;
+pub mod graph;
 pub mod houlsby;
 pub mod layer;
 pub mod lora;

@@ -174,6 +174,11 @@ impl MlpPredictors {
         self.rank
     }
 
+    /// Each layer's mass target.
+    pub fn targets(&self) -> &[f32] {
+        &self.targets
+    }
+
     /// Sets each layer's mass target (the guard's auto-exposure moves them).
     pub fn set_targets(&mut self, targets: &[f64]) -> R {
         if targets.len() != self.layers.len() || targets.iter().any(|&t| !(t > 0.0 && t <= 1.0)) {

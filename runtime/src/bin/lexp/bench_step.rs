@@ -131,6 +131,11 @@ pub struct StepArgs {
     /// step. GPU only, flash attention.
     #[arg(long)]
     synthetic_attn_density: Option<f64>,
+    /// Run each step's forward and backward as a CUDA graph: captured at the first step (a
+    /// capture fails on any host synchronisation inside it), launched in one call at every
+    /// later one. GPU only; LoRA (or no adapters) without dropout, no block-sparse attention.
+    #[arg(long)]
+    cuda_graph: bool,
     /// Data parallel over this many GPUs: one worker process per GPU (NCCL), each step one
     /// micro-batch of --batch x --seq per GPU, gradients all-reduced on the devices. The
     /// figures are the whole step's, with the all-reduce's time per step; rank 0 writes the
@@ -417,6 +422,11 @@ pub fn run(args: StepArgs) -> Result<()> {
         g.set_attention(a)
             .map_err(|e| anyhow!("--attention: {e}"))?;
     }
+    match (&mut eng, args.cuda_graph) {
+        (Eng::Gpu(g), true) => g.set_cuda_graphs(true),
+        (_, true) => bail!("--cuda-graph needs the GPU engine on one GPU"),
+        _ => {}
+    }
     let synthetic_mlp = args.synthetic_mlp_density.map(|density| SyntheticMlp {
         density,
         block: args.synthetic_mlp_block,
@@ -560,6 +570,16 @@ pub fn run(args: StepArgs) -> Result<()> {
                 100.0 * c.median_ms / r.step.median_ms
             ))
         );
+        if let (true, Eng::Gpu(g)) = (args.cuda_graph, &eng) {
+            let (captures, launches) = g.graph_stats();
+            eprintln!(
+                "{}: CUDA graphs captured so far {captures}; the current one launched {launches} times",
+                r.name
+            );
+            if launches == 0 {
+                bail!("--cuda-graph: workload {} did not run as a CUDA graph", r.name);
+            }
+        }
         if let (Some(_), Eng::Gpu(g)) = (&args.profile, &mut eng) {
             let p = bench_profile::profile_step(g, &peft, batch, args.seed)
                 .with_context(|| format!("profiling workload {}", r.name))?;
@@ -654,6 +674,7 @@ pub fn run(args: StepArgs) -> Result<()> {
             "lora": lora_json,
             "exposure": mlp_json,
             "attention_exposure": attn_json,
+            "cuda_graph": args.cuda_graph,
             "settings": settings,
             "flop_formula": "forward 2T·n(4H²+2HF) + head 2T·E·V + causal attention n·Σ 2H·L(L+1); backward = input-gradient GEMMs (linear + head + 2× attention); LoRA 6T·r·(in+out) per module and layer; elementwise ops not counted",
             "host_build_s": build_s,
