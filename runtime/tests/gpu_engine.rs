@@ -708,8 +708,9 @@ fn gpu_mlp_predictors_choose_like_the_cpu_predictors() {
 
 /// Micro-batches as CUDA graphs (`GpuEngine::set_cuda_graphs`), with the MLP predictors on the
 /// device (random weights, blocks of 128, at most 3 of 6 per group) so that prediction,
-/// selection and the block-sparse operators are inside the graph: the first call captures and
-/// launches, the next launches again; loss and LoRA gradients equal an engine that runs them
+/// selection and the block-sparse operators are inside the graph: a shape runs directly first,
+/// the second call captures and launches, the next launches again; loss and LoRA gradients
+/// equal an engine that runs them
 /// directly, also after the adapter's values change (the graph reads them from their buffers);
 /// another batch or an evaluation captures anew.
 #[test]
@@ -758,28 +759,57 @@ fn cuda_graph_steps_equal_direct_steps() {
                 }
             }
         }
-        println!("{what}: loss {:.6} (graph) vs {:.6} (direct)", y.loss_sum, x.loss_sum);
+        println!(
+            "{what}: loss {:.6} (graph) vs {:.6} (direct)",
+            y.loss_sum, x.loss_sum
+        );
     };
     let scale = 0.01;
     let d1 = direct.loss_and_grads(&lora, &a, scale, None).unwrap();
+    let g0 = graphed.loss_and_grads(&lora, &a, scale, None).unwrap();
+    assert_eq!(
+        graphed.graph_stats(),
+        (0, 0),
+        "a new shape runs directly first"
+    );
+    same("first call (direct)", &d1, &g0);
     let g1 = graphed.loss_and_grads(&lora, &a, scale, None).unwrap();
-    assert_eq!(graphed.graph_stats(), (1, 1), "the first call captures and launches");
+    assert_eq!(
+        graphed.graph_stats(),
+        (1, 1),
+        "the second call captures and launches"
+    );
     same("captured", &d1, &g1);
     let g2 = graphed.loss_and_grads(&lora, &a, scale, None).unwrap();
-    assert_eq!(graphed.graph_stats(), (1, 2), "the same shape launches again");
+    assert_eq!(
+        graphed.graph_stats(),
+        (1, 2),
+        "the same shape launches again"
+    );
     same("replayed", &d1, &g2);
     let d3 = direct.loss_and_grads(&lora2, &a, scale, None).unwrap();
     let g3 = graphed.loss_and_grads(&lora2, &a, scale, None).unwrap();
     assert_eq!(graphed.graph_stats(), (1, 3));
-    assert!((d3.loss_sum - d1.loss_sum).abs() > 1e-6 * d1.loss_sum, "the new adapter changed nothing");
+    assert!(
+        (d3.loss_sum - d1.loss_sum).abs() > 1e-6 * d1.loss_sum,
+        "the new adapter changed nothing"
+    );
     same("replayed with new adapter values", &d3, &g3);
     let d4 = direct.loss_and_grads(&lora2, &b, scale, None).unwrap();
+    for _ in 0..2 {
+        graphed.loss_and_grads(&lora2, &b, scale, None).unwrap();
+    }
     let g4 = graphed.loss_and_grads(&lora2, &b, scale, None).unwrap();
-    assert_eq!(graphed.graph_stats(), (2, 1), "another batch captures anew");
+    assert_eq!(graphed.graph_stats(), (2, 2), "another batch captures anew");
     same("another batch", &d4, &g4);
     let (de, _) = direct.eval_loss(Some(&lora2), &a).unwrap();
+    graphed.eval_loss(Some(&lora2), &a).unwrap();
     let (ge, _) = graphed.eval_loss(Some(&lora2), &a).unwrap();
-    assert_eq!(graphed.graph_stats(), (3, 1), "an evaluation captures its own graph");
+    assert_eq!(
+        graphed.graph_stats(),
+        (3, 1),
+        "an evaluation captures its own graph"
+    );
     assert!((de - ge).abs() <= 1e-6 * de.abs(), "eval {de} vs {ge}");
 }
 

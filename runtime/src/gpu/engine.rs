@@ -18,6 +18,7 @@
 use super::attention::{flash_kernels_for, AttentionImpl, BlockPlan};
 use super::bitfit::{self, DeviceBitFit};
 use super::dropout::{DropCtx, MaskLayout};
+use super::graph::{GraphKey, StepGraph};
 use super::houlsby::DeviceHoulsby;
 use super::layer::{self, segments, Ctx, Grads, Segment};
 use super::lora::DeviceLora;
@@ -26,7 +27,6 @@ use super::ops::{
     layernorm_bwd, mm, upload_prefix, xent, R,
 };
 use super::optimizer::{self, DeviceAdamW, FlatLayout, PartBuffers};
-use super::graph::{GraphKey, StepGraph};
 use super::predictor::MlpPredictors;
 use super::rng::GpuRng;
 use super::sparse_attention::{AttnLists, SyntheticAttention};
@@ -92,6 +92,9 @@ pub struct GpuEngine {
     cuda_graphs: bool,
     /// The last captured micro-batch.
     graph: Option<StepGraph>,
+    /// The key of the last call that could have been a graph and ran directly (captured if
+    /// the next call has it too).
+    graph_seen: Option<GraphKey>,
     /// Graphs captured so far.
     graph_captures: u64,
 }
@@ -184,6 +187,7 @@ impl GpuEngine {
             attn_lists: None,
             cuda_graphs: false,
             graph: None,
+            graph_seen: None,
             graph_captures: 0,
         })
     }
@@ -267,9 +271,9 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// Runs each micro-batch's forward and backward as a CUDA graph ([`super::graph`]):
-    /// captured at the first call of a shape, launched in one call whenever the shape repeats
-    /// (e.g. `lexp bench step`, which steps on one batch). Only for LoRA (or no adapters)
+    /// Runs each micro-batch's forward and backward as a CUDA graph ([`super::graph`]): a
+    /// shape runs directly the first time, is captured the second time, and is launched in one
+    /// call whenever it repeats (e.g. `lexp bench step`, which steps on one batch). Only for LoRA (or no adapters)
     /// without dropout; other calls run as before.
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.cuda_graphs = on;
@@ -342,7 +346,20 @@ impl GpuEngine {
         drop: Option<(u64, MaskLayout)>,
     ) -> R<f64> {
         let with_lora = lora.is_some();
-        match self.graph_key(p, lora, grad_scale, drop.is_some()) {
+        let key = self.graph_key(p, lora, grad_scale, drop.is_some());
+        // A shape runs directly the first time it is seen, so that whatever is set up lazily
+        // on first use (cuBLAS's workspace, say) is allocated outside any graph: an allocation
+        // made while capturing would stay with the graph and fail its next launch.
+        let key = match key {
+            Some(k) if self.graph.as_ref().is_some_and(|g| g.key == k) => Some(k),
+            Some(k) if self.graph_seen.as_ref() == Some(&k) => Some(k),
+            Some(k) => {
+                self.graph_seen = Some(k);
+                None
+            }
+            None => None,
+        };
+        match key {
             Some(key) => {
                 if self.graph.as_ref().is_none_or(|g| g.key != key) {
                     self.graph = None;

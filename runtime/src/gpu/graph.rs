@@ -1,9 +1,10 @@
 //! The forward and backward of a micro-batch as a CUDA graph (issue 5's "the step captured as a
 //! CUDA graph and replayed"; [`super::GpuEngine::set_cuda_graphs`]).
 //!
-//! The first call of a given shape queues the work on the engine's stream in capture mode
-//! instead of running it, and instantiates the graph; this and every later call of the same
-//! shape launch it in one call. A capture fails on any host synchronisation or blocking copy
+//! The first call of a given shape runs directly (whatever is set up lazily on first use, such
+//! as cuBLAS's workspace, is then allocated outside any graph). The second queues the work on
+//! the engine's stream in capture mode instead of running it and instantiates the graph; this
+//! and every later call of the same shape launch it in one call. A capture fails on any host synchronisation or blocking copy
 //! on the stream, so a captured step proves that it queues its work without waiting: with the
 //! MLP predictors on the device, the whole sparse forward and backward (prediction, selection
 //! and the block-sparse operators) is one graph.
@@ -69,7 +70,11 @@ impl StepGraph {
         let graph = ended
             .map_err(dev_err("capturing the step as a CUDA graph"))?
             .ok_or_else(|| ModelError::Device("the captured CUDA graph is empty".into()))?;
-        tracing::debug!(t = key.t, segments = key.segs.len(), "step captured as a CUDA graph");
+        tracing::debug!(
+            t = key.t,
+            segments = key.segs.len(),
+            "step captured as a CUDA graph"
+        );
         Ok(StepGraph {
             key,
             graph,

@@ -577,7 +577,10 @@ pub fn run(args: StepArgs) -> Result<()> {
                 r.name
             );
             if launches == 0 {
-                bail!("--cuda-graph: workload {} did not run as a CUDA graph", r.name);
+                bail!(
+                    "--cuda-graph: workload {} did not run as a CUDA graph",
+                    r.name
+                );
             }
         }
         if let (Some(_), Eng::Gpu(g)) = (&args.profile, &mut eng) {
