@@ -31,10 +31,13 @@ pub fn assets() -> PathBuf {
     repo().join("assets/default")
 }
 
-/// opt-tiny, and opt-mini when `../shared/fixtures` is there.
+/// opt-tiny, and opt-mini when `../shared/fixtures` (or `$LEXP_SHARED_DIR/fixtures`) is there.
 pub fn models() -> Vec<(&'static str, PathBuf)> {
     let mut v = vec![("opt-tiny", assets().join("opt-tiny"))];
-    let mini = repo().join("../shared/fixtures/opt-mini");
+    let shared = std::env::var_os("LEXP_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared"));
+    let mini = shared.join("fixtures/opt-mini");
     if mini.join("config.json").exists() {
         v.push(("opt-mini", mini));
     } else {
