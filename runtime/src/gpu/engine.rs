@@ -225,7 +225,8 @@ impl GpuEngine {
             let d = &self.dims;
             if p.layers() != d.layers || p.num_blocks * p.block != d.f || p.rank() > d.h {
                 return Err(ModelError::Unsupported(format!(
-                    "MLP predictors for {} layers of {} blocks of {} (rank {}); the model has {}                      layers of width {} and hidden size {}",
+                    "MLP predictors for {} layers of {} blocks of {} (rank {}); the model has {} \
+                     layers of width {} and hidden size {}",
                     p.layers(),
                     p.num_blocks,
                     p.block,
@@ -273,8 +274,8 @@ impl GpuEngine {
 
     /// Runs each micro-batch's forward and backward as a CUDA graph ([`super::graph`]): a
     /// shape runs directly the first time, is captured the second time, and is launched in one
-    /// call whenever it repeats (e.g. `lexp bench step`, which steps on one batch). Only for LoRA (or no adapters)
-    /// without dropout; other calls run as before.
+    /// call whenever it repeats (e.g. `lexp bench step`, which steps on one batch). Only for
+    /// LoRA (or no adapters) without dropout; other calls run as before.
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.cuda_graphs = on;
         self.graph = None;

@@ -142,7 +142,6 @@ impl MlpPredictors {
     /// measuring what prediction and selection cost inside the step: that does not depend on
     /// the values. Mass target 1: a group keeps blocks until all its predicted mass is
     /// covered, so it normally fills its `max_blocks`. Their choices mean nothing.
-    #[allow(clippy::too_many_arguments)]
     pub fn random(
         dev: &CudaDevice,
         (layers, hidden): (usize, usize),

@@ -97,8 +97,11 @@ pub struct MlpLists {
     lists: Vec<BlockList>,
     /// The same lists on the host, `(counts, indices, max_blocks)` per layer, when the host
     /// made them (synthetic lists); predicted lists exist on the device only.
-    host: Option<Vec<(Vec<i32>, Vec<i32>, usize)>>,
+    host: Option<HostLists>,
 }
+
+/// Block lists made on the host: `(counts, indices, max_blocks)` per layer.
+type HostLists = Vec<(Vec<i32>, Vec<i32>, usize)>;
 
 impl MlpLists {
     /// Random lists for `t` tokens, `layers` layers of width `ffn`.
