@@ -47,6 +47,9 @@ use crate::optim::AdamW;
 use crate::peft::{BitFitParams, HoulsbyParams, LoraParams, LoraTarget, PeftParams};
 use crate::train::{Engine, OptimStep, StepOutcome};
 
+/// Captured micro-batch graphs kept at once ([`GpuEngine::set_cuda_graphs`]).
+const MAX_GRAPHS: usize = 4;
+
 /// Token capacities grow in steps of this many tokens (fewer re-allocations as batch sizes
 /// vary).
 const TOKEN_STEP: usize = 256;
@@ -90,8 +93,9 @@ pub struct GpuEngine {
     attn_lists: Option<AttnLists>,
     /// Whether micro-batches run as CUDA graphs ([`GpuEngine::set_cuda_graphs`]).
     cuda_graphs: bool,
-    /// The last captured micro-batch.
-    graph: Option<StepGraph>,
+    /// The captured micro-batches, the most recently launched last (at most [`MAX_GRAPHS`]:
+    /// a training step and an evaluation alternate without recapturing).
+    graphs: Vec<StepGraph>,
     /// The key of the last call that could have been a graph and ran directly (captured if
     /// the next call has it too).
     graph_seen: Option<GraphKey>,
@@ -186,7 +190,7 @@ impl GpuEngine {
             synthetic_attention: None,
             attn_lists: None,
             cuda_graphs: false,
-            graph: None,
+            graphs: Vec::new(),
             graph_seen: None,
             graph_captures: 0,
         })
@@ -198,7 +202,7 @@ impl GpuEngine {
         let imp = imp.check(self.dims.hd)?;
         if imp != self.attention {
             self.ws = None;
-            self.graph = None;
+            self.graphs.clear();
             self.attention = imp;
         }
         Ok(())
@@ -213,7 +217,7 @@ impl GpuEngine {
         }
         self.mlp_source = s.map(MlpSource::Synthetic);
         self.mlp_lists = None;
-        self.graph = None;
+        self.graphs.clear();
         Ok(())
     }
 
@@ -239,14 +243,14 @@ impl GpuEngine {
         }
         self.mlp_source = p.map(MlpSource::Predicted);
         self.mlp_lists = None;
-        self.graph = None;
+        self.graphs.clear();
         Ok(())
     }
 
     /// The device predictors, to move their mass targets (the guard's auto-exposure).
     pub fn mlp_predictors_mut(&mut self) -> Option<&mut MlpPredictors> {
         // The targets are arguments of the captured launches.
-        self.graph = None;
+        self.graphs.clear();
         match &mut self.mlp_source {
             Some(MlpSource::Predicted(p)) => Some(p),
             _ => None,
@@ -268,7 +272,7 @@ impl GpuEngine {
         }
         self.synthetic_attention = s;
         self.attn_lists = None;
-        self.graph = None;
+        self.graphs.clear();
         Ok(())
     }
 
@@ -278,14 +282,14 @@ impl GpuEngine {
     /// LoRA (or no adapters) without dropout; other calls run as before.
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.cuda_graphs = on;
-        self.graph = None;
+        self.graphs.clear();
     }
 
-    /// `(graphs captured, launches of the current graph)`.
+    /// `(graphs captured, launches of the most recently launched graph)`.
     pub fn graph_stats(&self) -> (u64, u64) {
         (
             self.graph_captures,
-            self.graph.as_ref().map_or(0, |g| g.launches),
+            self.graphs.last().map_or(0, |g| g.launches),
         )
     }
 
@@ -352,7 +356,7 @@ impl GpuEngine {
         // on first use (cuBLAS's workspace, say) is allocated outside any graph: an allocation
         // made while capturing would stay with the graph and fail its next launch.
         let key = match key {
-            Some(k) if self.graph.as_ref().is_some_and(|g| g.key == k) => Some(k),
+            Some(k) if self.graphs.iter().any(|g| g.key == k) => Some(k),
             Some(k) if self.graph_seen.as_ref() == Some(&k) => Some(k),
             Some(k) => {
                 self.graph_seen = Some(k);
@@ -362,19 +366,23 @@ impl GpuEngine {
         };
         match key {
             Some(key) => {
-                if self.graph.as_ref().is_none_or(|g| g.key != key) {
-                    self.graph = None;
-                    let stream = self.dev.stream().clone();
-                    let g = StepGraph::capture(&stream, key, || {
-                        self.enqueue(p, with_lora, grad_scale, None)
-                    })?;
-                    self.graph_captures += 1;
-                    self.graph = Some(g);
-                }
-                match self.graph.as_mut() {
-                    Some(g) => g.launch()?,
-                    None => return Err(ModelError::Device("internal: no CUDA graph".into())),
-                }
+                let mut g = match self.graphs.iter().position(|g| g.key == key) {
+                    Some(i) => self.graphs.remove(i),
+                    None => {
+                        let stream = self.dev.stream().clone();
+                        let g = StepGraph::capture(&stream, key, || {
+                            self.enqueue(p, with_lora, grad_scale, None)
+                        })?;
+                        self.graph_captures += 1;
+                        if self.graphs.len() >= MAX_GRAPHS {
+                            self.graphs.remove(0);
+                        }
+                        g
+                    }
+                };
+                let launched = g.launch();
+                self.graphs.push(g);
+                launched?;
             }
             None => self.enqueue(p, with_lora, grad_scale, drop)?,
         }
@@ -1149,6 +1157,11 @@ fn part_buffers<'a>(
 }
 
 impl Engine for GpuEngine {
+    fn use_cuda_graphs(&mut self, on: bool) -> bool {
+        self.set_cuda_graphs(on);
+        true
+    }
+
     fn name(&self) -> String {
         self.dev.name().to_string()
     }

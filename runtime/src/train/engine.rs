@@ -212,6 +212,14 @@ pub trait Engine {
         Ok(())
     }
 
+    /// Runs micro-batches as CUDA graphs where their shapes repeat (the GPU engine,
+    /// [`crate::gpu::GpuEngine::set_cuda_graphs`]); returns whether this engine can. Results
+    /// do not change, only how the work is launched. No by default.
+    fn use_cuda_graphs(&mut self, on: bool) -> bool {
+        let _ = on;
+        false
+    }
+
     /// Writes this engine's own training state that a resume needs into the checkpoint
     /// directory `dir` (MLP exposure: the predictors and mass targets,
     /// [`crate::exposure::state`]); nothing by default.

@@ -220,6 +220,11 @@ impl Engine for GpuExposedEngine {
         true
     }
 
+    fn use_cuda_graphs(&mut self, on: bool) -> bool {
+        self.gpu.set_cuda_graphs(on);
+        true
+    }
+
     fn save_state(&self, dir: &std::path::Path) -> Result<()> {
         self.cpu.save_state(dir)
     }
