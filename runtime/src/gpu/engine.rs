@@ -96,9 +96,10 @@ pub struct GpuEngine {
     /// The captured micro-batches, the most recently launched last (at most [`MAX_GRAPHS`]:
     /// a training step and an evaluation alternate without recapturing).
     graphs: Vec<StepGraph>,
-    /// The key of the last call that could have been a graph and ran directly (captured if
-    /// the next call has it too).
-    graph_seen: Option<GraphKey>,
+    /// The keys of the last calls that could have been graphs and ran directly (at most
+    /// [`MAX_GRAPHS`]; a key seen again is captured, also when micro-batches of two layouts
+    /// alternate).
+    graph_seen: Vec<GraphKey>,
     /// Graphs captured so far.
     graph_captures: u64,
 }
@@ -191,7 +192,7 @@ impl GpuEngine {
             attn_lists: None,
             cuda_graphs: false,
             graphs: Vec::new(),
-            graph_seen: None,
+            graph_seen: Vec::new(),
             graph_captures: 0,
         })
     }
@@ -357,9 +358,15 @@ impl GpuEngine {
         // made while capturing would stay with the graph and fail its next launch.
         let key = match key {
             Some(k) if self.graphs.iter().any(|g| g.key == k) => Some(k),
-            Some(k) if self.graph_seen.as_ref() == Some(&k) => Some(k),
+            Some(k) if self.graph_seen.contains(&k) => {
+                self.graph_seen.retain(|s| *s != k);
+                Some(k)
+            }
             Some(k) => {
-                self.graph_seen = Some(k);
+                if self.graph_seen.len() >= MAX_GRAPHS {
+                    self.graph_seen.remove(0);
+                }
+                self.graph_seen.push(k);
                 None
             }
             None => None,
