@@ -234,9 +234,13 @@ impl BlockList {
         Ok((self.counts.to_i32_vec()?, self.indices.to_i32_vec()?))
     }
 
-    /// Waits for the device's queued work, copies the list back and re-validates it
+    /// Waits for the device's queued work, copies the list back and re-validates it; returns
+    /// the `(counts, indices)` it read
     /// ([`validate`]): for lists produced on the device.
-    pub fn validate_device(&self, dev: &CudaDevice) -> Result<(), BlockListError> {
+    pub fn validate_device(
+        &self,
+        dev: &CudaDevice,
+    ) -> Result<(Vec<i32>, Vec<i32>), BlockListError> {
         dev.synchronize()?;
         let (counts, indices) = self.to_host()?;
         if counts.len() != self.groups || indices.len() != self.groups * self.max_blocks {
@@ -250,7 +254,8 @@ impl BlockList {
                 ),
             });
         }
-        validate(&counts, &indices, self.max_blocks, self.num_blocks)
+        validate(&counts, &indices, self.max_blocks, self.num_blocks)?;
+        Ok((counts, indices))
     }
 
     /// Checks that the list fits a launch: `groups_needed` row groups (`ceil(M / bm)`) over a

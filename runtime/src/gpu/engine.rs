@@ -248,6 +248,22 @@ impl GpuEngine {
         Ok(())
     }
 
+    /// Takes the device predictors out (the MLP runs dense until they are set again with
+    /// [`Self::set_mlp_predictors`]; nothing is re-uploaded).
+    pub fn take_mlp_predictors(&mut self) -> Option<MlpPredictors> {
+        match self.mlp_source.take() {
+            Some(MlpSource::Predicted(p)) => {
+                self.mlp_lists = None;
+                self.graphs.clear();
+                Some(p)
+            }
+            other => {
+                self.mlp_source = other;
+                None
+            }
+        }
+    }
+
     /// The device predictors, to move their mass targets (the guard's auto-exposure).
     pub fn mlp_predictors_mut(&mut self) -> Option<&mut MlpPredictors> {
         // The targets are arguments of the captured launches.
@@ -484,9 +500,12 @@ impl GpuEngine {
                         .into(),
                 ));
             }
-            if self.mlp_lists.as_ref().is_none_or(|m| m.t != t) {
-                let d = &self.dims;
-                self.mlp_lists = Some(src.lists(&self.dev, d.layers, t, d.f)?);
+            match self.mlp_lists.as_mut() {
+                Some(m) if src.fits(m, t) => m.t = t,
+                _ => {
+                    let d = &self.dims;
+                    self.mlp_lists = Some(src.lists(&self.dev, d.layers, t, d.f)?);
+                }
             }
         }
         if let Some(s) = self.synthetic_attention {

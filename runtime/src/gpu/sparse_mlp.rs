@@ -78,6 +78,19 @@ impl MlpSource {
         }
     }
 
+    /// Whether `lists` can serve a batch of `t` tokens: synthetic lists are drawn for their
+    /// token count; predicted ones are rewritten by every forward and depend only on the
+    /// number of 128-token groups (so a new token count in the same groups allocates nothing).
+    pub fn fits(&self, lists: &MlpLists, t: usize) -> bool {
+        match self {
+            MlpSource::Synthetic(_) => lists.t == t,
+            MlpSource::Predicted(_) => {
+                lists.host.is_none()
+                    && lists.lists.first().map(BlockList::groups) == Some(t.div_ceil(GROUP_ROWS))
+            }
+        }
+    }
+
     /// This source's lists for a batch of `t` tokens (`layers` layers of width `ffn`):
     /// drawn now (synthetic) or allocated for the forward to fill (predicted).
     pub fn lists(&self, dev: &CudaDevice, layers: usize, t: usize, ffn: usize) -> R<MlpLists> {
@@ -172,9 +185,9 @@ impl MlpLists {
         let (counts, indices, max) = match &self.host {
             Some(h) => h[li].clone(),
             None => {
-                let what = || format!("reading back the block list of layer {li}");
-                list.validate_device(dev).map_err(dev_err(what()))?;
-                let (c, i) = list.to_host().map_err(dev_err(what()))?;
+                let (c, i) = list.validate_device(dev).map_err(dev_err(format!(
+                    "reading back the block list of layer {li}"
+                )))?;
                 (c, i, list.max_blocks())
             }
         };

@@ -263,9 +263,9 @@ impl Engine for GpuExposedEngine {
         batch: &PackedBatch,
     ) -> Result<(f64, usize)> {
         self.sample_lists()?;
-        self.gpu.set_mlp_predictors(None)?;
+        let predictors = self.gpu.take_mlp_predictors();
         let out = self.gpu.eval_loss(lora, batch);
-        self.upload()?;
+        self.gpu.set_mlp_predictors(predictors)?;
         out
     }
 
