@@ -15,6 +15,7 @@ pub mod gemm;
 pub mod heads;
 pub mod layernorm;
 pub mod lora;
+pub mod lora_branch;
 pub mod optimizer;
 pub mod reduce;
 pub mod reference;
@@ -39,6 +40,7 @@ pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use heads::{pad_heads, unpad_heads};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
+pub use lora_branch::{lora_down, lora_expand, transpose};
 pub use optimizer::{adamw, AdamwStep};
 pub use reduce::{colsum, sum_squares, SUM_SQUARES_CHUNK};
 pub use residual::bias_residual;
@@ -51,7 +53,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 45] = [
+pub static ALL: [&KernelInfo; 48] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -88,6 +90,9 @@ pub static ALL: [&KernelInfo; 45] = [
     &lora_fwd::INFO,
     &lora_bwd_dx::INFO,
     &lora_grad::INFO,
+    &lora_down::INFO,
+    &lora_expand::INFO,
+    &transpose::INFO,
     &flash_fwd::INFO,
     &flash_bwd_delta::INFO,
     &flash_bwd_dkdv::INFO,
@@ -101,7 +106,7 @@ pub static ALL: [&KernelInfo; 45] = [
 
 /// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and
 /// checked by the tensor-core tests (their PTX and SASS hold tensor-core instructions).
-pub const TENSOR_CORE: [&str; 18] = [
+pub const TENSOR_CORE: [&str; 20] = [
     "gemm_nn",
     "gemm_nt",
     "gemm_tn",
@@ -114,6 +119,8 @@ pub const TENSOR_CORE: [&str; 18] = [
     "lora_fwd",
     "lora_bwd_dx",
     "lora_grad",
+    "lora_down",
+    "lora_expand",
     "flash_fwd",
     "flash_bwd_dkdv",
     "flash_bwd_dq",

@@ -373,6 +373,54 @@ pub fn lora_grad_b(dy: &[f32], xa: &[f32], m: usize, n: usize, r: usize) -> Vec<
     matmul(dy, xa, n, m, r, true, false)
 }
 
+/// The down product of a LoRA branch (`lexp_kernels::lora_down`): `u [M, rp] = round(s · x ·
+/// wᵀ)` for `x [M, K]` and `w [r, K]`, its columns `r..rp` zero (the padding the kernel
+/// writes).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_down(
+    x: &[f32],
+    w: &[f32],
+    s: f32,
+    m: usize,
+    k: usize,
+    r: usize,
+    rp: usize,
+    round: impl Fn(f64) -> f32,
+) -> Vec<f32> {
+    let p = matmul_f64(x, w, m, k, r, false, true);
+    let mut u = vec![0.0f32; m * rp];
+    for i in 0..m {
+        for j in 0..r {
+            u[i * rp + j] = round(f(s) * p[i * r + j]);
+        }
+    }
+    u
+}
+
+/// The expand of a LoRA branch (`lexp_kernels::lora_expand`): `y0 + s · u[:, ..r] · w` for
+/// `y0 [M, N]`, `u [M, rp]` (only its first `r` columns count) and `w [r, N]`, in f64, not
+/// rounded.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_expand(
+    y0: &[f32],
+    u: &[f32],
+    w: &[f32],
+    s: f32,
+    m: usize,
+    n: usize,
+    r: usize,
+    rp: usize,
+) -> Vec<f32> {
+    let mut y = vec![0.0f32; m * n];
+    for i in 0..m {
+        for c in 0..n {
+            let p: f64 = (0..r).map(|j| f(u[i * rp + j]) * f(w[j * n + c])).sum();
+            y[i * n + c] = (f(y0[i * n + c]) + f(s) * p) as f32;
+        }
+    }
+    y
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -258,6 +258,64 @@ proptest! {
             check(&what, &db, &rm::lora_grad_b(&dy.data, &xa.data, m, n, r), 1e-5)?;
         }
     }
+    /// The LoRA branch kernels chained as the engine runs them: `u = x·Aᵀ`, `y += s·u·Bᵀ`
+    /// through `Bᵀ` from `transpose`, then `du = s·dy·B` and `dx += du·A`, at every rank up to
+    /// 16 (padded to a multiple of 8), with `u`/`du` poisoned first (their padding must come
+    /// out zero) and `y`/`dx` holding random values that the expand adds to.
+    #[test]
+    fn lora_branch(seed: u64, m in dim(200), kk in dim(96), n in dim(160), r in 1usize..=16, pick in 0usize..64) {
+        let mut data = Data(StdRng::seed_from_u64(seed));
+        let rp = r.div_ceil(8) * 8;
+        let s = 2.0f32;
+        for dtype in DTYPES {
+            let round = |v: f64| round_to(dtype.dtype(), v as f32);
+            let mut x = data.tensor(dtype, &[m, kk]);
+            let mut a = data.tensor(dtype, &[r, kk]);
+            let b = data.tensor(dtype, &[n, r]);
+            // Bᵀ, flat, as the engine makes it once per step.
+            let mut bflat = HostTensor::new(dtype, &[n * r], &b.data);
+            let mut bt = filled(dtype, &[r * n], POISON);
+            run("transpose", k::transpose::interpret(&[], k::transpose::HostArgs {
+                x: &mut bflat, rows: n as i64, y: &mut bt,
+            }))?;
+            let want_bt: Vec<f32> = (0..r * n).map(|i| b.data[(i % n) * r + i / n]).collect();
+            prop_assert_eq!(&bt.data, &want_bt);
+            let mut bt = HostTensor::new(dtype, &[r, n], &bt.data);
+
+            let what = format!("lora_down u {dtype:?} {m}x{kk} r={r}");
+            let mut u = filled(dtype, &[m, rp], POISON);
+            run(&what, k::lora_down::interpret(&config_of("lora_down", pick), k::lora_down::HostArgs {
+                x: &mut x, w: &mut a, s: 1.0, u: &mut u,
+            }))?;
+            let wu = rm::lora_down(&x.data, &a.data, 1.0, m, kk, r, rp, round);
+            check(&what, &u, &wu, tol(dtype))?;
+            prop_assert!((0..m).all(|i| (r..rp).all(|j| u.data[i * rp + j] == 0.0)), "{}: padding", what);
+
+            let what = format!("lora_expand y {dtype:?} {m}x{n} r={r}");
+            let mut y = data.tensor(dtype, &[m, n]);
+            let y0 = y.data.clone();
+            run(&what, k::lora_expand::interpret(&config_of("lora_expand", pick), k::lora_expand::HostArgs {
+                u: &mut u, w: &mut bt, s, y: &mut y,
+            }))?;
+            check(&what, &y, &rm::lora_expand(&y0, &u.data, &bt.data, s, m, n, r, rp), tol(dtype))?;
+
+            let what = format!("lora_down du {dtype:?} {m}x{n} r={r}");
+            let mut dy = data.tensor(dtype, &[m, n]);
+            let mut du = filled(dtype, &[m, rp], POISON);
+            run(&what, k::lora_down::interpret(&config_of("lora_down", pick + 1), k::lora_down::HostArgs {
+                x: &mut dy, w: &mut bt, s, u: &mut du,
+            }))?;
+            check(&what, &du, &rm::lora_down(&dy.data, &bt.data, s, m, n, r, rp, round), tol(dtype))?;
+
+            let what = format!("lora_expand dx {dtype:?} {m}x{kk} r={r}");
+            let mut dx = data.tensor(dtype, &[m, kk]);
+            let dx0 = dx.data.clone();
+            run(&what, k::lora_expand::interpret(&config_of("lora_expand", pick + 1), k::lora_expand::HostArgs {
+                u: &mut du, w: &mut a, s: 1.0, y: &mut dx,
+            }))?;
+            check(&what, &dx, &rm::lora_expand(&dx0, &du.data, &a.data, 1.0, m, kk, r, rp), tol(dtype))?;
+        }
+    }
 }
 
 /// A tensor whose rows are not a multiple of 16 bytes cannot use these kernels: the launcher

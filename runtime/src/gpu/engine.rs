@@ -338,6 +338,7 @@ impl GpuEngine {
         ];
         if let (Some(d), Some(_)) = (&self.lora, lora) {
             buffers.extend([d.params.device_ptr(), d.grads.device_ptr()]);
+            buffers.extend(d.bt.as_ref().map(DeviceTensor::device_ptr));
         }
         if let Some(m) = &self.mlp_lists {
             buffers.extend((0..self.dims.layers).map(|l| m.layer(l).counts().device_ptr()));
@@ -710,6 +711,7 @@ impl GpuEngine {
         let (t, h) = (p.t, dims.h);
         let (adapters, lora_grads) = match lora.as_mut().filter(|_| with_lora) {
             Some(l) => {
+                l.transpose_b(dev)?;
                 let (a, g) = l.split();
                 (Some(a), Some(g))
             }

@@ -22,7 +22,7 @@ use super::attention::{self, AttentionImpl};
 use super::bitfit::BitFitGrads;
 use super::dropout::DropCtx;
 use super::houlsby::{self, LayerBackward, LayerForward};
-use super::lora::Adapters;
+use super::lora::{rank_pad, Adapters};
 use super::ops::{
     add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd,
     lt_epilogues, mm, mm_fused, mul_inplace, relu_bwd, R,
@@ -136,7 +136,7 @@ impl Grads<'_> {
 impl Ctx<'_> {
     /// Element offset of `target`'s saved `u` in [`LayerActs::u`].
     fn u_off(&self, target: LoraTarget) -> usize {
-        target.index() * self.t * self.lora.map_or(0, |a| a.r)
+        target.index() * self.t * self.lora.map_or(0, |a| rank_pad(a.r))
     }
 
     /// The q/k/v column block `i` (0, 1, 2) of a `[T, 3H]` buffer.
@@ -300,7 +300,7 @@ pub fn forward(
                     &mut sc.xd,
                 )?;
                 ad.forward(
-                    blas,
+                    (dev, blas),
                     &s,
                     t,
                     dense(x, t, h),
@@ -432,7 +432,7 @@ fn branch_forward(
     let drop = cx.drop.as_ref();
     let x = DropCtx::lora_input(drop, cx.dev, li, target, x, (t, in_f), mask, rand, xd)?;
     ad.forward(
-        cx.blas,
+        (cx.dev, cx.blas),
         &s,
         t,
         dense(x, t, in_f),
@@ -576,7 +576,7 @@ pub fn backward(
                 }
                 let dx = dense_mut(&mut sc.tmp2, t, h);
                 ad.backward(
-                    blas,
+                    (dev, blas),
                     &s,
                     t,
                     dense(&acts.a, t, h),
@@ -684,7 +684,7 @@ fn branch_backward(
         );
     }
     ad.backward(
-        cx.blas,
+        (cx.dev, cx.blas),
         &s,
         t,
         dense(x, t, in_f),

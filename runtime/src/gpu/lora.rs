@@ -11,9 +11,15 @@
 //! ([`Adapters::backward_masked`]) uses it for `dA` and masks the branch's input gradient.
 //!
 //! `dA` and `dB` are cuBLAS GEMMs with f32 output, downloaded once per call into a
-//! [`PeftGrads`] laid out like the [`LoraParams`].
+//! [`PeftGrads`] laid out like the [`LoraParams`]. The four skinny products (`u`, `s·u·Bᵀ`,
+//! `du`, `du·A`) run on the DSL's bandwidth-bound `lora_down`/`lora_expand` kernels
+//! (`lexp_kernels::lora_branch`) when the rank is at most [`MAX_KERNEL_RANK`] and the
+//! features are multiples of 8; they read `B` as `Bᵀ`, which [`DeviceLora::transpose_b`]
+//! writes once per call. `u` and `du` are stored with [`rank_pad`] columns.
 
-use super::ops::{add, copy_rows, dev_err, mm, mul_inplace, R};
+use super::ops::{
+    add, copy_rows, dev_err, lora_down, lora_expand, lora_kernels, mm, mul_inplace, transpose_at, R,
+};
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
@@ -42,6 +48,16 @@ pub type Slots = Vec<[Option<Slot>; 6]>;
 /// Rounds an element offset up to 8 elements (16-byte aligned bf16 starts).
 fn align(n: usize) -> usize {
     n.div_ceil(8) * 8
+}
+
+/// The largest rank the branch kernels take (`lexp_kernels::lora_down`'s `R`); larger ranks
+/// run on cuBLAS.
+pub const MAX_KERNEL_RANK: usize = 16;
+
+/// Columns of the saved `u` and of `du` for rank `r`: `r` rounded up to 8, so that their rows
+/// are 16-byte aligned for the tensor-core kernels (the padding columns hold zeros).
+pub fn rank_pad(r: usize) -> usize {
+    align(r)
 }
 
 /// The flat layout of `lora`'s modules in the first `layers` layers (canonical order, `A`
@@ -79,6 +95,9 @@ pub struct DeviceLora {
     pub r: usize,
     /// Scale `s` (`α/r` or `α/√r`).
     pub scale: f32,
+    /// `Bᵀ [r, out]` of every module at its `B` slot (bf16; written by
+    /// [`transpose_b`](Self::transpose_b)); `None` when the branch runs on cuBLAS.
+    pub bt: Option<DeviceTensor>,
     len: usize,
 }
 
@@ -93,13 +112,24 @@ pub struct Adapters<'a> {
     pub r: usize,
     /// Scale.
     pub scale: f32,
+    /// See [`DeviceLora::bt`].
+    pub bt: Option<&'a DeviceTensor>,
 }
 
 impl DeviceLora {
     /// Allocates device copies for `lora` (first `layers` layers) and uploads it.
     pub fn new(dev: &CudaDevice, lora: &LoraParams, layers: usize) -> R<DeviceLora> {
         let (slots, len) = layout(lora, layers);
+        let kernels = lora_kernels() && lora.config.r <= MAX_KERNEL_RANK;
+        let bt = match kernels {
+            true => Some(
+                DeviceTensor::zeros(dev, ACT, &[len.max(1)])
+                    .map_err(dev_err("allocating LoRA's transposed B"))?,
+            ),
+            false => None,
+        };
         let mut d = DeviceLora {
+            bt,
             params: DeviceTensor::zeros(dev, ACT, &[len.max(1)])
                 .map_err(dev_err("allocating LoRA parameters"))?,
             grads: DeviceTensor::zeros(dev, Storage::F32, &[len.max(1)])
@@ -134,6 +164,16 @@ impl DeviceLora {
             .map_err(dev_err("uploading LoRA parameters"))
     }
 
+    /// Writes every module's `Bᵀ` into [`bt`](Self::bt) (one small launch per module, on the
+    /// stream, before the layers read them); nothing when the branch runs on cuBLAS.
+    pub fn transpose_b(&self, dev: &CudaDevice) -> R {
+        let Some(bt) = &self.bt else { return Ok(()) };
+        for s in self.slots.iter().flatten().flatten() {
+            transpose_at(dev, &self.params, bt, s.b, (s.out_f, self.r))?;
+        }
+        Ok(())
+    }
+
     /// Elements of the flat buffers.
     pub fn len(&self) -> usize {
         self.len
@@ -152,6 +192,7 @@ impl DeviceLora {
                 slots: &self.slots,
                 r: self.r,
                 scale: self.scale,
+                bt: self.bt.as_ref(),
             },
             &mut self.grads,
         )
@@ -197,11 +238,30 @@ impl Adapters<'_> {
         Mat::new(self.params, MatLayout::at(s.b, s.out_f, self.r, self.r))
     }
 
+    /// `Bᵀ [r, out]` of `s` when the branch kernels run it: they do for ranks up to
+    /// [`MAX_KERNEL_RANK`] and features that are multiples of 8 (16-byte rows).
+    fn bt(&self, s: &Slot) -> Option<Mat<'_>> {
+        let bt = self.bt.filter(|_| s.in_f % 8 == 0 && s.out_f % 8 == 0)?;
+        Some(Mat::new(bt, MatLayout::at(s.b, self.r, s.out_f, s.out_f)))
+    }
+
+    /// Where `rows` rows of a saved `u` (or of `du`) lie: `r` columns with a row stride of
+    /// [`rank_pad`]`(r)`.
+    fn u_layout(&self, off: usize, rows: usize) -> MatLayout {
+        MatLayout::at(off, rows, self.r, rank_pad(self.r))
+    }
+
+    /// The same rows with their padding columns, as the branch kernels write and read them.
+    fn u_padded(&self, off: usize, rows: usize) -> MatLayout {
+        let rp = rank_pad(self.r);
+        MatLayout::at(off, rows, rp, rp)
+    }
+
     /// `y += s·(x·Aᵀ)·Bᵀ` for `rows` rows, saving `u = x·Aᵀ` at element `u_off` of `u`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
-        blas: &Blas,
+        (dev, blas): (&CudaDevice, &Blas),
         s: &Slot,
         rows: usize,
         x: Mat<'_>,
@@ -209,7 +269,12 @@ impl Adapters<'_> {
         u: &mut DeviceTensor,
         u_off: usize,
     ) -> R {
-        let ul = MatLayout::at(u_off, rows, self.r, self.r);
+        if let Some(bt) = self.bt(s) {
+            let up = self.u_padded(u_off, rows);
+            lora_down(dev, x, self.a(s), 1.0, MatMut::new(u, up))?;
+            return lora_expand(dev, Mat::new(u, up), bt, self.scale, y);
+        }
+        let ul = self.u_layout(u_off, rows);
         mm(
             blas,
             x,
@@ -236,7 +301,7 @@ impl Adapters<'_> {
     #[allow(clippy::too_many_arguments)]
     fn grad_b_and_du(
         &self,
-        blas: &Blas,
+        (dev, blas): (&CudaDevice, &Blas),
         s: &Slot,
         rows: usize,
         dy: Mat<'_>,
@@ -245,24 +310,26 @@ impl Adapters<'_> {
         grads: &mut DeviceTensor,
     ) -> R {
         let r = self.r;
-        let ul = MatLayout::at(u_off, rows, r, r);
-        let dul = MatLayout::at(0, rows, r, r);
         let db = MatLayout::at(s.b, s.out_f, r, r);
         mm(
             blas,
             dy,
-            Mat::new(u, ul),
+            Mat::new(u, self.u_layout(u_off, rows)),
             MatMut::new(grads, db),
             true,
             false,
             self.scale,
             1.0,
         )?;
+        if let Some(bt) = self.bt(s) {
+            let dup = MatMut::new(du, self.u_padded(0, rows));
+            return lora_down(dev, dy, bt, self.scale, dup);
+        }
         mm(
             blas,
             dy,
             self.b(s),
-            MatMut::new(du, dul),
+            MatMut::new(du, self.u_layout(0, rows)),
             false,
             false,
             self.scale,
@@ -290,8 +357,8 @@ impl Adapters<'_> {
         dx: &DeviceTensor,
     ) -> R {
         let (r, in_f) = (self.r, s.in_f);
-        self.grad_b_and_du(blas, s, rows, dy, u, du, grads)?;
-        let dul = MatLayout::at(0, rows, r, r);
+        self.grad_b_and_du((dev, blas), s, rows, dy, u, du, grads)?;
+        let dul = self.u_layout(0, rows);
         // dA = duᵀ·(x ⊙ mask)  [r, in]
         copy_rows(dev, x, 0, xd, 0, rows, in_f)?;
         mul_inplace(dev, xd, mask, m_off, rows, in_f)?;
@@ -326,7 +393,7 @@ impl Adapters<'_> {
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
-        blas: &Blas,
+        (dev, blas): (&CudaDevice, &Blas),
         s: &Slot,
         rows: usize,
         x: Mat<'_>,
@@ -337,8 +404,8 @@ impl Adapters<'_> {
         dx: MatMut<'_>,
     ) -> R {
         let r = self.r;
-        self.grad_b_and_du(blas, s, rows, dy, (u, u_off), du, grads)?;
-        let dul = MatLayout::at(0, rows, r, r);
+        self.grad_b_and_du((dev, blas), s, rows, dy, (u, u_off), du, grads)?;
+        let dul = self.u_layout(0, rows);
         // dA = duᵀ·x  [r, in]
         let da = MatLayout::at(s.a, r, s.in_f, s.in_f);
         mm(
@@ -352,6 +419,10 @@ impl Adapters<'_> {
             1.0,
         )?;
         // dx += du·A
+        if self.bt(s).is_some() {
+            let dup = self.u_padded(0, rows);
+            return lora_expand(dev, Mat::new(du, dup), self.a(s), 1.0, dx);
+        }
         mm(
             blas,
             Mat::new(du, dul),

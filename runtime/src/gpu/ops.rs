@@ -285,6 +285,92 @@ pub fn column_sums(
     mm(blas, ones, dy, out, false, false, 1.0, 1.0)
 }
 
+/// The environment variable that puts the LoRA branch back on cuBLAS (`=1`): its skinny
+/// products as four GEMMs per direction instead of the DSL's `lora_down`/`lora_expand`, the
+/// path before those kernels (for A/B timing and as a fallback).
+pub const LORA_CUBLAS_ENV: &str = "LEXP_LORA_CUBLAS";
+
+/// True unless [`LORA_CUBLAS_ENV`] is `1`; read once per process.
+pub fn lora_kernels() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var(LORA_CUBLAS_ENV).as_deref() != Ok("1");
+        tracing::debug!(on, "LoRA branch kernels");
+        on
+    })
+}
+
+/// A matrix inside a buffer (offset, row stride) as a 2-D kernel argument; refused when any
+/// of its elements lies outside the buffer.
+pub fn mat_arg(t: &DeviceTensor, l: &MatLayout) -> R<TensorArg> {
+    let fits = l.end(1).is_some_and(|end| end <= t.numel());
+    if !fits || l.ld < l.cols {
+        return Err(ModelError::Device(format!(
+            "kernel argument: a {}x{} matrix at element {} with row stride {} does not fit a \
+             tensor of {} elements",
+            l.rows,
+            l.cols,
+            l.offset,
+            l.ld,
+            t.numel()
+        )));
+    }
+    let mut a = arg_at(t, l.offset, &[0])?;
+    a.dims = vec![l.rows, l.cols];
+    a.strides = vec![l.ld, 1];
+    Ok(a)
+}
+
+/// `u = T(s · x · wᵀ)` (the down product of a LoRA branch, `w [r, K]`, `u [M, rp]` with its
+/// padding columns zeroed; `lexp_kernels::lora_down`).
+pub fn lora_down(dev: &CudaDevice, x: Mat<'_>, w: Mat<'_>, s: f32, u: MatMut<'_>) -> R {
+    k::lora_down::launch(
+        dev,
+        &k::lora_down::Args {
+            x: &mat_arg(x.tensor, &x.layout)?,
+            w: &mat_arg(w.tensor, &w.layout)?,
+            s,
+            u: &mat_arg(u.tensor, &u.layout)?,
+        },
+    )
+    .map_err(launch_err)
+}
+
+/// `y += s · u · w` in place (the expand of a LoRA branch, `u [M, rp]`, `w [r, N]`;
+/// `lexp_kernels::lora_expand`).
+pub fn lora_expand(dev: &CudaDevice, u: Mat<'_>, w: Mat<'_>, s: f32, y: MatMut<'_>) -> R {
+    k::lora_expand::launch(
+        dev,
+        &k::lora_expand::Args {
+            u: &mat_arg(u.tensor, &u.layout)?,
+            w: &mat_arg(w.tensor, &w.layout)?,
+            s,
+            y: &mat_arg(y.tensor, &y.layout)?,
+        },
+    )
+    .map_err(launch_err)
+}
+
+/// Writes the transpose of the `rows x cols` matrix at element `off` of `src` into `dst` at
+/// the same offset (`cols x rows`).
+pub fn transpose_at(
+    dev: &CudaDevice,
+    src: &DeviceTensor,
+    dst: &DeviceTensor,
+    off: usize,
+    (rows, cols): (usize, usize),
+) -> R {
+    k::transpose::launch(
+        dev,
+        &k::transpose::Args {
+            x: &arg_at(src, off, &[rows * cols])?,
+            rows: rows as i64,
+            y: &arg_at(dst, off, &[rows * cols])?,
+        },
+    )
+    .map_err(launch_err)
+}
+
 /// `y += x` over the first `n` elements.
 pub fn add(dev: &CudaDevice, x: &DeviceTensor, y: &DeviceTensor, n: usize) -> R {
     k::axpby::launch(

@@ -9,6 +9,7 @@
 //! layer for 4 sequences of 1024 tokens with 32 heads).
 
 use super::attention::BlockLists;
+use super::lora::rank_pad;
 use super::ops::{dev_err, R};
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
@@ -178,7 +179,7 @@ pub struct LayerActs {
     pub rstd2: DeviceTensor,
     /// ReLU output `[T, F]`, the fc2 input (its zero pattern is the ReLU mask).
     pub act: DeviceTensor,
-    /// LoRA `u = x·Aᵀ` of each of the 6 targets, `[T, r]` each.
+    /// LoRA `u = x·Aᵀ` of each of the 6 targets, `[T, rank_pad(r)]` each.
     pub u: DeviceTensor,
     /// The dropout masks of the layer's sites (`0` or `1/(1−p)`), `[T, w]` each at the
     /// offsets of a [`MaskLayout`](super::dropout::MaskLayout); empty without dropout.
@@ -195,7 +196,7 @@ pub struct Scratch {
     pub dact: DeviceTensor,
     /// `[dq | dk | dv]`, `[T, 3H]`.
     pub dqkv: DeviceTensor,
-    /// LoRA `du`, `[T, r]`.
+    /// LoRA `du`, `[T, rank_pad(r)]`.
     pub du: DeviceTensor,
     /// f32 scores `S` (forward) and `dP` (backward) of one sequence, `[nh, L, L]`.
     pub s: DeviceTensor,
@@ -342,7 +343,7 @@ impl Workspace {
                     mean2: al.t(f32t, t)?,
                     rstd2: al.t(f32t, t)?,
                     act: al.t(ACT, t * f)?,
-                    u: al.t(ACT, 6 * t * r)?,
+                    u: al.t(ACT, 6 * t * rank_pad(r))?,
                     mask: al.t(ACT, t * caps.mask_cols)?,
                 })
             })
@@ -353,7 +354,7 @@ impl Workspace {
             tmp2: al.t(ACT, t * h)?,
             dact: al.t(ACT, t * f)?,
             dqkv: al.t(ACT, t * 3 * h)?,
-            du: al.t(ACT, t * r)?,
+            du: al.t(ACT, t * rank_pad(r))?,
             s: al.t(f32t, scores)?,
             ds: al.t(ACT, scores)?,
             lse: al.t(f32t, d.nh * caps.max_len)?,

@@ -9,6 +9,7 @@
 
 mod bench;
 mod checks;
+mod checks_lora_branch;
 mod checks_mlp;
 mod checks_select;
 
@@ -17,6 +18,7 @@ pub use bench::{
     SparseBench,
 };
 pub use checks::{check_gemm, check_lora, check_sparse};
+pub use checks_lora_branch::check_lora_branch;
 pub use checks_mlp::check_sparse_mlp;
 pub use checks_select::check_select;
 

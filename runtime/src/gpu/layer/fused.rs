@@ -13,6 +13,7 @@ use crate::cublas::{Mat, MatLayout, MatMut};
 use crate::cublaslt::Epilogue;
 use crate::gpu::dropout::DropCtx;
 use crate::gpu::houlsby::LayerForward;
+use crate::gpu::lora::rank_pad;
 use crate::gpu::ops::{bias_add, dense, dense_mut, lt_epilogues, mm, mm_fused, R};
 use crate::gpu::weights::LayerWeights;
 use crate::gpu::workspace::{LayerActs, Scratch};
@@ -138,7 +139,7 @@ fn branch_forward_first(
     let (t, r) = (cx.t, ad.r);
     let drop = cx.drop.as_ref();
     let x = DropCtx::lora_input(drop, cx.dev, li, target, x, (t, in_f), mask, rand, xd)?;
-    let ul = MatLayout::at(cx.u_off(target), t, r, r);
+    let ul = MatLayout::at(cx.u_off(target), t, r, rank_pad(r));
     let a = Mat::new(ad.params, MatLayout::at(s.a, r, s.in_f, s.in_f));
     let b = Mat::new(ad.params, MatLayout::at(s.b, s.out_f, r, r));
     mm(
