@@ -40,7 +40,7 @@ pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use heads::{pad_heads, unpad_heads};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
-pub use lora_branch::{lora_down, lora_expand, transpose};
+pub use lora_branch::{lora_down, lora_expand, lora_wgrad, lora_wgrad_reduce, transpose};
 pub use optimizer::{adamw, AdamwStep};
 pub use reduce::{colsum, sum_squares, SUM_SQUARES_CHUNK};
 pub use residual::bias_residual;
@@ -53,7 +53,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 48] = [
+pub static ALL: [&KernelInfo; 50] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -93,6 +93,8 @@ pub static ALL: [&KernelInfo; 48] = [
     &lora_down::INFO,
     &lora_expand::INFO,
     &transpose::INFO,
+    &lora_wgrad::INFO,
+    &lora_wgrad_reduce::INFO,
     &flash_fwd::INFO,
     &flash_bwd_delta::INFO,
     &flash_bwd_dkdv::INFO,
@@ -120,7 +122,7 @@ pub const TENSOR_CORE: [&str; 20] = [
     "lora_bwd_dx",
     "lora_grad",
     "lora_down",
-    "lora_expand",
+    "lora_wgrad",
     "flash_fwd",
     "flash_bwd_dkdv",
     "flash_bwd_dq",

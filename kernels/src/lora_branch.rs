@@ -17,8 +17,9 @@
 //! Both kernels take the rank-side matrix as `w [r, features]` (rows of `features`, 16-byte
 //! aligned): `A` as PEFT stores it, `B` transposed ([`transpose`], once per step; PEFT's
 //! `B [out, r]` has rows of `r` elements, too narrow for the tensor cores' 16-byte operands).
-//! The rank is padded to `R = 16` by the bounds masks; `u` is stored `[tokens, rp]` with `rp`
-//! a multiple of 8 and its padding columns written as zeros, so `lora_expand` may read them.
+//! `lora_down` pads the rank to `R = 16` by its bounds masks and stores `u` as `[tokens, rp]`
+//! with `rp` a multiple of 8 (16-byte rows), its padding columns written as zeros;
+//! `lora_expand` reads only the first `r` columns.
 
 use lexp_macros::kernel;
 
@@ -54,15 +55,18 @@ pub fn lora_down<
     u.store([rows, ranks], (acc * s).cast::<T>());
 }
 
-/// `y[M, N] += s · u[M, rp] · w[r, N]` in place (f32 sum, rounded once), `r <= rp <= R`; the
-/// padding columns of `u` must be finite (`lora_down` writes them as zeros).
+/// `y[M, N] += s · u[M, ..r] · w[r, N]` in place (f32 sum, rounded once), `r <= u.dim(1)`.
+/// A rank of 4–16 is too little work for tensor cores to matter, and a `dot` would put the
+/// `y` tile it adds to in the accumulator layout (4-byte accesses); as `r` rank-1 updates on
+/// CUDA cores the `y` tile is read and written with 16-byte coalesced accesses, and any
+/// alignment works.
 #[kernel(
-    variants(T = [bf16, f16], BM = [64, 128], BN = [128, 64], R = [16], W = [4]),
-    warps = W,
+    variants(T = [bf16, f16], BM = [32, 64], BN = [256, 128]),
+    warps = 4,
     grid = [cdiv(y.dim(0), BM) * cdiv(y.dim(1), BN)],
-    require = [u.dim(0) == y.dim(0), u.dim(1) <= R, w.dim(0) <= u.dim(1), w.dim(1) == y.dim(1)]
+    require = [u.dim(0) == y.dim(0), w.dim(0) <= u.dim(1), w.dim(1) == y.dim(1)]
 )]
-pub fn lora_expand<T, const BM: usize, const BN: usize, const R: usize, const W: usize>(
+pub fn lora_expand<T, const BM: usize, const BN: usize>(
     u: Tensor<T, 2>,
     w: Tensor<T, 2>,
     s: f32,
@@ -71,14 +75,12 @@ pub fn lora_expand<T, const BM: usize, const BN: usize, const R: usize, const W:
     let np_n = cdiv(y.dim(1), BN);
     let rows = (program_id(0) / np_n) * BM + range::<BM>();
     let cols = (program_id(0) % np_n) * BN + range::<BN>();
-    let ranks = range::<R>();
-    let p = dot(
-        u.load([rows, ranks]),
-        w.load([ranks, cols]),
-        zeros::<f32, BM, BN>(),
-    );
-    let out = y.load([rows, cols]).cast::<f32>() + p * s;
-    y.store([rows, cols], out.cast::<T>());
+    let mut acc = y.load([rows, cols]).cast::<f32>();
+    for j in (0..w.dim(0)).step_by(1) {
+        let uj = u.load([rows, j]).cast::<f32>() * s;
+        acc = acc + uj.expand(1) * w.load([j, cols]).cast::<f32>().expand(0);
+    }
+    y.store([rows, cols], acc.cast::<T>());
 }
 
 /// `y = xᵀ` for `x [rows, cols]` and `y [cols, rows]`, both passed flat (any alignment; one
@@ -98,4 +100,75 @@ pub fn transpose<T, const BLOCK: usize>(x: Tensor<T, 1>, rows: usize, y: TensorM
     let j = i / rows;
     let c = i % rows;
     y.store([i], x.load([c * cols + j]));
+}
+
+/// The weight gradients of a LoRA branch, first half: per chunk of tokens `c` (of
+/// `C = part.dim(0) / Q` equal chunks, each a multiple of `BK`), `part[c·Q + q, j] =
+/// Σ_{m in c} b[m, q] · a[m, j]` for `a [M, rp]` (the saved `u` or `du`, rank side) and
+/// `b [M, Q]` (`dy` or `x`); `part` is `[C·Q, rp]`.
+/// [`lora_wgrad_reduce`] then sums the chunks in a fixed order: a split-K without atomics, so
+/// the gradients are the same on every run (cuBLAS's `4 x 2048 x 4096` takes 27 µs for what
+/// is one 16 MB read).
+#[kernel(
+    variants(T = [bf16, f16], BQ = [128, 64], BK = [64], R = [16], S = [4], W = [4]),
+    warps = W,
+    stages = S,
+    grid = [cdiv(b.dim(1), BQ), part.dim(0) / b.dim(1).max(1)],
+    require = [a.dim(0) == b.dim(0), a.dim(1) <= R, b.dim(1) > 0, part.dim(0) % b.dim(1) == 0, part.dim(1) == a.dim(1)]
+)]
+pub fn lora_wgrad<
+    T,
+    const BQ: usize,
+    const BK: usize,
+    const R: usize,
+    const S: usize,
+    const W: usize,
+>(
+    a: Tensor<T, 2>,
+    b: Tensor<T, 2>,
+    part: TensorMut<f32, 2>,
+) {
+    let qs = program_id(0).cast::<i64>() * BQ + range::<BQ>();
+    let ranks = range::<R>();
+    let c = program_id(1).cast::<i64>();
+    let chunks = part.dim(0) / b.dim(1);
+    let chunk = cdiv(cdiv(b.dim(0), chunks), BK) * BK;
+    let m0 = c * chunk;
+    let mut acc = zeros::<f32, BQ, R>();
+    for m in (m0..m0 + chunk).step_by(BK) {
+        let ms = m + range::<BK>();
+        acc = dot(b.load([ms, qs]).t(), a.load([ms, ranks]), acc);
+    }
+    // Rows past Q would land in the next chunk's rows: send them out of bounds (masked).
+    let prow = select(qs < b.dim(1), c * b.dim(1) + qs, part.dim(0));
+    part.store([prow, ranks], acc);
+}
+
+/// The weight gradients of a LoRA branch, second half: `g += s · Σ_c part[c, q, j]` over the
+/// chunks in order, for `part [C·Q, rp]` (of [`lora_wgrad`]) passed flat, into one module's gradient `g`, which is
+/// `[Q, r]` (`dB`, `tr = 0`) or `[r, Q]` (`dA`, `tr = 1`).
+#[kernel(
+    variants(BLOCK = [256]),
+    warps = 4,
+    grid = [cdiv(g.dim(0), BLOCK)],
+    require = [q > 0, r > 0, rp >= r, g.dim(0) as i64 == q * r, part.dim(0) as i64 % (q * rp) == 0]
+)]
+pub fn lora_wgrad_reduce<const BLOCK: usize>(
+    part: Tensor<f32, 1>,
+    q: usize,
+    r: usize,
+    rp: usize,
+    tr: usize,
+    s: f32,
+    g: TensorMut<f32, 1>,
+) {
+    let i = program_id(0).cast::<i64>() * BLOCK + range::<BLOCK>();
+    let qi = select(tr == 1, i % q, i / r);
+    let j = select(tr == 1, i / q, i % r);
+    let chunks = part.dim(0) / (q * rp);
+    let mut acc = zeros::<f32, BLOCK>();
+    for c in (0..chunks).step_by(1) {
+        acc = acc + part.load([(c * q + qi) * rp + j]);
+    }
+    g.store([i], g.load([i]) + acc * s);
 }

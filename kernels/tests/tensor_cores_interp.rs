@@ -314,6 +314,37 @@ proptest! {
                 u: &mut du, w: &mut a, s: 1.0, y: &mut dx,
             }))?;
             check(&what, &dx, &rm::lora_expand(&dx0, &du.data, &a.data, 1.0, m, kk, r, rp), tol(dtype))?;
+
+            // Weight gradients, split over `chunks` token chunks and reduced in order into
+            // gradients that already hold values: dB += s·dyᵀ·u ([n, r]), dA += duᵀ·x ([r, kk]).
+            let compact = |t: &HostTensor| -> Vec<f32> {
+                (0..m * r).map(|i| t.data[(i / r) * rp + i % r]).collect()
+            };
+            let chunks = 1 + (seed % 4) as usize;
+            for (name, rank_side, wide, q, tr, scale) in [
+                ("dB", &mut u, &mut dy, n, 0usize, s),
+                ("dA", &mut du, &mut x, kk, 1, 1.0),
+            ] {
+                let what = format!("lora_wgrad {name} {dtype:?} {m} tokens, {q} wide, r={r}, {chunks} chunks");
+                let mut part = filled(Storage::F32, &[chunks * q, rp], f32::NAN);
+                run(&what, k::lora_wgrad::interpret(&config_of("lora_wgrad", pick), k::lora_wgrad::HostArgs {
+                    a: rank_side, b: wide, part: &mut part,
+                }))?;
+                let mut g = data.tensor(Storage::F32, &[q * r]);
+                let g0 = g.data.clone();
+                let mut flat = HostTensor::new(Storage::F32, &[chunks * q * rp], &part.data);
+                run(&what, k::lora_wgrad_reduce::interpret(&[], k::lora_wgrad_reduce::HostArgs {
+                    part: &mut flat, q: q as i64, r: r as i64, rp: rp as i64, tr: tr as i64, s: scale, g: &mut g,
+                }))?;
+                let cu = compact(rank_side);
+                let grad = if tr == 0 {
+                    rm::lora_grad_b(&wide.data, &cu, m, q, r)
+                } else {
+                    rm::lora_grad_a(&cu, &wide.data, m, q, r)
+                };
+                let want: Vec<f32> = g0.iter().zip(&grad).map(|(a, b)| a + scale * b).collect();
+                check(&what, &g, &want, 1e-5)?;
+            }
         }
     }
 }

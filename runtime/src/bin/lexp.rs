@@ -275,7 +275,7 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
             if tc("lora_fwd") || tc("lora_bwd_dx") || tc("lora_grad") {
                 mat.extend(lexp_runtime::matmul_check::check_lora(dev)?);
             }
-            if tc("lora_down") || tc("lora_expand") || tc("transpose") {
+            if tc("lora_down") || tc("lora_expand") || tc("transpose") || tc("lora_wgrad") {
                 mat.extend(lexp_runtime::matmul_check::check_lora_branch(dev)?);
             }
             rows.extend(mat.into_iter().map(|m| kernel_check::CheckRow {

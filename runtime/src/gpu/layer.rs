@@ -485,7 +485,7 @@ pub fn backward(
             (&acts.act, f),
             (gm, h),
             acts,
-            (&mut sc.du, &mut sc.xd),
+            (&mut sc.du, &mut sc.xd, &sc.wpart),
             grads,
             &mut sc.dact,
         )?;
@@ -500,7 +500,7 @@ pub fn backward(
             (&acts.b, h),
             (&sc.dact, f),
             acts,
-            (&mut sc.du, &mut sc.xd),
+            (&mut sc.du, &mut sc.xd, &sc.wpart),
             grads,
             &mut sc.tmp,
         )?;
@@ -532,7 +532,7 @@ pub fn backward(
         (&acts.o, h),
         (gm, h),
         acts,
-        (&mut sc.du, &mut sc.xd),
+        (&mut sc.du, &mut sc.xd, &sc.wpart),
         grads,
         &mut sc.tmp,
     )?;
@@ -582,7 +582,7 @@ pub fn backward(
                     dense(&acts.a, t, h),
                     dy,
                     u,
-                    &mut sc.du,
+                    (&mut sc.du, &sc.wpart),
                     grads,
                     dx,
                 )?;
@@ -617,7 +617,7 @@ fn project_backward(
     (x, in_f): (&DeviceTensor, usize),
     (dy, out_f): (&DeviceTensor, usize),
     acts: &LayerActs,
-    scratch: (&mut DeviceTensor, &mut DeviceTensor),
+    scratch: (&mut DeviceTensor, &mut DeviceTensor, &DeviceTensor),
     grads: &mut Grads<'_>,
     dx: &mut DeviceTensor,
 ) -> R {
@@ -656,7 +656,7 @@ fn branch_backward(
     (x, in_f): (&DeviceTensor, usize),
     (dy, out_f): (&DeviceTensor, usize),
     acts: &LayerActs,
-    (du, xd): (&mut DeviceTensor, &mut DeviceTensor),
+    (du, xd, part): (&mut DeviceTensor, &mut DeviceTensor, &DeviceTensor),
     grads: &mut Grads<'_>,
     dx: &mut DeviceTensor,
 ) -> R {
@@ -690,7 +690,7 @@ fn branch_backward(
         dense(x, t, in_f),
         dense(dy, t, out_f),
         u,
-        du,
+        (du, part),
         grads,
         dense_mut(dx, t, in_f),
     )

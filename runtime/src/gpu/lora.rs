@@ -10,15 +10,21 @@
 //! With LoRA dropout the forward's `x` is the dropped input `x ⊙ mask`, and the backward
 //! ([`Adapters::backward_masked`]) uses it for `dA` and masks the branch's input gradient.
 //!
-//! `dA` and `dB` are cuBLAS GEMMs with f32 output, downloaded once per call into a
-//! [`PeftGrads`] laid out like the [`LoraParams`]. The four skinny products (`u`, `s·u·Bᵀ`,
-//! `du`, `du·A`) run on the DSL's bandwidth-bound `lora_down`/`lora_expand` kernels
-//! (`lexp_kernels::lora_branch`) when the rank is at most [`MAX_KERNEL_RANK`] and the
-//! features are multiples of 8; they read `B` as `Bᵀ`, which [`DeviceLora::transpose_b`]
-//! writes once per call. `u` and `du` are stored with [`rank_pad`] columns.
+//! `dA` and `dB` accumulate in an f32 buffer, downloaded once per call into a [`PeftGrads`]
+//! laid out like the [`LoraParams`].
+//!
+//! Every product of the branch is skinny (one side is the rank), so its time is the bytes it
+//! moves. They run on the DSL's bandwidth-bound kernels (`lexp_kernels::lora_branch`):
+//! `lora_down` (`u`, `du`), `lora_expand` (`s·u·Bᵀ`, `du·A`) and the deterministic split-K
+//! `lora_wgrad` (`dA`, `dB`), when the rank is at most [`MAX_KERNEL_RANK`] and the features
+//! are multiples of 8. They read `B` as `Bᵀ`, which [`DeviceLora::transpose_b`] writes once
+//! per call. `u` and `du` are stored with [`rank_pad`] columns. Otherwise, and with
+//! `LEXP_LORA_CUBLAS=1`, the branch is cuBLAS GEMMs, as is the backward of a branch with
+//! LoRA dropout.
 
 use super::ops::{
-    add, copy_rows, dev_err, lora_down, lora_expand, lora_kernels, mm, mul_inplace, transpose_at, R,
+    add, copy_rows, dev_err, lora_down, lora_expand, lora_kernels, lora_wgrad, mm, mul_inplace,
+    transpose_at, R,
 };
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
@@ -297,11 +303,11 @@ impl Adapters<'_> {
         )
     }
 
-    /// `dB += s·dyᵀ·u` into `grads` and `du = s·dy·B` into the start of `du`.
+    /// `dB += s·dyᵀ·u` into `grads` and `du = s·dy·B` into the start of `du` (cuBLAS).
     #[allow(clippy::too_many_arguments)]
     fn grad_b_and_du(
         &self,
-        (dev, blas): (&CudaDevice, &Blas),
+        blas: &Blas,
         s: &Slot,
         rows: usize,
         dy: Mat<'_>,
@@ -321,10 +327,6 @@ impl Adapters<'_> {
             self.scale,
             1.0,
         )?;
-        if let Some(bt) = self.bt(s) {
-            let dup = MatMut::new(du, self.u_padded(0, rows));
-            return lora_down(dev, dy, bt, self.scale, dup);
-        }
         mm(
             blas,
             dy,
@@ -357,7 +359,7 @@ impl Adapters<'_> {
         dx: &DeviceTensor,
     ) -> R {
         let (r, in_f) = (self.r, s.in_f);
-        self.grad_b_and_du((dev, blas), s, rows, dy, u, du, grads)?;
+        self.grad_b_and_du(blas, s, rows, dy, u, du, grads)?;
         let dul = self.u_layout(0, rows);
         // dA = duᵀ·(x ⊙ mask)  [r, in]
         copy_rows(dev, x, 0, xd, 0, rows, in_f)?;
@@ -389,7 +391,9 @@ impl Adapters<'_> {
     }
 
     /// The branch's backward for output gradient `dy`: adds `dA`, `dB` (f32) to `grads`
-    /// and adds `du·A` to `dx`. `x` and `u` are what the forward saw and saved.
+    /// and adds `du·A` to `dx`. `x` and `u` are what the forward saw and saved; `part` is the
+    /// weight gradients' split-K scratch (f32, [`LORA_WGRAD_CHUNKS`](super::ops::LORA_WGRAD_CHUNKS)` · Q · rank_pad(r)` for
+    /// the wider of the module's sides).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -399,12 +403,21 @@ impl Adapters<'_> {
         x: Mat<'_>,
         dy: Mat<'_>,
         (u, u_off): (&DeviceTensor, usize),
-        du: &mut DeviceTensor,
+        (du, part): (&mut DeviceTensor, &DeviceTensor),
         grads: &mut DeviceTensor,
         dx: MatMut<'_>,
     ) -> R {
         let r = self.r;
-        self.grad_b_and_du((dev, blas), s, rows, dy, (u, u_off), du, grads)?;
+        if let Some(bt) = self.bt(s) {
+            // dB += s·dyᵀ·u, du = s·dy·B, dA += duᵀ·x, dx += du·A.
+            let up = Mat::new(u, self.u_padded(u_off, rows));
+            lora_wgrad(dev, up, dy, part, r, self.scale, (grads, s.b, false))?;
+            let dup = self.u_padded(0, rows);
+            lora_down(dev, dy, bt, self.scale, MatMut::new(du, dup))?;
+            lora_wgrad(dev, Mat::new(du, dup), x, part, r, 1.0, (grads, s.a, true))?;
+            return lora_expand(dev, Mat::new(du, dup), self.a(s), 1.0, dx);
+        }
+        self.grad_b_and_du(blas, s, rows, dy, (u, u_off), du, grads)?;
         let dul = self.u_layout(0, rows);
         // dA = duᵀ·x  [r, in]
         let da = MatLayout::at(s.a, r, s.in_f, s.in_f);
@@ -419,10 +432,6 @@ impl Adapters<'_> {
             1.0,
         )?;
         // dx += du·A
-        if self.bt(s).is_some() {
-            let dup = self.u_padded(0, rows);
-            return lora_expand(dev, Mat::new(du, dup), self.a(s), 1.0, dx);
-        }
         mm(
             blas,
             Mat::new(du, dul),

@@ -351,6 +351,51 @@ pub fn lora_expand(dev: &CudaDevice, u: Mat<'_>, w: Mat<'_>, s: f32, y: MatMut<'
     .map_err(launch_err)
 }
 
+/// Token chunks of the LoRA weight-gradient split-K ([`lora_wgrad`]): enough programs to
+/// fill the GPU at a few thousand tokens, few enough that the reduction stays small.
+pub const LORA_WGRAD_CHUNKS: usize = 16;
+
+/// `g += scale · bᵀ·a` for one LoRA module's gradient (`a [M, rp]` the saved `u` or `du`,
+/// `b [M, Q]`), through the `[chunks·Q, rp]` f32 scratch `part`; `g` is the `Q·r` gradient
+/// at element `g_off` of `grads`, `[Q, r]` (`dB`) or, `transposed`, `[r, Q]` (`dA`). Split
+/// over [`LORA_WGRAD_CHUNKS`] token chunks, summed in order: deterministic
+/// (`lexp_kernels::lora_wgrad`, `lora_wgrad_reduce`).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_wgrad(
+    dev: &CudaDevice,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    part: &DeviceTensor,
+    r: usize,
+    scale: f32,
+    (grads, g_off, transposed): (&DeviceTensor, usize, bool),
+) -> R {
+    let (q, rp) = (b.layout.cols, a.layout.cols);
+    let part2 = arg_at(part, 0, &[LORA_WGRAD_CHUNKS * q, rp])?;
+    k::lora_wgrad::launch(
+        dev,
+        &k::lora_wgrad::Args {
+            a: &mat_arg(a.tensor, &a.layout)?,
+            b: &mat_arg(b.tensor, &b.layout)?,
+            part: &part2,
+        },
+    )
+    .map_err(launch_err)?;
+    k::lora_wgrad_reduce::launch(
+        dev,
+        &k::lora_wgrad_reduce::Args {
+            part: &arg_at(part, 0, &[LORA_WGRAD_CHUNKS * q * rp])?,
+            q: q as i64,
+            r: r as i64,
+            rp: rp as i64,
+            tr: transposed as i64,
+            s: scale,
+            g: &arg_at(grads, g_off, &[q * r])?,
+        },
+    )
+    .map_err(launch_err)
+}
+
 /// Writes the transpose of the `rows x cols` matrix at element `off` of `src` into `dst` at
 /// the same offset (`cols x rows`).
 pub fn transpose_at(

@@ -10,7 +10,7 @@
 
 use super::attention::BlockLists;
 use super::lora::rank_pad;
-use super::ops::{dev_err, R};
+use super::ops::{dev_err, LORA_WGRAD_CHUNKS, R};
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
 use crate::checkpoint::OptConfig;
@@ -198,6 +198,9 @@ pub struct Scratch {
     pub dqkv: DeviceTensor,
     /// LoRA `du`, `[T, rank_pad(r)]`.
     pub du: DeviceTensor,
+    /// LoRA weight gradients' split-K partial sums, f32
+    /// `[LORA_WGRAD_CHUNKS · max(H, F), rank_pad(r)]` (empty without LoRA).
+    pub wpart: DeviceTensor,
     /// f32 scores `S` (forward) and `dP` (backward) of one sequence, `[nh, L, L]`.
     pub s: DeviceTensor,
     /// `dS` of one sequence, bf16.
@@ -355,6 +358,10 @@ impl Workspace {
             dact: al.t(ACT, t * f)?,
             dqkv: al.t(ACT, t * 3 * h)?,
             du: al.t(ACT, t * rank_pad(r))?,
+            wpart: al.t(
+                f32t,
+                (r > 0) as usize * LORA_WGRAD_CHUNKS * h.max(f) * rank_pad(r),
+            )?,
             s: al.t(f32t, scores)?,
             ds: al.t(ACT, scores)?,
             lse: al.t(f32t, d.nh * caps.max_len)?,

@@ -1,8 +1,9 @@
 //! Correctness of the LoRA branch kernels (`lexp_kernels::lora_branch`: `transpose`,
-//! `lora_down`, `lora_expand`) on the GPU against `reference_matmul`, chained as the engine
+//! `lora_down`, `lora_expand`, `lora_wgrad` with `lora_wgrad_reduce`) on the GPU against `reference_matmul`, chained as the engine
 //! runs them, for every compiled configuration: `Bᵀ` from `B`, `u = x·Aᵀ`, `y += s·u·Bᵀ` into
 //! a column block of a wider buffer (the q/v blocks of the fused projection's output; the
-//! other columns must keep their sentinel), `du = s·dy·B` from such a block, `dx += du·A`.
+//! other columns must keep their values), `du = s·dy·B` from such a block, `dx += du·A`,
+//! `dB += s·dyᵀ·u` and `dA += duᵀ·x`.
 //! Outputs are poisoned before each launch (`u`, `du`) or hold random values the expand adds
 //! to (`y`, `dx`); the padding columns of `u` and `du` must come out zero.
 
@@ -115,22 +116,27 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
                     &wide.to_f32_vec()?,
                     &want_wide,
                 );
-                // Backward: du = s·dy·B from that block, then dx += du·A.
+                // Backward: du = s·dy·B from a block of a fresh [m, 3n] (values of gradient
+                // size: the expanded y above overflows f16 once summed over n again), then
+                // dx += du·A.
+                let (wide_dy, hwide_dy) = random(dev, &mut rng, dtype, &[m, 3 * n])?;
+                let mut dyv = wide_dy.offset_arg(n, &[m, n])?;
+                dyv.dims = vec![m, n];
+                dyv.strides = vec![3 * n, 1];
                 let du = DeviceTensor::poisoned(dev, dtype, &[m, rp])?;
                 k::lora_down::launch_with(
                     dev,
                     &cfg,
                     &k::lora_down::Args {
-                        x: &yv,
+                        x: &dyv,
                         w: &bt2,
                         s,
                         u: &du.as_arg(),
                     },
                 )?;
                 dev.synchronize()?;
-                let got_wide = wide.to_f32_vec()?;
                 let dy: Vec<f32> = (0..m * n)
-                    .map(|i| got_wide[(i / n) * 3 * n + n + i % n])
+                    .map(|i| hwide_dy[(i / n) * 3 * n + n + i % n])
                     .collect();
                 let got_du = du.to_f32_vec()?;
                 let want_du = rm::lora_down(&dy, &got_bt, s, m, n, r, rp, round);
@@ -162,11 +168,66 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
                     "lora_expand",
                     dtype,
                     shape.clone(),
-                    cname,
+                    cname.clone(),
                     "dx",
                     &dx.to_f32_vec()?,
                     &want_dx,
                 );
+                // Weight gradients: dB += s·dyᵀ·u ([n, r]) and dA += du·x ([r, kk]), split over
+                // 16 token chunks into a poisoned scratch, reduced in order into gradients
+                // that already hold values.
+                let wcfg = configs("lora_wgrad");
+                let wcfg = &wcfg[rows.len() % wcfg.len().max(1)];
+                let compact = |v: &[f32]| -> Vec<f32> {
+                    (0..m * r).map(|i| v[(i / r) * rp + i % r]).collect()
+                };
+                for (out, rank_side, wide, host_wide, q, tr, scale) in [
+                    ("dB", &u, &dyv, &dy, n, 0usize, s),
+                    ("dA", &du, &x.as_arg(), &hx, kk, 1, 1.0),
+                ] {
+                    let chunks = 16;
+                    let part = DeviceTensor::poisoned(dev, Storage::F32, &[chunks * q * rp])?;
+                    k::lora_wgrad::launch_with(
+                        dev,
+                        wcfg,
+                        &k::lora_wgrad::Args {
+                            a: &rank_side.as_arg(),
+                            b: wide,
+                            part: &part.offset_arg(0, &[chunks * q, rp])?,
+                        },
+                    )?;
+                    let (g, g0) = random(dev, &mut rng, Storage::F32, &[q * r])?;
+                    k::lora_wgrad_reduce::launch(
+                        dev,
+                        &k::lora_wgrad_reduce::Args {
+                            part: &part.as_arg(),
+                            q: q as i64,
+                            r: r as i64,
+                            rp: rp as i64,
+                            tr: tr as i64,
+                            s: scale,
+                            g: &g.as_arg(),
+                        },
+                    )?;
+                    dev.synchronize()?;
+                    let cu = compact(&rank_side.to_f32_vec()?);
+                    let grad = if tr == 0 {
+                        rm::lora_grad_b(host_wide, &cu, m, q, r)
+                    } else {
+                        rm::lora_grad_a(&cu, host_wide, m, q, r)
+                    };
+                    let want: Vec<f32> = g0.iter().zip(&grad).map(|(a, b)| a + scale * b).collect();
+                    record(
+                        &mut rows,
+                        "lora_wgrad",
+                        Storage::F32,
+                        shape.clone(),
+                        config_text(wcfg),
+                        out,
+                        &g.to_f32_vec()?,
+                        &want,
+                    );
+                }
             }
         }
     }
