@@ -4,14 +4,24 @@
 //!
 //! Statistics use shifted data, `x - x[row, 0]`: both moments from one pass, with no
 //! cancellation when |mean| >> std. A row of at most `BLOCK` elements is read once into
-//! registers (one read and one write of memory). Longer rows loop in `CHUNK`-wide tiles: one
+//! registers (one read and one write of memory); the runtime picks the smallest `BLOCK` that
+//! holds the row ([`row_block`]), so no lane idles on a masked half of the tile. Longer rows loop in `CHUNK`-wide tiles: one
 //! pass for the moments, a second that normalises (its read normally hits L2).
 
 use lexp_macros::kernel;
 
+/// The `BLOCK` of [`layernorm_fwd`] / [`layernorm_bwd_dx`] for rows of `n` elements: the
+/// smallest compiled one that holds the row, else the largest (rows past it loop in chunks).
+pub fn row_block(n: usize) -> usize {
+    [1024, 2048, 4096]
+        .into_iter()
+        .find(|&b| n <= b)
+        .unwrap_or(4096)
+}
+
 /// `y = (x - mean) * rstd * w + b` per row; writes `mean` and `rstd = 1/sqrt(var + eps)`.
 #[kernel(
-    variants(T = [bf16, f16, f32], BLOCK = [4096], CHUNK = [1024]),
+    variants(T = [bf16, f16, f32], BLOCK = [4096, 2048, 1024], CHUNK = [1024]),
     warps = 4,
     grid = [x.dim(0)],
     require = [
@@ -78,9 +88,12 @@ pub fn layernorm_fwd<T, const BLOCK: usize, const CHUNK: usize>(
     }
 }
 
-/// Input gradient: `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))` with `g = dy * w`.
+/// Input gradient: `dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + beta * dx` with
+/// `g = dy * w`. With `beta = 1` it adds onto the residual stream's gradient already in `dx`
+/// (the decoder layer's `g += LN_backward(..)`, one pass instead of a separate add); with
+/// `beta = 0` the old `dx` is not read.
 #[kernel(
-    variants(T = [bf16, f16, f32], BLOCK = [4096], CHUNK = [1024]),
+    variants(T = [bf16, f16, f32], BLOCK = [4096, 2048, 1024], CHUNK = [1024]),
     warps = 4,
     grid = [x.dim(0)],
     require = [
@@ -94,6 +107,7 @@ pub fn layernorm_bwd_dx<T, const BLOCK: usize, const CHUNK: usize>(
     dy: Tensor<T, 2>,
     mean: Tensor<f32, 1>,
     rstd: Tensor<f32, 1>,
+    beta: f32,
     dx: TensorMut<T, 2>,
 ) {
     let row = program_id(0);
@@ -107,7 +121,12 @@ pub fn layernorm_bwd_dx<T, const BLOCK: usize, const CHUNK: usize>(
         let g = dy.load([row, cols]).cast::<f32>() * w.load([cols]).cast::<f32>();
         let c1 = g.sum(0) / nf;
         let c2 = (g * xhat).sum(0) / nf;
-        dx.store([row, cols], rs * (g - c1 - xhat * c2));
+        let v = rs * (g - c1 - xhat * c2);
+        if beta != 0.0 {
+            dx.store([row, cols], v + dx.load([row, cols]).cast::<f32>() * beta);
+            return;
+        }
+        dx.store([row, cols], v);
         return;
     }
     let mut a1 = zeros::<f32, CHUNK>();
@@ -125,7 +144,12 @@ pub fn layernorm_bwd_dx<T, const BLOCK: usize, const CHUNK: usize>(
         let cols = c + range::<CHUNK>();
         let xhat = (x.load([row, cols]).cast::<f32>() - mu) * rs;
         let g = dy.load([row, cols]).cast::<f32>() * w.load([cols]).cast::<f32>();
-        dx.store([row, cols], rs * (g - c1 - xhat * c2));
+        let v = rs * (g - c1 - xhat * c2);
+        if beta != 0.0 {
+            dx.store([row, cols], v + dx.load([row, cols]).cast::<f32>() * beta);
+        } else {
+            dx.store([row, cols], v);
+        }
     }
 }
 

@@ -40,7 +40,7 @@ pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use heads::{pad_heads, unpad_heads};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
-pub use lora_branch::{lora_down, lora_expand, lora_wgrad, lora_wgrad_reduce, transpose};
+pub use lora_branch::{lora_down, lora_expand, lora_wgrad, lora_wgrad_reduce, transpose_b};
 pub use optimizer::{adamw, AdamwStep};
 pub use reduce::{colsum, sum_squares, SUM_SQUARES_CHUNK};
 pub use residual::bias_residual;
@@ -92,7 +92,7 @@ pub static ALL: [&KernelInfo; 50] = [
     &lora_grad::INFO,
     &lora_down::INFO,
     &lora_expand::INFO,
-    &transpose::INFO,
+    &transpose_b::INFO,
     &lora_wgrad::INFO,
     &lora_wgrad_reduce::INFO,
     &flash_fwd::INFO,

@@ -15,7 +15,7 @@
 //! OPT-1.3B spent 16% of its kernel time in them.
 //!
 //! Both kernels take the rank-side matrix as `w [r, features]` (rows of `features`, 16-byte
-//! aligned): `A` as PEFT stores it, `B` transposed ([`transpose`], once per step; PEFT's
+//! aligned): `A` as PEFT stores it, `B` transposed ([`transpose_b`], once per step; PEFT's
 //! `B [out, r]` has rows of `r` elements, too narrow for the tensor cores' 16-byte operands).
 //! `lora_down` pads the rank to `R = 16` by its bounds masks and stores `u` as `[tokens, rp]`
 //! with `rp` a multiple of 8 (16-byte rows), its padding columns written as zeros;
@@ -26,7 +26,7 @@ use lexp_macros::kernel;
 /// `u[M, rp] = T(s · x[M, K] · w[r, K]ᵀ)` for `r <= rp <= R`; the columns `r..rp` are zero.
 /// One program per `BM` rows streams the whole `K` extent through the `cp.async` pipeline.
 #[kernel(
-    variants(T = [bf16, f16], BM = [32, 64], BK = [128, 64], R = [16], S = [4], W = [4]),
+    variants(T = [bf16, f16], BM = [32, 64], BK = [128, 64], R = [16], S = [4, 8], W = [4]),
     warps = W,
     stages = S,
     grid = [cdiv(x.dim(0), BM)],
@@ -56,12 +56,14 @@ pub fn lora_down<
 }
 
 /// `y[M, N] += s · u[M, ..r] · w[r, N]` in place (f32 sum, rounded once), `r <= u.dim(1)`.
-/// A rank of 4–16 is too little work for tensor cores to matter, and a `dot` would put the
-/// `y` tile it adds to in the accumulator layout (4-byte accesses); as `r` rank-1 updates on
-/// CUDA cores the `y` tile is read and written with 16-byte coalesced accesses, and any
-/// alignment works.
+/// A rank of 4–16 is too little work for tensor cores to matter: as `r` rank-1 updates on
+/// CUDA cores the `y` tile stays in one blocked layout, read and written with 16-byte
+/// accesses, and any alignment works. (A first version with a `dot` over the padded rank,
+/// adding `y` to its accumulator, took the time of cuBLAS's call, 24 µs at 4096 x 2048 on the
+/// H200; this one 17 µs, call 49.)
 #[kernel(
-    variants(T = [bf16, f16], BM = [32, 64], BN = [256, 128]),
+    variants(T = [bf16, f16], BM = [16, 32], BN = [128, 256]),
+    only = [BM * BN <= 4096],
     warps = 4,
     grid = [cdiv(y.dim(0), BM) * cdiv(y.dim(1), BN)],
     require = [u.dim(0) == y.dim(0), w.dim(0) <= u.dim(1), w.dim(1) == y.dim(1)]
@@ -83,23 +85,39 @@ pub fn lora_expand<T, const BM: usize, const BN: usize>(
     y.store([rows, cols], acc.cast::<T>());
 }
 
-/// `y = xᵀ` for `x [rows, cols]` and `y [cols, rows]`, both passed flat (any alignment; one
-/// element per lane, so a transpose is a gather rather than two tiles along swapped
-/// dimensions): LoRA's `B [out, r]` as the `Bᵀ [r, out]` that [`lora_down`] and
-/// [`lora_expand`] take.
+/// Every LoRA module's `B [rows_m, r]` (at element `offs[m]` of the flat `x`) transposed to
+/// `Bᵀ [r, rows_m]` at the same offset of `y`, in one launch for all modules (`P` programs
+/// per module, each a strided loop over its elements; one element per lane, a gather): the
+/// `Bᵀ` that [`lora_down`] and [`lora_expand`] take. Lanes past a module's end address
+/// nothing (their index is sent out of bounds), so neighbouring slots are never touched.
 #[kernel(
-    variants(T = [bf16, f16, f32], BLOCK = [1024]),
+    variants(T = [bf16, f16, f32], BLOCK = [1024], P = [4]),
     warps = 4,
-    grid = [cdiv(y.dim(0), BLOCK)],
-    require = [y.dim(0) == x.dim(0), rows > 0, x.dim(0) as i64 % rows == 0]
+    grid = [offs.dim(0) * P],
+    require = [rows.dim(0) == offs.dim(0), y.dim(0) == x.dim(0), r > 0]
 )]
-pub fn transpose<T, const BLOCK: usize>(x: Tensor<T, 1>, rows: usize, y: TensorMut<T, 1>) {
-    let cols = x.dim(0) / rows;
-    let i = program_id(0).cast::<i64>() * BLOCK + range::<BLOCK>();
-    // y[j, c] (flat i = j * rows + c) is x[c, j] (flat c * cols + j).
-    let j = i / rows;
-    let c = i % rows;
-    y.store([i], x.load([c * cols + j]));
+pub fn transpose_b<T, const BLOCK: usize, const P: usize>(
+    x: Tensor<T, 1>,
+    offs: Tensor<i32, 1>,
+    rows: Tensor<i32, 1>,
+    r: usize,
+    y: TensorMut<T, 1>,
+) {
+    let m = program_id(0) / P;
+    let p = program_id(0) % P;
+    let off = offs.load([m]).cast::<i64>();
+    let n = rows.load([m]).cast::<i64>();
+    let end = n * r;
+    for i0 in (p.cast::<i64>() * BLOCK..end).step_by(BLOCK * P) {
+        // y[j, c] (i = j * n + c) is x[c, j] (c * r + j).
+        let i = i0 + range::<BLOCK>();
+        let j = i / n;
+        let c = i % n;
+        let inside = i < end;
+        let src = select(inside, off + c * r + j, x.dim(0));
+        let dst = select(inside, off + i, y.dim(0));
+        y.store([dst], x.load([src]));
+    }
 }
 
 /// The weight gradients of a LoRA branch, first half: per chunk of tokens `c` (of
@@ -110,7 +128,7 @@ pub fn transpose<T, const BLOCK: usize>(x: Tensor<T, 1>, rows: usize, y: TensorM
 /// the gradients are the same on every run (cuBLAS's `4 x 2048 x 4096` takes 27 µs for what
 /// is one 16 MB read).
 #[kernel(
-    variants(T = [bf16, f16], BQ = [128, 64], BK = [64], R = [16], S = [4], W = [4]),
+    variants(T = [bf16, f16], BQ = [128, 64], BK = [64, 128], R = [16], S = [4], W = [4]),
     warps = W,
     stages = S,
     grid = [cdiv(b.dim(1), BQ), part.dim(0) / b.dim(1).max(1)],
@@ -145,16 +163,20 @@ pub fn lora_wgrad<
 }
 
 /// The weight gradients of a LoRA branch, second half: `g += s · Σ_c part[c, q, j]` over the
-/// chunks in order, for `part [C·Q, rp]` (of [`lora_wgrad`]) passed flat, into one module's gradient `g`, which is
-/// `[Q, r]` (`dB`, `tr = 0`) or `[r, Q]` (`dA`, `tr = 1`).
+/// chunks (at most `CH`, all loaded at once and summed in a fixed order), for the partial sums
+/// of [`lora_wgrad`] viewed as `[C, Q·rp]`, into one module's gradient `g`, which is `[Q, r]`
+/// (`dB`, `tr = 0`) or `[r, Q]` (`dA`, `tr = 1`).
 #[kernel(
-    variants(BLOCK = [256]),
+    variants(BLOCK = [128], CH = [16]),
     warps = 4,
     grid = [cdiv(g.dim(0), BLOCK)],
-    require = [q > 0, r > 0, rp >= r, g.dim(0) as i64 == q * r, part.dim(0) as i64 % (q * rp) == 0]
+    require = [
+        q > 0, r > 0, rp >= r, g.dim(0) as i64 == q * r, part.dim(1) as i64 == q * rp,
+        part.dim(0) <= CH
+    ]
 )]
-pub fn lora_wgrad_reduce<const BLOCK: usize>(
-    part: Tensor<f32, 1>,
+pub fn lora_wgrad_reduce<const BLOCK: usize, const CH: usize>(
+    part: Tensor<f32, 2>,
     q: usize,
     r: usize,
     rp: usize,
@@ -165,10 +187,6 @@ pub fn lora_wgrad_reduce<const BLOCK: usize>(
     let i = program_id(0).cast::<i64>() * BLOCK + range::<BLOCK>();
     let qi = select(tr == 1, i % q, i / r);
     let j = select(tr == 1, i / q, i % r);
-    let chunks = part.dim(0) / (q * rp);
-    let mut acc = zeros::<f32, BLOCK>();
-    for c in (0..chunks).step_by(1) {
-        acc = acc + part.load([(c * q + qi) * rp + j]);
-    }
-    g.store([i], g.load([i]) + acc * s);
+    let sums = part.load([range::<CH>(), qi * rp + j]).sum(0);
+    g.store([i], g.load([i]) + sums * s);
 }

@@ -274,15 +274,20 @@ proptest! {
             let (m, r) = stats(&x, rows, cols);
             let mut mean = HostTensor::new(Storage::F32, &[rows], &m);
             let mut rstd = HostTensor::new(Storage::F32, &[rows], &r);
-            let mut dx = poisoned(dtype, &[rows, cols]);
-            let want = reference::layernorm_bwd_dx(&x.data, rows, cols, &w.data, &dy.data, &m, &r);
-            let what = format!("layernorm_bwd_dx {dtype:?} {rows}x{cols}");
-            run(&what, kernels::layernorm_bwd_dx::interpret(&[],
-                kernels::layernorm_bwd_dx::HostArgs {
-                    x: &mut x, w: &mut w, dy: &mut dy, mean: &mut mean, rstd: &mut rstd,
-                    dx: &mut dx,
-                }))?;
-            check(&what, &dx, &want)?;
+            // beta = 0 writes every element of a poisoned dx; beta = 1 adds onto what is there.
+            for beta in [0.0f32, 1.0] {
+                let mut dx = if beta == 0.0 { poisoned(dtype, &[rows, cols]) } else { data.tensor(dtype, &[rows, cols]) };
+                let old = dx.data.clone();
+                let want: Vec<f32> = reference::layernorm_bwd_dx(&x.data, rows, cols, &w.data, &dy.data, &m, &r)
+                    .iter().zip(&old).map(|(v, o)| if beta == 0.0 { *v } else { v + o }).collect();
+                let what = format!("layernorm_bwd_dx {dtype:?} {rows}x{cols} beta {beta}");
+                run(&what, kernels::layernorm_bwd_dx::interpret(&[],
+                    kernels::layernorm_bwd_dx::HostArgs {
+                        x: &mut x, w: &mut w, dy: &mut dy, mean: &mut mean, rstd: &mut rstd,
+                        beta, dx: &mut dx,
+                    }))?;
+                check(&what, &dx, &want)?;
+            }
         }
     }
 

@@ -272,15 +272,30 @@ proptest! {
             let mut x = data.tensor(dtype, &[m, kk]);
             let mut a = data.tensor(dtype, &[r, kk]);
             let b = data.tensor(dtype, &[n, r]);
-            // Bᵀ, flat, as the engine makes it once per step.
-            let mut bflat = HostTensor::new(dtype, &[n * r], &b.data);
-            let mut bt = filled(dtype, &[r * n], POISON);
-            run("transpose", k::transpose::interpret(&[], k::transpose::HostArgs {
-                x: &mut bflat, rows: n as i64, y: &mut bt,
+            // Bᵀ, as the engine makes it once per step for every module in one launch: here B
+            // and a second module's [24, r] behind a gap, into a sentinel-filled buffer whose
+            // gaps must keep the sentinel.
+            let gap = 8;
+            let len = n * r + gap + 24 * r + gap;
+            let second = data.tensor(dtype, &[24 * r]);
+            let mut src = vec![0.0f32; len];
+            src[..n * r].copy_from_slice(&b.data);
+            src[n * r + gap..n * r + gap + 24 * r].copy_from_slice(&second.data);
+            let mut flat = HostTensor::new(dtype, &[len], &src);
+            let mut out = filled(dtype, &[len], 7.0);
+            let mut offs = HostTensor::new(Storage::I32, &[2], &[0.0, (n * r + gap) as f32]);
+            let mut rws = HostTensor::new(Storage::I32, &[2], &[n as f32, 24.0]);
+            run("transpose_b", k::transpose_b::interpret(&[], k::transpose_b::HostArgs {
+                x: &mut flat, offs: &mut offs, rows: &mut rws, r: r as i64, y: &mut out,
             }))?;
-            let want_bt: Vec<f32> = (0..r * n).map(|i| b.data[(i % n) * r + i / n]).collect();
-            prop_assert_eq!(&bt.data, &want_bt);
-            let mut bt = HostTensor::new(dtype, &[r, n], &bt.data);
+            let mut want = vec![7.0f32; len];
+            for (off, rows_m) in [(0, n), (n * r + gap, 24)] {
+                for i in 0..rows_m * r {
+                    want[off + i] = src[off + (i % rows_m) * r + i / rows_m];
+                }
+            }
+            prop_assert_eq!(&out.data, &want);
+            let mut bt = HostTensor::new(dtype, &[r, n], &out.data[..r * n]);
 
             let what = format!("lora_down u {dtype:?} {m}x{kk} r={r}");
             let mut u = filled(dtype, &[m, rp], POISON);
@@ -332,7 +347,7 @@ proptest! {
                 }))?;
                 let mut g = data.tensor(Storage::F32, &[q * r]);
                 let g0 = g.data.clone();
-                let mut flat = HostTensor::new(Storage::F32, &[chunks * q * rp], &part.data);
+                let mut flat = HostTensor::new(Storage::F32, &[chunks, q * rp], &part.data);
                 run(&what, k::lora_wgrad_reduce::interpret(&[], k::lora_wgrad_reduce::HostArgs {
                     part: &mut flat, q: q as i64, r: r as i64, rp: rp as i64, tr: tr as i64, s: scale, g: &mut g,
                 }))?;

@@ -177,6 +177,7 @@ fn run(
                 dy: &mut dy,
                 mean: &mut m,
                 rstd: &mut s,
+                beta: 0.0,
                 dx: &mut dx,
             };
             k::layernorm_bwd_dx::interpret(&[], args)?;

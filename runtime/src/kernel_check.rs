@@ -426,6 +426,7 @@ fn prepare(cx: &mut Ctx<'_>, kernel: &str, dims: (usize, usize)) -> Result<Prepa
                             dy: &dya,
                             mean: &ma,
                             rstd: &sa,
+                            beta: 0.0,
                             dx: &dxa,
                         },
                     )

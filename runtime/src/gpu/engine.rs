@@ -851,7 +851,17 @@ impl GpuEngine {
                 if let Some(b) = &mut grads.bitfit {
                     b.final_ln(blas, dense(dy, t, h), t)?;
                 }
-                layernorm_bwd(dev, &hb.x_out, &ln.0, dy, &hb.meanf, &hb.rstdf, &hb.g, t, h)?;
+                layernorm_bwd(
+                    dev,
+                    &hb.x_out,
+                    &ln.0,
+                    dy,
+                    &hb.meanf,
+                    &hb.rstdf,
+                    (&hb.g, 0.0),
+                    t,
+                    h,
+                )?;
             }
             let (adapters, adapter_grads) = match houlsby.as_mut().filter(|_| *houlsby_on) {
                 Some(d) => {

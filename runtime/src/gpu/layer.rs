@@ -514,11 +514,10 @@ pub fn backward(
         &sc.tmp,
         &acts.mean2,
         &acts.rstd2,
-        &sc.tmp2,
+        (g, 1.0),
         t,
         h,
     )?;
-    add(dev, &sc.tmp2, g, t * h)?;
 
     // out_proj: dO = (g ⊙ mask)·Wo (+ LoRA), into tmp.
     let attn_col = cx.drop.and_then(|d| d.layout.attn);
@@ -598,11 +597,10 @@ pub fn backward(
         &sc.tmp2,
         &acts.mean1,
         &acts.rstd1,
-        &sc.tmp,
+        (g, 1.0),
         t,
         h,
-    )?;
-    add(dev, &sc.tmp, g, t * h)
+    )
 }
 
 /// The input gradient of one frozen projection `W [out_f, in_f]` for output gradient `dy`:

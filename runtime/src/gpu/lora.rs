@@ -24,7 +24,7 @@
 
 use super::ops::{
     add, copy_rows, dev_err, lora_down, lora_expand, lora_kernels, lora_wgrad, mm, mul_inplace,
-    transpose_at, R,
+    transpose_b, R,
 };
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
@@ -46,6 +46,14 @@ pub struct Slot {
     pub in_f: usize,
     /// Output features.
     pub out_f: usize,
+}
+
+/// `v`, or one zero when it is empty (a device tensor has at least one element).
+fn pad_one(mut v: Vec<i32>) -> Vec<i32> {
+    if v.is_empty() {
+        v.push(0);
+    }
+    v
 }
 
 /// Per decoder layer, the slot of each target in [`LoraTarget::ALL`] order.
@@ -104,6 +112,8 @@ pub struct DeviceLora {
     /// `Bᵀ [r, out]` of every module at its `B` slot (bf16; written by
     /// [`transpose_b`](Self::transpose_b)); `None` when the branch runs on cuBLAS.
     pub bt: Option<DeviceTensor>,
+    /// Each module's `B` offset and row count (i32), for the one-launch transpose.
+    b_slots: Option<(DeviceTensor, DeviceTensor)>,
     len: usize,
 }
 
@@ -134,8 +144,21 @@ impl DeviceLora {
             ),
             false => None,
         };
+        let b_slots = match bt {
+            Some(_) => {
+                let all: Vec<&Slot> = slots.iter().flatten().flatten().collect();
+                let i32s = |f: &dyn Fn(&Slot) -> usize| -> R<DeviceTensor> {
+                    let v = all.iter().map(|s| f(s) as i32).collect::<Vec<_>>();
+                    DeviceTensor::from_i32(dev, &[v.len().max(1)], &pad_one(v))
+                        .map_err(dev_err("uploading LoRA's B offsets"))
+                };
+                Some((i32s(&|s| s.b)?, i32s(&|s| s.out_f)?))
+            }
+            None => None,
+        };
         let mut d = DeviceLora {
             bt,
+            b_slots,
             params: DeviceTensor::zeros(dev, ACT, &[len.max(1)])
                 .map_err(dev_err("allocating LoRA parameters"))?,
             grads: DeviceTensor::zeros(dev, Storage::F32, &[len.max(1)])
@@ -170,14 +193,16 @@ impl DeviceLora {
             .map_err(dev_err("uploading LoRA parameters"))
     }
 
-    /// Writes every module's `Bᵀ` into [`bt`](Self::bt) (one small launch per module, on the
-    /// stream, before the layers read them); nothing when the branch runs on cuBLAS.
+    /// Writes every module's `Bᵀ` into [`bt`](Self::bt) (one launch, on the stream, before
+    /// the layers read them); nothing when the branch runs on cuBLAS or nothing is adapted.
     pub fn transpose_b(&self, dev: &CudaDevice) -> R {
-        let Some(bt) = &self.bt else { return Ok(()) };
-        for s in self.slots.iter().flatten().flatten() {
-            transpose_at(dev, &self.params, bt, s.b, (s.out_f, self.r))?;
+        let (Some(bt), Some((offs, rows))) = (&self.bt, &self.b_slots) else {
+            return Ok(());
+        };
+        if self.slots.iter().flatten().flatten().next().is_none() {
+            return Ok(());
         }
-        Ok(())
+        transpose_b(dev, &self.params, (offs, rows), self.r, bt)
     }
 
     /// Elements of the flat buffers.

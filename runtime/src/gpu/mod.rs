@@ -39,7 +39,7 @@ pub mod graph;
 pub mod houlsby;
 pub mod layer;
 pub mod lora;
-mod ops;
+pub(crate) mod ops;
 pub mod optimizer;
 pub mod predictor;
 pub mod rng;

@@ -125,8 +125,9 @@ pub fn layernorm(
     rows: usize,
     h: usize,
 ) -> R {
-    k::layernorm_fwd::launch(
+    k::layernorm_fwd::launch_with(
         dev,
+        &[("BLOCK", k::layernorm::row_block(h))],
         &k::layernorm_fwd::Args {
             x: &arg(x, &[rows, h])?,
             w: &w.as_arg(),
@@ -140,7 +141,8 @@ pub fn layernorm(
     .map_err(launch_err)
 }
 
-/// `dx = LN_backward(dy)` for the LayerNorm of `x` with weight `w` and saved statistics.
+/// `dx = LN_backward(dy) + beta·dx` for the LayerNorm of `x` with weight `w` and saved
+/// statistics (`beta = 1`: added onto the gradient already in `dx`; `0`: `dx` not read).
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_bwd(
     dev: &CudaDevice,
@@ -149,18 +151,20 @@ pub fn layernorm_bwd(
     dy: &DeviceTensor,
     mean: &DeviceTensor,
     rstd: &DeviceTensor,
-    dx: &DeviceTensor,
+    (dx, beta): (&DeviceTensor, f32),
     rows: usize,
     h: usize,
 ) -> R {
-    k::layernorm_bwd_dx::launch(
+    k::layernorm_bwd_dx::launch_with(
         dev,
+        &[("BLOCK", k::layernorm::row_block(h))],
         &k::layernorm_bwd_dx::Args {
             x: &arg(x, &[rows, h])?,
             w: &w.as_arg(),
             dy: &arg(dy, &[rows, h])?,
             mean: &arg(mean, &[rows])?,
             rstd: &arg(rstd, &[rows])?,
+            beta,
             dx: &arg(dx, &[rows, h])?,
         },
     )
@@ -384,7 +388,7 @@ pub fn lora_wgrad(
     k::lora_wgrad_reduce::launch(
         dev,
         &k::lora_wgrad_reduce::Args {
-            part: &arg_at(part, 0, &[LORA_WGRAD_CHUNKS * q * rp])?,
+            part: &arg_at(part, 0, &[LORA_WGRAD_CHUNKS, q * rp])?,
             q: q as i64,
             r: r as i64,
             rp: rp as i64,
@@ -396,21 +400,23 @@ pub fn lora_wgrad(
     .map_err(launch_err)
 }
 
-/// Writes the transpose of the `rows x cols` matrix at element `off` of `src` into `dst` at
-/// the same offset (`cols x rows`).
-pub fn transpose_at(
+/// Writes every LoRA module's `Bᵀ [r, rows_m]` into `dst` at the offset its `B [rows_m, r]`
+/// has in `src` (`offs`, `rows`: i32 per module), in one launch (`lexp_kernels::transpose_b`).
+pub fn transpose_b(
     dev: &CudaDevice,
     src: &DeviceTensor,
+    (offs, rows): (&DeviceTensor, &DeviceTensor),
+    r: usize,
     dst: &DeviceTensor,
-    off: usize,
-    (rows, cols): (usize, usize),
 ) -> R {
-    k::transpose::launch(
+    k::transpose_b::launch(
         dev,
-        &k::transpose::Args {
-            x: &arg_at(src, off, &[rows * cols])?,
-            rows: rows as i64,
-            y: &arg_at(dst, off, &[rows * cols])?,
+        &k::transpose_b::Args {
+            x: &src.as_arg(),
+            offs: &offs.as_arg(),
+            rows: &rows.as_arg(),
+            r: r as i64,
+            y: &dst.as_arg(),
         },
     )
     .map_err(launch_err)

@@ -1,4 +1,4 @@
-//! Correctness of the LoRA branch kernels (`lexp_kernels::lora_branch`: `transpose`,
+//! Correctness of the LoRA branch kernels (`lexp_kernels::lora_branch`: `transpose_b`,
 //! `lora_down`, `lora_expand`, `lora_wgrad` with `lora_wgrad_reduce`) on the GPU against `reference_matmul`, chained as the engine
 //! runs them, for every compiled configuration: `Bᵀ` from `B`, `u = x·Aᵀ`, `y += s·u·Bᵀ` into
 //! a column block of a wider buffer (the q/v blocks of the fused projection's output; the
@@ -30,29 +30,43 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
             let mut rng = Rng::new(seed as u64 + 0x10a);
             let (x, hx) = random(dev, &mut rng, dtype, &[m, kk])?;
             let (a, ha) = random(dev, &mut rng, dtype, &[r, kk])?;
-            let (b, hb) = random(dev, &mut rng, dtype, &[n * r])?;
-            let bt = DeviceTensor::poisoned(dev, dtype, &[r * n])?;
-            k::transpose::launch(
+            // Two modules' B in one flat buffer with a gap (B [n, r], then B2 [24, r]); the
+            // output starts as a sentinel that the gap and the tail must keep.
+            let (n2, gap) = (24usize, 8usize);
+            let len = n * r + gap + n2 * r + gap;
+            let (flat, hflat) = random(dev, &mut rng, dtype, &[len])?;
+            let bt = DeviceTensor::from_f32(dev, dtype, &[len], &vec![7.0; len])?;
+            let offs = DeviceTensor::from_i32(dev, &[2], &[0, (n * r + gap) as i32])?;
+            let rws = DeviceTensor::from_i32(dev, &[2], &[n as i32, n2 as i32])?;
+            k::transpose_b::launch(
                 dev,
-                &k::transpose::Args {
-                    x: &b.as_arg(),
-                    rows: n as i64,
+                &k::transpose_b::Args {
+                    x: &flat.as_arg(),
+                    offs: &offs.as_arg(),
+                    rows: &rws.as_arg(),
+                    r: r as i64,
                     y: &bt.as_arg(),
                 },
             )?;
             dev.synchronize()?;
-            let want_bt: Vec<f32> = (0..r * n).map(|i| hb[(i % n) * r + i / n]).collect();
-            let got_bt = bt.to_f32_vec()?;
+            let mut want = vec![7.0f32; len];
+            for (off, rows_m) in [(0, n), (n * r + gap, n2)] {
+                for i in 0..rows_m * r {
+                    want[off + i] = hflat[off + (i % rows_m) * r + i / rows_m];
+                }
+            }
+            let got_all = bt.to_f32_vec()?;
             record(
                 &mut rows,
-                "transpose",
+                "transpose_b",
                 dtype,
-                format!("{n}x{r}"),
+                format!("{n}x{r} and {n2}x{r}, gaps kept"),
                 String::new(),
                 "bt",
-                &got_bt,
-                &want_bt,
+                &got_all,
+                &want,
             );
+            let got_bt = got_all[..r * n].to_vec();
             let bt2 = bt.offset_arg(0, &[r, n])?;
             for cfg in configs("lora_down") {
                 let ecfg = configs("lora_expand");
@@ -200,7 +214,7 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
                     k::lora_wgrad_reduce::launch(
                         dev,
                         &k::lora_wgrad_reduce::Args {
-                            part: &part.as_arg(),
+                            part: &part.offset_arg(0, &[chunks, q * rp])?,
                             q: q as i64,
                             r: r as i64,
                             rp: rp as i64,

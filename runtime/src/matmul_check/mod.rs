@@ -8,6 +8,7 @@
 //! shapes that are not tile multiples, every compiled configuration.
 
 mod bench;
+mod bench_branch;
 mod checks;
 mod checks_lora_branch;
 mod checks_mlp;
@@ -17,6 +18,7 @@ pub use bench::{
     bench_gemm, bench_lora, bench_sparse, cublas_ms, cublas_nt_ms, GemmBench, LoraBench,
     SparseBench,
 };
+pub use bench_branch::{bench_lora_branch, BranchBench};
 pub use checks::{check_gemm, check_lora, check_sparse};
 pub use checks_lora_branch::check_lora_branch;
 pub use checks_mlp::check_sparse_mlp;

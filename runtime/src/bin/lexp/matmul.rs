@@ -42,9 +42,9 @@ pub fn run(
     let parts: Vec<&str> = only.split(',').map(str::trim).collect();
     if let Some(bad) = parts
         .iter()
-        .find(|p| !["gemm", "sparse", "lora"].contains(p))
+        .find(|p| !["gemm", "sparse", "lora", "branch"].contains(p))
     {
-        bail!("unknown part `{bad}` in --only (gemm, sparse, lora)");
+        bail!("unknown part `{bad}` in --only (gemm, sparse, lora, branch)");
     }
     let want = |p: &str| parts.contains(&p);
     let (major, minor) = dev.compute_capability();
@@ -62,6 +62,9 @@ pub fn run(
         }
         if want("lora") {
             checks.extend(mc::check_lora(dev)?);
+        }
+        if want("branch") {
+            checks.extend(mc::check_lora_branch(dev)?);
         }
         failed = print_checks(&checks);
     }
@@ -130,6 +133,29 @@ pub fn run(
             l.peft_ms / l.fused_ms
         );
     }
+    // The LoRA branch kernels vs the cuBLAS calls they replace.
+    let branch = if want("branch") {
+        mc::bench_lora_branch(dev, &blas, iters)?
+    } else {
+        vec![]
+    };
+    if !branch.is_empty() {
+        println!(
+            "\n{:<16} {:<36} {:>9} {:>9} {:>8} {:>8}",
+            "LoRA branch", "config", "ms", "cuBLAS", "speedup", "GB/s"
+        );
+    }
+    for b in &branch {
+        println!(
+            "{:<16} {:<36} {:>9.4} {:>9.4} {:>7.2}x {:>8.0}",
+            b.op,
+            b.config,
+            b.ms,
+            b.cublas_ms,
+            b.cublas_ms / b.ms,
+            b.gbs
+        );
+    }
     if let Some(p) = json {
         let date = std::process::Command::new("date")
             .arg("-u")
@@ -176,15 +202,25 @@ pub fn run(
                 )
             })
             .collect();
+        let br: Vec<String> = branch
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"op\":\"{}\",\"m\":4096,\"d\":2048,\"r\":4,\"config\":\"{}\",\"ms\":{:.6},\"cublas_ms\":{:.6},\"gb_per_s\":{:.1}}}",
+                    r.op, r.config, r.ms, r.cublas_ms, r.gbs
+                )
+            })
+            .collect();
         std::fs::write(
             &p,
             format!(
-                "{{\"device\":\"{gpu}\",\"date\":\"{date}\",\"cublas_version\":{},\"iters\":{iters},\n\"checks\":[\n{}\n],\n\"gemm\":[\n{}\n],\n\"sparse\":[\n{}\n],\n\"lora\":[\n{}\n]}}\n",
+                "{{\"device\":\"{gpu}\",\"date\":\"{date}\",\"cublas_version\":{},\"iters\":{iters},\n\"checks\":[\n{}\n],\n\"gemm\":[\n{}\n],\n\"sparse\":[\n{}\n],\n\"lora\":[\n{}\n],\n\"lora_branch\":[\n{}\n]}}\n",
                 blas.version(),
                 c.join(",\n"),
                 g.join(",\n"),
                 s.join(",\n"),
-                l.join(",\n")
+                l.join(",\n"),
+                br.join(",\n")
             ),
         )
         .with_context(|| format!("writing {}", p.display()))?;
