@@ -450,7 +450,11 @@ fn xent_case(
     vocab: usize,
     consts: &[(&str, usize)],
 ) -> Result<(), TestCaseError> {
-    let z0 = HostTensor::new(dtype, &[rows, vocab], &data.values(rows * vocab, -8.0, 8.0));
+    let z0 = HostTensor::new(
+        Storage::F32,
+        &[rows, vocab],
+        &data.values(rows * vocab, -8.0, 8.0),
+    );
     let tg: Vec<i32> = data
         .ints(rows, -(vocab as i32) / 4 - 1, vocab as i32)
         .into_iter()
@@ -461,6 +465,7 @@ fn xent_case(
     let mut z = z0.clone();
     let mut targets = int_tensor(&tg);
     let mut loss = poisoned(Storage::F32, &[rows]);
+    let mut dz = poisoned(dtype, &[rows, vocab]);
     let what = format!("xent_fwd_bwd {dtype:?} {rows}x{vocab} {consts:?} targets {tg:?}");
     run(
         &what,
@@ -471,12 +476,13 @@ fn xent_case(
                 targets: &mut targets,
                 loss: &mut loss,
                 scale,
+                dz: &mut dz,
             },
         ),
     )?;
     check_with(
         &format!("{what} dz"),
-        &z,
+        &dz,
         &want_dz,
         out_tol(dtype),
         f64::from(scale),
@@ -491,7 +497,7 @@ fn xent_case(
     )?;
     // Ignored rows: exactly zero.
     for (r, &t) in tg.iter().enumerate() {
-        let zr = &z.data[r * vocab..(r + 1) * vocab];
+        let zr = &dz.data[r * vocab..(r + 1) * vocab];
         if t < 0 && (loss.data[r] != 0.0 || zr.iter().any(|v| *v != 0.0)) {
             return Err(TestCaseError::fail(format!(
                 "{what}: ignored row {r} not zeroed"
@@ -550,16 +556,18 @@ fn xent_large_logits() {
     let tg = [7, 4999, 3500, 4321];
     for dtype in DTYPES {
         for consts in [&[][..], &[("CHUNK", 256)][..]] {
-            let z0 = HostTensor::new(dtype, &[rows, vocab], &v);
+            let z0 = HostTensor::new(Storage::F32, &[rows, vocab], &v);
             let (want_dz, want_loss) = reference::xent_fwd_bwd(&z0.data, rows, vocab, &tg, 1.0);
             let mut z = z0.clone();
             let mut targets = int_tensor(&tg);
             let mut loss = poisoned(Storage::F32, &[rows]);
+            let mut dz = poisoned(dtype, &[rows, vocab]);
             let args = kernels::xent_fwd_bwd::HostArgs {
                 z: &mut z,
                 targets: &mut targets,
                 loss: &mut loss,
                 scale: 1.0,
+                dz: &mut dz,
             };
             if let Err(e) = kernels::xent_fwd_bwd::interpret(consts, args) {
                 panic!("{dtype:?} {consts:?}: {e}");
@@ -567,7 +575,7 @@ fn xent_large_logits() {
             let what = format!("xent ±1e4 {dtype:?} {consts:?}");
             // Loss values are O(1) to O(1e4) differences of O(1e4) numbers: f32 gives ~1e-3
             // absolute on the largest.
-            if let Err(e) = check_with(&format!("{what} dz"), &z, &want_dz, out_tol(dtype), 1.0)
+            if let Err(e) = check_with(&format!("{what} dz"), &dz, &want_dz, out_tol(dtype), 1.0)
                 .and_then(|_| check_with(&format!("{what} loss"), &loss, &want_loss, 1e-5, 100.0))
             {
                 panic!("{e}");

@@ -23,7 +23,7 @@ use super::houlsby::DeviceHoulsby;
 use super::layer::{self, segments, Ctx, Grads, Segment};
 use super::lora::DeviceLora;
 use super::ops::{
-    arg, arg_at, convert, copy_rows, dense, dense_mut, dev_err, download_f32, embedding, layernorm,
+    arg, arg_at, copy_rows, dense, dense_mut, dev_err, download_f32, embedding, layernorm,
     layernorm_bwd, mm, upload_prefix, xent, R,
 };
 use super::optimizer::{self, DeviceAdamW, FlatLayout, PartBuffers};
@@ -815,9 +815,9 @@ impl GpuEngine {
                 &arg_at(&hb.targets, c0, &[c])?,
                 &arg_at(&hb.loss, c0, &[c])?,
                 grad_scale.unwrap_or(0.0),
+                &arg(&hb.dz, &[c, v])?,
             )?;
             if grad_scale.is_some() {
-                convert(dev, &hb.z, &hb.dz, c * v)?;
                 let out = MatMut::new(&mut hb.dhsel, rows);
                 mm(
                     blas,

@@ -557,14 +557,15 @@ fn xent_tile(cols: usize) -> &'static [(&'static str, usize)] {
     }
 }
 
-/// Cross-entropy of f32 logits `z [R, V]` against `targets [R]`: `loss [R]`, and `z` becomes
-/// `scale·(softmax(z) − onehot)`.
+/// Cross-entropy of f32 logits `z [R, V]` against `targets [R]`: `loss [R]`, and `dz [R, V]`
+/// (in its own type) becomes `scale·(softmax(z) − onehot)`.
 pub fn xent(
     dev: &CudaDevice,
     z: &TensorArg,
     targets: &TensorArg,
     loss: &TensorArg,
     scale: f32,
+    dz: &TensorArg,
 ) -> R {
     k::xent_fwd_bwd::launch_with(
         dev,
@@ -574,6 +575,7 @@ pub fn xent(
             targets,
             loss,
             scale,
+            dz,
         },
     )
     .map_err(launch_err)

@@ -251,7 +251,8 @@ pub struct HeadBufs {
     pub hsel: DeviceTensor,
     /// Their gradient.
     pub dhsel: DeviceTensor,
-    /// f32 logits of one chunk, `[chunk, V]`, turned into `dz` in place.
+    /// f32 logits of one chunk, `[chunk, V]` (the cross-entropy kernel writes their gradient
+    /// into `dz`).
     pub z: DeviceTensor,
     /// `dz` rounded to bf16.
     pub dz: DeviceTensor,

@@ -177,7 +177,7 @@ pub(super) fn run(
             out
         }
         "xent_fwd_bwd" => {
-            let z0 = t(rng, dtype, &[r, c], -8.0, 8.0);
+            let z0 = t(rng, Storage::F32, &[r, c], -8.0, 8.0);
             // Every third row ignored.
             let tg: Vec<i32> = ints(rng, r, 0, c as i32)
                 .into_iter()
@@ -195,14 +195,16 @@ pub(super) fn run(
                 let mut z = z0.clone();
                 let mut targets = int_tensor(&tg);
                 let mut loss = poisoned(Storage::F32, &[r]);
+                let mut dz = poisoned(dtype, &[r, c]);
                 let args = k::xent_fwd_bwd::HostArgs {
                     z: &mut z,
                     targets: &mut targets,
                     loss: &mut loss,
                     scale,
+                    dz: &mut dz,
                 };
                 k::xent_fwd_bwd::interpret(consts, args)?;
-                out.push((names[0], z, wz.clone(), 0.0));
+                out.push((names[0], dz, wz.clone(), 0.0));
                 out.push((names[1], loss, wl.clone(), 0.0));
             }
             out

@@ -258,13 +258,13 @@ pub(super) fn prepare(
             let tf: Vec<f32> = tg.iter().map(|t| *t as f32).collect();
             let ta = cx.input_from(&[r], Storage::I32, &tf)?;
             let scale = 0.25f32;
-            let (z, za, mut oz) = cx.in_place("z", &[r, c], -8.0, 8.0, None)?;
+            let (z, za) = cx.input(&[r, c], -8.0, 8.0, Some(Storage::F32))?;
             let (dz, loss) = if cx.with_ref {
                 refr::xent_fwd_bwd(&z, r, c, &tg, scale)
             } else {
                 (vec![], vec![])
             };
-            oz.want = dz;
+            let (oz, dza) = cx.output("dz", &[r, c], None, dz, false)?;
             let (ol, la) = cx.output("loss", &[r], Some(Storage::F32), loss, false)?;
             Prepared {
                 _inputs: std::mem::take(&mut cx.inputs),
@@ -278,10 +278,11 @@ pub(super) fn prepare(
                             targets: &ta,
                             loss: &la,
                             scale,
+                            dz: &dza,
                         },
                     )
                 }),
-                bytes: 2 * r * c * e + 8 * r,
+                bytes: r * c * (4 + e) + 8 * r,
             }
         }
         "adamw" => {
