@@ -337,8 +337,7 @@ impl GpuEngine {
             ws.scratch.blocks.fwd.device_ptr(),
         ];
         if let (Some(d), Some(_)) = (&self.lora, lora) {
-            buffers.extend([d.params.device_ptr(), d.grads.device_ptr()]);
-            buffers.extend(d.bt.as_ref().map(DeviceTensor::device_ptr));
+            buffers.extend(d.buffer_ptrs());
         }
         if let Some(m) = &self.mlp_lists {
             buffers.extend((0..self.dims.layers).map(|l| m.layer(l).counts().device_ptr()));

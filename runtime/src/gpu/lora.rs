@@ -205,6 +205,16 @@ impl DeviceLora {
         transpose_b(dev, &self.params, (offs, rows), self.r, bt)
     }
 
+    /// Device addresses of every buffer the branch's launches name (for a CUDA graph's key).
+    pub fn buffer_ptrs(&self) -> Vec<u64> {
+        let mut v = vec![self.params.device_ptr(), self.grads.device_ptr()];
+        v.extend(self.bt.as_ref().map(DeviceTensor::device_ptr));
+        if let Some((offs, rows)) = &self.b_slots {
+            v.extend([offs.device_ptr(), rows.device_ptr()]);
+        }
+        v
+    }
+
     /// Elements of the flat buffers.
     pub fn len(&self) -> usize {
         self.len

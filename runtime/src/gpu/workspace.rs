@@ -9,7 +9,7 @@
 //! layer for 4 sequences of 1024 tokens with 32 heads).
 
 use super::attention::BlockLists;
-use super::lora::rank_pad;
+use super::lora::{rank_pad, MAX_KERNEL_RANK};
 use super::ops::{dev_err, LORA_WGRAD_CHUNKS, R};
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
@@ -135,11 +135,12 @@ impl Caps {
         let (t, h, f) = (self.tokens, d.h, d.f);
         let a = ACT.bytes();
         let scores = self.scores(d);
-        let layer = a * (t * (7 * h + f) + self.probs + 6 * t * self.rank + t * self.mask_cols)
+        let rp = rank_pad(self.rank);
+        let layer = a * (t * (7 * h + f) + self.probs + 6 * t * rp + t * self.mask_cols)
             + 4 * 4 * t
             + 4 * self.flash_stats(d);
-        let scratch = a * (t * (3 * h + f + 3 * h) + t * self.rank + scores)
-            + 4 * (scores + d.nh * self.max_len)
+        let scratch = a * (t * (3 * h + f + 3 * h) + t * rp + scores)
+            + 4 * (scores + d.nh * self.max_len + wgrad_part_len(self.rank, h.max(f)))
             + (a + 4) * self.dropout_scratch(d)
             + 4 * self.flash_stats(d)
             + 3 * 12 * self.blocks
@@ -199,7 +200,7 @@ pub struct Scratch {
     /// LoRA `du`, `[T, rank_pad(r)]`.
     pub du: DeviceTensor,
     /// LoRA weight gradients' split-K partial sums, f32
-    /// `[LORA_WGRAD_CHUNKS · max(H, F), rank_pad(r)]` (empty without LoRA).
+    /// `[LORA_WGRAD_CHUNKS · max(H, F), rank_pad(r)]` ([`wgrad_part_len`]).
     pub wpart: DeviceTensor,
     /// f32 scores `S` (forward) and `dP` (backward) of one sequence, `[nh, L, L]`.
     pub s: DeviceTensor,
@@ -359,10 +360,7 @@ impl Workspace {
             dact: al.t(ACT, t * f)?,
             dqkv: al.t(ACT, t * 3 * h)?,
             du: al.t(ACT, t * rank_pad(r))?,
-            wpart: al.t(
-                f32t,
-                (r > 0) as usize * LORA_WGRAD_CHUNKS * h.max(f) * rank_pad(r),
-            )?,
+            wpart: al.t(f32t, wgrad_part_len(r, h.max(f)))?,
             s: al.t(f32t, scores)?,
             ds: al.t(ACT, scores)?,
             lse: al.t(f32t, d.nh * caps.max_len)?,
@@ -480,7 +478,8 @@ mod tests {
                 pad_cols: 128,
                 ..base
             },
-            Caps { rank: 8, ..base },
+            // u and du are padded to 8 columns: rank 16 is the next size up from 4.
+            Caps { rank: 16, ..base },
             Caps {
                 mask_cols: 1,
                 ..base
@@ -556,5 +555,14 @@ mod tests {
         let need = usual.bytes(&d);
         assert_eq!(out_of_memory(&usual, &d, need, all), None);
         assert!(out_of_memory(&usual, &d, need - 1, all).is_some());
+    }
+}
+
+/// Elements of the LoRA weight-gradient scratch for rank `r` and a widest side of `q`: none
+/// without LoRA or for ranks the branch kernels do not take (they run on cuBLAS).
+fn wgrad_part_len(r: usize, q: usize) -> usize {
+    match r {
+        1..=MAX_KERNEL_RANK => LORA_WGRAD_CHUNKS * q * rank_pad(r),
+        _ => 0,
     }
 }

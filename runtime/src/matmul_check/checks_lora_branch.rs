@@ -8,6 +8,7 @@
 //! to (`y`, `dx`); the padding columns of `u` and `du` must come out zero.
 
 use super::*;
+use lexp_compiler::launch::TensorArg;
 use lexp_kernels::reference_matmul as rm;
 
 /// Runs the LoRA branch checks.
@@ -68,123 +69,110 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
             );
             let got_bt = got_all[..r * n].to_vec();
             let bt2 = bt.offset_arg(0, &[r, n])?;
+            // The middle `[m, n]` block of a `[m, 3n]` buffer (as the q/v blocks of the fused
+            // projection's output), and its values from the buffer's host copy.
+            let middle = |t: &DeviceTensor| -> Result<TensorArg, DeviceError> {
+                let mut v = t.offset_arg(n, &[m, n])?;
+                v.strides = vec![3 * n, 1];
+                Ok(v)
+            };
+            let of_middle = |h: &[f32]| -> Vec<f32> {
+                (0..m * n).map(|i| h[(i / n) * 3 * n + n + i % n]).collect()
+            };
             for cfg in configs("lora_down") {
                 let ecfg = configs("lora_expand");
                 let ecfg = &ecfg[rows.len() % ecfg.len().max(1)];
                 let cname = format!("{} / {}", config_text(&cfg), config_text(ecfg));
-                // Forward: u = x·Aᵀ, then y += s·u·Bᵀ into the middle block of [m, 3n].
-                let u = DeviceTensor::poisoned(dev, dtype, &[m, rp])?;
-                k::lora_down::launch_with(
-                    dev,
-                    &cfg,
-                    &k::lora_down::Args {
-                        x: &x.as_arg(),
-                        w: &a.as_arg(),
-                        s: 1.0,
+                // `u = T(s·x·wᵀ)` into a poisoned `[m, rp]`, read back.
+                let down = |x: &TensorArg, w: &TensorArg, s: f32| {
+                    let u = DeviceTensor::poisoned(dev, dtype, &[m, rp])?;
+                    let args = k::lora_down::Args {
+                        x,
+                        w,
+                        s,
                         u: &u.as_arg(),
-                    },
-                )?;
-                dev.synchronize()?;
-                let got_u = u.to_f32_vec()?;
+                    };
+                    k::lora_down::launch_with(dev, &cfg, &args)?;
+                    dev.synchronize()?;
+                    Ok::<_, DeviceError>((u.to_f32_vec()?, u))
+                };
+                // `y += s·u·w` in place.
+                let expand = |u: &DeviceTensor, w: &TensorArg, s: f32, y: &TensorArg| {
+                    let args = k::lora_expand::Args {
+                        u: &u.as_arg(),
+                        w,
+                        s,
+                        y,
+                    };
+                    k::lora_expand::launch_with(dev, ecfg, &args)?;
+                    dev.synchronize()
+                };
+                // Forward: u = x·Aᵀ, then y += s·u·Bᵀ into the middle block of [m, 3n].
+                let (got_u, u) = down(&x.as_arg(), &a.as_arg(), 1.0)?;
                 let want_u = rm::lora_down(&hx, &ha, 1.0, m, kk, r, rp, round);
+                let row = (dtype, shape.clone(), cname.clone());
                 record(
                     &mut rows,
                     "lora_down",
-                    dtype,
-                    shape.clone(),
-                    cname.clone(),
+                    row.0,
+                    row.1,
+                    row.2,
                     "u",
                     &got_u,
                     &want_u,
                 );
                 let (wide, hwide) = random(dev, &mut rng, dtype, &[m, 3 * n])?;
-                let mut yv = wide.offset_arg(n, &[m, n])?;
-                yv.dims = vec![m, n];
-                yv.strides = vec![3 * n, 1];
-                k::lora_expand::launch_with(
-                    dev,
-                    ecfg,
-                    &k::lora_expand::Args {
-                        u: &u.as_arg(),
-                        w: &bt2,
-                        s,
-                        y: &yv,
-                    },
-                )?;
-                dev.synchronize()?;
-                let y0: Vec<f32> = (0..m * n)
-                    .map(|i| hwide[(i / n) * 3 * n + n + i % n])
-                    .collect();
-                let wy = rm::lora_expand(&y0, &got_u, &got_bt, s, m, n, r, rp);
+                expand(&u, &bt2, s, &middle(&wide)?)?;
+                let wy = rm::lora_expand(&of_middle(&hwide), &got_u, &got_bt, s, m, n, r, rp);
                 let mut want_wide = hwide.clone();
                 for (i, v) in wy.iter().enumerate() {
                     want_wide[(i / n) * 3 * n + n + i % n] = *v;
                 }
+                let got_wide = wide.to_f32_vec()?;
+                let row = (dtype, shape.clone(), cname.clone());
+                let what = "y (block of 3)";
                 record(
                     &mut rows,
                     "lora_expand",
-                    dtype,
-                    shape.clone(),
-                    cname.clone(),
-                    "y (block of 3)",
-                    &wide.to_f32_vec()?,
+                    row.0,
+                    row.1,
+                    row.2,
+                    what,
+                    &got_wide,
                     &want_wide,
                 );
                 // Backward: du = s·dy·B from a block of a fresh [m, 3n] (values of gradient
                 // size: the expanded y above overflows f16 once summed over n again), then
                 // dx += du·A.
                 let (wide_dy, hwide_dy) = random(dev, &mut rng, dtype, &[m, 3 * n])?;
-                let mut dyv = wide_dy.offset_arg(n, &[m, n])?;
-                dyv.dims = vec![m, n];
-                dyv.strides = vec![3 * n, 1];
-                let du = DeviceTensor::poisoned(dev, dtype, &[m, rp])?;
-                k::lora_down::launch_with(
-                    dev,
-                    &cfg,
-                    &k::lora_down::Args {
-                        x: &dyv,
-                        w: &bt2,
-                        s,
-                        u: &du.as_arg(),
-                    },
-                )?;
-                dev.synchronize()?;
-                let dy: Vec<f32> = (0..m * n)
-                    .map(|i| hwide_dy[(i / n) * 3 * n + n + i % n])
-                    .collect();
-                let got_du = du.to_f32_vec()?;
+                let dyv = middle(&wide_dy)?;
+                let (got_du, du) = down(&dyv, &bt2, s)?;
+                let dy = of_middle(&hwide_dy);
                 let want_du = rm::lora_down(&dy, &got_bt, s, m, n, r, rp, round);
+                let row = (dtype, shape.clone(), cname.clone());
                 record(
                     &mut rows,
                     "lora_down",
-                    dtype,
-                    shape.clone(),
-                    cname.clone(),
+                    row.0,
+                    row.1,
+                    row.2,
                     "du",
                     &got_du,
                     &want_du,
                 );
                 let (dx, hdx) = random(dev, &mut rng, dtype, &[m, kk])?;
-                k::lora_expand::launch_with(
-                    dev,
-                    ecfg,
-                    &k::lora_expand::Args {
-                        u: &du.as_arg(),
-                        w: &a.as_arg(),
-                        s: 1.0,
-                        y: &dx.as_arg(),
-                    },
-                )?;
-                dev.synchronize()?;
+                expand(&du, &a.as_arg(), 1.0, &dx.as_arg())?;
                 let want_dx = rm::lora_expand(&hdx, &got_du, &ha, 1.0, m, kk, r, rp);
+                let got_dx = dx.to_f32_vec()?;
+                let row = (dtype, shape.clone(), cname.clone());
                 record(
                     &mut rows,
                     "lora_expand",
-                    dtype,
-                    shape.clone(),
-                    cname.clone(),
+                    row.0,
+                    row.1,
+                    row.2,
                     "dx",
-                    &dx.to_f32_vec()?,
+                    &got_dx,
                     &want_dx,
                 );
                 // Weight gradients: dB += s·dyᵀ·u ([n, r]) and dA += du·x ([r, kk]), split over
