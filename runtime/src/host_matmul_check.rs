@@ -1,5 +1,6 @@
 //! The CPU side of `lexp check` for the tensor-core kernels: dense GEMMs, the block-sparse
-//! modes, the sparse MLP operators and fused LoRA run in the interpreter (the IR the GPU runs) against
+//! modes, the sparse MLP operators, fused LoRA and the LoRA branch kernels run in the
+//! interpreter (the IR the GPU runs) against
 //! `lexp_kernels::reference_matmul`, at one small shape each that crosses tile edges.
 
 use crate::kernel_check::{CheckRow, Rng};
@@ -185,6 +186,7 @@ pub fn check_matmul_host() -> Result<Vec<CheckRow>, LaunchError> {
         rows.push(row("sparse_both", &shape, "out", &o, &want));
         rows.extend(sparse_mlp(&mut rng, dtype, m, kk)?);
         rows.push(select_blocks(&mut rng, dtype)?);
+        rows.extend(lora_branch(&mut rng, dtype, (m, kk, n))?);
         // Fused LoRA, rank 16.
         let (r, s) = (16usize, 2.0f32);
         let round = |v: f64| round_to(dtype.dtype(), v as f32);
@@ -277,6 +279,110 @@ pub fn check_matmul_host() -> Result<Vec<CheckRow>, LaunchError> {
             &db,
             &rm::lora_grad_b(&dy.data, &xa.data, m, n, r),
         ));
+    }
+    Ok(rows)
+}
+
+/// The LoRA branch kernels (`lexp_kernels::lora_branch`) chained as the engine runs them, rank
+/// 5 (padded to 8): `transpose_b`, `u = x·Aᵀ`, `y += s·u·Bᵀ`, `du = s·dy·B`, `dx += du·A`,
+/// `dB += s·dyᵀ·u` and `dA += duᵀ·x` (split over 3 token chunks), outputs poisoned or holding
+/// random values the kernels add to.
+fn lora_branch(
+    rng: &mut Rng,
+    dtype: Storage,
+    (m, kk, n): (usize, usize, usize),
+) -> Result<Vec<CheckRow>, LaunchError> {
+    let (r, rp, s) = (5usize, 8usize, 2.0f32);
+    let round = |v: f64| round_to(dtype.dtype(), v as f32);
+    let shape = format!("{m}x{kk} -> {n}, r {r}");
+    let mut rows = vec![];
+    let mut x = t(rng, dtype, &[m, kk]);
+    let mut a = t(rng, dtype, &[r, kk]);
+    let mut b = t(rng, dtype, &[n * r]);
+    let mut bt = filled(dtype, &[n * r], f32::NAN);
+    k::transpose_b::interpret(
+        &[],
+        k::transpose_b::HostArgs {
+            x: &mut b,
+            offs: &mut ints(&[1], &[0]),
+            rows: &mut ints(&[1], &[n as i32]),
+            r: r as i64,
+            y: &mut bt,
+        },
+    )?;
+    let want_bt: Vec<f32> = (0..r * n).map(|i| b.data[(i % n) * r + i / n]).collect();
+    rows.push(row("transpose_b", &shape, "bt", &bt, &want_bt));
+    let mut bt = HostTensor::new(dtype, &[r, n], &bt.data);
+    let down = |x: &mut HostTensor, w: &mut HostTensor, s: f32| {
+        let mut u = filled(dtype, &[m, rp], f32::NAN);
+        k::lora_down::interpret(&[], k::lora_down::HostArgs { x, w, s, u: &mut u }).map(|_| u)
+    };
+    let mut u = down(&mut x, &mut a, 1.0)?;
+    rows.push(row(
+        "lora_down",
+        &shape,
+        "u",
+        &u,
+        &rm::lora_down(&x.data, &a.data, 1.0, m, kk, r, rp, round),
+    ));
+    let mut dy = t(rng, dtype, &[m, n]);
+    let mut du = down(&mut dy, &mut bt, s)?;
+    rows.push(row(
+        "lora_down",
+        &shape,
+        "du",
+        &du,
+        &rm::lora_down(&dy.data, &bt.data, s, m, n, r, rp, round),
+    ));
+    for (out, u, w, s, y) in [
+        ("y", &mut u, &mut bt, s, t(rng, dtype, &[m, n])),
+        ("dx", &mut du, &mut a, 1.0, t(rng, dtype, &[m, kk])),
+    ] {
+        let (mut y, y0) = (y.clone(), y);
+        let cols = y.dims[1];
+        k::lora_expand::interpret(&[], k::lora_expand::HostArgs { u, w, s, y: &mut y })?;
+        let want = rm::lora_expand(&y0.data, &u.data, &w.data, s, m, cols, r, rp);
+        rows.push(row("lora_expand", &shape, out, &y, &want));
+    }
+    let compact =
+        |v: &HostTensor| -> Vec<f32> { (0..m * r).map(|i| v.data[(i / r) * rp + i % r]).collect() };
+    let chunks = 3;
+    for (out, a_side, wide, tr, s) in [
+        ("dB", &mut u, &mut dy, 0usize, s),
+        ("dA", &mut du, &mut x, 1, 1.0),
+    ] {
+        let q = wide.dims[1];
+        let mut part = filled(Storage::F32, &[chunks * q, rp], f32::NAN);
+        k::lora_wgrad::interpret(
+            &[],
+            k::lora_wgrad::HostArgs {
+                a: a_side,
+                b: wide,
+                part: &mut part,
+            },
+        )?;
+        let mut part = HostTensor::new(Storage::F32, &[chunks, q * rp], &part.data);
+        let g0 = t(rng, Storage::F32, &[q * r]);
+        let mut g = g0.clone();
+        k::lora_wgrad_reduce::interpret(
+            &[],
+            k::lora_wgrad_reduce::HostArgs {
+                part: &mut part,
+                q: q as i64,
+                r: r as i64,
+                rp: rp as i64,
+                tr: tr as i64,
+                s,
+                g: &mut g,
+            },
+        )?;
+        let cu = compact(a_side);
+        let grad = match tr {
+            0 => rm::lora_grad_b(&wide.data, &cu, m, q, r),
+            _ => rm::lora_grad_a(&cu, &wide.data, m, q, r),
+        };
+        let want: Vec<f32> = g0.data.iter().zip(&grad).map(|(g, d)| g + s * d).collect();
+        rows.push(row("lora_wgrad", &shape, out, &g, &want));
     }
     Ok(rows)
 }

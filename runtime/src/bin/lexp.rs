@@ -308,6 +308,18 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
             ("cpu (interpreter)".to_string(), rows)
         }
     };
+    if let (Some(only), true) = (kernel, rows.is_empty()) {
+        if lexp_kernels::find(only).is_none() && only != "matmul" {
+            let names: Vec<&str> = lexp_kernels::ALL.iter().map(|k| k.name).collect();
+            bail!("no kernel `{only}`; kernels: {}", names.join(", "));
+        }
+        bail!(
+            "`lexp check` has no check of kernel `{only}` on this path; it is checked by the \
+             interpreter property tests (`cargo test -p lexp-kernels`) and on the GPU by the \
+             GPU tests (`LEXP_GPU_TESTS=1 cargo test -p lexp-runtime --test gpu_flash`, \
+             `gpu_engine`)"
+        );
+    }
     println!(
         "{:<22} {:<5} {:<22} {:<40} {:<5} {:>10} {:>10} {:>8} ok",
         "kernel", "dtype", "shape", "variant", "out", "rel_l2", "max_abs", "tol"

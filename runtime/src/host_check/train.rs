@@ -189,8 +189,8 @@ pub(super) fn run(
             let mut out = vec![];
             // Both tile configurations (2048- and 256-wide chunks).
             for (consts, names) in [
-                (&[][..], ["z", "loss"]),
-                (&[("CHUNK", 256)][..], ["z@256", "loss@256"]),
+                (&[][..], ["dz", "loss"]),
+                (&[("CHUNK", 256)][..], ["dz@256", "loss@256"]),
             ] {
                 let mut z = z0.clone();
                 let mut targets = int_tensor(&tg);
