@@ -1,18 +1,20 @@
 //! The LoRA branch at memory bandwidth, for when the frozen projection runs on its own (cuBLAS,
-//! with its epilogues). The branch is two skinny products per direction (RUNTIME.md §2.6):
+//! with its epilogues). The branch is skinny products only (RUNTIME.md §2.6):
 //!
 //! ```text
 //! forward:  u  = x·Aᵀ            (lora_down,   w = A  [r, in])
 //!           y += s·u·Bᵀ           (lora_expand, w = Bᵀ [r, out])
 //! backward: du = s·dy·B           (lora_down,   w = Bᵀ [r, out])
 //!           dx += du·A            (lora_expand, w = A  [r, in])
+//!           dB += s·dyᵀ·u, dA += duᵀ·x   (lora_wgrad + lora_wgrad_reduce)
 //! ```
 //!
 //! Every one of them is a pass over a `[tokens, features]` activation with a rank of 4–16 on
-//! the other side, so its time is the bytes it moves: `lora_down` reads its input once and
-//! `lora_expand` reads and writes its output once. cuBLAS runs such shapes (`4096 x 2048 x 4`)
-//! at a fraction of the bandwidth (25 µs where 32 MB take 8 µs on an H200), and a LoRA step at
-//! OPT-1.3B spent 16% of its kernel time in them.
+//! the other side, so its time is the bytes it moves: `lora_down` and `lora_wgrad` read their
+//! input once, `lora_expand` reads and writes its output once. cuBLAS runs such shapes
+//! (`4096 x 2048 x 4`) at a fraction of the bandwidth (25 µs where 32 MB take 8 µs on an H200):
+//! a LoRA step at OPT-1.3B, 4 x 1024 tokens, spent 6.8 of its 49.7 ms of kernels in them
+//! (`bench/results/2026-11-30-h200-lora-branch/`, call 48).
 //!
 //! Both kernels take the rank-side matrix as `w [r, features]` (rows of `features`, 16-byte
 //! aligned): `A` as PEFT stores it, `B` transposed ([`transpose_b`], once per step; PEFT's
