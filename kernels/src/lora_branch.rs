@@ -13,8 +13,8 @@
 //! the other side, so its time is the bytes it moves: `lora_down` and `lora_wgrad` read their
 //! input once, `lora_expand` reads and writes its output once. cuBLAS runs such shapes
 //! (`4096 x 2048 x 4`) at a fraction of the bandwidth (25 µs where 32 MB take 8 µs on an H200):
-//! a LoRA step at OPT-1.3B, 4 x 1024 tokens, spent 6.8 of its 49.7 ms of kernels in them
-//! (`bench/results/2026-11-30-h200-lora-branch/`, call 48).
+//! a LoRA step at OPT-1.3B, 4 x 1024 tokens, spent 6.1 of its 49.7 ms of kernels in them
+//! (`bench/results/2026-11-30-h200-lora-branch/call49/profile-cublas.txt`).
 //!
 //! Both kernels take the rank-side matrix as `w [r, features]` (rows of `features`, 16-byte
 //! aligned): `A` as PEFT stores it, `B` transposed ([`transpose_b`], once per step; PEFT's
