@@ -290,8 +290,9 @@ pub fn column_sums(
 }
 
 /// The environment variable that puts the LoRA branch back on cuBLAS (`=1`): its skinny
-/// products as four GEMMs per direction instead of the DSL's `lora_down`/`lora_expand`, the
-/// path before those kernels (for A/B timing and as a fallback).
+/// products as cuBLAS GEMMs (two forward, four backward) instead of the DSL's `lora_down`,
+/// `lora_expand` and `lora_wgrad`, the path before those kernels (for A/B timing and as a
+/// fallback).
 pub const LORA_CUBLAS_ENV: &str = "LEXP_LORA_CUBLAS";
 
 /// True unless [`LORA_CUBLAS_ENV`] is `1`; read once per process.
