@@ -282,7 +282,9 @@ impl Adapters<'_> {
     /// `Bᵀ [r, out]` of `s` when the branch kernels run it: they do for ranks up to
     /// [`MAX_KERNEL_RANK`] and features that are multiples of 8 (16-byte rows).
     fn bt(&self, s: &Slot) -> Option<Mat<'_>> {
-        let bt = self.bt.filter(|_| s.in_f % 8 == 0 && s.out_f % 8 == 0)?;
+        let bt = self
+            .bt
+            .filter(|_| s.in_f.is_multiple_of(8) && s.out_f.is_multiple_of(8))?;
         Some(Mat::new(bt, MatLayout::at(s.b, self.r, s.out_f, s.out_f)))
     }
 

@@ -107,20 +107,23 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
                     k::lora_expand::launch_with(dev, ecfg, &args)?;
                     dev.synchronize()
                 };
+                // One row of this configuration's results.
+                let rec = |rows: &mut Vec<MatCheck>, kernel, out, got: &[f32], want: &[f32]| {
+                    record(
+                        rows,
+                        kernel,
+                        dtype,
+                        shape.clone(),
+                        cname.clone(),
+                        out,
+                        got,
+                        want,
+                    )
+                };
                 // Forward: u = x·Aᵀ, then y += s·u·Bᵀ into the middle block of [m, 3n].
                 let (got_u, u) = down(&x.as_arg(), &a.as_arg(), 1.0)?;
                 let want_u = rm::lora_down(&hx, &ha, 1.0, m, kk, r, rp, round);
-                let row = (dtype, shape.clone(), cname.clone());
-                record(
-                    &mut rows,
-                    "lora_down",
-                    row.0,
-                    row.1,
-                    row.2,
-                    "u",
-                    &got_u,
-                    &want_u,
-                );
+                rec(&mut rows, "lora_down", "u", &got_u, &want_u);
                 let (wide, hwide) = random(dev, &mut rng, dtype, &[m, 3 * n])?;
                 expand(&u, &bt2, s, &middle(&wide)?)?;
                 let wy = rm::lora_expand(&of_middle(&hwide), &got_u, &got_bt, s, m, n, r, rp);
@@ -129,15 +132,10 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
                     want_wide[(i / n) * 3 * n + n + i % n] = *v;
                 }
                 let got_wide = wide.to_f32_vec()?;
-                let row = (dtype, shape.clone(), cname.clone());
-                let what = "y (block of 3)";
-                record(
+                rec(
                     &mut rows,
                     "lora_expand",
-                    row.0,
-                    row.1,
-                    row.2,
-                    what,
+                    "y (block of 3)",
                     &got_wide,
                     &want_wide,
                 );
@@ -149,32 +147,12 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
                 let (got_du, du) = down(&dyv, &bt2, s)?;
                 let dy = of_middle(&hwide_dy);
                 let want_du = rm::lora_down(&dy, &got_bt, s, m, n, r, rp, round);
-                let row = (dtype, shape.clone(), cname.clone());
-                record(
-                    &mut rows,
-                    "lora_down",
-                    row.0,
-                    row.1,
-                    row.2,
-                    "du",
-                    &got_du,
-                    &want_du,
-                );
+                rec(&mut rows, "lora_down", "du", &got_du, &want_du);
                 let (dx, hdx) = random(dev, &mut rng, dtype, &[m, kk])?;
                 expand(&du, &a.as_arg(), 1.0, &dx.as_arg())?;
                 let want_dx = rm::lora_expand(&hdx, &got_du, &ha, 1.0, m, kk, r, rp);
                 let got_dx = dx.to_f32_vec()?;
-                let row = (dtype, shape.clone(), cname.clone());
-                record(
-                    &mut rows,
-                    "lora_expand",
-                    row.0,
-                    row.1,
-                    row.2,
-                    "dx",
-                    &got_dx,
-                    &want_dx,
-                );
+                rec(&mut rows, "lora_expand", "dx", &got_dx, &want_dx);
                 // Weight gradients: dB += s·dyᵀ·u ([n, r]) and dA += du·x ([r, kk]), split over
                 // 16 token chunks into a poisoned scratch, reduced in order into gradients
                 // that already hold values.
