@@ -317,15 +317,19 @@ pub fn select_variant(
                 ),
             ));
         }
-        if spec.rank == 2 && t.dims[0] > 1 && t.strides[0] < t.dims[1] {
-            return Err(bad(
-                kernel,
-                spec.name,
-                format!(
-                    "rows overlap: stride {} < row length {}",
-                    t.strides[0], t.dims[1]
-                ),
-            ));
+        // Each dimension's step must clear the whole extent of the dimensions inside it.
+        for d in 0..last {
+            let inner = t.dims[d + 1].saturating_sub(1) * t.strides[d + 1] + 1;
+            if t.dims[d] > 1 && t.strides[d] < inner {
+                return Err(bad(
+                    kernel,
+                    spec.name,
+                    format!(
+                        "dimension {d} overlaps: stride {} < the {inner} elements inside it",
+                        t.strides[d]
+                    ),
+                ));
+            }
         }
         let per16 = 16 / eb;
         // Index tensors (i32) are never assumed aligned (see the macro's parameters).

@@ -1,8 +1,14 @@
 //! Flash attention (FA2 form, COMPILER.md §7.3): causal self-attention over packed sequences
 //! without materialising the scores, forward and backward.
 //!
-//! q, k and v are read in place from the `[T, 3H]` output of the fused q/k/v projection (head
-//! `h` at columns `h·D`, `H + h·D` and `2H + h·D`), as the GPU engine lays them out. Packed
+//! q, k and v are read in place from the output of the fused q/k/v projection, viewed as
+//! `[T, 3·nh, hd]` (head `h` of q, k and v at rows `h`, `nh + h` and `2·nh + h` of the middle
+//! dimension), as the GPU engine lays them out; `o`, `dO` and the gradients are `[T, nh, hd]`
+//! and `[T, 3·nh, hd]` likewise. The tile width `D` is a compile-time constant and the head
+//! width `hd` a run-time one, `hd <= D`: the loads' bounds mask zero-fills the columns past
+//! `hd` and the stores drop them, so a model whose heads have no kernels of their own (OPT-2.7B's
+//! 80) runs the next wider ones (128) in place, with no padded copies. Zero columns change no
+//! score, and their output and gradient columns are never stored. Packed
 //! sequences are described by a *query-block list* `blocks [nb, 3]` of `i32`: row `b` is
 //! `(start, len, q0)` — the sequence's first token, its length, and the block's first query
 //! position inside it. The host writes one row per `BM`-query block of every sequence
@@ -67,10 +73,11 @@ fn block_rows(cu_seqlens: &[usize], size: usize) -> Option<Vec<BlockRow>> {
     only = [D == 64 || BN == 64, D == 64 || S == 2],
     warps = W,
     stages = S,
-    grid = [blocks.dim(0), o.dim(1) / D],
+    grid = [blocks.dim(0), o.dim(1)],
     require = [
         blocks.dim(1) == 3, qkv.dim(1) == 3 * o.dim(1), o.dim(0) == qkv.dim(0),
-        o.dim(1) % D == 0, lse2.dim(0) == o.dim(1) / D, lse2.dim(1) >= qkv.dim(0)
+        qkv.dim(2) == o.dim(2), o.dim(2) <= D, lse2.dim(0) == o.dim(1),
+        lse2.dim(1) >= qkv.dim(0)
     ]
 )]
 pub fn flash_fwd<
@@ -81,10 +88,10 @@ pub fn flash_fwd<
     const S: usize,
     const W: usize,
 >(
-    qkv: Tensor<T, 2>,
+    qkv: Tensor<T, 3>,
     blocks: Tensor<i32, 2>,
     scale_log2: f32,
-    o: TensorMut<T, 2>,
+    o: TensorMut<T, 3>,
     lse2: TensorMut<f32, 2>,
 ) {
     let blk = program_id(0);
@@ -92,10 +99,10 @@ pub fn flash_fwd<
     let start = blocks.load([blk, 0]);
     let len = blocks.load([blk, 1]);
     let q0 = blocks.load([blk, 2]);
-    let h = o.dim(1);
+    let nh = o.dim(1);
     let qi = q0 + range::<BM>();
     let rows = start + qi;
-    let dq = head * D + range::<D>();
+    let c = range::<D>();
     let mut m = full::<f32, BM>(NEG_INFINITY);
     let mut l = zeros::<f32, BM>();
     let mut acc = zeros::<f32, BM, D>();
@@ -106,46 +113,47 @@ pub fn flash_fwd<
         // q is loop-invariant but loaded here: a load inside the loop is streamed into shared
         // memory by `cp.async` (L2 hits after the first iteration), where one hoisted out of it
         // would be staged from registers, with two barriers, at every iteration.
-        let q = qkv.load([rows, dq]);
-        let k = qkv.load([krows, h + dq]);
+        let q = qkv.load([rows, head, c]);
+        let k = qkv.load([krows, nh + head, c]);
         let s = dot(q, k.t(), zeros::<f32, BM, BN>()) * scale_log2;
         let s = select(kj.expand(0) <= qi.expand(1), s, NEG_INFINITY);
         let m_new = max(m, s.reduce_max(1));
         let alpha = exp2(m - m_new);
         let p = exp2(s - m_new.expand(1));
         l = l * alpha + p.sum(1);
-        let v = qkv.load([krows, 2 * h + dq]);
+        let v = qkv.load([krows, 2 * nh + head, c]);
         acc = dot(p.cast::<T>(), v, acc * alpha.expand(1));
         m = m_new;
     }
     // Every query sees itself, so `l >= 1` on every row that is stored.
     let out_rows = select(qi < len, rows, qkv.dim(0));
-    o.store([out_rows, dq], (acc * (1.0 / l).expand(1)).cast::<T>());
+    o.store([out_rows, head, c], (acc * (1.0 / l).expand(1)).cast::<T>());
     lse2.store([head, select(qi < len, rows, lse2.dim(1))], m + log2(l));
 }
 
-/// Backward, step 1: `delta[h, t] = Σ_d dO[t, h·D + d] · O[t, h·D + d]` (f32), the row sums
+/// Backward, step 1: `delta[h, t] = Σ_d dO[t, h, d] · O[t, h, d]` (f32), the row sums
 /// `rowsum(P ⊙ dP)` of the softmax backward, from the stored output. (`BR` must differ from
 /// `D`: the layout pass of a kernel without `dot` cannot place one `range` tile along two
 /// dimensions, and equal-length ranges are merged.)
 #[kernel(
     variants(T = [bf16, f16], D = [64, 128], BR = [32]),
     warps = 4,
-    grid = [cdiv(o.dim(0), BR), o.dim(1) / D],
+    grid = [cdiv(o.dim(0), BR), o.dim(1)],
     require = [
-        d_o.dim(0) == o.dim(0), d_o.dim(1) == o.dim(1), o.dim(1) % D == 0,
-        delta.dim(0) == o.dim(1) / D, delta.dim(1) >= o.dim(0)
+        d_o.dim(0) == o.dim(0), d_o.dim(1) == o.dim(1), d_o.dim(2) == o.dim(2), o.dim(2) <= D,
+        delta.dim(0) == o.dim(1), delta.dim(1) >= o.dim(0)
     ]
 )]
 pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
-    o: Tensor<T, 2>,
-    d_o: Tensor<T, 2>,
+    o: Tensor<T, 3>,
+    d_o: Tensor<T, 3>,
     delta: TensorMut<f32, 2>,
 ) {
     let head = program_id(1);
     let rows = program_id(0) * BR + range::<BR>();
-    let cols = head * D + range::<D>();
-    let prod = o.load([rows, cols]).cast::<f32>() * d_o.load([rows, cols]).cast::<f32>();
+    let cols = range::<D>();
+    let prod =
+        o.load([rows, head, cols]).cast::<f32>() * d_o.load([rows, head, cols]).cast::<f32>();
     delta.store([head, rows], prod.sum(1));
 }
 
@@ -163,12 +171,12 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
     only = [BN % BM == 0, D == 64 || S == 2, D == 64 || BN == 64, D == 64 || BM == 32, D == 128 || BM == 64],
     warps = W,
     stages = S,
-    grid = [blocks.dim(0), d_o.dim(1) / D],
+    grid = [blocks.dim(0), d_o.dim(1)],
     require = [
         blocks.dim(1) == 3, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
-        d_o.dim(1) % D == 0, lse2.dim(0) == d_o.dim(1) / D, lse2.dim(1) >= qkv.dim(0),
-        delta.dim(0) == lse2.dim(0), delta.dim(1) == lse2.dim(1),
-        dqkv.dim(0) == qkv.dim(0), dqkv.dim(1) == qkv.dim(1)
+        d_o.dim(2) == qkv.dim(2), d_o.dim(2) <= D, lse2.dim(0) == d_o.dim(1),
+        lse2.dim(1) >= qkv.dim(0), delta.dim(0) == lse2.dim(0), delta.dim(1) == lse2.dim(1),
+        dqkv.dim(0) == qkv.dim(0), dqkv.dim(1) == qkv.dim(1), dqkv.dim(2) == qkv.dim(2)
     ]
 )]
 pub fn flash_bwd_dkdv<
@@ -179,50 +187,50 @@ pub fn flash_bwd_dkdv<
     const S: usize,
     const W: usize,
 >(
-    qkv: Tensor<T, 2>,
-    d_o: Tensor<T, 2>,
+    qkv: Tensor<T, 3>,
+    d_o: Tensor<T, 3>,
     lse2: Tensor<f32, 2>,
     delta: Tensor<f32, 2>,
     blocks: Tensor<i32, 2>,
     scale_log2: f32,
     scale: f32,
-    dqkv: TensorMut<T, 2>,
+    dqkv: TensorMut<T, 3>,
 ) {
     let blk = program_id(0);
     let head = program_id(1);
     let start = blocks.load([blk, 0]);
     let len = blocks.load([blk, 1]);
     let k0 = blocks.load([blk, 2]);
-    let h = d_o.dim(1);
+    let nh = d_o.dim(1);
     let kj = k0 + range::<BN>();
     let krows = start + kj;
-    let dc = head * D + range::<D>();
+    let c = range::<D>();
     let mut dk = zeros::<f32, BN, D>();
     let mut dv = zeros::<f32, BN, D>();
     for q0 in (k0..len).step_by(BM) {
         let qi = q0 + range::<BM>();
         let qrows = start + qi;
+        // The statistics first: their global loads are then in flight during the two MMAs
+        // below instead of stalling after them (a warpgroup MMA is a barrier to code motion).
+        let l = lse2.load([head, qrows]);
+        let dl = delta.load([head, qrows]);
         // k and v are loop-invariant but loaded here so that they are streamed (see
         // `flash_fwd`).
-        let k = qkv.load([krows, h + dc]);
-        let v = qkv.load([krows, 2 * h + dc]);
-        let q = qkv.load([qrows, dc]);
-        let dout = d_o.load([qrows, dc]);
+        let k = qkv.load([krows, nh + head, c]);
+        let v = qkv.load([krows, 2 * nh + head, c]);
+        let q = qkv.load([qrows, head, c]);
+        let dout = d_o.load([qrows, head, c]);
         let st = dot(k, q.t(), zeros::<f32, BN, BM>());
         let visible = (kj.expand(1) <= qi.expand(0)) & (qi < len).expand(0);
-        let pt = select(
-            visible,
-            exp2(st * scale_log2 - lse2.load([head, qrows]).expand(0)),
-            0.0,
-        );
+        let pt = select(visible, exp2(st * scale_log2 - l.expand(0)), 0.0);
         dv = dot(pt.cast::<T>(), dout, dv);
         let dpt = dot(v, dout.t(), zeros::<f32, BN, BM>());
-        let dst = pt * (dpt - delta.load([head, qrows]).expand(0));
+        let dst = pt * (dpt - dl.expand(0));
         dk = dot(dst.cast::<T>(), q, dk);
     }
     let out = select(kj < len, krows, qkv.dim(0));
-    dqkv.store([out, h + dc], (dk * scale).cast::<T>());
-    dqkv.store([out, 2 * h + dc], dv.cast::<T>());
+    dqkv.store([out, nh + head, c], (dk * scale).cast::<T>());
+    dqkv.store([out, 2 * nh + head, c], dv.cast::<T>());
 }
 
 /// Backward, step 3: `dq` of one `BM`-query block and head (`blocks` as in [`flash_fwd`]):
@@ -235,12 +243,12 @@ pub fn flash_bwd_dkdv<
     only = [D == 64 || S == 2, D == 64 || BM == 64],
     warps = W,
     stages = S,
-    grid = [blocks.dim(0), d_o.dim(1) / D],
+    grid = [blocks.dim(0), d_o.dim(1)],
     require = [
         blocks.dim(1) == 3, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
-        d_o.dim(1) % D == 0, lse2.dim(0) == d_o.dim(1) / D, lse2.dim(1) >= qkv.dim(0),
-        delta.dim(0) == lse2.dim(0), delta.dim(1) == lse2.dim(1),
-        dqkv.dim(0) == qkv.dim(0), dqkv.dim(1) == qkv.dim(1)
+        d_o.dim(2) == qkv.dim(2), d_o.dim(2) <= D, lse2.dim(0) == d_o.dim(1),
+        lse2.dim(1) >= qkv.dim(0), delta.dim(0) == lse2.dim(0), delta.dim(1) == lse2.dim(1),
+        dqkv.dim(0) == qkv.dim(0), dqkv.dim(1) == qkv.dim(1), dqkv.dim(2) == qkv.dim(2)
     ]
 )]
 pub fn flash_bwd_dq<
@@ -251,24 +259,24 @@ pub fn flash_bwd_dq<
     const S: usize,
     const W: usize,
 >(
-    qkv: Tensor<T, 2>,
-    d_o: Tensor<T, 2>,
+    qkv: Tensor<T, 3>,
+    d_o: Tensor<T, 3>,
     lse2: Tensor<f32, 2>,
     delta: Tensor<f32, 2>,
     blocks: Tensor<i32, 2>,
     scale_log2: f32,
     scale: f32,
-    dqkv: TensorMut<T, 2>,
+    dqkv: TensorMut<T, 3>,
 ) {
     let blk = program_id(0);
     let head = program_id(1);
     let start = blocks.load([blk, 0]);
     let len = blocks.load([blk, 1]);
     let q0 = blocks.load([blk, 2]);
-    let h = d_o.dim(1);
+    let nh = d_o.dim(1);
     let qi = q0 + range::<BM>();
     let rows = start + qi;
-    let dc = head * D + range::<D>();
+    let c = range::<D>();
     let l = lse2.load([head, rows]);
     let dl = delta.load([head, rows]);
     let mut dq = zeros::<f32, BM, D>();
@@ -278,10 +286,10 @@ pub fn flash_bwd_dq<
         let krows = start + kj;
         // q and dO are loop-invariant but loaded here so that they are streamed (see
         // `flash_fwd`).
-        let q = qkv.load([rows, dc]);
-        let dout = d_o.load([rows, dc]);
-        let k = qkv.load([krows, h + dc]);
-        let v = qkv.load([krows, 2 * h + dc]);
+        let q = qkv.load([rows, head, c]);
+        let dout = d_o.load([rows, head, c]);
+        let k = qkv.load([krows, nh + head, c]);
+        let v = qkv.load([krows, 2 * nh + head, c]);
         let s = dot(q, k.t(), zeros::<f32, BM, BN>());
         let p = select(
             kj.expand(0) <= qi.expand(1),
@@ -293,5 +301,5 @@ pub fn flash_bwd_dq<
         dq = dot(ds.cast::<T>(), k, dq);
     }
     let out = select(qi < len, rows, qkv.dim(0));
-    dqkv.store([out, dc], (dq * scale).cast::<T>());
+    dqkv.store([out, head, c], (dq * scale).cast::<T>());
 }

@@ -12,7 +12,6 @@ pub mod elementwise;
 pub mod embedding;
 pub mod flash_attention;
 pub mod gemm;
-pub mod heads;
 pub mod layernorm;
 pub mod lora;
 pub mod lora_branch;
@@ -37,7 +36,6 @@ pub use elementwise::{axpby, convert, gelu, gelu_bwd, relu, relu_bwd};
 pub use embedding::embedding_fwd;
 pub use flash_attention::{flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_fwd};
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
-pub use heads::{pad_heads, unpad_heads};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
 pub use lora_branch::{lora_down, lora_expand, lora_wgrad, lora_wgrad_reduce, transpose_b};
@@ -53,7 +51,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 50] = [
+pub static ALL: [&KernelInfo; 48] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -102,8 +100,6 @@ pub static ALL: [&KernelInfo; 50] = [
     &sparse_flash_fwd::INFO,
     &sparse_flash_dkdv::INFO,
     &sparse_flash_dq::INFO,
-    &pad_heads::INFO,
-    &unpad_heads::INFO,
 ];
 
 /// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and

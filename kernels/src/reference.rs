@@ -561,30 +561,3 @@ mod tests {
         assert_eq!(tolerance(Storage::F32), 1e-5);
     }
 }
-
-/// [`crate::pad_heads`] (`HD = hd`, `DP = dp`): the `hd`-wide heads of the `[rows, groups·hd]` `src` spread to `dp`
-/// columns each, zero-filled.
-pub fn pad_heads(src: &[f32], rows: usize, groups: usize, hd: usize, dp: usize) -> Vec<f32> {
-    let mut out = vec![0.0; rows * groups * dp];
-    for r in 0..rows {
-        for g in 0..groups {
-            let from = r * groups * hd + g * hd;
-            let to = r * groups * dp + g * dp;
-            out[to..to + hd].copy_from_slice(&src[from..from + hd]);
-        }
-    }
-    out
-}
-
-/// [`crate::unpad_heads`]: the first `hd` of every `dp` columns of the `[rows, groups·dp]`
-/// `src`.
-pub fn unpad_heads(src: &[f32], rows: usize, groups: usize, hd: usize, dp: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows * groups * hd);
-    for r in 0..rows {
-        for g in 0..groups {
-            let from = r * groups * dp + g * dp;
-            out.extend_from_slice(&src[from..from + hd]);
-        }
-    }
-    out
-}

@@ -24,7 +24,8 @@
 //!
 //! Within a kept block the causal mask applies as in the dense kernels, and the `delta`
 //! kernel of the dense backward ([`flash_bwd_delta`](crate::flash_attention::flash_bwd_delta))
-//! is shared unchanged.
+//! is shared unchanged. Tensors are viewed per head as in the dense kernels (`[T, 3·nh, hd]`,
+//! `hd <= D`).
 
 use lexp_macros::kernel;
 
@@ -155,11 +156,11 @@ pub fn transpose(
     only = [D == 64 || BN == 32, D == 128 || BN >= 64, D == 64 || S == 2],
     warps = W,
     stages = S,
-    grid = [qblocks.dim(0), o.dim(1) / D],
+    grid = [qblocks.dim(0), o.dim(1)],
     require = [
         qblocks.dim(1) == 4, qkv.dim(1) == 3 * o.dim(1), o.dim(0) == qkv.dim(0),
-        o.dim(1) % D == 0, lse2.dim(0) == o.dim(1) / D, lse2.dim(1) >= qkv.dim(0),
-        counts.dim(0) == indices.dim(0)
+        qkv.dim(2) == o.dim(2), o.dim(2) <= D, lse2.dim(0) == o.dim(1),
+        lse2.dim(1) >= qkv.dim(0), counts.dim(0) == indices.dim(0)
     ]
 )]
 pub fn sparse_flash_fwd<
@@ -171,12 +172,12 @@ pub fn sparse_flash_fwd<
     const S: usize,
     const W: usize,
 >(
-    qkv: Tensor<T, 2>,
+    qkv: Tensor<T, 3>,
     qblocks: Tensor<i32, 2>,
     counts: Tensor<i32, 1>,
     indices: Tensor<i32, 2>,
     scale_log2: f32,
-    o: TensorMut<T, 2>,
+    o: TensorMut<T, 3>,
     lse2: TensorMut<f32, 2>,
 ) {
     let blk = program_id(0);
@@ -184,11 +185,11 @@ pub fn sparse_flash_fwd<
     let start = qblocks.load([blk, 0]);
     let len = qblocks.load([blk, 1]);
     let q0 = qblocks.load([blk, 2]);
-    let h = o.dim(1);
-    let g = qblocks.load([blk, 3]) * (h / D) + head;
+    let nh = o.dim(1);
+    let g = qblocks.load([blk, 3]) * nh + head;
     let qi = q0 + range::<BM>();
     let rows = start + qi;
-    let dq = head * D + range::<D>();
+    let c = range::<D>();
     let mut m = full::<f32, BM>(NEG_INFINITY);
     let mut l = zeros::<f32, BM>();
     let mut acc = zeros::<f32, BM, D>();
@@ -196,22 +197,22 @@ pub fn sparse_flash_fwd<
         let kj = kb * KB + part * BN + range::<BN>();
         let krows = start + kj;
         // q is loop-invariant but loaded here so that it is streamed (see `flash_fwd`).
-        let q = qkv.load([rows, dq]);
-        let k = qkv.load([krows, h + dq]);
+        let q = qkv.load([rows, head, c]);
+        let k = qkv.load([krows, nh + head, c]);
         let s = dot(q, k.t(), zeros::<f32, BM, BN>()) * scale_log2;
         let s = select(kj.expand(0) <= qi.expand(1), s, NEG_INFINITY);
         let m_new = max(m, s.reduce_max(1));
         let alpha = exp2(m - m_new);
         let p = exp2(s - m_new.expand(1));
         l = l * alpha + p.sum(1);
-        let v = qkv.load([krows, 2 * h + dq]);
+        let v = qkv.load([krows, 2 * nh + head, c]);
         acc = dot(p.cast::<T>(), v, acc * alpha.expand(1));
         m = m_new;
     }
     // The diagonal block is always kept and visited in ascending order, so every stored row
     // has a visible key in its first step and `l >= 1`.
     let out_rows = select(qi < len, rows, qkv.dim(0));
-    o.store([out_rows, dq], (acc * (1.0 / l).expand(1)).cast::<T>());
+    o.store([out_rows, head, c], (acc * (1.0 / l).expand(1)).cast::<T>());
     lse2.store([head, select(qi < len, rows, lse2.dim(1))], m + log2(l));
 }
 
@@ -224,12 +225,12 @@ pub fn sparse_flash_fwd<
     only = [BN % BM == 0, D == 64 || S == 2, D == 64 || BN == 64, D == 64 || BM == 32, D == 128 || BM == 64],
     warps = W,
     stages = S,
-    grid = [kblocks.dim(0), d_o.dim(1) / D],
+    grid = [kblocks.dim(0), d_o.dim(1)],
     require = [
         kblocks.dim(1) == 4, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
-        d_o.dim(1) % D == 0, lse2.dim(0) == d_o.dim(1) / D, lse2.dim(1) >= qkv.dim(0),
-        delta.dim(0) == lse2.dim(0), delta.dim(1) == lse2.dim(1),
-        dqkv.dim(0) == qkv.dim(0), dqkv.dim(1) == qkv.dim(1),
+        d_o.dim(2) == qkv.dim(2), d_o.dim(2) <= D, lse2.dim(0) == d_o.dim(1),
+        lse2.dim(1) >= qkv.dim(0), delta.dim(0) == lse2.dim(0), delta.dim(1) == lse2.dim(1),
+        dqkv.dim(0) == qkv.dim(0), dqkv.dim(1) == qkv.dim(1), dqkv.dim(2) == qkv.dim(2),
         counts_t.dim(0) == indices_t.dim(0)
     ]
 )]
@@ -242,8 +243,8 @@ pub fn sparse_flash_dkdv<
     const S: usize,
     const W: usize,
 >(
-    qkv: Tensor<T, 2>,
-    d_o: Tensor<T, 2>,
+    qkv: Tensor<T, 3>,
+    d_o: Tensor<T, 3>,
     lse2: Tensor<f32, 2>,
     delta: Tensor<f32, 2>,
     kblocks: Tensor<i32, 2>,
@@ -251,43 +252,42 @@ pub fn sparse_flash_dkdv<
     indices_t: Tensor<i32, 2>,
     scale_log2: f32,
     scale: f32,
-    dqkv: TensorMut<T, 2>,
+    dqkv: TensorMut<T, 3>,
 ) {
     let blk = program_id(0);
     let head = program_id(1);
     let start = kblocks.load([blk, 0]);
     let len = kblocks.load([blk, 1]);
     let k0 = kblocks.load([blk, 2]);
-    let h = d_o.dim(1);
-    let g = kblocks.load([blk, 3]) * (h / D) + head;
+    let nh = d_o.dim(1);
+    let g = kblocks.load([blk, 3]) * nh + head;
     let kj = k0 + range::<BN>();
     let krows = start + kj;
-    let dc = head * D + range::<D>();
+    let c = range::<D>();
     let mut dk = zeros::<f32, BN, D>();
     let mut dv = zeros::<f32, BN, D>();
     for (_e, part, qb) in blocks(counts_t, indices_t, g, KB / BM) {
         let qi = qb * KB + part * BM + range::<BM>();
         let qrows = start + qi;
+        // The statistics before the MMAs, as in `flash_bwd_dkdv`.
+        let l = lse2.load([head, qrows]);
+        let dl = delta.load([head, qrows]);
         // k and v are loop-invariant but loaded here so that they are streamed.
-        let k = qkv.load([krows, h + dc]);
-        let v = qkv.load([krows, 2 * h + dc]);
-        let q = qkv.load([qrows, dc]);
-        let dout = d_o.load([qrows, dc]);
+        let k = qkv.load([krows, nh + head, c]);
+        let v = qkv.load([krows, 2 * nh + head, c]);
+        let q = qkv.load([qrows, head, c]);
+        let dout = d_o.load([qrows, head, c]);
         let st = dot(k, q.t(), zeros::<f32, BN, BM>());
         let visible = (kj.expand(1) <= qi.expand(0)) & (qi < len).expand(0);
-        let pt = select(
-            visible,
-            exp2(st * scale_log2 - lse2.load([head, qrows]).expand(0)),
-            0.0,
-        );
+        let pt = select(visible, exp2(st * scale_log2 - l.expand(0)), 0.0);
         dv = dot(pt.cast::<T>(), dout, dv);
         let dpt = dot(v, dout.t(), zeros::<f32, BN, BM>());
-        let dst = pt * (dpt - delta.load([head, qrows]).expand(0));
+        let dst = pt * (dpt - dl.expand(0));
         dk = dot(dst.cast::<T>(), q, dk);
     }
     let out = select(kj < len, krows, qkv.dim(0));
-    dqkv.store([out, h + dc], (dk * scale).cast::<T>());
-    dqkv.store([out, 2 * h + dc], dv.cast::<T>());
+    dqkv.store([out, nh + head, c], (dk * scale).cast::<T>());
+    dqkv.store([out, 2 * nh + head, c], dv.cast::<T>());
 }
 
 /// Backward, `dq` of one `BM`-query program (all or part of query block row `row`) and head,
@@ -299,12 +299,12 @@ pub fn sparse_flash_dkdv<
     only = [D == 64 || S == 2, D == 64 || BM == 32, D == 128 || BM >= 64],
     warps = W,
     stages = S,
-    grid = [qblocks.dim(0), d_o.dim(1) / D],
+    grid = [qblocks.dim(0), d_o.dim(1)],
     require = [
         qblocks.dim(1) == 4, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
-        d_o.dim(1) % D == 0, lse2.dim(0) == d_o.dim(1) / D, lse2.dim(1) >= qkv.dim(0),
-        delta.dim(0) == lse2.dim(0), delta.dim(1) == lse2.dim(1),
-        dqkv.dim(0) == qkv.dim(0), dqkv.dim(1) == qkv.dim(1),
+        d_o.dim(2) == qkv.dim(2), d_o.dim(2) <= D, lse2.dim(0) == d_o.dim(1),
+        lse2.dim(1) >= qkv.dim(0), delta.dim(0) == lse2.dim(0), delta.dim(1) == lse2.dim(1),
+        dqkv.dim(0) == qkv.dim(0), dqkv.dim(1) == qkv.dim(1), dqkv.dim(2) == qkv.dim(2),
         counts.dim(0) == indices.dim(0)
     ]
 )]
@@ -317,8 +317,8 @@ pub fn sparse_flash_dq<
     const S: usize,
     const W: usize,
 >(
-    qkv: Tensor<T, 2>,
-    d_o: Tensor<T, 2>,
+    qkv: Tensor<T, 3>,
+    d_o: Tensor<T, 3>,
     lse2: Tensor<f32, 2>,
     delta: Tensor<f32, 2>,
     qblocks: Tensor<i32, 2>,
@@ -326,18 +326,18 @@ pub fn sparse_flash_dq<
     indices: Tensor<i32, 2>,
     scale_log2: f32,
     scale: f32,
-    dqkv: TensorMut<T, 2>,
+    dqkv: TensorMut<T, 3>,
 ) {
     let blk = program_id(0);
     let head = program_id(1);
     let start = qblocks.load([blk, 0]);
     let len = qblocks.load([blk, 1]);
     let q0 = qblocks.load([blk, 2]);
-    let h = d_o.dim(1);
-    let g = qblocks.load([blk, 3]) * (h / D) + head;
+    let nh = d_o.dim(1);
+    let g = qblocks.load([blk, 3]) * nh + head;
     let qi = q0 + range::<BM>();
     let rows = start + qi;
-    let dc = head * D + range::<D>();
+    let c = range::<D>();
     let l = lse2.load([head, rows]);
     let dl = delta.load([head, rows]);
     let mut dq = zeros::<f32, BM, D>();
@@ -345,10 +345,10 @@ pub fn sparse_flash_dq<
         let kj = kb * KB + part * BN + range::<BN>();
         let krows = start + kj;
         // q and dO are loop-invariant but loaded here so that they are streamed.
-        let q = qkv.load([rows, dc]);
-        let dout = d_o.load([rows, dc]);
-        let k = qkv.load([krows, h + dc]);
-        let v = qkv.load([krows, 2 * h + dc]);
+        let q = qkv.load([rows, head, c]);
+        let dout = d_o.load([rows, head, c]);
+        let k = qkv.load([krows, nh + head, c]);
+        let v = qkv.load([krows, 2 * nh + head, c]);
         let s = dot(q, k.t(), zeros::<f32, BM, BN>());
         let p = select(
             kj.expand(0) <= qi.expand(1),
@@ -360,7 +360,7 @@ pub fn sparse_flash_dq<
         dq = dot(ds.cast::<T>(), k, dq);
     }
     let out = select(qi < len, rows, qkv.dim(0));
-    dqkv.store([out, dc], (dq * scale).cast::<T>());
+    dqkv.store([out, head, c], (dq * scale).cast::<T>());
 }
 
 #[cfg(test)]

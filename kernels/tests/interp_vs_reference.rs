@@ -552,36 +552,3 @@ fn layernorm_large_mean_f32() {
         assert_ok(check_with(&format!("{what} y"), &y, &want_y, 2e-3, 0.0));
     }
 }
-
-proptest! {
-    #![proptest_config(config())]
-
-    /// Head padding for flash attention: an exact copy into `DP`-column heads with zero fill
-    /// (the padding columns of the poisoned output are written), and back.
-    #[test]
-    fn pad_and_unpad_heads(seed: u64, rows in 1usize..20, groups in 1usize..6) {
-        let dp = 128;
-        let mut data = Data::new(seed);
-        for hd in kernels::heads::PADDED_HEAD_DIMS {
-            let (lo, hi) = kernels::heads::split(hd).unwrap();
-            for dtype in [Storage::BF16, Storage::F16] {
-                let mut src = data.tensor(dtype, &[rows, groups * hd]);
-                let mut padded = poisoned(dtype, &[rows, groups * dp]);
-                let want = reference::pad_heads(&src.data, rows, groups, hd, dp);
-                let what = format!("pad_heads {dtype:?} rows={rows} groups={groups} hd={hd}");
-                let consts = [("LO", lo), ("HI", hi), ("DP", dp)];
-                run(&what, kernels::pad_heads::interpret(&consts, kernels::pad_heads::HostArgs {
-                    src: &mut src, dst: &mut padded,
-                }))?;
-                prop_assert_eq!(&padded.data, &want, "{}", what);
-                let mut back = poisoned(dtype, &[rows, groups * hd]);
-                let what = format!("unpad_heads {dtype:?} rows={rows} groups={groups} hd={hd}");
-                let consts = [("LO", lo), ("HI", hi), ("DP", dp)];
-                run(&what, kernels::unpad_heads::interpret(&consts, kernels::unpad_heads::HostArgs {
-                    src: &mut padded, dst: &mut back,
-                }))?;
-                prop_assert_eq!(&back.data, &src.data, "{}", what);
-            }
-        }
-    }
-}

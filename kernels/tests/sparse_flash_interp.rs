@@ -82,7 +82,7 @@ fn case(
     }
     let keep =
         |s: usize, head: usize, i: usize, j: usize| kept.contains(&(s, head, i / KB, j / KB));
-    let mut qkv = random(&mut rng, dtype, &[t, 3 * h]);
+    let mut qkv = random(&mut rng, dtype, &[t, 3 * nh, hd]);
     let scale = (hd as f64).powf(-0.5);
     let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
     let sh = AttnShape {
@@ -99,7 +99,7 @@ fn case(
     let (mut counts_t, mut indices_t) = list(&t_list);
 
     let (want_o, want_l) = reference::attention_fwd_masked(&qkv.data, sh, &keep);
-    let mut o = poisoned(dtype, &[t, h]);
+    let mut o = poisoned(dtype, &[t, nh, hd]);
     let tp = t.div_ceil(4) * 4;
     let mut lse2 = poisoned(Storage::F32, &[nh, tp]);
     let mut qb = table(&block_table(&cu, 128, KB, true).unwrap());
@@ -129,7 +129,7 @@ fn case(
         "{what}: lse2 {d}"
     );
 
-    let mut d_o = random(&mut rng, dtype, &[t, h]);
+    let mut d_o = random(&mut rng, dtype, &[t, nh, hd]);
     let want = reference::attention_bwd_masked(&qkv.data, &d_o.data, sh, &keep);
     let mut delta = poisoned(Storage::F32, &[nh, tp]);
     flash_bwd_delta::interpret(
@@ -141,7 +141,7 @@ fn case(
         },
     )
     .unwrap();
-    let mut dqkv = poisoned(dtype, &[t, 3 * h]);
+    let mut dqkv = poisoned(dtype, &[t, 3 * nh, hd]);
     let mut kt = table(&block_table(&cu, dkdv_bn, KB, false).unwrap());
     sparse_flash_dkdv::interpret(
         &[("D", hd), ("BN", dkdv_bn), ("BM", dkdv_bm)],

@@ -365,10 +365,15 @@ fn param_kind(ty: &Type, type_param: Option<&syn::Ident>) -> syn::Result<ParamKi
             lit: syn::Lit::Int(i),
             ..
         })) => i.base10_parse::<usize>()?,
-        other => return Err(Error::new(other.span(), "expected a literal rank (1 or 2)")),
+        other => {
+            return Err(Error::new(
+                other.span(),
+                "expected a literal rank (1, 2 or 3)",
+            ))
+        }
     };
-    if !(1..=2).contains(&rank) {
-        return Err(Error::new_spanned(args[1], "tensor rank must be 1 or 2"));
+    if !(1..=3).contains(&rank) {
+        return Err(Error::new_spanned(args[1], "tensor rank must be 1, 2 or 3"));
     }
     Ok(ParamKind::Tensor {
         elem,

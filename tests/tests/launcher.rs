@@ -323,7 +323,7 @@ fn overlapping_rows_are_rejected() {
     let x = t2(X, Storage::BF16, 4, 1024);
     let y = strided(Y, Storage::BF16, &[4, 1024], &[512, 1]);
     let (l, r) = launch_softmax(&x, &y);
-    let shown = assert_bad_argument(&l, r, "softmax", "y", "rows overlap");
+    let shown = assert_bad_argument(&l, r, "softmax", "y", "dimension 0 overlaps");
     assert!(shown.contains("512") && shown.contains("1024"), "{shown}");
 }
 

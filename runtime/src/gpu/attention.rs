@@ -6,10 +6,10 @@
 //!   the forward keeps only `o` and a base-2 log-sum-exp per (head, token), and the backward
 //!   recomputes the probabilities from it. All sequences and heads of a batch go in one launch
 //!   per kernel, driven by device-side block lists ([`BlockLists`]) uploaded with the batch.
-//!   The kernels are compiled for head dimensions 64 and 128; a head dimension between them
-//!   (OPT-2.7B's 80) runs the 128 kernels on heads padded with zero columns
-//!   ([`flash_kernels_for`], `lexp_kernels::heads`), which changes no result in exact
-//!   arithmetic.
+//!   The kernels are compiled for tiles 64 and 128 wide; a head dimension between them
+//!   (OPT-2.7B's 80) runs the 128 kernels in place ([`flash_kernels_for`]): their loads
+//!   zero-fill the tile's columns past the head and their stores drop them, which changes no
+//!   result in exact arithmetic.
 //! - **Materialised**: per sequence, strided-batched cuBLAS GEMMs over the heads read q, k and
 //!   v in place in the `[T, 3H]` projection output (head `h` at column `h·hd`, row stride
 //!   `3H`); f32 scores, a causal-softmax kernel, bf16 probabilities saved for the backward.
@@ -36,7 +36,8 @@ pub type Tiles = [(&'static str, usize); 5];
 /// block sizes of the lists they take.
 #[derive(Debug, PartialEq, Eq)]
 pub struct FlashConfig {
-    /// The head dimension (`D`).
+    /// The kernels' tile width `D`: the head dimension they are compiled for, and the widest
+    /// they take (narrower heads run in place, [`flash_kernels_for`]).
     pub hd: usize,
     /// `flash_fwd`: `BM` queries per program, `BN` keys per step.
     pub fwd: Tiles,
@@ -99,14 +100,14 @@ pub fn flash_config(hd: usize) -> Option<&'static FlashConfig> {
 }
 
 /// The flash kernels the engine runs for head dimension `hd`: those compiled for it, or for a
-/// head dimension the padding kernels take (`lexp_kernels::heads::PADDED_HEAD_DIMS`: OPT-2.7B's
-/// 80) the 128 ones on heads padded with zero columns (then `cfg.hd > hd`). Small head
-/// dimensions (test models) are not padded to 64: that measured worse bf16 agreement with the
-/// CPU than the materialised attention (last-layer q/k gradients of `gpu_engine`'s clean
-/// variant with heads of 16, 1.75e-1 against ≤ 8e-2).
+/// head dimension between 64 and 128 that is a multiple of 8 (OPT-2.7B's 80; the kernels'
+/// 16-byte copies need whole 8-column pieces) the 128 ones, which take the narrower heads in
+/// place (then `cfg.hd > hd`). Small head dimensions (test models) do not run on the 64 ones:
+/// that measured worse bf16 agreement with the CPU than the materialised attention (last-layer
+/// q/k gradients of `gpu_engine`'s clean variant with heads of 16, 1.75e-1 against ≤ 8e-2).
 pub fn flash_kernels_for(hd: usize) -> Option<&'static FlashConfig> {
-    let padded = lexp_kernels::heads::PADDED_HEAD_DIMS.contains(&hd) && hd < FLASH_128.hd;
-    flash_config(hd).or_else(|| padded.then_some(&FLASH_128))
+    let narrower = hd > FLASH_64.hd && hd < FLASH_128.hd && hd % 8 == 0;
+    flash_config(hd).or_else(|| narrower.then_some(&FLASH_128))
 }
 
 /// Which attention implementation the GPU engine runs.
@@ -119,8 +120,7 @@ pub enum AttentionImpl {
 }
 
 impl AttentionImpl {
-    /// Flash where its kernels take the head dimension `hd` (padded or not), else
-    /// materialised.
+    /// Flash where its kernels take the head dimension `hd`, else materialised.
     pub fn default_for(hd: usize) -> AttentionImpl {
         if flash_kernels_for(hd).is_some() {
             AttentionImpl::Flash
@@ -133,8 +133,9 @@ impl AttentionImpl {
     pub fn check(self, hd: usize) -> Result<AttentionImpl, ModelError> {
         if self == AttentionImpl::Flash && flash_kernels_for(hd).is_none() {
             return Err(ModelError::Unsupported(format!(
-                "flash attention is compiled for head dimensions {FLASH_HEAD_DIMS:?} (those \
-                 between them padded); this model's is {hd} (use the materialised attention)"
+                "flash attention is compiled for head dimensions {FLASH_HEAD_DIMS:?} (and runs \
+                 multiples of 8 between them on the wider kernels); this model's is {hd} (use \
+                 the materialised attention)"
             )));
         }
         Ok(self)
@@ -302,110 +303,53 @@ fn args(cx: &Ctx, acts: &LayerActs, sc: &Scratch) -> R<AttnArgs> {
     })
 }
 
-/// The flash configuration of the layer's head dimension (padded or not).
+/// The flash configuration of the layer's head dimension.
 fn config(cx: &Ctx) -> R<&'static FlashConfig> {
     flash_kernels_for(cx.d.hd).ok_or_else(|| {
         ModelError::Unsupported(format!("no flash attention for head dimension {}", cx.d.hd))
     })
 }
 
-/// The padding kernels' `(LO, HI)` of head dimension `hd` (`LO + HI = hd`).
-fn split(hd: usize) -> R<(usize, usize)> {
-    lexp_kernels::heads::split(hd).ok_or_else(|| {
-        ModelError::Unsupported(format!("no head-padding kernels for head dimension {hd}"))
-    })
-}
-
-/// `dst` (`[t, groups·cfg_hd]`) = the `hd`-wide heads of `src` (`[t, groups·hd]`) padded with
-/// zero columns ([`lexp_kernels::pad_heads`]).
-fn pad(cx: &Ctx, dp: usize, src: &DeviceTensor, dst: &DeviceTensor, groups: usize) -> R {
-    let (t, hd) = (cx.t, cx.d.hd);
-    let (lo, hi) = split(hd)?;
-    lexp_kernels::pad_heads::launch_with(
-        cx.dev,
-        &[("LO", lo), ("HI", hi), ("DP", dp)],
-        &lexp_kernels::pad_heads::Args {
-            src: &arg(src, &[t, groups * hd])?,
-            dst: &arg(dst, &[t, groups * dp])?,
-        },
-    )
-    .map_err(launch_err("flash attention: padding the heads"))
-}
-
-/// The inverse of [`pad`] ([`lexp_kernels::unpad_heads`]).
-fn unpad(cx: &Ctx, dp: usize, src: &DeviceTensor, dst: &DeviceTensor, groups: usize) -> R {
-    let (t, hd) = (cx.t, cx.d.hd);
-    let (lo, hi) = split(hd)?;
-    lexp_kernels::unpad_heads::launch_with(
-        cx.dev,
-        &[("LO", lo), ("HI", hi), ("DP", dp)],
-        &lexp_kernels::unpad_heads::Args {
-            src: &arg(src, &[t, groups * dp])?,
-            dst: &arg(dst, &[t, groups * hd])?,
-        },
-    )
-    .map_err(launch_err("flash attention: unpadding the heads"))
+/// `[t, groups, hd]`: the `groups` heads of each token in `t`, as the flash kernels index them
+/// (q, k and v are 3·nh groups of the projection output, `o` and `dO` nh).
+fn heads(t: &DeviceTensor, cx: &Ctx, groups: usize) -> R<TensorArg> {
+    arg(t, &[cx.t, groups, cx.d.hd])
 }
 
 fn flash_forward(cx: &Ctx, acts: &mut LayerActs, sc: &Scratch) -> R {
     let (t, nh) = (cx.t, cx.d.nh);
     let [fwd, _, _] = sc.blocks.args()?;
     let cfg = config(cx)?;
-    let padded = cfg.hd != cx.d.hd;
-    // The kernels' q/k/v and o: the layer's own, or padded copies in the scratch.
-    let (qkv, o) = if padded {
-        pad(cx, cfg.hd, &acts.qkv, &sc.pad.qkv, 3 * nh)?;
-        (&sc.pad.qkv, &sc.pad.o)
-    } else {
-        (&acts.qkv, &acts.o)
-    };
-    let w = nh * cfg.hd;
     let s = scale(cx);
     fa::flash_fwd::launch_with(
         cx.dev,
         &cfg.fwd,
         &fa::flash_fwd::Args {
-            qkv: &arg(qkv, &[t, 3 * w])?,
+            qkv: &heads(&acts.qkv, cx, 3 * nh)?,
             blocks: &fwd,
             scale_log2: s * std::f32::consts::LOG2_E,
-            o: &arg(o, &[t, w])?,
+            o: &heads(&acts.o, cx, nh)?,
             lse2: &arg(&acts.lse2, &[nh, stats_cols(t)])?,
         },
     )
-    .map_err(launch_err("flash attention forward"))?;
-    if padded {
-        unpad(cx, cfg.hd, &sc.pad.o, &acts.o, nh)?;
-    }
-    Ok(())
+    .map_err(launch_err("flash attention forward"))
 }
 
 fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
     let (t, nh) = (cx.t, cx.d.nh);
     let [_, dq, dkdv] = sc.blocks.args()?;
     let cfg = config(cx)?;
-    let padded = cfg.hd != cx.d.hd;
-    // Padded: q/k/v, o and dO spread to the kernels' head dimension (the padding columns of
-    // every gradient come out zero), dq/dk/dv gathered back at the end.
-    let (qkv_t, o_t, do_t, dqkv_t) = if padded {
-        pad(cx, cfg.hd, &acts.qkv, &sc.pad.qkv, 3 * nh)?;
-        pad(cx, cfg.hd, &acts.o, &sc.pad.o, nh)?;
-        pad(cx, cfg.hd, &sc.tmp, &sc.pad.d_o, nh)?;
-        (&sc.pad.qkv, &sc.pad.o, &sc.pad.d_o, &sc.pad.dqkv)
-    } else {
-        (&acts.qkv, &acts.o, &sc.tmp, &sc.dqkv)
-    };
-    let w = nh * cfg.hd;
     let s = scale(cx);
-    let qkv = arg(qkv_t, &[t, 3 * w])?;
-    let d_o = arg(do_t, &[t, w])?;
+    let qkv = heads(&acts.qkv, cx, 3 * nh)?;
+    let d_o = heads(&sc.tmp, cx, nh)?;
     let lse2 = arg(&acts.lse2, &[nh, stats_cols(t)])?;
     let delta = arg(&sc.delta, &[nh, stats_cols(t)])?;
-    let dqkv = arg(dqkv_t, &[t, 3 * w])?;
+    let dqkv = heads(&sc.dqkv, cx, 3 * nh)?;
     fa::flash_bwd_delta::launch_with(
         cx.dev,
         &[("D", cfg.hd)],
         &fa::flash_bwd_delta::Args {
-            o: &arg(o_t, &[t, w])?,
+            o: &heads(&acts.o, cx, nh)?,
             d_o: &d_o,
             delta: &delta,
         },
@@ -437,11 +381,7 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
         dkdv,
         "flash attention backward (dk, dv)"
     )?;
-    launch!(flash_bwd_dq, cfg.dq, dq, "flash attention backward (dq)")?;
-    if padded {
-        unpad(cx, cfg.hd, &sc.pad.dqkv, &sc.dqkv, 3 * nh)?;
-    }
-    Ok(())
+    launch!(flash_bwd_dq, cfg.dq, dq, "flash attention backward (dq)")
 }
 
 fn materialised_forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
@@ -586,16 +526,18 @@ mod tests {
     }
 
     #[test]
-    fn flash_for_its_head_dimensions_and_padded_below_128() {
+    fn flash_for_its_head_dimensions_and_in_place_below_128() {
         assert_eq!(AttentionImpl::default_for(64), AttentionImpl::Flash);
         assert_eq!(AttentionImpl::default_for(128), AttentionImpl::Flash);
         assert!(AttentionImpl::Flash.check(128).is_ok());
-        // OPT-2.7B's 80 runs the 128 kernels on padded heads; below 64 stays materialised.
+        // OPT-2.7B's 80 (and any multiple of 8 up to 128) runs the 128 kernels in place;
+        // below 64 stays materialised, and so do widths the 16-byte copies cannot split.
         assert_eq!(AttentionImpl::default_for(80), AttentionImpl::Flash);
         assert_eq!(flash_kernels_for(80).map(|c| c.hd), Some(128));
+        assert_eq!(flash_kernels_for(96).map(|c| c.hd), Some(128));
         assert!(
-            flash_kernels_for(96).is_none(),
-            "no padding kernels compiled for 96"
+            flash_kernels_for(100).is_none(),
+            "100 is not a multiple of 8"
         );
         assert_eq!(flash_kernels_for(64).map(|c| c.hd), Some(64));
         assert!(flash_kernels_for(32).is_none());

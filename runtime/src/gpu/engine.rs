@@ -553,10 +553,6 @@ impl GpuEngine {
                 segs.iter().map(|s| s.len).max().unwrap_or(0)
             },
             blocks: plan.rows(),
-            pad_cols: match flash_cfg {
-                Some(cfg) if cfg.hd != self.dims.hd => self.dims.nh * cfg.hd,
-                _ => 0,
-            },
             rank: lora.map_or(0, |l| l.config.r),
             mask_cols: drop.map_or(0, |d| d.cols),
         };

@@ -4,7 +4,7 @@
 //! against the f64 reference) and `lexp bench attention` (the engine's configurations against
 //! PyTorch SDPA).
 
-use super::attention::{stats_cols, FlashConfig};
+use super::attention::{flash_kernels_for, stats_cols, FlashConfig};
 use crate::buffer::DeviceTensor;
 use crate::data::SplitMix64;
 use crate::device::CudaDevice;
@@ -12,11 +12,12 @@ use crate::error::Result;
 use lexp_compiler::dtype::Storage;
 use lexp_kernels::flash_attention::{self as fa, key_blocks, query_blocks, BlockRow};
 
-/// The tensors of one causal attention problem over packed sequences: inputs `qkv [T, 3H]`
-/// (uniform in ±2) and `dO [T, H]` (±1), outputs `o`, `lse2` and `delta` (`[nh, T]` with
-/// rows padded to 16 bytes, as the engine lays them out) and `dqkv`.
+/// The tensors of one causal attention problem over packed sequences: inputs
+/// `qkv [T, 3·nh, hd]` (uniform in ±2) and `dO [T, nh, hd]` (±1), outputs `o`, `lse2` and
+/// `delta` (`[nh, T]` with rows padded to 16 bytes, as the engine lays them out) and `dqkv`.
 pub struct FlashProblem {
-    /// Packed q, k and v (head `h` at columns `h·hd`, `H + h·hd`, `2H + h·hd`).
+    /// Packed q, k and v (head `h` of each at `h`, `nh + h`, `2·nh + h` of the middle
+    /// dimension).
     pub qkv: DeviceTensor,
     /// The output gradient.
     pub d_o: DeviceTensor,
@@ -36,6 +37,9 @@ pub struct FlashProblem {
     pub nh: usize,
     /// Head dimension.
     pub hd: usize,
+    /// The kernels' tile width `D` for these heads (`hd`, or the next compiled width above it:
+    /// [`flash_kernels_for`]).
+    pub width: usize,
 }
 
 fn uniform(rng: &mut SplitMix64, n: usize, a: f64) -> Vec<f32> {
@@ -60,25 +64,26 @@ impl FlashProblem {
         (nh, hd): (usize, usize),
         seed: u64,
     ) -> Result<FlashProblem> {
-        let h = nh * hd;
+        let width = flash_kernels_for(hd).map_or(hd, |c| c.hd);
         let mut rng = SplitMix64::new(seed);
         let mut random = |dims: &[usize], a: f64| {
             let n = dims.iter().product();
             DeviceTensor::from_f32(dev, dtype, dims, &uniform(&mut rng, n, a))
         };
-        let (qkv, d_o) = (random(&[t, 3 * h], 2.0)?, random(&[t, h], 1.0)?);
+        let (qkv, d_o) = (random(&[t, 3 * nh, hd], 2.0)?, random(&[t, nh, hd], 1.0)?);
         let stats = [nh, stats_cols(t)];
         Ok(FlashProblem {
             qkv,
             d_o,
-            o: DeviceTensor::poisoned(dev, dtype, &[t, h])?,
+            o: DeviceTensor::poisoned(dev, dtype, &[t, nh, hd])?,
             lse2: DeviceTensor::poisoned(dev, Storage::F32, &stats)?,
             delta: DeviceTensor::poisoned(dev, Storage::F32, &stats)?,
-            dqkv: DeviceTensor::poisoned(dev, dtype, &[t, 3 * h])?,
+            dqkv: DeviceTensor::poisoned(dev, dtype, &[t, 3 * nh, hd])?,
             scale: (hd as f32).powf(-0.5),
             t,
             nh,
             hd,
+            width,
         })
     }
 
@@ -115,7 +120,7 @@ impl FlashProblem {
     pub fn delta(&self, dev: &CudaDevice) -> Result<()> {
         fa::flash_bwd_delta::launch_with(
             dev,
-            &[("D", self.hd)],
+            &[("D", self.width)],
             &fa::flash_bwd_delta::Args {
                 o: &self.o.as_arg(),
                 d_o: &self.d_o.as_arg(),

@@ -65,9 +65,6 @@ pub struct Caps {
     pub max_len: usize,
     /// Rows of the flash-attention block lists (0 with materialised attention).
     pub blocks: usize,
-    /// Columns of one padded `[T, nh·D]` attention tensor when flash attention runs on heads
-    /// padded to the kernels' head dimension `D` (0 otherwise; [`PadBufs`]).
-    pub pad_cols: usize,
     /// LoRA rank (0 without adapters).
     pub rank: usize,
     /// Columns of saved dropout masks per token and layer (0 without dropout; see
@@ -82,7 +79,6 @@ impl Caps {
             && self.probs >= need.probs
             && self.max_len >= need.max_len
             && self.blocks >= need.blocks
-            && self.pad_cols >= need.pad_cols
             && self.rank >= need.rank
             && self.mask_cols >= need.mask_cols
     }
@@ -94,7 +90,6 @@ impl Caps {
             probs: self.probs.max(o.probs),
             max_len: self.max_len.max(o.max_len),
             blocks: self.blocks.max(o.blocks),
-            pad_cols: self.pad_cols.max(o.pad_cols),
             rank: self.rank.max(o.rank),
             mask_cols: self.mask_cols.max(o.mask_cols),
         }
@@ -143,8 +138,7 @@ impl Caps {
             + 4 * (scores + d.nh * self.max_len + wgrad_part_len(self.rank, h.max(f)))
             + (a + 4) * self.dropout_scratch(d)
             + 4 * self.flash_stats(d)
-            + 3 * 12 * self.blocks
-            + a * 8 * t * self.pad_cols;
+            + 3 * 12 * self.blocks;
         let head =
             a * (t * 4 * h + self.chunk() * d.v) + 4 * (self.chunk() * d.v + 2 * t) + 4 * 3 * t;
         d.layers * layer + scratch + head
@@ -212,28 +206,11 @@ pub struct Scratch {
     pub delta: DeviceTensor,
     /// Flash attention's block lists of the current batch.
     pub blocks: BlockLists,
-    /// Flash attention's padded heads (empty unless it runs padded).
-    pub pad: PadBufs,
     /// Dropout: f32 uniforms of one site, `[T, w]`, `w ≤ max(H, F)`.
     pub rand: DeviceTensor,
     /// Dropout: a LoRA branch's dropped input `x ⊙ mask` (forward, and `dA`'s input in the
     /// backward), then its masked input gradient; `[T, max(H, F)]`.
     pub xd: DeviceTensor,
-}
-
-/// Flash attention on heads padded to the kernels' head dimension `D`
-/// ([`super::attention::flash_kernels_for`]): the layer's tensors spread to `D` columns per
-/// head (`W = nh·D` = [`Caps::pad_cols`]). Recomputed from the saved unpadded tensors in the
-/// backward, so only scratch holds them.
-pub struct PadBufs {
-    /// `[q | k | v]` padded, `[T, 3W]`.
-    pub qkv: DeviceTensor,
-    /// The output `o` padded, `[T, W]` (the forward writes it, the backward re-pads `o`).
-    pub o: DeviceTensor,
-    /// `dO` padded, `[T, W]`.
-    pub d_o: DeviceTensor,
-    /// `[dq | dk | dv]` padded, `[T, 3W]`.
-    pub dqkv: DeviceTensor,
 }
 
 /// The embeddings' inputs and the LM head's buffers.
@@ -371,12 +348,6 @@ impl Workspace {
                 dkdv: al.t(Storage::I32, 3 * caps.blocks)?,
                 rows: [0; 3],
             },
-            pad: PadBufs {
-                qkv: al.t(ACT, t * 3 * caps.pad_cols)?,
-                o: al.t(ACT, t * caps.pad_cols)?,
-                d_o: al.t(ACT, t * caps.pad_cols)?,
-                dqkv: al.t(ACT, t * 3 * caps.pad_cols)?,
-            },
             rand: al.t(f32t, caps.dropout_scratch(d))?,
             xd: al.t(ACT, caps.dropout_scratch(d))?,
         };
@@ -417,7 +388,6 @@ mod tests {
             probs: 50,
             max_len: 30,
             blocks: 0,
-            pad_cols: 0,
             rank: 4,
             mask_cols: 0,
         };
@@ -426,7 +396,6 @@ mod tests {
             probs: 60,
             max_len: 10,
             blocks: 3,
-            pad_cols: 7,
             rank: 8,
             mask_cols: 5,
         };
@@ -437,7 +406,6 @@ mod tests {
             (m.tokens, m.probs, m.max_len, m.blocks, m.rank, m.mask_cols),
             (100, 60, 30, 3, 8, 5)
         );
-        assert_eq!(m.pad_cols, 7);
     }
 
     #[test]
@@ -455,7 +423,6 @@ mod tests {
             probs: 4096,
             max_len: 64,
             blocks: 0,
-            pad_cols: 0,
             rank: 4,
             mask_cols: 0,
         };
@@ -474,10 +441,6 @@ mod tests {
                 ..base
             },
             Caps { blocks: 2, ..base },
-            Caps {
-                pad_cols: 128,
-                ..base
-            },
             // u and du are padded to 8 columns: rank 16 is the next size up from 4.
             Caps { rank: 16, ..base },
             Caps {
@@ -493,12 +456,6 @@ mod tests {
             ..base
         };
         assert_eq!(more.bytes(&d) - b0, d.layers * 1000 * 2);
-        // Padded heads: four bf16 scratch tensors, `[T, 3W]` twice and `[T, W]` twice.
-        let pad = Caps {
-            pad_cols: 10,
-            ..base
-        };
-        assert_eq!(pad.bytes(&d) - b0, 128 * 8 * 10 * 2);
         // Dropout: the bf16 masks per layer, plus one f32 and one bf16 `[T, max(H, F)]`.
         let drop = Caps {
             mask_cols: 3,
@@ -528,7 +485,6 @@ mod tests {
             probs: 0,
             max_len: 0,
             blocks: tokens.div_ceil(64),
-            pad_cols: 0,
             rank: 8,
             mask_cols: 0,
         };

@@ -14,7 +14,7 @@
 
 use anyhow::{bail, Context, Result};
 use lexp_compiler::dtype::Storage;
-use lexp_runtime::gpu::attention::{flash_config, FlashConfig};
+use lexp_runtime::gpu::attention::{flash_kernels_for, FlashConfig};
 use lexp_runtime::gpu::flash_problem::FlashProblem;
 use lexp_runtime::gpu::sparse_attention::{self as sa, SparseLists, SparsePlan};
 use lexp_runtime::{time_ms, CudaDevice, DeviceError, DeviceTensor};
@@ -125,8 +125,9 @@ pub fn run(args: AttentionArgs) -> Result<()> {
     );
     let mut rows = Vec::new();
     for &hd in &args.head_dim {
-        let cfg = flash_config(hd)
-            .with_context(|| format!("--head-dim {hd}: no flash kernels for it (64, 128)"))?;
+        let cfg = flash_kernels_for(hd).with_context(|| {
+            format!("--head-dim {hd}: no flash kernels for it (64, 128, multiples of 8 between)")
+        })?;
         if args.width % hd != 0 {
             bail!(
                 "--width {} is not a multiple of --head-dim {hd}",
