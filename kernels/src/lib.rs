@@ -11,6 +11,7 @@ pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod flash_attention;
+pub mod flash_split;
 pub mod gemm;
 pub mod layernorm;
 pub mod lora;
@@ -35,6 +36,7 @@ pub use dropout::{dropout_mask, mul_inplace};
 pub use elementwise::{axpby, convert, gelu, gelu_bwd, relu, relu_bwd};
 pub use embedding::embedding_fwd;
 pub use flash_attention::{flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_fwd};
+pub use flash_split::{flash_bwd_dkdv_split, flash_bwd_dq_split, flash_fwd_split};
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
@@ -51,7 +53,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 48] = [
+pub static ALL: [&KernelInfo; 51] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -97,6 +99,9 @@ pub static ALL: [&KernelInfo; 48] = [
     &flash_bwd_delta::INFO,
     &flash_bwd_dkdv::INFO,
     &flash_bwd_dq::INFO,
+    &flash_fwd_split::INFO,
+    &flash_bwd_dkdv_split::INFO,
+    &flash_bwd_dq_split::INFO,
     &sparse_flash_fwd::INFO,
     &sparse_flash_dkdv::INFO,
     &sparse_flash_dq::INFO,
@@ -104,7 +109,7 @@ pub static ALL: [&KernelInfo; 48] = [
 
 /// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and
 /// checked by the tensor-core tests (their PTX and SASS hold tensor-core instructions).
-pub const TENSOR_CORE: [&str; 20] = [
+pub const TENSOR_CORE: [&str; 23] = [
     "gemm_nn",
     "gemm_nt",
     "gemm_tn",
@@ -122,6 +127,9 @@ pub const TENSOR_CORE: [&str; 20] = [
     "flash_fwd",
     "flash_bwd_dkdv",
     "flash_bwd_dq",
+    "flash_fwd_split",
+    "flash_bwd_dkdv_split",
+    "flash_bwd_dq_split",
     "sparse_flash_fwd",
     "sparse_flash_dkdv",
     "sparse_flash_dq",

@@ -10,6 +10,7 @@ use lexp_compiler::interp::HostTensor;
 use lexp_kernels::flash_attention::{
     flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_fwd, key_blocks, query_blocks, BlockRow,
 };
+use lexp_kernels::flash_split::{flash_bwd_dkdv_split, flash_bwd_dq_split, flash_fwd_split};
 use lexp_kernels::reference::{self, compare, AttnShape, POISON};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -30,9 +31,21 @@ fn random(rng: &mut StdRng, dtype: Storage, dims: &[usize]) -> HostTensor {
     HostTensor::new(dtype, dims, &v)
 }
 
-/// Forward and backward on sequences of `lens`, `nh` heads of `hd`, in `dtype`, on the kernels
-/// of tile width `dk` (`hd <= dk`).
-fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, dk: usize) {
+/// Which flash kernels run a case.
+#[derive(Clone, Copy, Debug)]
+enum Kernels {
+    /// `flash_attention`'s, of tile width `D` (`hd <= D`).
+    Tile(usize),
+    /// `flash_split`'s, for heads of 64 + 16 (`flash_bwd_delta` on the 128 tile).
+    Split,
+}
+
+/// Forward and backward on sequences of `lens`, `nh` heads of `hd`, in `dtype`, on `kernels`.
+fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels: Kernels) {
+    let dk = match kernels {
+        Kernels::Tile(d) => d,
+        Kernels::Split => 128,
+    };
     let mut rng = StdRng::seed_from_u64(seed);
     let mut cu = vec![0usize];
     for l in lens {
@@ -49,7 +62,7 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, dk: usi
         hd,
         scale,
     };
-    let what = format!("{dtype:?} lens {lens:?} heads {nh} of {hd} (kernels {dk})");
+    let what = format!("{dtype:?} lens {lens:?} heads {nh} of {hd} (kernels {kernels:?})");
 
     let (want_o, want_l) = reference::attention_fwd(&qkv.data, sh);
     let mut o = poisoned(dtype, &[t, nh, hd]);
@@ -57,16 +70,26 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, dk: usi
     let tp = t.div_ceil(4) * 4;
     let mut lse2 = poisoned(Storage::F32, &[nh, tp]);
     let mut qb = block_tensor(&query_blocks(&cu, 128).unwrap());
-    flash_fwd::interpret(
-        &[("D", dk), ("BN", 64)],
-        flash_fwd::HostArgs {
-            qkv: &mut qkv,
-            blocks: &mut qb,
-            scale_log2,
-            o: &mut o,
-            lse2: &mut lse2,
-        },
-    )
+    let fwd = flash_fwd::HostArgs {
+        qkv: &mut qkv,
+        blocks: &mut qb,
+        scale_log2,
+        o: &mut o,
+        lse2: &mut lse2,
+    };
+    match kernels {
+        Kernels::Tile(d) => flash_fwd::interpret(&[("D", d), ("BN", 64)], fwd),
+        Kernels::Split => flash_fwd_split::interpret(
+            &[("BN", 64)],
+            flash_fwd_split::HostArgs {
+                qkv: fwd.qkv,
+                blocks: fwd.blocks,
+                scale_log2,
+                o: fwd.o,
+                lse2: fwd.lse2,
+            },
+        ),
+    }
     .unwrap();
     let d = compare(&o.data, &want_o);
     assert!(
@@ -94,35 +117,36 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, dk: usi
     .unwrap();
     let mut dqkv = poisoned(dtype, &[t, 3 * nh, hd]);
     let mut kb = block_tensor(&key_blocks(&cu, 64).unwrap());
-    flash_bwd_dkdv::interpret(
-        &[("D", dk), ("BN", 64)],
-        flash_bwd_dkdv::HostArgs {
-            qkv: &mut qkv,
-            d_o: &mut d_o,
-            lse2: &mut lse2,
-            delta: &mut delta,
-            blocks: &mut kb,
-            scale_log2,
-            scale: scale as f32,
-            dqkv: &mut dqkv,
-        },
-    )
-    .unwrap();
     let mut qb64 = block_tensor(&query_blocks(&cu, 64).unwrap());
-    flash_bwd_dq::interpret(
-        &[("D", dk), ("BM", 64)],
-        flash_bwd_dq::HostArgs {
-            qkv: &mut qkv,
-            d_o: &mut d_o,
-            lse2: &mut lse2,
-            delta: &mut delta,
-            blocks: &mut qb64,
-            scale_log2,
-            scale: scale as f32,
-            dqkv: &mut dqkv,
-        },
-    )
-    .unwrap();
+    // dk/dv, then dq: the same arguments for every kernel family.
+    macro_rules! bwd {
+        ($kernel:ident, $consts:expr, $blocks:expr) => {
+            $kernel::interpret(
+                &$consts,
+                $kernel::HostArgs {
+                    qkv: &mut qkv,
+                    d_o: &mut d_o,
+                    lse2: &mut lse2,
+                    delta: &mut delta,
+                    blocks: &mut $blocks,
+                    scale_log2,
+                    scale: scale as f32,
+                    dqkv: &mut dqkv,
+                },
+            )
+            .unwrap()
+        };
+    }
+    match kernels {
+        Kernels::Tile(d) => {
+            bwd!(flash_bwd_dkdv, [("D", d), ("BN", 64)], kb);
+            bwd!(flash_bwd_dq, [("D", d), ("BM", 64)], qb64);
+        }
+        Kernels::Split => {
+            bwd!(flash_bwd_dkdv_split, [("BN", 64)], kb);
+            bwd!(flash_bwd_dq_split, [("BM", 64)], qb64);
+        }
+    }
     let check = |dqkv: &HostTensor, names: &[(usize, &str)], tag: &str| {
         for &(b, name) in names {
             let pick = |x: &[f32]| -> Vec<f32> {
@@ -139,7 +163,7 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, dk: usi
         }
     };
     check(&dqkv, &[(0, "dq"), (1, "dk"), (2, "dv")], "");
-    if dk != 64 {
+    if !matches!(kernels, Kernels::Tile(64)) {
         return;
     }
     // dk/dv with 128-key blocks (the configuration whose P and dS feed the MMAs from
@@ -165,17 +189,17 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, dk: usi
 
 #[test]
 fn flash_attention_bf16_uneven_packed_batch() {
-    case(7, Storage::BF16, &[130, 1, 65], 2, 64, 64);
+    case(7, Storage::BF16, &[130, 1, 65], 2, 64, Kernels::Tile(64));
 }
 
 #[test]
 fn flash_attention_f16_block_edges() {
-    case(8, Storage::F16, &[64, 128, 3], 1, 64, 64);
+    case(8, Storage::F16, &[64, 128, 3], 1, 64, Kernels::Tile(64));
 }
 
 #[test]
 fn flash_attention_head_dim_128_uneven_packed_batch() {
-    case(9, Storage::BF16, &[70, 1, 129], 2, 128, 128);
+    case(9, Storage::BF16, &[70, 1, 129], 2, 128, Kernels::Tile(128));
 }
 
 /// OPT-2.7B's heads of 80 on the 128-wide kernels, in place: the loads zero-fill columns
@@ -183,7 +207,15 @@ fn flash_attention_head_dim_128_uneven_packed_batch() {
 /// head's, which the comparison of every head catches).
 #[test]
 fn flash_attention_heads_of_80_on_the_128_kernels() {
-    case(11, Storage::BF16, &[70, 1, 129], 3, 80, 128);
+    case(11, Storage::BF16, &[70, 1, 129], 3, 80, Kernels::Tile(128));
+}
+
+/// Heads of 80 as 64 + 16 (`flash_split`), the kernels the engine runs for OPT-2.7B; several
+/// pipeline iterations per program, bf16 and f16.
+#[test]
+fn flash_attention_split_heads_of_80() {
+    case(12, Storage::BF16, &[70, 1, 129], 3, 80, Kernels::Split);
+    case(13, Storage::F16, &[200, 64], 2, 80, Kernels::Split);
 }
 
 /// Many key blocks per query block and query blocks per key block (several pipeline
@@ -191,5 +223,5 @@ fn flash_attention_heads_of_80_on_the_128_kernels() {
 /// the sequence's end must contribute nothing to dk/dv.
 #[test]
 fn flash_attention_long_sequence_unmasked_blocks() {
-    case(10, Storage::BF16, &[300, 40], 1, 64, 64);
+    case(10, Storage::BF16, &[300, 40], 1, 64, Kernels::Tile(64));
 }

@@ -3,16 +3,19 @@
 //! sequences with random q, k, v and dO (never zeros), every output poisoned (NaN) before its
 //! kernel runs. Opt-in: does nothing unless `LEXP_GPU_TESTS=1`.
 //!
-//! Shapes: lengths on and off the 64/128 block edges, a one-token sequence, head dimensions 64
-//! and 128 (every compiled tile configuration of each), the OPT-1.3B attention shape (32 heads
-//! of 64) at 4 x 512 and 4 x 1024 tokens and OPT-6.7B's (32 heads of 128), in bf16 and f16.
+//! Shapes: lengths on and off the 64/128 block edges, a one-token sequence, head dimensions 64,
+//! 80 (the split kernels) and 128 (every compiled tile configuration of each), the OPT-1.3B
+//! attention shape (32 heads of 64) at 4 x 512 and 4 x 1024 tokens, OPT-2.7B's (32 heads of 80)
+//! and OPT-6.7B's (32 heads of 128), in bf16 and f16.
 
 use lexp_compiler::dtype::Storage;
 use lexp_compiler::launch::KernelInfo;
 use lexp_kernels::flash_attention::{
     flash_bwd_dkdv, flash_bwd_dq, flash_fwd, key_blocks, query_blocks, BlockRow,
 };
+use lexp_kernels::flash_split::{flash_bwd_dkdv_split, flash_bwd_dq_split, flash_fwd_split};
 use lexp_kernels::reference::{self, compare, tolerance, AttnShape};
+use lexp_runtime::gpu::flash_launch::FlashFamily;
 use lexp_runtime::gpu::flash_problem::{block_tensor, FlashProblem};
 use lexp_runtime::{CudaDevice, DeviceTensor};
 
@@ -28,8 +31,26 @@ fn blocks(dev: &CudaDevice, rows: &[BlockRow]) -> DeviceTensor {
     block_tensor(dev, rows).unwrap()
 }
 
+type Config = Vec<(&'static str, usize)>;
+
+/// The tile configurations of the forward, dk/dv and dq kernels that take `b`'s heads.
+fn configs_for(b: &FlashProblem) -> [Vec<Config>; 3] {
+    match b.family {
+        FlashFamily::Tile => [
+            configs(&flash_fwd::INFO, b.width),
+            configs(&flash_bwd_dkdv::INFO, b.width),
+            configs(&flash_bwd_dq::INFO, b.width),
+        ],
+        FlashFamily::Split => [
+            flash_fwd_split::INFO.configurations(),
+            flash_bwd_dkdv_split::INFO.configurations(),
+            flash_bwd_dq_split::INFO.configurations(),
+        ],
+    }
+}
+
 /// The tile configurations of a kernel compiled for head dimension `hd`.
-fn configs(info: &KernelInfo, hd: usize) -> Vec<Vec<(&'static str, usize)>> {
+fn configs(info: &KernelInfo, hd: usize) -> Vec<Config> {
     let c: Vec<_> = info
         .configurations()
         .into_iter()
@@ -67,13 +88,7 @@ fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], (nh, hd): (usize, usiz
     // the way is the stored o and the bf16/f16 P and dS of the tensor-core products).
     let want = reference::attention_bwd(&qkv_h, &d_o_h, sh);
     let tol = tolerance(dtype);
-    // Heads narrower than a compiled width (80) run the next wider kernels in place.
-    let w = b.width;
-    let (fwd_c, dkdv_c, dq_c) = (
-        configs(&flash_fwd::INFO, w),
-        configs(&flash_bwd_dkdv::INFO, w),
-        configs(&flash_bwd_dq::INFO, w),
-    );
+    let [fwd_c, dkdv_c, dq_c] = configs_for(&b);
     for i in 0..fwd_c.len().max(dkdv_c.len()).max(dq_c.len()) {
         let (fc, kc, qc) = (
             &fwd_c[i % fwd_c.len()],
@@ -166,55 +181,72 @@ fn flash_attention_matches_the_reference_on_the_gpu() {
     case(&dev, Storage::BF16, &[1024, 1000, 24, 1024], (32, 64), 4);
     // OPT-6.7B's attention shape: 32 heads of 128.
     case(&dev, Storage::BF16, &[1024, 300, 700], (32, 128), 5);
-    // OPT-2.7B's heads of 80 on the 128 kernels, in place (no padded copies): a store past a
-    // head's 80 columns would land in the next head's and fail its comparison.
-    case(&dev, Storage::BF16, &[130, 1, 65, 64, 128, 257], (3, 80), 6);
+}
+
+/// OPT-2.7B's heads of 80, on the kernels the engine runs for them, in place (no padded
+/// copies): a store past a head's 80 columns would land in the next head's and fail its
+/// comparison. A test of its own so that it can be run alone (the one above takes minutes
+/// of f64 reference on the host).
+#[test]
+fn flash_attention_heads_of_80_match_the_reference_on_the_gpu() {
+    if !enabled() {
+        return;
+    }
+    let dev = CudaDevice::new(0).expect("a CUDA GPU");
+    for dtype in [Storage::BF16, Storage::F16] {
+        case(&dev, dtype, &[130, 1, 65, 64, 128, 257], (3, 80), 6);
+    }
     case(&dev, Storage::BF16, &[1024, 300, 700], (32, 80), 7);
 }
 
 /// Every compiled tile configuration of the four kernels at the OPT-1.3B attention shape
-/// (32 heads of 64, 4 sequences of 512 and of 1024 tokens, bf16), timed (median of 20 after
-/// 3 warm-up launches): which one the engine should run, and what each achieves in TFLOP/s of
-/// the causal half (correctness is the test above). Fails when a configuration falls below
-/// `MIN_TFLOPS` at 4 x 1024, a floor far under what they reach on the H200 (109–192 TFLOP/s,
+/// (32 heads of 64) and OPT-2.7B's (32 heads of 80, the split kernels), 4 sequences of 512 and
+/// of 1024 tokens, bf16, timed (median of 20 after 3 warm-up launches): which one the engine
+/// should run, and what each achieves in TFLOP/s of the causal half of the heads' own work
+/// (correctness is the tests above). Fails when a configuration falls below `MIN_TFLOPS` at
+/// 4 x 1024, a floor far under what they reach on the H200 (109–192 TFLOP/s at 64,
 /// `bench/results/2026-11-29-h200-flash-attention.txt`): it catches a kernel that lost its
 /// tensor-core path or its pipelining, not small drifts.
 #[test]
-fn flash_attention_configurations_timed_at_opt_1_3b() {
+fn flash_attention_configurations_timed_at_opt_sizes() {
     const MIN_TFLOPS: f64 = 40.0;
     if !enabled() {
         return;
     }
     use lexp_runtime::time_ms;
     let dev = CudaDevice::new(0).expect("a CUDA GPU");
-    let (nh, hd) = (32usize, 64usize);
-    for len in [512usize, 1024] {
-        let cu: Vec<usize> = (0..=4).map(|i| i * len).collect();
-        let b = FlashProblem::new(&dev, Storage::BF16, 4 * len, (nh, hd), 5).unwrap();
-        // Query-key pairs of the causal half, all heads.
-        let pairs = (4 * len * (len + 1) / 2 * nh) as f64;
-        let report = |name: &str, consts: &[(&str, usize)], gemms: f64, ms: f64| {
-            let tflops = gemms * 2.0 * hd as f64 * pairs / (ms * 1e-3) / 1e12;
-            println!("4x{len} {name} {consts:?}: {ms:.3} ms, {tflops:.0} TFLOP/s");
-            assert!(
-                len < 1024 || tflops >= MIN_TFLOPS,
-                "4x{len} {name} {consts:?}: {tflops:.0} TFLOP/s, below {MIN_TFLOPS}"
-            );
-        };
-        let time =
-            |f: &dyn Fn() -> lexp_runtime::Result<()>| time_ms(&dev, 3, 20, f).unwrap().median();
-        for c in configs(&flash_fwd::INFO, hd) {
-            let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
-            report("flash_fwd", &c, 2.0, time(&|| b.fwd(&dev, &c, &qb)));
-        }
-        println!("4x{len} flash_bwd_delta: {:.3} ms", time(&|| b.delta(&dev)));
-        for c in configs(&flash_bwd_dkdv::INFO, hd) {
-            let kb = blocks(&dev, &key_blocks(&cu, get(&c, "BN")).unwrap());
-            report("flash_bwd_dkdv", &c, 4.0, time(&|| b.dkdv(&dev, &c, &kb)));
-        }
-        for c in configs(&flash_bwd_dq::INFO, hd) {
-            let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
-            report("flash_bwd_dq", &c, 3.0, time(&|| b.dq(&dev, &c, &qb)));
+    for (nh, hd) in [(32usize, 64usize), (32, 80)] {
+        for len in [512usize, 1024] {
+            let cu: Vec<usize> = (0..=4).map(|i| i * len).collect();
+            let b = FlashProblem::new(&dev, Storage::BF16, 4 * len, (nh, hd), 5).unwrap();
+            // Query-key pairs of the causal half, all heads.
+            let pairs = (4 * len * (len + 1) / 2 * nh) as f64;
+            let tag = format!("{nh}x{hd} 4x{len}");
+            let report = |name: &str, consts: &[(&str, usize)], gemms: f64, ms: f64| {
+                let tflops = gemms * 2.0 * hd as f64 * pairs / (ms * 1e-3) / 1e12;
+                println!("{tag} {name} {consts:?}: {ms:.3} ms, {tflops:.0} TFLOP/s");
+                assert!(
+                    len < 1024 || tflops >= MIN_TFLOPS,
+                    "{tag} {name} {consts:?}: {tflops:.0} TFLOP/s, below {MIN_TFLOPS}"
+                );
+            };
+            let time = |f: &dyn Fn() -> lexp_runtime::Result<()>| {
+                time_ms(&dev, 3, 20, f).unwrap().median()
+            };
+            let [fwd_c, dkdv_c, dq_c] = configs_for(&b);
+            for c in fwd_c {
+                let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
+                report("fwd", &c, 2.0, time(&|| b.fwd(&dev, &c, &qb)));
+            }
+            println!("{tag} delta: {:.3} ms", time(&|| b.delta(&dev)));
+            for c in dkdv_c {
+                let kb = blocks(&dev, &key_blocks(&cu, get(&c, "BN")).unwrap());
+                report("dkdv", &c, 4.0, time(&|| b.dkdv(&dev, &c, &kb)));
+            }
+            for c in dq_c {
+                let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
+                report("dq", &c, 3.0, time(&|| b.dq(&dev, &c, &qb)));
+            }
         }
     }
 }

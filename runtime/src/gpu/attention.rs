@@ -6,10 +6,11 @@
 //!   the forward keeps only `o` and a base-2 log-sum-exp per (head, token), and the backward
 //!   recomputes the probabilities from it. All sequences and heads of a batch go in one launch
 //!   per kernel, driven by device-side block lists ([`BlockLists`]) uploaded with the batch.
-//!   The kernels are compiled for tiles 64 and 128 wide; a head dimension between them
-//!   (OPT-2.7B's 80) runs the 128 kernels in place ([`flash_kernels_for`]): their loads
-//!   zero-fill the tile's columns past the head and their stores drop them, which changes no
-//!   result in exact arithmetic.
+//!   The kernels are compiled for tiles 64 and 128 wide. OPT-2.7B's heads of 80 run kernels
+//!   that split every product over the head in 64 + 16 (`lexp_kernels::flash_split`); other
+//!   head dimensions between 64 and 128 run the 128 kernels in place ([`flash_kernels_for`]):
+//!   their loads zero-fill the tile's columns past the head and their stores drop them, which
+//!   changes no result in exact arithmetic.
 //! - **Materialised**: per sequence, strided-batched cuBLAS GEMMs over the heads read q, k and
 //!   v in place in the `[T, 3H]` projection output (head `h` at column `h·hd`, row stride
 //!   `3H`); f32 scores, a causal-softmax kernel, bf16 probabilities saved for the backward.
@@ -18,6 +19,8 @@
 //! Both apply the scale to `q·kᵀ`, not to the projected q (bias and LoRA delta included):
 //! the same math as PyTorch's OPT, without a pass over q.
 
+use super::flash_launch::{self as fl, Bwd, BwdArgs};
+pub use super::flash_launch::{FlashFamily, Tiles};
 use super::layer::{Ctx, Segment};
 use super::ops::{arg, arg_at, causal_softmax, mm_batched, softmax_bwd, upload_prefix, R};
 use super::sparse_attention::{self, sparse_config, AttnArgs, SparseFlashConfig};
@@ -29,16 +32,16 @@ use crate::model::ModelError;
 use lexp_compiler::launch::{LaunchError, TensorArg};
 use lexp_kernels::flash_attention::{self as fa, BlockRow};
 
-/// A tile configuration: `(name, value)` of each const parameter of a kernel variant.
-pub type Tiles = [(&'static str, usize); 5];
-
 /// The flash-attention tile configurations the engine runs for one head dimension, and the
 /// block sizes of the lists they take.
 #[derive(Debug, PartialEq, Eq)]
 pub struct FlashConfig {
-    /// The kernels' tile width `D`: the head dimension they are compiled for, and the widest
-    /// they take (narrower heads run in place, [`flash_kernels_for`]).
+    /// The head dimension the kernels are compiled for: with [`FlashFamily::Tile`] their tile
+    /// width `D`, the widest head they take (narrower ones run in place,
+    /// [`flash_kernels_for`]); with [`FlashFamily::Split`] `LO + HI`, the only one.
     pub hd: usize,
+    /// Which kernels.
+    pub family: FlashFamily,
     /// `flash_fwd`: `BM` queries per program, `BN` keys per step.
     pub fwd: Tiles,
     /// `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step.
@@ -50,21 +53,30 @@ pub struct FlashConfig {
 impl FlashConfig {
     /// Queries per block of the forward's list.
     pub fn fwd_bm(&self) -> usize {
-        param(&self.fwd, "BM")
+        param(self.fwd, "BM")
     }
 
     /// Queries per block of `flash_bwd_dq`'s list.
     pub fn dq_bm(&self) -> usize {
-        param(&self.dq, "BM")
+        param(self.dq, "BM")
     }
 
     /// Keys per block of `flash_bwd_dkdv`'s list.
     pub fn dkdv_bn(&self) -> usize {
-        param(&self.dkdv, "BN")
+        param(self.dkdv, "BN")
+    }
+
+    /// The tile width of `flash_bwd_delta` for these heads (the split kernels' heads of 80
+    /// run it on the 128 tile, masked).
+    pub fn delta_width(&self) -> usize {
+        match self.family {
+            FlashFamily::Tile => self.hd,
+            FlashFamily::Split => FLASH_128.hd,
+        }
     }
 }
 
-fn param(c: &Tiles, name: &str) -> usize {
+fn param(c: Tiles, name: &str) -> usize {
     c.iter().find(|(n, _)| *n == name).map_or(0, |&(_, v)| v)
 }
 
@@ -76,9 +88,10 @@ fn param(c: &Tiles, name: &str) -> usize {
 #[rustfmt::skip]
 const FLASH_64: FlashConfig = FlashConfig {
     hd: 64,
-    fwd: [("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8)],
-    dkdv: [("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
-    dq: [("D", 64), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
+    family: FlashFamily::Tile,
+    fwd: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8)],
+    dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
+    dq: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
 };
 
 /// Head dimension 128 (OPT-6.7B and larger): the variants that assemble without spills on
@@ -86,23 +99,38 @@ const FLASH_64: FlashConfig = FlashConfig {
 #[rustfmt::skip]
 const FLASH_128: FlashConfig = FlashConfig {
     hd: 128,
-    fwd: [("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
-    dkdv: [("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8)],
-    dq: [("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8)],
+    family: FlashFamily::Tile,
+    fwd: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
+    dkdv: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8)],
+    dq: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8)],
 };
 
-/// The head dimensions the flash kernels are compiled for.
-pub const FLASH_HEAD_DIMS: [usize; 2] = [FLASH_64.hd, FLASH_128.hd];
+/// Head dimension 80 (OPT-2.7B) as 64 + 16 (`lexp_kernels::flash_split`): the shapes of the
+/// 64 configuration where they assemble without spills on sm_80 (dk/dv with 128 keys takes
+/// 32-query steps; 64 spill).
+#[rustfmt::skip]
+const FLASH_80: FlashConfig = FlashConfig {
+    hd: 80,
+    family: FlashFamily::Split,
+    fwd: &[("BM", 128), ("BN", 128), ("S", 2), ("W", 8)],
+    dkdv: &[("BN", 128), ("BM", 32), ("S", 2), ("W", 8)],
+    dq: &[("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
+};
+
+/// The head dimensions flash kernels are compiled for.
+pub const FLASH_HEAD_DIMS: [usize; 3] = [FLASH_64.hd, FLASH_80.hd, FLASH_128.hd];
 
 /// The flash configuration compiled for head dimension `hd`, if there is one.
 pub fn flash_config(hd: usize) -> Option<&'static FlashConfig> {
-    [&FLASH_64, &FLASH_128].into_iter().find(|c| c.hd == hd)
+    [&FLASH_64, &FLASH_80, &FLASH_128]
+        .into_iter()
+        .find(|c| c.hd == hd)
 }
 
-/// The flash kernels the engine runs for head dimension `hd`: those compiled for it, or for a
-/// head dimension between 64 and 128 that is a multiple of 8 (OPT-2.7B's 80; the kernels'
-/// 16-byte copies need whole 8-column pieces) the 128 ones, which take the narrower heads in
-/// place (then `cfg.hd > hd`). Small head dimensions (test models) do not run on the 64 ones:
+/// The flash kernels the engine runs for head dimension `hd`: those compiled for it, or for
+/// another head dimension between 64 and 128 that is a multiple of 8 (the kernels' 16-byte
+/// copies need whole 8-column pieces) the 128 ones, which take the narrower heads in place
+/// (then `cfg.hd > hd`). Small head dimensions (test models) do not run on the 64 ones:
 /// that measured worse bf16 agreement with the CPU than the materialised attention (last-layer
 /// q/k gradients of `gpu_engine`'s clean variant with heads of 16, 1.75e-1 against ≤ 8e-2).
 pub fn flash_kernels_for(hd: usize) -> Option<&'static FlashConfig> {
@@ -291,14 +319,14 @@ fn sparse_cfg(cx: &Ctx) -> R<&'static SparseFlashConfig> {
 
 /// The layer's attention tensors as the block-sparse kernels' arguments.
 fn args(cx: &Ctx, acts: &LayerActs, sc: &Scratch) -> R<AttnArgs> {
-    let (t, h, nh) = (cx.t, cx.d.h, cx.d.nh);
+    let (t, nh) = (cx.t, cx.d.nh);
     Ok(AttnArgs {
-        qkv: arg(&acts.qkv, &[t, 3 * h])?,
-        o: arg(&acts.o, &[t, h])?,
+        qkv: heads(&acts.qkv, cx, 3 * nh)?,
+        o: heads(&acts.o, cx, nh)?,
         lse2: arg(&acts.lse2, &[nh, stats_cols(t)])?,
-        d_o: arg(&sc.tmp, &[t, h])?,
+        d_o: heads(&sc.tmp, cx, nh)?,
         delta: arg(&sc.delta, &[nh, stats_cols(t)])?,
-        dqkv: arg(&sc.dqkv, &[t, 3 * h])?,
+        dqkv: heads(&sc.dqkv, cx, 3 * nh)?,
         scale: scale(cx),
     })
 }
@@ -320,17 +348,15 @@ fn flash_forward(cx: &Ctx, acts: &mut LayerActs, sc: &Scratch) -> R {
     let (t, nh) = (cx.t, cx.d.nh);
     let [fwd, _, _] = sc.blocks.args()?;
     let cfg = config(cx)?;
-    let s = scale(cx);
-    fa::flash_fwd::launch_with(
+    fl::fwd(
         cx.dev,
-        &cfg.fwd,
-        &fa::flash_fwd::Args {
-            qkv: &heads(&acts.qkv, cx, 3 * nh)?,
-            blocks: &fwd,
-            scale_log2: s * std::f32::consts::LOG2_E,
-            o: &heads(&acts.o, cx, nh)?,
-            lse2: &arg(&acts.lse2, &[nh, stats_cols(t)])?,
-        },
+        cfg.family,
+        cfg.fwd,
+        &heads(&acts.qkv, cx, 3 * nh)?,
+        &fwd,
+        scale(cx),
+        &heads(&acts.o, cx, nh)?,
+        &arg(&acts.lse2, &[nh, stats_cols(t)])?,
     )
     .map_err(launch_err("flash attention forward"))
 }
@@ -339,49 +365,26 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
     let (t, nh) = (cx.t, cx.d.nh);
     let [_, dq, dkdv] = sc.blocks.args()?;
     let cfg = config(cx)?;
-    let s = scale(cx);
-    let qkv = heads(&acts.qkv, cx, 3 * nh)?;
-    let d_o = heads(&sc.tmp, cx, nh)?;
-    let lse2 = arg(&acts.lse2, &[nh, stats_cols(t)])?;
-    let delta = arg(&sc.delta, &[nh, stats_cols(t)])?;
-    let dqkv = heads(&sc.dqkv, cx, 3 * nh)?;
-    fa::flash_bwd_delta::launch_with(
+    let a = BwdArgs {
+        qkv: &heads(&acts.qkv, cx, 3 * nh)?,
+        d_o: &heads(&sc.tmp, cx, nh)?,
+        lse2: &arg(&acts.lse2, &[nh, stats_cols(t)])?,
+        delta: &arg(&sc.delta, &[nh, stats_cols(t)])?,
+        dqkv: &heads(&sc.dqkv, cx, 3 * nh)?,
+        scale: scale(cx),
+    };
+    fl::delta(
         cx.dev,
-        &[("D", cfg.hd)],
-        &fa::flash_bwd_delta::Args {
-            o: &heads(&acts.o, cx, nh)?,
-            d_o: &d_o,
-            delta: &delta,
-        },
+        cfg.delta_width(),
+        &heads(&acts.o, cx, nh)?,
+        a.d_o,
+        a.delta,
     )
     .map_err(launch_err("flash attention backward (delta)"))?;
-    // dk/dv per key block, then dq per query block: two kernels with the same arguments.
-    macro_rules! launch {
-        ($kernel:ident, $consts:expr, $blocks:expr, $what:literal) => {
-            fa::$kernel::launch_with(
-                cx.dev,
-                &$consts,
-                &fa::$kernel::Args {
-                    qkv: &qkv,
-                    d_o: &d_o,
-                    lse2: &lse2,
-                    delta: &delta,
-                    blocks: &$blocks,
-                    scale_log2: s * std::f32::consts::LOG2_E,
-                    scale: s,
-                    dqkv: &dqkv,
-                },
-            )
-            .map_err(launch_err($what))
-        };
-    }
-    launch!(
-        flash_bwd_dkdv,
-        cfg.dkdv,
-        dkdv,
-        "flash attention backward (dk, dv)"
-    )?;
-    launch!(flash_bwd_dq, cfg.dq, dq, "flash attention backward (dq)")
+    fl::bwd(cx.dev, cfg.family, Bwd::DkDv, cfg.dkdv, &dkdv, &a)
+        .map_err(launch_err("flash attention backward (dk, dv)"))?;
+    fl::bwd(cx.dev, cfg.family, Bwd::Dq, cfg.dq, &dq, &a)
+        .map_err(launch_err("flash attention backward (dq)"))
 }
 
 fn materialised_forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
@@ -530,10 +533,14 @@ mod tests {
         assert_eq!(AttentionImpl::default_for(64), AttentionImpl::Flash);
         assert_eq!(AttentionImpl::default_for(128), AttentionImpl::Flash);
         assert!(AttentionImpl::Flash.check(128).is_ok());
-        // OPT-2.7B's 80 (and any multiple of 8 up to 128) runs the 128 kernels in place;
-        // below 64 stays materialised, and so do widths the 16-byte copies cannot split.
+        // OPT-2.7B's 80 runs the split kernels, any other multiple of 8 up to 128 the 128
+        // ones in place; below 64 stays materialised, and so do widths the 16-byte copies
+        // cannot split.
         assert_eq!(AttentionImpl::default_for(80), AttentionImpl::Flash);
-        assert_eq!(flash_kernels_for(80).map(|c| c.hd), Some(128));
+        assert_eq!(
+            flash_kernels_for(80).map(|c| (c.hd, c.family, c.delta_width())),
+            Some((80, FlashFamily::Split, 128))
+        );
         assert_eq!(flash_kernels_for(96).map(|c| c.hd), Some(128));
         assert!(
             flash_kernels_for(100).is_none(),
@@ -542,7 +549,7 @@ mod tests {
         assert_eq!(flash_kernels_for(64).map(|c| c.hd), Some(64));
         assert!(flash_kernels_for(32).is_none());
         assert_eq!(AttentionImpl::default_for(16), AttentionImpl::Materialised);
-        assert!(flash_config(80).is_none(), "no kernels compiled for 80");
+        assert!(flash_config(96).is_none(), "no kernels compiled for 96");
         // Past the largest compiled head dimension only the materialised attention runs.
         assert_eq!(AttentionImpl::default_for(256), AttentionImpl::Materialised);
         assert!(AttentionImpl::Flash.check(256).is_err());

@@ -5,12 +5,13 @@
 //! PyTorch SDPA).
 
 use super::attention::{flash_kernels_for, stats_cols, FlashConfig};
+use super::flash_launch::{self as fl, Bwd, BwdArgs, FlashFamily};
 use crate::buffer::DeviceTensor;
 use crate::data::SplitMix64;
 use crate::device::CudaDevice;
 use crate::error::Result;
 use lexp_compiler::dtype::Storage;
-use lexp_kernels::flash_attention::{self as fa, key_blocks, query_blocks, BlockRow};
+use lexp_kernels::flash_attention::{key_blocks, query_blocks, BlockRow};
 
 /// The tensors of one causal attention problem over packed sequences: inputs
 /// `qkv [T, 3·nh, hd]` (uniform in ±2) and `dO [T, nh, hd]` (±1), outputs `o`, `lse2` and
@@ -37,8 +38,9 @@ pub struct FlashProblem {
     pub nh: usize,
     /// Head dimension.
     pub hd: usize,
-    /// The kernels' tile width `D` for these heads (`hd`, or the next compiled width above it:
-    /// [`flash_kernels_for`]).
+    /// The kernels that take these heads ([`flash_kernels_for`]).
+    pub family: FlashFamily,
+    /// `flash_bwd_delta`'s tile width for these heads ([`FlashConfig::delta_width`]).
     pub width: usize,
 }
 
@@ -64,7 +66,8 @@ impl FlashProblem {
         (nh, hd): (usize, usize),
         seed: u64,
     ) -> Result<FlashProblem> {
-        let width = flash_kernels_for(hd).map_or(hd, |c| c.hd);
+        let cfg = flash_kernels_for(hd);
+        let (family, width) = cfg.map_or((FlashFamily::Tile, hd), |c| (c.family, c.delta_width()));
         let mut rng = SplitMix64::new(seed);
         let mut random = |dims: &[usize], a: f64| {
             let n = dims.iter().product();
@@ -83,6 +86,7 @@ impl FlashProblem {
             t,
             nh,
             hd,
+            family,
             width,
         })
     }
@@ -95,89 +99,76 @@ impl FlashProblem {
         Ok(())
     }
 
-    /// `flash_fwd` with tile configuration `consts` over the query blocks `blocks`.
+    /// The forward (of [`Self::family`]) with tile configuration `consts` over the query
+    /// blocks `blocks`.
     pub fn fwd(
         &self,
         dev: &CudaDevice,
         consts: &[(&str, usize)],
         blocks: &DeviceTensor,
     ) -> Result<()> {
-        fa::flash_fwd::launch_with(
+        fl::fwd(
             dev,
+            self.family,
             consts,
-            &fa::flash_fwd::Args {
-                qkv: &self.qkv.as_arg(),
-                blocks: &blocks.as_arg(),
-                scale_log2: self.scale * std::f32::consts::LOG2_E,
-                o: &self.o.as_arg(),
-                lse2: &self.lse2.as_arg(),
-            },
+            &self.qkv.as_arg(),
+            &blocks.as_arg(),
+            self.scale,
+            &self.o.as_arg(),
+            &self.lse2.as_arg(),
         )?;
         Ok(())
     }
 
     /// `flash_bwd_delta` (from `o` and `dO`).
     pub fn delta(&self, dev: &CudaDevice) -> Result<()> {
-        fa::flash_bwd_delta::launch_with(
+        fl::delta(
             dev,
-            &[("D", self.width)],
-            &fa::flash_bwd_delta::Args {
-                o: &self.o.as_arg(),
-                d_o: &self.d_o.as_arg(),
-                delta: &self.delta.as_arg(),
-            },
+            self.width,
+            &self.o.as_arg(),
+            &self.d_o.as_arg(),
+            &self.delta.as_arg(),
         )?;
         Ok(())
     }
 
-    /// `flash_bwd_dkdv` with `consts` over the key blocks `blocks`.
+    fn bwd(
+        &self,
+        dev: &CudaDevice,
+        which: Bwd,
+        consts: &[(&str, usize)],
+        blocks: &DeviceTensor,
+    ) -> Result<()> {
+        let a = BwdArgs {
+            qkv: &self.qkv.as_arg(),
+            d_o: &self.d_o.as_arg(),
+            lse2: &self.lse2.as_arg(),
+            delta: &self.delta.as_arg(),
+            dqkv: &self.dqkv.as_arg(),
+            scale: self.scale,
+        };
+        fl::bwd(dev, self.family, which, consts, &blocks.as_arg(), &a)?;
+        Ok(())
+    }
+
+    /// dk and dv with `consts` over the key blocks `blocks`.
     pub fn dkdv(
         &self,
         dev: &CudaDevice,
         consts: &[(&str, usize)],
         blocks: &DeviceTensor,
     ) -> Result<()> {
-        let s = self.scale;
-        fa::flash_bwd_dkdv::launch_with(
-            dev,
-            consts,
-            &fa::flash_bwd_dkdv::Args {
-                qkv: &self.qkv.as_arg(),
-                d_o: &self.d_o.as_arg(),
-                lse2: &self.lse2.as_arg(),
-                delta: &self.delta.as_arg(),
-                blocks: &blocks.as_arg(),
-                scale_log2: s * std::f32::consts::LOG2_E,
-                scale: s,
-                dqkv: &self.dqkv.as_arg(),
-            },
-        )?;
-        Ok(())
+        self.bwd(dev, Bwd::DkDv, consts, blocks)
     }
 
-    /// `flash_bwd_dq` with `consts` over the query blocks `blocks`.
+    /// dq with `consts` over the query blocks `blocks`.
     pub fn dq(
         &self,
         dev: &CudaDevice,
         consts: &[(&str, usize)],
         blocks: &DeviceTensor,
     ) -> Result<()> {
-        let s = self.scale;
-        fa::flash_bwd_dq::launch_with(
-            dev,
-            consts,
-            &fa::flash_bwd_dq::Args {
-                qkv: &self.qkv.as_arg(),
-                d_o: &self.d_o.as_arg(),
-                lse2: &self.lse2.as_arg(),
-                delta: &self.delta.as_arg(),
-                blocks: &blocks.as_arg(),
-                scale_log2: s * std::f32::consts::LOG2_E,
-                scale: s,
-                dqkv: &self.dqkv.as_arg(),
-            },
-        )?;
-        Ok(())
+        self.bwd(dev, Bwd::Dq, consts, blocks)
     }
 
     /// The tensors as the block-sparse kernels' arguments

@@ -14,7 +14,9 @@
 //! - [`houlsby`]: Houlsby adapters (ReLU): device copies, saved activations, gradients.
 //! - [`layer`]: one decoder layer forward and backward.
 //! - [`attention`]: causal attention over the packed sequences: flash attention in the DSL
-//!   (head dimensions 64 and 128), or materialised scores with cuBLAS (any head dimension).
+//!   (head dimensions 64, 80 and 128, and those between in place), or materialised scores
+//!   with cuBLAS (any head dimension).
+//! - [`flash_launch`]: the flash-attention launches of either kernel family.
 //! - [`flash_problem`]: one stand-alone flash-attention problem (tests and benchmarks).
 //! - [`engine`]: the engine: batch checks, embeddings, the chunked LM head + cross-entropy,
 //!   and the one download (loss and gradients) that ends each call.
@@ -34,6 +36,7 @@ pub mod attention;
 pub mod bitfit;
 pub mod dropout;
 pub mod engine;
+pub mod flash_launch;
 pub mod flash_problem;
 pub mod graph;
 pub mod houlsby;

@@ -172,9 +172,9 @@ impl SparseLists {
 /// One layer's attention tensors as kernel arguments: `qkv [T, 3H]`, `o`, `d_o` `[T, H]`,
 /// `lse2`, `delta` `[nh, stats cols]` and `dqkv [T, 3H]`.
 pub struct AttnArgs {
-    /// Packed q, k, v.
+    /// Packed q, k, v, `[T, 3·nh, hd]`.
     pub qkv: TensorArg,
-    /// The forward's output.
+    /// The forward's output, `[T, nh, hd]`.
     pub o: TensorArg,
     /// Base-2 log-sum-exp per (head, token).
     pub lse2: TensorArg,
