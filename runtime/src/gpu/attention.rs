@@ -81,15 +81,18 @@ fn param(c: Tiles, name: &str) -> usize {
 }
 
 /// Head dimension 64 (OPT-125m to 1.3B). Forward: the fastest compiled configuration at
-/// OPT-1.3B's 4 x 512 and 4 x 1024 on the H200 (`runtime/tests/gpu_flash.rs` times them all).
-/// dk/dv with 128 keys: the 8 warps own whole key rows, so `Pᵀ` and `dSᵀ` feed the MMAs from
-/// registers (0.251 against 0.301 ms per layer at 4 x 1024 with 64 keys); dq with 128 queries
-/// likewise (0.126 against 0.137 ms; `bench/results/2026-11-29-h200-gpu-flash-tests-shortcut.txt`).
+/// OPT-1.3B's 4 x 512 and 4 x 1024 on the H200 (`runtime/tests/gpu_flash.rs` times them all):
+/// 64-key steps in 3 stages, 0.037 / 0.099 ms against 0.041 / 0.109 with 128 keys in 2
+/// (`bench/results/2026-11-30-h200-flash-heads/call59-split/gpu_flash-timed.txt`; 128 keys
+/// led before the tensors became per-head views). dk/dv with 128 keys: the 8 warps own whole
+/// key rows, so `Pᵀ` and `dSᵀ` feed the MMAs from registers (0.251 against 0.301 ms per layer
+/// at 4 x 1024 with 64 keys); dq with 128 queries likewise (0.126 against 0.137 ms;
+/// `bench/results/2026-11-29-h200-gpu-flash-tests-shortcut.txt`).
 #[rustfmt::skip]
 const FLASH_64: FlashConfig = FlashConfig {
     hd: 64,
     family: FlashFamily::Tile,
-    fwd: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8)],
+    fwd: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8)],
     dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
     dq: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
 };
@@ -105,14 +108,16 @@ const FLASH_128: FlashConfig = FlashConfig {
     dq: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8)],
 };
 
-/// Head dimension 80 (OPT-2.7B) as 64 + 16 (`lexp_kernels::flash_split`): the shapes of the
-/// 64 configuration where they assemble without spills on sm_80 (dk/dv with 128 keys takes
-/// 32-query steps; 64 spill).
+/// Head dimension 80 (OPT-2.7B) as 64 + 16 (`lexp_kernels::flash_split`): the fastest
+/// compiled configurations at OPT-2.7B's 4 x 1024 on the H200 (`gpu_flash`'s timing test,
+/// `bench/results/2026-11-30-h200-flash-heads/call59-split/gpu_flash-timed.txt`): forward
+/// 0.127 ms with 3 stages (0.136 with 2), dk/dv 0.304 ms with 128 keys in 32-query steps (64
+/// spill on sm_80), dq 0.145 ms with 128 queries.
 #[rustfmt::skip]
 const FLASH_80: FlashConfig = FlashConfig {
     hd: 80,
     family: FlashFamily::Split,
-    fwd: &[("BM", 128), ("BN", 128), ("S", 2), ("W", 8)],
+    fwd: &[("BM", 128), ("BN", 128), ("S", 3), ("W", 8)],
     dkdv: &[("BN", 128), ("BM", 32), ("S", 2), ("W", 8)],
     dq: &[("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
 };
