@@ -70,27 +70,26 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
     let tp = t.div_ceil(4) * 4;
     let mut lse2 = poisoned(Storage::F32, &[nh, tp]);
     let mut qb = block_tensor(&query_blocks(&cu, 128).unwrap());
-    let fwd = flash_fwd::HostArgs {
-        qkv: &mut qkv,
-        blocks: &mut qb,
-        scale_log2,
-        o: &mut o,
-        lse2: &mut lse2,
-    };
-    match kernels {
-        Kernels::Tile(d) => flash_fwd::interpret(&[("D", d), ("BN", 64)], fwd),
-        Kernels::Split => flash_fwd_split::interpret(
-            &[("BN", 64)],
-            flash_fwd_split::HostArgs {
-                qkv: fwd.qkv,
-                blocks: fwd.blocks,
-                scale_log2,
-                o: fwd.o,
-                lse2: fwd.lse2,
-            },
-        ),
+    // The forward kernels of both families take the same arguments.
+    macro_rules! fwd {
+        ($kernel:ident, $consts:expr) => {
+            $kernel::interpret(
+                &$consts,
+                $kernel::HostArgs {
+                    qkv: &mut qkv,
+                    blocks: &mut qb,
+                    scale_log2,
+                    o: &mut o,
+                    lse2: &mut lse2,
+                },
+            )
+            .unwrap()
+        };
     }
-    .unwrap();
+    match kernels {
+        Kernels::Tile(d) => fwd!(flash_fwd, [("D", d), ("BN", 64)]),
+        Kernels::Split => fwd!(flash_fwd_split, [("BN", 64)]),
+    }
     let d = compare(&o.data, &want_o);
     assert!(
         d.unwritten == 0 && d.non_finite == 0 && d.rel_l2 < 1e-2,

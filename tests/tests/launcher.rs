@@ -4,7 +4,7 @@
 
 use lexp_compiler::dtype::Storage;
 use lexp_compiler::launch::{Arch, KernelParam, LaunchError, LaunchSpec, Launcher, TensorArg};
-use lexp_kernels::{axpby, softmax};
+use lexp_kernels::{axpby, flash_bwd_delta, softmax};
 use std::cell::RefCell;
 
 /// One recorded launch.
@@ -325,6 +325,55 @@ fn overlapping_rows_are_rejected() {
     let (l, r) = launch_softmax(&x, &y);
     let shown = assert_bad_argument(&l, r, "softmax", "y", "dimension 0 overlaps");
     assert!(shown.contains("512") && shown.contains("1024"), "{shown}");
+}
+
+/// Rank-3 tensors (the flash kernels' per-head views `[T, heads, hd]`): a view of heads of 80
+/// on the 128 tile launches one program row per head; a view whose head stride is shorter than
+/// the head overlaps the next head and is rejected, naming the dimension.
+#[test]
+fn rank_3_views_launch_and_overlapping_heads_are_rejected() {
+    let (t, nh, hd) = (100, 3, 80);
+    let o = TensorArg::contiguous(X, Storage::BF16, &[t, nh, hd]);
+    let d_o = TensorArg::contiguous(Y, Storage::BF16, &[t, nh, hd]);
+    let delta = t2(0x3000_0000, Storage::F32, nh, 104);
+    let l = MockLauncher::default();
+    let args = flash_bwd_delta::Args {
+        o: &o,
+        d_o: &d_o,
+        delta: &delta,
+    };
+    flash_bwd_delta::launch_with(&l, &[("D", 128)], &args).unwrap();
+    let got = l.only();
+    assert_eq!(got.grid, [4, 3, 1], "cdiv(100, 32) row blocks x 3 heads");
+    assert_eq!(got.align, 16);
+    // Heads 64 apart but 80 wide: each overlaps the next.
+    let bad = strided(Y, Storage::BF16, &[t, nh, hd], &[nh * hd, 64, 1]);
+    let l = MockLauncher::default();
+    let r = flash_bwd_delta::launch_with(
+        &l,
+        &[("D", 128)],
+        &flash_bwd_delta::Args {
+            o: &o,
+            d_o: &bad,
+            delta: &delta,
+        },
+    );
+    let shown = assert_bad_argument(&l, r, "flash_bwd_delta", "d_o", "dimension 1 overlaps");
+    assert!(shown.contains("stride 64"), "{shown}");
+    // A head wider than the tile is refused by the kernel's requirements.
+    let wide = TensorArg::contiguous(Y, Storage::BF16, &[t, nh, 136]);
+    let l = MockLauncher::default();
+    let r = flash_bwd_delta::launch_with(
+        &l,
+        &[("D", 128)],
+        &flash_bwd_delta::Args {
+            o: &wide,
+            d_o: &wide,
+            delta: &delta,
+        },
+    );
+    assert!(matches!(r, Err(LaunchError::Requirement { .. })), "{r:?}");
+    l.assert_nothing_launched();
 }
 
 /// Asserts `r` is a `Requirement` error of `kernel` for `requirement` and nothing launched.

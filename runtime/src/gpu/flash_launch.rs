@@ -24,10 +24,15 @@ pub type Tiles = &'static [(&'static str, usize)];
 /// The tensors of the backward launches: q/k/v and their gradient `[T, 3·nh, hd]`, `dO`
 /// `[T, nh, hd]`, the statistics `[nh, T']`.
 pub struct BwdArgs<'a> {
+    /// q, k and v, `[T, 3·nh, hd]`.
     pub qkv: &'a TensorArg,
+    /// The output's gradient, `[T, nh, hd]`.
     pub d_o: &'a TensorArg,
+    /// The forward's base-2 log-sum-exp per (head, token).
     pub lse2: &'a TensorArg,
+    /// `rowsum(dO ⊙ O)` per (head, token) ([`delta`]).
     pub delta: &'a TensorArg,
+    /// The gradient of q, k and v, laid out like `qkv`.
     pub dqkv: &'a TensorArg,
     /// Softmax scale `hd^-0.5`.
     pub scale: f32,
@@ -84,10 +89,12 @@ pub fn delta(
     )
 }
 
-/// Which backward kernel: dk and dv per key block, or dq per query block.
+/// Which backward kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bwd {
+    /// dk and dv, one program per key block.
     DkDv,
+    /// dq, one program per query block.
     Dq,
 }
 
