@@ -11,13 +11,23 @@
 //!
 //! A variant whose shared memory exceeds sm_80's opt-in limit can never launch there (the
 //! launcher reports it and the autotuner skips it), so only its sm_90 code is held to the
-//! budget; its sm_80 PTX must still assemble.
+//! budget; its sm_80 PTX must still assemble. The same holds for the variants of
+//! [`sm90_only`], which the engine runs on sm_90 only (a smaller tile on sm_80).
 
 use lexp_compiler::target;
 use lexp_tests::{find_nvdisasm, find_ptxas, ptxas, sass, spills_in_loops};
 
 /// Spill bytes (stores) a variant may have when none of them is inside a loop.
 const SPILL_OUTSIDE_LOOPS: u32 = 32;
+
+/// Variants the engine runs on sm_90 only, because their sm_80 code spills: the split dk/dv
+/// with 128 keys in 64-query steps (`runtime/src/gpu/attention.rs`: `FLASH_80` takes 32-query
+/// steps on sm_80, `dkdv_sm80`).
+fn sm90_only(v: &lexp_compiler::launch::Variant) -> bool {
+    v.kernel == "flash_bwd_dkdv_split"
+        && v.param("BN") == Some("128")
+        && v.param("BM") == Some("64")
+}
 
 #[test]
 fn every_variant_assembles_without_spills() {
@@ -35,7 +45,8 @@ fn every_variant_assembles_without_spills() {
     );
     for k in lexp_kernels::ALL {
         for v in k.variants {
-            let sm80_launchable = v.smem_bytes as usize <= target::SM80.max_dynamic_smem;
+            let sm80_launchable =
+                v.smem_bytes as usize <= target::SM80.max_dynamic_smem && !sm90_only(v);
             for (arch, ptx) in [("sm_80", v.ptx_sm80), ("sm_90a", v.ptx_sm90)] {
                 match ptxas(&bin, ptx, arch) {
                     Ok(r) => {

@@ -29,7 +29,7 @@ use crate::buffer::DeviceTensor;
 use crate::cublas::{Mat, MatLayout, MatMut};
 use crate::device::CudaDevice;
 use crate::model::ModelError;
-use lexp_compiler::launch::{LaunchError, TensorArg};
+use lexp_compiler::launch::{Arch, LaunchError, Launcher, TensorArg};
 use lexp_kernels::flash_attention::{self as fa, BlockRow};
 
 /// The flash-attention tile configurations the engine runs for one head dimension, and the
@@ -44,8 +44,11 @@ pub struct FlashConfig {
     pub family: FlashFamily,
     /// `flash_fwd`: `BM` queries per program, `BN` keys per step.
     pub fwd: Tiles,
-    /// `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step.
+    /// `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step (sm_90).
     pub dkdv: Tiles,
+    /// `flash_bwd_dkdv` on sm_80, where `dkdv` may spill: the same `BN` (the block lists do not
+    /// depend on the architecture).
+    pub dkdv_sm80: Tiles,
     /// `flash_bwd_dq`: `BM` queries per program, `BN` keys per step.
     pub dq: Tiles,
 }
@@ -64,6 +67,14 @@ impl FlashConfig {
     /// Keys per block of `flash_bwd_dkdv`'s list.
     pub fn dkdv_bn(&self) -> usize {
         param(self.dkdv, "BN")
+    }
+
+    /// The dk/dv tiles for `arch`.
+    pub fn dkdv_for(&self, arch: Arch) -> Tiles {
+        match arch {
+            Arch::Sm80 => self.dkdv_sm80,
+            Arch::Sm90 => self.dkdv,
+        }
     }
 
     /// The tile width of `flash_bwd_delta` for these heads (the split kernels' heads of 80
@@ -94,6 +105,7 @@ const FLASH_64: FlashConfig = FlashConfig {
     family: FlashFamily::Tile,
     fwd: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8)],
     dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
+    dkdv_sm80: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
     dq: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
 };
 
@@ -105,20 +117,22 @@ const FLASH_128: FlashConfig = FlashConfig {
     family: FlashFamily::Tile,
     fwd: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
     dkdv: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8)],
+    dkdv_sm80: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8)],
     dq: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8)],
 };
 
 /// Head dimension 80 (OPT-2.7B) as 64 + 16 (`lexp_kernels::flash_split`): the fastest
 /// compiled configurations at OPT-2.7B's 4 x 1024 on the H200 (`gpu_flash`'s timing test,
 /// `bench/results/2026-11-30-h200-flash-heads/call59-split/gpu_flash-timed.txt`): forward
-/// 0.127 ms with 3 stages (0.136 with 2), dk/dv 0.304 ms with 128 keys in 32-query steps (64
-/// spill on sm_80), dq 0.145 ms with 128 queries.
+/// 0.127 ms with 3 stages (0.136 with 2), dq 0.145 ms with 128 queries. dk/dv: 128 keys in
+/// 64-query steps on sm_90, which spill on sm_80, where 32-query steps run (0.304 ms).
 #[rustfmt::skip]
 const FLASH_80: FlashConfig = FlashConfig {
     hd: 80,
     family: FlashFamily::Split,
     fwd: &[("BM", 128), ("BN", 128), ("S", 3), ("W", 8)],
-    dkdv: &[("BN", 128), ("BM", 32), ("S", 2), ("W", 8)],
+    dkdv: &[("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
+    dkdv_sm80: &[("BN", 128), ("BM", 32), ("S", 2), ("W", 8)],
     dq: &[("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
 };
 
@@ -386,8 +400,15 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
         a.delta,
     )
     .map_err(launch_err("flash attention backward (delta)"))?;
-    fl::bwd(cx.dev, cfg.family, Bwd::DkDv, cfg.dkdv, &dkdv, &a)
-        .map_err(launch_err("flash attention backward (dk, dv)"))?;
+    fl::bwd(
+        cx.dev,
+        cfg.family,
+        Bwd::DkDv,
+        cfg.dkdv_for(Launcher::arch(cx.dev)),
+        &dkdv,
+        &a,
+    )
+    .map_err(launch_err("flash attention backward (dk, dv)"))?;
     fl::bwd(cx.dev, cfg.family, Bwd::Dq, cfg.dq, &dq, &a)
         .map_err(launch_err("flash attention backward (dq)"))
 }
@@ -530,6 +551,17 @@ mod tests {
         };
         for list in [&p.fwd, &p.dq, &p.dkdv] {
             assert_eq!(covered(list), vec![(0, 0), (0, 128), (130, 0), (131, 0)]);
+        }
+    }
+
+    /// The block lists are built from `dkdv_bn()` whatever the architecture, so both dk/dv
+    /// configurations must take the same `BN`.
+    #[test]
+    fn dkdv_tiles_of_both_architectures_share_their_key_blocks() {
+        for c in [&FLASH_64, &FLASH_80, &FLASH_128] {
+            assert_eq!(param(c.dkdv_sm80, "BN"), c.dkdv_bn(), "{c:?}");
+            assert_eq!(c.dkdv_for(Arch::Sm90), c.dkdv);
+            assert_eq!(c.dkdv_for(Arch::Sm80), c.dkdv_sm80);
         }
     }
 

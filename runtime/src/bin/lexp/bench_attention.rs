@@ -14,6 +14,7 @@
 
 use anyhow::{bail, Context, Result};
 use lexp_compiler::dtype::Storage;
+use lexp_compiler::launch::Launcher;
 use lexp_runtime::gpu::attention::{flash_kernels_for, FlashConfig};
 use lexp_runtime::gpu::flash_problem::FlashProblem;
 use lexp_runtime::gpu::sparse_attention::{self as sa, SparseLists, SparsePlan};
@@ -68,7 +69,7 @@ fn backward(
     blocks: &[DeviceTensor; 3],
 ) -> lexp_runtime::Result<()> {
     p.delta(dev)?;
-    p.dkdv(dev, &cfg.dkdv, &blocks[1])?;
+    p.dkdv(dev, cfg.dkdv_for(Launcher::arch(dev)), &blocks[1])?;
     p.dq(dev, &cfg.dq, &blocks[2])
 }
 
