@@ -125,7 +125,8 @@ const FLASH_128: FlashConfig = FlashConfig {
 /// compiled configurations at OPT-2.7B's 4 x 1024 on the H200 (`gpu_flash`'s timing test,
 /// `bench/results/2026-11-30-h200-flash-heads/call59-split/gpu_flash-timed.txt`): forward
 /// 0.127 ms with 3 stages (0.136 with 2), dq 0.145 ms with 128 queries. dk/dv: 128 keys in
-/// 64-query steps on sm_90, which spill on sm_80, where 32-query steps run (0.304 ms).
+/// 64-query steps on sm_90 (0.281 ms, against 0.307 with 32; `call62-dkdv-sm90/`), which
+/// spill on sm_80, where 32-query steps run.
 #[rustfmt::skip]
 const FLASH_80: FlashConfig = FlashConfig {
     hd: 80,
