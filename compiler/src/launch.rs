@@ -59,6 +59,25 @@ pub struct Variant {
     pub ptx_sm80: &'static str,
     /// PTX for sm_90.
     pub ptx_sm90: &'static str,
+    /// Tensor maps the sm_90 PTX takes after the ordinary parameters, in order (empty when
+    /// no loop is streamed by TMA). The runtime encodes them at launch.
+    pub tma: &'static [TmaMap],
+}
+
+/// A tensor map (the TMA's descriptor of a global tensor and the box one copy moves) that a
+/// variant's sm_90 PTX takes as a 128-byte `.param`: the runtime encodes it at launch from the
+/// rank-2 tensor whose base pointer is parameter `param` (its extents are parameters
+/// `param + 1`, `param + 2`, its row stride `param + 3`, in elements).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TmaMap {
+    pub param: usize,
+    /// Element size in bytes.
+    pub elem: usize,
+    /// Box: rows, and columns (the inner, contiguous dimension; `swizzle / elem`).
+    pub box_rows: u32,
+    pub box_cols: u32,
+    /// Shared-memory swizzle in bytes (128, 64 or 32).
+    pub swizzle: u32,
 }
 
 impl Variant {

@@ -2,7 +2,8 @@
 //! layouts training needs (NN, NT, TN; row-major storage). Each program computes one
 //! `BM x BN` tile of `c`; programs are ordered in groups of `G` tile rows so that consecutive
 //! programs reuse operand panels from L2 (COMPILER.md §4.4). The K loop's operand loads are
-//! streamed by the compiler's `cp.async` pipeline (`stages = S`).
+//! streamed by the compiler's `cp.async` pipeline (`stages = S`), or on sm_90a with `TMA = 1`
+//! by bulk tensor copies that one thread issues (COMPILER.md §8.2).
 //!
 //! Tile configurations (the autotuner picks per device and shape): 4 warps with 64 x 64 warp
 //! tiles (`mma.sync`, the sm_80 shape), and 8 warps in two warpgroups of `64 x BN` (`wgmma` on
@@ -14,10 +15,11 @@ use lexp_macros::kernel;
 
 /// `c[M, N] = a[M, K] · b[K, N]`.
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], S = [3, 4, 6, 8], W = [4, 8], G = [8]),
-    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024],
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], S = [3, 4, 6, 8], W = [4, 8], G = [8], TMA = [0, 1]),
+    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [cdiv(a.dim(0), BM) * cdiv(b.dim(1), BN)],
     require = [b.dim(0) == a.dim(1), c.dim(0) == a.dim(0), c.dim(1) == b.dim(1)]
 )]
@@ -29,6 +31,7 @@ pub fn gemm_nn<
     const S: usize,
     const W: usize,
     const G: usize,
+    const TMA: usize,
 >(
     a: Tensor<T, 2>,
     b: Tensor<T, 2>,
@@ -47,10 +50,11 @@ pub fn gemm_nn<
 
 /// `c[M, N] = a[M, K] · b[N, K]ᵀ` (`x · Wᵀ` with a PyTorch `Linear` weight).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], S = [3, 4, 6, 8], W = [4, 8], G = [8]),
-    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024],
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], S = [3, 4, 6, 8], W = [4, 8], G = [8], TMA = [0, 1]),
+    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [cdiv(a.dim(0), BM) * cdiv(b.dim(0), BN)],
     require = [b.dim(1) == a.dim(1), c.dim(0) == a.dim(0), c.dim(1) == b.dim(0)]
 )]
@@ -62,6 +66,7 @@ pub fn gemm_nt<
     const S: usize,
     const W: usize,
     const G: usize,
+    const TMA: usize,
 >(
     a: Tensor<T, 2>,
     b: Tensor<T, 2>,
@@ -80,10 +85,11 @@ pub fn gemm_nt<
 
 /// `c[M, N] = a[K, M]ᵀ · b[K, N]` (weight-style gradients: a reduction over tokens).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], S = [3, 4, 6, 8], W = [4, 8], G = [8]),
-    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024],
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], S = [3, 4, 6, 8], W = [4, 8], G = [8], TMA = [0, 1]),
+    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [cdiv(a.dim(1), BM) * cdiv(b.dim(1), BN)],
     require = [b.dim(0) == a.dim(0), c.dim(0) == a.dim(1), c.dim(1) == b.dim(1)]
 )]
@@ -95,6 +101,7 @@ pub fn gemm_tn<
     const S: usize,
     const W: usize,
     const G: usize,
+    const TMA: usize,
 >(
     a: Tensor<T, 2>,
     b: Tensor<T, 2>,

@@ -5,6 +5,7 @@
 //!     variants(T = [bf16, f16, f32], BLOCK = [1024]),   // instantiated compile-time parameters
 //!     warps = 4,                                         // warps per program (or a const parameter)
 //!     stages = 3,                                        // cp.async pipeline depth of `dot` loops
+//!     tma = 1,                                           // sm_90a: stream them with TMA (0/1 or a const parameter)
 //!     only = [W == 8 || BN == 128],                      // keep only variants where all hold
 //!     grid = [cdiv(y.dim(0), BLOCK)],                    // programs along x (, y, z)
 //!     require = [x.dim(0) == y.dim(0)],                  // checked by the launcher
@@ -25,6 +26,8 @@ pub struct KernelAttr {
     pub warps: Count,
     /// Pipeline depth for `dot` operands streamed in loops (1: off).
     pub stages: Count,
+    /// 1: on sm_90a, stream `dot` operands with TMA where they qualify (0: `cp.async`).
+    pub tma: Count,
     pub grid: Vec<Expr>,
     pub require: Vec<Expr>,
     /// Compile-time filters on the const parameters: a combination is compiled only if every
@@ -39,6 +42,7 @@ impl Parse for KernelAttr {
             variants: vec![],
             warps: Count::Lit(4),
             stages: Count::Lit(1),
+            tma: Count::Lit(0),
             grid: vec![],
             require: vec![],
             only: vec![],
@@ -76,6 +80,14 @@ impl Parse for KernelAttr {
                         }
                     }
                 }
+                Meta::NameValue(nv) if nv.path.is_ident("tma") => {
+                    attr.tma = Count::parse(&nv.value, "tma")?;
+                    if let Count::Lit(t) = attr.tma {
+                        if t > 1 {
+                            return Err(Error::new_spanned(&nv.value, "`tma` must be 0 or 1"));
+                        }
+                    }
+                }
                 Meta::NameValue(nv) if nv.path.is_ident("only") => {
                     let Expr::Array(a) = &nv.value else {
                         return Err(Error::new_spanned(&nv.value, "expected `[condition, ...]`"));
@@ -100,7 +112,7 @@ impl Parse for KernelAttr {
                 other => {
                     return Err(Error::new_spanned(
                         other,
-                        "unknown #[kernel] argument; expected `variants(..)`, `warps = N`, `stages = N`, `only = [..]`, `grid = [..]` or `require = [..]`",
+                        "unknown #[kernel] argument; expected `variants(..)`, `warps = N`, `stages = N`, `tma = 0|1`, `only = [..]`, `grid = [..]` or `require = [..]`",
                     ))
                 }
             }

@@ -28,6 +28,8 @@ struct Built {
     dynamic_smem: bool,
     threads: usize,
     has_dot: bool,
+    /// Tensor maps of the sm_90 PTX.
+    tma: Vec<lexp_compiler::launch::TmaMap>,
 }
 
 /// Expands one kernel.
@@ -107,9 +109,10 @@ fn enumerate_variants(attr: &KernelAttr, sig: &Signature) -> syn::Result<Vec<Var
                         ))
                     }
                 };
-                // Pipeline depths are counts, not tile sizes.
+                // Pipeline depths are counts and `tma` a switch, not tile sizes.
                 let is_stages = matches!(&attr.stages, crate::attr::Count::Param(p) if p == c);
-                if !val.is_power_of_two() && !is_stages {
+                let is_tma = matches!(&attr.tma, crate::attr::Count::Param(p) if p == c);
+                if !val.is_power_of_two() && !is_stages && !is_tma {
                     return Err(Error::new_spanned(
                         v,
                         format!("`{c} = {val}`: tile sizes must be powers of two"),
@@ -182,6 +185,16 @@ fn build_variant(
     let stages = attr.stages.resolve(&v.consts)?.max(1);
     let mut kernel = lower::lower(&symbol, sig, &f.block, warps, v)?;
     kernel.num_stages = stages;
+    kernel.tma = match attr.tma.resolve(&v.consts)? {
+        0 => false,
+        1 => true,
+        other => {
+            return Err(Error::new_spanned(
+                &f.sig.ident,
+                format!("variant {symbol}: tma = {other} must be 0 or 1"),
+            ))
+        }
+    };
     let ir = printer::print(&kernel);
     // Errors of the later stages have no source spans: point at the kernel's name, and name
     // the variant unless the message already does.
@@ -197,6 +210,7 @@ fn build_variant(
     let compiled = passes::compile(kernel, &target::SM90).map_err(at)?;
     let smem = compiled.smem.total;
     let dynamic_smem = compiled.smem.dynamic;
+    let tma = compiled.pipeline.maps.clone();
     let ptx80 = ptx_cache::ptx(&compiled, &target::SM80, &symbol).map_err(at)?;
     let ptx90 = ptx_cache::ptx(&compiled, &target::SM90, &symbol).map_err(at)?;
     Ok(Built {
@@ -210,6 +224,7 @@ fn build_variant(
         dynamic_smem,
         threads: warps * 32,
         has_dot,
+        tma,
     })
 }
 
@@ -256,6 +271,15 @@ fn emit(
         let pv = b.params.iter().map(|p| &p.1);
         let align = b.align;
         let smem = b.smem as u32;
+        let maps = b.tma.iter().map(|m| {
+            let (param, elem, rows, cols, swz) =
+                (m.param, m.elem, m.box_rows, m.box_cols, m.swizzle);
+            quote! {
+                ::lexp_compiler::launch::TmaMap {
+                    param: #param, elem: #elem, box_rows: #rows, box_cols: #cols, swizzle: #swz,
+                }
+            }
+        });
         let (ir, p80, p90) = if opts.elide_artifacts {
             (
                 format!("<{} bytes of IR>", b.ir.len()),
@@ -277,6 +301,7 @@ fn emit(
                 ir: #ir,
                 ptx_sm80: #p80,
                 ptx_sm90: #p90,
+                tma: &[#(#maps),*],
             }
         }
     });

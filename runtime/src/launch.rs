@@ -57,6 +57,17 @@ impl Launcher for CudaDevice {
                 0
             },
         };
+        // sm_90a variants with TMA loops take their tensor maps after the ordinary parameters.
+        let maps = if CudaDevice::arch(self) == Some(Arch::Sm90) {
+            variant
+                .tma
+                .iter()
+                .map(|m| crate::tensor_map::encode(m, spec.params))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(driver)?
+        } else {
+            vec![]
+        };
         let stream = self.stream();
         let mut builder = stream.launch_builder(&func);
         // The driver reads each parameter through a pointer at launch time; the values live in
@@ -69,6 +80,9 @@ impl Launcher for CudaDevice {
                 KernelParam::I32(v) => builder.arg(v),
                 KernelParam::F32(v) => builder.arg(v),
             };
+        }
+        for m in &maps {
+            builder.arg(m);
         }
         trace!(kernel, grid = ?spec.grid, threads = variant.threads, params = spec.params.len(), "launch");
         // SAFETY: the parameters are in the order and of the types of the variant's PTX entry

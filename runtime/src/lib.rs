@@ -37,6 +37,7 @@ pub mod peft;
 pub mod profile;
 pub mod sparse_ops;
 pub mod step_bench;
+pub mod tensor_map;
 pub mod timing;
 pub mod train;
 

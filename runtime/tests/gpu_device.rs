@@ -67,6 +67,7 @@ static AXPB: Variant = Variant {
     ir: "",
     ptx_sm80: AXPB_PTX,
     ptx_sm90: AXPB_PTX,
+    tma: &[],
 };
 
 static BROKEN: Variant = Variant {
@@ -80,6 +81,7 @@ static BROKEN: Variant = Variant {
     ir: "",
     ptx_sm80: ".version 7.8\n.target sm_80\n.address_size 64\n.visible .entry lexp_test_broken() { bogus.instruction; }\n",
     ptx_sm90: ".version 7.8\n.target sm_80\n.address_size 64\n.visible .entry lexp_test_broken() { bogus.instruction; }\n",
+    tma: &[],
 };
 
 /// Deterministic values in [-4, 4), never all zero.

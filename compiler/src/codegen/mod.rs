@@ -64,7 +64,15 @@ pub fn lower(c: &Compiled, target: &Target, symbol: &str) -> Result<Lowered, IrE
     let wgmma = target.arch == crate::launch::Arch::Sm90;
     let func = emit::emit_kernel(&ctx, &module, c, symbol, wgmma)?;
     func.set_call_conventions(PTX_KERNEL_CC);
-    annotate(&ctx, &module, func, c.kernel.num_threads())?;
+    let maps = emit::tma_map_count(c, wgmma);
+    annotate(
+        &ctx,
+        &module,
+        func,
+        c.kernel.num_threads(),
+        c.kernel.args.len(),
+        maps,
+    )?;
     module
         .verify()
         .map_err(|e| err("invalid module", e.to_string()))?;
@@ -92,6 +100,8 @@ fn annotate<'c>(
     module: &Module<'c>,
     func: inkwell::values::FunctionValue<'c>,
     threads: usize,
+    args: usize,
+    maps: usize,
 ) -> Result<(), IrError> {
     let fptr: BasicMetadataValueEnum = func.as_global_value().as_pointer_value().into();
     let i32t = ctx.i32_type();
@@ -106,6 +116,22 @@ fn annotate<'c>(
             fptr,
             ctx.metadata_string(key).into(),
             i32t.const_int(value, false).into(),
+        ]);
+        module
+            .add_global_metadata("nvvm.annotations", &node)
+            .map_err(|e| err("metadata", e))?;
+    }
+    if maps > 0 {
+        // `grid_constant` (1-based parameter numbers): the tensor maps are read in place, and
+        // their address is taken with `cvta.param` (COMPILER.md §8.2); without it LLVM would
+        // copy them to local memory, which is not a valid tensor map.
+        let nums: Vec<BasicMetadataValueEnum> = (0..maps)
+            .map(|i| i32t.const_int((args + i + 1) as u64, false).into())
+            .collect();
+        let node = ctx.metadata_node(&[
+            fptr,
+            ctx.metadata_string("grid_constant").into(),
+            ctx.metadata_node(&nums).into(),
         ]);
         module
             .add_global_metadata("nvvm.annotations", &node)

@@ -38,6 +38,11 @@ impl Builder {
         self.kernel.num_stages = stages.max(1);
     }
 
+    /// Streams `dot` operands with TMA on sm_90a where they qualify ([`Kernel::tma`]).
+    pub fn set_tma(&mut self, tma: bool) {
+        self.kernel.tma = tma;
+    }
+
     /// Finishes the kernel. Fails if a nested block is still open.
     pub fn finish(mut self) -> R<Kernel> {
         if self.stack.len() != 1 {

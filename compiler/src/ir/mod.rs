@@ -466,6 +466,10 @@ pub struct Kernel {
     /// Depth of the `cp.async` pipeline that streams `dot` operands through shared memory in
     /// loops (COMPILER.md §4.1); 1 turns pipelining off.
     pub num_stages: usize,
+    /// Copy streamed `dot` operands with the tensor memory accelerator on sm_90a (bulk tensor
+    /// copies completing on mbarriers, COMPILER.md §8.2) where they qualify
+    /// ([`crate::passes::tma`]); `cp.async` otherwise and on sm_80.
+    pub tma: bool,
     /// Type of every value, indexed by `ValueId.0`.
     pub types: Vec<Type>,
 }
@@ -479,6 +483,7 @@ impl Kernel {
             body: Block::default(),
             num_warps,
             num_stages: 1,
+            tma: false,
             types: vec![],
         }
     }

@@ -134,9 +134,10 @@ impl Printer<'_> {
         } else {
             String::new()
         };
+        let tma = if self.kernel.tma { " tma" } else { "" };
         let _ = writeln!(
             self.out,
-            "kernel @{}({}) warps {}{stages} {{",
+            "kernel @{}({}) warps {}{stages}{tma} {{",
             self.kernel.name,
             args.join(", "),
             self.kernel.num_warps

@@ -7,6 +7,7 @@ pub mod layouts;
 pub mod pipeline;
 pub mod smem;
 pub mod spaces;
+pub mod tma;
 
 use crate::ir::{printer, IrError, Kernel};
 use crate::target::Target;
@@ -31,6 +32,7 @@ pub fn compile(mut kernel: Kernel, target: &Target) -> Result<Compiled, IrError>
     let layouts = layouts::assign_layouts(&mut kernel)?;
     stages.push(("layouts", layouts.print(&kernel)));
     let mut pipeline = pipeline::plan(&kernel, &layouts);
+    tma::plan(&kernel, &mut pipeline);
     let smem = smem::plan(&kernel, &layouts, &mut pipeline, target)?;
     let mut text = smem.print();
     text.push_str(&pipeline.print());

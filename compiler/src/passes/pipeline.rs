@@ -68,12 +68,18 @@ pub struct PipelinedLoop {
     /// each iteration, prefetches one tile less far ahead so that no slot is overwritten while
     /// an MMA may still read it, and waits for everything after the loop.
     pub async_dots: Vec<ValueId>,
+    /// Set when the ring's copies are TMA bulk tensor copies ([`super::tma`]) instead of
+    /// `cp.async`.
+    pub tma: Option<super::tma::TmaLoop>,
 }
 
 /// Every pipelined loop of a kernel.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PipelinePlan {
     pub loops: Vec<PipelinedLoop>,
+    /// The tensor maps the TMA loops copy through, in the order the kernel takes them (after
+    /// its ordinary parameters, sm_90a only).
+    pub maps: Vec<crate::launch::TmaMap>,
 }
 
 impl PipelinePlan {
@@ -106,6 +112,26 @@ impl PipelinePlan {
                     ld.offset
                 ));
             }
+            if let Some(t) = &l.tma {
+                for o in &t.operands {
+                    let st =
+                        |v: Option<ValueId>| v.map_or("0".to_string(), |v| format!("%{}", v.0));
+                    s.push_str(&format!(
+                        "  tma %{} map {} at ({}, {})\n",
+                        o.load.0,
+                        o.map,
+                        st(o.start[0]),
+                        st(o.start[1])
+                    ));
+                }
+                s.push_str(&format!("  mbarriers at {}\n", t.barriers));
+            }
+        }
+        for (i, m) in self.maps.iter().enumerate() {
+            s.push_str(&format!(
+                "tensor map {i}: param {} box {}x{} swizzle {}\n",
+                m.param, m.box_rows, m.box_cols, m.swizzle
+            ));
         }
         s
     }
@@ -223,6 +249,7 @@ pub fn plan(k: &Kernel, layouts: &LayoutPlan) -> PipelinePlan {
                 loads,
                 slice,
                 async_dots,
+                tma: None,
             });
         }
     });

@@ -194,6 +194,11 @@ pub fn plan(
             ld.offset = end;
             end += ld.slots(l.stages) * ld.shared.bytes();
         }
+        if let Some(t) = &mut l.tma {
+            end = end.next_multiple_of(8);
+            t.barriers = end;
+            end += super::tma::barrier_bytes(l.stages);
+        }
     }
     plan.total = outside.max(end);
     plan.dynamic = plan.total > target.max_static_smem;

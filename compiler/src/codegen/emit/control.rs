@@ -13,6 +13,15 @@ fn dot_operands(body: &Block) -> std::collections::HashMap<ValueId, (ValueId, Va
         .collect()
 }
 
+/// The two barriers of a TMA ring slot.
+#[derive(Clone, Copy)]
+enum Bar {
+    /// The slot's copies have landed.
+    Full,
+    /// Every warp is done reading the slot.
+    Empty,
+}
+
 /// Which loads a [`Gen::prefetch`] copies.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fill {
@@ -81,8 +90,29 @@ impl<'c> Gen<'c, '_> {
                 self.async_dots = pl.async_dots.iter().copied().collect();
             }
         }
+        // On sm_90a a loop the TMA plan covers copies its ring with bulk tensor copies
+        // completing on mbarriers (`emit/tma.rs`) instead of `cp.async` groups.
+        let tma = pl
+            .as_ref()
+            .and_then(|pl| pl.tma.clone())
+            .filter(|_| self.wgmma);
         if let Some(pl) = &pl {
-            // Prologue. Resident tiles first, in a group of their own: copied once, read by
+            // Prologue. With TMA, thread 0 initialises the ring's barriers first.
+            if let Some(t) = &tma {
+                let t0 = self.is_thread0()?;
+                let warps = self.c.kernel.num_warps;
+                self.guarded(Some(t0), |g| {
+                    for s in 0..pl.stages {
+                        g.mbar_init(g.bar_addr(t, pl.stages, Bar::Full, g.i32(s as i64))?, 1)?;
+                        g.mbar_init(
+                            g.bar_addr(t, pl.stages, Bar::Empty, g.i32(s as i64))?,
+                            warps,
+                        )?;
+                    }
+                    g.fence_mbar_init()
+                })?;
+            }
+            // Resident tiles first, in a group of their own: copied once, read by
             // every iteration (the first iteration's wait covers this group too, being older).
             // Then tiles 0 .. ahead-1 into slots 0 .. ahead-1, one commit group each (empty
             // past the end, which keeps the group count uniform).
@@ -96,6 +126,19 @@ impl<'c> Gen<'c, '_> {
                     Fill::Resident,
                 )?;
             }
+            if tma.is_some() {
+                // The ring's waits are on mbarriers, so the resident group is awaited here;
+                // the CTA barrier also publishes the barriers' initialisation.
+                if pl.loads.iter().any(|ld| ld.resident) {
+                    self.call_void_with(
+                        "llvm.nvvm.cp.async.wait.group",
+                        &[self.ctx.i32_type().into()],
+                        &[self.i32(0).into()],
+                    )?;
+                    self.fence_proxy_async()?;
+                }
+                self.call_void("llvm.nvvm.barrier0")?;
+            }
             for s in 0..ahead {
                 let off = self
                     .b
@@ -105,7 +148,12 @@ impl<'c> Gen<'c, '_> {
                     .b
                     .build_int_add(lo_v.into_int_value(), off, "")
                     .map_err(be)?;
-                self.prefetch(body, pl, iv_s, hi_v, self.i32(s as i64), Fill::Ring)?;
+                match &tma {
+                    Some(t) => {
+                        self.prefetch_tma(body, pl, t, iv_s, hi_v, self.i32(s as i64), None)?
+                    }
+                    None => self.prefetch(body, pl, iv_s, hi_v, self.i32(s as i64), Fill::Ring)?,
+                }
             }
         }
         let pre = self
@@ -137,6 +185,22 @@ impl<'c> Gen<'c, '_> {
             }
             None => None,
         };
+        // TMA: the parity of the `full` phase the slot read this iteration completes, that of
+        // the `empty` phase the slot written must have completed (1 on a slot's first fill,
+        // which a fresh barrier reports as done), and the slot read by the previous iteration.
+        let phases = match &tma {
+            Some(_) => {
+                let i32t = self.ctx.i32_type();
+                let pr = self.b.build_phi(i32t, "phase.read").map_err(be)?;
+                let pw = self.b.build_phi(i32t, "phase.write").map_err(be)?;
+                let prev = self.b.build_phi(i32t, "slot.prev").map_err(be)?;
+                pr.add_incoming(&[(&self.i32(0) as &dyn BasicValue, pre)]);
+                pw.add_incoming(&[(&self.i32(1) as &dyn BasicValue, pre)]);
+                prev.add_incoming(&[(&self.i32(0) as &dyn BasicValue, pre)]);
+                Some((pr, pw, prev))
+            }
+            None => None,
+        };
         let ivv = iv.as_basic_value().into_int_value();
         let cond = self
             .b
@@ -146,7 +210,26 @@ impl<'c> Gen<'c, '_> {
             .build_conditional_branch(cond, body_bb, exit)
             .map_err(be)?;
         self.b.position_at_end(body_bb);
-        if let (Some(pl), Some((rd, wr))) = (&pl, &slots) {
+        if let (Some(pl), Some((rd, wr)), Some(t), Some((pr, pw, _))) = (&pl, &slots, &tma, &phases)
+        {
+            // Thread 0 refills the slot every warp has released, then everyone waits for this
+            // iteration's tile.
+            let ahead = self
+                .b
+                .build_int_mul(step_v, self.iv_const(ivt, ahead), "")
+                .map_err(be)?;
+            let nxt = self.b.build_int_add(ivv, ahead, "").map_err(be)?;
+            let wr_v = wr.as_basic_value().into_int_value();
+            let pw_v = pw.as_basic_value().into_int_value();
+            self.prefetch_tma(body, pl, t, nxt, hi_v, wr_v, Some(pw_v))?;
+            let rd_v = rd.as_basic_value().into_int_value();
+            let full = self.bar_addr(t, pl.stages, Bar::Full, rd_v)?;
+            self.mbar_wait(full, pr.as_basic_value().into_int_value())?;
+            for ld in &pl.loads {
+                let base = self.slot_base(ld, rd_v)?;
+                self.slots.insert(ld.load, base);
+            }
+        } else if let (Some(pl), Some((rd, wr))) = (&pl, &slots) {
             // Tile `kt` has landed (mine, then everyone's), and every warp is done reading the
             // slot the prefetch below overwrites (it was read in the previous iteration).
             self.call_void_with(
@@ -183,6 +266,24 @@ impl<'c> Gen<'c, '_> {
             // before the next prefetch reuses their slots.
             self.wgmma_commit_wait(1)?;
         }
+        if let (Some(pl), Some((rd, _)), Some(t), Some((_, _, prev))) = (&pl, &slots, &tma, &phases)
+        {
+            if !self.terminated() {
+                // Release the slot whose reads are done: this iteration's, or with MMAs in
+                // flight the previous iteration's (none on the first).
+                let (slot, cond) = if in_flight {
+                    let not_first = self
+                        .b
+                        .build_int_compare(IntPredicate::SGT, ivv, lo_v.into_int_value(), "")
+                        .map_err(be)?;
+                    (prev.as_basic_value().into_int_value(), Some(not_first))
+                } else {
+                    (rd.as_basic_value().into_int_value(), None)
+                };
+                let empty = self.bar_addr(t, pl.stages, Bar::Empty, slot)?;
+                self.mbar_arrive_warp(empty, cond)?;
+            }
+        }
         if !self.terminated() {
             let latch = self
                 .b
@@ -203,6 +304,31 @@ impl<'c> Gen<'c, '_> {
                         .build_select(wrap, self.i32(0), inc, "")
                         .map_err(be)?;
                     phi.add_incoming(&[(&nv as &dyn BasicValue, latch)]);
+                }
+                if let Some((pr, pw, prev)) = &phases {
+                    // A phase flips each time its slot index wraps to 0.
+                    for (slot, ph) in [(rd, pr), (wr, pw)] {
+                        let v = slot.as_basic_value().into_int_value();
+                        let last = self
+                            .b
+                            .build_int_compare(
+                                IntPredicate::EQ,
+                                v,
+                                self.i32(pl.stages as i64 - 1),
+                                "",
+                            )
+                            .map_err(be)?;
+                        let flip = self
+                            .b
+                            .build_int_z_extend(last, self.ctx.i32_type(), "")
+                            .map_err(be)?;
+                        let nv = self
+                            .b
+                            .build_xor(ph.as_basic_value().into_int_value(), flip, "")
+                            .map_err(be)?;
+                        ph.add_incoming(&[(&nv as &dyn BasicValue, latch)]);
+                    }
+                    prev.add_incoming(&[(&rd.as_basic_value() as &dyn BasicValue, latch)]);
                 }
             }
             let y = yielded.unwrap_or_default();
@@ -254,6 +380,19 @@ impl<'c> Gen<'c, '_> {
                 &[self.i32(0).into()],
             )?;
             self.call_void("llvm.nvvm.barrier0")?;
+            if let Some(t) = &tma {
+                // Every copy issued was awaited, every warp is past its last wait: the barriers
+                // are retired, so that a later run of this loop can initialise them again.
+                let t0 = self.is_thread0()?;
+                self.guarded(Some(t0), |g| {
+                    for s in 0..pl.stages {
+                        for which in [Bar::Full, Bar::Empty] {
+                            g.mbar_inval(g.bar_addr(t, pl.stages, which, g.i32(s as i64))?)?;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
         }
         Ok(results)
     }
@@ -327,6 +466,116 @@ impl<'c> Gen<'c, '_> {
             None => self.vals.remove(&body.args[0]),
         };
         self.call_void("llvm.nvvm.cp.async.commit.group")
+    }
+
+    /// The shared address of `which` barrier of ring slot `slot` of a TMA loop.
+    fn bar_addr(
+        &self,
+        t: &crate::passes::tma::TmaLoop,
+        stages: usize,
+        which: Bar,
+        slot: IntValue<'c>,
+    ) -> R<IntValue<'c>> {
+        let first = t.barriers
+            + match which {
+                Bar::Full => 0,
+                Bar::Empty => 8 * stages,
+            };
+        let off = self.b.build_int_mul(slot, self.i32(8), "").map_err(be)?;
+        let off = self
+            .b
+            .build_int_add(off, self.i32(first as i64), "")
+            .map_err(be)?;
+        self.smem_addr(off)
+    }
+
+    /// TMA counterpart of [`Gen::prefetch`] for the ring: thread 0, if `iv < hi`, waits until
+    /// slot `slot` is released (`empty_parity`; `None` on a slot's first fill), announces the
+    /// tile's bytes on its `full` barrier and issues one bulk tensor copy per panel of every
+    /// operand.
+    #[allow(clippy::too_many_arguments)]
+    fn prefetch_tma(
+        &mut self,
+        body: &Block,
+        pl: &crate::passes::pipeline::PipelinedLoop,
+        t: &crate::passes::tma::TmaLoop,
+        iv: IntValue<'c>,
+        hi: IntValue<'c>,
+        slot: IntValue<'c>,
+        empty_parity: Option<IntValue<'c>>,
+    ) -> R<()> {
+        let in_range = self
+            .b
+            .build_int_compare(IntPredicate::SLT, iv, hi, "")
+            .map_err(be)?;
+        let t0 = self.is_thread0()?;
+        let cond = self.b.build_and(in_range, t0, "").map_err(be)?;
+        let saved_iv = self.vals.insert(body.args[0], vec![iv.into()]);
+        self.guarded(Some(cond), |g| {
+            for inst in &body.insts {
+                if inst.results.first().is_some_and(|r| pl.slice.contains(r)) {
+                    let res = g.op(&inst.op, &inst.results)?;
+                    for (r, v) in inst.results.iter().zip(res) {
+                        g.vals.insert(*r, v);
+                    }
+                }
+            }
+            if let Some(p) = empty_parity {
+                g.mbar_wait(g.bar_addr(t, pl.stages, Bar::Empty, slot)?, p)?;
+            }
+            let full = g.bar_addr(t, pl.stages, Bar::Full, slot)?;
+            let mut bytes = 0;
+            for o in &t.operands {
+                let ld = pl
+                    .loads
+                    .iter()
+                    .find(|l| l.load == o.load)
+                    .ok_or_else(|| IrError("codegen: TMA operand is not streamed".into()))?;
+                bytes += ld.shared.bytes();
+            }
+            g.mbar_expect_tx(full, bytes)?;
+            for o in &t.operands {
+                let ld = pl
+                    .loads
+                    .iter()
+                    .find(|l| l.load == o.load)
+                    .ok_or_else(|| IrError("codegen: TMA operand is not streamed".into()))?;
+                let map = *g
+                    .tma_maps
+                    .get(o.map)
+                    .ok_or_else(|| IrError("codegen: missing tensor map parameter".into()))?;
+                let start = |g: &Self, v: Option<ValueId>| -> R<IntValue<'c>> {
+                    match v {
+                        None => Ok(g.i32(0)),
+                        Some(v) => Ok(g
+                            .cast(g.get(v)?[0], g.dtype(v), DType::I32)?
+                            .into_int_value()),
+                    }
+                };
+                let y = start(g, o.start[0])?;
+                let x0 = start(g, o.start[1])?;
+                let base = g.slot_base(ld, slot)?;
+                let sl = &ld.shared;
+                for p in 0..sl.cols / sl.panel_cols() {
+                    let x =
+                        g.b.build_int_add(x0, g.i32((p * sl.panel_cols()) as i64), "")
+                            .map_err(be)?;
+                    let off =
+                        g.b.build_int_add(base, g.i32((p * sl.rows * sl.swz) as i64), "")
+                            .map_err(be)?;
+                    g.tma_load_2d(g.smem_addr(off)?, map, x, y, full)?;
+                }
+            }
+            Ok(())
+        })?;
+        for v in &pl.slice {
+            self.vals.remove(v);
+        }
+        match saved_iv {
+            Some(old) => self.vals.insert(body.args[0], old),
+            None => self.vals.remove(&body.args[0]),
+        };
+        Ok(())
     }
 
     pub(super) fn if_(

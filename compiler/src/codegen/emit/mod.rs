@@ -7,6 +7,7 @@ mod control;
 mod memory;
 mod mma;
 mod scratch;
+mod tma;
 mod wgmma;
 
 use super::shared;
@@ -47,8 +48,22 @@ pub(super) fn emit_kernel<'c>(
     for a in &k.args {
         params.push(llvm_ty(ctx, k.ty(a.value).dtype).into());
     }
+    // Tensor maps of the TMA loops (sm_90a): 128-byte `byval` parameters, aligned to 64, that
+    // [`super::lower`] marks `grid_constant` so that their address is the parameter's own.
+    let maps = tma_map_count(c, wgmma);
+    for _ in 0..maps {
+        params.push(ctx.ptr_type(AddressSpace::default()).into());
+    }
     let fn_ty = ctx.void_type().fn_type(&params, false);
     let func = module.add_function(symbol, fn_ty, None);
+    let map_ty = ctx.i8_type().array_type(128);
+    for i in 0..maps {
+        let at = inkwell::attributes::AttributeLoc::Param((k.args.len() + i) as u32);
+        let byval = inkwell::attributes::Attribute::get_named_enum_kind_id("byval");
+        func.add_attribute(at, ctx.create_type_attribute(byval, map_ty.into()));
+        let align = inkwell::attributes::Attribute::get_named_enum_kind_id("align");
+        func.add_attribute(at, ctx.create_enum_attribute(align, 64));
+    }
     let entry = ctx.append_basic_block(func, "entry");
     let body = ctx.append_basic_block(func, "body");
     let exit = ctx.append_basic_block(func, "exit");
@@ -70,6 +85,7 @@ pub(super) fn emit_kernel<'c>(
         slots: HashMap::new(),
         wgmma,
         async_dots: Default::default(),
+        tma_maps: vec![],
         exit,
     };
     let tid = g
@@ -113,6 +129,13 @@ pub(super) fn emit_kernel<'c>(
         p.set_name(&a.name.replace('.', "_"));
         g.vals.insert(a.value, vec![p]);
     }
+    for i in 0..maps {
+        let p = func
+            .get_nth_param((k.args.len() + i) as u32)
+            .ok_or_else(|| IrError("missing tensor map parameter".into()))?;
+        p.set_name(&format!("tma_map_{i}"));
+        g.tma_maps.push(p.into_pointer_value());
+    }
     g.b.position_at_end(body);
     g.block(&k.body)?;
     if g.b
@@ -127,6 +150,16 @@ pub(super) fn emit_kernel<'c>(
     g.b.position_at_end(exit);
     g.b.build_return(None).map_err(be)?;
     Ok(func)
+}
+
+/// Tensor-map parameters the kernel takes on this target: the TMA plan's maps on sm_90a
+/// (`wgmma`), none on sm_80, where the loops copy with `cp.async`.
+pub(super) fn tma_map_count(c: &Compiled, sm90: bool) -> usize {
+    if sm90 {
+        c.pipeline.maps.len()
+    } else {
+        0
+    }
 }
 
 fn has_dot(c: &Compiled) -> bool {
@@ -167,6 +200,8 @@ struct Gen<'c, 'a> {
     /// `dot`s (by result) of the pipelined loop being emitted whose MMAs stay in flight
     /// across iterations (see `PipelinedLoop::async_dots`).
     async_dots: std::collections::HashSet<ValueId>,
+    /// The tensor-map parameters (sm_90a TMA loops), in the plan's order.
+    tma_maps: Vec<PointerValue<'c>>,
     exit: BasicBlock<'c>,
 }
 

@@ -1,0 +1,146 @@
+//! TMA bulk tensor copies and the mbarriers they complete on (COMPILER.md §8.2), as inline PTX
+//! (LLVM 19 has no intrinsics for them). Used by the pipelined loops that
+//! [`crate::passes::tma`] streams by TMA: one elected thread issues a slot's copies after
+//! announcing their bytes on the slot's `full` barrier; every thread waits on that barrier
+//! before reading the slot, and each warp arrives on the slot's `empty` barrier when it is done
+//! with it, which the producer waits for before refilling the slot.
+
+use super::*;
+
+impl<'c> Gen<'c, '_> {
+    /// The 32-bit shared-memory address of byte `off` of the kernel's shared memory.
+    pub(super) fn smem_addr(&self, off: IntValue<'c>) -> R<IntValue<'c>> {
+        let gv = self
+            .smem
+            .ok_or_else(|| IrError("codegen: TMA without shared memory".into()))?;
+        let base = self
+            .b
+            .build_ptr_to_int(gv.as_pointer_value(), self.ctx.i32_type(), "")
+            .map_err(be)?;
+        self.b.build_int_add(base, off, "").map_err(be)
+    }
+
+    /// Whether this thread is thread 0 of the CTA (the TMA producer).
+    pub(super) fn is_thread0(&self) -> R<IntValue<'c>> {
+        let tid = self.b.build_or(self.lane, self.warp, "").map_err(be)?;
+        self.b
+            .build_int_compare(IntPredicate::EQ, tid, self.i32(0), "")
+            .map_err(be)
+    }
+
+    /// `mbarrier.init` with the number of arrivals a phase takes.
+    pub(super) fn mbar_init(&self, addr: IntValue<'c>, count: usize) -> R<()> {
+        self.asm(
+            "mbarrier.init.shared::cta.b64 [$0], $1;",
+            "r,r",
+            None,
+            &[addr.into(), self.i32(count as i64).into()],
+        )?;
+        Ok(())
+    }
+
+    /// `mbarrier.inval`: the barrier's memory may be initialised again.
+    pub(super) fn mbar_inval(&self, addr: IntValue<'c>) -> R<()> {
+        self.asm(
+            "mbarrier.inval.shared::cta.b64 [$0];",
+            "r",
+            None,
+            &[addr.into()],
+        )?;
+        Ok(())
+    }
+
+    /// Makes initialised mbarriers visible to the other threads and the async proxy (followed
+    /// by a CTA barrier).
+    pub(super) fn fence_mbar_init(&self) -> R<()> {
+        self.asm("fence.mbarrier_init.release.cluster;", "", None, &[])?;
+        Ok(())
+    }
+
+    /// Spins until the phase of parity `parity` of the barrier at `addr` has completed.
+    pub(super) fn mbar_wait(&self, addr: IntValue<'c>, parity: IntValue<'c>) -> R<()> {
+        let spin = self.ctx.append_basic_block(self.func, "mbar.wait");
+        let done = self.ctx.append_basic_block(self.func, "mbar.done");
+        self.b.build_unconditional_branch(spin).map_err(be)?;
+        self.b.position_at_end(spin);
+        let ok = self
+            .asm(
+                "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;\nselp.u32 $0, 1, 0, p;\n}",
+                "=r,r,r",
+                Some(self.ctx.i32_type().into()),
+                &[addr.into(), parity.into()],
+            )?
+            .ok_or_else(|| IrError("codegen: try_wait without result".into()))?;
+        let ok = self
+            .b
+            .build_int_compare(IntPredicate::NE, ok.into_int_value(), self.i32(0), "")
+            .map_err(be)?;
+        self.b
+            .build_conditional_branch(ok, done, spin)
+            .map_err(be)?;
+        self.b.position_at_end(done);
+        Ok(())
+    }
+
+    /// Lane 0 of every warp arrives on the barrier at `addr` once the whole warp got here
+    /// (the `empty` barriers count warps), where `cond` holds (uniform across the warp).
+    pub(super) fn mbar_arrive_warp(
+        &mut self,
+        addr: IntValue<'c>,
+        cond: Option<IntValue<'c>>,
+    ) -> R<()> {
+        self.asm("bar.warp.sync -1;", "", None, &[])?;
+        let lane0 = self
+            .b
+            .build_int_compare(IntPredicate::EQ, self.lane, self.i32(0), "")
+            .map_err(be)?;
+        let cond = match cond {
+            Some(c) => self.b.build_and(c, lane0, "").map_err(be)?,
+            None => lane0,
+        };
+        self.guarded(Some(cond), |g| {
+            g.asm(
+                "mbarrier.arrive.shared::cta.b64 _, [$0];",
+                "r",
+                None,
+                &[addr.into()],
+            )
+            .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// Thread-side arrival that also announces `bytes` of TMA transactions on the barrier.
+    pub(super) fn mbar_expect_tx(&self, addr: IntValue<'c>, bytes: usize) -> R<()> {
+        self.asm(
+            "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
+            "r,r",
+            None,
+            &[addr.into(), self.i32(bytes as i64).into()],
+        )?;
+        Ok(())
+    }
+
+    /// One 2-D bulk tensor copy of the box at `(x, y)` (column, row) of tensor map `map` into
+    /// shared address `dst`, completing on the barrier at `bar`.
+    pub(super) fn tma_load_2d(
+        &self,
+        dst: IntValue<'c>,
+        map: PointerValue<'c>,
+        x: IntValue<'c>,
+        y: IntValue<'c>,
+        bar: IntValue<'c>,
+    ) -> R<()> {
+        let m = self
+            .b
+            .build_ptr_to_int(map, self.ctx.i64_type(), "")
+            .map_err(be)?;
+        self.asm(
+            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3}], [$4];",
+            "r,l,r,r,r",
+            None,
+            &[dst.into(), m.into(), x.into(), y.into(), bar.into()],
+        )?;
+        Ok(())
+    }
+}

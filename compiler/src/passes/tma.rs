@@ -1,0 +1,430 @@
+//! TMA operand streaming (COMPILER.md §8.2): which streamed `dot` operands of a pipelined loop
+//! the tensor memory accelerator can copy on sm_90a, and from where.
+//!
+//! The pipeliner ([`super::pipeline`]) streams a loop's operand tiles into a ring of swizzled
+//! shared-memory slots. With `cp.async` every thread computes addresses and masks and copies
+//! 16 bytes at a time. A bulk tensor copy does the same with one instruction per 64-column
+//! panel, issued by one thread, from a *tensor map* the host encodes once per launch: the
+//! tensor's base, extents and row stride, the box (`rows x panel`) and the swizzle. The panels
+//! of [`SharedLayout`] are exactly what `SWIZZLE_128B/64B/32B` writes, and out-of-bounds parts
+//! of a box are zero-filled, which is what the DSL's bounds mask means.
+//!
+//! A streamed load qualifies when its pointer tile is `t + rows·t.stride0 + cols` for a rank-2
+//! tensor argument `t`, with `rows = r0 + range(BM)` and `cols = c0 + range(BN)` for scalars
+//! `r0`, `c0` (a `t.load([rows, cols])` of contiguous index ranges, block-list starts included),
+//! and its mask (if any) only compares those indices with `t.dim0` / `t.dim1`; the variant must
+//! guarantee 16-byte alignment of `t` and its row stride (the TMA's requirement), and the slot
+//! must be swizzled. A loop is streamed by TMA only when the kernel asks for it
+//! ([`Kernel::tma`]) and every ring load qualifies; resident loads keep `cp.async`.
+
+use crate::ir::{BinOp, CmpPred, Kernel, Op, ValueId};
+use crate::launch::TmaMap;
+use crate::layout::shared::SharedLayout;
+use std::collections::HashMap;
+
+/// One operand a loop copies with TMA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TmaOperand {
+    /// The streamed load (its [`super::pipeline::StagedLoad`]).
+    pub load: ValueId,
+    /// Index of its tensor map in [`super::pipeline::PipelinePlan::maps`].
+    pub map: usize,
+    /// First row and first column of the tile (scalars; `None` is 0).
+    pub start: [Option<ValueId>; 2],
+}
+
+/// The TMA side of one pipelined loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TmaLoop {
+    pub operands: Vec<TmaOperand>,
+    /// Byte offset of the loop's mbarriers (set by the shared-memory plan): `full[s]` at
+    /// `barriers + 8·s` (the copies of slot `s` have landed), `empty[s]` at
+    /// `barriers + 8·(stages + s)` (every warp is done reading slot `s`).
+    pub barriers: usize,
+}
+
+/// Bytes of one loop's mbarriers.
+pub fn barrier_bytes(stages: usize) -> usize {
+    2 * stages * 8
+}
+
+/// A contiguous 1-D index: `start + range(n)` (`start` `None` for 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Index {
+    start: Option<ValueId>,
+    n: usize,
+}
+
+struct Matcher<'k> {
+    k: &'k Kernel,
+    defs: HashMap<ValueId, &'k Op>,
+    /// Argument index by value.
+    args: HashMap<ValueId, usize>,
+}
+
+impl<'k> Matcher<'k> {
+    fn new(k: &'k Kernel) -> Matcher<'k> {
+        let mut defs = HashMap::new();
+        fn go<'a>(b: &'a crate::ir::Block, defs: &mut HashMap<ValueId, &'a Op>) {
+            for inst in &b.insts {
+                for r in &inst.results {
+                    defs.insert(*r, &inst.op);
+                }
+                for nb in inst.op.blocks() {
+                    go(nb, defs);
+                }
+            }
+        }
+        go(&k.body, &mut defs);
+        let args = k
+            .args
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.value, i))
+            .collect();
+        Matcher { k, defs, args }
+    }
+
+    fn op(&self, v: ValueId) -> Option<&'k Op> {
+        self.defs.get(&v).copied()
+    }
+
+    /// Looks through `broadcast`.
+    fn unbroadcast(&self, v: ValueId) -> ValueId {
+        match self.op(v) {
+            Some(Op::Broadcast { src }) => *src,
+            _ => v,
+        }
+    }
+
+    /// The scalar a `splat` repeats.
+    fn splat_of(&self, v: ValueId) -> Option<ValueId> {
+        match self.op(v) {
+            Some(Op::Splat { src }) if self.k.ty(*src).rank() == 0 => Some(*src),
+            _ => None,
+        }
+    }
+
+    fn index(&self, v: ValueId) -> Option<Index> {
+        match self.op(v)? {
+            Op::Cast { src } => self.index(*src),
+            Op::Range { n } => Some(Index { start: None, n: *n }),
+            Op::Binary {
+                op: BinOp::Add,
+                lhs,
+                rhs,
+            } => {
+                let (s, i) = match (self.splat_of(*lhs), self.splat_of(*rhs)) {
+                    (Some(s), None) => (s, self.index(*rhs)?),
+                    (None, Some(s)) => (s, self.index(*lhs)?),
+                    _ => return None,
+                };
+                i.start.is_none().then_some(Index {
+                    start: Some(s),
+                    n: i.n,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// `expand_dims(i, axis)` for the given axis.
+    fn expanded(&self, v: ValueId, axis: usize) -> Option<Index> {
+        match self.op(v)? {
+            Op::ExpandDims { src, axis: a } if *a == axis => self.index(*src),
+            _ => None,
+        }
+    }
+
+    /// The argument `base` has the name `name`.
+    fn is_arg(&self, v: ValueId, name: &str) -> bool {
+        self.args
+            .get(&v)
+            .is_some_and(|i| self.k.args[*i].name == name)
+    }
+
+    /// `broadcast(expand_dims(rows, 1) * splat(t.stride0))`.
+    fn row_term(&self, v: ValueId, t: &str) -> Option<Index> {
+        let Some(Op::Binary {
+            op: BinOp::Mul,
+            lhs,
+            rhs,
+        }) = self.op(self.unbroadcast(v))
+        else {
+            return None;
+        };
+        let stride = format!("{t}.stride0");
+        for (i, s) in [(*lhs, *rhs), (*rhs, *lhs)] {
+            if self.splat_of(s).is_some_and(|s| self.is_arg(s, &stride)) {
+                if let Some(ix) = self.expanded(i, 1) {
+                    return Some(ix);
+                }
+            }
+        }
+        None
+    }
+
+    /// `broadcast(expand_dims(cols, 0))`.
+    fn col_term(&self, v: ValueId) -> Option<Index> {
+        self.expanded(self.unbroadcast(v), 0)
+    }
+
+    /// Whether every leaf of the `and` tree `m` compares the access's index along an axis with
+    /// `t`'s extent along it.
+    fn bounds_mask(&self, m: ValueId, t: &str, idx: &[Index; 2]) -> bool {
+        let m = self.unbroadcast(m);
+        match self.op(m) {
+            Some(Op::Binary {
+                op: BinOp::And,
+                lhs,
+                rhs,
+            }) => self.bounds_mask(*lhs, t, idx) && self.bounds_mask(*rhs, t, idx),
+            Some(Op::Cmp {
+                pred: CmpPred::Lt,
+                lhs,
+                rhs,
+            }) => (0..2).any(|axis| {
+                // Rows are expanded along 1, columns along 0.
+                self.expanded(*lhs, 1 - axis) == Some(idx[axis])
+                    && self
+                        .splat_of(*rhs)
+                        .is_some_and(|d| self.is_arg(d, &format!("{t}.dim{axis}")))
+            }),
+            _ => false,
+        }
+    }
+
+    /// The tensor map and tile start of a streamed load, if TMA can copy it.
+    fn access(
+        &self,
+        ptr: ValueId,
+        mask: Option<ValueId>,
+        shape: &[usize],
+        shared: &SharedLayout,
+    ) -> Option<(TmaMap, [Option<ValueId>; 2])> {
+        let Some(Op::AddPtr { ptr: p, offset }) = self.op(ptr) else {
+            return None;
+        };
+        let base = self.splat_of(*p)?;
+        let param = *self.args.get(&base)?;
+        let t = self.k.args[param].name.clone();
+        // Rank 2: the launcher's parameter order is base, dim0, dim1, stride0.
+        let names = [
+            format!("{t}.dim0"),
+            format!("{t}.dim1"),
+            format!("{t}.stride0"),
+        ];
+        for (j, n) in names.iter().enumerate() {
+            if self.k.args.get(param + 1 + j).map(|a| a.name.as_str()) != Some(n.as_str()) {
+                return None;
+            }
+        }
+        if self.k.args.iter().any(|a| a.name == format!("{t}.dim2")) {
+            return None;
+        }
+        let elem = shared.elem;
+        if self.k.args[param].div < 16 || self.k.args[param + 3].div * (elem as u64) < 16 {
+            return None;
+        }
+        let Some(Op::Binary {
+            op: BinOp::Add,
+            lhs,
+            rhs,
+        }) = self.op(*offset)
+        else {
+            return None;
+        };
+        let idx = [(*lhs, *rhs), (*rhs, *lhs)]
+            .into_iter()
+            .find_map(|(r, c)| Some([self.row_term(r, &t)?, self.col_term(c)?]))?;
+        if idx[0].n != shape[0] || idx[1].n != shape[1] {
+            return None;
+        }
+        if mask.is_some_and(|m| !self.bounds_mask(m, &t, &idx)) {
+            return None;
+        }
+        if shared.swz == 0 || shared.rows > 256 || shared.rows != shape[0] {
+            return None;
+        }
+        let map = TmaMap {
+            param,
+            elem,
+            box_rows: shared.rows as u32,
+            box_cols: shared.panel_cols() as u32,
+            swizzle: shared.swz as u32,
+        };
+        Some((map, [idx[0].start, idx[1].start]))
+    }
+}
+
+/// Plans TMA copies for the loops of `plan` (see the module doc). Returns the tensor maps the
+/// kernel takes, in parameter order.
+pub fn plan(k: &Kernel, plan: &mut super::pipeline::PipelinePlan) {
+    plan.maps.clear();
+    if !k.tma {
+        return;
+    }
+    let m = Matcher::new(k);
+    for l in &mut plan.loops {
+        let mut operands = vec![];
+        let mut maps = plan.maps.clone();
+        let mut all = true;
+        for ld in l.loads.iter().filter(|ld| !ld.resident) {
+            let shape = &k.ty(ld.load).shape;
+            match m.access(ld.ptr, ld.mask, shape, &ld.shared) {
+                Some((map, start)) => {
+                    let i = maps.iter().position(|x| *x == map).unwrap_or_else(|| {
+                        maps.push(map);
+                        maps.len() - 1
+                    });
+                    operands.push(TmaOperand {
+                        load: ld.load,
+                        map: i,
+                        start,
+                    });
+                }
+                None => all = false,
+            }
+        }
+        if all && !operands.is_empty() {
+            plan.maps = maps;
+            l.tma = Some(TmaLoop {
+                operands,
+                barriers: 0,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::parser::parse;
+    use crate::passes::{layouts, pipeline};
+
+    /// A GEMM-like loop `acc += a[rows, ks] · b[cols, ks]ᵀ`, with `mask` the mask of `a`'s load
+    /// (`$ROWS`/`$COLS` refer to its row/column bound comparisons).
+    fn kernel(a_mask: &str, tma: &str, a_div: u32) -> Kernel {
+        let text = format!(
+            r#"kernel @k(%0: ptr<bf16> "a" div {a_div}, %1: i64 "a.dim0", %2: i64 "a.dim1" div 8, %3: i64 "a.stride0" div 8, %4: ptr<bf16> "b" div 16, %5: i64 "b.dim0", %6: i64 "b.dim1" div 8, %7: i64 "b.stride0" div 8, %8: ptr<f32> "c" div 16) warps 4 stages 3{tma} {{
+  %9 = program_id 0 : i32
+  %10 = cast %9 : i64
+  %11 = const 64 : i64
+  %12 = mul %10, %11 : i64
+  %13 = const 0 : i64
+  %14 = const 64 : i64
+  %15 = const 0.0 : f32[64,64]
+  %16 = for %17 = %13 to %2 step %14 iter(%18 = %15) : f32[64,64] {{
+    %19 = splat %12 : i64[64]
+    %20 = range 64 : i32[64]
+    %21 = cast %20 : i64[64]
+    %22 = add %19, %21 : i64[64]
+    %23 = expand_dims %22, 1 : i64[64,1]
+    %24 = splat %3 : i64[64,1]
+    %25 = mul %23, %24 : i64[64,1]
+    %26 = broadcast %25 : i64[64,64]
+    %27 = splat %17 : i64[64]
+    %28 = add %27, %21 : i64[64]
+    %29 = expand_dims %28, 0 : i64[1,64]
+    %30 = broadcast %29 : i64[64,64]
+    %31 = add %26, %30 : i64[64,64]
+    %32 = splat %0 : ptr<bf16>[64,64]
+    %33 = addptr %32, %31 : ptr<bf16>[64,64]
+    %34 = splat %1 : i64[64,1]
+    %35 = cmp lt %23, %34 : i1[64,1]
+    %36 = broadcast %35 : i1[64,64]
+    %37 = splat %2 : i64[1,64]
+    %38 = cmp lt %29, %37 : i1[1,64]
+    %39 = broadcast %38 : i1[64,64]
+    %40 = and %36, %39 : i1[64,64]
+    %41 = splat %6 : i64[1,64]
+    %42 = cmp lt %29, %41 : i1[1,64]
+    %43 = broadcast %42 : i1[64,64]
+    %44 = load %33{a_mask} : bf16[64,64]
+    %45 = splat %7 : i64[64,1]
+    %46 = mul %23, %45 : i64[64,1]
+    %47 = broadcast %46 : i64[64,64]
+    %48 = add %30, %47 : i64[64,64]
+    %49 = splat %4 : ptr<bf16>[64,64]
+    %50 = addptr %49, %48 : ptr<bf16>[64,64]
+    %51 = load %50 mask %43 : bf16[64,64]
+    %52 = trans %51 : bf16[64,64]
+    %53 = dot %44, %52, %18 : f32[64,64]
+    yield %53
+  }}
+  return
+}}
+"#
+        );
+        parse(&text).unwrap()
+    }
+
+    fn planned(k: &mut Kernel) -> pipeline::PipelinePlan {
+        let l = layouts::assign_layouts(k).unwrap();
+        let mut p = pipeline::plan(k, &l);
+        plan(k, &mut p);
+        p
+    }
+
+    #[test]
+    fn bounds_masked_tile_loads_become_tensor_maps() {
+        let mut k = kernel(" mask %40", " tma", 16);
+        let p = planned(&mut k);
+        let t = p.loops[0].tma.as_ref().expect("loop streamed by TMA");
+        assert_eq!(t.operands.len(), 2);
+        assert_eq!(p.maps.len(), 2);
+        assert_eq!(
+            p.maps[0],
+            TmaMap {
+                param: 0,
+                elem: 2,
+                box_rows: 64,
+                box_cols: 64,
+                swizzle: 128
+            }
+        );
+        assert_eq!(p.maps[1].param, 4);
+        // a: rows start at pid·64, columns at the induction variable; b's rows are the same
+        // index, its columns the induction variable too.
+        let iv = p.loops[0].iv;
+        let rows = t.operands[0].start[0].expect("a row start");
+        assert_ne!(rows, iv);
+        assert_eq!(k.ty(rows).rank(), 0);
+        assert_eq!(t.operands[0].start, [Some(rows), Some(iv)]);
+        assert_eq!(t.operands[1].start, [Some(rows), Some(iv)]);
+    }
+
+    #[test]
+    fn only_when_asked() {
+        let mut k = kernel(" mask %40", "", 16);
+        let p = planned(&mut k);
+        assert!(p.loops[0].tma.is_none());
+        assert!(p.maps.is_empty());
+    }
+
+    #[test]
+    fn a_mask_other_than_the_bounds_keeps_cp_async() {
+        // `a`'s columns compared with `b.dim1`: not a's bound, so TMA's zero fill would differ.
+        let mut k = kernel(" mask %43", " tma", 16);
+        let p = planned(&mut k);
+        assert!(p.loops[0].tma.is_none(), "{:?}", p.loops[0].tma);
+    }
+
+    #[test]
+    fn unaligned_tensors_are_not_streamed() {
+        // `a` is not 16-byte aligned: it takes the register path, and only `b` is copied.
+        let mut k = kernel(" mask %40", " tma", 2);
+        let p = planned(&mut k);
+        let t = p.loops[0].tma.as_ref().expect("b streamed by TMA");
+        assert_eq!(t.operands.len(), 1);
+        assert_eq!(p.maps.len(), 1);
+        assert_eq!(p.maps[0].param, 4);
+    }
+
+    #[test]
+    fn an_unmasked_load_qualifies() {
+        let mut k = kernel("", " tma", 16);
+        let p = planned(&mut k);
+        assert!(p.loops[0].tma.is_some());
+    }
+}
