@@ -150,3 +150,44 @@ fn register_staged_operands_keep_mmas_within_the_iteration() {
     let p90 = codegen::lower(&c, &target::SM90, "matmul").unwrap().ptx;
     assert!(p90.contains("wgmma.wait_group.sync.aligned 1"));
 }
+
+/// A loop whose operand tiles are bounds-masked tensor loads, with `tma`: on sm_90a its ring is
+/// filled by bulk tensor copies through two `grid_constant` tensor-map parameters, completing
+/// on mbarriers (no `cp.async`, no CTA barrier per iteration); sm_80 keeps `cp.async`.
+#[cfg(feature = "llvm")]
+#[test]
+fn tma_loops_copy_with_bulk_tensor_copies_on_sm90() {
+    use lexp_compiler::codegen;
+    const TMA: &str = include_str!("ir/matmul_tma.ir");
+    let c = passes::compile(parser::parse(TMA).unwrap(), &target::SM90).unwrap();
+    assert_eq!(c.pipeline.maps.len(), 2);
+    let p90 = codegen::lower(&c, &target::SM90, "matmul_tma").unwrap().ptx;
+    for want in [
+        ".param .align 64 .b8 matmul_tma_param_9[128]",
+        ".param .align 64 .b8 matmul_tma_param_10[128]",
+        "cvta.param.u64",
+        "mbarrier.init.shared::cta.b64",
+        "fence.mbarrier_init.release.cluster",
+        "mbarrier.arrive.expect_tx.shared::cta.b64",
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes",
+        "mbarrier.try_wait.parity.shared::cta.b64",
+        "mbarrier.arrive.shared::cta.b64",
+        "mbarrier.inval.shared::cta.b64",
+        "wgmma.wait_group.sync.aligned 1",
+    ] {
+        assert!(p90.contains(want), "sm_90 PTX lacks `{want}`");
+    }
+    assert!(!p90.contains("cp.async.cg"), "a TMA loop copies with cp.async");
+    // One CTA barrier publishes the barriers' initialisation, one ends the loop, one the
+    // epilogue's layout conversion (if any): none per iteration.
+    let loop_body = p90
+        .split("mbarrier.try_wait.parity")
+        .nth(1)
+        .and_then(|s| s.split("wgmma.wait_group.sync.aligned 0").next())
+        .unwrap_or("");
+    assert!(!loop_body.contains("bar.sync"), "a CTA barrier in the loop");
+    let p80 = codegen::lower(&c, &target::SM80, "matmul_tma").unwrap().ptx;
+    assert!(p80.contains("cp.async.cg.shared.global"));
+    assert!(!p80.contains("cp.async.bulk") && !p80.contains("mbarrier"));
+    assert!(!p80.contains(".b8 matmul_tma_param_9"), "sm_80 takes no tensor maps");
+}

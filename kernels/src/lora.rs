@@ -12,10 +12,11 @@ use lexp_macros::kernel;
 /// Forward: `y = x·Wᵀ + bias + xa·Bᵀ` with `xa = T(s · x·Aᵀ)`, also stored (programs of the
 /// first column tile write it).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], R = [16], S = [4], W = [4, 8], G = [8]),
-    only = [W == 8 || BN == 128],
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], R = [16], S = [4], W = [4, 8], G = [8], TMA = [0, 1]),
+    only = [W == 8 || BN == 128, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [cdiv(x.dim(0), BM) * cdiv(w.dim(0), BN)],
     require = [
         w.dim(1) == x.dim(1), a.dim(0) == R, a.dim(1) == x.dim(1), b.dim(0) == w.dim(0),
@@ -32,6 +33,7 @@ pub fn lora_fwd<
     const S: usize,
     const W: usize,
     const G: usize,
+    const TMA: usize,
 >(
     x: Tensor<T, 2>,
     w: Tensor<T, 2>,
@@ -65,10 +67,11 @@ pub fn lora_fwd<
 
 /// Backward to the input: `dx = dy·W + u·A` with `u = T(s · dy·B)`, also stored (for `dA`).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], R = [16], S = [4], W = [4, 8], G = [8]),
-    only = [BN == 128, W == 8 || BK == 32],
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BK = [32, 64], R = [16], S = [4], W = [4, 8], G = [8], TMA = [0, 1]),
+    only = [BN == 128, W == 8 || BK == 32, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [cdiv(dy.dim(0), BM) * cdiv(w.dim(1), BN)],
     require = [
         w.dim(0) == dy.dim(1), a.dim(0) == R, a.dim(1) == w.dim(1), b.dim(0) == w.dim(0),
@@ -85,6 +88,7 @@ pub fn lora_bwd_dx<
     const S: usize,
     const W: usize,
     const G: usize,
+    const TMA: usize,
 >(
     dy: Tensor<T, 2>,
     w: Tensor<T, 2>,

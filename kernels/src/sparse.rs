@@ -22,10 +22,11 @@ use lexp_macros::kernel;
 /// `BM x 2·BS` tile, as wide as the dense GEMM's); with an odd count the last program
 /// computes its second block twice and stores it once.
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
-    only = [S <= 4 || W == 8, (BM + 2 * BS) * BK * 2 * S <= 200 * 1024, W == 8 || BS == 64],
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8], TMA = [0, 1]),
+    only = [S <= 4 || W == 8, (BM + 2 * BS) * BK * 2 * S <= 200 * 1024, W == 8 || BS == 64, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [cdiv(indices.dim(1), 2), cdiv(x.dim(0), BM)],
     require = [
         w.dim(1) == x.dim(1), h.dim(0) == x.dim(0), h.dim(1) == indices.dim(1) * BS,
@@ -39,6 +40,7 @@ pub fn sparse_out<
     const BK: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     x: Tensor<T, 2>,
     w: Tensor<T, 2>,
@@ -74,10 +76,11 @@ pub fn sparse_out<
 /// h[rows(g), j*BS .. +BS] · w2[n, indices[g, j]*BS .. +BS]ᵀ`, with `h` compact as
 /// `sparse_out` writes it and `w2` a `Linear` weight `[out, ffn]`. A group with count 0 gets 0.
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
-    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024],
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8], TMA = [0, 1]),
+    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [cdiv(w2.dim(0), BN), cdiv(h.dim(0), BM)],
     require = [
         h.dim(1) == indices.dim(1) * BS, y.dim(0) == h.dim(0), y.dim(1) == w2.dim(0),
@@ -92,6 +95,7 @@ pub fn sparse_red<
     const BK: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     h: Tensor<T, 2>,
     w2: Tensor<T, 2>,
@@ -117,10 +121,11 @@ pub fn sparse_red<
 /// w[indices_o[g, j]*BS .. +BS, indices_i[g, e]*BS .. +BS]ᵀ` for `j < counts_o[g]` (compact in,
 /// compact out; slots past the count untouched).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
-    only = [S <= 4 || W == 8, (BM + BS) * BK * 2 * S <= 200 * 1024],
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8], TMA = [0, 1]),
+    only = [S <= 4 || W == 8, (BM + BS) * BK * 2 * S <= 200 * 1024, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [indices_o.dim(1), cdiv(h.dim(0), BM)],
     require = [
         h.dim(1) == indices_i.dim(1) * BS, out.dim(0) == h.dim(0),
@@ -136,6 +141,7 @@ pub fn sparse_both<
     const BK: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     h: Tensor<T, 2>,
     w: Tensor<T, 2>,

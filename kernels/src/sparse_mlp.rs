@@ -24,18 +24,17 @@ use lexp_macros::kernel;
 /// (f32 accumulation, bias and ReLU in f32, one rounding to `T`). Slots past the count are
 /// untouched.
 ///
-/// Each program computes `BW / BS` consecutive slots as one `BM x BW` tile: the weight rows of
-/// its output columns are gathered (column `c` of the tile reads weight row
-/// `indices[g, j0 + c / BS] * BS + c % BS`), so the main loop is a dense `x·Wᵀ` loop with a
-/// row-gathered `W` operand (one `BM x BW` accumulator, `wgmma` N = `BW` on sm_90), and the
-/// compact slots it writes are contiguous. Columns of slots past the count read block 0 and
-/// are not stored.
+/// Two slots per program, as in [`sparse_out`](crate::sparse::sparse_out): one `x` tile feeds
+/// the two blocks' products, each a `BM x BS` accumulator over `BS` contiguous weight rows (one
+/// TMA box per block on sm_90a), and the compact slots it writes are contiguous. A program whose
+/// second slot is past the count computes the first block twice and stores it once.
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BW = [128, 256], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
-    only = [W == 8 || BW == 128, S <= 4 || W == 8, (BM + BW) * BK * 2 * S <= 200 * 1024],
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8], TMA = [0, 1]),
+    only = [S <= 4 || W == 8, (BM + 2 * BS) * BK * 2 * S <= 200 * 1024, W == 8 || BS == 64, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
-    grid = [cdiv(indices.dim(1) * BS, BW), cdiv(x.dim(0), BM)],
+    tma = TMA,
+    grid = [cdiv(indices.dim(1), 2), cdiv(x.dim(0), BM)],
     require = [
         w1.dim(1) == x.dim(1), b1.dim(0) == w1.dim(0), h.dim(0) == x.dim(0),
         h.dim(1) == indices.dim(1) * BS, counts.dim(0) == indices.dim(0),
@@ -46,10 +45,10 @@ pub fn sparse_fc1_fwd<
     T,
     const BM: usize,
     const BS: usize,
-    const BW: usize,
     const BK: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     x: Tensor<T, 2>,
     w1: Tensor<T, 2>,
@@ -58,28 +57,30 @@ pub fn sparse_fc1_fwd<
     indices: Tensor<i32, 2>,
     h: TensorMut<T, 2>,
 ) {
-    let j0 = program_id(0) * (BW / BS);
+    let j = program_id(0) * 2;
     let g = program_id(1);
     let count = counts.load([g]);
-    if j0 >= count {
+    if j >= count {
         return;
     }
-    let lane = range::<BW>();
-    let slot = j0 + lane / BS;
-    let live = slot < count;
-    // The weight row of each output column (block 0 for columns past the count).
-    let blk = select(live, indices.load([g, select(live, slot, 0)]), 0);
-    let cols = blk * BS + lane % BS;
+    let j1 = min(j + 1, count - 1);
+    let cols0 = indices.load([g, j]) * BS + range::<BS>();
+    let cols1 = indices.load([g, j1]) * BS + range::<BS>();
     let rows = g * BM + range::<BM>();
-    let mut acc = zeros::<f32, BM, BW>();
+    let mut acc0 = zeros::<f32, BM, BS>();
+    let mut acc1 = zeros::<f32, BM, BS>();
     for k in (0..x.dim(1)).step_by(BK) {
         let ks = k + range::<BK>();
-        acc = dot(x.load([rows, ks]), w1.load([cols, ks]).t(), acc);
+        let xt = x.load([rows, ks]);
+        acc0 = dot(xt, w1.load([cols0, ks]).t(), acc0);
+        acc1 = dot(xt, w1.load([cols1, ks]).t(), acc1);
     }
-    let hv = relu(acc + b1.load([cols]).cast::<f32>().expand(0));
-    // Columns past the count are sent out of bounds (the store's bounds mask drops them).
-    let out = select(live, j0 * BS + lane, h.dim(1));
-    h.store([rows, out], hv.cast::<T>());
+    let h0 = relu(acc0 + b1.load([cols0]).cast::<f32>().expand(0));
+    h.store([rows, j * BS + range::<BS>()], h0.cast::<T>());
+    if j + 1 < count {
+        let h1 = relu(acc1 + b1.load([cols1]).cast::<f32>().expand(0));
+        h.store([rows, (j + 1) * BS + range::<BS>()], h1.cast::<T>());
+    }
 }
 
 /// fc2 input gradient: for group `g` and slot `j < counts[g]` with block `b = indices[g, j]`,
@@ -90,10 +91,11 @@ pub fn sparse_fc1_fwd<
 ///
 /// Two slots per program (one `dy` tile feeds two blocks), as in [`sparse_fc1_fwd`].
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
-    only = [S <= 4 || W == 8, (BM + 2 * BS) * BK * 2 * S <= 200 * 1024, W == 8 || BS == 64],
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8], TMA = [0, 1]),
+    only = [S <= 4 || W == 8, (BM + 2 * BS) * BK * 2 * S <= 200 * 1024, W == 8 || BS == 64, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [cdiv(indices.dim(1), 2), cdiv(dy.dim(0), BM)],
     require = [
         w2.dim(0) == dy.dim(1), h.dim(0) == dy.dim(0), h.dim(1) == indices.dim(1) * BS,
@@ -108,6 +110,7 @@ pub fn sparse_fc2_dh<
     const BK: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     dy: Tensor<T, 2>,
     w2: Tensor<T, 2>,
@@ -148,10 +151,11 @@ pub fn sparse_fc2_dh<
 /// w1[indices[g, j]*BS .. +BS, n]`, with `dh` compact (as [`sparse_fc2_dh`] writes it) and
 /// `w1` the fc1 weight `[F, H]` read as stored. A group with count 0 gets 0.
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8]),
-    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024],
+    variants(T = [bf16, f16], BM = [128], BN = [128, 256], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8], TMA = [0, 1]),
+    only = [W == 8 || BN == 128, S <= 4 || W == 8, (BM + BN) * BK * 2 * S <= 200 * 1024, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [cdiv(w1.dim(1), BN), cdiv(dh.dim(0), BM)],
     require = [
         dh.dim(1) == indices.dim(1) * BS, dx.dim(0) == dh.dim(0), dx.dim(1) == w1.dim(1),
@@ -166,6 +170,7 @@ pub fn sparse_fc1_dx<
     const BK: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     dh: Tensor<T, 2>,
     w1: Tensor<T, 2>,

@@ -128,10 +128,12 @@ impl<'k> Matcher<'k> {
         }
     }
 
-    /// `expand_dims(i, axis)` for the given axis.
+    /// `expand_dims(i, axis)` for the given axis (or a cast of it: i32 indices are widened
+    /// after expansion).
     fn expanded(&self, v: ValueId, axis: usize) -> Option<Index> {
         match self.op(v)? {
             Op::ExpandDims { src, axis: a } if *a == axis => self.index(*src),
+            Op::Cast { src } => self.expanded(*src, axis),
             _ => None,
         }
     }

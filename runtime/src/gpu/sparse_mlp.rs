@@ -218,7 +218,7 @@ impl MlpLists {
 fn tiles(bs: usize) -> [Vec<(&'static str, usize)>; 4] {
     let (bk_dh, s) = (if bs == 64 { 32 } else { 64 }, 4);
     [
-        vec![("BM", 128), ("BW", 256), ("BK", 64), ("S", s), ("W", 8)],
+        vec![("BM", 128), ("BK", 64), ("S", s), ("W", 8)],
         vec![("BM", 128), ("BN", 256), ("BK", 64), ("S", s), ("W", 8)],
         vec![("BM", 128), ("BK", bk_dh), ("S", s), ("W", 8)],
         vec![("BM", 128), ("BN", 256), ("BK", 64), ("S", s), ("W", 8)],

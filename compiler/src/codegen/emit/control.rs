@@ -81,21 +81,26 @@ impl<'c> Gen<'c, '_> {
                 })
             }
         });
-        let ahead = pl
-            .as_ref()
-            .map(|pl| pl.stages - 1 - in_flight as usize)
-            .unwrap_or(0);
-        if in_flight {
-            if let Some(pl) = &pl {
-                self.async_dots = pl.async_dots.iter().copied().collect();
-            }
-        }
         // On sm_90a a loop the TMA plan covers copies its ring with bulk tensor copies
         // completing on mbarriers (`emit/tma.rs`) instead of `cp.async` groups.
         let tma = pl
             .as_ref()
             .and_then(|pl| pl.tma.clone())
             .filter(|_| self.wgmma);
+        // A TMA loop whose MMAs stay in flight refills at the end of an iteration, once the
+        // previous iteration's MMAs are done and its slot released, so it keeps S-1 tiles
+        // ahead; a `cp.async` loop refills at the top, where only the slot of two iterations
+        // ago is known to be free.
+        let late_refill = in_flight && tma.is_some();
+        let ahead = pl
+            .as_ref()
+            .map(|pl| pl.stages - 1 - (in_flight && !late_refill) as usize)
+            .unwrap_or(0);
+        if in_flight {
+            if let Some(pl) = &pl {
+                self.async_dots = pl.async_dots.iter().copied().collect();
+            }
+        }
         if let Some(pl) = &pl {
             // Prologue. With TMA, thread 0 initialises the ring's barriers first.
             if let Some(t) = &tma {
@@ -212,16 +217,18 @@ impl<'c> Gen<'c, '_> {
         self.b.position_at_end(body_bb);
         if let (Some(pl), Some((rd, wr)), Some(t), Some((pr, pw, _))) = (&pl, &slots, &tma, &phases)
         {
-            // Thread 0 refills the slot every warp has released, then everyone waits for this
-            // iteration's tile.
-            let ahead = self
-                .b
-                .build_int_mul(step_v, self.iv_const(ivt, ahead), "")
-                .map_err(be)?;
-            let nxt = self.b.build_int_add(ivv, ahead, "").map_err(be)?;
-            let wr_v = wr.as_basic_value().into_int_value();
-            let pw_v = pw.as_basic_value().into_int_value();
-            self.prefetch_tma(body, pl, t, nxt, hi_v, wr_v, Some(pw_v))?;
+            // Thread 0 refills the slot every warp has released (here, or with MMAs in flight
+            // at the end of the iteration), then everyone waits for this iteration's tile.
+            if !late_refill {
+                let ahead = self
+                    .b
+                    .build_int_mul(step_v, self.iv_const(ivt, ahead), "")
+                    .map_err(be)?;
+                let nxt = self.b.build_int_add(ivv, ahead, "").map_err(be)?;
+                let wr_v = wr.as_basic_value().into_int_value();
+                let pw_v = pw.as_basic_value().into_int_value();
+                self.prefetch_tma(body, pl, t, nxt, hi_v, wr_v, Some(pw_v))?;
+            }
             let rd_v = rd.as_basic_value().into_int_value();
             let full = self.bar_addr(t, pl.stages, Bar::Full, rd_v)?;
             self.mbar_wait(full, pr.as_basic_value().into_int_value())?;
@@ -282,6 +289,22 @@ impl<'c> Gen<'c, '_> {
                 };
                 let empty = self.bar_addr(t, pl.stages, Bar::Empty, slot)?;
                 self.mbar_arrive_warp(empty, cond)?;
+                if late_refill {
+                    // The slot just released (the previous iteration's) takes the tile S-1
+                    // ahead, once every warp has released it.
+                    let (wr, pw) = match (&slots, &phases) {
+                        (Some((_, wr)), Some((_, pw, _))) => (wr, pw),
+                        _ => return Err(IrError("codegen: TMA ring without slots".into())),
+                    };
+                    let ahead = self
+                        .b
+                        .build_int_mul(step_v, self.iv_const(ivt, ahead), "")
+                        .map_err(be)?;
+                    let nxt = self.b.build_int_add(ivv, ahead, "").map_err(be)?;
+                    let wr_v = wr.as_basic_value().into_int_value();
+                    let pw_v = pw.as_basic_value().into_int_value();
+                    self.prefetch_tma(body, pl, t, nxt, hi_v, wr_v, Some(pw_v))?;
+                }
             }
         }
         if !self.terminated() {
