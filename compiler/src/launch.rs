@@ -66,11 +66,14 @@ pub struct Variant {
 
 /// A tensor map (the TMA's descriptor of a global tensor and the box one copy moves) that a
 /// variant's sm_90 PTX takes as a 128-byte `.param`: the runtime encodes it at launch from the
-/// rank-2 tensor whose base pointer is parameter `param` (its extents are parameters
-/// `param + 1`, `param + 2`, its row stride `param + 3`, in elements).
+/// tensor whose base pointer is parameter `param`, in [`push_tensor`]'s order: its `rank`
+/// extents follow, then the strides of all but the last dimension (in elements). The box is
+/// `box_rows x box_cols`, one index deep along a rank-3 tensor's middle dimension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TmaMap {
     pub param: usize,
+    /// 2 or 3.
+    pub rank: usize,
     /// Element size in bytes.
     pub elem: usize,
     /// Box: rows, and columns (the inner, contiguous dimension; `swizzle / elem`).

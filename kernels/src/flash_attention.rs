@@ -69,10 +69,11 @@ fn block_rows(cu_seqlens: &[usize], size: usize) -> Option<Vec<BlockRow>> {
 /// `c` is passed as `scale_log2`.
 #[kernel(
     // Head dimension 128: 64-key steps and 2 stages only (more spills on sm_80).
-    variants(T = [bf16, f16], D = [64, 128], BM = [128], BN = [64, 128], S = [2, 3], W = [8]),
+    variants(T = [bf16, f16], D = [64, 128], BM = [128], BN = [64, 128], S = [2, 3], W = [8], TMA = [0, 1]),
     only = [D == 64 || BN == 64, D == 64 || S == 2],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [blocks.dim(0), o.dim(1)],
     require = [
         blocks.dim(1) == 3, qkv.dim(1) == 3 * o.dim(1), o.dim(0) == qkv.dim(0),
@@ -87,6 +88,7 @@ pub fn flash_fwd<
     const BN: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     qkv: Tensor<T, 3>,
     blocks: Tensor<i32, 2>,
@@ -167,10 +169,11 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
     // spills (255 registers, 0 spills). BN = 64 splits the rows over 4 x 2 warps and stages
     // them through shared memory.
     // Head dimension 128: 64 keys and 32-query steps (64 spills on sm_80, 128 keys on both).
-    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3], W = [8]),
+    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3], W = [8], TMA = [0, 1]),
     only = [BN % BM == 0, D == 64 || S == 2, D == 64 || BN == 64, D == 64 || BM == 32, D == 128 || BM == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [blocks.dim(0), d_o.dim(1)],
     require = [
         blocks.dim(1) == 3, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
@@ -186,6 +189,7 @@ pub fn flash_bwd_dkdv<
     const BM: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     qkv: Tensor<T, 3>,
     d_o: Tensor<T, 3>,
@@ -239,10 +243,11 @@ pub fn flash_bwd_dkdv<
 /// the key-block kernel keeps the backward deterministic.
 #[kernel(
     // Head dimension 128: 64-query programs, 2 stages (128 queries spill on sm_80).
-    variants(T = [bf16, f16], D = [64, 128], BM = [64, 128], BN = [64], S = [2, 3], W = [8]),
+    variants(T = [bf16, f16], D = [64, 128], BM = [64, 128], BN = [64], S = [2, 3], W = [8], TMA = [0, 1]),
     only = [D == 64 || S == 2, D == 64 || BM == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [blocks.dim(0), d_o.dim(1)],
     require = [
         blocks.dim(1) == 3, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
@@ -258,6 +263,7 @@ pub fn flash_bwd_dq<
     const BN: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     qkv: Tensor<T, 3>,
     d_o: Tensor<T, 3>,

@@ -152,10 +152,11 @@ pub fn transpose(
 #[kernel(
     // Head dimension 128: 32-key steps (64 spill 32 bytes on sm_80 with the list's extra
     // indexing, where the dense kernel does not; 64-query programs of 4 warps spill 16).
-    variants(T = [bf16, f16], D = [64, 128], BM = [128], BN = [32, 64, 128], KB = [128], S = [2, 3], W = [8]),
+    variants(T = [bf16, f16], D = [64, 128], BM = [128], BN = [32, 64, 128], KB = [128], S = [2, 3], W = [8], TMA = [0, 1]),
     only = [D == 64 || BN == 32, D == 128 || BN >= 64, D == 64 || S == 2],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [qblocks.dim(0), o.dim(1)],
     require = [
         qblocks.dim(1) == 4, qkv.dim(1) == 3 * o.dim(1), o.dim(0) == qkv.dim(0),
@@ -171,6 +172,7 @@ pub fn sparse_flash_fwd<
     const KB: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     qkv: Tensor<T, 3>,
     qblocks: Tensor<i32, 2>,
@@ -221,10 +223,11 @@ pub fn sparse_flash_fwd<
 /// in `KB / BM` steps of `BM` queries), as in
 /// [`flash_bwd_dkdv`](crate::flash_attention::flash_bwd_dkdv).
 #[kernel(
-    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], KB = [128], S = [2, 3], W = [8]),
+    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], KB = [128], S = [2, 3], W = [8], TMA = [0, 1]),
     only = [BN % BM == 0, D == 64 || S == 2, D == 64 || BN == 64, D == 64 || BM == 32, D == 128 || BM == 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [kblocks.dim(0), d_o.dim(1)],
     require = [
         kblocks.dim(1) == 4, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
@@ -242,6 +245,7 @@ pub fn sparse_flash_dkdv<
     const KB: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     qkv: Tensor<T, 3>,
     d_o: Tensor<T, 3>,
@@ -295,10 +299,11 @@ pub fn sparse_flash_dkdv<
 /// [`flash_bwd_dq`](crate::flash_attention::flash_bwd_dq).
 #[kernel(
     // Head dimension 128: 32-query programs (64 spill 4 bytes on sm_80).
-    variants(T = [bf16, f16], D = [64, 128], BM = [32, 64, 128], BN = [64], KB = [128], S = [2, 3], W = [8]),
+    variants(T = [bf16, f16], D = [64, 128], BM = [32, 64, 128], BN = [64], KB = [128], S = [2, 3], W = [8], TMA = [0, 1]),
     only = [D == 64 || S == 2, D == 64 || BM == 32, D == 128 || BM >= 64],
     warps = W,
     stages = S,
+    tma = TMA,
     grid = [qblocks.dim(0), d_o.dim(1)],
     require = [
         qblocks.dim(1) == 4, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
@@ -316,6 +321,7 @@ pub fn sparse_flash_dq<
     const KB: usize,
     const S: usize,
     const W: usize,
+    const TMA: usize,
 >(
     qkv: Tensor<T, 3>,
     d_o: Tensor<T, 3>,

@@ -272,11 +272,12 @@ fn emit(
         let align = b.align;
         let smem = b.smem as u32;
         let maps = b.tma.iter().map(|m| {
-            let (param, elem, rows, cols, swz) =
-                (m.param, m.elem, m.box_rows, m.box_cols, m.swizzle);
+            let (param, rank, elem) = (m.param, m.rank, m.elem);
+            let (rows, cols, swz) = (m.box_rows, m.box_cols, m.swizzle);
             quote! {
                 ::lexp_compiler::launch::TmaMap {
-                    param: #param, elem: #elem, box_rows: #rows, box_cols: #cols, swizzle: #swz,
+                    param: #param, rank: #rank, elem: #elem,
+                    box_rows: #rows, box_cols: #cols, swizzle: #swz,
                 }
             }
         });

@@ -1,8 +1,8 @@
 //! Tensor maps for the TMA loops of sm_90a variants (COMPILER.md §8.2): the 128-byte
-//! descriptors `cuTensorMapEncodeTiled` builds from a tensor's base, extents and row stride
-//! and the box and swizzle the kernel's shared-memory tile expects. A variant lists what it
-//! takes in [`Variant::tma`](lexp_compiler::launch::Variant::tma); [`encode`] reads the tensor
-//! out of the launch's parameters, so generated launchers need not know about TMA.
+//! descriptors `cuTensorMapEncodeTiled` builds from a tensor's base, extents and strides and
+//! the box and swizzle the kernel's shared-memory tile expects. A variant lists what it takes
+//! in [`Variant::tma`](lexp_compiler::launch::Variant::tma); [`encode`] reads the tensor out of
+//! the launch's parameters, so generated launchers need not know about TMA.
 
 use cudarc::driver::sys;
 use cudarc::driver::DeviceRepr;
@@ -18,30 +18,55 @@ pub struct TensorMapParam(sys::CUtensorMap);
 // same size.
 unsafe impl DeviceRepr for TensorMapParam {}
 
-/// Encodes `map` for the rank-2 tensor whose base pointer is `params[map.param]` (extents and
-/// row stride following it, in elements). Errors name what does not suit the TMA.
+/// Encodes `map` for the tensor whose base pointer is `params[map.param]` (its extents, then
+/// the strides of all but its last dimension following, in elements). Errors name what does
+/// not suit the TMA.
 pub fn encode(map: &TmaMap, params: &[KernelParam]) -> Result<TensorMapParam, String> {
-    let get = |i: usize| params.get(map.param + i).copied();
-    let (
-        Some(KernelParam::Ptr(ptr)),
-        Some(KernelParam::I64(d0)),
-        Some(KernelParam::I64(d1)),
-        Some(KernelParam::I64(s0)),
-    ) = (get(0), get(1), get(2), get(3))
-    else {
-        return Err(format!(
-            "tensor map over parameters {}..{}: expected a pointer, two extents and a stride",
-            map.param,
-            map.param + 4
-        ));
-    };
-    let elem = map.elem as u64;
-    let stride = (s0.max(0) as u64) * elem;
-    if ptr % 16 != 0 || stride % 16 != 0 || stride >= 1 << 40 {
-        return Err(format!(
-            "tensor map: base {ptr:#x} and row stride {stride} bytes must be multiples of 16 (stride below 2^40)"
-        ));
+    let rank = map.rank;
+    if !(2..=3).contains(&rank) {
+        return Err(format!("tensor map of rank {rank}"));
     }
+    let bad = || {
+        format!(
+            "tensor map over parameters {}..: expected a pointer, {rank} extents and {} strides",
+            map.param,
+            rank - 1
+        )
+    };
+    let int = |i: usize| match params.get(map.param + i) {
+        Some(KernelParam::I64(v)) => Ok((*v).max(0) as u64),
+        _ => Err(bad()),
+    };
+    let Some(KernelParam::Ptr(ptr)) = params.get(map.param).copied() else {
+        return Err(bad());
+    };
+    if ptr % 16 != 0 {
+        return Err(format!("tensor map: base {ptr:#x} is not 16-byte aligned"));
+    }
+    let elem = map.elem as u64;
+    // Innermost first. An empty extent is encoded as 1: the kernel then issues no copy (its
+    // loop or grid is empty), but the driver refuses 0.
+    let mut dims = [1u64; 3];
+    for d in 0..rank {
+        dims[rank - 1 - d] = int(1 + d)?.max(1);
+    }
+    let mut strides = [16u64; 2];
+    for d in 0..rank - 1 {
+        let s = int(1 + rank + d)? * elem;
+        if s % 16 != 0 || s >= 1 << 40 {
+            return Err(format!(
+                "tensor map: stride {s} bytes of dimension {d} must be a multiple of 16 below 2^40"
+            ));
+        }
+        strides[rank - 2 - d] = s.max(16);
+    }
+    // The box: one index deep along a rank-3 tensor's middle dimension.
+    let boxes: [u32; 3] = [
+        map.box_cols,
+        if rank == 3 { 1 } else { map.box_rows },
+        map.box_rows,
+    ];
+    let unit = [1u32; 3];
     let dtype = match map.elem {
         1 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
         2 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
@@ -54,20 +79,14 @@ pub fn encode(map: &TmaMap, params: &[KernelParam]) -> Result<TensorMapParam, St
         32 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_32B,
         s => return Err(format!("tensor map: swizzle of {s} bytes")),
     };
-    // Innermost first. An empty extent is encoded as 1: the kernel then issues no copy (its
-    // loop or grid is empty), but the driver refuses 0.
-    let dims: [u64; 2] = [(d1.max(1)) as u64, (d0.max(1)) as u64];
-    let strides: [u64; 1] = [stride.max(16)];
-    let boxes: [u32; 2] = [map.box_cols, map.box_rows];
-    let unit: [u32; 2] = [1, 1];
     let mut out = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    // SAFETY: every pointer refers to a live local array of the length rank (2) or rank - 1
-    // (strides) the call reads; `out` is a writable, suitably aligned CUtensorMap.
+    // SAFETY: every pointer refers to a live local array at least as long as the rank (or
+    // rank - 1, the strides) the call reads; `out` is a writable, suitably aligned CUtensorMap.
     let r = unsafe {
         sys::cuTensorMapEncodeTiled(
             out.as_mut_ptr(),
             dtype,
-            2,
+            rank as u32,
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
             strides.as_ptr(),
@@ -81,7 +100,10 @@ pub fn encode(map: &TmaMap, params: &[KernelParam]) -> Result<TensorMapParam, St
     };
     if r != sys::CUresult::CUDA_SUCCESS {
         return Err(format!(
-            "cuTensorMapEncodeTiled failed ({r:?}) for extents {dims:?}, row stride {stride} bytes, box {boxes:?}, swizzle {}",
+            "cuTensorMapEncodeTiled failed ({r:?}) for extents {:?}, strides {:?} bytes, box {:?}, swizzle {}",
+            &dims[..rank],
+            &strides[..rank - 1],
+            &boxes[..rank],
             map.swizzle
         ));
     }

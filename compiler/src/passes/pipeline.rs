@@ -114,14 +114,23 @@ impl PipelinePlan {
             }
             if let Some(t) = &l.tma {
                 for o in &t.operands {
-                    let st =
-                        |v: Option<ValueId>| v.map_or("0".to_string(), |v| format!("%{}", v.0));
+                    let at: Vec<String> = o
+                        .start
+                        .iter()
+                        .map(|v| {
+                            if v.is_empty() {
+                                "0".to_string()
+                            } else {
+                                let t: Vec<String> = v.iter().map(|x| format!("%{}", x.0)).collect();
+                                t.join("+")
+                            }
+                        })
+                        .collect();
                     s.push_str(&format!(
-                        "  tma %{} map {} at ({}, {})\n",
+                        "  tma %{} map {} at ({})\n",
                         o.load.0,
                         o.map,
-                        st(o.start[0]),
-                        st(o.start[1])
+                        at.join(", ")
                     ));
                 }
                 s.push_str(&format!("  mbarriers at {}\n", t.barriers));
@@ -129,8 +138,8 @@ impl PipelinePlan {
         }
         for (i, m) in self.maps.iter().enumerate() {
             s.push_str(&format!(
-                "tensor map {i}: param {} box {}x{} swizzle {}\n",
-                m.param, m.box_rows, m.box_cols, m.swizzle
+                "tensor map {i}: param {} rank {} box {}x{} swizzle {}\n",
+                m.param, m.rank, m.box_rows, m.box_cols, m.swizzle
             ));
         }
         s

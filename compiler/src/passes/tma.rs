@@ -12,7 +12,9 @@
 //! A streamed load qualifies when its pointer tile is `t + rows·t.stride0 + cols` for a rank-2
 //! tensor argument `t`, with `rows = r0 + range(BM)` and `cols = c0 + range(BN)` for scalars
 //! `r0`, `c0` (a `t.load([rows, cols])` of contiguous index ranges, block-list starts included),
-//! and its mask (if any) only compares those indices with `t.dim0` / `t.dim1`; the variant must
+//! or `t + rows·t.stride0 + h·t.stride1 + cols` for a rank-3 view with a fixed middle index `h`
+//! (`qkv.load([rows, head, cols])`: one head of a `[T, heads, hd]` tensor, a 3-D box one head
+//! deep), and its mask (if any) only bounds those indices by `t`'s extents; the variant must
 //! guarantee 16-byte alignment of `t` and its row stride (the TMA's requirement), and the slot
 //! must be swizzled. A loop is streamed by TMA only when the kernel asks for it
 //! ([`Kernel::tma`]) and every ring load qualifies; resident loads keep `cp.async`.
@@ -29,8 +31,10 @@ pub struct TmaOperand {
     pub load: ValueId,
     /// Index of its tensor map in [`super::pipeline::PipelinePlan::maps`].
     pub map: usize,
-    /// First row and first column of the tile (scalars; `None` is 0).
-    pub start: [Option<ValueId>; 2],
+    /// The tile's first index along each tensor dimension, outermost first, as a sum of
+    /// scalars (empty: 0): rows, then the fixed index of a rank-3 view's middle dimension (a
+    /// head), then columns.
+    pub start: Vec<Vec<ValueId>>,
 }
 
 /// The TMA side of one pipelined loop.
@@ -48,10 +52,10 @@ pub fn barrier_bytes(stages: usize) -> usize {
     2 * stages * 8
 }
 
-/// A contiguous 1-D index: `start + range(n)` (`start` `None` for 0).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A contiguous 1-D index: `Σ start + range(n)` (scalars, sorted; empty for 0).
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Index {
-    start: Option<ValueId>,
+    start: Vec<ValueId>,
     n: usize,
 }
 
@@ -108,7 +112,10 @@ impl<'k> Matcher<'k> {
     fn index(&self, v: ValueId) -> Option<Index> {
         match self.op(v)? {
             Op::Cast { src } => self.index(*src),
-            Op::Range { n } => Some(Index { start: None, n: *n }),
+            Op::Range { n } => Some(Index {
+                start: vec![],
+                n: *n,
+            }),
             Op::Binary {
                 op: BinOp::Add,
                 lhs,
@@ -119,10 +126,10 @@ impl<'k> Matcher<'k> {
                     (None, Some(s)) => (s, self.index(*lhs)?),
                     _ => return None,
                 };
-                i.start.is_none().then_some(Index {
-                    start: Some(s),
-                    n: i.n,
-                })
+                let mut start = i.start;
+                start.push(s);
+                start.sort();
+                Some(Index { start, n: i.n })
             }
             _ => None,
         }
@@ -171,27 +178,81 @@ impl<'k> Matcher<'k> {
         self.expanded(self.unbroadcast(v), 0)
     }
 
-    /// Whether every leaf of the `and` tree `m` compares the access's index along an axis with
-    /// `t`'s extent along it.
-    fn bounds_mask(&self, m: ValueId, t: &str, idx: &[Index; 2]) -> bool {
+    /// `splat(h * t.stride1)` (possibly broadcast): a rank-3 view's fixed middle index `h`.
+    fn middle_term(&self, v: ValueId, t: &str) -> Option<ValueId> {
+        let s = self.splat_of(self.unbroadcast(v))?;
+        let Some(Op::Binary {
+            op: BinOp::Mul,
+            lhs,
+            rhs,
+        }) = self.op(s)
+        else {
+            return None;
+        };
+        let stride = format!("{t}.stride1");
+        if self.is_arg(*rhs, &stride) {
+            Some(*lhs)
+        } else if self.is_arg(*lhs, &stride) {
+            Some(*rhs)
+        } else {
+            None
+        }
+    }
+
+    /// The leaves of a tree of `add`s (looking through `broadcast`).
+    fn sum_leaves(&self, v: ValueId, out: &mut Vec<ValueId>) {
+        match self.op(self.unbroadcast(v)) {
+            Some(Op::Binary {
+                op: BinOp::Add,
+                lhs,
+                rhs,
+            }) if self.k.ty(v).rank() > 0 => {
+                self.sum_leaves(*lhs, out);
+                self.sum_leaves(*rhs, out);
+            }
+            _ => out.push(v),
+        }
+    }
+
+    /// Whether every leaf of the `and` tree `m` bounds one of the access's indices by `t`'s
+    /// extent along that dimension: a tile index (`rows < t.dim0`, `cols < t.dim{last}`) or a
+    /// fixed middle index (`splat(h < t.dim1)`).
+    fn bounds_mask(
+        &self,
+        m: ValueId,
+        t: &str,
+        rows: &Index,
+        cols: &Index,
+        mid: Option<ValueId>,
+        rank: usize,
+    ) -> bool {
         let m = self.unbroadcast(m);
+        if let Some(c) = self.splat_of(m) {
+            return matches!(self.op(c), Some(Op::Cmp { pred: CmpPred::Lt, lhs, rhs })
+                if Some(*lhs) == mid && self.is_arg(*rhs, &format!("{t}.dim1")));
+        }
         match self.op(m) {
             Some(Op::Binary {
                 op: BinOp::And,
                 lhs,
                 rhs,
-            }) => self.bounds_mask(*lhs, t, idx) && self.bounds_mask(*rhs, t, idx),
+            }) => {
+                self.bounds_mask(*lhs, t, rows, cols, mid, rank)
+                    && self.bounds_mask(*rhs, t, rows, cols, mid, rank)
+            }
             Some(Op::Cmp {
                 pred: CmpPred::Lt,
                 lhs,
                 rhs,
-            }) => (0..2).any(|axis| {
+            }) => {
+                let bound = |dim: usize| {
+                    self.splat_of(*rhs)
+                        .is_some_and(|d| self.is_arg(d, &format!("{t}.dim{dim}")))
+                };
                 // Rows are expanded along 1, columns along 0.
-                self.expanded(*lhs, 1 - axis) == Some(idx[axis])
-                    && self
-                        .splat_of(*rhs)
-                        .is_some_and(|d| self.is_arg(d, &format!("{t}.dim{axis}")))
-            }),
+                (self.expanded(*lhs, 1).as_ref() == Some(rows) && bound(0))
+                    || (self.expanded(*lhs, 0).as_ref() == Some(cols) && bound(rank - 1))
+            }
             _ => false,
         }
     }
@@ -203,46 +264,63 @@ impl<'k> Matcher<'k> {
         mask: Option<ValueId>,
         shape: &[usize],
         shared: &SharedLayout,
-    ) -> Option<(TmaMap, [Option<ValueId>; 2])> {
+    ) -> Option<(TmaMap, Vec<Vec<ValueId>>)> {
         let Some(Op::AddPtr { ptr: p, offset }) = self.op(ptr) else {
             return None;
         };
         let base = self.splat_of(*p)?;
         let param = *self.args.get(&base)?;
         let t = self.k.args[param].name.clone();
-        // Rank 2: the launcher's parameter order is base, dim0, dim1, stride0.
-        let names = [
-            format!("{t}.dim0"),
-            format!("{t}.dim1"),
-            format!("{t}.stride0"),
-        ];
+        let rank = if self.k.args.iter().any(|a| a.name == format!("{t}.dim2")) {
+            3
+        } else {
+            2
+        };
+        if self.k.args.iter().any(|a| a.name == format!("{t}.dim3")) {
+            return None;
+        }
+        // The launcher's parameter order: base, the extents, the strides of all but the last
+        // dimension.
+        let names: Vec<String> = (0..rank)
+            .map(|d| format!("{t}.dim{d}"))
+            .chain((0..rank - 1).map(|d| format!("{t}.stride{d}")))
+            .collect();
         for (j, n) in names.iter().enumerate() {
             if self.k.args.get(param + 1 + j).map(|a| a.name.as_str()) != Some(n.as_str()) {
                 return None;
             }
         }
-        if self.k.args.iter().any(|a| a.name == format!("{t}.dim2")) {
-            return None;
-        }
         let elem = shared.elem;
-        if self.k.args[param].div < 16 || self.k.args[param + 3].div * (elem as u64) < 16 {
+        let strides_aligned = (0..rank - 1)
+            .all(|d| self.k.args[param + 1 + rank + d].div * (elem as u64) >= 16);
+        if self.k.args[param].div < 16 || !strides_aligned {
             return None;
         }
-        let Some(Op::Binary {
-            op: BinOp::Add,
-            lhs,
-            rhs,
-        }) = self.op(*offset)
-        else {
-            return None;
-        };
-        let idx = [(*lhs, *rhs), (*rhs, *lhs)]
-            .into_iter()
-            .find_map(|(r, c)| Some([self.row_term(r, &t)?, self.col_term(c)?]))?;
-        if idx[0].n != shape[0] || idx[1].n != shape[1] {
+        let mut leaves = vec![];
+        self.sum_leaves(*offset, &mut leaves);
+        if leaves.len() != rank {
             return None;
         }
-        if mask.is_some_and(|m| !self.bounds_mask(m, &t, &idx)) {
+        let (mut rows, mut cols, mut mid) = (None, None, None);
+        for l in leaves {
+            if let Some(r) = self.row_term(l, &t).filter(|_| rows.is_none()) {
+                rows = Some(r);
+            } else if let Some(c) = self.col_term(l).filter(|_| cols.is_none()) {
+                cols = Some(c);
+            } else if let Some(h) = self.middle_term(l, &t).filter(|_| rank == 3 && mid.is_none()) {
+                mid = Some(h);
+            } else {
+                return None;
+            }
+        }
+        let (rows, cols) = (rows?, cols?);
+        if rank == 3 && mid.is_none() {
+            return None;
+        }
+        if rows.n != shape[0] || cols.n != shape[1] {
+            return None;
+        }
+        if mask.is_some_and(|m| !self.bounds_mask(m, &t, &rows, &cols, mid, rank)) {
             return None;
         }
         if shared.swz == 0 || shared.rows > 256 || shared.rows != shape[0] {
@@ -250,12 +328,17 @@ impl<'k> Matcher<'k> {
         }
         let map = TmaMap {
             param,
+            rank,
             elem,
             box_rows: shared.rows as u32,
             box_cols: shared.panel_cols() as u32,
             swizzle: shared.swz as u32,
         };
-        Some((map, [idx[0].start, idx[1].start]))
+        let start = match mid {
+            Some(h) => vec![rows.start, vec![h], cols.start],
+            None => vec![rows.start, cols.start],
+        };
+        Some((map, start))
     }
 }
 
@@ -379,6 +462,7 @@ mod tests {
             p.maps[0],
             TmaMap {
                 param: 0,
+                rank: 2,
                 elem: 2,
                 box_rows: 64,
                 box_cols: 64,
@@ -389,11 +473,12 @@ mod tests {
         // a: rows start at pid·64, columns at the induction variable; b's rows are the same
         // index, its columns the induction variable too.
         let iv = p.loops[0].iv;
-        let rows = t.operands[0].start[0].expect("a row start");
-        assert_ne!(rows, iv);
-        assert_eq!(k.ty(rows).rank(), 0);
-        assert_eq!(t.operands[0].start, [Some(rows), Some(iv)]);
-        assert_eq!(t.operands[1].start, [Some(rows), Some(iv)]);
+        let rows = t.operands[0].start[0].clone();
+        assert_eq!(rows.len(), 1);
+        assert_ne!(rows[0], iv);
+        assert_eq!(k.ty(rows[0]).rank(), 0);
+        assert_eq!(t.operands[0].start, vec![rows.clone(), vec![iv]]);
+        assert_eq!(t.operands[1].start, vec![rows, vec![iv]]);
     }
 
     #[test]

@@ -98,15 +98,18 @@ fn param(c: Tiles, name: &str) -> usize {
 /// led before the tensors became per-head views). dk/dv with 128 keys: the 8 warps own whole
 /// key rows, so `Pᵀ` and `dSᵀ` feed the MMAs from registers (0.251 against 0.301 ms per layer
 /// at 4 x 1024 with 64 keys); dq with 128 queries likewise (0.126 against 0.137 ms;
-/// `bench/results/2026-11-29-h200-gpu-flash-tests-shortcut.txt`).
+/// `bench/results/2026-11-29-h200-gpu-flash-tests-shortcut.txt`). On sm_90 the streamed q/k/v
+/// tiles are TMA copies (`TMA = 1`; sm_80 runs the same variants with `cp.async`): forward
+/// 0.095 against 0.100 ms, dk/dv 0.188 against 0.213, dq 0.112 against 0.119 at 4 x 1024
+/// (`bench/results/2026-11-30-h200-tma/call66/gpu_flash-timed.txt`).
 #[rustfmt::skip]
 const FLASH_64: FlashConfig = FlashConfig {
     hd: 64,
     family: FlashFamily::Tile,
-    fwd: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8)],
-    dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
-    dkdv_sm80: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
-    dq: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
+    fwd: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8), ("TMA", 1)],
+    dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    dkdv_sm80: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 0)],
+    dq: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
 };
 
 /// Head dimension 128 (OPT-6.7B and larger): the variants that assemble without spills on

@@ -213,15 +213,17 @@ impl MlpLists {
 }
 
 /// Tile configurations of the four kernels for blocks of `bs`: the ones `lexp bench mlp`'s
-/// autotuner picked on the H200 at 25% density
-/// (`bench/results/2026-11-29-h200-sparse-mlp.json`); all compile for sm_80 and sm_90.
+/// autotuner picked on the H200 at 25% density (`bench/results/2026-11-29-h200-sparse-mlp.json`;
+/// with TMA, `bench/results/2026-11-30-h200-tma/call64/mlp.json`); all compile for sm_80 and
+/// sm_90 (`TMA = 1` copies with TMA on sm_90 only, and exists for 64-wide K steps).
 fn tiles(bs: usize) -> [Vec<(&'static str, usize)>; 4] {
     let (bk_dh, s) = (if bs == 64 { 32 } else { 64 }, 4);
+    let tma_dh = usize::from(bk_dh == 64);
     [
-        vec![("BM", 128), ("BK", 64), ("S", s), ("W", 8)],
-        vec![("BM", 128), ("BN", 256), ("BK", 64), ("S", s), ("W", 8)],
-        vec![("BM", 128), ("BK", bk_dh), ("S", s), ("W", 8)],
-        vec![("BM", 128), ("BN", 256), ("BK", 64), ("S", s), ("W", 8)],
+        vec![("BM", 128), ("BK", 64), ("S", s), ("W", 8), ("TMA", 1)],
+        vec![("BM", 128), ("BN", 256), ("BK", 64), ("S", s), ("W", 8), ("TMA", 1)],
+        vec![("BM", 128), ("BK", bk_dh), ("S", s), ("W", 8), ("TMA", tma_dh)],
+        vec![("BM", 128), ("BN", 256), ("BK", 64), ("S", s), ("W", 8), ("TMA", 1)],
     ]
 }
 

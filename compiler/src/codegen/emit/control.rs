@@ -567,16 +567,21 @@ impl<'c> Gen<'c, '_> {
                     .tma_maps
                     .get(o.map)
                     .ok_or_else(|| IrError("codegen: missing tensor map parameter".into()))?;
-                let start = |g: &Self, v: Option<ValueId>| -> R<IntValue<'c>> {
-                    match v {
-                        None => Ok(g.i32(0)),
-                        Some(v) => Ok(g
-                            .cast(g.get(v)?[0], g.dtype(v), DType::I32)?
-                            .into_int_value()),
+let start = |g: &Self, v: &[ValueId]| -> R<IntValue<'c>> {
+                    let mut acc = g.i32(0);
+                    for x in v {
+                        let x = g.cast(g.get(*x)?[0], g.dtype(*x), DType::I32)?;
+                        acc = g.b.build_int_add(acc, x.into_int_value(), "").map_err(be)?;
                     }
+                    Ok(acc)
                 };
-                let y = start(g, o.start[0])?;
-                let x0 = start(g, o.start[1])?;
+                // Coordinates innermost first: the column (per panel), then the outer
+                // dimensions' starts.
+                let mut outer = vec![];
+                for v in o.start[..o.start.len() - 1].iter().rev() {
+                    outer.push(start(g, v)?);
+                }
+                let x0 = start(g, &o.start[o.start.len() - 1])?;
                 let base = g.slot_base(ld, slot)?;
                 let sl = &ld.shared;
                 for p in 0..sl.cols / sl.panel_cols() {
@@ -586,7 +591,9 @@ impl<'c> Gen<'c, '_> {
                     let off =
                         g.b.build_int_add(base, g.i32((p * sl.rows * sl.swz) as i64), "")
                             .map_err(be)?;
-                    g.tma_load_2d(g.smem_addr(off)?, map, x, y, full)?;
+                    let mut coords = vec![x];
+                    coords.extend_from_slice(&outer);
+                    g.tma_load(g.smem_addr(off)?, map, &coords, full)?;
                 }
             }
             Ok(())

@@ -121,26 +121,35 @@ impl<'c> Gen<'c, '_> {
         Ok(())
     }
 
-    /// One 2-D bulk tensor copy of the box at `(x, y)` (column, row) of tensor map `map` into
-    /// shared address `dst`, completing on the barrier at `bar`.
-    pub(super) fn tma_load_2d(
+    /// One bulk tensor copy of the box at `coords` (innermost first: column, then the outer
+    /// dimensions) of tensor map `map` into shared address `dst`, completing on the barrier at
+    /// `bar`.
+    pub(super) fn tma_load(
         &self,
         dst: IntValue<'c>,
         map: PointerValue<'c>,
-        x: IntValue<'c>,
-        y: IntValue<'c>,
+        coords: &[IntValue<'c>],
         bar: IntValue<'c>,
     ) -> R<()> {
         let m = self
             .b
             .build_ptr_to_int(map, self.ctx.i64_type(), "")
             .map_err(be)?;
-        self.asm(
-            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3}], [$4];",
-            "r,l,r,r,r",
-            None,
-            &[dst.into(), m.into(), x.into(), y.into(), bar.into()],
-        )?;
+        let n = coords.len();
+        if !(1..=5).contains(&n) {
+            return Err(IrError(format!("codegen: a {n}-D tensor copy")));
+        }
+        let c: Vec<String> = (0..n).map(|i| format!("${}", i + 2)).collect();
+        let text = format!(
+            "cp.async.bulk.tensor.{n}d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {{{}}}], [${}];",
+            c.join(", "),
+            n + 2
+        );
+        let cons = format!("r,l,{},r", vec!["r"; n].join(","));
+        let mut args: Vec<V<'c>> = vec![dst.into(), m.into()];
+        args.extend(coords.iter().map(|v| -> V<'c> { (*v).into() }));
+        args.push(bar.into());
+        self.asm(&text, &cons, None, &args)?;
         Ok(())
     }
 }
