@@ -177,7 +177,10 @@ fn tma_loops_copy_with_bulk_tensor_copies_on_sm90() {
     ] {
         assert!(p90.contains(want), "sm_90 PTX lacks `{want}`");
     }
-    assert!(!p90.contains("cp.async.cg"), "a TMA loop copies with cp.async");
+    assert!(
+        !p90.contains("cp.async.cg"),
+        "a TMA loop copies with cp.async"
+    );
     // One CTA barrier publishes the barriers' initialisation, one ends the loop, one the
     // epilogue's layout conversion (if any): none per iteration.
     let loop_body = p90
@@ -189,5 +192,8 @@ fn tma_loops_copy_with_bulk_tensor_copies_on_sm90() {
     let p80 = codegen::lower(&c, &target::SM80, "matmul_tma").unwrap().ptx;
     assert!(p80.contains("cp.async.cg.shared.global"));
     assert!(!p80.contains("cp.async.bulk") && !p80.contains("mbarrier"));
-    assert!(!p80.contains(".b8 matmul_tma_param_9"), "sm_80 takes no tensor maps");
+    assert!(
+        !p80.contains(".b8 matmul_tma_param_9"),
+        "sm_80 takes no tensor maps"
+    );
 }

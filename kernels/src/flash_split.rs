@@ -15,10 +15,9 @@ use lexp_macros::kernel;
 
 /// Forward of [`flash_fwd`](crate::flash_attention::flash_fwd) on heads of `LO + HI` columns.
 #[kernel(
-    variants(T = [bf16, f16], LO = [64], HI = [16], BM = [128], BN = [64, 128], S = [2, 3], W = [8], TMA = [0, 1]),
+    variants(T = [bf16, f16], LO = [64], HI = [16], BM = [128], BN = [64, 128], S = [2, 3], W = [8]),
     warps = W,
     stages = S,
-    tma = TMA,
     grid = [blocks.dim(0), o.dim(1)],
     require = [
         blocks.dim(1) == 3, qkv.dim(1) == 3 * o.dim(1), o.dim(0) == qkv.dim(0),
@@ -34,7 +33,6 @@ pub fn flash_fwd_split<
     const BN: usize,
     const S: usize,
     const W: usize,
-    const TMA: usize,
 >(
     qkv: Tensor<T, 3>,
     blocks: Tensor<i32, 2>,
@@ -89,11 +87,10 @@ pub fn flash_fwd_split<
 #[kernel(
     // 128 keys x 64 queries spills 92 bytes on sm_80 (244 registers and none on sm_90a): the
     // engine runs it on sm_90 only (`FlashConfig::dkdv_sm80`, `tests/tests/ptxas.rs`).
-    variants(T = [bf16, f16], LO = [64], HI = [16], BN = [64, 128], BM = [32, 64], S = [2], W = [8], TMA = [0, 1]),
+    variants(T = [bf16, f16], LO = [64], HI = [16], BN = [64, 128], BM = [32, 64], S = [2], W = [8]),
     only = [BN % BM == 0],
     warps = W,
     stages = S,
-    tma = TMA,
     grid = [blocks.dim(0), d_o.dim(1)],
     require = [
         blocks.dim(1) == 3, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
@@ -110,7 +107,6 @@ pub fn flash_bwd_dkdv_split<
     const BM: usize,
     const S: usize,
     const W: usize,
-    const TMA: usize,
 >(
     qkv: Tensor<T, 3>,
     d_o: Tensor<T, 3>,
@@ -169,10 +165,9 @@ pub fn flash_bwd_dkdv_split<
 /// `dq` of [`flash_bwd_dq`](crate::flash_attention::flash_bwd_dq) on heads of `LO + HI`
 /// columns.
 #[kernel(
-    variants(T = [bf16, f16], LO = [64], HI = [16], BM = [64, 128], BN = [64], S = [2], W = [8], TMA = [0, 1]),
+    variants(T = [bf16, f16], LO = [64], HI = [16], BM = [64, 128], BN = [64], S = [2], W = [8]),
     warps = W,
     stages = S,
-    tma = TMA,
     grid = [blocks.dim(0), d_o.dim(1)],
     require = [
         blocks.dim(1) == 3, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
@@ -189,7 +184,6 @@ pub fn flash_bwd_dq_split<
     const BN: usize,
     const S: usize,
     const W: usize,
-    const TMA: usize,
 >(
     qkv: Tensor<T, 3>,
     d_o: Tensor<T, 3>,

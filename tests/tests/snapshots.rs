@@ -105,3 +105,48 @@ fn ptx_structure() {
         }
     }
 }
+
+/// Variants compiled with `tma = 1`: on sm_90 every TMA loop copies through tensor maps, one
+/// 128-byte `grid_constant` parameter per map the variant lists for the runtime, with bulk
+/// tensor copies completing on mbarriers; on sm_80 the same variant takes no map and copies with
+/// `cp.async`. One TMA GEMM's stages and PTX are snapshots.
+#[test]
+fn tma_variants() {
+    let mut seen = 0;
+    for k in lexp_kernels::ALL {
+        for v in k.variants.iter().filter(|v| v.param("TMA") == Some("1")) {
+            seen += 1;
+            let maps = v.ptx_sm90.matches(".param .align 64 .b8").count();
+            assert!(maps > 0, "{}: no tensor map parameter", v.symbol);
+            assert_eq!(maps, v.tma.len(), "{}: maps listed vs taken", v.symbol);
+            for want in [
+                "cp.async.bulk.tensor",
+                "mbarrier.arrive.expect_tx.shared::cta.b64",
+                "mbarrier.try_wait.parity.shared::cta.b64",
+                "cvta.param.u64",
+            ] {
+                assert!(v.ptx_sm90.contains(want), "{}: no `{want}`", v.symbol);
+            }
+            assert!(
+                !v.ptx_sm80.contains("cp.async.bulk") && !v.ptx_sm80.contains("mbarrier"),
+                "{}: TMA in the sm_80 PTX",
+                v.symbol
+            );
+        }
+        for v in k.variants.iter().filter(|v| v.param("TMA") != Some("1")) {
+            assert!(v.tma.is_empty(), "{}: maps without `tma`", v.symbol);
+        }
+    }
+    assert!(seen > 0, "no TMA variant compiled");
+    let v = lexp_kernels::gemm_nt::INFO
+        .variants
+        .iter()
+        .find(|v| v.symbol == "gemm_nt_bf16_128_256_64_4_8_8_1_a16")
+        .expect("the TMA GEMM variant");
+    let c = passes::compile(parser::parse(v.ir).unwrap(), &target::SM90).unwrap();
+    let smem = &c.stages.iter().find(|(n, _)| *n == "smem").unwrap().1;
+    insta::assert_snapshot!("gemm_nt_tma__smem", smem);
+    let lowered = codegen::lower(&c, &target::SM90, v.symbol).unwrap();
+    insta::assert_snapshot!("gemm_nt_tma__ptx_sm90", lowered.ptx);
+    assert_eq!(lowered.ptx, v.ptx_sm90);
+}

@@ -121,7 +121,8 @@ impl PipelinePlan {
                             if v.is_empty() {
                                 "0".to_string()
                             } else {
-                                let t: Vec<String> = v.iter().map(|x| format!("%{}", x.0)).collect();
+                                let t: Vec<String> =
+                                    v.iter().map(|x| format!("%{}", x.0)).collect();
                                 t.join("+")
                             }
                         })

@@ -291,8 +291,8 @@ impl<'k> Matcher<'k> {
             }
         }
         let elem = shared.elem;
-        let strides_aligned = (0..rank - 1)
-            .all(|d| self.k.args[param + 1 + rank + d].div * (elem as u64) >= 16);
+        let strides_aligned =
+            (0..rank - 1).all(|d| self.k.args[param + 1 + rank + d].div * (elem as u64) >= 16);
         if self.k.args[param].div < 16 || !strides_aligned {
             return None;
         }
@@ -307,7 +307,10 @@ impl<'k> Matcher<'k> {
                 rows = Some(r);
             } else if let Some(c) = self.col_term(l).filter(|_| cols.is_none()) {
                 cols = Some(c);
-            } else if let Some(h) = self.middle_term(l, &t).filter(|_| rank == 3 && mid.is_none()) {
+            } else if let Some(h) = self
+                .middle_term(l, &t)
+                .filter(|_| rank == 3 && mid.is_none())
+            {
                 mid = Some(h);
             } else {
                 return None;

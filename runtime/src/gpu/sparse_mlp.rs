@@ -221,9 +221,29 @@ fn tiles(bs: usize) -> [Vec<(&'static str, usize)>; 4] {
     let tma_dh = usize::from(bk_dh == 64);
     [
         vec![("BM", 128), ("BK", 64), ("S", s), ("W", 8), ("TMA", 1)],
-        vec![("BM", 128), ("BN", 256), ("BK", 64), ("S", s), ("W", 8), ("TMA", 1)],
-        vec![("BM", 128), ("BK", bk_dh), ("S", s), ("W", 8), ("TMA", tma_dh)],
-        vec![("BM", 128), ("BN", 256), ("BK", 64), ("S", s), ("W", 8), ("TMA", 1)],
+        vec![
+            ("BM", 128),
+            ("BN", 256),
+            ("BK", 64),
+            ("S", s),
+            ("W", 8),
+            ("TMA", 1),
+        ],
+        vec![
+            ("BM", 128),
+            ("BK", bk_dh),
+            ("S", s),
+            ("W", 8),
+            ("TMA", tma_dh),
+        ],
+        vec![
+            ("BM", 128),
+            ("BN", 256),
+            ("BK", 64),
+            ("S", s),
+            ("W", 8),
+            ("TMA", 1),
+        ],
     ]
 }
 

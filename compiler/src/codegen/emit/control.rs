@@ -567,7 +567,7 @@ impl<'c> Gen<'c, '_> {
                     .tma_maps
                     .get(o.map)
                     .ok_or_else(|| IrError("codegen: missing tensor map parameter".into()))?;
-let start = |g: &Self, v: &[ValueId]| -> R<IntValue<'c>> {
+                let start = |g: &Self, v: &[ValueId]| -> R<IntValue<'c>> {
                     let mut acc = g.i32(0);
                     for x in v {
                         let x = g.cast(g.get(*x)?[0], g.dtype(*x), DType::I32)?;
