@@ -219,16 +219,18 @@ impl MlpLists {
 fn tiles(bs: usize) -> [Vec<(&'static str, usize)>; 4] {
     let (bk_dh, s) = (if bs == 64 { 32 } else { 64 }, 4);
     let tma_dh = usize::from(bk_dh == 64);
+    // fc2 forward and fc1's input gradient: reductions over the kept blocks, one tile shape.
+    let reduce = vec![
+        ("BM", 128),
+        ("BN", 256),
+        ("BK", 64),
+        ("S", s),
+        ("W", 8),
+        ("TMA", 1),
+    ];
     [
         vec![("BM", 128), ("BK", 64), ("S", s), ("W", 8), ("TMA", 1)],
-        vec![
-            ("BM", 128),
-            ("BN", 256),
-            ("BK", 64),
-            ("S", s),
-            ("W", 8),
-            ("TMA", 1),
-        ],
+        reduce.clone(),
         vec![
             ("BM", 128),
             ("BK", bk_dh),
@@ -236,14 +238,7 @@ fn tiles(bs: usize) -> [Vec<(&'static str, usize)>; 4] {
             ("W", 8),
             ("TMA", tma_dh),
         ],
-        vec![
-            ("BM", 128),
-            ("BN", 256),
-            ("BK", 64),
-            ("S", s),
-            ("W", 8),
-            ("TMA", 1),
-        ],
+        reduce,
     ]
 }
 

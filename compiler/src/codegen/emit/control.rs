@@ -1,5 +1,6 @@
 //! Structured control flow: `for` with loop-carried values as phis, `if` with results.
 
+use super::tma::Bar;
 use super::*;
 
 /// `dot` result -> `(a, b)` for the `dot`s directly in `body`.
@@ -11,15 +12,6 @@ fn dot_operands(body: &Block) -> std::collections::HashMap<ValueId, (ValueId, Va
             _ => None,
         })
         .collect()
-}
-
-/// The two barriers of a TMA ring slot.
-#[derive(Clone, Copy)]
-enum Bar {
-    /// The slot's copies have landed.
-    Full,
-    /// Every warp is done reading the slot.
-    Empty,
 }
 
 /// Which loads a [`Gen::prefetch`] copies.
@@ -220,13 +212,9 @@ impl<'c> Gen<'c, '_> {
             // Thread 0 refills the slot every warp has released (here, or with MMAs in flight
             // at the end of the iteration), then everyone waits for this iteration's tile.
             if !late_refill {
-                let ahead = self
-                    .b
-                    .build_int_mul(step_v, self.iv_const(ivt, ahead), "")
-                    .map_err(be)?;
-                let nxt = self.b.build_int_add(ivv, ahead, "").map_err(be)?;
-                let wr_v = wr.as_basic_value().into_int_value();
-                let pw_v = pw.as_basic_value().into_int_value();
+                let nxt = self.iv_ahead(ivv, ivt, step_v, ahead)?;
+                let (wr_v, pw_v) = (wr.as_basic_value(), pw.as_basic_value());
+                let (wr_v, pw_v) = (wr_v.into_int_value(), pw_v.into_int_value());
                 self.prefetch_tma(body, pl, t, nxt, hi_v, wr_v, Some(pw_v))?;
             }
             let rd_v = rd.as_basic_value().into_int_value();
@@ -249,11 +237,7 @@ impl<'c> Gen<'c, '_> {
                 self.fence_proxy_async()?;
             }
             self.call_void("llvm.nvvm.barrier0")?;
-            let ahead = self
-                .b
-                .build_int_mul(step_v, self.iv_const(ivt, ahead), "")
-                .map_err(be)?;
-            let nxt = self.b.build_int_add(ivv, ahead, "").map_err(be)?;
+            let nxt = self.iv_ahead(ivv, ivt, step_v, ahead)?;
             let wr_v = wr.as_basic_value().into_int_value();
             self.prefetch(body, pl, nxt, hi_v, wr_v, Fill::Ring)?;
             let rd_v = rd.as_basic_value().into_int_value();
@@ -296,13 +280,9 @@ impl<'c> Gen<'c, '_> {
                         (Some((_, wr)), Some((_, pw, _))) => (wr, pw),
                         _ => return Err(IrError("codegen: TMA ring without slots".into())),
                     };
-                    let ahead = self
-                        .b
-                        .build_int_mul(step_v, self.iv_const(ivt, ahead), "")
-                        .map_err(be)?;
-                    let nxt = self.b.build_int_add(ivv, ahead, "").map_err(be)?;
-                    let wr_v = wr.as_basic_value().into_int_value();
-                    let pw_v = pw.as_basic_value().into_int_value();
+                    let nxt = self.iv_ahead(ivv, ivt, step_v, ahead)?;
+                    let (wr_v, pw_v) = (wr.as_basic_value(), pw.as_basic_value());
+                    let (wr_v, pw_v) = (wr_v.into_int_value(), pw_v.into_int_value());
                     self.prefetch_tma(body, pl, t, nxt, hi_v, wr_v, Some(pw_v))?;
                 }
             }
@@ -420,13 +400,28 @@ impl<'c> Gen<'c, '_> {
         Ok(results)
     }
 
+    /// The induction variable `ahead` iterations after `iv`.
+    fn iv_ahead(
+        &self,
+        iv: IntValue<'c>,
+        ivt: DType,
+        step: IntValue<'c>,
+        ahead: usize,
+    ) -> R<IntValue<'c>> {
+        let off = self
+            .b
+            .build_int_mul(step, self.iv_const(ivt, ahead), "")
+            .map_err(be)?;
+        self.b.build_int_add(iv, off, "").map_err(be)
+    }
+
     fn iv_const(&self, ivt: DType, c: usize) -> IntValue<'c> {
         self.constant(ConstValue::Int(c as i64), ivt)
             .into_int_value()
     }
 
     /// Byte offset of `ld`'s slot number `slot` (its only slot when resident).
-    fn slot_base(
+    pub(super) fn slot_base(
         &self,
         ld: &crate::passes::pipeline::StagedLoad,
         slot: IntValue<'c>,
@@ -489,123 +484,6 @@ impl<'c> Gen<'c, '_> {
             None => self.vals.remove(&body.args[0]),
         };
         self.call_void("llvm.nvvm.cp.async.commit.group")
-    }
-
-    /// The shared address of `which` barrier of ring slot `slot` of a TMA loop.
-    fn bar_addr(
-        &self,
-        t: &crate::passes::tma::TmaLoop,
-        stages: usize,
-        which: Bar,
-        slot: IntValue<'c>,
-    ) -> R<IntValue<'c>> {
-        let first = t.barriers
-            + match which {
-                Bar::Full => 0,
-                Bar::Empty => 8 * stages,
-            };
-        let off = self.b.build_int_mul(slot, self.i32(8), "").map_err(be)?;
-        let off = self
-            .b
-            .build_int_add(off, self.i32(first as i64), "")
-            .map_err(be)?;
-        self.smem_addr(off)
-    }
-
-    /// TMA counterpart of [`Gen::prefetch`] for the ring: thread 0, if `iv < hi`, waits until
-    /// slot `slot` is released (`empty_parity`; `None` on a slot's first fill), announces the
-    /// tile's bytes on its `full` barrier and issues one bulk tensor copy per panel of every
-    /// operand.
-    #[allow(clippy::too_many_arguments)]
-    fn prefetch_tma(
-        &mut self,
-        body: &Block,
-        pl: &crate::passes::pipeline::PipelinedLoop,
-        t: &crate::passes::tma::TmaLoop,
-        iv: IntValue<'c>,
-        hi: IntValue<'c>,
-        slot: IntValue<'c>,
-        empty_parity: Option<IntValue<'c>>,
-    ) -> R<()> {
-        let in_range = self
-            .b
-            .build_int_compare(IntPredicate::SLT, iv, hi, "")
-            .map_err(be)?;
-        let t0 = self.is_thread0()?;
-        let cond = self.b.build_and(in_range, t0, "").map_err(be)?;
-        let saved_iv = self.vals.insert(body.args[0], vec![iv.into()]);
-        self.guarded(Some(cond), |g| {
-            for inst in &body.insts {
-                if inst.results.first().is_some_and(|r| pl.slice.contains(r)) {
-                    let res = g.op(&inst.op, &inst.results)?;
-                    for (r, v) in inst.results.iter().zip(res) {
-                        g.vals.insert(*r, v);
-                    }
-                }
-            }
-            if let Some(p) = empty_parity {
-                g.mbar_wait(g.bar_addr(t, pl.stages, Bar::Empty, slot)?, p)?;
-            }
-            let full = g.bar_addr(t, pl.stages, Bar::Full, slot)?;
-            let mut bytes = 0;
-            for o in &t.operands {
-                let ld = pl
-                    .loads
-                    .iter()
-                    .find(|l| l.load == o.load)
-                    .ok_or_else(|| IrError("codegen: TMA operand is not streamed".into()))?;
-                bytes += ld.shared.bytes();
-            }
-            g.mbar_expect_tx(full, bytes)?;
-            for o in &t.operands {
-                let ld = pl
-                    .loads
-                    .iter()
-                    .find(|l| l.load == o.load)
-                    .ok_or_else(|| IrError("codegen: TMA operand is not streamed".into()))?;
-                let map = *g
-                    .tma_maps
-                    .get(o.map)
-                    .ok_or_else(|| IrError("codegen: missing tensor map parameter".into()))?;
-                let start = |g: &Self, v: &[ValueId]| -> R<IntValue<'c>> {
-                    let mut acc = g.i32(0);
-                    for x in v {
-                        let x = g.cast(g.get(*x)?[0], g.dtype(*x), DType::I32)?;
-                        acc = g.b.build_int_add(acc, x.into_int_value(), "").map_err(be)?;
-                    }
-                    Ok(acc)
-                };
-                // Coordinates innermost first: the column (per panel), then the outer
-                // dimensions' starts.
-                let mut outer = vec![];
-                for v in o.start[..o.start.len() - 1].iter().rev() {
-                    outer.push(start(g, v)?);
-                }
-                let x0 = start(g, &o.start[o.start.len() - 1])?;
-                let base = g.slot_base(ld, slot)?;
-                let sl = &ld.shared;
-                for p in 0..sl.cols / sl.panel_cols() {
-                    let x =
-                        g.b.build_int_add(x0, g.i32((p * sl.panel_cols()) as i64), "")
-                            .map_err(be)?;
-                    let off =
-                        g.b.build_int_add(base, g.i32((p * sl.rows * sl.swz) as i64), "")
-                            .map_err(be)?;
-                    let mut coords = vec![x];
-                    coords.extend_from_slice(&outer);
-                    g.tma_load(g.smem_addr(off)?, map, &coords, full)?;
-                }
-            }
-            Ok(())
-        })?;
-        for v in &pl.slice {
-            self.vals.remove(v);
-        }
-        match saved_iv {
-            Some(old) => self.vals.insert(body.args[0], old),
-            None => self.vals.remove(&body.args[0]),
-        };
-        Ok(())
     }
 
     pub(super) fn if_(

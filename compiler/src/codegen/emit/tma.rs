@@ -7,6 +7,15 @@
 
 use super::*;
 
+/// The two barriers of a TMA ring slot.
+#[derive(Clone, Copy)]
+pub(super) enum Bar {
+    /// The slot's copies have landed.
+    Full,
+    /// Every warp is done reading the slot.
+    Empty,
+}
+
 impl<'c> Gen<'c, '_> {
     /// The 32-bit shared-memory address of byte `off` of the kernel's shared memory.
     pub(super) fn smem_addr(&self, off: IntValue<'c>) -> R<IntValue<'c>> {
@@ -150,6 +159,123 @@ impl<'c> Gen<'c, '_> {
         args.extend(coords.iter().map(|v| -> V<'c> { (*v).into() }));
         args.push(bar.into());
         self.asm(&text, &cons, None, &args)?;
+        Ok(())
+    }
+
+    /// The shared address of `which` barrier of ring slot `slot` of a TMA loop.
+    pub(super) fn bar_addr(
+        &self,
+        t: &crate::passes::tma::TmaLoop,
+        stages: usize,
+        which: Bar,
+        slot: IntValue<'c>,
+    ) -> R<IntValue<'c>> {
+        let first = t.barriers
+            + match which {
+                Bar::Full => 0,
+                Bar::Empty => 8 * stages,
+            };
+        let off = self.b.build_int_mul(slot, self.i32(8), "").map_err(be)?;
+        let off = self
+            .b
+            .build_int_add(off, self.i32(first as i64), "")
+            .map_err(be)?;
+        self.smem_addr(off)
+    }
+
+    /// TMA counterpart of [`Gen::prefetch`] for the ring: thread 0, if `iv < hi`, waits until
+    /// slot `slot` is released (`empty_parity`; `None` on a slot's first fill), announces the
+    /// tile's bytes on its `full` barrier and issues one bulk tensor copy per panel of every
+    /// operand.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn prefetch_tma(
+        &mut self,
+        body: &Block,
+        pl: &crate::passes::pipeline::PipelinedLoop,
+        t: &crate::passes::tma::TmaLoop,
+        iv: IntValue<'c>,
+        hi: IntValue<'c>,
+        slot: IntValue<'c>,
+        empty_parity: Option<IntValue<'c>>,
+    ) -> R<()> {
+        let in_range = self
+            .b
+            .build_int_compare(IntPredicate::SLT, iv, hi, "")
+            .map_err(be)?;
+        let t0 = self.is_thread0()?;
+        let cond = self.b.build_and(in_range, t0, "").map_err(be)?;
+        let saved_iv = self.vals.insert(body.args[0], vec![iv.into()]);
+        self.guarded(Some(cond), |g| {
+            for inst in &body.insts {
+                if inst.results.first().is_some_and(|r| pl.slice.contains(r)) {
+                    let res = g.op(&inst.op, &inst.results)?;
+                    for (r, v) in inst.results.iter().zip(res) {
+                        g.vals.insert(*r, v);
+                    }
+                }
+            }
+            if let Some(p) = empty_parity {
+                g.mbar_wait(g.bar_addr(t, pl.stages, Bar::Empty, slot)?, p)?;
+            }
+            let full = g.bar_addr(t, pl.stages, Bar::Full, slot)?;
+            let mut bytes = 0;
+            for o in &t.operands {
+                let ld = pl
+                    .loads
+                    .iter()
+                    .find(|l| l.load == o.load)
+                    .ok_or_else(|| IrError("codegen: TMA operand is not streamed".into()))?;
+                bytes += ld.shared.bytes();
+            }
+            g.mbar_expect_tx(full, bytes)?;
+            for o in &t.operands {
+                let ld = pl
+                    .loads
+                    .iter()
+                    .find(|l| l.load == o.load)
+                    .ok_or_else(|| IrError("codegen: TMA operand is not streamed".into()))?;
+                let map = *g
+                    .tma_maps
+                    .get(o.map)
+                    .ok_or_else(|| IrError("codegen: missing tensor map parameter".into()))?;
+                let start = |g: &Self, v: &[ValueId]| -> R<IntValue<'c>> {
+                    let mut acc = g.i32(0);
+                    for x in v {
+                        let x = g.cast(g.get(*x)?[0], g.dtype(*x), DType::I32)?;
+                        acc = g.b.build_int_add(acc, x.into_int_value(), "").map_err(be)?;
+                    }
+                    Ok(acc)
+                };
+                // Coordinates innermost first: the column (per panel), then the outer
+                // dimensions' starts.
+                let mut outer = vec![];
+                for v in o.start[..o.start.len() - 1].iter().rev() {
+                    outer.push(start(g, v)?);
+                }
+                let x0 = start(g, &o.start[o.start.len() - 1])?;
+                let base = g.slot_base(ld, slot)?;
+                let sl = &ld.shared;
+                for p in 0..sl.cols / sl.panel_cols() {
+                    let x =
+                        g.b.build_int_add(x0, g.i32((p * sl.panel_cols()) as i64), "")
+                            .map_err(be)?;
+                    let off =
+                        g.b.build_int_add(base, g.i32((p * sl.rows * sl.swz) as i64), "")
+                            .map_err(be)?;
+                    let mut coords = vec![x];
+                    coords.extend_from_slice(&outer);
+                    g.tma_load(g.smem_addr(off)?, map, &coords, full)?;
+                }
+            }
+            Ok(())
+        })?;
+        for v in &pl.slice {
+            self.vals.remove(v);
+        }
+        match saved_iv {
+            Some(old) => self.vals.insert(body.args[0], old),
+            None => self.vals.remove(&body.args[0]),
+        };
         Ok(())
     }
 }
