@@ -22,7 +22,7 @@ use lexp_kernels::flash_attention::flash_bwd_delta;
 use lexp_kernels::sparse_flash::{self as sf, block_table, transpose, DeviceList, TableRow};
 
 /// A tile configuration of one kernel: `(name, value)` of each const parameter.
-pub type SparseTiles = [(&'static str, usize); 6];
+pub type SparseTiles = [(&'static str, usize); 7];
 
 /// The block-sparse kernels' tile configurations for one head dimension.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,27 +42,29 @@ fn param(c: &SparseTiles, name: &str) -> usize {
 }
 
 /// Head dimension 64: the fastest compiled configurations at one 16384-token sequence, 32
-/// heads, a 25% mask on the H200 (`gpu_sparse_attention`'s timed test,
-/// `bench/results/2026-11-29-h200-gpu-sparse-attention-tests-configs.txt`): forward 1.64 ms,
-/// dk/dv 3.46 ms (128 keys: the register shortcut), dq 1.86 ms with 64-query programs (2.07
-/// with 128).
+/// heads, a 25% mask on the H200 (`gpu_sparse_attention`'s timed test), all with TMA on sm_90
+/// (`bench/results/2026-11-30-h200-tma/call66/gpu_sparse_attention.txt`; sm_80 runs the same
+/// variants with `cp.async`): forward 0.979 ms with 64-key steps in 3 stages (1.305 for the
+/// previous `cp.async` choice), dk/dv 2.414 ms with 128 keys (3.424), dq 1.167 ms with
+/// 128-query programs (1.604 for the previous 64).
 #[rustfmt::skip]
 const SPARSE_64: SparseFlashConfig = SparseFlashConfig {
     hd: 64,
-    fwd: [("D", 64), ("BM", 128), ("BN", 128), ("KB", 128), ("S", 2), ("W", 8)],
-    dkdv: [("D", 64), ("BN", 128), ("BM", 64), ("KB", 128), ("S", 2), ("W", 8)],
-    dq: [("D", 64), ("BM", 64), ("BN", 64), ("KB", 128), ("S", 3), ("W", 8)],
+    fwd: [("D", 64), ("BM", 128), ("BN", 64), ("KB", 128), ("S", 3), ("W", 8), ("TMA", 1)],
+    dkdv: [("D", 64), ("BN", 128), ("BM", 64), ("KB", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    dq: [("D", 64), ("BM", 128), ("BN", 64), ("KB", 128), ("S", 2), ("W", 8), ("TMA", 1)],
 };
 
 /// Head dimension 128: the variants that assemble without spills on sm_80 (32-key forward
 /// steps and 32-query dq programs, smaller than the dense kernels': the list indexing costs
-/// registers).
+/// registers), with TMA on sm_90 (call 66: forward 1.075 against 1.188 ms, dk/dv 3.205 against
+/// 3.616, dq 2.271 against 2.717).
 #[rustfmt::skip]
 const SPARSE_128: SparseFlashConfig = SparseFlashConfig {
     hd: 128,
-    fwd: [("D", 128), ("BM", 128), ("BN", 32), ("KB", 128), ("S", 2), ("W", 8)],
-    dkdv: [("D", 128), ("BN", 64), ("BM", 32), ("KB", 128), ("S", 2), ("W", 8)],
-    dq: [("D", 128), ("BM", 32), ("BN", 64), ("KB", 128), ("S", 2), ("W", 8)],
+    fwd: [("D", 128), ("BM", 128), ("BN", 32), ("KB", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    dkdv: [("D", 128), ("BN", 64), ("BM", 32), ("KB", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    dq: [("D", 128), ("BM", 32), ("BN", 64), ("KB", 128), ("S", 2), ("W", 8), ("TMA", 1)],
 };
 
 /// The block-sparse configuration for head dimension `hd`, if its kernels exist.
