@@ -345,8 +345,8 @@ impl<'k> Matcher<'k> {
     }
 }
 
-/// Plans TMA copies for the loops of `plan` (see the module doc). Returns the tensor maps the
-/// kernel takes, in parameter order.
+/// Plans TMA copies for the loops of `plan` (see the module doc): sets each qualifying loop's
+/// [`TmaLoop`] and `plan.maps`, the tensor maps the kernel takes, in parameter order.
 pub fn plan(k: &Kernel, plan: &mut super::pipeline::PipelinePlan) {
     plan.maps.clear();
     if !k.tma {
@@ -390,8 +390,9 @@ mod tests {
     use crate::ir::parser::parse;
     use crate::passes::{layouts, pipeline};
 
-    /// A GEMM-like loop `acc += a[rows, ks] · b[cols, ks]ᵀ`, with `mask` the mask of `a`'s load
-    /// (`$ROWS`/`$COLS` refer to its row/column bound comparisons).
+    /// A GEMM-like loop `acc += a[rows, ks] · b[cols, ks]ᵀ`: `a_mask` is the text after `a`'s
+    /// load pointer (` mask %40` bounds it by its own extents, ` mask %43` by `b.dim1`), `tma`
+    /// the header flag, `a_div` the alignment of `a`'s base.
     fn kernel(a_mask: &str, tma: &str, a_div: u32) -> Kernel {
         let text = format!(
             r#"kernel @k(%0: ptr<bf16> "a" div {a_div}, %1: i64 "a.dim0", %2: i64 "a.dim1" div 8, %3: i64 "a.stride0" div 8, %4: ptr<bf16> "b" div 16, %5: i64 "b.dim0", %6: i64 "b.dim1" div 8, %7: i64 "b.stride0" div 8, %8: ptr<f32> "c" div 16) warps 4 stages 3{tma} {{
