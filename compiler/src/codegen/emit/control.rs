@@ -441,8 +441,6 @@ impl<'c> Gen<'c, '_> {
     /// Issues the copies of iteration `iv` (if `iv < hi`) into ring slot `slot` (or, with
     /// [`Fill::Resident`], the resident loads into their own slots), then commits a group
     /// (always).
-    /// The body's address computations are emitted again for `iv`, inside the guard, and
-    /// forgotten afterwards so the body's own emission recomputes them.
     fn prefetch(
         &mut self,
         body: &Block,
@@ -456,16 +454,7 @@ impl<'c> Gen<'c, '_> {
             .b
             .build_int_compare(IntPredicate::SLT, iv, hi, "")
             .map_err(be)?;
-        let saved_iv = self.vals.insert(body.args[0], vec![iv.into()]);
-        self.guarded(Some(cond), |g| {
-            for inst in &body.insts {
-                if inst.results.first().is_some_and(|r| pl.slice.contains(r)) {
-                    let res = g.op(&inst.op, &inst.results)?;
-                    for (r, v) in inst.results.iter().zip(res) {
-                        g.vals.insert(*r, v);
-                    }
-                }
-            }
+        self.with_slice(body, pl, iv, cond, |g| {
             for ld in pl
                 .loads
                 .iter()
@@ -476,6 +465,32 @@ impl<'c> Gen<'c, '_> {
             }
             Ok(())
         })?;
+        self.call_void("llvm.nvvm.cp.async.commit.group")
+    }
+
+    /// Runs `f` where `cond` holds, after emitting the body's address computations (the
+    /// loop's slice) for iteration `iv`; they are forgotten afterwards so the body's own
+    /// emission recomputes them. What prefetches, `cp.async` or TMA, issue their copies in.
+    pub(super) fn with_slice(
+        &mut self,
+        body: &Block,
+        pl: &crate::passes::pipeline::PipelinedLoop,
+        iv: IntValue<'c>,
+        cond: IntValue<'c>,
+        f: impl FnOnce(&mut Self) -> R<()>,
+    ) -> R<()> {
+        let saved_iv = self.vals.insert(body.args[0], vec![iv.into()]);
+        self.guarded(Some(cond), |g| {
+            for inst in &body.insts {
+                if inst.results.first().is_some_and(|r| pl.slice.contains(r)) {
+                    let res = g.op(&inst.op, &inst.results)?;
+                    for (r, v) in inst.results.iter().zip(res) {
+                        g.vals.insert(*r, v);
+                    }
+                }
+            }
+            f(g)
+        })?;
         for v in &pl.slice {
             self.vals.remove(v);
         }
@@ -483,7 +498,7 @@ impl<'c> Gen<'c, '_> {
             Some(old) => self.vals.insert(body.args[0], old),
             None => self.vals.remove(&body.args[0]),
         };
-        self.call_void("llvm.nvvm.cp.async.commit.group")
+        Ok(())
     }
 
     pub(super) fn if_(

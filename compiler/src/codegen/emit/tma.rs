@@ -183,7 +183,7 @@ impl<'c> Gen<'c, '_> {
         self.smem_addr(off)
     }
 
-    /// TMA counterpart of [`Gen::prefetch`] for the ring: thread 0, if `iv < hi`, waits until
+    /// TMA counterpart of `Gen::prefetch` for the ring: thread 0, if `iv < hi`, waits until
     /// slot `slot` is released (`empty_parity`; `None` on a slot's first fill), announces the
     /// tile's bytes on its `full` barrier and issues one bulk tensor copy per panel of every
     /// operand.
@@ -204,36 +204,23 @@ impl<'c> Gen<'c, '_> {
             .map_err(be)?;
         let t0 = self.is_thread0()?;
         let cond = self.b.build_and(in_range, t0, "").map_err(be)?;
-        let saved_iv = self.vals.insert(body.args[0], vec![iv.into()]);
-        self.guarded(Some(cond), |g| {
-            for inst in &body.insts {
-                if inst.results.first().is_some_and(|r| pl.slice.contains(r)) {
-                    let res = g.op(&inst.op, &inst.results)?;
-                    for (r, v) in inst.results.iter().zip(res) {
-                        g.vals.insert(*r, v);
-                    }
-                }
-            }
+        self.with_slice(body, pl, iv, cond, |g| {
             if let Some(p) = empty_parity {
                 g.mbar_wait(g.bar_addr(t, pl.stages, Bar::Empty, slot)?, p)?;
             }
             let full = g.bar_addr(t, pl.stages, Bar::Full, slot)?;
-            let mut bytes = 0;
-            for o in &t.operands {
-                let ld = pl
-                    .loads
-                    .iter()
-                    .find(|l| l.load == o.load)
-                    .ok_or_else(|| IrError("codegen: TMA operand is not streamed".into()))?;
-                bytes += ld.shared.bytes();
-            }
-            g.mbar_expect_tx(full, bytes)?;
-            for o in &t.operands {
-                let ld = pl
-                    .loads
-                    .iter()
-                    .find(|l| l.load == o.load)
-                    .ok_or_else(|| IrError("codegen: TMA operand is not streamed".into()))?;
+            let loads = t
+                .operands
+                .iter()
+                .map(|o| {
+                    pl.loads
+                        .iter()
+                        .find(|l| l.load == o.load)
+                        .ok_or_else(|| IrError("codegen: TMA operand is not streamed".into()))
+                })
+                .collect::<R<Vec<_>>>()?;
+            g.mbar_expect_tx(full, loads.iter().map(|ld| ld.shared.bytes()).sum())?;
+            for (o, ld) in t.operands.iter().zip(loads) {
                 let map = *g
                     .tma_maps
                     .get(o.map)
@@ -268,14 +255,6 @@ impl<'c> Gen<'c, '_> {
                 }
             }
             Ok(())
-        })?;
-        for v in &pl.slice {
-            self.vals.remove(v);
-        }
-        match saved_iv {
-            Some(old) => self.vals.insert(body.args[0], old),
-            None => self.vals.remove(&body.args[0]),
-        };
-        Ok(())
+        })
     }
 }
