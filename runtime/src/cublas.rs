@@ -617,10 +617,15 @@ pub(crate) fn strided_args(
 /// A cuBLAS handle on a [`CudaDevice`]'s context and stream.
 ///
 /// Every call is queued on [`CudaDevice::stream`], so it is ordered with the device's kernels,
-/// copies and timing events, and returns before the GPU has run it. Math mode and workspace
-/// are cuBLAS's defaults.
+/// copies and timing events, and returns before the GPU has run it. Math mode is cuBLAS's
+/// default; the workspace is the handle's own [`crate::cublaslt::WORKSPACE_BYTES`] buffer, set
+/// with `cublasSetWorkspace` (PyTorch does the same): with cuBLAS's default pool a GEMM
+/// captured into a CUDA graph may run another, workspace-free algorithm than the same GEMM
+/// launched directly, so graph-replayed and direct timings would differ.
 pub struct Blas {
     blas: CudaBlas,
+    /// The workspace set on the handle (kept alive with it).
+    _workspace: cudarc::driver::CudaSlice<u8>,
     stream: Arc<CudaStream>,
     version: i32,
     profiler: Arc<crate::profile::Profiler>,
@@ -671,9 +676,35 @@ impl Blas {
                 ))))
             }
         };
+        let workspace = stream
+            .alloc_zeros::<u8>(crate::cublaslt::WORKSPACE_BYTES)
+            .map_err(|e| {
+                BlasError::Device(DeviceError::driver("allocating the cuBLAS workspace", e))
+            })?;
+        {
+            use cudarc::driver::DevicePtr;
+            let (ptr, _sync) = workspace.device_ptr(&stream);
+            // SAFETY: the handle is valid; the buffer is WORKSPACE_BYTES long, on the handle's
+            // stream, and lives as long as the handle (both are fields of the `Blas`).
+            unsafe {
+                cusys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut c_void,
+                    crate::cublaslt::WORKSPACE_BYTES,
+                )
+            }
+            .result()
+            .map_err(|e| {
+                BlasError::Unavailable(format!(
+                    "setting the cuBLAS workspace failed: {}",
+                    describe(e.0)
+                ))
+            })?;
+        }
         info!(version, device = dev.name(), "cuBLAS handle created");
         Ok(Blas {
             blas,
+            _workspace: workspace,
             stream,
             version,
             profiler: dev.profiler().clone(),

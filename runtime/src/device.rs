@@ -1,5 +1,6 @@
 //! A CUDA device: context, the one stream all work goes to, and the kernel module cache.
 
+use crate::assembler::Assembler;
 use crate::error::{failed, DeviceError, Result};
 use crate::module_cache::ModuleCache;
 use crate::profile::Profiler;
@@ -125,7 +126,14 @@ impl CudaDevice {
         if arch.is_none() {
             debug!(%name, "no PTX target for this compute capability; launches will be refused");
         }
-        let modules = ModuleCache::new(ctx.clone(), arch);
+        let mut modules = ModuleCache::new(ctx.clone(), arch);
+        if let Some(a) = Assembler::from_env() {
+            info!(
+                version = a.version(),
+                "kernel modules are assembled with ptxas"
+            );
+            modules = modules.with_assembler(a, cc.0, cc.1);
+        }
         Ok(CudaDevice {
             ctx,
             stream,
@@ -194,6 +202,15 @@ impl CudaDevice {
     /// The cache of loaded kernel modules.
     pub fn modules(&self) -> &ModuleCache {
         &self.modules
+    }
+
+    /// How kernel modules become machine code on this device, for benchmark reports:
+    /// `"cubin (ptxas <release>)"` or `"PTX (driver JIT)"`.
+    pub fn module_code(&self) -> String {
+        match self.modules.assembler_version() {
+            Some(v) => format!("cubin (ptxas {v})"),
+            None => "PTX (driver JIT)".to_string(),
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! CUDA installation, and [`CudaDevice::new`] reports a missing driver or GPU as an error, so
 //! callers can fall back to the CPU.
 
+pub mod assembler;
 pub mod autotune;
 pub mod block_list;
 pub mod buffer;

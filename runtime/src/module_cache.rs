@@ -1,5 +1,8 @@
-//! Loads each kernel variant's PTX once per device and keeps its function handle.
+//! Loads each kernel variant's module once per device and keeps its function handle: a cubin
+//! from [`crate::assembler`] when a `ptxas` is available, the PTX (JIT-compiled by the driver)
+//! otherwise.
 
+use crate::assembler::{self, Assembler};
 use crate::error::{describe, DeviceError, Result};
 use cudarc::driver::{sys, CudaContext, CudaFunction};
 use cudarc::nvrtc::Ptx;
@@ -7,27 +10,45 @@ use lexp_compiler::launch::{Arch, Variant};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// Loaded kernels of one device, keyed by [`Variant::symbol`].
 ///
-/// The first launch of a variant JIT-compiles its PTX for the device's architecture (a few
-/// milliseconds); later launches only clone the cached handle. The PTX loaded is
-/// `variant.ptx(arch)`, whose entry is named `variant.symbol`.
+/// The first launch of a variant loads its module; later launches only clone the cached
+/// handle. The module is `variant.ptx(arch)` (entry `variant.symbol`), assembled into a cubin
+/// for the device when an [`Assembler`] is set, else JIT-compiled by the driver.
 pub struct ModuleCache {
     ctx: Arc<CudaContext>,
     arch: Option<Arch>,
+    /// The assembler and its `-arch` for this device.
+    assembler: Option<(Assembler, String)>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
 }
 
 impl ModuleCache {
-    /// An empty cache for `ctx`, loading PTX for `arch` (`None`: every load is refused).
+    /// An empty cache for `ctx`, loading PTX for `arch` (`None`: every load is refused), with
+    /// no assembler.
     pub fn new(ctx: Arc<CudaContext>, arch: Option<Arch>) -> ModuleCache {
         ModuleCache {
             ctx,
             arch,
+            assembler: None,
             functions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Assembles every module with `assembler` for a device of compute capability
+    /// `major.minor` from now on.
+    pub fn with_assembler(mut self, assembler: Assembler, major: u32, minor: u32) -> ModuleCache {
+        if let Some(arch) = self.arch {
+            self.assembler = Some((assembler, assembler::target(arch, major, minor)));
+        }
+        self
+    }
+
+    /// The assembler's release line, when modules are assembled.
+    pub fn assembler_version(&self) -> Option<&str> {
+        self.assembler.as_ref().map(|(a, _)| a.version())
     }
 
     /// The function of `variant`, loading its module on first use.
@@ -83,8 +104,28 @@ impl ModuleCache {
         if ptx.contains('\0') {
             return Err(err("the PTX text contains a NUL byte".into()));
         }
-        debug!(symbol, ?arch, bytes = ptx.len(), "loading PTX module");
-        let module = match self.ctx.load_module(Ptx::from_src(ptx)) {
+        let image = self.assembler.as_ref().and_then(|(a, target)| {
+            a.cubin(ptx, target)
+                .map_err(|e| warn!(symbol, error = %e, "left to the driver's JIT"))
+                .ok()
+        });
+        debug!(
+            symbol,
+            ?arch,
+            bytes = ptx.len(),
+            cubin = image.is_some(),
+            "loading module"
+        );
+        let module = match image.map(|cubin| self.ctx.load_module(Ptx::from_binary(cubin))) {
+            Some(Ok(m)) => Ok(m),
+            Some(Err(e)) => {
+                // A cubin from a newer ptxas than the driver knows, say: the PTX still loads.
+                warn!(symbol, error = %describe(&e), "cubin refused; left to the driver's JIT");
+                self.ctx.load_module(Ptx::from_src(ptx))
+            }
+            None => self.ctx.load_module(Ptx::from_src(ptx)),
+        };
+        let module = match module {
             Ok(m) => m,
             Err(e) => {
                 let mut message = format!("module load failed: {}", describe(&e));

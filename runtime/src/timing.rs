@@ -11,6 +11,10 @@ use tracing::debug;
 pub struct Timing {
     /// Time of each iteration (between the events recorded before and after it).
     pub times_ms: Vec<f64>,
+    /// Host wall time spent queuing one iteration, mean over the timed ones (0 where not
+    /// measured). When it is not well below the GPU times, the GPU waited for the host between
+    /// the events and the GPU times measure the host.
+    pub host_ms: f64,
 }
 
 impl Timing {
@@ -80,6 +84,7 @@ pub fn time_ms<E: Into<DeviceError>>(
         .map(|_| timing_event(dev))
         .collect::<Result<Vec<_>>>()?;
     let stream = dev.stream();
+    let host = std::time::Instant::now();
     for pair in events.chunks_exact(2) {
         pair[0]
             .record(stream)
@@ -89,6 +94,7 @@ pub fn time_ms<E: Into<DeviceError>>(
             .record(stream)
             .map_err(failed("recording a timing event"))?;
     }
+    let host_ms = host.elapsed().as_secs_f64() * 1e3 / iters as f64;
     dev.synchronize()?;
     let times_ms = events
         .chunks_exact(2)
@@ -99,7 +105,50 @@ pub fn time_ms<E: Into<DeviceError>>(
                 .map_err(failed("reading a timing event"))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Timing { times_ms })
+    Ok(Timing { times_ms, host_ms })
+}
+
+/// Times `f` replayed from a CUDA graph: `reps` calls of `f` are captured once into one graph,
+/// which is replayed `warmup` times untimed and then `iters` times, each replay between its own
+/// pair of events; each time is divided by `reps`. The host queues one graph launch per `reps`
+/// calls, so these are the GPU's times also where queuing a call costs the host more than the
+/// GPU spends on it (which [`time_ms`] would measure instead; see [`Timing::host_ms`]). `f`
+/// must only queue work: a synchronisation or blocking copy fails the capture.
+pub fn time_graph_ms<E: Into<DeviceError>>(
+    dev: &CudaDevice,
+    warmup: usize,
+    iters: usize,
+    reps: usize,
+    mut f: impl FnMut() -> std::result::Result<(), E>,
+) -> Result<Timing> {
+    if iters == 0 || reps == 0 {
+        return Err(DeviceError::InvalidArgument(
+            "time_graph_ms needs at least one iteration and one call per graph".into(),
+        ));
+    }
+    // One call outside the capture: whatever is set up on first use (module loads, library
+    // workspaces) must not happen inside it.
+    f().map_err(Into::into)?;
+    let stream = dev.stream();
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .map_err(failed("beginning a CUDA graph capture"))?;
+    let queued = (0..reps).try_for_each(|_| f().map_err(Into::into));
+    let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    queued?;
+    let graph = ended
+        .map_err(failed("capturing the timed calls as a CUDA graph"))?
+        .ok_or_else(|| DeviceError::InvalidArgument("the captured CUDA graph is empty".into()))?;
+    let mut t = time_ms(dev, warmup, iters, || {
+        graph
+            .launch()
+            .map_err(failed("launching the timed CUDA graph"))
+    })?;
+    for ms in &mut t.times_ms {
+        *ms /= reps as f64;
+    }
+    t.host_ms /= reps as f64;
+    Ok(t)
 }
 
 /// Device-to-device copy bandwidth in GB/s (10^9 bytes per second), counting both the bytes
@@ -139,6 +188,7 @@ mod tests {
     fn statistics() {
         let t = Timing {
             times_ms: vec![3.0, 1.0, 2.0, 10.0],
+            host_ms: 0.0,
         };
         assert_eq!(t.median(), 2.5);
         assert_eq!(t.min(), 1.0);
@@ -146,9 +196,13 @@ mod tests {
         assert_eq!(t.mean(), 4.0);
         let odd = Timing {
             times_ms: vec![5.0, 1.0, 4.0],
+            host_ms: 0.0,
         };
         assert_eq!(odd.median(), 4.0);
-        let empty = Timing { times_ms: vec![] };
+        let empty = Timing {
+            times_ms: vec![],
+            host_ms: 0.0,
+        };
         assert!(empty.median().is_nan() && empty.min().is_nan() && empty.mean().is_nan());
     }
 }

@@ -21,6 +21,7 @@ use lexp_runtime::autotune::{self, Autotuner};
 use lexp_runtime::block_list::{self, BlockList};
 use lexp_runtime::cublas::Blas;
 use lexp_runtime::sparse_ops::{self, GROUP_ROWS};
+use lexp_runtime::timing::time_graph_ms;
 use lexp_runtime::{time_ms, CudaDevice, DeviceError, DeviceTensor};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -80,13 +81,24 @@ struct Row {
     configs: [String; 4],
     /// The four launched back to back, median ms.
     chain_ms: f64,
+    /// Median ms per product replayed from a CUDA graph ([`GRAPH_REPS`] launches per replay).
+    graph_ms: [f64; 4],
+    /// Host ms spent queuing one launch of each product (mean), in the event-timed runs.
+    host_ms: [f64; 4],
 }
 
 impl Row {
     fn sum(&self) -> f64 {
         self.ms.iter().sum()
     }
+
+    fn graph_sum(&self) -> f64 {
+        self.graph_ms.iter().sum()
+    }
 }
+
+/// Launches per CUDA graph in the graph-replayed timings.
+const GRAPH_REPS: usize = 10;
 
 fn dev_err(e: impl std::fmt::Display) -> DeviceError {
     DeviceError::InvalidArgument(e.to_string())
@@ -141,8 +153,9 @@ pub fn run(args: MlpArgs) -> Result<()> {
     let (t, hd, f) = (args.tokens, args.hidden, args.ffn);
     let (major, minor) = dev.compute_capability();
     eprintln!(
-        "device: {} (sm_{major}{minor}); {t} tokens, H {hd}, F {f}",
-        dev.name()
+        "device: {} (sm_{major}{minor}; kernels as {}); {t} tokens, H {hd}, F {f}",
+        dev.name(),
+        dev.module_code()
     );
     let x = random(&dev, &[t, hd], args.seed)?;
     let w1 = random(&dev, &[f, hd], args.seed + 1)?;
@@ -151,7 +164,8 @@ pub fn run(args: MlpArgs) -> Result<()> {
     let dy = random(&dev, &[t, hd], args.seed + 4)?;
     let mut y = DeviceTensor::zeros(&dev, Storage::BF16, &[t, hd])?;
     let mut dx = DeviceTensor::zeros(&dev, Storage::BF16, &[t, hd])?;
-    let dense = dense_ms(&dev, &blas, &args, (&x, &w1, &w2, &dy), (&mut y, &mut dx))?;
+    let (dense, dense_graph) =
+        dense_ms(&dev, &blas, &args, (&x, &w1, &w2, &dy), (&mut y, &mut dx))?;
     let dense_sum: f64 = dense.iter().sum();
     println!(
         "dense cuBLAS: fc1 fwd {:.4} ms, fc2 fwd {:.4}, fc2 dX {:.4}, fc1 dX {:.4}; sum {dense_sum:.4} ms",
@@ -189,7 +203,7 @@ pub fn run(args: MlpArgs) -> Result<()> {
                 }
                 .map_err(dev_err)
             };
-            let mut ms = [0.0; 4];
+            let (mut ms, mut graph_ms, mut host_ms) = ([0.0; 4], [0.0; 4], [0.0; 4]);
             let mut chosen: Vec<Vec<(&'static str, usize)>> = vec![];
             for p in 0..4 {
                 let cands: Vec<_> = lexp_kernels::find(KERNELS[p])
@@ -207,7 +221,13 @@ pub fn run(args: MlpArgs) -> Result<()> {
                         Ok(time_ms(&dev, 3, 10, || launch(p, c))?.median())
                     })
                     .map_err(|e| anyhow!("{e}"))?;
-                ms[p] = time_ms(&dev, args.warmup, args.iters, || launch(p, &cfg))?.median();
+                let t = time_ms(&dev, args.warmup, args.iters, || launch(p, &cfg))?;
+                ms[p] = t.median();
+                host_ms[p] = t.host_ms;
+                graph_ms[p] = time_graph_ms(&dev, args.warmup, args.iters, GRAPH_REPS, || {
+                    launch(p, &cfg)
+                })?
+                .median();
                 chosen.push(cfg);
             }
             let chain_ms = time_ms(&dev, args.warmup, args.iters, || {
@@ -221,14 +241,16 @@ pub fn run(args: MlpArgs) -> Result<()> {
                 ms,
                 configs: [0, 1, 2, 3].map(|p| config_text(&chosen[p])),
                 chain_ms,
+                graph_ms,
+                host_ms,
             });
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
-    let failed = report(&rows, &dense);
+    let failed = report(&rows, &dense, &dense_graph);
     if let Some(p) = &args.json {
-        write_json(p, &dev, &blas, &args, &dense, &rows)?;
+        write_json(p, &dev, &blas, &args, (&dense, &dense_graph), &rows)?;
         let png = p.with_extension("png");
         plot(&rows, dense_sum, &png).map_err(|e| anyhow!("drawing {}: {e}", png.display()))?;
         eprintln!("wrote {} and {}", p.display(), png.display());
@@ -239,27 +261,32 @@ pub fn run(args: MlpArgs) -> Result<()> {
     Ok(())
 }
 
-/// Median ms of the four dense cuBLAS GEMMs, in [`PRODUCTS`] order.
+/// Median ms of the four dense cuBLAS GEMMs, in [`PRODUCTS`] order: event-timed launches, and
+/// replayed from CUDA graphs.
 fn dense_ms(
     dev: &CudaDevice,
     blas: &Blas,
     a: &MlpArgs,
     (x, w1, w2, dy): (&DeviceTensor, &DeviceTensor, &DeviceTensor, &DeviceTensor),
     (y, dx): (&mut DeviceTensor, &mut DeviceTensor),
-) -> Result<[f64; 4]> {
+) -> Result<([f64; 4], [f64; 4])> {
     let (t, f) = (a.tokens, a.ffn);
     let mut h = DeviceTensor::zeros(dev, Storage::BF16, &[t, f])?;
     let mut dh = DeviceTensor::zeros(dev, Storage::BF16, &[t, f])?;
     let (w, n) = (a.warmup, a.iters);
-    let fc1 = time_ms(dev, w, n, || {
-        blas.gemm(x, w1, &mut h, false, true, 1.0, 0.0)
-    })?;
-    let fc2 = time_ms(dev, w, n, || blas.gemm(&h, w2, y, false, true, 1.0, 0.0))?;
-    let dh_t = time_ms(dev, w, n, || {
-        blas.gemm(dy, w2, &mut dh, false, false, 1.0, 0.0)
-    })?;
-    let dx_t = time_ms(dev, w, n, || blas.gemm(&dh, w1, dx, false, false, 1.0, 0.0))?;
-    Ok([fc1.median(), fc2.median(), dh_t.median(), dx_t.median()])
+    let mut events = [0.0; 4];
+    let mut graphs = [0.0; 4];
+    for p in 0..4 {
+        let mut gemm = || match p {
+            0 => blas.gemm(x, w1, &mut h, false, true, 1.0, 0.0),
+            1 => blas.gemm(&h, w2, y, false, true, 1.0, 0.0),
+            2 => blas.gemm(dy, w2, &mut dh, false, false, 1.0, 0.0),
+            _ => blas.gemm(&dh, w1, dx, false, false, 1.0, 0.0),
+        };
+        events[p] = time_ms(dev, w, n, &mut gemm)?.median();
+        graphs[p] = time_graph_ms(dev, w, n, GRAPH_REPS, &mut gemm)?.median();
+    }
+    Ok((events, graphs))
 }
 
 /// The acceptance target at `density` (within half a percent), if any.
@@ -270,8 +297,9 @@ fn target(density: f64) -> Option<f64> {
         .map(|t| t.1)
 }
 
-/// Prints the table; returns the number of missed acceptance targets.
-fn report(rows: &[Row], dense: &[f64; 4]) -> usize {
+/// Prints the tables (event-timed launches, then graph replays, with the host's queuing time
+/// per launch); returns the number of missed acceptance targets (of the event-timed table).
+fn report(rows: &[Row], dense: &[f64; 4], dense_graph: &[f64; 4]) -> usize {
     let dense_sum: f64 = dense.iter().sum();
     println!(
         "\n{:>4} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7}  target",
@@ -317,6 +345,32 @@ fn report(rows: &[Row], dense: &[f64; 4]) -> usize {
             ratio
         );
     }
+    let graph_sum: f64 = dense_graph.iter().sum();
+    println!(
+        "\nreplayed from CUDA graphs ({GRAPH_REPS} launches each): dense cuBLAS {:.4} / {:.4} / {:.4} / {:.4}, sum {graph_sum:.4} ms",
+        dense_graph[0], dense_graph[1], dense_graph[2], dense_graph[3]
+    );
+    println!(
+        "{:>4} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}   host ms per event-timed launch",
+        "BS", "density", "fc1 fwd", "fc2 fwd", "fc2 dX", "fc1 dX", "sum ms", "r sum"
+    );
+    for r in rows {
+        println!(
+            "{:>4} {:>8.3} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>6.3}x   {:.3} / {:.3} / {:.3} / {:.3}",
+            r.bs,
+            r.density,
+            r.graph_ms[0],
+            r.graph_ms[1],
+            r.graph_ms[2],
+            r.graph_ms[3],
+            r.graph_sum(),
+            r.graph_sum() / graph_sum,
+            r.host_ms[0],
+            r.host_ms[1],
+            r.host_ms[2],
+            r.host_ms[3],
+        );
+    }
     failed
 }
 
@@ -343,10 +397,11 @@ fn write_json(
     dev: &CudaDevice,
     blas: &Blas,
     a: &MlpArgs,
-    dense: &[f64; 4],
+    (dense, dense_graph): (&[f64; 4], &[f64; 4]),
     rows: &[Row],
 ) -> Result<()> {
     let dense_sum: f64 = dense.iter().sum();
+    let dense_graph_sum: f64 = dense_graph.iter().sum();
     let (major, minor) = dev.compute_capability();
     let runs: Vec<serde_json::Value> = rows
         .iter()
@@ -358,6 +413,8 @@ fn write_json(
                         serde_json::json!({
                             "kernel": KERNELS[p], "config": r.configs[p], "ms": r.ms[p],
                             "dense_ms": dense[p], "ratio": r.ms[p] / dense[p],
+                            "host_ms_per_launch": r.host_ms[p], "graph_ms": r.graph_ms[p],
+                            "dense_graph_ms": dense_graph[p],
                         }),
                     )
                 })
@@ -366,6 +423,7 @@ fn write_json(
             serde_json::json!({
                 "block": r.bs, "density": r.density, "kept_blocks_per_group": r.kept,
                 "products": per, "sum_ms": r.sum(), "chain_ms": r.chain_ms,
+                "graph_sum_ms": r.graph_sum(), "graph_sum_ratio": r.graph_sum() / dense_graph_sum,
                 "sum_ratio": ratio, "target": target(r.density),
                 "target_met": target(r.density).map(|t| ratio <= t),
             })
@@ -376,7 +434,7 @@ fn write_json(
         "device": {
             "name": dev.name(), "compute_capability": format!("{major}.{minor}"),
             "nvidia_driver": nvidia_driver(), "cuda_driver_api": cuda_driver_api(),
-            "cublas": blas.version(),
+            "cublas": blas.version(), "kernel_code": dev.module_code(),
         },
         "lexp_version": env!("CARGO_PKG_VERSION"),
         "date": lexp_runtime::step_bench::today(),
@@ -384,6 +442,7 @@ fn write_json(
         "warmup": a.warmup, "iters": a.iters, "seed": a.seed,
         "dense_cublas_ms": (0..4).map(|p| (PRODUCTS[p].to_string(), serde_json::json!(dense[p]))).collect::<serde_json::Map<_, _>>(),
         "dense_cublas_sum_ms": dense_sum,
+        "dense_cublas_graph_sum_ms": dense_graph_sum,
         "runs": runs,
     });
     std::fs::write(path, serde_json::to_string_pretty(&j)? + "\n")

@@ -495,6 +495,7 @@ pub fn run(args: StepArgs) -> Result<()> {
             let j = serde_json::json!({
                 "kind": "cuda", "name": dev.name(), "compute_capability": format!("{major}.{minor}"),
                 "cuda_driver_api": cuda_driver_version(), "cublas": blas,
+                "kernel_code": dev.module_code(),
                 "memory_mib": total as f64 / MIB, "attention": attention,
                 "gpus": world.world_size, "nccl": comm_version(&world),
             });
@@ -505,8 +506,11 @@ pub fn run(args: StepArgs) -> Result<()> {
             None,
         ),
     };
+    let code = eng
+        .device()
+        .map_or(String::new(), |d| format!(" ({})", d.module_code()));
     eprintln!(
-        "{}: {} parameters ({weights_what}; built in {build_s:.1} s), engine ready in {engine_s:.1} s on {device_name}",
+        "{}: {} parameters ({weights_what}; built in {build_s:.1} s), engine ready in {engine_s:.1} s on {device_name}{code}",
         args.model,
         config.num_parameters()
     );
