@@ -1,19 +1,24 @@
-//! Ahead-of-load assembly: PTX to a cubin with NVIDIA's `ptxas`, cached on disk.
+//! Ahead-of-load assembly: PTX to a cubin with NVIDIA's `ptxas`, cached on disk (opt-in).
 //!
-//! Without it the driver compiles each module's PTX when it is loaded and keeps the result in
-//! its own JIT cache (`~/.nv/ComputeCache`). On the H200 the code a later process loaded from
-//! that cache ran measurably slower than the code the first process compiled (the MLP
-//! products at 25% density: 1.19 against 1.02 ms, `bench/results/2026-11-30-h200-tma/call73`),
-//! so timings depended on what ran before. With an assembler the runtime hands the driver
-//! machine code instead: the same SASS in every process, from a `ptxas` whose version is
-//! part of the cache key.
+//! By default the driver compiles each module's PTX when it is loaded and keeps the result in
+//! its own JIT cache (`~/.nv/ComputeCache`), so the machine code depends on the driver. With
+//! `$LEXP_PTXAS` naming a `ptxas`, the runtime assembles every module with it and hands the
+//! driver the cubin: the same SASS on every machine with that `ptxas`, whose release is part of
+//! the cache key and of the benchmark reports ([`crate::CudaDevice::module_code`]).
 //!
-//! The assembler is `$LEXP_PTXAS` (a path; `off` disables it), else a `ptxas` on `PATH`, else
-//! `/usr/local/cuda/bin/ptxas`. Cubins are kept under `$LEXP_CACHE/cubin` (else
-//! `$XDG_CACHE_HOME/lexp/cubin`, else `~/.cache/lexp/cubin`), one file per (ptxas version,
-//! target, PTX), written atomically. Any failure (no assembler, a PTX it rejects, an unwritable
-//! cache) leaves the module to the driver's JIT: assembling is a speed and reproducibility
-//! measure, never a new way to fail.
+//! This was built to test whether the driver's JIT cache made later processes' kernels slower
+//! (the MLP products at 25% density measured 1.19 ms in later processes against 1.02 in the
+//! first, `bench/results/2026-11-30-h200-tma/call73`). It did not: cubins loaded from this
+//! cache were exactly as slow (1.19 ms), and freshly assembled ones as fast as freshly
+//! JIT-compiled PTX (1.02 ms), with ptxas 13.0 or 12.8 (`bench/results/2026-11-30-h200-timing`,
+//! call 74). The runtime therefore leaves modules to the driver unless asked.
+//!
+//! `$LEXP_PTXAS` is a path (`ptxas` searches `PATH`); unset or `off`, nothing is assembled.
+//! Cubins are kept under `$LEXP_CACHE/cubin` (else `$XDG_CACHE_HOME/lexp/cubin`, else
+//! `~/.cache/lexp/cubin`), one file per (ptxas release, target, PTX), written atomically. Any
+//! failure (an assembler that does not run, a PTX it rejects, an unwritable cache, a cubin the
+//! driver refuses) leaves the module to the driver's JIT, with a warning: assembling is a
+//! reproducibility measure, never a new way to fail.
 
 use crate::train::state::{fnv1a64, write_file_atomic};
 use std::path::{Path, PathBuf};
@@ -53,23 +58,20 @@ pub struct Assembler {
 }
 
 impl Assembler {
-    /// The assembler the environment names (see the module documentation); `None` when
-    /// `$LEXP_PTXAS` is `off` or no `ptxas` answers `--version`.
+    /// The assembler `$LEXP_PTXAS` names (see the module documentation); `None` when it is
+    /// unset, `off`, or does not answer `--version` (then with a warning).
     pub fn from_env() -> Option<Assembler> {
-        let named = std::env::var_os("LEXP_PTXAS");
-        if named.as_deref() == Some("off".as_ref()) {
+        let named = std::env::var_os("LEXP_PTXAS")?;
+        if named == "off" {
             debug!("LEXP_PTXAS=off: modules are left to the driver's JIT");
             return None;
         }
-        let candidates: Vec<PathBuf> = match named {
-            Some(p) => vec![PathBuf::from(p)],
-            None => vec!["ptxas".into(), "/usr/local/cuda/bin/ptxas".into()],
-        };
-        let found = candidates
-            .into_iter()
-            .find_map(|p| Assembler::at(&p, cache_dir()));
+        let found = Assembler::at(Path::new(&named), cache_dir());
         if found.is_none() {
-            debug!("no ptxas found: modules are left to the driver's JIT");
+            warn!(
+                path = %Path::new(&named).display(),
+                "LEXP_PTXAS does not run `--version`: modules are left to the driver's JIT"
+            );
         }
         found
     }
