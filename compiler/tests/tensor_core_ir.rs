@@ -197,3 +197,59 @@ fn tma_loops_copy_with_bulk_tensor_copies_on_sm90() {
         "sm_80 takes no tensor maps"
     );
 }
+
+/// Ping-pong (`pingpong` in the kernel header): on sm_90a each warpgroup waits for its turn on
+/// its named barrier before its MMAs and hands the turn on after issuing them; warpgroup 1
+/// gives the first turn before the loop and warpgroup 0 takes the surplus one back after it.
+/// Without the flag, on sm_80, or with four warps, no named barrier appears.
+#[test]
+fn pingpong_loops_alternate_the_warpgroups_mmas_on_sm90() {
+    use lexp_compiler::codegen;
+    use lexp_compiler::ir::printer;
+    const TMA: &str = include_str!("ir/matmul_tma.ir");
+    let header = "warps 4 stages 3 tma {";
+    assert!(TMA.contains(header));
+    let ptx = |text: &str, t: &target::Target| {
+        let c = passes::compile(parser::parse(text).unwrap(), t).unwrap();
+        codegen::lower(&c, t, "matmul_tma").unwrap().ptx
+    };
+    let pp = TMA.replace(header, "warps 8 stages 2 tma pingpong {");
+    let k = parser::parse(&pp).unwrap();
+    assert!(k.pingpong);
+    assert!(printer::print(&k).contains("warps 8 stages 2 tma pingpong {"));
+    let p90 = ptx(&pp, &target::SM90);
+    let count = |s: &str| p90.matches(s).count();
+    // Before the loop, warpgroup 1's first turn; in it, one wait and one hand-over per
+    // warpgroup (a branch each); after it, warpgroup 0's closing wait.
+    assert_eq!(count("bar.arrive 1, 256;"), 2, "{p90}");
+    assert_eq!(count("bar.arrive 2, 256;"), 1);
+    assert_eq!(count("bar.sync 1, 256;"), 2);
+    assert_eq!(count("bar.sync 2, 256;"), 1);
+    // The hand-over comes after the MMAs are issued and before they are awaited.
+    let after_commit = p90
+        .split("wgmma.commit_group.sync.aligned;")
+        .nth(1)
+        .and_then(|s| s.split("wgmma.wait_group.sync.aligned 0;").next())
+        .unwrap_or("");
+    assert!(
+        after_commit.contains("bar.arrive"),
+        "no hand-over between commit and wait"
+    );
+    for (text, t) in [
+        (pp.as_str(), &target::SM80),
+        (
+            &TMA.replace(header, "warps 8 stages 2 tma {"),
+            &target::SM90,
+        ),
+        (
+            &TMA.replace(header, "warps 4 stages 2 tma pingpong {"),
+            &target::SM90,
+        ),
+    ] {
+        let p = ptx(text, t);
+        assert!(
+            !p.contains(", 256;"),
+            "a named barrier without ping-pong:\n{p}"
+        );
+    }
+}

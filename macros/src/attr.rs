@@ -28,6 +28,9 @@ pub struct KernelAttr {
     pub stages: Count,
     /// 1: on sm_90a, stream `dot` operands with TMA where they qualify (0: `cp.async`).
     pub tma: Count,
+    /// 1: on sm_90a, ping-pong the two warpgroups of an 8-warp kernel through the MMAs of its
+    /// pipelined loops (0: off).
+    pub pingpong: Count,
     pub grid: Vec<Expr>,
     pub require: Vec<Expr>,
     /// Compile-time filters on the const parameters: a combination is compiled only if every
@@ -43,6 +46,7 @@ impl Parse for KernelAttr {
             warps: Count::Lit(4),
             stages: Count::Lit(1),
             tma: Count::Lit(0),
+            pingpong: Count::Lit(0),
             grid: vec![],
             require: vec![],
             only: vec![],
@@ -88,6 +92,17 @@ impl Parse for KernelAttr {
                         }
                     }
                 }
+                Meta::NameValue(nv) if nv.path.is_ident("pingpong") => {
+                    attr.pingpong = Count::parse(&nv.value, "pingpong")?;
+                    if let Count::Lit(t) = attr.pingpong {
+                        if t > 1 {
+                            return Err(Error::new_spanned(
+                                &nv.value,
+                                "`pingpong` must be 0 or 1",
+                            ));
+                        }
+                    }
+                }
                 Meta::NameValue(nv) if nv.path.is_ident("only") => {
                     let Expr::Array(a) = &nv.value else {
                         return Err(Error::new_spanned(&nv.value, "expected `[condition, ...]`"));
@@ -112,7 +127,7 @@ impl Parse for KernelAttr {
                 other => {
                     return Err(Error::new_spanned(
                         other,
-                        "unknown #[kernel] argument; expected `variants(..)`, `warps = N`, `stages = N`, `tma = 0|1`, `only = [..]`, `grid = [..]` or `require = [..]`",
+                        "unknown #[kernel] argument; expected `variants(..)`, `warps = N`, `stages = N`, `tma = 0|1`, `pingpong = 0|1`, `only = [..]`, `grid = [..]` or `require = [..]`",
                     ))
                 }
             }

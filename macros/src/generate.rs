@@ -109,10 +109,12 @@ fn enumerate_variants(attr: &KernelAttr, sig: &Signature) -> syn::Result<Vec<Var
                         ))
                     }
                 };
-                // Pipeline depths are counts and `tma` a switch, not tile sizes.
-                let is_stages = matches!(&attr.stages, crate::attr::Count::Param(p) if p == c);
-                let is_tma = matches!(&attr.tma, crate::attr::Count::Param(p) if p == c);
-                if !val.is_power_of_two() && !is_stages && !is_tma {
+                // Pipeline depths are counts and `tma`, `pingpong` switches, not tile sizes.
+                let is_param =
+                    |a: &crate::attr::Count| matches!(a, crate::attr::Count::Param(p) if p == c);
+                let exempt =
+                    is_param(&attr.stages) || is_param(&attr.tma) || is_param(&attr.pingpong);
+                if !val.is_power_of_two() && !exempt {
                     return Err(Error::new_spanned(
                         v,
                         format!("`{c} = {val}`: tile sizes must be powers of two"),
@@ -185,16 +187,16 @@ fn build_variant(
     let stages = attr.stages.resolve(&v.consts)?.max(1);
     let mut kernel = lower::lower(&symbol, sig, &f.block, warps, v)?;
     kernel.num_stages = stages;
-    kernel.tma = match attr.tma.resolve(&v.consts)? {
-        0 => false,
-        1 => true,
-        other => {
-            return Err(Error::new_spanned(
-                &f.sig.ident,
-                format!("variant {symbol}: tma = {other} must be 0 or 1"),
-            ))
-        }
+    let switch = |count: &crate::attr::Count, name: &str| match count.resolve(&v.consts)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(Error::new_spanned(
+            &f.sig.ident,
+            format!("variant {symbol}: {name} = {other} must be 0 or 1"),
+        )),
     };
+    kernel.tma = switch(&attr.tma, "tma")?;
+    kernel.pingpong = switch(&attr.pingpong, "pingpong")?;
     let ir = printer::print(&kernel);
     // Errors of the later stages have no source spans: point at the kernel's name, and name
     // the variant unless the message already does.

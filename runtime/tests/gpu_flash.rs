@@ -201,10 +201,11 @@ fn flash_attention_heads_of_80_match_the_reference_on_the_gpu() {
 
 /// Every compiled tile configuration of the four kernels at the OPT-1.3B attention shape
 /// (32 heads of 64) and OPT-2.7B's (32 heads of 80, the split kernels), 4 sequences of 512 and
-/// of 1024 tokens, bf16, timed (median of 20 after 3 warm-up launches): which one the engine
-/// should run, and what each achieves in TFLOP/s of the causal half of the heads' own work
-/// (correctness is the tests above). Fails when a configuration falls below `MIN_TFLOPS` at
-/// 4 x 1024, a floor far under what they reach on the H200 (109–192 TFLOP/s at 64,
+/// of 1024 tokens, heads of 128 at 4 x 1024, and one sequence of 16384 tokens at 64 and 128,
+/// bf16, timed (median of 20 after 3 warm-up launches): which one the engine should run, and
+/// what each achieves in TFLOP/s of the causal half of the heads' own work (correctness is the
+/// tests above). Fails when a configuration falls below `MIN_TFLOPS` from 4096 tokens on, a
+/// floor far under what they reach on the H200 (109–192 TFLOP/s at 64,
 /// `bench/results/2026-11-29-h200-flash-attention.txt`): it catches a kernel that lost its
 /// tensor-core path or its pipelining, not small drifts.
 #[test]
@@ -215,38 +216,46 @@ fn flash_attention_configurations_timed_at_opt_sizes() {
     }
     use lexp_runtime::time_ms;
     let dev = CudaDevice::new(0).expect("a CUDA GPU");
-    for (nh, hd) in [(32usize, 64usize), (32, 80)] {
-        for len in [512usize, 1024] {
-            let cu: Vec<usize> = (0..=4).map(|i| i * len).collect();
-            let b = FlashProblem::new(&dev, Storage::BF16, 4 * len, (nh, hd), 5).unwrap();
-            // Query-key pairs of the causal half, all heads.
-            let pairs = (4 * len * (len + 1) / 2 * nh) as f64;
-            let tag = format!("{nh}x{hd} 4x{len}");
-            let report = |name: &str, consts: &[(&str, usize)], gemms: f64, ms: f64| {
-                let tflops = gemms * 2.0 * hd as f64 * pairs / (ms * 1e-3) / 1e12;
-                println!("{tag} {name} {consts:?}: {ms:.3} ms, {tflops:.0} TFLOP/s");
-                assert!(
-                    len < 1024 || tflops >= MIN_TFLOPS,
-                    "{tag} {name} {consts:?}: {tflops:.0} TFLOP/s, below {MIN_TFLOPS}"
-                );
-            };
-            let time = |f: &dyn Fn() -> lexp_runtime::Result<()>| {
-                time_ms(&dev, 3, 20, f).unwrap().median()
-            };
-            let [fwd_c, dkdv_c, dq_c] = configs_for(&b);
-            for c in fwd_c {
-                let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
-                report("fwd", &c, 2.0, time(&|| b.fwd(&dev, &c, &qb)));
-            }
-            println!("{tag} delta: {:.3} ms", time(&|| b.delta(&dev)));
-            for c in dkdv_c {
-                let kb = blocks(&dev, &key_blocks(&cu, get(&c, "BN")).unwrap());
-                report("dkdv", &c, 4.0, time(&|| b.dkdv(&dev, &c, &kb)));
-            }
-            for c in dq_c {
-                let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
-                report("dq", &c, 3.0, time(&|| b.dq(&dev, &c, &qb)));
-            }
+    // (heads, head dim, sequences, length): OPT-1.3B's and OPT-2.7B's steps, heads of 128,
+    // and one long sequence (issue 7's 16k) at 64 and 128.
+    let cases = [
+        (32usize, 64usize, 4usize, 512usize),
+        (32, 64, 4, 1024),
+        (32, 80, 4, 512),
+        (32, 80, 4, 1024),
+        (16, 128, 4, 1024),
+        (32, 64, 1, 16384),
+        (16, 128, 1, 16384),
+    ];
+    for (nh, hd, seqs, len) in cases {
+        let cu: Vec<usize> = (0..=seqs).map(|i| i * len).collect();
+        let b = FlashProblem::new(&dev, Storage::BF16, seqs * len, (nh, hd), 5).unwrap();
+        // Query-key pairs of the causal half, all heads.
+        let pairs = (seqs * len * (len + 1) / 2 * nh) as f64;
+        let tag = format!("{nh}x{hd} {seqs}x{len}");
+        let report = |name: &str, consts: &[(&str, usize)], gemms: f64, ms: f64| {
+            let tflops = gemms * 2.0 * hd as f64 * pairs / (ms * 1e-3) / 1e12;
+            println!("{tag} {name} {consts:?}: {ms:.3} ms, {tflops:.0} TFLOP/s");
+            assert!(
+                len * seqs < 4096 || tflops >= MIN_TFLOPS,
+                "{tag} {name} {consts:?}: {tflops:.0} TFLOP/s, below {MIN_TFLOPS}"
+            );
+        };
+        let time =
+            |f: &dyn Fn() -> lexp_runtime::Result<()>| time_ms(&dev, 3, 20, f).unwrap().median();
+        let [fwd_c, dkdv_c, dq_c] = configs_for(&b);
+        for c in fwd_c {
+            let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
+            report("fwd", &c, 2.0, time(&|| b.fwd(&dev, &c, &qb)));
+        }
+        println!("{tag} delta: {:.3} ms", time(&|| b.delta(&dev)));
+        for c in dkdv_c {
+            let kb = blocks(&dev, &key_blocks(&cu, get(&c, "BN")).unwrap());
+            report("dkdv", &c, 4.0, time(&|| b.dkdv(&dev, &c, &kb)));
+        }
+        for c in dq_c {
+            let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
+            report("dq", &c, 3.0, time(&|| b.dq(&dev, &c, &qb)));
         }
     }
 }

@@ -43,6 +43,11 @@ impl Builder {
         self.kernel.tma = tma;
     }
 
+    /// Ping-pongs the warpgroups through the MMAs of pipelined loops ([`Kernel::pingpong`]).
+    pub fn set_pingpong(&mut self, pingpong: bool) {
+        self.kernel.pingpong = pingpong;
+    }
+
     /// Finishes the kernel. Fails if a nested block is still open.
     pub fn finish(mut self) -> R<Kernel> {
         if self.stack.len() != 1 {

@@ -470,6 +470,18 @@ pub struct Kernel {
     /// copies completing on mbarriers, COMPILER.md §8.2) where they qualify
     /// ([`crate::passes::tma`]); `cp.async` otherwise and on sm_80.
     pub tma: bool,
+    /// Ping-pong the two warpgroups of an 8-warp kernel through the warpgroup MMAs of its
+    /// pipelined loops on sm_90a (FlashAttention-3's warpgroup scheduling): each warpgroup
+    /// issues its MMAs only after the other has issued its own, so that one computes its
+    /// element-wise work (a softmax) while the tensor cores run the other's MMAs.
+    ///
+    /// No kernel uses it: every flash-attention configuration measured slower with it on the
+    /// H200 (forward 4.75 against 3.57 ms at 16k tokens, heads of 64;
+    /// `bench/results/2026-11-30-h200-timing/call76`). Two CTAs per multiprocessor already
+    /// interleave their warpgroups, and without a producer warp the turns serialise them (thread
+    /// 0's refill waits for the other warpgroup's release). It is kept, tested, for a
+    /// warp-specialised loop (COMPILER.md §8.3), where FlashAttention-3 gains from it.
+    pub pingpong: bool,
     /// Type of every value, indexed by `ValueId.0`.
     pub types: Vec<Type>,
 }
@@ -484,6 +496,7 @@ impl Kernel {
             num_warps,
             num_stages: 1,
             tma: false,
+            pingpong: false,
             types: vec![],
         }
     }

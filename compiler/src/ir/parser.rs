@@ -304,11 +304,13 @@ impl Parser {
             let warps = l.int()?;
             let stages = if l.eat_word("stages") { l.int()? } else { 1 };
             let tma = l.eat_word("tma");
+            let pingpong = l.eat_word("pingpong");
             l.punct('{')?;
             l.done()?;
             self.b = Builder::new(&name, warps);
             self.b.set_stages(stages);
             self.b.set_tma(tma);
+            self.b.set_pingpong(pingpong);
             for (v, ty, aname, div) in args {
                 if !ty.shape.is_empty() {
                     return Err(format!("argument {aname} must be a scalar"));

@@ -135,9 +135,14 @@ impl Printer<'_> {
             String::new()
         };
         let tma = if self.kernel.tma { " tma" } else { "" };
+        let pingpong = if self.kernel.pingpong {
+            " pingpong"
+        } else {
+            ""
+        };
         let _ = writeln!(
             self.out,
-            "kernel @{}({}) warps {}{stages}{tma} {{",
+            "kernel @{}({}) warps {}{stages}{tma}{pingpong} {{",
             self.kernel.name,
             args.join(", "),
             self.kernel.num_warps

@@ -44,6 +44,9 @@ pub struct FlashConfig {
     pub family: FlashFamily,
     /// `flash_fwd`: `BM` queries per program, `BN` keys per step.
     pub fwd: Tiles,
+    /// `flash_fwd` for batches whose longest sequence has at least [`LONG_SEQUENCE`] tokens,
+    /// where a program's key loop is long (the same `BM`: the block lists do not change).
+    pub fwd_long: Tiles,
     /// `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step (sm_90).
     pub dkdv: Tiles,
     /// `flash_bwd_dkdv` on sm_80, where `dkdv` may spill: the same `BN` (the block lists do not
@@ -53,7 +56,19 @@ pub struct FlashConfig {
     pub dq: Tiles,
 }
 
+/// Tokens from which a sequence is long for [`FlashConfig::fwd_long`].
+pub const LONG_SEQUENCE: usize = 4096;
+
 impl FlashConfig {
+    /// The forward tiles for a batch whose longest sequence has `longest` tokens.
+    pub fn fwd_for(&self, longest: usize) -> Tiles {
+        if longest >= LONG_SEQUENCE {
+            self.fwd_long
+        } else {
+            self.fwd
+        }
+    }
+
     /// Queries per block of the forward's list.
     pub fn fwd_bm(&self) -> usize {
         param(self.fwd, "BM")
@@ -101,13 +116,17 @@ fn param(c: Tiles, name: &str) -> usize {
 /// `bench/results/2026-11-29-h200-gpu-flash-tests-shortcut.txt`). On sm_90 the streamed q/k/v
 /// tiles are TMA copies (`TMA = 1`; sm_80 runs the same variants with `cp.async`): forward
 /// 0.095 against 0.100 ms, dk/dv 0.188 against 0.213, dq 0.112 against 0.119 at 4 x 1024
-/// (`bench/results/2026-11-30-h200-tma/call66/gpu_flash-timed.txt`).
+/// (`bench/results/2026-11-30-h200-tma/call66/gpu_flash-timed.txt`). dk/dv in 3 stages:
+/// 0.184 against 0.187 ms at 4 x 1024 and 6.66 against 6.91 ms at 1 x 16384; forward with
+/// 128-key steps from 4096 tokens: 3.42 against 3.57 ms at 1 x 16384, where at 4 x 1024 it
+/// loses (0.102 against 0.095; `bench/results/2026-11-30-h200-timing/call76/`).
 #[rustfmt::skip]
 const FLASH_64: FlashConfig = FlashConfig {
     hd: 64,
     family: FlashFamily::Tile,
     fwd: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8), ("TMA", 1)],
-    dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    fwd_long: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 3), ("W", 8), ("TMA", 1)],
     dkdv_sm80: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 0)],
     dq: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
 };
@@ -120,6 +139,7 @@ const FLASH_128: FlashConfig = FlashConfig {
     hd: 128,
     family: FlashFamily::Tile,
     fwd: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    fwd_long: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
     dkdv: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8), ("TMA", 1)],
     dkdv_sm80: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8), ("TMA", 0)],
     dq: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
@@ -136,6 +156,7 @@ const FLASH_80: FlashConfig = FlashConfig {
     hd: 80,
     family: FlashFamily::Split,
     fwd: &[("BM", 128), ("BN", 128), ("S", 3), ("W", 8)],
+    fwd_long: &[("BM", 128), ("BN", 128), ("S", 3), ("W", 8)],
     dkdv: &[("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
     dkdv_sm80: &[("BN", 128), ("BM", 32), ("S", 2), ("W", 8)],
     dq: &[("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
@@ -372,10 +393,11 @@ fn flash_forward(cx: &Ctx, acts: &mut LayerActs, sc: &Scratch) -> R {
     let (t, nh) = (cx.t, cx.d.nh);
     let [fwd, _, _] = sc.blocks.args()?;
     let cfg = config(cx)?;
+    let longest = cx.segs.iter().map(|s| s.len).max().unwrap_or(0);
     fl::fwd(
         cx.dev,
         cfg.family,
-        cfg.fwd,
+        cfg.fwd_for(longest),
         &heads(&acts.qkv, cx, 3 * nh)?,
         &fwd,
         scale(cx),

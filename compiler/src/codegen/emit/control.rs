@@ -14,6 +14,19 @@ fn dot_operands(body: &Block) -> std::collections::HashMap<ValueId, (ValueId, Va
         .collect()
 }
 
+/// True when a `dot` lies in a block nested inside `body` (an `if` or an inner loop): such a
+/// dot may run a different number of times in the two warpgroups, which ping-pong cannot take.
+fn nested_dots(body: &Block) -> bool {
+    fn any_dot(b: &Block) -> bool {
+        b.insts
+            .iter()
+            .any(|i| matches!(i.op, Op::Dot { .. }) || i.op.blocks().into_iter().any(any_dot))
+    }
+    body.insts
+        .iter()
+        .any(|i| i.op.blocks().into_iter().any(any_dot))
+}
+
 /// Which loads a [`Gen::prefetch`] copies.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fill {
@@ -153,6 +166,31 @@ impl<'c> Gen<'c, '_> {
                 }
             }
         }
+        // Ping-pong (two warpgroups, MMAs awaited in the iteration): warpgroup g waits on named
+        // barrier 1 + g before its MMAs and arrives on the other's after issuing them, so
+        // their MMAs alternate. Warpgroup 1 gives warpgroup 0 the first turn; warpgroup 0
+        // takes back that one surplus turn after the loop, so both barriers end balanced.
+        let pingpong = self.c.kernel.pingpong
+            && self.wgmma
+            && self.c.kernel.num_warps == 8
+            && pl.is_some()
+            && !in_flight
+            && !nested_dots(body)
+            && self.pingpong.is_none();
+        let wg1 = if pingpong {
+            let wg = self.shr_c(self.warp, 2)?;
+            let wg1 = self
+                .b
+                .build_int_compare(IntPredicate::EQ, wg, self.i32(1), "")
+                .map_err(be)?;
+            self.guarded(Some(wg1), |g| {
+                g.asm("bar.arrive 1, 256;", "", None, &[]).map(|_| ())
+            })?;
+            self.pingpong = Some(wg1);
+            Some(wg1)
+        } else {
+            None
+        };
         let pre = self
             .b
             .get_insert_block()
@@ -348,6 +386,13 @@ impl<'c> Gen<'c, '_> {
             self.b.build_unconditional_branch(header).map_err(be)?;
         }
         self.b.position_at_end(exit);
+        if let Some(wg1) = wg1 {
+            let wg0 = self.b.build_not(wg1, "").map_err(be)?;
+            self.guarded(Some(wg0), |g| {
+                g.asm("bar.sync 1, 256;", "", None, &[]).map(|_| ())
+            })?;
+            self.pingpong = None;
+        }
         let mut results: Vec<Vec<V<'c>>> = carried
             .iter()
             .map(|ps| ps.iter().map(|p| p.as_basic_value()).collect())

@@ -40,7 +40,7 @@ impl<'c> Gen<'c, '_> {
         self.b.build_and(a, self.i32(c as i64), "").map_err(be)
     }
 
-    fn shr_c(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
+    pub(super) fn shr_c(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
         if c == 0 {
             return Ok(a);
         }

@@ -85,6 +85,7 @@ pub(super) fn emit_kernel<'c>(
         slots: HashMap::new(),
         wgmma,
         async_dots: Default::default(),
+        pingpong: None,
         tma_maps: vec![],
         exit,
     };
@@ -200,6 +201,9 @@ struct Gen<'c, 'a> {
     /// `dot`s (by result) of the pipelined loop being emitted whose MMAs stay in flight
     /// across iterations (see `PipelinedLoop::async_dots`).
     async_dots: std::collections::HashSet<ValueId>,
+    /// Inside a ping-pong loop ([`crate::ir::Kernel::pingpong`]): whether this thread is in
+    /// warpgroup 1 (`i1`; see [`Gen::pingpong_turn`]).
+    pingpong: Option<IntValue<'c>>,
     /// The tensor-map parameters (sm_90a TMA loops), in the plan's order.
     tma_maps: Vec<PointerValue<'c>>,
     exit: BasicBlock<'c>,

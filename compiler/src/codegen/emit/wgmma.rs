@@ -142,7 +142,9 @@ impl<'c> Gen<'c, '_> {
 
     /// `acc += a · b` for one warpgroup piece `64 x n` over `kk` (see the module doc). With
     /// `wait`, the MMAs are committed and awaited here; without, they stay in flight and the
-    /// enclosing pipelined loop commits and waits ([`Gen::wgmma_commit_wait`]).
+    /// enclosing pipelined loop commits and waits ([`Gen::wgmma_commit_wait`]). In a ping-pong
+    /// loop ([`Gen::pingpong`]) the warpgroup first waits for its turn and hands the turn on
+    /// once its MMAs are issued, before it waits for them.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn wgmma(
         &mut self,
@@ -217,6 +219,10 @@ impl<'c> Gen<'c, '_> {
         let f32t = self.ctx.f32_type();
         let ret = self.ctx.struct_type(&vec![f32t.into(); regs], false);
         let mut c = self.fence_operands(acc)?;
+        let turn = self.pingpong.filter(|_| wait);
+        if let Some(wg1) = turn {
+            self.pingpong_turn("bar.sync", wg1, false)?;
+        }
         self.asm("wgmma.fence.sync.aligned;", "", None, &[])?;
         for ik in 0..kk / 16 {
             let k0 = self.i32(16 * ik as i64);
@@ -254,7 +260,14 @@ impl<'c> Gen<'c, '_> {
         if !wait {
             return Ok(c);
         }
-        self.wgmma_commit_wait(0)?;
+        match turn {
+            Some(wg1) => {
+                self.asm("wgmma.commit_group.sync.aligned;", "", None, &[])?;
+                self.pingpong_turn("bar.arrive", wg1, true)?;
+                self.asm("wgmma.wait_group.sync.aligned 0;", "", None, &[])?;
+            }
+            None => self.wgmma_commit_wait(0)?,
+        }
         if !a_regs.is_empty() {
             // The A registers stay live (not reused) until the MMAs reading them are done.
             self.fence_operands(&a_regs)?;
@@ -272,6 +285,22 @@ impl<'c> Gen<'c, '_> {
             None,
             &[],
         )?;
+        Ok(())
+    }
+
+    /// `bar.sync` or `bar.arrive` (`op`) of a ping-pong loop: on the named barrier of this
+    /// thread's warpgroup (1 + g for warpgroup g), or with `other` on the other one's. 256
+    /// threads take part in each phase: the 128 that wait and the 128 that arrive. The ids are
+    /// immediates (a branch per warpgroup), so ptxas reserves three barriers, not all sixteen.
+    pub(super) fn pingpong_turn(&mut self, op: &str, wg1: IntValue<'c>, other: bool) -> R<()> {
+        let wg0 = self.b.build_not(wg1, "").map_err(be)?;
+        for (cond, mine) in [(wg0, 1), (wg1, 2)] {
+            let id = if other { 3 - mine } else { mine };
+            self.guarded(Some(cond), |g| {
+                g.asm(&format!("{op} {id}, 256;"), "", None, &[])
+                    .map(|_| ())
+            })?;
+        }
         Ok(())
     }
 

@@ -52,14 +52,15 @@ pub struct AttentionArgs {
 }
 
 /// The forward and the backward (delta, dk/dv, dq) of `p` in `cfg`'s tile configurations over
-/// the one-sequence block lists `blocks`.
+/// the one-sequence block lists `blocks` (the forward's tiles for that sequence's length, as
+/// the engine picks them).
 fn forward(
     dev: &CudaDevice,
     cfg: &FlashConfig,
     p: &FlashProblem,
     blocks: &[DeviceTensor; 3],
 ) -> lexp_runtime::Result<()> {
-    p.fwd(dev, &cfg.fwd, &blocks[0])
+    p.fwd(dev, cfg.fwd_for(p.t), &blocks[0])
 }
 
 fn backward(
@@ -177,7 +178,7 @@ pub fn run(args: AttentionArgs) -> Result<()> {
                 "seq": t, "head_dim": hd, "heads": nh, "sparse_synthetic": sparse,
                 "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms,
                 "fwd_tflops": tflops(fwd_flops, f_ms), "fwd_bwd_tflops": tflops(3.5 * fwd_flops, fb_ms),
-                "configs": {"fwd": format!("{:?}", cfg.fwd), "dkdv": format!("{:?}", cfg.dkdv), "dq": format!("{:?}", cfg.dq)},
+                "configs": {"fwd": format!("{:?}", cfg.fwd_for(t)), "dkdv": format!("{:?}", cfg.dkdv), "dq": format!("{:?}", cfg.dq)},
                 "sdpa_fwd_ms": sdpa.map(|s| s.0), "sdpa_fwd_bwd_ms": sdpa.map(|s| s.1),
                 "fwd_bwd_vs_sdpa": ratio,
             }));
