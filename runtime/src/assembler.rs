@@ -129,10 +129,13 @@ impl Assembler {
             let path = path.display().to_string();
             move |source| AssembleError::Io { path, source }
         };
+        // Unique per call: two devices of one process may assemble the same PTX at once.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("lexp-ptxas-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let input = dir.join(format!("{key}.ptx"));
-        let output = dir.join(format!("{key}.cubin"));
+        let input = dir.join(format!("{key}-{call}.ptx"));
+        let output = dir.join(format!("{key}-{call}.cubin"));
         std::fs::write(&input, ptx).map_err(io(&input))?;
         let run = Command::new(&self.ptxas)
             .args(["-O3", "-arch", target, "-o"])

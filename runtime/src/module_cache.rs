@@ -1,6 +1,6 @@
-//! Loads each kernel variant's module once per device and keeps its function handle: a cubin
-//! from [`crate::assembler`] when a `ptxas` is available, the PTX (JIT-compiled by the driver)
-//! otherwise.
+//! Loads each kernel variant's module once per device and keeps its function handle: the PTX,
+//! JIT-compiled by the driver, or a cubin from [`crate::assembler`] when `$LEXP_PTXAS` names a
+//! `ptxas`.
 
 use crate::assembler::{self, Assembler};
 use crate::error::{describe, DeviceError, Result};
