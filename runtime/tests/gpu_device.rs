@@ -6,6 +6,7 @@
 
 use lexp_compiler::dtype::Storage;
 use lexp_compiler::launch::{KernelParam, LaunchError, LaunchSpec, Launcher, Variant};
+use lexp_runtime::timing::time_graph_ms;
 use lexp_runtime::{
     copy_bandwidth, decode, encode, time_ms, CudaDevice, DeviceError, DeviceTensor,
 };
@@ -231,6 +232,28 @@ fn gpu_device_smoke() -> Result<(), DeviceError> {
     );
     assert_eq!(t.times_ms.len(), 20);
     assert!(t.min() > 0.0 && t.median() >= t.min());
+    assert!(t.host_ms > 0.0, "the host's queuing time is measured");
+
+    // The same launch replayed from a CUDA graph: the graph really runs the kernel (the poisoned
+    // output is written), one time per replay divided by the launches in it.
+    y.poison()?;
+    let g = time_graph_ms(&dev, 2, 10, 8, || {
+        launch_axpb(&dev, x.as_arg().ptr, y.as_arg().ptr, n, 1.5, -3)
+    })?;
+    println!(
+        "axpb from a graph of 8: median {:.4} ms per launch, host {:.4} ms per launch",
+        g.median(),
+        g.host_ms
+    );
+    assert_eq!(g.times_ms.len(), 10);
+    assert!(g.min() > 0.0);
+    assert_eq!(y.to_f32_vec()?, want);
+    // A call that waits for the device cannot be captured: an error, and the stream still works.
+    let sync_inside = time_graph_ms(&dev, 1, 1, 2, || dev.synchronize());
+    println!("synchronising inside a capture: {sync_inside:?}");
+    assert!(sync_inside.is_err());
+    launch_axpb(&dev, x.as_arg().ptr, y.as_arg().ptr, n, 1.5, -3)?;
+    dev.synchronize()?;
     for bytes in [1usize << 20, 64 << 20, 1 << 30] {
         let gbps = copy_bandwidth(&dev, bytes)?;
         println!(
