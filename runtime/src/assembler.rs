@@ -14,8 +14,9 @@
 //! call 74). The runtime therefore leaves modules to the driver unless asked.
 //!
 //! `$LEXP_PTXAS` is a path (`ptxas` searches `PATH`); unset or `off`, nothing is assembled.
-//! Cubins are kept under `$LEXP_CACHE/cubin` (else `$XDG_CACHE_HOME/lexp/cubin`, else
-//! `~/.cache/lexp/cubin`), one file per (ptxas release, target, PTX), written atomically. Any
+//! Cubins are kept under `cubin/` of lexp's cache root
+//! ([`crate::train::embedded::cache_root`]: `$LEXP_CACHE`, else `$XDG_CACHE_HOME/lexp`, else
+//! `~/.cache/lexp`), one file per (ptxas release, target, PTX), written atomically. Any
 //! failure (an assembler that does not run, a PTX it rejects, an unwritable cache, a cubin the
 //! driver refuses) leaves the module to the driver's JIT, with a warning: assembling is a
 //! reproducibility measure, never a new way to fail.
@@ -66,7 +67,8 @@ impl Assembler {
             debug!("LEXP_PTXAS=off: modules are left to the driver's JIT");
             return None;
         }
-        let found = Assembler::at(Path::new(&named), cache_dir());
+        let cache = crate::train::embedded::cache_root().join("cubin");
+        let found = Assembler::at(Path::new(&named), Some(cache));
         if found.is_none() {
             warn!(
                 path = %Path::new(&named).display(),
@@ -167,16 +169,6 @@ pub fn target(arch: lexp_compiler::launch::Arch, major: u32, minor: u32) -> Stri
         lexp_compiler::launch::Arch::Sm90 => "sm_90a".to_string(),
         lexp_compiler::launch::Arch::Sm80 => format!("sm_{major}{minor}"),
     }
-}
-
-fn cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("LEXP_CACHE") {
-        return Some(PathBuf::from(d).join("cubin"));
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("lexp").join("cubin"))
 }
 
 #[cfg(test)]
