@@ -89,6 +89,74 @@ pub fn delta(
     )
 }
 
+/// `delta` as [`delta`] computes it, and the f32 `dq` accumulator `dq_acc [T, nh, hd]` of the
+/// fused backward ([`fused`]) zeroed, in one launch (`flash_bwd_prep`, tile family only).
+pub fn prep(
+    l: &dyn Launcher,
+    width: usize,
+    o: &TensorArg,
+    d_o: &TensorArg,
+    delta: &TensorArg,
+    dq_acc: &TensorArg,
+) -> Result<(), LaunchError> {
+    fa::flash_bwd_prep::launch_with(
+        l,
+        &[("D", width)],
+        &fa::flash_bwd_prep::Args {
+            o,
+            d_o,
+            delta,
+            dq_acc,
+        },
+    )
+}
+
+/// The fused backward (`flash_bwd_fused`, tile family only): dk and dv of every key block of
+/// `blocks` into `a.dqkv`, and `dq` added into `dq_acc` (zeroed by [`prep`]; [`dq_store`]
+/// finishes it).
+pub fn fused(
+    l: &dyn Launcher,
+    tiles: &[(&str, usize)],
+    blocks: &TensorArg,
+    a: &BwdArgs,
+    dq_acc: &TensorArg,
+) -> Result<(), LaunchError> {
+    fa::flash_bwd_fused::launch_with(
+        l,
+        tiles,
+        &fa::flash_bwd_fused::Args {
+            qkv: a.qkv,
+            d_o: a.d_o,
+            lse2: a.lse2,
+            delta: a.delta,
+            blocks,
+            scale_log2: a.scale * std::f32::consts::LOG2_E,
+            scale: a.scale,
+            dqkv: a.dqkv,
+            dq_acc,
+        },
+    )
+}
+
+/// `dq = scale · dq_acc` into the q rows of `dqkv` (`flash_bwd_dq_store`).
+pub fn dq_store(
+    l: &dyn Launcher,
+    width: usize,
+    dq_acc: &TensorArg,
+    scale: f32,
+    dqkv: &TensorArg,
+) -> Result<(), LaunchError> {
+    fa::flash_bwd_dq_store::launch_with(
+        l,
+        &[("D", width)],
+        &fa::flash_bwd_dq_store::Args {
+            dq_acc,
+            scale,
+            dqkv,
+        },
+    )
+}
+
 /// Which backward kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bwd {
