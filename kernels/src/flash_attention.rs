@@ -240,7 +240,13 @@ pub fn flash_bwd_dkdv<
 /// Backward, step 3: `dq` of one `BM`-query block and head (`blocks` as in [`flash_fwd`]):
 /// `P = exp2(c·q·kᵀ − lse2)`, `dS = P ⊙ (dO·vᵀ − delta)`, `dq = scale · Σ dS·k`. Writes the
 /// q block of `dqkv`. Recomputing `S` and `dP` here instead of accumulating `dq` atomically in
-/// the key-block kernel keeps the backward deterministic.
+/// the key-block kernel keeps the backward deterministic, and on the H200 it is also faster:
+/// the atomic (FlashAttention-2) form, one `red.global.add.f32` per element of each `dS·k`
+/// tile, took 0.433 ms against 0.304 for delta + dk/dv + dq at OPT-1.3B's 4 x 1024 and 17.6
+/// against 10.8 ms at 1 x 16384 (`bench/results/2026-11-30-h200-fused-bwd/`, commit 6d19927):
+/// the adds, half an f32 per score, are bound by L2's atomic throughput. FlashAttention-3's
+/// answer is a bulk reduce of the tile from shared memory (`cp.reduce.async.bulk`), which the
+/// DSL does not have.
 #[kernel(
     // Head dimension 128: 64-query programs, 2 stages (128 queries spill on sm_80).
     variants(T = [bf16, f16], D = [64, 128], BM = [64, 128], BN = [64], S = [2, 3], W = [8], TMA = [0, 1]),
@@ -308,133 +314,4 @@ pub fn flash_bwd_dq<
     }
     let out = select(qi < len, rows, qkv.dim(0));
     dqkv.store([out, head, c], (dq * scale).cast::<T>());
-}
-
-/// Backward, fused form, step 1: [`flash_bwd_delta`]'s `delta`, and the f32 accumulator of
-/// `dq` ([`flash_bwd_fused`] adds into it) set to zero on the same rows, so that clearing it
-/// costs no launch of its own.
-#[kernel(
-    variants(T = [bf16, f16], D = [64, 128], BR = [32]),
-    warps = 4,
-    grid = [cdiv(o.dim(0), BR), o.dim(1)],
-    require = [
-        d_o.dim(0) == o.dim(0), d_o.dim(1) == o.dim(1), d_o.dim(2) == o.dim(2), o.dim(2) <= D,
-        delta.dim(0) == o.dim(1), delta.dim(1) >= o.dim(0),
-        dq_acc.dim(0) == o.dim(0), dq_acc.dim(1) == o.dim(1), dq_acc.dim(2) == o.dim(2)
-    ]
-)]
-pub fn flash_bwd_prep<T, const D: usize, const BR: usize>(
-    o: Tensor<T, 3>,
-    d_o: Tensor<T, 3>,
-    delta: TensorMut<f32, 2>,
-    dq_acc: TensorMut<f32, 3>,
-) {
-    let head = program_id(1);
-    let rows = program_id(0) * BR + range::<BR>();
-    let cols = range::<D>();
-    let prod =
-        o.load([rows, head, cols]).cast::<f32>() * d_o.load([rows, head, cols]).cast::<f32>();
-    delta.store([head, rows], prod.sum(1));
-    dq_acc.store([rows, head, cols], prod * 0.0);
-}
-
-/// Backward, fused form, step 2: [`flash_bwd_dkdv`] that also adds each query block's share of
-/// `dq` into the f32 accumulator `dq_acc [T, nh, hd]` (zeroed by [`flash_bwd_prep`]):
-/// `dq += dS·k`, `dS` the transpose of the `dSᵀ` tile it already has. The softmax and `dP`
-/// are then computed once per (key block, query block) instead of twice (the FlashAttention-2
-/// backward: five products where [`flash_bwd_dkdv`] + [`flash_bwd_dq`] run seven). The atomic
-/// adds make `dq`'s rounding depend on the order the programs run in; the split kernels keep
-/// the backward deterministic. [`flash_bwd_dq_store`] scales and converts the accumulator.
-#[kernel(
-    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3], W = [8], TMA = [0, 1]),
-    only = [BN % BM == 0, D == 64 || S == 2, D == 64 || BN == 64, D == 64 || BM == 32, D == 128 || BM == 64],
-    warps = W,
-    stages = S,
-    tma = TMA,
-    grid = [blocks.dim(0), d_o.dim(1)],
-    require = [
-        blocks.dim(1) == 3, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
-        d_o.dim(2) == qkv.dim(2), d_o.dim(2) <= D, lse2.dim(0) == d_o.dim(1),
-        lse2.dim(1) >= qkv.dim(0), delta.dim(0) == lse2.dim(0), delta.dim(1) == lse2.dim(1),
-        dqkv.dim(0) == qkv.dim(0), dqkv.dim(1) == qkv.dim(1), dqkv.dim(2) == qkv.dim(2),
-        dq_acc.dim(0) == d_o.dim(0), dq_acc.dim(1) == d_o.dim(1), dq_acc.dim(2) == d_o.dim(2)
-    ]
-)]
-pub fn flash_bwd_fused<
-    T,
-    const D: usize,
-    const BN: usize,
-    const BM: usize,
-    const S: usize,
-    const W: usize,
-    const TMA: usize,
->(
-    qkv: Tensor<T, 3>,
-    d_o: Tensor<T, 3>,
-    lse2: Tensor<f32, 2>,
-    delta: Tensor<f32, 2>,
-    blocks: Tensor<i32, 2>,
-    scale_log2: f32,
-    scale: f32,
-    dqkv: TensorMut<T, 3>,
-    dq_acc: TensorMut<f32, 3>,
-) {
-    let blk = program_id(0);
-    let head = program_id(1);
-    let start = blocks.load([blk, 0]);
-    let len = blocks.load([blk, 1]);
-    let k0 = blocks.load([blk, 2]);
-    let nh = d_o.dim(1);
-    let kj = k0 + range::<BN>();
-    let krows = start + kj;
-    let c = range::<D>();
-    let mut dk = zeros::<f32, BN, D>();
-    let mut dv = zeros::<f32, BN, D>();
-    for q0 in (k0..len).step_by(BM) {
-        let qi = q0 + range::<BM>();
-        let qrows = start + qi;
-        // As in `flash_bwd_dkdv`: statistics first, k and v streamed (resident).
-        let l = lse2.load([head, qrows]);
-        let dl = delta.load([head, qrows]);
-        let k = qkv.load([krows, nh + head, c]);
-        let v = qkv.load([krows, 2 * nh + head, c]);
-        let q = qkv.load([qrows, head, c]);
-        let dout = d_o.load([qrows, head, c]);
-        let st = dot(k, q.t(), zeros::<f32, BN, BM>());
-        let visible = (kj.expand(1) <= qi.expand(0)) & (qi < len).expand(0);
-        let pt = select(visible, exp2(st * scale_log2 - l.expand(0)), 0.0);
-        dv = dot(pt.cast::<T>(), dout, dv);
-        let dpt = dot(v, dout.t(), zeros::<f32, BN, BM>());
-        let dst = (pt * (dpt - dl.expand(0))).cast::<T>();
-        dk = dot(dst, q, dk);
-        let dq = dot(dst.t(), k, zeros::<f32, BM, D>());
-        dq_acc.atomic_add([select(qi < len, qrows, dq_acc.dim(0)), head, c], dq);
-    }
-    let out = select(kj < len, krows, qkv.dim(0));
-    dqkv.store([out, nh + head, c], (dk * scale).cast::<T>());
-    dqkv.store([out, 2 * nh + head, c], dv.cast::<T>());
-}
-
-/// Backward, fused form, step 3: `dq = scale · dq_acc`, converted into the q rows of `dqkv`.
-#[kernel(
-    variants(T = [bf16, f16], D = [64, 128], BR = [32]),
-    warps = 4,
-    grid = [cdiv(dq_acc.dim(0), BR), dq_acc.dim(1)],
-    require = [
-        dqkv.dim(0) == dq_acc.dim(0), dqkv.dim(1) == 3 * dq_acc.dim(1),
-        dqkv.dim(2) == dq_acc.dim(2), dq_acc.dim(2) <= D
-    ]
-)]
-pub fn flash_bwd_dq_store<T, const D: usize, const BR: usize>(
-    dq_acc: Tensor<f32, 3>,
-    scale: f32,
-    dqkv: TensorMut<T, 3>,
-) {
-    let head = program_id(1);
-    let rows = program_id(0) * BR + range::<BR>();
-    let cols = range::<D>();
-    dqkv.store(
-        [rows, head, cols],
-        (dq_acc.load([rows, head, cols]) * scale).cast::<T>(),
-    );
 }

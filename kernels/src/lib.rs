@@ -35,10 +35,7 @@ pub use block_select::select_blocks;
 pub use dropout::{dropout_mask, mul_inplace};
 pub use elementwise::{axpby, convert, gelu, gelu_bwd, relu, relu_bwd};
 pub use embedding::embedding_fwd;
-pub use flash_attention::{
-    flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_bwd_dq_store, flash_bwd_fused,
-    flash_bwd_prep, flash_fwd,
-};
+pub use flash_attention::{flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_fwd};
 pub use flash_split::{flash_bwd_dkdv_split, flash_bwd_dq_split, flash_fwd_split};
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
@@ -56,7 +53,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 54] = [
+pub static ALL: [&KernelInfo; 51] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -102,9 +99,6 @@ pub static ALL: [&KernelInfo; 54] = [
     &flash_bwd_delta::INFO,
     &flash_bwd_dkdv::INFO,
     &flash_bwd_dq::INFO,
-    &flash_bwd_prep::INFO,
-    &flash_bwd_fused::INFO,
-    &flash_bwd_dq_store::INFO,
     &flash_fwd_split::INFO,
     &flash_bwd_dkdv_split::INFO,
     &flash_bwd_dq_split::INFO,
@@ -115,7 +109,7 @@ pub static ALL: [&KernelInfo; 54] = [
 
 /// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and
 /// checked by the tensor-core tests (their PTX and SASS hold tensor-core instructions).
-pub const TENSOR_CORE: [&str; 24] = [
+pub const TENSOR_CORE: [&str; 23] = [
     "gemm_nn",
     "gemm_nt",
     "gemm_tn",
@@ -133,7 +127,6 @@ pub const TENSOR_CORE: [&str; 24] = [
     "flash_fwd",
     "flash_bwd_dkdv",
     "flash_bwd_dq",
-    "flash_bwd_fused",
     "flash_fwd_split",
     "flash_bwd_dkdv_split",
     "flash_bwd_dq_split",

@@ -22,12 +22,11 @@ const SPILL_OUTSIDE_LOOPS: u32 = 32;
 
 /// Variants the engine runs on sm_90 only, because their sm_80 code spills: the split dk/dv
 /// with 128 keys in 64-query steps (`runtime/src/gpu/attention.rs`: `FLASH_80` takes 32-query
-/// steps on sm_80, `dkdv_sm80`), and the fused backward with 128 keys (sm_80 runs the
-/// two-kernel backward, `FlashConfig::fused_for`).
+/// steps on sm_80, `dkdv_sm80`).
 fn sm90_only(v: &lexp_compiler::launch::Variant) -> bool {
-    let k128_q64 = v.param("BN") == Some("128") && v.param("BM") == Some("64");
-    (v.kernel == "flash_bwd_dkdv_split" && k128_q64)
-        || (v.kernel == "flash_bwd_fused" && v.param("BN") == Some("128"))
+    v.kernel == "flash_bwd_dkdv_split"
+        && v.param("BN") == Some("128")
+        && v.param("BM") == Some("64")
 }
 
 #[test]

@@ -54,25 +54,6 @@ pub struct FlashConfig {
     pub dkdv_sm80: Tiles,
     /// `flash_bwd_dq`: `BM` queries per program, `BN` keys per step.
     pub dq: Tiles,
-    /// `flash_bwd_fused` on sm_90 (dk, dv and `dq` in one pass, `dq` added atomically; the
-    /// same `BN` as `dkdv`, whose key-block list it takes), where one is compiled for these
-    /// heads. See [`FlashConfig::fused_for`].
-    pub fused: Option<Tiles>,
-}
-
-/// Set to `1` to run the deterministic flash backward (dk/dv and dq in two kernels) where the
-/// fused one would run: the fused kernel adds each key block's share of `dq` atomically, so
-/// `dq`'s rounding depends on the order in which the programs finish.
-pub const DETERMINISTIC_ATTENTION_ENV: &str = "LEXP_DETERMINISTIC_ATTENTION";
-
-/// True when [`DETERMINISTIC_ATTENTION_ENV`] is `1`; read once per process.
-pub fn deterministic_attention() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        let on = std::env::var(DETERMINISTIC_ATTENTION_ENV).as_deref() == Ok("1");
-        tracing::debug!(on, "deterministic flash backward");
-        on
-    })
 }
 
 /// Tokens from which a sequence is long for [`FlashConfig::fwd_long`].
@@ -108,16 +89,6 @@ impl FlashConfig {
         match arch {
             Arch::Sm80 => self.dkdv_sm80,
             Arch::Sm90 => self.dkdv,
-        }
-    }
-
-    /// The fused backward's tiles on `arch`: on sm_90 unless the process asked for the
-    /// deterministic backward ([`deterministic_attention`]); never on sm_80, where the 128-key
-    /// tile spills.
-    pub fn fused_for(&self, arch: Arch) -> Option<Tiles> {
-        match arch {
-            Arch::Sm90 if !deterministic_attention() => self.fused,
-            _ => None,
         }
     }
 
@@ -158,7 +129,6 @@ const FLASH_64: FlashConfig = FlashConfig {
     dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 3), ("W", 8), ("TMA", 1)],
     dkdv_sm80: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 0)],
     dq: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
-    fused: Some(&[("D", 64), ("BN", 128), ("BM", 64), ("S", 3), ("W", 8), ("TMA", 1)]),
 };
 
 /// Head dimension 128 (OPT-6.7B and larger): the variants that assemble without spills on
@@ -173,7 +143,6 @@ const FLASH_128: FlashConfig = FlashConfig {
     dkdv: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8), ("TMA", 1)],
     dkdv_sm80: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8), ("TMA", 0)],
     dq: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
-    fused: Some(&[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8), ("TMA", 1)]),
 };
 
 /// Head dimension 80 (OPT-2.7B) as 64 + 16 (`lexp_kernels::flash_split`): the fastest
@@ -191,7 +160,6 @@ const FLASH_80: FlashConfig = FlashConfig {
     dkdv: &[("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
     dkdv_sm80: &[("BN", 128), ("BM", 32), ("S", 2), ("W", 8)],
     dq: &[("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
-    fused: None,
 };
 
 /// The head dimensions flash kernels are compiled for.
@@ -451,21 +419,23 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
         dqkv: &heads(&sc.dqkv, cx, 3 * nh)?,
         scale: scale(cx),
     };
-    let o = heads(&acts.o, cx, nh)?;
-    let arch = Launcher::arch(cx.dev);
-    if let Some(tiles) = cfg.fused_for(arch) {
-        let dq_acc = arg(&sc.dq_acc, &[t, nh, cx.d.hd])?;
-        fl::prep(cx.dev, cfg.delta_width(), &o, a.d_o, a.delta, &dq_acc)
-            .map_err(launch_err("flash attention backward (delta)"))?;
-        fl::fused(cx.dev, tiles, &dkdv, &a, &dq_acc)
-            .map_err(launch_err("flash attention backward (dk, dv, dq)"))?;
-        return fl::dq_store(cx.dev, cfg.delta_width(), &dq_acc, a.scale, a.dqkv)
-            .map_err(launch_err("flash attention backward (dq)"));
-    }
-    fl::delta(cx.dev, cfg.delta_width(), &o, a.d_o, a.delta)
-        .map_err(launch_err("flash attention backward (delta)"))?;
-    fl::bwd(cx.dev, cfg.family, Bwd::DkDv, cfg.dkdv_for(arch), &dkdv, &a)
-        .map_err(launch_err("flash attention backward (dk, dv)"))?;
+    fl::delta(
+        cx.dev,
+        cfg.delta_width(),
+        &heads(&acts.o, cx, nh)?,
+        a.d_o,
+        a.delta,
+    )
+    .map_err(launch_err("flash attention backward (delta)"))?;
+    fl::bwd(
+        cx.dev,
+        cfg.family,
+        Bwd::DkDv,
+        cfg.dkdv_for(Launcher::arch(cx.dev)),
+        &dkdv,
+        &a,
+    )
+    .map_err(launch_err("flash attention backward (dk, dv)"))?;
     fl::bwd(cx.dev, cfg.family, Bwd::Dq, cfg.dq, &dq, &a)
         .map_err(launch_err("flash attention backward (dq)"))
 }
@@ -611,16 +581,12 @@ mod tests {
         }
     }
 
-    /// The block lists are built from `dkdv_bn()` whatever the architecture and backward, so
-    /// both dk/dv configurations and the fused one must take the same `BN`.
+    /// The block lists are built from `dkdv_bn()` whatever the architecture, so both dk/dv
+    /// configurations must take the same `BN`.
     #[test]
     fn dkdv_tiles_of_both_architectures_share_their_key_blocks() {
         for c in [&FLASH_64, &FLASH_80, &FLASH_128] {
             assert_eq!(param(c.dkdv_sm80, "BN"), c.dkdv_bn(), "{c:?}");
-            if let Some(f) = c.fused {
-                assert_eq!(param(f, "BN"), c.dkdv_bn(), "{c:?}");
-            }
-            assert_eq!(c.fused_for(Arch::Sm80), None);
             assert_eq!(c.dkdv_for(Arch::Sm90), c.dkdv);
             assert_eq!(c.dkdv_for(Arch::Sm80), c.dkdv_sm80);
         }

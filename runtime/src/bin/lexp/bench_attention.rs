@@ -51,9 +51,9 @@ pub struct AttentionArgs {
     json: Option<PathBuf>,
 }
 
-/// The forward and the backward of `p` in `cfg`'s tile configurations over the one-sequence
-/// block lists `blocks`, as the engine picks them: the forward's tiles for that sequence's
-/// length, the fused backward where it runs (`FlashConfig::fused_for`), else delta, dk/dv, dq.
+/// The forward and the backward (delta, dk/dv, dq) of `p` in `cfg`'s tile configurations over
+/// the one-sequence block lists `blocks` (the forward's tiles for that sequence's length, as
+/// the engine picks them).
 fn forward(
     dev: &CudaDevice,
     cfg: &FlashConfig,
@@ -69,12 +69,8 @@ fn backward(
     p: &FlashProblem,
     blocks: &[DeviceTensor; 3],
 ) -> lexp_runtime::Result<()> {
-    let arch = Launcher::arch(dev);
-    if let Some(tiles) = cfg.fused_for(arch) {
-        return p.fused(dev, tiles, &blocks[1]);
-    }
     p.delta(dev)?;
-    p.dkdv(dev, cfg.dkdv_for(arch), &blocks[1])?;
+    p.dkdv(dev, cfg.dkdv_for(Launcher::arch(dev)), &blocks[1])?;
     p.dq(dev, &cfg.dq, &blocks[2])
 }
 
@@ -182,7 +178,7 @@ pub fn run(args: AttentionArgs) -> Result<()> {
                 "seq": t, "head_dim": hd, "heads": nh, "sparse_synthetic": sparse,
                 "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms,
                 "fwd_tflops": tflops(fwd_flops, f_ms), "fwd_bwd_tflops": tflops(3.5 * fwd_flops, fb_ms),
-                "configs": {"fwd": format!("{:?}", cfg.fwd_for(t)), "dkdv": format!("{:?}", cfg.dkdv), "dq": format!("{:?}", cfg.dq), "fused_bwd": format!("{:?}", cfg.fused_for(Launcher::arch(&dev)))},
+                "configs": {"fwd": format!("{:?}", cfg.fwd_for(t)), "dkdv": format!("{:?}", cfg.dkdv), "dq": format!("{:?}", cfg.dq)},
                 "sdpa_fwd_ms": sdpa.map(|s| s.0), "sdpa_fwd_bwd_ms": sdpa.map(|s| s.1),
                 "fwd_bwd_vs_sdpa": ratio,
             }));
