@@ -70,7 +70,7 @@ fn block_rows(cu_seqlens: &[usize], size: usize) -> Option<Vec<BlockRow>> {
 #[kernel(
     // Head dimension 128: 64-key steps and 2 stages only (more spills on sm_80).
     variants(T = [bf16, f16], D = [64, 128], BM = [128], BN = [64, 128], S = [2, 3], W = [8], TMA = [0, 1]),
-    only = [D == 64 || BN == 64, D == 64 || S == 2],
+    only = [D == 64 || S == 2],
     warps = W,
     stages = S,
     tma = TMA,
@@ -170,7 +170,10 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
     // them through shared memory.
     // Head dimension 128: 64 keys and 32-query steps (64 spills on sm_80, 128 keys on both).
     variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3], W = [8], TMA = [0, 1]),
-    only = [BN % BM == 0, D == 64 || S == 2, D == 64 || BN == 64, D == 64 || BM == 32, D == 128 || BM == 64],
+    only = [
+        BN % BM == 0, D == 64 || S == 2, D == 128 || BM == 64,
+        D == 64 || BN == 64 || BM == 32 || TMA == 1
+    ],
     warps = W,
     stages = S,
     tma = TMA,
@@ -250,7 +253,7 @@ pub fn flash_bwd_dkdv<
 #[kernel(
     // Head dimension 128: 64-query programs, 2 stages (128 queries spill on sm_80).
     variants(T = [bf16, f16], D = [64, 128], BM = [64, 128], BN = [64], S = [2, 3], W = [8], TMA = [0, 1]),
-    only = [D == 64 || S == 2, D == 64 || BM == 64],
+    only = [D == 64 || S == 2],
     warps = W,
     stages = S,
     tma = TMA,

@@ -86,7 +86,7 @@ pub fn flash_fwd_split<
 /// `LO + HI` columns.
 #[kernel(
     // 128 keys x 64 queries spills 92 bytes on sm_80 (244 registers and none on sm_90a): the
-    // engine runs it on sm_90 only (`FlashConfig::dkdv_sm80`, `tests/tests/ptxas.rs`).
+    // engine runs it on sm_90 only (`FlashConfig::sm80`, `tests/tests/ptxas.rs`).
     variants(T = [bf16, f16], LO = [64], HI = [16], BN = [64, 128], BM = [32, 64], S = [2], W = [8]),
     only = [BN % BM == 0],
     warps = W,

@@ -162,28 +162,72 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
         }
     };
     check(&dqkv, &[(0, "dq"), (1, "dk"), (2, "dv")], "");
-    if !matches!(kernels, Kernels::Tile(64)) {
+    let Kernels::Tile(d) = kernels else {
         return;
+    };
+    // dk/dv with 128-key blocks (8 warps of 16 whole key rows: P and dS feed the MMAs from
+    // registers) in each query step the head dimension has, and dq with 128-query blocks.
+    let steps: &[usize] = if d == 64 { &[64] } else { &[32, 64] };
+    for &bm in steps {
+        let mut dqkv128 = poisoned(dtype, &[t, 3 * nh, hd]);
+        let mut kb128 = block_tensor(&key_blocks(&cu, 128).unwrap());
+        flash_bwd_dkdv::interpret(
+            &[("D", dk), ("BN", 128), ("BM", bm)],
+            flash_bwd_dkdv::HostArgs {
+                qkv: &mut qkv,
+                d_o: &mut d_o,
+                lse2: &mut lse2,
+                delta: &mut delta,
+                blocks: &mut kb128,
+                scale_log2,
+                scale: scale as f32,
+                dqkv: &mut dqkv128,
+            },
+        )
+        .unwrap();
+        check(
+            &dqkv128,
+            &[(1, "dk"), (2, "dv")],
+            &format!(" (dk/dv BN 128, BM {bm})"),
+        );
     }
-    // dk/dv with 128-key blocks (the configuration whose P and dS feed the MMAs from
-    // registers: 8 warps of 16 whole rows each; head dimension 64 only).
-    let mut dqkv128 = poisoned(dtype, &[t, 3 * nh, hd]);
-    let mut kb128 = block_tensor(&key_blocks(&cu, 128).unwrap());
-    flash_bwd_dkdv::interpret(
-        &[("D", dk), ("BN", 128)],
-        flash_bwd_dkdv::HostArgs {
+    let mut dqkv_q = poisoned(dtype, &[t, 3 * nh, hd]);
+    let mut qb128 = block_tensor(&query_blocks(&cu, 128).unwrap());
+    flash_bwd_dq::interpret(
+        &[("D", dk), ("BM", 128)],
+        flash_bwd_dq::HostArgs {
             qkv: &mut qkv,
             d_o: &mut d_o,
             lse2: &mut lse2,
             delta: &mut delta,
-            blocks: &mut kb128,
+            blocks: &mut qb128,
             scale_log2,
             scale: scale as f32,
-            dqkv: &mut dqkv128,
+            dqkv: &mut dqkv_q,
         },
     )
     .unwrap();
-    check(&dqkv128, &[(1, "dk"), (2, "dv")], " (BN 128)");
+    check(&dqkv_q, &[(0, "dq")], " (dq BM 128)");
+    // The forward with 128-key steps.
+    let mut o128 = poisoned(dtype, &[t, nh, hd]);
+    let mut lse128 = poisoned(Storage::F32, &[nh, tp]);
+    let mut qb = block_tensor(&query_blocks(&cu, 128).unwrap());
+    flash_fwd::interpret(
+        &[("D", d), ("BN", 128)],
+        flash_fwd::HostArgs {
+            qkv: &mut qkv,
+            blocks: &mut qb,
+            scale_log2,
+            o: &mut o128,
+            lse2: &mut lse128,
+        },
+    )
+    .unwrap();
+    let dd = compare(&o128.data, &want_o);
+    assert!(
+        dd.unwritten == 0 && dd.non_finite == 0 && dd.rel_l2 < 1e-2,
+        "{what}: o (BN 128) {dd}"
+    );
 }
 
 #[test]

@@ -201,8 +201,8 @@ fn flash_attention_heads_of_80_match_the_reference_on_the_gpu() {
 
 /// Every compiled tile configuration of the four kernels at the OPT-1.3B attention shape
 /// (32 heads of 64) and OPT-2.7B's (32 heads of 80, the split kernels), 4 sequences of 512 and
-/// of 1024 tokens, heads of 128 at 4 x 1024, and one sequence of 16384 tokens at 64 and 128,
-/// bf16, timed (median of 20 after 3 warm-up launches): which one the engine should run, and
+/// of 1024 tokens, heads of 128 at 4 x 1024 and 1 x 4096, and one sequence of 16384 tokens at
+/// 64 and 128, bf16, timed (median of 20 after 3 warm-up launches): which one the engine should run, and
 /// what each achieves in TFLOP/s of the causal half of the heads' own work (correctness is the
 /// tests above). Fails when a configuration falls below `MIN_TFLOPS` from 4096 tokens on, a
 /// floor far under what they reach on the H200 (109–192 TFLOP/s at 64,
@@ -224,6 +224,7 @@ fn flash_attention_configurations_timed_at_opt_sizes() {
         (32, 80, 4, 512),
         (32, 80, 4, 1024),
         (16, 128, 4, 1024),
+        (16, 128, 1, 4096),
         (32, 64, 1, 16384),
         (16, 128, 1, 16384),
     ];

@@ -47,13 +47,14 @@ pub struct FlashConfig {
     /// `flash_fwd` for batches whose longest sequence has at least [`LONG_SEQUENCE`] tokens,
     /// where a program's key loop is long (the same `BM`: the block lists do not change).
     pub fwd_long: Tiles,
-    /// `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step (sm_90).
+    /// `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step.
     pub dkdv: Tiles,
-    /// `flash_bwd_dkdv` on sm_80, where `dkdv` may spill: the same `BN` (the block lists do not
-    /// depend on the architecture).
-    pub dkdv_sm80: Tiles,
     /// `flash_bwd_dq`: `BM` queries per program, `BN` keys per step.
     pub dq: Tiles,
+    /// The configuration sm_80 runs instead, where some of these tiles spill there (`None`:
+    /// these). Its block sizes may differ, so the block lists are built from the
+    /// configuration of the device's architecture ([`FlashConfig::on`]).
+    pub sm80: Option<&'static FlashConfig>,
 }
 
 /// Tokens from which a sequence is long for [`FlashConfig::fwd_long`].
@@ -84,11 +85,11 @@ impl FlashConfig {
         param(self.dkdv, "BN")
     }
 
-    /// The dk/dv tiles for `arch`.
-    pub fn dkdv_for(&self, arch: Arch) -> Tiles {
-        match arch {
-            Arch::Sm80 => self.dkdv_sm80,
-            Arch::Sm90 => self.dkdv,
+    /// The configuration to run on `arch` ([`FlashConfig::sm80`]).
+    pub fn on(&'static self, arch: Arch) -> &'static FlashConfig {
+        match (arch, self.sm80) {
+            (Arch::Sm80, Some(c)) => c,
+            _ => self,
         }
     }
 
@@ -121,28 +122,52 @@ fn param(c: Tiles, name: &str) -> usize {
 /// 128-key steps from 4096 tokens: 3.42 against 3.57 ms at 1 x 16384, where at 4 x 1024 it
 /// loses (0.102 against 0.095; `bench/results/2026-11-30-h200-timing/call76/`).
 #[rustfmt::skip]
-const FLASH_64: FlashConfig = FlashConfig {
+static FLASH_64: FlashConfig = FlashConfig {
     hd: 64,
     family: FlashFamily::Tile,
     fwd: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8), ("TMA", 1)],
     fwd_long: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
     dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 3), ("W", 8), ("TMA", 1)],
-    dkdv_sm80: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 0)],
     dq: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    sm80: Some(&FLASH_64_SM80),
 };
 
-/// Head dimension 128 (OPT-6.7B and larger): the variants that assemble without spills on
-/// sm_80 and sm_90a (smaller tiles than for 64; not yet tuned on the GPU). TMA copies on sm_90
-/// as for 64 (checked by `gpu_flash` in call 66; its timing test covers 64 and 80 only).
+/// [`FLASH_64`] on sm_80: dk/dv in 2 stages with `cp.async` copies.
 #[rustfmt::skip]
-const FLASH_128: FlashConfig = FlashConfig {
+static FLASH_64_SM80: FlashConfig = FlashConfig {
+    dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 0)],
+    sm80: None,
+    ..FLASH_64
+};
+
+/// Head dimension 128 (OPT-6.7B and larger), sm_90: 128-key tiles (`bench/results/
+/// 2026-11-30-h200-heads-128/call82/gpu_flash-timed.txt`, 16 heads): forward with 128-key steps
+/// (2.19 against 2.54 ms at 1 x 16384, 0.080 against 0.084 at 4 x 1024), dk/dv with 128 keys in
+/// 64-query steps (4.64 against 10.16 ms at 1 x 16384, 0.149 against 0.236 at 4 x 1024; 255
+/// registers, TMA variant only: the `cp.async` one spills), dq with 128 queries (2.92 against
+/// 4.52 ms, 0.091 against 0.117). Their sm_80 code spills: sm_80 runs [`FLASH_128_SM80`].
+#[rustfmt::skip]
+static FLASH_128: FlashConfig = FlashConfig {
     hd: 128,
     family: FlashFamily::Tile,
-    fwd: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
-    fwd_long: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
-    dkdv: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8), ("TMA", 1)],
-    dkdv_sm80: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8), ("TMA", 0)],
-    dq: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    fwd: &[("D", 128), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    fwd_long: &[("D", 128), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    dkdv: &[("D", 128), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    dq: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    sm80: Some(&FLASH_128_SM80),
+};
+
+/// Heads of 128 on sm_80: the tiles that assemble there without spills (64 keys per forward
+/// step and dk/dv program, 32-query dk/dv steps, 64-query dq programs).
+#[rustfmt::skip]
+static FLASH_128_SM80: FlashConfig = FlashConfig {
+    hd: 128,
+    family: FlashFamily::Tile,
+    fwd: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 0)],
+    fwd_long: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 0)],
+    dkdv: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8), ("TMA", 0)],
+    dq: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 0)],
+    sm80: None,
 };
 
 /// Head dimension 80 (OPT-2.7B) as 64 + 16 (`lexp_kernels::flash_split`): the fastest
@@ -152,14 +177,22 @@ const FLASH_128: FlashConfig = FlashConfig {
 /// 64-query steps on sm_90 (0.281 ms, against 0.307 with 32; `call62-dkdv-sm90/`), which
 /// spill on sm_80, where 32-query steps run.
 #[rustfmt::skip]
-const FLASH_80: FlashConfig = FlashConfig {
+static FLASH_80: FlashConfig = FlashConfig {
     hd: 80,
     family: FlashFamily::Split,
     fwd: &[("BM", 128), ("BN", 128), ("S", 3), ("W", 8)],
     fwd_long: &[("BM", 128), ("BN", 128), ("S", 3), ("W", 8)],
     dkdv: &[("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
-    dkdv_sm80: &[("BN", 128), ("BM", 32), ("S", 2), ("W", 8)],
     dq: &[("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
+    sm80: Some(&FLASH_80_SM80),
+};
+
+/// [`FLASH_80`] on sm_80: dk/dv in 32-query steps.
+#[rustfmt::skip]
+static FLASH_80_SM80: FlashConfig = FlashConfig {
+    dkdv: &[("BN", 128), ("BM", 32), ("S", 2), ("W", 8)],
+    sm80: None,
+    ..FLASH_80
 };
 
 /// The head dimensions flash kernels are compiled for.
@@ -376,11 +409,13 @@ fn args(cx: &Ctx, acts: &LayerActs, sc: &Scratch) -> R<AttnArgs> {
     })
 }
 
-/// The flash configuration of the layer's head dimension.
+/// The flash configuration of the layer's head dimension on the device's architecture (the one
+/// the batch's block lists were built for, `Engine`'s `BlockPlan`).
 fn config(cx: &Ctx) -> R<&'static FlashConfig> {
-    flash_kernels_for(cx.d.hd).ok_or_else(|| {
+    let cfg = flash_kernels_for(cx.d.hd).ok_or_else(|| {
         ModelError::Unsupported(format!("no flash attention for head dimension {}", cx.d.hd))
-    })
+    })?;
+    Ok(cfg.on(Launcher::arch(cx.dev)))
 }
 
 /// `[t, groups, hd]`: the `groups` heads of each token in `t`, as the flash kernels index them
@@ -427,15 +462,8 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
         a.delta,
     )
     .map_err(launch_err("flash attention backward (delta)"))?;
-    fl::bwd(
-        cx.dev,
-        cfg.family,
-        Bwd::DkDv,
-        cfg.dkdv_for(Launcher::arch(cx.dev)),
-        &dkdv,
-        &a,
-    )
-    .map_err(launch_err("flash attention backward (dk, dv)"))?;
+    fl::bwd(cx.dev, cfg.family, Bwd::DkDv, cfg.dkdv, &dkdv, &a)
+        .map_err(launch_err("flash attention backward (dk, dv)"))?;
     fl::bwd(cx.dev, cfg.family, Bwd::Dq, cfg.dq, &dq, &a)
         .map_err(launch_err("flash attention backward (dq)"))
 }
@@ -581,15 +609,21 @@ mod tests {
         }
     }
 
-    /// The block lists are built from `dkdv_bn()` whatever the architecture, so both dk/dv
-    /// configurations must take the same `BN`.
+    /// Each head dimension's sm_80 configuration is one of the same kernels (head dimension,
+    /// family), with no further override; sm_90 runs the configuration itself.
     #[test]
-    fn dkdv_tiles_of_both_architectures_share_their_key_blocks() {
+    fn sm80_configurations_run_the_same_kernels() {
         for c in [&FLASH_64, &FLASH_80, &FLASH_128] {
-            assert_eq!(param(c.dkdv_sm80, "BN"), c.dkdv_bn(), "{c:?}");
-            assert_eq!(c.dkdv_for(Arch::Sm90), c.dkdv);
-            assert_eq!(c.dkdv_for(Arch::Sm80), c.dkdv_sm80);
+            let s = c.on(Arch::Sm80);
+            assert_eq!((s.hd, s.family, s.sm80), (c.hd, c.family, None), "{c:?}");
+            assert_eq!(c.on(Arch::Sm90), c);
         }
+        // Heads of 128 take 128-key dk/dv programs on sm_90 and 64-key ones on sm_80: the
+        // block lists differ by architecture.
+        assert_eq!(
+            (FLASH_128.dkdv_bn(), FLASH_128.on(Arch::Sm80).dkdv_bn()),
+            (128, 64)
+        );
     }
 
     #[test]

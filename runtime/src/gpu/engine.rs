@@ -46,6 +46,7 @@ use crate::model::{DropoutRng, ModelError, PeftGrads, RecordedMasks, Result, Ste
 use crate::optim::AdamW;
 use crate::peft::{BitFitParams, HoulsbyParams, LoraParams, LoraTarget, PeftParams};
 use crate::train::{Engine, OptimStep, StepOutcome};
+use lexp_compiler::launch::Launcher;
 
 /// Captured micro-batch graphs kept at once ([`GpuEngine::set_cuda_graphs`]).
 const MAX_GRAPHS: usize = 4;
@@ -531,12 +532,18 @@ impl GpuEngine {
         }
         let (segs, probs) = segments(&batch.cu_seqlens, self.dims.nh)?;
         let flash_cfg = match self.attention {
-            AttentionImpl::Flash => Some(flash_kernels_for(self.dims.hd).ok_or_else(|| {
-                ModelError::Unsupported(format!(
-                    "no flash attention for head dimension {}",
-                    self.dims.hd
-                ))
-            })?),
+            // The configuration of the device's architecture: the layers' launches take the
+            // same one (`attention::config`).
+            AttentionImpl::Flash => Some(
+                flash_kernels_for(self.dims.hd)
+                    .ok_or_else(|| {
+                        ModelError::Unsupported(format!(
+                            "no flash attention for head dimension {}",
+                            self.dims.hd
+                        ))
+                    })?
+                    .on(Launcher::arch(&self.dev)),
+            ),
             AttentionImpl::Materialised => None,
         };
         let flash = flash_cfg.is_some();

@@ -70,7 +70,7 @@ fn backward(
     blocks: &[DeviceTensor; 3],
 ) -> lexp_runtime::Result<()> {
     p.delta(dev)?;
-    p.dkdv(dev, cfg.dkdv_for(Launcher::arch(dev)), &blocks[1])?;
+    p.dkdv(dev, cfg.dkdv, &blocks[1])?;
     p.dq(dev, &cfg.dq, &blocks[2])
 }
 
@@ -127,9 +127,13 @@ pub fn run(args: AttentionArgs) -> Result<()> {
     );
     let mut rows = Vec::new();
     for &hd in &args.head_dim {
-        let cfg = flash_kernels_for(hd).with_context(|| {
-            format!("--head-dim {hd}: no flash kernels for it (64, 128, multiples of 8 between)")
-        })?;
+        let cfg = flash_kernels_for(hd)
+            .with_context(|| {
+                format!(
+                    "--head-dim {hd}: no flash kernels for it (64, 128, multiples of 8 between)"
+                )
+            })?
+            .on(Launcher::arch(&dev));
         if args.width % hd != 0 {
             bail!(
                 "--width {} is not a multiple of --head-dim {hd}",
