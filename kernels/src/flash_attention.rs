@@ -68,7 +68,8 @@ fn block_rows(cu_seqlens: &[usize], size: usize) -> Option<Vec<BlockRow>> {
 /// `lse2[h, t] = log2 Σ_j 2^(c·s_tj)` (base 2, `c = scale · log2 e`) for the backward.
 /// `c` is passed as `scale_log2`.
 #[kernel(
-    // Head dimension 128: 64-key steps and 2 stages only (more spills on sm_80).
+    // Head dimension 128: 2 stages; 128-key steps spill on sm_80 (the engine runs them on
+    // sm_90 only, `FlashConfig::sm80`).
     variants(T = [bf16, f16], D = [64, 128], BM = [128], BN = [64, 128], S = [2, 3], W = [8], TMA = [0, 1]),
     only = [D == 64 || S == 2],
     warps = W,
@@ -168,7 +169,9 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
     // registers (the mma-to-dot shortcut, COMPILER.md §1.7); with it the sm_80 code no longer
     // spills (255 registers, 0 spills). BN = 64 splits the rows over 4 x 2 warps and stages
     // them through shared memory.
-    // Head dimension 128: 64 keys and 32-query steps (64 spills on sm_80, 128 keys on both).
+    // Head dimension 64: 64-query steps (128 spill even on sm_90a). Head dimension 128: 2
+    // stages, 32- or 64-query steps; 128 keys spill on sm_80 (run on sm_90 only), and 128 x 64
+    // even on sm_90 without TMA (no such variant).
     variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3], W = [8], TMA = [0, 1]),
     only = [
         BN % BM == 0, D == 64 || S == 2, D == 128 || BM == 64,
@@ -251,7 +254,7 @@ pub fn flash_bwd_dkdv<
 /// answer is a bulk reduce of the tile from shared memory (`cp.reduce.async.bulk`), which the
 /// DSL does not have.
 #[kernel(
-    // Head dimension 128: 64-query programs, 2 stages (128 queries spill on sm_80).
+    // Head dimension 128: 2 stages.
     variants(T = [bf16, f16], D = [64, 128], BM = [64, 128], BN = [64], S = [2, 3], W = [8], TMA = [0, 1]),
     only = [D == 64 || S == 2],
     warps = W,
