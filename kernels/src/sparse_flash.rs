@@ -44,7 +44,7 @@ pub fn block_table(
     kb: usize,
     descending_first: bool,
 ) -> Option<Vec<TableRow>> {
-    if size == 0 || kb % size != 0 {
+    if size == 0 || !kb.is_multiple_of(size) {
         return None;
     }
     let (mut rows, mut block_row) = (vec![], 0usize);

@@ -53,7 +53,7 @@ pub fn sparse_out(
     bs: usize,
     tile: &[(&str, usize)],
 ) -> Result<(), SparseOpError> {
-    need("sparse_out", w.dims[0] % bs == 0, || {
+    need("sparse_out", w.dims[0].is_multiple_of(bs), || {
         format!(
             "weight rows {} are not a multiple of the block size {bs}",
             w.dims[0]
@@ -93,7 +93,7 @@ pub fn sparse_red(
     bs: usize,
     tile: &[(&str, usize)],
 ) -> Result<(), SparseOpError> {
-    need("sparse_red", w2.dims[1] % bs == 0, || {
+    need("sparse_red", w2.dims[1].is_multiple_of(bs), || {
         format!(
             "weight columns {} are not a multiple of the block size {bs}",
             w2.dims[1]
@@ -129,7 +129,7 @@ pub fn sparse_both(
 ) -> Result<(), SparseOpError> {
     need(
         "sparse_both",
-        w.dims[0] % bs == 0 && w.dims[1] % bs == 0,
+        w.dims[0].is_multiple_of(bs) && w.dims[1].is_multiple_of(bs),
         || {
             format!(
                 "weight {:?} is not a multiple of the block size {bs}",

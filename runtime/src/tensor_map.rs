@@ -53,7 +53,7 @@ pub fn encode(map: &TmaMap, params: &[KernelParam]) -> Result<TensorMapParam, St
     let mut strides = [16u64; 2];
     for d in 0..rank - 1 {
         let s = int(1 + rank + d)? * elem;
-        if s % 16 != 0 || s >= 1 << 40 {
+        if !s.is_multiple_of(16) || s >= 1 << 40 {
             return Err(format!(
                 "tensor map: stride {s} bytes of dimension {d} must be a multiple of 16 below 2^40"
             ));

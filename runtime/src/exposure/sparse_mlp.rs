@@ -179,7 +179,7 @@ impl SparseMlp {
                     hidden,
                     nb,
                     config.predictor,
-                    seed ^ (l as u64 + 1) * 0x9E37_79B9,
+                    seed ^ ((l as u64 + 1) * 0x9E37_79B9),
                 ))
             })
             .collect();

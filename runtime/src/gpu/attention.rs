@@ -212,7 +212,7 @@ pub fn flash_config(hd: usize) -> Option<&'static FlashConfig> {
 /// that measured worse bf16 agreement with the CPU than the materialised attention (last-layer
 /// q/k gradients of `gpu_engine`'s clean variant with heads of 16, 1.75e-1 against ≤ 8e-2).
 pub fn flash_kernels_for(hd: usize) -> Option<&'static FlashConfig> {
-    let narrower = hd > FLASH_64.hd && hd < FLASH_128.hd && hd % 8 == 0;
+    let narrower = hd > FLASH_64.hd && hd < FLASH_128.hd && hd.is_multiple_of(8);
     flash_config(hd).or_else(|| narrower.then_some(&FLASH_128))
 }
 

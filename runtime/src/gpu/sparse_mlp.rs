@@ -50,7 +50,7 @@ impl SyntheticMlp {
                 self.density
             )));
         }
-        if !matches!(self.block, 64 | 128) || ffn % self.block != 0 {
+        if !matches!(self.block, 64 | 128) || !ffn.is_multiple_of(self.block) {
             return Err(ModelError::Unsupported(format!(
                 "synthetic MLP blocks of {} neurons: the sparse kernels take 64 or 128, \
                  dividing the MLP width {ffn}",

@@ -71,7 +71,7 @@ fn backward(
 ) -> lexp_runtime::Result<()> {
     p.delta(dev)?;
     p.dkdv(dev, cfg.dkdv, &blocks[1])?;
-    p.dq(dev, &cfg.dq, &blocks[2])
+    p.dq(dev, cfg.dq, &blocks[2])
 }
 
 /// The block-sparse forward + backward of `p` over a synthetic mask at `density`: the mask's
@@ -134,7 +134,7 @@ pub fn run(args: AttentionArgs) -> Result<()> {
                 )
             })?
             .on(Launcher::arch(&dev));
-        if args.width % hd != 0 {
+        if !args.width.is_multiple_of(hd) {
             bail!(
                 "--width {} is not a multiple of --head-dim {hd}",
                 args.width

@@ -587,7 +587,7 @@ impl Observer for Progress {
                 .unwrap_or_default();
             let msg = format!("loss {loss:.4}{eval}  {tokens_per_s:.0} tok/s");
             if bar.is_hidden() {
-                if done % self.plain_every == 0 || done == total {
+                if done.is_multiple_of(self.plain_every) || done == total {
                     eprintln!("step {done}/{total}: {msg}");
                 }
             } else {

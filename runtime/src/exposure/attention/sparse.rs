@@ -86,7 +86,7 @@ impl SparseAttention {
                 "heads, head width and predictor rank must be positive".into(),
             ));
         }
-        if !(s.target > 0.0 && s.target <= 1.0) || !(s.max_density > 0.0 && s.max_density <= 1.0) {
+        if !(s.target > 0.0 && s.target <= 1.0 && s.max_density > 0.0 && s.max_density <= 1.0) {
             return Err(SparseAttentionError(format!(
                 "target {} and budget {} must be in (0, 1]",
                 s.target, s.max_density
