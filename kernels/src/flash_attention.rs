@@ -170,8 +170,8 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
     // spills (255 registers, 0 spills). BN = 64 splits the rows over 4 x 2 warps and stages
     // them through shared memory.
     // Head dimension 64: 64-query steps (128 spill even on sm_90a). Head dimension 128: 2
-    // stages, 32- or 64-query steps; 128 keys spill on sm_80 (run on sm_90 only), and 128 x 64
-    // even on sm_90 without TMA (no such variant).
+    // stages (3 measured slower, call 84), 32- or 64-query steps; 128 keys spill on sm_80 (run
+    // on sm_90 only), and 128 x 64 even on sm_90 without TMA (no such variant).
     variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3], W = [8], TMA = [0, 1]),
     only = [
         BN % BM == 0, D == 64 || S == 2, D == 128 || BM == 64,
@@ -254,9 +254,10 @@ pub fn flash_bwd_dkdv<
 /// answer is a bulk reduce of the tile from shared memory (`cp.reduce.async.bulk`), which the
 /// DSL does not have.
 #[kernel(
-    // Head dimension 128: 2 stages.
-    variants(T = [bf16, f16], D = [64, 128], BM = [64, 128], BN = [64], S = [2, 3], W = [8], TMA = [0, 1]),
-    only = [D == 64 || S == 2],
+    // Head dimension 128: 2 stages (3 measured slower, call 84). 128-key steps: heads of 64 in
+    // 128-query programs only.
+    variants(T = [bf16, f16], D = [64, 128], BM = [64, 128], BN = [64, 128], S = [2, 3], W = [8], TMA = [0, 1]),
+    only = [D == 64 || S == 2, BN == 64 || (D == 64 && BM == 128)],
     warps = W,
     stages = S,
     tma = TMA,

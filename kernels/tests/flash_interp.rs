@@ -194,7 +194,7 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
     let mut dqkv_q = poisoned(dtype, &[t, 3 * nh, hd]);
     let mut qb128 = block_tensor(&query_blocks(&cu, 128).unwrap());
     flash_bwd_dq::interpret(
-        &[("D", dk), ("BM", 128)],
+        &[("D", dk), ("BM", 128), ("BN", 64)],
         flash_bwd_dq::HostArgs {
             qkv: &mut qkv,
             d_o: &mut d_o,
@@ -208,6 +208,25 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
     )
     .unwrap();
     check(&dqkv_q, &[(0, "dq")], " (dq BM 128)");
+    if d == 64 {
+        // dq with 128-key steps (heads of 64 only).
+        let mut dqkv_k = poisoned(dtype, &[t, 3 * nh, hd]);
+        flash_bwd_dq::interpret(
+            &[("D", dk), ("BM", 128), ("BN", 128)],
+            flash_bwd_dq::HostArgs {
+                qkv: &mut qkv,
+                d_o: &mut d_o,
+                lse2: &mut lse2,
+                delta: &mut delta,
+                blocks: &mut qb128,
+                scale_log2,
+                scale: scale as f32,
+                dqkv: &mut dqkv_k,
+            },
+        )
+        .unwrap();
+        check(&dqkv_k, &[(0, "dq")], " (dq BM 128, BN 128)");
+    }
     // The forward with 128-key steps.
     let mut o128 = poisoned(dtype, &[t, nh, hd]);
     let mut lse128 = poisoned(Storage::F32, &[nh, tp]);

@@ -120,7 +120,9 @@ fn param(c: Tiles, name: &str) -> usize {
 /// (`bench/results/2026-11-30-h200-tma/call66/gpu_flash-timed.txt`). dk/dv in 3 stages:
 /// 0.184 against 0.187 ms at 4 x 1024 and 6.66 against 6.91 ms at 1 x 16384; forward with
 /// 128-key steps from 4096 tokens: 3.42 against 3.57 ms at 1 x 16384, where at 4 x 1024 it
-/// loses (0.102 against 0.095; `bench/results/2026-11-30-h200-timing/call76/`).
+/// loses (0.102 against 0.095; `bench/results/2026-11-30-h200-timing/call76/`). dq with
+/// 128-key steps in 3 stages: 3.57 against 4.01 ms at 1 x 16384, 0.103 against 0.112 at
+/// 4 x 1024 (`bench/results/2026-11-30-h200-heads-128/call84/`).
 #[rustfmt::skip]
 static FLASH_64: FlashConfig = FlashConfig {
     hd: 64,
@@ -128,7 +130,7 @@ static FLASH_64: FlashConfig = FlashConfig {
     fwd: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8), ("TMA", 1)],
     fwd_long: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
     dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 3), ("W", 8), ("TMA", 1)],
-    dq: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    dq: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 3), ("W", 8), ("TMA", 1)],
     sm80: Some(&FLASH_64_SM80),
 };
 
