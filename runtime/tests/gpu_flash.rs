@@ -202,9 +202,9 @@ fn flash_attention_heads_of_80_match_the_reference_on_the_gpu() {
 /// Every compiled tile configuration of the four kernels at the OPT-1.3B attention shape
 /// (32 heads of 64) and OPT-2.7B's (32 heads of 80, the split kernels), 4 sequences of 512 and
 /// of 1024 tokens, heads of 128 at 4 x 1024 and 1 x 4096, and one sequence of 16384 tokens at
-/// 64 and 128, bf16, timed (median of 20 after 3 warm-up launches): which one the engine should run, and
-/// what each achieves in TFLOP/s of the causal half of the heads' own work (correctness is the
-/// tests above). Fails when a configuration falls below `MIN_TFLOPS` from 4096 tokens on, a
+/// 64 and 128, bf16, timed (median of 20 after 3 warm-up launches): which one the engine should
+/// run, and what each achieves in TFLOP/s of the causal half of the heads' own work
+/// (correctness is the tests above). Fails when a configuration falls below `MIN_TFLOPS` from 4096 tokens on, a
 /// floor far under what they reach on the H200 (109–192 TFLOP/s at 64,
 /// `bench/results/2026-11-29-h200-flash-attention.txt`): it catches a kernel that lost its
 /// tensor-core path or its pipelining, not small drifts.
