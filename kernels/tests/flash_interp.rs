@@ -73,14 +73,17 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
     // The forward kernels of both families take the same arguments.
     macro_rules! fwd {
         ($kernel:ident, $consts:expr) => {
+            fwd!($kernel, $consts, o, lse2)
+        };
+        ($kernel:ident, $consts:expr, $o:ident, $lse2:ident) => {
             $kernel::interpret(
                 &$consts,
                 $kernel::HostArgs {
                     qkv: &mut qkv,
                     blocks: &mut qb,
                     scale_log2,
-                    o: &mut o,
-                    lse2: &mut lse2,
+                    o: &mut $o,
+                    lse2: &mut $lse2,
                 },
             )
             .unwrap()
@@ -117,9 +120,12 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
     let mut dqkv = poisoned(dtype, &[t, 3 * nh, hd]);
     let mut kb = block_tensor(&key_blocks(&cu, 64).unwrap());
     let mut qb64 = block_tensor(&query_blocks(&cu, 64).unwrap());
-    // dk/dv, then dq: the same arguments for every kernel family.
+    // dk/dv, then dq: the same arguments for every kernel family (into `dqkv` unless named).
     macro_rules! bwd {
         ($kernel:ident, $consts:expr, $blocks:expr) => {
+            bwd!($kernel, $consts, $blocks, dqkv)
+        };
+        ($kernel:ident, $consts:expr, $blocks:expr, $dqkv:ident) => {
             $kernel::interpret(
                 &$consts,
                 $kernel::HostArgs {
@@ -130,7 +136,7 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
                     blocks: &mut $blocks,
                     scale_log2,
                     scale: scale as f32,
-                    dqkv: &mut dqkv,
+                    dqkv: &mut $dqkv,
                 },
             )
             .unwrap()
@@ -168,80 +174,35 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
     // dk/dv with 128-key blocks (8 warps of 16 whole key rows: P and dS feed the MMAs from
     // registers) in each query step the head dimension has, and dq with 128-query blocks.
     let steps: &[usize] = if d == 64 { &[64] } else { &[32, 64] };
+    let mut kb128 = block_tensor(&key_blocks(&cu, 128).unwrap());
     for &bm in steps {
         let mut dqkv128 = poisoned(dtype, &[t, 3 * nh, hd]);
-        let mut kb128 = block_tensor(&key_blocks(&cu, 128).unwrap());
-        flash_bwd_dkdv::interpret(
-            &[("D", dk), ("BN", 128), ("BM", bm)],
-            flash_bwd_dkdv::HostArgs {
-                qkv: &mut qkv,
-                d_o: &mut d_o,
-                lse2: &mut lse2,
-                delta: &mut delta,
-                blocks: &mut kb128,
-                scale_log2,
-                scale: scale as f32,
-                dqkv: &mut dqkv128,
-            },
-        )
-        .unwrap();
-        check(
-            &dqkv128,
-            &[(1, "dk"), (2, "dv")],
-            &format!(" (dk/dv BN 128, BM {bm})"),
+        bwd!(
+            flash_bwd_dkdv,
+            [("D", dk), ("BN", 128), ("BM", bm)],
+            kb128,
+            dqkv128
         );
+        let tag = format!(" (dk/dv BN 128, BM {bm})");
+        check(&dqkv128, &[(1, "dk"), (2, "dv")], &tag);
     }
-    let mut dqkv_q = poisoned(dtype, &[t, 3 * nh, hd]);
+    // dq in 128-query programs with 64-key steps, and with 128-key steps (heads of 64 only).
     let mut qb128 = block_tensor(&query_blocks(&cu, 128).unwrap());
-    flash_bwd_dq::interpret(
-        &[("D", dk), ("BM", 128), ("BN", 64)],
-        flash_bwd_dq::HostArgs {
-            qkv: &mut qkv,
-            d_o: &mut d_o,
-            lse2: &mut lse2,
-            delta: &mut delta,
-            blocks: &mut qb128,
-            scale_log2,
-            scale: scale as f32,
-            dqkv: &mut dqkv_q,
-        },
-    )
-    .unwrap();
-    check(&dqkv_q, &[(0, "dq")], " (dq BM 128)");
-    if d == 64 {
-        // dq with 128-key steps (heads of 64 only).
-        let mut dqkv_k = poisoned(dtype, &[t, 3 * nh, hd]);
-        flash_bwd_dq::interpret(
-            &[("D", dk), ("BM", 128), ("BN", 128)],
-            flash_bwd_dq::HostArgs {
-                qkv: &mut qkv,
-                d_o: &mut d_o,
-                lse2: &mut lse2,
-                delta: &mut delta,
-                blocks: &mut qb128,
-                scale_log2,
-                scale: scale as f32,
-                dqkv: &mut dqkv_k,
-            },
-        )
-        .unwrap();
-        check(&dqkv_k, &[(0, "dq")], " (dq BM 128, BN 128)");
+    let key_steps: &[usize] = if d == 64 { &[64, 128] } else { &[64] };
+    for &bn in key_steps {
+        let mut dqkv_q = poisoned(dtype, &[t, 3 * nh, hd]);
+        bwd!(
+            flash_bwd_dq,
+            [("D", dk), ("BM", 128), ("BN", bn)],
+            qb128,
+            dqkv_q
+        );
+        check(&dqkv_q, &[(0, "dq")], &format!(" (dq BM 128, BN {bn})"));
     }
-    // The forward with 128-key steps.
+    // The forward with 128-key steps (`qb` holds 128-query blocks already).
     let mut o128 = poisoned(dtype, &[t, nh, hd]);
     let mut lse128 = poisoned(Storage::F32, &[nh, tp]);
-    let mut qb = block_tensor(&query_blocks(&cu, 128).unwrap());
-    flash_fwd::interpret(
-        &[("D", d), ("BN", 128)],
-        flash_fwd::HostArgs {
-            qkv: &mut qkv,
-            blocks: &mut qb,
-            scale_log2,
-            o: &mut o128,
-            lse2: &mut lse128,
-        },
-    )
-    .unwrap();
+    fwd!(flash_fwd, [("D", d), ("BN", 128)], o128, lse128);
     let dd = compare(&o128.data, &want_o);
     assert!(
         dd.unwritten == 0 && dd.non_finite == 0 && dd.rel_l2 < 1e-2,
