@@ -40,7 +40,9 @@ pub use flash_split::{flash_bwd_dkdv_split, flash_bwd_dq_split, flash_fwd_split}
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
-pub use lora_branch::{lora_down, lora_expand, lora_wgrad, lora_wgrad_reduce, transpose_b};
+pub use lora_branch::{
+    lora_down, lora_expand, lora_fold, lora_wgrad, lora_wgrad_reduce, transpose_b,
+};
 pub use optimizer::{adamw, AdamwStep};
 pub use reduce::{colsum, sum_squares, SUM_SQUARES_CHUNK};
 pub use residual::bias_residual;
@@ -53,7 +55,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 51] = [
+pub static ALL: [&KernelInfo; 52] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -93,6 +95,7 @@ pub static ALL: [&KernelInfo; 51] = [
     &lora_down::INFO,
     &lora_expand::INFO,
     &transpose_b::INFO,
+    &lora_fold::INFO,
     &lora_wgrad::INFO,
     &lora_wgrad_reduce::INFO,
     &flash_fwd::INFO,

@@ -122,6 +122,66 @@ pub fn transpose_b<T, const BLOCK: usize, const P: usize>(
     }
 }
 
+/// One layer's q/k/v LoRA branches folded into the spare room of its fused projection
+/// `W [rows, ld]` (the runtime's `QkvFold`): `[x | u]·[W | s·B]ᵀ` is the base product plus
+/// every branch's `s·u·Bᵀ` in one GEMM (the K-concatenation), and the room's rows hold the
+/// `A`s that compute `u` (one `lora_down` for all targets). Per target `m`, a row of `offs`
+/// (`A`'s and `B`'s element offsets in the flat parameters `x`, the first of its `n` output
+/// rows, its slot `j`), this writes
+///
+/// - rows `rows + j·rp ..+ rp`, columns `0..k`: `A [r, k]`, the `rp − r` rows past it zero;
+/// - columns `k + j·rp ..+ rp` of every row `0..rows`: `s·B [n, r]` in the target's own
+///   output rows and zero everywhere else (so other targets' `u` columns add nothing there).
+///
+/// Whole blocks are rewritten each time, so a slot a previous layout used holds no stale
+/// values. `P` programs per target, one element per lane (a scatter), like [`transpose_b`].
+#[kernel(
+    variants(T = [bf16, f16], BLOCK = [1024], P = [8]),
+    warps = 4,
+    grid = [offs.dim(0) * P],
+    require = [offs.dim(1) == 4, r > 0, r <= rp, k <= ld]
+)]
+#[allow(clippy::too_many_arguments)]
+pub fn lora_fold<T, const BLOCK: usize, const P: usize>(
+    x: Tensor<T, 1>,
+    offs: Tensor<i32, 2>,
+    r: usize,
+    rp: usize,
+    k: usize,
+    n: usize,
+    rows: usize,
+    ld: usize,
+    s: f32,
+    y: TensorMut<T, 1>,
+) {
+    let m = program_id(0) / P;
+    let p = (program_id(0) % P).cast::<i64>();
+    let a_off = offs.load([m, 0]).cast::<i64>();
+    let b_off = offs.load([m, 1]).cast::<i64>();
+    let first = offs.load([m, 2]).cast::<i64>();
+    let slot = offs.load([m, 3]).cast::<i64>() * rp;
+    // A into the room's rows; lanes past the block address nothing.
+    let na = rp * k;
+    for i0 in (p * BLOCK..na).step_by(BLOCK * P) {
+        let i = i0 + range::<BLOCK>();
+        let row = i / k;
+        let src = select(row < r, a_off + i, x.dim(0));
+        let dst = select(i < na, (rows + slot + row) * ld + i % k, y.dim(0));
+        y.store([dst], x.load([src]));
+    }
+    // s·B into the room's columns, zero outside the target's rows.
+    let nb = rows * rp;
+    for i0 in (p * BLOCK..nb).step_by(BLOCK * P) {
+        let i = i0 + range::<BLOCK>();
+        let row = i / rp;
+        let c = i % rp;
+        let own = (row >= first) & (row < first + n) & (c < r);
+        let src = select(own, b_off + (row - first) * r + c, x.dim(0));
+        let dst = select(i < nb, row * ld + k + slot + c, y.dim(0));
+        y.store([dst], (x.load([src]).cast::<f32>() * s).cast::<T>());
+    }
+}
+
 /// The weight gradients of a LoRA branch, first half: per chunk of tokens `c` (of
 /// `C = part.dim(0) / Q` equal chunks, each a multiple of `BK`), `part[c·Q + q, j] =
 /// Σ_{m in c} b[m, q] · a[m, j]` for `a [M, rp]` (the saved `u` or `du`, rank side) and

@@ -421,6 +421,99 @@ pub fn lora_expand(
     y
 }
 
+/// One layer's q/k/v LoRA branches folded into its projection's room
+/// (`lexp_kernels::lora_fold`): `y0` (`W [rows + room, ld]`, flat) with, per target
+/// `[a_off, b_off, first, j]`, `A [r, k]` (at `a_off` of `x`) in rows `rows + j·rp ..+ rp`
+/// (zero past `r`) and `round(s·B)` (`B [n, r]` at `b_off`) in columns `k + j·rp ..+ rp` of
+/// rows `first..first + n`, zero in those columns' other rows; everything else kept.
+pub fn lora_fold(
+    x: &[f32],
+    targets: &[[usize; 4]],
+    (r, rp, k, n): (usize, usize, usize, usize),
+    (rows, ld): (usize, usize),
+    s: f32,
+    y0: &[f32],
+    round: impl Fn(f64) -> f32,
+) -> Vec<f32> {
+    let mut y = y0.to_vec();
+    for &[a_off, b_off, first, j] in targets {
+        for i in 0..rp {
+            for c in 0..k {
+                y[(rows + j * rp + i) * ld + c] = if i < r { x[a_off + i * k + c] } else { 0.0 };
+            }
+        }
+        for row in 0..rows {
+            for c in 0..rp {
+                let own = row >= first && row < first + n && c < r;
+                y[row * ld + k + j * rp + c] = match own {
+                    true => round(f(s) * f(x[b_off + (row - first) * r + c])),
+                    false => 0.0,
+                };
+            }
+        }
+    }
+    y
+}
+
+/// A q/v LoRA fold case for the kernel checks (`lora_fold`): hidden size `k` (the `H` of the
+/// fold), rank `r`, q in slot 0 and v in slot 1, their `A [r, k]` and `B [k, r]` behind gaps in
+/// the flat parameters `x`; the weight `y0` (`[rows + 2·rp + 8, ld]`, `ld = k + 2·rp + 8`)
+/// holds random values in `W [3k, k]` and the sentinel 7 in the room, which the parts the fold
+/// does not write must keep.
+pub struct FoldCase {
+    /// Flat adapter parameters.
+    pub x: Vec<f32>,
+    /// `[A offset, B offset, first output row, slot]` per target.
+    pub targets: Vec<[usize; 4]>,
+    /// The weight before the fold.
+    pub y0: Vec<f32>,
+    /// `(r, rp, k, n)` as [`lora_fold`] takes them (`n = k`).
+    pub dims: (usize, usize, usize, usize),
+    /// `(rows, ld)`: `W`'s rows (`3k`) and the row stride.
+    pub rows_ld: (usize, usize),
+}
+
+impl FoldCase {
+    /// The case at `k`, `r`, with random values from `fill(n)` (`n` values each call).
+    pub fn new(k: usize, r: usize, mut fill: impl FnMut(usize) -> Vec<f32>) -> FoldCase {
+        let rp = r.div_ceil(8) * 8;
+        let (rows, ld, gap) = (3 * k, k + 2 * rp + 8, 8);
+        let per = r * k + gap + k * r + gap;
+        let x = fill(2 * per);
+        let w = fill(rows * k);
+        let mut y0 = vec![7.0f32; (rows + 2 * rp + 8) * ld];
+        for (i, row) in w.chunks(k).enumerate() {
+            y0[i * ld..i * ld + k].copy_from_slice(row);
+        }
+        let targets = vec![[0, r * k + gap, 0, 0], [per, per + r * k + gap, 2 * k, 1]];
+        FoldCase {
+            x,
+            targets,
+            y0,
+            dims: (r, rp, k, k),
+            rows_ld: (rows, ld),
+        }
+    }
+
+    /// The weight after the fold with scale `s`, values rounded by `round`.
+    pub fn want(&self, s: f32, round: impl Fn(f64) -> f32) -> Vec<f32> {
+        lora_fold(
+            &self.x,
+            &self.targets,
+            self.dims,
+            self.rows_ld,
+            s,
+            &self.y0,
+            round,
+        )
+    }
+
+    /// The targets as the kernel's `offs` rows (flat).
+    pub fn offs(&self) -> Vec<i32> {
+        self.targets.iter().flatten().map(|&v| v as i32).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

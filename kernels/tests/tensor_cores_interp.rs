@@ -362,6 +362,75 @@ proptest! {
             }
         }
     }
+
+    /// One layer's q/k/v branches folded into the room of its fused projection `W'` (one to
+    /// three targets, in a random slot order, into a sentinel-filled `W'`), against the
+    /// reference; and the product the fold exists for: `[x | u]·W'ᵀ` equals `x·Wᵀ` plus each
+    /// target's `s·u·Bᵀ` in its own rows, with `u = x·A'ᵀ` from the room's rows.
+    #[test]
+    fn lora_fold(seed: u64, k8 in 1usize..=6, r in 1usize..=16, targets in 1usize..=3, m in 1usize..=12) {
+        let mut data = Data(StdRng::seed_from_u64(seed));
+        let (k, rp, s) = (8 * k8, r.div_ceil(8) * 8, 2.0f32);
+        let (rows, ld) = (3 * k, k + 3 * rp + 8);
+        // The engine gives its targets the first slots, in some order.
+        let mut slots: Vec<usize> = (0..targets).collect();
+        slots.rotate_left(seed as usize % targets);
+        for dtype in DTYPES {
+            // Three modules' A [r, k] and B [k, r] behind gaps in the flat parameters.
+            let gap = 8;
+            let per = r * k + gap + k * r + gap;
+            let mut x = data.tensor(dtype, &[3 * per]);
+            let w0 = data.tensor(dtype, &[(rows + 3 * rp) * ld]);
+            let mut y = HostTensor::new(dtype, &[(rows + 3 * rp) * ld], &w0.data);
+            for v in y.data.iter_mut().enumerate().filter(|(i, _)| i % ld >= k || i / ld >= rows) {
+                *v.1 = 7.0;
+            }
+            let y0 = y.data.clone();
+            let t: Vec<[usize; 4]> = (0..targets)
+                .map(|q| [q * per, q * per + r * k + gap, q * k, slots[q]])
+                .collect();
+            let flat: Vec<i32> = t.iter().flatten().map(|&v| v as i32).collect();
+            let mut offs = i32_tensor(&[targets, 4], &flat);
+            run("lora_fold", k::lora_fold::interpret(&[], k::lora_fold::HostArgs {
+                x: &mut x, offs: &mut offs, r: r as i64, rp: rp as i64, k: k as i64, n: k as i64,
+                rows: rows as i64, ld: ld as i64, s, y: &mut y,
+            }))?;
+            let round = |v: f64| round_to(dtype.dtype(), v as f32);
+            let want = rm::lora_fold(&x.data, &t, (r, rp, k, k), (rows, ld), s, &y0, round);
+            prop_assert_eq!(&y.data, &want);
+
+            // [xin | u]·W'ᵀ against xin·Wᵀ + s·u·Bᵀ (f64; s·B exact for s = 2).
+            let xin = data.tensor(dtype, &[m, k]);
+            let kc = targets * rp;
+            let mut xu = vec![0.0f64; m * (k + kc)];
+            for i in 0..m {
+                for c in 0..k {
+                    xu[i * (k + kc) + c] = xin.data[i * k + c] as f64;
+                }
+                for j in 0..kc {
+                    xu[i * (k + kc) + k + j] = (0..k)
+                        .map(|c| xin.data[i * k + c] as f64 * y.data[(rows + j) * ld + c] as f64)
+                        .sum();
+                }
+            }
+            for (q, tq) in t.iter().enumerate() {
+                for i in 0..m {
+                    for o in q * k..(q + 1) * k {
+                        let got: f64 = (0..k + kc).map(|c| xu[i * (k + kc) + c] * y.data[o * ld + c] as f64).sum();
+                        let base: f64 = (0..k).map(|c| xin.data[i * k + c] as f64 * w0.data[o * ld + c] as f64).sum();
+                        let branch: f64 = (0..r)
+                            .map(|a| {
+                                let u: f64 = (0..k).map(|c| xin.data[i * k + c] as f64 * x.data[tq[0] + a * k + c] as f64).sum();
+                                u * x.data[tq[1] + (o - q * k) * r + a] as f64
+                            })
+                            .sum();
+                        let want = base + s as f64 * branch;
+                        prop_assert!((got - want).abs() <= 1e-9 * (1.0 + want.abs()), "row {} token {}: {} vs {}", o, i, got, want);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A tensor whose rows are not a multiple of 16 bytes cannot use these kernels: the launcher

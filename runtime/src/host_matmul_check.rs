@@ -312,6 +312,31 @@ fn lora_branch(
     )?;
     let want_bt: Vec<f32> = (0..r * n).map(|i| b.data[(i % n) * r + i / n]).collect();
     rows.push(row("transpose_b", &shape, "bt", &bt, &want_bt));
+    // The q/v fold into a projection of `kk` features (sentinel room, two targets).
+    let fold = rm::FoldCase::new(kk, r, |n| {
+        let v = rng.uniform(n, -1.0, 1.0);
+        v.into_iter().map(|x| round_to(dtype.dtype(), x)).collect()
+    });
+    let (fr, frp, fk, fnn) = fold.dims;
+    let (frows, fld) = fold.rows_ld;
+    let mut w = HostTensor::new(dtype, &[fold.y0.len()], &fold.y0);
+    let want = fold.want(s, round);
+    k::lora_fold::interpret(
+        &[],
+        k::lora_fold::HostArgs {
+            x: &mut HostTensor::new(dtype, &[fold.x.len()], &fold.x),
+            offs: &mut ints(&[2, 4], &fold.offs()),
+            r: fr as i64,
+            rp: frp as i64,
+            k: fk as i64,
+            n: fnn as i64,
+            rows: frows as i64,
+            ld: fld as i64,
+            s,
+            y: &mut w,
+        },
+    )?;
+    rows.push(row("lora_fold", &shape, "w", &w, &want));
     let mut bt = HostTensor::new(dtype, &[r, n], &bt.data);
     let down = |x: &mut HostTensor, w: &mut HostTensor, s: f32| {
         let mut u = filled(dtype, &[m, rp], f32::NAN);

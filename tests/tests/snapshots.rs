@@ -94,8 +94,10 @@ fn ptx_structure() {
             // Aligned variants move 16 bytes per thread per access on their main tensors
             // (vector loads and stores, or 16-byte `cp.async` copies into shared memory).
             // Gathers of one element per lane have no 16-byte access to make: `transpose_b`
-            // (LoRA's small `B`s, once per step) and `lora_wgrad_reduce` (its partial sums).
-            if v.align == 16 && !["transpose_b", "lora_wgrad_reduce"].contains(&k.name) {
+            // and `lora_fold` (LoRA's small `A`s and `B`s, once per step) and
+            // `lora_wgrad_reduce` (its partial sums).
+            if v.align == 16 && !["transpose_b", "lora_fold", "lora_wgrad_reduce"].contains(&k.name)
+            {
                 assert!(
                     v.ptx_sm90.contains(".v4.") || v.ptx_sm90.contains("cp.async.cg.shared.global"),
                     "{}: aligned variant without 16-byte accesses",

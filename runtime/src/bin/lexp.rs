@@ -275,7 +275,10 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
             if tc("lora_fwd") || tc("lora_bwd_dx") || tc("lora_grad") {
                 mat.extend(lexp_runtime::matmul_check::check_lora(dev)?);
             }
-            if tc("lora_down") || tc("lora_expand") || tc("transpose") || tc("lora_wgrad") {
+            if ["lora_down", "lora_expand", "transpose_b", "lora_fold", "lora_wgrad"]
+                .into_iter()
+                .any(tc)
+            {
                 mat.extend(lexp_runtime::matmul_check::check_lora_branch(dev)?);
             }
             rows.extend(mat.into_iter().map(|m| kernel_check::CheckRow {

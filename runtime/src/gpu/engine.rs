@@ -714,6 +714,7 @@ impl GpuEngine {
         let (adapters, lora_grads) = match lora.as_mut().filter(|_| with_lora) {
             Some(l) => {
                 l.transpose_b(dev)?;
+                l.write_fold(dev, &weights.layers)?;
                 let (a, g) = l.split();
                 (Some(a), Some(g))
             }
@@ -780,7 +781,7 @@ impl GpuEngine {
                 dev,
                 &hb.x_out,
                 (&ln.0, &ln.1),
-                &hb.hf,
+                (&hb.hf, h),
                 &hb.meanf,
                 &hb.rstdf,
                 t,

@@ -23,9 +23,10 @@ use super::bitfit::BitFitGrads;
 use super::dropout::DropCtx;
 use super::houlsby::{self, LayerBackward, LayerForward};
 use super::lora::{rank_pad, Adapters};
+use super::lora_fold::LayerFold;
 use super::ops::{
     add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd,
-    lt_epilogues, mm, mm_fused, mul_inplace, relu_bwd, R,
+    lora_expand, lt_epilogues, mm, mm_fused, mul_inplace, relu_bwd, R,
 };
 use super::predictor::MlpPredictors;
 use super::sparse_attention::AttnLists;
@@ -151,6 +152,15 @@ impl Ctx<'_> {
         MatLayout::at(seg.start * width + col, seg.len, self.d.hd, width).batched(self.d.hd)
     }
 
+    /// Layer `li`'s q/k/v LoRA fold ([`super::lora_fold`]) in this call: when the adapters
+    /// have one for the layer and no q/k/v branch drops its input.
+    fn qkv_fold(&self, li: usize) -> Option<LayerFold> {
+        let f = self.lora?.fold?.layer(li)?;
+        QKV.iter()
+            .all(|t| self.lora_mask(*t).is_none())
+            .then_some(f)
+    }
+
     /// Element offset of `target`'s LoRA input mask in [`LayerActs::mask`], if dropped.
     fn lora_mask(&self, target: LoraTarget) -> Option<usize> {
         let col = self.drop?.layout.lora[target.index()]?;
@@ -249,17 +259,24 @@ pub fn forward(
 ) -> R {
     let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
     let (dev, blas) = (cx.dev, cx.blas);
+    // With the LoRA fold, LN1's output carries the q/k/v branches' `u` in columns past `H`
+    // and the GEMM's K extends over them (`[a | u]·[W | s·B]ᵀ`).
+    let fold = cx.qkv_fold(li);
+    let ka = fold.map_or(h, |f| f.width());
     layernorm(
         dev,
         &acts.x,
         (&w.ln1.0, &w.ln1.1),
-        &acts.a,
+        (&acts.a, ka),
         &acts.mean1,
         &acts.rstd1,
         t,
         h,
     )?;
-    let (a, wqkv) = (dense(&acts.a, t, h), dense(&w.wqkv, 3 * h, h));
+    if let Some(f) = fold {
+        f.down(dev, w, &acts.a, t)?;
+    }
+    let (a, wqkv) = (dense(&acts.a, t, ka), w.qkv(h, ka));
     let bias = Epilogue::Bias(&w.bqkv);
     let qkv_fused = lt_epilogues()
         && mm_fused(
@@ -284,7 +301,7 @@ pub fn forward(
             0.0,
         )?;
     }
-    if let Some(ad) = cx.lora {
+    if let Some(ad) = cx.lora.filter(|_| fold.is_none()) {
         for (i, target) in QKV.into_iter().enumerate() {
             if let Some(s) = ad.slot(li, target) {
                 let y = MatMut::new(&mut acts.qkv, cx.qkv_block(i));
@@ -337,7 +354,7 @@ pub fn forward(
         dev,
         &acts.h1,
         (&w.ln2.0, &w.ln2.1),
-        &acts.b,
+        (&acts.b, h),
         &acts.mean2,
         &acts.rstd2,
         t,
@@ -545,17 +562,30 @@ pub fn backward(
     mm(
         blas,
         dense(&sc.dqkv, t, 3 * h),
-        dense(&w.wqkv, 3 * h, h),
+        w.qkv(h, h),
         dense_mut(&mut sc.tmp2, t, h),
         false,
         false,
         1.0,
         0.0,
     )?;
+    let fold = cx.qkv_fold(li);
+    let ka = fold.map_or(h, |f| f.width());
     if let (Some(ad), Some(grads)) = (cx.lora, grads.lora.as_deref_mut()) {
         for (i, target) in QKV.into_iter().enumerate() {
             if let Some(s) = ad.slot(li, target) {
                 let dy = Mat::new(&sc.dqkv, cx.qkv_block(i));
+                if let Some(f) = fold {
+                    // `u` from LN1's output, `du` into its slot of `[T, kc]`; the input
+                    // gradient of all targets follows in one expand.
+                    let (ul, dul) = f.u(i, t).zip(f.du(i, t)).ok_or_else(|| {
+                        ModelError::Device(format!("internal: {target:?} has no fold slot"))
+                    })?;
+                    let x = Mat::new(&acts.a, MatLayout::at(0, t, h, ka));
+                    let u = Mat::new(&acts.a, ul);
+                    ad.grads_and_du(dev, &s, (x, dy, u), (&mut sc.du, dul), &sc.wpart, grads)?;
+                    continue;
+                }
                 let u = (&acts.u, cx.u_off(target));
                 if let Some(m_off) = cx.lora_mask(target) {
                     ad.backward_masked(
@@ -586,6 +616,11 @@ pub fn backward(
                     dx,
                 )?;
             }
+        }
+        if let Some(f) = fold {
+            // d(LN1 out) += du·A' over every target's slot.
+            let du = Mat::new(&sc.du, MatLayout::at(0, t, f.cols(), f.cols()));
+            lora_expand(dev, du, f.a_rows(w), 1.0, dense_mut(&mut sc.tmp2, t, h))?;
         }
     }
     // g += LN1_backward(...): g is now d(x).

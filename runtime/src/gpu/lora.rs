@@ -22,16 +22,17 @@
 //! `LEXP_LORA_CUBLAS=1`, the branch is cuBLAS GEMMs, as is the backward of a branch with
 //! LoRA dropout.
 
+use super::lora_fold::QkvFold;
 use super::ops::{
     add, copy_rows, dev_err, lora_down, lora_expand, lora_kernels, lora_wgrad, mm, mul_inplace,
     transpose_b, R,
 };
-use super::weights::ACT;
+use super::weights::{LayerWeights, ACT};
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
 use crate::device::CudaDevice;
 use crate::model::lora_branch::BranchGrads;
-use crate::model::PeftGrads;
+use crate::model::{ModelError, PeftGrads};
 use crate::peft::{LoraParams, LoraTarget};
 use lexp_compiler::dtype::Storage;
 
@@ -114,6 +115,9 @@ pub struct DeviceLora {
     pub bt: Option<DeviceTensor>,
     /// Each module's `B` offset and row count (i32), for the one-launch transpose.
     b_slots: Option<(DeviceTensor, DeviceTensor)>,
+    /// The q/k/v adapters folded into the projection's GEMM ([`super::lora_fold`]), when it
+    /// applies (the branch kernels run, and the module doc's conditions hold).
+    pub fold: Option<QkvFold>,
     len: usize,
 }
 
@@ -130,6 +134,8 @@ pub struct Adapters<'a> {
     pub scale: f32,
     /// See [`DeviceLora::bt`].
     pub bt: Option<&'a DeviceTensor>,
+    /// See [`DeviceLora::fold`].
+    pub fold: Option<&'a QkvFold>,
 }
 
 impl DeviceLora {
@@ -156,9 +162,14 @@ impl DeviceLora {
             }
             None => None,
         };
+        let fold = match bt {
+            Some(_) => QkvFold::new(dev, &slots, lora.config.r)?,
+            None => None,
+        };
         let mut d = DeviceLora {
             bt,
             b_slots,
+            fold,
             params: DeviceTensor::zeros(dev, ACT, &[len.max(1)])
                 .map_err(dev_err("allocating LoRA parameters"))?,
             grads: DeviceTensor::zeros(dev, Storage::F32, &[len.max(1)])
@@ -205,6 +216,16 @@ impl DeviceLora {
         transpose_b(dev, &self.params, (offs, rows), self.r, bt)
     }
 
+    /// Writes the q/k/v adapters into the room of each layer's q/k/v weight (the fold;
+    /// nothing when it does not apply). Like [`transpose_b`](Self::transpose_b), once per call,
+    /// after the parameters changed and before the layers run.
+    pub fn write_fold(&self, dev: &CudaDevice, weights: &[LayerWeights]) -> R {
+        match &self.fold {
+            Some(f) => f.write(dev, &self.params, self.scale, weights),
+            None => Ok(()),
+        }
+    }
+
     /// Device addresses of every buffer the branch's launches name (for a CUDA graph's key).
     pub fn buffer_ptrs(&self) -> Vec<u64> {
         let mut v = vec![self.params.device_ptr(), self.grads.device_ptr()];
@@ -212,6 +233,7 @@ impl DeviceLora {
         if let Some((offs, rows)) = &self.b_slots {
             v.extend([offs.device_ptr(), rows.device_ptr()]);
         }
+        v.extend(self.fold.as_ref().map(QkvFold::buffer_ptr));
         v
     }
 
@@ -234,6 +256,7 @@ impl DeviceLora {
                 r: self.r,
                 scale: self.scale,
                 bt: self.bt.as_ref(),
+                fold: self.fold.as_ref(),
             },
             &mut self.grads,
         )
@@ -427,6 +450,31 @@ impl Adapters<'_> {
         add(dev, xd, dx, rows * in_f)
     }
 
+    /// The branch kernels' backward without the input gradient: `dB += s·dyᵀ·u` and
+    /// `dA += duᵀ·x` into `grads`, `du = s·dy·B` into `du` (`[rows, rank_pad(r)]` at `dul`,
+    /// pad columns zeroed). `u` is the forward's `[rows, rank_pad(r)]`, wherever it lies (the
+    /// fold keeps it in LN1's output). The caller adds `du·A` to the input gradient: one
+    /// branch's in [`backward`](Self::backward), every q/k/v branch's at once in the fold.
+    pub fn grads_and_du(
+        &self,
+        dev: &CudaDevice,
+        s: &Slot,
+        (x, dy, u): (Mat<'_>, Mat<'_>, Mat<'_>),
+        (du, dul): (&mut DeviceTensor, MatLayout),
+        part: &DeviceTensor,
+        grads: &mut DeviceTensor,
+    ) -> R {
+        let (r, scale) = (self.r, self.scale);
+        let bt = self.bt(s).ok_or_else(|| {
+            ModelError::Device(
+                "internal: the LoRA branch kernels need Bᵀ and 8-aligned features".into(),
+            )
+        })?;
+        lora_wgrad(dev, u, dy, part, r, scale, (grads, s.b, false))?;
+        lora_down(dev, dy, bt, scale, MatMut::new(du, dul))?;
+        lora_wgrad(dev, Mat::new(du, dul), x, part, r, 1.0, (grads, s.a, true))
+    }
+
     /// The branch's backward for output gradient `dy`: adds `dA`, `dB` (f32) to `grads`
     /// and adds `du·A` to `dx`. `x` and `u` are what the forward saw and saved; `part` is the
     /// weight gradients' split-K scratch (f32, [`LORA_WGRAD_CHUNKS`](super::ops::LORA_WGRAD_CHUNKS)` · Q · rank_pad(r)` for
@@ -445,13 +493,11 @@ impl Adapters<'_> {
         dx: MatMut<'_>,
     ) -> R {
         let r = self.r;
-        if let Some(bt) = self.bt(s) {
+        if self.bt(s).is_some() {
             // dB += s·dyᵀ·u, du = s·dy·B, dA += duᵀ·x, dx += du·A.
             let up = Mat::new(u, self.u_padded(u_off, rows));
-            lora_wgrad(dev, up, dy, part, r, self.scale, (grads, s.b, false))?;
             let dup = self.u_padded(0, rows);
-            lora_down(dev, dy, bt, self.scale, MatMut::new(du, dup))?;
-            lora_wgrad(dev, Mat::new(du, dup), x, part, r, 1.0, (grads, s.a, true))?;
+            self.grads_and_du(dev, s, (x, dy, up), (du, dup), part, grads)?;
             return lora_expand(dev, Mat::new(du, dup), self.a(s), 1.0, dx);
         }
         self.grad_b_and_du(blas, s, rows, dy, (u, u_off), du, grads)?;

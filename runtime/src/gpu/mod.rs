@@ -42,6 +42,7 @@ pub mod graph;
 pub mod houlsby;
 pub mod layer;
 pub mod lora;
+pub mod lora_fold;
 pub(crate) mod ops;
 pub mod optimizer;
 pub mod predictor;

@@ -36,7 +36,7 @@ pub fn dev_err<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) 
     move |e| ModelError::Device(format!("{what}: {e}"))
 }
 
-fn launch_err(e: LaunchError) -> ModelError {
+pub(super) fn launch_err(e: LaunchError) -> ModelError {
     ModelError::Device(e.to_string())
 }
 
@@ -113,13 +113,14 @@ pub fn mm_batched(
         .map_err(dev_err("attention GEMM"))
 }
 
-/// `y = LN(x)` over rows of `x [rows, h]`, writing the f32 `mean` and `rstd` of each row.
+/// `y = LN(x)` over rows of `x [rows, h]` into `y` (row stride `y_ld`), writing the f32
+/// `mean` and `rstd` of each row.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm(
     dev: &CudaDevice,
     x: &DeviceTensor,
     (w, b): (&DeviceTensor, &DeviceTensor),
-    y: &DeviceTensor,
+    (y, y_ld): (&DeviceTensor, usize),
     mean: &DeviceTensor,
     rstd: &DeviceTensor,
     rows: usize,
@@ -132,7 +133,7 @@ pub fn layernorm(
             x: &arg(x, &[rows, h])?,
             w: &w.as_arg(),
             b: &b.as_arg(),
-            y: &arg(y, &[rows, h])?,
+            y: &mat_arg(y, &MatLayout::at(0, rows, h, y_ld))?,
             mean: &arg(mean, &[rows])?,
             rstd: &arg(rstd, &[rows])?,
             eps: OptConfig::LAYER_NORM_EPS,

@@ -2,13 +2,17 @@
 //!
 //! The q, k and v projections are fused into one `[3H, H]` weight (and one `[3H]` bias): one
 //! GEMM instead of three in the forward, and one for their input gradient in the backward.
+//! That weight is stored with [`QKV_ROOM`] spare rows and columns (zeros), where the LoRA fold
+//! ([`super::lora_fold`]) writes the q/k/v adapters so that the same GEMM runs their branches.
 //! Missing biases (`enable_bias = false`) and LayerNorms without affine parameters are
 //! uploaded as zeros and ones, so that every layer runs the same launches.
 
+use super::lora_fold::QKV_ROOM;
 use super::ops::{dev_err, R};
 use crate::buffer::DeviceTensor;
 use crate::checkpoint::opt::{Activation, LayerNorm, Linear, OptLayer};
 use crate::checkpoint::{HostMatrix, OptConfig, OptModel};
+use crate::cublas::{Mat, MatLayout};
 use crate::device::CudaDevice;
 use crate::model::ModelError;
 use lexp_compiler::dtype::Storage;
@@ -20,7 +24,9 @@ pub const ACT: Storage = Storage::BF16;
 pub struct LayerWeights {
     /// `self_attn_layer_norm` weight and bias, `[H]`.
     pub ln1: (DeviceTensor, DeviceTensor),
-    /// `q_proj`, `k_proj`, `v_proj` weights stacked, `[3H, H]`.
+    /// `q_proj`, `k_proj`, `v_proj` weights stacked, `[3H, H]`, inside a
+    /// `[3H + QKV_ROOM, H + QKV_ROOM]` tensor (row stride [`qkv_ld`]; the room is the LoRA
+    /// fold's, see [`LayerWeights::qkv`]).
     pub wqkv: DeviceTensor,
     /// Their biases, `[3H]`.
     pub bqkv: DeviceTensor,
@@ -38,6 +44,25 @@ pub struct LayerWeights {
     pub w2: DeviceTensor,
     /// See `w2`.
     pub b2: DeviceTensor,
+}
+
+/// The row stride of the stored q/k/v weight for hidden size `h`.
+pub fn qkv_ld(h: usize) -> usize {
+    h + QKV_ROOM
+}
+
+impl LayerWeights {
+    /// The first `cols` columns of the stored q/k/v weight's `[3H + QKV_ROOM, ·]`: `cols = H`
+    /// is `Wqkv [3H, H]`; wider, the LoRA fold's columns follow.
+    pub fn qkv(&self, h: usize, cols: usize) -> Mat<'_> {
+        Mat::new(&self.wqkv, MatLayout::at(0, 3 * h, cols, qkv_ld(h)))
+    }
+
+    /// `rows` rows of the room below `Wqkv` (the LoRA fold's `A`s), columns `0..H`.
+    pub fn qkv_room(&self, h: usize, rows: usize) -> Mat<'_> {
+        let ld = qkv_ld(h);
+        Mat::new(&self.wqkv, MatLayout::at(3 * h * ld, rows, h, ld))
+    }
 }
 
 /// The whole frozen model on the device.
@@ -94,7 +119,8 @@ pub fn check_supported(model: &OptModel) -> R<()> {
 pub fn device_bytes(model: &OptModel) -> usize {
     let c = &model.config;
     let (h, f, v) = (c.hidden_size, c.ffn_dim, c.vocab_size);
-    let layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (f * h + f) + (h * f + h);
+    let layer =
+        4 * h + ((3 * h + QKV_ROOM) * qkv_ld(h) + 3 * h) + (h * h + h) + (f * h + f) + (h * f + h);
     let head = if model.weights.lm_head.is_some() {
         v * h
     } else {
@@ -138,10 +164,14 @@ fn bias(lin: &Linear) -> Vec<f32> {
 fn layer(dev: &CudaDevice, c: &OptConfig, i: usize, l: &OptLayer) -> R<LayerWeights> {
     let h = c.hidden_size;
     let name = |what: &str| format!("layer {i} {what}");
-    let mut wqkv = Vec::with_capacity(3 * h * h);
+    let ld = qkv_ld(h);
+    let mut wqkv = vec![0.0f32; (3 * h + QKV_ROOM) * ld];
     let mut bqkv = Vec::with_capacity(3 * h);
-    for lin in [&l.q_proj, &l.k_proj, &l.v_proj] {
-        wqkv.extend_from_slice(&lin.weight.data);
+    for (i, lin) in [&l.q_proj, &l.k_proj, &l.v_proj].into_iter().enumerate() {
+        for (r, row) in lin.weight.data.chunks(h).enumerate() {
+            let at = (i * h + r) * ld;
+            wqkv[at..at + h].copy_from_slice(row);
+        }
         bqkv.extend(bias(lin));
     }
     Ok(LayerWeights {
@@ -151,7 +181,7 @@ fn layer(dev: &CudaDevice, c: &OptConfig, i: usize, l: &OptLayer) -> R<LayerWeig
             h,
             &name("self_attn_layer_norm"),
         )?,
-        wqkv: upload(dev, &[3 * h, h], &wqkv, &name("q/k/v_proj"))?,
+        wqkv: upload(dev, &[3 * h + QKV_ROOM, ld], &wqkv, &name("q/k/v_proj"))?,
         bqkv: upload(dev, &[3 * h], &bqkv, &name("q/k/v_proj bias"))?,
         wo: matrix(dev, &l.out_proj.weight, &name("out_proj"))?,
         bo: upload(dev, &[h], &bias(&l.out_proj), &name("out_proj bias"))?,

@@ -10,6 +10,7 @@
 
 use super::attention::BlockLists;
 use super::lora::{rank_pad, MAX_KERNEL_RANK};
+use super::lora_fold::fold_cols;
 use super::ops::{dev_err, LORA_WGRAD_CHUNKS, R};
 use super::weights::ACT;
 use crate::buffer::DeviceTensor;
@@ -130,11 +131,11 @@ impl Caps {
         let (t, h, f) = (self.tokens, d.h, d.f);
         let a = ACT.bytes();
         let scores = self.scores(d);
-        let rp = rank_pad(self.rank);
-        let layer = a * (t * (7 * h + f) + self.probs + 6 * t * rp + t * self.mask_cols)
+        let (rp, fc) = (rank_pad(self.rank), fold_cols(self.rank));
+        let layer = a * (t * (7 * h + fc + f) + self.probs + 6 * t * rp + t * self.mask_cols)
             + 4 * 4 * t
             + 4 * self.flash_stats(d);
-        let scratch = a * (t * (3 * h + f + 3 * h) + t * rp + scores)
+        let scratch = a * (t * (3 * h + f + 3 * h) + t * fc + scores)
             + 4 * (scores + d.nh * self.max_len + wgrad_part_len(self.rank, h.max(f)))
             + (a + 4) * self.dropout_scratch(d)
             + 4 * self.flash_stats(d)
@@ -149,7 +150,8 @@ impl Caps {
 pub struct LayerActs {
     /// Layer input `[T, H]` (the residual stream).
     pub x: DeviceTensor,
-    /// `LN1(x)`, the q/k/v input.
+    /// `LN1(x)`, the q/k/v input, `[T, H]`; with the LoRA fold `[T, H + kc]`, the q/k/v
+    /// branches' `u` in the columns past `H` ([`super::lora_fold`]).
     pub a: DeviceTensor,
     /// LN1 statistics, f32 `[T]`.
     pub mean1: DeviceTensor,
@@ -191,7 +193,8 @@ pub struct Scratch {
     pub dact: DeviceTensor,
     /// `[dq | dk | dv]`, `[T, 3H]`.
     pub dqkv: DeviceTensor,
-    /// LoRA `du`, `[T, rank_pad(r)]`.
+    /// LoRA `du`, `[T, rank_pad(r)]`; with the LoRA fold, every q/k/v target's, `[T, kc]`
+    /// (room for [`fold_cols`] columns).
     pub du: DeviceTensor,
     /// LoRA weight gradients' split-K partial sums, f32
     /// `[LORA_WGRAD_CHUNKS · max(H, F), rank_pad(r)]` ([`wgrad_part_len`]).
@@ -313,7 +316,7 @@ impl Workspace {
             .map(|_| {
                 Ok(LayerActs {
                     x: al.t(ACT, t * h)?,
-                    a: al.t(ACT, t * h)?,
+                    a: al.t(ACT, t * (h + fold_cols(r)))?,
                     mean1: al.t(f32t, t)?,
                     rstd1: al.t(f32t, t)?,
                     qkv: al.t(ACT, t * 3 * h)?,
@@ -336,7 +339,7 @@ impl Workspace {
             tmp2: al.t(ACT, t * h)?,
             dact: al.t(ACT, t * f)?,
             dqkv: al.t(ACT, t * 3 * h)?,
-            du: al.t(ACT, t * rank_pad(r))?,
+            du: al.t(ACT, t * fold_cols(r))?,
             wpart: al.t(f32t, wgrad_part_len(r, h.max(f)))?,
             s: al.t(f32t, scores)?,
             ds: al.t(ACT, scores)?,

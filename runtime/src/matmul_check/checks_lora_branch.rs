@@ -67,6 +67,38 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
                 &got_all,
                 &want,
             );
+            // The q/v fold into a projection of `kk` features (room holding a sentinel).
+            let fold = rm::FoldCase::new(kk, r, |n| rounded(dtype, rng.uniform(n, -1.0, 1.0)));
+            let (fr, frp, fk, fnn) = fold.dims;
+            let (frows, fld) = fold.rows_ld;
+            let w = DeviceTensor::from_f32(dev, dtype, &[fold.y0.len()], &fold.y0)?;
+            let params = DeviceTensor::from_f32(dev, dtype, &[fold.x.len()], &fold.x)?;
+            k::lora_fold::launch(
+                dev,
+                &k::lora_fold::Args {
+                    x: &params.as_arg(),
+                    offs: &DeviceTensor::from_i32(dev, &[2, 4], &fold.offs())?.as_arg(),
+                    r: fr as i64,
+                    rp: frp as i64,
+                    k: fk as i64,
+                    n: fnn as i64,
+                    rows: frows as i64,
+                    ld: fld as i64,
+                    s,
+                    y: &w.as_arg(),
+                },
+            )?;
+            let want = fold.want(s, round);
+            record(
+                &mut rows,
+                "lora_fold",
+                dtype,
+                format!("q/v into {kk} features, r {r}"),
+                String::new(),
+                "w",
+                &w.to_f32_vec()?,
+                &want,
+            );
             let got_bt = got_all[..r * n].to_vec();
             let bt2 = bt.offset_arg(0, &[r, n])?;
             // The middle `[m, n]` block of a `[m, 3n]` buffer (as the q/v blocks of the fused

@@ -1,0 +1,241 @@
+//! The q/k/v LoRA fold: the adapters of q, k and v run inside the frozen projection's GEMM.
+//!
+//! A LoRA branch adds `s·(x·Aᵀ)·Bᵀ` to the projection `x·Wᵀ`. Concatenated along K,
+//!
+//! ```text
+//! [x | u] · [W | s·B]ᵀ  =  x·Wᵀ + s·u·Bᵀ,        u = x·Aᵀ
+//! ```
+//!
+//! so with every adapted target's `u` in spare columns of the GEMM's input and its `s·B` in
+//! spare columns of the weight, the fused q/k/v GEMM (`K = H + kc` instead of `H`, under 1%
+//! more work) computes all the branches' expands. The forward then runs one `lora_down` for all
+//! targets (from the `A`s kept in the weight's spare rows) instead of a `lora_down` and a
+//! `lora_expand` per target, and the backward sums every target's `du·A` into the input
+//! gradient in one `lora_expand` over those same rows instead of one per target. The weight
+//! gradients are unchanged (`lora_wgrad` per target, reading `u` where the fold keeps it).
+//!
+//! Layout, for a layer whose adapted q/k/v targets take slots `j = 0, 1, ...` in q, k, v
+//! order (`rp` = [`rank_pad`]`(r)`, `kc = slots · rp`):
+//!
+//! - the stored weight `[3H + QKV_ROOM, H + QKV_ROOM]` (row stride [`qkv_ld`]): `Wqkv` in
+//!   `[0..3H, 0..H]`; target `j`'s `A [r, H]` in rows `3H + j·rp ..` (pad rows zero); `s·B`
+//!   in columns `H + j·rp ..` of the target's own output rows, zero in the other rows;
+//! - LN1's output `a [T, H + kc]`: LN1 in columns `0..H`, target `j`'s `u` in `H + j·rp ..`
+//!   (its pad columns zero, as `lora_down` writes them);
+//! - the backward's `du [T, kc]`, target `j` in columns `j·rp ..`.
+//!
+//! [`QkvFold::write`] rewrites the room from the adapter parameters (`lexp_kernels::lora_fold`,
+//! one launch per layer, after each upload or optimizer step, with `Bᵀ`). The fold is off with
+//! `LEXP_NO_LORA_FOLD=1` (for A/B timing), for ranks above [`MAX_KERNEL_RANK`] or hidden sizes
+//! that are not multiples of 8 (the branch then runs on cuBLAS), and in a call with LoRA
+//! dropout on q, k or v (each branch must see its own dropped input): the per-target branch
+//! of [`super::lora`] runs then, on the same weight (its room is simply not read).
+
+use super::lora::{rank_pad, Slots, MAX_KERNEL_RANK};
+use super::ops::{arg, dev_err, launch_err, mat_arg, R};
+use super::weights::{qkv_ld, LayerWeights};
+use crate::buffer::DeviceTensor;
+use crate::cublas::{Mat, MatLayout};
+use crate::device::CudaDevice;
+use crate::peft::LoraTarget;
+use lexp_kernels as k;
+use std::sync::OnceLock;
+
+/// Spare rows and columns of the stored q/k/v weight: three targets at the largest rank the
+/// branch kernels take.
+pub const QKV_ROOM: usize = 3 * MAX_KERNEL_ROOM;
+
+/// One target's share of [`QKV_ROOM`] (`rank_pad(MAX_KERNEL_RANK)`).
+const MAX_KERNEL_ROOM: usize = MAX_KERNEL_RANK.div_ceil(8) * 8;
+
+/// The environment variable that turns the fold off (`=1`).
+pub const NO_LORA_FOLD_ENV: &str = "LEXP_NO_LORA_FOLD";
+
+/// True unless [`NO_LORA_FOLD_ENV`] is `1`; read once per process.
+pub fn fold_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var(NO_LORA_FOLD_ENV).as_deref() != Ok("1");
+        tracing::debug!(on, "q/k/v LoRA fold");
+        on
+    })
+}
+
+/// Columns of LN1's output the fold may use at rank `r` (0 without adapters): the workspace
+/// sizes `a` as `[T, H + fold_cols(r)]`.
+pub fn fold_cols(r: usize) -> usize {
+    match r {
+        0 => 0,
+        r => 3 * rank_pad(r),
+    }
+}
+
+/// `lora_down`'s widest output (`lexp_kernels::lora_down`'s `R`): wider folds take several.
+const DOWN_COLS: usize = 16;
+
+/// One layer's fold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerFold {
+    /// The slot of q, k and v (`None`: not adapted).
+    pub slot: [Option<usize>; 3],
+    /// Padded rank.
+    pub rp: usize,
+    /// Hidden size.
+    pub h: usize,
+    /// First row of this layer's targets in [`QkvFold`]'s offsets, and their number.
+    rows: (usize, usize),
+}
+
+impl LayerFold {
+    /// `kc`: the extra K columns (`slots · rp`).
+    pub fn cols(&self) -> usize {
+        self.rows.1 * self.rp
+    }
+
+    /// Columns of LN1's output `a`: `H + kc`.
+    pub fn width(&self) -> usize {
+        self.h + self.cols()
+    }
+
+    /// `u` of q/k/v target `i` (0, 1, 2) inside `a` (`t` rows, padded rank wide).
+    pub fn u(&self, i: usize, t: usize) -> Option<MatLayout> {
+        let j = self.slot[i]?;
+        Some(MatLayout::at(
+            self.h + j * self.rp,
+            t,
+            self.rp,
+            self.width(),
+        ))
+    }
+
+    /// `du` of q/k/v target `i` inside the backward's `[T, kc]` scratch.
+    pub fn du(&self, i: usize, t: usize) -> Option<MatLayout> {
+        let j = self.slot[i]?;
+        Some(MatLayout::at(j * self.rp, t, self.rp, self.cols()))
+    }
+
+    /// `u = a[:, ..H]·A'ᵀ` for every target into `a`'s fold columns (`A'` the weight's room
+    /// rows), `⌈kc / 16⌉` `lora_down` launches. `x` and `u` are disjoint columns of `a`.
+    pub fn down(&self, dev: &CudaDevice, w: &LayerWeights, a: &DeviceTensor, t: usize) -> R {
+        let (h, kc, ld) = (self.h, self.cols(), self.width());
+        let x = mat_arg(a, &MatLayout::at(0, t, h, ld))?;
+        let room = w.qkv_room(h, kc);
+        for c0 in (0..kc).step_by(DOWN_COLS) {
+            let cw = DOWN_COLS.min(kc - c0);
+            let wl = MatLayout::at(
+                room.layout.offset + c0 * room.layout.ld,
+                cw,
+                h,
+                room.layout.ld,
+            );
+            k::lora_down::launch(
+                dev,
+                &k::lora_down::Args {
+                    x: &x,
+                    w: &mat_arg(room.tensor, &wl)?,
+                    s: 1.0,
+                    u: &mat_arg(a, &MatLayout::at(h + c0, t, cw, ld))?,
+                },
+            )
+            .map_err(launch_err)?;
+        }
+        Ok(())
+    }
+
+    /// The room's `A` rows (`[kc, H]`), which `du [T, kc]` multiplies for the input gradient.
+    pub fn a_rows<'a>(&self, w: &'a LayerWeights) -> Mat<'a> {
+        w.qkv_room(self.h, self.cols())
+    }
+}
+
+/// The fold of every layer, and the per-target offsets [`write`](Self::write) reads.
+pub struct QkvFold {
+    layers: Vec<Option<LayerFold>>,
+    /// Per target of every layer, `[A offset, B offset, first output row, slot]` (i32).
+    offs: DeviceTensor,
+    r: usize,
+}
+
+impl QkvFold {
+    /// The fold of adapters laid out as `slots` at rank `r`, or `None` when it does not apply
+    /// (see the module doc; `LEXP_NO_LORA_FOLD=1`, rank, hidden size, no q/k/v target).
+    pub fn new(dev: &CudaDevice, slots: &Slots, r: usize) -> R<Option<QkvFold>> {
+        if !fold_enabled() || r == 0 || r > MAX_KERNEL_RANK {
+            return Ok(None);
+        }
+        let rp = rank_pad(r);
+        let mut offs = Vec::new();
+        let mut layers = Vec::with_capacity(slots.len());
+        for layer in slots {
+            let mut f = LayerFold {
+                slot: [None; 3],
+                rp,
+                h: 0,
+                rows: (offs.len() / 4, 0),
+            };
+            for (i, t) in [LoraTarget::Q, LoraTarget::K, LoraTarget::V]
+                .iter()
+                .enumerate()
+            {
+                let Some(s) = layer[t.index()] else { continue };
+                if s.in_f % 8 != 0 || s.in_f != s.out_f {
+                    return Ok(None);
+                }
+                f.h = s.in_f;
+                f.slot[i] = Some(f.rows.1);
+                offs.extend([s.a, s.b, i * s.out_f, f.rows.1].map(|v| v as i32));
+                f.rows.1 += 1;
+            }
+            layers.push((f.rows.1 > 0).then_some(f));
+        }
+        if offs.is_empty() {
+            return Ok(None);
+        }
+        let offs = DeviceTensor::from_i32(dev, &[offs.len() / 4, 4], &offs)
+            .map_err(dev_err("uploading the LoRA fold's offsets"))?;
+        Ok(Some(QkvFold { layers, offs, r }))
+    }
+
+    /// Layer `li`'s fold, if it has adapted q/k/v targets.
+    pub fn layer(&self, li: usize) -> Option<LayerFold> {
+        self.layers.get(li).copied().flatten()
+    }
+
+    /// Writes every layer's `A`s and `s·B`s from the flat bf16 `params` into the room of its
+    /// q/k/v weight (one `lora_fold` launch per layer).
+    pub fn write(
+        &self,
+        dev: &CudaDevice,
+        params: &DeviceTensor,
+        scale: f32,
+        weights: &[LayerWeights],
+    ) -> R {
+        for (f, w) in self.layers.iter().zip(weights) {
+            let Some(f) = f else { continue };
+            let (first, n) = f.rows;
+            let ld = qkv_ld(f.h);
+            k::lora_fold::launch(
+                dev,
+                &k::lora_fold::Args {
+                    x: &params.as_arg(),
+                    offs: &mat_arg(&self.offs, &MatLayout::at(first * 4, n, 4, 4))?,
+                    r: self.r as i64,
+                    rp: f.rp as i64,
+                    k: f.h as i64,
+                    n: f.h as i64,
+                    rows: (3 * f.h) as i64,
+                    ld: ld as i64,
+                    s: scale,
+                    y: &arg(&w.wqkv, &[w.wqkv.numel()])?,
+                },
+            )
+            .map_err(launch_err)?;
+        }
+        Ok(())
+    }
+
+    /// Device address of the offsets (for a CUDA graph's key).
+    pub fn buffer_ptr(&self) -> u64 {
+        self.offs.device_ptr()
+    }
+}
