@@ -136,7 +136,7 @@ pub fn transpose_b<T, const BLOCK: usize, const P: usize>(
 /// Whole blocks are rewritten each time, so a slot a previous layout used holds no stale
 /// values. `P` programs per target, one element per lane (a scatter), like [`transpose_b`].
 #[kernel(
-    variants(T = [bf16, f16], BLOCK = [1024], P = [8]),
+    variants(T = [bf16, f16], BLOCK = [1024], P = [64]),
     warps = 4,
     grid = [offs.dim(0) * P],
     require = [offs.dim(1) == 4, r > 0, r <= rp, k <= ld]

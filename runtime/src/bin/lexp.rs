@@ -275,9 +275,15 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
             if tc("lora_fwd") || tc("lora_bwd_dx") || tc("lora_grad") {
                 mat.extend(lexp_runtime::matmul_check::check_lora(dev)?);
             }
-            if ["lora_down", "lora_expand", "transpose_b", "lora_fold", "lora_wgrad"]
-                .into_iter()
-                .any(tc)
+            if [
+                "lora_down",
+                "lora_expand",
+                "transpose_b",
+                "lora_fold",
+                "lora_wgrad",
+            ]
+            .into_iter()
+            .any(tc)
             {
                 mat.extend(lexp_runtime::matmul_check::check_lora_branch(dev)?);
             }

@@ -22,7 +22,7 @@
 use super::flash_launch::{self as fl, Bwd, BwdArgs};
 pub use super::flash_launch::{FlashFamily, Tiles};
 use super::layer::{Ctx, Segment};
-use super::ops::{arg, arg_at, causal_softmax, mm_batched, softmax_bwd, upload_prefix, R};
+use super::ops::{arg, arg_at, causal_softmax, mat_arg, mm_batched, softmax_bwd, upload_prefix, R};
 use super::sparse_attention::{self, sparse_config, AttnArgs, SparseFlashConfig};
 use super::workspace::{LayerActs, Scratch};
 use crate::buffer::DeviceTensor;
@@ -351,7 +351,7 @@ pub fn forward(cx: &Ctx, li: usize, acts: &mut LayerActs, sc: &mut Scratch) -> R
             cx.dev,
             sparse_cfg(cx)?,
             lists.layer(li)?,
-            &args(cx, acts, sc)?,
+            &args(cx, li, acts, sc)?,
         );
     }
     match cx.attention {
@@ -368,12 +368,12 @@ pub fn backward(cx: &Ctx, li: usize, acts: &LayerActs, sc: &mut Scratch) -> R {
             cx.dev,
             sparse_cfg(cx)?,
             lists.layer(li)?,
-            &args(cx, acts, sc)?,
+            &args(cx, li, acts, sc)?,
         );
     }
     match cx.attention {
-        AttentionImpl::Flash => flash_backward(cx, acts, sc),
-        AttentionImpl::Materialised => materialised_backward(cx, acts, sc),
+        AttentionImpl::Flash => flash_backward(cx, li, acts, sc),
+        AttentionImpl::Materialised => materialised_backward(cx, li, acts, sc),
     }
 }
 
@@ -398,7 +398,7 @@ fn sparse_cfg(cx: &Ctx) -> R<&'static SparseFlashConfig> {
 }
 
 /// The layer's attention tensors as the block-sparse kernels' arguments.
-fn args(cx: &Ctx, acts: &LayerActs, sc: &Scratch) -> R<AttnArgs> {
+fn args(cx: &Ctx, li: usize, acts: &LayerActs, sc: &Scratch) -> R<AttnArgs> {
     let (t, nh) = (cx.t, cx.d.nh);
     Ok(AttnArgs {
         qkv: heads(&acts.qkv, cx, 3 * nh)?,
@@ -406,7 +406,7 @@ fn args(cx: &Ctx, acts: &LayerActs, sc: &Scratch) -> R<AttnArgs> {
         lse2: arg(&acts.lse2, &[nh, stats_cols(t)])?,
         d_o: heads(&sc.tmp, cx, nh)?,
         delta: arg(&sc.delta, &[nh, stats_cols(t)])?,
-        dqkv: heads(&sc.dqkv, cx, 3 * nh)?,
+        dqkv: dqkv_heads(&sc.dqkv, cx, li)?,
         scale: scale(cx),
     })
 }
@@ -424,6 +424,16 @@ fn config(cx: &Ctx) -> R<&'static FlashConfig> {
 /// (q, k and v are 3·nh groups of the projection output, `o` and `dO` nh).
 fn heads(t: &DeviceTensor, cx: &Ctx, groups: usize) -> R<TensorArg> {
     arg(t, &[cx.t, groups, cx.d.hd])
+}
+
+/// The backward's `dqkv` as [`heads`] (`3·nh` groups), with its row stride
+/// ([`Ctx::dqkv_ld`]: wider than `3H` when the LoRA fold keeps `du` past the heads).
+fn dqkv_heads(t: &DeviceTensor, cx: &Ctx, li: usize) -> R<TensorArg> {
+    let ld = cx.dqkv_ld(li);
+    let mut a = mat_arg(t, &MatLayout::at(0, cx.t, 3 * cx.d.h, ld))?;
+    a.dims = vec![cx.t, 3 * cx.d.nh, cx.d.hd];
+    a.strides = vec![ld, cx.d.hd, 1];
+    Ok(a)
 }
 
 fn flash_forward(cx: &Ctx, acts: &mut LayerActs, sc: &Scratch) -> R {
@@ -444,7 +454,7 @@ fn flash_forward(cx: &Ctx, acts: &mut LayerActs, sc: &Scratch) -> R {
     .map_err(launch_err("flash attention forward"))
 }
 
-fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
+fn flash_backward(cx: &Ctx, li: usize, acts: &LayerActs, sc: &mut Scratch) -> R {
     let (t, nh) = (cx.t, cx.d.nh);
     let [_, dq, dkdv] = sc.blocks.args()?;
     let cfg = config(cx)?;
@@ -453,7 +463,7 @@ fn flash_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
         d_o: &heads(&sc.tmp, cx, nh)?,
         lse2: &arg(&acts.lse2, &[nh, stats_cols(t)])?,
         delta: &arg(&sc.delta, &[nh, stats_cols(t)])?,
-        dqkv: &heads(&sc.dqkv, cx, 3 * nh)?,
+        dqkv: &dqkv_heads(&sc.dqkv, cx, li)?,
         scale: scale(cx),
     };
     fl::delta(
@@ -512,14 +522,20 @@ fn materialised_forward(cx: &Ctx, acts: &mut LayerActs, sc: &mut Scratch) -> R {
     Ok(())
 }
 
-fn materialised_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
-    let (h, nh) = (cx.d.h, cx.d.nh);
+fn materialised_backward(cx: &Ctx, li: usize, acts: &LayerActs, sc: &mut Scratch) -> R {
+    let (h, nh, ld) = (cx.d.h, cx.d.nh, cx.dqkv_ld(li));
     for seg in cx.segs {
         let l = seg.len;
         let (q, k, v) = (
             cx.heads(seg, 0, 3 * h),
             cx.heads(seg, h, 3 * h),
             cx.heads(seg, 2 * h, 3 * h),
+        );
+        // The same heads of `dqkv`, whose rows may be wider.
+        let (dq, dk, dv) = (
+            cx.heads(seg, 0, ld),
+            cx.heads(seg, h, ld),
+            cx.heads(seg, 2 * h, ld),
         );
         let d_o = Mat::new(&sc.tmp, cx.heads(seg, 0, h));
         let p = Mat::new(&acts.p, MatLayout::at(seg.probs, l, l, l).batched(l * l));
@@ -541,7 +557,7 @@ fn materialised_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
             &arg(&sc.ds, &[nh * l, l])?,
         )?;
         let ds = Mat::new(&sc.ds, sq);
-        let dq = MatMut::new(&mut sc.dqkv, q);
+        let dq = MatMut::new(&mut sc.dqkv, dq);
         mm_batched(
             cx.blas,
             ds,
@@ -552,7 +568,7 @@ fn materialised_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
             false,
             scale(cx),
         )?;
-        let dk = MatMut::new(&mut sc.dqkv, k);
+        let dk = MatMut::new(&mut sc.dqkv, dk);
         mm_batched(
             cx.blas,
             ds,
@@ -563,7 +579,7 @@ fn materialised_backward(cx: &Ctx, acts: &LayerActs, sc: &mut Scratch) -> R {
             false,
             scale(cx),
         )?;
-        let dv = MatMut::new(&mut sc.dqkv, v);
+        let dv = MatMut::new(&mut sc.dqkv, dv);
         mm_batched(cx.blas, p, d_o, dv, nh, true, false, 1.0)?;
     }
     Ok(())

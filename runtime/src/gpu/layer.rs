@@ -26,7 +26,7 @@ use super::lora::{rank_pad, Adapters};
 use super::lora_fold::LayerFold;
 use super::ops::{
     add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd,
-    lora_expand, lt_epilogues, mm, mm_fused, mul_inplace, relu_bwd, R,
+    lt_epilogues, mm, mm_fused, mul_inplace, relu_bwd, R,
 };
 use super::predictor::MlpPredictors;
 use super::sparse_attention::AttnLists;
@@ -144,6 +144,18 @@ impl Ctx<'_> {
     fn qkv_block(&self, i: usize) -> MatLayout {
         let h = self.d.h;
         MatLayout::at(i * h, self.t, h, 3 * h)
+    }
+
+    /// Row stride of the backward's `dqkv` in layer `li`: `3H`, or wider with the LoRA fold
+    /// (its `du` columns follow the heads, [`LayerFold::dqkv_ld`]).
+    pub(super) fn dqkv_ld(&self, li: usize) -> usize {
+        self.qkv_fold(li).map_or(3 * self.d.h, |f| f.dqkv_ld())
+    }
+
+    /// The q/k/v column block `i` of the backward's `dqkv` in layer `li`.
+    fn dqkv_block(&self, li: usize, i: usize) -> MatLayout {
+        let h = self.d.h;
+        MatLayout::at(i * h, self.t, h, self.dqkv_ld(li))
     }
 
     /// Head `h` layouts of the sequence `seg` inside a `[T, width]` buffer at column `col`,
@@ -554,36 +566,38 @@ pub fn backward(
     )?;
     attention::backward(cx, li, acts, sc)?;
     for (i, target) in QKV.into_iter().enumerate() {
-        let dy = Mat::new(&sc.dqkv, cx.qkv_block(i));
+        let dy = Mat::new(&sc.dqkv, cx.dqkv_block(li, i));
         grads.bias(blas, li, linear(target), dy, t)?;
     }
 
-    // q/k/v: d(LN1 out) = dqkv·Wqkv (+ LoRA), into tmp2.
-    mm(
-        blas,
-        dense(&sc.dqkv, t, 3 * h),
-        w.qkv(h, h),
-        dense_mut(&mut sc.tmp2, t, h),
-        false,
-        false,
-        1.0,
-        0.0,
-    )?;
+    // q/k/v: d(LN1 out) = dqkv·Wqkv (+ LoRA), into tmp2. With the fold, each target's `du`
+    // goes beside `dqkv` first and one GEMM sums `[dqkv | du]·[Wqkv ; A']`.
     let fold = cx.qkv_fold(li);
+    if fold.is_none() {
+        mm(
+            blas,
+            dense(&sc.dqkv, t, 3 * h),
+            w.qkv(h, h),
+            dense_mut(&mut sc.tmp2, t, h),
+            false,
+            false,
+            1.0,
+            0.0,
+        )?;
+    }
     let ka = fold.map_or(h, |f| f.width());
     if let (Some(ad), Some(grads)) = (cx.lora, grads.lora.as_deref_mut()) {
         for (i, target) in QKV.into_iter().enumerate() {
             if let Some(s) = ad.slot(li, target) {
-                let dy = Mat::new(&sc.dqkv, cx.qkv_block(i));
+                let dy = Mat::new(&sc.dqkv, cx.dqkv_block(li, i));
                 if let Some(f) = fold {
-                    // `u` from LN1's output, `du` into its slot of `[T, kc]`; the input
-                    // gradient of all targets follows in one expand.
+                    // `u` from LN1's output, `du` into its columns of `dqkv`.
                     let (ul, dul) = f.u(i, t).zip(f.du(i, t)).ok_or_else(|| {
                         ModelError::Device(format!("internal: {target:?} has no fold slot"))
                     })?;
                     let x = Mat::new(&acts.a, MatLayout::at(0, t, h, ka));
                     let u = Mat::new(&acts.a, ul);
-                    ad.grads_and_du(dev, &s, (x, dy, u), (&mut sc.du, dul), &sc.wpart, grads)?;
+                    ad.grads_and_du(dev, &s, (x, dy, u), (&sc.dqkv, dul), &sc.wpart, grads)?;
                     continue;
                 }
                 let u = (&acts.u, cx.u_off(target));
@@ -617,11 +631,18 @@ pub fn backward(
                 )?;
             }
         }
-        if let Some(f) = fold {
-            // d(LN1 out) += du·A' over every target's slot.
-            let du = Mat::new(&sc.du, MatLayout::at(0, t, f.cols(), f.cols()));
-            lora_expand(dev, du, f.a_rows(w), 1.0, dense_mut(&mut sc.tmp2, t, h))?;
-        }
+    }
+    if let Some(f) = fold {
+        mm(
+            blas,
+            f.dqkv_du(&sc.dqkv, t),
+            f.weight_rows(w),
+            dense_mut(&mut sc.tmp2, t, h),
+            false,
+            false,
+            1.0,
+            0.0,
+        )?;
     }
     // g += LN1_backward(...): g is now d(x).
     grads.bias(blas, li, BiasSite::AttnLayerNorm, dense(&sc.tmp2, t, h), t)?;

@@ -337,7 +337,7 @@ impl Adapters<'_> {
     ) -> R {
         if let Some(bt) = self.bt(s) {
             let up = self.u_padded(u_off, rows);
-            lora_down(dev, x, self.a(s), 1.0, MatMut::new(u, up))?;
+            lora_down(dev, x, self.a(s), 1.0, (u, up))?;
             return lora_expand(dev, Mat::new(u, up), bt, self.scale, y);
         }
         let ul = self.u_layout(u_off, rows);
@@ -452,15 +452,16 @@ impl Adapters<'_> {
 
     /// The branch kernels' backward without the input gradient: `dB += s·dyᵀ·u` and
     /// `dA += duᵀ·x` into `grads`, `du = s·dy·B` into `du` (`[rows, rank_pad(r)]` at `dul`,
-    /// pad columns zeroed). `u` is the forward's `[rows, rank_pad(r)]`, wherever it lies (the
-    /// fold keeps it in LN1's output). The caller adds `du·A` to the input gradient: one
-    /// branch's in [`backward`](Self::backward), every q/k/v branch's at once in the fold.
+    /// pad columns zeroed; it may lie beside `dy`, as the fold keeps it). `u` is the forward's
+    /// `[rows, rank_pad(r)]`, wherever it lies (the fold keeps it beside LN1's output). The
+    /// caller adds `du·A` to the input gradient: one branch's in [`backward`](Self::backward),
+    /// every q/k/v branch's in the fold's input-gradient GEMM.
     pub fn grads_and_du(
         &self,
         dev: &CudaDevice,
         s: &Slot,
         (x, dy, u): (Mat<'_>, Mat<'_>, Mat<'_>),
-        (du, dul): (&mut DeviceTensor, MatLayout),
+        (du, dul): (&DeviceTensor, MatLayout),
         part: &DeviceTensor,
         grads: &mut DeviceTensor,
     ) -> R {
@@ -471,7 +472,7 @@ impl Adapters<'_> {
             )
         })?;
         lora_wgrad(dev, u, dy, part, r, scale, (grads, s.b, false))?;
-        lora_down(dev, dy, bt, scale, MatMut::new(du, dul))?;
+        lora_down(dev, dy, bt, scale, (du, dul))?;
         lora_wgrad(dev, Mat::new(du, dul), x, part, r, 1.0, (grads, s.a, true))
     }
 

@@ -10,9 +10,11 @@
 //! spare columns of the weight, the fused q/k/v GEMM (`K = H + kc` instead of `H`, under 1%
 //! more work) computes all the branches' expands. The forward then runs one `lora_down` for all
 //! targets (from the `A`s kept in the weight's spare rows) instead of a `lora_down` and a
-//! `lora_expand` per target, and the backward sums every target's `du·A` into the input
-//! gradient in one `lora_expand` over those same rows instead of one per target. The weight
-//! gradients are unchanged (`lora_wgrad` per target, reading `u` where the fold keeps it).
+//! `lora_expand` per target. The backward does the same along the other K: each target's
+//! `du = s·dy·B` goes into spare columns of `dqkv`, and the input gradient's GEMM
+//! `[dqkv | du]·[Wqkv ; A']` (K = 3H + kc) sums `dqkv·Wqkv` and every `du·A`, instead of one
+//! `lora_expand` per target. The weight gradients are unchanged (`lora_wgrad` per target,
+//! reading `u` and `du` where the fold keeps them).
 //!
 //! Layout, for a layer whose adapted q/k/v targets take slots `j = 0, 1, ...` in q, k, v
 //! order (`rp` = [`rank_pad`]`(r)`, `kc = slots · rp`):
@@ -22,7 +24,8 @@
 //!   in columns `H + j·rp ..` of the target's own output rows, zero in the other rows;
 //! - LN1's output `a [T, H + kc]`: LN1 in columns `0..H`, target `j`'s `u` in `H + j·rp ..`
 //!   (its pad columns zero, as `lora_down` writes them);
-//! - the backward's `du [T, kc]`, target `j` in columns `j·rp ..`.
+//! - the backward's `dqkv [T, 3H + kc]`: the heads' gradients in columns `0..3H` (the
+//!   attention backward writes them with this row stride), target `j`'s `du` in `3H + j·rp ..`.
 //!
 //! [`QkvFold::write`] rewrites the room from the adapter parameters (`lexp_kernels::lora_fold`,
 //! one launch per layer, after each upload or optimizer step, with `Bᵀ`). The fold is off with
@@ -32,7 +35,7 @@
 //! of [`super::lora`] runs then, on the same weight (its room is simply not read).
 
 use super::lora::{rank_pad, Slots, MAX_KERNEL_RANK};
-use super::ops::{arg, dev_err, launch_err, mat_arg, R};
+use super::ops::{arg, dev_err, launch_err, lora_down, mat_arg, R};
 use super::weights::{qkv_ld, LayerWeights};
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Mat, MatLayout};
@@ -108,43 +111,48 @@ impl LayerFold {
         ))
     }
 
-    /// `du` of q/k/v target `i` inside the backward's `[T, kc]` scratch.
+    /// Row stride of the backward's `dqkv`: `3H + kc`.
+    pub fn dqkv_ld(&self) -> usize {
+        3 * self.h + self.cols()
+    }
+
+    /// `du` of q/k/v target `i` inside the backward's `dqkv` (`t` rows, padded rank wide),
+    /// past the heads.
     pub fn du(&self, i: usize, t: usize) -> Option<MatLayout> {
         let j = self.slot[i]?;
-        Some(MatLayout::at(j * self.rp, t, self.rp, self.cols()))
+        Some(MatLayout::at(
+            3 * self.h + j * self.rp,
+            t,
+            self.rp,
+            self.dqkv_ld(),
+        ))
     }
 
     /// `u = a[:, ..H]·A'ᵀ` for every target into `a`'s fold columns (`A'` the weight's room
     /// rows), `⌈kc / 16⌉` `lora_down` launches. `x` and `u` are disjoint columns of `a`.
     pub fn down(&self, dev: &CudaDevice, w: &LayerWeights, a: &DeviceTensor, t: usize) -> R {
         let (h, kc, ld) = (self.h, self.cols(), self.width());
-        let x = mat_arg(a, &MatLayout::at(0, t, h, ld))?;
+        let x = Mat::new(a, MatLayout::at(0, t, h, ld));
         let room = w.qkv_room(h, kc);
         for c0 in (0..kc).step_by(DOWN_COLS) {
             let cw = DOWN_COLS.min(kc - c0);
-            let wl = MatLayout::at(
-                room.layout.offset + c0 * room.layout.ld,
-                cw,
-                h,
-                room.layout.ld,
-            );
-            k::lora_down::launch(
-                dev,
-                &k::lora_down::Args {
-                    x: &x,
-                    w: &mat_arg(room.tensor, &wl)?,
-                    s: 1.0,
-                    u: &mat_arg(a, &MatLayout::at(h + c0, t, cw, ld))?,
-                },
-            )
-            .map_err(launch_err)?;
+            let (off, wld) = (room.layout.offset + c0 * room.layout.ld, room.layout.ld);
+            let rows = Mat::new(room.tensor, MatLayout::at(off, cw, h, wld));
+            lora_down(dev, x, rows, 1.0, (a, MatLayout::at(h + c0, t, cw, ld)))?;
         }
         Ok(())
     }
 
-    /// The room's `A` rows (`[kc, H]`), which `du [T, kc]` multiplies for the input gradient.
-    pub fn a_rows<'a>(&self, w: &'a LayerWeights) -> Mat<'a> {
-        w.qkv_room(self.h, self.cols())
+    /// `[dqkv | du]` (`[T, 3H + kc]`): the input gradient's GEMM multiplies it by
+    /// [`weight_rows`](Self::weight_rows), summing `dqkv·Wqkv` and every target's `du·A`.
+    pub fn dqkv_du<'a>(&self, dqkv: &'a DeviceTensor, t: usize) -> Mat<'a> {
+        Mat::new(dqkv, MatLayout::at(0, t, self.dqkv_ld(), self.dqkv_ld()))
+    }
+
+    /// `[Wqkv ; A']` (`[3H + kc, H]`): the stored weight's first `3H + kc` rows.
+    pub fn weight_rows<'a>(&self, w: &'a LayerWeights) -> Mat<'a> {
+        let ld = qkv_ld(self.h);
+        Mat::new(&w.wqkv, MatLayout::at(0, self.dqkv_ld(), self.h, ld))
     }
 }
 

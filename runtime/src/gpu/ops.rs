@@ -327,16 +327,24 @@ pub fn mat_arg(t: &DeviceTensor, l: &MatLayout) -> R<TensorArg> {
     Ok(a)
 }
 
-/// `u = T(s · x · wᵀ)` (the down product of a LoRA branch, `w [r, K]`, `u [M, rp]` with its
-/// padding columns zeroed; `lexp_kernels::lora_down`).
-pub fn lora_down(dev: &CudaDevice, x: Mat<'_>, w: Mat<'_>, s: f32, u: MatMut<'_>) -> R {
+/// `u = T(s · x · wᵀ)` (the down product of a LoRA branch, `w [r, K]`, `u [M, rp]` at `ul`
+/// with its padding columns zeroed; `lexp_kernels::lora_down`). `u` may lie in the tensor of
+/// `x` or `w` (the LoRA fold keeps `u` beside LN1's output and `du` beside `dqkv`), in columns
+/// they do not cover.
+pub fn lora_down(
+    dev: &CudaDevice,
+    x: Mat<'_>,
+    w: Mat<'_>,
+    s: f32,
+    (u, ul): (&DeviceTensor, MatLayout),
+) -> R {
     k::lora_down::launch(
         dev,
         &k::lora_down::Args {
             x: &mat_arg(x.tensor, &x.layout)?,
             w: &mat_arg(w.tensor, &w.layout)?,
             s,
-            u: &mat_arg(u.tensor, &u.layout)?,
+            u: &mat_arg(u, &ul)?,
         },
     )
     .map_err(launch_err)

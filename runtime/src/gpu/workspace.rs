@@ -135,7 +135,7 @@ impl Caps {
         let layer = a * (t * (7 * h + fc + f) + self.probs + 6 * t * rp + t * self.mask_cols)
             + 4 * 4 * t
             + 4 * self.flash_stats(d);
-        let scratch = a * (t * (3 * h + f + 3 * h) + t * fc + scores)
+        let scratch = a * (t * (3 * h + f + 3 * h + fc) + t * rp + scores)
             + 4 * (scores + d.nh * self.max_len + wgrad_part_len(self.rank, h.max(f)))
             + (a + 4) * self.dropout_scratch(d)
             + 4 * self.flash_stats(d)
@@ -191,10 +191,10 @@ pub struct Scratch {
     pub tmp2: DeviceTensor,
     /// fc2 input gradient `[T, F]`.
     pub dact: DeviceTensor,
-    /// `[dq | dk | dv]`, `[T, 3H]`.
+    /// `[dq | dk | dv]`, `[T, 3H]`; with the LoRA fold `[T, 3H + kc]`, the q/k/v branches' `du`
+    /// past the heads ([`super::lora_fold`]; room for [`fold_cols`] columns).
     pub dqkv: DeviceTensor,
-    /// LoRA `du`, `[T, rank_pad(r)]`; with the LoRA fold, every q/k/v target's, `[T, kc]`
-    /// (room for [`fold_cols`] columns).
+    /// LoRA `du`, `[T, rank_pad(r)]` (the LoRA fold keeps q/k/v's in `dqkv`).
     pub du: DeviceTensor,
     /// LoRA weight gradients' split-K partial sums, f32
     /// `[LORA_WGRAD_CHUNKS · max(H, F), rank_pad(r)]` ([`wgrad_part_len`]).
@@ -338,8 +338,8 @@ impl Workspace {
             tmp: al.t(ACT, t * h)?,
             tmp2: al.t(ACT, t * h)?,
             dact: al.t(ACT, t * f)?,
-            dqkv: al.t(ACT, t * 3 * h)?,
-            du: al.t(ACT, t * fold_cols(r))?,
+            dqkv: al.t(ACT, t * (3 * h + fold_cols(r)))?,
+            du: al.t(ACT, t * rank_pad(r))?,
             wpart: al.t(f32t, wgrad_part_len(r, h.max(f)))?,
             s: al.t(f32t, scores)?,
             ds: al.t(ACT, scores)?,
