@@ -125,28 +125,28 @@ pub fn transpose_b<T, const BLOCK: usize, const P: usize>(
 /// One layer's q/k/v LoRA branches folded into the spare room of its fused projection
 /// `W [rows, ld]` (the runtime's `QkvFold`): `[x | u]·[W | s·B]ᵀ` is the base product plus
 /// every branch's `s·u·Bᵀ` in one GEMM (the K-concatenation), and the room's rows hold the
-/// `A`s that compute `u` (one `lora_down` for all targets). Per target `m`, a row of `offs`
-/// (`A`'s and `B`'s element offsets in the flat parameters `x`, the first of its `n` output
-/// rows, its slot `j`), this writes
+/// `A`s that compute `u` (one `lora_down` for all targets). Per slot `m` of `RP` columns, a
+/// row of `offs` (`A`'s and `B`'s element offsets in the flat parameters `x`, the first of its
+/// `n` output rows, the slot `j`, the rank `r_m`), this writes
 ///
-/// - rows `rows + j·rp ..+ rp`, columns `0..k`: `A [r, k]`, the `rp − r` rows past it zero;
-/// - columns `k + j·rp ..+ rp` of every row `0..rows`: `s·B [n, r]` in the target's own
-///   output rows and zero everywhere else (so other targets' `u` columns add nothing there).
+/// - rows `rows + j·RP ..+ RP`, columns `0..k`: `A [r_m, k]`, the rows past it zero;
+/// - columns `k + j·RP ..+ RP` of every row `0..rows`: `s·B [n, r_m]` in the target's own
+///   output rows and zero everywhere else (so other slots' `u` columns add nothing there).
 ///
-/// Whole blocks are rewritten each time, so a slot a previous layout used holds no stale
-/// values. `P` programs per target, one element per lane (a scatter), like [`transpose_b`].
+/// A slot of rank 0 is written as zeros: the runtime pads the fold's K to a multiple of 64
+/// with such slots. Whole blocks are rewritten each time, so nothing a previous layout left
+/// in them counts. `P` programs per slot, one element per lane (a scatter) like
+/// [`transpose_b`]; `RP` a compile-time constant, so the index arithmetic is shifts.
 #[kernel(
-    variants(T = [bf16, f16], BLOCK = [1024], P = [64]),
+    variants(T = [bf16, f16], RP = [8, 16], BLOCK = [1024], P = [32]),
     warps = 4,
     grid = [offs.dim(0) * P],
-    require = [offs.dim(1) == 4, r > 0, r <= rp, k <= ld]
+    require = [offs.dim(1) == 5, k <= ld]
 )]
 #[allow(clippy::too_many_arguments)]
-pub fn lora_fold<T, const BLOCK: usize, const P: usize>(
+pub fn lora_fold<T, const RP: usize, const BLOCK: usize, const P: usize>(
     x: Tensor<T, 1>,
     offs: Tensor<i32, 2>,
-    r: usize,
-    rp: usize,
     k: usize,
     n: usize,
     rows: usize,
@@ -159,22 +159,25 @@ pub fn lora_fold<T, const BLOCK: usize, const P: usize>(
     let a_off = offs.load([m, 0]).cast::<i64>();
     let b_off = offs.load([m, 1]).cast::<i64>();
     let first = offs.load([m, 2]).cast::<i64>();
-    let slot = offs.load([m, 3]).cast::<i64>() * rp;
-    // A into the room's rows; lanes past the block address nothing.
-    let na = rp * k;
-    for i0 in (p * BLOCK..na).step_by(BLOCK * P) {
-        let i = i0 + range::<BLOCK>();
-        let row = i / k;
-        let src = select(row < r, a_off + i, x.dim(0));
-        let dst = select(i < na, (rows + slot + row) * ld + i % k, y.dim(0));
-        y.store([dst], x.load([src]));
+    let slot = offs.load([m, 3]).cast::<i64>() * RP;
+    let r = offs.load([m, 4]).cast::<i64>();
+    // A into the room's rows, a row at a time; lanes past the row address nothing.
+    for row in (0..RP).step_by(1) {
+        let keep = row.cast::<i64>() < r;
+        let dst_row = (rows + slot + row.cast::<i64>()) * ld;
+        for c0 in (p * BLOCK..k).step_by(BLOCK * P) {
+            let c = c0 + range::<BLOCK>();
+            let src = select(keep & (c < k), a_off + row.cast::<i64>() * k + c, x.dim(0));
+            let dst = select(c < k, dst_row + c, y.dim(0));
+            y.store([dst], x.load([src]));
+        }
     }
     // s·B into the room's columns, zero outside the target's rows.
-    let nb = rows * rp;
+    let nb = rows * RP;
     for i0 in (p * BLOCK..nb).step_by(BLOCK * P) {
         let i = i0 + range::<BLOCK>();
-        let row = i / rp;
-        let c = i % rp;
+        let row = i / RP;
+        let c = i % RP;
         let own = (row >= first) & (row < first + n) & (c < r);
         let src = select(own, b_off + (row - first) * r + c, x.dim(0));
         let dst = select(i < nb, row * ld + k + slot + c, y.dim(0));

@@ -422,21 +422,22 @@ pub fn lora_expand(
 }
 
 /// One layer's q/k/v LoRA branches folded into its projection's room
-/// (`lexp_kernels::lora_fold`): `y0` (`W [rows + room, ld]`, flat) with, per target
-/// `[a_off, b_off, first, j]`, `A [r, k]` (at `a_off` of `x`) in rows `rows + j·rp ..+ rp`
+/// (`lexp_kernels::lora_fold`): `y0` (`W [rows + room, ld]`, flat) with, per slot
+/// `[a_off, b_off, first, j, r]`, `A [r, k]` (at `a_off` of `x`) in rows `rows + j·rp ..+ rp`
 /// (zero past `r`) and `round(s·B)` (`B [n, r]` at `b_off`) in columns `k + j·rp ..+ rp` of
-/// rows `first..first + n`, zero in those columns' other rows; everything else kept.
+/// rows `first..first + n`, zero in those columns' other rows (a slot of rank 0 is all zeros);
+/// everything else kept.
 pub fn lora_fold(
     x: &[f32],
-    targets: &[[usize; 4]],
-    (r, rp, k, n): (usize, usize, usize, usize),
+    targets: &[[usize; 5]],
+    (rp, k, n): (usize, usize, usize),
     (rows, ld): (usize, usize),
     s: f32,
     y0: &[f32],
     round: impl Fn(f64) -> f32,
 ) -> Vec<f32> {
     let mut y = y0.to_vec();
-    for &[a_off, b_off, first, j] in targets {
+    for &[a_off, b_off, first, j, r] in targets {
         for i in 0..rp {
             for c in 0..k {
                 y[(rows + j * rp + i) * ld + c] = if i < r { x[a_off + i * k + c] } else { 0.0 };
@@ -456,19 +457,19 @@ pub fn lora_fold(
 }
 
 /// A q/v LoRA fold case for the kernel checks (`lora_fold`): hidden size `k` (the `H` of the
-/// fold), rank `r`, q in slot 0 and v in slot 1, their `A [r, k]` and `B [k, r]` behind gaps in
-/// the flat parameters `x`; the weight `y0` (`[rows + 2·rp + 8, ld]`, `ld = k + 2·rp + 8`)
-/// holds random values in `W [3k, k]` and the sentinel 7 in the room, which the parts the fold
-/// does not write must keep.
+/// fold), rank `r`, q in slot 0 and v in slot 1 (their `A [r, k]` and `B [k, r]` behind gaps
+/// in the flat parameters `x`) and an empty slot 2 (rank 0, the K padding); the weight `y0`
+/// (`[3k + 3·rp + 8, ld]`, `ld = k + 3·rp + 8`) holds random values in `W [3k, k]` and the
+/// sentinel 7 in the room, which the parts the fold does not write must keep.
 pub struct FoldCase {
     /// Flat adapter parameters.
     pub x: Vec<f32>,
-    /// `[A offset, B offset, first output row, slot]` per target.
-    pub targets: Vec<[usize; 4]>,
+    /// `[A offset, B offset, first output row, slot, rank]` per slot.
+    pub targets: Vec<[usize; 5]>,
     /// The weight before the fold.
     pub y0: Vec<f32>,
-    /// `(r, rp, k, n)` as [`lora_fold`] takes them (`n = k`).
-    pub dims: (usize, usize, usize, usize),
+    /// `(rp, k, n)` as [`lora_fold`] takes them (`n = k`).
+    pub dims: (usize, usize, usize),
     /// `(rows, ld)`: `W`'s rows (`3k`) and the row stride.
     pub rows_ld: (usize, usize),
 }
@@ -477,20 +478,24 @@ impl FoldCase {
     /// The case at `k`, `r`, with random values from `fill(n)` (`n` values each call).
     pub fn new(k: usize, r: usize, mut fill: impl FnMut(usize) -> Vec<f32>) -> FoldCase {
         let rp = r.div_ceil(8) * 8;
-        let (rows, ld, gap) = (3 * k, k + 2 * rp + 8, 8);
+        let (rows, ld, gap) = (3 * k, k + 3 * rp + 8, 8);
         let per = r * k + gap + k * r + gap;
         let x = fill(2 * per);
         let w = fill(rows * k);
-        let mut y0 = vec![7.0f32; (rows + 2 * rp + 8) * ld];
+        let mut y0 = vec![7.0f32; (rows + 3 * rp + 8) * ld];
         for (i, row) in w.chunks(k).enumerate() {
             y0[i * ld..i * ld + k].copy_from_slice(row);
         }
-        let targets = vec![[0, r * k + gap, 0, 0], [per, per + r * k + gap, 2 * k, 1]];
+        let targets = vec![
+            [0, r * k + gap, 0, 0, r],
+            [per, per + r * k + gap, 2 * k, 1, r],
+            [0, 0, 0, 2, 0],
+        ];
         FoldCase {
             x,
             targets,
             y0,
-            dims: (r, rp, k, k),
+            dims: (rp, k, k),
             rows_ld: (rows, ld),
         }
     }
@@ -508,7 +513,7 @@ impl FoldCase {
         )
     }
 
-    /// The targets as the kernel's `offs` rows (flat).
+    /// The slots as the kernel's `offs` rows (flat, 5 per slot).
     pub fn offs(&self) -> Vec<i32> {
         self.targets.iter().flatten().map(|&v| v as i32).collect()
     }

@@ -364,44 +364,48 @@ proptest! {
     }
 
     /// One layer's q/k/v branches folded into the room of its fused projection `W'` (one to
-    /// three targets, in a random slot order, into a sentinel-filled `W'`), against the
-    /// reference; and the product the fold exists for: `[x | u]·W'ᵀ` equals `x·Wᵀ` plus each
-    /// target's `s·u·Bᵀ` in its own rows, with `u = x·A'ᵀ` from the room's rows.
+    /// three targets in a random slot order, then empty slots up to `slots`, as the runtime
+    /// pads the fold's K), into a sentinel-filled `W'`, against the reference; and the product
+    /// the fold exists for: `[x | u]·W'ᵀ` equals `x·Wᵀ` plus each target's `s·u·Bᵀ` in its
+    /// own rows, with `u = x·A'ᵀ` from the room's rows.
     #[test]
-    fn lora_fold(seed: u64, k8 in 1usize..=6, r in 1usize..=16, targets in 1usize..=3, m in 1usize..=12) {
+    fn lora_fold(seed: u64, k8 in 1usize..=6, r in 1usize..=16, targets in 1usize..=3, pad in 0usize..=2, m in 1usize..=12) {
         let mut data = Data(StdRng::seed_from_u64(seed));
         let (k, rp, s) = (8 * k8, r.div_ceil(8) * 8, 2.0f32);
-        let (rows, ld) = (3 * k, k + 3 * rp + 8);
+        let slots = targets + pad;
+        let (rows, ld) = (3 * k, k + slots * rp + 8);
         // The engine gives its targets the first slots, in some order.
-        let mut slots: Vec<usize> = (0..targets).collect();
-        slots.rotate_left(seed as usize % targets);
+        let mut order: Vec<usize> = (0..targets).collect();
+        order.rotate_left(seed as usize % targets);
         for dtype in DTYPES {
             // Three modules' A [r, k] and B [k, r] behind gaps in the flat parameters.
             let gap = 8;
             let per = r * k + gap + k * r + gap;
             let mut x = data.tensor(dtype, &[3 * per]);
-            let w0 = data.tensor(dtype, &[(rows + 3 * rp) * ld]);
-            let mut y = HostTensor::new(dtype, &[(rows + 3 * rp) * ld], &w0.data);
+            let w0 = data.tensor(dtype, &[(rows + slots * rp) * ld]);
+            let mut y = HostTensor::new(dtype, &[(rows + slots * rp) * ld], &w0.data);
             for v in y.data.iter_mut().enumerate().filter(|(i, _)| i % ld >= k || i / ld >= rows) {
                 *v.1 = 7.0;
             }
             let y0 = y.data.clone();
-            let t: Vec<[usize; 4]> = (0..targets)
-                .map(|q| [q * per, q * per + r * k + gap, q * k, slots[q]])
+            let mut t: Vec<[usize; 5]> = (0..targets)
+                .map(|q| [q * per, q * per + r * k + gap, q * k, order[q], r])
                 .collect();
+            t.extend((targets..slots).map(|j| [0, 0, 0, j, 0]));
             let flat: Vec<i32> = t.iter().flatten().map(|&v| v as i32).collect();
-            let mut offs = i32_tensor(&[targets, 4], &flat);
-            run("lora_fold", k::lora_fold::interpret(&[], k::lora_fold::HostArgs {
-                x: &mut x, offs: &mut offs, r: r as i64, rp: rp as i64, k: k as i64, n: k as i64,
+            let mut offs = i32_tensor(&[slots, 5], &flat);
+            run("lora_fold", k::lora_fold::interpret(&[("RP", rp)], k::lora_fold::HostArgs {
+                x: &mut x, offs: &mut offs, k: k as i64, n: k as i64,
                 rows: rows as i64, ld: ld as i64, s, y: &mut y,
             }))?;
             let round = |v: f64| round_to(dtype.dtype(), v as f32);
-            let want = rm::lora_fold(&x.data, &t, (r, rp, k, k), (rows, ld), s, &y0, round);
+            let want = rm::lora_fold(&x.data, &t, (rp, k, k), (rows, ld), s, &y0, round);
             prop_assert_eq!(&y.data, &want);
 
-            // [xin | u]·W'ᵀ against xin·Wᵀ + s·u·Bᵀ (f64; s·B exact for s = 2).
+            // [xin | u]·W'ᵀ against xin·Wᵀ + s·u·Bᵀ (f64; s·B exact for s = 2), over every
+            // slot's columns, the empty ones included.
             let xin = data.tensor(dtype, &[m, k]);
-            let kc = targets * rp;
+            let kc = slots * rp;
             let mut xu = vec![0.0f64; m * (k + kc)];
             for i in 0..m {
                 for c in 0..k {
@@ -413,7 +417,7 @@ proptest! {
                         .sum();
                 }
             }
-            for (q, tq) in t.iter().enumerate() {
+            for (q, tq) in t.iter().take(targets).enumerate() {
                 for i in 0..m {
                     for o in q * k..(q + 1) * k {
                         let got: f64 = (0..k + kc).map(|c| xu[i * (k + kc) + c] * y.data[o * ld + c] as f64).sum();

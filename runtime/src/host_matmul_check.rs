@@ -317,17 +317,15 @@ fn lora_branch(
         let v = rng.uniform(n, -1.0, 1.0);
         v.into_iter().map(|x| round_to(dtype.dtype(), x)).collect()
     });
-    let (fr, frp, fk, fnn) = fold.dims;
+    let (frp, fk, fnn) = fold.dims;
     let (frows, fld) = fold.rows_ld;
     let mut w = HostTensor::new(dtype, &[fold.y0.len()], &fold.y0);
     let want = fold.want(s, round);
     k::lora_fold::interpret(
-        &[],
+        &[("RP", frp)],
         k::lora_fold::HostArgs {
             x: &mut HostTensor::new(dtype, &[fold.x.len()], &fold.x),
-            offs: &mut ints(&[2, 4], &fold.offs()),
-            r: fr as i64,
-            rp: frp as i64,
+            offs: &mut ints(&[3, 5], &fold.offs()),
             k: fk as i64,
             n: fnn as i64,
             rows: frows as i64,

@@ -585,19 +585,21 @@ pub fn backward(
             0.0,
         )?;
     }
-    let ka = fold.map_or(h, |f| f.width());
     if let (Some(ad), Some(grads)) = (cx.lora, grads.lora.as_deref_mut()) {
+        // With the fold: each target's `A` gradient offset, for the shared `dA` pass.
+        let mut a_slots = [None; 3];
         for (i, target) in QKV.into_iter().enumerate() {
             if let Some(s) = ad.slot(li, target) {
                 let dy = Mat::new(&sc.dqkv, cx.dqkv_block(li, i));
                 if let Some(f) = fold {
-                    // `u` from LN1's output, `du` into its columns of `dqkv`.
+                    // `u` from LN1's output, `du` into its columns of `dqkv`; `dA` of all
+                    // targets follows in one pass over LN1's output.
                     let (ul, dul) = f.u(i, t).zip(f.du(i, t)).ok_or_else(|| {
                         ModelError::Device(format!("internal: {target:?} has no fold slot"))
                     })?;
-                    let x = Mat::new(&acts.a, MatLayout::at(0, t, h, ka));
                     let u = Mat::new(&acts.a, ul);
-                    ad.grads_and_du(dev, &s, (x, dy, u), (&sc.dqkv, dul), &sc.wpart, grads)?;
+                    ad.grad_b_and_du_kernels(dev, &s, (dy, u), (&sc.dqkv, dul), &sc.wpart, grads)?;
+                    a_slots[i] = Some(s.a);
                     continue;
                 }
                 let u = (&acts.u, cx.u_off(target));
@@ -630,6 +632,17 @@ pub fn backward(
                     dx,
                 )?;
             }
+        }
+        if let Some(f) = fold {
+            f.grad_a(
+                dev,
+                (&a_slots, ad.r),
+                &sc.dqkv,
+                &acts.a,
+                t,
+                &sc.wpart,
+                grads,
+            )?;
         }
     }
     if let Some(f) = fold {

@@ -450,30 +450,28 @@ impl Adapters<'_> {
         add(dev, xd, dx, rows * in_f)
     }
 
-    /// The branch kernels' backward without the input gradient: `dB += s·dyᵀ·u` and
-    /// `dA += duᵀ·x` into `grads`, `du = s·dy·B` into `du` (`[rows, rank_pad(r)]` at `dul`,
-    /// pad columns zeroed; it may lie beside `dy`, as the fold keeps it). `u` is the forward's
-    /// `[rows, rank_pad(r)]`, wherever it lies (the fold keeps it beside LN1's output). The
-    /// caller adds `du·A` to the input gradient: one branch's in [`backward`](Self::backward),
-    /// every q/k/v branch's in the fold's input-gradient GEMM.
-    pub fn grads_and_du(
+    /// The branch kernels' (the cuBLAS path: [`grad_b_and_du`](Self::grad_b_and_du))
+    /// `dB += s·dyᵀ·u` into `grads` and `du = s·dy·B` into `du`
+    /// (`[rows, rank_pad(r)]` at `dul`, pad columns zeroed; it may lie beside `dy`, as the fold
+    /// keeps it). `u` is the forward's `[rows, rank_pad(r)]`, wherever it lies (the fold keeps
+    /// it beside LN1's output). The caller adds `dA += duᵀ·x` and `du·A` to the input gradient:
+    /// one branch's in [`backward`](Self::backward), every q/k/v branch's at once in the fold.
+    pub fn grad_b_and_du_kernels(
         &self,
         dev: &CudaDevice,
         s: &Slot,
-        (x, dy, u): (Mat<'_>, Mat<'_>, Mat<'_>),
+        (dy, u): (Mat<'_>, Mat<'_>),
         (du, dul): (&DeviceTensor, MatLayout),
         part: &DeviceTensor,
-        grads: &mut DeviceTensor,
+        grads: &DeviceTensor,
     ) -> R {
-        let (r, scale) = (self.r, self.scale);
         let bt = self.bt(s).ok_or_else(|| {
             ModelError::Device(
                 "internal: the LoRA branch kernels need Bᵀ and 8-aligned features".into(),
             )
         })?;
-        lora_wgrad(dev, u, dy, part, r, scale, (grads, s.b, false))?;
-        lora_down(dev, dy, bt, scale, (du, dul))?;
-        lora_wgrad(dev, Mat::new(du, dul), x, part, r, 1.0, (grads, s.a, true))
+        lora_wgrad(dev, u, dy, part, self.r, self.scale, (grads, s.b, false))?;
+        lora_down(dev, dy, bt, self.scale, (du, dul))
     }
 
     /// The branch's backward for output gradient `dy`: adds `dA`, `dB` (f32) to `grads`
@@ -498,7 +496,8 @@ impl Adapters<'_> {
             // dB += s·dyᵀ·u, du = s·dy·B, dA += duᵀ·x, dx += du·A.
             let up = Mat::new(u, self.u_padded(u_off, rows));
             let dup = self.u_padded(0, rows);
-            self.grads_and_du(dev, s, (x, dy, up), (du, dup), part, grads)?;
+            self.grad_b_and_du_kernels(dev, s, (dy, up), (du, dup), part, grads)?;
+            lora_wgrad(dev, Mat::new(du, dup), x, part, r, 1.0, (grads, s.a, true))?;
             return lora_expand(dev, Mat::new(du, dup), self.a(s), 1.0, dx);
         }
         self.grad_b_and_du(blas, s, rows, dy, (u, u_off), du, grads)?;

@@ -35,7 +35,7 @@
 //! of [`super::lora`] runs then, on the same weight (its room is simply not read).
 
 use super::lora::{rank_pad, Slots, MAX_KERNEL_RANK};
-use super::ops::{arg, dev_err, launch_err, lora_down, mat_arg, R};
+use super::ops::{arg, dev_err, launch_err, lora_down, lora_wgrad_shared, mat_arg, R};
 use super::weights::{qkv_ld, LayerWeights};
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Mat, MatLayout};
@@ -44,12 +44,15 @@ use crate::peft::LoraTarget;
 use lexp_kernels as k;
 use std::sync::OnceLock;
 
-/// Spare rows and columns of the stored q/k/v weight: three targets at the largest rank the
-/// branch kernels take.
-pub const QKV_ROOM: usize = 3 * MAX_KERNEL_ROOM;
+/// The fold's K extension is padded to a multiple of this (with empty slots, zeros): cuBLAS
+/// ran `4096 x 6144 x 2064` at 678 TFLOP/s where `x 2048` runs at 726 (call 87), the ragged
+/// last K tile costing more than the padding's 3%.
+pub const FOLD_K_ALIGN: usize = 64;
 
-/// One target's share of [`QKV_ROOM`] (`rank_pad(MAX_KERNEL_RANK)`).
-const MAX_KERNEL_ROOM: usize = MAX_KERNEL_RANK.div_ceil(8) * 8;
+/// Spare rows and columns of the stored q/k/v weight: three targets at the largest rank the
+/// branch kernels take, padded to [`FOLD_K_ALIGN`].
+pub const QKV_ROOM: usize =
+    (3 * MAX_KERNEL_RANK.div_ceil(8) * 8).div_ceil(FOLD_K_ALIGN) * FOLD_K_ALIGN;
 
 /// The environment variable that turns the fold off (`=1`).
 pub const NO_LORA_FOLD_ENV: &str = "LEXP_NO_LORA_FOLD";
@@ -67,10 +70,12 @@ pub fn fold_enabled() -> bool {
 /// Columns of LN1's output the fold may use at rank `r` (0 without adapters): the workspace
 /// sizes `a` as `[T, H + fold_cols(r)]`.
 pub fn fold_cols(r: usize) -> usize {
-    match r {
-        0 => 0,
-        r => 3 * rank_pad(r),
-    }
+    padded(3 * rank_pad(r))
+}
+
+/// `n` rounded up to [`FOLD_K_ALIGN`].
+fn padded(n: usize) -> usize {
+    n.div_ceil(FOLD_K_ALIGN) * FOLD_K_ALIGN
 }
 
 /// `lora_down`'s widest output (`lexp_kernels::lora_down`'s `R`): wider folds take several.
@@ -85,14 +90,21 @@ pub struct LayerFold {
     pub rp: usize,
     /// Hidden size.
     pub h: usize,
-    /// First row of this layer's targets in [`QkvFold`]'s offsets, and their number.
-    rows: (usize, usize),
+    /// Adapted targets (the first slots).
+    pub targets: usize,
+    /// First row of this layer's slots in [`QkvFold`]'s offsets.
+    first: usize,
 }
 
 impl LayerFold {
-    /// `kc`: the extra K columns (`slots · rp`).
+    /// `kc`: the extra K columns, the targets' `rp` each padded to [`FOLD_K_ALIGN`].
     pub fn cols(&self) -> usize {
-        self.rows.1 * self.rp
+        padded(self.targets * self.rp)
+    }
+
+    /// Slots (`kc / rp`), the empty padding ones included.
+    fn slots(&self) -> usize {
+        self.cols() / self.rp
     }
 
     /// Columns of LN1's output `a`: `H + kc`.
@@ -143,6 +155,34 @@ impl LayerFold {
         Ok(())
     }
 
+    /// `dA += duᵀ·x` of every target, from their `du` beside `dqkv` and LN1's output in
+    /// `a`: one `lora_wgrad` pass per 16 columns of `du` (`lora_wgrad_shared`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn grad_a(
+        &self,
+        dev: &CudaDevice,
+        (a_slots, r): (&[Option<usize>; 3], usize),
+        dqkv: &DeviceTensor,
+        a: &DeviceTensor,
+        t: usize,
+        part: &DeviceTensor,
+        grads: &DeviceTensor,
+    ) -> R {
+        let x = Mat::new(a, MatLayout::at(0, t, self.h, self.width()));
+        let used = self.targets * self.rp;
+        for c0 in (0..used).step_by(DOWN_COLS) {
+            let w = DOWN_COLS.min(used - c0);
+            let du = Mat::new(dqkv, MatLayout::at(3 * self.h + c0, t, w, self.dqkv_ld()));
+            let modules: Vec<(usize, f32, usize, bool)> = (0..3)
+                .filter_map(|i| Some((self.slot[i]? * self.rp, a_slots[i]?)))
+                .filter(|(col, _)| (c0..c0 + w).contains(col))
+                .map(|(col, g_off)| (col - c0, 1.0, g_off, true))
+                .collect();
+            lora_wgrad_shared(dev, du, x, part, r, &modules, grads)?;
+        }
+        Ok(())
+    }
+
     /// `[dqkv | du]` (`[T, 3H + kc]`): the input gradient's GEMM multiplies it by
     /// [`weight_rows`](Self::weight_rows), summing `dqkv·Wqkv` and every target's `du·A`.
     pub fn dqkv_du<'a>(&self, dqkv: &'a DeviceTensor, t: usize) -> Mat<'a> {
@@ -159,9 +199,9 @@ impl LayerFold {
 /// The fold of every layer, and the per-target offsets [`write`](Self::write) reads.
 pub struct QkvFold {
     layers: Vec<Option<LayerFold>>,
-    /// Per target of every layer, `[A offset, B offset, first output row, slot]` (i32).
+    /// Per slot of every layer, `[A offset, B offset, first output row, slot, rank]` (i32;
+    /// rank 0 for the padding's empty slots).
     offs: DeviceTensor,
-    r: usize,
 }
 
 impl QkvFold {
@@ -179,7 +219,8 @@ impl QkvFold {
                 slot: [None; 3],
                 rp,
                 h: 0,
-                rows: (offs.len() / 4, 0),
+                targets: 0,
+                first: offs.len() / 5,
             };
             for (i, t) in [LoraTarget::Q, LoraTarget::K, LoraTarget::V]
                 .iter()
@@ -190,18 +231,20 @@ impl QkvFold {
                     return Ok(None);
                 }
                 f.h = s.in_f;
-                f.slot[i] = Some(f.rows.1);
-                offs.extend([s.a, s.b, i * s.out_f, f.rows.1].map(|v| v as i32));
-                f.rows.1 += 1;
+                f.slot[i] = Some(f.targets);
+                offs.extend([s.a, s.b, i * s.out_f, f.targets, r].map(|v| v as i32));
+                f.targets += 1;
             }
-            layers.push((f.rows.1 > 0).then_some(f));
+            // Empty slots (rank 0: zeros) up to the padded K.
+            offs.extend((f.targets..f.slots()).flat_map(|j| [0, 0, 0, j as i32, 0]));
+            layers.push((f.targets > 0).then_some(f));
         }
         if offs.is_empty() {
             return Ok(None);
         }
-        let offs = DeviceTensor::from_i32(dev, &[offs.len() / 4, 4], &offs)
+        let offs = DeviceTensor::from_i32(dev, &[offs.len() / 5, 5], &offs)
             .map_err(dev_err("uploading the LoRA fold's offsets"))?;
-        Ok(Some(QkvFold { layers, offs, r }))
+        Ok(Some(QkvFold { layers, offs }))
     }
 
     /// Layer `li`'s fold, if it has adapted q/k/v targets.
@@ -220,19 +263,16 @@ impl QkvFold {
     ) -> R {
         for (f, w) in self.layers.iter().zip(weights) {
             let Some(f) = f else { continue };
-            let (first, n) = f.rows;
-            let ld = qkv_ld(f.h);
-            k::lora_fold::launch(
+            k::lora_fold::launch_with(
                 dev,
+                &[("RP", f.rp)],
                 &k::lora_fold::Args {
                     x: &params.as_arg(),
-                    offs: &mat_arg(&self.offs, &MatLayout::at(first * 4, n, 4, 4))?,
-                    r: self.r as i64,
-                    rp: f.rp as i64,
+                    offs: &mat_arg(&self.offs, &MatLayout::at(f.first * 5, f.slots(), 5, 5))?,
                     k: f.h as i64,
                     n: f.h as i64,
                     rows: (3 * f.h) as i64,
-                    ld: ld as i64,
+                    ld: qkv_ld(f.h) as i64,
                     s: scale,
                     y: &arg(&w.wqkv, &[w.wqkv.numel()])?,
                 },

@@ -384,8 +384,24 @@ pub fn lora_wgrad(
     scale: f32,
     (grads, g_off, transposed): (&DeviceTensor, usize, bool),
 ) -> R {
-    let (q, rp) = (b.layout.cols, a.layout.cols);
-    let part2 = arg_at(part, 0, &[LORA_WGRAD_CHUNKS * q, rp])?;
+    lora_wgrad_shared(dev, a, b, part, r, &[(0, scale, g_off, transposed)], grads)
+}
+
+/// [`lora_wgrad`] for modules that share `b` and whose rank sides lie side by side in `a`
+/// (`[M, W]`, `W` at most 16): one `lora_wgrad` pass over `b` for all of them, then one
+/// reduce per module `(first column in a, scale, g_off, transposed)`. The LoRA fold's `dA` of
+/// q, k and v (their `du` beside `dqkv`, all against LN1's output) is one such pass.
+pub fn lora_wgrad_shared(
+    dev: &CudaDevice,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    part: &DeviceTensor,
+    r: usize,
+    modules: &[(usize, f32, usize, bool)],
+    grads: &DeviceTensor,
+) -> R {
+    let (q, w) = (b.layout.cols, a.layout.cols);
+    let part2 = arg_at(part, 0, &[LORA_WGRAD_CHUNKS * q, w])?;
     k::lora_wgrad::launch(
         dev,
         &k::lora_wgrad::Args {
@@ -395,19 +411,23 @@ pub fn lora_wgrad(
         },
     )
     .map_err(launch_err)?;
-    k::lora_wgrad_reduce::launch(
-        dev,
-        &k::lora_wgrad_reduce::Args {
-            part: &arg_at(part, 0, &[LORA_WGRAD_CHUNKS, q * rp])?,
-            q: q as i64,
-            r: r as i64,
-            rp: rp as i64,
-            tr: transposed as i64,
-            s: scale,
-            g: &arg_at(grads, g_off, &[q * r])?,
-        },
-    )
-    .map_err(launch_err)
+    for &(col, scale, g_off, transposed) in modules {
+        // The module's columns of each `[Q, W]` chunk: the `[C, Q·W]` view from `col`.
+        k::lora_wgrad_reduce::launch(
+            dev,
+            &k::lora_wgrad_reduce::Args {
+                part: &arg_at(part, col, &[LORA_WGRAD_CHUNKS, q * w])?,
+                q: q as i64,
+                r: r as i64,
+                rp: w as i64,
+                tr: transposed as i64,
+                s: scale,
+                g: &arg_at(grads, g_off, &[q * r])?,
+            },
+        )
+        .map_err(launch_err)?;
+    }
+    Ok(())
 }
 
 /// Writes every LoRA module's `Bᵀ [r, rows_m]` into `dst` at the offset its `B [rows_m, r]`

@@ -197,7 +197,8 @@ pub struct Scratch {
     /// LoRA `du`, `[T, rank_pad(r)]` (the LoRA fold keeps q/k/v's in `dqkv`).
     pub du: DeviceTensor,
     /// LoRA weight gradients' split-K partial sums, f32
-    /// `[LORA_WGRAD_CHUNKS · max(H, F), rank_pad(r)]` ([`wgrad_part_len`]).
+    /// `[LORA_WGRAD_CHUNKS · max(H, F), max(rank_pad(r), 16)]` and 16 elements of slack
+    /// ([`wgrad_part_len`]).
     pub wpart: DeviceTensor,
     /// f32 scores `S` (forward) and `dP` (backward) of one sequence, `[nh, L, L]`.
     pub s: DeviceTensor,
@@ -521,7 +522,9 @@ mod tests {
 /// without LoRA or for ranks the branch kernels do not take (they run on cuBLAS).
 fn wgrad_part_len(r: usize, q: usize) -> usize {
     match r {
-        1..=MAX_KERNEL_RANK => LORA_WGRAD_CHUNKS * q * rank_pad(r),
+        // 16 columns: the LoRA fold's shared `dA` pass reads up to 16 (`lora_wgrad_shared`),
+        // and its reduces view the chunks from a module's first column (one more row's slack).
+        1..=MAX_KERNEL_RANK => LORA_WGRAD_CHUNKS * q * rank_pad(r).max(16) + 16,
         _ => 0,
     }
 }

@@ -69,17 +69,16 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
             );
             // The q/v fold into a projection of `kk` features (room holding a sentinel).
             let fold = rm::FoldCase::new(kk, r, |n| rounded(dtype, rng.uniform(n, -1.0, 1.0)));
-            let (fr, frp, fk, fnn) = fold.dims;
+            let (frp, fk, fnn) = fold.dims;
             let (frows, fld) = fold.rows_ld;
             let w = DeviceTensor::from_f32(dev, dtype, &[fold.y0.len()], &fold.y0)?;
             let params = DeviceTensor::from_f32(dev, dtype, &[fold.x.len()], &fold.x)?;
-            k::lora_fold::launch(
+            k::lora_fold::launch_with(
                 dev,
+                &[("RP", frp)],
                 &k::lora_fold::Args {
                     x: &params.as_arg(),
-                    offs: &DeviceTensor::from_i32(dev, &[2, 4], &fold.offs())?.as_arg(),
-                    r: fr as i64,
-                    rp: frp as i64,
+                    offs: &DeviceTensor::from_i32(dev, &[3, 5], &fold.offs())?.as_arg(),
                     k: fk as i64,
                     n: fnn as i64,
                     rows: frows as i64,
