@@ -28,7 +28,7 @@ use lexp_macros::kernel;
 /// `u[M, rp] = T(s · x[M, K] · w[r, K]ᵀ)` for `r <= rp <= R`; the columns `r..rp` are zero.
 /// One program per `BM` rows streams the whole `K` extent through the `cp.async` pipeline.
 #[kernel(
-    variants(T = [bf16, f16], BM = [32, 64], BK = [128, 64], R = [16], S = [4, 8], W = [4]),
+    variants(T = [bf16, f16], BM = [16, 32, 64], BK = [128, 64], R = [16], S = [4, 8], W = [4]),
     warps = W,
     stages = S,
     grid = [cdiv(x.dim(0), BM)],

@@ -42,6 +42,7 @@ use crate::cublas::{Mat, MatLayout};
 use crate::device::CudaDevice;
 use crate::peft::LoraTarget;
 use lexp_kernels as k;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// The fold's K extension is padded to a multiple of this (with empty slots, zeros): cuBLAS
@@ -141,13 +142,16 @@ impl LayerFold {
     }
 
     /// `u = a[:, ..H]·A'ᵀ` for every target into `a`'s fold columns (`A'` the weight's room
-    /// rows), `⌈kc / 16⌉` `lora_down` launches. `x` and `u` are disjoint columns of `a`.
+    /// rows), one `lora_down` launch per 16 columns of the targets' slots. `x` and `u` are
+    /// disjoint columns of `a`. The empty slots' columns are not written: they hold whatever
+    /// finite values the workspace had (zeros, or an earlier LN1 output), which the weight's
+    /// zero columns there cancel.
     pub fn down(&self, dev: &CudaDevice, w: &LayerWeights, a: &DeviceTensor, t: usize) -> R {
-        let (h, kc, ld) = (self.h, self.cols(), self.width());
+        let (h, used, ld) = (self.h, self.targets * self.rp, self.width());
         let x = Mat::new(a, MatLayout::at(0, t, h, ld));
-        let room = w.qkv_room(h, kc);
-        for c0 in (0..kc).step_by(DOWN_COLS) {
-            let cw = DOWN_COLS.min(kc - c0);
+        let room = w.qkv_room(h, used);
+        for c0 in (0..used).step_by(DOWN_COLS) {
+            let cw = DOWN_COLS.min(used - c0);
             let (off, wld) = (room.layout.offset + c0 * room.layout.ld, room.layout.ld);
             let rows = Mat::new(room.tensor, MatLayout::at(off, cw, h, wld));
             lora_down(dev, x, rows, 1.0, (a, MatLayout::at(h + c0, t, cw, ld)))?;
@@ -199,6 +203,9 @@ impl LayerFold {
 /// The fold of every layer, and the per-target offsets [`write`](Self::write) reads.
 pub struct QkvFold {
     layers: Vec<Option<LayerFold>>,
+    /// Set once the empty slots have been written (zeros): they never change, so later writes
+    /// rewrite the targets' slots only.
+    padded: AtomicBool,
     /// Per slot of every layer, `[A offset, B offset, first output row, slot, rank]` (i32;
     /// rank 0 for the padding's empty slots).
     offs: DeviceTensor,
@@ -244,7 +251,11 @@ impl QkvFold {
         }
         let offs = DeviceTensor::from_i32(dev, &[offs.len() / 5, 5], &offs)
             .map_err(dev_err("uploading the LoRA fold's offsets"))?;
-        Ok(Some(QkvFold { layers, offs }))
+        Ok(Some(QkvFold {
+            layers,
+            offs,
+            padded: AtomicBool::new(false),
+        }))
     }
 
     /// Layer `li`'s fold, if it has adapted q/k/v targets.
@@ -261,6 +272,11 @@ impl QkvFold {
         scale: f32,
         weights: &[LayerWeights],
     ) -> R {
+        // The first write zeroes the empty slots too (a previous layout may have used them).
+        let slots = |f: &LayerFold| match self.padded.load(Ordering::Relaxed) {
+            true => f.targets,
+            false => f.slots(),
+        };
         for (f, w) in self.layers.iter().zip(weights) {
             let Some(f) = f else { continue };
             k::lora_fold::launch_with(
@@ -268,7 +284,7 @@ impl QkvFold {
                 &[("RP", f.rp)],
                 &k::lora_fold::Args {
                     x: &params.as_arg(),
-                    offs: &mat_arg(&self.offs, &MatLayout::at(f.first * 5, f.slots(), 5, 5))?,
+                    offs: &mat_arg(&self.offs, &MatLayout::at(f.first * 5, slots(f), 5, 5))?,
                     k: f.h as i64,
                     n: f.h as i64,
                     rows: (3 * f.h) as i64,
@@ -279,6 +295,7 @@ impl QkvFold {
             )
             .map_err(launch_err)?;
         }
+        self.padded.store(true, Ordering::Relaxed);
         Ok(())
     }
 
