@@ -41,7 +41,8 @@ pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
 pub use lora_branch::{
-    lora_down, lora_expand, lora_fold, lora_wgrad, lora_wgrad_reduce, transpose_b,
+    lora_down, lora_expand, lora_fold, lora_wgrad, lora_wgrad_reduce, lora_wgrad_reduce_many,
+    transpose_b,
 };
 pub use optimizer::{adamw, AdamwStep};
 pub use reduce::{colsum, sum_squares, SUM_SQUARES_CHUNK};
@@ -55,7 +56,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 52] = [
+pub static ALL: [&KernelInfo; 53] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -98,6 +99,7 @@ pub static ALL: [&KernelInfo; 52] = [
     &lora_fold::INFO,
     &lora_wgrad::INFO,
     &lora_wgrad_reduce::INFO,
+    &lora_wgrad_reduce_many::INFO,
     &flash_fwd::INFO,
     &flash_bwd_delta::INFO,
     &flash_bwd_dkdv::INFO,

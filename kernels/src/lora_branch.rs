@@ -28,7 +28,7 @@ use lexp_macros::kernel;
 /// `u[M, rp] = T(s · x[M, K] · w[r, K]ᵀ)` for `r <= rp <= R`; the columns `r..rp` are zero.
 /// One program per `BM` rows streams the whole `K` extent through the `cp.async` pipeline.
 #[kernel(
-    variants(T = [bf16, f16], BM = [16, 32, 64], BK = [128, 64], R = [16], S = [4, 8], W = [4]),
+    variants(T = [bf16, f16], BM = [32, 64], BK = [128, 64], R = [16], S = [8, 4], W = [4]),
     warps = W,
     stages = S,
     grid = [cdiv(x.dim(0), BM)],
@@ -136,15 +136,17 @@ pub fn transpose_b<T, const BLOCK: usize, const P: usize>(
 /// A slot of rank 0 is written as zeros: the runtime pads the fold's K to a multiple of 64
 /// with such slots. Whole blocks are rewritten each time, so nothing a previous layout left
 /// in them counts. `P` programs per slot, one element per lane (a scatter) like
-/// [`transpose_b`]; `RP` a compile-time constant, so the index arithmetic is shifts.
+/// [`transpose_b`]: the first `PA` write `A`, the others `s·B`, each block in one pass at
+/// OPT-1.3B's sizes (a program that looped over both took 10 µs a layer, its passes queued
+/// behind each other's memory latency).
 #[kernel(
-    variants(T = [bf16, f16], RP = [8, 16], BLOCK = [1024], P = [32]),
+    variants(T = [bf16, f16], RP = [8, 16], BLOCK = [1024], P = [64], PA = [16]),
     warps = 4,
     grid = [offs.dim(0) * P],
     require = [offs.dim(1) == 5, k <= ld]
 )]
 #[allow(clippy::too_many_arguments)]
-pub fn lora_fold<T, const RP: usize, const BLOCK: usize, const P: usize>(
+pub fn lora_fold<T, const RP: usize, const BLOCK: usize, const P: usize, const PA: usize>(
     x: Tensor<T, 1>,
     offs: Tensor<i32, 2>,
     k: usize,
@@ -161,27 +163,28 @@ pub fn lora_fold<T, const RP: usize, const BLOCK: usize, const P: usize>(
     let first = offs.load([m, 2]).cast::<i64>();
     let slot = offs.load([m, 3]).cast::<i64>() * RP;
     let r = offs.load([m, 4]).cast::<i64>();
-    // A into the room's rows, a row at a time; lanes past the row address nothing.
-    for row in (0..RP).step_by(1) {
-        let keep = row.cast::<i64>() < r;
-        let dst_row = (rows + slot + row.cast::<i64>()) * ld;
-        for c0 in (p * BLOCK..k).step_by(BLOCK * P) {
-            let c = c0 + range::<BLOCK>();
-            let src = select(keep & (c < k), a_off + row.cast::<i64>() * k + c, x.dim(0));
-            let dst = select(c < k, dst_row + c, y.dim(0));
+    if p < PA {
+        // A into the room's rows; lanes past the block address nothing.
+        let na = RP * k;
+        for i0 in (p * BLOCK..na).step_by(BLOCK * PA) {
+            let i = i0 + range::<BLOCK>();
+            let row = i / k;
+            let src = select(row < r, a_off + i, x.dim(0));
+            let dst = select(i < na, (rows + slot + row) * ld + i % k, y.dim(0));
             y.store([dst], x.load([src]));
         }
-    }
-    // s·B into the room's columns, zero outside the target's rows.
-    let nb = rows * RP;
-    for i0 in (p * BLOCK..nb).step_by(BLOCK * P) {
-        let i = i0 + range::<BLOCK>();
-        let row = i / RP;
-        let c = i % RP;
-        let own = (row >= first) & (row < first + n) & (c < r);
-        let src = select(own, b_off + (row - first) * r + c, x.dim(0));
-        let dst = select(i < nb, row * ld + k + slot + c, y.dim(0));
-        y.store([dst], (x.load([src]).cast::<f32>() * s).cast::<T>());
+    } else {
+        // s·B into the room's columns, zero outside the target's rows.
+        let nb = rows * RP;
+        for i0 in ((p - PA) * BLOCK..nb).step_by(BLOCK * (P - PA)) {
+            let i = i0 + range::<BLOCK>();
+            let row = i / RP;
+            let c = i % RP;
+            let own = (row >= first) & (row < first + n) & (c < r);
+            let src = select(own, b_off + (row - first) * r + c, x.dim(0));
+            let dst = select(i < nb, row * ld + k + slot + c, y.dim(0));
+            y.store([dst], (x.load([src]).cast::<f32>() * s).cast::<T>());
+        }
     }
 }
 
@@ -254,4 +257,48 @@ pub fn lora_wgrad_reduce<const BLOCK: usize, const CH: usize>(
     let j = select(tr == 1, i / q, i % r);
     let sums = part.load([range::<CH>(), qi * rp + j]).sum(0);
     g.store([i], g.load([i]) + sums * s);
+}
+
+/// [`lora_wgrad_reduce`] for several modules in one launch (the LoRA fold's q/k/v: a layer's
+/// `dB` passes and its shared `dA` passes, four reduces in one at rank 4 on q and v). `part`
+/// is `[blocks·C, Q·w]`: block `b`, rows `b·C ..+ C`, is one [`lora_wgrad`] pass's `[C·Q, w]`.
+/// Module `m` (a row of `mods`: block, column shift, `tr`, element offset of its gradient in
+/// `g`, and 1 when scaled by `s`) adds `(s or 1) · Σ_c part[b·C + c, qi·w + shift + j]` to its
+/// gradient, `[Q, r]` (`tr = 0`) or `[r, Q]` (`tr = 1`). Chunks summed in a fixed order, as
+/// in [`lora_wgrad_reduce`].
+#[kernel(
+    variants(BLOCK = [128], CH = [16]),
+    warps = 4,
+    grid = [cdiv(n as usize, BLOCK), mods.dim(0)],
+    require = [
+        mods.dim(1) == 5, chunks <= CH as i64, q > 0, r > 0, n == q * r,
+        part.dim(1) as i64 == q * w
+    ]
+)]
+#[allow(clippy::too_many_arguments)]
+pub fn lora_wgrad_reduce_many<const BLOCK: usize, const CH: usize>(
+    part: Tensor<f32, 2>,
+    mods: Tensor<i32, 2>,
+    q: usize,
+    r: usize,
+    w: usize,
+    n: usize,
+    chunks: usize,
+    s: f32,
+    g: TensorMut<f32, 1>,
+) {
+    let m = program_id(1);
+    let i = program_id(0).cast::<i64>() * BLOCK + range::<BLOCK>();
+    let blk = mods.load([m, 0]).cast::<i64>();
+    let shift = mods.load([m, 1]).cast::<i64>();
+    let tr = mods.load([m, 2]);
+    let off = mods.load([m, 3]).cast::<i64>();
+    let scale = select(mods.load([m, 4]) == 1, s, 1.0);
+    let qi = select(tr == 1, i % q, i / r);
+    let j = select(tr == 1, i / q, i % r);
+    let c = range::<CH>().cast::<i64>();
+    let rows = select(c < chunks, blk * chunks + c, part.dim(0));
+    let sums = part.load([rows, qi * w + shift + j]).sum(0);
+    let gi = select(i < n, off + i, g.dim(0));
+    g.store([gi], g.load([gi]) + sums * scale);
 }

@@ -456,6 +456,80 @@ pub fn lora_fold(
     y
 }
 
+/// Several LoRA weight-gradient reduces (`lexp_kernels::lora_wgrad_reduce_many`): `g0` with,
+/// per module `[block, shift, tr, off, scaled]`, `(s or 1) · Σ_c part[(block·C + c)·Q·w +
+/// qi·w + shift + j]` added to `g[off + i]`, `i` over its `Q·r` gradient (`[Q, r]`, or
+/// `[r, Q]` when `tr = 1`), in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_wgrad_reduce_many(
+    part: &[f32],
+    mods: &[[usize; 5]],
+    (q, r, w, chunks): (usize, usize, usize, usize),
+    s: f32,
+    g0: &[f32],
+) -> Vec<f32> {
+    let mut g = g0.to_vec();
+    for &[block, shift, tr, off, scaled] in mods {
+        let scale = if scaled == 1 { f(s) } else { 1.0 };
+        for i in 0..q * r {
+            let (qi, j) = if tr == 1 {
+                (i % q, i / q)
+            } else {
+                (i / r, i % r)
+            };
+            let sum: f64 = (0..chunks)
+                .map(|c| f(part[(block * chunks + c) * q * w + qi * w + shift + j]))
+                .sum();
+            g[off + i] = (f(g[off + i]) + scale * sum) as f32;
+        }
+    }
+    g
+}
+
+/// A case of the fold's reduce (`lora_wgrad_reduce_many`) for the kernel checks: three
+/// blocks of partial sums (`[3·chunks, q·16]`, from `fill`) and four modules, the fold's q/v
+/// layout: two `dB` (`[q, r]`, scaled) from blocks 0 and 1, two `dA` (`[r, q]`) from block 2
+/// at column shifts 0 and 8, into a gradient buffer `g0` (from `fill`) with a gap and a tail
+/// that no module names.
+pub struct ReduceManyCase {
+    /// Partial sums.
+    pub part: Vec<f32>,
+    /// `[block, shift, tr, offset, scaled]` per module.
+    pub mods: Vec<[usize; 5]>,
+    /// The gradients before.
+    pub g0: Vec<f32>,
+    /// `(q, r, w, chunks)`.
+    pub dims: (usize, usize, usize, usize),
+}
+
+impl ReduceManyCase {
+    /// The case for `q` rows, rank `r`, `chunks` chunks.
+    pub fn new(q: usize, r: usize, chunks: usize, mut fill: impl FnMut(usize) -> Vec<f32>) -> Self {
+        let (w, n) = (16, q * r);
+        ReduceManyCase {
+            part: fill(3 * chunks * q * w),
+            mods: vec![
+                [0, 0, 0, 0, 1],
+                [1, 0, 0, n + 3, 1],
+                [2, 0, 1, 2 * n + 3, 0],
+                [2, 8, 1, 3 * n + 3, 0],
+            ],
+            g0: fill(4 * n + 5),
+            dims: (q, r, w, chunks),
+        }
+    }
+
+    /// The gradients after, with scale `s`.
+    pub fn want(&self, s: f32) -> Vec<f32> {
+        lora_wgrad_reduce_many(&self.part, &self.mods, self.dims, s, &self.g0)
+    }
+
+    /// The modules as the kernel's `mods` rows (flat, 5 per module).
+    pub fn mods_i32(&self) -> Vec<i32> {
+        self.mods.iter().flatten().map(|&v| v as i32).collect()
+    }
+}
+
 /// A q/v LoRA fold case for the kernel checks (`lora_fold`): hidden size `k` (the `H` of the
 /// fold), rank `r`, q in slot 0 and v in slot 1 (their `A [r, k]` and `B [k, r]` behind gaps
 /// in the flat parameters `x`) and an empty slot 2 (rank 0, the K padding); the weight `y0`

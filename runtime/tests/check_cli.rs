@@ -22,6 +22,7 @@ fn the_lora_branch_kernels_are_checked_on_the_cpu() {
     for (kernel, rows) in [
         ("transpose_b", 2),
         ("lora_fold", 2),
+        ("lora_wgrad_reduce_many", 2),
         ("lora_down", 4),
         ("lora_expand", 4),
         ("lora_wgrad", 4),

@@ -95,7 +95,7 @@ fn ptx_structure() {
             // (vector loads and stores, or 16-byte `cp.async` copies into shared memory).
             // Gathers of one element per lane have no 16-byte access to make: `transpose_b`
             // and `lora_fold` (LoRA's small `A`s and `B`s, once per step) and
-            // `lora_wgrad_reduce` (its partial sums).
+            // `lora_wgrad_reduce` and `lora_wgrad_reduce_many` (its partial sums).
             if v.align == 16 && !["transpose_b", "lora_fold", "lora_wgrad_reduce"].contains(&k.name)
             {
                 assert!(

@@ -586,22 +586,13 @@ pub fn backward(
         )?;
     }
     if let (Some(ad), Some(grads)) = (cx.lora, grads.lora.as_deref_mut()) {
-        // With the fold: each target's `A` gradient offset, for the shared `dA` pass.
-        let mut a_slots = [None; 3];
-        for (i, target) in QKV.into_iter().enumerate() {
+        if let Some(f) = fold {
+            let part = &sc.wpart;
+            f.backward(dev, (&ad, li), (&acts.a, &sc.dqkv), t, part, grads)?;
+        }
+        for (i, target) in QKV.into_iter().enumerate().filter(|_| fold.is_none()) {
             if let Some(s) = ad.slot(li, target) {
                 let dy = Mat::new(&sc.dqkv, cx.dqkv_block(li, i));
-                if let Some(f) = fold {
-                    // `u` from LN1's output, `du` into its columns of `dqkv`; `dA` of all
-                    // targets follows in one pass over LN1's output.
-                    let (ul, dul) = f.u(i, t).zip(f.du(i, t)).ok_or_else(|| {
-                        ModelError::Device(format!("internal: {target:?} has no fold slot"))
-                    })?;
-                    let u = Mat::new(&acts.a, ul);
-                    ad.grad_b_and_du_kernels(dev, &s, (dy, u), (&sc.dqkv, dul), &sc.wpart, grads)?;
-                    a_slots[i] = Some(s.a);
-                    continue;
-                }
                 let u = (&acts.u, cx.u_off(target));
                 if let Some(m_off) = cx.lora_mask(target) {
                     ad.backward_masked(
@@ -632,17 +623,6 @@ pub fn backward(
                     dx,
                 )?;
             }
-        }
-        if let Some(f) = fold {
-            f.grad_a(
-                dev,
-                (&a_slots, ad.r),
-                &sc.dqkv,
-                &acts.a,
-                t,
-                &sc.wpart,
-                grads,
-            )?;
         }
     }
     if let Some(f) = fold {

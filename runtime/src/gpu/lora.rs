@@ -233,7 +233,7 @@ impl DeviceLora {
         if let Some((offs, rows)) = &self.b_slots {
             v.extend([offs.device_ptr(), rows.device_ptr()]);
         }
-        v.extend(self.fold.as_ref().map(QkvFold::buffer_ptr));
+        v.extend(self.fold.iter().flat_map(QkvFold::buffer_ptrs));
         v
     }
 
@@ -304,7 +304,7 @@ impl Adapters<'_> {
 
     /// `Bᵀ [r, out]` of `s` when the branch kernels run it: they do for ranks up to
     /// [`MAX_KERNEL_RANK`] and features that are multiples of 8 (16-byte rows).
-    fn bt(&self, s: &Slot) -> Option<Mat<'_>> {
+    pub(super) fn bt(&self, s: &Slot) -> Option<Mat<'_>> {
         let bt = self
             .bt
             .filter(|_| s.in_f.is_multiple_of(8) && s.out_f.is_multiple_of(8))?;

@@ -13,8 +13,9 @@
 //! `lora_expand` per target. The backward does the same along the other K: each target's
 //! `du = s·dy·B` goes into spare columns of `dqkv`, and the input gradient's GEMM
 //! `[dqkv | du]·[Wqkv ; A']` (K = 3H + kc) sums `dqkv·Wqkv` and every `du·A`, instead of one
-//! `lora_expand` per target. The weight gradients are unchanged (`lora_wgrad` per target,
-//! reading `u` and `du` where the fold keeps them).
+//! `lora_expand` per target. The weight gradients read `u` and `du` where the fold keeps them:
+//! a `lora_wgrad` pass per target for `dB`, one pass over LN1's output for every target's `dA`
+//! (their `du` lie side by side), and one reduce launch for all of a layer's gradients.
 //!
 //! Layout, for a layer whose adapted q/k/v targets take slots `j = 0, 1, ...` in q, k, v
 //! order (`rp` = [`rank_pad`]`(r)`, `kc = slots · rp`):
@@ -34,12 +35,17 @@
 //! dropout on q, k or v (each branch must see its own dropped input): the per-target branch
 //! of [`super::lora`] runs then, on the same weight (its room is simply not read).
 
+use super::lora::Adapters;
 use super::lora::{rank_pad, Slots, MAX_KERNEL_RANK};
-use super::ops::{arg, dev_err, launch_err, lora_down, lora_wgrad_shared, mat_arg, R};
+use super::ops::{
+    arg, dev_err, launch_err, lora_down, lora_wgrad_pass, lora_wgrad_reduce_many, mat_arg,
+    LORA_WGRAD_CHUNKS, R,
+};
 use super::weights::{qkv_ld, LayerWeights};
 use crate::buffer::DeviceTensor;
 use crate::cublas::{Mat, MatLayout};
 use crate::device::CudaDevice;
+use crate::model::ModelError;
 use crate::peft::LoraTarget;
 use lexp_kernels as k;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,6 +101,12 @@ pub struct LayerFold {
     pub targets: usize,
     /// First row of this layer's slots in [`QkvFold`]'s offsets.
     first: usize,
+    /// First row of this layer's gradients in [`QkvFold`]'s reduce table, and their number.
+    mods: (usize, usize),
+}
+
+fn internal(what: &str) -> ModelError {
+    ModelError::Device(format!("internal: LoRA fold: {what}"))
 }
 
 impl LayerFold {
@@ -159,32 +171,62 @@ impl LayerFold {
         Ok(())
     }
 
-    /// `dA += duᵀ·x` of every target, from their `du` beside `dqkv` and LN1's output in
-    /// `a`: one `lora_wgrad` pass per 16 columns of `du` (`lora_wgrad_shared`).
+    /// Wgrad blocks of the backward: one `dB` pass per target, one `dA` pass per 16 columns
+    /// of the targets' `du`.
+    fn wgrad_blocks(&self) -> usize {
+        self.targets + (self.targets * self.rp).div_ceil(DOWN_COLS)
+    }
+
+    /// The q/k/v branches' backward but for the input gradient (which the GEMM over
+    /// `[dqkv | du]` sums): per target, `du = s·dy·B` beside `dqkv` and the `dB` pass over
+    /// `dy` (16 columns of LN1's output from its `u`); one `dA` pass over LN1's output per 16
+    /// columns of `du`; then every gradient from one [`lora_wgrad_reduce_many`] launch.
+    /// Passes write whole 16-column blocks; the columns no gradient reads are never summed.
     #[allow(clippy::too_many_arguments)]
-    pub fn grad_a(
+    pub fn backward(
         &self,
         dev: &CudaDevice,
-        (a_slots, r): (&[Option<usize>; 3], usize),
-        dqkv: &DeviceTensor,
-        a: &DeviceTensor,
+        (ad, li): (&Adapters<'_>, usize),
+        (a, dqkv): (&DeviceTensor, &DeviceTensor),
         t: usize,
         part: &DeviceTensor,
         grads: &DeviceTensor,
     ) -> R {
-        let x = Mat::new(a, MatLayout::at(0, t, self.h, self.width()));
-        let used = self.targets * self.rp;
-        for c0 in (0..used).step_by(DOWN_COLS) {
-            let w = DOWN_COLS.min(used - c0);
-            let du = Mat::new(dqkv, MatLayout::at(3 * self.h + c0, t, w, self.dqkv_ld()));
-            let modules: Vec<(usize, f32, usize, bool)> = (0..3)
-                .filter_map(|i| Some((self.slot[i]? * self.rp, a_slots[i]?)))
-                .filter(|(col, _)| (c0..c0 + w).contains(col))
-                .map(|(col, g_off)| (col - c0, 1.0, g_off, true))
-                .collect();
-            lora_wgrad_shared(dev, du, x, part, r, &modules, grads)?;
+        let (h, w) = (self.h, DOWN_COLS);
+        let fold = ad
+            .fold
+            .ok_or_else(|| internal("adapters without their fold"))?;
+        let block = |b: usize| b * LORA_WGRAD_CHUNKS * h * w;
+        let x = Mat::new(a, MatLayout::at(0, t, h, self.width()));
+        for (i, target) in [LoraTarget::Q, LoraTarget::K, LoraTarget::V]
+            .into_iter()
+            .enumerate()
+        {
+            let Some(j) = self.slot[i] else { continue };
+            let s = ad
+                .slot(li, target)
+                .ok_or_else(|| internal("a fold slot of no module"))?;
+            let bt = ad.bt(&s).ok_or_else(|| internal("the fold without Bᵀ"))?;
+            let dy = Mat::new(dqkv, MatLayout::at(i * h, t, h, self.dqkv_ld()));
+            let u = Mat::new(a, MatLayout::at(h + j * self.rp, t, w, self.width()));
+            lora_wgrad_pass(dev, u, dy, (part, block(j)))?;
+            let du = self.du(i, t).ok_or_else(|| internal("a slot without du"))?;
+            lora_down(dev, dy, bt, ad.scale, (dqkv, du))?;
         }
-        Ok(())
+        for c in 0..self.wgrad_blocks() - self.targets {
+            let du = Mat::new(dqkv, MatLayout::at(3 * h + c * w, t, w, self.dqkv_ld()));
+            lora_wgrad_pass(dev, du, x, (part, block(self.targets + c)))?;
+        }
+        let (first, n) = self.mods;
+        let mods = mat_arg(&fold.mods, &MatLayout::at(first * 5, n, 5, 5))?;
+        lora_wgrad_reduce_many(
+            dev,
+            (part, self.wgrad_blocks()),
+            (h, ad.r, w),
+            &mods,
+            ad.scale,
+            grads,
+        )
     }
 
     /// `[dqkv | du]` (`[T, 3H + kc]`): the input gradient's GEMM multiplies it by
@@ -209,6 +251,9 @@ pub struct QkvFold {
     /// Per slot of every layer, `[A offset, B offset, first output row, slot, rank]` (i32;
     /// rank 0 for the padding's empty slots).
     offs: DeviceTensor,
+    /// Per gradient of every layer, the backward's reduce (`lora_wgrad_reduce_many`): `[wgrad
+    /// block, column shift, transposed, offset in the gradients, scaled]` (i32).
+    mods: DeviceTensor,
 }
 
 impl QkvFold {
@@ -219,7 +264,7 @@ impl QkvFold {
             return Ok(None);
         }
         let rp = rank_pad(r);
-        let mut offs = Vec::new();
+        let (mut offs, mut mods) = (Vec::new(), Vec::new());
         let mut layers = Vec::with_capacity(slots.len());
         for layer in slots {
             let mut f = LayerFold {
@@ -228,6 +273,7 @@ impl QkvFold {
                 h: 0,
                 targets: 0,
                 first: offs.len() / 5,
+                mods: (mods.len() / 5, 0),
             };
             for (i, t) in [LoraTarget::Q, LoraTarget::K, LoraTarget::V]
                 .iter()
@@ -244,6 +290,21 @@ impl QkvFold {
             }
             // Empty slots (rank 0: zeros) up to the padded K.
             offs.extend((f.targets..f.slots()).flat_map(|j| [0, 0, 0, j as i32, 0]));
+            // The reduce: target j's dB from its own pass (block j, scaled), its dA from the
+            // shared pass over its du's 16 columns.
+            for (i, t) in [LoraTarget::Q, LoraTarget::K, LoraTarget::V]
+                .iter()
+                .enumerate()
+            {
+                let (Some(j), Some(s)) = (f.slot[i], layer[t.index()]) else {
+                    continue;
+                };
+                let col = j * rp;
+                mods.extend([j, 0, 0, s.b, 1].map(|v| v as i32));
+                let da = [f.targets + col / DOWN_COLS, col % DOWN_COLS, 1, s.a, 0];
+                mods.extend(da.map(|v| v as i32));
+            }
+            f.mods.1 = mods.len() / 5 - f.mods.0;
             layers.push((f.targets > 0).then_some(f));
         }
         if offs.is_empty() {
@@ -251,9 +312,12 @@ impl QkvFold {
         }
         let offs = DeviceTensor::from_i32(dev, &[offs.len() / 5, 5], &offs)
             .map_err(dev_err("uploading the LoRA fold's offsets"))?;
+        let mods = DeviceTensor::from_i32(dev, &[mods.len() / 5, 5], &mods)
+            .map_err(dev_err("uploading the LoRA fold's reduce table"))?;
         Ok(Some(QkvFold {
             layers,
             offs,
+            mods,
             padded: AtomicBool::new(false),
         }))
     }
@@ -299,8 +363,8 @@ impl QkvFold {
         Ok(())
     }
 
-    /// Device address of the offsets (for a CUDA graph's key).
-    pub fn buffer_ptr(&self) -> u64 {
-        self.offs.device_ptr()
+    /// Device addresses of the tables (for a CUDA graph's key).
+    pub fn buffer_ptrs(&self) -> [u64; 2] {
+        [self.offs.device_ptr(), self.mods.device_ptr()]
     }
 }

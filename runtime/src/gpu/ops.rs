@@ -384,50 +384,72 @@ pub fn lora_wgrad(
     scale: f32,
     (grads, g_off, transposed): (&DeviceTensor, usize, bool),
 ) -> R {
-    lora_wgrad_shared(dev, a, b, part, r, &[(0, scale, g_off, transposed)], grads)
+    let q = b.layout.cols;
+    let rp = a.layout.cols;
+    lora_wgrad_pass(dev, a, b, (part, 0))?;
+    k::lora_wgrad_reduce::launch(
+        dev,
+        &k::lora_wgrad_reduce::Args {
+            part: &arg_at(part, 0, &[LORA_WGRAD_CHUNKS, q * rp])?,
+            q: q as i64,
+            r: r as i64,
+            rp: rp as i64,
+            tr: transposed as i64,
+            s: scale,
+            g: &arg_at(grads, g_off, &[q * r])?,
+        },
+    )
+    .map_err(launch_err)
 }
 
-/// [`lora_wgrad`] for modules that share `b` and whose rank sides lie side by side in `a`
-/// (`[M, W]`, `W` at most 16): one `lora_wgrad` pass over `b` for all of them, then one
-/// reduce per module `(first column in a, scale, g_off, transposed)`. The LoRA fold's `dA` of
-/// q, k and v (their `du` beside `dqkv`, all against LN1's output) is one such pass.
-pub fn lora_wgrad_shared(
+/// The first half of [`lora_wgrad`]: the `[chunks·Q, W]` partial sums of `bᵀ·a` (`a [M, W]`,
+/// `W` at most 16, `b [M, Q]`) at element `off` of `part`, to be reduced later (the LoRA
+/// fold reduces a layer's passes in one [`lora_wgrad_reduce_many`] launch).
+pub fn lora_wgrad_pass(
     dev: &CudaDevice,
     a: Mat<'_>,
     b: Mat<'_>,
-    part: &DeviceTensor,
-    r: usize,
-    modules: &[(usize, f32, usize, bool)],
-    grads: &DeviceTensor,
+    (part, off): (&DeviceTensor, usize),
 ) -> R {
     let (q, w) = (b.layout.cols, a.layout.cols);
-    let part2 = arg_at(part, 0, &[LORA_WGRAD_CHUNKS * q, w])?;
     k::lora_wgrad::launch(
         dev,
         &k::lora_wgrad::Args {
             a: &mat_arg(a.tensor, &a.layout)?,
             b: &mat_arg(b.tensor, &b.layout)?,
-            part: &part2,
+            part: &arg_at(part, off, &[LORA_WGRAD_CHUNKS * q, w])?,
         },
     )
-    .map_err(launch_err)?;
-    for &(col, scale, g_off, transposed) in modules {
-        // The module's columns of each `[Q, W]` chunk: the `[C, Q·W]` view from `col`.
-        k::lora_wgrad_reduce::launch(
-            dev,
-            &k::lora_wgrad_reduce::Args {
-                part: &arg_at(part, col, &[LORA_WGRAD_CHUNKS, q * w])?,
-                q: q as i64,
-                r: r as i64,
-                rp: w as i64,
-                tr: transposed as i64,
-                s: scale,
-                g: &arg_at(grads, g_off, &[q * r])?,
-            },
-        )
-        .map_err(launch_err)?;
-    }
-    Ok(())
+    .map_err(launch_err)
+}
+
+/// Reduces `blocks` [`lora_wgrad_pass`]es of `[chunks·q, w]` each (block `b` at element
+/// `b·chunks·q·w` of `part`) into the gradients the rows of `mods` name
+/// (`lexp_kernels::lora_wgrad_reduce_many`: block, column shift, transposed, offset in
+/// `grads`, scaled by `s`), in one launch.
+pub fn lora_wgrad_reduce_many(
+    dev: &CudaDevice,
+    (part, blocks): (&DeviceTensor, usize),
+    (q, r, w): (usize, usize, usize),
+    mods: &TensorArg,
+    s: f32,
+    grads: &DeviceTensor,
+) -> R {
+    k::lora_wgrad_reduce_many::launch(
+        dev,
+        &k::lora_wgrad_reduce_many::Args {
+            part: &arg_at(part, 0, &[blocks * LORA_WGRAD_CHUNKS, q * w])?,
+            mods,
+            q: q as i64,
+            r: r as i64,
+            w: w as i64,
+            n: (q * r) as i64,
+            chunks: LORA_WGRAD_CHUNKS as i64,
+            s,
+            g: &grads.as_arg(),
+        },
+    )
+    .map_err(launch_err)
 }
 
 /// Writes every LoRA module's `Bᵀ [r, rows_m]` into `dst` at the offset its `B [rows_m, r]`

@@ -136,7 +136,7 @@ impl Caps {
             + 4 * 4 * t
             + 4 * self.flash_stats(d);
         let scratch = a * (t * (3 * h + f + 3 * h + fc) + t * rp + scores)
-            + 4 * (scores + d.nh * self.max_len + wgrad_part_len(self.rank, h.max(f)))
+            + 4 * (scores + d.nh * self.max_len + wgrad_part_len(self.rank, h, f))
             + (a + 4) * self.dropout_scratch(d)
             + 4 * self.flash_stats(d)
             + 3 * 12 * self.blocks;
@@ -197,8 +197,8 @@ pub struct Scratch {
     /// LoRA `du`, `[T, rank_pad(r)]` (the LoRA fold keeps q/k/v's in `dqkv`).
     pub du: DeviceTensor,
     /// LoRA weight gradients' split-K partial sums, f32
-    /// `[LORA_WGRAD_CHUNKS · max(H, F), max(rank_pad(r), 16)]` and 16 elements of slack
-    /// ([`wgrad_part_len`]).
+    /// `[LORA_WGRAD_CHUNKS · max(H, F), rank_pad(r)]`, or room for the LoRA fold's six
+    /// `[LORA_WGRAD_CHUNKS · H, 16]` blocks ([`wgrad_part_len`]).
     pub wpart: DeviceTensor,
     /// f32 scores `S` (forward) and `dP` (backward) of one sequence, `[nh, L, L]`.
     pub s: DeviceTensor,
@@ -341,7 +341,7 @@ impl Workspace {
             dact: al.t(ACT, t * f)?,
             dqkv: al.t(ACT, t * (3 * h + fold_cols(r)))?,
             du: al.t(ACT, t * rank_pad(r))?,
-            wpart: al.t(f32t, wgrad_part_len(r, h.max(f)))?,
+            wpart: al.t(f32t, wgrad_part_len(r, h, f))?,
             s: al.t(f32t, scores)?,
             ds: al.t(ACT, scores)?,
             lse: al.t(f32t, d.nh * caps.max_len)?,
@@ -518,13 +518,15 @@ mod tests {
     }
 }
 
-/// Elements of the LoRA weight-gradient scratch for rank `r` and a widest side of `q`: none
-/// without LoRA or for ranks the branch kernels do not take (they run on cuBLAS).
-fn wgrad_part_len(r: usize, q: usize) -> usize {
+/// Elements of the LoRA weight-gradient scratch for rank `r`, hidden size `h` and MLP width
+/// `f`: one pass of the widest side (`max(h, f)` rows per chunk), or the LoRA fold's passes
+/// of a layer side by side (up to six blocks of `h` rows, 16 columns each: three `dB`, up to
+/// three `dA`; [`super::lora_fold`]); none without LoRA or for ranks the branch kernels do not
+/// take (they run on cuBLAS).
+fn wgrad_part_len(r: usize, h: usize, f: usize) -> usize {
+    let rows = h.max(f) * rank_pad(r);
     match r {
-        // 16 columns: the LoRA fold's shared `dA` pass reads up to 16 (`lora_wgrad_shared`),
-        // and its reduces view the chunks from a module's first column (one more row's slack).
-        1..=MAX_KERNEL_RANK => LORA_WGRAD_CHUNKS * q * rank_pad(r).max(16) + 16,
+        1..=MAX_KERNEL_RANK => LORA_WGRAD_CHUNKS * rows.max(6 * h * 16),
         _ => 0,
     }
 }

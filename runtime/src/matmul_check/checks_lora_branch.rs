@@ -98,6 +98,35 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
                 &w.to_f32_vec()?,
                 &want,
             );
+            // The fold's reduces in one launch (four gradients over three blocks, 16 chunks).
+            let red = rm::ReduceManyCase::new(kk, r, 16, |n| rng.uniform(n, -1.0, 1.0));
+            let (rq, rr, rw, rc) = red.dims;
+            let g = DeviceTensor::from_f32(dev, Storage::F32, &[red.g0.len()], &red.g0)?;
+            let part = DeviceTensor::from_f32(dev, Storage::F32, &[3 * rc, rq * rw], &red.part)?;
+            k::lora_wgrad_reduce_many::launch(
+                dev,
+                &k::lora_wgrad_reduce_many::Args {
+                    part: &part.as_arg(),
+                    mods: &DeviceTensor::from_i32(dev, &[4, 5], &red.mods_i32())?.as_arg(),
+                    q: rq as i64,
+                    r: rr as i64,
+                    w: rw as i64,
+                    n: (rq * rr) as i64,
+                    chunks: rc as i64,
+                    s,
+                    g: &g.as_arg(),
+                },
+            )?;
+            record(
+                &mut rows,
+                "lora_wgrad_reduce_many",
+                Storage::F32,
+                format!("{kk} rows, r {r}, 4 modules"),
+                String::new(),
+                "g",
+                &g.to_f32_vec()?,
+                &red.want(s),
+            );
             let got_bt = got_all[..r * n].to_vec();
             let bt2 = bt.offset_arg(0, &[r, n])?;
             // The middle `[m, n]` block of a `[m, 3n]` buffer (as the q/v blocks of the fused
