@@ -486,11 +486,12 @@ pub fn lora_wgrad_reduce_many(
     g
 }
 
-/// A case of the fold's reduce (`lora_wgrad_reduce_many`) for the kernel checks: three
-/// blocks of partial sums (`[3·chunks, q·16]`, from `fill`) and four modules, the fold's q/v
-/// layout: two `dB` (`[q, r]`, scaled) from blocks 0 and 1, two `dA` (`[r, q]`) from block 2
-/// at column shifts 0 and 8, into a gradient buffer `g0` (from `fill`) with a gap and a tail
-/// that no module names.
+/// A case of the fold's reduce (`lora_wgrad_reduce_many`) for the kernel checks, laid out as
+/// the fold lays out q and v at rank `r` (`rp = r` rounded up to 8): blocks of partial sums
+/// `[blocks·chunks, q·16]` (from `fill`), two `dB` (`[q, r]`, scaled) from blocks 0 and 1, and
+/// two `dA` (`[r, q]`) from the shared passes over their `du` side by side (slot `j` at column
+/// `j·rp`: block `2 + j·rp / 16`, shift `j·rp % 16`), into a gradient buffer `g0` (from `fill`)
+/// with a gap and a tail that no module names.
 pub struct ReduceManyCase {
     /// Partial sums.
     pub part: Vec<f32>,
@@ -500,22 +501,27 @@ pub struct ReduceManyCase {
     pub g0: Vec<f32>,
     /// `(q, r, w, chunks)`.
     pub dims: (usize, usize, usize, usize),
+    /// Blocks of `part`.
+    pub blocks: usize,
 }
 
 impl ReduceManyCase {
-    /// The case for `q` rows, rank `r`, `chunks` chunks.
+    /// The case for `q` rows, rank `r` (at most 16), `chunks` chunks.
     pub fn new(q: usize, r: usize, chunks: usize, mut fill: impl FnMut(usize) -> Vec<f32>) -> Self {
-        let (w, n) = (16, q * r);
+        let (w, n, rp) = (16, q * r, r.div_ceil(8) * 8);
+        let blocks = 2 + (2 * rp).div_ceil(w);
+        let da = |j: usize, off: usize| [2 + j * rp / w, j * rp % w, 1, off, 0];
         ReduceManyCase {
-            part: fill(3 * chunks * q * w),
+            part: fill(blocks * chunks * q * w),
             mods: vec![
                 [0, 0, 0, 0, 1],
                 [1, 0, 0, n + 3, 1],
-                [2, 0, 1, 2 * n + 3, 0],
-                [2, 8, 1, 3 * n + 3, 0],
+                da(0, 2 * n + 3),
+                da(1, 3 * n + 3),
             ],
             g0: fill(4 * n + 5),
             dims: (q, r, w, chunks),
+            blocks,
         }
     }
 

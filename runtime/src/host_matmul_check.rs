@@ -335,14 +335,14 @@ fn lora_branch(
         },
     )?;
     rows.push(row("lora_fold", &shape, "w", &w, &want));
-    // The fold's reduces in one launch (the q/v layout of four gradients over three blocks).
+    // The fold's reduces in one launch (the q/v layout of four gradients).
     let red = rm::ReduceManyCase::new(kk, r, 3, |n| rng.uniform(n, -1.0, 1.0));
     let (rq, rr, rw, rc) = red.dims;
     let mut g = HostTensor::new(Storage::F32, &[red.g0.len()], &red.g0);
     k::lora_wgrad_reduce_many::interpret(
         &[],
         k::lora_wgrad_reduce_many::HostArgs {
-            part: &mut HostTensor::new(Storage::F32, &[3 * rc, rq * rw], &red.part),
+            part: &mut HostTensor::new(Storage::F32, &[red.blocks * rc, rq * rw], &red.part),
             mods: &mut ints(&[4, 5], &red.mods_i32()),
             q: rq as i64,
             r: rr as i64,

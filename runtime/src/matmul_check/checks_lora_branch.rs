@@ -98,11 +98,12 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
                 &w.to_f32_vec()?,
                 &want,
             );
-            // The fold's reduces in one launch (four gradients over three blocks, 16 chunks).
+            // The fold's reduces in one launch (four gradients, 16 chunks).
             let red = rm::ReduceManyCase::new(kk, r, 16, |n| rng.uniform(n, -1.0, 1.0));
             let (rq, rr, rw, rc) = red.dims;
             let g = DeviceTensor::from_f32(dev, Storage::F32, &[red.g0.len()], &red.g0)?;
-            let part = DeviceTensor::from_f32(dev, Storage::F32, &[3 * rc, rq * rw], &red.part)?;
+            let part =
+                DeviceTensor::from_f32(dev, Storage::F32, &[red.blocks * rc, rq * rw], &red.part)?;
             k::lora_wgrad_reduce_many::launch(
                 dev,
                 &k::lora_wgrad_reduce_many::Args {
