@@ -20,7 +20,7 @@ fn forward_args(m: usize, n: usize, k: usize, kind: EpilogueKind) -> BlasResult<
         false,
         true,
         kind,
-        n,
+        Some(n),
     )
 }
 
@@ -48,7 +48,7 @@ fn backward_projection_maps_without_transposes() {
         false,
         false,
         EpilogueKind::Bias,
-        9,
+        Some(9),
     )
     .unwrap();
     assert_eq!((a.transa, a.transb, a.m, a.n, a.k), (false, false, 9, 6, 4));
@@ -64,7 +64,7 @@ fn backward_projection_maps_without_transposes() {
         true,
         false,
         EpilogueKind::Bias,
-        9,
+        Some(9),
     )
     .unwrap();
     assert_eq!((t.transa, t.transb), (false, true));
@@ -88,7 +88,7 @@ fn residual_input_keeps_its_own_layout() {
         false,
         true,
         EpilogueKind::Bias,
-        7,
+        Some(7),
     )
     .unwrap();
     assert_eq!(
@@ -116,7 +116,7 @@ fn residual_input_keeps_its_own_layout() {
         false,
         true,
         EpilogueKind::Bias,
-        7,
+        Some(7),
     );
     assert!(matches!(short, Err(BlasError::Shape(_))), "{short:?}");
 }
@@ -133,7 +133,7 @@ fn bad_arguments_are_refused_naming_the_problem() {
             false,
             true,
             kind,
-            extra,
+            Some(extra),
         )
         .unwrap_err()
         .to_string()
@@ -161,7 +161,7 @@ fn bad_arguments_are_refused_naming_the_problem() {
         false,
         true,
         EpilogueKind::Bias,
-        7,
+        Some(7),
     )
     .unwrap_err()
     .to_string();
@@ -228,4 +228,24 @@ fn missing_library_message_says_how_to_fix_it() {
     assert!(m.contains("LD_LIBRARY_PATH"), "{m}");
     assert!(m.contains("Unable to dynamically load"), "{m}");
     assert!(m.contains("libcublasLt ships next to libcublas"), "{m}");
+}
+
+#[test]
+fn a_plain_gemm_takes_no_bias() {
+    // Epilogue::None: the same mapping, no bias to check.
+    let (x, w, y) = (dense(5, 3), dense(7, 3), dense(5, 7));
+    let a = lt_args(
+        (&x.0, x.1),
+        (&w.0, w.1),
+        None,
+        (&y.0, y.1),
+        false,
+        true,
+        EpilogueKind::None,
+        None,
+    )
+    .unwrap();
+    let b = forward_args(5, 7, 3, EpilogueKind::Bias).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(EpilogueKind::None.name(), "none");
 }

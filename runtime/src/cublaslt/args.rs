@@ -10,6 +10,9 @@ use lexp_compiler::dtype::Storage;
 /// What [`BlasLt::matmul`](super::BlasLt::matmul) applies to `alpha·op(A)·op(B) + beta·C` before storing D.
 #[derive(Debug)]
 pub enum Epilogue<'a> {
+    /// Nothing: a plain GEMM (routed through cuBLASLt for its algorithm choice, see
+    /// [`super::autotune`]).
+    None,
     /// `+ bias`, `bias` of D's type with one element per column of D.
     Bias(&'a DeviceTensor),
     /// `relu(… + bias)`.
@@ -19,6 +22,8 @@ pub enum Epilogue<'a> {
 /// The kind of an [`Epilogue`], without its buffers (part of a [`PlanKey`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EpilogueKind {
+    /// [`Epilogue::None`].
+    None,
     /// [`Epilogue::Bias`].
     Bias,
     /// [`Epilogue::ReluBias`].
@@ -28,6 +33,7 @@ pub enum EpilogueKind {
 impl EpilogueKind {
     pub(crate) fn sys(self) -> cublasLtEpilogue_t {
         match self {
+            EpilogueKind::None => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
             EpilogueKind::Bias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
             EpilogueKind::ReluBias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
         }
@@ -36,6 +42,7 @@ impl EpilogueKind {
     /// Short name for errors and profiles.
     pub fn name(self) -> &'static str {
         match self {
+            EpilogueKind::None => "none",
             EpilogueKind::Bias => "bias",
             EpilogueKind::ReluBias => "relu(bias)",
         }
@@ -43,11 +50,12 @@ impl EpilogueKind {
 }
 
 impl Epilogue<'_> {
-    /// The kind and the bias.
-    pub(crate) fn parts(&self) -> (EpilogueKind, &DeviceTensor) {
+    /// The kind and the bias (none for [`Epilogue::None`]).
+    pub(crate) fn parts(&self) -> (EpilogueKind, Option<&DeviceTensor>) {
         match self {
-            Epilogue::Bias(b) => (EpilogueKind::Bias, b),
-            Epilogue::ReluBias(b) => (EpilogueKind::ReluBias, b),
+            Epilogue::None => (EpilogueKind::None, None),
+            Epilogue::Bias(b) => (EpilogueKind::Bias, Some(b)),
+            Epilogue::ReluBias(b) => (EpilogueKind::ReluBias, Some(b)),
         }
     }
 }
@@ -90,7 +98,8 @@ pub struct LtArgs {
 
 /// Checks a row-major `D[M,N] = op(A)·op(B) + C` with epilogue `kind` and maps it to cuBLASLt's
 /// column-major arguments. Each layout comes with its tensor's element count; `c` is `None`
-/// when C is D itself. `bias` is the bias's element count (must be `N`). Single matrices only
+/// when C is D itself. `bias` is the bias's element count (must be `N`; `None` without a
+/// bias). Single matrices only
 /// (no batch).
 #[allow(clippy::too_many_arguments)]
 pub fn lt_args(
@@ -101,7 +110,7 @@ pub fn lt_args(
     trans_a: bool,
     trans_b: bool,
     kind: EpilogueKind,
-    bias: usize,
+    bias: Option<usize>,
 ) -> BlasResult<LtArgs> {
     let g: StridedGemm = strided_args(a.0, a.1, b.0, b.1, d.0, d.1, 1, trans_a, trans_b)?;
     let (rows, cols) = (d.0.rows, d.0.cols);
@@ -132,7 +141,7 @@ pub fn lt_args(
             }
         }
     };
-    if bias != cols {
+    if let Some(bias) = bias.filter(|&b| b != cols) {
         return Err(BlasError::Shape(format!(
             "{} epilogue: the bias has {bias} elements but `d` has {cols} columns",
             kind.name()

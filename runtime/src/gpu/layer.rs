@@ -26,7 +26,7 @@ use super::lora::{rank_pad, Adapters};
 use super::lora_fold::LayerFold;
 use super::ops::{
     add, bias_add, bias_residual, copy_rows, dense, dense_mut, layernorm, layernorm_bwd,
-    lt_epilogues, mm, mm_fused, mul_inplace, relu_bwd, R,
+    lt_epilogues, mm, mm_fused, mm_lt, mul_inplace, relu_bwd, R,
 };
 use super::predictor::MlpPredictors;
 use super::sparse_attention::AttnLists;
@@ -574,16 +574,8 @@ pub fn backward(
     // goes beside `dqkv` first and one GEMM sums `[dqkv | du]·[Wqkv ; A']`.
     let fold = cx.qkv_fold(li);
     if fold.is_none() {
-        mm(
-            blas,
-            dense(&sc.dqkv, t, 3 * h),
-            w.qkv(h, h),
-            dense_mut(&mut sc.tmp2, t, h),
-            false,
-            false,
-            1.0,
-            0.0,
-        )?;
+        let dx = (&mut sc.tmp2, MatLayout::dense(t, h));
+        mm_lt(blas, dense(&sc.dqkv, t, 3 * h), w.qkv(h, h), dx, false)?;
     }
     if let (Some(ad), Some(grads)) = (cx.lora, grads.lora.as_deref_mut()) {
         if let Some(f) = fold {
@@ -626,16 +618,8 @@ pub fn backward(
         }
     }
     if let Some(f) = fold {
-        mm(
-            blas,
-            f.dqkv_du(&sc.dqkv, t),
-            f.weight_rows(w),
-            dense_mut(&mut sc.tmp2, t, h),
-            false,
-            false,
-            1.0,
-            0.0,
-        )?;
+        let dx = (&mut sc.tmp2, MatLayout::dense(t, h));
+        mm_lt(blas, f.dqkv_du(&sc.dqkv, t), f.weight_rows(w), dx, false)?;
     }
     // g += LN1_backward(...): g is now d(x).
     grads.bias(blas, li, BiasSite::AttnLayerNorm, dense(&sc.tmp2, t, h), t)?;
@@ -669,15 +653,13 @@ fn project_backward(
     dx: &mut DeviceTensor,
 ) -> R {
     let t = cx.t;
-    mm(
+    let dxl = (&mut *dx, MatLayout::dense(t, in_f));
+    mm_lt(
         cx.blas,
         dense(dy, t, out_f),
         dense(w, out_f, in_f),
-        dense_mut(dx, t, in_f),
+        dxl,
         false,
-        false,
-        1.0,
-        0.0,
     )?;
     branch_backward(
         cx,

@@ -97,6 +97,34 @@ pub fn mm_fused(
         .map_err(dev_err("fused GEMM"))
 }
 
+/// `d = x·op(w)` (one matrix, alpha 1, beta 0) through cuBLASLt without an epilogue, whose
+/// algorithm is timed on the first call of each shape ([`crate::cublaslt::autotune`]); plain
+/// cuBLAS when the epilogues are off ([`NO_LT_EPILOGUES_ENV`]) or cuBLASLt has no algorithm.
+/// The layers' input-gradient products run here.
+pub fn mm_lt(
+    blas: &Blas,
+    x: Mat<'_>,
+    w: Mat<'_>,
+    (d, dl): (&mut DeviceTensor, MatLayout),
+    trans_w: bool,
+) -> R {
+    if lt_epilogues()
+        && mm_fused(
+            blas,
+            x,
+            w,
+            None,
+            MatMut::new(d, dl),
+            trans_w,
+            0.0,
+            Epilogue::None,
+        )?
+    {
+        return Ok(());
+    }
+    mm(blas, x, w, MatMut::new(d, dl), false, trans_w, 1.0, 0.0)
+}
+
 /// [`mm`] over `batch` matrices (the heads of one packed sequence).
 #[allow(clippy::too_many_arguments)]
 pub fn mm_batched(
