@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! D = epilogue(alpha·op(A)·op(B) + beta·C)      C: another matrix, or D itself in place
+//! None:        nothing           (a plain GEMM: the layers' input gradients)
 //! Bias:        + bias            (one value per column of D)
 //! ReluBias:    relu(… + bias)
 //! ```
@@ -54,7 +55,6 @@ use tracing::{debug, info, trace, warn};
 pub const WORKSPACE_BYTES: usize = 32 << 20;
 
 mod args;
-pub mod autotune;
 pub use args::*;
 
 /// A cached matmul: descriptor, layouts and the algorithm the heuristic chose.
@@ -428,14 +428,8 @@ impl BlasLt {
         self.stream.context().bind_to_thread().map_err(bind)?;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let handle = state.handle;
-        let (ws, _sync) = {
-            use cudarc::driver::DevicePtr;
-            self.workspace.device_ptr(&self.stream)
-        };
         if !state.plans.contains_key(&key) {
-            // cuBLASLt's A is the row-major B.
-            let call = ([pb, pa, pc, pd], (alpha, beta), ws);
-            let plan = self.plan(handle, &key, pbias, call, &what)?;
+            let plan = self.plan(handle, &key, pbias, &what)?;
             state.queries += 1;
             state.plans.insert(key, plan);
         }
@@ -449,6 +443,10 @@ impl BlasLt {
         unsafe { self.set_pointers(plan.desc, pbias) }.map_or(Ok(()), |s| {
             check(s, || format!("{}: setting pointers", what()))
         })?;
+        let (ws, _sync) = {
+            use cudarc::driver::DevicePtr;
+            self.workspace.device_ptr(&self.stream)
+        };
         let [la, lb, lc, ld] = plan.call_layouts(&key);
         let name = || {
             format!(
@@ -503,18 +501,19 @@ impl BlasLt {
         (s != cublasStatus_t::CUBLAS_STATUS_SUCCESS).then_some(s)
     }
 
-    /// Creates the descriptor and layouts of `key` and asks the heuristic for algorithms
-    /// (with the current bias pointer set: the heuristic reads its alignment), keeping the
-    /// fastest on this first call's operands (`call`: cuBLASLt's A, B, C, D addresses, alpha
-    /// and beta, the workspace address; [`autotune`]) or, where it may not time them, the
-    /// heuristic's first; `None` when it has none (`CUBLAS_STATUS_NOT_SUPPORTED` or no
-    /// result).
+    /// Creates the descriptor and layouts of `key` and asks the heuristic for an algorithm
+    /// (with the current bias pointer set: the heuristic reads its alignment);
+    /// `None` when it has none (`CUBLAS_STATUS_NOT_SUPPORTED` or no result).
+    ///
+    /// The heuristic's first choice is kept: timing its top eight on each plan's first call
+    /// and keeping the fastest was tried, and the OPT-1.3B 4 x 1024 step took 43.76 ms with
+    /// it against 43.70 without, same run
+    /// (`bench/results/2026-11-30-h200-lora-fold/call94`).
     fn plan(
         &self,
         handle: lt::cublasLtHandle_t,
         key: &PlanKey,
         bias: u64,
-        (ptrs, (alpha, beta), ws): ([u64; 4], (f32, f32), u64),
         what: &dyn Fn() -> String,
     ) -> BlasResult<Option<Plan>> {
         let err = |step: &str| {
@@ -586,8 +585,7 @@ impl BlasLt {
             let mut pref = std::ptr::null_mut();
             res(lt::cublasLtMatmulPreferenceCreate(&mut pref))
                 .map_err(err("creating the preference"))?;
-            let mut results: [lt::cublasLtMatmulHeuristicResult_t; autotune::CANDIDATES] =
-                std::mem::zeroed();
+            let mut heuristic: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
             let mut found = 0;
             let mut status = set_pref(
                 pref,
@@ -627,15 +625,13 @@ impl BlasLt {
                     lc,
                     ld,
                     pref,
-                    autotune::CANDIDATES as i32,
-                    results.as_mut_ptr(),
+                    1,
+                    &mut heuristic,
                     &mut found,
                 );
             }
             let _ = lt::cublasLtMatmulPreferenceDestroy(pref);
             let unsupported = cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED;
-            let found = (found.max(0) as usize).min(autotune::CANDIDATES);
-            let heuristic = results[0];
             if status == unsupported
                 || (status == cublasStatus_t::CUBLAS_STATUS_SUCCESS
                     && (found == 0 || heuristic.state == unsupported))
@@ -646,31 +642,6 @@ impl BlasLt {
             res(status).map_err(err("querying the heuristic"))?;
             res(heuristic.state).map_err(err("the heuristic's algorithm"))?;
             plan.algo = heuristic.algo;
-            let algos: Vec<lt::cublasLtMatmulAlgo_t> = results[..found]
-                .iter()
-                .filter(|r| r.state == cublasStatus_t::CUBLAS_STATUS_SUCCESS)
-                .map(|r| r.algo)
-                .collect();
-            let call = autotune::Call {
-                handle,
-                desc: plan.desc,
-                layouts: plan.call_layouts(key),
-                ptrs,
-                alpha,
-                beta,
-                workspace: (ws, WORKSPACE_BYTES),
-            };
-            if algos.len() > 1 && autotune::may_time(&call, &self.stream) {
-                if let Some(i) = autotune::fastest(&call, &algos, &self.stream) {
-                    debug!(
-                        ?key,
-                        chosen = i,
-                        of = algos.len(),
-                        "cuBLASLt algorithm timed"
-                    );
-                    plan.algo = algos[i];
-                }
-            }
         }
         debug!(?key, "cuBLASLt plan created");
         Ok(Some(plan))

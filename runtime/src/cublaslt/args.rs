@@ -10,8 +10,7 @@ use lexp_compiler::dtype::Storage;
 /// What [`BlasLt::matmul`](super::BlasLt::matmul) applies to `alpha·op(A)·op(B) + beta·C` before storing D.
 #[derive(Debug)]
 pub enum Epilogue<'a> {
-    /// Nothing: a plain GEMM (routed through cuBLASLt for its algorithm choice, see
-    /// [`super::autotune`]).
+    /// Nothing: a plain GEMM through cuBLASLt (the layers' input gradients).
     None,
     /// `+ bias`, `bias` of D's type with one element per column of D.
     Bias(&'a DeviceTensor),

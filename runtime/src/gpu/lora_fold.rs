@@ -125,17 +125,6 @@ impl LayerFold {
         self.h + self.cols()
     }
 
-    /// `u` of q/k/v target `i` (0, 1, 2) inside `a` (`t` rows, padded rank wide).
-    pub fn u(&self, i: usize, t: usize) -> Option<MatLayout> {
-        let j = self.slot[i]?;
-        Some(MatLayout::at(
-            self.h + j * self.rp,
-            t,
-            self.rp,
-            self.width(),
-        ))
-    }
-
     /// Row stride of the backward's `dqkv`: `3H + kc`.
     pub fn dqkv_ld(&self) -> usize {
         3 * self.h + self.cols()
@@ -242,6 +231,64 @@ impl LayerFold {
     }
 }
 
+/// What [`QkvFold::new`] uploads: every layer's fold, and the two tables (rows of 5 i32).
+struct Tables {
+    layers: Vec<Option<LayerFold>>,
+    /// Per slot, `[A offset, B offset, first output row, slot, rank]`.
+    offs: Vec<i32>,
+    /// Per gradient, `[wgrad block, column shift, transposed, offset, scaled]`.
+    mods: Vec<i32>,
+}
+
+/// The fold of adapters laid out as `slots` at rank `r`, or `None` when it does not apply
+/// (rank, hidden size, no q/k/v target; see the module doc). Targets take the first slots in
+/// q, k, v order, empty slots pad K to [`FOLD_K_ALIGN`]; the backward's reduce takes target
+/// `j`'s `dB` from wgrad block `j` (scaled) and its `dA` from block `targets + j·rp / 16`,
+/// `j·rp % 16` columns in (the shared passes over the targets' `du`, 16 columns each).
+fn tables(slots: &Slots, r: usize) -> Option<Tables> {
+    if r == 0 || r > MAX_KERNEL_RANK {
+        return None;
+    }
+    let rp = rank_pad(r);
+    let (mut offs, mut mods) = (Vec::new(), Vec::new());
+    let mut layers = Vec::with_capacity(slots.len());
+    for layer in slots {
+        let mut f = LayerFold {
+            slot: [None; 3],
+            rp,
+            h: 0,
+            targets: 0,
+            first: offs.len() / 5,
+            mods: (mods.len() / 5, 0),
+        };
+        for (i, t) in QKV.iter().enumerate() {
+            let Some(s) = layer[t.index()] else { continue };
+            if s.in_f % 8 != 0 || s.in_f != s.out_f {
+                return None;
+            }
+            f.h = s.in_f;
+            f.slot[i] = Some(f.targets);
+            offs.extend([s.a, s.b, i * s.out_f, f.targets, r].map(|v| v as i32));
+            f.targets += 1;
+        }
+        offs.extend((f.targets..f.slots()).flat_map(|j| [0, 0, 0, j as i32, 0]));
+        for (i, t) in QKV.iter().enumerate() {
+            let (Some(j), Some(s)) = (f.slot[i], layer[t.index()]) else {
+                continue;
+            };
+            let col = j * rp;
+            mods.extend([j, 0, 0, s.b, 1].map(|v| v as i32));
+            let da = [f.targets + col / DOWN_COLS, col % DOWN_COLS, 1, s.a, 0];
+            mods.extend(da.map(|v| v as i32));
+        }
+        f.mods.1 = mods.len() / 5 - f.mods.0;
+        layers.push((f.targets > 0).then_some(f));
+    }
+    (!offs.is_empty()).then_some(Tables { layers, offs, mods })
+}
+
+const QKV: [LoraTarget; 3] = [LoraTarget::Q, LoraTarget::K, LoraTarget::V];
+
 /// The fold of every layer, and the per-target offsets [`write`](Self::write) reads.
 pub struct QkvFold {
     layers: Vec<Option<LayerFold>>,
@@ -260,62 +307,18 @@ impl QkvFold {
     /// The fold of adapters laid out as `slots` at rank `r`, or `None` when it does not apply
     /// (see the module doc; `LEXP_NO_LORA_FOLD=1`, rank, hidden size, no q/k/v target).
     pub fn new(dev: &CudaDevice, slots: &Slots, r: usize) -> R<Option<QkvFold>> {
-        if !fold_enabled() || r == 0 || r > MAX_KERNEL_RANK {
+        if !fold_enabled() {
             return Ok(None);
         }
-        let rp = rank_pad(r);
-        let (mut offs, mut mods) = (Vec::new(), Vec::new());
-        let mut layers = Vec::with_capacity(slots.len());
-        for layer in slots {
-            let mut f = LayerFold {
-                slot: [None; 3],
-                rp,
-                h: 0,
-                targets: 0,
-                first: offs.len() / 5,
-                mods: (mods.len() / 5, 0),
-            };
-            for (i, t) in [LoraTarget::Q, LoraTarget::K, LoraTarget::V]
-                .iter()
-                .enumerate()
-            {
-                let Some(s) = layer[t.index()] else { continue };
-                if s.in_f % 8 != 0 || s.in_f != s.out_f {
-                    return Ok(None);
-                }
-                f.h = s.in_f;
-                f.slot[i] = Some(f.targets);
-                offs.extend([s.a, s.b, i * s.out_f, f.targets, r].map(|v| v as i32));
-                f.targets += 1;
-            }
-            // Empty slots (rank 0: zeros) up to the padded K.
-            offs.extend((f.targets..f.slots()).flat_map(|j| [0, 0, 0, j as i32, 0]));
-            // The reduce: target j's dB from its own pass (block j, scaled), its dA from the
-            // shared pass over its du's 16 columns.
-            for (i, t) in [LoraTarget::Q, LoraTarget::K, LoraTarget::V]
-                .iter()
-                .enumerate()
-            {
-                let (Some(j), Some(s)) = (f.slot[i], layer[t.index()]) else {
-                    continue;
-                };
-                let col = j * rp;
-                mods.extend([j, 0, 0, s.b, 1].map(|v| v as i32));
-                let da = [f.targets + col / DOWN_COLS, col % DOWN_COLS, 1, s.a, 0];
-                mods.extend(da.map(|v| v as i32));
-            }
-            f.mods.1 = mods.len() / 5 - f.mods.0;
-            layers.push((f.targets > 0).then_some(f));
-        }
-        if offs.is_empty() {
+        let Some(t) = tables(slots, r) else {
             return Ok(None);
-        }
-        let offs = DeviceTensor::from_i32(dev, &[offs.len() / 5, 5], &offs)
+        };
+        let offs = DeviceTensor::from_i32(dev, &[t.offs.len() / 5, 5], &t.offs)
             .map_err(dev_err("uploading the LoRA fold's offsets"))?;
-        let mods = DeviceTensor::from_i32(dev, &[mods.len() / 5, 5], &mods)
+        let mods = DeviceTensor::from_i32(dev, &[t.mods.len() / 5, 5], &t.mods)
             .map_err(dev_err("uploading the LoRA fold's reduce table"))?;
         Ok(Some(QkvFold {
-            layers,
+            layers: t.layers,
             offs,
             mods,
             padded: AtomicBool::new(false),
@@ -366,5 +369,104 @@ impl QkvFold {
     /// Device addresses of the tables (for a CUDA graph's key).
     pub fn buffer_ptrs(&self) -> [u64; 2] {
         [self.offs.device_ptr(), self.mods.device_ptr()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::OptConfig;
+    use crate::gpu::lora::layout;
+    use crate::peft::{LoraConfig, LoraParams};
+    use std::path::Path;
+
+    fn slots(targets: Vec<LoraTarget>, r: usize) -> (Slots, usize) {
+        let c = OptConfig::from_json(
+            r#"{"model_type":"opt","vocab_size":64,"hidden_size":16,"ffn_dim":32,
+                "num_hidden_layers":2,"num_attention_heads":2,"max_position_embeddings":16}"#,
+            Path::new("t/config.json"),
+        )
+        .unwrap();
+        let cfg = LoraConfig {
+            r,
+            targets,
+            ..LoraConfig::default()
+        };
+        (layout(&LoraParams::init(&cfg, &c, 1), 2).0, 16)
+    }
+
+    /// q and v at rank 4: slots 0 and 1, K padded to 64 with six empty slots, and the reduce
+    /// taking each `dB` from its own block and both `dA` from the shared block, v's 8 columns
+    /// in; the layouts of `u`, `du` and the GEMMs follow.
+    #[test]
+    fn q_and_v_at_rank_4_take_two_slots_of_a_64_column_fold() {
+        let (s, h) = slots(vec![LoraTarget::Q, LoraTarget::V], 4);
+        let t = tables(&s, 4).unwrap();
+        let f = t.layers[1].unwrap();
+        assert_eq!(
+            (f.slot, f.targets, f.rp, f.h),
+            ([Some(0), None, Some(1)], 2, 8, h)
+        );
+        assert_eq!(
+            (f.cols(), f.slots(), f.width(), f.dqkv_ld()),
+            (64, 8, h + 64, 3 * h + 64)
+        );
+        assert_eq!(t.offs.len(), 2 * 8 * 5);
+        let (q, v) = (
+            s[1][LoraTarget::Q.index()].unwrap(),
+            s[1][LoraTarget::V.index()].unwrap(),
+        );
+        let row = |i: usize| &t.offs[(f.first + i) * 5..(f.first + i + 1) * 5];
+        assert_eq!(row(0), [q.a, q.b, 0, 0, 4].map(|v| v as i32));
+        assert_eq!(row(1), [v.a, v.b, 2 * h, 1, 4].map(|v| v as i32));
+        assert!((2..8).all(|j| row(j) == [0, 0, 0, j as i32, 0]));
+        let m: Vec<&[i32]> = t.mods[f.mods.0 * 5..(f.mods.0 + f.mods.1) * 5]
+            .chunks(5)
+            .collect();
+        let want = [
+            [0, 0, 0, q.b, 1],
+            [2, 0, 1, q.a, 0],
+            [1, 0, 0, v.b, 1],
+            [2, 8, 1, v.a, 0],
+        ];
+        assert_eq!(
+            m,
+            want.iter()
+                .map(|r| r.map(|v| v as i32))
+                .collect::<Vec<_>>()
+                .iter()
+                .map(|r| &r[..])
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            f.du(2, 10).unwrap(),
+            MatLayout::at(3 * h + 8, 10, 8, 3 * h + 64)
+        );
+        assert_eq!(f.wgrad_blocks(), 3);
+    }
+
+    /// q, k and v at rank 16 fill 48 columns (padded to 64); each `dA` has a block of its own.
+    /// No q/k/v target, a rank past the kernels' or none at all: no fold.
+    #[test]
+    fn three_targets_at_rank_16_and_the_cases_without_a_fold() {
+        let (s, _) = slots(vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V], 16);
+        let t = tables(&s, 16).unwrap();
+        let f = t.layers[0].unwrap();
+        assert_eq!(
+            (f.targets, f.cols(), f.slots(), f.wgrad_blocks()),
+            (3, 64, 4, 6)
+        );
+        let da: Vec<[i32; 2]> = t
+            .mods
+            .chunks(5)
+            .filter(|r| r[2] == 1)
+            .take(3)
+            .map(|r| [r[0], r[1]])
+            .collect();
+        assert_eq!(da, [[3, 0], [4, 0], [5, 0]]);
+        assert!(tables(&slots(vec![LoraTarget::Fc1], 4).0, 4).is_none());
+        assert!(tables(&slots(vec![LoraTarget::Q], 32).0, 32).is_none());
+        assert!(tables(&s, 0).is_none());
+        assert!(QKV_ROOM >= fold_cols(MAX_KERNEL_RANK) && QKV_ROOM % FOLD_K_ALIGN == 0);
     }
 }
