@@ -420,24 +420,15 @@ mod tests {
         assert_eq!(row(0), [q.a, q.b, 0, 0, 4].map(|v| v as i32));
         assert_eq!(row(1), [v.a, v.b, 2 * h, 1, 4].map(|v| v as i32));
         assert!((2..8).all(|j| row(j) == [0, 0, 0, j as i32, 0]));
-        let m: Vec<&[i32]> = t.mods[f.mods.0 * 5..(f.mods.0 + f.mods.1) * 5]
-            .chunks(5)
-            .collect();
+        let mods = &t.mods[f.mods.0 * 5..(f.mods.0 + f.mods.1) * 5];
         let want = [
             [0, 0, 0, q.b, 1],
             [2, 0, 1, q.a, 0],
             [1, 0, 0, v.b, 1],
             [2, 8, 1, v.a, 0],
         ];
-        assert_eq!(
-            m,
-            want.iter()
-                .map(|r| r.map(|v| v as i32))
-                .collect::<Vec<_>>()
-                .iter()
-                .map(|r| &r[..])
-                .collect::<Vec<_>>()
-        );
+        let want: Vec<i32> = want.iter().flatten().map(|&v| v as i32).collect();
+        assert_eq!(mods, want);
         assert_eq!(
             f.du(2, 10).unwrap(),
             MatLayout::at(3 * h + 8, 10, 8, 3 * h + 64)
