@@ -96,8 +96,13 @@ fn ptx_structure() {
             // Gathers of one element per lane have no 16-byte access to make: `transpose_b`
             // and `lora_fold` (LoRA's small `A`s and `B`s, once per step) and
             // `lora_wgrad_reduce` and `lora_wgrad_reduce_many` (its partial sums).
-            if v.align == 16 && !["transpose_b", "lora_fold", "lora_wgrad_reduce"].contains(&k.name)
-            {
+            let gathers = [
+                "transpose_b",
+                "lora_fold",
+                "lora_wgrad_reduce",
+                "lora_wgrad_reduce_many",
+            ];
+            if v.align == 16 && !gathers.contains(&k.name) {
                 assert!(
                     v.ptx_sm90.contains(".v4.") || v.ptx_sm90.contains("cp.async.cg.shared.global"),
                     "{}: aligned variant without 16-byte accesses",

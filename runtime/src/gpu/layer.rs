@@ -616,6 +616,11 @@ pub fn backward(
                 )?;
             }
         }
+    } else if fold.is_some() {
+        // The GEMM below reads every target's `du`, which only the branch's backward writes.
+        return Err(ModelError::Device(
+            "internal: the LoRA fold's backward without LoRA gradients".into(),
+        ));
     }
     if let Some(f) = fold {
         let dx = (&mut sc.tmp2, MatLayout::dense(t, h));
