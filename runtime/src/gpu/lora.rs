@@ -20,7 +20,8 @@
 //! are multiples of 8. They read `B` as `Bᵀ`, which [`DeviceLora::transpose_b`] writes once
 //! per call. `u` and `du` are stored with [`rank_pad`] columns. Otherwise, and with
 //! `LEXP_LORA_CUBLAS=1`, the branch is cuBLAS GEMMs, as is the backward of a branch with
-//! LoRA dropout.
+//! LoRA dropout. The q/k/v branches mostly run neither way: [`super::lora_fold`] folds them
+//! into the fused projection's GEMM (see its module doc for when it does not apply).
 
 use super::lora_fold::QkvFold;
 use super::ops::{
@@ -450,7 +451,7 @@ impl Adapters<'_> {
         add(dev, xd, dx, rows * in_f)
     }
 
-    /// The branch kernels' (the cuBLAS path: [`grad_b_and_du`](Self::grad_b_and_du))
+    /// The branch kernels' (the cuBLAS path: `grad_b_and_du`)
     /// `dB += s·dyᵀ·u` into `grads` and `du = s·dy·B` into `du`
     /// (`[rows, rank_pad(r)]` at `dul`, pad columns zeroed; it may lie beside `dy`, as the fold
     /// keeps it). `u` is the forward's `[rows, rank_pad(r)]`, wherever it lies (the fold keeps

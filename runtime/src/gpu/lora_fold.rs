@@ -7,8 +7,8 @@
 //! ```
 //!
 //! so with every adapted target's `u` in spare columns of the GEMM's input and its `s·B` in
-//! spare columns of the weight, the fused q/k/v GEMM (`K = H + kc` instead of `H`, under 1%
-//! more work) computes all the branches' expands. The forward then runs one `lora_down` for all
+//! spare columns of the weight, the fused q/k/v GEMM (`K = H + kc` instead of `H`: 3% more
+//! work at OPT-1.3B's `H = 2048`) computes all the branches' expands. The forward then runs one `lora_down` for all
 //! targets (from the `A`s kept in the weight's spare rows) instead of a `lora_down` and a
 //! `lora_expand` per target. The backward does the same along the other K: each target's
 //! `du = s·dy·B` goes into spare columns of `dqkv`, and the input gradient's GEMM
@@ -18,13 +18,15 @@
 //! (their `du` lie side by side), and one reduce launch for all of a layer's gradients.
 //!
 //! Layout, for a layer whose adapted q/k/v targets take slots `j = 0, 1, ...` in q, k, v
-//! order (`rp` = [`rank_pad`]`(r)`, `kc = slots · rp`):
+//! order (`rp` = [`rank_pad`]`(r)`; `kc` = the targets' `rp` columns padded with empty slots to
+//! a multiple of [`FOLD_K_ALIGN`], 64 for every rank the kernels take):
 //!
 //! - the stored weight `[3H + QKV_ROOM, H + QKV_ROOM]` (row stride [`qkv_ld`]): `Wqkv` in
 //!   `[0..3H, 0..H]`; target `j`'s `A [r, H]` in rows `3H + j·rp ..` (pad rows zero); `s·B`
 //!   in columns `H + j·rp ..` of the target's own output rows, zero in the other rows;
 //! - LN1's output `a [T, H + kc]`: LN1 in columns `0..H`, target `j`'s `u` in `H + j·rp ..`
-//!   (its pad columns zero, as `lora_down` writes them);
+//!   (its pad columns zero, as `lora_down` writes them); the empty slots' columns keep the
+//!   workspace's finite values, which the weight's zero columns there cancel;
 //! - the backward's `dqkv [T, 3H + kc]`: the heads' gradients in columns `0..3H` (the
 //!   attention backward writes them with this row stride), target `j`'s `du` in `3H + j·rp ..`.
 //!
@@ -85,7 +87,8 @@ fn padded(n: usize) -> usize {
     n.div_ceil(FOLD_K_ALIGN) * FOLD_K_ALIGN
 }
 
-/// `lora_down`'s widest output (`lexp_kernels::lora_down`'s `R`): wider folds take several.
+/// The widest `u` a `lora_down` writes and the widest rank side a `lora_wgrad` pass reads (both
+/// kernels' `R`): wider folds take several launches.
 const DOWN_COLS: usize = 16;
 
 /// One layer's fold.
@@ -169,7 +172,7 @@ impl LayerFold {
     /// The q/k/v branches' backward but for the input gradient (which the GEMM over
     /// `[dqkv | du]` sums): per target, `du = s·dy·B` beside `dqkv` and the `dB` pass over
     /// `dy` (16 columns of LN1's output from its `u`); one `dA` pass over LN1's output per 16
-    /// columns of `du`; then every gradient from one [`lora_wgrad_reduce_many`] launch.
+    /// columns of `du`; then every gradient from one `lora_wgrad_reduce_many` launch.
     /// Passes write whole 16-column blocks; the columns no gradient reads are never summed.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
