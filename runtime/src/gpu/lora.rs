@@ -33,7 +33,7 @@ use crate::buffer::DeviceTensor;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
 use crate::device::CudaDevice;
 use crate::model::lora_branch::BranchGrads;
-use crate::model::{ModelError, PeftGrads};
+use crate::model::PeftGrads;
 use crate::peft::{LoraParams, LoraTarget};
 use lexp_compiler::dtype::Storage;
 
@@ -451,30 +451,6 @@ impl Adapters<'_> {
         add(dev, xd, dx, rows * in_f)
     }
 
-    /// The branch kernels' (the cuBLAS path: `grad_b_and_du`)
-    /// `dB += s·dyᵀ·u` into `grads` and `du = s·dy·B` into `du`
-    /// (`[rows, rank_pad(r)]` at `dul`, pad columns zeroed; it may lie beside `dy`, as the fold
-    /// keeps it). `u` is the forward's `[rows, rank_pad(r)]`, wherever it lies (the fold keeps
-    /// it beside LN1's output). The caller adds `dA += duᵀ·x` and `du·A` to the input gradient:
-    /// one branch's in [`backward`](Self::backward), every q/k/v branch's at once in the fold.
-    pub fn grad_b_and_du_kernels(
-        &self,
-        dev: &CudaDevice,
-        s: &Slot,
-        (dy, u): (Mat<'_>, Mat<'_>),
-        (du, dul): (&DeviceTensor, MatLayout),
-        part: &DeviceTensor,
-        grads: &DeviceTensor,
-    ) -> R {
-        let bt = self.bt(s).ok_or_else(|| {
-            ModelError::Device(
-                "internal: the LoRA branch kernels need Bᵀ and 8-aligned features".into(),
-            )
-        })?;
-        lora_wgrad(dev, u, dy, part, self.r, self.scale, (grads, s.b, false))?;
-        lora_down(dev, dy, bt, self.scale, (du, dul))
-    }
-
     /// The branch's backward for output gradient `dy`: adds `dA`, `dB` (f32) to `grads`
     /// and adds `du·A` to `dx`. `x` and `u` are what the forward saw and saved; `part` is the
     /// weight gradients' split-K scratch (f32, [`LORA_WGRAD_CHUNKS`](super::ops::LORA_WGRAD_CHUNKS)` · Q · rank_pad(r)` for
@@ -493,11 +469,12 @@ impl Adapters<'_> {
         dx: MatMut<'_>,
     ) -> R {
         let r = self.r;
-        if self.bt(s).is_some() {
+        if let Some(bt) = self.bt(s) {
             // dB += s·dyᵀ·u, du = s·dy·B, dA += duᵀ·x, dx += du·A.
             let up = Mat::new(u, self.u_padded(u_off, rows));
+            lora_wgrad(dev, up, dy, part, r, self.scale, (grads, s.b, false))?;
             let dup = self.u_padded(0, rows);
-            self.grad_b_and_du_kernels(dev, s, (dy, up), (du, dup), part, grads)?;
+            lora_down(dev, dy, bt, self.scale, (du, dup))?;
             lora_wgrad(dev, Mat::new(du, dup), x, part, r, 1.0, (grads, s.a, true))?;
             return lora_expand(dev, Mat::new(du, dup), self.a(s), 1.0, dx);
         }

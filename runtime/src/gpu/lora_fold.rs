@@ -76,10 +76,14 @@ pub fn fold_enabled() -> bool {
     })
 }
 
-/// Columns of LN1's output the fold may use at rank `r` (0 without adapters): the workspace
-/// sizes `a` as `[T, H + fold_cols(r)]`.
+/// Columns the fold may add at rank `r` (0 without adapters or past [`MAX_KERNEL_RANK`], where
+/// it does not apply): the workspace sizes LN1's output `a` as `[T, H + fold_cols(r)]` and
+/// `dqkv` as `[T, 3H + fold_cols(r)]`.
 pub fn fold_cols(r: usize) -> usize {
-    padded(3 * rank_pad(r))
+    match r {
+        1..=MAX_KERNEL_RANK => padded(3 * rank_pad(r)),
+        _ => 0,
+    }
 }
 
 /// `n` rounded up to [`FOLD_K_ALIGN`].
@@ -190,10 +194,7 @@ impl LayerFold {
             .ok_or_else(|| internal("adapters without their fold"))?;
         let block = |b: usize| b * LORA_WGRAD_CHUNKS * h * w;
         let x = Mat::new(a, MatLayout::at(0, t, h, self.width()));
-        for (i, target) in [LoraTarget::Q, LoraTarget::K, LoraTarget::V]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, target) in QKV.into_iter().enumerate() {
             let Some(j) = self.slot[i] else { continue };
             let s = ad
                 .slot(li, target)
@@ -462,5 +463,6 @@ mod tests {
         assert!(tables(&slots(vec![LoraTarget::Q], 32).0, 32).is_none());
         assert!(tables(&s, 0).is_none());
         assert!(QKV_ROOM >= fold_cols(MAX_KERNEL_RANK) && QKV_ROOM % FOLD_K_ALIGN == 0);
+        assert_eq!((fold_cols(0), fold_cols(4), fold_cols(32)), (0, 64, 0));
     }
 }
