@@ -104,6 +104,11 @@ pub struct PtxasReport {
     pub spill_loads: u32,
     pub stack_bytes: u32,
     pub smem_bytes: u32,
+    /// Waits ptxas added for warpgroup MMA results read while in flight (its C7517 notes:
+    /// the overlap `codegen/emit/deferred.rs` meant is partly lost there).
+    pub injected_waits: u32,
+    /// ptxas serialised the kernel's warpgroup MMAs (C7510): every MMA waits for the last.
+    pub serialized: bool,
 }
 
 fn number_before(line: &str, suffix: &str) -> Option<u32> {
@@ -140,8 +145,16 @@ pub fn ptxas(ptxas: &std::path::Path, ptx: &str, arch: &str) -> Result<PtxasRepo
         spill_loads: 0,
         stack_bytes: 0,
         smem_bytes: 0,
+        injected_waits: 0,
+        serialized: false,
     };
     for line in text.lines() {
+        if line.contains("warpgroup.wait is injected") {
+            r.injected_waits += 1;
+        }
+        if line.contains("wgmma.mma_async instructions are serialized") {
+            r.serialized = true;
+        }
         if let Some(n) = number_before(line, "registers") {
             r.registers = n;
         }

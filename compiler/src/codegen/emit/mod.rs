@@ -4,6 +4,7 @@
 
 mod arith;
 mod control;
+mod deferred;
 mod memory;
 mod mma;
 mod scratch;
@@ -85,6 +86,7 @@ pub(super) fn emit_kernel<'c>(
         slots: HashMap::new(),
         wgmma,
         async_dots: Default::default(),
+        in_flight: vec![],
         pingpong: None,
         tma_maps: vec![],
         exit,
@@ -201,6 +203,8 @@ struct Gen<'c, 'a> {
     /// `dot`s (by result) of the pipelined loop being emitted whose MMAs stay in flight
     /// across iterations (see `PipelinedLoop::async_dots`).
     async_dots: std::collections::HashSet<ValueId>,
+    /// Warpgroup MMAs issued and not yet awaited, oldest first (`emit/deferred.rs`).
+    in_flight: Vec<deferred::InFlight<'c>>,
     /// Inside a ping-pong loop ([`crate::ir::Kernel::pingpong`]): whether this thread is in
     /// warpgroup 1 (`i1`; see [`Gen::pingpong_turn`]).
     pingpong: Option<IntValue<'c>>,
@@ -357,6 +361,7 @@ impl<'c> Gen<'c, '_> {
     /// Emits a block; returns the values of its final `yield`, if any.
     pub(super) fn block(&mut self, blk: &Block) -> R<Option<Vec<Vec<V<'c>>>>> {
         for inst in &blk.insts {
+            self.await_for(&inst.op)?;
             if let Op::Yield { values } = &inst.op {
                 let vs = values
                     .iter()
@@ -373,6 +378,7 @@ impl<'c> Gen<'c, '_> {
                 return Ok(None);
             }
         }
+        self.await_all()?;
         Ok(None)
     }
 
