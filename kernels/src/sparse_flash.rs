@@ -282,10 +282,10 @@ pub fn sparse_flash_dkdv<
         let q = qkv.load([qrows, head, c]);
         let dout = d_o.load([qrows, head, c]);
         let st = dot(k, q.t(), zeros::<f32, BN, BM>());
-        let dpt = dot(v, dout.t(), zeros::<f32, BN, BM>());
         let visible = (kj.expand(1) <= qi.expand(0)) & (qi < len).expand(0);
         let pt = select(visible, exp2(st * scale_log2 - l.expand(0)), 0.0);
         dv = dot(pt.cast::<T>(), dout, dv);
+        let dpt = dot(v, dout.t(), zeros::<f32, BN, BM>());
         let dst = pt * (dpt - dl.expand(0));
         dk = dot(dst.cast::<T>(), q, dk);
     }
@@ -356,12 +356,12 @@ pub fn sparse_flash_dq<
         let k = qkv.load([krows, nh + head, c]);
         let v = qkv.load([krows, 2 * nh + head, c]);
         let s = dot(q, k.t(), zeros::<f32, BM, BN>());
-        let dp = dot(dout, v.t(), zeros::<f32, BM, BN>());
         let p = select(
             kj.expand(0) <= qi.expand(1),
             exp2(s * scale_log2 - l.expand(1)),
             0.0,
         );
+        let dp = dot(dout, v.t(), zeros::<f32, BM, BN>());
         let ds = p * (dp - dl.expand(1));
         dq = dot(ds.cast::<T>(), k, dq);
     }

@@ -104,10 +104,9 @@ pub struct PtxasReport {
     pub spill_loads: u32,
     pub stack_bytes: u32,
     pub smem_bytes: u32,
-    /// Waits ptxas added for warpgroup MMA results read while in flight (its C7517 notes:
-    /// the overlap `codegen/emit/deferred.rs` meant is partly lost there).
+    /// Waits ptxas added for warpgroup MMA results read while in flight (its C7517 notes).
     pub injected_waits: u32,
-    /// ptxas serialised the kernel's warpgroup MMAs (C7510): every MMA waits for the last.
+    /// ptxas serialised the kernel's warpgroup MMAs (C7514): every MMA waits for the last.
     pub serialized: bool,
 }
 
@@ -153,6 +152,7 @@ pub fn ptxas(ptxas: &std::path::Path, ptx: &str, arch: &str) -> Result<PtxasRepo
             r.injected_waits += 1;
         }
         if line.contains("wgmma.mma_async instructions are serialized") {
+            // C7514 (its reason follows the phrase).
             r.serialized = true;
         }
         if let Some(n) = number_before(line, "registers") {

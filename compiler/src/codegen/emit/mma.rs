@@ -8,7 +8,6 @@
 //! marked as already in fragment layout (the mma-to-dot shortcut, COMPILER.md §1.7) is not
 //! loaded: its registers are packed in pairs (`cvt.rn.bf16x2.f32`) into the A fragments.
 
-use super::wgmma::Wait;
 use super::*;
 use crate::layout::shared::SharedLayout;
 use crate::passes::smem::{dot_scratch, dot_source};
@@ -355,17 +354,8 @@ impl<'c> Gen<'c, '_> {
                 first: n_first,
             };
             let c = self.get(acc)?.clone();
-            let wait = if self.async_dots.contains(&r) {
-                Wait::Loop
-            } else if self.may_defer(staged_any) {
-                Wait::Deferred
-            } else {
-                Wait::Now
-            };
-            let (out, a_regs) = self.wgmma(dt, &opa, &opb, wtn, kk, &c, wait)?;
-            if wait == Wait::Deferred {
-                self.defer(r, a_regs);
-            }
+            let in_flight = self.async_dots.contains(&r);
+            let out = self.wgmma(dt, &opa, &opb, wtn, kk, &c, !in_flight)?;
             if staged_any {
                 self.call_void("llvm.nvvm.barrier0")?;
             }

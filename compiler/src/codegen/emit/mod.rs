@@ -4,7 +4,6 @@
 
 mod arith;
 mod control;
-mod deferred;
 mod memory;
 mod mma;
 mod scratch;
@@ -86,7 +85,6 @@ pub(super) fn emit_kernel<'c>(
         slots: HashMap::new(),
         wgmma,
         async_dots: Default::default(),
-        in_flight: vec![],
         pingpong: None,
         tma_maps: vec![],
         exit,
@@ -203,8 +201,6 @@ struct Gen<'c, 'a> {
     /// `dot`s (by result) of the pipelined loop being emitted whose MMAs stay in flight
     /// across iterations (see `PipelinedLoop::async_dots`).
     async_dots: std::collections::HashSet<ValueId>,
-    /// Warpgroup MMAs issued and not yet awaited, oldest first (`emit/deferred.rs`).
-    in_flight: Vec<deferred::InFlight<'c>>,
     /// Inside a ping-pong loop ([`crate::ir::Kernel::pingpong`]): whether this thread is in
     /// warpgroup 1 (`i1`; see [`Gen::pingpong_turn`]).
     pingpong: Option<IntValue<'c>>,
@@ -361,7 +357,6 @@ impl<'c> Gen<'c, '_> {
     /// Emits a block; returns the values of its final `yield`, if any.
     pub(super) fn block(&mut self, blk: &Block) -> R<Option<Vec<Vec<V<'c>>>>> {
         for inst in &blk.insts {
-            self.await_for(&inst.op)?;
             if let Op::Yield { values } = &inst.op {
                 let vs = values
                     .iter()
@@ -378,7 +373,6 @@ impl<'c> Gen<'c, '_> {
                 return Ok(None);
             }
         }
-        self.await_all()?;
         Ok(None)
     }
 

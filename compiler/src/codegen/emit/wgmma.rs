@@ -31,19 +31,6 @@ pub(super) enum WgA<'c> {
     Registers(Vec<Vec<IntValue<'c>>>),
 }
 
-/// Who waits for a warpgroup MMA's group.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Wait {
-    /// Committed and awaited right after it is issued.
-    Now,
-    /// Left uncommitted: the enclosing pipelined loop commits it with the iteration's other
-    /// MMAs and waits one iteration later ([`Gen::wgmma_commit_wait`]).
-    Loop,
-    /// Committed as a group of its own and awaited before its result is first read
-    /// (`emit/deferred.rs`).
-    Deferred,
-}
-
 impl<'c> Gen<'c, '_> {
     /// Inline PTX with side effects and a memory clobber (never moved across other memory
     /// operations), returning `ret` (void when `None`).
@@ -91,7 +78,7 @@ impl<'c> Gen<'c, '_> {
     /// Passes `vals` (f32, or i32 fragment registers) through an empty asm so that LLVM cannot
     /// move their definitions or uses across the surrounding `wgmma` synchronisation
     /// (CUTLASS's `warpgroup_fence_operand`).
-    pub(super) fn fence_operands(&self, vals: &[V<'c>]) -> R<Vec<V<'c>>> {
+    fn fence_operands(&self, vals: &[V<'c>]) -> R<Vec<V<'c>>> {
         let n = vals.len();
         let tys: Vec<BasicTypeEnum> = vals.iter().map(|v| v.get_type()).collect();
         let ret = self.ctx.struct_type(&tys, false);
@@ -153,11 +140,11 @@ impl<'c> Gen<'c, '_> {
             .map_err(be)
     }
 
-    /// `acc += a · b` for one warpgroup piece `64 x n` over `kk` (see the module doc). `wait`
-    /// says who waits for the MMAs ([`Wait`]). In a ping-pong loop ([`Gen::pingpong`]) the
-    /// warpgroup first waits for its turn and hands the turn on once its MMAs are issued, before
-    /// it waits for them. Returns the accumulators and, for a register A, the fenced A
-    /// registers (to be fenced again when a deferred MMA is awaited).
+    /// `acc += a · b` for one warpgroup piece `64 x n` over `kk` (see the module doc). With
+    /// `wait`, the MMAs are committed and awaited here; without, they stay in flight and the
+    /// enclosing pipelined loop commits and waits ([`Gen::wgmma_commit_wait`]). In a ping-pong
+    /// loop ([`Gen::pingpong`]) the warpgroup first waits for its turn and hands the turn on
+    /// once its MMAs are issued, before it waits for them.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn wgmma(
         &mut self,
@@ -167,8 +154,8 @@ impl<'c> Gen<'c, '_> {
         n: usize,
         kk: usize,
         acc: &[V<'c>],
-        wait: Wait,
-    ) -> R<(Vec<V<'c>>, Vec<V<'c>>)> {
+        wait: bool,
+    ) -> R<Vec<V<'c>>> {
         let regs = n / 2;
         if acc.len() != regs {
             return Err(IrError(format!(
@@ -219,9 +206,9 @@ impl<'c> Gen<'c, '_> {
                         "codegen: wgmma register A needs four registers per k16 step".into(),
                     ));
                 }
-                if wait == Wait::Loop {
+                if !wait {
                     return Err(IrError(
-                        "codegen: a wgmma with A in registers cannot stay in flight across iterations".into(),
+                        "codegen: a wgmma with A in registers cannot stay in flight".into(),
                     ));
                 }
                 let flat: Vec<V<'c>> = f.iter().flatten().map(|x| (*x).into()).collect();
@@ -232,7 +219,7 @@ impl<'c> Gen<'c, '_> {
         let f32t = self.ctx.f32_type();
         let ret = self.ctx.struct_type(&vec![f32t.into(); regs], false);
         let mut c = self.fence_operands(acc)?;
-        let turn = self.pingpong.filter(|_| wait == Wait::Now);
+        let turn = self.pingpong.filter(|_| wait);
         if let Some(wg1) = turn {
             self.pingpong_turn("bar.sync", wg1, false)?;
         }
@@ -270,13 +257,8 @@ impl<'c> Gen<'c, '_> {
                 })
                 .collect::<R<_>>()?;
         }
-        match wait {
-            Wait::Loop => return Ok((c, a_regs)),
-            Wait::Deferred => {
-                self.asm("wgmma.commit_group.sync.aligned;", "", None, &[])?;
-                return Ok((c, a_regs));
-            }
-            Wait::Now => {}
+        if !wait {
+            return Ok(c);
         }
         match turn {
             Some(wg1) => {
@@ -290,9 +272,7 @@ impl<'c> Gen<'c, '_> {
             // The A registers stay live (not reused) until the MMAs reading them are done.
             self.fence_operands(&a_regs)?;
         }
-        // `wait_group 0` also completed every deferred MMA.
-        self.completed(self.in_flight.len())?;
-        Ok((self.fence_operands(&c)?, vec![]))
+        self.fence_operands(&c)
     }
 
     /// Closes the open group of warpgroup MMAs and waits until at most `pending` groups are
