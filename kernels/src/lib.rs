@@ -50,13 +50,13 @@ pub use residual::bias_residual;
 pub use row_softmax::softmax;
 pub use sparse::{sparse_both, sparse_out, sparse_red};
 pub use sparse_flash::{sparse_flash_dkdv, sparse_flash_dq, sparse_flash_fwd};
-pub use sparse_mlp::{sparse_colsum, sparse_fc1_dx, sparse_fc1_fwd, sparse_fc2_dh};
+pub use sparse_mlp::{sparse_colsum, sparse_fc1_dx, sparse_fc1_fwd, sparse_fc2_dh, sparse_fc2_fwd};
 pub use xent::xent_fwd_bwd;
 
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 53] = [
+pub static ALL: [&KernelInfo; 54] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -86,6 +86,7 @@ pub static ALL: [&KernelInfo; 53] = [
     &sparse_red::INFO,
     &sparse_both::INFO,
     &sparse_fc1_fwd::INFO,
+    &sparse_fc2_fwd::INFO,
     &sparse_fc2_dh::INFO,
     &sparse_fc1_dx::INFO,
     &sparse_colsum::INFO,
@@ -114,7 +115,7 @@ pub static ALL: [&KernelInfo; 53] = [
 
 /// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and
 /// checked by the tensor-core tests (their PTX and SASS hold tensor-core instructions).
-pub const TENSOR_CORE: [&str; 23] = [
+pub const TENSOR_CORE: [&str; 24] = [
     "gemm_nn",
     "gemm_nt",
     "gemm_tn",
@@ -122,6 +123,7 @@ pub const TENSOR_CORE: [&str; 23] = [
     "sparse_red",
     "sparse_both",
     "sparse_fc1_fwd",
+    "sparse_fc2_fwd",
     "sparse_fc2_dh",
     "sparse_fc1_dx",
     "lora_fwd",

@@ -158,6 +158,37 @@ pub fn sparse_fc2_dh(
     out
 }
 
+/// fc2 forward with bias and residual, the MLP block's output: `out[r, p] = Σ_j Σ_c h[r, j*bs +
+/// c]·w2[p, b_j*bs + c] + b2[p] + res[r, p]`, `[m, hd]`; `h` is compact, `w2` `[hd, f]`, `b2`
+/// `[hd]`, `res` `[m, hd]`. A group with count 0 gives `b2 + res`.
+pub fn sparse_fc2_fwd(
+    h: &[f32],
+    w2: &[f32],
+    b2: &[f32],
+    res: &[f32],
+    (m, hd, f): (usize, usize, usize),
+    list: Blocks,
+) -> Vec<f32> {
+    let width = list.width();
+    let mut out = vec![0.0f32; m.saturating_mul(hd)];
+    for r in 0..m {
+        let kept = list.of_row(r);
+        for p in 0..hd {
+            let mut s = b2.get(p).map_or(0.0, |&v| v as f64) + at(res, hd, r, p);
+            for &(j, b) in &kept {
+                for c in 0..list.bs {
+                    let n = b.saturating_mul(list.bs).saturating_add(c);
+                    if n < f {
+                        s += at(h, width, r, j * list.bs + c) * at(w2, f, p, n);
+                    }
+                }
+            }
+            out[r * hd + p] = s as f32;
+        }
+    }
+    out
+}
+
 /// fc1 input gradient from the compact `dh`: `dx[r, p] = Σ_j Σ_c dh[r, j*bs + c]·w1[b_j*bs + c,
 /// p]`, `[m, hd]`; `w1` is `[f, hd]` (not transposed). A group with count 0 gives zeros.
 pub fn sparse_fc1_dx(
@@ -381,6 +412,30 @@ mod tests {
         assert!(got[4 * max * bs..8 * max * bs].iter().all(|&v| v == 7.0));
         assert!(got.contains(&0.0), "some ReLU must clip");
         assert!(got.iter().any(|&v| v > 0.0 && v != 7.0));
+    }
+
+    #[test]
+    fn fc2_fwd_is_sparse_red_plus_bias_and_residual() {
+        let (counts, idx, max, bm, bs, m, hd) = setup();
+        let f = 4 * bs;
+        let (h, w2) = (data(m * max * bs, 4), data(hd * f, 5));
+        let (b2, res) = (data(hd, 6), data(m * hd, 7));
+        let list = Blocks {
+            counts: &counts,
+            indices: &idx,
+            max_blocks: max,
+            bm,
+            bs,
+        };
+        let got = sparse_fc2_fwd(&h, &w2, &b2, &res, (m, hd, f), list);
+        let lin = rm::sparse_red(&h, &w2, m, hd, f, &counts, &idx, max, bm, bs);
+        let want: Vec<f32> = (0..m * hd).map(|i| lin[i] + b2[i % hd] + res[i]).collect();
+        close(&got, &want, 1e-6);
+        // Group 1 (rows 4..8) has count 0: bias and residual only.
+        for i in 4 * hd..8 * hd {
+            assert!((got[i] - (b2[i % hd] + res[i])).abs() < 1e-6);
+        }
+        assert!(lin[..4 * hd].iter().any(|&v| v != 0.0));
     }
 
     #[test]

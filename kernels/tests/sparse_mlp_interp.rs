@@ -1,5 +1,5 @@
-//! The dynamic-aware MLP operators (`sparse_fc1_fwd`, `sparse_fc2_dh`, `sparse_fc1_dx`,
-//! `sparse_colsum`), run
+//! The dynamic-aware MLP operators (`sparse_fc1_fwd`, `sparse_fc2_fwd`, `sparse_fc2_dh`,
+//! `sparse_fc1_dx`, `sparse_colsum`), run
 //! in the interpreter, against their f64 CPU references in
 //! `lexp_kernels::reference_sparse_mlp`; and the four sparse products chained (with
 //! `sparse_red` for fc2 forward) against the masked dense MLP.
@@ -276,6 +276,29 @@ proptest! {
             dh: &mut dh, w1: &mut w1, counts: &mut tc, indices: &mut ti, dx: &mut dx,
         }))?;
         check(&what, &dx.data, &want, tol(dtype))?;
+    }
+
+    /// fc2 forward with bias and residual (hidden sizes up to 600: more than two 256-wide
+    /// output tiles, the last one ragged).
+    #[test]
+    fn fc2_fwd(seed: u64, m in tokens(300), hd in dim8(600), nb in 1usize..6,
+               bs in prop::sample::select(&[64usize, 128][..]), pick in 0usize..64) {
+        let mut c = case(seed, m, nb, bs);
+        let (dtype, f) = (c.dtype, nb * bs);
+        let mut h = tensor(&mut c.rng, dtype, &[m, c.list.max * bs]);
+        let mut w2 = tensor(&mut c.rng, dtype, &[hd, f]);
+        let mut b2 = tensor(&mut c.rng, dtype, &[hd]);
+        let mut res = tensor(&mut c.rng, dtype, &[m, hd]);
+        let mut out = filled(dtype, &[m, hd], POISON);
+        let want = rs::sparse_fc2_fwd(&h.data, &w2.data, &b2.data, &res.data, (m, hd, f), c.list.blocks());
+        let cfg = config_with_bs("sparse_fc2_fwd", pick, bs);
+        let what = format!("sparse_fc2_fwd {dtype:?} m={m} hd={hd} blocks={nb}x{bs} {cfg:?}");
+        let (mut tc, mut ti) = c.list.tensors();
+        run(&what, k::sparse_fc2_fwd::interpret(&cfg, k::sparse_fc2_fwd::HostArgs {
+            h: &mut h, w2: &mut w2, b2: &mut b2, res: &mut res, counts: &mut tc, indices: &mut ti,
+            out: &mut out,
+        }))?;
+        check(&what, &out.data, &want, tol(dtype))?;
     }
 
     /// fc1's bias gradient from the compact `dh`, added to a random f32 start (the kernel

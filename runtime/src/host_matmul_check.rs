@@ -429,7 +429,8 @@ fn lora_branch(
     Ok(rows)
 }
 
-/// The sparse MLP operators (`sparse_fc1_fwd`, `sparse_fc2_dh`, `sparse_fc1_dx`) in the
+/// The sparse MLP operators (`sparse_fc1_fwd`, `sparse_fc2_fwd`, `sparse_fc2_dh`,
+/// `sparse_fc1_dx`) in the
 /// interpreter: `m` tokens (2 groups, the second ragged), hidden size `hd`, 3 blocks of 64
 /// neurons, list bound 2, group 0 keeping blocks 2 and 0, group 1 keeping block 1.
 fn sparse_mlp(
@@ -470,6 +471,24 @@ fn sparse_mlp(
         },
     )?;
     rows.push(row("sparse_fc1_fwd", &shape, "h", &h, &want));
+    let mut w2 = t(rng, dtype, &[hd, f]);
+    let mut b2 = t(rng, dtype, &[hd]);
+    let mut res = t(rng, dtype, &[m, hd]);
+    let mut y = filled(dtype, &[m, hd], f32::NAN);
+    let want = rs::sparse_fc2_fwd(&h.data, &w2.data, &b2.data, &res.data, (m, hd, f), list);
+    k::sparse_fc2_fwd::interpret(
+        &cfg,
+        k::sparse_fc2_fwd::HostArgs {
+            h: &mut h,
+            w2: &mut w2,
+            b2: &mut b2,
+            res: &mut res,
+            counts: &mut c,
+            indices: &mut i,
+            out: &mut y,
+        },
+    )?;
+    rows.push(row("sparse_fc2_fwd", &shape, "out", &y, &want));
     let mut dy = t(rng, dtype, &[m, hd]);
     let mut w2 = t(rng, dtype, &[hd, f]);
     let mut hr = t(rng, dtype, &[m, max * bs]);

@@ -115,6 +115,46 @@ pub fn sparse_red(
     Ok(())
 }
 
+/// The MLP block's output in one pass: `out = Σ_kept h_block · w2[:, block]ᵀ + b2 + res` (see
+/// `lexp_kernels::sparse_fc2_fwd`). `w2` is `[N, F]`, `b2` `[N]`, `res` and `out` `[M, N]`.
+/// `tile` may name `BN`, `S` and `TMA` of the one compiled shape family.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_fc2_fwd(
+    l: &dyn Launcher,
+    h: &TensorArg,
+    w2: &TensorArg,
+    b2: &TensorArg,
+    res: &TensorArg,
+    list: &BlockList,
+    out: &TensorArg,
+    bs: usize,
+    tile: &[(&str, usize)],
+) -> Result<(), SparseOpError> {
+    const OP: &str = "sparse_fc2_fwd";
+    need(OP, w2.dims[1].is_multiple_of(bs), || {
+        format!(
+            "weight columns {} are not a multiple of the block size {bs}",
+            w2.dims[1]
+        )
+    })?;
+    list.check_against(groups(h.dims[0]), w2.dims[1] / bs)?;
+    let (c, i) = (list.counts().as_arg(), list.indices().as_arg());
+    k::sparse_fc2_fwd::launch_with(
+        l,
+        &with_bs(bs, tile),
+        &k::sparse_fc2_fwd::Args {
+            h,
+            w2,
+            b2,
+            res,
+            counts: &c,
+            indices: &i,
+            out,
+        },
+    )?;
+    Ok(())
+}
+
 /// Output blocks from `out_list`, reduction blocks from `in_list` (see
 /// `lexp_kernels::sparse_both`). `w` is `[F_out, F_in]`.
 pub fn sparse_both(

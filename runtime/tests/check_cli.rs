@@ -37,6 +37,13 @@ fn the_lora_branch_kernels_are_checked_on_the_cpu() {
 }
 
 #[test]
+fn the_fused_mlp_output_kernel_is_checked_on_the_cpu() {
+    let (ok, text) = check("sparse_fc2_fwd");
+    assert!(ok, "{text}");
+    assert!(text.contains("2 passed, 0 failed"), "{text}");
+}
+
+#[test]
 fn a_kernel_without_a_check_here_or_an_unknown_one_fails() {
     let (ok, text) = check("flash_fwd");
     assert!(

@@ -263,6 +263,7 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
                 mat.extend(lexp_runtime::matmul_check::check_sparse(dev)?);
             }
             if tc("sparse_fc1_fwd")
+                || tc("sparse_fc2_fwd")
                 || tc("sparse_fc2_dh")
                 || tc("sparse_fc1_dx")
                 || tc("sparse_colsum")

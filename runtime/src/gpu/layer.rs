@@ -379,6 +379,10 @@ pub fn forward(
             p.select(cx, li, &acts.b, (&mut sc.tmp2, &mut sc.dact), m.layer(li))?;
         }
         sparse_mlp::fc1_forward(cx, li, m, w, &acts.b, &acts.act)?;
+        if adapters.is_none() && mlp_col.is_none() {
+            // Nothing between the product and the residual add: one kernel for both.
+            return sparse_mlp::fc2_forward_residual(cx, li, m, w, &acts.act, &acts.h1, out);
+        }
         sparse_mlp::fc2_forward(cx, li, m, w, &acts.act, &sc.tmp)?;
         let bias = match adapters.as_mut() {
             // As in `residual_block`: the adapter reads fc2's output with its bias.

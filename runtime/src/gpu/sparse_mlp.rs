@@ -4,8 +4,10 @@
 //! `kernels/src/sparse_mlp.rs` instead of cuBLAS, over one list per layer (per 128-row group: the
 //! kept neuron blocks):
 //! - fc1 forward with bias + ReLU fused, `h` stored compactly (`sparse_fc1_fwd`);
-//! - fc2 forward reducing over the kept blocks (`sparse_red`), then bias, dropout and residual
-//!   as in the dense layer;
+//! - fc2 forward reducing over the kept blocks with the bias and the residual stream added in
+//!   its epilogue (`sparse_fc2_fwd`); when a Houlsby adapter or residual dropout sits between
+//!   them, the plain product (`sparse_red`), then bias, dropout and residual as in the dense
+//!   layer;
 //! - fc2's input gradient on the kept blocks, masked by the compact `h` (`sparse_fc2_dh`);
 //! - fc1's input gradient reduced over the kept blocks (`sparse_fc1_dx`).
 //!
@@ -286,6 +288,33 @@ pub(super) fn fc2_forward(
         &arg(&w.w2, &[h, f])?,
         m.layer(li),
         &arg(y, &[t, h])?,
+        m.block,
+        &tiles(m.block)[1],
+    )
+    .map_err(op_err("fc2 forward"))
+}
+
+/// fc2 forward over the kept blocks with its bias and the residual stream, the MLP block's
+/// output in one pass: `out = act·W2[:, kept]ᵀ + b2 + res` (what [`fc2_forward`] and the
+/// layer's `bias_residual` compute in two).
+pub(super) fn fc2_forward_residual(
+    cx: &Ctx,
+    li: usize,
+    m: &MlpLists,
+    w: &LayerWeights,
+    act: &DeviceTensor,
+    res: &DeviceTensor,
+    out: &DeviceTensor,
+) -> R {
+    let (t, h, f) = (cx.t, cx.d.h, cx.d.f);
+    sparse_ops::sparse_fc2_fwd(
+        cx.dev,
+        &arg(act, &[t, m.width(li)])?,
+        &arg(&w.w2, &[h, f])?,
+        &arg(&w.b2, &[h])?,
+        &arg(res, &[t, h])?,
+        m.layer(li),
+        &arg(out, &[t, h])?,
         m.block,
         &tiles(m.block)[1],
     )

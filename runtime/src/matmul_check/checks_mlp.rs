@@ -1,5 +1,5 @@
-//! Correctness of the dynamic-aware MLP operators (`sparse_fc1_fwd`, `sparse_fc2_dh`,
-//! `sparse_fc1_dx`, `sparse_colsum`) on the GPU against `lexp_kernels::reference_sparse_mlp`: every compiled
+//! Correctness of the dynamic-aware MLP operators (`sparse_fc1_fwd`, `sparse_fc2_fwd`,
+//! `sparse_fc2_dh`, `sparse_fc1_dx`, `sparse_colsum`) on the GPU against `lexp_kernels::reference_sparse_mlp`: every compiled
 //! configuration, bf16 and f16, blocks of 64 and 128, token counts that are not group
 //! multiples, ragged block lists with an empty group; compact outputs pre-filled with a
 //! sentinel that slots past a count must keep, dense outputs poisoned.
@@ -174,6 +174,40 @@ pub fn check_sparse_mlp(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError> 
                         &h.to_f32_vec()?,
                         &want,
                         list,
+                    );
+                }
+                // fc2 forward with bias and residual: a random compact h, w2 [hd, f], b2 [hd],
+                // res [m, hd] -> out [m, hd].
+                let (hc, hhc) = random(dev, &mut rng, dtype, &[m, width])?;
+                let (w2f, hw2f) = random(dev, &mut rng, dtype, &[hd, f])?;
+                let (b2, hb2) = random(dev, &mut rng, dtype, &[hd])?;
+                let (res, hres) = random(dev, &mut rng, dtype, &[m, hd])?;
+                let mut y = DeviceTensor::poisoned(dev, dtype, &[m, hd])?;
+                let want = rs::sparse_fc2_fwd(&hhc, &hw2f, &hb2, &hres, (m, hd, f), list);
+                for cfg in configs_for("sparse_fc2_fwd", bs, dtype) {
+                    y.poison()?;
+                    sparse_ops::sparse_fc2_fwd(
+                        dev,
+                        &hc.as_arg(),
+                        &w2f.as_arg(),
+                        &b2.as_arg(),
+                        &res.as_arg(),
+                        &bl,
+                        &y.as_arg(),
+                        bs,
+                        &cfg,
+                    )
+                    .map_err(op_err)?;
+                    dev.synchronize()?;
+                    record(
+                        &mut rows,
+                        "sparse_fc2_fwd",
+                        dtype,
+                        shape.clone(),
+                        config_text(&cfg),
+                        "out",
+                        &y.to_f32_vec()?,
+                        &want,
                     );
                 }
                 // fc2 input gradient: dy [m, hd], w2 [hd, f], a random compact h (about half
