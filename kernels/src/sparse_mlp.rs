@@ -89,8 +89,8 @@ pub fn sparse_fc1_fwd<
 /// `out[rows(g), n] = Σ_{j < counts[g]} h[rows(g), j*BS .. +BS] · w2[n, indices[g, j]*BS ..
 /// +BS]ᵀ + b2[n] + res[rows(g), n]` (f32 sum, one rounding to `T`). The product is
 /// [`sparse_red`](crate::sparse::sparse_red)'s; adding the bias and the residual in its
-/// epilogue saves the separate pass that wrote the product and read it back (`bias_residual`,
-/// 15 µs of the OPT-1.3B 4 x 1024 step's layers on the H200). A group with count 0 gets
+/// epilogue saves the separate pass that wrote the product and read it back (`bias_residual`:
+/// 15 µs per layer of an OPT-1.3B 4 x 1024 step on the H200). A group with count 0 gets
 /// `b2 + res`. One tile shape (the engine's, `runtime/src/gpu/sparse_mlp.rs`).
 #[kernel(
     variants(T = [bf16, f16], BM = [128], BN = [256], BS = [64, 128], BK = [64], S = [4], W = [8], TMA = [0, 1]),
