@@ -9,6 +9,7 @@
 
 mod bench;
 mod bench_branch;
+mod bench_fold;
 mod checks;
 mod checks_lora_branch;
 mod checks_mlp;
@@ -19,6 +20,7 @@ pub use bench::{
     SparseBench,
 };
 pub use bench_branch::{bench_lora_branch, BranchBench};
+pub use bench_fold::{bench_lora_fold, FoldBench};
 pub use checks::{check_gemm, check_lora, check_sparse};
 pub use checks_lora_branch::check_lora_branch;
 pub use checks_mlp::check_sparse_mlp;

@@ -133,6 +133,29 @@ pub fn run(
             l.peft_ms / l.fused_ms
         );
     }
+    // The LoRA fold (the engine's form of a LoRA layer) vs PEFT.
+    let fold = if want("lora") {
+        mc::bench_lora_fold(dev, &blas, iters)?
+    } else {
+        vec![]
+    };
+    if !fold.is_empty() {
+        println!(
+            "\n{:<9} {:>7} {:>10} {:>10} {:>8} {:>9}",
+            "LoRA fold", "tokens", "fold ms", "PEFT ms", "speedup", "rel L2"
+        );
+    }
+    for l in &fold {
+        println!(
+            "{:<9} {:>7} {:>10.4} {:>10.4} {:>7.2}x {:>9.1e}",
+            l.pass,
+            l.m,
+            l.fold_ms,
+            l.peft_ms,
+            l.peft_ms / l.fold_ms,
+            l.rel
+        );
+    }
     // The LoRA branch kernels vs the cuBLAS calls they replace.
     let branch = if want("branch") {
         mc::bench_lora_branch(dev, &blas, iters)?
@@ -202,6 +225,15 @@ pub fn run(
                 )
             })
             .collect();
+        let lf: Vec<String> = fold
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"pass\":\"{}\",\"m\":{},\"d\":{},\"r\":{},\"fold_ms\":{:.6},\"peft_ms\":{:.6},\"speedup\":{:.3},\"rel_l2\":{:e}}}",
+                    r.pass, r.m, r.d, r.r, r.fold_ms, r.peft_ms, r.peft_ms / r.fold_ms, r.rel
+                )
+            })
+            .collect();
         let br: Vec<String> = branch
             .iter()
             .map(|r| {
@@ -214,12 +246,13 @@ pub fn run(
         std::fs::write(
             &p,
             format!(
-                "{{\"device\":\"{gpu}\",\"date\":\"{date}\",\"cublas_version\":{},\"iters\":{iters},\n\"checks\":[\n{}\n],\n\"gemm\":[\n{}\n],\n\"sparse\":[\n{}\n],\n\"lora\":[\n{}\n],\n\"lora_branch\":[\n{}\n]}}\n",
+                "{{\"device\":\"{gpu}\",\"date\":\"{date}\",\"cublas_version\":{},\"iters\":{iters},\n\"checks\":[\n{}\n],\n\"gemm\":[\n{}\n],\n\"sparse\":[\n{}\n],\n\"lora\":[\n{}\n],\n\"lora_fold\":[\n{}\n],\n\"lora_branch\":[\n{}\n]}}\n",
                 blas.version(),
                 c.join(",\n"),
                 g.join(",\n"),
                 s.join(",\n"),
                 l.join(",\n"),
+                lf.join(",\n"),
                 br.join(",\n")
             ),
         )
