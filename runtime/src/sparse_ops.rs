@@ -41,6 +41,25 @@ fn groups(rows: usize) -> usize {
     rows.div_ceil(GROUP_ROWS)
 }
 
+/// The checks of a product reducing over the kept blocks (`h [M, ..]` compact, `w2 [N, F]`):
+/// `F` is whole blocks, and `list` fits `h`'s row groups and `F / bs` blocks.
+fn check_reduction(
+    op: &'static str,
+    h: &TensorArg,
+    w2: &TensorArg,
+    list: &BlockList,
+    bs: usize,
+) -> Result<(), SparseOpError> {
+    need(op, w2.dims[1].is_multiple_of(bs), || {
+        format!(
+            "weight columns {} are not a multiple of the block size {bs}",
+            w2.dims[1]
+        )
+    })?;
+    list.check_against(groups(h.dims[0]), w2.dims[1] / bs)?;
+    Ok(())
+}
+
 /// `h = x · w[kept blocks]ᵀ`, compact. `tile` picks a compiled configuration (empty: the
 /// default) (see `lexp_kernels::sparse_out`). `w` is `[F, K]` with
 /// `F = num_blocks * bs`; `h` is `[M, max_blocks * bs]`.
@@ -93,13 +112,7 @@ pub fn sparse_red(
     bs: usize,
     tile: &[(&str, usize)],
 ) -> Result<(), SparseOpError> {
-    need("sparse_red", w2.dims[1].is_multiple_of(bs), || {
-        format!(
-            "weight columns {} are not a multiple of the block size {bs}",
-            w2.dims[1]
-        )
-    })?;
-    list.check_against(groups(h.dims[0]), w2.dims[1] / bs)?;
+    check_reduction("sparse_red", h, w2, list, bs)?;
     let (c, i) = (list.counts().as_arg(), list.indices().as_arg());
     k::sparse_red::launch_with(
         l,
@@ -130,14 +143,7 @@ pub fn sparse_fc2_fwd(
     bs: usize,
     tile: &[(&str, usize)],
 ) -> Result<(), SparseOpError> {
-    const OP: &str = "sparse_fc2_fwd";
-    need(OP, w2.dims[1].is_multiple_of(bs), || {
-        format!(
-            "weight columns {} are not a multiple of the block size {bs}",
-            w2.dims[1]
-        )
-    })?;
-    list.check_against(groups(h.dims[0]), w2.dims[1] / bs)?;
+    check_reduction("sparse_fc2_fwd", h, w2, list, bs)?;
     let (c, i) = (list.counts().as_arg(), list.indices().as_arg());
     k::sparse_fc2_fwd::launch_with(
         l,

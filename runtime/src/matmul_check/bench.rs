@@ -267,7 +267,7 @@ fn bench_lora_at(
     let (b, _) = random(dev, &mut rng, bf, &[d, r])?;
     let (dy, _) = random(dev, &mut rng, bf, &[m, d])?;
     let s = 2.0f32;
-    let mut y = DeviceTensor::zeros(dev, bf, &[m, d])?;
+    let y = DeviceTensor::zeros(dev, bf, &[m, d])?;
     let xa = DeviceTensor::zeros(dev, bf, &[m, r])?;
     let dx = DeviceTensor::zeros(dev, bf, &[m, d])?;
     let u = DeviceTensor::zeros(dev, bf, &[m, r])?;
@@ -350,44 +350,8 @@ fn bench_lora_at(
     };
     let bwd = time_ms(dev, 5, iters, || grad(&mut da, &mut db))?.median();
     tracing::info!(?fwd_cfg, ?dx_cfg, ?da_cfg, ?db_cfg, "LoRA tile choice");
-    let shape = LoraShape {
-        m,
-        in_features: d,
-        out_features: d,
-        rank: r,
-    };
-    let mut ws = LoraWorkspace::new(dev, bf, shape)?;
-    let weights = LoraWeights {
-        w: &w,
-        lora_a: &a,
-        lora_b: &b,
-        scale: s,
-    };
-    let pf = time_ms(dev, 5, iters, || {
-        lora_forward_baseline(dev, blas, &mut ws, &weights, &x, &mut y)
-    })?
-    .median();
-    let (mut gdx, mut gda, mut gdb) = (
-        DeviceTensor::zeros(dev, bf, &[m, d])?,
-        DeviceTensor::zeros(dev, bf, &[r, d])?,
-        DeviceTensor::zeros(dev, bf, &[d, r])?,
-    );
-    let pb = time_ms(dev, 5, iters, || {
-        lora_backward_baseline(
-            dev,
-            blas,
-            &mut ws,
-            &weights,
-            &x,
-            &dy,
-            LoraGrads {
-                dx: &mut gdx,
-                d_lora_a: &mut gda,
-                d_lora_b: &mut gdb,
-            },
-        )
-    })?
-    .median();
+    let peft = time_peft(dev, blas, iters, (&x, &w, &a, &b, &dy), s)?;
+    let (pf, pb) = (peft.forward_ms, peft.backward_ms);
     Ok(vec![
         LoraBench {
             pass: "forward",
@@ -406,4 +370,81 @@ fn bench_lora_at(
             peft_ms: pb,
         },
     ])
+}
+
+/// PEFT's LoRA layer on cuBLAS (`lora_forward_baseline`, `lora_backward_baseline`), timed
+/// (warm-up 5, median of `iters`), with the last pass's results.
+pub(super) struct PeftRun {
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    /// `y`, `dx` (`[m, d]`), `dA` (`[r, d]`), `dB` (`[d, r]`), in the inputs' type.
+    pub y: DeviceTensor,
+    pub dx: DeviceTensor,
+    pub da: DeviceTensor,
+    pub db: DeviceTensor,
+}
+
+/// Times PEFT's sequence on `x [m, d]`, `w [d, d]`, `a [r, d]`, `b [d, r]`, `dy [m, d]` at
+/// scale `s` (see [`PeftRun`]).
+pub(super) fn time_peft(
+    dev: &CudaDevice,
+    blas: &Blas,
+    iters: usize,
+    (x, w, a, b, dy): (
+        &DeviceTensor,
+        &DeviceTensor,
+        &DeviceTensor,
+        &DeviceTensor,
+        &DeviceTensor,
+    ),
+    s: f32,
+) -> Result<PeftRun, DeviceError> {
+    let (m, d, r, dt) = (x.dims()[0], x.dims()[1], a.dims()[0], x.dtype());
+    let shape = LoraShape {
+        m,
+        in_features: d,
+        out_features: d,
+        rank: r,
+    };
+    let mut ws = LoraWorkspace::new(dev, dt, shape)?;
+    let weights = LoraWeights {
+        w,
+        lora_a: a,
+        lora_b: b,
+        scale: s,
+    };
+    let mut y = DeviceTensor::zeros(dev, dt, &[m, d])?;
+    let forward_ms = time_ms(dev, 5, iters, || {
+        lora_forward_baseline(dev, blas, &mut ws, &weights, x, &mut y)
+    })?
+    .median();
+    let (mut dx, mut da, mut db) = (
+        DeviceTensor::zeros(dev, dt, &[m, d])?,
+        DeviceTensor::zeros(dev, dt, &[r, d])?,
+        DeviceTensor::zeros(dev, dt, &[d, r])?,
+    );
+    let backward_ms = time_ms(dev, 5, iters, || {
+        lora_backward_baseline(
+            dev,
+            blas,
+            &mut ws,
+            &weights,
+            x,
+            dy,
+            LoraGrads {
+                dx: &mut dx,
+                d_lora_a: &mut da,
+                d_lora_b: &mut db,
+            },
+        )
+    })?
+    .median();
+    Ok(PeftRun {
+        forward_ms,
+        backward_ms,
+        y,
+        dx,
+        da,
+        db,
+    })
 }

@@ -18,10 +18,7 @@
 //! the largest of `dx`, `dA`, `dB`).
 
 use super::*;
-use crate::cublas::{
-    lora_backward_baseline, lora_forward_baseline, Blas, LoraGrads, LoraShape, LoraWeights,
-    LoraWorkspace, Mat, MatLayout,
-};
+use crate::cublas::{Blas, Mat, MatLayout};
 use crate::gpu::ops::{lora_down, lora_wgrad_pass, lora_wgrad_reduce_many, mm_lt};
 use crate::gpu::ops::{LORA_WGRAD_CHUNKS, R};
 use crate::time_ms;
@@ -162,52 +159,15 @@ fn fold_at(
     let fold_b = time_ms(dev, 5, iters, || backward(&mut dx).map_err(err))?.median();
 
     // PEFT's sequence in the same run, and its results to compare with.
-    let shape = LoraShape {
-        m,
-        in_features: d,
-        out_features: d,
-        rank: r,
-    };
-    let mut ws = LoraWorkspace::new(dev, bf, shape)?;
-    let weights = LoraWeights {
-        w: &w,
-        lora_a: &a,
-        lora_b: &b,
-        scale: s,
-    };
-    let mut py = DeviceTensor::zeros(dev, bf, &[m, d])?;
-    let peft_f = time_ms(dev, 5, iters, || {
-        lora_forward_baseline(dev, blas, &mut ws, &weights, &x, &mut py)
-    })?
-    .median();
-    let (mut pdx, mut pda, mut pdb) = (
-        DeviceTensor::zeros(dev, bf, &[m, d])?,
-        DeviceTensor::zeros(dev, bf, &[r, d])?,
-        DeviceTensor::zeros(dev, bf, &[d, r])?,
-    );
-    let peft_b = time_ms(dev, 5, iters, || {
-        lora_backward_baseline(
-            dev,
-            blas,
-            &mut ws,
-            &weights,
-            &x,
-            &dy,
-            LoraGrads {
-                dx: &mut pdx,
-                d_lora_a: &mut pda,
-                d_lora_b: &mut pdb,
-            },
-        )
-    })?
-    .median();
+    let peft = super::bench::time_peft(dev, blas, iters, (&x, &w, &a, &b, &dy), s)?;
+    let (peft_f, peft_b) = (peft.forward_ms, peft.backward_ms);
     dev.synchronize()?;
     let g = grads.to_f32_vec()?;
-    let rel_f = rel_l2(&y.to_f32_vec()?, &py.to_f32_vec()?);
+    let rel_f = rel_l2(&y.to_f32_vec()?, &peft.y.to_f32_vec()?);
     let rel_b = [
-        rel_l2(&dx.to_f32_vec()?, &pdx.to_f32_vec()?),
-        rel_l2(&g[..d * r], &pdb.to_f32_vec()?),
-        rel_l2(&g[d * r..], &pda.to_f32_vec()?),
+        rel_l2(&dx.to_f32_vec()?, &peft.dx.to_f32_vec()?),
+        rel_l2(&g[..d * r], &peft.db.to_f32_vec()?),
+        rel_l2(&g[d * r..], &peft.da.to_f32_vec()?),
     ]
     .into_iter()
     .fold(0.0, f64::max);
