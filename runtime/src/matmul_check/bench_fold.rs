@@ -54,6 +54,12 @@ pub fn bench_lora_fold(
     Ok(out)
 }
 
+/// Columns `col .. col + cols` of an `[m, dw]` buffer.
+fn cols_of(t: &DeviceTensor, m: usize, dw: usize, col: usize, cols: usize) -> Mat<'_> {
+    Mat::new(t, MatLayout::at(col, m, cols, dw))
+}
+
+/// Relative L2 distance of `got` from `want`.
 fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     let num: f64 = got
         .iter()
@@ -108,10 +114,6 @@ fn fold_at(
     let part = DeviceTensor::zeros(dev, Storage::F32, &[2 * LORA_WGRAD_CHUNKS * d * WIN])?;
     // dB (block 0, scaled by s) at 0, [d, r]; dA (block 1, du already scaled) at d·r, [r, d].
     let mods = DeviceTensor::from_i32(dev, &[2, 5], &[0, 0, 0, 0, 1, 1, 0, 1, (d * r) as i32, 0])?;
-    // Columns `col .. col + cols` of a `[m, d + ROOM]` buffer.
-    fn cols_of(t: &DeviceTensor, m: usize, dw: usize, col: usize, cols: usize) -> Mat<'_> {
-        Mat::new(t, MatLayout::at(col, m, cols, dw))
-    }
     let at = |t, col, cols| cols_of(t, m, dw, col, cols);
     let err = |e: crate::model::ModelError| DeviceError::InvalidArgument(e.to_string());
 
