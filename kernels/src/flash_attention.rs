@@ -69,9 +69,11 @@ fn block_rows(cu_seqlens: &[usize], size: usize) -> Option<Vec<BlockRow>> {
 /// `c` is passed as `scale_log2`.
 #[kernel(
     // Head dimension 128: 2 stages; 128-key steps spill on sm_80 (the engine runs them on
-    // sm_90 only, `FlashConfig::sm80`).
-    variants(T = [bf16, f16], D = [64, 128], BM = [128], BN = [64, 128], S = [2, 3], W = [8], TMA = [0, 1]),
-    only = [D == 64 || S == 2],
+    // sm_90 only, `FlashConfig::sm80`). 64-query programs are one warpgroup (W = 4, two to
+    // four CTAs per SM; the engine's tiles below 4096–16384 tokens, call 106), 128-query ones
+    // two.
+    variants(T = [bf16, f16], D = [64, 128], BM = [64, 128], BN = [64, 128], S = [2, 3], W = [4, 8], TMA = [0, 1]),
+    only = [D == 64 || S == 2, (W == 4) == (BM == 64)],
     warps = W,
     stages = S,
     tma = TMA,
@@ -172,10 +174,13 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
     // Head dimension 64: 64-query steps (128 spill even on sm_90a). Head dimension 128: 2
     // stages (3 measured slower, call 84), 32- or 64-query steps; 128 keys spill on sm_80 (run
     // on sm_90 only), and 128 x 64 even on sm_90 without TMA (no such variant).
-    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3], W = [8], TMA = [0, 1]),
+    // W = 4: one warpgroup of 64 keys in 64-query steps (213–247 registers on sm_90, two CTAs
+    // per SM; the engine's short-sequence tile, call 106); with heads of 128 it spills on
+    // sm_80 (run on sm_90 only).
+    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3], W = [4, 8], TMA = [0, 1]),
     only = [
         BN % BM == 0, D == 64 || S == 2, D == 128 || BM == 64,
-        D == 64 || BN == 64 || BM == 32 || TMA == 1
+        D == 64 || BN == 64 || BM == 32 || TMA == 1, W == 8 || (BN == 64 && BM == 64)
     ],
     warps = W,
     stages = S,
@@ -255,9 +260,13 @@ pub fn flash_bwd_dkdv<
 /// DSL does not have.
 #[kernel(
     // Head dimension 128: 2 stages (3 measured slower, call 84). 128-key steps: heads of 64 in
-    // 128-query programs only.
-    variants(T = [bf16, f16], D = [64, 128], BM = [64, 128], BN = [64, 128], S = [2, 3], W = [8], TMA = [0, 1]),
-    only = [D == 64 || S == 2, BN == 64 || (D == 64 && BM == 128)],
+    // 128-query programs, and one-warpgroup 64-query programs (W = 4, the engine's
+    // short-sequence tile, call 106) of heads of 64 (of 128 they spill on sm_80).
+    variants(T = [bf16, f16], D = [64, 128], BM = [64, 128], BN = [64, 128], S = [2, 3], W = [4, 8], TMA = [0, 1]),
+    only = [
+        D == 64 || S == 2, BN == 64 || (D == 64 && BM == 128) || W == 4, W == 8 || BM == 64,
+        W == 8 || D == 64 || BN == 64
+    ],
     warps = W,
     stages = S,
     tma = TMA,

@@ -217,7 +217,8 @@ fn flash_attention_configurations_timed_at_opt_sizes() {
     use lexp_runtime::time_ms;
     let dev = CudaDevice::new(0).expect("a CUDA GPU");
     // (heads, head dim, sequences, length): OPT-1.3B's and OPT-2.7B's steps, heads of 128,
-    // and one long sequence (issue 7's 16k) at 64 and 128.
+    // one sequence of 4096 and 8192 (the dense-step issue's long rows) and of 16384 (issue 7's
+    // 16k) at 64, and long sequences at 128.
     let cases = [
         (32usize, 64usize, 4usize, 512usize),
         (32, 64, 4, 1024),
@@ -225,6 +226,8 @@ fn flash_attention_configurations_timed_at_opt_sizes() {
         (32, 80, 4, 1024),
         (16, 128, 4, 1024),
         (16, 128, 1, 4096),
+        (32, 64, 1, 4096),
+        (32, 64, 1, 8192),
         (32, 64, 1, 16384),
         (16, 128, 1, 16384),
     ];

@@ -27,15 +27,18 @@ const SPILL_OUTSIDE_LOOPS: u32 = 32;
 
 /// Variants the engine may run on sm_90 only, because their sm_80 code spills: the split dk/dv
 /// with 128 keys in 64-query steps (`runtime/src/gpu/attention.rs`: `FLASH_80` takes 32-query
-/// steps on sm_80, `FlashConfig::sm80`), and the 128-key tiles of heads of 128 (`FLASH_128`;
-/// sm_80 runs `FLASH_128_SM80`).
+/// steps on sm_80, `FlashConfig::sm80`), and the 128-key and one-warpgroup tiles of heads of 128
+/// (`FLASH_128`; sm_80 runs `FLASH_128_SM80`).
 fn sm90_only(v: &lexp_compiler::launch::Variant) -> bool {
     let p = |name: &str, value: &str| v.param(name) == Some(value);
     match v.kernel {
         "flash_bwd_dkdv_split" => p("BN", "128") && p("BM", "64"),
         // Heads of 128 with 128 keys per program (dk/dv) or per step (forward): 255 registers
-        // and spills on sm_80, which runs the 64-key tiles.
-        "flash_bwd_dkdv" | "flash_fwd" => p("D", "128") && p("BN", "128"),
+        // and spills on sm_80, which runs the 64-key tiles. The one-warpgroup dk/dv (64 keys,
+        // 64-query steps, `W = 4`) likewise: on sm_90 its products are warpgroup MMAs (247
+        // registers), on sm_80 four warps hold what eight do in the two-warpgroup tile.
+        "flash_fwd" => p("D", "128") && p("BN", "128"),
+        "flash_bwd_dkdv" => p("D", "128") && (p("BN", "128") || p("W", "4")),
         _ => false,
     }
 }

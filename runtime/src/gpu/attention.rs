@@ -44,29 +44,28 @@ pub struct FlashConfig {
     pub family: FlashFamily,
     /// `flash_fwd`: `BM` queries per program, `BN` keys per step.
     pub fwd: Tiles,
-    /// `flash_fwd` for batches whose longest sequence has at least [`LONG_SEQUENCE`] tokens,
-    /// where a program's key loop is long (the same `BM`: the block lists do not change).
-    pub fwd_long: Tiles,
     /// `flash_bwd_dkdv`: `BN` keys per program, `BM` queries per step.
     pub dkdv: Tiles,
     /// `flash_bwd_dq`: `BM` queries per program, `BN` keys per step.
     pub dq: Tiles,
+    /// `(tokens, configuration)`: the configuration for batches whose longest sequence has at
+    /// least `tokens` tokens, where each program's loop is long and the tiles that win differ
+    /// (`None`: these at every length). Its block sizes may differ, so the block lists are
+    /// built from the configuration the batch runs ([`FlashConfig::for_longest`]).
+    pub long: Option<(usize, &'static FlashConfig)>,
     /// The configuration sm_80 runs instead, where some of these tiles spill there (`None`:
     /// these). Its block sizes may differ, so the block lists are built from the
     /// configuration of the device's architecture ([`FlashConfig::on`]).
     pub sm80: Option<&'static FlashConfig>,
 }
 
-/// Tokens from which a sequence is long for [`FlashConfig::fwd_long`].
-pub const LONG_SEQUENCE: usize = 4096;
-
 impl FlashConfig {
-    /// The forward tiles for a batch whose longest sequence has `longest` tokens.
-    pub fn fwd_for(&self, longest: usize) -> Tiles {
-        if longest >= LONG_SEQUENCE {
-            self.fwd_long
-        } else {
-            self.fwd
+    /// The configuration a batch whose longest sequence has `longest` tokens runs
+    /// ([`FlashConfig::long`]); apply after [`FlashConfig::on`].
+    pub fn for_longest(&'static self, longest: usize) -> &'static FlashConfig {
+        match self.long {
+            Some((from, c)) if longest >= from => c,
+            _ => self,
         }
     }
 
@@ -107,68 +106,104 @@ fn param(c: Tiles, name: &str) -> usize {
     c.iter().find(|(n, _)| *n == name).map_or(0, |&(_, v)| v)
 }
 
-/// Head dimension 64 (OPT-125m to 1.3B). Forward: the fastest compiled configuration at
-/// OPT-1.3B's 4 x 512 and 4 x 1024 on the H200 (`runtime/tests/gpu_flash.rs` times them all):
-/// 64-key steps in 3 stages, 0.037 / 0.099 ms against 0.041 / 0.109 with 128 keys in 2
-/// (`bench/results/2026-11-30-h200-flash-heads/call59-split/gpu_flash-timed.txt`; 128 keys
-/// led before the tensors became per-head views). dk/dv with 128 keys: the 8 warps own whole
-/// key rows, so `Pᵀ` and `dSᵀ` feed the MMAs from registers (0.251 against 0.301 ms per layer
-/// at 4 x 1024 with 64 keys); dq with 128 queries likewise (0.126 against 0.137 ms;
-/// `bench/results/2026-11-29-h200-gpu-flash-tests-shortcut.txt`). On sm_90 the streamed q/k/v
-/// tiles are TMA copies (`TMA = 1`; sm_80 runs the same variants with `cp.async`): forward
-/// 0.095 against 0.100 ms, dk/dv 0.188 against 0.213, dq 0.112 against 0.119 at 4 x 1024
-/// (`bench/results/2026-11-30-h200-tma/call66/gpu_flash-timed.txt`). dk/dv in 3 stages:
-/// 0.184 against 0.187 ms at 4 x 1024 and 6.66 against 6.91 ms at 1 x 16384; forward with
-/// 128-key steps from 4096 tokens: 3.42 against 3.57 ms at 1 x 16384, where at 4 x 1024 it
-/// loses (0.102 against 0.095; `bench/results/2026-11-30-h200-timing/call76/`). dq with
-/// 128-key steps in 3 stages: 3.57 against 4.01 ms at 1 x 16384, 0.103 against 0.112 at
-/// 4 x 1024 (`bench/results/2026-11-30-h200-heads-128/call84/`).
+/// Head dimension 64 (OPT-125m to 1.3B), batches of sequences shorter than 16384 tokens:
+/// one-warpgroup programs (`W = 4`: 64 queries or keys each, up to 123–213
+/// registers, so two to four CTAs share a multiprocessor and one's prologue and epilogue
+/// overlap another's products). At OPT-1.3B's 4 x 1024 on the H200 they beat the two-warpgroup
+/// tiles that ran before in every kernel (`bench/results/2026-12-01-h200-flash-w4/call106`,
+/// `runtime/tests/gpu_flash.rs` times every configuration): forward 0.085 against 0.095 ms,
+/// dk/dv 0.165 against 0.184, dq 0.087 against 0.103; at 4 x 512 0.033 / 0.062 / 0.035
+/// against 0.036 / 0.073 / 0.043; at 1 x 4096 0.267 / 0.506 / 0.271 against 0.274 / 0.526 /
+/// 0.284, at 1 x 8192 0.924 / 1.785 / 0.942 against 0.936 / 1.805 / 0.960 (call 107).
+/// Earlier history of the two-warpgroup tiles: `P` and `dSᵀ`
+/// feed the MMAs from registers when each warp owns whole rows (COMPILER.md §1.7), and TMA
+/// copies beat `cp.async` (`bench/results/2026-11-30-h200-tma/call66/`).
 #[rustfmt::skip]
 static FLASH_64: FlashConfig = FlashConfig {
     hd: 64,
     family: FlashFamily::Tile,
-    fwd: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8), ("TMA", 1)],
-    fwd_long: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
-    dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 3), ("W", 8), ("TMA", 1)],
-    dq: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 3), ("W", 8), ("TMA", 1)],
+    fwd: &[("D", 64), ("BM", 64), ("BN", 64), ("S", 2), ("W", 4), ("TMA", 1)],
+    dkdv: &[("D", 64), ("BN", 64), ("BM", 64), ("S", 3), ("W", 4), ("TMA", 1)],
+    dq: &[("D", 64), ("BM", 64), ("BN", 64), ("S", 2), ("W", 4), ("TMA", 1)],
+    long: Some((16384, &FLASH_64_LONG)),
     sm80: Some(&FLASH_64_SM80),
 };
 
-/// [`FLASH_64`] on sm_80: dk/dv in 2 stages with `cp.async` copies.
+/// [`FLASH_64`] from 16384 tokens: two-warpgroup programs of 128 queries or keys, which at
+/// 1 x 16384 are as fast or faster than the one-warpgroup ones (call 106: forward 3.39 against
+/// 3.42 ms, dk/dv 6.61–6.63 either way, dq 3.40 against 3.65). Forward with 128-key steps
+/// (3.42 against 3.57 ms with 64, `bench/results/2026-11-30-h200-timing/call76/`), dk/dv in 3
+/// stages (6.66 against 6.91 ms), dq with 128-key steps in 2 stages (3.40 against 3.58–3.60
+/// with 3 in both runs of call 106; call 84 had 3 ahead, 3.57 against 3.67).
 #[rustfmt::skip]
-static FLASH_64_SM80: FlashConfig = FlashConfig {
-    dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 0)],
+static FLASH_64_LONG: FlashConfig = FlashConfig {
+    hd: 64,
+    family: FlashFamily::Tile,
+    fwd: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 3), ("W", 8), ("TMA", 1)],
+    dq: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    long: None,
     sm80: None,
-    ..FLASH_64
 };
 
-/// Head dimension 128 (OPT-6.7B and larger), sm_90: 128-key tiles (`bench/results/
-/// 2026-11-30-h200-heads-128/call82/gpu_flash-timed.txt`, 16 heads): forward with 128-key steps
-/// (2.19 against 2.54 ms at 1 x 16384, 0.080 against 0.084 at 4 x 1024), dk/dv with 128 keys in
-/// 64-query steps (4.64 against 10.16 ms at 1 x 16384, 0.149 against 0.236 at 4 x 1024; 255
-/// registers, TMA variant only: the `cp.async` one spills), dq with 128 queries (2.92 against
-/// 4.52 ms, 0.091 against 0.117). Their sm_80 code spills: sm_80 runs [`FLASH_128_SM80`].
+/// [`FLASH_64`] on sm_80: the two-warpgroup tiles sm_90 ran before call 106 (the
+/// one-warpgroup ones are not measured there), dk/dv in 2 stages with `cp.async` copies;
+/// 128-key forward steps from 4096 tokens.
+#[rustfmt::skip]
+static FLASH_64_SM80: FlashConfig = FlashConfig {
+    fwd: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8), ("TMA", 1)],
+    dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 0)],
+    dq: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 3), ("W", 8), ("TMA", 1)],
+    long: Some((4096, &FLASH_64_SM80_LONG)),
+    ..FLASH_64_LONG
+};
+
+/// [`FLASH_64_SM80`] from 4096 tokens.
+#[rustfmt::skip]
+static FLASH_64_SM80_LONG: FlashConfig = FlashConfig {
+    fwd: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    long: None,
+    ..FLASH_64_SM80
+};
+
+/// Head dimension 128 (OPT-6.7B and larger), sm_90, batches of sequences shorter than 4096
+/// tokens: one-warpgroup programs as for [`FLASH_64`] (call 106, 16 heads at 4 x
+/// 1024: forward 0.076 against 0.079 ms, dk/dv 0.133 against 0.148, dq 0.083 against 0.090).
 #[rustfmt::skip]
 static FLASH_128: FlashConfig = FlashConfig {
     hd: 128,
     family: FlashFamily::Tile,
-    fwd: &[("D", 128), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
-    fwd_long: &[("D", 128), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
-    dkdv: &[("D", 128), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 1)],
-    dq: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    fwd: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 4), ("TMA", 1)],
+    dkdv: &[("D", 128), ("BN", 64), ("BM", 64), ("S", 2), ("W", 4), ("TMA", 1)],
+    dq: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 4), ("TMA", 1)],
+    long: Some((4096, &FLASH_128_LONG)),
     sm80: Some(&FLASH_128_SM80),
 };
 
+/// [`FLASH_128`] from 4096 tokens: forward with 128-query programs and 128-key
+/// steps (call 106: 0.207 against 0.221 ms at 1 x 4096, 2.26 against 2.69 at 1 x 16384), dk/dv
+/// with 128 keys in 64-query steps (4.59 against 4.73 ms at 1 x 16384, though 0.410 against
+/// 0.388 at 1 x 4096; 255 registers, TMA only: the `cp.async` variant spills), dq in
+/// one-warpgroup programs (3.00 against 3.01 ms at 1 x 16384, 0.233 against 0.252 at 4096).
+#[rustfmt::skip]
+static FLASH_128_LONG: FlashConfig = FlashConfig {
+    fwd: &[("D", 128), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    dkdv: &[("D", 128), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    long: None,
+    sm80: None,
+    ..FLASH_128
+};
+
 /// Heads of 128 on sm_80: the tiles that assemble there without spills (64 keys per forward
-/// step and dk/dv program, 32-query dk/dv steps, 64-query dq programs).
+/// step and dk/dv program, 32-query dk/dv steps, 64-query dq programs), two warpgroups.
 #[rustfmt::skip]
 static FLASH_128_SM80: FlashConfig = FlashConfig {
     hd: 128,
     family: FlashFamily::Tile,
     fwd: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 0)],
-    fwd_long: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 0)],
     dkdv: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8), ("TMA", 0)],
     dq: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 0)],
+    long: None,
     sm80: None,
 };
 
@@ -183,9 +218,9 @@ static FLASH_80: FlashConfig = FlashConfig {
     hd: 80,
     family: FlashFamily::Split,
     fwd: &[("BM", 128), ("BN", 128), ("S", 3), ("W", 8)],
-    fwd_long: &[("BM", 128), ("BN", 128), ("S", 3), ("W", 8)],
     dkdv: &[("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
     dq: &[("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
+    long: None,
     sm80: Some(&FLASH_80_SM80),
 };
 
@@ -411,13 +446,19 @@ fn args(cx: &Ctx, li: usize, acts: &LayerActs, sc: &Scratch) -> R<AttnArgs> {
     })
 }
 
-/// The flash configuration of the layer's head dimension on the device's architecture (the one
-/// the batch's block lists were built for, `Engine`'s `BlockPlan`).
+/// The flash configuration of the layer's head dimension on the device's architecture for the
+/// batch's longest sequence (the one the batch's block lists were built for, `Engine`'s
+/// `BlockPlan`).
 fn config(cx: &Ctx) -> R<&'static FlashConfig> {
     let cfg = flash_kernels_for(cx.d.hd).ok_or_else(|| {
         ModelError::Unsupported(format!("no flash attention for head dimension {}", cx.d.hd))
     })?;
-    Ok(cfg.on(Launcher::arch(cx.dev)))
+    Ok(cfg.on(Launcher::arch(cx.dev)).for_longest(longest(cx.segs)))
+}
+
+/// Tokens of the longest of `segs` ([`FlashConfig::for_longest`]).
+pub fn longest(segs: &[Segment]) -> usize {
+    segs.iter().map(|s| s.len).max().unwrap_or(0)
 }
 
 /// `[t, groups, hd]`: the `groups` heads of each token in `t`, as the flash kernels index them
@@ -440,11 +481,10 @@ fn flash_forward(cx: &Ctx, acts: &mut LayerActs, sc: &Scratch) -> R {
     let (t, nh) = (cx.t, cx.d.nh);
     let [fwd, _, _] = sc.blocks.args()?;
     let cfg = config(cx)?;
-    let longest = cx.segs.iter().map(|s| s.len).max().unwrap_or(0);
     fl::fwd(
         cx.dev,
         cfg.family,
-        cfg.fwd_for(longest),
+        cfg.fwd,
         &heads(&acts.qkv, cx, 3 * nh)?,
         &fwd,
         scale(cx),
@@ -608,23 +648,58 @@ mod tests {
                 probs: 0,
             },
         ];
-        let p = BlockPlan::of(&segs, &FLASH_64).unwrap();
-        // 128-token blocks everywhere in the head-dimension-64 configurations.
-        let c = &FLASH_64;
-        assert_eq!((c.fwd_bm(), c.dq_bm(), c.dkdv_bn()), (128, 128, 128));
+        // Short sequences: 64-token blocks everywhere in the head-dimension-64 configuration.
+        let c = FLASH_64.for_longest(longest(&segs));
+        assert_eq!(c, &FLASH_64);
+        assert_eq!((c.fwd_bm(), c.dq_bm(), c.dkdv_bn()), (64, 64, 64));
+        let p = BlockPlan::of(&segs, c).unwrap();
         // Longest programs first: the last query block of the 130-token sequence, and its
         // first key block.
         assert_eq!(p.fwd[0], [0, 130, 128]);
         assert_eq!(p.dkdv[0], [0, 130, 0]);
-        assert_eq!(p.rows(), 4);
+        assert_eq!(p.rows(), 5);
         let covered = |list: &[BlockRow]| {
             let mut c: Vec<(i32, i32)> = list.iter().map(|r| (r[0], r[2])).collect();
             c.sort();
             c
         };
         for list in [&p.fwd, &p.dq, &p.dkdv] {
-            assert_eq!(covered(list), vec![(0, 0), (0, 128), (130, 0), (131, 0)]);
+            assert_eq!(
+                covered(list),
+                vec![(0, 0), (0, 64), (0, 128), (130, 0), (131, 0)]
+            );
         }
+    }
+
+    /// From its threshold a batch runs the long configuration, whose 128-token blocks its lists
+    /// are built for; below, the short one; sm_80 has its own pair.
+    #[test]
+    fn long_sequences_run_the_long_configuration() {
+        let (from, long_cfg) = FLASH_64.long.unwrap();
+        let seg = |len| Segment {
+            start: 0,
+            len,
+            probs: 0,
+        };
+        let long = [seg(from)];
+        assert_eq!(longest(&long), from);
+        assert_eq!(FLASH_64.for_longest(from - 1), &FLASH_64);
+        let c = FLASH_64.for_longest(from);
+        assert_eq!(c, long_cfg);
+        let p = BlockPlan::of(&long, c).unwrap();
+        assert_eq!(p.fwd.len(), from / 128);
+        assert_eq!(p.dkdv.len(), from / 128);
+        // Long configurations run the same kernels, with no further override.
+        for c in [&FLASH_64, &FLASH_80, &FLASH_128] {
+            for a in [Arch::Sm80, Arch::Sm90] {
+                let l = c.on(a).for_longest(usize::MAX);
+                assert_eq!((l.hd, l.family, l.long), (c.hd, c.family, None));
+            }
+        }
+        assert_eq!(
+            FLASH_64.on(Arch::Sm80).for_longest(4096),
+            &FLASH_64_SM80_LONG
+        );
     }
 
     /// Each head dimension's sm_80 configuration is one of the same kernels (head dimension,
@@ -636,12 +711,10 @@ mod tests {
             assert_eq!((s.hd, s.family, s.sm80), (c.hd, c.family, None), "{c:?}");
             assert_eq!(c.on(Arch::Sm90), c);
         }
-        // Heads of 128 take 128-key dk/dv programs on sm_90 and 64-key ones on sm_80: the
-        // block lists differ by architecture.
-        assert_eq!(
-            (FLASH_128.dkdv_bn(), FLASH_128.on(Arch::Sm80).dkdv_bn()),
-            (128, 64)
-        );
+        // Long sequences with heads of 128 take 128-key dk/dv programs on sm_90 and 64-key
+        // ones on sm_80: the block lists differ by architecture.
+        let long = |a| FLASH_128.on(a).for_longest(usize::MAX).dkdv_bn();
+        assert_eq!((long(Arch::Sm90), long(Arch::Sm80)), (128, 64));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! (cuBLAS takes both inputs of one type, and an f32 copy of `E` would cost more memory and
 //! a slower f32 GEMM), and `dh = dz·E` is scattered back into the rows' gradient.
 
-use super::attention::{flash_kernels_for, AttentionImpl, BlockPlan};
+use super::attention::{self, flash_kernels_for, AttentionImpl, BlockPlan};
 use super::bitfit::{self, DeviceBitFit};
 use super::dropout::{DropCtx, MaskLayout};
 use super::graph::{GraphKey, StepGraph};
@@ -532,8 +532,8 @@ impl GpuEngine {
         }
         let (segs, probs) = segments(&batch.cu_seqlens, self.dims.nh)?;
         let flash_cfg = match self.attention {
-            // The configuration of the device's architecture: the layers' launches take the
-            // same one (`attention::config`).
+            // The configuration of the device's architecture and the batch's longest
+            // sequence: the layers' launches take the same one (`attention::config`).
             AttentionImpl::Flash => Some(
                 flash_kernels_for(self.dims.hd)
                     .ok_or_else(|| {
@@ -542,7 +542,8 @@ impl GpuEngine {
                             self.dims.hd
                         ))
                     })?
-                    .on(Launcher::arch(&self.dev)),
+                    .on(Launcher::arch(&self.dev))
+                    .for_longest(attention::longest(&segs)),
             ),
             AttentionImpl::Materialised => None,
         };

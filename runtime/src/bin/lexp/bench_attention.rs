@@ -52,15 +52,15 @@ pub struct AttentionArgs {
 }
 
 /// The forward and the backward (delta, dk/dv, dq) of `p` in `cfg`'s tile configurations over
-/// the one-sequence block lists `blocks` (the forward's tiles for that sequence's length, as
-/// the engine picks them).
+/// the one-sequence block lists `blocks` (`cfg` the configuration for that sequence's length,
+/// as the engine picks it).
 fn forward(
     dev: &CudaDevice,
     cfg: &FlashConfig,
     p: &FlashProblem,
     blocks: &[DeviceTensor; 3],
 ) -> lexp_runtime::Result<()> {
-    p.fwd(dev, cfg.fwd_for(p.t), &blocks[0])
+    p.fwd(dev, cfg.fwd, &blocks[0])
 }
 
 fn backward(
@@ -143,6 +143,7 @@ pub fn run(args: AttentionArgs) -> Result<()> {
         let nh = args.width / hd;
         for &t in &args.seq {
             let p = FlashProblem::new(&dev, Storage::BF16, t, (nh, hd), 0x5eed ^ t as u64)?;
+            let cfg = cfg.for_longest(t);
             let blocks = p.one_sequence_blocks(&dev, cfg)?;
             let fwd = time_ms(&dev, args.warmup, args.iters, || {
                 forward(&dev, cfg, &p, &blocks)
@@ -182,7 +183,7 @@ pub fn run(args: AttentionArgs) -> Result<()> {
                 "seq": t, "head_dim": hd, "heads": nh, "sparse_synthetic": sparse,
                 "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms,
                 "fwd_tflops": tflops(fwd_flops, f_ms), "fwd_bwd_tflops": tflops(3.5 * fwd_flops, fb_ms),
-                "configs": {"fwd": format!("{:?}", cfg.fwd_for(t)), "dkdv": format!("{:?}", cfg.dkdv), "dq": format!("{:?}", cfg.dq)},
+                "configs": {"fwd": format!("{:?}", cfg.fwd), "dkdv": format!("{:?}", cfg.dkdv), "dq": format!("{:?}", cfg.dq)},
                 "sdpa_fwd_ms": sdpa.map(|s| s.0), "sdpa_fwd_bwd_ms": sdpa.map(|s| s.1),
                 "fwd_bwd_vs_sdpa": ratio,
             }));
