@@ -12,6 +12,9 @@
 #                LEXP_COMMIT (recorded in lexp.json when the binary was built without it),
 #                DEVICE (default cuda; cpu only to try the script without a GPU),
 #                PEFT (lora, bitfit or houlsby: the method on both sides, default lora),
+#                LORA_ALPHA (LoRA alpha on both sides, default 32: the dense-step issue's
+#                r=4 alpha 32; runs before 2026-12-01 used both tools' default, 8 — the scale
+#                s = alpha / r is one multiply and changes no time),
 #                ATTNS (the baseline's attention implementations, default sdpa,eager; eager
 #                materialises the scores and runs out of memory at 16k tokens),
 #                MAX_POSITIONS (learned positions of the random-weight model on both sides, for
@@ -38,6 +41,7 @@ LOG="$OUT/log.txt"
 MP=()
 [ -n "${MAX_POSITIONS:-}" ] && MP=(--max-positions "$MAX_POSITIONS")
 [ -n "${PEFT:-}" ] && MP+=(--peft "$PEFT")
+MP+=(--lora-alpha "${LORA_ALPHA:-32}")
 . bench/gpu_env.sh lexp || exit 2
 
 {
