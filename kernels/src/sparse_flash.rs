@@ -223,8 +223,12 @@ pub fn sparse_flash_fwd<
 /// in `KB / BM` steps of `BM` queries), as in
 /// [`flash_bwd_dkdv`](crate::flash_attention::flash_bwd_dkdv).
 #[kernel(
-    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], KB = [128], S = [2, 3], W = [8], TMA = [0, 1]),
-    only = [BN % BM == 0, D == 64 || S == 2, D == 64 || BN == 64, D == 64 || BM == 32, D == 128 || BM == 64],
+    // W = 4: one warpgroup of 64 keys (heads of 64), as the dense kernel's short-batch tile.
+    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], KB = [128], S = [2, 3], W = [4, 8], TMA = [0, 1]),
+    only = [
+        BN % BM == 0, D == 64 || S == 2, D == 64 || BN == 64, D == 64 || BM == 32, D == 128 || BM == 64,
+        W == 8 || (D == 64 && BN == 64)
+    ],
     warps = W,
     stages = S,
     tma = TMA,
@@ -298,9 +302,10 @@ pub fn sparse_flash_dkdv<
 /// over the kept key blocks of the forward list (each in `KB / BN` steps), as in
 /// [`flash_bwd_dq`](crate::flash_attention::flash_bwd_dq).
 #[kernel(
-    // Head dimension 128: 32-query programs (64 spill 4 bytes on sm_80).
-    variants(T = [bf16, f16], D = [64, 128], BM = [32, 64, 128], BN = [64], KB = [128], S = [2, 3], W = [8], TMA = [0, 1]),
-    only = [D == 64 || S == 2, D == 64 || BM == 32, D == 128 || BM >= 64],
+    // Head dimension 128: 32-query programs (64 spill 4 bytes on sm_80). W = 4: one warpgroup
+    // of 64 queries (heads of 64), as the dense kernel's short-batch tile.
+    variants(T = [bf16, f16], D = [64, 128], BM = [32, 64, 128], BN = [64], KB = [128], S = [2, 3], W = [4, 8], TMA = [0, 1]),
+    only = [D == 64 || S == 2, D == 64 || BM == 32, D == 128 || BM >= 64, W == 8 || (D == 64 && BM == 64)],
     warps = W,
     stages = S,
     tma = TMA,

@@ -90,7 +90,7 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
         };
     }
     match kernels {
-        Kernels::Tile(d) => fwd!(flash_fwd, [("D", d), ("BN", 64)]),
+        Kernels::Tile(d) => fwd!(flash_fwd, [("D", d), ("BM", 128), ("BN", 64)]),
         Kernels::Split => fwd!(flash_fwd_split, [("BN", 64)]),
     }
     let d = compare(&o.data, &want_o);
@@ -98,6 +98,19 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
         d.unwritten == 0 && d.non_finite == 0 && d.rel_l2 < 1e-2,
         "{what}: o {d}"
     );
+    if let Kernels::Tile(d) = kernels {
+        // One-warpgroup programs: 64 queries each, over the 64-query block list (`fwd!` reads
+        // `qb`).
+        let mut o64 = poisoned(dtype, &[t, nh, hd]);
+        let mut l64 = poisoned(Storage::F32, &[nh, tp]);
+        qb = block_tensor(&query_blocks(&cu, 64).unwrap());
+        fwd!(flash_fwd, [("D", d), ("BM", 64), ("BN", 64)], o64, l64);
+        let d = compare(&o64.data, &want_o);
+        assert!(
+            d.unwritten == 0 && d.non_finite == 0 && d.rel_l2 < 1e-2,
+            "{what}: o (BM 64) {d}"
+        );
+    }
     let got_l: Vec<f32> = lse2.data.chunks(tp).flat_map(|r| r[..t].to_vec()).collect();
     let d = compare(&got_l, &want_l);
     assert!(
@@ -199,15 +212,18 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
         );
         check(&dqkv_q, &[(0, "dq")], &format!(" (dq BM 128, BN {bn})"));
     }
-    // The forward with 128-key steps (`qb` holds 128-query blocks already).
-    let mut o128 = poisoned(dtype, &[t, nh, hd]);
-    let mut lse128 = poisoned(Storage::F32, &[nh, tp]);
-    fwd!(flash_fwd, [("D", d), ("BN", 128)], o128, lse128);
-    let dd = compare(&o128.data, &want_o);
-    assert!(
-        dd.unwritten == 0 && dd.non_finite == 0 && dd.rel_l2 < 1e-2,
-        "{what}: o (BN 128) {dd}"
-    );
+    // The forward with 128-key steps, in 128- and in 64-query programs (`fwd!` reads `qb`).
+    for bm in [128, 64] {
+        qb = block_tensor(&query_blocks(&cu, bm).unwrap());
+        let mut o128 = poisoned(dtype, &[t, nh, hd]);
+        let mut lse128 = poisoned(Storage::F32, &[nh, tp]);
+        fwd!(flash_fwd, [("D", d), ("BM", bm), ("BN", 128)], o128, lse128);
+        let dd = compare(&o128.data, &want_o);
+        assert!(
+            dd.unwritten == 0 && dd.non_finite == 0 && dd.rel_l2 < 1e-2,
+            "{what}: o (BM {bm}, BN 128) {dd}"
+        );
+    }
 }
 
 #[test]

@@ -45,14 +45,16 @@ fn param(c: &SparseTiles, name: &str) -> usize {
 /// heads, a 25% mask on the H200 (`gpu_sparse_attention`'s timed test), all with TMA on sm_90
 /// (`bench/results/2026-11-30-h200-tma/call66/gpu_sparse_attention.txt`; sm_80 runs the same
 /// variants with `cp.async`): forward 0.979 ms with 64-key steps in 3 stages (1.305 for the
-/// previous `cp.async` choice), dk/dv 2.414 ms with 128 keys (3.424), dq 1.167 ms with
-/// 128-query programs (1.604 for the previous 64).
+/// previous `cp.async` choice). dk/dv and dq in one-warpgroup programs of 64 keys or queries
+/// (`W = 4`, as the dense kernels' short-batch tiles; `bench/results/2026-12-01-h200-flash-w4/
+/// call111/gpu_sparse_attention.txt`): dk/dv 2.313 ms against 2.413 with 128 keys in two
+/// warpgroups, dq 0.989 ms (3 stages) against 1.165 with 128-query programs.
 #[rustfmt::skip]
 const SPARSE_64: SparseFlashConfig = SparseFlashConfig {
     hd: 64,
     fwd: [("D", 64), ("BM", 128), ("BN", 64), ("KB", 128), ("S", 3), ("W", 8), ("TMA", 1)],
-    dkdv: [("D", 64), ("BN", 128), ("BM", 64), ("KB", 128), ("S", 2), ("W", 8), ("TMA", 1)],
-    dq: [("D", 64), ("BM", 128), ("BN", 64), ("KB", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    dkdv: [("D", 64), ("BN", 64), ("BM", 64), ("KB", 128), ("S", 2), ("W", 4), ("TMA", 1)],
+    dq: [("D", 64), ("BM", 64), ("BN", 64), ("KB", 128), ("S", 3), ("W", 4), ("TMA", 1)],
 };
 
 /// Head dimension 128: the variants that assemble without spills on sm_80 (32-key forward
@@ -391,7 +393,8 @@ mod tests {
         assert_eq!(kept, plan.list_t.counts.iter().sum::<i32>());
         assert_eq!(kept as usize, m.keys.len());
         assert_eq!(plan.fwd.len(), 47);
-        assert_eq!(plan.dkdv.len(), 47);
+        // 64-key dk/dv programs: 64 + 30.
+        assert_eq!(plan.dkdv.len(), 94);
         let e = SparsePlan::of(&m, &cu, 2, &SPARSE_64)
             .unwrap_err()
             .to_string();
