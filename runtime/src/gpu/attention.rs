@@ -108,8 +108,9 @@ fn param(c: Tiles, name: &str) -> usize {
 
 /// Head dimension 64 (OPT-125m to 1.3B), batches of sequences shorter than 16384 tokens:
 /// one-warpgroup programs (`W = 4`: 64 queries or keys each, 123–213 registers, so two to four
-/// CTAs share a multiprocessor and one's prologue and epilogue overlap another's products). At OPT-1.3B's 4 x 1024 on the H200 they beat the two-warpgroup
-/// tiles that ran before in every kernel (`bench/results/2026-12-01-h200-flash-w4/call106`,
+/// CTAs share a multiprocessor and one's prologue and epilogue overlap another's products). At
+/// OPT-1.3B's 4 x 1024 on the H200 they beat the two-warpgroup tiles that ran before in every
+/// kernel (`bench/results/2026-12-01-h200-flash-w4/call106`,
 /// `runtime/tests/gpu_flash.rs` times every configuration): forward 0.085 against 0.095 ms,
 /// dk/dv 0.165 against 0.184, dq 0.087 against 0.103; at 4 x 512 0.033 / 0.062 / 0.035
 /// against 0.036 / 0.073 / 0.043; at 1 x 4096 0.267 / 0.506 / 0.271 against 0.274 / 0.526 /
