@@ -15,9 +15,11 @@
 //! (longest-running blocks first, for load balance); the grid is `nb x heads`, so no
 //! recompilation happens per batch shape.
 //!
-//! Softmax statistics are kept in base 2 (`exp2`, scores pre-multiplied by
-//! `c = softmax_scale · log2 e`): the forward writes `lse2 = m + log2(l)` per (head, token), and
-//! the backward recomputes `P = exp2(c·q·kᵀ − lse2)` from it. Only rows of the block that lie
+//! Softmax statistics are kept in base 2 (`exp2` of scores multiplied by
+//! `c = softmax_scale · log2 e`, one fused multiply-add per score): the forward writes
+//! `lse2 = c·m + log2(l)` per (head, token), with `m` the row's largest raw score, and the
+//! backward recomputes `P = exp2(c·q·kᵀ − lse2)` from it. Only the key blocks that cross the
+//! diagonal (or the sequence's end) are masked; the others are entirely visible. Only rows of the block that lie
 //! inside the sequence are stored: rows past its end are redirected to an out-of-range index
 //! (the loads' and stores' bounds mask then drops them). Keys past a query are masked to −inf
 //! (causal), which also hides every key past the sequence's end from every stored row.
@@ -120,11 +122,19 @@ pub fn flash_fwd<
         // would be staged from registers, with two barriers, at every iteration.
         let q = qkv.load([rows, head, c]);
         let k = qkv.load([krows, nh + head, c]);
-        let s = dot(q, k.t(), zeros::<f32, BM, BN>()) * scale_log2;
-        let s = select(kj.expand(0) <= qi.expand(1), s, NEG_INFINITY);
+        let mut s = dot(q, k.t(), zeros::<f32, BM, BN>());
+        // Only a key block that reaches past the block's first query (the diagonal ones, and
+        // the last, which may hold the next sequence's keys) needs the causal mask: the
+        // others are entirely visible, and skipping the per-score compare and select there
+        // saves two of the softmax's dozen instructions per score.
+        if k0 + BN > q0 {
+            s = select(kj.expand(0) <= qi.expand(1), s, NEG_INFINITY);
+        }
+        // The running maximum is kept in raw score units, so that `c·s − c·m` is one fused
+        // multiply-add per score.
         let m_new = max(m, s.reduce_max(1));
-        let alpha = exp2(m - m_new);
-        let p = exp2(s - m_new.expand(1));
+        let alpha = exp2((m - m_new) * scale_log2);
+        let p = exp2(s * scale_log2 - (m_new * scale_log2).expand(1));
         l = l * alpha + p.sum(1);
         let v = qkv.load([krows, 2 * nh + head, c]);
         acc = dot(p.cast::<T>(), v, acc * alpha.expand(1));
@@ -133,7 +143,10 @@ pub fn flash_fwd<
     // Every query sees itself, so `l >= 1` on every row that is stored.
     let out_rows = select(qi < len, rows, qkv.dim(0));
     o.store([out_rows, head, c], (acc * (1.0 / l).expand(1)).cast::<T>());
-    lse2.store([head, select(qi < len, rows, lse2.dim(1))], m + log2(l));
+    lse2.store(
+        [head, select(qi < len, rows, lse2.dim(1))],
+        m * scale_log2 + log2(l),
+    );
 }
 
 /// Backward, step 1: `delta[h, t] = Σ_d dO[t, h, d] · O[t, h, d]` (f32), the row sums
@@ -173,7 +186,8 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
     // them through shared memory.
     // Head dimension 64: 64-query steps (128 spill even on sm_90a). Head dimension 128: 2
     // stages (3 measured slower, call 84), 32- or 64-query steps; 128 keys spill on sm_80 (run
-    // on sm_90 only), and 128 x 64 even on sm_90 without TMA (no such variant).
+    // on sm_90 only), and 128 x 64 on sm_90 too since the diagonal-only mask (16 bytes with
+    // TMA, more without: no such variant; the one-warpgroup 64 x 64 was faster anyway, call 113).
     // W = 4: one warpgroup of 64 keys in 64-query steps (213–247 registers on sm_90, two CTAs
     // per SM; the engine's short-sequence tile, call 106), also in 4 stages (1–2% faster than
     // 3 with heads of 64, call 111; 32-query steps were no faster there); with heads of 128 it
@@ -181,7 +195,7 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
     variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3, 4], W = [4, 8], TMA = [0, 1]),
     only = [
         BN % BM == 0, D == 64 || S == 2, D == 128 || BM == 64,
-        D == 64 || BN == 64 || BM == 32 || TMA == 1, W == 8 || (BN == 64 && BM == 64),
+        D == 64 || BN == 64 || BM == 32, W == 8 || (BN == 64 && BM == 64),
         S < 4 || (W == 4 && TMA == 1)
     ],
     warps = W,
@@ -238,8 +252,13 @@ pub fn flash_bwd_dkdv<
         let q = qkv.load([qrows, head, c]);
         let dout = d_o.load([qrows, head, c]);
         let st = dot(k, q.t(), zeros::<f32, BN, BM>());
-        let visible = (kj.expand(1) <= qi.expand(0)) & (qi < len).expand(0);
-        let pt = select(visible, exp2(st * scale_log2 - l.expand(0)), 0.0);
+        let mut pt = exp2(st * scale_log2 - l.expand(0));
+        // Masked only where a query block reaches the diagonal or past the sequence's end
+        // (whose rows would be the next sequence's queries); the others are entirely visible.
+        if (q0 < k0 + BN) | (q0 + BM > len) {
+            let visible = (kj.expand(1) <= qi.expand(0)) & (qi < len).expand(0);
+            pt = select(visible, pt, 0.0);
+        }
         dv = dot(pt.cast::<T>(), dout, dv);
         let dpt = dot(v, dout.t(), zeros::<f32, BN, BM>());
         let dst = pt * (dpt - dl.expand(0));
@@ -321,11 +340,12 @@ pub fn flash_bwd_dq<
         let k = qkv.load([krows, nh + head, c]);
         let v = qkv.load([krows, 2 * nh + head, c]);
         let s = dot(q, k.t(), zeros::<f32, BM, BN>());
-        let p = select(
-            kj.expand(0) <= qi.expand(1),
-            exp2(s * scale_log2 - l.expand(1)),
-            0.0,
-        );
+        let mut p = exp2(s * scale_log2 - l.expand(1));
+        // Masked only where the key block reaches past the block's first query (as in
+        // `flash_fwd`).
+        if k0 + BN > q0 {
+            p = select(kj.expand(0) <= qi.expand(1), p, 0.0);
+        }
         let dp = dot(dout, v.t(), zeros::<f32, BM, BN>());
         let ds = p * (dp - dl.expand(1));
         dq = dot(ds.cast::<T>(), k, dq);

@@ -62,11 +62,14 @@ pub fn flash_fwd_split<
         let q_e = qkv.load([rows, head, e]);
         let k = qkv.load([krows, nh + head, c]);
         let k_e = qkv.load([krows, nh + head, e]);
-        let s = dot(q_e, k_e.t(), dot(q, k.t(), zeros::<f32, BM, BN>())) * scale_log2;
-        let s = select(kj.expand(0) <= qi.expand(1), s, NEG_INFINITY);
+        let mut s = dot(q_e, k_e.t(), dot(q, k.t(), zeros::<f32, BM, BN>()));
+        // Masked and scaled as in `flash_fwd`.
+        if k0 + BN > q0 {
+            s = select(kj.expand(0) <= qi.expand(1), s, NEG_INFINITY);
+        }
         let m_new = max(m, s.reduce_max(1));
-        let alpha = exp2(m - m_new);
-        let p = exp2(s - m_new.expand(1));
+        let alpha = exp2((m - m_new) * scale_log2);
+        let p = exp2(s * scale_log2 - (m_new * scale_log2).expand(1));
         l = l * alpha + p.sum(1);
         let v = qkv.load([krows, 2 * nh + head, c]);
         let v_e = qkv.load([krows, 2 * nh + head, e]);
@@ -79,7 +82,10 @@ pub fn flash_fwd_split<
     let inv = (1.0 / l).expand(1);
     o.store([out_rows, head, c], (acc * inv).cast::<T>());
     o.store([out_rows, head, e], (acc_e * inv).cast::<T>());
-    lse2.store([head, select(qi < len, rows, lse2.dim(1))], m + log2(l));
+    lse2.store(
+        [head, select(qi < len, rows, lse2.dim(1))],
+        m * scale_log2 + log2(l),
+    );
 }
 
 /// `dk` and `dv` of [`flash_bwd_dkdv`](crate::flash_attention::flash_bwd_dkdv) on heads of
@@ -145,8 +151,12 @@ pub fn flash_bwd_dkdv_split<
         let dout = d_o.load([qrows, head, c]);
         let dout_e = d_o.load([qrows, head, e]);
         let st = dot(k_e, q_e.t(), dot(k, q.t(), zeros::<f32, BN, BM>()));
-        let visible = (kj.expand(1) <= qi.expand(0)) & (qi < len).expand(0);
-        let pt = select(visible, exp2(st * scale_log2 - l.expand(0)), 0.0);
+        let mut pt = exp2(st * scale_log2 - l.expand(0));
+        // Masked as in `flash_bwd_dkdv`.
+        if (q0 < k0 + BN) | (q0 + BM > len) {
+            let visible = (kj.expand(1) <= qi.expand(0)) & (qi < len).expand(0);
+            pt = select(visible, pt, 0.0);
+        }
         let ptc = pt.cast::<T>();
         dv = dot(ptc, dout, dv);
         dv_e = dot(ptc, dout_e, dv_e);
@@ -221,11 +231,11 @@ pub fn flash_bwd_dq_split<
         let v = qkv.load([krows, 2 * nh + head, c]);
         let v_e = qkv.load([krows, 2 * nh + head, e]);
         let s = dot(q_e, k_e.t(), dot(q, k.t(), zeros::<f32, BM, BN>()));
-        let p = select(
-            kj.expand(0) <= qi.expand(1),
-            exp2(s * scale_log2 - l.expand(1)),
-            0.0,
-        );
+        let mut p = exp2(s * scale_log2 - l.expand(1));
+        // Masked as in `flash_bwd_dq`.
+        if k0 + BN > q0 {
+            p = select(kj.expand(0) <= qi.expand(1), p, 0.0);
+        }
         let dp = dot(dout_e, v_e.t(), dot(dout, v.t(), zeros::<f32, BM, BN>()));
         let ds = (p * (dp - dl.expand(1))).cast::<T>();
         dq = dot(ds, k, dq);

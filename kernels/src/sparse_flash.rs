@@ -196,16 +196,21 @@ pub fn sparse_flash_fwd<
     let mut l = zeros::<f32, BM>();
     let mut acc = zeros::<f32, BM, D>();
     for (_e, part, kb) in blocks(counts, indices, g, KB / BN) {
-        let kj = kb * KB + part * BN + range::<BN>();
+        let k0 = kb * KB + part * BN;
+        let kj = k0 + range::<BN>();
         let krows = start + kj;
         // q is loop-invariant but loaded here so that it is streamed (see `flash_fwd`).
         let q = qkv.load([rows, head, c]);
         let k = qkv.load([krows, nh + head, c]);
-        let s = dot(q, k.t(), zeros::<f32, BM, BN>()) * scale_log2;
-        let s = select(kj.expand(0) <= qi.expand(1), s, NEG_INFINITY);
+        let mut s = dot(q, k.t(), zeros::<f32, BM, BN>());
+        // Masked and scaled as in `flash_fwd`: the mask on the diagonal steps only, the
+        // maximum in raw score units.
+        if k0 + BN > q0 {
+            s = select(kj.expand(0) <= qi.expand(1), s, NEG_INFINITY);
+        }
         let m_new = max(m, s.reduce_max(1));
-        let alpha = exp2(m - m_new);
-        let p = exp2(s - m_new.expand(1));
+        let alpha = exp2((m - m_new) * scale_log2);
+        let p = exp2(s * scale_log2 - (m_new * scale_log2).expand(1));
         l = l * alpha + p.sum(1);
         let v = qkv.load([krows, 2 * nh + head, c]);
         acc = dot(p.cast::<T>(), v, acc * alpha.expand(1));
@@ -215,7 +220,10 @@ pub fn sparse_flash_fwd<
     // has a visible key in its first step and `l >= 1`.
     let out_rows = select(qi < len, rows, qkv.dim(0));
     o.store([out_rows, head, c], (acc * (1.0 / l).expand(1)).cast::<T>());
-    lse2.store([head, select(qi < len, rows, lse2.dim(1))], m + log2(l));
+    lse2.store(
+        [head, select(qi < len, rows, lse2.dim(1))],
+        m * scale_log2 + log2(l),
+    );
 }
 
 /// Backward, `dk` and `dv` of one `BN`-key program (all or part of key block row `row`) and
@@ -275,7 +283,8 @@ pub fn sparse_flash_dkdv<
     let mut dk = zeros::<f32, BN, D>();
     let mut dv = zeros::<f32, BN, D>();
     for (_e, part, qb) in blocks(counts_t, indices_t, g, KB / BM) {
-        let qi = qb * KB + part * BM + range::<BM>();
+        let q0 = qb * KB + part * BM;
+        let qi = q0 + range::<BM>();
         let qrows = start + qi;
         // The statistics before the MMAs, as in `flash_bwd_dkdv`.
         let l = lse2.load([head, qrows]);
@@ -286,8 +295,12 @@ pub fn sparse_flash_dkdv<
         let q = qkv.load([qrows, head, c]);
         let dout = d_o.load([qrows, head, c]);
         let st = dot(k, q.t(), zeros::<f32, BN, BM>());
-        let visible = (kj.expand(1) <= qi.expand(0)) & (qi < len).expand(0);
-        let pt = select(visible, exp2(st * scale_log2 - l.expand(0)), 0.0);
+        let mut pt = exp2(st * scale_log2 - l.expand(0));
+        // Masked on the diagonal and the sequence's last steps only, as in `flash_bwd_dkdv`.
+        if (q0 < k0 + BN) | (q0 + BM > len) {
+            let visible = (kj.expand(1) <= qi.expand(0)) & (qi < len).expand(0);
+            pt = select(visible, pt, 0.0);
+        }
         dv = dot(pt.cast::<T>(), dout, dv);
         let dpt = dot(v, dout.t(), zeros::<f32, BN, BM>());
         let dst = pt * (dpt - dl.expand(0));
@@ -353,7 +366,8 @@ pub fn sparse_flash_dq<
     let dl = delta.load([head, rows]);
     let mut dq = zeros::<f32, BM, D>();
     for (_e, part, kb) in blocks(counts, indices, g, KB / BN) {
-        let kj = kb * KB + part * BN + range::<BN>();
+        let k0 = kb * KB + part * BN;
+        let kj = k0 + range::<BN>();
         let krows = start + kj;
         // q and dO are loop-invariant but loaded here so that they are streamed.
         let q = qkv.load([rows, head, c]);
@@ -361,11 +375,11 @@ pub fn sparse_flash_dq<
         let k = qkv.load([krows, nh + head, c]);
         let v = qkv.load([krows, 2 * nh + head, c]);
         let s = dot(q, k.t(), zeros::<f32, BM, BN>());
-        let p = select(
-            kj.expand(0) <= qi.expand(1),
-            exp2(s * scale_log2 - l.expand(1)),
-            0.0,
-        );
+        let mut p = exp2(s * scale_log2 - l.expand(1));
+        // Masked on the diagonal steps only, as in `flash_bwd_dq`.
+        if k0 + BN > q0 {
+            p = select(kj.expand(0) <= qi.expand(1), p, 0.0);
+        }
         let dp = dot(dout, v.t(), zeros::<f32, BM, BN>());
         let ds = p * (dp - dl.expand(1));
         dq = dot(ds.cast::<T>(), k, dq);

@@ -186,7 +186,7 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
     };
     // dk/dv with 128-key blocks (8 warps of 16 whole key rows: P and dS feed the MMAs from
     // registers) in each query step the head dimension has, and dq with 128-query blocks.
-    let steps: &[usize] = if d == 64 { &[64] } else { &[32, 64] };
+    let steps: &[usize] = if d == 64 { &[64] } else { &[32] };
     let mut kb128 = block_tensor(&key_blocks(&cu, 128).unwrap());
     for &bm in steps {
         let mut dqkv128 = poisoned(dtype, &[t, 3 * nh, hd]);

@@ -113,6 +113,22 @@ fn ptx_structure() {
     }
 }
 
+/// Float multiplies feeding adds are contracted into fused multiply-adds (the compiler marks
+/// them `contract`, as `nvcc` would fuse them): `axpby`'s `a·x + b·y` and flash attention's
+/// `c·s − c·m` (forward) and `c·s − lse2` (backward) are `fma.rn.f32`, one instruction per
+/// element where two ran before.
+#[test]
+fn multiply_adds_are_fused() {
+    for name in ["axpby", "flash_fwd", "flash_bwd_dkdv", "flash_bwd_dq"] {
+        let k = lexp_kernels::find(name).unwrap_or_else(|| panic!("no kernel {name}"));
+        for v in k.variants {
+            for ptx in [v.ptx_sm80, v.ptx_sm90] {
+                assert!(ptx.contains("fma.rn.f32"), "{}: no fma.rn.f32", v.symbol);
+            }
+        }
+    }
+}
+
 /// Variants compiled with `tma = 1`: on sm_90 every TMA loop copies through tensor maps, one
 /// 128-byte `grid_constant` parameter per map the variant lists for the runtime, with bulk
 /// tensor copies completing on mbarriers; on sm_80 the same variant takes no map and copies with

@@ -51,7 +51,8 @@ pub struct FlashConfig {
     /// `(tokens, configuration)`: the configuration for batches whose longest sequence has at
     /// least `tokens` tokens, where each program's loop is long and the tiles that win differ
     /// (`None`: these at every length). Its block sizes may differ, so the block lists are
-    /// built from the configuration the batch runs ([`FlashConfig::for_longest`]).
+    /// built from the configuration the batch runs ([`FlashConfig::for_longest`]), which
+    /// follows the long configuration's own `long` in turn.
     pub long: Option<(usize, &'static FlashConfig)>,
     /// The configuration sm_80 runs instead, where some of these tiles spill there (`None`:
     /// these). Its block sizes may differ, so the block lists are built from the
@@ -64,7 +65,7 @@ impl FlashConfig {
     /// ([`FlashConfig::long`]); apply after [`FlashConfig::on`].
     pub fn for_longest(&'static self, longest: usize) -> &'static FlashConfig {
         match self.long {
-            Some((from, c)) if longest >= from => c,
+            Some((from, c)) if longest >= from => c.for_longest(longest),
             _ => self,
         }
     }
@@ -116,7 +117,9 @@ fn param(c: Tiles, name: &str) -> usize {
 /// against 0.036 / 0.073 / 0.043; at 1 x 4096 0.267 / 0.506 / 0.271 against 0.274 / 0.526 /
 /// 0.284, at 1 x 8192 0.924 / 1.785 / 0.942 against 0.936 / 1.805 / 0.960 (call 107); dk/dv
 /// in 4 stages, 1–2% faster than in 3 from 4 x 512 to 1 x 8192 (call 111: 0.161 against 0.164
-/// ms at 4 x 1024, 0.501 against 0.507 at 1 x 4096).
+/// ms at 4 x 1024, 0.501 against 0.507 at 1 x 4096); with the causal mask on the diagonal
+/// blocks only (call 113) 2 stages are as fast or faster at every length (0.153 against 0.154 ms
+/// at 4 x 1024, 0.460 against 0.465 at 1 x 4096, 1.628 against 1.639 with 3 at 1 x 8192).
 /// Earlier history of the two-warpgroup tiles: `P` and `dSᵀ`
 /// feed the MMAs from registers when each warp owns whole rows (COMPILER.md §1.7), and TMA
 /// copies beat `cp.async` (`bench/results/2026-11-30-h200-tma/call66/`).
@@ -125,24 +128,25 @@ static FLASH_64: FlashConfig = FlashConfig {
     hd: 64,
     family: FlashFamily::Tile,
     fwd: &[("D", 64), ("BM", 64), ("BN", 64), ("S", 2), ("W", 4), ("TMA", 1)],
-    dkdv: &[("D", 64), ("BN", 64), ("BM", 64), ("S", 4), ("W", 4), ("TMA", 1)],
+    dkdv: &[("D", 64), ("BN", 64), ("BM", 64), ("S", 2), ("W", 4), ("TMA", 1)],
     dq: &[("D", 64), ("BM", 64), ("BN", 64), ("S", 2), ("W", 4), ("TMA", 1)],
     long: Some((16384, &FLASH_64_LONG)),
     sm80: Some(&FLASH_64_SM80),
 };
 
-/// [`FLASH_64`] from 16384 tokens: two-warpgroup programs of 128 queries or keys, which at
-/// 1 x 16384 are as fast or faster than the one-warpgroup ones (call 106: forward 3.39 against
-/// 3.42 ms, dk/dv 6.61–6.63 either way, dq 3.40 against 3.65). Forward with 128-key steps
-/// (3.42 against 3.57 ms with 64, `bench/results/2026-11-30-h200-timing/call76/`), dk/dv in 3
-/// stages (6.66 against 6.91 ms), dq with 128-key steps in 2 stages (3.40 against 3.58–3.60
-/// with 3 in both runs of call 106; call 84 had 3 ahead, 3.57 against 3.67).
+/// [`FLASH_64`] from 16384 tokens: the forward and dq in two-warpgroup programs of 128
+/// queries, which at 1 x 16384 are as fast or faster than the one-warpgroup ones (call 113,
+/// diagonal-only mask: forward 2.812 against 2.875 ms, dq 3.483 against 3.489; call 106:
+/// 3.39 against 3.42, 3.40 against 3.65). Forward with 128-key steps (3.42 against 3.57 ms with
+/// 64, `bench/results/2026-11-30-h200-timing/call76/`), dq with 128-key steps in 2 stages
+/// (3.40 against 3.58–3.60 with 3 in both runs of call 106). dk/dv one-warpgroup as in
+/// [`FLASH_64`] (call 113: 5.989 ms against 6.020 for 128 keys in 2 stages and 6.102 in 3).
 #[rustfmt::skip]
 static FLASH_64_LONG: FlashConfig = FlashConfig {
     hd: 64,
     family: FlashFamily::Tile,
     fwd: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
-    dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 3), ("W", 8), ("TMA", 1)],
+    dkdv: &[("D", 64), ("BN", 64), ("BM", 64), ("S", 2), ("W", 4), ("TMA", 1)],
     dq: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
     long: None,
     sm80: None,
@@ -153,11 +157,13 @@ static FLASH_64_LONG: FlashConfig = FlashConfig {
 /// 128-key forward steps from 4096 tokens.
 #[rustfmt::skip]
 static FLASH_64_SM80: FlashConfig = FlashConfig {
+    hd: 64,
+    family: FlashFamily::Tile,
     fwd: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8), ("TMA", 1)],
     dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 0)],
     dq: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 3), ("W", 8), ("TMA", 1)],
     long: Some((4096, &FLASH_64_SM80_LONG)),
-    ..FLASH_64_LONG
+    sm80: None,
 };
 
 /// [`FLASH_64_SM80`] from 4096 tokens.
@@ -183,17 +189,25 @@ static FLASH_128: FlashConfig = FlashConfig {
 };
 
 /// [`FLASH_128`] from 4096 tokens: forward with 128-query programs and 128-key
-/// steps (call 106: 0.207 against 0.221 ms at 1 x 4096, 2.26 against 2.69 at 1 x 16384), dk/dv
-/// with 128 keys in 64-query steps (4.59 against 4.73 ms at 1 x 16384, though 0.410 against
-/// 0.388 at 1 x 4096; 255 registers, TMA only: the `cp.async` variant spills), dq in
-/// one-warpgroup programs (3.00 against 3.01 ms at 1 x 16384, 0.233 against 0.252 at 4096).
+/// steps (call 106: 0.207 against 0.221 ms at 1 x 4096, 2.26 against 2.69 at 1 x 16384; call
+/// 113, diagonal-only mask: 0.185 against 0.204, 1.948 against 2.432). dk/dv and dq stay
+/// one-warpgroup (call 113: dk/dv 0.365 against 0.407 ms for 128 keys at 1 x 4096, 4.452
+/// against 4.485 at 1 x 16384; dq 0.240 against 0.254 for 128 queries at 1 x 4096).
 #[rustfmt::skip]
 static FLASH_128_LONG: FlashConfig = FlashConfig {
     fwd: &[("D", 128), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
-    dkdv: &[("D", 128), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 1)],
-    long: None,
+    long: Some((16384, &FLASH_128_LONGEST)),
     sm80: None,
     ..FLASH_128
+};
+
+/// [`FLASH_128_LONG`] from 16384 tokens: dq in 128-query programs (call 113: 2.870 against
+/// 3.100 ms for the one-warpgroup ones at 1 x 16384; 8192 tokens not measured).
+#[rustfmt::skip]
+static FLASH_128_LONGEST: FlashConfig = FlashConfig {
+    dq: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    long: None,
+    ..FLASH_128_LONG
 };
 
 /// Heads of 128 on sm_80: the tiles that assemble there without spills (64 keys per forward
@@ -689,8 +703,13 @@ mod tests {
         let c = FLASH_64.for_longest(from);
         assert_eq!(c, long_cfg);
         let p = BlockPlan::of(&long, c).unwrap();
-        assert_eq!(p.fwd.len(), from / 128);
-        assert_eq!(p.dkdv.len(), from / 128);
+        assert_eq!(p.fwd.len(), from / c.fwd_bm());
+        assert_eq!(p.dkdv.len(), from / c.dkdv_bn());
+        assert_eq!((c.fwd_bm(), c.dkdv_bn()), (128, 64));
+        // Heads of 128: a second threshold, taken from the first's configuration.
+        assert_eq!(FLASH_128.for_longest(4095), &FLASH_128);
+        assert_eq!(FLASH_128.for_longest(8192), &FLASH_128_LONG);
+        assert_eq!(FLASH_128.for_longest(16384), &FLASH_128_LONGEST);
         // Long configurations run the same kernels, with no further override.
         for c in [&FLASH_64, &FLASH_80, &FLASH_128] {
             for a in [Arch::Sm80, Arch::Sm90] {
@@ -713,10 +732,10 @@ mod tests {
             assert_eq!((s.hd, s.family, s.sm80), (c.hd, c.family, None), "{c:?}");
             assert_eq!(c.on(Arch::Sm90), c);
         }
-        // Long sequences with heads of 128 take 128-key dk/dv programs on sm_90 and 64-key
+        // Long sequences with heads of 64 take 64-key dk/dv programs on sm_90 and 128-key
         // ones on sm_80: the block lists differ by architecture.
-        let long = |a| FLASH_128.on(a).for_longest(usize::MAX).dkdv_bn();
-        assert_eq!((long(Arch::Sm90), long(Arch::Sm80)), (128, 64));
+        let long = |a| FLASH_64.on(a).for_longest(usize::MAX).dkdv_bn();
+        assert_eq!((long(Arch::Sm90), long(Arch::Sm80)), (64, 128));
     }
 
     #[test]

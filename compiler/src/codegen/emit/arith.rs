@@ -2,6 +2,7 @@
 //! register (16-bit floats compute in f32).
 
 use super::*;
+use inkwell::values::FastMathFlags;
 
 impl<'c> Gen<'c, '_> {
     pub(super) fn constant(&self, v: ConstValue, dtype: DType) -> V<'c> {
@@ -54,9 +55,9 @@ impl<'c> Gen<'c, '_> {
         if dt.is_float() {
             let (a, c) = (self.widen(x, dt)?, self.widen(y, dt)?);
             let r = match op {
-                BinOp::Add => b.build_float_add(a, c, "").map_err(be)?,
-                BinOp::Sub => b.build_float_sub(a, c, "").map_err(be)?,
-                BinOp::Mul => b.build_float_mul(a, c, "").map_err(be)?,
+                BinOp::Add => contract(b.build_float_add(a, c, "").map_err(be)?)?,
+                BinOp::Sub => contract(b.build_float_sub(a, c, "").map_err(be)?)?,
+                BinOp::Mul => contract(b.build_float_mul(a, c, "").map_err(be)?)?,
                 BinOp::Div => b.build_float_div(a, c, "").map_err(be)?,
                 BinOp::Max => self.f32_intrinsic("llvm.maxnum.f32", &[a, c])?,
                 BinOp::Min => self.f32_intrinsic("llvm.minnum.f32", &[a, c])?,
@@ -220,4 +221,16 @@ impl<'c> Gen<'c, '_> {
             }
         })
     }
+}
+
+/// Marks a float add, subtract or multiply as contractible, so that a multiply feeding an add
+/// becomes one fused multiply-add (`fma.rn.f32`), as `nvcc` does by default: without the flag
+/// the NVPTX backend emits `mul.rn` and `add.rn`, whose explicit rounding ptxas may not fuse.
+/// In flash attention's softmax, `c·s − c·m` is then one instruction per score.
+fn contract(v: FloatValue<'_>) -> R<FloatValue<'_>> {
+    if let Some(i) = v.as_instruction() {
+        i.set_fast_math_flags(FastMathFlags::AllowContract)
+            .map_err(|e| IrError(format!("LLVM: fast-math flags: {e}")))?;
+    }
+    Ok(v)
 }
