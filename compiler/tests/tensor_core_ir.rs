@@ -253,3 +253,27 @@ fn pingpong_loops_alternate_the_warpgroups_mmas_on_sm90() {
         );
     }
 }
+
+/// `ctas N` in the kernel header (the macro's `ctas = N`): parsed, printed back, and lowered to
+/// the `.minnctapersm N` directive that makes ptxas fit N programs per multiprocessor; without
+/// it the directive says 1 (a program may take every register its CTA size allows).
+#[test]
+fn ctas_header_sets_the_programs_per_multiprocessor() {
+    use lexp_compiler::codegen;
+    use lexp_compiler::ir::printer;
+    const TMA: &str = include_str!("ir/matmul_tma.ir");
+    let header = "warps 4 stages 3 tma {";
+    assert!(TMA.contains(header));
+    let three = TMA.replace(header, "warps 4 stages 3 tma ctas 3 {");
+    let k = parser::parse(&three).unwrap();
+    assert_eq!(k.min_ctas, 3);
+    assert!(printer::print(&k).contains("warps 4 stages 3 tma ctas 3 {"));
+    let ptx = |text: &str| {
+        let c = passes::compile(parser::parse(text).unwrap(), &target::SM90).unwrap();
+        codegen::lower(&c, &target::SM90, "matmul_tma").unwrap().ptx
+    };
+    assert!(ptx(&three).contains(".minnctapersm 3"));
+    let one = ptx(TMA);
+    assert!(one.contains(".minnctapersm 1"), "{one}");
+    assert!(!printer::print(&parser::parse(TMA).unwrap()).contains("ctas"));
+}

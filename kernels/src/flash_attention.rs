@@ -18,11 +18,12 @@
 //! Softmax statistics are kept in base 2 (`exp2` of scores multiplied by
 //! `c = softmax_scale · log2 e`, one fused multiply-add per score): the forward writes
 //! `lse2 = c·m + log2(l)` per (head, token), with `m` the row's largest raw score, and the
-//! backward recomputes `P = exp2(c·q·kᵀ − lse2)` from it. Only the key blocks that cross the
-//! diagonal (or the sequence's end) are masked; the others are entirely visible. Only rows of the block that lie
+//! backward recomputes `P = exp2(c·q·kᵀ − lse2)` from it. Only rows of the block that lie
 //! inside the sequence are stored: rows past its end are redirected to an out-of-range index
 //! (the loads' and stores' bounds mask then drops them). Keys past a query are masked to −inf
-//! (causal), which also hides every key past the sequence's end from every stored row.
+//! (causal), which also hides every key past the sequence's end from every stored row. Only the
+//! key blocks that cross the diagonal (or the sequence's end) are masked, inside an `if`: the
+//! others are entirely visible, and their scores skip the compare and select.
 //!
 //! The kernels take 16-byte-aligned tensors only (tensor-core variants), so the f32 `[nh, T]`
 //! statistics (`lse2`, `delta`) may have more columns than tokens: the caller pads their rows
@@ -192,15 +193,19 @@ pub fn flash_bwd_delta<T, const D: usize, const BR: usize>(
     // per SM; the engine's short-sequence tile, call 106), also in 4 stages (1–2% faster than
     // 3 with heads of 64, call 111; 32-query steps were no faster there); with heads of 128 it
     // spills on sm_80 (run on sm_90 only).
-    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3, 4], W = [4, 8], TMA = [0, 1]),
+    // C = 3: the one-warpgroup tile of heads of 64 held to three CTAs per SM (168 registers,
+    // 48 bytes spilled and 52 reloaded in the key loop), where it takes 225 and fits two; the
+    // third program hides more latency than the spills cost (`runtime/src/gpu/attention.rs`).
+    variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3, 4], W = [4, 8], TMA = [0, 1], C = [1, 3]),
     only = [
         BN % BM == 0, D == 64 || S == 2, D == 128 || BM == 64,
         D == 64 || BN == 64 || BM == 32, W == 8 || (BN == 64 && BM == 64),
-        S < 4 || (W == 4 && TMA == 1)
+        S < 4 || (W == 4 && TMA == 1), C == 1 || (W == 4 && D == 64 && TMA == 1 && S == 2)
     ],
     warps = W,
     stages = S,
     tma = TMA,
+    ctas = C,
     grid = [blocks.dim(0), d_o.dim(1)],
     require = [
         blocks.dim(1) == 3, qkv.dim(1) == 3 * d_o.dim(1), d_o.dim(0) == qkv.dim(0),
@@ -217,6 +222,7 @@ pub fn flash_bwd_dkdv<
     const S: usize,
     const W: usize,
     const TMA: usize,
+    const C: usize,
 >(
     qkv: Tensor<T, 3>,
     d_o: Tensor<T, 3>,

@@ -31,6 +31,8 @@ pub struct KernelAttr {
     /// 1: on sm_90a, ping-pong the two warpgroups of an 8-warp kernel through the MMAs of its
     /// pipelined loops (0: off).
     pub pingpong: Count,
+    /// Programs per multiprocessor the code must fit (ptxas's register budget; default 1).
+    pub ctas: Count,
     pub grid: Vec<Expr>,
     pub require: Vec<Expr>,
     /// Compile-time filters on the const parameters: a combination is compiled only if every
@@ -47,6 +49,7 @@ impl Parse for KernelAttr {
             stages: Count::Lit(1),
             tma: Count::Lit(0),
             pingpong: Count::Lit(0),
+            ctas: Count::Lit(1),
             grid: vec![],
             require: vec![],
             only: vec![],
@@ -103,6 +106,12 @@ impl Parse for KernelAttr {
                         }
                     }
                 }
+                Meta::NameValue(nv) if nv.path.is_ident("ctas") => {
+                    attr.ctas = Count::parse(&nv.value, "ctas")?;
+                    if let Count::Lit(0) = attr.ctas {
+                        return Err(Error::new_spanned(&nv.value, "`ctas` must be at least 1"));
+                    }
+                }
                 Meta::NameValue(nv) if nv.path.is_ident("only") => {
                     let Expr::Array(a) = &nv.value else {
                         return Err(Error::new_spanned(&nv.value, "expected `[condition, ...]`"));
@@ -127,7 +136,7 @@ impl Parse for KernelAttr {
                 other => {
                     return Err(Error::new_spanned(
                         other,
-                        "unknown #[kernel] argument; expected `variants(..)`, `warps = N`, `stages = N`, `tma = 0|1`, `pingpong = 0|1`, `only = [..]`, `grid = [..]` or `require = [..]`",
+                        "unknown #[kernel] argument; expected `variants(..)`, `warps = N`, `stages = N`, `tma = 0|1`, `pingpong = 0|1`, `ctas = N`, `only = [..]`, `grid = [..]` or `require = [..]`",
                     ))
                 }
             }

@@ -109,11 +109,14 @@ fn enumerate_variants(attr: &KernelAttr, sig: &Signature) -> syn::Result<Vec<Var
                         ))
                     }
                 };
-                // Pipeline depths are counts and `tma`, `pingpong` switches, not tile sizes.
+                // Pipeline depths and programs per multiprocessor are counts and `tma`,
+                // `pingpong` switches, not tile sizes.
                 let is_param =
                     |a: &crate::attr::Count| matches!(a, crate::attr::Count::Param(p) if p == c);
-                let exempt =
-                    is_param(&attr.stages) || is_param(&attr.tma) || is_param(&attr.pingpong);
+                let exempt = is_param(&attr.stages)
+                    || is_param(&attr.tma)
+                    || is_param(&attr.pingpong)
+                    || is_param(&attr.ctas);
                 if !val.is_power_of_two() && !exempt {
                     return Err(Error::new_spanned(
                         v,
@@ -197,6 +200,7 @@ fn build_variant(
     };
     kernel.tma = switch(&attr.tma, "tma")?;
     kernel.pingpong = switch(&attr.pingpong, "pingpong")?;
+    kernel.min_ctas = attr.ctas.resolve(&v.consts)?.max(1);
     let ir = printer::print(&kernel);
     // Errors of the later stages have no source spans: point at the kernel's name, and name
     // the variant unless the message already does.

@@ -14,6 +14,10 @@
 //! k and v are resident in shared memory): ptxas then stores it once and reloads it once,
 //! which is the right allocation.
 //!
+//! The one exception is [`measured_spill`]: a variant that asks for more programs per
+//! multiprocessor than its registers allow (`ctas = N`), whose spills inside the loop were
+//! measured to cost less than the occupancy gains; it may spill up to the bytes listed there.
+//!
 //! A variant whose shared memory exceeds sm_80's opt-in limit can never launch there (the
 //! launcher reports it and the autotuner skips it), so only its sm_90 code is held to the
 //! budget; its sm_80 PTX must still assemble. The same holds for the variants of
@@ -38,9 +42,21 @@ fn sm90_only(v: &lexp_compiler::launch::Variant) -> bool {
         // 64-query steps, `W = 4`) likewise: on sm_90 its products are warpgroup MMAs (247
         // registers), on sm_80 four warps hold what eight do in the two-warpgroup tile.
         "flash_fwd" => p("D", "128") && p("BN", "128"),
-        "flash_bwd_dkdv" => p("D", "128") && (p("BN", "128") || p("W", "4")),
+        // The three-programs-per-multiprocessor dk/dv (`C = 3`, [`measured_spill`]) spills on
+        // sm_80 too; `FLASH_64_SM80` runs two-warpgroup tiles.
+        "flash_bwd_dkdv" => p("D", "128") && (p("BN", "128") || p("W", "4")) || p("C", "3"),
         _ => false,
     }
+}
+
+/// Bytes (stores and loads, each) a variant may spill inside its loop on sm_90a, for the
+/// variants measured faster with the spill than without it. `flash_bwd_dkdv` with `C = 3`: the
+/// one-warpgroup tile of heads of 64 held to 168 registers so that three programs share a
+/// multiprocessor (225 registers and two without), 48 bytes spilled and 52 reloaded in the key
+/// loop; 4–5% faster dk/dv from 4 x 1024 to 1 x 16384 on the H200 (`runtime/src/gpu/attention.rs`,
+/// `FLASH_64`). Its sm_80 code is not run ([`sm90_only`]).
+fn measured_spill(v: &lexp_compiler::launch::Variant) -> Option<u32> {
+    (v.kernel == "flash_bwd_dkdv" && v.param("C") == Some("3")).then_some(52)
 }
 
 #[test]
@@ -79,7 +95,16 @@ fn every_variant_assembles_without_spills() {
 
                         let budgeted = arch != "sm_80" || sm80_launchable;
                         let spills = r.spill_stores > 0 || r.spill_loads > 0 || r.stack_bytes > 0;
-                        if budgeted && spills {
+                        let measured = measured_spill(v).filter(|_| arch == "sm_90a");
+                        if let Some(most) = measured {
+                            if r.spill_stores > most || r.spill_loads > most || r.stack_bytes > most
+                            {
+                                failures.push(format!(
+                                    "{} {arch}: spills more than the {most} bytes measured ({r:?})",
+                                    v.symbol
+                                ));
+                            }
+                        } else if budgeted && spills {
                             if let Some(why) = spill_over_budget(&bin, ptx, arch, &r) {
                                 failures.push(format!("{} {arch}: {why}", v.symbol));
                             }

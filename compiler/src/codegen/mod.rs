@@ -69,7 +69,7 @@ pub fn lower(c: &Compiled, target: &Target, symbol: &str) -> Result<Lowered, IrE
         &ctx,
         &module,
         func,
-        c.kernel.num_threads(),
+        (c.kernel.num_threads(), c.kernel.min_ctas),
         c.kernel.args.len(),
         maps,
     )?;
@@ -99,18 +99,19 @@ fn annotate<'c>(
     ctx: &'c Context,
     module: &Module<'c>,
     func: inkwell::values::FunctionValue<'c>,
-    threads: usize,
+    (threads, min_ctas): (usize, usize),
     args: usize,
     maps: usize,
 ) -> Result<(), IrError> {
     let fptr: BasicMetadataValueEnum = func.as_global_value().as_pointer_value().into();
     let i32t = ctx.i32_type();
     // `minctasm 1` stops ptxas from squeezing registers for full occupancy (it spilled at 32
-    // registers on sm_80 without it); the CTA size bounds registers at 255 anyway.
+    // registers on sm_80 without it); the CTA size bounds registers at 255 anyway. A kernel
+    // asking for more programs per multiprocessor ([`Kernel::min_ctas`]) gets that budget.
     for (key, value) in [
         ("kernel", 1u64),
         ("maxntidx", threads as u64),
-        ("minctasm", 1),
+        ("minctasm", min_ctas.max(1) as u64),
     ] {
         let node = ctx.metadata_node(&[
             fptr,

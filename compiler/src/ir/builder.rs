@@ -48,6 +48,11 @@ impl Builder {
         self.kernel.pingpong = pingpong;
     }
 
+    /// Programs per multiprocessor the code must fit ([`Kernel::min_ctas`]).
+    pub fn set_min_ctas(&mut self, ctas: usize) {
+        self.kernel.min_ctas = ctas.max(1);
+    }
+
     /// Finishes the kernel. Fails if a nested block is still open.
     pub fn finish(mut self) -> R<Kernel> {
         if self.stack.len() != 1 {

@@ -482,6 +482,10 @@ pub struct Kernel {
     /// 0's refill waits for the other warpgroup's release). It is kept, tested, for a
     /// warp-specialised loop (COMPILER.md §8.3), where FlashAttention-3 gains from it.
     pub pingpong: bool,
+    /// Programs (CTAs) per multiprocessor the code must fit (`minctasm`, so ptxas caps the
+    /// registers at `65536 / (min_ctas · threads)`); 1, the default, lets a program take up to
+    /// 255 registers per thread.
+    pub min_ctas: usize,
     /// Type of every value, indexed by `ValueId.0`.
     pub types: Vec<Type>,
 }
@@ -497,6 +501,7 @@ impl Kernel {
             num_stages: 1,
             tma: false,
             pingpong: false,
+            min_ctas: 1,
             types: vec![],
         }
     }

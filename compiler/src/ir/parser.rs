@@ -305,12 +305,14 @@ impl Parser {
             let stages = if l.eat_word("stages") { l.int()? } else { 1 };
             let tma = l.eat_word("tma");
             let pingpong = l.eat_word("pingpong");
+            let ctas = if l.eat_word("ctas") { l.int()? } else { 1 };
             l.punct('{')?;
             l.done()?;
             self.b = Builder::new(&name, warps);
             self.b.set_stages(stages);
             self.b.set_tma(tma);
             self.b.set_pingpong(pingpong);
+            self.b.set_min_ctas(ctas as usize);
             for (v, ty, aname, div) in args {
                 if !ty.shape.is_empty() {
                     return Err(format!("argument {aname} must be a scalar"));

@@ -140,9 +140,14 @@ impl Printer<'_> {
         } else {
             ""
         };
+        let ctas = if self.kernel.min_ctas > 1 {
+            format!(" ctas {}", self.kernel.min_ctas)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             self.out,
-            "kernel @{}({}) warps {}{stages}{tma}{pingpong} {{",
+            "kernel @{}({}) warps {}{stages}{tma}{pingpong}{ctas} {{",
             self.kernel.name,
             args.join(", "),
             self.kernel.num_warps
