@@ -202,6 +202,7 @@ fn tma_loops_copy_with_bulk_tensor_copies_on_sm90() {
 /// its named barrier before its MMAs and hands the turn on after issuing them; warpgroup 1
 /// gives the first turn before the loop and warpgroup 0 takes the surplus one back after it.
 /// Without the flag, on sm_80, or with four warps, no named barrier appears.
+#[cfg(feature = "llvm")]
 #[test]
 fn pingpong_loops_alternate_the_warpgroups_mmas_on_sm90() {
     use lexp_compiler::codegen;
@@ -257,6 +258,7 @@ fn pingpong_loops_alternate_the_warpgroups_mmas_on_sm90() {
 /// `ctas N` in the kernel header (the macro's `ctas = N`): parsed, printed back, and lowered to
 /// the `.minnctapersm N` directive that makes ptxas fit N programs per multiprocessor; without
 /// it the directive says 1 (a program may take every register its CTA size allows).
+#[cfg(feature = "llvm")]
 #[test]
 fn ctas_header_sets_the_programs_per_multiprocessor() {
     use lexp_compiler::codegen;
