@@ -120,7 +120,11 @@ fn param(c: Tiles, name: &str) -> usize {
 /// ms at 4 x 1024, 0.501 against 0.507 at 1 x 4096); with the causal mask on the diagonal
 /// blocks only (call 113) 2 stages are as fast or faster at every length (0.153 against 0.154 ms
 /// at 4 x 1024, 0.460 against 0.465 at 1 x 4096, 1.628 against 1.639 with 3 at 1 x 8192).
-/// Earlier history of the two-warpgroup tiles: `P` and `dSᵀ`
+/// dk/dv held to three programs per multiprocessor (`C = 3`: 168 registers and 48 bytes
+/// spilled in the key loop, against 225 registers and two programs), faster at every length
+/// (call 117, `bench/results/2026-12-01-h200-ctas/`: 0.147 against 0.153 ms at 4 x 1024, 0.443
+/// against 0.461 at 1 x 4096, 1.545 against 1.625 at 1 x 8192, 5.863 against 5.968 at 1 x
+/// 16384). Earlier history of the two-warpgroup tiles: `P` and `dSᵀ`
 /// feed the MMAs from registers when each warp owns whole rows (COMPILER.md §1.7), and TMA
 /// copies beat `cp.async` (`bench/results/2026-11-30-h200-tma/call66/`).
 #[rustfmt::skip]
@@ -139,8 +143,9 @@ static FLASH_64: FlashConfig = FlashConfig {
 /// diagonal-only mask: forward 2.812 against 2.875 ms, dq 3.483 against 3.489; call 106:
 /// 3.39 against 3.42, 3.40 against 3.65). Forward with 128-key steps (3.42 against 3.57 ms with
 /// 64, `bench/results/2026-11-30-h200-timing/call76/`), dq with 128-key steps in 2 stages
-/// (3.40 against 3.58–3.60 with 3 in both runs of call 106). dk/dv one-warpgroup as in
-/// [`FLASH_64`] (call 113: 5.989 ms against 6.020 for 128 keys in 2 stages and 6.102 in 3).
+/// (3.40 against 3.58–3.60 with 3 in both runs of call 106). dk/dv one-warpgroup at three
+/// programs per multiprocessor as in [`FLASH_64`] (call 117: 5.863 ms; call 113, two programs:
+/// 5.989 against 6.020 for 128 keys in 2 stages and 6.102 in 3).
 #[rustfmt::skip]
 static FLASH_64_LONG: FlashConfig = FlashConfig {
     hd: 64,
