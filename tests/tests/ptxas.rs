@@ -53,8 +53,9 @@ fn sm90_only(v: &lexp_compiler::launch::Variant) -> bool {
 /// variants measured faster with the spill than without it. `flash_bwd_dkdv` with `C = 3`: the
 /// one-warpgroup tile of heads of 64 held to 168 registers so that three programs share a
 /// multiprocessor (225 registers and two without), 48 bytes spilled and 52 reloaded in the key
-/// loop; 4–5% faster dk/dv from 4 x 1024 to 1 x 16384 on the H200 (`runtime/src/gpu/attention.rs`,
-/// `FLASH_64`). Its sm_80 code is not run ([`sm90_only`]).
+/// loop; dk/dv 2–5% faster from 4 x 1024 to 1 x 16384 on the H200 (call 117,
+/// `runtime/src/gpu/attention.rs`, `FLASH_64`). Its sm_80 code (196 bytes spilled) is not run
+/// ([`sm90_only`]).
 fn measured_spill(v: &lexp_compiler::launch::Variant) -> Option<u32> {
     (v.kernel == "flash_bwd_dkdv" && v.param("C") == Some("3")).then_some(52)
 }

@@ -312,7 +312,7 @@ impl Parser {
             self.b.set_stages(stages);
             self.b.set_tma(tma);
             self.b.set_pingpong(pingpong);
-            self.b.set_min_ctas(ctas as usize);
+            self.b.set_min_ctas(ctas);
             for (v, ty, aname, div) in args {
                 if !ty.shape.is_empty() {
                     return Err(format!("argument {aname} must be a scalar"));
