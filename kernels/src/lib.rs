@@ -41,8 +41,8 @@ pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
 pub use lora::{lora_bwd_dx, lora_fwd, lora_grad};
 pub use lora_branch::{
-    lora_down, lora_expand, lora_fold, lora_wgrad, lora_wgrad_reduce, lora_wgrad_reduce_many,
-    transpose_b,
+    lora_down, lora_expand, lora_fold, lora_wgrad, lora_wgrad_pair, lora_wgrad_reduce,
+    lora_wgrad_reduce_many, transpose_b,
 };
 pub use optimizer::{adamw, AdamwStep};
 pub use reduce::{colsum, sum_squares, SUM_SQUARES_CHUNK};
@@ -56,7 +56,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 54] = [
+pub static ALL: [&KernelInfo; 55] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -99,6 +99,7 @@ pub static ALL: [&KernelInfo; 54] = [
     &transpose_b::INFO,
     &lora_fold::INFO,
     &lora_wgrad::INFO,
+    &lora_wgrad_pair::INFO,
     &lora_wgrad_reduce::INFO,
     &lora_wgrad_reduce_many::INFO,
     &flash_fwd::INFO,
@@ -115,7 +116,7 @@ pub static ALL: [&KernelInfo; 54] = [
 
 /// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and
 /// checked by the tensor-core tests (their PTX and SASS hold tensor-core instructions).
-pub const TENSOR_CORE: [&str; 24] = [
+pub const TENSOR_CORE: [&str; 25] = [
     "gemm_nn",
     "gemm_nt",
     "gemm_tn",
@@ -131,6 +132,7 @@ pub const TENSOR_CORE: [&str; 24] = [
     "lora_grad",
     "lora_down",
     "lora_wgrad",
+    "lora_wgrad_pair",
     "flash_fwd",
     "flash_bwd_dkdv",
     "flash_bwd_dq",

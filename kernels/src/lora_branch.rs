@@ -252,11 +252,69 @@ pub fn lora_wgrad_reduce<const BLOCK: usize, const CH: usize>(
     s: f32,
     g: TensorMut<f32, 1>,
 ) {
+    // Lanes follow `part`'s rows (`qi`, then `j`), so that its loads are coalesced; `dA`'s
+    // transposed stores scatter instead (`g` is `part`'s `1/C` size, and read once).
     let i = program_id(0).cast::<i64>() * BLOCK + range::<BLOCK>();
-    let qi = select(tr == 1, i % q, i / r);
-    let j = select(tr == 1, i / q, i % r);
+    let qi = i / r;
+    let j = i % r;
     let sums = part.load([range::<CH>(), qi * rp + j]).sum(0);
-    g.store([i], g.load([i]) + sums * s);
+    let gi = select(i < q * r, select(tr == 1, j * q + qi, i), g.dim(0));
+    g.store([gi], g.load([gi]) + sums * s);
+}
+
+/// Two [`lora_wgrad`] passes in one launch: `part` holds pair 0's `[C·Q, rp]` partial sums of
+/// `b0ᵀ·a0` and then pair 1's of `b1ᵀ·a1` (blocks 0 and 1 of [`lora_wgrad_reduce_many`]),
+/// both pairs over the same `M` tokens and `Q` features (a LoRA layer's `dB` pass over `dy`
+/// and its `dA` pass over `x`). Each program streams both pairs' chunk in one loop, two
+/// products per step, so the launch between the passes, with the second pass's ramp-up
+/// behind the first's tail, is gone. The bytes in flight per stage double, so the variants
+/// hold fewer stages than [`lora_wgrad`]'s.
+#[kernel(
+    variants(T = [bf16, f16], BQ = [128, 64], BK = [64], R = [16], S = [2, 3], W = [4]),
+    warps = W,
+    stages = S,
+    grid = [cdiv(b0.dim(1), BQ), part.dim(0) / (2 * b0.dim(1).max(1))],
+    require = [
+        a0.dim(0) == b0.dim(0), a1.dim(0) == b0.dim(0), b1.dim(0) == b0.dim(0),
+        b1.dim(1) == b0.dim(1), a0.dim(1) <= R, a1.dim(1) == a0.dim(1), b0.dim(1) > 0,
+        part.dim(0) % (2 * b0.dim(1)) == 0, part.dim(1) == a0.dim(1)
+    ]
+)]
+pub fn lora_wgrad_pair<
+    T,
+    const BQ: usize,
+    const BK: usize,
+    const R: usize,
+    const S: usize,
+    const W: usize,
+>(
+    a0: Tensor<T, 2>,
+    b0: Tensor<T, 2>,
+    a1: Tensor<T, 2>,
+    b1: Tensor<T, 2>,
+    part: TensorMut<f32, 2>,
+) {
+    let q = b0.dim(1);
+    let qs = program_id(0).cast::<i64>() * BQ + range::<BQ>();
+    let ranks = range::<R>();
+    let c = program_id(1).cast::<i64>();
+    let chunks = part.dim(0) / (2 * q);
+    let chunk = cdiv(cdiv(b0.dim(0), chunks), BK) * BK;
+    let m0 = c * chunk;
+    let mut acc0 = zeros::<f32, BQ, R>();
+    let mut acc1 = zeros::<f32, BQ, R>();
+    for m in (m0..m0 + chunk).step_by(BK) {
+        let ms = m + range::<BK>();
+        acc0 = dot(b0.load([ms, qs]).t(), a0.load([ms, ranks]), acc0);
+        acc1 = dot(b1.load([ms, qs]).t(), a1.load([ms, ranks]), acc1);
+    }
+    // Rows past Q would land in the next chunk's rows: send them out of bounds (masked).
+    let inside = qs < q;
+    part.store([select(inside, c * q + qs, part.dim(0)), ranks], acc0);
+    part.store(
+        [select(inside, (chunks + c) * q + qs, part.dim(0)), ranks],
+        acc1,
+    );
 }
 
 /// [`lora_wgrad_reduce`] for several modules in one launch (the LoRA fold's q/k/v: a layer's
@@ -265,13 +323,14 @@ pub fn lora_wgrad_reduce<const BLOCK: usize, const CH: usize>(
 /// Module `m` (a row of `mods`: block, column shift, `tr`, element offset of its gradient in
 /// `g`, and 1 when scaled by `s`) adds `(s or 1) · Σ_c part[b·C + c, qi·w + shift + j]` to its
 /// gradient, `[Q, r]` (`tr = 0`) or `[r, Q]` (`tr = 1`). Chunks summed in a fixed order, as
-/// in [`lora_wgrad_reduce`].
+/// in [`lora_wgrad_reduce`]. With `acc = 0` the sums replace the gradients instead (a backward
+/// that writes its gradients, as autograd's first one does, needs no zeroing launch before it).
 #[kernel(
     variants(BLOCK = [128], CH = [16]),
     warps = 4,
     grid = [cdiv(n as usize, BLOCK), mods.dim(0)],
     require = [
-        mods.dim(1) == 5, chunks <= CH as i64, q > 0, r > 0, n == q * r,
+        mods.dim(1) == 5, chunks <= CH as i64, q > 0, r > 0, n == q * r, acc <= 1,
         part.dim(1) as i64 == q * w
     ]
 )]
@@ -285,6 +344,7 @@ pub fn lora_wgrad_reduce_many<const BLOCK: usize, const CH: usize>(
     n: usize,
     chunks: usize,
     s: f32,
+    acc: usize,
     g: TensorMut<f32, 1>,
 ) {
     let m = program_id(1);
@@ -294,11 +354,13 @@ pub fn lora_wgrad_reduce_many<const BLOCK: usize, const CH: usize>(
     let tr = mods.load([m, 2]);
     let off = mods.load([m, 3]).cast::<i64>();
     let scale = select(mods.load([m, 4]) == 1, s, 1.0);
-    let qi = select(tr == 1, i % q, i / r);
-    let j = select(tr == 1, i / q, i % r);
+    // Lanes follow `part`'s rows, as in `lora_wgrad_reduce`.
+    let qi = i / r;
+    let j = i % r;
     let c = range::<CH>().cast::<i64>();
     let rows = select(c < chunks, blk * chunks + c, part.dim(0));
     let sums = part.load([rows, qi * w + shift + j]).sum(0);
-    let gi = select(i < n, off + i, g.dim(0));
-    g.store([gi], g.load([gi]) + sums * scale);
+    let gi = select(i < n, off + select(tr == 1, j * q + qi, i), g.dim(0));
+    let prior = select(acc == 1, g.load([gi]), 0.0);
+    g.store([gi], prior + sums * scale);
 }

@@ -486,6 +486,30 @@ pub fn lora_wgrad_reduce_many(
     g
 }
 
+/// The checks of `lora_wgrad_pair`: its two blocks of partial sums as the LoRA fold reduces
+/// them with `lora_wgrad_reduce_many` into one gradient buffer `[dB [q, r] | dA [r, q]]`.
+pub struct PairCase;
+
+impl PairCase {
+    /// The reduce's module rows (`[block, shift, tr, offset, scaled]`, i32): `dB` from block 0,
+    /// scaled by `s`; `dA` from block 1, transposed, after `dB`.
+    pub fn mods_i32(q: usize, r: usize) -> [i32; 10] {
+        [0, 0, 0, 0, 1, 1, 0, 1, (q * r) as i32, 0]
+    }
+
+    /// `[s·dyᵀ·u | duᵀ·x]` for `dy`, `x [m, q]` and the compact rank sides `u`, `du [m, r]`.
+    pub fn want(
+        (dy, u): (&[f32], &[f32]),
+        (du, x): (&[f32], &[f32]),
+        (m, q, r): (usize, usize, usize),
+        s: f32,
+    ) -> Vec<f32> {
+        let mut g: Vec<f32> = lora_grad_b(dy, u, m, q, r).iter().map(|v| s * v).collect();
+        g.extend(lora_grad_a(du, x, m, q, r));
+        g
+    }
+}
+
 /// A case of the fold's reduce (`lora_wgrad_reduce_many`) for the kernel checks, laid out as
 /// the fold lays out q and v at rank `r` (`rp = r` rounded up to 8): blocks of partial sums
 /// `[blocks·chunks, q·16]` (from `fill`), two `dB` (`[q, r]`, scaled) from blocks 0 and 1, and

@@ -360,6 +360,25 @@ proptest! {
                 let want: Vec<f32> = g0.iter().zip(&grad).map(|(a, b)| a + scale * b).collect();
                 check(&what, &g, &want, 1e-5)?;
             }
+
+            // Both passes in one launch (`lora_wgrad_pair`: dB over dy and dA over a second
+            // [m, n] input, as the LoRA fold pairs them), then `lora_wgrad_reduce_many` in its
+            // writing form (`acc = 0`) into NaN-poisoned gradients: [dB [n, r] | dA [r, n]].
+            let what = format!("lora_wgrad_pair {dtype:?} {m} tokens, {n} wide, r={r}, {chunks} chunks");
+            let mut x2 = data.tensor(dtype, &[m, n]);
+            let mut part = filled(Storage::F32, &[2 * chunks * n, rp], f32::NAN);
+            run(&what, k::lora_wgrad_pair::interpret(&config_of("lora_wgrad_pair", pick), k::lora_wgrad_pair::HostArgs {
+                a0: &mut u, b0: &mut dy, a1: &mut du, b1: &mut x2, part: &mut part,
+            }))?;
+            let mut flat = HostTensor::new(Storage::F32, &[2 * chunks, n * rp], &part.data);
+            let mut mods = i32_tensor(&[2, 5], &rm::PairCase::mods_i32(n, r));
+            let mut g = filled(Storage::F32, &[2 * n * r], f32::NAN);
+            run(&what, k::lora_wgrad_reduce_many::interpret(&[], k::lora_wgrad_reduce_many::HostArgs {
+                part: &mut flat, mods: &mut mods, q: n as i64, r: r as i64, w: rp as i64,
+                n: (n * r) as i64, chunks: chunks as i64, s, acc: 0, g: &mut g,
+            }))?;
+            let want = rm::PairCase::want((&dy.data, &compact(&u)), (&compact(&du), &x2.data), (m, n, r), s);
+            check(&what, &g, &want, 1e-5)?;
         }
     }
 
@@ -377,7 +396,7 @@ proptest! {
         let mut part = HostTensor::new(Storage::F32, &[case.blocks * chunks, q * w], &case.part);
         run("lora_wgrad_reduce_many", k::lora_wgrad_reduce_many::interpret(&[], k::lora_wgrad_reduce_many::HostArgs {
             part: &mut part, mods: &mut i32_tensor(&[4, 5], &case.mods_i32()), q: q as i64, r: r as i64,
-            w: w as i64, n: n as i64, chunks: chunks as i64, s, g: &mut g,
+            w: w as i64, n: n as i64, chunks: chunks as i64, s, acc: 1, g: &mut g,
         }))?;
         check("lora_wgrad_reduce_many", &g, &case.want(s), 1e-5)?;
         prop_assert_eq!(&g.data[n..n + 3], &case.g0[n..n + 3]);

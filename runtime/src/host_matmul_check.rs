@@ -350,6 +350,7 @@ fn lora_branch(
             n: (rq * rr) as i64,
             chunks: rc as i64,
             s,
+            acc: 1,
             g: &mut g,
         },
     )?;
@@ -426,6 +427,43 @@ fn lora_branch(
         let want: Vec<f32> = g0.data.iter().zip(&grad).map(|(g, d)| g + s * d).collect();
         rows.push(row("lora_wgrad", &shape, out, &g, &want));
     }
+    // Both passes in one launch (`lora_wgrad_pair`: dB over dy, dA over a second [m, n]
+    // input), reduced by `lora_wgrad_reduce_many` writing (`acc = 0`) into NaN gradients.
+    let mut x2 = t(rng, dtype, &[m, n]);
+    let mut part = filled(Storage::F32, &[2 * chunks * n, rp], f32::NAN);
+    k::lora_wgrad_pair::interpret(
+        &[],
+        k::lora_wgrad_pair::HostArgs {
+            a0: &mut u,
+            b0: &mut dy,
+            a1: &mut du,
+            b1: &mut x2,
+            part: &mut part,
+        },
+    )?;
+    let mut g = filled(Storage::F32, &[2 * n * r], f32::NAN);
+    k::lora_wgrad_reduce_many::interpret(
+        &[],
+        k::lora_wgrad_reduce_many::HostArgs {
+            part: &mut HostTensor::new(Storage::F32, &[2 * chunks, n * rp], &part.data),
+            mods: &mut ints(&[2, 5], &rm::PairCase::mods_i32(n, r)),
+            q: n as i64,
+            r: r as i64,
+            w: rp as i64,
+            n: (n * r) as i64,
+            chunks: chunks as i64,
+            s,
+            acc: 0,
+            g: &mut g,
+        },
+    )?;
+    let want = rm::PairCase::want(
+        (&dy.data, &compact(&u)),
+        (&compact(&du), &x2.data),
+        (m, n, r),
+        s,
+    );
+    rows.push(row("lora_wgrad_pair", &shape, "dB, dA", &g, &want));
     Ok(rows)
 }
 

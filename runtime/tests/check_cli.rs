@@ -26,6 +26,7 @@ fn the_lora_branch_kernels_are_checked_on_the_cpu() {
         ("lora_down", 4),
         ("lora_expand", 4),
         ("lora_wgrad", 4),
+        ("lora_wgrad_pair", 2),
     ] {
         let (ok, text) = check(kernel);
         assert!(ok, "{kernel}: {text}");

@@ -282,6 +282,7 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
                 "transpose_b",
                 "lora_fold",
                 "lora_wgrad",
+                "lora_wgrad_pair",
             ]
             .into_iter()
             .any(tc)

@@ -15,7 +15,8 @@
 //! `[dqkv | du]·[Wqkv ; A']` (K = 3H + kc) sums `dqkv·Wqkv` and every `du·A`, instead of one
 //! `lora_expand` per target. The weight gradients read `u` and `du` where the fold keeps them:
 //! a `lora_wgrad` pass per target for `dB`, one pass over LN1's output for every target's `dA`
-//! (their `du` lie side by side), and one reduce launch for all of a layer's gradients.
+//! (their `du` lie side by side), run two to a launch (`lora_wgrad_pair`), and one reduce
+//! launch for all of a layer's gradients.
 //!
 //! Layout, for a layer whose adapted q/k/v targets take slots `j = 0, 1, ...` in q, k, v
 //! order (`rp` = [`rank_pad`]`(r)`; `kc` = the targets' `rp` columns padded with empty slots to
@@ -40,8 +41,8 @@
 use super::lora::Adapters;
 use super::lora::{rank_pad, Slots, MAX_KERNEL_RANK};
 use super::ops::{
-    arg, dev_err, launch_err, lora_down, lora_wgrad_pass, lora_wgrad_reduce_many, mat_arg,
-    LORA_WGRAD_CHUNKS, R,
+    arg, dev_err, launch_err, lora_down, lora_wgrad_pair, lora_wgrad_pass, lora_wgrad_reduce_many,
+    mat_arg, GradWrite, LORA_WGRAD_CHUNKS, R,
 };
 use super::weights::{qkv_ld, LayerWeights};
 use crate::buffer::DeviceTensor;
@@ -176,8 +177,9 @@ impl LayerFold {
     /// The q/k/v branches' backward but for the input gradient (which the GEMM over
     /// `[dqkv | du]` sums): per target, `du = s·dy·B` beside `dqkv` and the `dB` pass over
     /// `dy` (16 columns of LN1's output from its `u`); one `dA` pass over LN1's output per 16
-    /// columns of `du`; then every gradient from one `lora_wgrad_reduce_many` launch.
-    /// Passes write whole 16-column blocks; the columns no gradient reads are never summed.
+    /// columns of `du`, two passes to a launch (`lora_wgrad_pair`, a lone last one by itself);
+    /// then every gradient from one `lora_wgrad_reduce_many` launch. Passes write whole
+    /// 16-column blocks; the columns no gradient reads are never summed.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -194,6 +196,9 @@ impl LayerFold {
             .ok_or_else(|| internal("adapters without their fold"))?;
         let block = |b: usize| b * LORA_WGRAD_CHUNKS * h * w;
         let x = Mat::new(a, MatLayout::at(0, t, h, self.width()));
+        // Every pass's operands by its block (rank side, wide side): target `j`'s `dB` pass in
+        // block `j`, the `dA` passes after them. `du` first, so that the passes run in pairs.
+        let mut passes: Vec<Option<(Mat<'_>, Mat<'_>)>> = vec![None; self.wgrad_blocks()];
         for (i, target) in QKV.into_iter().enumerate() {
             let Some(j) = self.slot[i] else { continue };
             let s = ad
@@ -202,13 +207,25 @@ impl LayerFold {
             let bt = ad.bt(&s).ok_or_else(|| internal("the fold without Bᵀ"))?;
             let dy = Mat::new(dqkv, MatLayout::at(i * h, t, h, self.dqkv_ld()));
             let u = Mat::new(a, MatLayout::at(h + j * self.rp, t, w, self.width()));
-            lora_wgrad_pass(dev, u, dy, (part, block(j)))?;
             let du = self.du(i, t).ok_or_else(|| internal("a slot without du"))?;
             lora_down(dev, dy, bt, ad.scale, (dqkv, du))?;
+            *passes
+                .get_mut(j)
+                .ok_or_else(|| internal("a fold slot past the targets"))? = Some((u, dy));
         }
         for c in 0..self.wgrad_blocks() - self.targets {
             let du = Mat::new(dqkv, MatLayout::at(3 * h + c * w, t, w, self.dqkv_ld()));
-            lora_wgrad_pass(dev, du, x, (part, block(self.targets + c)))?;
+            passes[self.targets + c] = Some((du, x));
+        }
+        for (p, pair) in passes.chunks(2).enumerate() {
+            let off = block(2 * p);
+            match pair {
+                [Some(first), Some(second)] => {
+                    lora_wgrad_pair(dev, *first, *second, (part, off))?;
+                }
+                [Some((u, dy))] => lora_wgrad_pass(dev, *u, *dy, (part, off))?,
+                _ => return Err(internal("a wgrad block without its pass")),
+            }
         }
         let (first, n) = self.mods;
         let mods = mat_arg(&fold.mods, &MatLayout::at(first * 5, n, 5, 5))?;
@@ -218,7 +235,7 @@ impl LayerFold {
             (h, ad.r, w),
             &mods,
             ad.scale,
-            grads,
+            (grads, GradWrite::Accumulate),
         )
     }
 

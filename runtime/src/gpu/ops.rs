@@ -395,7 +395,9 @@ pub fn lora_expand(dev: &CudaDevice, u: Mat<'_>, w: Mat<'_>, s: f32, y: MatMut<'
 }
 
 /// Token chunks of the LoRA weight-gradient split-K ([`lora_wgrad`]): enough programs to
-/// fill the GPU at a few thousand tokens, few enough that the reduction stays small.
+/// fill the GPU at a few thousand tokens, few enough that the reduction stays small (the
+/// fold's backward at 4, 8 and 16 chunks: 16 fastest from 4096 tokens, 8 within 1% at 2048,
+/// `bench/results/2026-12-02-h200-lora-pair/call120`).
 pub const LORA_WGRAD_CHUNKS: usize = 16;
 
 /// `g += scale · bᵀ·a` for one LoRA module's gradient (`a [M, rp]` the saved `u` or `du`,
@@ -452,6 +454,40 @@ pub fn lora_wgrad_pass(
     .map_err(launch_err)
 }
 
+/// Two [`lora_wgrad_pass`]es in one launch (`lexp_kernels::lora_wgrad_pair`): the partial
+/// sums of `b0ᵀ·a0` at element `off` of `part` and those of `b1ᵀ·a1` right after them (two
+/// consecutive blocks for [`lora_wgrad_reduce_many`]). Both pairs span the same tokens and
+/// features (`b0`, `b1 [M, Q]`) with equally wide rank sides.
+pub fn lora_wgrad_pair(
+    dev: &CudaDevice,
+    (a0, b0): (Mat<'_>, Mat<'_>),
+    (a1, b1): (Mat<'_>, Mat<'_>),
+    (part, off): (&DeviceTensor, usize),
+) -> R {
+    let (q, w) = (b0.layout.cols, a0.layout.cols);
+    k::lora_wgrad_pair::launch(
+        dev,
+        &k::lora_wgrad_pair::Args {
+            a0: &mat_arg(a0.tensor, &a0.layout)?,
+            b0: &mat_arg(b0.tensor, &b0.layout)?,
+            a1: &mat_arg(a1.tensor, &a1.layout)?,
+            b1: &mat_arg(b1.tensor, &b1.layout)?,
+            part: &arg_at(part, off, &[2 * LORA_WGRAD_CHUNKS * q, w])?,
+        },
+    )
+    .map_err(launch_err)
+}
+
+/// Whether [`lora_wgrad_reduce_many`] adds its sums to the gradients or writes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradWrite {
+    /// `g += sums`: the engine's micro-batches accumulate into gradients zeroed once per step.
+    Accumulate,
+    /// `g = sums`: a backward that owns its gradients (as autograd's first backward writes
+    /// them) and so needs no zeroing launch.
+    Overwrite,
+}
+
 /// Reduces `blocks` [`lora_wgrad_pass`]es of `[chunks·q, w]` each (block `b` at element
 /// `b·chunks·q·w` of `part`) into the gradients the rows of `mods` name
 /// (`lexp_kernels::lora_wgrad_reduce_many`: block, column shift, transposed, offset in
@@ -462,7 +498,7 @@ pub fn lora_wgrad_reduce_many(
     (q, r, w): (usize, usize, usize),
     mods: &TensorArg,
     s: f32,
-    grads: &DeviceTensor,
+    (grads, write): (&DeviceTensor, GradWrite),
 ) -> R {
     k::lora_wgrad_reduce_many::launch(
         dev,
@@ -475,6 +511,7 @@ pub fn lora_wgrad_reduce_many(
             n: (q * r) as i64,
             chunks: LORA_WGRAD_CHUNKS as i64,
             s,
+            acc: (write == GradWrite::Accumulate) as i64,
             g: &grads.as_arg(),
         },
     )

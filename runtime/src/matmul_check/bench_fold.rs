@@ -7,9 +7,15 @@
 //! output gradient), so that one GEMM with `K = d + 64` does the base product and the LoRA
 //! expand:
 //! - forward: `u = x·Aᵀ` (`lora_down`), `y = [x | u]·W'[:d, :]ᵀ` (cuBLASLt);
-//! - backward: `du = s·dY·B` (`lora_down` on `Bᵀ`), `dx = [dY | du]·W'[:, :d]` (cuBLASLt),
-//!   `dB = s·dYᵀ·u` and `dA = duᵀ·x` (two `lora_wgrad` passes and one
-//!   `lora_wgrad_reduce_many`).
+//! - backward, in the engine's order: `du = s·dY·B` (`lora_down` on `Bᵀ`), `dB = s·dYᵀ·u`
+//!   and `dA = duᵀ·x` (both `lora_wgrad` passes in one `lora_wgrad_pair` launch, as the
+//!   engine pairs them, and one `lora_wgrad_reduce_many` that writes the gradients, as PEFT's
+//!   autograd writes them), then `dx = [dY | du]·W'[:, :d]` (cuBLASLt).
+//!
+//! The rows `bwd-prev` (the sequence before: the GEMM first, two `lora_wgrad` launches, the
+//! gradients zeroed and the reduce adding into them; the engine adds a step's micro-batches
+//! into gradients it zeroes once per step for all layers) and `bwd-gemm1` (the new launches,
+//! the GEMM first) time the steps of the change in the same run, with today's reduce kernel.
 //!
 //! Writing `A` and `s·B` into `W'` (`lora_fold`) happens once per optimizer step, not per
 //! pass; it is not in these times (about 3.6 µs per module in the OPT-1.3B step's profile,
@@ -19,7 +25,8 @@
 
 use super::*;
 use crate::cublas::{Blas, Mat, MatLayout};
-use crate::gpu::ops::{lora_down, lora_wgrad_pass, lora_wgrad_reduce_many, mm_lt};
+use crate::gpu::ops::GradWrite;
+use crate::gpu::ops::{lora_down, lora_wgrad_pair, lora_wgrad_pass, lora_wgrad_reduce_many, mm_lt};
 use crate::gpu::ops::{LORA_WGRAD_CHUNKS, R};
 use crate::time_ms;
 
@@ -27,6 +34,19 @@ use crate::time_ms;
 const ROOM: usize = 64;
 /// Columns of one `u` window (`lora_down`'s and `lora_wgrad`'s width at rank <= 16).
 const WIN: usize = 16;
+
+/// The orders the backward is timed in (rows `bwd-prev`, `bwd-gemm1`, `backward`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backward {
+    /// As before the paired passes: `du`, the input gradient's GEMM, two `lora_wgrad`
+    /// launches, the gradients zeroed and the reduce adding into them.
+    Previous,
+    /// `du`, the GEMM, both passes in one launch, the reduce writing the gradients.
+    GemmFirst,
+    /// As the engine runs a layer (`gpu/layer.rs`): `du`, the paired passes and the reduce
+    /// (while `dY` is still in L2 from `du`'s pass over it), then the GEMM.
+    Engine,
+}
 
 /// The fold against PEFT's sequence, one pass.
 #[derive(Clone, Debug)]
@@ -133,7 +153,7 @@ fn fold_at(
             true,
         )
     };
-    let mut backward = |dx: &mut DeviceTensor| -> R {
+    let backward = |dx: &mut DeviceTensor, grads: &mut DeviceTensor, form: Backward| -> R {
         let dyd = at(&dyw, 0, d);
         lora_down(
             dev,
@@ -142,37 +162,80 @@ fn fold_at(
             s,
             (&dyw, MatLayout::at(d, m, WIN, dw)),
         )?;
-        mm_lt(
-            blas,
-            at(&dyw, 0, dw),
-            Mat::new(&wf, MatLayout::at(0, dw, d, dw)),
-            (dx, MatLayout::dense(m, d)),
-            false,
-        )?;
-        let block = LORA_WGRAD_CHUNKS * d * WIN;
-        lora_wgrad_pass(dev, at(&xw, d, WIN), dyd, (&part, 0))?;
-        lora_wgrad_pass(dev, at(&dyw, d, WIN), at(&xw, 0, d), (&part, block))?;
-        grads
-            .fill_zero()
-            .map_err(crate::gpu::ops::dev_err("zeroing the gradients"))?;
-        lora_wgrad_reduce_many(dev, (&part, 2), (d, r, WIN), &mods.as_arg(), s, &grads)
+        let dx_gemm = |dx: &mut DeviceTensor| {
+            mm_lt(
+                blas,
+                at(&dyw, 0, dw),
+                Mat::new(&wf, MatLayout::at(0, dw, d, dw)),
+                (dx, MatLayout::dense(m, d)),
+                false,
+            )
+        };
+        if form != Backward::Engine {
+            dx_gemm(dx)?;
+        }
+        let (db_pass, da_pass) = ((at(&xw, d, WIN), dyd), (at(&dyw, d, WIN), at(&xw, 0, d)));
+        let write = if form == Backward::Previous {
+            let block = LORA_WGRAD_CHUNKS * d * WIN;
+            lora_wgrad_pass(dev, db_pass.0, db_pass.1, (&part, 0))?;
+            lora_wgrad_pass(dev, da_pass.0, da_pass.1, (&part, block))?;
+            grads
+                .fill_zero()
+                .map_err(crate::gpu::ops::dev_err("zeroing the gradients"))?;
+            GradWrite::Accumulate
+        } else {
+            lora_wgrad_pair(dev, db_pass, da_pass, (&part, 0))?;
+            GradWrite::Overwrite
+        };
+        let g = (&*grads, write);
+        lora_wgrad_reduce_many(dev, (&part, 2), (d, r, WIN), &mods.as_arg(), s, g)?;
+        if form == Backward::Engine {
+            dx_gemm(dx)?;
+        }
+        Ok(())
     };
     let fold_f = time_ms(dev, 5, iters, || forward(&mut y).map_err(err))?.median();
-    let fold_b = time_ms(dev, 5, iters, || backward(&mut dx).map_err(err))?.median();
+    // Every form's results are compared with PEFT's below, each from poisoned outputs.
+    let mut times = vec![];
+    let mut results = vec![];
+    for form in [Backward::Previous, Backward::GemmFirst, Backward::Engine] {
+        grads.poison()?;
+        dx.poison()?;
+        let ms = time_ms(dev, 5, iters, || {
+            backward(&mut dx, &mut grads, form).map_err(err)
+        })?
+        .median();
+        times.push(ms);
+        results.push((dx.to_f32_vec()?, grads.to_f32_vec()?));
+    }
 
     // PEFT's sequence in the same run, and its results to compare with.
     let peft = super::bench::time_peft(dev, blas, iters, (&x, &w, &a, &b, &dy), s)?;
     let (peft_f, peft_b) = (peft.forward_ms, peft.backward_ms);
     dev.synchronize()?;
-    let g = grads.to_f32_vec()?;
     let rel_f = rel_l2(&y.to_f32_vec()?, &peft.y.to_f32_vec()?);
-    let rel_b = [
-        rel_l2(&dx.to_f32_vec()?, &peft.dx.to_f32_vec()?),
-        rel_l2(&g[..d * r], &peft.db.to_f32_vec()?),
-        rel_l2(&g[d * r..], &peft.da.to_f32_vec()?),
-    ]
-    .into_iter()
-    .fold(0.0, f64::max);
+    let want = (
+        peft.dx.to_f32_vec()?,
+        peft.db.to_f32_vec()?,
+        peft.da.to_f32_vec()?,
+    );
+    let rel_bwd = |dx: &[f32], g: &[f32]| {
+        [
+            rel_l2(dx, &want.0),
+            rel_l2(&g[..d * r], &want.1),
+            rel_l2(&g[d * r..], &want.2),
+        ]
+        .into_iter()
+        // NaN (a poisoned element never written) must show, which `f64::max` would drop.
+        .fold(0.0, |a: f64, b| {
+            if a.is_nan() || b.is_nan() {
+                f64::NAN
+            } else {
+                a.max(b)
+            }
+        })
+    };
+    let rel_b: Vec<f64> = results.iter().map(|(dx, g)| rel_bwd(dx, g)).collect();
     let row = |pass, fold_ms, peft_ms, rel| FoldBench {
         pass,
         m,
@@ -184,6 +247,8 @@ fn fold_at(
     };
     Ok(vec![
         row("forward", fold_f, peft_f, rel_f),
-        row("backward", fold_b, peft_b, rel_b),
+        row("backward", times[2], peft_b, rel_b[2]),
+        row("bwd-gemm1", times[1], peft_b, rel_b[1]),
+        row("bwd-prev", times[0], peft_b, rel_b[0]),
     ])
 }

@@ -3,7 +3,8 @@
 //! runs them, for every compiled configuration: `Bᵀ` from `B`, `u = x·Aᵀ`, `y += s·u·Bᵀ` into
 //! a column block of a wider buffer (the q/v blocks of the fused projection's output; the
 //! other columns must keep their values), `du = s·dy·B` from such a block, `dx += du·A`,
-//! `dB += s·dyᵀ·u` and `dA += duᵀ·x`.
+//! `dB += s·dyᵀ·u` and `dA += duᵀ·x`; and both weight-gradient passes in one launch
+//! (`lora_wgrad_pair`) with the fold's reduce (`lora_wgrad_reduce_many`) writing them.
 //! Outputs are poisoned before each launch (`u`, `du`) or hold random values the expand adds
 //! to (`y`, `dx`); the padding columns of `u` and `du` must come out zero.
 
@@ -115,6 +116,7 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
                     n: (rq * rr) as i64,
                     chunks: rc as i64,
                     s,
+                    acc: 1,
                     g: &g.as_arg(),
                 },
             )?;
@@ -269,6 +271,56 @@ pub fn check_lora_branch(dev: &CudaDevice) -> Result<Vec<MatCheck>, DeviceError>
                         &want,
                     );
                 }
+                // Both passes in one launch (`lora_wgrad_pair`, as the fold pairs them): dB
+                // over dy and dA over a second [m, n] input, into a poisoned scratch, reduced
+                // by `lora_wgrad_reduce_many` in its writing form (`acc = 0`) into poisoned
+                // gradients [dB [n, r] | dA [r, n]].
+                let pcfg = configs("lora_wgrad_pair");
+                let pcfg = &pcfg[rows.len() % pcfg.len().max(1)];
+                let (x2, hx2) = random(dev, &mut rng, dtype, &[m, n])?;
+                let chunks = 16;
+                let part = DeviceTensor::poisoned(dev, Storage::F32, &[2 * chunks * n * rp])?;
+                k::lora_wgrad_pair::launch_with(
+                    dev,
+                    pcfg,
+                    &k::lora_wgrad_pair::Args {
+                        a0: &u.as_arg(),
+                        b0: &dyv,
+                        a1: &du.as_arg(),
+                        b1: &x2.as_arg(),
+                        part: &part.offset_arg(0, &[2 * chunks * n, rp])?,
+                    },
+                )?;
+                let g = DeviceTensor::poisoned(dev, Storage::F32, &[2 * n * r])?;
+                let mods = DeviceTensor::from_i32(dev, &[2, 5], &rm::PairCase::mods_i32(n, r))?;
+                k::lora_wgrad_reduce_many::launch(
+                    dev,
+                    &k::lora_wgrad_reduce_many::Args {
+                        part: &part.offset_arg(0, &[2 * chunks, n * rp])?,
+                        mods: &mods.as_arg(),
+                        q: n as i64,
+                        r: r as i64,
+                        w: rp as i64,
+                        n: (n * r) as i64,
+                        chunks: chunks as i64,
+                        s,
+                        acc: 0,
+                        g: &g.as_arg(),
+                    },
+                )?;
+                dev.synchronize()?;
+                let (cu, cdu) = (compact(&u.to_f32_vec()?), compact(&du.to_f32_vec()?));
+                let want = rm::PairCase::want((&dy, &cu), (&cdu, &hx2), (m, n, r), s);
+                record(
+                    &mut rows,
+                    "lora_wgrad_pair",
+                    Storage::F32,
+                    shape.clone(),
+                    config_text(pcfg),
+                    "dB, dA",
+                    &g.to_f32_vec()?,
+                    &want,
+                );
             }
         }
     }

@@ -141,13 +141,13 @@ pub fn run(
     };
     if !fold.is_empty() {
         println!(
-            "\n{:<9} {:>7} {:>10} {:>10} {:>8} {:>9}",
+            "\n{:<10} {:>7} {:>10} {:>10} {:>8} {:>9}",
             "LoRA fold", "tokens", "fold ms", "PEFT ms", "speedup", "rel L2"
         );
     }
     for l in &fold {
         println!(
-            "{:<9} {:>7} {:>10.4} {:>10.4} {:>7.2}x {:>9.1e}",
+            "{:<10} {:>7} {:>10.4} {:>10.4} {:>7.2}x {:>9.1e}",
             l.pass,
             l.m,
             l.fold_ms,
