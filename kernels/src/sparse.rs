@@ -20,14 +20,16 @@ use lexp_macros::kernel;
 ///
 /// Each program computes two consecutive slots, so that one `x` tile feeds two blocks (a
 /// `BM x 2·BS` tile, as wide as the dense GEMM's); with an odd count the last program
-/// computes its second block twice and stores it once.
+/// computes its second block twice and stores it once. Programs run `G` row groups at a time
+/// (program-id swizzling as in the dense GEMM; `G = 1`: every slot pair of one group, then
+/// the next group).
 #[kernel(
-    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8], TMA = [0, 1]),
+    variants(T = [bf16, f16], BM = [128], BS = [64, 128], BK = [32, 64], S = [3, 4, 6], W = [4, 8], TMA = [0, 1], G = [1, 8]),
     only = [S <= 4 || W == 8, (BM + 2 * BS) * BK * 2 * S <= 200 * 1024, W == 8 || BS == 64, TMA == 0 || W == 8 && BK == 64],
     warps = W,
     stages = S,
     tma = TMA,
-    grid = [cdiv(indices.dim(1), 2), cdiv(x.dim(0), BM)],
+    grid = [cdiv(indices.dim(1), 2) * cdiv(x.dim(0), BM)],
     require = [
         w.dim(1) == x.dim(1), h.dim(0) == x.dim(0), h.dim(1) == indices.dim(1) * BS,
         counts.dim(0) == indices.dim(0), indices.dim(0) == cdiv(x.dim(0), BM)
@@ -41,6 +43,7 @@ pub fn sparse_out<
     const S: usize,
     const W: usize,
     const TMA: usize,
+    const G: usize,
 >(
     x: Tensor<T, 2>,
     w: Tensor<T, 2>,
@@ -48,8 +51,13 @@ pub fn sparse_out<
     indices: Tensor<i32, 2>,
     h: TensorMut<T, 2>,
 ) {
-    let j = program_id(0) * 2;
-    let g = program_id(1);
+    let (g, pair) = grouped(
+        program_id(0),
+        cdiv(x.dim(0), BM),
+        cdiv(indices.dim(1), 2),
+        G,
+    );
+    let j = pair * 2;
     let count = counts.load([g]);
     if j >= count {
         return;

@@ -184,6 +184,18 @@ pub fn bench_sparse(
             },
         )?;
         tracing::info!(?c1, ?c2, bs, "sparse tile choice");
+        // The same tile in the other program order (`G` 1 <-> 8), timed beside it: what the
+        // swizzle is worth at each density, in the same process.
+        let c1_order: Vec<(&'static str, usize)> = c1
+            .iter()
+            .map(|&(n, v)| {
+                if n == "G" {
+                    (n, if v == 1 { 8 } else { 1 })
+                } else {
+                    (n, v)
+                }
+            })
+            .collect();
         for density in [0.125, 0.25, 0.5, 0.75, 1.0] {
             let (counts, idx, max) = block_list::random_host(groups, nb, density, 42);
             let bl = BlockList::from_host(dev, &counts, &idx, max, nb)
@@ -197,6 +209,29 @@ pub fn bench_sparse(
                 sparse_ops::sparse_red(dev, &h.as_arg(), &w2.as_arg(), &bl, &y.as_arg(), bs, &c2)
                     .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
             })?;
+            let t1_order = time_ms(dev, 5, iters, || {
+                sparse_ops::sparse_out(
+                    dev,
+                    &x.as_arg(),
+                    &w1.as_arg(),
+                    &bl,
+                    &h.as_arg(),
+                    bs,
+                    &c1_order,
+                )
+                .map_err(|e| DeviceError::InvalidArgument(e.to_string()))
+            })?;
+            out.push(SparseBench {
+                mode: "sparse_out, other G",
+                config: config_text(&c1_order),
+                m,
+                k: d,
+                n: ffn,
+                bs,
+                density: max as f64 / nb as f64,
+                ms: t1_order.median(),
+                cublas_dense_ms: dense_fc1,
+            });
             out.push(SparseBench {
                 mode: "sparse_out",
                 config: config_text(&c1),

@@ -99,18 +99,19 @@ pub fn run(
         vec![]
     };
     println!(
-        "\n{:<11} {:>4} {:>8} {:>9} {:>12} {:>9}",
-        "mode", "BS", "density", "ms", "cuBLAS dense", "ratio"
+        "\n{:<19} {:>4} {:>8} {:>9} {:>12} {:>9}  {}",
+        "mode", "BS", "density", "ms", "cuBLAS dense", "ratio", "config"
     );
     for s in &sparse {
         println!(
-            "{:<11} {:>4} {:>8.3} {:>9.4} {:>12.4} {:>8.3}x",
+            "{:<19} {:>4} {:>8.3} {:>9.4} {:>12.4} {:>8.3}x  {}",
             s.mode,
             s.bs,
             s.density,
             s.ms,
             s.cublas_dense_ms,
-            s.ms / s.cublas_dense_ms
+            s.ms / s.cublas_dense_ms,
+            s.config
         );
     }
     // Fused LoRA vs PEFT.
