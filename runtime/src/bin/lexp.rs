@@ -236,6 +236,16 @@ fn show_kernel(name: &str, variant: Option<&str>, stage: &str, arch: &str) -> Re
     Ok(())
 }
 
+/// `v` as a JSON number, or `null` when it is NaN or infinite (a failed check's distance is
+/// often NaN, which JSON cannot hold).
+fn json_num(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:e}")
+    } else {
+        "null".into()
+    }
+}
+
 fn device() -> Result<CudaDevice> {
     CudaDevice::new(0).context("no usable CUDA GPU (the kernel checks and benchmarks need one)")
 }
@@ -356,8 +366,8 @@ fn check(kernel: Option<&str>, json: Option<std::path::PathBuf>, cpu: bool) -> R
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"kernel\":\"{}\",\"dtype\":\"{}\",\"shape\":\"{}\",\"variant\":\"{}\",\"output\":\"{}\",\"rel_l2\":{:e},\"max_abs\":{:e},\"tolerance\":{:e},\"pass\":{}}}",
-                    r.kernel, r.dtype, r.shape, r.variant, r.output, r.rel_l2, r.max_abs, r.tolerance, r.pass
+                    "{{\"kernel\":\"{}\",\"dtype\":\"{}\",\"shape\":\"{}\",\"variant\":\"{}\",\"output\":\"{}\",\"rel_l2\":{},\"max_abs\":{},\"tolerance\":{:e},\"pass\":{}}}",
+                    r.kernel, r.dtype, r.shape, r.variant, r.output, json_num(r.rel_l2), json_num(r.max_abs), r.tolerance, r.pass
                 )
             })
             .collect();
@@ -424,4 +434,18 @@ fn bench(
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_num;
+
+    /// A failed check's NaN distance must not make the `--json` output unparsable.
+    #[test]
+    fn non_finite_numbers_are_written_as_json_null() {
+        assert_eq!(json_num(f64::NAN), "null");
+        assert_eq!(json_num(f64::INFINITY), "null");
+        assert_eq!(json_num(1.5e-3), "1.5e-3");
+        assert_eq!(json_num(0.0), "0e0");
+    }
 }

@@ -2,6 +2,7 @@
 //! against cuBLAS in the same run: dense GEMMs, block-sparse GEMMs vs density (OPT-1.3B MLP
 //! shapes), fused LoRA vs the PEFT-style cuBLAS sequence.
 
+use super::json_num;
 use anyhow::{bail, Context, Result};
 use lexp_runtime::cublas::Blas;
 use lexp_runtime::matmul_check::{self as mc, Layout, MatCheck};
@@ -194,8 +195,8 @@ pub fn run(
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"kernel\":\"{}\",\"dtype\":\"{}\",\"shape\":\"{}\",\"config\":\"{}\",\"output\":\"{}\",\"rel_l2\":{:e},\"max_abs\":{:e},\"tolerance\":{:e},\"pass\":{}}}",
-                    r.kernel, r.dtype, r.shape, r.config, r.output, r.rel_l2, r.max_abs, r.tolerance, r.pass
+                    "{{\"kernel\":\"{}\",\"dtype\":\"{}\",\"shape\":\"{}\",\"config\":\"{}\",\"output\":\"{}\",\"rel_l2\":{},\"max_abs\":{},\"tolerance\":{:e},\"pass\":{}}}",
+                    r.kernel, r.dtype, r.shape, r.config, r.output, json_num(r.rel_l2), json_num(r.max_abs), r.tolerance, r.pass
                 )
             })
             .collect();
@@ -230,8 +231,8 @@ pub fn run(
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"pass\":\"{}\",\"m\":{},\"d\":{},\"r\":{},\"fold_ms\":{:.6},\"peft_ms\":{:.6},\"speedup\":{:.3},\"rel_l2\":{:e}}}",
-                    r.pass, r.m, r.d, r.r, r.fold_ms, r.peft_ms, r.peft_ms / r.fold_ms, r.rel
+                    "{{\"pass\":\"{}\",\"m\":{},\"d\":{},\"r\":{},\"fold_ms\":{:.6},\"peft_ms\":{:.6},\"speedup\":{:.3},\"rel_l2\":{}}}",
+                    r.pass, r.m, r.d, r.r, r.fold_ms, r.peft_ms, r.peft_ms / r.fold_ms, json_num(r.rel)
                 )
             })
             .collect();
