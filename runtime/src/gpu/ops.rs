@@ -396,7 +396,7 @@ pub fn lora_expand(dev: &CudaDevice, u: Mat<'_>, w: Mat<'_>, s: f32, y: MatMut<'
 
 /// Token chunks of the LoRA weight-gradient split-K ([`lora_wgrad`]): enough programs to
 /// fill the GPU at a few thousand tokens, few enough that the reduction stays small (the
-/// fold's backward at 4, 8 and 16 chunks: 16 fastest from 4096 tokens, 8 within 1% at 2048,
+/// fold's backward at 4, 8 and 16 chunks: 16 fastest from 4096 tokens, 8 about 1% faster at 2048,
 /// `bench/results/2026-12-02-h200-lora-pair-swizzle/call120`).
 pub const LORA_WGRAD_CHUNKS: usize = 16;
 
