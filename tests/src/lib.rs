@@ -171,9 +171,14 @@ pub fn ptxas(ptxas: &std::path::Path, ptx: &str, arch: &str) -> Result<PtxasRepo
 }
 
 /// The local-memory accesses (`LDL`/`STL`: spills) of a SASS listing (`nvdisasm -c`) that lie
-/// inside a loop, one line each. A loop is the span from a label to a later branch back to it.
-/// A spill outside every loop costs one store and one load per thread; inside one it costs them
-/// per iteration, which is what a register budget is for.
+/// inside a loop, one line each. A spill outside every loop costs one store and one load per
+/// thread; inside one it costs them per iteration, which is what a register budget is for.
+///
+/// A loop is the natural loop of a backward branch: the lines from which the branch can be
+/// reached without passing its target (the loop head), found by walking predecessors back from
+/// the branch. Not simply the span from the head to the branch: ptxas places the retry blocks
+/// of `mbarrier` waits at the end of a kernel, branching back to the wait, and everything in
+/// between (the epilogue) runs once.
 pub fn spills_in_loops(sass: &str) -> Vec<String> {
     let lines: Vec<&str> = sass.lines().collect();
     let mut labels = std::collections::HashMap::new();
@@ -184,30 +189,52 @@ pub fn spills_in_loops(sass: &str) -> Vec<String> {
             }
         }
     }
-    let mut loops = vec![];
+    // Control flow per line: the branch target (`BRA`, `BRA.U`, `BRA.DIV`, … to `(.L_x_N)`)
+    // and whether the next line follows (not after an unpredicated branch or exit).
+    let mut preds: Vec<Vec<usize>> = vec![vec![]; lines.len()];
+    let mut back_edges = vec![];
     for (i, l) in lines.iter().enumerate() {
-        // `BRA`, `BRA.U`, `BRA.DIV`, … with a label target `(.L_x_N)`.
-        if !l.contains(" BRA") {
+        let code = l.split(";").next().unwrap_or("");
+        let unpredicated = !code.contains(" @");
+        let is_branch = code.contains(" BRA");
+        let ends = unpredicated && (is_branch || code.contains(" EXIT") || code.contains(" RET"));
+        if !ends && i + 1 < lines.len() {
+            preds[i + 1].push(i);
+        }
+        if !is_branch {
             continue;
         }
-        let target = l
+        let target = code
             .split('(')
             .nth(1)
             .and_then(|t| t.split(')').next())
             .map(str::trim);
         if let Some(&j) = target.and_then(|t| labels.get(t)) {
-            if j < i {
-                loops.push((j, i));
+            preds[j].push(i);
+            if j <= i {
+                back_edges.push((j, i));
             }
+        }
+    }
+    let mut in_loop = vec![false; lines.len()];
+    for (head, branch) in back_edges {
+        let mut seen = vec![false; lines.len()];
+        seen[head] = true;
+        let mut stack = vec![branch];
+        while let Some(n) = stack.pop() {
+            if std::mem::replace(&mut seen[n], true) {
+                continue;
+            }
+            stack.extend(preds[n].iter().copied().filter(|&p| !seen[p]));
+        }
+        for (n, s) in seen.iter().enumerate() {
+            in_loop[n] |= *s;
         }
     }
     lines
         .iter()
         .enumerate()
-        .filter(|(i, l)| {
-            let spill = l.contains(" LDL") || l.contains(" STL");
-            spill && loops.iter().any(|&(a, b)| a < *i && *i < b)
-        })
+        .filter(|(i, l)| (l.contains(" LDL") || l.contains(" STL")) && in_loop[*i])
         .map(|(_, l)| l.trim().to_string())
         .collect()
 }
@@ -231,6 +258,28 @@ mod tests {
         let found = spills_in_loops(LISTING);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].contains("STL [R1], R34"));
+    }
+
+    /// An `mbarrier` wait whose retry block ptxas put after the kernel's exit: the epilogue
+    /// between the wait and the retry runs once, and its spill is outside every loop.
+    const RETRY_AT_THE_END: &str = ".L_x_1:
+        /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R2+URZ], R3 ;
+        /*0110*/              @!P0 BRA `(.L_x_9) ;
+        /*0120*/                   STL.64 [R1], R40 ;
+        /*0130*/                   EXIT ;
+.L_x_9:
+        /*0140*/                   LDL R5, [R1+0x8] ;
+        /*0150*/                   BRA `(.L_x_1) ;
+";
+
+    #[test]
+    fn the_epilogue_before_a_retry_block_is_not_a_loop() {
+        let found = spills_in_loops(RETRY_AT_THE_END);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("LDL R5"));
+        // Falling through into the retry block (no exit before it) puts the epilogue back in.
+        let through = RETRY_AT_THE_END.replace("EXIT", "NOP");
+        assert_eq!(spills_in_loops(&through).len(), 2);
     }
 
     #[test]

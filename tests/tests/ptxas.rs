@@ -45,6 +45,9 @@ fn sm90_only(v: &lexp_compiler::launch::Variant) -> bool {
         // The three-programs-per-multiprocessor dk/dv (`C = 3`, [`measured_spill`]) spills on
         // sm_80 too; `FLASH_64_SM80` runs two-warpgroup tiles.
         "flash_bwd_dkdv" => p("D", "128") && (p("BN", "128") || p("W", "4")) || p("C", "3"),
+        // Heads of 128 in 128-query dq programs (`FLASH_128_LONGEST`): 255 registers and 44
+        // bytes spilled on sm_80, which runs `FLASH_128_SM80`'s 64-query ones.
+        "flash_bwd_dq" => p("D", "128") && p("BM", "128"),
         _ => false,
     }
 }
@@ -54,10 +57,12 @@ fn sm90_only(v: &lexp_compiler::launch::Variant) -> bool {
 /// one-warpgroup tile of heads of 64 held to 168 registers so that three programs share a
 /// multiprocessor (225 registers and two without), 48 bytes spilled and 52 reloaded in the key
 /// loop; dk/dv 2–5% faster from 4 x 1024 to 1 x 16384 on the H200 (call 117,
-/// `runtime/src/gpu/attention.rs`, `FLASH_64`). Its sm_80 code (196 bytes spilled) is not run
+/// `runtime/src/gpu/attention.rs`, `FLASH_64`). Since the vectorised layout conversion
+/// (session 20) one more 4-byte reload, in an `mbarrier` wait's retry block after the exit,
+/// not in the key loop: 56 bytes reloaded. Its sm_80 code (196 bytes spilled) is not run
 /// ([`sm90_only`]).
 fn measured_spill(v: &lexp_compiler::launch::Variant) -> Option<u32> {
-    (v.kernel == "flash_bwd_dkdv" && v.param("C") == Some("3")).then_some(52)
+    (v.kernel == "flash_bwd_dkdv" && v.param("C") == Some("3")).then_some(56)
 }
 
 #[test]

@@ -16,6 +16,7 @@
 
 use super::layouts::LayoutPlan;
 use super::pipeline::PipelinePlan;
+use crate::dtype::DType;
 use crate::ir::{IrError, Kernel, Op, ValueId};
 use crate::layout::shared::SharedLayout;
 use crate::target::Target;
@@ -111,6 +112,27 @@ pub fn dot_operand_layouts(k: &Kernel, a: ValueId, b: ValueId) -> (SharedLayout,
     (lay(a), lay(b))
 }
 
+/// The shared layout a layout conversion of a `shape` tile of `dtype` goes through, when it
+/// can take a swizzled one: a rank-2 tile of 16-bit or 32-bit elements, power-of-two extents,
+/// rows of at least 32 bytes (so the swizzle needs no padding and the scratch keeps the tile's
+/// size). Threads then move up to 16 bytes per access, and the eight rows an MMA accumulator's
+/// warp writes in one access land in different bank groups. `None`: the plain row-major scratch,
+/// one element per access.
+pub fn convert_scratch(shape: &[usize], dtype: DType) -> Option<SharedLayout> {
+    let [rows, cols] = shape else {
+        return None;
+    };
+    let elem = dtype.bytes();
+    if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32 | DType::I32)
+        || !rows.is_power_of_two()
+        || !cols.is_power_of_two()
+    {
+        return None;
+    }
+    let l = SharedLayout::choose(*rows, *cols, elem);
+    (l.swz != 0).then_some(l)
+}
+
 /// Plans scratch for every op that needs it, then the pipeline buffers.
 pub fn plan(
     k: &Kernel,
@@ -155,7 +177,11 @@ pub fn plan(
             let (from, to) = (layouts.of(*src), layouts.of(inst.results[0]));
             if from != to {
                 let t = k.ty(*src);
-                let size = (t.numel().max(1) * t.dtype.bytes()).next_multiple_of(16);
+                let size = match convert_scratch(&t.shape, t.dtype) {
+                    Some(l) => l.bytes(),
+                    None => t.numel().max(1) * t.dtype.bytes(),
+                }
+                .next_multiple_of(16);
                 plan.allocations.push(Allocation {
                     value: inst.results[0],
                     offset: 0,

@@ -13,7 +13,7 @@ use crate::layout::shared::SharedLayout;
 use crate::passes::smem::{dot_scratch, dot_source};
 
 /// Pointer to byte `off` of the kernel's shared memory.
-fn byte_ptr<'c>(g: &Gen<'c, '_>, off: IntValue<'c>) -> R<PointerValue<'c>> {
+pub(super) fn byte_ptr<'c>(g: &Gen<'c, '_>, off: IntValue<'c>) -> R<PointerValue<'c>> {
     let gv = g
         .smem
         .ok_or_else(|| IrError("codegen: dot without shared memory".into()))?;
@@ -29,7 +29,7 @@ impl<'c> Gen<'c, '_> {
         self.b.build_int_add(a, b, "").map_err(be)
     }
 
-    fn addc(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
+    pub(super) fn addc(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
         if c == 0 {
             return Ok(a);
         }
@@ -98,7 +98,7 @@ impl<'c> Gen<'c, '_> {
     }
 
     /// Register `reg`'s coordinate `(row, col)` of a rank-2 layout, for this thread.
-    fn coord2(&mut self, l: &Layout, reg: usize) -> R<(IntValue<'c>, IntValue<'c>)> {
+    pub(super) fn coord2(&mut self, l: &Layout, reg: usize) -> R<(IntValue<'c>, IntValue<'c>)> {
         let tc = self.thread_coord(l)?;
         let rc = l.reg_coord(reg);
         let row = self
@@ -114,7 +114,7 @@ impl<'c> Gen<'c, '_> {
 
     /// Writes the register tile `v` into shared memory at byte `base` in layout `sl`, one store
     /// per run of contiguous registers (at most 16 bytes).
-    fn stage_registers(&mut self, v: ValueId, sl: &SharedLayout, base: usize) -> R<()> {
+    pub(super) fn stage_registers(&mut self, v: ValueId, sl: &SharedLayout, base: usize) -> R<()> {
         let l = self.layout(v).clone();
         let vals = self.get(v)?.clone();
         let dt = self.dtype(v);

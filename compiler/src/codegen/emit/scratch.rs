@@ -1,7 +1,10 @@
 //! Work across threads: reductions (in registers, then butterfly shuffles, then across warps
 //! through shared memory) and layout conversions through shared memory.
 
+use super::mma::byte_ptr;
 use super::*;
+use crate::layout::shared::SharedLayout;
+use crate::passes::smem::convert_scratch;
 
 impl<'c> Gen<'c, '_> {
     pub(super) fn combine(&self, kind: ReduceKind, dt: DType, a: V<'c>, b: V<'c>) -> R<V<'c>> {
@@ -194,6 +197,11 @@ impl<'c> Gen<'c, '_> {
     /// Moves a tile between two layouts through shared memory: every thread writes the
     /// elements it holds (duplicate owners write equal values), a barrier, every thread reads
     /// the elements its destination layout gives it, and a barrier before the scratch is reused.
+    ///
+    /// Tiles that [`convert_scratch`] gives a swizzled layout move in runs of contiguous
+    /// registers (up to 16 bytes per access) and without bank conflicts for the MMA
+    /// accumulator's rows (the epilogue of every GEMM-like kernel); others one element at a
+    /// time through a row-major scratch.
     pub(super) fn convert_layout(&mut self, r: ValueId, src: ValueId) -> R<Vec<V<'c>>> {
         let (sl, dl) = (self.layout(src).clone(), self.layout(r).clone());
         let vals = self.get(src)?.clone();
@@ -211,6 +219,9 @@ impl<'c> Gen<'c, '_> {
         let gv = self
             .smem
             .ok_or_else(|| IrError("codegen: no shared memory".into()))?;
+        if let Some(swizzled) = convert_scratch(&shape, dt) {
+            return self.convert_through(src, &dl, &swizzled, alloc.offset);
+        }
         // Masks travel as bytes.
         let (mem_ty, bytes): (BasicTypeEnum, usize) = if dt == DType::I1 {
             (self.ctx.i8_type().into(), 1)
@@ -244,6 +255,33 @@ impl<'c> Gen<'c, '_> {
             } else {
                 v
             });
+        }
+        self.call_void("llvm.nvvm.barrier0")?;
+        Ok(out)
+    }
+
+    /// The vectorised form of [`Self::convert_layout`] through the swizzled scratch `sl` at
+    /// byte `base`: `src`'s registers written in runs (as `dot` stages a register operand),
+    /// the destination layout `dl`'s runs read back.
+    fn convert_through(
+        &mut self,
+        src: ValueId,
+        dl: &Layout,
+        sl: &SharedLayout,
+        base: usize,
+    ) -> R<Vec<V<'c>>> {
+        self.stage_registers(src, sl, base)?;
+        self.call_void("llvm.nvvm.barrier0")?;
+        let dt = self.dtype(src);
+        let elem = llvm_ty(self.ctx, dt);
+        let w = dl.contiguous_regs().min(16 / dt.bytes()).max(1);
+        let mut out = Vec::with_capacity(dl.num_regs());
+        for g in (0..dl.num_regs()).step_by(w) {
+            let (row, col) = self.coord2(dl, g)?;
+            let off = self.shared_offset(sl, row, col)?;
+            let off = self.addc(off, base)?;
+            let p = byte_ptr(self, off)?;
+            out.extend(self.load_vector(p, elem, dt, w)?);
         }
         self.call_void("llvm.nvvm.barrier0")?;
         Ok(out)
