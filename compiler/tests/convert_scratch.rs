@@ -16,13 +16,20 @@ use std::collections::HashMap;
 /// warp tiles (4 warps) and warpgroup-shaped `wgmma` accumulators (8 warps).
 fn cases(elem: usize) -> Vec<(Layout, Layout, usize)> {
     let vec = 16 / elem;
-    [(128, 64, 4), (64, 64, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8), (64, 128, 8)]
-        .into_iter()
-        .map(|(m, n, w)| {
-            let acc = Layout::mma_acc_for(m, n, w).expect("valid accumulator");
-            (acc, Layout::blocked(&[m, n], vec, w), w)
-        })
-        .collect()
+    [
+        (128, 64, 4),
+        (64, 64, 4),
+        (128, 128, 4),
+        (128, 128, 8),
+        (128, 256, 8),
+        (64, 128, 8),
+    ]
+    .into_iter()
+    .map(|(m, n, w)| {
+        let acc = Layout::mma_acc_for(m, n, w).expect("valid accumulator");
+        (acc, Layout::blocked(&[m, n], vec, w), w)
+    })
+    .collect()
 }
 
 /// Byte offsets in the scratch of each run of `l`'s registers that the code generator moves
@@ -43,7 +50,11 @@ fn runs(l: &Layout, sl: &SharedLayout, threads: usize) -> Vec<(usize, usize, usi
                     g + i
                 );
             }
-            assert_eq!(off % (w * sl.elem), 0, "run at {off} not aligned to its width");
+            assert_eq!(
+                off % (w * sl.elem),
+                0,
+                "run at {off} not aligned to its width"
+            );
             out.push((t, g, off, w * sl.elem));
         }
     }
@@ -58,7 +69,11 @@ fn worst_wavefronts(runs: &[(usize, usize, usize, usize)], threads: usize) -> us
         by_access.entry((t / 32, g)).or_insert([0; 32])[t % 32] = off;
         width = w;
     }
-    assert_eq!(by_access.len() * 32, runs.len(), "{threads} threads, every lane in every access");
+    assert_eq!(
+        by_access.len() * 32,
+        runs.len(),
+        "{threads} threads, every lane in every access"
+    );
     by_access
         .values()
         .flat_map(|addrs| banks::vector_access(addrs, width))
@@ -82,7 +97,10 @@ fn accumulator_epilogue_moves_vectors_without_bank_conflicts() {
                 for r in 0..acc.num_regs() {
                     let c = acc.coord(t, r);
                     let prev = at.insert(sl.offset(c[0], c[1]), (c[0], c[1]));
-                    assert!(prev.is_none() || prev == Some((c[0], c[1])), "two elements, one address");
+                    assert!(
+                        prev.is_none() || prev == Some((c[0], c[1])),
+                        "two elements, one address"
+                    );
                 }
             }
             assert_eq!(at.len(), shape[0] * shape[1], "every element written");
@@ -96,8 +114,16 @@ fn accumulator_epilogue_moves_vectors_without_bank_conflicts() {
             // 16-bit pairs: a phase's eight rows in eight chunks. f32 pairs (8 bytes, phases of
             // 16 lanes: four rows of two chunks each) pair up under the XOR: 2-way.
             let want = if dt.bytes() == 2 { 1 } else { 2 };
-            assert_eq!(worst_wavefronts(&written, threads), want, "accumulator writes, {what}");
-            assert_eq!(worst_wavefronts(&read, threads), 1, "store-layout reads, {what}");
+            assert_eq!(
+                worst_wavefronts(&written, threads),
+                want,
+                "accumulator writes, {what}"
+            );
+            assert_eq!(
+                worst_wavefronts(&read, threads),
+                1,
+                "store-layout reads, {what}"
+            );
         }
     }
 }
@@ -109,9 +135,7 @@ fn row_major_scalar_scratch_does_conflict() {
     let cols = acc.shape[1];
     let threads = 32 * warps;
     let scalar: Vec<_> = (0..threads)
-        .flat_map(|t| {
-            (0..acc.num_regs()).map(move |g| (t, g))
-        })
+        .flat_map(|t| (0..acc.num_regs()).map(move |g| (t, g)))
         .map(|(t, g)| {
             let c = acc.coord(t, g);
             (t, g, 2 * (c[0] * cols + c[1]), 2)
@@ -124,6 +148,12 @@ fn row_major_scalar_scratch_does_conflict() {
 fn masks_and_odd_shapes_keep_the_row_major_scratch() {
     assert!(convert_scratch(&[128, 128], DType::I1).is_none());
     assert!(convert_scratch(&[128], DType::F32).is_none());
-    assert!(convert_scratch(&[16, 8], DType::BF16).is_none(), "16-byte rows");
-    assert!(convert_scratch(&[16, 16], DType::BF16).is_some(), "32-byte rows");
+    assert!(
+        convert_scratch(&[16, 8], DType::BF16).is_none(),
+        "16-byte rows"
+    );
+    assert!(
+        convert_scratch(&[16, 16], DType::BF16).is_some(),
+        "32-byte rows"
+    );
 }

@@ -194,7 +194,7 @@ pub fn spills_in_loops(sass: &str) -> Vec<String> {
     let mut preds: Vec<Vec<usize>> = vec![vec![]; lines.len()];
     let mut back_edges = vec![];
     for (i, l) in lines.iter().enumerate() {
-        let code = l.split(";").next().unwrap_or("");
+        let code = l.split(';').next().unwrap_or("");
         let unpredicated = !code.contains(" @");
         let is_branch = code.contains(" BRA");
         let ends = unpredicated && (is_branch || code.contains(" EXIT") || code.contains(" RET"));
