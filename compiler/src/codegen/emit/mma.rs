@@ -13,7 +13,7 @@ use crate::layout::shared::SharedLayout;
 use crate::passes::smem::{dot_scratch, dot_source};
 
 /// Pointer to byte `off` of the kernel's shared memory.
-pub(super) fn byte_ptr<'c>(g: &Gen<'c, '_>, off: IntValue<'c>) -> R<PointerValue<'c>> {
+fn byte_ptr<'c>(g: &Gen<'c, '_>, off: IntValue<'c>) -> R<PointerValue<'c>> {
     let gv = g
         .smem
         .ok_or_else(|| IrError("codegen: dot without shared memory".into()))?;
@@ -29,7 +29,7 @@ impl<'c> Gen<'c, '_> {
         self.b.build_int_add(a, b, "").map_err(be)
     }
 
-    pub(super) fn addc(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
+    fn addc(&self, a: IntValue<'c>, c: usize) -> R<IntValue<'c>> {
         if c == 0 {
             return Ok(a);
         }
@@ -98,7 +98,7 @@ impl<'c> Gen<'c, '_> {
     }
 
     /// Register `reg`'s coordinate `(row, col)` of a rank-2 layout, for this thread.
-    pub(super) fn coord2(&mut self, l: &Layout, reg: usize) -> R<(IntValue<'c>, IntValue<'c>)> {
+    fn coord2(&mut self, l: &Layout, reg: usize) -> R<(IntValue<'c>, IntValue<'c>)> {
         let tc = self.thread_coord(l)?;
         let rc = l.reg_coord(reg);
         let row = self
@@ -112,6 +112,27 @@ impl<'c> Gen<'c, '_> {
         Ok((row, col))
     }
 
+    /// Registers a thread of `l` moves as one shared-memory access: its longest run of
+    /// contiguous elements, at most 16 bytes of `dt`.
+    pub(super) fn run_width(l: &Layout, dt: DType) -> usize {
+        l.contiguous_regs().min(16 / dt.bytes()).max(1)
+    }
+
+    /// Where register `reg` of layout `l` (the first of a run) lies in the shared tile `sl` that
+    /// starts at byte `base`, for this thread.
+    pub(super) fn run_ptr(
+        &mut self,
+        l: &Layout,
+        reg: usize,
+        sl: &SharedLayout,
+        base: usize,
+    ) -> R<PointerValue<'c>> {
+        let (row, col) = self.coord2(l, reg)?;
+        let off = self.shared_offset(sl, row, col)?;
+        let off = self.addc(off, base)?;
+        byte_ptr(self, off)
+    }
+
     /// Writes the register tile `v` into shared memory at byte `base` in layout `sl`, one store
     /// per run of contiguous registers (at most 16 bytes).
     pub(super) fn stage_registers(&mut self, v: ValueId, sl: &SharedLayout, base: usize) -> R<()> {
@@ -119,12 +140,9 @@ impl<'c> Gen<'c, '_> {
         let vals = self.get(v)?.clone();
         let dt = self.dtype(v);
         let elem = llvm_ty(self.ctx, dt);
-        let w = l.contiguous_regs().min(16 / dt.bytes()).max(1);
+        let w = Self::run_width(&l, dt);
         for g in (0..vals.len()).step_by(w) {
-            let (row, col) = self.coord2(&l, g)?;
-            let off = self.shared_offset(sl, row, col)?;
-            let off = self.addc(off, base)?;
-            let p = byte_ptr(self, off)?;
+            let p = self.run_ptr(&l, g, sl, base)?;
             let packed = self.pack(elem, &vals[g..g + w])?;
             let st = self.b.build_store(p, packed).map_err(be)?;
             st.set_alignment((w * dt.bytes()) as u32)

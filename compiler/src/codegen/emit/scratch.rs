@@ -1,7 +1,6 @@
 //! Work across threads: reductions (in registers, then butterfly shuffles, then across warps
 //! through shared memory) and layout conversions through shared memory.
 
-use super::mma::byte_ptr;
 use super::*;
 use crate::layout::shared::SharedLayout;
 use crate::passes::smem::convert_scratch;
@@ -274,13 +273,10 @@ impl<'c> Gen<'c, '_> {
         self.call_void("llvm.nvvm.barrier0")?;
         let dt = self.dtype(src);
         let elem = llvm_ty(self.ctx, dt);
-        let w = dl.contiguous_regs().min(16 / dt.bytes()).max(1);
+        let w = Self::run_width(dl, dt);
         let mut out = Vec::with_capacity(dl.num_regs());
         for g in (0..dl.num_regs()).step_by(w) {
-            let (row, col) = self.coord2(dl, g)?;
-            let off = self.shared_offset(sl, row, col)?;
-            let off = self.addc(off, base)?;
-            let p = byte_ptr(self, off)?;
+            let p = self.run_ptr(dl, g, sl, base)?;
             out.extend(self.load_vector(p, elem, dt, w)?);
         }
         self.call_void("llvm.nvvm.barrier0")?;
