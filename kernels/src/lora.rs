@@ -48,6 +48,11 @@ pub fn lora_fwd<
     let rows = pid_m * BM + range::<BM>();
     let cols = pid_n * BN + range::<BN>();
     let ranks = range::<R>();
+    // The expand's `B` tile (8 registers a thread) is loaded before the K loop, so its global
+    // latency hides behind the products instead of stalling the epilogue; the bias (32
+    // registers a thread in the accumulator's layout, too many to hold through the loop) is
+    // loaded first thing after it, in flight during the expand.
+    let bt = b.load([cols, ranks]);
     let mut acc = zeros::<f32, BM, BN>();
     let mut t = zeros::<f32, BM, R>();
     for k in (0..x.dim(1)).step_by(BK) {
@@ -56,12 +61,13 @@ pub fn lora_fwd<
         acc = dot(xt, w.load([cols, ks]).t(), acc);
         t = dot(xt, a.load([ranks, ks]).t(), t);
     }
+    let bias_row = bias.load([cols]);
     let ts = (t * s).cast::<T>();
     if pid_n == 0 {
         xa.store([rows, ranks], ts);
     }
-    acc = dot(ts, b.load([cols, ranks]).t(), acc);
-    let out = acc + bias.load([cols]).cast::<f32>().expand(0);
+    acc = dot(ts, bt.t(), acc);
+    let out = acc + bias_row.cast::<f32>().expand(0);
     y.store([rows, cols], out.cast::<T>());
 }
 

@@ -27,6 +27,9 @@ use lexp_macros::kernel;
 
 /// `u[M, rp] = T(s · x[M, K] · w[r, K]ᵀ)` for `r <= rp <= R`; the columns `r..rp` are zero.
 /// One program per `BM` rows streams the whole `K` extent through the `cp.async` pipeline.
+/// At 2048 tokens (rank 16) it takes 7.7–9.8 µs in every configuration, 16-row programs
+/// included (0.0077–0.0086 ms against 0.0080–0.0087 for 32 rows, call 129): a fixed cost, not
+/// idle multiprocessors, so the 16-row variants stay out.
 #[kernel(
     variants(T = [bf16, f16], BM = [32, 64], BK = [128, 64], R = [16], S = [8, 4], W = [4]),
     warps = W,

@@ -142,7 +142,8 @@ static FLASH_64: FlashConfig = FlashConfig {
 /// queries, which at 1 x 16384 are as fast or faster than the one-warpgroup ones (call 113,
 /// diagonal-only mask: forward 2.812 against 2.875 ms, dq 3.483 against 3.489; call 106:
 /// 3.39 against 3.42, 3.40 against 3.65). Forward with 128-key steps (3.42 against 3.57 ms with
-/// 64, `bench/results/2026-11-30-h200-timing/call76/`), dq with 128-key steps in 2 stages
+/// 64, `bench/results/2026-11-30-h200-timing/call76/`) in 3 stages (2.760 against 2.799 ms in
+/// 2, `bench/results/2026-12-02-h200-epilogue/call126/`), dq with 128-key steps in 2 stages
 /// (3.40 against 3.58–3.60 with 3 in both runs of call 106). dk/dv one-warpgroup at three
 /// programs per multiprocessor as in [`FLASH_64`] (call 117: 5.863 ms; call 113, two programs:
 /// 5.989 against 6.020 for 128 keys in 2 stages and 6.102 in 3).
@@ -150,7 +151,7 @@ static FLASH_64: FlashConfig = FlashConfig {
 static FLASH_64_LONG: FlashConfig = FlashConfig {
     hd: 64,
     family: FlashFamily::Tile,
-    fwd: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    fwd: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 3), ("W", 8), ("TMA", 1)],
     dkdv: &[("D", 64), ("BN", 64), ("BM", 64), ("S", 2), ("W", 4), ("TMA", 1), ("C", 3)],
     dq: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
     long: None,

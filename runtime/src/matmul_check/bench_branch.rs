@@ -82,6 +82,46 @@ pub fn bench_lora_branch(
         .median();
         push("u = x·Aᵀ", config_text(&cfg), ms, base, act);
     }
+    // The fused-LoRA bench's down product (`bench_fold`: 2048 tokens, rank 16), where 32-row
+    // programs fill half the GPU.
+    let (m2, r2) = (2048usize, 16usize);
+    let (x2, _) = random(dev, &mut rng, bf, &[m2, d])?;
+    let (a2, _) = random(dev, &mut rng, bf, &[r2, d])?;
+    let mut u2 = DeviceTensor::zeros(dev, bf, &[m2, r2])?;
+    let base = time_ms(dev, 5, iters, || {
+        let uo = MatMut::new(&mut u2, MatLayout::dense(m2, r2));
+        mm(
+            blas,
+            dense(&x2, m2, d),
+            dense(&a2, r2, d),
+            uo,
+            false,
+            true,
+            1.0,
+            0.0,
+        )
+        .map_err(err)
+    })?
+    .median();
+    for cfg in configs("lora_down") {
+        let args = k::lora_down::Args {
+            x: &x2.as_arg(),
+            w: &a2.as_arg(),
+            s: 1.0,
+            u: &u2.as_arg(),
+        };
+        let ms = time_ms(dev, 5, iters, || {
+            k::lora_down::launch_with(dev, &cfg, &args)
+        })?
+        .median();
+        push(
+            "u = x·Aᵀ (2048 tokens, rank 16)",
+            config_text(&cfg),
+            ms,
+            base,
+            (m2 * d * 2) as f64,
+        );
+    }
 
     let base = time_ms(dev, 5, iters, || {
         let yo = MatMut::new(&mut y, MatLayout::dense(m, d));
