@@ -285,22 +285,32 @@ pub fn forward(
         t,
         h,
     )?;
-    if let Some(f) = fold {
-        f.down(dev, w, &acts.a, t)?;
-    }
+    // `qkv_fused`: the projection is in `qkv` with its bias. Up to a few thousand tokens the
+    // fold's forward is one `lora_fwd` launch (`super::fold_one_kernel`), else `lora_down` and
+    // the GEMM (with the bias in cuBLASLt's epilogue where it can).
     let (a, wqkv) = (dense(&acts.a, t, ka), w.qkv(h, ka));
-    let bias = Epilogue::Bias(&w.bqkv);
-    let qkv_fused = lt_epilogues()
-        && mm_fused(
-            blas,
-            a,
-            wqkv,
-            None,
-            dense_mut(&mut acts.qkv, t, 3 * h),
-            true,
-            0.0,
-            bias,
-        )?;
+    let qkv_fused = match fold.filter(|f| f.one_kernel(t)) {
+        Some(f) => {
+            f.forward_one_kernel(dev, w, &acts.a, &acts.qkv, t)?;
+            true
+        }
+        None => {
+            if let Some(f) = fold {
+                f.down(dev, w, &acts.a, t)?;
+            }
+            lt_epilogues()
+                && mm_fused(
+                    blas,
+                    a,
+                    wqkv,
+                    None,
+                    dense_mut(&mut acts.qkv, t, 3 * h),
+                    true,
+                    0.0,
+                    Epilogue::Bias(&w.bqkv),
+                )?
+        }
+    };
     if !qkv_fused {
         mm(
             blas,

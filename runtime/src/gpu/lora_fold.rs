@@ -482,4 +482,22 @@ mod tests {
         assert!(QKV_ROOM >= fold_cols(MAX_KERNEL_RANK) && QKV_ROOM % FOLD_K_ALIGN == 0);
         assert_eq!((fold_cols(0), fold_cols(4), fold_cols(32)), (0, 64, 0));
     }
+
+    /// The forward runs as one `lora_fwd` while the targets' slots fit its 16 rank columns
+    /// (q and v at rank 4 or 8, one target at 16) and the batch has at most 2048 tokens.
+    #[test]
+    fn the_one_kernel_forward_takes_slots_of_16_columns_up_to_2048_tokens() {
+        use super::super::fold_one_kernel::ONE_KERNEL_ENV;
+        if std::env::var(ONE_KERNEL_ENV).as_deref() == Ok("0") {
+            return;
+        }
+        let fold = |targets: Vec<LoraTarget>, r| {
+            tables(&slots(targets, r).0, r).unwrap().layers[0].unwrap()
+        };
+        let qv = |r| fold(vec![LoraTarget::Q, LoraTarget::V], r);
+        assert!(qv(4).one_kernel(2048) && qv(8).one_kernel(1));
+        assert!(!qv(4).one_kernel(2049) && !qv(16).one_kernel(2048));
+        assert!(fold(vec![LoraTarget::V], 16).one_kernel(512));
+        assert!(!fold(vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V], 4).one_kernel(512));
+    }
 }

@@ -38,6 +38,7 @@ pub mod dropout;
 pub mod engine;
 pub mod flash_launch;
 pub mod flash_problem;
+pub mod fold_one_kernel;
 pub mod graph;
 pub mod houlsby;
 pub mod layer;

@@ -12,6 +12,10 @@
 //!   engine pairs them, and one `lora_wgrad_reduce_many` that writes the gradients, as PEFT's
 //!   autograd writes them), then `dx = [dY | du]·W'[:, :d]` (cuBLASLt).
 //!
+//! The row `fwd-1k` is the same forward in one `lora_fwd` launch over views of the folded
+//! weight (`crate::gpu::fold_one_kernel`, what the engine runs up to 2048 tokens); its
+//! distance is the larger of `y`'s from the baseline's and `u`'s from `lora_down`'s.
+//!
 //! The rows `bwd-prev` (the sequence before: the GEMM first, two `lora_wgrad` launches, the
 //! gradients zeroed and the reduce adding into them; the engine adds a step's micro-batches
 //! into gradients it zeroes once per step for all layers) and `bwd-gemm1` (the new launches,
@@ -25,6 +29,7 @@
 
 use super::*;
 use crate::cublas::{Blas, Mat, MatLayout};
+use crate::gpu::fold_one_kernel::{one_kernel_forward, FoldedViews, ONE_KERNEL_COLS};
 use crate::gpu::ops::GradWrite;
 use crate::gpu::ops::{lora_down, lora_wgrad_pair, lora_wgrad_pass, lora_wgrad_reduce_many, mm_lt};
 use crate::gpu::ops::{LORA_WGRAD_CHUNKS, R};
@@ -195,6 +200,37 @@ fn fold_at(
         Ok(())
     };
     let fold_f = time_ms(dev, 5, iters, || forward(&mut y).map_err(err))?.median();
+    let u_down = xw.to_f32_vec()?;
+    // The same forward in one `lora_fwd` launch over the folded weight (what the engine runs
+    // up to `ONE_KERNEL_MAX_TOKENS`), into its own poisoned `y` and over a poisoned `u`.
+    let mut y1 = DeviceTensor::poisoned(dev, bf, &[m, d])?;
+    let no_bias = DeviceTensor::zeros(dev, bf, &[d])?;
+    let c = ONE_KERNEL_COLS;
+    let views = FoldedViews {
+        w: Mat::new(&wf, MatLayout::at(0, d, d, dw)),
+        a: Mat::new(&wf, MatLayout::at(d * dw, c, d, dw)),
+        sb: Mat::new(&wf, MatLayout::at(d, d, c, dw)),
+    };
+    // `x` with NaN where `u` goes.
+    let mut hx1 = wide(&hx);
+    for row in hx1.chunks_exact_mut(dw) {
+        row[d..d + c].fill(f32::NAN);
+    }
+    let xw1 = DeviceTensor::from_f32(dev, bf, &[m, dw], &hx1)?;
+    let u_cols = MatLayout::at(d, m, c, dw);
+    let one = |y1: &mut DeviceTensor| -> R {
+        let y = (&*y1, MatLayout::dense(m, d));
+        let x = cols_of(&xw1, m, dw, 0, d);
+        one_kernel_forward(dev, x, views, &no_bias, y, (&xw1, u_cols))
+    };
+    let one_f = time_ms(dev, 5, iters, || one(&mut y1).map_err(err))?.median();
+    let u_one = xw1.to_f32_vec()?;
+    let u_of = |v: &[f32]| -> Vec<f32> {
+        (0..m)
+            .flat_map(|i| v[i * dw + d..i * dw + d + c].to_vec())
+            .collect()
+    };
+    let rel_u = rel_l2(&u_of(&u_one), &u_of(&u_down));
     // Every form's results are compared with PEFT's below, each from poisoned outputs.
     let mut times = vec![];
     let mut results = vec![];
@@ -213,7 +249,9 @@ fn fold_at(
     let peft = super::bench::time_peft(dev, blas, iters, (&x, &w, &a, &b, &dy), s)?;
     let (peft_f, peft_b) = (peft.forward_ms, peft.backward_ms);
     dev.synchronize()?;
-    let rel_f = rel_l2(&y.to_f32_vec()?, &peft.y.to_f32_vec()?);
+    let want_y = peft.y.to_f32_vec()?;
+    let rel_f = rel_l2(&y.to_f32_vec()?, &want_y);
+    let rel_one = rel_l2(&y1.to_f32_vec()?, &want_y).max(rel_u);
     let want = (
         peft.dx.to_f32_vec()?,
         peft.db.to_f32_vec()?,
@@ -247,6 +285,7 @@ fn fold_at(
     };
     Ok(vec![
         row("forward", fold_f, peft_f, rel_f),
+        row("fwd-1k", one_f, peft_f, rel_one),
         row("backward", times[2], peft_b, rel_b[2]),
         row("bwd-gemm1", times[1], peft_b, rel_b[1]),
         row("bwd-prev", times[0], peft_b, rel_b[0]),

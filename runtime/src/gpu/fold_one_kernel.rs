@@ -1,0 +1,134 @@
+//! The LoRA fold's forward in one kernel: `lexp_kernels::lora_fwd` over the folded weight.
+//!
+//! The fold ([`super::lora_fold`]) runs its forward as two launches: `lora_down` writes `u =
+//! x·A'ᵀ` beside the layer's input, then one GEMM over `[x | u]·[W | s·B]ᵀ`. Read through
+//! views of the same folded weight, `lora_fwd` does both in one kernel: its rank product
+//! `x·A'ᵀ` accumulates alongside the main K loop from the `x` tiles already in shared memory
+//! (`A'` = the weight's room rows), its expand multiplies by the room columns `s·B`, and it
+//! stores `u` (with `s = 1`: unscaled, rounded once, exactly what `lora_down` writes) where
+//! the fold's backward reads it. The weights, the saved activations and the backward are the
+//! fold's; only the forward's launches change.
+//!
+//! Which form is faster depends on the token count. `lora_down` costs a fixed 7.7–9.8 µs at
+//! 2048 tokens (`bench/results/2026-12-02-h200-lora-epilogue/call129`), a quarter of the
+//! whole forward there, while the DSL GEMM is some percent slower than cuBLASLt's, which
+//! dominates at many tokens: rank 16, d 2048, the one-kernel `lora_fwd` took 0.0304–0.0306 ms
+//! at 2048 tokens against 0.0338 for `lora_down` + cuBLASLt, and 0.216–0.218 ms at 16384
+//! against 0.206 (call 130). So the one-kernel form runs up to [`ONE_KERNEL_MAX_TOKENS`] and
+//! when the adapted targets' slots fit the kernel's rank side (`R = 16`: q and v at rank 4 or
+//! 8, one target up to 16); `LEXP_FOLD_ONE_KERNEL=0` turns it off (for A/B timing).
+
+use super::lora_fold::LayerFold;
+use super::ops::{launch_err, mat_arg, R};
+use super::weights::{qkv_ld, LayerWeights};
+use crate::buffer::DeviceTensor;
+use crate::cublas::{Mat, MatLayout};
+use crate::device::CudaDevice;
+use lexp_compiler::launch::{Arch, Launcher};
+use lexp_kernels as k;
+use std::sync::OnceLock;
+
+/// Most tokens for which the fold's forward runs as one kernel (see the module doc).
+pub const ONE_KERNEL_MAX_TOKENS: usize = 2048;
+
+/// The rank side of `lora_fwd` (its `R`): the folded columns the one kernel reads.
+pub const ONE_KERNEL_COLS: usize = 16;
+
+/// The environment variable that turns the one-kernel form off (`=0`).
+pub const ONE_KERNEL_ENV: &str = "LEXP_FOLD_ONE_KERNEL";
+
+/// True unless [`ONE_KERNEL_ENV`] is `0`; read once per process.
+pub fn one_kernel_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var(ONE_KERNEL_ENV).as_deref() != Ok("0");
+        tracing::debug!(on, "LoRA fold forward in one kernel");
+        on
+    })
+}
+
+/// The `lora_fwd` tile: the dense GEMM's 128 x 256, 64-wide K steps, 4 stages, two
+/// warpgroups; TMA copies on sm_90, `cp.async` on sm_80.
+fn tile(arch: Arch) -> [(&'static str, usize); 8] {
+    let tma = usize::from(arch == Arch::Sm90);
+    [
+        ("BM", 128),
+        ("BN", 256),
+        ("BK", 64),
+        ("R", ONE_KERNEL_COLS),
+        ("S", 4),
+        ("W", 8),
+        ("G", 8),
+        ("TMA", tma),
+    ]
+}
+
+/// The views of a folded weight one `lora_fwd` reads: the base `w [out, in]`, the
+/// [`ONE_KERNEL_COLS`] room rows `A' [16, in]` and the room columns `s·B [out, 16]`.
+#[derive(Clone, Copy, Debug)]
+pub struct FoldedViews<'a> {
+    pub w: Mat<'a>,
+    pub a: Mat<'a>,
+    pub sb: Mat<'a>,
+}
+
+/// `y = x·wᵀ + bias + u·sbᵀ` with `u = T(x·aᵀ)` stored in `u` (one `lora_fwd` launch, `s =
+/// 1`): the fold's forward for a folded weight's [`FoldedViews`].
+pub fn one_kernel_forward(
+    dev: &CudaDevice,
+    x: Mat<'_>,
+    v: FoldedViews<'_>,
+    bias: &DeviceTensor,
+    y: (&DeviceTensor, MatLayout),
+    u: (&DeviceTensor, MatLayout),
+) -> R {
+    k::lora_fwd::launch_with(
+        dev,
+        &tile(Launcher::arch(dev)),
+        &k::lora_fwd::Args {
+            x: &mat_arg(x.tensor, &x.layout)?,
+            w: &mat_arg(v.w.tensor, &v.w.layout)?,
+            bias: &bias.as_arg(),
+            a: &mat_arg(v.a.tensor, &v.a.layout)?,
+            b: &mat_arg(v.sb.tensor, &v.sb.layout)?,
+            s: 1.0,
+            y: &mat_arg(y.0, &y.1)?,
+            xa: &mat_arg(u.0, &u.1)?,
+        },
+    )
+    .map_err(launch_err)
+}
+
+impl LayerFold {
+    /// Whether this layer's forward over `t` tokens runs as one kernel (see the module doc).
+    pub fn one_kernel(&self, t: usize) -> bool {
+        one_kernel_enabled()
+            && t <= ONE_KERNEL_MAX_TOKENS
+            && self.targets * self.rp <= ONE_KERNEL_COLS
+            && self.cols() >= ONE_KERNEL_COLS
+    }
+
+    /// The q/k/v projection with every target's branch, `qkv = a·Wqkvᵀ + bqkv + u·(s·B)ᵀ`,
+    /// and `u` into LN1's output `a` (`[t, H + kc]`) past `H`, in one launch. The room's rows
+    /// and columns past the targets' slots are zero (written so by `lora_fold`), so the 16 it
+    /// reads add nothing else, and `u`'s columns there come out zero.
+    pub fn forward_one_kernel(
+        &self,
+        dev: &CudaDevice,
+        w: &LayerWeights,
+        a: &DeviceTensor,
+        qkv: &DeviceTensor,
+        t: usize,
+    ) -> R {
+        let (h, ld, c) = (self.h, qkv_ld(self.h), ONE_KERNEL_COLS);
+        let views = FoldedViews {
+            w: w.qkv(h, h),
+            a: w.qkv_room(h, c),
+            sb: Mat::new(&w.wqkv, MatLayout::at(h, 3 * h, c, ld)),
+        };
+        let x = Mat::new(a, MatLayout::at(0, t, h, self.width()));
+        let u = MatLayout::at(h, t, c, self.width());
+        let y = MatLayout::dense(t, 3 * h);
+        one_kernel_forward(dev, x, views, &w.bqkv, (qkv, y), (a, u))
+    }
+}
