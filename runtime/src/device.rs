@@ -25,6 +25,8 @@ pub struct CudaDevice {
     name: String,
     cc: (u32, u32),
     arch: Option<Arch>,
+    /// Streaming multiprocessors.
+    sms: usize,
     modules: ModuleCache,
     profiler: Arc<Profiler>,
 }
@@ -121,6 +123,10 @@ impl CudaDevice {
             .compute_capability()
             .map_err(failed("querying the compute capability"))?;
         let cc = (major.max(0) as u32, minor.max(0) as u32);
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(failed("querying the multiprocessor count"))?
+            .max(1) as usize;
         let arch = Arch::for_compute_capability(cc.0, cc.1);
         info!(ordinal, %name, major = cc.0, minor = cc.1, ?arch, "opened CUDA device");
         if arch.is_none() {
@@ -140,6 +146,7 @@ impl CudaDevice {
             name,
             cc,
             arch,
+            sms,
             modules,
             profiler: Arc::default(),
         })
@@ -163,6 +170,12 @@ impl CudaDevice {
     /// Compute capability `(major, minor)`, e.g. `(9, 0)` for Hopper.
     pub fn compute_capability(&self) -> (u32, u32) {
         self.cc
+    }
+
+    /// Streaming multiprocessors (132 on an H200): how many programs of a one-per-SM tile run
+    /// at once.
+    pub fn multiprocessors(&self) -> usize {
+        self.sms
     }
 
     /// The PTX target used for this device, `None` when lexp has none for it (before sm_80).

@@ -9,14 +9,18 @@
 //! the fold's backward reads it. The weights, the saved activations and the backward are the
 //! fold's; only the forward's launches change.
 //!
-//! Which form is faster depends on the token count. `lora_down` costs a fixed 7.7–9.8 µs at
-//! 2048 tokens (`bench/results/2026-12-02-h200-lora-epilogue/call129`), a quarter of the
-//! whole forward there, while the DSL GEMM is some percent slower than cuBLASLt's, which
-//! dominates at many tokens: rank 16, d 2048, the one-kernel `lora_fwd` took 0.0304–0.0306 ms
-//! at 2048 tokens against 0.0338 for `lora_down` + cuBLASLt, and 0.216–0.218 ms at 16384
-//! against 0.206 (call 130). So the one-kernel form runs up to [`ONE_KERNEL_MAX_TOKENS`] and
-//! when the adapted targets' slots fit the kernel's rank side (`R = 16`: q and v at rank 4 or
-//! 8, one target up to 16); `LEXP_FOLD_ONE_KERNEL=0` turns it off (for A/B timing).
+//! Which form is faster depends on how many output tiles there are. Rank 16, a 2048 x 2048
+//! layer (`lexp bench matmul --only lora`, row `fwd-1k`): at 2048 tokens, 128 tiles of 128 x
+//! 256, one wave on the H200's 132 multiprocessors, the one kernel took 0.0311–0.0313 ms
+//! against 0.0339–0.0340 for `lora_down` + cuBLASLt (`lora_down` alone costs a fixed 7.7–9.8
+//! µs there, `bench/results/2026-12-02-h200-lora-epilogue/call129`); at 4096 tokens (two
+//! waves) 0.0582–0.0584 against 0.0570, at 16384 0.218 against 0.205 (call 131): past one wave
+//! cuBLASLt's GEMM is the faster base. The OPT-1.3B step's q/k/v projection (6144 columns)
+//! has 384 tiles at 4 x 512 tokens and showed no gain (call 131: 21.28 / 20.97 ms direct /
+//! graph-replayed with it, 21.23 / 20.69 without). So the one-kernel form runs when its
+//! tiles fit one wave ([`one_wave`]) and the adapted targets' slots fit the kernel's rank side
+//! (`R = 16`: q and v at rank 4 or 8, one target up to 16); `LEXP_FOLD_ONE_KERNEL=0` turns it
+//! off (for A/B timing).
 
 use super::lora_fold::LayerFold;
 use super::ops::{launch_err, mat_arg, R};
@@ -27,9 +31,6 @@ use crate::device::CudaDevice;
 use lexp_compiler::launch::{Arch, Launcher};
 use lexp_kernels as k;
 use std::sync::OnceLock;
-
-/// Most tokens for which the fold's forward runs as one kernel (see the module doc).
-pub const ONE_KERNEL_MAX_TOKENS: usize = 2048;
 
 /// The rank side of `lora_fwd` (its `R`): the folded columns the one kernel reads.
 pub const ONE_KERNEL_COLS: usize = 16;
@@ -47,13 +48,22 @@ pub fn one_kernel_enabled() -> bool {
     })
 }
 
+/// Rows and columns of the [`tile`].
+const TILE: (usize, usize) = (128, 256);
+
+/// Whether a `[t, n]` output takes at most one wave of [`tile`]s on `sms` multiprocessors
+/// (one program each: the tile takes most of a multiprocessor's shared memory).
+pub fn one_wave(t: usize, n: usize, sms: usize) -> bool {
+    t.div_ceil(TILE.0) * n.div_ceil(TILE.1) <= sms
+}
+
 /// The `lora_fwd` tile: the dense GEMM's 128 x 256, 64-wide K steps, 4 stages, two
 /// warpgroups; TMA copies on sm_90, `cp.async` on sm_80.
 fn tile(arch: Arch) -> [(&'static str, usize); 8] {
     let tma = usize::from(arch == Arch::Sm90);
     [
-        ("BM", 128),
-        ("BN", 256),
+        ("BM", TILE.0),
+        ("BN", TILE.1),
         ("BK", 64),
         ("R", ONE_KERNEL_COLS),
         ("S", 4),
@@ -100,10 +110,11 @@ pub fn one_kernel_forward(
 }
 
 impl LayerFold {
-    /// Whether this layer's forward over `t` tokens runs as one kernel (see the module doc).
-    pub fn one_kernel(&self, t: usize) -> bool {
+    /// Whether this layer's forward over `t` tokens runs as one kernel on a GPU of `sms`
+    /// multiprocessors (see the module doc).
+    pub fn one_kernel(&self, t: usize, sms: usize) -> bool {
         one_kernel_enabled()
-            && t <= ONE_KERNEL_MAX_TOKENS
+            && one_wave(t, 3 * self.h, sms)
             && self.targets * self.rp <= ONE_KERNEL_COLS
             && self.cols() >= ONE_KERNEL_COLS
     }

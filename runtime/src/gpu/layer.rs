@@ -285,11 +285,11 @@ pub fn forward(
         t,
         h,
     )?;
-    // `qkv_fused`: the projection is in `qkv` with its bias. Up to a few thousand tokens the
+    // `qkv_fused`: the projection is in `qkv` with its bias. When its tiles fit one wave the
     // fold's forward is one `lora_fwd` launch (`super::fold_one_kernel`), else `lora_down` and
     // the GEMM (with the bias in cuBLASLt's epilogue where it can).
     let (a, wqkv) = (dense(&acts.a, t, ka), w.qkv(h, ka));
-    let qkv_fused = match fold.filter(|f| f.one_kernel(t)) {
+    let qkv_fused = match fold.filter(|f| f.one_kernel(t, dev.multiprocessors())) {
         Some(f) => {
             f.forward_one_kernel(dev, w, &acts.a, &acts.qkv, t)?;
             true

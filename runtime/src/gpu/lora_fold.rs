@@ -484,10 +484,13 @@ mod tests {
     }
 
     /// The forward runs as one `lora_fwd` while the targets' slots fit its 16 rank columns
-    /// (q and v at rank 4 or 8, one target at 16) and the batch has at most 2048 tokens.
+    /// (q and v at rank 4 or 8, one target at 16) and its 128 x 256 tiles one wave: 132
+    /// multiprocessors take 512 tokens of a 2048-wide model's q/k/v (96 tiles), not 1024.
     #[test]
-    fn the_one_kernel_forward_takes_slots_of_16_columns_up_to_2048_tokens() {
-        use super::super::fold_one_kernel::ONE_KERNEL_ENV;
+    fn the_one_kernel_forward_takes_slots_of_16_columns_and_one_wave_of_tiles() {
+        use super::super::fold_one_kernel::{one_wave, ONE_KERNEL_ENV};
+        assert!(one_wave(2048, 2048, 132) && !one_wave(2049, 2048, 132));
+        assert!(!one_wave(4096, 2048, 132) && one_wave(4096, 2048, 256));
         if std::env::var(ONE_KERNEL_ENV).as_deref() == Ok("0") {
             return;
         }
@@ -495,9 +498,11 @@ mod tests {
             tables(&slots(targets, r).0, r).unwrap().layers[0].unwrap()
         };
         let qv = |r| fold(vec![LoraTarget::Q, LoraTarget::V], r);
-        assert!(qv(4).one_kernel(2048) && qv(8).one_kernel(1));
-        assert!(!qv(4).one_kernel(2049) && !qv(16).one_kernel(2048));
-        assert!(fold(vec![LoraTarget::V], 16).one_kernel(512));
-        assert!(!fold(vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V], 4).one_kernel(512));
+        let h = qv(4).h;
+        let per_wave = |t: usize| t.div_ceil(128) * (3 * h).div_ceil(256);
+        assert!(qv(4).one_kernel(512, per_wave(512)) && qv(8).one_kernel(1, 132));
+        assert!(!qv(4).one_kernel(512, per_wave(512) - 1) && !qv(16).one_kernel(1, 132));
+        assert!(fold(vec![LoraTarget::V], 16).one_kernel(1, 132));
+        assert!(!fold(vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V], 4).one_kernel(1, 132));
     }
 }

@@ -13,7 +13,8 @@
 //!   autograd writes them), then `dx = [dY | du]·W'[:, :d]` (cuBLASLt).
 //!
 //! The row `fwd-1k` is the same forward in one `lora_fwd` launch over views of the folded
-//! weight (`crate::gpu::fold_one_kernel`, what the engine runs up to 2048 tokens); its
+//! weight (`crate::gpu::fold_one_kernel`, what the engine runs when its tiles fit one wave,
+//! here at 2048 tokens); its
 //! distance is the larger of `y`'s from the baseline's and `u`'s from `lora_down`'s.
 //!
 //! The rows `bwd-prev` (the sequence before: the GEMM first, two `lora_wgrad` launches, the
@@ -202,7 +203,7 @@ fn fold_at(
     let fold_f = time_ms(dev, 5, iters, || forward(&mut y).map_err(err))?.median();
     let u_down = xw.to_f32_vec()?;
     // The same forward in one `lora_fwd` launch over the folded weight (what the engine runs
-    // up to `ONE_KERNEL_MAX_TOKENS`), into its own poisoned `y` and over a poisoned `u`.
+    // when its tiles fit one wave), into its own poisoned `y` and over a poisoned `u`.
     let mut y1 = DeviceTensor::poisoned(dev, bf, &[m, d])?;
     let no_bias = DeviceTensor::zeros(dev, bf, &[d])?;
     let c = ONE_KERNEL_COLS;
