@@ -55,32 +55,8 @@ pub fn bench_lora_branch(
         })
     };
 
-    let base = time_ms(dev, 5, iters, || {
-        mm(
-            blas,
-            dense(&x, m, d),
-            dense(&a, r, d),
-            MatMut::new(&mut u, ul),
-            false,
-            true,
-            1.0,
-            0.0,
-        )
-        .map_err(err)
-    })?
-    .median();
-    for cfg in configs("lora_down") {
-        let args = k::lora_down::Args {
-            x: &x.as_arg(),
-            w: &a.as_arg(),
-            s: 1.0,
-            u: &u.as_arg(),
-        };
-        let ms = time_ms(dev, 5, iters, || {
-            k::lora_down::launch_with(dev, &cfg, &args)
-        })?
-        .median();
-        push("u = x·Aᵀ", config_text(&cfg), ms, base, act);
+    for (ms, base, cfg) in time_down(dev, blas, iters, (&x, &a, &mut u, ul))? {
+        push("u = x·Aᵀ", cfg, ms, base, act);
     }
     // The fused-LoRA bench's down product (`bench_fold`: 2048 tokens, rank 16), where 32-row
     // programs fill half the GPU.
@@ -88,39 +64,10 @@ pub fn bench_lora_branch(
     let (x2, _) = random(dev, &mut rng, bf, &[m2, d])?;
     let (a2, _) = random(dev, &mut rng, bf, &[r2, d])?;
     let mut u2 = DeviceTensor::zeros(dev, bf, &[m2, r2])?;
-    let base = time_ms(dev, 5, iters, || {
-        let uo = MatMut::new(&mut u2, MatLayout::dense(m2, r2));
-        mm(
-            blas,
-            dense(&x2, m2, d),
-            dense(&a2, r2, d),
-            uo,
-            false,
-            true,
-            1.0,
-            0.0,
-        )
-        .map_err(err)
-    })?
-    .median();
-    for cfg in configs("lora_down") {
-        let args = k::lora_down::Args {
-            x: &x2.as_arg(),
-            w: &a2.as_arg(),
-            s: 1.0,
-            u: &u2.as_arg(),
-        };
-        let ms = time_ms(dev, 5, iters, || {
-            k::lora_down::launch_with(dev, &cfg, &args)
-        })?
-        .median();
-        push(
-            "u = x·Aᵀ (2048 tokens, rank 16)",
-            config_text(&cfg),
-            ms,
-            base,
-            (m2 * d * 2) as f64,
-        );
+    let ul2 = MatLayout::dense(m2, r2);
+    for (ms, base, cfg) in time_down(dev, blas, iters, (&x2, &a2, &mut u2, ul2))? {
+        let label = "u = x·Aᵀ (2048 tokens, rank 16)";
+        push(label, cfg, ms, base, (m2 * d * 2) as f64);
     }
 
     let base = time_ms(dev, 5, iters, || {
@@ -194,4 +141,46 @@ pub fn bench_lora_branch(
 
 fn dense(t: &DeviceTensor, rows: usize, cols: usize) -> Mat<'_> {
     Mat::new(t, MatLayout::dense(rows, cols))
+}
+
+/// `u = x·aᵀ` (`u` in layout `ul`) by `lora_down` in every configuration: per configuration
+/// `(ms, cuBLAS ms, configuration)`, the cuBLAS GEMM timed once first.
+fn time_down(
+    dev: &CudaDevice,
+    blas: &Blas,
+    iters: usize,
+    (x, a, u, ul): (&DeviceTensor, &DeviceTensor, &mut DeviceTensor, MatLayout),
+) -> Result<Vec<(f64, f64, String)>, DeviceError> {
+    let err = |e: crate::model::ModelError| DeviceError::InvalidArgument(e.to_string());
+    let (m, d, r) = (x.dims()[0], x.dims()[1], a.dims()[0]);
+    let base = time_ms(dev, 5, iters, || {
+        let uo = MatMut::new(&mut *u, ul);
+        mm(
+            blas,
+            dense(x, m, d),
+            dense(a, r, d),
+            uo,
+            false,
+            true,
+            1.0,
+            0.0,
+        )
+        .map_err(err)
+    })?
+    .median();
+    let mut out = vec![];
+    for cfg in configs("lora_down") {
+        let args = k::lora_down::Args {
+            x: &x.as_arg(),
+            w: &a.as_arg(),
+            s: 1.0,
+            u: &u.as_arg(),
+        };
+        let ms = time_ms(dev, 5, iters, || {
+            k::lora_down::launch_with(dev, &cfg, &args)
+        })?
+        .median();
+        out.push((ms, base, config_text(&cfg)));
+    }
+    Ok(out)
 }
