@@ -29,9 +29,14 @@ use lexp_macros::kernel;
 /// One program per `BM` rows streams the whole `K` extent through the `cp.async` pipeline.
 /// At 2048 tokens (rank 16) it takes 7.7–9.8 µs in every configuration, 16-row programs
 /// included (0.0077–0.0086 ms against 0.0080–0.0087 for 32 rows, call 129): a fixed cost, not
-/// idle multiprocessors, so the 16-row variants stay out.
+/// idle multiprocessors, so the 16-row variants stay out. 256-wide K steps halve the loop's
+/// trips (each a wait on its stage and a barrier; 4 stages of them fit shared memory): 0.0080
+/// / 0.0086 ms against 0.0083 / 0.0089 for 128-wide steps in 8 stages at 4096 tokens, rank 4,
+/// and 0.0076 / 0.0080 against 0.0080 / 0.0080 at 2048, rank 16 (call 134, two processes), so
+/// they are the first configuration, the one the engine launches.
 #[kernel(
-    variants(T = [bf16, f16], BM = [32, 64], BK = [128, 64], R = [16], S = [8, 4], W = [4]),
+    variants(T = [bf16, f16], BM = [32, 64], BK = [256, 128, 64], R = [16], S = [4, 8], W = [4]),
+    only = [BK < 256 || S == 4],
     warps = W,
     stages = S,
     grid = [cdiv(x.dim(0), BM)],
