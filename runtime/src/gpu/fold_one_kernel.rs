@@ -5,7 +5,7 @@
 //! views of the same folded weight, `lora_fwd` does both in one kernel: its rank product
 //! `x·A'ᵀ` accumulates alongside the main K loop from the `x` tiles already in shared memory
 //! (`A'` = the weight's room rows), its expand multiplies by the room columns `s·B`, and it
-//! stores `u` (with `s = 1`: unscaled, rounded once, exactly what `lora_down` writes) where
+//! stores `u` (with `s = 1`: unscaled, rounded once, as `lora_down` writes it) where
 //! the fold's backward reads it. The weights, the saved activations and the backward are the
 //! fold's; only the forward's launches change.
 //!

@@ -14,8 +14,8 @@
 //!
 //! The row `fwd-1k` is the same forward in one `lora_fwd` launch over views of the folded
 //! weight (`crate::gpu::fold_one_kernel`, what the engine runs when its tiles fit one wave,
-//! here at 2048 tokens); its
-//! distance is the larger of `y`'s from the baseline's and `u`'s from `lora_down`'s.
+//! here at 2048 tokens); its distance is the larger of `y`'s from the baseline's and `u`'s
+//! from `lora_down`'s.
 //!
 //! The rows `bwd-prev` (the sequence before: the GEMM first, two `lora_wgrad` launches, the
 //! gradients zeroed and the reduce adding into them; the engine adds a step's micro-batches
@@ -83,6 +83,16 @@ pub fn bench_lora_fold(
 /// Columns `col .. col + cols` of an `[m, dw]` buffer.
 fn cols_of(t: &DeviceTensor, m: usize, dw: usize, col: usize, cols: usize) -> Mat<'_> {
     Mat::new(t, MatLayout::at(col, m, cols, dw))
+}
+
+/// The larger of two distances, NaN if either is: a poisoned element never written must show,
+/// which `f64::max` would drop.
+fn max_or_nan(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 /// Relative L2 distance of `got` from `want`.
@@ -252,7 +262,7 @@ fn fold_at(
     dev.synchronize()?;
     let want_y = peft.y.to_f32_vec()?;
     let rel_f = rel_l2(&y.to_f32_vec()?, &want_y);
-    let rel_one = rel_l2(&y1.to_f32_vec()?, &want_y).max(rel_u);
+    let rel_one = max_or_nan(rel_l2(&y1.to_f32_vec()?, &want_y), rel_u);
     let want = (
         peft.dx.to_f32_vec()?,
         peft.db.to_f32_vec()?,
@@ -265,14 +275,7 @@ fn fold_at(
             rel_l2(&g[d * r..], &want.2),
         ]
         .into_iter()
-        // NaN (a poisoned element never written) must show, which `f64::max` would drop.
-        .fold(0.0, |a: f64, b| {
-            if a.is_nan() || b.is_nan() {
-                f64::NAN
-            } else {
-                a.max(b)
-            }
-        })
+        .fold(0.0, max_or_nan)
     };
     let rel_b: Vec<f64> = results.iter().map(|(dx, g)| rel_bwd(dx, g)).collect();
     let row = |pass, fold_ms, peft_ms, rel| FoldBench {
