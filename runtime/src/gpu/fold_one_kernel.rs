@@ -22,7 +22,7 @@
 //! (`R = 16`: q and v at rank 4 or 8, one target up to 16); `LEXP_FOLD_ONE_KERNEL=0` turns it
 //! off (for A/B timing).
 
-use super::lora_fold::LayerFold;
+use super::lora_fold::{LayerFold, FOLD_K_ALIGN};
 use super::ops::{launch_err, mat_arg, R};
 use super::weights::{qkv_ld, LayerWeights};
 use crate::buffer::DeviceTensor;
@@ -34,6 +34,7 @@ use std::sync::OnceLock;
 
 /// The rank side of `lora_fwd` (its `R`): the folded columns the one kernel reads.
 pub const ONE_KERNEL_COLS: usize = 16;
+const _: () = assert!(FOLD_K_ALIGN >= ONE_KERNEL_COLS);
 
 /// The environment variable that turns the one-kernel form off (`=0`).
 pub const ONE_KERNEL_ENV: &str = "LEXP_FOLD_ONE_KERNEL";
@@ -113,10 +114,14 @@ impl LayerFold {
     /// Whether this layer's forward over `t` tokens runs as one kernel on a GPU of `sms`
     /// multiprocessors (see the module doc).
     pub fn one_kernel(&self, t: usize, sms: usize) -> bool {
-        one_kernel_enabled()
-            && one_wave(t, 3 * self.h, sms)
-            && self.targets * self.rp <= ONE_KERNEL_COLS
-            && self.cols() >= ONE_KERNEL_COLS
+        one_kernel_enabled() && self.one_kernel_fits(t, sms)
+    }
+
+    /// Whether the one kernel can and should run, [`ONE_KERNEL_ENV`] aside: its tiles fit one
+    /// wave and the targets' slots its [`ONE_KERNEL_COLS`] (the fold's columns, a multiple of
+    /// [`FOLD_K_ALIGN`], always hold that many).
+    pub fn one_kernel_fits(&self, t: usize, sms: usize) -> bool {
+        one_wave(t, 3 * self.h, sms) && self.targets * self.rp <= ONE_KERNEL_COLS
     }
 
     /// The q/k/v projection with every target's branch, `qkv = a·Wqkvᵀ + bqkv + u·(s·B)ᵀ`,

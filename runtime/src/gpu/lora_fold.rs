@@ -488,21 +488,19 @@ mod tests {
     /// multiprocessors take 512 tokens of a 2048-wide model's q/k/v (96 tiles), not 1024.
     #[test]
     fn the_one_kernel_forward_takes_slots_of_16_columns_and_one_wave_of_tiles() {
-        use super::super::fold_one_kernel::{one_wave, ONE_KERNEL_ENV};
+        use super::super::fold_one_kernel::one_wave;
         assert!(one_wave(2048, 2048, 132) && !one_wave(2049, 2048, 132));
         assert!(!one_wave(4096, 2048, 132) && one_wave(4096, 2048, 256));
-        if std::env::var(ONE_KERNEL_ENV).as_deref() == Ok("0") {
-            return;
-        }
         let fold = |targets: Vec<LoraTarget>, r| {
             tables(&slots(targets, r).0, r).unwrap().layers[0].unwrap()
         };
         let qv = |r| fold(vec![LoraTarget::Q, LoraTarget::V], r);
         let h = qv(4).h;
         let per_wave = |t: usize| t.div_ceil(128) * (3 * h).div_ceil(256);
-        assert!(qv(4).one_kernel(512, per_wave(512)) && qv(8).one_kernel(1, 132));
-        assert!(!qv(4).one_kernel(512, per_wave(512) - 1) && !qv(16).one_kernel(1, 132));
-        assert!(fold(vec![LoraTarget::V], 16).one_kernel(1, 132));
-        assert!(!fold(vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V], 4).one_kernel(1, 132));
+        assert!(qv(4).one_kernel_fits(512, per_wave(512)) && qv(8).one_kernel_fits(1, 132));
+        assert!(!qv(4).one_kernel_fits(512, per_wave(512) - 1));
+        assert!(!qv(16).one_kernel_fits(1, 132));
+        assert!(fold(vec![LoraTarget::V], 16).one_kernel_fits(1, 132));
+        assert!(!fold(vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V], 4).one_kernel_fits(1, 132));
     }
 }

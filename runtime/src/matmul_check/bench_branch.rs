@@ -1,7 +1,8 @@
 //! Speed of the LoRA branch kernels (`lexp_kernels::lora_branch`) against the cuBLAS calls
 //! they replace, on the engine's shape (OPT-1.3B's q/v projection: 4096 tokens, 2048
-//! features, rank 4), every compiled configuration, in the same run. Each row also gives the
-//! bandwidth its bytes need (the kernels are a pass over an activation).
+//! features, rank 4), every compiled configuration, in the same run; `lora_down` also at the
+//! fused-LoRA bench's 2048 tokens, rank 16. Each row also gives the bandwidth its bytes need
+//! (the kernels are a pass over an activation).
 
 use super::*;
 use crate::cublas::{Blas, Mat, MatLayout, MatMut};
