@@ -81,6 +81,10 @@ pub struct TmaMap {
     pub box_cols: u32,
     /// Shared-memory swizzle in bytes (128, 64 or 32).
     pub swizzle: u32,
+    /// Whether the elements are encoded as f32: the map is the target of a bulk reduction
+    /// (`cp.reduce.async.bulk.tensor ... .add`, whose arithmetic the map's element type
+    /// selects). Copies move raw bits and encode unsigned integers of `elem` bytes.
+    pub float32: bool,
 }
 
 impl Variant {

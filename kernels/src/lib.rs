@@ -11,6 +11,7 @@ pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod flash_attention;
+pub mod flash_fused;
 pub mod flash_split;
 pub mod gemm;
 pub mod layernorm;
@@ -36,6 +37,7 @@ pub use dropout::{dropout_mask, mul_inplace};
 pub use elementwise::{axpby, convert, gelu, gelu_bwd, relu, relu_bwd};
 pub use embedding::embedding_fwd;
 pub use flash_attention::{flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_fwd};
+pub use flash_fused::{flash_bwd_dq_store, flash_bwd_fused, flash_bwd_prep};
 pub use flash_split::{flash_bwd_dkdv_split, flash_bwd_dq_split, flash_fwd_split};
 pub use gemm::{gemm_nn, gemm_nt, gemm_tn};
 pub use layernorm::{layernorm_bwd_dx, layernorm_bwd_params, layernorm_fwd};
@@ -56,7 +58,7 @@ pub use xent::xent_fwd_bwd;
 use lexp_compiler::launch::KernelInfo;
 
 /// Every kernel, in the order `lexp kernels` lists them.
-pub static ALL: [&KernelInfo; 55] = [
+pub static ALL: [&KernelInfo; 58] = [
     &axpby::INFO,
     &convert::INFO,
     &relu::INFO,
@@ -106,6 +108,9 @@ pub static ALL: [&KernelInfo; 55] = [
     &flash_bwd_delta::INFO,
     &flash_bwd_dkdv::INFO,
     &flash_bwd_dq::INFO,
+    &flash_bwd_prep::INFO,
+    &flash_bwd_fused::INFO,
+    &flash_bwd_dq_store::INFO,
     &flash_fwd_split::INFO,
     &flash_bwd_dkdv_split::INFO,
     &flash_bwd_dq_split::INFO,
@@ -116,7 +121,7 @@ pub static ALL: [&KernelInfo; 55] = [
 
 /// The kernels built on `dot` (tensor cores): compiled for 16-byte-aligned tensors only, and
 /// checked by the tensor-core tests (their PTX and SASS hold tensor-core instructions).
-pub const TENSOR_CORE: [&str; 25] = [
+pub const TENSOR_CORE: [&str; 26] = [
     "gemm_nn",
     "gemm_nt",
     "gemm_tn",
@@ -136,6 +141,7 @@ pub const TENSOR_CORE: [&str; 25] = [
     "flash_fwd",
     "flash_bwd_dkdv",
     "flash_bwd_dq",
+    "flash_bwd_fused",
     "flash_fwd_split",
     "flash_bwd_dkdv_split",
     "flash_bwd_dq_split",

@@ -10,6 +10,7 @@ use lexp_compiler::interp::HostTensor;
 use lexp_kernels::flash_attention::{
     flash_bwd_delta, flash_bwd_dkdv, flash_bwd_dq, flash_fwd, key_blocks, query_blocks, BlockRow,
 };
+use lexp_kernels::flash_fused::{flash_bwd_dq_store, flash_bwd_fused, flash_bwd_prep};
 use lexp_kernels::flash_split::{flash_bwd_dkdv_split, flash_bwd_dq_split, flash_fwd_split};
 use lexp_kernels::reference::{self, compare, AttnShape, POISON};
 use rand::rngs::StdRng;
@@ -184,6 +185,57 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
     let Kernels::Tile(d) = kernels else {
         return;
     };
+    // The fused backward: delta and the cleared dq accumulator, dk/dv with dq added, dq
+    // scaled and converted, in each tile it has. The accumulator starts poisoned:
+    // `flash_bwd_prep` must clear every row that is added to.
+    let tiles: &[(usize, usize, usize)] = if d == 64 {
+        &[(4, 64, 64), (8, 128, 64)]
+    } else {
+        &[(4, 64, 64), (8, 64, 32)]
+    };
+    for &(w, bn, bm) in tiles {
+        let mut delta2 = poisoned(Storage::F32, &[nh, tp]);
+        let mut dq_acc = poisoned(Storage::F32, &[t, nh, hd]);
+        flash_bwd_prep::interpret(
+            &[("D", dk)],
+            flash_bwd_prep::HostArgs {
+                o: &mut o,
+                d_o: &mut d_o,
+                delta: &mut delta2,
+                dq_acc: &mut dq_acc,
+            },
+        )
+        .unwrap();
+        assert_eq!(delta2.data, delta.data, "{what}: flash_bwd_prep's delta");
+        let mut dqkv_f = poisoned(dtype, &[t, 3 * nh, hd]);
+        let mut kb_f = block_tensor(&key_blocks(&cu, bn).unwrap());
+        flash_bwd_fused::interpret(
+            &[("D", d), ("W", w), ("BN", bn), ("BM", bm)],
+            flash_bwd_fused::HostArgs {
+                qkv: &mut qkv,
+                d_o: &mut d_o,
+                lse2: &mut lse2,
+                delta: &mut delta2,
+                blocks: &mut kb_f,
+                scale_log2,
+                scale: scale as f32,
+                dqkv: &mut dqkv_f,
+                dq_acc: &mut dq_acc,
+            },
+        )
+        .unwrap();
+        flash_bwd_dq_store::interpret(
+            &[("D", dk)],
+            flash_bwd_dq_store::HostArgs {
+                dq_acc: &mut dq_acc,
+                scale: scale as f32,
+                dqkv: &mut dqkv_f,
+            },
+        )
+        .unwrap();
+        let tag = format!(" (fused, W {w} BN {bn} BM {bm})");
+        check(&dqkv_f, &[(0, "dq"), (1, "dk"), (2, "dv")], &tag);
+    }
     // dk/dv with 128-key blocks (8 warps of 16 whole key rows: P and dS feed the MMAs from
     // registers) in each query step the head dimension has, and dq with 128-query blocks.
     let steps: &[usize] = if d == 64 { &[64] } else { &[32] };

@@ -279,11 +279,11 @@ fn emit(
         let smem = b.smem as u32;
         let maps = b.tma.iter().map(|m| {
             let (param, rank, elem) = (m.param, m.rank, m.elem);
-            let (rows, cols, swz) = (m.box_rows, m.box_cols, m.swizzle);
+            let (rows, cols, swz, f32) = (m.box_rows, m.box_cols, m.swizzle, m.float32);
             quote! {
                 ::lexp_compiler::launch::TmaMap {
                     param: #param, rank: #rank, elem: #elem,
-                    box_rows: #rows, box_cols: #cols, swizzle: #swz,
+                    box_rows: #rows, box_cols: #cols, swizzle: #swz, float32: #f32,
                 }
             }
         });

@@ -68,6 +68,8 @@ pub fn encode(map: &TmaMap, params: &[KernelParam]) -> Result<TensorMapParam, St
     ];
     let unit = [1u32; 3];
     let dtype = match map.elem {
+        4 if map.float32 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+        e if map.float32 => return Err(format!("tensor map: f32 elements of {e} bytes")),
         1 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
         2 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
         4 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT32,

@@ -33,6 +33,7 @@ pub fn compile(mut kernel: Kernel, target: &Target) -> Result<Compiled, IrError>
     stages.push(("layouts", layouts.print(&kernel)));
     let mut pipeline = pipeline::plan(&kernel, &layouts);
     tma::plan(&kernel, &mut pipeline);
+    tma::unconvert_reduces(&mut kernel, &pipeline);
     let smem = smem::plan(&kernel, &layouts, &mut pipeline, target)?;
     let mut text = smem.print();
     text.push_str(&pipeline.print());

@@ -80,6 +80,8 @@ pub struct PipelinePlan {
     /// The tensor maps the TMA loops copy through, in the order the kernel takes them (after
     /// its ordinary parameters, sm_90a only).
     pub maps: Vec<crate::launch::TmaMap>,
+    /// The `atomic_add`s the TMA performs as bulk reductions (sm_90a only).
+    pub reduces: Vec<super::tma::TmaReduce>,
 }
 
 impl PipelinePlan {
@@ -114,37 +116,57 @@ impl PipelinePlan {
             }
             if let Some(t) = &l.tma {
                 for o in &t.operands {
-                    let at: Vec<String> = o
-                        .start
-                        .iter()
-                        .map(|v| {
-                            if v.is_empty() {
-                                "0".to_string()
-                            } else {
-                                let t: Vec<String> =
-                                    v.iter().map(|x| format!("%{}", x.0)).collect();
-                                t.join("+")
-                            }
-                        })
-                        .collect();
                     s.push_str(&format!(
                         "  tma %{} map {} at ({})\n",
                         o.load.0,
                         o.map,
-                        at.join(", ")
+                        starts(&o.start)
                     ));
                 }
                 s.push_str(&format!("  mbarriers at {}\n", t.barriers));
             }
         }
+        for r in &self.reduces {
+            s.push_str(&format!(
+                "tma reduce %{} map {} at ({}) [{}x{}] swizzle {} at {}\n",
+                r.ptr.0,
+                r.map,
+                starts(&r.start),
+                r.shared.rows,
+                r.shared.cols,
+                r.shared.swz,
+                r.offset
+            ));
+        }
         for (i, m) in self.maps.iter().enumerate() {
             s.push_str(&format!(
-                "tensor map {i}: param {} rank {} box {}x{} swizzle {}\n",
-                m.param, m.rank, m.box_rows, m.box_cols, m.swizzle
+                "tensor map {i}: param {} rank {} box {}x{} swizzle {}{}\n",
+                m.param,
+                m.rank,
+                m.box_rows,
+                m.box_cols,
+                m.swizzle,
+                if m.float32 { " f32" } else { "" }
             ));
         }
         s
     }
+}
+
+/// A TMA tile start for snapshots: per dimension, its scalars joined by `+` (`0` if none).
+fn starts(start: &[Vec<ValueId>]) -> String {
+    let at: Vec<String> = start
+        .iter()
+        .map(|v| {
+            if v.is_empty() {
+                "0".to_string()
+            } else {
+                let t: Vec<String> = v.iter().map(|x| format!("%{}", x.0)).collect();
+                t.join("+")
+            }
+        })
+        .collect();
+    at.join(", ")
 }
 
 /// Finds the pipelined loops of `k` (offsets are filled in by the shared-memory plan).

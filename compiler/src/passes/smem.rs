@@ -226,6 +226,18 @@ pub fn plan(
             end += super::tma::barrier_bytes(l.stages);
         }
     }
+    // Bulk-reduction staging buffers live from their first use to the kernel's end (the TMA
+    // reads them asynchronously), on sm_90a only: sm_80 adds with `red.global`.
+    if target.arch == crate::launch::Arch::Sm90 {
+        end = end.max(outside);
+        for r in &mut pipeline.reduces {
+            end = end.next_multiple_of(1024);
+            r.offset = end;
+            end += r.shared.bytes();
+        }
+    } else {
+        pipeline.reduces.clear();
+    }
     plan.total = outside.max(end);
     plan.dynamic = plan.total > target.max_static_smem;
     if plan.total > target.max_dynamic_smem {

@@ -18,7 +18,16 @@
 //! guarantee 16-byte alignment of `t` and its row stride (the TMA's requirement), and the slot
 //! must be swizzled. A loop is streamed by TMA only when the kernel asks for it
 //! ([`Kernel::tma`]) and every ring load qualifies; resident loads keep `cp.async`.
+//!
+//! *Bulk reductions.* In such a kernel, an `atomic_add` of a rank-2 f32 tile whose pointer
+//! tile qualifies the same way (FlashAttention's `dq += dS·k`, added into an f32 accumulator
+//! per key block) is a [`TmaReduce`]: codegen stages the tile in a swizzled shared buffer of
+//! its own and one thread adds it to global memory with `cp.reduce.async.bulk.tensor` (one
+//! instruction per panel, the additions done in L2), instead of one `red.global.add.f32` per
+//! element from every thread (which L2's atomic throughput bounds, COMPILER.md §8.3). The
+//! box's parts out of the tensor's extents are dropped, which is what the bounds mask means.
 
+use crate::dtype::DType;
 use crate::ir::{BinOp, CmpPred, Kernel, Op, ValueId};
 use crate::launch::TmaMap;
 use crate::layout::shared::SharedLayout;
@@ -45,6 +54,21 @@ pub struct TmaLoop {
     /// `barriers + 8·s` (the copies of slot `s` have landed), `empty[s]` at
     /// `barriers + 8·(stages + s)` (every warp is done reading slot `s`).
     pub barriers: usize,
+}
+
+/// An `atomic_add` that the TMA performs as a bulk tensor reduction (see the module doc).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TmaReduce {
+    /// The `atomic_add`'s pointer tile (the op has no result to name it by).
+    pub ptr: ValueId,
+    /// Index of its tensor map (f32) in [`super::pipeline::PipelinePlan::maps`].
+    pub map: usize,
+    /// The tile's first index along each tensor dimension, as in [`TmaOperand::start`].
+    pub start: Vec<Vec<ValueId>>,
+    /// The staging buffer's layout (the box the map describes, panel by panel).
+    pub shared: SharedLayout,
+    /// Byte offset of the staging buffer (set by the shared-memory plan).
+    pub offset: usize,
 }
 
 /// Bytes of one loop's mbarriers.
@@ -336,6 +360,7 @@ impl<'k> Matcher<'k> {
             box_rows: shared.rows as u32,
             box_cols: shared.panel_cols() as u32,
             swizzle: shared.swz as u32,
+            float32: false,
         };
         let start = match mid {
             Some(h) => vec![rows.start, vec![h], cols.start],
@@ -345,10 +370,12 @@ impl<'k> Matcher<'k> {
     }
 }
 
-/// Plans TMA copies for the loops of `plan` (see the module doc): sets each qualifying loop's
-/// [`TmaLoop`] and `plan.maps`, the tensor maps the kernel takes, in parameter order.
+/// Plans TMA copies for the loops of `plan` and bulk reductions (see the module doc): sets
+/// each qualifying loop's [`TmaLoop`], `plan.reduces`, and `plan.maps`, the tensor maps the
+/// kernel takes, in parameter order.
 pub fn plan(k: &Kernel, plan: &mut super::pipeline::PipelinePlan) {
     plan.maps.clear();
+    plan.reduces.clear();
     if !k.tma {
         return;
     }
@@ -382,6 +409,77 @@ pub fn plan(k: &Kernel, plan: &mut super::pipeline::PipelinePlan) {
             });
         }
     }
+    let mut reduces = vec![];
+    k.walk(&mut |i| {
+        let Op::AtomicAdd { ptr, value, mask } = &i.op else {
+            return;
+        };
+        let t = k.ty(*value);
+        if t.dtype != DType::F32 || t.rank() != 2 {
+            return;
+        }
+        let shared = SharedLayout::choose(t.shape[0], t.shape[1], t.dtype.bytes());
+        if let Some((mut map, start)) = m.access(*ptr, *mask, &t.shape, &shared) {
+            map.float32 = true;
+            let i = plan.maps.iter().position(|x| *x == map).unwrap_or_else(|| {
+                plan.maps.push(map);
+                plan.maps.len() - 1
+            });
+            reduces.push(TmaReduce {
+                ptr: *ptr,
+                map: i,
+                start,
+                shared,
+                offset: 0,
+            });
+        }
+    });
+    plan.reduces = reduces;
+}
+
+/// Drops the layout conversion in front of each bulk reduction's value: the layout pass
+/// converts an `atomic_add`'s value into the coalesced layout of its space (through shared
+/// memory, with two barriers), but the reduction stages the tile in its own shared buffer from
+/// whatever layout its registers hold. Only a conversion used by the reduction alone goes.
+pub fn unconvert_reduces(k: &mut Kernel, plan: &super::pipeline::PipelinePlan) {
+    let mut uses: HashMap<ValueId, usize> = HashMap::new();
+    k.walk(&mut |i| {
+        for o in i.op.operands() {
+            *uses.entry(o).or_default() += 1;
+        }
+    });
+    let ptrs: Vec<ValueId> = plan.reduces.iter().map(|r| r.ptr).collect();
+    fn walk(b: &mut crate::ir::Block, ptrs: &[ValueId], uses: &HashMap<ValueId, usize>) {
+        for inst in &mut b.insts {
+            for nb in inst.op.blocks_mut() {
+                walk(nb, ptrs, uses);
+            }
+        }
+        let mut drop = vec![];
+        for j in 0..b.insts.len() {
+            let Op::AtomicAdd { ptr, value, .. } = b.insts[j].op else {
+                continue;
+            };
+            if !ptrs.contains(&ptr) || uses.get(&value) != Some(&1) {
+                continue;
+            }
+            let def = b.insts[..j]
+                .iter()
+                .position(|i| i.results.first() == Some(&value));
+            if let Some(d) = def {
+                if let Op::ConvertLayout { src } = b.insts[d].op {
+                    if let Op::AtomicAdd { value, .. } = &mut b.insts[j].op {
+                        *value = src;
+                    }
+                    drop.push(d);
+                }
+            }
+        }
+        for d in drop.into_iter().rev() {
+            b.insts.remove(d);
+        }
+    }
+    walk(&mut k.body, &ptrs, &uses);
 }
 
 #[cfg(test)]
@@ -470,7 +568,8 @@ mod tests {
                 elem: 2,
                 box_rows: 64,
                 box_cols: 64,
-                swizzle: 128
+                swizzle: 128,
+                float32: false
             }
         );
         assert_eq!(p.maps[1].param, 4);

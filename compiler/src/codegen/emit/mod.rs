@@ -149,6 +149,9 @@ pub(super) fn emit_kernel<'c>(
     g.b.position_at_end(entry);
     g.b.build_unconditional_branch(body).map_err(be)?;
     g.b.position_at_end(exit);
+    if wgmma && !c.pipeline.reduces.is_empty() {
+        g.bulk_reduce_drain()?;
+    }
     g.b.build_return(None).map_err(be)?;
     Ok(func)
 }
@@ -529,7 +532,17 @@ impl<'c> Gen<'c, '_> {
                 Ok(vec![])
             }
             Op::AtomicAdd { ptr, value, mask } => {
-                self.store(*ptr, *value, *mask, true)?;
+                let bulk = self
+                    .c
+                    .pipeline
+                    .reduces
+                    .iter()
+                    .find(|r| r.ptr == *ptr)
+                    .filter(|_| self.wgmma);
+                match bulk {
+                    Some(r) => self.bulk_reduce(r, *value)?,
+                    None => self.store(*ptr, *value, *mask, true)?,
+                }
                 Ok(vec![])
             }
             Op::Reduce { src, axis, kind } => {

@@ -162,6 +162,91 @@ impl<'c> Gen<'c, '_> {
         Ok(())
     }
 
+    /// A TMA tile start ([`crate::passes::tma::TmaOperand::start`]) as box coordinates: the
+    /// first column, and the outer dimensions' starts innermost first.
+    fn tile_coords(&self, start: &[Vec<ValueId>]) -> R<(IntValue<'c>, Vec<IntValue<'c>>)> {
+        let sum = |v: &[ValueId]| -> R<IntValue<'c>> {
+            let mut acc = self.i32(0);
+            for x in v {
+                let x = self.cast(self.get(*x)?[0], self.dtype(*x), DType::I32)?;
+                acc = self
+                    .b
+                    .build_int_add(acc, x.into_int_value(), "")
+                    .map_err(be)?;
+            }
+            Ok(acc)
+        };
+        let (cols, outer) = start
+            .split_last()
+            .ok_or_else(|| IrError("codegen: a TMA tile without dimensions".into()))?;
+        let outer = outer.iter().rev().map(|v| sum(v)).collect::<R<Vec<_>>>()?;
+        Ok((sum(cols)?, outer))
+    }
+
+    /// `atomic_add` of the f32 tile `value` as the bulk tensor reduction `r`
+    /// ([`crate::passes::tma::TmaReduce`]). Thread 0 first waits until the buffer's previous
+    /// reduction has read it (issued an iteration earlier, so normally long done); after a
+    /// barrier every thread writes its part of the tile into the buffer, makes it visible to
+    /// the async proxy, and after another barrier thread 0 issues one reduction per panel as
+    /// one bulk group. [`Gen::bulk_reduce_drain`] waits for the last group at the kernel's end.
+    pub(super) fn bulk_reduce(
+        &mut self,
+        r: &crate::passes::tma::TmaReduce,
+        value: ValueId,
+    ) -> R<()> {
+        let t0 = self.is_thread0()?;
+        self.guarded(Some(t0), |g| {
+            g.asm("cp.async.bulk.wait_group.read 0;", "", None, &[])
+                .map(|_| ())
+        })?;
+        self.call_void("llvm.nvvm.barrier0")?;
+        self.stage_registers(value, &r.shared, r.offset)?;
+        self.fence_proxy_async()?;
+        self.call_void("llvm.nvvm.barrier0")?;
+        let map = *self
+            .tma_maps
+            .get(r.map)
+            .ok_or_else(|| IrError("codegen: missing tensor map parameter".into()))?;
+        let m = self
+            .b
+            .build_ptr_to_int(map, self.ctx.i64_type(), "")
+            .map_err(be)?;
+        let (x0, outer) = self.tile_coords(&r.start)?;
+        let sl = r.shared;
+        self.guarded(Some(t0), |g| {
+            let n = 1 + outer.len();
+            let c: Vec<String> = (0..n).map(|i| format!("${}", i + 2)).collect();
+            let text = format!(
+                "cp.reduce.async.bulk.tensor.{n}d.global.shared::cta.add.tile.bulk_group [$1, {{{}}}], [$0];",
+                c.join(", ")
+            );
+            let cons = format!("r,l,{}", vec!["r"; n].join(","));
+            for p in 0..sl.cols / sl.panel_cols() {
+                let x =
+                    g.b.build_int_add(x0, g.i32((p * sl.panel_cols()) as i64), "")
+                        .map_err(be)?;
+                let src = g.smem_addr(g.i32((r.offset + p * sl.rows * sl.swz) as i64))?;
+                let mut args: Vec<V<'c>> = vec![src.into(), m.into(), x.into()];
+                args.extend(outer.iter().map(|v| -> V<'c> { (*v).into() }));
+                g.asm(&text, &cons, None, &args)?;
+            }
+            g.asm("cp.async.bulk.commit_group;", "", None, &[])
+                .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// At the kernel's end: thread 0 waits until its bulk reductions are complete (their
+    /// shared buffers must outlive the reads, and the sums be done before the grid is).
+    pub(super) fn bulk_reduce_drain(&mut self) -> R<()> {
+        let t0 = self.is_thread0()?;
+        self.guarded(Some(t0), |g| {
+            g.asm("cp.async.bulk.wait_group 0;", "", None, &[])
+                .map(|_| ())
+        })?;
+        Ok(())
+    }
+
     /// The shared address of `which` barrier of ring slot `slot` of a TMA loop.
     pub(super) fn bar_addr(
         &self,
@@ -225,21 +310,7 @@ impl<'c> Gen<'c, '_> {
                     .tma_maps
                     .get(o.map)
                     .ok_or_else(|| IrError("codegen: missing tensor map parameter".into()))?;
-                let start = |g: &Self, v: &[ValueId]| -> R<IntValue<'c>> {
-                    let mut acc = g.i32(0);
-                    for x in v {
-                        let x = g.cast(g.get(*x)?[0], g.dtype(*x), DType::I32)?;
-                        acc = g.b.build_int_add(acc, x.into_int_value(), "").map_err(be)?;
-                    }
-                    Ok(acc)
-                };
-                // Coordinates innermost first: the column (per panel), then the outer
-                // dimensions' starts.
-                let mut outer = vec![];
-                for v in o.start[..o.start.len() - 1].iter().rev() {
-                    outer.push(start(g, v)?);
-                }
-                let x0 = start(g, &o.start[o.start.len() - 1])?;
+                let (x0, outer) = g.tile_coords(&o.start)?;
                 let base = g.slot_base(ld, slot)?;
                 let sl = &ld.shared;
                 for p in 0..sl.cols / sl.panel_cols() {
