@@ -54,14 +54,14 @@ pub fn flash_bwd_prep<T, const D: usize, const BR: usize>(
 /// (cleared by [`flash_bwd_prep`]). Rows past a sequence's end add zeros (their `dSᵀ` columns
 /// are masked), so the reduction's box needs no other mask than the tensor's extent.
 #[kernel(
-    // W = 4: one warpgroup, 64 keys in 64-query steps (the two-kernel backward's tile for
-    // heads of 64 and 128); W = 8: two, 128 keys for heads of 64, 64 keys in 32-query steps
-    // for heads of 128 (as `flash_bwd_dkdv`'s two-warpgroup tiles).
+    // Heads of 64: one warpgroup of 64 keys in 64-query steps (the two-kernel backward's
+    // tile), or two of 128 keys; 3 stages (254 and 253 registers on sm_90a; in 2 stages both
+    // spill 4 bytes). Heads of 128: two warpgroups of 64 keys in 32-query steps (186
+    // registers; one warpgroup of 64 x 64 spills 148 bytes).
     variants(T = [bf16, f16], D = [64, 128], BN = [64, 128], BM = [32, 64], S = [2, 3], W = [4, 8], TMA = [1]),
     only = [
-        BN % BM == 0, D == 64 || S == 2,
-        (W == 4 && BN == 64 && BM == 64) || (W == 8 && D == 64 && BN == 128 && BM == 64)
-            || (W == 8 && D == 128 && BN == 64 && BM == 32)
+        (D == 64 && S == 3 && BM == 64 && ((W == 4 && BN == 64) || (W == 8 && BN == 128)))
+            || (D == 128 && S == 2 && W == 8 && BN == 64 && BM == 32)
     ],
     warps = W,
     stages = S,

@@ -191,7 +191,7 @@ fn case(seed: u64, dtype: Storage, lens: &[usize], nh: usize, hd: usize, kernels
     let tiles: &[(usize, usize, usize)] = if d == 64 {
         &[(4, 64, 64), (8, 128, 64)]
     } else {
-        &[(4, 64, 64), (8, 64, 32)]
+        &[(8, 64, 32)]
     };
     for &(w, bn, bm) in tiles {
         let mut delta2 = poisoned(Storage::F32, &[nh, tp]);

@@ -13,6 +13,7 @@ use lexp_compiler::launch::KernelInfo;
 use lexp_kernels::flash_attention::{
     flash_bwd_dkdv, flash_bwd_dq, flash_fwd, key_blocks, query_blocks, BlockRow,
 };
+use lexp_kernels::flash_fused::flash_bwd_fused;
 use lexp_kernels::flash_split::{flash_bwd_dkdv_split, flash_bwd_dq_split, flash_fwd_split};
 use lexp_kernels::reference::{self, compare, tolerance, AttnShape};
 use lexp_runtime::gpu::flash_launch::FlashFamily;
@@ -89,7 +90,14 @@ fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], (nh, hd): (usize, usiz
     let want = reference::attention_bwd(&qkv_h, &d_o_h, sh);
     let tol = tolerance(dtype);
     let [fwd_c, dkdv_c, dq_c] = configs_for(&b);
-    for i in 0..fwd_c.len().max(dkdv_c.len()).max(dq_c.len()) {
+    let n = fwd_c.len().max(dkdv_c.len()).max(dq_c.len());
+    // LEXP_FLASH_ONLY_FUSED=1: only the last round (whose statistics the fused backward reads).
+    let first = if std::env::var("LEXP_FLASH_ONLY_FUSED").as_deref() == Ok("1") {
+        n - 1
+    } else {
+        0
+    };
+    for i in first..n {
         let (fc, kc, qc) = (
             &fwd_c[i % fwd_c.len()],
             &dkdv_c[i % dkdv_c.len()],
@@ -152,6 +160,37 @@ fn case(dev: &CudaDevice, dtype: Storage, lens: &[usize], (nh, hd): (usize, usiz
                     .collect()
             };
             check(name, &pick(&got), &pick(&want), 2.0 * tol);
+        }
+        // The fused backward in each of its configurations, from this forward's statistics:
+        // delta, dk, dv and dq again, with `dqkv` and the dq accumulator poisoned first.
+        let fused_c = match b.family {
+            FlashFamily::Tile => configs(&flash_bwd_fused::INFO, b.width),
+            FlashFamily::Split => vec![],
+        };
+        if i + 1 < n {
+            continue;
+        }
+        for c in &fused_c {
+            b.dqkv.poison().unwrap();
+            b.dq_acc.poison().unwrap();
+            b.delta.poison().unwrap();
+            let kb = blocks(dev, &key_blocks(&cu, get(c, "BN")).unwrap());
+            b.fused(dev, c, &kb).unwrap();
+            dev.synchronize().unwrap();
+            let got = b.dqkv.to_f32_vec().unwrap();
+            for (blk, name) in ["dq", "dk", "dv"].iter().enumerate() {
+                let pick = |x: &[f32]| -> Vec<f32> {
+                    (0..t)
+                        .flat_map(|r| x[r * 3 * h + blk * h..r * 3 * h + (blk + 1) * h].to_vec())
+                        .collect()
+                };
+                check(
+                    &format!("fused {c:?} {name}"),
+                    &pick(&got),
+                    &pick(&want),
+                    2.0 * tol,
+                );
+            }
         }
     }
 }
@@ -231,7 +270,14 @@ fn flash_attention_configurations_timed_at_opt_sizes() {
         (32, 64, 1, 16384),
         (16, 128, 1, 16384),
     ];
+    // LEXP_FLASH_TIMED_TOKENS (e.g. 4096,16384) times only the cases of those token counts.
+    let only: Option<Vec<usize>> = std::env::var("LEXP_FLASH_TIMED_TOKENS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
     for (nh, hd, seqs, len) in cases {
+        if only.as_ref().is_some_and(|o| !o.contains(&(seqs * len))) {
+            continue;
+        }
         let cu: Vec<usize> = (0..=seqs).map(|i| i * len).collect();
         let b = FlashProblem::new(&dev, Storage::BF16, seqs * len, (nh, hd), 5).unwrap();
         // Query-key pairs of the causal half, all heads.
@@ -260,6 +306,14 @@ fn flash_attention_configurations_timed_at_opt_sizes() {
         for c in dq_c {
             let qb = blocks(&dev, &query_blocks(&cu, get(&c, "BM")).unwrap());
             report("dq", &c, 3.0, time(&|| b.dq(&dev, &c, &qb)));
+        }
+        if b.family == FlashFamily::Tile {
+            // The fused backward whole (delta and the accumulator cleared, dk/dv/dq, dq
+            // converted): five products where delta + dk/dv + dq run seven.
+            for c in configs(&flash_bwd_fused::INFO, b.width) {
+                let kb = blocks(&dev, &key_blocks(&cu, get(&c, "BN")).unwrap());
+                report("fused bwd", &c, 5.0, time(&|| b.fused(&dev, &c, &kb)));
+            }
         }
     }
 }

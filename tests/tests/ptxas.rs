@@ -48,6 +48,10 @@ fn sm90_only(v: &lexp_compiler::launch::Variant) -> bool {
         // Heads of 128 in 128-query dq programs (`FLASH_128_LONGEST`): 255 registers and 44
         // bytes spilled on sm_80, which runs `FLASH_128_SM80`'s 64-query ones.
         "flash_bwd_dq" => p("D", "128") && p("BM", "128"),
+        // The fused backward adds `dq` with the TMA's bulk reductions, which sm_80 lacks (its
+        // code falls back to one atomic per element, call 81's slow form): the engine runs
+        // it on sm_90 only (`FlashConfig::fused`), and its sm_80 code need only assemble.
+        "flash_bwd_fused" => true,
         _ => false,
     }
 }

@@ -48,6 +48,11 @@ pub struct FlashConfig {
     pub dkdv: Tiles,
     /// `flash_bwd_dq`: `BM` queries per program, `BN` keys per step.
     pub dq: Tiles,
+    /// `flash_bwd_fused` (dk, dv and dq in one pass, `dq` added in L2 by the TMA), run instead
+    /// of dk/dv + dq where set (sm_90 configurations only) unless the process asked for the
+    /// deterministic backward ([`deterministic_attention`]); the key-block list is then built
+    /// for its `BN` ([`FlashConfig::dkdv_bn`]).
+    pub fused: Option<Tiles>,
     /// `(tokens, configuration)`: the configuration for batches whose longest sequence has at
     /// least `tokens` tokens, where each program's loop is long and the tiles that win differ
     /// (`None`: these at every length). Its block sizes may differ, so the block lists are
@@ -80,9 +85,16 @@ impl FlashConfig {
         param(self.dq, "BM")
     }
 
-    /// Keys per block of `flash_bwd_dkdv`'s list.
+    /// Keys per block of the key-block list: `flash_bwd_dkdv`'s, or the fused backward's
+    /// where it runs ([`FlashConfig::fused_tiles`]).
     pub fn dkdv_bn(&self) -> usize {
-        param(self.dkdv, "BN")
+        param(self.fused_tiles().unwrap_or(self.dkdv), "BN")
+    }
+
+    /// The fused backward's tiles where it runs: set for these heads and lengths, and the
+    /// process did not ask for the deterministic backward ([`deterministic_attention`]).
+    pub fn fused_tiles(&self) -> Option<Tiles> {
+        self.fused.filter(|_| !deterministic_attention())
     }
 
     /// The configuration to run on `arch` ([`FlashConfig::sm80`]).
@@ -101,6 +113,21 @@ impl FlashConfig {
             FlashFamily::Split => FLASH_128.hd,
         }
     }
+}
+
+/// Set to `1` to run the two-kernel flash backward (dk/dv, then dq) where the fused one would
+/// run: the fused kernel adds each key block's share of `dq` into an f32 accumulator in
+/// whatever order the programs finish, so `dq`'s rounding differs from run to run.
+pub const DETERMINISTIC_ATTENTION_ENV: &str = "LEXP_DETERMINISTIC_ATTENTION";
+
+/// True when [`DETERMINISTIC_ATTENTION_ENV`] is `1`; read once per process.
+pub fn deterministic_attention() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var(DETERMINISTIC_ATTENTION_ENV).as_deref() == Ok("1");
+        tracing::debug!(on, "deterministic flash backward");
+        on
+    })
 }
 
 fn param(c: Tiles, name: &str) -> usize {
@@ -134,6 +161,7 @@ static FLASH_64: FlashConfig = FlashConfig {
     fwd: &[("D", 64), ("BM", 64), ("BN", 64), ("S", 2), ("W", 4), ("TMA", 1)],
     dkdv: &[("D", 64), ("BN", 64), ("BM", 64), ("S", 2), ("W", 4), ("TMA", 1), ("C", 3)],
     dq: &[("D", 64), ("BM", 64), ("BN", 64), ("S", 2), ("W", 4), ("TMA", 1)],
+    fused: None,
     long: Some((16384, &FLASH_64_LONG)),
     sm80: Some(&FLASH_64_SM80),
 };
@@ -154,6 +182,7 @@ static FLASH_64_LONG: FlashConfig = FlashConfig {
     fwd: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 3), ("W", 8), ("TMA", 1)],
     dkdv: &[("D", 64), ("BN", 64), ("BM", 64), ("S", 2), ("W", 4), ("TMA", 1), ("C", 3)],
     dq: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
+    fused: Some(&[("D", 64), ("BN", 128), ("BM", 64), ("S", 3), ("W", 8), ("TMA", 1)]),
     long: None,
     sm80: None,
 };
@@ -168,6 +197,7 @@ static FLASH_64_SM80: FlashConfig = FlashConfig {
     fwd: &[("D", 64), ("BM", 128), ("BN", 64), ("S", 3), ("W", 8), ("TMA", 1)],
     dkdv: &[("D", 64), ("BN", 128), ("BM", 64), ("S", 2), ("W", 8), ("TMA", 0)],
     dq: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 3), ("W", 8), ("TMA", 1)],
+    fused: None,
     long: Some((4096, &FLASH_64_SM80_LONG)),
     sm80: None,
 };
@@ -190,6 +220,7 @@ static FLASH_128: FlashConfig = FlashConfig {
     fwd: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 4), ("TMA", 1)],
     dkdv: &[("D", 128), ("BN", 64), ("BM", 64), ("S", 2), ("W", 4), ("TMA", 1)],
     dq: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 4), ("TMA", 1)],
+    fused: None,
     long: Some((4096, &FLASH_128_LONG)),
     sm80: Some(&FLASH_128_SM80),
 };
@@ -212,6 +243,7 @@ static FLASH_128_LONG: FlashConfig = FlashConfig {
 #[rustfmt::skip]
 static FLASH_128_LONGEST: FlashConfig = FlashConfig {
     dq: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 1)],
+    fused: Some(&[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8), ("TMA", 1)]),
     long: None,
     ..FLASH_128_LONG
 };
@@ -225,6 +257,7 @@ static FLASH_128_SM80: FlashConfig = FlashConfig {
     fwd: &[("D", 128), ("BM", 128), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 0)],
     dkdv: &[("D", 128), ("BN", 64), ("BM", 32), ("S", 2), ("W", 8), ("TMA", 0)],
     dq: &[("D", 128), ("BM", 64), ("BN", 64), ("S", 2), ("W", 8), ("TMA", 0)],
+    fused: None,
     long: None,
     sm80: None,
 };
@@ -242,6 +275,7 @@ static FLASH_80: FlashConfig = FlashConfig {
     fwd: &[("BM", 128), ("BN", 128), ("S", 3), ("W", 8)],
     dkdv: &[("BN", 128), ("BM", 64), ("S", 2), ("W", 8)],
     dq: &[("BM", 128), ("BN", 64), ("S", 2), ("W", 8)],
+    fused: None,
     long: None,
     sm80: Some(&FLASH_80_SM80),
 };
@@ -528,14 +562,18 @@ fn flash_backward(cx: &Ctx, li: usize, acts: &LayerActs, sc: &mut Scratch) -> R 
         dqkv: &dqkv_heads(&sc.dqkv, cx, li)?,
         scale: scale(cx),
     };
-    fl::delta(
-        cx.dev,
-        cfg.delta_width(),
-        &heads(&acts.o, cx, nh)?,
-        a.d_o,
-        a.delta,
-    )
-    .map_err(launch_err("flash attention backward (delta)"))?;
+    let o = heads(&acts.o, cx, nh)?;
+    if let Some(tiles) = cfg.fused_tiles() {
+        let dq_acc = heads(&sc.dq_acc, cx, nh)?;
+        fl::prep(cx.dev, cfg.delta_width(), &o, a.d_o, a.delta, &dq_acc)
+            .map_err(launch_err("flash attention backward (delta)"))?;
+        fl::fused(cx.dev, tiles, &dkdv, &a, &dq_acc)
+            .map_err(launch_err("flash attention backward (dk, dv, dq)"))?;
+        return fl::dq_store(cx.dev, cfg.delta_width(), &dq_acc, a.scale, a.dqkv)
+            .map_err(launch_err("flash attention backward (dq)"));
+    }
+    fl::delta(cx.dev, cfg.delta_width(), &o, a.d_o, a.delta)
+        .map_err(launch_err("flash attention backward (delta)"))?;
     fl::bwd(cx.dev, cfg.family, Bwd::DkDv, cfg.dkdv, &dkdv, &a)
         .map_err(launch_err("flash attention backward (dk, dv)"))?;
     fl::bwd(cx.dev, cfg.family, Bwd::Dq, cfg.dq, &dq, &a)
@@ -711,7 +749,9 @@ mod tests {
         let p = BlockPlan::of(&long, c).unwrap();
         assert_eq!(p.fwd.len(), from / c.fwd_bm());
         assert_eq!(p.dkdv.len(), from / c.dkdv_bn());
-        assert_eq!((c.fwd_bm(), c.dkdv_bn()), (128, 64));
+        // 128-key blocks for the fused backward, 64 for the one-warpgroup dk/dv.
+        let kb = if deterministic_attention() { 64 } else { 128 };
+        assert_eq!((c.fwd_bm(), c.dkdv_bn()), (128, kb));
         // Heads of 128: a second threshold, taken from the first's configuration.
         assert_eq!(FLASH_128.for_longest(4095), &FLASH_128);
         assert_eq!(FLASH_128.for_longest(8192), &FLASH_128_LONG);
@@ -738,10 +778,42 @@ mod tests {
             assert_eq!((s.hd, s.family, s.sm80), (c.hd, c.family, None), "{c:?}");
             assert_eq!(c.on(Arch::Sm90), c);
         }
-        // Long sequences with heads of 64 take 64-key dk/dv programs on sm_90 and 128-key
-        // ones on sm_80: the block lists differ by architecture.
+        // Long sequences with heads of 64 take 128-key fused programs on sm_90 (64-key dk/dv
+        // ones with the deterministic backward) and 128-key dk/dv ones on sm_80: the block
+        // lists may differ by architecture.
         let long = |a| FLASH_64.on(a).for_longest(usize::MAX).dkdv_bn();
-        assert_eq!((long(Arch::Sm90), long(Arch::Sm80)), (64, 128));
+        let kb = if deterministic_attention() { 64 } else { 128 };
+        assert_eq!((long(Arch::Sm90), long(Arch::Sm80)), (kb, 128));
+    }
+
+    /// The key-block list is built for the fused backward's `BN` where it runs; its tiles are a compiled
+    /// `flash_bwd_fused` variant, and runs on sm_90 only (its `dq` reduction is the TMA's;
+    /// sm_80 would add with one atomic per element, which call 81 measured slower).
+    #[test]
+    fn fused_backward_tiles_share_dkdv_key_blocks_on_sm90_only() {
+        for c in [&FLASH_64, &FLASH_80, &FLASH_128] {
+            assert_eq!(
+                c.on(Arch::Sm80).for_longest(usize::MAX).fused,
+                None,
+                "{c:?}"
+            );
+            for len in [0, 4096, 8192, 16384, usize::MAX] {
+                let g = c.on(Arch::Sm90).for_longest(len);
+                if let Some(f) = g.fused {
+                    if !deterministic_attention() {
+                        assert_eq!(param(f, "BN"), g.dkdv_bn(), "{g:?}");
+                    }
+                    let info = &lexp_kernels::flash_fused::flash_bwd_fused::INFO;
+                    assert!(
+                        info.configurations().iter().any(|v| f
+                            .iter()
+                            .all(|(n, x)| v.iter().any(|(m, y)| m == n && y == x))),
+                        "{f:?} is not a compiled flash_bwd_fused configuration"
+                    );
+                }
+            }
+        }
+        assert!(FLASH_64_LONG.fused.is_some() && FLASH_128_LONGEST.fused.is_some());
     }
 
     #[test]

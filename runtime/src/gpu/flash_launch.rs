@@ -5,6 +5,7 @@
 
 use lexp_compiler::launch::{LaunchError, Launcher, TensorArg};
 use lexp_kernels::flash_attention as fa;
+use lexp_kernels::flash_fused as ff;
 use lexp_kernels::flash_split as fs;
 
 /// Which flash kernels take a head dimension.
@@ -86,6 +87,74 @@ pub fn delta(
         l,
         &[("D", width)],
         &fa::flash_bwd_delta::Args { o, d_o, delta },
+    )
+}
+
+/// `delta` as [`delta`] computes it, and the f32 `dq` accumulator `dq_acc [T, nh, hd]` of the
+/// fused backward ([`fused`]) cleared, in one launch (`flash_bwd_prep`, tile family only).
+pub fn prep(
+    l: &dyn Launcher,
+    width: usize,
+    o: &TensorArg,
+    d_o: &TensorArg,
+    delta: &TensorArg,
+    dq_acc: &TensorArg,
+) -> Result<(), LaunchError> {
+    ff::flash_bwd_prep::launch_with(
+        l,
+        &[("D", width)],
+        &ff::flash_bwd_prep::Args {
+            o,
+            d_o,
+            delta,
+            dq_acc,
+        },
+    )
+}
+
+/// The fused backward (`flash_bwd_fused`, tile family only): dk and dv of every key block of
+/// `blocks` into `a.dqkv`, and `dq` added into `dq_acc` (cleared by [`prep`]; [`dq_store`]
+/// finishes it).
+pub fn fused(
+    l: &dyn Launcher,
+    tiles: &[(&str, usize)],
+    blocks: &TensorArg,
+    a: &BwdArgs,
+    dq_acc: &TensorArg,
+) -> Result<(), LaunchError> {
+    ff::flash_bwd_fused::launch_with(
+        l,
+        tiles,
+        &ff::flash_bwd_fused::Args {
+            qkv: a.qkv,
+            d_o: a.d_o,
+            lse2: a.lse2,
+            delta: a.delta,
+            blocks,
+            scale_log2: a.scale * std::f32::consts::LOG2_E,
+            scale: a.scale,
+            dqkv: a.dqkv,
+            dq_acc,
+        },
+    )
+}
+
+/// `dq = scale · dq_acc` into the q rows of `dqkv` (`flash_bwd_dq_store`).
+pub fn dq_store(
+    l: &dyn Launcher,
+    width: usize,
+    dq_acc: &TensorArg,
+    scale: f32,
+    dqkv: &TensorArg,
+) -> Result<(), LaunchError> {
+    ff::flash_bwd_dq_store::launch_with(
+        l,
+        &[("D", width)],
+        &ff::flash_bwd_dq_store::Args {
+            dq_acc,
+            scale,
+            dqkv,
+        },
     )
 }
 

@@ -30,6 +30,8 @@ pub struct FlashProblem {
     pub delta: DeviceTensor,
     /// The input gradient, laid out like `qkv`.
     pub dqkv: DeviceTensor,
+    /// The fused backward's f32 `dq` accumulator, `[T, nh, hd]`.
+    pub dq_acc: DeviceTensor,
     /// Softmax scale `hd^-0.5`.
     pub scale: f32,
     /// Tokens.
@@ -82,6 +84,7 @@ impl FlashProblem {
             lse2: DeviceTensor::poisoned(dev, Storage::F32, &stats)?,
             delta: DeviceTensor::poisoned(dev, Storage::F32, &stats)?,
             dqkv: DeviceTensor::poisoned(dev, dtype, &[t, 3 * nh, hd])?,
+            dq_acc: DeviceTensor::poisoned(dev, Storage::F32, &[t, nh, hd])?,
             scale: (hd as f32).powf(-0.5),
             t,
             nh,
@@ -93,7 +96,13 @@ impl FlashProblem {
 
     /// Poisons every output (NaN) again.
     pub fn poison_outputs(&mut self) -> Result<()> {
-        for x in [&mut self.o, &mut self.lse2, &mut self.delta, &mut self.dqkv] {
+        for x in [
+            &mut self.o,
+            &mut self.lse2,
+            &mut self.delta,
+            &mut self.dqkv,
+            &mut self.dq_acc,
+        ] {
             x.poison()?;
         }
         Ok(())
@@ -169,6 +178,29 @@ impl FlashProblem {
         blocks: &DeviceTensor,
     ) -> Result<()> {
         self.bwd(dev, Bwd::Dq, consts, blocks)
+    }
+
+    /// The fused backward (tile family): `flash_bwd_prep` (delta, the accumulator cleared),
+    /// `flash_bwd_fused` with `consts` over the key blocks `blocks`, `flash_bwd_dq_store`.
+    pub fn fused(
+        &self,
+        dev: &CudaDevice,
+        consts: &[(&str, usize)],
+        blocks: &DeviceTensor,
+    ) -> Result<()> {
+        let a = BwdArgs {
+            qkv: &self.qkv.as_arg(),
+            d_o: &self.d_o.as_arg(),
+            lse2: &self.lse2.as_arg(),
+            delta: &self.delta.as_arg(),
+            dqkv: &self.dqkv.as_arg(),
+            scale: self.scale,
+        };
+        let acc = self.dq_acc.as_arg();
+        fl::prep(dev, self.width, &self.o.as_arg(), a.d_o, a.delta, &acc)?;
+        fl::fused(dev, consts, &blocks.as_arg(), &a, &acc)?;
+        fl::dq_store(dev, self.width, &acc, self.scale, a.dqkv)?;
+        Ok(())
     }
 
     /// The tensors as the block-sparse kernels' arguments

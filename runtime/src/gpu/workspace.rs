@@ -126,6 +126,16 @@ impl Caps {
         }
     }
 
+    /// Elements of the fused flash backward's f32 `dq` accumulator, `[T, H]` (0 with
+    /// materialised attention).
+    fn flash_dq(&self, d: &Dims) -> usize {
+        if self.blocks > 0 {
+            self.tokens * d.h
+        } else {
+            0
+        }
+    }
+
     /// Device bytes of a workspace of these sizes.
     pub fn bytes(&self, d: &Dims) -> usize {
         let (t, h, f) = (self.tokens, d.h, d.f);
@@ -138,7 +148,7 @@ impl Caps {
         let scratch = a * (t * (3 * h + f + 3 * h + fc) + t * rp + scores)
             + 4 * (scores + d.nh * self.max_len + wgrad_part_len(self.rank, h, f))
             + (a + 4) * self.dropout_scratch(d)
-            + 4 * self.flash_stats(d)
+            + 4 * (self.flash_stats(d) + self.flash_dq(d))
             + 3 * 12 * self.blocks;
         let head =
             a * (t * 4 * h + self.chunk() * d.v) + 4 * (self.chunk() * d.v + 2 * t) + 4 * 3 * t;
@@ -208,6 +218,8 @@ pub struct Scratch {
     pub lse: DeviceTensor,
     /// Flash attention's `rowsum(dO ⊙ O)` per (head, token), f32 `[nh, T]`.
     pub delta: DeviceTensor,
+    /// The fused flash backward's f32 `dq` accumulator, `[T, nh, hd]`.
+    pub dq_acc: DeviceTensor,
     /// Flash attention's block lists of the current batch.
     pub blocks: BlockLists,
     /// Dropout: f32 uniforms of one site, `[T, w]`, `w ≤ max(H, F)`.
@@ -346,6 +358,7 @@ impl Workspace {
             ds: al.t(ACT, scores)?,
             lse: al.t(f32t, d.nh * caps.max_len)?,
             delta: al.t(f32t, caps.flash_stats(d))?,
+            dq_acc: al.t(f32t, caps.flash_dq(d))?,
             blocks: BlockLists {
                 fwd: al.t(Storage::I32, 3 * caps.blocks)?,
                 dq: al.t(Storage::I32, 3 * caps.blocks)?,
