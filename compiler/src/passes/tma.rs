@@ -611,6 +611,113 @@ mod tests {
         assert_eq!(p.maps[0].param, 4);
     }
 
+    /// `c[rows, cols] += x` for an f32 tile `x` computed in registers (`const` here, a `dot`
+    /// in the kernels), `c`'s alignment `c_div`, with the header flag `tma`.
+    fn reduce_kernel(tma: &str, c_div: u32) -> Kernel {
+        let text = format!(
+            r#"kernel @r(%0: ptr<f32> "c" div {c_div}, %1: i64 "c.dim0", %2: i64 "c.dim1" div 4, %3: i64 "c.stride0" div 4) warps 4{tma} {{
+  %4 = program_id 0 : i32
+  %5 = cast %4 : i64
+  %6 = const 64 : i64
+  %7 = mul %5, %6 : i64
+  %8 = splat %7 : i64[64]
+  %9 = range 64 : i32[64]
+  %10 = cast %9 : i64[64]
+  %11 = add %8, %10 : i64[64]
+  %12 = expand_dims %11, 1 : i64[64,1]
+  %13 = splat %3 : i64[64,1]
+  %14 = mul %12, %13 : i64[64,1]
+  %15 = broadcast %14 : i64[64,64]
+  %16 = range 64 : i32[64]
+  %17 = cast %16 : i64[64]
+  %18 = expand_dims %17, 0 : i64[1,64]
+  %19 = broadcast %18 : i64[64,64]
+  %20 = add %15, %19 : i64[64,64]
+  %21 = splat %0 : ptr<f32>[64,64]
+  %22 = addptr %21, %20 : ptr<f32>[64,64]
+  %23 = splat %1 : i64[64,1]
+  %24 = cmp lt %12, %23 : i1[64,1]
+  %25 = broadcast %24 : i1[64,64]
+  %26 = const 1.5 : f32[64,64]
+  atomic_add %22, %26 mask %25
+  return
+}}
+"#
+        );
+        parse(&text).unwrap()
+    }
+
+    #[test]
+    fn a_bounds_masked_f32_tile_atomic_add_becomes_a_bulk_reduction() {
+        let mut k = reduce_kernel(" tma", 16);
+        let p = planned(&mut k);
+        assert_eq!(p.reduces.len(), 1, "{}", p.print());
+        let r = &p.reduces[0];
+        assert_eq!(r.map, 0);
+        // 64 f32 columns: two 128-byte panels of 32.
+        assert_eq!((r.shared.rows, r.shared.cols, r.shared.swz), (64, 64, 128));
+        assert_eq!(
+            p.maps,
+            vec![TmaMap {
+                param: 0,
+                rank: 2,
+                elem: 4,
+                box_rows: 64,
+                box_cols: 32,
+                swizzle: 128,
+                float32: true
+            }]
+        );
+        // Rows start at pid·64, columns at 0.
+        assert_eq!(r.start.len(), 2);
+        assert_eq!(r.start[0].len(), 1);
+        assert!(r.start[1].is_empty());
+    }
+
+    #[test]
+    fn atomic_adds_stay_atomics_without_tma_or_alignment() {
+        for (tma, div) in [("", 16), (" tma", 4)] {
+            let mut k = reduce_kernel(tma, div);
+            let p = planned(&mut k);
+            assert!(p.reduces.is_empty() && p.maps.is_empty(), "{tma} {div}");
+        }
+    }
+
+    #[test]
+    fn the_conversion_in_front_of_a_bulk_reduction_is_dropped() {
+        let mut k = reduce_kernel(" tma", 16);
+        let p = planned(&mut k);
+        // Put a conversion between the value and the reduction, as the layout pass does for a
+        // `dot` result, then drop it again.
+        let convert = |k: &mut Kernel| {
+            let v = ValueId(26);
+            k.types.push(k.types[v.0 as usize].clone());
+            let c = ValueId(k.types.len() as u32 - 1);
+            let at = k.body.insts.len() - 2;
+            k.body.insts.insert(
+                at,
+                crate::ir::Inst {
+                    results: vec![c],
+                    op: Op::ConvertLayout { src: v },
+                },
+            );
+            if let Op::AtomicAdd { value, .. } = &mut k.body.insts[at + 1].op {
+                *value = c;
+            }
+        };
+        convert(&mut k);
+        let n = k.body.insts.len();
+        unconvert_reduces(&mut k, &p);
+        assert_eq!(k.body.insts.len(), n - 1);
+        assert!(matches!(
+            k.body.insts[n - 3].op,
+            Op::AtomicAdd {
+                value: ValueId(26),
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn an_unmasked_load_qualifies() {
         let mut k = kernel("", " tma", 16);
