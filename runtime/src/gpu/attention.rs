@@ -162,8 +162,26 @@ static FLASH_64: FlashConfig = FlashConfig {
     dkdv: &[("D", 64), ("BN", 64), ("BM", 64), ("S", 2), ("W", 4), ("TMA", 1), ("C", 3)],
     dq: &[("D", 64), ("BM", 64), ("BN", 64), ("S", 2), ("W", 4), ("TMA", 1)],
     fused: None,
-    long: Some((16384, &FLASH_64_LONG)),
+    long: Some((8192, &FLASH_64_MID)),
     sm80: Some(&FLASH_64_SM80),
+};
+
+/// [`FLASH_64`] from 8192 tokens: the backward fused (`lexp_kernels::flash_fused`: dk, dv and
+/// dq in one pass over the key blocks, `dq` added into an f32 accumulator by the TMA's bulk
+/// reductions, five products instead of seven), one warpgroup of 64 keys in 64-query steps, 3
+/// stages. At 1 x 8192, 32 heads (`gpu_flash`'s timing test,
+/// `bench/results/2026-12-02-h200-fused-bwd-tma/call137`): 2.329 ms against 2.444 for delta +
+/// dk/dv + dq (0.021 + 1.513 + 0.910); the two-warpgroup 128-key fused tile 2.407. Below 8192
+/// the two kernels stay: at 4 x 1024 the fused backward took 0.222 against 0.216 ms, at 1 x
+/// 4096 forward + backward 0.939 against 0.909 (call 135, fused in 2 stages). Heads of 128
+/// keep the two kernels at every length (the fused 64 x 32 tile took 15.9 ms at 1 x 16384,
+/// call 137; one warpgroup of 64 x 64 spills 148 bytes).
+#[rustfmt::skip]
+static FLASH_64_MID: FlashConfig = FlashConfig {
+    fused: Some(&[("D", 64), ("BN", 64), ("BM", 64), ("S", 3), ("W", 4), ("TMA", 1)]),
+    long: Some((16384, &FLASH_64_LONG)),
+    sm80: None,
+    ..FLASH_64
 };
 
 /// [`FLASH_64`] from 16384 tokens: the forward and dq in two-warpgroup programs of 128
@@ -174,13 +192,9 @@ static FLASH_64: FlashConfig = FlashConfig {
 /// 2, `bench/results/2026-12-02-h200-epilogue/call126/`), dq with 128-key steps in 2 stages
 /// (3.40 against 3.58–3.60 with 3 in both runs of call 106). dk/dv one-warpgroup at three
 /// programs per multiprocessor as in [`FLASH_64`] (call 117: 5.863 ms; call 113, two programs:
-/// 5.989 against 6.020 for 128 keys in 2 stages and 6.102 in 3). The backward fused
-/// (`flash_bwd_fused`, 128 keys per program, two warpgroups, `dq` reduced by the TMA): forward
-/// + backward 11.578 against 11.920 ms with dk/dv + dq (`bench/results/2026-12-02-h200-fused-bwd-tma/call136`;
-/// SDPA 8.935). Heads of 128 keep the two kernels (the fused 64 x 32 tile took 17.7 against
-/// 9.6 ms, and 64 x 64 in one warpgroup spills), as do shorter batches (one-warpgroup fused
-/// 0.222 against 0.216 ms for delta + dk/dv + dq at 4 x 1024; 0.939 against 0.909 ms forward +
-/// backward at 1 x 4096, call 135).
+/// 5.989 against 6.020 for 128 keys in 2 stages and 6.102 in 3). The backward fused as in
+/// [`FLASH_64_MID`] (call 137: 8.662 ms against 9.206 for delta + dk/dv + dq; the
+/// two-warpgroup 128-key fused tile 8.759).
 #[rustfmt::skip]
 static FLASH_64_LONG: FlashConfig = FlashConfig {
     hd: 64,
@@ -188,7 +202,7 @@ static FLASH_64_LONG: FlashConfig = FlashConfig {
     fwd: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 3), ("W", 8), ("TMA", 1)],
     dkdv: &[("D", 64), ("BN", 64), ("BM", 64), ("S", 2), ("W", 4), ("TMA", 1), ("C", 3)],
     dq: &[("D", 64), ("BM", 128), ("BN", 128), ("S", 2), ("W", 8), ("TMA", 1)],
-    fused: Some(&[("D", 64), ("BN", 128), ("BM", 64), ("S", 3), ("W", 8), ("TMA", 1)]),
+    fused: Some(&[("D", 64), ("BN", 64), ("BM", 64), ("S", 3), ("W", 4), ("TMA", 1)]),
     long: None,
     sm80: None,
 };
@@ -741,7 +755,10 @@ mod tests {
     /// are built for; below, the short one; sm_80 has its own pair.
     #[test]
     fn long_sequences_run_the_long_configuration() {
-        let (from, long_cfg) = FLASH_64.long.unwrap();
+        let (mid, mid_cfg) = FLASH_64.long.unwrap();
+        assert_eq!(FLASH_64.for_longest(mid), mid_cfg);
+        assert_eq!(mid_cfg.dkdv_bn(), 64);
+        let (from, long_cfg) = mid_cfg.long.unwrap();
         let seg = |len| Segment {
             start: 0,
             len,
@@ -749,15 +766,13 @@ mod tests {
         };
         let long = [seg(from)];
         assert_eq!(longest(&long), from);
-        assert_eq!(FLASH_64.for_longest(from - 1), &FLASH_64);
+        assert_eq!(FLASH_64.for_longest(from - 1), &FLASH_64_MID);
         let c = FLASH_64.for_longest(from);
         assert_eq!(c, long_cfg);
         let p = BlockPlan::of(&long, c).unwrap();
         assert_eq!(p.fwd.len(), from / c.fwd_bm());
         assert_eq!(p.dkdv.len(), from / c.dkdv_bn());
-        // 128-key blocks for the fused backward, 64 for the one-warpgroup dk/dv.
-        let kb = if deterministic_attention() { 64 } else { 128 };
-        assert_eq!((c.fwd_bm(), c.dkdv_bn()), (128, kb));
+        assert_eq!((c.fwd_bm(), c.dkdv_bn()), (128, 64));
         // Heads of 128: a second threshold, taken from the first's configuration.
         assert_eq!(FLASH_128.for_longest(4095), &FLASH_128);
         assert_eq!(FLASH_128.for_longest(8192), &FLASH_128_LONG);
@@ -784,12 +799,10 @@ mod tests {
             assert_eq!((s.hd, s.family, s.sm80), (c.hd, c.family, None), "{c:?}");
             assert_eq!(c.on(Arch::Sm90), c);
         }
-        // Long sequences with heads of 64 take 128-key fused programs on sm_90 (64-key dk/dv
-        // ones with the deterministic backward) and 128-key dk/dv ones on sm_80: the block
-        // lists may differ by architecture.
+        // Long sequences with heads of 64 take 64-key programs on sm_90 (fused or dk/dv) and
+        // 128-key dk/dv ones on sm_80: the block lists differ by architecture.
         let long = |a| FLASH_64.on(a).for_longest(usize::MAX).dkdv_bn();
-        let kb = if deterministic_attention() { 64 } else { 128 };
-        assert_eq!((long(Arch::Sm90), long(Arch::Sm80)), (kb, 128));
+        assert_eq!((long(Arch::Sm90), long(Arch::Sm80)), (64, 128));
     }
 
     /// The key-block list is built for the fused backward's `BN` where it runs; its tiles are a compiled
@@ -819,7 +832,8 @@ mod tests {
                 }
             }
         }
-        assert!(FLASH_64_LONG.fused.is_some());
+        assert!(FLASH_64_MID.fused.is_some() && FLASH_64_LONG.fused.is_some());
+        assert!(FLASH_64.fused.is_none() && FLASH_128.for_longest(usize::MAX).fused.is_none());
     }
 
     #[test]
