@@ -24,8 +24,10 @@
 //! per key block) is a [`TmaReduce`]: codegen stages the tile in a swizzled shared buffer of
 //! its own and one thread adds it to global memory with `cp.reduce.async.bulk.tensor` (one
 //! instruction per panel, the additions done in L2), instead of one `red.global.add.f32` per
-//! element from every thread (which L2's atomic throughput bounds, COMPILER.md §8.3). The
-//! box's parts out of the tensor's extents are dropped, which is what the bounds mask means.
+//! element from every thread (which L2's atomic throughput bounds:
+//! `bench/results/2026-11-30-h200-fused-bwd/`). The box's parts out of the tensor's extents
+//! are dropped, which is what the bounds mask means. The tile's rows must be its own to add
+//! to: the kernel masks what it must not add (with zeros), not the store.
 
 use crate::dtype::DType;
 use crate::ir::{BinOp, CmpPred, Kernel, Op, ValueId};
