@@ -33,7 +33,13 @@ pub fn compile(mut kernel: Kernel, target: &Target) -> Result<Compiled, IrError>
     stages.push(("layouts", layouts.print(&kernel)));
     let mut pipeline = pipeline::plan(&kernel, &layouts);
     tma::plan(&kernel, &mut pipeline);
-    tma::unconvert_reduces(&mut kernel, &pipeline);
+    // Bulk reductions are sm_90a's (TMA); sm_80 adds with `red.global` from the atomic's own
+    // layouts, so its value keeps the conversion into the pointer's layout.
+    if target.arch == crate::launch::Arch::Sm90 {
+        tma::unconvert_reduces(&mut kernel, &pipeline);
+    } else {
+        pipeline.reduces.clear();
+    }
     let smem = smem::plan(&kernel, &layouts, &mut pipeline, target)?;
     let mut text = smem.print();
     text.push_str(&pipeline.print());

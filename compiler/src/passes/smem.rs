@@ -226,17 +226,15 @@ pub fn plan(
             end += super::tma::barrier_bytes(l.stages);
         }
     }
-    // Bulk-reduction staging buffers live from their first use to the kernel's end (the TMA
-    // reads them asynchronously), on sm_90a only: sm_80 adds with `red.global`.
-    if target.arch == crate::launch::Arch::Sm90 {
+    // Bulk-reduction staging buffers (sm_90a only: `compile` clears them for sm_80) live from
+    // their first use to the kernel's end (the TMA reads them asynchronously): past everything.
+    if !pipeline.reduces.is_empty() {
         end = end.max(outside);
         for r in &mut pipeline.reduces {
             end = end.next_multiple_of(1024);
             r.offset = end;
             end += r.shared.bytes();
         }
-    } else {
-        pipeline.reduces.clear();
     }
     plan.total = outside.max(end);
     plan.dynamic = plan.total > target.max_static_smem;
