@@ -141,6 +141,18 @@ impl FlashProblem {
         Ok(())
     }
 
+    /// Calls `f` with the tensors as the backward launches' arguments.
+    fn with_bwd_args<T>(&self, f: impl FnOnce(&BwdArgs) -> T) -> T {
+        f(&BwdArgs {
+            qkv: &self.qkv.as_arg(),
+            d_o: &self.d_o.as_arg(),
+            lse2: &self.lse2.as_arg(),
+            delta: &self.delta.as_arg(),
+            dqkv: &self.dqkv.as_arg(),
+            scale: self.scale,
+        })
+    }
+
     fn bwd(
         &self,
         dev: &CudaDevice,
@@ -148,15 +160,7 @@ impl FlashProblem {
         consts: &[(&str, usize)],
         blocks: &DeviceTensor,
     ) -> Result<()> {
-        let a = BwdArgs {
-            qkv: &self.qkv.as_arg(),
-            d_o: &self.d_o.as_arg(),
-            lse2: &self.lse2.as_arg(),
-            delta: &self.delta.as_arg(),
-            dqkv: &self.dqkv.as_arg(),
-            scale: self.scale,
-        };
-        fl::bwd(dev, self.family, which, consts, &blocks.as_arg(), &a)?;
+        self.with_bwd_args(|a| fl::bwd(dev, self.family, which, consts, &blocks.as_arg(), a))?;
         Ok(())
     }
 
@@ -188,18 +192,12 @@ impl FlashProblem {
         consts: &[(&str, usize)],
         blocks: &DeviceTensor,
     ) -> Result<()> {
-        let a = BwdArgs {
-            qkv: &self.qkv.as_arg(),
-            d_o: &self.d_o.as_arg(),
-            lse2: &self.lse2.as_arg(),
-            delta: &self.delta.as_arg(),
-            dqkv: &self.dqkv.as_arg(),
-            scale: self.scale,
-        };
         let acc = self.dq_acc.as_arg();
-        fl::prep(dev, self.width, &self.o.as_arg(), a.d_o, a.delta, &acc)?;
-        fl::fused(dev, consts, &blocks.as_arg(), &a, &acc)?;
-        fl::dq_store(dev, self.width, &acc, self.scale, a.dqkv)?;
+        self.with_bwd_args(|a| {
+            fl::prep(dev, self.width, &self.o.as_arg(), a.d_o, a.delta, &acc)?;
+            fl::fused(dev, consts, &blocks.as_arg(), a, &acc)?;
+            fl::dq_store(dev, self.width, &acc, self.scale, a.dqkv)
+        })?;
         Ok(())
     }
 
