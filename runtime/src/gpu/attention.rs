@@ -805,9 +805,9 @@ mod tests {
         assert_eq!((long(Arch::Sm90), long(Arch::Sm80)), (64, 128));
     }
 
-    /// The key-block list is built for the fused backward's `BN` where it runs; its tiles are a compiled
-    /// `flash_bwd_fused` variant, and runs on sm_90 only (its `dq` reduction is the TMA's;
-    /// sm_80 would add with one atomic per element, which call 81 measured slower).
+    /// Where the fused backward runs, the key-block list is built for its `BN` and its tiles
+    /// are a compiled `flash_bwd_fused` variant; it runs on sm_90 only (its `dq` reduction is
+    /// the TMA's; sm_80 would add with one atomic per element, which call 81 measured slower).
     #[test]
     fn fused_backward_tiles_share_dkdv_key_blocks_on_sm90_only() {
         for c in [&FLASH_64, &FLASH_80, &FLASH_128] {

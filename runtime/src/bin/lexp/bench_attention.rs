@@ -69,19 +69,12 @@ fn backward(
     p: &FlashProblem,
     blocks: &[DeviceTensor; 3],
 ) -> lexp_runtime::Result<()> {
-    if let Some(tiles) = fused(cfg) {
+    if let Some(tiles) = cfg.fused_tiles() {
         return p.fused(dev, tiles, &blocks[1]);
     }
     p.delta(dev)?;
     p.dkdv(dev, cfg.dkdv, &blocks[1])?;
     p.dq(dev, cfg.dq, &blocks[2])
-}
-
-/// The fused backward's tiles where the engine runs it (as `gpu::attention`'s backward
-/// decides: the configuration has them and `LEXP_DETERMINISTIC_ATTENTION` is not `1`).
-fn fused(cfg: &FlashConfig) -> Option<lexp_runtime::gpu::attention::Tiles> {
-    cfg.fused
-        .filter(|_| !lexp_runtime::gpu::attention::deterministic_attention())
 }
 
 /// The block-sparse forward + backward of `p` over a synthetic mask at `density`: the mask's
@@ -193,7 +186,7 @@ pub fn run(args: AttentionArgs) -> Result<()> {
                 "seq": t, "head_dim": hd, "heads": nh, "sparse_synthetic": sparse,
                 "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms,
                 "fwd_tflops": tflops(fwd_flops, f_ms), "fwd_bwd_tflops": tflops(3.5 * fwd_flops, fb_ms),
-                "configs": {"fwd": format!("{:?}", cfg.fwd), "dkdv": format!("{:?}", cfg.dkdv), "dq": format!("{:?}", cfg.dq), "fused": format!("{:?}", fused(cfg))},
+                "configs": {"fwd": format!("{:?}", cfg.fwd), "dkdv": format!("{:?}", cfg.dkdv), "dq": format!("{:?}", cfg.dq), "fused": format!("{:?}", cfg.fused_tiles())},
                 "sdpa_fwd_ms": sdpa.map(|s| s.0), "sdpa_fwd_bwd_ms": sdpa.map(|s| s.1),
                 "fwd_bwd_vs_sdpa": ratio,
             }));
